@@ -1,0 +1,307 @@
+"""Model shape, budgets and policy as frozen dataclasses with named fields and units in the names.
+
+Why this module exists: every other part of tierkv (model math, planner, pipeline, CLI) needs the
+same facts about a checkpoint and the same user choices. Parsing them once, here, from the HF
+``config.json`` (both the transformers 4 ``rope_scaling``/``rope_theta`` spelling and the
+transformers 5 ``rope_parameters`` one) keeps that knowledge in one place and makes unsupported
+inputs fail early with an error that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+_MODEL_TYPE_TO_ARCH = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+class ConfigError(ValueError):
+    """A checkpoint's configuration cannot be used; the message names the file/field and the fix."""
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+
+
+def parse_size(text: str | int | float) -> int:
+    """Parse a byte size such as ``640KiB``, ``512MiB``, ``6GiB``, ``6GB`` or ``1234`` into bytes."""
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise ValueError(f"size {text} is negative; give a size such as 512MiB or 6GiB")
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise ValueError(
+            f"cannot read size {text!r}; write a number with a unit such as 640KiB, 512MiB, 6GiB or 6GB"
+        )
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def format_size(n_bytes: int | float) -> str:
+    """Human-readable binary size: ``format_size(3 * 2**30) == '3.00 GiB'``."""
+    value = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters; ``rope_type`` is one of default, linear, dynamic, llama3."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder, parsed from a HF ``config.json``."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False          # bias on q/k/v projections (Llama attention_bias, Qwen2 always)
+    o_bias: bool = False            # bias on the output projection (Llama/Qwen3 attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False           # Qwen3: RMS norm over head_dim on q and k before RoPE
+    sliding_window_tokens: tuple[int | None, ...] = ()  # per layer; None = full attention
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    dtype: str = "float32"          # the checkpoint's dtype name ("bfloat16", "float16", "float32")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def layer_param_count(self) -> int:
+        """Parameters in one decoder layer (norms and biases included)."""
+        h, i = self.hidden_size, self.intermediate_size
+        n = h * self.q_size + 2 * h * self.kv_size + self.q_size * h + 3 * h * i + 2 * h
+        n += (self.q_size + 2 * self.kv_size) if self.qkv_bias else 0
+        n += h if self.o_bias else 0
+        n += (2 * i + h) if self.mlp_bias else 0
+        n += 2 * self.head_dim if self.qk_norm else 0
+        return n
+
+    def param_count(self) -> int:
+        """All parameters, counting a tied head once."""
+        embed = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else embed
+        return embed + head + self.hidden_size + self.num_layers * self.layer_param_count()
+
+    def layer_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of one decoder layer, keyed by its HF name after ``model.layers.{j}.``."""
+        h, i, q, kv, d = self.hidden_size, self.intermediate_size, self.q_size, self.kv_size, self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {
+            "input_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (q, h),
+            "self_attn.k_proj.weight": (kv, h),
+            "self_attn.v_proj.weight": (kv, h),
+            "self_attn.o_proj.weight": (h, q),
+            "post_attention_layernorm.weight": (h,),
+            "mlp.gate_proj.weight": (i, h),
+            "mlp.up_proj.weight": (i, h),
+            "mlp.down_proj.weight": (h, i),
+        }
+        if self.qkv_bias:
+            shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                           "self_attn.v_proj.bias": (kv,)})
+        if self.o_bias:
+            shapes["self_attn.o_proj.bias"] = (h,)
+        if self.mlp_bias:
+            shapes.update({"mlp.gate_proj.bias": (i,), "mlp.up_proj.bias": (i,), "mlp.down_proj.bias": (h,)})
+        if self.qk_norm:
+            shapes.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+        return shapes
+
+    def global_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensors outside the layers, keyed by full HF name (no lm_head when embeddings are tied)."""
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, self.hidden_size),
+                  "model.norm.weight": (self.hidden_size,)}
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
+        return shapes
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Build from the parsed JSON; raise ConfigError naming the field for anything unusable."""
+        arch = _architecture(raw, source)
+        try:
+            hidden = int(raw["hidden_size"])
+            heads = int(raw["num_attention_heads"])
+            n_layers = int(raw["num_hidden_layers"])
+            fields = dict(
+                vocab_size=int(raw["vocab_size"]),
+                intermediate_size=int(raw["intermediate_size"]),
+                max_position_embeddings=int(raw.get("max_position_embeddings") or 2048),
+            )
+        except KeyError as exc:
+            raise ConfigError(f"{source}: required field {exc.args[0]!r} is missing; "
+                              "is this a complete Hugging Face config.json?") from None
+        head_dim = raw.get("head_dim") or hidden // heads
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
+        attn_bias = bool(raw.get("attention_bias", False))
+        qwen2 = arch == "Qwen2ForCausalLM"
+        return cls(
+            architecture=arch,
+            hidden_size=hidden,
+            num_layers=n_layers,
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope=_rope(raw, source),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=True if qwen2 else attn_bias,
+            o_bias=False if qwen2 else attn_bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window_tokens=_sliding_windows(raw, arch, n_layers),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=_id_tuple(raw.get("eos_token_id")),
+            dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+            **fields,
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+        path = Path(model_dir) / "config.json"
+        return cls.from_dict(read_json(path, what="model configuration"), source=str(path))
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object file; missing or malformed files raise ConfigError naming the path."""
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: a {what} file is required here "
+                          "(point tierkv at a Hugging Face model directory)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); restore the file from the original checkpoint") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} should hold a JSON object; restore the file from the original checkpoint")
+    return data
+
+
+def _id_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+def _architecture(raw: dict[str, Any], source: str) -> str:
+    archs = raw.get("architectures") or []
+    if not archs and raw.get("model_type") in _MODEL_TYPE_TO_ARCH:
+        archs = [_MODEL_TYPE_TO_ARCH[raw["model_type"]]]
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return arch
+    named = ", ".join(archs) or f"model_type={raw.get('model_type')!r}"
+    raise ConfigError(f"{source}: architecture {named} is not supported; tierkv runs "
+                      f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _rope(raw: dict[str, Any], source: str) -> RopeConfig:
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in _ROPE_TYPES:
+        raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(_ROPE_TYPES)}")
+    orig = params.get("original_max_position_embeddings")
+    if rope_type in ("dynamic", "llama3") and orig is None:
+        orig = raw.get("max_position_embeddings")
+    return RopeConfig(
+        theta=theta,
+        rope_type=rope_type,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(orig) if orig is not None else None,
+    )
+
+
+def _sliding_windows(raw: dict[str, Any], arch: str, n_layers: int) -> tuple[int | None, ...]:
+    """Per-layer sliding window (None = full attention), following each architecture's rules."""
+    window = raw.get("sliding_window")
+    layer_types = raw.get("layer_types")
+    if arch == "MistralForCausalLM":
+        return tuple([int(window) if window else None] * n_layers)
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        if not raw.get("use_sliding_window") or not window:
+            return tuple([None] * n_layers)
+        if layer_types:
+            return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+        first_full = int(raw.get("max_window_layers", n_layers))
+        return tuple(int(window) if i >= first_full else None for i in range(n_layers))
+    if layer_types and window:
+        return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    return tuple([None] * n_layers)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Memory budgets in bytes; ``None`` means auto-detect. Disk has no byte budget: the rest goes there."""
+
+    device_mem_bytes: int | None = None
+    host_mem_bytes: int | None = None
+    offload_dir: Path | None = None
+
+    @classmethod
+    def parse(cls, device_mem: str | int | None = None, host_mem: str | int | None = None,
+              offload_dir: str | Path | None = None) -> "Budget":
+        return cls(
+            device_mem_bytes=None if device_mem is None else parse_size(device_mem),
+            host_mem_bytes=None if host_mem is None else parse_size(host_mem),
+            offload_dir=None if offload_dir is None else Path(offload_dir),
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """User choices that are not budgets (later issues add KV mode and compression here)."""
+
+    dtype: str | None = None            # compute dtype; None = the checkpoint's
+    device: str | None = None           # "cpu", "cuda", "cuda:1"; None = cuda if available, else cpu

@@ -1,0 +1,350 @@
+"""Engine: prefill, decode, sampling, streaming and batching over a weight source and a KV cache.
+
+Why this module exists: it is the library contract desktop applications embed (``tierkv.load``
+-> ``Engine.generate``/``Engine.stream``). It turns prompts into token ids, drives the one layer
+loop of ``pipeline.schedule`` for prefill and each decode step, applies sampling and stop rules,
+and reports what happened (timings, memory) in ``stats``. One Engine may be shared by threads:
+calls are serialized by a lock, and a stream can be cancelled from any thread.
+"""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator, Sequence, Union
+
+import torch
+
+from tierkv.config import ConfigError, ModelConfig, Policy, read_json
+from tierkv.io.checkpoint import Checkpoint, resolve_dtype
+from tierkv.model import decoder_layer, embed, head, step_inputs
+from tierkv.pipeline.kv import DenseKVCache
+from tierkv.pipeline.schedule import ResidentWeights, WeightSource, run_layers
+from tierkv.sampling import SamplingParams, sample
+from tierkv.tokenizer import IncrementalDecoder, Tokenizer
+
+Prompt = Union[str, Sequence[int]]
+
+
+def model_path(model: str | Path) -> Path:
+    """``"demo"`` -> the model bundled in the package; anything else is a directory path."""
+    if str(model) == "demo":
+        return Path(str(resources.files("tierkv") / "demo_model"))
+    return Path(model).expanduser()
+
+
+def context_limit_tokens(cfg: ModelConfig) -> int:
+    """Longest sequence the model supports (dynamic RoPE stretches it by its factor)."""
+    if cfg.rope.rope_type == "dynamic":
+        return int(cfg.max_position_embeddings * cfg.rope.factor)
+    return cfg.max_position_embeddings
+
+
+@dataclass
+class GenerationStats:
+    """What one generation cost. Times in seconds, memory in bytes."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    batch_size: int = 1
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tok_s: float = 0.0       # new tokens per second per sequence during decode
+    peak_rss_bytes: int = 0
+    peak_device_bytes: int = 0      # CUDA allocator peak; 0 on CPU (see peak_rss_bytes)
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's outcome: new tokens only (EOS included when it ended generation)."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str              # "stop" (EOS or stop string), "length", "cancelled"
+    prompt_token_ids: list[int]
+    stats: GenerationStats
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"token_ids": self.token_ids, "text": self.text, "finish_reason": self.finish_reason,
+                "prompt_tokens": len(self.prompt_token_ids), "stats": self.stats.to_dict()}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A streamed step: the token produced and the text it completed (may be empty)."""
+
+    token_id: int | None
+    text: str
+    index: int = 0                  # which prompt of a batch
+
+
+class _Sequence:
+    """Per-prompt decode state: tokens, streamed text, EOS and stop-string handling."""
+
+    def __init__(self, prompt_ids: list[int], tokenizer: Tokenizer | None, eos_ids: frozenset[int],
+                 params: SamplingParams) -> None:
+        self.prompt_ids = prompt_ids
+        self.token_ids: list[int] = []
+        self.text = ""                  # text emitted so far
+        self._pending = ""              # decoded but held back: may be the start of a stop string
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._eos, self._params = eos_ids, params
+        self.finish_reason: str | None = None
+
+    def push(self, token_id: int) -> str:
+        """Record a new token; return the text to emit now."""
+        self.token_ids.append(token_id)
+        self._pending += self._decoder.push(token_id)
+        if token_id in self._eos:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) >= self._params.max_new_tokens:
+            self.finish_reason = "length"
+        return self._release()
+
+    def finish(self, reason: str) -> str:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+        return self._release()
+
+    def _release(self) -> str:
+        if self.finish_reason is not None:
+            self._pending += self._decoder.flush()
+        full = self.text + self._pending
+        for stop in self._params.stop:
+            cut = full.find(stop)
+            if stop and cut >= 0:
+                full, self.finish_reason = full[:cut], "stop"
+        keep = len(full) if self.finish_reason else len(full) - _stop_prefix_len(full, self._params.stop)
+        keep = max(keep, len(self.text))
+        out, self.text, self._pending = full[len(self.text):keep], full[:keep], full[keep:]
+        return out
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that could begin a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if stop.startswith(text[-n:]):
+                best = n
+                break
+    return best
+
+
+class Stream:
+    """Iterator of Pieces for one ``Engine.stream`` call; ``cancel()`` works from any thread."""
+
+    def __init__(self, pieces: Iterator[Piece], cancel: threading.Event, results: list[GenerationResult]) -> None:
+        self._pieces, self._cancel, self.results = pieces, cancel, results
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> Piece:
+        return next(self._pieces)
+
+    def cancel(self) -> None:
+        """Stop generation after the current step; the stream then ends."""
+        self._cancel.set()
+
+    def close(self) -> None:
+        self._cancel.set()
+        self._pieces.close()  # type: ignore[attr-defined]
+
+
+def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> frozenset[int]:
+    ids = set(cfg.eos_token_ids)
+    gen_path = model_dir / "generation_config.json"
+    if gen_path.is_file():
+        value = read_json(gen_path, what="generation config").get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)
+
+
+class Engine:
+    """A loaded model ready to generate. Build it with ``tierkv.load``."""
+
+    def __init__(self, model: str | Path, policy: Policy = Policy(), weights: WeightSource | None = None) -> None:
+        self.model_dir = model_path(model)
+        self.checkpoint = Checkpoint(self.model_dir)
+        self.config: ModelConfig = self.checkpoint.config
+        self.dtype = resolve_dtype(policy.dtype, default=self.config.dtype)
+        self.device = torch.device(policy.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tok_path = self.model_dir / "tokenizer.json"
+        self.tokenizer: Tokenizer | None = Tokenizer(self.model_dir) if tok_path.is_file() else None
+        self.eos_token_ids = _eos_ids(self.model_dir, self.config, self.tokenizer)
+        self.context_limit_tokens = context_limit_tokens(self.config)
+        self._weights = weights or ResidentWeights(self.checkpoint, self.dtype, self.device)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- prompts -----------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        """A string (tokenized, BOS as the model expects) or token ids -> validated token ids."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError(f"{self.model_dir} has no tokenizer.json, so text prompts cannot be "
+                                  "encoded; pass token ids instead (e.g. --prompt-ids 1,2,3)")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if len(ids) > self.context_limit_tokens:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the model allows at most "
+                             f"{self.context_limit_tokens} (max_position_embeddings); shorten the prompt")
+        return ids
+
+    def _batch(self, prompts: Prompt | Sequence[Prompt]) -> tuple[list[list[int]], bool]:
+        """Normalize to a list of id lists; the flag says whether the caller passed a batch."""
+        if isinstance(prompts, str) or (len(prompts) > 0 and all(isinstance(p, int) for p in prompts)):
+            return [self.encode(prompts)], False  # type: ignore[arg-type]
+        if len(prompts) == 0:
+            raise ValueError("no prompts given")
+        return [self.encode(p) for p in prompts], True  # type: ignore[union-attr]
+
+    # -- forward -----------------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, kv: DenseKVCache, all_logits: bool = False) -> torch.Tensor:
+        """ids (B, T) at the cache's next positions -> logits (B, V), or (B, T, V) with all_logits."""
+        cfg, g = self.config, self._weights.globals()
+        start, t = kv.length_tokens, ids.shape[1]
+        positions = torch.arange(start, start + t, device=self.device)[None].expand(ids.shape[0], -1)
+        step = step_inputs(cfg, positions, start + t, self.dtype)
+        h = embed(g, ids)                                                          # (B, T, H)
+        h = run_layers(self._weights, h, lambda j, w, x: decoder_layer(cfg, w, x, step, kv, j))
+        kv.advance(t)
+        return head(cfg, g, h) if all_logits else head(cfg, g, h[:, -1:])[:, 0]
+
+    @torch.inference_mode()
+    def logits(self, prompt: Prompt) -> torch.Tensor:
+        """Logits (T, V) fp32 for every position of one prompt (scoring, tests against references)."""
+        ids = self.encode(prompt)
+        with self._lock:
+            kv = DenseKVCache(self.config, 1, len(ids), self.dtype, self.device)
+            return self._forward(torch.tensor([ids], device=self.device), kv, all_logits=True)[0].cpu()
+
+    # -- generation --------------------------------------------------------------------------
+    def _run(self, prompts: list[list[int]], params: SamplingParams, cancel: threading.Event,
+             out: list[GenerationResult]) -> Iterator[Piece]:
+        """Generate for equal-length prompts sharing every layer pass; yields pieces, fills ``out``."""
+        b, t = len(prompts), len(prompts[0])
+        seqs = [_Sequence(p, self.tokenizer, self.eos_token_ids, params) for p in prompts]
+        stats = GenerationStats(prompt_tokens=t, batch_size=b)
+        budget = max(0, min(params.max_new_tokens, self.context_limit_tokens - t + 1))
+        kv = DenseKVCache(self.config, b, max(1, t + budget - 1), self.dtype, self.device)
+        gen = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
+        t0 = time.perf_counter()
+        logits = None
+        if budget > 0:
+            with torch.profiler.record_function("tierkv::prefill"):
+                logits = self._forward(torch.tensor(prompts, device=self.device), kv)
+        stats.prefill_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for step in range(budget):
+            ids = sample(logits, params, gen)                                         # (B,)
+            for i, tok in enumerate(ids.tolist()):
+                if seqs[i].finish_reason is None:
+                    yield Piece(tok, seqs[i].push(tok), i)
+            if all(s.finish_reason for s in seqs) or step == budget - 1:
+                break
+            if cancel.is_set():
+                break
+            with torch.profiler.record_function("tierkv::decode"):
+                logits = self._forward(ids[:, None], kv)
+        stats.decode_s = time.perf_counter() - t1
+        reason = "cancelled" if cancel.is_set() else "length"
+        for i, s in enumerate(seqs):
+            tail = s.finish(reason)
+            if tail:
+                yield Piece(None, tail, i)
+        self._finish_stats(stats, max(len(s.token_ids) for s in seqs))
+        out.extend(GenerationResult(s.token_ids, s.text, s.finish_reason or reason, s.prompt_ids, stats)
+                   for s in seqs)
+
+    def _finish_stats(self, stats: GenerationStats, new_tokens: int) -> None:
+        stats.new_tokens = new_tokens
+        stats.decode_tok_s = (new_tokens - 1) / stats.decode_s if new_tokens > 1 and stats.decode_s > 0 else 0.0
+        stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if self.device.type == "cuda":
+            stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device)
+        stats.weights = self._weights.stats()
+
+    def _pieces(self, prompts: list[list[int]], params: SamplingParams, cancel: threading.Event,
+                out: list[GenerationResult]) -> Iterator[Piece]:
+        """All prompts under the lock: equal lengths share one batch, otherwise one after another."""
+        self._check_open()
+        with self._lock, torch.inference_mode():
+            groups = [prompts] if len({len(p) for p in prompts}) == 1 else [[p] for p in prompts]
+            offset = 0
+            for group in groups:
+                for piece in self._run(group, params, cancel, out):
+                    yield Piece(piece.token_id, piece.text, piece.index + offset)
+                offset += len(group)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], **sampling: Any) -> Any:
+        """Generate for one prompt (-> GenerationResult) or a list of prompts (-> list of them).
+
+        Keyword arguments are ``SamplingParams`` fields: max_new_tokens, temperature, top_k,
+        top_p, seed, stop (a string or a list of strings).
+        """
+        batch, is_batch = self._batch(prompts)
+        params = _params(sampling)
+        out: list[GenerationResult] = []
+        for _ in self._pieces(batch, params, threading.Event(), out):
+            pass
+        return out if is_batch else out[0]
+
+    def stream(self, prompts: Prompt | Sequence[Prompt], **sampling: Any) -> Stream:
+        """Like ``generate`` but returns a Stream of Pieces as tokens are produced."""
+        batch, _ = self._batch(prompts)
+        params, cancel = _params(sampling), threading.Event()
+        out: list[GenerationResult] = []
+        return Stream(self._pieces(batch, params, cancel, out), cancel, out)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Engine is closed; call tierkv.load() again")
+
+    def close(self) -> None:
+        """Free the weights and close files. Further calls raise."""
+        with self._lock:
+            self._closed = True
+            self._weights.close()
+            self.checkpoint.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _params(sampling: dict[str, Any]) -> SamplingParams:
+    stop = sampling.pop("stop", None) or ()
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    try:
+        return SamplingParams(stop=stop, **sampling)
+    except TypeError as exc:
+        raise TypeError(f"{exc}; valid options: max_new_tokens, temperature, top_k, top_p, seed, stop") from None
+
+
+def load(model: str | Path, *, dtype: str | torch.dtype | None = None, device: str | None = None) -> Engine:
+    """Open a Hugging Face model directory (or ``"demo"``) for generation.
+
+    dtype: compute dtype ("bfloat16", "float16", "float32"); default: the checkpoint's.
+    device: "cpu", "cuda", "cuda:1"; default: CUDA when available.
+    """
+    return Engine(model, Policy(dtype=None if dtype is None else str(dtype).removeprefix("torch."), device=device))

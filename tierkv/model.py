@@ -1,0 +1,155 @@
+"""Llama-family decoder math as plain functions over one layer's weights.
+
+Why this module exists: the pipeline streams weights layer by layer, so the math must not own
+its parameters the way an ``nn.Module`` does. Every function here takes the tensors it needs as
+arguments (a layer's weights are a dict keyed like ``self_attn.q_proj.weight``), works on a batch
+dimension from the start, and leaves the KV cache behind a small protocol so that a resident
+cache and a tiered, chunked one can serve the same attention code.
+
+Shapes: B batch, T new tokens, S cached+new tokens, H hidden, Hq/Hkv heads, D head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from tierkv.config import ModelConfig, RopeConfig
+
+
+class KVCache(Protocol):
+    """What attention needs from a KV cache: store this step's K/V, then attend over the layer's context."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor, window_tokens: int | None) -> torch.Tensor:
+        """q (B, Hq, T, D), k/v (B, Hkv, T, D) post-RoPE, positions (B, T) -> output (B, Hq, T, D)."""
+        ...
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """Per-forward values shared by every layer: RoPE tables and token positions."""
+
+    cos: torch.Tensor        # (B, 1, T, D) compute dtype
+    sin: torch.Tensor        # (B, 1, T, D)
+    positions: torch.Tensor  # (B, T) int64
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm computed in fp32 and cast back, as HF does. x (..., H), weight (H,)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, seq_len: int, max_positions: int) -> torch.Tensor:
+    """Inverse frequencies (D/2,) fp32 for the given RoPE variant at the current sequence length."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    base = rope.theta
+    if rope.rope_type == "dynamic" and seq_len > max_positions:
+        # NTK-aware rescaling of the base once the context outgrows the trained length
+        base = base * ((rope.factor * seq_len / max_positions) - (rope.factor - 1)) ** (head_dim / (head_dim - 2))
+    inv = 1.0 / (base ** exponents)
+    if rope.rope_type == "linear":
+        return inv / rope.factor
+    if rope.rope_type == "llama3":
+        return _llama3_inv_freq(inv, rope)
+    return inv
+
+
+def _llama3_inv_freq(inv: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """Llama 3.x frequency-dependent scaling: long wavelengths scaled by 1/factor, short kept, smooth between."""
+    orig = rope.original_max_position_embeddings
+    assert orig is not None, "llama3 rope needs original_max_position_embeddings"
+    low_wavelen = orig / rope.low_freq_factor
+    high_wavelen = orig / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+    smooth = (orig / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def step_inputs(cfg: ModelConfig, positions: torch.Tensor, seq_len: int, dtype: torch.dtype) -> StepInputs:
+    """RoPE cos/sin for positions (B, T) of a sequence now ``seq_len`` long; fp32 math then cast, as HF does."""
+    inv = rope_inv_freq(cfg.rope, cfg.head_dim, seq_len, cfg.max_position_embeddings).to(positions.device)
+    freqs = positions[..., None].float() * inv                     # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]                # (B, 1, T, D)
+    return StepInputs(cos=emb.cos().to(dtype), sin=emb.sin().to(dtype), positions=positions)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) rotated by the (B, 1, T, D) tables (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+
+def attention(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tensor, step: StepInputs,
+              kv: KVCache, layer: int) -> torch.Tensor:
+    """Self-attention block (without the residual). x (B, T, H) normed -> (B, T, H)."""
+    b, t, _ = x.shape
+    d = cfg.head_dim
+    q = _linear(x, w, "self_attn.q_proj").view(b, t, cfg.num_heads, d)      # (B, T, Hq, D)
+    k = _linear(x, w, "self_attn.k_proj").view(b, t, cfg.num_kv_heads, d)   # (B, T, Hkv, D)
+    v = _linear(x, w, "self_attn.v_proj").view(b, t, cfg.num_kv_heads, d)
+    if cfg.qk_norm:
+        q = rms_norm(q, w["self_attn.q_norm.weight"], cfg.rms_norm_eps)
+        k = rms_norm(k, w["self_attn.k_norm.weight"], cfg.rms_norm_eps)
+    q = apply_rope(q.transpose(1, 2), step.cos, step.sin)                    # (B, Hq, T, D)
+    k = apply_rope(k.transpose(1, 2), step.cos, step.sin)                    # (B, Hkv, T, D)
+    out = kv.attend(layer, q, k, v.transpose(1, 2), step.positions, cfg.sliding_window_tokens[layer])
+    out = out.transpose(1, 2).reshape(b, t, cfg.q_size)                      # (B, T, Hq*D)
+    return _linear(out, w, "self_attn.o_proj")
+
+
+def mlp(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU feed-forward. x (B, T, H) -> (B, T, H)."""
+    return _linear(F.silu(_linear(x, w, "mlp.gate_proj")) * _linear(x, w, "mlp.up_proj"), w, "mlp.down_proj")
+
+
+def decoder_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, step: StepInputs,
+                  kv: KVCache, layer: int) -> torch.Tensor:
+    """One pre-norm decoder layer with residuals. h (B, T, H) -> (B, T, H)."""
+    h = h + attention(cfg, w, rms_norm(h, w["input_layernorm.weight"], cfg.rms_norm_eps), step, kv, layer)
+    return h + mlp(w, rms_norm(h, w["post_attention_layernorm.weight"], cfg.rms_norm_eps))
+
+
+def embed(g: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """Token ids (B, T) -> hidden (B, T, H)."""
+    return F.embedding(ids, g["model.embed_tokens.weight"])
+
+
+def head(cfg: ModelConfig, g: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """Final norm and LM head. h (B, T, H) -> logits (B, T, V) fp32."""
+    weight = g["model.embed_tokens.weight"] if cfg.tie_word_embeddings else g["lm_head.weight"]
+    return F.linear(rms_norm(h, g["model.norm.weight"], cfg.rms_norm_eps), weight).float()
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                    k_pos: torch.Tensor, window_tokens: int | None) -> torch.Tensor:
+    """Causal (optionally sliding-window) GQA attention.
+
+    q (B, Hq, T, D), k/v (B, Hkv, S, D), q_pos (B, T), k_pos (B, S) -> (B, Hq, T, D).
+    A key is visible when k_pos <= q_pos and q_pos - k_pos < window_tokens.
+    """
+    t, s = q.shape[2], k.shape[2]
+    if t == 1 and (window_tokens is None or s <= window_tokens):
+        mask = None                                                          # decode: every key is visible
+    else:
+        diff = q_pos[:, :, None] - k_pos[:, None, :]                         # (B, T, S)
+        allowed = diff >= 0
+        if window_tokens is not None:
+            allowed &= diff < window_tokens
+        mask = allowed[:, None]                                              # (B, 1, T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                          enable_gqa=q.shape[1] != k.shape[1])

@@ -1,0 +1,99 @@
+"""The layer loop: prefetch ahead, wait, compute, release — one screen, for every placement.
+
+Why this module exists: whether a layer's weights are resident, held in host memory or streamed
+from disk, the forward pass is the same loop. Keeping it here, driven through the small
+``WeightSource`` protocol, means the resident engine and the streaming pipeline share one code
+path (so they produce the same tokens) and the wrap-around into the next decode step's first
+layers lives in one helper.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from tierkv.config import ModelConfig
+from tierkv.io.checkpoint import Checkpoint
+
+LayerFn = Callable[[int, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+class WeightSource(Protocol):
+    """Where the layer loop gets each layer's weights from."""
+
+    num_layers: int
+    prefetch_depth: int
+
+    def globals(self) -> dict[str, torch.Tensor]:
+        """Embedding, final norm and head, resident on the compute device."""
+        ...
+
+    def prefetch(self, j: int) -> None:
+        """Start moving layer j toward the device; idempotent; a no-op for resident layers."""
+        ...
+
+    def wait(self, j: int) -> dict[str, torch.Tensor]:
+        """Block until layer j is usable on the device; tensors keyed like ``self_attn.q_proj.weight``."""
+        ...
+
+    def release(self, j: int) -> None:
+        """Layer j's compute is finished; the memory it used may be reused."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def ahead(j: int, depth: int, num_layers: int) -> list[int]:
+    """Layers to have in flight while layer j computes: j+1..j+depth, wrapping into the next step."""
+    return [(j + k) % num_layers for k in range(1, min(depth, num_layers - 1) + 1)]
+
+
+def run_layers(source: WeightSource, h: torch.Tensor, layer_fn: LayerFn) -> torch.Tensor:
+    """h (B, T, H) through every layer: prefetch(j+1..j+d), wait(j), compute(j), release(j)."""
+    source.prefetch(0)
+    for j in range(source.num_layers):
+        for nxt in ahead(j, source.prefetch_depth, source.num_layers):
+            source.prefetch(nxt)
+        with torch.profiler.record_function(f"tierkv::layer_{j}"):
+            h = layer_fn(j, source.wait(j), h)
+        source.release(j)
+    return h
+
+
+class ResidentWeights:
+    """Every layer loaded once onto the compute device; prefetch and release cost nothing."""
+
+    prefetch_depth = 0
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
+        cfg: ModelConfig = ckpt.config
+        self.num_layers = cfg.num_layers
+        self._globals = {k: t.to(device=device, dtype=dtype) for k, t in ckpt.globals().items()}
+        self._layers = [{k: t.to(device=device, dtype=dtype) for k, t in ckpt.layer(j).items()}
+                        for j in range(cfg.num_layers)]
+        self.nbytes = sum(t.numel() * t.element_size() for d in [self._globals, *self._layers]
+                          for t in d.values())
+
+    def globals(self) -> dict[str, torch.Tensor]:
+        return self._globals
+
+    def prefetch(self, j: int) -> None:
+        return None
+
+    def wait(self, j: int) -> dict[str, torch.Tensor]:
+        return self._layers[j]
+
+    def release(self, j: int) -> None:
+        return None
+
+    def stats(self) -> dict[str, float]:
+        return {"device_weight_bytes": float(self.nbytes)}
+
+    def close(self) -> None:
+        self._layers.clear()
+        self._globals.clear()
