@@ -1,0 +1,87 @@
+"""Shared pieces of the benchmarks: the ~0.85B random bf16 Llama, link ceilings, output format.
+
+Why this module exists: every benchmark compares tierkv with a peer on the same model and
+against the ceiling of the link it uses, measured in the same run. Building the model, measuring
+the ceilings and printing "a human table, then one JSON line" are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+BENCH_MODEL = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=16,
+                   num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
+
+
+def bench_model_dir(root: Path, layers: int | None = None) -> Path:
+    """Build (once) and return a random bf16 Llama checkpoint with the benchmark shape."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(BENCH_MODEL, num_hidden_layers=layers or BENCH_MODEL["num_hidden_layers"])
+    path = root / f"llama-h{shape['hidden_size']}-l{shape['num_hidden_layers']}-bf16"
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**shape, dtype="bfloat16")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def best_of(fn: Callable[[], Any], repeats: int) -> float:
+    """Smallest wall time of ``repeats`` calls (seconds): the least disturbed run on a shared machine."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matvec_gbps(dtype: torch.dtype = torch.bfloat16, rows: int = 5632, cols: int = 2048, n: int = 48) -> float:
+    """Decode ceiling: GB/s of weight bytes streamed through matrix-vector products (as in decode)."""
+    ws = [torch.randn(rows, cols).to(dtype) for _ in range(n)]  # several matrices: defeat the caches
+    x = torch.randn(1, cols).to(dtype)
+    torch.nn.functional.linear(x, ws[0])
+
+    def run() -> None:
+        for w in ws:
+            torch.nn.functional.linear(x, w)
+
+    seconds = best_of(run, 3)
+    return n * rows * cols * torch.finfo(dtype).bits / 8 / seconds / 1e9
+
+
+def gemm_tflops(dtype: torch.dtype = torch.bfloat16, m: int = 128, k: int = 2048, n: int = 5632) -> float:
+    """Prefill ceiling: TFLOP/s of (m x k) @ (k x n) products, the prefill shape for a 128-token prompt."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+    torch.nn.functional.linear(a, b)
+    reps = 20
+    seconds = best_of(lambda: [torch.nn.functional.linear(a, b) for _ in range(reps)], 3)
+    return 2 * m * k * n * reps / seconds / 1e12
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(title)
+    print("-" * len(title))
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+
+
+def emit_json(data: dict[str, Any]) -> None:
+    """The one machine-readable line every benchmark ends with."""
+    print(json.dumps(data, sort_keys=True))

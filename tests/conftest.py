@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints built at test time (transformers is the oracle)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run on CPU tensors through Triton's interpreter
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+ARCH_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=96, vocab_size=211, max_position_embeddings=256)
+
+
+def build_hf_model(arch: str = "llama", seed: int = 0, std: float = 0.15, **overrides: Any):
+    """A random HF model (eval mode, fp32) with weights drawn wide enough to give peaked logits."""
+    import transformers
+
+    cfg_name, model_name = ARCH_CLASSES[arch]
+    cfg = getattr(transformers, cfg_name)(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model
+
+
+def save_hf_model(model, path: Path, dtype: torch.dtype | None = None, **save_kwargs: Any) -> Path:
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path, safe_serialization=True, **save_kwargs)
+    return path
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path) -> Callable[..., tuple[Any, Path]]:
+    """make_checkpoint(arch, **config_overrides) -> (hf_model, directory)."""
+    counter = iter(range(1000))
+
+    def _make(arch: str = "llama", seed: int = 0, dtype: torch.dtype | None = None,
+              save_kwargs: dict[str, Any] | None = None, **overrides: Any):
+        model = build_hf_model(arch, seed=seed, **overrides)
+        path = save_hf_model(model, tmp_path / f"{arch}-{next(counter)}", dtype, **(save_kwargs or {}))
+        return model, path
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One shared tiny Llama checkpoint (fp32) for tests that only need some model."""
+    return save_hf_model(build_hf_model("llama"), tmp_path_factory.mktemp("tiny-llama"))
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()

@@ -1,0 +1,204 @@
+"""The ``tierkv`` command line: a thin typer layer over the library.
+
+Why this module exists: people run models from a terminal. Every flag maps one-to-one onto a
+library argument, so the CLI never has behaviour the library lacks; this module only parses,
+prints (streamed text, prose summaries, or one JSON object with ``--json``) and turns the
+library's user-facing errors into one red line and a non-zero exit code instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tierkv.config import ConfigError, format_size
+from tierkv.engine import Engine, GenerationResult, load, model_path
+from tierkv.io.checkpoint import Checkpoint, CheckpointError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run Llama-family models with memory-tiered offloading.")
+
+ModelArg = typer.Argument(..., help="Hugging Face model directory, or 'demo' for the bundled model")
+DEMO_PROMPT = "Return a list of"
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Library errors meant for users become one line on stderr and exit code 2."""
+    try:
+        yield
+    except (ConfigError, CheckpointError, ValueError, OSError) as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _load(model: str, dtype: Optional[str], device: Optional[str], quiet: bool) -> Engine:
+    err = Console(stderr=True)
+    if quiet or not err.is_terminal:
+        return load(model, dtype=dtype, device=device)
+    with err.status(f"loading {model} ..."):
+        return load(model, dtype=dtype, device=device)
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: Optional[int],
+              stop: Optional[list[str]]) -> dict[str, Any]:
+    return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                seed=seed, stop=stop or ())
+
+
+def _summary(res: GenerationResult, engine: Engine) -> str:
+    s = res.stats
+    return (f"[{s.new_tokens} tokens ({res.finish_reason}) | prompt {s.prompt_tokens} tokens, "
+            f"prefill {s.prefill_s:.3f} s | decode {s.decode_tok_s:.1f} tok/s | "
+            f"peak RSS {format_size(s.peak_rss_bytes)} | {engine.device.type} {str(engine.dtype).removeprefix('torch.')}]")
+
+
+@app.command()
+def run(
+    model: str = ModelArg,
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="prompt text"),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="raw token ids, e.g. 1,2,3"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate at most"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_k: int = typer.Option(0, "--top-k", help="keep the k most likely tokens (0 = off)"),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass (1 = off)"),
+    seed: Optional[int] = typer.Option(None, help="random seed for sampling"),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
+    dtype: Optional[str] = typer.Option(None, help="compute dtype: bfloat16, float16, float32 (default: checkpoint's)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda when available)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streamed text"),
+) -> None:
+    """Generate a completion for one prompt, streaming the text."""
+    if (prompt is None) == (prompt_ids is None):
+        raise typer.BadParameter("give exactly one of --prompt or --prompt-ids")
+    with _user_errors():
+        ids = None if prompt_ids is None else [int(x) for x in prompt_ids.replace(" ", "").split(",") if x]
+        engine = _load(model, dtype, device, quiet=as_json)
+        stream = engine.stream(prompt if ids is None else ids,
+                               **_sampling(max_new_tokens, temperature, top_k, top_p, seed, stop))
+        for piece in stream:
+            if not as_json:
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+        res = stream.results[0]
+        if as_json:
+            print(json.dumps(res.to_dict()))
+        else:
+            print()
+            Console(stderr=True).print(_summary(res, engine), style="dim", highlight=False)
+        engine.close()
+
+
+@app.command()
+def chat(
+    model: str = ModelArg,
+    system: Optional[str] = typer.Option(None, help="system message"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.7),
+    top_k: int = typer.Option(40, "--top-k"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    seed: Optional[int] = typer.Option(None),
+    dtype: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Interactive chat with the model's chat template; type /exit (or Ctrl-D) to leave."""
+    with _user_errors():
+        engine = _load(model, dtype, device, quiet=False)
+        if engine.tokenizer is None or not engine.tokenizer.chat_template:
+            raise ConfigError(f"{engine.model_dir} has no tokenizer chat_template; use `tierkv run` instead")
+        messages = [{"role": "system", "content": system}] if system else []
+        console = Console(stderr=True)
+        console.print("[dim]chatting; /exit to quit[/]")
+        while True:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            ids = engine.tokenizer.encode_chat(messages)
+            stream = engine.stream(ids, **_sampling(max_new_tokens, temperature, top_k, top_p, seed, None))
+            for piece in stream:
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+            print()
+            messages.append({"role": "assistant", "content": stream.results[0].text.strip()})
+        engine.close()
+
+
+def _info_dict(ckpt: Checkpoint) -> dict[str, Any]:
+    cfg = ckpt.config
+    elem = {"bfloat16": 2, "float16": 2, "float32": 4}.get(cfg.dtype, 4)
+    return {
+        "path": str(ckpt.dir), "architecture": cfg.architecture, "dtype": cfg.dtype,
+        "parameters": cfg.param_count(), "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
+        "context_length_tokens": cfg.max_position_embeddings, "rope_type": cfg.rope.rope_type,
+        "sliding_window_tokens": next((w for w in cfg.sliding_window_tokens if w), None),
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "bytes_per_layer": cfg.layer_param_count() * elem,
+        "kv_bytes_per_token": 2 * cfg.num_layers * cfg.kv_size * elem,
+        "checkpoint_files": [p.name for p in ckpt.files()],
+    }
+
+
+@app.command()
+def info(model: str = ModelArg, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Architecture, parameter count, bytes per layer, context length."""
+    with _user_errors():
+        with Checkpoint(model_path(model)) as ckpt:
+            data = _info_dict(ckpt)
+    if as_json:
+        print(json.dumps(data))
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in data.items():
+        shown = format_size(value) if key.endswith("bytes_per_layer") or key.endswith("per_token") else value
+        table.add_row(key.replace("_", " "), f"{shown:,}" if isinstance(shown, int) and not isinstance(shown, bool)
+                      else str(shown))
+    Console().print(table)
+
+
+@app.command()
+def demo(
+    prompt: str = typer.Option(DEMO_PROMPT, "--prompt", "-p"),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0),
+    seed: Optional[int] = typer.Option(None),
+) -> None:
+    """Run the small model bundled with tierkv (no download) and show what it did."""
+    with _user_errors():
+        t0 = time.perf_counter()
+        engine = load("demo")
+        load_s = time.perf_counter() - t0
+        cfg = engine.config
+        console = Console(stderr=True)
+        console.print(f"[bold]tierkv demo[/]: {cfg.architecture}, {cfg.param_count() / 1e6:.1f}M parameters, "
+                      f"{cfg.num_layers} layers, loaded in {load_s:.2f} s on {engine.device.type}", highlight=False)
+        sys.stdout.write(prompt)
+        stream = engine.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        for piece in stream:
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+        print()
+        console.print(_summary(stream.results[0], engine), style="dim", highlight=False)
+        engine.close()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
