@@ -68,3 +68,13 @@ def test_bfloat16_compute_runs_and_mostly_agrees(make_checkpoint) -> None:
         ref = model.to(torch.bfloat16)(torch.tensor([ids])).logits[0].float()
     ours = engine.logits(ids)
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.9
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("mistral", {"sliding_window": 5})])
+def test_chunked_prefill_gives_the_same_tokens(make_checkpoint, arch, overrides) -> None:
+    model, path = make_checkpoint(arch, **overrides)
+    ids = list(range(3, 40))
+    whole = tierkv.Engine(path, tierkv.Policy(dtype="float32")).generate(ids, max_new_tokens=10)
+    pieces = tierkv.Engine(path, tierkv.Policy(dtype="float32", prefill_chunk_tokens=7)).generate(ids, max_new_tokens=10)
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0, len(ids):].tolist()
+    assert pieces.token_ids == whole.token_ids == expected

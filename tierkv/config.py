@@ -301,7 +301,20 @@ class Budget:
 
 @dataclass(frozen=True)
 class Policy:
-    """User choices that are not budgets (later issues add KV mode and compression here)."""
+    """User choices that are not budgets: compute dtype and device, prefill piece size, KV cache mode."""
 
     dtype: str | None = None            # compute dtype; None = the checkpoint's
     device: str | None = None           # "cpu", "cuda", "cuda:1"; None = cuda if available, else cpu
+    prefill_chunk_tokens: int = 2048    # long prompts are prefilled in pieces of this many tokens
+    kv: str = "auto"                    # "exact" | "sparse" | "auto" (exact up to kv_exact_max_tokens)
+    kv_budget: float | int = 0.05       # sparse mode: fraction of the context (< 1) or a number of tokens
+    kv_exact_max_tokens: int = 4096     # auto mode switches to sparse beyond this context length
+    chunk_tokens: int | None = None     # KV chunk size; None = adaptive per layer from prefill attention skew
+
+    def __post_init__(self) -> None:
+        if self.kv not in ("exact", "sparse", "auto"):
+            raise ValueError(f"kv={self.kv!r}: use 'exact', 'sparse' or 'auto'")
+        if self.kv_budget <= 0:
+            raise ValueError(f"kv_budget={self.kv_budget} must be > 0 (a fraction like 0.05 or a token count)")
+        if self.prefill_chunk_tokens < 1 or (self.chunk_tokens is not None and self.chunk_tokens < 1):
+            raise ValueError("prefill_chunk_tokens and chunk_tokens must be >= 1")

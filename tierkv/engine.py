@@ -176,6 +176,7 @@ class Engine:
 
     def __init__(self, model: str | Path, policy: Policy = Policy(), weights: WeightSource | None = None) -> None:
         self.model_dir = model_path(model)
+        self.policy = policy
         self.checkpoint = Checkpoint(self.model_dir)
         self.config: ModelConfig = self.checkpoint.config
         self.dtype = resolve_dtype(policy.dtype, default=self.config.dtype)
@@ -228,6 +229,13 @@ class Engine:
         kv.advance(t)
         return head(cfg, g, h) if all_logits else head(cfg, g, h[:, -1:])[:, 0]
 
+    def _prefill(self, ids: torch.Tensor, kv: DenseKVCache) -> torch.Tensor:
+        """ids (B, T) in pieces of ``prefill_chunk_tokens`` so activations stay bounded -> last logits (B, V)."""
+        piece = self.policy.prefill_chunk_tokens
+        for start in range(0, ids.shape[1], piece):
+            logits = self._forward(ids[:, start:start + piece], kv)
+        return logits
+
     @torch.inference_mode()
     def logits(self, prompt: Prompt) -> torch.Tensor:
         """Logits (T, V) fp32 for every position of one prompt (scoring, tests against references)."""
@@ -250,7 +258,7 @@ class Engine:
         logits = None
         if budget > 0:
             with torch.profiler.record_function("tierkv::prefill"):
-                logits = self._forward(torch.tensor(prompts, device=self.device), kv)
+                logits = self._prefill(torch.tensor(prompts, device=self.device), kv)
         stats.prefill_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         for step in range(budget):
