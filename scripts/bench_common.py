@@ -51,26 +51,40 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
-def matvec_gbps(dtype: torch.dtype = torch.bfloat16, rows: int = 5632, cols: int = 2048, n: int = 48) -> float:
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matvec_gbps(dtype: torch.dtype = torch.bfloat16, rows: int = 5632, cols: int = 2048, n: int = 48,
+                device: str = "cpu") -> float:
     """Decode ceiling: GB/s of weight bytes streamed through matrix-vector products (as in decode)."""
-    ws = [torch.randn(rows, cols).to(dtype) for _ in range(n)]  # several matrices: defeat the caches
-    x = torch.randn(1, cols).to(dtype)
+    ws = [torch.randn(rows, cols, device=device).to(dtype) for _ in range(n)]  # several: defeat the caches
+    x = torch.randn(1, cols, device=device).to(dtype)
     torch.nn.functional.linear(x, ws[0])
 
     def run() -> None:
         for w in ws:
             torch.nn.functional.linear(x, w)
+        sync(device)
 
     seconds = best_of(run, 3)
     return n * rows * cols * torch.finfo(dtype).bits / 8 / seconds / 1e9
 
 
-def gemm_tflops(dtype: torch.dtype = torch.bfloat16, m: int = 128, k: int = 2048, n: int = 5632) -> float:
+def gemm_tflops(dtype: torch.dtype = torch.bfloat16, m: int = 128, k: int = 2048, n: int = 5632,
+                device: str = "cpu") -> float:
     """Prefill ceiling: TFLOP/s of (m x k) @ (k x n) products, the prefill shape for a 128-token prompt."""
-    a, b = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+    a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(n, k, device=device).to(dtype)
     torch.nn.functional.linear(a, b)
     reps = 20
-    seconds = best_of(lambda: [torch.nn.functional.linear(a, b) for _ in range(reps)], 3)
+
+    def run() -> None:
+        for _ in range(reps):
+            torch.nn.functional.linear(a, b)
+        sync(device)
+
+    seconds = best_of(run, 3)
     return 2 * m * k * n * reps / seconds / 1e12
 
 

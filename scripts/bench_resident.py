@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import bench_model_dir, best_of, emit_json, gemm_tflops, matvec_gbps, print_table  # noqa: E402
 
 
-def _time_tierkv(model_dir: Path, ids: list[int], new_tokens: int, repeats: int) -> tuple[float, float, float]:
+def _time_tierkv(model_dir: Path, ids: list[int], new_tokens: int, repeats: int,
+                 device: str) -> tuple[float, float, float]:
     """(prefill seconds, decode tok/s, weight bytes) for tierkv, timed like the peer."""
     import tierkv
 
-    engine = tierkv.load(model_dir, dtype="bfloat16", device="cpu")
+    engine = tierkv.load(model_dir, dtype="bfloat16", device=device)
     gen = lambda n: engine.generate(ids, max_new_tokens=n)  # noqa: E731
     gen(2)  # warm-up
     t1 = best_of(lambda: gen(1), repeats)
@@ -37,12 +38,12 @@ def _time_tierkv(model_dir: Path, ids: list[int], new_tokens: int, repeats: int)
     return t1, (new_tokens - 1) / (tn - t1), weight_bytes
 
 
-def _time_hf(model_dir: Path, ids: list[int], new_tokens: int, repeats: int) -> tuple[float, float]:
+def _time_hf(model_dir: Path, ids: list[int], new_tokens: int, repeats: int, device: str) -> tuple[float, float]:
     """(prefill seconds, decode tok/s) for HF transformers generate(), greedy, EOS disabled."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    x = torch.tensor([ids])
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval().to(device)
+    x = torch.tensor([ids], device=device)
 
     def gen(n: int) -> None:
         with torch.inference_mode():
@@ -63,16 +64,17 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--model-root", type=Path, default=Path(tempfile.gettempdir()) / "tierkv-bench")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = bench_model_dir(args.model_root, args.layers)
     ids = torch.randint(3, 32000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 
-    bw = matvec_gbps()
-    tflops = gemm_tflops()
-    tk_prefill, tk_tok_s, weight_bytes = _time_tierkv(model_dir, ids, args.new_tokens, args.repeats)
-    hf_prefill, hf_tok_s = _time_hf(model_dir, ids, args.new_tokens, args.repeats)
+    bw = matvec_gbps(device=args.device)
+    tflops = gemm_tflops(device=args.device)
+    tk_prefill, tk_tok_s, weight_bytes = _time_tierkv(model_dir, ids, args.new_tokens, args.repeats, args.device)
+    hf_prefill, hf_tok_s = _time_hf(model_dir, ids, args.new_tokens, args.repeats, args.device)
     ceiling_tok_s = bw * 1e9 / weight_bytes
     prefill_floor_s = 2 * weight_bytes / 2 * args.prompt_len / (tflops * 1e12)
 
@@ -87,7 +89,7 @@ def main() -> None:
         ("HF prefill", f"{hf_prefill:.3f} s"),
         ("prefill speed ratio tierkv/HF", f"{hf_prefill / tk_prefill:.2f}x"),
     ])
-    emit_json({"bench": "resident", "threads": args.threads, "prompt_len": args.prompt_len,
+    emit_json({"bench": "resident", "device": args.device, "threads": args.threads, "prompt_len": args.prompt_len,
                "new_tokens": args.new_tokens, "weight_bytes": weight_bytes,
                "ceiling_matvec_gbps": round(bw, 2), "ceiling_decode_tok_s": round(ceiling_tok_s, 3),
                "ceiling_gemm_tflops": round(tflops, 3),

@@ -8,8 +8,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
 status=0
 python -m pytest -q -m gpu -p no:cacheprovider || status=1
-python scripts/bench_resident.py --threads "$(nproc)" || status=1
+python scripts/bench_resident.py --device cuda || status=1
 for extra in scripts/bench_weights.py scripts/bench_kv.py scripts/bench_kernels.py scripts/trace_sweep.py; do
-  [ -f "$extra" ] && { python "$extra" --gpu || status=1; }
+  [ -f "$extra" ] && { python "$extra" --device cuda || status=1; }
 done
 exit $status
