@@ -21,9 +21,12 @@ from rich.table import Table
 from tierkv.config import ConfigError, format_size
 from tierkv.engine import Engine, GenerationResult, load, model_path
 from tierkv.io.checkpoint import Checkpoint, CheckpointError
+from tierkv.trace.cli import trace_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run Llama-family models with memory-tiered offloading.")
+
+app.add_typer(trace_app, name="trace", help="TKLQT tracer: is inference CPU-bound or GPU-bound, per batch size?")
 
 ModelArg = typer.Argument(..., help="Hugging Face model directory, or 'demo' for the bundled model")
 DEMO_PROMPT = "Return a list of"

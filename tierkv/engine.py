@@ -103,7 +103,7 @@ class _Sequence:
         """Record a new token; return the text to emit now."""
         self.token_ids.append(token_id)
         self._pending += self._decoder.push(token_id)
-        if token_id in self._eos:
+        if token_id in self._eos and not self._params.ignore_eos:
             self.finish_reason = "stop"
         elif len(self.token_ids) >= self._params.max_new_tokens:
             self.finish_reason = "length"
@@ -306,7 +306,7 @@ class Engine:
         """Generate for one prompt (-> GenerationResult) or a list of prompts (-> list of them).
 
         Keyword arguments are ``SamplingParams`` fields: max_new_tokens, temperature, top_k,
-        top_p, seed, stop (a string or a list of strings).
+        top_p, seed, stop (a string or a list of strings), ignore_eos.
         """
         batch, is_batch = self._batch(prompts)
         params = _params(sampling)
@@ -346,7 +346,7 @@ def _params(sampling: dict[str, Any]) -> SamplingParams:
     try:
         return SamplingParams(stop=stop, **sampling)
     except TypeError as exc:
-        raise TypeError(f"{exc}; valid options: max_new_tokens, temperature, top_k, top_p, seed, stop") from None
+        raise TypeError(f"{exc}; valid options: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos") from None
 
 
 def load(model: str | Path, *, dtype: str | torch.dtype | None = None, device: str | None = None) -> Engine:

@@ -1,0 +1,8 @@
+"""TKLQT tracer: profiler capture (``capture``), trace analysis (``analyze``), output (``report``).
+
+Only the torch-free analyzer API is re-exported here; ``capture`` imports torch and the engine.
+"""
+
+from tierkv.trace.analyze import TraceError, TraceReport, VerdictRule, analyze_trace
+
+__all__ = ["TraceError", "TraceReport", "VerdictRule", "analyze_trace"]

@@ -1,0 +1,117 @@
+"""Tracer tests on real PyTorch profiler output: tiny torch ops, then a tiny random Llama sweep.
+
+On a CPU-only machine the traces hold no GPU kernels, so these check the real chrome-trace format
+(cpu_op / user_annotation events, External ids), the CPU side of the report, and that GPU fields
+say "no GPU kernels" instead of showing zeros. With CUDA present they also check that kernels are
+found and linked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tierkv.trace.analyze import analyze_trace
+from tierkv.trace.capture import make_prompts, profile_call, run_sweep
+from tierkv.trace.cli import trace_app
+
+CUDA = torch.cuda.is_available()
+
+
+def _tiny_workload() -> torch.Tensor:
+    dev = "cuda" if CUDA else "cpu"
+    x = torch.randn(32, 32, device=dev)
+    with torch.profiler.record_function("tierkv::prefill"):
+        y = torch.relu(x @ x)
+    for _ in range(3):
+        with torch.profiler.record_function("tierkv::decode"):
+            y = (y @ x).softmax(-1)
+    with torch.profiler.record_function("tierkv::h2d_copy"):
+        z = torch.ones(16).to(dev)
+    return y.sum() + z.sum()
+
+
+def test_real_profiler_trace_of_tiny_ops(tmp_path: Path) -> None:
+    path = tmp_path / "ops.json"
+    _, wall_us = profile_call(_tiny_workload, path)
+    assert wall_us > 0 and path.stat().st_size > 0
+    r = analyze_trace(path)
+    assert r.phases["prefill"] is not None and r.phases["decode"] is not None
+    assert r.phases["prefill"].cpu.span_count == 1 and r.phases["decode"].cpu.span_count == 3
+    names = {o.name for o in r.overall.cpu.top_operators}
+    assert "aten::mm" in names or "aten::matmul" in names
+    spans = {s.name: s.count for s in r.tierkv_spans}
+    assert spans["tierkv::decode"] == 3 and spans["tierkv::generate"] == 1 and spans["tierkv::h2d_copy"] == 1
+    assert r.overall.il_us > 0 and r.overall.cpu.outside_ops_us >= 0
+    if CUDA:
+        assert r.gpu_available and r.overall.gpu.kernel_count > 0
+        assert r.overall.gpu.orphan_kernel_count < r.overall.gpu.kernel_count
+        assert r.verdict.bound in ("cpu", "gpu")
+    else:
+        d = r.to_dict()
+        assert d["gpu"] == {"available": False, "reason": "trace holds no GPU kernels"}
+        assert d["overall"]["gpu"] is None and d["verdict"]["bound"] is None
+
+
+def test_make_prompts_reproducible() -> None:
+    a = make_prompts(128, 3, 5, seed=1)
+    assert a == make_prompts(128, 3, 5, seed=1) and len(a) == 3 and all(len(p) == 5 for p in a)
+    assert all(0 <= t < 128 for p in a for t in p)
+    with pytest.raises(ValueError):
+        make_prompts(128, 0, 5)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("tiny_llama")
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, vocab_size=128,
+                                   eos_token_id=None, bos_token_id=None)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_run_sweep_on_tiny_llama(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    seen: list[int] = []
+    run_sweep(str(tiny_llama), [2, 1], prompt_len=8, new_tokens=3, out_dir=out,
+                       dtype="float32", on_run=lambda run: seen.append(run.batch_size))
+    assert seen == [1, 2]
+    assert (out / "trace_b1.json").exists() and (out / "trace_b2.json").exists()
+    assert (out / "tklqt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    d = json.loads((out / "report.json").read_text())
+    assert [b["batch_size"] for b in d["batches"]] == [1, 2] and d["rule"].startswith("GPU-bound when")
+    for batch in d["batches"]:
+        rep = batch["report"]
+        assert batch["generated_tokens"] == 3 * batch["batch_size"]
+        assert rep["phases"]["prefill"]["cpu"]["span_count"] == 1
+        assert rep["phases"]["decode"]["cpu"]["span_count"] == 2  # first token comes from prefill
+        assert rep["overall"]["cpu"]["cpu_op_count"] > 0
+        if not CUDA:
+            assert rep["gpu"]["available"] is False and rep["overall"]["gpu"] is None
+    if not CUDA:
+        assert d["transition_batch_size"] is None and all(p["tklqt_us"] is None for p in d["points"])
+
+
+def test_cli_run_json(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(trace_app, ["run", str(tiny_llama), "--batch-sizes", "1,2",
+                                            "--prompt-len", "4", "--new-tokens", "2", "--out", str(out),
+                                            "--dtype", "float32", "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert [p["batch_size"] for p in d["points"]] == [1, 2] and (out / "report.json").exists()
+
+
+def test_cli_run_bad_arguments(tmp_path: Path) -> None:
+    bad = CliRunner().invoke(trace_app, ["run", "m", "--batch-sizes", "1,x", "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "positive integers" in bad.output
+    missing = CliRunner().invoke(trace_app, ["run", str(tmp_path / "nope"), "--batch-sizes", "1",
+                                             "--out", str(tmp_path / "o")])
+    assert missing.exit_code == 1 and "Traceback" not in missing.output
