@@ -1,0 +1,22 @@
+"""Kernels of the tiered KV cache: chunk abstracts, chunk importance and selection, sparse decode attention.
+
+Why this package exists: these are the hot per-step operations that decide which KV chunks a decode
+step reads and then read them. Each is a triplet (Triton kernel, launcher, torch reference in
+``reference``); the public functions below pick one per call (``_select.pick_backend``:
+``backend=`` argument, then ``TIERKV_KERNELS=torch|triton``, then Triton on CUDA). Importing this
+package never requires Triton. Tests run the Triton kernels on the CPU by setting
+``TRITON_INTERPRET=1`` before the first import.
+"""
+
+from tierkv.kernels.abstract import abstract_append, chunk_abstract
+from tierkv.kernels.attention import sparse_decode_attention
+from tierkv.kernels.importance import Selection, chunk_scores, select_chunks
+
+__all__ = [
+    "Selection",
+    "abstract_append",
+    "chunk_abstract",
+    "chunk_scores",
+    "select_chunks",
+    "sparse_decode_attention",
+]

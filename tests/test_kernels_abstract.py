@@ -1,0 +1,127 @@
+"""Chunk abstracts: Triton (interpreted on the CPU) against the torch reference, plus backend choice."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tierkv.kernels import abstract_append, chunk_abstract
+from tierkv.kernels._select import HAS_TRITON, pick_backend
+from tierkv.kernels.abstract import _chunk_abstract_kernel
+from tierkv.kernels.reference import chunk_abstract_ref
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _nan_pair(B, H, C, D, dtype):
+    return torch.full((B, H, C, D), float("nan"), dtype=dtype), torch.full((B, H, C, D), float("nan"), dtype=dtype)
+
+
+def _starts(sizes):
+    return torch.tensor([0, *torch.tensor(sizes).cumsum(0)[:-1].tolist()], dtype=torch.int32)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "B,H,D,sizes",
+    [
+        (1, 1, 16, [5]),  # C = 1
+        (2, 3, 40, [7, 23, 1, 33, 26, 10]),  # D not a power of two, variable sizes, partial last
+        (1, 2, 64, [64, 64, 17]),  # T not a multiple of the chunk size
+    ],
+)
+def test_triton_matches_reference(dtype, B, H, D, sizes):
+    gen = torch.Generator().manual_seed(hash((B, H, D, len(sizes))) % 2**31)
+    T = sum(sizes)
+    keys = torch.randn(B, H, T, D, generator=gen).to(dtype)
+    starts = _starts(sizes)
+    out = _nan_pair(B, H, len(sizes), D, dtype)
+    kmin, kmax = chunk_abstract(keys, starts, out=out, backend="triton")
+    ref_min, ref_max = chunk_abstract_ref(keys, starts)
+    assert kmin is out[0] and kmax is out[1]
+    assert torch.equal(kmin, ref_min) and torch.equal(kmax, ref_max)  # min/max are exact
+    first = keys[:, :, : sizes[0]]
+    assert torch.equal(kmin[:, :, 0], first.amin(2)) and torch.equal(kmax[:, :, 0], first.amax(2))
+
+
+@needs_triton
+def test_strided_keys_and_int64_starts():
+    keys = torch.randn(2, 50, 3, 24).transpose(1, 2)  # (B, H, T, D) view of a (B, T, H, D) layout
+    starts = torch.tensor([0, 16, 32, 48], dtype=torch.int64)
+    got = chunk_abstract(keys, starts, backend="triton")
+    for g, r in zip(got, chunk_abstract_ref(keys.contiguous(), starts)):
+        assert torch.equal(g, r)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_append_matches_full_recompute(backend):
+    B, H, D = 2, 2, 20
+    keys = torch.randn(B, H, 45, D)
+    # prefill 30 tokens in chunks [0, 16) and [16, 30); decode appends 5 then opens [35, 45)
+    kmin, kmax = torch.full((B, H, 3, D), float("nan")), torch.full((B, H, 3, D), float("nan"))
+    chunk_abstract(keys[:, :, :30], torch.tensor([0, 16]), out=(kmin[:, :, :2], kmax[:, :, :2]), backend=backend)
+    abstract_append(kmin, kmax, keys[:, :, 30:35], chunk=1, backend=backend)
+    abstract_append(kmin, kmax, keys[:, :, 35:36], chunk=-1, fresh=True, backend=backend)
+    abstract_append(kmin, kmax, keys[:, :, 36:45], chunk=2, backend=backend)
+    ref_min, ref_max = chunk_abstract_ref(keys, torch.tensor([0, 16, 35]))
+    assert torch.equal(kmin, ref_min) and torch.equal(kmax, ref_max)
+
+
+@pytest.mark.parametrize(
+    "starts,match",
+    [([1, 5], "begin at 0"), ([0, 5, 5], "strictly"), ([0, 40], "below T"), ([], "non-empty")],
+)
+def test_bad_starts_raise(starts, match):
+    with pytest.raises(ValueError, match=match):
+        chunk_abstract(torch.randn(1, 1, 40, 8), torch.tensor(starts, dtype=torch.int32), backend="torch")
+
+
+def test_bad_append_raises():
+    kmin = kmax = torch.zeros(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="new_keys"):
+        abstract_append(kmin, kmax, torch.zeros(1, 2, 4, 7))
+    with pytest.raises(IndexError):
+        abstract_append(kmin, kmax, torch.zeros(1, 2, 4, 8), chunk=3)
+
+
+def test_backend_choice(monkeypatch):
+    x = torch.zeros(1)
+    monkeypatch.setenv("TIERKV_KERNELS", "torch")
+    assert pick_backend(_chunk_abstract_kernel, x) == "torch"
+    if HAS_TRITON:
+        assert pick_backend(_chunk_abstract_kernel, x, backend="triton") == "triton"  # argument wins
+        monkeypatch.setenv("TIERKV_KERNELS", "triton")
+        assert pick_backend(_chunk_abstract_kernel, x) == "triton"
+        monkeypatch.delenv("TIERKV_KERNELS")
+        assert pick_backend(_chunk_abstract_kernel, x) == "triton"  # interpreted kernel, CPU tensors
+        assert pick_backend(lambda: None, x) == "torch"  # a compiled-only kernel cannot take CPU tensors
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            pick_backend(lambda: None, x, backend="triton")
+    monkeypatch.setenv("TIERKV_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="TIERKV_KERNELS"):
+        pick_backend(_chunk_abstract_kernel, x)
+
+
+def test_package_works_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, tierkv.kernels as k\n"
+        "from tierkv.kernels._select import HAS_TRITON; assert not HAS_TRITON\n"
+        "lo, hi = k.chunk_abstract(torch.randn(1, 1, 9, 4), torch.tensor([0, 4]))\n"
+        "assert lo.shape == (1, 1, 2, 4)\n"
+        "try:\n    k.chunk_abstract(torch.randn(1, 1, 9, 4), torch.tensor([0]), backend='triton')\n"
+        "except RuntimeError as e:\n    assert 'not installed' in str(e)\nelse:\n    raise SystemExit('no error')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("TIERKV_KERNELS", None)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr

@@ -1,0 +1,82 @@
+"""The one place that decides whether a kernel runs as Triton or as its torch reference.
+
+Why this module exists: every kernel in ``tierkv.kernels`` is a triplet (Triton kernel, launcher,
+torch reference) and the public wrapper must pick one the same way everywhere. Triton is optional
+(CPU-only installs, macOS), so its import is wrapped here and the kernel modules decorate with
+``jit`` from this module, which returns the plain function when Triton is missing.
+
+Rule, read at call time (no cached mutable state): an explicit ``backend=`` argument wins, then
+the environment variable ``TIERKV_KERNELS=torch|triton``, then auto: Triton when every tensor is on
+CUDA and Triton imports, or when the tensors are on the CPU and the kernels were built by the
+Triton interpreter (``TRITON_INTERPRET=1`` set before the first import of a kernel module).
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any, Callable, Literal
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # triton is optional: the torch references take over
+    triton = None
+    tl = SimpleNamespace(constexpr=Any)  # lets kernel signatures parse; never launched
+    HAS_TRITON = False
+
+Backend = Literal["torch", "triton"]
+ENV_VAR = "TIERKV_KERNELS"
+_CHOICES = ("torch", "triton", "auto")
+
+__all__ = ["HAS_TRITON", "Backend", "ENV_VAR", "jit", "tl", "triton", "pick_backend", "next_pow2", "cdiv"]
+
+
+def jit(fn: Callable[..., Any]) -> Any:
+    """``triton.jit`` when Triton is installed, else the undecorated function (never launched)."""
+    return triton.jit(fn) if HAS_TRITON else fn
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= ``n`` (and >= 1): Triton block sizes must be powers of two."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division, for grid sizes."""
+    return -(-a // b)
+
+
+def _interpreted(kernel: Any) -> bool:
+    """True when ``kernel`` was built by the Triton interpreter (runs on CPU tensors)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def pick_backend(kernel: Any, *tensors: torch.Tensor, backend: str | None = None) -> Backend:
+    """Choose ``"torch"`` or ``"triton"`` for one launch of ``kernel`` over ``tensors``.
+
+    ``backend`` (``"torch"``, ``"triton"``, ``"auto"`` or None) overrides the ``TIERKV_KERNELS``
+    environment variable; both default to auto. Raises ValueError for an unknown choice and
+    RuntimeError when Triton is forced but cannot run on these tensors.
+    """
+    choice = backend if backend is not None else os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"kernel backend must be one of {_CHOICES}, got {choice!r} (argument or ${ENV_VAR})")
+    if choice == "torch":
+        return "torch"
+    on_cuda = all(t.is_cuda for t in tensors)
+    runnable = HAS_TRITON and (on_cuda or (_interpreted(kernel) and not any(t.is_cuda for t in tensors)))
+    if choice == "auto":
+        return "triton" if runnable else "torch"
+    if not HAS_TRITON:
+        raise RuntimeError(f"{ENV_VAR}=triton but triton is not installed; pip install triton or use torch")
+    if not runnable:
+        raise RuntimeError(
+            "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before tierkv.kernels is "
+            f"first imported to run on the CPU; got devices {sorted({str(t.device) for t in tensors})}"
+        )
+    return "triton"
