@@ -12,6 +12,8 @@ from typing import Any, Callable
 import pytest
 import torch
 
+torch.set_num_threads(1)  # tiny models: one thread avoids oversubscribing the 2-core CI machine
+
 ARCH_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tierkv.config import ConfigError, format_size
-from tierkv.engine import Engine, GenerationResult, load, model_path
+from tierkv.engine import Engine, GenerationResult, context_limit_tokens, load, model_path
 from tierkv.io.checkpoint import Checkpoint, CheckpointError
 from tierkv.trace.cli import trace_app
 
@@ -147,7 +147,7 @@ def _info_dict(ckpt: Checkpoint) -> dict[str, Any]:
         "parameters": cfg.param_count(), "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
-        "context_length_tokens": cfg.max_position_embeddings, "rope_type": cfg.rope.rope_type,
+        "context_length_tokens": context_limit_tokens(cfg), "rope_type": cfg.rope.rope_type,
         "sliding_window_tokens": next((w for w in cfg.sliding_window_tokens if w), None),
         "tied_embeddings": cfg.tie_word_embeddings,
         "bytes_per_layer": cfg.layer_param_count() * elem,

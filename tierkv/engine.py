@@ -9,9 +9,11 @@ calls are serialized by a lock, and a stream can be cancelled from any thread.
 
 from __future__ import annotations
 
+import numbers
 import resource
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,6 +37,20 @@ def model_path(model: str | Path) -> Path:
     if str(model) == "demo":
         return Path(str(resources.files("tierkv") / "demo_model"))
     return Path(model).expanduser()
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"`` -> a usable torch device; None means CUDA when available."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} is not available ({torch.cuda.device_count()} CUDA devices here); "
+                         "use --device cpu or another cuda:N")
+    return device
 
 
 def context_limit_tokens(cfg: ModelConfig) -> int:
@@ -180,14 +196,28 @@ class Engine:
         self.checkpoint = Checkpoint(self.model_dir)
         self.config: ModelConfig = self.checkpoint.config
         self.dtype = resolve_dtype(policy.dtype, default=self.config.dtype)
-        self.device = torch.device(policy.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(policy.device)
         tok_path = self.model_dir / "tokenizer.json"
         self.tokenizer: Tokenizer | None = Tokenizer(self.model_dir) if tok_path.is_file() else None
         self.eos_token_ids = _eos_ids(self.model_dir, self.config, self.tokenizer)
         self.context_limit_tokens = context_limit_tokens(self.config)
         self._weights = weights or ResidentWeights(self.checkpoint, self.dtype, self.device)
         self._lock = threading.Lock()
+        self._owner: int | None = None  # thread holding the lock (to refuse same-thread re-entry)
         self._closed = False
+
+    @contextmanager
+    def _serialized(self) -> Iterator[None]:
+        """Hold the engine lock; a thread that already holds it (an unfinished stream) gets an error."""
+        if self._owner == threading.get_ident():
+            raise RuntimeError("a stream from this Engine is still open on this thread; iterate it to the end "
+                               "or call stream.close() before starting another call")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
     # -- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -198,7 +228,7 @@ class Engine:
                                   "encoded; pass token ids instead (e.g. --prompt-ids 1,2,3)")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(i) for i in prompt]
+            ids = [int(i) for i in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]  # type: ignore[union-attr]
         if not ids:
             raise ValueError("the prompt is empty; give at least one token")
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
@@ -211,7 +241,9 @@ class Engine:
 
     def _batch(self, prompts: Prompt | Sequence[Prompt]) -> tuple[list[list[int]], bool]:
         """Normalize to a list of id lists; the flag says whether the caller passed a batch."""
-        if isinstance(prompts, str) or (len(prompts) > 0 and all(isinstance(p, int) for p in prompts)):
+        if hasattr(prompts, "tolist"):  # torch tensors and numpy arrays of ids
+            prompts = prompts.tolist()  # type: ignore[union-attr]
+        if isinstance(prompts, str) or (len(prompts) > 0 and all(isinstance(p, numbers.Integral) for p in prompts)):
             return [self.encode(prompts)], False  # type: ignore[arg-type]
         if len(prompts) == 0:
             raise ValueError("no prompts given")
@@ -240,7 +272,7 @@ class Engine:
     def logits(self, prompt: Prompt) -> torch.Tensor:
         """Logits (T, V) fp32 for every position of one prompt (scoring, tests against references)."""
         ids = self.encode(prompt)
-        with self._lock:
+        with self._serialized():
             kv = DenseKVCache(self.config, 1, len(ids), self.dtype, self.device)
             return self._forward(torch.tensor([ids], device=self.device), kv, all_logits=True)[0].cpu()
 
@@ -252,6 +284,8 @@ class Engine:
         seqs = [_Sequence(p, self.tokenizer, self.eos_token_ids, params) for p in prompts]
         stats = GenerationStats(prompt_tokens=t, batch_size=b)
         budget = max(0, min(params.max_new_tokens, self.context_limit_tokens - t + 1))
+        if cancel.is_set():  # cancelled while an earlier group of the batch ran: no prefill, no tokens
+            budget = 0
         kv = DenseKVCache(self.config, b, max(1, t + budget - 1), self.dtype, self.device)
         gen = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
         t0 = time.perf_counter()
@@ -290,11 +324,12 @@ class Engine:
             stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device)
         stats.weights = self._weights.stats()
 
+    @torch.inference_mode()  # as a decorator it is on only while the generator runs, not in the caller's loop
     def _pieces(self, prompts: list[list[int]], params: SamplingParams, cancel: threading.Event,
                 out: list[GenerationResult]) -> Iterator[Piece]:
         """All prompts under the lock: equal lengths share one batch, otherwise one after another."""
         self._check_open()
-        with self._lock, torch.inference_mode():
+        with self._serialized():
             groups = [prompts] if len({len(p) for p in prompts}) == 1 else [[p] for p in prompts]
             offset = 0
             for group in groups:
@@ -328,7 +363,7 @@ class Engine:
 
     def close(self) -> None:
         """Free the weights and close files. Further calls raise."""
-        with self._lock:
+        with self._serialized():
             self._closed = True
             self._weights.close()
             self.checkpoint.close()

@@ -1,0 +1,214 @@
+"""The ``tierkv`` command line through typer's CliRunner: output shapes, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import tierkv
+from conftest import build_hf_model, save_hf_model
+from tierkv.cli import app
+from tokenizer_fixtures import byte_level_bpe, write_tokenizer
+
+torch.set_num_threads(1)
+
+runner = CliRunner()
+DEMO_CONFIG = Path(tierkv.__file__).parent / "demo_model" / "config.json"
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory) -> Path:
+    """Tiny Llama + byte-level BPE tokenizer with BOS and a chat template."""
+    tok = byte_level_bpe()
+    path = save_hf_model(build_hf_model("llama", vocab_size=tok.get_vocab_size(), seed=2),
+                         tmp_path_factory.mktemp("text-model"))
+    return write_tokenizer(path, tok)
+
+
+def invoke(*args: str, input: str | None = None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    err = result.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+# -- run -------------------------------------------------------------------------------------------
+def test_run_prompt_ids_json(tiny_llama_dir) -> None:
+    result = invoke("run", str(tiny_llama_dir), "--prompt-ids", "1,2,3", "-n", "7", "--json")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    data = json.loads(lines[0])
+    with tierkv.load(tiny_llama_dir) as eng:
+        expected = eng.generate([1, 2, 3], max_new_tokens=7)
+    assert data["token_ids"] == expected.token_ids and data["text"] == ""
+    assert data["finish_reason"] == expected.finish_reason and data["prompt_tokens"] == 3
+    assert data["stats"]["new_tokens"] == len(expected.token_ids) and data["stats"]["prefill_s"] > 0
+
+
+def test_run_text_prompt_streams_text(text_model) -> None:
+    result = invoke("run", str(text_model), "--prompt", "Hello world", "-n", "12")
+    assert result.exit_code == 0, result.output
+    with tierkv.load(text_model) as eng:
+        expected = eng.generate("Hello world", max_new_tokens=12)
+    assert result.stdout == expected.text + "\n"
+    assert "tokens" in result.stderr and "prefill" in result.stderr     # the one-line summary
+
+
+def test_run_sampling_flags_reach_the_engine(text_model) -> None:
+    args = ("run", str(text_model), "--prompt", "Hello", "-n", "10", "--temperature", "1.5", "--top-k", "20",
+            "--top-p", "0.9", "--seed", "4", "--json")
+    a, b = invoke(*args), invoke(*args)
+    assert a.exit_code == 0, a.output
+    with tierkv.load(text_model) as eng:
+        expected = eng.generate("Hello", max_new_tokens=10, temperature=1.5, top_k=20, top_p=0.9, seed=4)
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"] == expected.token_ids
+
+
+def test_run_stop_flag(text_model) -> None:
+    with tierkv.load(text_model) as eng:
+        full = eng.generate("Hello", max_new_tokens=12).text
+    stop = full[3:5]
+    result = invoke("run", str(text_model), "--prompt", "Hello", "-n", "12", "--stop", stop, "--json")
+    data = json.loads(result.stdout)
+    assert data["text"] == full[:full.find(stop)] and data["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("args", [("--prompt", "hi", "--prompt-ids", "1,2"), ()], ids=["both", "neither"])
+def test_prompt_and_prompt_ids_usage_error(tiny_llama_dir, args) -> None:
+    result = invoke("run", str(tiny_llama_dir), *args)
+    assert result.exit_code == 2
+    assert "Usage:" in result.output and "--prompt" in result.output and "Traceback" not in result.output
+
+
+# -- errors ----------------------------------------------------------------------------------------
+def test_missing_dir_error(tmp_path) -> None:
+    missing = tmp_path / "no-such-model"
+    assert_one_line_error(invoke("run", str(missing), "--prompt-ids", "1"), str(missing), "not a directory")
+    assert_one_line_error(invoke("info", str(missing)), "not a directory")
+
+
+def test_unsupported_architecture_error(tiny_llama_dir, tmp_path) -> None:
+    path = Path(shutil.copytree(tiny_llama_dir, tmp_path / "gpt2"))
+    raw = json.loads((path / "config.json").read_text())
+    raw.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (path / "config.json").write_text(json.dumps(raw))
+    assert_one_line_error(invoke("run", str(path), "--prompt-ids", "1,2"), "GPT2LMHeadModel", "LlamaForCausalLM")
+    assert_one_line_error(invoke("info", str(path), "--json"), "GPT2LMHeadModel")
+
+
+def test_prompt_too_long_error(tiny_llama_dir) -> None:
+    ids = ",".join(["5"] * 300)
+    assert_one_line_error(invoke("run", str(tiny_llama_dir), "--prompt-ids", ids), "300 tokens", "at most 256")
+
+
+def test_bad_prompt_ids_errors(tiny_llama_dir) -> None:
+    assert_one_line_error(invoke("run", str(tiny_llama_dir), "--prompt-ids", "1,999"), "outside the vocabulary")
+    assert_one_line_error(invoke("run", str(tiny_llama_dir), "--prompt-ids", "1,x"), "x")
+    assert_one_line_error(invoke("run", str(tiny_llama_dir), "--prompt", "hello"), "tokenizer.json")
+
+
+def test_bad_sampling_value_error(tiny_llama_dir) -> None:
+    assert_one_line_error(invoke("run", str(tiny_llama_dir), "--prompt-ids", "1", "--top-p", "0"), "top_p")
+
+
+# -- info ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch, dtype, overrides", [
+    ("llama", torch.bfloat16, {"tie_word_embeddings": True}),
+    ("qwen2", torch.float32, {}),
+])
+def test_info_json(make_checkpoint, arch, dtype, overrides) -> None:
+    model, path = make_checkpoint(arch, dtype=dtype, **overrides)
+    result = invoke("info", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["architecture"] == model.config.architectures[0]
+    assert data["parameters"] == model.num_parameters()
+    layer0 = [p for n, p in model.named_parameters() if n.startswith("model.layers.0.")]
+    assert data["bytes_per_layer"] == sum(p.numel() * p.element_size() for p in layer0)
+    assert data["context_length_tokens"] == 256 and data["layers"] == 2
+    assert data["dtype"] == str(dtype).removeprefix("torch.")
+    assert data["tied_embeddings"] is bool(overrides.get("tie_word_embeddings", False))
+    assert data["checkpoint_files"] == ["model.safetensors"]
+
+
+def test_info_context_length_matches_the_engine(make_checkpoint) -> None:
+    """Dynamic RoPE stretches the context: info must report what the engine accepts."""
+    _, path = make_checkpoint("llama", max_position_embeddings=24,
+                              rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    data = json.loads(invoke("info", str(path), "--json").stdout)
+    with tierkv.load(path) as eng:
+        assert data["context_length_tokens"] == eng.context_limit_tokens
+
+
+def test_info_table(tiny_llama_dir) -> None:
+    result = invoke("info", str(tiny_llama_dir))
+    assert result.exit_code == 0, result.output
+    assert "LlamaForCausalLM" in result.stdout and "parameters" in result.stdout and "88,768" in result.stdout
+
+
+# -- chat ------------------------------------------------------------------------------------------
+def test_chat_with_piped_input(text_model) -> None:
+    result = invoke("chat", str(text_model), "--temperature", "0", "-n", "8", input="hello\n/exit\n")
+    assert result.exit_code == 0, result.output
+    with tierkv.load(text_model) as eng:
+        ids = eng.tokenizer.encode_chat([{"role": "user", "content": "hello"}])
+        expected = eng.generate(ids, max_new_tokens=8).text
+    assert result.stdout.startswith(">>> ")
+    assert expected in result.stdout
+    assert result.stdout.count(">>> ") == 2                     # one turn, then the prompt that read /exit
+
+
+def test_chat_two_turns_and_eof(text_model) -> None:
+    result = invoke("chat", str(text_model), "--temperature", "0", "-n", "4", "--system", "be brief",
+                    input="hello\n\nagain\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count(">>> ") == 4                     # hello, empty line, again, then EOF
+
+
+def test_chat_without_template_is_an_error(tiny_llama_dir) -> None:
+    assert_one_line_error(invoke("chat", str(tiny_llama_dir), input="hi\n"), "chat_template")
+
+
+# -- demo ------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not DEMO_CONFIG.is_file(), reason="the bundled demo model (tierkv/demo_model/) is not trained yet")
+def test_demo() -> None:
+    result = invoke("demo", "-n", "8")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Return a list of")
+    assert len(result.stdout.strip()) > len("Return a list of")
+    assert "tierkv demo" in result.stderr and "LlamaForCausalLM" in result.stderr
+
+
+def test_demo_command_on_a_stand_in_model(text_model, monkeypatch) -> None:
+    """The demo command's own logic, run now on a tiny model standing in for the bundled one."""
+    import tierkv.cli
+
+    monkeypatch.setattr(tierkv.cli, "load", lambda model, **kw: tierkv.load(text_model if model == "demo" else model,
+                                                                             **kw))
+    result = invoke("demo", "-n", "6", "--prompt", "Hello")
+    assert result.exit_code == 0, result.output
+    with tierkv.load(text_model) as eng:
+        expected = eng.generate("Hello", max_new_tokens=6).text
+    assert result.stdout == "Hello" + expected + "\n"
+    assert "tierkv demo" in result.stderr and "LlamaForCausalLM" in result.stderr
+
+
+def test_bad_device_and_dtype_errors(tiny_llama_dir) -> None:
+    missing_gpu = f"cuda:{torch.cuda.device_count()}"                  # never exists, GPU machine or not
+    assert_one_line_error(invoke("run", str(tiny_llama_dir), "--prompt-ids", "1", "--device", missing_gpu),
+                          missing_gpu, "--device cpu")
+    assert_one_line_error(invoke("run", str(tiny_llama_dir), "--prompt-ids", "1", "--device", "gpu0"), "gpu0")
+    assert_one_line_error(invoke("run", str(tiny_llama_dir), "--prompt-ids", "1", "--dtype", "int8"), "int8")
