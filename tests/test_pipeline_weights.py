@@ -1,0 +1,133 @@
+"""StreamingWeights: same tokens as the resident engine for every placement and depth, within budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tierkv.config import Budget, Policy
+from tierkv.engine import Engine
+from tierkv.io.store import StoreError, WeightStore, convert
+from tierkv.io.tiers import TierFullError
+from tierkv.pipeline.weights import StreamingWeights
+from tierkv.plan import LinkSpeeds, make_plan
+
+PROMPT = [3, 17, 42, 5, 99, 23, 8]
+N_LAYERS = 5
+BIG = 64 << 20
+
+
+@pytest.fixture(scope="module")
+def model_and_store(tmp_path_factory):
+    from conftest import build_hf_model, save_hf_model
+
+    root = tmp_path_factory.mktemp("pipeline")
+    ckpt = save_hf_model(build_hf_model("llama", num_hidden_layers=N_LAYERS), root / "model")
+    store = WeightStore.open(convert(ckpt, root / "store"))
+    reference = Engine(ckpt, Policy(device="cpu")).generate(PROMPT, max_new_tokens=10).token_ids
+    return ckpt, store, reference
+
+
+PLACEMENTS = {
+    "all-device": ((0, 1, 2, 3, 4), ()),
+    "all-disk": ((), ()),
+    "mixed": ((1, 3), (0,)),
+    "host-and-disk": ((), (2, 4)),
+    "all-host": ((), (0, 1, 2, 3, 4)),
+}
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_streamed_tokens_equal_resident(model_and_store, placement, depth):
+    ckpt, store, reference = model_and_store
+    device_layers, host_layers = PLACEMENTS[placement]
+    weights = StreamingWeights(store, "cpu", device_layers, host_layers, depth, BIG, BIG)
+    with Engine(ckpt, Policy(device="cpu"), weights=weights) as engine:
+        out = engine.generate(PROMPT, max_new_tokens=10)
+        assert out.token_ids == reference
+        stats = out.stats.weights
+    n_disk = N_LAYERS - len(device_layers) - len(host_layers)
+    forwards = 10                                     # prefill + 9 decode steps
+    layer = store.layer(0).padded_nbytes
+    loaded_once = sum(e.padded_nbytes for e in store.global_extents()) + len(device_layers) * layer
+    streamed = stats["disk_to_device_bytes"] - loaded_once
+    assert forwards * n_disk * layer <= streamed <= (forwards * n_disk + depth + 1) * layer
+    assert stats["layers_disk"] == n_disk and stats["wait_s"] >= 0.0
+
+
+def test_memory_stays_within_budgets(model_and_store):
+    ckpt, store, reference = model_and_store
+    layer, depth = store.layer(0).padded_nbytes, 2
+    globals_bytes = sum(e.padded_nbytes for e in store.global_extents())
+    device_budget = globals_bytes + 1 * layer + (depth + 1) * layer
+    weights = StreamingWeights(store, "cpu", (2,), (0,), depth, device_budget, layer)
+    assert weights.tiers["device"].used_bytes == device_budget
+    assert weights.tiers["host"].used_bytes == layer
+    with Engine(ckpt, Policy(device="cpu"), weights=weights) as engine:
+        assert engine.generate(PROMPT, max_new_tokens=10).token_ids == reference
+        assert weights.tiers["device"].used_bytes == device_budget
+    with pytest.raises(TierFullError, match="device tier"):
+        StreamingWeights(store, "cpu", (2,), (), depth, device_budget - layer, 0)
+
+
+def test_corruption_is_caught_while_streaming(model_and_store, tmp_path):
+    ckpt, _, _ = model_and_store
+    store = WeightStore.open(convert(ckpt, tmp_path / "store"))
+    e = store.layer(3)
+    with open(store.data_path, "r+b") as f:
+        f.seek(e.offset + 100)
+        f.write(b"\xff\xfe")
+    weights = StreamingWeights(store, "cpu", (), (), 1, BIG, 0)
+    with Engine(ckpt, Policy(device="cpu"), weights=weights) as engine:
+        with pytest.raises(StoreError, match=r"layer 3.*weights\.bin.*tierkv convert"):
+            engine.generate(PROMPT, max_new_tokens=2)
+
+
+def test_plan_drives_streaming_end_to_end(model_and_store, tmp_path):
+    ckpt, store, reference = model_and_store
+    layer = store.layer(0).padded_nbytes
+    globals_bytes = sum(e.padded_nbytes for e in store.global_extents())
+    links = LinkSpeeds(disk_read_gbps=1.5, h2d_gbps=float("inf"), layer_compute_s=1e-4)
+    probe = make_plan(store.config, Budget(device_mem_bytes=1 << 40, host_mem_bytes=0, offload_dir=tmp_path),
+                      Policy(device="cpu"), links, context_tokens=64)
+    budget = Budget(device_mem_bytes=probe.reserve_bytes + globals_bytes + 3 * layer, host_mem_bytes=layer,
+                    offload_dir=tmp_path)
+    plan = make_plan(store.config, budget, Policy(device="cpu"), links, context_tokens=64)
+    assert plan.disk_layers and len(plan.device_layers) + len(plan.host_layers) + len(plan.disk_layers) == N_LAYERS
+    weights = StreamingWeights.from_plan(store, plan)
+    with Engine(ckpt, Policy(device="cpu"), weights=weights) as engine:
+        assert engine.generate(PROMPT, max_new_tokens=10).token_ids == reference
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_streamed_tokens_equal_resident_cuda(model_and_store, depth):
+    ckpt, store, _ = model_and_store
+    reference = Engine(ckpt, Policy(device="cuda")).generate(PROMPT, max_new_tokens=10).token_ids
+    for device_layers, host_layers in PLACEMENTS.values():
+        weights = StreamingWeights(store, "cuda", device_layers, host_layers, depth, BIG, BIG)
+        assert weights.tiers["host"].pinned
+        with Engine(ckpt, Policy(device="cuda"), weights=weights) as engine:
+            out = engine.generate(PROMPT, max_new_tokens=10)
+            assert out.token_ids == reference, (device_layers, host_layers, depth)
+            assert out.stats.weights.get("host_to_device_gbps", 1.0) > 0
+
+
+def test_open_weight_source_converts_only_when_needed(model_and_store, tmp_path):
+    from tierkv.plan import open_weight_source
+
+    ckpt, store, reference = model_and_store
+    links = LinkSpeeds(disk_read_gbps=1.5, h2d_gbps=float("inf"), layer_compute_s=1e-4)
+    roomy = Budget(device_mem_bytes=1 << 30, host_mem_bytes=0, offload_dir=tmp_path / "offload")
+    source, plan = open_weight_source(ckpt, store.config, roomy, Policy(device="cpu"), links=links, context_tokens=64)
+    assert source is None and len(plan.device_layers) == N_LAYERS and not (tmp_path / "offload").exists()
+    layer = store.layer(0).padded_nbytes
+    globals_bytes = sum(e.padded_nbytes for e in store.global_extents())
+    tight = Budget(device_mem_bytes=plan.reserve_bytes + globals_bytes + 2 * layer, host_mem_bytes=0,
+                   offload_dir=tmp_path / "offload")
+    source, plan = open_weight_source(ckpt, store.config, tight, Policy(device="cpu"), links=links, context_tokens=64)
+    assert source is not None and plan.disk_layers and (tmp_path / "offload" / "stores").is_dir()
+    with Engine(ckpt, Policy(device="cpu"), weights=source) as engine:
+        assert engine.generate(PROMPT, max_new_tokens=10).token_ids == reference

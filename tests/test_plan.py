@@ -1,0 +1,124 @@
+"""Planner: placement within budgets, refusal below the minimum, depth choice, predicted bound."""
+
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+
+import pytest
+import torch
+
+from tierkv import plan as plan_mod
+from tierkv.config import Budget, ModelConfig, Policy, parse_size
+from tierkv.plan import LinkSpeeds, PlanError, make_plan, probe_links, simulate_step_s, spread_layers
+
+# a 1B-class shape: 16 layers of ~86 MiB in bf16, embedding and head ~125 MiB each
+RAW = dict(architectures=["LlamaForCausalLM"], hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+           num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
+           dtype="bfloat16")
+CONFIG = ModelConfig.from_dict(RAW)
+CPU_LINKS = LinkSpeeds(disk_read_gbps=1.7, h2d_gbps=math.inf, layer_compute_s=0.006)
+GPU_LINKS = LinkSpeeds(disk_read_gbps=6.0, h2d_gbps=25.0, layer_compute_s=0.0002)
+
+
+def _plan(device_mem: str, host_mem: str = "0", device: str = "cpu", links: LinkSpeeds = CPU_LINKS, tmp=None):
+    budget = Budget.parse(device_mem=device_mem, host_mem=host_mem, offload_dir=tmp or "/tmp/tierkv-plan-test")
+    return make_plan(CONFIG, budget, Policy(device=device), links, context_tokens=1024)
+
+
+def _check_invariants(p) -> None:
+    assert sorted(p.device_layers + p.host_layers + p.disk_layers) == list(range(p.num_layers))
+    device_weights = p.globals_bytes + len(p.device_layers) * p.layer_bytes + p.ring_bytes
+    assert device_weights <= p.device_weight_budget_bytes == p.device_mem_bytes - p.reserve_bytes
+    assert len(p.host_layers) * p.layer_bytes + p.staging_bytes <= p.host_weight_budget_bytes
+    assert p.ring_bytes == ((p.prefetch_depth + 1) * p.layer_bytes if p.ring_bytes else 0)
+    assert p.predicted_tok_s > 0 and p.bound in ("disk", "h2d", "compute")
+
+
+def test_everything_fits_means_resident_and_compute_bound():
+    p = _plan("8GiB")
+    _check_invariants(p)
+    assert p.device_layers == tuple(range(16)) and p.prefetch_depth == 0 and p.ring_bytes == 0
+    assert p.bound == "compute"
+    assert p.predicted_tok_s == pytest.approx(1 / (16 * CPU_LINKS.layer_compute_s), rel=1e-6)
+    assert "16 of 16 layers" in p.summary()
+
+
+def test_budget_below_one_layer_is_refused_naming_the_minimum():
+    probe = _plan("8GiB")
+    minimum = probe.reserve_bytes + probe.globals_bytes + probe.layer_bytes
+    with pytest.raises(PlanError, match=r"below the minimum working set .* raise --device-mem to at least") as err:
+        _plan(str(minimum - 1))
+    assert f"{minimum / 2**20:.2f} MiB" in str(err.value)
+    p = _plan(str(minimum))
+    _check_invariants(p)
+    assert p.device_layers == () and p.prefetch_depth == 0 and len(p.disk_layers) == 16
+
+
+@pytest.mark.parametrize("device_mem", ["900MiB", "1.2GiB", "1.5GiB", "1.8GiB"])
+def test_partial_placements_stay_within_budget(device_mem):
+    p = _plan(device_mem)
+    _check_invariants(p)
+    assert p.disk_layers and p.bound == "disk"
+    fewer = _plan(f"{parse_size(device_mem) - (200 << 20)}")
+    assert len(fewer.disk_layers) >= len(p.disk_layers) and fewer.predicted_tok_s <= p.predicted_tok_s
+
+
+def test_disk_layers_are_spread_out():
+    kinds = spread_layers(16, 12, 0)
+    disk = [j for j, k in enumerate(kinds) if k == "disk"]
+    assert len(disk) == 4 and all(b - a >= 3 for a, b in zip(disk, disk[1:]))
+    kinds = spread_layers(10, 4, 3)
+    assert kinds.count("device") == 4 and kinds.count("host") == 3 and kinds.count("disk") == 3
+
+
+def test_simulation_overlaps_reads_with_compute():
+    kinds = ("disk",) * 8
+    layer = 100 << 20
+    read_s = layer / 1.7e9
+    serial = simulate_step_s(kinds, 0, layer, CPU_LINKS, cuda=False)
+    overlapped = simulate_step_s(kinds, 2, layer, CPU_LINKS, cuda=False)
+    assert serial == pytest.approx(8 * (read_s + CPU_LINKS.layer_compute_s), rel=1e-6)
+    assert overlapped == pytest.approx(8 * read_s, rel=1e-3)      # disk-bound: compute hides under reads
+    spread = spread_layers(8, 4, 0)
+    assert simulate_step_s(spread, 1, layer, CPU_LINKS, False) < simulate_step_s(
+        ("device",) * 4 + ("disk",) * 4, 1, layer, CPU_LINKS, False) + 1e-9
+
+
+def test_cpu_host_budget_holds_layers_in_place():
+    p = _plan("1GiB", host_mem="600MiB")
+    _check_invariants(p)
+    assert len(p.host_layers) == (600 << 20) // p.layer_bytes and p.staging_bytes == 0
+
+
+def test_cuda_placement_uses_host_tier_and_staging(monkeypatch):
+    p = _plan("1.2GiB", host_mem="450MiB", device="cuda", links=GPU_LINKS)
+    _check_invariants(p)
+    assert p.host_layers and p.disk_layers and p.staging_bytes == (p.prefetch_depth + 1) * p.layer_bytes
+    assert p.bound == "disk"
+    all_host = _plan("1.2GiB", host_mem="8GiB", device="cuda", links=GPU_LINKS)
+    assert not all_host.disk_layers and all_host.staging_bytes == 0 and all_host.bound in ("h2d", "compute")
+    assert all_host.predicted_tok_s > p.predicted_tok_s
+    with pytest.raises(PlanError, match="--host-mem"):
+        _plan("1.2GiB", host_mem="10MiB", device="cuda", links=GPU_LINKS)
+
+
+def test_budgets_are_detected_when_not_given(monkeypatch, tmp_path):
+    mem = namedtuple("mem", "available")
+    monkeypatch.setattr(plan_mod.psutil, "virtual_memory", lambda: mem(8 << 30))
+    monkeypatch.setenv("TIERKV_OFFLOAD_DIR", str(tmp_path))
+    p = make_plan(CONFIG, Budget(), Policy(device="cpu"), CPU_LINKS, context_tokens=1024)
+    assert p.device_mem_bytes == int((8 << 30) * 0.8) - (1 << 30) and p.host_mem_bytes == 0
+    assert p.offload_dir == str(tmp_path) and p.device_layers == tuple(range(16))
+
+
+def test_probe_measures_every_link(tmp_path):
+    small = ModelConfig.from_dict({**RAW, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000})
+    links = probe_links(small, torch.float32, torch.device("cpu"), None, tmp_path)
+    assert 0 < links.disk_read_gbps < math.inf and links.h2d_gbps == math.inf and 0 < links.layer_compute_s < 1
+    assert not any(p.name.startswith(".tierkv-probe") for p in tmp_path.iterdir())
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="cannot write to the offload directory"):
+        probe_links(small, torch.float32, torch.device("cpu"), None, blocker / "sub")

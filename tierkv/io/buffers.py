@@ -1,0 +1,176 @@
+"""Page-aligned host buffers handed out as slots of a fixed-size pool.
+
+Why this module exists: disk reads with O_DIRECT need 4 KiB-aligned destination memory, and
+host-to-device copies only overlap with compute when their source is pinned. ``torch.empty`` gives
+neither guarantee (and ``pin_memory`` raises on a CPU-only torch build), so every staging buffer
+comes from here: one allocation per pool, made once, cut into equal slots. Slots track who holds
+them, so a double release or a read through a released slot fails an assert at once instead of
+silently corrupting a layer that is being computed on.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+
+import torch
+
+ALIGN_BYTES = 4096
+
+
+def round_up(n_bytes: int, align_bytes: int = ALIGN_BYTES) -> int:
+    """Smallest multiple of ``align_bytes`` that is >= ``n_bytes``."""
+    return -(-n_bytes // align_bytes) * align_bytes
+
+
+def pinning_available() -> bool:
+    """True when page-locked host memory can be allocated (a CUDA build with a visible device)."""
+    return torch.cuda.is_available()
+
+
+def aligned_host_tensor(n_bytes: int) -> torch.Tensor:
+    """A (round_up(n_bytes),) uint8 CPU tensor on fresh page-aligned memory (an anonymous mmap).
+
+    ``torch.frombuffer`` holds a reference to the mmap, so the tensor (or any view of it) alone
+    keeps the memory alive. Not pinned: use ``HostBuffer(n, pinned=True)`` for that.
+    """
+    n_bytes = round_up(max(n_bytes, 1))
+    tensor = torch.frombuffer(mmap.mmap(-1, n_bytes), dtype=torch.uint8)
+    assert tensor.data_ptr() % ALIGN_BYTES == 0 and tensor.numel() == n_bytes
+    return tensor
+
+
+class HostBuffer:
+    """Page-aligned host memory, page-locked with ``cudaHostRegister`` when ``pinned``.
+
+    Pinning registers exactly the bytes asked for (torch's pinned allocator rounds every request up
+    to a power of two, which would break the host budget). The registration lives as long as this
+    object: keep it for as long as transfers use ``tensor``. Dropping it first only unpins (the
+    memory itself stays valid while any view of ``tensor`` exists), never the other way round.
+    """
+
+    def __init__(self, n_bytes: int, pinned: bool = False) -> None:
+        self.tensor = aligned_host_tensor(n_bytes)                 # (round_up(n_bytes),) uint8
+        self.pinned = False
+        if pinned:
+            assert pinning_available(), "pinned memory needs CUDA; pass pinned=False on a CPU-only machine"
+            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.tensor.numel(), 0)
+            if int(getattr(err, "value", err)) != 0:
+                raise MemoryError(f"cannot pin {self.tensor.numel()} bytes of host memory (cudaHostRegister: {err}); "
+                                  "lower --host-mem or raise the locked-memory limit (ulimit -l)")
+            self.pinned = True
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel()
+
+    def close(self) -> None:
+        """Unpin (idempotent). The memory stays valid while views of ``tensor`` exist."""
+        if self.pinned:
+            self.pinned = False
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Slot:
+    """One fixed-size buffer of a SlotPool; valid only between ``acquire`` and ``release``."""
+
+    def __init__(self, pool: "SlotPool", index: int, tensor: torch.Tensor) -> None:
+        self._pool = pool
+        self.index = index
+        self._tensor = tensor          # (slot_bytes,) uint8, 4 KiB-aligned
+        self._held = False
+        self.label: str | None = None  # what the holder put here (e.g. "layer.3"), for debugging
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    @property
+    def nbytes(self) -> int:
+        return self._tensor.numel()
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The whole slot as a (slot_bytes,) uint8 tensor; asserts the slot is currently held."""
+        assert self._held, f"slot {self.index} used after release (last label {self.label!r})"
+        return self._tensor
+
+    def view(self, n_bytes: int) -> torch.Tensor:
+        """The first ``n_bytes`` of the slot (n_bytes <= slot size)."""
+        assert 0 <= n_bytes <= self.nbytes, f"{n_bytes} bytes do not fit a {self.nbytes}-byte slot"
+        return self.tensor[:n_bytes]
+
+    def __repr__(self) -> str:
+        state = "held" if self._held else "free"
+        return f"Slot({self.index}, {self.nbytes} B, {state}, label={self.label!r})"
+
+
+class SlotPool:
+    """``n_slots`` buffers of ``slot_bytes`` each (rounded up to 4 KiB), allocated once.
+
+    Host slots (``device="cpu"``) are page-aligned, so O_DIRECT reads can land in them;
+    ``pinned=True`` needs CUDA (use ``pinning_available()`` to decide). ``device="cuda"`` makes a
+    ring of device slots. ``acquire`` returns a free slot (lowest index first) and asserts one is
+    free: the caller sizes the pool for its ring, so a missing slot is a scheduling bug, not a
+    condition to wait on. Thread-safe.
+    """
+
+    def __init__(self, n_slots: int, slot_bytes: int, pinned: bool = False,
+                 device: torch.device | str = "cpu") -> None:
+        assert n_slots >= 1 and slot_bytes >= 1, (n_slots, slot_bytes)
+        self.device = torch.device(device)
+        assert not (pinned and self.device.type != "cpu"), "only host memory can be pinned"
+        self.slot_bytes = round_up(slot_bytes)
+        self.pinned = pinned
+        total = n_slots * self.slot_bytes
+        self._host: HostBuffer | None = None
+        if self.device.type == "cpu":
+            self._host = HostBuffer(total, pinned)
+            self._buffer = self._host.tensor                                     # (n_slots * slot_bytes,)
+        else:
+            self._buffer = torch.empty(total, dtype=torch.uint8, device=self.device)
+        self._slots = [Slot(self, i, self._buffer[i * self.slot_bytes:(i + 1) * self.slot_bytes])
+                       for i in range(n_slots)]
+        self._free = list(range(n_slots))
+        self._lock = threading.Lock()
+
+    @property
+    def n_slots(self) -> int:
+        return len(self._slots)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.n_slots * self.slot_bytes
+
+    @property
+    def n_free(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+    def acquire(self, label: str | None = None) -> Slot:
+        with self._lock:
+            assert self._free, (f"all {self.n_slots} slots are held "
+                                f"({[s.label for s in self._slots]}); release one first")
+            self._free.sort()
+            slot = self._slots[self._free.pop(0)]
+            assert not slot._held
+            slot._held = True
+            slot.label = label
+            return slot
+
+    def release(self, slot: Slot) -> None:
+        with self._lock:
+            assert slot._pool is self, f"slot {slot.index} belongs to another pool"
+            assert slot._held, f"slot {slot.index} released twice (label {slot.label!r})"
+            slot._held = False
+            self._free.append(slot.index)
+
+    def __repr__(self) -> str:
+        kind = "pinned" if self.pinned else self.device.type
+        return f"SlotPool({self.n_slots} x {self.slot_bytes} B, {kind}, {self.n_free} free)"
+
+
+__all__ = ["ALIGN_BYTES", "HostBuffer", "Slot", "SlotPool", "aligned_host_tensor", "pinning_available", "round_up"]

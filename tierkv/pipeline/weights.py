@@ -1,0 +1,262 @@
+"""StreamingWeights: the layer loop's WeightSource for weights split across device, host and disk.
+
+Why this module exists: when a model does not fit the device budget, each token's forward pass
+must pull the missing layers through the links while earlier layers compute. This class turns a
+placement (which layers are resident, which live in host memory, which stream from the store)
+into the ``prefetch / wait / release`` protocol of ``pipeline.schedule``:
+
+* device layers and the globals are read once into the device tier and returned as views;
+* host layers live in the host tier (pinned on CUDA) and are copied into a device ring slot on the
+  copy stream; on a CPU-only machine they are used in place (host and "device" are the same RAM);
+* disk layers are read by the store's reader threads into a ring of ``prefetch_depth + 1`` slots
+  (on CUDA: pinned staging slots, then a copy into a device slot ordered by CUDA events).
+
+Every buffer is carved from a tier at construction, so memory stays within the budgets for the
+whole run; every move is a record folded into the Mover's link stats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from tierkv.io.buffers import Slot, SlotPool
+from tierkv.io.reader import ReadRecord
+from tierkv.io.store import WeightStore, layer_extent_name, tensors_from_buffer
+from tierkv.io.tiers import DEVICE, DISK, HOST, CopyRecord, DiskTier, MemoryTier, Mover
+
+if TYPE_CHECKING:
+    from tierkv.plan import Plan
+
+
+@dataclass
+class _Flight:
+    """A streamed layer between prefetch and release."""
+
+    layer: int
+    slot: Slot                          # device ring slot (CPU: the read lands here directly)
+    stage: Slot | None = None           # CUDA disk layers: pinned staging slot
+    read: ReadRecord | None = None
+    copy: CopyRecord | None = None
+
+
+class StreamingWeights:
+    """WeightSource over a WeightStore with layers placed on device, host or disk.
+
+    ``device_layers``/``host_layers`` list layer indices; every other layer streams from disk.
+    ``device_budget_bytes`` bounds globals + resident layers + the device ring;
+    ``host_budget_bytes`` bounds host layers + the staging ring (CUDA). ``verify``: "first"
+    checks each extent's CRCs the first time it is read in this process, "always" on every read.
+    """
+
+    def __init__(self, store: WeightStore, device: torch.device | str, device_layers: Sequence[int],
+                 host_layers: Sequence[int], prefetch_depth: int, device_budget_bytes: int,
+                 host_budget_bytes: int, reader_threads: int = 4, verify: str = "first",
+                 direct: bool | None = None) -> None:
+        assert prefetch_depth >= 0 and not set(device_layers) & set(host_layers)
+        self.store, self.device = store, torch.device(device)
+        self.num_layers, self.prefetch_depth = store.config.num_layers, prefetch_depth
+        self.cuda = self.device.type == "cuda"
+        self._kind = ["disk"] * self.num_layers
+        for j in host_layers:
+            self._kind[j] = "host"
+        for j in device_layers:
+            self._kind[j] = "device"
+        self.tiers = {DEVICE: MemoryTier(DEVICE, self.device, device_budget_bytes),
+                      HOST: MemoryTier(HOST, "cpu", host_budget_bytes, pinned=self.cuda),
+                      DISK: DiskTier(store, threads=reader_threads, direct=direct, verify=verify)}
+        self.mover = Mover(self.tiers)
+        self._flights: dict[int, _Flight] = {}
+        self._copies: list[tuple[CopyRecord, Slot | None]] = []     # CUDA copies not yet reaped
+        self._slot_free_event: dict[int, torch.cuda.Event] = {}   # device slot -> its last reader is done
+        self._resident: dict[int, dict[str, torch.Tensor]] = {}
+        self._globals: dict[str, torch.Tensor] = {}
+        try:
+            self.ring, self.staging = self._make_rings()    # reserve the rings first: fail fast
+            self._load_resident()
+        except BaseException:
+            self.mover.close()
+            raise
+
+    @classmethod
+    def from_plan(cls, store: WeightStore, plan: "Plan", **options: object) -> "StreamingWeights":
+        """The source a Plan describes (options: reader_threads, verify, direct)."""
+        return cls(store, plan.device, plan.device_layers, plan.host_layers, plan.prefetch_depth,
+                   plan.device_weight_budget_bytes, plan.host_weight_budget_bytes, **options)  # type: ignore[arg-type]
+
+    # -- construction ------------------------------------------------------------------------
+    def _load_resident(self) -> None:
+        """Globals and device layers into the device tier; host layers into the host tier."""
+        names = [e.name for e in self.store.global_extents()]
+        names += [layer_extent_name(j) for j, k in enumerate(self._kind) if k == "device"]
+        for name in names:
+            tensors = self._load_into(DEVICE, name)
+            if name.startswith("layer."):
+                self._resident[int(name.split(".")[1])] = tensors
+            else:
+                self._globals.update(tensors)
+        for j, kind in enumerate(self._kind):
+            if kind == "host":
+                tensors = self._load_into(HOST, layer_extent_name(j))
+                if not self.cuda:                       # CPU: host RAM is as close as it gets
+                    self._resident[j] = tensors
+
+    def _load_into(self, tier: str, name: str) -> dict[str, torch.Tensor]:
+        """One extent into a new block of ``tier`` (CUDA device: through a temporary host buffer)."""
+        extent = self.store.extents[name]
+        if tier == HOST or not self.cuda:
+            records = self.mover.move([name], DISK, tier)
+        else:
+            staged = self.store.read_bytes([name])[name]           # plain host memory, dropped after the copy
+            records = self.mover.move([name], HOST, DEVICE, sources=[staged])
+        self.mover.wait(records)
+        return tensors_from_buffer(extent, self.tiers[tier].get([name])[0])
+
+    def _make_rings(self) -> tuple[SlotPool | None, SlotPool | None]:
+        streamed = [j for j, k in enumerate(self._kind) if k == "disk" or (k == "host" and self.cuda)]
+        if not streamed:
+            return None, None
+        slot_bytes = max(self.store.layer(j).padded_nbytes for j in streamed)
+        n = self.prefetch_depth + 1
+        ring = self.tiers[DEVICE].pool(n, slot_bytes)
+        staging = None
+        if self.cuda and "disk" in self._kind:
+            staging = self.tiers[HOST].pool(n, slot_bytes)
+        return ring, staging
+
+    # -- WeightSource ----------------------------------------------------------------------------
+    def globals(self) -> dict[str, torch.Tensor]:
+        return self._globals
+
+    def prefetch(self, j: int) -> None:
+        if j in self._resident or j in self._flights:
+            return
+        assert self.ring is not None
+        self._pump()
+        name = layer_extent_name(j)
+        flight = _Flight(j, self.ring.acquire(name))
+        if self._kind[j] == "host":               # CUDA only: CPU host layers are resident
+            flight.copy = self._copy_to_device(flight, self.tiers[HOST].get([name])[0], stage=None)
+        elif self.cuda:
+            flight.stage = self._acquire_stage(name)
+            flight.read = self._read(name, flight.stage.tensor, HOST)
+        else:
+            flight.read = self._read(name, flight.slot.tensor, DEVICE)
+        self._flights[j] = flight
+
+    def wait(self, j: int) -> dict[str, torch.Tensor]:
+        if j in self._resident:
+            return self._resident[j]
+        if j not in self._flights:                # prefetch_depth 0: nothing was started early
+            self.prefetch(j)
+        flight = self._flights[j]
+        if self.cuda:
+            if flight.copy is None:
+                self._start_copy(flight)          # blocks until the disk read landed
+            assert flight.copy is not None
+            flight.copy.ready_on(torch.cuda.current_stream(self.device))
+        elif flight.read is not None:
+            self.mover.wait([flight.read])
+        return tensors_from_buffer(self.store.layer(j), flight.slot.tensor)
+
+    def release(self, j: int) -> None:
+        flight = self._flights.pop(j, None)
+        if flight is None:
+            assert j in self._resident, f"release({j}) without wait({j})"
+            return
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            self._slot_free_event[flight.slot.index] = done
+        assert self.ring is not None
+        self.ring.release(flight.slot)
+
+    # -- moves -------------------------------------------------------------------------------
+    def _read(self, name: str, dest: torch.Tensor, dst_tier: str) -> ReadRecord:
+        (record,) = self.mover.move([name], DISK, dst_tier, into=[dest])
+        assert isinstance(record, ReadRecord)
+        return record
+
+    def _copy_to_device(self, flight: _Flight, source: torch.Tensor, stage: Slot | None) -> CopyRecord:
+        """Copy ``source`` into the flight's device slot once the slot's last reader is done."""
+        nbytes = self.store.layer(flight.layer).padded_nbytes
+        free = self._slot_free_event.get(flight.slot.index)
+        (record,) = self.mover.move([layer_extent_name(flight.layer)], HOST, DEVICE, into=[flight.slot.tensor],
+                                    sources=[source[:nbytes]], after=[free] if free is not None else [])
+        assert isinstance(record, CopyRecord)
+        self._copies.append((record, stage))
+        return record
+
+    def _start_copy(self, flight: _Flight) -> None:
+        """CUDA disk layer: wait for its read, then copy the staging slot to the device slot."""
+        assert flight.read is not None and flight.stage is not None and flight.copy is None
+        self.mover.wait([flight.read])
+        flight.copy = self._copy_to_device(flight, flight.stage.tensor, stage=flight.stage)
+        flight.stage = None                       # the copy entry hands it back when done
+
+    def _reap(self, block_oldest: bool) -> None:
+        """Fold finished copies into stats and free their staging slots (optionally wait for the oldest)."""
+        keep = []
+        for i, (record, stage) in enumerate(self._copies):
+            if record.done() or (block_oldest and i == 0):
+                self.mover.wait([record])
+                if stage is not None:
+                    assert self.staging is not None
+                    self.staging.release(stage)
+            else:
+                keep.append((record, stage))
+        self._copies = keep
+
+    def _pump(self) -> None:
+        """CUDA: start copies whose reads landed; reap finished copies."""
+        if not self.cuda:
+            return
+        for flight in self._flights.values():
+            if flight.read is not None and flight.copy is None and flight.read.done():
+                self._start_copy(flight)
+        self._reap(block_oldest=False)
+
+    def _acquire_stage(self, name: str) -> Slot:
+        """A pinned staging slot, waiting for the oldest pending copy (or read) if none is free."""
+        assert self.staging is not None
+        while self.staging.n_free == 0:
+            if self._copies:
+                self._reap(block_oldest=True)
+            else:
+                pending = [f for f in self._flights.values() if f.stage is not None]
+                assert pending, "staging ring exhausted with nothing in flight"
+                self._start_copy(min(pending, key=lambda f: f.read.t_submit_s if f.read else 0.0))
+        return self.staging.acquire(name)
+
+    # -- reporting and teardown ----------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        """Weight bytes per tier, then bytes / GB/s / busy and wait seconds per link."""
+        out = {f"{name}_weight_bytes": float(tier.used_bytes) for name, tier in self.tiers.items()}
+        out["layers_device"] = float(self._kind.count("device"))
+        out["layers_host"] = float(self._kind.count("host"))
+        out["layers_disk"] = float(self._kind.count("disk"))
+        wait_s = 0.0
+        for link, s in self.mover.stats.summary().items():
+            key = link.replace("->", "_to_")
+            out.update({f"{key}_bytes": float(s["bytes"]), f"{key}_gbps": s["gbps"], f"{key}_busy_s": s["busy_s"],
+                        f"{key}_wait_s": s["wait_s"]})
+            wait_s += s["wait_s"]
+        out["wait_s"] = wait_s
+        return out
+
+    def close(self) -> None:
+        """Let in-flight moves finish, then drop every buffer and close the reader."""
+        records = [r for f in self._flights.values() for r in (f.read, f.copy) if r is not None]
+        records += [r for r, _ in self._copies]
+        for record in records:
+            try:
+                record.wait()
+            except Exception:   # a failed prefetch nobody consumed: nothing is left to report it to
+                pass
+        self._flights.clear()
+        self._copies.clear()
+        self.mover.close()
+        self._resident.clear()
+        self._globals.clear()

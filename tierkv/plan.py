@@ -1,0 +1,414 @@
+"""Placement planner: budgets and measured link speeds -> which layers live where, and how fast.
+
+Why this module exists: FlexGen asks users for six hand-tuned percentages and Accelerate places
+greedily without looking at link speeds. Here the user gives (or we detect) three budgets, a
+short probe measures the three links that matter (disk read, host-to-device copy, one layer's
+compute), and ``make_plan`` picks the split of layers over device / host / disk and the prefetch
+depth that a small simulation of the layer loop predicts to be fastest. The Plan says which link
+bounds the speed, so ``tierkv plan`` can tell users what to buy or which budget to raise.
+
+Placement rules: globals (embedding, norm, head) and a KV/activation reserve always take device
+memory first. Streamed layers are spread evenly over the depth of the model, so reads for them
+overlap with the compute of resident layers instead of bunching up at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+import torch
+
+from tierkv.config import Budget, ModelConfig, Policy, format_size
+from tierkv.io.buffers import HostBuffer
+from tierkv.io.checkpoint import resolve_dtype
+from tierkv.io.reader import evict_from_page_cache, measure_disk_read_gbps
+from tierkv.io.store import check_offload_dir, plan_layout
+
+if TYPE_CHECKING:
+    from tierkv.io.store import ProgressFn
+    from tierkv.pipeline.weights import StreamingWeights
+
+DEVICE_HEADROOM_FRACTION = 0.10        # of free GPU memory (allocator fragmentation, CUDA context)
+DEVICE_HEADROOM_BYTES = 512 << 20
+HOST_HEADROOM_FRACTION = 0.20          # of available RAM (the OS, the page cache, other programs)
+HOST_HEADROOM_BYTES = 1 << 30
+MAX_PREFETCH_DEPTH = 4
+DEFAULT_CONTEXT_TOKENS = 4096
+
+
+class PlanError(ValueError):
+    """The budgets cannot run this model; the message names the minimum and what to change."""
+
+
+@dataclass(frozen=True)
+class LinkSpeeds:
+    """Measured (or given) speeds of the links a token's forward pass uses."""
+
+    disk_read_gbps: float              # cold sequential reads of the store (O_DIRECT where allowed)
+    h2d_gbps: float                    # pinned host -> device copy; inf on CPU-only (nothing to copy)
+    layer_compute_s: float             # one decoder layer, batch 1, one new token
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every layer lives, how deep to prefetch, and the predicted decode speed."""
+
+    device: str                        # "cpu", "cuda", "cuda:1"
+    dtype: str                         # weight and compute dtype
+    num_layers: int
+    layer_bytes: int                   # largest layer extent (padded): one ring slot
+    globals_bytes: int                 # embedding + norm + head, always on the device
+    device_layers: tuple[int, ...]
+    host_layers: tuple[int, ...]
+    disk_layers: tuple[int, ...]
+    prefetch_depth: int                # layers in flight ahead of the one computing
+    device_mem_bytes: int              # the device budget (given or detected)
+    host_mem_bytes: int                # the host budget (given or detected)
+    offload_dir: str                   # where the store lives / is converted to
+    reserve_bytes: int                 # device memory kept for KV cache and activations
+    device_weight_budget_bytes: int    # device_mem_bytes - reserve_bytes: the weights' device tier
+    host_weight_budget_bytes: int      # the weights' host tier
+    ring_bytes: int                    # device ring of prefetch_depth + 1 slots (0 when nothing streams)
+    staging_bytes: int                 # pinned staging ring for disk layers (CUDA only)
+    links: LinkSpeeds
+    predicted_step_s: float            # one decode step at batch 1
+    predicted_tok_s: float
+    bound: str                         # "disk", "h2d" or "compute": the busiest link
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A few lines for ``tierkv plan`` and logs."""
+        lines = [
+            f"device {self.device} ({format_size(self.device_mem_bytes)} budget, "
+            f"{format_size(self.reserve_bytes)} kept for KV/activations): "
+            f"{len(self.device_layers)} of {self.num_layers} layers + globals ({format_size(self.globals_bytes)})",
+            f"host ({format_size(self.host_mem_bytes)} budget): {len(self.host_layers)} layers",
+            f"disk ({self.offload_dir}): {len(self.disk_layers)} layers",
+            f"prefetch depth {self.prefetch_depth}, layer {format_size(self.layer_bytes)}; links: disk "
+            f"{self.links.disk_read_gbps:.2f} GB/s, host->device {self.links.h2d_gbps:.2f} GB/s, "
+            f"compute {self.links.layer_compute_s * 1e3:.2f} ms/layer",
+            f"predicted {self.predicted_tok_s:.2f} tok/s, bound by {self.bound}",
+        ]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# budgets
+
+
+def default_offload_dir() -> Path:
+    """$TIERKV_OFFLOAD_DIR, else $XDG_CACHE_HOME/tierkv, else ~/.cache/tierkv."""
+    env = os.environ.get("TIERKV_OFFLOAD_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tierkv"
+
+
+def detect_budgets(budget: Budget, device: torch.device) -> tuple[int, int, Path]:
+    """Fill the ``None`` fields of ``budget``: (device_mem_bytes, host_mem_bytes, offload_dir).
+
+    CUDA: free GPU memory (nvidia-ml-py, else torch) and available RAM, each less headroom.
+    CPU-only: the "device" is RAM: available RAM less headroom (less host_mem if given); the host
+    tier gets nothing unless asked for, since it would be the same memory.
+    """
+    ram = psutil.virtual_memory().available
+    ram_usable = max(0, int(ram * (1 - HOST_HEADROOM_FRACTION)) - HOST_HEADROOM_BYTES)
+    if device.type == "cuda":
+        dev = budget.device_mem_bytes
+        if dev is None:
+            free = _gpu_free_bytes(device)
+            dev = max(0, int(free * (1 - DEVICE_HEADROOM_FRACTION)) - DEVICE_HEADROOM_BYTES)
+        host = budget.host_mem_bytes if budget.host_mem_bytes is not None else ram_usable
+    else:
+        host = budget.host_mem_bytes if budget.host_mem_bytes is not None else 0
+        dev = budget.device_mem_bytes if budget.device_mem_bytes is not None else max(0, ram_usable - host)
+    return dev, host, budget.offload_dir or default_offload_dir()
+
+
+def _gpu_free_bytes(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).free)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:           # no NVML (containers, MIG): ask the CUDA runtime instead
+        return int(torch.cuda.mem_get_info(index)[0])
+
+
+def reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int) -> int:
+    """Device memory for the dense KV cache of ``context_tokens`` and one prefill piece's activations."""
+    item = torch.empty((), dtype=dtype).element_size()
+    kv = 2 * config.num_layers * config.kv_size * context_tokens * batch * item
+    piece = min(policy.prefill_chunk_tokens, context_tokens) * batch
+    h, i = config.hidden_size, config.intermediate_size
+    activations = piece * (4 * h + 3 * i + config.q_size + 2 * config.kv_size) * 4    # fp32 worst case
+    scores = piece * config.num_heads * context_tokens * 4                            # unfused attention
+    return kv + activations + scores + piece * config.vocab_size * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# probes
+
+
+def probe_links(config: ModelConfig, dtype: torch.dtype, device: torch.device, data_path: Path | None,
+                offload_dir: Path | None, need_disk: bool = True, need_h2d: bool = True) -> LinkSpeeds:
+    """Measure the links (about a second): disk on the store file (or a scratch file in
+    ``offload_dir``), host->device with a pinned buffer, and one decoder layer's decode compute."""
+    disk = math.inf
+    if need_disk:
+        disk = _probe_disk(data_path, offload_dir)
+    h2d = _probe_h2d(device) if need_h2d and device.type == "cuda" else math.inf
+    return LinkSpeeds(disk_read_gbps=disk, h2d_gbps=h2d, layer_compute_s=_probe_layer_compute_s(config, dtype, device))
+
+
+def _probe_disk(data_path: Path | None, offload_dir: Path | None, nbytes: int = 256 << 20) -> float:
+    if data_path is not None and data_path.stat().st_size >= (16 << 20):
+        return measure_disk_read_gbps(data_path, nbytes)
+    assert offload_dir is not None, "probing the disk needs the store file or an offload directory"
+    check_offload_dir(offload_dir, need_bytes=64 << 20)         # a clear error before any work
+    scratch = offload_dir / f".tierkv-probe-{os.getpid()}"
+    try:
+        block = os.urandom(1 << 20)
+        with open(scratch, "wb") as f:
+            for _ in range(64):
+                f.write(block)
+        evict_from_page_cache(scratch)
+        return measure_disk_read_gbps(scratch, 64 << 20)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def _probe_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
+    host = HostBuffer(nbytes, pinned=True)
+    src = host.tensor
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return 3 * nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def _probe_layer_compute_s(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> float:
+    """Median time of one decoder layer at batch 1, one token, on zero weights of the real shapes."""
+    from tierkv.model import decoder_layer, dense_attention, step_inputs
+
+    class _OneTokenKV:
+        def attend(self, layer, q, k, v, positions, window_tokens):   # q (1, Hq, 1, D), k/v (1, Hkv, 1, D)
+            return dense_attention(q, k, v, positions, positions, window_tokens)
+
+    weights = {k: torch.zeros(shape, dtype=dtype, device=device) for k, shape in config.layer_tensor_shapes().items()}
+    h = torch.zeros((1, 1, config.hidden_size), dtype=dtype, device=device)            # (B, T, H)
+    positions = torch.zeros((1, 1), dtype=torch.int64, device=device)
+    step = step_inputs(config, positions, 1, dtype)
+    times = []
+    with torch.inference_mode():
+        for _ in range(5):
+            _sync(device)
+            t0 = time.perf_counter()
+            decoder_layer(config, weights, h, step, _OneTokenKV(), 0)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# placement
+
+
+def spread_layers(num_layers: int, n_device: int, n_host: int) -> tuple[str, ...]:
+    """Kind per layer ("device"/"host"/"disk"): disk layers evenly spaced, then host layers evenly
+    over what is left, the rest on the device."""
+    kinds = ["device"] * num_layers
+    n_disk = num_layers - n_device - n_host
+    assert n_disk >= 0 and n_device >= 0 and n_host >= 0
+    for k in range(n_disk):
+        kinds[int((k + 0.5) * num_layers / n_disk)] = "disk"
+    rest = [j for j in range(num_layers) if kinds[j] == "device"]
+    for k in range(n_host):
+        kinds[rest[int((k + 0.5) * len(rest) / n_host)]] = "host"
+    assert kinds.count("disk") == n_disk and kinds.count("host") == n_host
+    return tuple(kinds)
+
+
+def simulate_step_s(kinds: tuple[str, ...], depth: int, layer_bytes: int, links: LinkSpeeds, cuda: bool) -> float:
+    """Steady-state time of one decode step of the layer loop (prefetch j+1..j+depth, wait, compute,
+    release) with one disk queue, one copy queue and a ring of depth + 1 slots. Host layers on a
+    CPU-only machine are used in place, like device layers."""
+    from tierkv.pipeline.schedule import ahead
+
+    n = len(kinds)
+    t_read = layer_bytes / (links.disk_read_gbps * 1e9)
+    t_copy = 0.0 if math.isinf(links.h2d_gbps) else layer_bytes / (links.h2d_gbps * 1e9)
+    streamed = [k == "disk" or (k == "host" and cuda) for k in kinds]
+    slots: deque[float] = deque([0.0] * (depth + 1))     # time each ring slot becomes free
+    ready: dict[int, float] = {}
+    disk_free = copy_free = comp_end = comp_start = 0.0
+    step_ends = []
+    for _ in range(3):
+        for j in range(n):
+            issue_at = comp_start if cuda else comp_end    # the host runs ahead of the GPU by a layer
+            for x in [j] + ahead(j, depth, n):
+                if streamed[x] and x not in ready:
+                    slot = slots.popleft()
+                    arrived = issue_at
+                    if kinds[x] == "disk":
+                        disk_free = max(issue_at, disk_free, 0.0 if cuda else slot) + t_read
+                        arrived = disk_free
+                    if cuda:
+                        copy_free = max(arrived, copy_free, slot) + t_copy
+                        arrived = copy_free
+                    ready[x] = arrived
+            comp_start = max(comp_end, ready.pop(j, 0.0))
+            comp_end = comp_start + links.layer_compute_s
+            if streamed[j]:
+                slots.append(comp_end)
+        step_ends.append(comp_end)
+    return step_ends[-1] - step_ends[-2]
+
+
+def _bound(kinds: tuple[str, ...], layer_bytes: int, links: LinkSpeeds, cuda: bool) -> str:
+    n_disk = kinds.count("disk")
+    n_copy = n_disk + kinds.count("host") if cuda else 0
+    busy = {"compute": len(kinds) * links.layer_compute_s,
+            "disk": n_disk * layer_bytes / (links.disk_read_gbps * 1e9),
+            "h2d": 0.0 if math.isinf(links.h2d_gbps) else n_copy * layer_bytes / (links.h2d_gbps * 1e9)}
+    return max(busy, key=lambda k: busy[k])
+
+
+def _split(n_layers: int, layer_bytes: int, device_avail: int, host_avail: int, depth: int,
+           cuda: bool) -> tuple[int, int, int, int] | None:
+    """(n_device, n_host, ring_bytes, staging_bytes) for one prefetch depth, or None if it cannot fit."""
+    if device_avail >= n_layers * layer_bytes:
+        return n_layers, 0, 0, 0
+    ring = (depth + 1) * layer_bytes
+    if device_avail < ring:
+        return None
+    n_dev = min(n_layers - 1, (device_avail - ring) // layer_bytes)
+    rest = n_layers - n_dev
+    if cuda:
+        # host layers need no staging; disk layers need a pinned staging ring of depth + 1 slots
+        n_host = min(rest, host_avail // layer_bytes)
+        if n_host < rest:
+            staging = ring
+            n_host = max(0, min(rest, (host_avail - staging) // layer_bytes))
+            if host_avail < staging:
+                return None
+            return n_dev, n_host, ring, staging
+        return n_dev, n_host, ring, 0
+    return n_dev, min(rest, host_avail // layer_bytes), ring, 0
+
+
+def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = Policy(),
+              links: LinkSpeeds | None = None, *, data_path: Path | None = None,
+              context_tokens: int | None = None, batch: int = 1) -> Plan:
+    """Place the layers of ``config`` within ``budget`` and predict the decode speed.
+
+    ``links``: measured speeds; None probes them (disk on ``data_path``, the store's data file,
+    or a scratch file in the offload directory; only the links the placement uses).
+    ``context_tokens`` (default: min(4096, the model's maximum)) sizes the KV reserve.
+    Raises PlanError, naming the minimum, when the device budget cannot hold one layer's working set.
+    """
+    device = torch.device(policy.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(policy.dtype, config.dtype)
+    extents = plan_layout(config, dtype)
+    layers = [e for e in extents if e.name.startswith("layer.")]
+    layer_bytes = max(e.padded_nbytes for e in layers)
+    globals_bytes = sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
+    context = context_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
+    reserve = reserve_bytes(config, dtype, policy, context, batch)
+    dev_mem, host_mem, offload_dir = detect_budgets(budget, device)
+    _check_minimum(dev_mem, host_mem, reserve, globals_bytes, layer_bytes, config.num_layers, device, dtype)
+    cuda = device.type == "cuda"
+    device_avail, n = dev_mem - reserve - globals_bytes, config.num_layers
+    options = {d: _split(n, layer_bytes, device_avail, host_mem, d, cuda) for d in range(MAX_PREFETCH_DEPTH + 1)}
+    options = {d: o for d, o in options.items() if o is not None}
+    if not options:
+        raise PlanError(f"host budget {format_size(host_mem)} cannot hold the staging buffer for streaming "
+                        f"from disk ({format_size(layer_bytes)}); raise --host-mem to at least that")
+    if links is None:
+        n_dev_max = max(o[0] for o in options.values())
+        links = probe_links(config, dtype, device, data_path, offload_dir,
+                            need_disk=n_dev_max + max(o[1] for o in options.values()) < n, need_h2d=n_dev_max < n)
+    best = _best_option(options, n, layer_bytes, links, cuda)
+    depth, (n_dev, n_host, ring, staging), step_s = best
+    kinds = spread_layers(n, n_dev, n_host)
+    return Plan(
+        device=str(device), dtype=str(dtype).removeprefix("torch."), num_layers=n, layer_bytes=layer_bytes,
+        globals_bytes=globals_bytes, device_layers=_of(kinds, "device"), host_layers=_of(kinds, "host"),
+        disk_layers=_of(kinds, "disk"), prefetch_depth=depth, device_mem_bytes=dev_mem, host_mem_bytes=host_mem,
+        offload_dir=str(offload_dir), reserve_bytes=reserve, device_weight_budget_bytes=dev_mem - reserve,
+        host_weight_budget_bytes=host_mem, ring_bytes=ring, staging_bytes=staging, links=links,
+        predicted_step_s=step_s, predicted_tok_s=batch / step_s if step_s > 0 else math.inf,
+        bound=_bound(kinds, layer_bytes, links, cuda),
+    )
+
+
+def _of(kinds: tuple[str, ...], kind: str) -> tuple[int, ...]:
+    return tuple(j for j, k in enumerate(kinds) if k == kind)
+
+
+def _best_option(options: dict[int, tuple[int, int, int, int]], n: int, layer_bytes: int, links: LinkSpeeds,
+                 cuda: bool) -> tuple[int, tuple[int, int, int, int], float]:
+    """The depth whose placement simulates fastest (ties: the shallower, which holds more layers)."""
+    scored = []
+    for depth, split in sorted(options.items()):
+        kinds = spread_layers(n, split[0], split[1])
+        if all(k == "device" for k in kinds) or (not cuda and "disk" not in kinds):
+            depth = 0                                   # nothing streams: no ring, no prefetch
+            split = (split[0], split[1], 0, 0)
+        scored.append((simulate_step_s(kinds, depth, layer_bytes, links, cuda), depth, split))
+    step_s, depth, split = min(scored, key=lambda s: (round(s[0], 9), s[1]))
+    return depth, split, step_s
+
+
+def _check_minimum(dev_mem: int, host_mem: int, reserve: int, globals_bytes: int, layer_bytes: int,
+                   num_layers: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a device budget below globals + KV/activation reserve + one layer slot."""
+    minimum = reserve + globals_bytes + layer_bytes
+    if dev_mem < minimum:
+        raise PlanError(
+            f"device budget {format_size(dev_mem)} is below the minimum working set {format_size(minimum)} "
+            f"(embedding/norm/head {format_size(globals_bytes)} + KV and activations {format_size(reserve)} + "
+            f"one layer {format_size(layer_bytes)} of {num_layers}, {str(dtype).removeprefix('torch.')}); raise "
+            f"--device-mem to at least {format_size(minimum)}, shorten the context, or use a smaller dtype")
+
+
+def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budget, policy: Policy = Policy(), *,
+                       links: LinkSpeeds | None = None, context_tokens: int | None = None,
+                       progress: "ProgressFn | None" = None) -> tuple["StreamingWeights | None", Plan]:
+    """Plan, then build the WeightSource the plan needs: (None, plan) when every layer fits on the
+    device (use ``ResidentWeights`` from the checkpoint; nothing is converted), otherwise a
+    StreamingWeights over the cached store under ``plan.offload_dir`` (converted on first use)."""
+    from tierkv.io.store import WeightStore, cached_store
+    from tierkv.pipeline.weights import StreamingWeights
+
+    plan = make_plan(config, budget, policy, links, context_tokens=context_tokens)
+    if not plan.host_layers and not plan.disk_layers:
+        return None, plan
+    store = WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype, progress=progress))
+    return StreamingWeights.from_plan(store, plan), plan
+
+
+__all__ = ["LinkSpeeds", "Plan", "PlanError", "default_offload_dir", "detect_budgets", "make_plan",
+           "open_weight_source", "probe_links", "reserve_bytes", "simulate_step_s", "spread_layers"]
