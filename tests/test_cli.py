@@ -212,3 +212,27 @@ def test_bad_device_and_dtype_errors(tiny_llama_dir) -> None:
                           missing_gpu, "--device cpu")
     assert_one_line_error(invoke("run", str(tiny_llama_dir), "--prompt-ids", "1", "--device", "gpu0"), "gpu0")
     assert_one_line_error(invoke("run", str(tiny_llama_dir), "--prompt-ids", "1", "--dtype", "int8"), "int8")
+
+
+def test_plan_convert_and_budgeted_run(tmp_path, tiny_llama_dir) -> None:
+    from typer.testing import CliRunner
+
+    from tierkv.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["plan", str(tiny_llama_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert plan["disk_layers"] == [] and plan["links"]["disk_read_gbps"] is None
+    too_small = runner.invoke(app, ["plan", str(tiny_llama_dir), "--device-mem", "64KiB"])
+    assert too_small.exit_code == 2 and "raise --device-mem to at least" in too_small.output
+    out = tmp_path / "store"
+    assert runner.invoke(app, ["convert", str(tiny_llama_dir), str(out)]).exit_code == 0
+    assert (out / "manifest.json").is_file()
+    minimum = float(too_small.output.split("at least ")[1].split(" MiB")[0])
+    args = ["run", str(tiny_llama_dir), "--prompt-ids", "1,2,3", "-n", "6", "--json"]
+    resident = json.loads(runner.invoke(app, args).stdout)
+    streamed = json.loads(runner.invoke(app, args + ["--device-mem", f"{minimum + 0.01:.2f}MiB", "--host-mem", "0",
+                                                    "--offload-dir", str(tmp_path / "off")]).stdout)
+    assert streamed["plan"]["disk_layers"] and streamed["token_ids"] == resident["token_ids"]
+    assert streamed["stats"]["weights"]["disk_to_device_bytes"] > 0

@@ -50,8 +50,7 @@ def test_streamed_tokens_equal_resident(model_and_store, placement, depth):
     n_disk = N_LAYERS - len(device_layers) - len(host_layers)
     forwards = 10                                     # prefill + 9 decode steps
     layer = store.layer(0).padded_nbytes
-    loaded_once = sum(e.padded_nbytes for e in store.global_extents()) + len(device_layers) * layer
-    streamed = stats["disk_to_device_bytes"] - loaded_once
+    streamed = stats["disk_to_device_bytes"]          # per generation: the one-off load at open is not in it
     assert forwards * n_disk * layer <= streamed <= (forwards * n_disk + depth + 1) * layer
     assert stats["layers_disk"] == n_disk and stats["wait_s"] >= 0.0
 

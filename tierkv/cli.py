@@ -18,9 +18,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tierkv.config import ConfigError, format_size
+from tierkv.config import Budget, ConfigError, Policy, format_size
 from tierkv.engine import Engine, GenerationResult, context_limit_tokens, load, model_path
-from tierkv.io.checkpoint import Checkpoint, CheckpointError
+from tierkv.io.checkpoint import Checkpoint, CheckpointError, resolve_dtype
+from tierkv.io.store import convert as convert_store
+from tierkv.plan import make_plan
 from tierkv.trace.cli import trace_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -30,6 +32,9 @@ app.add_typer(trace_app, name="trace", help="TKLQT tracer: is inference CPU-boun
 
 ModelArg = typer.Argument(..., help="Hugging Face model directory, or 'demo' for the bundled model")
 DEMO_PROMPT = "Return a list of"
+DeviceMemOpt = typer.Option(None, "--device-mem", help="device budget, e.g. 6GiB (default: free memory less headroom)")
+HostMemOpt = typer.Option(None, "--host-mem", help="pinned host budget, e.g. 16GiB (default: detected)")
+OffloadOpt = typer.Option(None, "--offload-dir", help="where streamed layers live (default: ~/.cache/tierkv)")
 
 
 @contextmanager
@@ -42,12 +47,18 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def _load(model: str, dtype: Optional[str], device: Optional[str], quiet: bool) -> Engine:
+def _load(model: str, dtype: Optional[str], device: Optional[str], quiet: bool, device_mem: Optional[str] = None,
+          host_mem: Optional[str] = None, offload_dir: Optional[str] = None) -> Engine:
+    """Load with a spinner on a terminal (conversion, when needed, shows its own progress bar)."""
     err = Console(stderr=True)
+    budgets = dict(device_mem=device_mem, host_mem=host_mem, offload_dir=offload_dir)
     if quiet or not err.is_terminal:
-        return load(model, dtype=dtype, device=device)
+        return load(model, dtype=dtype, device=device, progress=lambda done, total: None, **budgets)
     with err.status(f"loading {model} ..."):
-        return load(model, dtype=dtype, device=device)
+        engine = load(model, dtype=dtype, device=device, **budgets)
+    if engine.plan is not None and (engine.plan.host_layers or engine.plan.disk_layers):
+        err.print(engine.plan.summary(), style="dim", highlight=False)
+    return engine
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: Optional[int],
@@ -76,6 +87,9 @@ def run(
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
     dtype: Optional[str] = typer.Option(None, help="compute dtype: bfloat16, float16, float32 (default: checkpoint's)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda when available)"),
+    device_mem: Optional[str] = DeviceMemOpt,
+    host_mem: Optional[str] = HostMemOpt,
+    offload_dir: Optional[str] = OffloadOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streamed text"),
 ) -> None:
     """Generate a completion for one prompt, streaming the text."""
@@ -83,7 +97,7 @@ def run(
         raise typer.BadParameter("give exactly one of --prompt or --prompt-ids")
     with _user_errors():
         ids = None if prompt_ids is None else [int(x) for x in prompt_ids.replace(" ", "").split(",") if x]
-        engine = _load(model, dtype, device, quiet=as_json)
+        engine = _load(model, dtype, device, as_json, device_mem, host_mem, offload_dir)
         stream = engine.stream(prompt if ids is None else ids,
                                **_sampling(max_new_tokens, temperature, top_k, top_p, seed, stop))
         for piece in stream:
@@ -92,7 +106,7 @@ def run(
                 sys.stdout.flush()
         res = stream.results[0]
         if as_json:
-            print(json.dumps(res.to_dict()))
+            print(json.dumps({**res.to_dict(), "plan": engine.plan.to_dict() if engine.plan else None}))
         else:
             print()
             Console(stderr=True).print(_summary(res, engine), style="dim", highlight=False)
@@ -110,10 +124,13 @@ def chat(
     seed: Optional[int] = typer.Option(None),
     dtype: Optional[str] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
+    device_mem: Optional[str] = DeviceMemOpt,
+    host_mem: Optional[str] = HostMemOpt,
+    offload_dir: Optional[str] = OffloadOpt,
 ) -> None:
     """Interactive chat with the model's chat template; type /exit (or Ctrl-D) to leave."""
     with _user_errors():
-        engine = _load(model, dtype, device, quiet=False)
+        engine = _load(model, dtype, device, False, device_mem, host_mem, offload_dir)
         if engine.tokenizer is None or not engine.tokenizer.chat_template:
             raise ConfigError(f"{engine.model_dir} has no tokenizer chat_template; use `tierkv run` instead")
         messages = [{"role": "system", "content": system}] if system else []
@@ -171,6 +188,44 @@ def info(model: str = ModelArg, as_json: bool = typer.Option(False, "--json")) -
         table.add_row(key.replace("_", " "), f"{shown:,}" if isinstance(shown, int) and not isinstance(shown, bool)
                       else str(shown))
     Console().print(table)
+
+
+@app.command("convert")
+def convert_cmd(
+    model: str = ModelArg,
+    out: str = typer.Argument(..., help="directory for the packed weight store"),
+    dtype: Optional[str] = typer.Option(None, help="store dtype (default: the checkpoint's)"),
+    restart: bool = typer.Option(False, help="discard an interrupted conversion instead of resuming it"),
+) -> None:
+    """Rewrite a checkpoint into a packed store: one 4 KiB-aligned extent per layer, checksummed."""
+    with _user_errors():
+        quiet = not Console(stderr=True).is_terminal
+        path = convert_store(model_path(model), out, dtype=dtype, restart=restart,
+                             progress=(lambda done, total: None) if quiet else None)
+    Console(stderr=True).print(f"store ready: {path}", highlight=False)
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = ModelArg,
+    device_mem: Optional[str] = DeviceMemOpt,
+    host_mem: Optional[str] = HostMemOpt,
+    offload_dir: Optional[str] = OffloadOpt,
+    dtype: Optional[str] = typer.Option(None, help="compute dtype (default: the checkpoint's)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda when available)"),
+    context_tokens: Optional[int] = typer.Option(None, "--context", help="context length to reserve KV for"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show where each layer would live, the prefetch depth, and the predicted tokens/s."""
+    with _user_errors():
+        with Checkpoint(model_path(model)) as ckpt:
+            cfg = ckpt.config
+        policy = Policy(dtype=str(resolve_dtype(dtype, cfg.dtype)).removeprefix("torch."), device=device)
+        plan = make_plan(cfg, Budget.parse(device_mem, host_mem, offload_dir), policy, context_tokens=context_tokens)
+    if as_json:
+        print(json.dumps(plan.to_dict()))
+    else:
+        Console().print(plan.summary(), highlight=False)
 
 
 @app.command()

@@ -14,18 +14,20 @@ import resource
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
 import torch
 
-from tierkv.config import ConfigError, ModelConfig, Policy, read_json
+from tierkv.config import Budget, ConfigError, ModelConfig, Policy, read_json
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.model import decoder_layer, embed, head, step_inputs
 from tierkv.pipeline.kv import DenseKVCache
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource, run_layers
+from tierkv.plan import Plan, open_weight_source
+from tierkv.io.store import ProgressFn
 from tierkv.sampling import SamplingParams, sample
 from tierkv.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -72,7 +74,8 @@ class GenerationStats:
     decode_tok_s: float = 0.0       # new tokens per second per sequence during decode
     peak_rss_bytes: int = 0
     peak_device_bytes: int = 0      # CUDA allocator peak; 0 on CPU (see peak_rss_bytes)
-    weights: dict[str, float] = field(default_factory=dict)
+    io_wait_fraction: float = 0.0   # share of prefill+decode time spent waiting for weights to arrive
+    weights: dict[str, float] = field(default_factory=dict)  # bytes per tier; bytes, GB/s, wait per link
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,6 +179,20 @@ class Stream:
         self._pieces.close()  # type: ignore[attr-defined]
 
 
+def _weight_stats_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per-generation view of the weight source's cumulative counters: link bytes, busy and wait
+    seconds become differences and GB/s is recomputed from them; residency figures are kept as is."""
+    out = dict(after)
+    for key, value in after.items():
+        if "_to_" in key and not key.endswith("_gbps") or key == "wait_s":
+            out[key] = value - before.get(key, 0.0)
+    for key in [k for k in after if k.endswith("_gbps")]:
+        link = key[: -len("_gbps")]
+        busy = out.get(f"{link}_busy_s", 0.0)
+        out[key] = out.get(f"{link}_bytes", 0.0) / busy / 1e9 if busy > 0 else 0.0
+    return out
+
+
 def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> frozenset[int]:
     ids = set(cfg.eos_token_ids)
     gen_path = model_dir / "generation_config.json"
@@ -190,7 +207,9 @@ def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> 
 class Engine:
     """A loaded model ready to generate. Build it with ``tierkv.load``."""
 
-    def __init__(self, model: str | Path, policy: Policy = Policy(), weights: WeightSource | None = None) -> None:
+    def __init__(self, model: str | Path, policy: Policy = Policy(), budget: Budget = Budget(),
+                 progress: ProgressFn | None = None, weights: WeightSource | None = None) -> None:
+        """``weights`` injects a ready weight source (tests, custom placements) and skips planning."""
         self.model_dir = model_path(model)
         self.policy = policy
         self.checkpoint = Checkpoint(self.model_dir)
@@ -201,7 +220,11 @@ class Engine:
         self.tokenizer: Tokenizer | None = Tokenizer(self.model_dir) if tok_path.is_file() else None
         self.eos_token_ids = _eos_ids(self.model_dir, self.config, self.tokenizer)
         self.context_limit_tokens = context_limit_tokens(self.config)
-        self._weights = weights or ResidentWeights(self.checkpoint, self.dtype, self.device)
+        self.plan: Plan | None = None
+        if weights is None:
+            resolved = replace(policy, dtype=str(self.dtype).removeprefix("torch."), device=str(self.device))
+            weights, self.plan = open_weight_source(self.model_dir, self.config, budget, resolved, progress=progress)
+        self._weights: WeightSource = weights or ResidentWeights(self.checkpoint, self.dtype, self.device)
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread holding the lock (to refuse same-thread re-entry)
         self._closed = False
@@ -283,6 +306,7 @@ class Engine:
         b, t = len(prompts), len(prompts[0])
         seqs = [_Sequence(p, self.tokenizer, self.eos_token_ids, params) for p in prompts]
         stats = GenerationStats(prompt_tokens=t, batch_size=b)
+        weights_before = self._weights.stats()
         budget = max(0, min(params.max_new_tokens, self.context_limit_tokens - t + 1))
         if cancel.is_set():  # cancelled while an earlier group of the batch ran: no prefill, no tokens
             budget = 0
@@ -312,17 +336,19 @@ class Engine:
             tail = s.finish(reason)
             if tail:
                 yield Piece(None, tail, i)
-        self._finish_stats(stats, max(len(s.token_ids) for s in seqs))
+        self._finish_stats(stats, max(len(s.token_ids) for s in seqs), weights_before)
         out.extend(GenerationResult(s.token_ids, s.text, s.finish_reason or reason, s.prompt_ids, stats)
                    for s in seqs)
 
-    def _finish_stats(self, stats: GenerationStats, new_tokens: int) -> None:
+    def _finish_stats(self, stats: GenerationStats, new_tokens: int, weights_before: dict[str, float]) -> None:
         stats.new_tokens = new_tokens
         stats.decode_tok_s = (new_tokens - 1) / stats.decode_s if new_tokens > 1 and stats.decode_s > 0 else 0.0
         stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if self.device.type == "cuda":
             stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device)
-        stats.weights = self._weights.stats()
+        stats.weights = _weight_stats_delta(weights_before, self._weights.stats())
+        busy_s = stats.prefill_s + stats.decode_s
+        stats.io_wait_fraction = stats.weights.get("wait_s", 0.0) / busy_s if busy_s > 0 else 0.0
 
     @torch.inference_mode()  # as a decorator it is on only while the generator runs, not in the caller's loop
     def _pieces(self, prompts: list[list[int]], params: SamplingParams, cancel: threading.Event,
@@ -384,10 +410,18 @@ def _params(sampling: dict[str, Any]) -> SamplingParams:
         raise TypeError(f"{exc}; valid options: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos") from None
 
 
-def load(model: str | Path, *, dtype: str | torch.dtype | None = None, device: str | None = None) -> Engine:
+def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: str | int | None = None,
+         offload_dir: str | Path | None = None, dtype: str | torch.dtype | None = None,
+         device: str | None = None, prefill_chunk_tokens: int = 2048,
+         progress: ProgressFn | None = None) -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``) for generation.
 
-    dtype: compute dtype ("bfloat16", "float16", "float32"); default: the checkpoint's.
-    device: "cpu", "cuda", "cuda:1"; default: CUDA when available.
+    device_mem / host_mem: budgets such as "6GiB" or a byte count; default: detected free memory
+    less headroom. Layers that do not fit the device budget are held in host memory or streamed
+    from a packed copy under offload_dir (default: $TIERKV_OFFLOAD_DIR or ~/.cache/tierkv),
+    converted on first use. dtype: compute dtype ("bfloat16", "float16", "float32"; default: the
+    checkpoint's). device: "cpu", "cuda", "cuda:1" (default: CUDA when available).
     """
-    return Engine(model, Policy(dtype=None if dtype is None else str(dtype).removeprefix("torch."), device=device))
+    policy = Policy(dtype=None if dtype is None else str(dtype).removeprefix("torch."), device=device,
+                    prefill_chunk_tokens=prefill_chunk_tokens)
+    return Engine(model, policy, Budget.parse(device_mem, host_mem, offload_dir), progress=progress)

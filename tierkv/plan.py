@@ -83,7 +83,10 @@ class Plan:
     bound: str                         # "disk", "h2d" or "compute": the busiest link
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """JSON-ready: an unmeasured (infinite) link speed becomes null."""
+        data = asdict(self)
+        data["links"] = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in data["links"].items()}
+        return data
 
     def summary(self) -> str:
         """A few lines for ``tierkv plan`` and logs."""
