@@ -1,17 +1,73 @@
 """KV caches behind the ``model.KVCache`` protocol.
 
 Why this module exists: attention code must not care where keys and values live. This module
-holds the resident cache (every token's K/V preallocated on the compute device); the tiered,
-chunked cache of the KV issue implements the same ``attend`` so the engine can swap one for the
-other without touching the model math.
+holds the resident cache (every token's K/V preallocated on the compute device) and the tiered,
+chunked cache of the KV issue, which implements the same ``attend`` so the engine can swap one for
+the other without touching the model math; ``make_kv_cache`` picks one from the policy and budgets.
+
+TieredKVCache, in one paragraph per concern:
+
+- Chunks. Per layer, every sequence's K/V is cut into chunks of ``S`` tokens (``S`` per layer:
+  ``Policy.chunk_tokens`` or chosen by ``pipeline.chunking`` from the first prefill piece's
+  attention skew). A chunk of one (layer, sequence) holds all KV heads and moves as a unit; the
+  last chunk is open and grows as tokens are appended. ``pipeline.kv_table.KVChunkTable`` (one per
+  layer, pure bookkeeping) says which tier holds each chunk, pins chunks while they are in use,
+  and orders evictions (least recently selected first; sink and recent chunks never leave).
+- Device. Per layer a pool of chunk slots ``(N, Hkv, S, D)`` for K and for V: ``resident`` slots
+  (chunks whose tier is the device) and a few ``scratch`` slots through which chunks that stay
+  on a slower tier are streamed. Abstracts (min/max key per chunk, ``kernels.abstract``) are
+  always on the device: ``(B, Hkv, C_max, D)``.
+- Host and disk. Host chunks are ``(2, Hkv, S, D)`` tensors (pinned on CUDA); disk chunks are
+  records in ``io.kvstore`` segments (K, V and abstract, checksummed). New chunks are born on the
+  device; when it is full the least recently selected unprotected chunks go to the host while its
+  budget lasts, then to disk. Closed chunks never change, so once the context is expected to
+  outgrow device + host memory every closed chunk is written behind to disk on a writer thread
+  as soon as it closes; evicting a chunk to disk is then free, and a failed write (full disk)
+  leaves the chunk where it was and stops generation at the next call with ``KVStoreError``.
+- Attention. Prefill pieces and exact decode attend to every chunk: chunks on the device are read
+  in place, the others are streamed through the scratch slots (double-buffered on the reader
+  thread) and combined with an online softmax in fp32. Sparse decode scores the abstracts against
+  the query (``kernels.importance``, max over the query heads of a KV group), selects chunks within
+  ``kv_budget`` tokens plus the sink chunk and the recent window, makes the selected chunks
+  resident (evicting others) and runs ``kernels.attention.sparse_decode_attention`` over the slot
+  pool through a chunk table. Scoring and selection never synchronise with the host; reading the
+  selection back to fetch misses does, once per layer, and only when a chunk is off the device.
+  Layers with a sliding window always attend exactly over their window.
+- Speculation. After a layer attends, the chunks the next layer selected at the previous step
+  (sparse) or its first wave of streamed chunks (exact) are fetched on the reader thread while the
+  rest of this layer and the next layer's projections compute; selected chunks that were not
+  prefetched are fetched on demand. ``stats()`` reports the hit rate.
 """
 
 from __future__ import annotations
 
+import math
+import time
+import uuid
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
 import torch
 
-from tierkv.config import ModelConfig
+from tierkv.config import ModelConfig, Policy, format_size
+from tierkv.io.buffers import pinning_available
+from tierkv.io.kvstore import KVChunk, KVStore
+from tierkv.kernels import (Selection, abstract_append, chunk_abstract, chunk_scores, select_chunks,
+                            sparse_decode_attention)
 from tierkv.model import dense_attention
+from tierkv.pipeline.chunking import ChunkRule, attention_entropy, chunk_tokens_for_entropy, fit_chunk_tokens
+from tierkv.pipeline.kv_table import ChunkKey, KVBudgetError, KVChunkTable, Tier
+
+__all__ = ["DenseKVCache", "TieredKVCache", "make_kv_cache", "kv_bytes_per_token", "kv_budget_tokens"]
+
+DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
+TierPair = tuple[Tier, Tier]
+_LOGITS_BATCH_BYTES = 32 << 20   # cap on the fp32 logits of one batch of chunks in the streamed path
+_SCRATCH_SLOTS_PER_SEQ = 2       # at least one streamed chunk per sequence in each half of the double buffer
 
 
 class DenseKVCache:
@@ -49,3 +105,955 @@ class DenseKVCache:
     def advance(self, t: int) -> None:
         """Mark ``t`` more tokens as stored (called once per forward, after the last layer)."""
         self.length_tokens += t
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes and the factory
+
+
+def _elt(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of K and V that one token of one sequence takes over all layers."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * _elt(dtype)
+
+
+def kv_budget_tokens(kv_budget: float | int, context_tokens: int) -> int:
+    """Tokens a sparse step attends to: a float <= 1 is a fraction of the context, anything else a count."""
+    if isinstance(kv_budget, float) and kv_budget <= 1.0:
+        return max(1, math.ceil(kv_budget * context_tokens))
+    return int(kv_budget)
+
+
+def make_kv_cache(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: int, dtype: torch.dtype,
+                  device: torch.device | str, *, kv_device_bytes: int | None = None,
+                  kv_host_bytes: int | None = None, offload_dir: str | Path | None = None,
+                  offload_bytes: int | None = None) -> "DenseKVCache | TieredKVCache":
+    """The KV cache for one generation of ``batch`` sequences of up to ``capacity_tokens`` tokens.
+
+    Returns the resident ``DenseKVCache`` when every step attends exactly (``kv="exact"``, or
+    ``"auto"`` with capacity <= ``kv_exact_max_tokens``) and the whole KV fits the device budget
+    (or none is given); otherwise a ``TieredKVCache`` over device, host (``kv_host_bytes``) and
+    ``offload_dir`` (at most ``offload_bytes`` there; None = until the disk is full). Budgets are
+    bytes for the KV cache alone; None = unbounded. Raises KVBudgetError when they cannot work.
+    """
+    sparse_possible = policy.kv == "sparse" or (policy.kv == "auto" and capacity_tokens > policy.kv_exact_max_tokens)
+    need = kv_bytes_per_token(cfg, dtype) * batch * capacity_tokens
+    if not sparse_possible and (kv_device_bytes is None or need <= kv_device_bytes):
+        return DenseKVCache(cfg, batch, capacity_tokens, dtype, torch.device(device))
+    return TieredKVCache(cfg, policy, batch, capacity_tokens, dtype, device, kv_device_bytes=kv_device_bytes,
+                         kv_host_bytes=kv_host_bytes, offload_dir=offload_dir, offload_bytes=offload_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention over batches of keys
+
+
+class _OnlineSoftmax:
+    """Attention accumulated over batches of keys in fp32 (flash-attention style).
+
+    State per (B, Hkv, G*T) query row: running max ``m`` and sum ``l`` of exp(logit - m), and
+    ``acc`` (..., D); after the last batch the output is acc / l.
+    """
+
+    def __init__(self, q: torch.Tensor, kv_heads: int) -> None:
+        b, hq, t, d = q.shape
+        self.shape, self.dtype, self.group = q.shape, q.dtype, hq // kv_heads
+        self.q = (q.float() / math.sqrt(d)).reshape(b, kv_heads, self.group * t, d)   # (B, Hkv, G*T, D)
+        self.m = torch.full(self.q.shape[:-1], float("-inf"), device=q.device)        # (B, Hkv, G*T)
+        self.l = torch.zeros_like(self.m)
+        self.acc = torch.zeros_like(self.q)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+               key_ok: torch.Tensor | None, window_tokens: int | None) -> None:
+        """k/v (B, Hkv, N, D); q_pos (B, T), k_pos (B, N); key_ok (B, 1 or Hkv, N) bool or None."""
+        b, h, n, _ = k.shape
+        logits = (self.q @ k.float().transpose(-1, -2)).view(b, h, self.group, -1, n)  # (B, Hkv, G, T, N)
+        diff = q_pos[:, :, None] - k_pos[:, None, :]                                    # (B, T, N)
+        allowed = diff >= 0
+        if window_tokens is not None:
+            allowed &= diff < window_tokens
+        allowed = allowed[:, None, None]                                                # (B, 1, 1, T, N)
+        if key_ok is not None:
+            allowed = allowed & key_ok[:, :, None, None, :]
+        logits = logits.masked_fill(~allowed, float("-inf")).view(b, h, -1, n)         # (B, Hkv, G*T, N)
+        m_new = torch.maximum(self.m, logits.amax(-1))
+        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        p = torch.exp(logits - m_safe[..., None])
+        corr = torch.exp(self.m - m_safe)
+        self.l = self.l * corr + p.sum(-1)
+        self.acc = self.acc * corr[..., None] + p @ v.float()
+        self.m = m_new
+
+    def result(self) -> torch.Tensor:
+        """(B, Hq, T, D) in the query's dtype."""
+        out = self.acc / self.l.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+        return out.reshape(self.shape).to(self.dtype)
+
+
+Entries = Sequence[tuple[int, int, int]]  # (seq, chunk, slot)
+
+
+def _slot_batches(entries: Entries, batch: int, per_batch: int) -> Iterator[tuple[list[list[int]], ...]]:
+    """Rectangular (B, n) lists of slots, chunk ids and validity from (seq, chunk, slot) entries."""
+    per_seq: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
+    for b, c, s in entries:
+        per_seq[b].append((c, s))
+    longest = max((len(x) for x in per_seq), default=0)
+    for lo in range(0, longest, per_batch):
+        rows = [x[lo:lo + per_batch] for x in per_seq]
+        n = max(len(r) for r in rows)
+        yield ([[s for _, s in r] + [0] * (n - len(r)) for r in rows],
+               [[c for c, _ in r] + [0] * (n - len(r)) for r in rows],
+               [[True] * len(r) + [False] * (n - len(r)) for r in rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# background work
+
+
+class _Jobs:
+    """A reader and a writer thread for disk and host<->device moves.
+
+    On CUDA each job runs on its thread's own stream after waiting for an event recorded when it
+    was submitted, so it sees (and does not overwrite) what the compute stream was still using;
+    the job's future completes only after its stream finished.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._pools = {kind: ThreadPoolExecutor(1, thread_name_prefix=f"tierkv-kv-{kind}")
+                       for kind in ("read", "write")}
+        self._streams = {kind: torch.cuda.Stream(device) for kind in self._pools} if device.type == "cuda" else {}
+
+    def submit(self, kind: str, fn: Callable[[], Any]) -> Future:
+        event = None
+        if self._streams:
+            event = torch.cuda.Event()
+            event.record()
+        return self._pools[kind].submit(self._run, kind, fn, event)
+
+    def _run(self, kind: str, fn: Callable[[], Any], event: Any) -> Any:
+        with torch.inference_mode():
+            stream = self._streams.get(kind)
+            if stream is None:
+                return fn()
+            with torch.cuda.stream(stream):
+                stream.wait_event(event)
+                out = fn()
+            stream.synchronize()
+            return out
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True, eq=False)
+class _Fetch:
+    """Chunks being copied into resident slots (a table move from ``pair[0]`` to the device)."""
+
+    pair: TierPair
+    keys: tuple[ChunkKey, ...]
+    slots: tuple[int, ...]
+    future: Future
+
+
+@dataclass(frozen=True, eq=False)
+class _Wave:
+    """Chunks being streamed into scratch slots for one batch of attention (pinned, not moved)."""
+
+    keys: tuple[ChunkKey, ...]
+    slots: tuple[int, ...]
+    future: Future
+
+    def entries(self) -> list[tuple[int, int, int]]:
+        return [(k.seq, k.chunk, s) for k, s in zip(self.keys, self.slots)]
+
+
+@dataclass(frozen=True, eq=False)
+class _Write:
+    """A closed chunk (all sequences) being written behind to disk from a host snapshot."""
+
+    keys: tuple[ChunkKey, ...]
+    future: Future
+    nbytes: int
+
+
+@dataclass
+class _Counters:
+    """Running totals reported by ``TieredKVCache.stats`` (bytes, chunk counts, seconds)."""
+
+    forwards: int = 0
+    decode_steps: int = 0
+    host_read_bytes: int = 0
+    disk_read_bytes: int = 0
+    decode_read_bytes: int = 0
+    disk_write_bytes: int = 0
+    evicted_chunks: int = 0
+    streamed_chunks: int = 0
+    spec_fetched_chunks: int = 0
+    spec_hits: int = 0
+    spec_misses: int = 0
+    spec_unused_chunks: int = 0
+    sparse_layer_steps: int = 0
+    exact_layer_steps: int = 0
+    estimator_s: float = 0.0
+    selectable_tokens: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# one layer's chunks
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Sizes chosen for one layer when its first prefill piece arrives."""
+
+    chunk_tokens: int          # S
+    max_chunks: int            # C_max = ceil(capacity / S)
+    resident_slots: int
+    scratch_slots: int
+    slot_bytes: int            # K + V of one chunk of one sequence
+    entropy: float | None      # measured attention skew (None: fixed size or not measurable)
+    spill_expected: bool       # the context may outgrow device + host: write closed chunks behind
+
+
+class _LayerKV:
+    """One layer's chunks: device slot pool, host copies, abstracts and the chunk table."""
+
+    def __init__(self, layer: int, geo: _Geometry, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, host_bytes: int | None, disk: bool, sink_chunks: int) -> None:
+        n, s, c = geo.resident_slots + geo.scratch_slots, geo.chunk_tokens, geo.max_chunks
+        self.layer, self.geo, self.batch = layer, geo, batch
+        self.k_pool = torch.zeros((n, kv_heads, s, head_dim), dtype=dtype, device=device)   # (N, Hkv, S, D)
+        self.v_pool = torch.zeros_like(self.k_pool)
+        self.slot_lens = torch.zeros(n, dtype=torch.int32, device=device)                   # (N,)
+        self.slot_map = torch.full((batch, c), -1, dtype=torch.int32, device=device)        # (B, C_max)
+        self.kmin = torch.zeros((batch, kv_heads, c, head_dim), dtype=dtype, device=device)  # (B, Hkv, C_max, D)
+        self.kmax = torch.zeros_like(self.kmin)
+        self.chunk_sizes = torch.zeros(c, dtype=torch.int32, device=device)                  # (C_max,)
+        self.free = list(range(geo.resident_slots))[::-1]
+        self.scratch = list(range(geo.resident_slots, n))
+        self.slot_of: dict[ChunkKey, int] = {}      # resident chunks and fetches in flight
+        self.resident: set[ChunkKey] = set()        # tier is the device and the data is in its slot
+        self.host: dict[ChunkKey, torch.Tensor] = {}  # (2, Hkv, S, D)
+        self._host_free: list[torch.Tensor] = []
+        self._pinned = device.type == "cuda" and pinning_available()
+        budgets = {DEVICE: geo.resident_slots * geo.slot_bytes, HOST: host_bytes, DISK: None if disk else 0}
+        self.table = KVChunkTable(budgets, sink_chunks=sink_chunks, recent_tokens=s)
+        self.n_chunks = 0
+        self.tokens = 0
+        self.fetching: dict[ChunkKey, _Fetch] = {}
+        self.writing: list[_Write] = []
+        self.prefetched: _Wave | None = None
+        self.prev_needed: list[ChunkKey] = []
+        self.spec: set[ChunkKey] = set()
+
+    def key(self, chunk: int, seq: int) -> ChunkKey:
+        return ChunkKey(self.layer, chunk, seq)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.k_pool, self.v_pool, self.slot_lens, self.slot_map, self.kmin, self.kmax, self.chunk_sizes)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def all_resident(self) -> bool:
+        return len(self.resident) == self.batch * self.n_chunks
+
+    def host_put(self, key: ChunkKey, slot: int) -> None:
+        """Copy a resident slot's K/V into a host buffer for ``key``."""
+        buf = self._host_free.pop() if self._host_free else torch.empty(
+            (2, *self.k_pool.shape[1:]), dtype=self.k_pool.dtype, pin_memory=self._pinned)
+        buf[0].copy_(self.k_pool[slot])
+        buf[1].copy_(self.v_pool[slot])
+        self.host[key] = buf
+
+    def host_release(self, key: ChunkKey) -> None:
+        self._host_free.append(self.host.pop(key))
+
+
+def _release(jobs: _Jobs, store: KVStore | None) -> None:
+    """Stop the worker threads (after their queued work) and delete the cache's offload files."""
+    jobs.close()
+    if store is not None:
+        store.close(delete=True)
+
+
+def _copy_host(kv: _LayerKV, sources: Sequence[tuple[int, torch.Tensor]]) -> None:
+    """Reader thread: host chunk buffers (2, Hkv, S, D) -> device slots."""
+    for slot, buf in sources:
+        kv.k_pool[slot].copy_(buf[0], non_blocking=True)
+        kv.v_pool[slot].copy_(buf[1], non_blocking=True)
+
+
+def _copy_disk(kv: _LayerKV, slots: Sequence[int], chunks: Sequence[KVChunk]) -> None:
+    """Reader thread: chunks read back from the store (checksums verified) -> device slots."""
+    for slot, chunk in zip(slots, chunks):
+        n = chunk.n_tokens
+        kv.k_pool[slot, :, :n].copy_(chunk.k)
+        kv.v_pool[slot, :, :n].copy_(chunk.v)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# the tiered cache
+
+
+class TieredKVCache:
+    """Chunked KV over device, host and disk, with exact or importance-selected (sparse) attention.
+
+    Same protocol as ``DenseKVCache`` (``attend``, ``advance``, ``length_tokens``, ``nbytes``) plus
+    ``stats()`` and ``close()``. Budgets are bytes for the KV cache alone, split evenly over layers;
+    None = unbounded. ``offload_dir`` gets a private subdirectory, deleted by ``close()``.
+    Sequences of a batch share positions (equal lengths); each has its own chunks and selection.
+    """
+
+    def __init__(self, cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: int, dtype: torch.dtype,
+                 device: torch.device | str, *, kv_device_bytes: int | None = None, kv_host_bytes: int | None = None,
+                 offload_dir: str | Path | None = None, offload_bytes: int | None = None,
+                 chunk_rule: ChunkRule = ChunkRule(), sink_chunks: int = 1, durable: bool = True) -> None:
+        self.cfg, self.policy, self.batch = cfg, policy, batch
+        self.capacity_tokens, self.dtype, self.device = capacity_tokens, dtype, torch.device(device)
+        self.sink_chunks, self._rule = sink_chunks, chunk_rule
+        n = cfg.num_layers
+        self._device_layer_bytes = None if kv_device_bytes is None else kv_device_bytes // n
+        self._host_layer_bytes = None if kv_host_bytes is None else kv_host_bytes // n
+        self._layers: list[_LayerKV | None] = [None] * n
+        self._length = 0
+        self._decoding = False
+        self._hint: tuple[int, list[ChunkKey]] | None = None   # (chunk tokens, keys) the last layer selected
+        self._c = _Counters()
+        self._selected_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._closed = False
+        spill = self._check_budgets(offload_dir)
+        self._store = None
+        if spill:
+            root = Path(offload_dir) / f"kv-{uuid.uuid4().hex[:12]}"  # type: ignore[arg-type]
+            self._store = KVStore(root, budget_bytes=offload_bytes, durable=durable)
+        self._jobs = _Jobs(self.device)
+        self._finalizer = weakref.finalize(self, _release, self._jobs, self._store)  # if close() is forgotten
+
+    # -- protocol ----------------------------------------------------------------------------
+
+    @property
+    def length_tokens(self) -> int:
+        """Tokens stored per sequence (same for every layer once a forward finishes)."""
+        return self._length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated on the compute device (slot pools, abstracts, tables)."""
+        return sum(layer.nbytes for layer in self._layers if layer is not None)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor, window_tokens: int | None) -> torch.Tensor:
+        """q (B, Hq, T, D), k/v (B, Hkv, T, D) post-RoPE, positions (B, T) -> (B, Hq, T, D)."""
+        assert not self._closed, "TieredKVCache used after close()"
+        assert k.shape[0] == self.batch, f"batch {k.shape[0]} != the cache's {self.batch}"
+        t = k.shape[2]
+        assert self._length + t <= self.capacity_tokens, \
+            f"KV cache full: {self._length + t} > {self.capacity_tokens} tokens"
+        self._decoding, self._hint = t == 1, None
+        self._poll_writes(wait=False)
+        kv = self._layers[layer] or self._init_layer(layer, q, k, positions, window_tokens)
+        assert kv.tokens == self._length, f"layer {layer} attended twice in one forward"
+        self._poll_fetches(kv, wait=False)
+        if t == 1:
+            self._append(kv, k, v)
+            out = self._decode(kv, q, positions, window_tokens)
+        else:
+            self._c.exact_layer_steps += 1
+            out = self._attend_streamed(kv, q, positions, kv.tokens, window_tokens, new_kv=(k, v))
+            self._append(kv, k, v)
+        self._speculate((layer + 1) % len(self._layers), sparse=t == 1 and self._sparse_now())
+        return out
+
+    def advance(self, t: int) -> None:
+        """Mark ``t`` more tokens as stored (called once per forward, after the last layer)."""
+        self._length += t
+        self._c.forwards += 1
+        self._c.decode_steps += t == 1
+        assert all(layer is None or layer.tokens == self._length for layer in self._layers), \
+            "advance() before every layer attended"
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _slot_bytes(self, chunk_tokens: int) -> int:
+        return 2 * self.cfg.num_kv_heads * chunk_tokens * self.cfg.head_dim * _elt(self.dtype)
+
+    def _slots_for(self, chunk_tokens: int) -> int:
+        """Chunk slots of this size that one layer's device budget holds beside the abstracts."""
+        chunks = -(-self.capacity_tokens // chunk_tokens)
+        if self._device_layer_bytes is None:
+            return self.batch * chunks
+        abstracts = 2 * self.batch * self.cfg.num_kv_heads * chunks * self.cfg.head_dim * _elt(self.dtype)
+        return max(0, (self._device_layer_bytes - abstracts) // self._slot_bytes(chunk_tokens))
+
+    def _min_slots(self) -> int:
+        """Fewest slots per layer that work: sinks, two recent chunks and a new one resident, plus scratch."""
+        return self.batch * (self.sink_chunks + 3 + _SCRATCH_SLOTS_PER_SEQ)
+
+    def _geometry(self, wanted_tokens: int, entropy: float | None) -> _Geometry:
+        """Chunk size and slot counts for one layer; halves an adaptive size until the budget fits."""
+        fixed = self.policy.chunk_tokens is not None
+        smallest = wanted_tokens if fixed else min(wanted_tokens, self._rule.min_chunk_tokens)
+        need = self._min_slots()
+
+        def usable_slots(size: int) -> int:  # a budget that holds the whole context is always enough
+            slots = self._slots_for(size)
+            return need if slots >= self.batch * -(-self.capacity_tokens // size) else slots
+
+        size = fit_chunk_tokens(min(wanted_tokens, self.capacity_tokens), usable_slots, need, smallest)
+        slots, chunks, slot_bytes = self._slots_for(size), -(-self.capacity_tokens // size), self._slot_bytes(size)
+        host_slots = math.inf if self._host_layer_bytes is None else self._host_layer_bytes // slot_bytes
+        if slots >= self.batch * chunks:
+            return _Geometry(size, chunks, self.batch * chunks, 0, slot_bytes, entropy, False)
+        if slots < need:
+            per_layer = format_size(self._device_layer_bytes or 0)
+            raise KVBudgetError(
+                f"the device KV budget ({per_layer} per layer) holds {slots} chunks of {size} tokens, but batch "
+                f"{self.batch} needs at least {need} per layer ({format_size(need * slot_bytes)} + abstracts); "
+                "raise --device-mem, lower the batch or the context, or use smaller chunk_tokens")
+        pair = _SCRATCH_SLOTS_PER_SEQ * self.batch
+        scratch = max(pair, (slots // 4) // pair * pair)   # about a quarter of the slots, in whole pairs
+        spill = self.batch * chunks > slots - scratch + host_slots
+        return _Geometry(size, chunks, slots - scratch, scratch, slot_bytes, entropy, spill)
+
+    def _check_budgets(self, offload_dir: str | Path | None) -> bool:
+        """Fail early when the budgets cannot work; True when chunks may go to disk (a store is needed)."""
+        geo = self._geometry(self.policy.chunk_tokens or self._rule.min_chunk_tokens, None)
+        if geo.spill_expected and offload_dir is None:
+            raise self._no_offload_error()
+        return offload_dir is not None and self._device_layer_bytes is not None
+
+    def _no_offload_error(self) -> KVBudgetError:
+        need = kv_bytes_per_token(self.cfg, self.dtype) * self.batch * self.capacity_tokens
+        return KVBudgetError(
+            f"the KV cache for {self.batch} x {self.capacity_tokens} tokens needs {format_size(need)}, more than "
+            "the device and host KV budgets hold; give an offload dir (--offload-dir), raise --device-mem "
+            "or --host-mem, or lower the context")
+
+    def _init_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                    window_tokens: int | None) -> _LayerKV:
+        """Choose the layer's chunk size from its first piece (adaptive) or the policy, and allocate."""
+        entropy, wanted = None, self.policy.chunk_tokens
+        if wanted is None:
+            entropy = attention_entropy(q, k, positions, positions, window_tokens, self._rule)
+            wanted = chunk_tokens_for_entropy(entropy, self._rule)
+        geo = self._geometry(wanted, entropy)
+        if geo.spill_expected and self._store is None:
+            raise self._no_offload_error()
+        kv = _LayerKV(layer, geo, self.batch, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, self.device,
+                      self._host_layer_bytes, self._store is not None, self.sink_chunks)
+        self._layers[layer] = kv
+        return kv
+
+    def _sparse_now(self) -> bool:
+        """Whether this decode step selects chunks (policy.kv, with auto switching on context length)."""
+        mode = self.policy.kv
+        return mode == "sparse" or (mode == "auto" and self._length + 1 > self.policy.kv_exact_max_tokens)
+
+    # -- appending new tokens ----------------------------------------------------------------
+
+    def _append(self, kv: _LayerKV, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k/v (B, Hkv, T, D) after the layer's last token: fill the open chunk, open new ones."""
+        segments = self._segments(kv, k.shape[2])
+        self._update_abstracts(kv, k, segments)
+        for c, fill, pos, take in segments:
+            if fill == 0:
+                self._new_chunk(kv, take)
+            else:
+                for b in range(self.batch):
+                    kv.table.grow(kv.key(c, b), fill + take, kv.geo.slot_bytes)
+            slots = torch.tensor([kv.slot_of[kv.key(c, b)] for b in range(self.batch)], device=self.device)
+            kv.k_pool[slots, :, fill:fill + take] = k[:, :, pos:pos + take]
+            kv.v_pool[slots, :, fill:fill + take] = v[:, :, pos:pos + take]
+            kv.slot_lens[slots] = fill + take
+            kv.tokens += take
+            if fill + take == kv.geo.chunk_tokens:
+                self._write_behind(kv, c)
+
+    def _segments(self, kv: _LayerKV, t: int) -> list[tuple[int, int, int, int]]:
+        """How ``t`` new tokens split over chunks: (chunk, tokens already in it, offset in the piece, tokens)."""
+        s, out, pos = kv.geo.chunk_tokens, [], 0
+        c, fill = kv.n_chunks - 1, (kv.tokens - (kv.n_chunks - 1) * s if kv.n_chunks else s)
+        while pos < t:
+            if fill == s:
+                c, fill = c + 1, 0
+            take = min(s - fill, t - pos)
+            out.append((c, fill, pos, take))
+            fill, pos = fill + take, pos + take
+        assert out[-1][0] < kv.geo.max_chunks, f"layer {kv.layer}: more tokens than the cache's capacity"
+        return out
+
+    def _new_chunk(self, kv: _LayerKV, tokens: int) -> None:
+        """Open chunk ``n_chunks`` on the device for every sequence, evicting to make room."""
+        self._make_room(kv, self.batch)
+        c = kv.n_chunks
+        slots = [kv.free.pop() for _ in range(self.batch)]
+        for b, slot in enumerate(slots):
+            key = kv.key(c, b)
+            kv.table.add(key, tokens, kv.geo.slot_bytes, DEVICE)
+            kv.slot_of[key] = slot
+            kv.resident.add(key)
+        kv.slot_map[:, c] = torch.tensor(slots, dtype=torch.int32, device=self.device)
+        kv.n_chunks += 1
+
+    def _update_abstracts(self, kv: _LayerKV, k: torch.Tensor, segments: list[tuple[int, int, int, int]]) -> None:
+        """Fold the appended keys into the abstracts and sizes of the chunks they go to (before placing them)."""
+        s = kv.geo.chunk_tokens
+        first, last = segments[0][0], segments[-1][0]
+        kv.chunk_sizes[first:last + 1] = s
+        kv.chunk_sizes[last] = segments[-1][1] + segments[-1][3]
+        if len(segments) == 1:
+            c, fill, pos, take = segments[0]
+            abstract_append(kv.kmin, kv.kmax, k[:, :, pos:pos + take], c, fresh=fill == 0)
+            return
+        end = segments[-1][2] + segments[-1][3]
+        starts = torch.tensor([pos for _, _, pos, _ in segments], device=self.device)
+        lo, hi = chunk_abstract(k[:, :, :end], starts)                            # (B, Hkv, n, D)
+        if segments[0][1] > 0:  # the first segment continued a chunk opened earlier
+            lo[:, :, 0] = torch.minimum(lo[:, :, 0], kv.kmin[:, :, first])
+            hi[:, :, 0] = torch.maximum(hi[:, :, 0], kv.kmax[:, :, first])
+        kv.kmin[:, :, first:last + 1] = lo
+        kv.kmax[:, :, first:last + 1] = hi
+
+    # -- moving chunks -----------------------------------------------------------------------
+
+    def _make_room(self, kv: _LayerKV, n_slots: int) -> None:
+        """Free ``n_slots`` resident slots by evicting least recently selected unprotected chunks."""
+        while len(kv.free) < n_slots:
+            victims = kv.table.eviction_order(DEVICE)[:n_slots - len(kv.free)]
+            if victims:
+                self._evict(kv, self._eviction_moves(kv, victims))
+            elif kv.fetching:
+                self._poll_fetches(kv, wait=True)
+            else:
+                raise KVBudgetError(f"layer {kv.layer}: every resident KV chunk is a sink or recent chunk; "
+                                    "raise --device-mem or use smaller chunk_tokens")
+
+    def _eviction_moves(self, kv: _LayerKV, victims: Sequence[ChunkKey]) -> dict[TierPair, list[ChunkKey]]:
+        """Destinations for evicted chunks: the host while its budget lasts, then disk."""
+        room = kv.table.free_bytes(HOST)
+        moves: dict[TierPair, list[ChunkKey]] = {}
+        for key in victims:
+            dst = HOST if room >= kv.geo.slot_bytes else DISK
+            if dst is DISK and self._store is None:
+                raise KVBudgetError("the host KV budget is full and there is no offload dir; give --offload-dir "
+                                    "or raise --host-mem")
+            room -= kv.geo.slot_bytes if dst is HOST else 0
+            moves.setdefault((DEVICE, dst), []).append(key)
+        return moves
+
+    def _evict(self, kv: _LayerKV, moves: Mapping[TierPair, Sequence[ChunkKey]]) -> None:
+        """Run device -> host/disk moves now. Disk needs the chunk persisted (normally written behind
+        already); if the write fails nothing has moved."""
+        for (src, dst), keys in moves.items():
+            assert src is DEVICE, f"only device chunks are evicted, not {src.value}"
+            if dst is DISK:
+                assert self._store is not None
+                if any(key in w.keys for w in kv.writing for key in keys):
+                    self._poll_writes(wait=True)
+                self._write_now(kv, [key for key in keys if key not in self._store])
+            kv.table.begin({(src, dst): keys})
+            for key in keys:
+                slot = kv.slot_of.pop(key)
+                kv.resident.discard(key)
+                if dst is HOST:
+                    kv.host_put(key, slot)
+                kv.free.append(slot)
+            kv.slot_map[[k.seq for k in keys], [k.chunk for k in keys]] = -1
+            kv.table.finish({(src, dst): keys})
+            self._c.evicted_chunks += len(keys)
+
+    def _chunk_record(self, kv: _LayerKV, key: ChunkKey, snapshot: bool) -> KVChunk:
+        """A resident chunk as a store record; ``snapshot`` copies it to host memory first."""
+        slot = kv.slot_of[key]
+        tensors = (kv.k_pool[slot], kv.v_pool[slot], kv.kmin[key.seq, :, key.chunk], kv.kmax[key.seq, :, key.chunk])
+        if snapshot:
+            tensors = tuple(t.to("cpu", copy=True) for t in tensors)
+        return KVChunk(kv.layer, key.chunk, key.seq, key.chunk * kv.geo.chunk_tokens, *tensors)
+
+    def _write_now(self, kv: _LayerKV, keys: Sequence[ChunkKey]) -> None:
+        if keys:
+            assert self._store is not None
+            self._store.append([self._chunk_record(kv, key, snapshot=False) for key in keys])
+            self._c.disk_write_bytes += len(keys) * kv.geo.slot_bytes
+
+    def _write_behind(self, kv: _LayerKV, chunk: int) -> None:
+        """Persist a just-closed chunk from a host snapshot on the writer thread, if the KV may spill.
+
+        The chunk itself stays free to move; evicting it to disk waits for this write first.
+        """
+        if self._store is None or not kv.geo.spill_expected or chunk < self.sink_chunks:
+            return
+        keys = tuple(kv.key(chunk, b) for b in range(self.batch))
+        records = [self._chunk_record(kv, key, snapshot=True) for key in keys]
+        store = self._store
+        future = self._jobs.submit("write", lambda: store.append(records))
+        kv.writing.append(_Write(keys, future, len(keys) * kv.geo.slot_bytes))
+
+    def _poll_writes(self, wait: bool) -> None:
+        """Retire finished write-behinds; after a failure wait for all and raise it (chunks stay put)."""
+        pending = [(kv, w) for kv in self._layers if kv is not None for w in kv.writing]
+        wait = wait or any(w.future.done() and w.future.exception() is not None for _, w in pending)
+        error: BaseException | None = None
+        for kv, w in pending:
+            if not wait and not w.future.done():
+                continue
+            exc = w.future.exception()
+            kv.writing.remove(w)
+            if exc is None:
+                self._c.disk_write_bytes += w.nbytes
+            error = error or exc
+        if error is not None:
+            raise error
+
+    def _start_fetches(self, kv: _LayerKV, fetch: Mapping[TierPair, Sequence[ChunkKey]]) -> list[_Fetch]:
+        """Begin host/disk -> device moves into free resident slots on the reader thread."""
+        started = []
+        for pair, keys in fetch.items():
+            keys = tuple(keys)
+            kv.table.begin({pair: keys})
+            assert len(kv.free) >= len(keys), "the chunk table and the free slots disagree"
+            slots = tuple(kv.free.pop() for _ in keys)
+            for key, slot in zip(keys, slots):
+                kv.slot_of[key] = slot
+            future = self._submit_load(kv, keys, slots)
+            fetch_rec = _Fetch(pair, keys, slots, future)
+            for key in keys:
+                kv.fetching[key] = fetch_rec
+            started.append(fetch_rec)
+        return started
+
+    def _finish_fetch(self, kv: _LayerKV, f: _Fetch) -> None:
+        """Commit a finished fetch (waiting for it); on failure undo it and raise."""
+        exc = f.future.exception()
+        for key in f.keys:
+            del kv.fetching[key]
+        if exc is not None:
+            kv.table.abort({f.pair: f.keys})
+            for key, slot in zip(f.keys, f.slots):
+                del kv.slot_of[key]
+                kv.free.append(slot)
+            raise exc
+        kv.table.finish({f.pair: f.keys})
+        for key in f.keys:
+            kv.resident.add(key)
+            if f.pair[0] is HOST:
+                kv.host_release(key)
+        kv.slot_map[[k.seq for k in f.keys], [k.chunk for k in f.keys]] = torch.tensor(
+            f.slots, dtype=torch.int32, device=self.device)
+
+    def _poll_fetches(self, kv: _LayerKV, wait: bool, keys: Sequence[ChunkKey] | None = None) -> None:
+        """Commit finished fetches of a layer (all, or those of ``keys``, waiting when asked)."""
+        chosen = kv.fetching.values() if keys is None else [kv.fetching[k] for k in keys if k in kv.fetching]
+        for f in list({id(f): f for f in chosen}.values()):
+            if wait or f.future.done():
+                self._finish_fetch(kv, f)
+
+    def _submit_load(self, kv: _LayerKV, keys: Sequence[ChunkKey], slots: Sequence[int]) -> Future:
+        """Copy chunks from the host or disk into device slots on the reader thread; sets slot lengths."""
+        tokens = [kv.table.tokens_of(key) for key in keys]
+        kv.slot_lens[list(slots)] = torch.tensor(tokens, dtype=torch.int32, device=self.device)
+        host = [(slot, kv.host[key]) for key, slot in zip(keys, slots) if kv.table.tier_of(key) is HOST]
+        disk = [(slot, key) for key, slot in zip(keys, slots) if kv.table.tier_of(key) is DISK]
+        assert len(host) + len(disk) == len(keys), "only host and disk chunks are loaded"
+        self._c.host_read_bytes += len(host) * kv.geo.slot_bytes
+        self._c.disk_read_bytes += len(disk) * kv.geo.slot_bytes
+        if self._decoding:
+            self._c.decode_read_bytes += len(keys) * kv.geo.slot_bytes
+        store = self._store
+
+        def job() -> None:
+            _copy_host(kv, host)
+            if disk:
+                assert store is not None, "disk chunks without a store"
+                _copy_disk(kv, [slot for slot, _ in disk], store.read([key for _, key in disk]))
+
+        return self._jobs.submit("read", job)
+
+    # -- attention ---------------------------------------------------------------------------
+
+    def _decode(self, kv: _LayerKV, q: torch.Tensor, positions: torch.Tensor,
+                window_tokens: int | None) -> torch.Tensor:
+        """One new token per sequence, already appended: sparse, or exact over every chunk."""
+        if window_tokens is None and self._sparse_now():
+            self._c.sparse_layer_steps += 1
+            return self._decode_sparse(kv, q, positions)
+        self._c.exact_layer_steps += 1
+        if window_tokens is None and kv.all_resident() and kv.prefetched is None:
+            c = kv.n_chunks
+            ids = torch.arange(c, dtype=torch.int32, device=self.device).expand(self.batch, self.cfg.num_kv_heads, c)
+            counts = torch.full((self.batch, self.cfg.num_kv_heads), c, dtype=torch.int32, device=self.device)
+            return self._kernel(kv, q, ids, counts)
+        return self._attend_streamed(kv, q, positions, kv.tokens - 1, window_tokens)
+
+    def _decode_sparse(self, kv: _LayerKV, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Score chunks, select within the token budget, make the selection resident, attend."""
+        self._drain_prefetch(kv)
+        sel = self._select(kv, q[:, :, 0])
+        if kv.all_resident():
+            kv.prev_needed = []
+            return self._kernel(kv, q, sel.ids, sel.counts)
+        pairs = sel.mask.any(1).nonzero().tolist()           # the one host sync: which chunks to fetch
+        needed = [kv.key(c, b) for b, c in pairs]
+        kv.prev_needed = needed
+        self._hint = (kv.geo.chunk_tokens, needed)
+        self._count_speculation(kv, needed)
+        if self._make_resident(kv, needed):
+            return self._kernel(kv, q, sel.ids, sel.counts)
+        return self._attend_streamed(kv, q, positions, kv.tokens - 1, None, chunk_mask=sel.mask)
+
+    def _select(self, kv: _LayerKV, q0: torch.Tensor) -> Selection:
+        """Importance selection on the device: q0 (B, Hq, D) -> Selection over the layer's chunks."""
+        c = kv.n_chunks
+        t0 = time.perf_counter()
+        scores = chunk_scores(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c])            # (B, Hkv, C)
+        budget = kv_budget_tokens(self.policy.kv_budget, kv.tokens)
+        sel = select_chunks(scores, kv.chunk_sizes[:c], budget_tokens=budget, sink_chunks=self.sink_chunks,
+                            recent_tokens=kv.geo.chunk_tokens)
+        self._c.estimator_s += time.perf_counter() - t0
+        self._selected_tokens += (sel.mask * kv.chunk_sizes[:c]).sum()
+        self._c.selectable_tokens += self.batch * self.cfg.num_kv_heads * kv.tokens
+        return sel
+
+    def _kernel(self, kv: _LayerKV, q: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Decode attention through the slot pool: ids (B, Hkv, M) chunk ids -> (B, Hq, 1, D)."""
+        b, h, m = ids.shape
+        table = kv.slot_map.gather(1, ids.clamp(min=0).long().reshape(b, h * m)).view(b, h, m)   # slot ids
+        return sparse_decode_attention(q[:, :, 0], kv.k_pool, kv.v_pool, table, counts, kv.slot_lens).unsqueeze(2)
+
+    def _make_resident(self, kv: _LayerKV, keys: Sequence[ChunkKey]) -> bool:
+        """Move ``keys`` to the device (evicting others); False when they do not fit together."""
+        self._poll_fetches(kv, wait=True, keys=keys)
+        plan = None
+        for _ in range(2):
+            try:
+                plan = kv.table.plan_moves(keys)
+                break
+            except KVBudgetError:
+                if not kv.fetching:
+                    return False
+                self._poll_fetches(kv, wait=True)   # speculative fetches hold slots: let them land
+        if plan is None:
+            return False
+        self._evict(kv, plan.evict)
+        for f in self._start_fetches(kv, plan.fetch):
+            self._finish_fetch(kv, f)
+        return True
+
+    def _attend_streamed(self, kv: _LayerKV, q: torch.Tensor, positions: torch.Tensor, q_first: int,
+                         window_tokens: int | None, chunk_mask: torch.Tensor | None = None,
+                         new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Exact attention (or over ``chunk_mask`` (B, Hkv, C)) over chunks on any tier, plus ``new_kv``.
+
+        Resident chunks are read in place; the others stream through the scratch slots. q_first is
+        the position of the first query; new_kv (B, Hkv, T, D) are the queries' own keys/values.
+        """
+        state = _OnlineSoftmax(q, self.cfg.num_kv_heads)
+        lo = 0 if window_tokens is None else max(0, q_first - window_tokens + 1) // kv.geo.chunk_tokens
+        if chunk_mask is None:
+            keys = [kv.key(c, b) for b in range(self.batch) for c in range(lo, kv.n_chunks)]
+        else:
+            keys = [kv.key(c, b) for b, c in chunk_mask.any(1).nonzero().tolist() if c >= lo]
+        self._poll_fetches(kv, wait=True, keys=keys)
+        resident = [(k.seq, k.chunk, kv.slot_of[k]) for k in keys if k in kv.resident]
+        per_batch = self._chunks_per_batch(kv, q)
+        for batch in _slot_batches(resident, self.batch, per_batch):
+            self._update_from_slots(state, kv, batch, positions, window_tokens, chunk_mask)
+        self._stream(kv, state, [k for k in keys if k not in kv.resident], positions, window_tokens, chunk_mask)
+        if new_kv is not None:
+            state.update(new_kv[0], new_kv[1], positions, positions, None, window_tokens)
+        return state.result()
+
+    def _chunks_per_batch(self, kv: _LayerKV, q: torch.Tensor) -> int:
+        b, hq, t, _ = q.shape
+        return max(1, _LOGITS_BATCH_BYTES // (4 * b * hq * t * kv.geo.chunk_tokens))
+
+    def _update_from_slots(self, state: _OnlineSoftmax, kv: _LayerKV, batch: tuple[list[list[int]], ...],
+                           positions: torch.Tensor, window_tokens: int | None, chunk_mask: torch.Tensor | None) -> None:
+        """Fold one rectangular batch of slots (B, n) into the softmax state."""
+        slots, cids, ok = (torch.tensor(x, device=self.device) for x in batch)
+        b, n = slots.shape
+        s, h, d = kv.geo.chunk_tokens, self.cfg.num_kv_heads, self.cfg.head_dim
+        k = kv.k_pool[slots].permute(0, 2, 1, 3, 4).reshape(b, h, n * s, d)          # (B, Hkv, n*S, D)
+        v = kv.v_pool[slots].permute(0, 2, 1, 3, 4).reshape(b, h, n * s, d)
+        offs = torch.arange(s, device=self.device)
+        k_pos = (cids[..., None] * s + offs).reshape(b, n * s)                         # (B, n*S)
+        key_ok = (offs < kv.slot_lens[slots][..., None]) & ok[..., None]              # (B, n, S)
+        key_ok = key_ok.reshape(b, 1, n * s)
+        if chunk_mask is not None:
+            picked = chunk_mask.gather(2, cids[:, None, :].expand(b, h, n))            # (B, Hkv, n)
+            key_ok = key_ok & picked[..., None].expand(b, h, n, s).reshape(b, h, n * s)
+        state.update(k, v, positions, k_pos, key_ok, window_tokens)
+
+    def _stream(self, kv: _LayerKV, state: _OnlineSoftmax, keys: Sequence[ChunkKey], positions: torch.Tensor,
+                window_tokens: int | None, chunk_mask: torch.Tensor | None) -> None:
+        """Attend to chunks off the device through the scratch slots, loading one wave ahead."""
+        pre, kv.prefetched = kv.prefetched, None
+        taken = set(pre.keys) if pre is not None else set()
+        rest = [k for k in keys if k not in taken]
+        if pre is None and not rest:
+            return
+        half = len(kv.scratch) // 2
+        assert half > 0, f"layer {kv.layer}: chunks off the device but no scratch slots"
+        plan = [rest[i:i + half] for i in range(0, len(rest), half)]
+        waves = [pre] if pre is not None else []
+        if pre is None and plan:
+            waves.append(self._submit_wave(kv, plan.pop(0), 0))
+        done = 0
+        try:
+            while done < len(waves):
+                if plan:
+                    waves.append(self._submit_wave(kv, plan.pop(0), len(waves) % 2))
+                wave = waves[done]
+                wave.future.result()
+                for batch in _slot_batches(wave.entries(), self.batch, len(wave.keys)):
+                    self._update_from_slots(state, kv, batch, positions, window_tokens, chunk_mask)
+                done += 1
+        finally:
+            wait_futures([w.future for w in waves])
+            for wave in waves:
+                kv.table.unpin(wave.keys)
+        self._c.streamed_chunks += sum(len(w.keys) for w in waves)
+
+    def _submit_wave(self, kv: _LayerKV, keys: Sequence[ChunkKey], buffer: int) -> _Wave:
+        """Pin chunks and load them into scratch half ``buffer`` (0 or 1) on the reader thread."""
+        half = len(kv.scratch) // 2
+        slots = kv.scratch[buffer * half: buffer * half + len(keys)]
+        assert len(slots) == len(keys), "a wave is larger than half the scratch slots"
+        kv.table.pin(keys)
+        return _Wave(tuple(keys), tuple(slots), self._submit_load(kv, keys, slots))
+
+    def _drain_prefetch(self, kv: _LayerKV) -> None:
+        """Drop a streamed wave prefetched for exact attention (the step turned sparse)."""
+        if kv.prefetched is not None:
+            wait_futures([kv.prefetched.future])
+            kv.table.unpin(kv.prefetched.keys)
+            kv.prefetched = None
+
+    # -- speculation -------------------------------------------------------------------------
+
+    def _speculate(self, layer: int, sparse: bool) -> None:
+        """Start fetching what layer ``layer`` will most likely need next, while this one computes."""
+        kv = self._layers[layer]
+        if kv is None:
+            return
+        self._poll_fetches(kv, wait=False)
+        window = self.cfg.sliding_window_tokens[layer] if self.cfg.sliding_window_tokens else None
+        if sparse and window is None:
+            self._speculate_sparse(kv)
+        elif kv.prefetched is None and kv.scratch:
+            q_first = kv.tokens
+            lo = 0 if window is None else max(0, q_first - window + 1) // kv.geo.chunk_tokens
+            off = [kv.key(c, b) for b in range(self.batch) for c in range(lo, kv.n_chunks)
+                   if kv.key(c, b) not in kv.slot_of]
+            if off:
+                kv.prefetched = self._submit_wave(kv, off[:len(kv.scratch) // 2], 0)
+
+    def _speculate_sparse(self, kv: _LayerKV) -> None:
+        """Prefetch what this layer selected at the previous step (temporal locality) and the token
+        ranges the layer before it selected just now (adjacent layers attend to similar tokens)."""
+        self._drain_prefetch(kv)
+        kv.spec = set()
+        guess = list(dict.fromkeys([*kv.prev_needed, *self._map_hint(kv)]))[:kv.geo.resident_slots // 2]
+        cand = [k for k in guess if k not in kv.slot_of]
+        if not cand:
+            return
+        try:
+            plan = kv.table.plan_moves(guess)
+        except KVBudgetError:
+            return
+        self._evict(kv, plan.evict)
+        self._start_fetches(kv, plan.fetch)
+        kv.spec = set(cand)
+        self._c.spec_fetched_chunks += len(cand)
+
+    def _map_hint(self, kv: _LayerKV) -> list[ChunkKey]:
+        """The chunks of ``kv`` covering the tokens of the chunks the previous layer just selected."""
+        if self._hint is None:
+            return []
+        from_tokens, keys = self._hint
+        to_tokens, out = kv.geo.chunk_tokens, []
+        for key in keys:
+            last = min(kv.n_chunks - 1, ((key.chunk + 1) * from_tokens - 1) // to_tokens)
+            out.extend(kv.key(c, key.seq) for c in range(key.chunk * from_tokens // to_tokens, last + 1))
+        return out
+
+    def _count_speculation(self, kv: _LayerKV, needed: Sequence[ChunkKey]) -> None:
+        spec, kv.spec = kv.spec, set()
+        for key in needed:
+            if key in spec:
+                self._c.spec_hits += 1
+            elif key not in kv.slot_of:
+                self._c.spec_misses += 1
+        self._c.spec_unused_chunks += len(spec.difference(needed))
+
+    # -- reporting and lifetime --------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """What the cache did: chunk sizes, bytes per tier, reads per decode step, speculation, estimator time."""
+        layers = [kv for kv in self._layers if kv is not None]
+        c = self._c
+        judged = c.spec_hits + c.spec_misses
+        return {
+            "kv_mode": self.policy.kv,
+            "chunk_tokens": [kv.geo.chunk_tokens if kv else None for kv in self._layers],
+            "attention_entropy": [kv.geo.entropy if kv else None for kv in self._layers],
+            "device_bytes": sum(kv.table.used_bytes(DEVICE) for kv in layers),
+            "host_bytes": sum(kv.table.used_bytes(HOST) for kv in layers),
+            "disk_bytes": sum(kv.table.used_bytes(DISK) for kv in layers),
+            "disk_file_bytes": self._store.used_bytes if self._store is not None else 0,
+            "device_allocated_bytes": self.nbytes,
+            "bytes_read_host": c.host_read_bytes,
+            "bytes_read_disk": c.disk_read_bytes,
+            "bytes_read_per_step": c.decode_read_bytes / c.decode_steps if c.decode_steps else 0.0,
+            "bytes_written_disk": c.disk_write_bytes,
+            "evicted_chunks": c.evicted_chunks,
+            "streamed_chunks": c.streamed_chunks,
+            "spec_hit_rate": c.spec_hits / judged if judged else None,
+            "spec_fetched_chunks": c.spec_fetched_chunks,
+            "spec_unused_chunks": c.spec_unused_chunks,
+            "estimator_s": c.estimator_s,
+            "selected_fraction": float(self._selected_tokens) / c.selectable_tokens if c.selectable_tokens else None,
+            "sparse_layer_steps": c.sparse_layer_steps,
+            "exact_layer_steps": c.exact_layer_steps,
+            "decode_steps": c.decode_steps,
+        }
+
+    def check_invariants(self) -> None:
+        """Assert that the chunk tables, the slots, the host buffers and the store agree (tests, debugging)."""
+        for kv in self._layers:
+            if kv is None:
+                continue
+            for b in range(self.batch):
+                keys = kv.table.chunks(kv.layer, b)
+                assert len(keys) == kv.n_chunks, f"layer {kv.layer} seq {b}: {len(keys)} chunks in the table"
+                for key in keys:
+                    tier = kv.table.tier_of(key)
+                    if key in kv.fetching:
+                        assert tier is not DEVICE and key in kv.slot_of, f"{key} is being fetched from {tier.value}"
+                        continue
+                    assert (tier is DEVICE) == (key in kv.resident) == (key in kv.slot_of), f"{key} on {tier.value}"
+                    assert (tier is HOST) == (key in kv.host), f"{key} on {tier.value}: host copy mismatch"
+                    if tier is DISK:
+                        assert self._store is not None and key in self._store, f"{key} is on disk but not stored"
+            assert len(kv.free) + len(kv.slot_of) == kv.geo.resident_slots, f"layer {kv.layer}: slots leak"
+            assert len(set(kv.slot_of.values())) == len(kv.slot_of), f"layer {kv.layer}: a slot is shared"
+
+    def close(self) -> None:
+        """Finish background work, delete this cache's offload files and free its memory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer()
+        self._layers = [None] * len(self._layers)
+
+    def __enter__(self) -> "TieredKVCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

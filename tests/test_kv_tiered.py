@@ -1,0 +1,321 @@
+"""The tiered, chunked KV cache: lossless exact mode over device/host/disk, sparse selection,
+adaptive chunk sizes, speculation, and clear errors for full or corrupt offload dirs.
+
+Most cases run the torch references of the kernels (fast on a CPU); one engine-level sparse case
+runs the Triton kernels through the interpreter. Until the engine calls ``make_kv_cache`` itself,
+engine-level cases swap ``tierkv.engine.DenseKVCache`` for a factory of the cache under test.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import tierkv.engine as engine_mod
+from tierkv.config import ModelConfig, Policy
+from tierkv.engine import Engine
+from tierkv.io.kvstore import KVStoreError
+from tierkv.pipeline.kv import DenseKVCache, TieredKVCache, kv_budget_tokens, kv_bytes_per_token, make_kv_cache
+from tierkv.pipeline.kv_table import KVBudgetError
+
+B, HQ, HKV, D, LAYERS = 2, 4, 2, 16, 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """Tiny tensors: one intra-op thread is much faster on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIERKV_KERNELS", "torch")
+
+
+def _cfg(layers: int = LAYERS) -> ModelConfig:
+    return ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=16, hidden_size=HQ * D,
+                                      intermediate_size=8, num_hidden_layers=layers, num_attention_heads=HQ,
+                                      num_key_value_heads=HKV, max_position_embeddings=8192))
+
+
+def _device_bytes(cfg: ModelConfig, chunk: int, slots: int, batch: int, capacity: int) -> int:
+    """A device KV budget holding ``slots`` chunk slots per layer beside the abstracts."""
+    slot = 2 * cfg.num_kv_heads * chunk * cfg.head_dim * 4
+    abstracts = 2 * batch * cfg.num_kv_heads * math.ceil(capacity / chunk) * cfg.head_dim * 4
+    return cfg.num_layers * (slots * slot + abstracts)
+
+
+def _host_bytes(cfg: ModelConfig, chunk: int, chunks: int) -> int:
+    return cfg.num_layers * chunks * 2 * cfg.num_kv_heads * chunk * cfg.head_dim * 4
+
+
+def _tiered(cfg: ModelConfig, policy: Policy, capacity: int, tmp: Path, *, slots: int = 12, host_chunks: int = 6,
+            batch: int = B, **kw: Any) -> TieredKVCache:
+    chunk = policy.chunk_tokens or 16
+    return TieredKVCache(cfg, policy, batch, capacity, torch.float32, "cpu",
+                         kv_device_bytes=_device_bytes(cfg, chunk, slots, batch, capacity),
+                         kv_host_bytes=_host_bytes(cfg, chunk, host_chunks), offload_dir=tmp, **kw)
+
+
+def _drive(caches: list[Any], pieces: list[int], windows: tuple[int | None, ...] = (None, None), seed: int = 0,
+           make: Callable[[int, int, int], tuple[torch.Tensor, ...]] | None = None,
+           check: Callable[..., None] | None = None) -> list[list[torch.Tensor]]:
+    """Feed the same random q/k/v pieces (prefill pieces, then 1-token steps) to every cache."""
+    g = torch.Generator().manual_seed(seed)
+    outs: list[list[torch.Tensor]] = [[] for _ in caches]
+    start = caches[0].length_tokens
+    for t in pieces:
+        pos = torch.arange(start, start + t)[None].expand(B, t)
+        for layer in range(len(windows)):
+            q, k, v = make(layer, start, t) if make else (torch.randn(B, n, t, D, generator=g) for n in (HQ, HKV, HKV))
+            for i, cache in enumerate(caches):
+                outs[i].append(cache.attend(layer, q, k, v, pos, windows[layer]))
+            if check is not None:
+                check(*[o[-1] for o in outs])
+        for cache in caches:
+            cache.advance(t)
+        start += t
+    return outs
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+PIECES = [300, 200, 45] + [1] * 6   # chunked prefill (ragged), then decode
+
+
+def test_exact_equals_dense_with_kv_on_all_three_tiers(tmp_path: Path, torch_kernels: None) -> None:
+    cfg, cap = _cfg(), sum(PIECES)
+    dense = DenseKVCache(cfg, B, cap, torch.float32, torch.device("cpu"))
+    tiered = _tiered(cfg, Policy(kv="exact", chunk_tokens=32), cap, tmp_path)
+    with tiered:
+        _drive([dense, tiered], PIECES, windows=(None, 100), check=_close)
+        tiered.check_invariants()
+        st = tiered.stats()
+        assert st["device_bytes"] > 0 and st["host_bytes"] > 0 and st["disk_bytes"] > 0
+        assert st["bytes_read_disk"] > 0 and st["bytes_read_per_step"] > 0 and st["streamed_chunks"] > 0
+        assert st["chunk_tokens"] == [32, 32] and tiered.length_tokens == cap
+    assert not any(tmp_path.iterdir()), "close() deletes the cache's offload files"
+
+
+def test_sparse_full_budget_and_auto_below_threshold_equal_exact(tmp_path: Path, torch_kernels: None) -> None:
+    cfg, cap = _cfg(), sum(PIECES)
+    dense = DenseKVCache(cfg, B, cap, torch.float32, torch.device("cpu"))
+    full = _tiered(cfg, Policy(kv="sparse", kv_budget=1.0, chunk_tokens=32), cap, tmp_path)
+    exact = _tiered(cfg, Policy(kv="auto", kv_exact_max_tokens=cap, chunk_tokens=16), cap, tmp_path, slots=16)
+    auto = _tiered(cfg, Policy(kv="auto", kv_exact_max_tokens=cap - 3, kv_budget=1.0, chunk_tokens=32), cap, tmp_path)
+    with full, exact, auto:
+        _drive([dense, full, exact, auto], PIECES, check=lambda a, *others: [_close(a, o) for o in others])
+        assert full.stats()["sparse_layer_steps"] == 6 * LAYERS and full.stats()["selected_fraction"] == 1.0
+        assert exact.stats()["sparse_layer_steps"] == 0
+        assert auto.stats()["sparse_layer_steps"] == 3 * LAYERS     # sparse once the context passed the threshold
+        full.check_invariants()
+
+
+def _needle(layer: int, start: int, t: int, needle_at: int = 160) -> tuple[torch.Tensor, ...]:
+    """Keys that all point away from the query except the tokens of one chunk (the needle)."""
+    g = torch.Generator().manual_seed(start * 7 + layer)
+    k = torch.randn(B, HKV, t, D, generator=g) * 0.1
+    k[..., 0] = -2.0
+    pos = torch.arange(start, start + t)
+    hit = (pos >= needle_at) & (pos < needle_at + 16)
+    k[:, :, hit, 0] = 3.0
+    q = torch.randn(B, HQ, t, D, generator=g) * 0.1
+    q[..., 0] = 16.0
+    return q, k, torch.randn(B, HKV, t, D, generator=g)
+
+
+def test_sparse_fetches_the_important_chunk_from_disk_and_speculates(tmp_path: Path, torch_kernels: None) -> None:
+    cfg, cap = _cfg(), 800
+    pieces = [400, 390] + [1] * 5
+    dense = DenseKVCache(cfg, B, cap, torch.float32, torch.device("cpu"))
+    sparse = _tiered(cfg, Policy(kv="sparse", kv_budget=64, chunk_tokens=16), cap, tmp_path, slots=16, host_chunks=4)
+    with sparse:
+        outs = _drive([dense, sparse], pieces, make=_needle)
+        for exact, approx in zip(outs[0][-10:], outs[1][-10:]):   # decode: attention mass is in the needle
+            _close(exact, approx)
+        st = sparse.stats()
+        sparse.check_invariants()
+    assert st["selected_fraction"] < 0.15 and st["estimator_s"] > 0
+    assert st["bytes_read_disk"] > 0 and st["spec_fetched_chunks"] > 0
+    assert st["spec_hit_rate"] is not None and st["spec_hit_rate"] > 0     # layer 1 reuses layer 0's needle
+
+
+def test_adaptive_chunk_sizes_follow_attention_skew(tmp_path: Path, torch_kernels: None) -> None:
+    cfg, cap = _cfg(), 700
+
+    def skewed(layer: int, start: int, t: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(start)
+        k = torch.randn(B, HKV, t, D, generator=g)
+        if layer == 0:
+            q = torch.zeros(B, HQ, t, D)              # flat attention -> large chunks
+        else:
+            q = torch.full((B, HQ, t, D), 3.0)        # a few keys dominate -> small chunks
+            k[:, :, ::97] = 6.0
+        return q, k, torch.randn(B, HKV, t, D, generator=g)
+
+    dense = DenseKVCache(cfg, B, cap, torch.float32, torch.device("cpu"))
+    adaptive = TieredKVCache(cfg, Policy(kv="exact"), B, cap, torch.float32, "cpu")
+    with adaptive:
+        _drive([dense, adaptive], [600, 1, 1], make=skewed, check=_close)
+        st = adaptive.stats()
+    assert st["chunk_tokens"] == [256, 16]
+    assert st["attention_entropy"][0] > 0.9 > 0.5 > st["attention_entropy"][1]
+
+
+def test_adaptive_size_shrinks_to_fit_the_device_budget(tmp_path: Path, torch_kernels: None) -> None:
+    cfg, cap = _cfg(), 2000
+    budget = _device_bytes(cfg, 64, 12, B, cap)       # room for 12 slots of 64 tokens per layer
+    cache = TieredKVCache(cfg, Policy(kv="exact"), B, cap, torch.float32, "cpu", kv_device_bytes=budget,
+                          offload_dir=tmp_path)
+    with cache:
+        _drive([cache], [300, 1], make=lambda j, s, t: (torch.zeros(B, HQ, t, D), torch.randn(B, HKV, t, D),
+                                                        torch.randn(B, HKV, t, D)))
+        assert cache.stats()["chunk_tokens"] == [64, 64]   # flat wants 256; the budget allows 64
+
+
+def test_factory_picks_dense_or_tiered(tmp_path: Path) -> None:
+    cfg, dt = _cfg(), torch.float32
+    need = kv_bytes_per_token(cfg, dt) * B * 1000
+    assert need == 2 * LAYERS * HKV * D * 4 * B * 1000
+    assert isinstance(make_kv_cache(cfg, Policy(kv="exact"), B, 1000, dt, "cpu"), DenseKVCache)
+    assert isinstance(make_kv_cache(cfg, Policy(kv="auto"), B, 1000, dt, "cpu", kv_device_bytes=need), DenseKVCache)
+    for policy, kw in [(Policy(kv="sparse"), {}), (Policy(kv="auto", kv_exact_max_tokens=500), {}),
+                       (Policy(kv="exact"), dict(kv_device_bytes=need // 2, offload_dir=tmp_path))]:
+        cache = make_kv_cache(cfg, policy, B, 1000, dt, "cpu", **kw)
+        assert isinstance(cache, TieredKVCache)
+        cache.close()
+
+
+def test_budget_errors_name_the_fix(tmp_path: Path) -> None:
+    cfg = _cfg()
+    with pytest.raises(KVBudgetError, match="needs at least 12 per layer.*raise --device-mem"):
+        TieredKVCache(cfg, Policy(chunk_tokens=32), B, 1000, torch.float32, "cpu",
+                      kv_device_bytes=_device_bytes(cfg, 32, 11, B, 1000), offload_dir=tmp_path)
+    with pytest.raises(KVBudgetError, match="give an offload dir"):
+        TieredKVCache(cfg, Policy(chunk_tokens=32), B, 1000, torch.float32, "cpu",
+                      kv_device_bytes=_device_bytes(cfg, 32, 12, B, 1000), kv_host_bytes=0)
+    assert kv_budget_tokens(0.05, 1000) == 50 and kv_budget_tokens(1.0, 999) == 999 and kv_budget_tokens(64, 10) == 64
+
+
+def test_full_offload_dir_stops_with_a_clear_error_and_a_consistent_cache(tmp_path: Path, torch_kernels: None) -> None:
+    cfg, cap = _cfg(), 700
+    cache = _tiered(cfg, Policy(kv="exact", chunk_tokens=32), cap, tmp_path, offload_bytes=4 * 12288)
+    with cache:
+        full = r"offload dir .* full after .* MiB of KV.*free space or lower the context"
+        with pytest.raises(KVStoreError, match=full):
+            _drive([cache], [300, 300, 1, 1])
+        cache.check_invariants()     # every chunk is where the table says; nothing half-moved
+        st = cache.stats()
+        assert st["disk_file_bytes"] <= 4 * 12288
+
+
+def test_corrupt_segment_is_detected_and_named(tmp_path: Path, torch_kernels: None) -> None:
+    cfg, cap = _cfg(), 600
+    cache = _tiered(cfg, Policy(kv="exact", chunk_tokens=32), cap, tmp_path)
+    with cache:
+        _drive([cache], [500])
+        cache._poll_writes(wait=True)
+        segment = next(tmp_path.glob("kv-*/layer0000.kvseg"))
+        data = bytearray(segment.read_bytes())
+        for off in range(0, len(data), 4096):         # flip a byte in every record's payload
+            if data[off:off + 4] == b"TKVC":
+                data[off + 1024] ^= 0xFF
+        segment.write_bytes(bytes(data))
+        with pytest.raises(KVStoreError, match="checksum") as err:
+            _drive([cache], [1], seed=1)
+        assert "layer0000.kvseg" in str(err.value)
+        cache.check_invariants()
+
+
+# -- through the engine -------------------------------------------------------------------------
+
+
+def _generate(model_dir: Path, policy: Policy, prompts: list[list[int]], factory: Callable[..., Any] | None,
+              monkeypatch: pytest.MonkeyPatch, new_tokens: int = 6) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    """Token ids per prompt, and the stats of each cache ``factory`` made (closed afterwards)."""
+    made: list[Any] = []
+
+    def build(cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> Any:
+        made.append(factory(cfg, batch, capacity, dtype, device))  # type: ignore[misc]
+        return made[-1]
+
+    with monkeypatch.context() as patch:
+        if factory is not None:
+            patch.setattr(engine_mod, "DenseKVCache", build)
+        with Engine(model_dir, policy) as engine:
+            outs = engine.generate(prompts, max_new_tokens=new_tokens)
+    stats = []
+    for cache in made:
+        cache.check_invariants()
+        stats.append(cache.stats())
+        cache.close()
+    return [o.token_ids for o in outs], stats
+
+
+def _spilling(policy: Policy, tmp: Path, slots: int = 8, host_chunks: int = 6,
+              chunk: int = 32) -> Callable[..., TieredKVCache]:
+    """A cache factory whose device and host hold a few chunks of ``chunk`` tokens per sequence and layer."""
+    def build(cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> TieredKVCache:
+        return TieredKVCache(cfg, policy, batch, capacity, dtype, device,
+                             kv_device_bytes=_device_bytes(cfg, chunk, slots * batch, batch, capacity),
+                             kv_host_bytes=_host_bytes(cfg, chunk, host_chunks * batch), offload_dir=tmp)
+    return build
+
+
+@pytest.fixture(scope="module")
+def long_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A Llama (GQA) and a Mistral with a 300-token sliding window, both with room for long prompts."""
+    from conftest import build_hf_model, save_hf_model
+    return {arch: save_hf_model(build_hf_model(arch, max_position_embeddings=4096, **kw),
+                                tmp_path_factory.mktemp(f"long-{arch}"))
+            for arch, kw in (("llama", {}), ("mistral", dict(sliding_window=300)))}
+
+
+def _prompts(n: int, length: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 211, (length,), generator=g).tolist() for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch, batch, chunk_tokens", [("llama", 2, 32), ("mistral", 1, None)])
+def test_engine_exact_tiered_is_lossless(long_models: dict[str, Path], tmp_path: Path, torch_kernels: None,
+                                         monkeypatch: pytest.MonkeyPatch, arch: str, batch: int,
+                                         chunk_tokens: int | None) -> None:
+    """Greedy tokens of the tiered cache (KV on device, host and disk) equal the resident engine's."""
+    model, prompts = long_models[arch], _prompts(batch, 1500)
+    policy = Policy(prefill_chunk_tokens=512, kv="exact", chunk_tokens=chunk_tokens)
+    dense, _ = _generate(model, policy, prompts, None, monkeypatch)
+    tiered, made = _generate(model, policy, prompts, _spilling(policy, tmp_path, chunk=chunk_tokens or 64), monkeypatch)
+    assert tiered == dense
+    st = made[0]
+    assert st["disk_bytes"] > st["host_bytes"] > 0 and st["device_bytes"] > 0
+    if chunk_tokens is None:
+        assert all(size is not None and size <= 64 for size in st["chunk_tokens"])   # adaptive, fitted to the budget
+    sparse_policy = Policy(prefill_chunk_tokens=512, kv="sparse", kv_budget=1.0, chunk_tokens=chunk_tokens)
+    sparse, _ = _generate(model, sparse_policy, prompts, _spilling(sparse_policy, tmp_path, chunk=chunk_tokens or 64),
+                          monkeypatch)
+    assert sparse == dense
+
+
+def test_engine_sparse_small_budget_with_triton_kernels(long_models: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierkv.kernels._select import HAS_TRITON, pick_backend
+    from tierkv.kernels.importance import _chunk_scores_kernel
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    assert pick_backend(_chunk_scores_kernel, torch.zeros(1)) == "triton"   # the interpreter runs the kernels
+    policy = Policy(prefill_chunk_tokens=512, kv="sparse", kv_budget=0.1, chunk_tokens=32)
+    tokens, made = _generate(long_models["llama"], policy, _prompts(1, 1200), _spilling(policy, tmp_path, slots=16),
+                             monkeypatch, new_tokens=4)
+    assert len(tokens[0]) == 4
+    st = made[0]
+    assert 0 < st["selected_fraction"] < 0.2 and st["estimator_s"] > 0 and st["sparse_layer_steps"] == 3 * LAYERS
+    assert st["disk_bytes"] > 0 and st["spec_hit_rate"] is not None and st["decode_steps"] == 3
