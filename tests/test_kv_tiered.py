@@ -15,6 +15,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
+import tierkv
 import tierkv.engine as engine_mod
 from tierkv.config import ModelConfig, Policy
 from tierkv.engine import Engine
@@ -241,23 +242,21 @@ def test_corrupt_segment_is_detected_and_named(tmp_path: Path, torch_kernels: No
 
 def _generate(model_dir: Path, policy: Policy, prompts: list[list[int]], factory: Callable[..., Any] | None,
               monkeypatch: pytest.MonkeyPatch, new_tokens: int = 6) -> tuple[list[list[int]], list[dict[str, Any]]]:
-    """Token ids per prompt, and the stats of each cache ``factory`` made (closed afterwards)."""
+    """Token ids per prompt, and the KV stats of each generation that used a cache ``factory`` made."""
     made: list[Any] = []
 
-    def build(cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> Any:
-        made.append(factory(cfg, batch, capacity, dtype, device))  # type: ignore[misc]
+    def build(engine: Engine, batch: int, capacity: int) -> Any:
+        made.append(factory(engine.config, batch, capacity, engine.dtype, engine.device))  # type: ignore[misc]
         return made[-1]
 
     with monkeypatch.context() as patch:
         if factory is not None:
-            patch.setattr(engine_mod, "DenseKVCache", build)
+            patch.setattr(engine_mod.Engine, "_make_kv", build)
         with Engine(model_dir, policy) as engine:
             outs = engine.generate(prompts, max_new_tokens=new_tokens)
-    stats = []
-    for cache in made:
+    for cache in made:                                  # the engine closed each cache when its generation ended
         cache.check_invariants()
-        stats.append(cache.stats())
-        cache.close()
+    stats = list({id(o.stats): o.stats.kv for o in outs}.values()) if factory is not None else []
     return [o.token_ids for o in outs], stats
 
 
@@ -319,3 +318,26 @@ def test_engine_sparse_small_budget_with_triton_kernels(long_models: dict[str, P
     st = made[0]
     assert 0 < st["selected_fraction"] < 0.2 and st["estimator_s"] > 0 and st["sparse_layer_steps"] == 3 * LAYERS
     assert st["disk_bytes"] > 0 and st["spec_hit_rate"] is not None and st["decode_steps"] == 3
+
+
+def test_budgets_through_load_spill_kv_and_stay_lossless(long_models: dict[str, Path], tmp_path: Path,
+                                                         torch_kernels: None) -> None:
+    """The public path: tierkv.load budgets -> the plan's KV room -> a cache over all three tiers."""
+    from tierkv.plan import make_plan, reserve_bytes
+
+    model, prompt = long_models["llama"], _prompts(1, 1500)[0]
+    with tierkv.load(model, device="cpu", kv="exact") as eng:
+        dense = eng.generate(prompt, max_new_tokens=6)
+        cfg = eng.config
+    policy = Policy(dtype="float32", device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256)
+    roomy = make_plan(cfg, tierkv.Budget(), policy)
+    weights = roomy.globals_bytes + cfg.num_layers * roomy.layer_bytes
+    per_token = kv_bytes_per_token(cfg, torch.float32)
+    device_mem = weights + reserve_bytes(cfg, torch.float32, policy, 256, 1)      # every layer + 256 tokens of KV
+    with tierkv.load(model, device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256,
+                     device_mem=device_mem, host_mem=400 * per_token, offload_dir=tmp_path) as eng:
+        assert not eng.plan.disk_layers and eng.plan.kv_device_bytes < 300 * per_token
+        tiered = eng.generate(prompt, max_new_tokens=6)
+    assert tiered.token_ids == dense.token_ids
+    kv = tiered.stats.kv
+    assert kv["disk_bytes"] > 0 and kv["host_bytes"] > 0 and kv["device_bytes"] > 0, kv

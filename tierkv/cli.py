@@ -21,6 +21,7 @@ from rich.table import Table
 from tierkv.config import Budget, ConfigError, Policy, format_size
 from tierkv.engine import Engine, GenerationResult, context_limit_tokens, load, model_path
 from tierkv.io.checkpoint import Checkpoint, CheckpointError, resolve_dtype
+from tierkv.io.kvstore import KVStoreError
 from tierkv.io.store import convert as convert_store
 from tierkv.plan import make_plan
 from tierkv.trace.cli import trace_app
@@ -35,6 +36,11 @@ DEMO_PROMPT = "Return a list of"
 DeviceMemOpt = typer.Option(None, "--device-mem", help="device budget, e.g. 6GiB (default: free memory less headroom)")
 HostMemOpt = typer.Option(None, "--host-mem", help="pinned host budget, e.g. 16GiB (default: detected)")
 OffloadOpt = typer.Option(None, "--offload-dir", help="where streamed layers live (default: ~/.cache/tierkv)")
+KvOpt = typer.Option("auto", "--kv", help="KV attention: exact, sparse, or auto (sparse beyond 4096 tokens)")
+KvBudgetOpt = typer.Option(0.05, "--kv-budget", help="sparse KV: fraction of the context (<1) or a token count")
+ChunkOpt = typer.Option(None, "--chunk-tokens", help="KV chunk size (default: adaptive per layer)")
+KvDeviceOpt = typer.Option(None, "--kv-device-tokens",
+                           help="context whose KV keeps room on the device (default: min(4096, model max))")
 
 
 @contextmanager
@@ -42,16 +48,16 @@ def _user_errors() -> Iterator[None]:
     """Library errors meant for users become one line on stderr and exit code 2."""
     try:
         yield
-    except (ConfigError, CheckpointError, ValueError, OSError) as exc:
+    except (ConfigError, CheckpointError, ValueError, OSError, KVStoreError) as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
 def _load(model: str, dtype: Optional[str], device: Optional[str], quiet: bool, device_mem: Optional[str] = None,
-          host_mem: Optional[str] = None, offload_dir: Optional[str] = None) -> Engine:
+          host_mem: Optional[str] = None, offload_dir: Optional[str] = None, **kv: Any) -> Engine:
     """Load with a spinner on a terminal (conversion, when needed, shows its own progress bar)."""
     err = Console(stderr=True)
-    budgets = dict(device_mem=device_mem, host_mem=host_mem, offload_dir=offload_dir)
+    budgets = dict(device_mem=device_mem, host_mem=host_mem, offload_dir=offload_dir, **kv)
     if quiet or not err.is_terminal:
         return load(model, dtype=dtype, device=device, progress=lambda done, total: None, **budgets)
     with err.status(f"loading {model} ..."):
@@ -59,6 +65,11 @@ def _load(model: str, dtype: Optional[str], device: Optional[str], quiet: bool, 
     if engine.plan is not None and (engine.plan.host_layers or engine.plan.disk_layers):
         err.print(engine.plan.summary(), style="dim", highlight=False)
     return engine
+
+
+def _kv_budget(value: float) -> float | int:
+    """--kv-budget 0.05 is a fraction of the context (1 = all of it); 512 (a whole number > 1) is a token count."""
+    return int(value) if value > 1 and float(value).is_integer() else value
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: Optional[int],
@@ -90,6 +101,10 @@ def run(
     device_mem: Optional[str] = DeviceMemOpt,
     host_mem: Optional[str] = HostMemOpt,
     offload_dir: Optional[str] = OffloadOpt,
+    kv: str = KvOpt,
+    kv_budget: float = KvBudgetOpt,
+    chunk_tokens: Optional[int] = ChunkOpt,
+    kv_device_tokens: Optional[int] = KvDeviceOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streamed text"),
 ) -> None:
     """Generate a completion for one prompt, streaming the text."""
@@ -97,7 +112,9 @@ def run(
         raise typer.BadParameter("give exactly one of --prompt or --prompt-ids")
     with _user_errors():
         ids = None if prompt_ids is None else [int(x) for x in prompt_ids.replace(" ", "").split(",") if x]
-        engine = _load(model, dtype, device, as_json, device_mem, host_mem, offload_dir)
+        engine = _load(model, dtype, device, as_json, device_mem, host_mem, offload_dir,
+                       kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
+                       kv_device_tokens=kv_device_tokens)
         stream = engine.stream(prompt if ids is None else ids,
                                **_sampling(max_new_tokens, temperature, top_k, top_p, seed, stop))
         for piece in stream:
@@ -127,10 +144,16 @@ def chat(
     device_mem: Optional[str] = DeviceMemOpt,
     host_mem: Optional[str] = HostMemOpt,
     offload_dir: Optional[str] = OffloadOpt,
+    kv: str = KvOpt,
+    kv_budget: float = KvBudgetOpt,
+    chunk_tokens: Optional[int] = ChunkOpt,
+    kv_device_tokens: Optional[int] = KvDeviceOpt,
 ) -> None:
     """Interactive chat with the model's chat template; type /exit (or Ctrl-D) to leave."""
     with _user_errors():
-        engine = _load(model, dtype, device, False, device_mem, host_mem, offload_dir)
+        engine = _load(model, dtype, device, False, device_mem, host_mem, offload_dir,
+                       kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
+                       kv_device_tokens=kv_device_tokens)
         if engine.tokenizer is None or not engine.tokenizer.chat_template:
             raise ConfigError(f"{engine.model_dir} has no tokenizer chat_template; use `tierkv run` instead")
         messages = [{"role": "system", "content": system}] if system else []

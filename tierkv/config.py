@@ -310,6 +310,8 @@ class Policy:
     kv_budget: float | int = 0.05       # sparse mode: fraction of the context (< 1) or a number of tokens
     kv_exact_max_tokens: int = 4096     # auto mode switches to sparse beyond this context length
     chunk_tokens: int | None = None     # KV chunk size; None = adaptive per layer from prefill attention skew
+    kv_device_tokens: int | None = None  # context whose KV the planner keeps room for on the device;
+                                         # None = min(4096, the model's maximum); beyond it KV spills to host/disk
 
     def __post_init__(self) -> None:
         if self.kv not in ("exact", "sparse", "auto"):

@@ -23,8 +23,8 @@ import torch
 
 from tierkv.config import Budget, ConfigError, ModelConfig, Policy, read_json
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
-from tierkv.model import decoder_layer, embed, head, step_inputs
-from tierkv.pipeline.kv import DenseKVCache
+from tierkv.model import KVCache, decoder_layer, embed, head, step_inputs
+from tierkv.pipeline.kv import DenseKVCache, make_kv_cache
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource, run_layers
 from tierkv.plan import Plan, open_weight_source
 from tierkv.io.store import ProgressFn
@@ -75,6 +75,7 @@ class GenerationStats:
     peak_rss_bytes: int = 0
     peak_device_bytes: int = 0      # CUDA allocator peak; 0 on CPU (see peak_rss_bytes)
     io_wait_fraction: float = 0.0   # share of prefill+decode time spent waiting for weights to arrive
+    kv: dict[str, Any] = field(default_factory=dict)  # tiered KV cache: chunk sizes, bytes per tier, hit rate
     weights: dict[str, float] = field(default_factory=dict)  # bytes per tier; bytes, GB/s, wait per link
 
     def to_dict(self) -> dict[str, Any]:
@@ -273,7 +274,7 @@ class Engine:
         return [self.encode(p) for p in prompts], True  # type: ignore[union-attr]
 
     # -- forward -----------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, kv: DenseKVCache, all_logits: bool = False) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, kv: KVCache, all_logits: bool = False) -> torch.Tensor:
         """ids (B, T) at the cache's next positions -> logits (B, V), or (B, T, V) with all_logits."""
         cfg, g = self.config, self._weights.globals()
         start, t = kv.length_tokens, ids.shape[1]
@@ -284,7 +285,15 @@ class Engine:
         kv.advance(t)
         return head(cfg, g, h) if all_logits else head(cfg, g, h[:, -1:])[:, 0]
 
-    def _prefill(self, ids: torch.Tensor, kv: DenseKVCache) -> torch.Tensor:
+    def _make_kv(self, batch: int, capacity_tokens: int) -> KVCache:
+        """This generation's KV cache: resident when it fits and attention is exact, else tiered."""
+        plan = self.plan
+        return make_kv_cache(self.config, self.policy, batch, capacity_tokens, self.dtype, self.device,
+                             kv_device_bytes=plan.kv_device_bytes if plan else None,
+                             kv_host_bytes=plan.kv_host_bytes if plan else None,
+                             offload_dir=Path(plan.offload_dir) / "kv" if plan else None)
+
+    def _prefill(self, ids: torch.Tensor, kv: KVCache) -> torch.Tensor:
         """ids (B, T) in pieces of ``prefill_chunk_tokens`` so activations stay bounded -> last logits (B, V)."""
         piece = self.policy.prefill_chunk_tokens
         for start in range(0, ids.shape[1], piece):
@@ -310,27 +319,13 @@ class Engine:
         budget = max(0, min(params.max_new_tokens, self.context_limit_tokens - t + 1))
         if cancel.is_set():  # cancelled while an earlier group of the batch ran: no prefill, no tokens
             budget = 0
-        kv = DenseKVCache(self.config, b, max(1, t + budget - 1), self.dtype, self.device)
-        gen = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
-        t0 = time.perf_counter()
-        logits = None
-        if budget > 0:
-            with torch.profiler.record_function("tierkv::prefill"):
-                logits = self._prefill(torch.tensor(prompts, device=self.device), kv)
-        stats.prefill_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for step in range(budget):
-            ids = sample(logits, params, gen)                                         # (B,)
-            for i, tok in enumerate(ids.tolist()):
-                if seqs[i].finish_reason is None:
-                    yield Piece(tok, seqs[i].push(tok), i)
-            if all(s.finish_reason for s in seqs) or step == budget - 1:
-                break
-            if cancel.is_set():
-                break
-            with torch.profiler.record_function("tierkv::decode"):
-                logits = self._forward(ids[:, None], kv)
-        stats.decode_s = time.perf_counter() - t1
+        kv = self._make_kv(b, max(1, t + budget - 1))
+        try:
+            yield from self._steps(torch.tensor(prompts, device=self.device), kv, seqs, budget, params, cancel, stats)
+        finally:
+            stats.kv = kv.stats() if hasattr(kv, "stats") else {}
+            if hasattr(kv, "close"):
+                kv.close()
         reason = "cancelled" if cancel.is_set() else "length"
         for i, s in enumerate(seqs):
             tail = s.finish(reason)
@@ -339,6 +334,28 @@ class Engine:
         self._finish_stats(stats, max(len(s.token_ids) for s in seqs), weights_before)
         out.extend(GenerationResult(s.token_ids, s.text, s.finish_reason or reason, s.prompt_ids, stats)
                    for s in seqs)
+
+    def _steps(self, prompt_ids: torch.Tensor, kv: KVCache, seqs: list[_Sequence], budget: int,
+               params: SamplingParams, cancel: threading.Event, stats: GenerationStats) -> Iterator[Piece]:
+        """Prefill prompt_ids (B, T), then sample and feed back up to ``budget`` tokens."""
+        gen = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
+        t0 = time.perf_counter()
+        logits = None
+        if budget > 0:
+            with torch.profiler.record_function("tierkv::prefill"):
+                logits = self._prefill(prompt_ids, kv)
+        stats.prefill_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for step in range(budget):
+            ids = sample(logits, params, gen)                                         # (B,)
+            for i, tok in enumerate(ids.tolist()):
+                if seqs[i].finish_reason is None:
+                    yield Piece(tok, seqs[i].push(tok), i)
+            if all(s.finish_reason for s in seqs) or step == budget - 1 or cancel.is_set():
+                break
+            with torch.profiler.record_function("tierkv::decode"):
+                logits = self._forward(ids[:, None], kv)
+        stats.decode_s = time.perf_counter() - t1
 
     def _finish_stats(self, stats: GenerationStats, new_tokens: int, weights_before: dict[str, float]) -> None:
         stats.new_tokens = new_tokens
@@ -412,7 +429,9 @@ def _params(sampling: dict[str, Any]) -> SamplingParams:
 
 def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: str | int | None = None,
          offload_dir: str | Path | None = None, dtype: str | torch.dtype | None = None,
-         device: str | None = None, prefill_chunk_tokens: int = 2048,
+         device: str | None = None, kv: str = "auto", kv_budget: float | int = 0.05,
+         chunk_tokens: int | None = None, kv_exact_max_tokens: int = 4096, kv_device_tokens: int | None = None,
+         prefill_chunk_tokens: int = 2048,
          progress: ProgressFn | None = None) -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``) for generation.
 
@@ -421,7 +440,18 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     from a packed copy under offload_dir (default: $TIERKV_OFFLOAD_DIR or ~/.cache/tierkv),
     converted on first use. dtype: compute dtype ("bfloat16", "float16", "float32"; default: the
     checkpoint's). device: "cpu", "cuda", "cuda:1" (default: CUDA when available).
+
+    KV cache: kv="exact" attends to every chunk wherever it lives; "sparse" attends only to the
+    chunks the importance estimator picks within kv_budget (a fraction of the context below 1, or a
+    number of tokens), always with the first chunk and the recent window; "auto" is exact up to
+    kv_exact_max_tokens of context, sparse beyond. chunk_tokens fixes the chunk size (default:
+    adaptive per layer from the attention skew at prefill). kv_device_tokens: context whose KV the
+    planner keeps device room for (default min(4096, model max)); KV beyond what the device budget
+    holds goes to host memory, then to offload_dir. Long prompts are prefilled in pieces of
+    prefill_chunk_tokens.
     """
     policy = Policy(dtype=None if dtype is None else str(dtype).removeprefix("torch."), device=device,
-                    prefill_chunk_tokens=prefill_chunk_tokens)
+                    prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,
+                    kv_exact_max_tokens=kv_exact_max_tokens, chunk_tokens=chunk_tokens,
+                    kv_device_tokens=kv_device_tokens)
     return Engine(model, policy, Budget.parse(device_mem, host_mem, offload_dir), progress=progress)

@@ -22,7 +22,16 @@ from tierkv.config import ModelConfig, RopeConfig
 
 
 class KVCache(Protocol):
-    """What attention needs from a KV cache: store this step's K/V, then attend over the layer's context."""
+    """What attention needs from a KV cache: store this step's K/V, then attend over the layer's context.
+
+    ``length_tokens`` counts the positions stored so far; the engine calls ``advance(t)`` after the
+    last layer of each forward of ``t`` tokens.
+    """
+
+    length_tokens: int
+
+    def advance(self, t: int) -> None:
+        ...
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                positions: torch.Tensor, window_tokens: int | None) -> torch.Tensor:

@@ -81,6 +81,8 @@ class Plan:
     predicted_step_s: float            # one decode step at batch 1
     predicted_tok_s: float
     bound: str                         # "disk", "h2d" or "compute": the busiest link
+    kv_device_bytes: int = 0           # device memory left for the KV cache once weights and activations are placed
+    kv_host_bytes: int = 0             # host memory left for cold KV chunks once host layers and staging are placed
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: an unmeasured (infinite) link speed becomes null."""
@@ -99,6 +101,8 @@ class Plan:
             f"prefetch depth {self.prefetch_depth}, layer {format_size(self.layer_bytes)}; links: disk "
             f"{self.links.disk_read_gbps:.2f} GB/s, host->device {self.links.h2d_gbps:.2f} GB/s, "
             f"compute {self.links.layer_compute_s * 1e3:.2f} ms/layer",
+            f"KV cache room: {format_size(self.kv_device_bytes)} on the device, "
+            f"{format_size(self.kv_host_bytes)} in host memory, the rest in {self.offload_dir}/kv",
             f"predicted {self.predicted_tok_s:.2f} tok/s, bound by {self.bound}",
         ]
         return "\n".join(lines)
@@ -155,11 +159,16 @@ def reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, conte
     """Device memory for the dense KV cache of ``context_tokens`` and one prefill piece's activations."""
     item = torch.empty((), dtype=dtype).element_size()
     kv = 2 * config.num_layers * config.kv_size * context_tokens * batch * item
+    return kv + activation_bytes(config, policy, context_tokens, batch)
+
+
+def activation_bytes(config: ModelConfig, policy: Policy, context_tokens: int, batch: int) -> int:
+    """Working memory of one prefill piece attending to ``context_tokens`` (fp32 worst case)."""
     piece = min(policy.prefill_chunk_tokens, context_tokens) * batch
     h, i = config.hidden_size, config.intermediate_size
-    activations = piece * (4 * h + 3 * i + config.q_size + 2 * config.kv_size) * 4    # fp32 worst case
+    activations = piece * (4 * h + 3 * i + config.q_size + 2 * config.kv_size) * 4
     scores = piece * config.num_heads * context_tokens * 4                            # unfused attention
-    return kv + activations + scores + piece * config.vocab_size * 4
+    return activations + scores + piece * config.vocab_size * 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +338,8 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
 
     ``links``: measured speeds; None probes them (disk on ``data_path``, the store's data file,
     or a scratch file in the offload directory; only the links the placement uses).
-    ``context_tokens`` (default: min(4096, the model's maximum)) sizes the KV reserve.
+    ``context_tokens`` (default: ``policy.kv_device_tokens``, else min(4096, the model's maximum))
+    sizes the device room kept for the KV cache and activations.
     Raises PlanError, naming the minimum, when the device budget cannot hold one layer's working set.
     """
     device = torch.device(policy.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -338,7 +348,7 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     layers = [e for e in extents if e.name.startswith("layer.")]
     layer_bytes = max(e.padded_nbytes for e in layers)
     globals_bytes = sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
-    context = context_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
+    context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     reserve = reserve_bytes(config, dtype, policy, context, batch)
     dev_mem, host_mem, offload_dir = detect_budgets(budget, device)
     _check_minimum(dev_mem, host_mem, reserve, globals_bytes, layer_bytes, config.num_layers, device, dtype)
@@ -364,6 +374,9 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         host_weight_budget_bytes=host_mem, ring_bytes=ring, staging_bytes=staging, links=links,
         predicted_step_s=step_s, predicted_tok_s=batch / step_s if step_s > 0 else math.inf,
         bound=_bound(kinds, layer_bytes, links, cuda),
+        kv_device_bytes=max(0, dev_mem - globals_bytes - kinds.count("device") * layer_bytes - ring
+                            - activation_bytes(config, policy, context, batch)),
+        kv_host_bytes=max(0, host_mem - kinds.count("host") * layer_bytes - staging),
     )
 
 
