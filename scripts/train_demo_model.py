@@ -59,7 +59,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads; on a CPU shared with other jobs 1 is often faster, "
+                        "because oversubscribed OpenMP threads wait on each other")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="autocast mode; auto times a few steps of each and keeps the faster")
@@ -267,6 +269,7 @@ def save_model(model, out: Path) -> int:
     model.config.dtype = "bfloat16"
     model.config.use_cache = True
     model.save_pretrained(out, safe_serialization=True)
+    os.chmod(out / "model.safetensors", 0o644)  # written 0600; must be readable once installed
     cfg = model.config
     # transformers 5 writes only `rope_parameters`; keep the classic top-level key as well so
     # readers that expect older Llama config.json files (tierkv.config among them) find it.

@@ -14,6 +14,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -36,6 +37,7 @@ DEMO_PROMPT = "Return a list of"
 DeviceMemOpt = typer.Option(None, "--device-mem", help="device budget, e.g. 6GiB (default: free memory less headroom)")
 HostMemOpt = typer.Option(None, "--host-mem", help="pinned host budget, e.g. 16GiB (default: detected)")
 OffloadOpt = typer.Option(None, "--offload-dir", help="where streamed layers live (default: ~/.cache/tierkv)")
+ThreadsOpt = typer.Option(None, "--threads", "-t", help="CPU threads for compute (default: torch's choice)")
 KvOpt = typer.Option("auto", "--kv", help="KV attention: exact, sparse, or auto (sparse beyond 4096 tokens)")
 KvBudgetOpt = typer.Option(0.05, "--kv-budget", help="sparse KV: fraction of the context (<1) or a token count")
 ChunkOpt = typer.Option(None, "--chunk-tokens", help="KV chunk size (default: adaptive per layer)")
@@ -51,6 +53,14 @@ def _user_errors() -> Iterator[None]:
     except (ConfigError, CheckpointError, ValueError, OSError, KVStoreError) as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    """The CLI owns its process, so it may set torch's CPU thread count (the library never does)."""
+    if threads is not None:
+        if threads < 1:
+            raise typer.BadParameter(f"--threads {threads}: give 1 or more")
+        torch.set_num_threads(threads)
 
 
 def _load(model: str, dtype: Optional[str], device: Optional[str], quiet: bool, device_mem: Optional[str] = None,
@@ -105,11 +115,13 @@ def run(
     kv_budget: float = KvBudgetOpt,
     chunk_tokens: Optional[int] = ChunkOpt,
     kv_device_tokens: Optional[int] = KvDeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streamed text"),
 ) -> None:
     """Generate a completion for one prompt, streaming the text."""
     if (prompt is None) == (prompt_ids is None):
         raise typer.BadParameter("give exactly one of --prompt or --prompt-ids")
+    _set_threads(threads)
     with _user_errors():
         ids = None if prompt_ids is None else [int(x) for x in prompt_ids.replace(" ", "").split(",") if x]
         engine = _load(model, dtype, device, as_json, device_mem, host_mem, offload_dir,
@@ -148,8 +160,10 @@ def chat(
     kv_budget: float = KvBudgetOpt,
     chunk_tokens: Optional[int] = ChunkOpt,
     kv_device_tokens: Optional[int] = KvDeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Interactive chat with the model's chat template; type /exit (or Ctrl-D) to leave."""
+    _set_threads(threads)
     with _user_errors():
         engine = _load(model, dtype, device, False, device_mem, host_mem, offload_dir,
                        kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
@@ -255,10 +269,13 @@ def plan_cmd(
 def demo(
     prompt: str = typer.Option(DEMO_PROMPT, "--prompt", "-p"),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n"),
-    temperature: float = typer.Option(0.0),
-    seed: Optional[int] = typer.Option(None),
+    temperature: float = typer.Option(0.6, help="0 = greedy (the tiny model then repeats itself)"),
+    top_k: int = typer.Option(20, "--top-k"),
+    seed: Optional[int] = typer.Option(2, help="sampling seed (fixed, so the demo is reproducible)"),
+    threads: int = typer.Option(1, "--threads", "-t", help="CPU threads (the demo model is tiny: 1 is fastest)"),
 ) -> None:
     """Run the small model bundled with tierkv (no download) and show what it did."""
+    _set_threads(threads)
     with _user_errors():
         t0 = time.perf_counter()
         engine = load("demo")
@@ -268,7 +285,8 @@ def demo(
         console.print(f"[bold]tierkv demo[/]: {cfg.architecture}, {cfg.param_count() / 1e6:.1f}M parameters, "
                       f"{cfg.num_layers} layers, loaded in {load_s:.2f} s on {engine.device.type}", highlight=False)
         sys.stdout.write(prompt)
-        stream = engine.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        stream = engine.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               seed=seed)
         for piece in stream:
             sys.stdout.write(piece.text)
             sys.stdout.flush()
