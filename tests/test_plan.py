@@ -55,7 +55,7 @@ def test_budget_below_one_layer_is_refused_naming_the_minimum():
     assert p.device_layers == () and p.prefetch_depth == 0 and len(p.disk_layers) == 16
 
 
-@pytest.mark.parametrize("device_mem", ["900MiB", "1.2GiB", "1.5GiB", "1.8GiB"])
+@pytest.mark.parametrize("device_mem", ["900MiB", "1.2GiB", "1.5GiB", "1.65GiB"])
 def test_partial_placements_stay_within_budget(device_mem):
     p = _plan(device_mem)
     _check_invariants(p)

@@ -168,7 +168,7 @@ def activation_bytes(config: ModelConfig, policy: Policy, context_tokens: int, b
     h, i = config.hidden_size, config.intermediate_size
     activations = piece * (4 * h + 3 * i + config.q_size + 2 * config.kv_size) * 4
     scores = piece * config.num_heads * context_tokens * 4                            # unfused attention
-    return activations + scores + piece * config.vocab_size * 4
+    return activations + scores + batch * config.vocab_size * 4                       # logits: last position only
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     reserve = reserve_bytes(config, dtype, policy, context, batch)
     dev_mem, host_mem, offload_dir = detect_budgets(budget, device)
-    _check_minimum(dev_mem, host_mem, reserve, globals_bytes, layer_bytes, config.num_layers, device, dtype)
+    _check_minimum(dev_mem, host_mem, reserve, globals_bytes, layer_bytes, config.num_layers, device, dtype, context)
     cuda = device.type == "cuda"
     device_avail, n = dev_mem - reserve - globals_bytes, config.num_layers
     options = {d: _split(n, layer_bytes, device_avail, host_mem, d, cuda) for d in range(MAX_PREFETCH_DEPTH + 1)}
@@ -399,7 +399,7 @@ def _best_option(options: dict[int, tuple[int, int, int, int]], n: int, layer_by
 
 
 def _check_minimum(dev_mem: int, host_mem: int, reserve: int, globals_bytes: int, layer_bytes: int,
-                   num_layers: int, device: torch.device, dtype: torch.dtype) -> None:
+                   num_layers: int, device: torch.device, dtype: torch.dtype, context_tokens: int) -> None:
     """Refuse a device budget below globals + KV/activation reserve + one layer slot."""
     minimum = reserve + globals_bytes + layer_bytes
     if dev_mem < minimum:
@@ -407,7 +407,8 @@ def _check_minimum(dev_mem: int, host_mem: int, reserve: int, globals_bytes: int
             f"device budget {format_size(dev_mem)} is below the minimum working set {format_size(minimum)} "
             f"(embedding/norm/head {format_size(globals_bytes)} + KV and activations {format_size(reserve)} + "
             f"one layer {format_size(layer_bytes)} of {num_layers}, {str(dtype).removeprefix('torch.')}); raise "
-            f"--device-mem to at least {format_size(minimum)}, shorten the context, or use a smaller dtype")
+            f"--device-mem to at least {format_size(minimum)}, or reserve KV room for fewer tokens "
+            f"(--kv-device-tokens, now {context_tokens}), or use a smaller dtype")
 
 
 def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budget, policy: Policy = Policy(), *,
