@@ -250,15 +250,16 @@ def plan_cmd(
     offload_dir: Optional[str] = OffloadOpt,
     dtype: Optional[str] = typer.Option(None, help="compute dtype (default: the checkpoint's)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda when available)"),
-    context_tokens: Optional[int] = typer.Option(None, "--context", help="context length to reserve KV for"),
+    kv_device_tokens: Optional[int] = KvDeviceOpt,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Show where each layer would live, the prefetch depth, and the predicted tokens/s."""
     with _user_errors():
         with Checkpoint(model_path(model)) as ckpt:
             cfg = ckpt.config
-        policy = Policy(dtype=str(resolve_dtype(dtype, cfg.dtype)).removeprefix("torch."), device=device)
-        plan = make_plan(cfg, Budget.parse(device_mem, host_mem, offload_dir), policy, context_tokens=context_tokens)
+        policy = Policy(dtype=str(resolve_dtype(dtype, cfg.dtype)).removeprefix("torch."), device=device,
+                        kv_device_tokens=kv_device_tokens)
+        plan = make_plan(cfg, Budget.parse(device_mem, host_mem, offload_dir), policy)
     if as_json:
         print(json.dumps(plan.to_dict()))
     else:

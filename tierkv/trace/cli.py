@@ -49,11 +49,17 @@ def run_command(
     out: Annotated[Path, typer.Option("--out", help="Directory for the traces, report.json, tklqt.png.")] = Path("tierkv-trace"),
     device: Annotated[str | None, typer.Option("--device", help="Compute device (default: auto).")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Weight dtype, e.g. bfloat16.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", "-t", min=1,
+                                                help="CPU threads for torch (default: torch's choice).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print report.json's content instead of tables.")] = False,
 ) -> None:
     """Profile generation at each batch size and find the CPU-bound -> GPU-bound transition."""
+    import torch
+
     from tierkv.trace.capture import run_sweep  # deferred: imports torch and the engine
 
+    if threads is not None:
+        torch.set_num_threads(threads)  # the CLI owns its process; the library never changes this
     sizes = parse_batch_sizes(batch_sizes)
     progress = Console(stderr=True)
 
