@@ -24,6 +24,7 @@ CASES = {
     "mistral-window": ("mistral", {"sliding_window": 8}),
     "qwen2": ("qwen2", {"vocab_size": 151}),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen2-window-layer1": ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),
     "qwen3": ("qwen3", {"head_dim": 32}),
     "qwen3-gqa4-tied": ("qwen3", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
 }
