@@ -201,7 +201,7 @@ def layer_compute_s(model_dir: Path, device: str, iters: int = 20) -> float:
 
 
 def choose_budget(model_dir: Path, offload_dir: Path, links: Any, fraction: float, device: str,
-                  prompt_len: int) -> tuple[dict[str, int], Any]:
+                  prompt_len: int, kv_device_tokens: int | None = None) -> tuple[dict[str, int], Any]:
     """({device_mem, host_mem}, plan) with the share of layers on disk closest to ``fraction``.
 
     Asks ``make_plan`` (with the ``links`` measured in this run) for every budget of globals +
@@ -213,7 +213,7 @@ def choose_budget(model_dir: Path, offload_dir: Path, links: Any, fraction: floa
     from tierkv.plan import MAX_PREFETCH_DEPTH, PlanError, make_plan
 
     cfg = Checkpoint(model_dir).config
-    policy = Policy(dtype="bfloat16", device=device, prefill_chunk_tokens=prompt_len)
+    policy = Policy(dtype="bfloat16", device=device, prefill_chunk_tokens=prompt_len, kv_device_tokens=kv_device_tokens)
     whole = make_plan(cfg, Budget(1 << 50, 0, offload_dir), policy, links)
     n, layer = whole.num_layers, whole.layer_bytes
     base = whole.reserve_bytes + whole.globals_bytes + SLACK_BYTES
@@ -291,7 +291,8 @@ def _streaming_engine(model_dir: str, budget: dict[str, int], offload_dir: str, 
     from tierkv.plan import open_weight_source
 
     torch.set_num_threads(args["threads"])
-    policy = Policy(dtype="bfloat16", device=args["device"], prefill_chunk_tokens=prompt_len)
+    policy = Policy(dtype="bfloat16", device=args["device"], prefill_chunk_tokens=prompt_len,
+                    kv_device_tokens=args.get("kv_device_tokens"))
     cfg = Checkpoint(model_dir).config
     source, plan = open_weight_source(model_dir, cfg, Budget(budget["device_mem"], budget["host_mem"],
                                                              Path(offload_dir)), policy, links=links)
@@ -548,6 +549,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--resident-repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--kv-device-tokens", type=int, default=None,
+                    help="KV context tierkv keeps device room for, inside its budget (default: the planner's "
+                         "4096; accelerate's max_memory holds no KV, so prompt+new tokens is the fair match)")
     ap.add_argument("--skip-peer", action="store_true", help="no accelerate run")
     ap.add_argument("--skip-resident", action="store_true", help="no resident tierkv vs transformers run")
     ap.add_argument("--peer-matched", action="store_true",
@@ -562,12 +566,13 @@ def run_all(args: argparse.Namespace, model_dir: Path, ids: list[int]) -> tuple[
     """Budgets, ceilings and every contender; returns (budget, tierkv, peers, resident, raw/loads)."""
     offload = args.offload_dir or args.model_root / "offload"
     links, data_path, raw0 = measure_links(model_dir, offload, args.device)
-    budget, plan = choose_budget(model_dir, offload, links, args.stream_fraction, args.device, args.prompt_len)
+    budget, plan = choose_budget(model_dir, offload, links, args.stream_fraction, args.device, args.prompt_len,
+                                 args.kv_device_tokens)
     print(f"searched plan (device_mem {budget['device_mem']} B, host_mem {budget['host_mem']} B):\n"
           f"{plan.summary()}\n", flush=True)
     common = {"threads": args.threads, "device": args.device, "new_tokens": args.new_tokens,
               "repeats": args.repeats, "resident_tokens": args.resident_tokens,
-              "resident_repeats": args.resident_repeats}
+              "resident_repeats": args.resident_repeats, "kv_device_tokens": args.kv_device_tokens}
     loads = [os.getloadavg()[0]]
     raw = [raw0]
     tk = in_fresh_process(run_tierkv_streaming, str(model_dir), budget, str(offload), str(data_path), plan.links,
