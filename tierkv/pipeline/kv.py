@@ -818,7 +818,13 @@ class TieredKVCache:
         self._c.estimator_s += time.perf_counter() - t0
         self._selected_tokens += (sel.mask * kv.chunk_sizes[:c]).sum()
         self._c.selectable_tokens += self.batch * self.cfg.num_kv_heads * kv.tokens
-        return sel
+        # Trim the id table (B, Hkv, C) to the most chunks a selection can hold, without a host sync:
+        # every chunk but the open last one holds S tokens, so the budget admits at most budget // S
+        # unforced chunks, beside the sinks and at most two recent chunks. The attention kernel's
+        # cost grows with the table's width (the torch reference gathers all of it), not the counts.
+        width = min(c, self.sink_chunks + 2 + budget // kv.geo.chunk_tokens)
+        assert self.device.type != "cpu" or int(sel.counts.max()) <= width, "selection wider than its bound"
+        return sel._replace(ids=sel.ids[..., :width])
 
     def _kernel(self, kv: _LayerKV, q: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Decode attention through the slot pool: ids (B, Hkv, M) chunk ids -> (B, Hq, 1, D)."""
