@@ -67,5 +67,15 @@ def test_fit_chunk_tokens_halves_until_slots_suffice() -> None:
     slots = lambda size: budget_tokens // size  # noqa: E731
     assert fit_chunk_tokens(256, slots, 6) == 128          # 1000 // 128 = 7 slots >= 6
     assert fit_chunk_tokens(256, slots, 60) == 16
-    assert fit_chunk_tokens(256, slots, 6000, smallest_tokens=16) == 16   # nothing fits: the smallest
+    assert fit_chunk_tokens(256, slots, 6000, smallest_tokens=16) == 256  # nothing fits: unchanged, caller reports
     assert fit_chunk_tokens(32, slots, 6) == 32
+
+
+def test_fit_chunk_tokens_grows_when_abstracts_fill_the_budget() -> None:
+    """At long contexts small chunks mean many abstracts: a larger size is the one that fits."""
+    def slots(size: int) -> int:                            # 1000 bytes, abstracts cost 16000 // size
+        return max(0, 1000 - 16000 // size) // size
+    assert slots(16) == 0 and fit_chunk_tokens(16, slots, 5, smallest_tokens=16, largest_tokens=256) == 32
+    assert fit_chunk_tokens(16, slots, 6, smallest_tokens=16, largest_tokens=256) == 32
+    assert fit_chunk_tokens(16, slots, 12, smallest_tokens=16, largest_tokens=256) == 32   # 15 slots
+    assert fit_chunk_tokens(16, slots, 16, smallest_tokens=16, largest_tokens=256) == 16   # none: unchanged

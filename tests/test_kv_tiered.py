@@ -341,3 +341,17 @@ def test_budgets_through_load_spill_kv_and_stay_lossless(long_models: dict[str, 
     assert tiered.token_ids == dense.token_ids
     kv = tiered.stats.kv
     assert kv["disk_bytes"] > 0 and kv["host_bytes"] > 0 and kv["device_bytes"] > 0, kv
+
+
+def test_adaptive_chunks_fit_a_long_context_in_a_small_device_room(tmp_path: Path) -> None:
+    """32K-64K tokens with 2K tokens of device room: 16-token abstracts alone would fill it, so the
+    adaptive size must grow instead of failing (a regression found by scripts/bench_kv.py)."""
+    cfg = ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], hidden_size=512, num_hidden_layers=2,
+                                     num_attention_heads=8, num_key_value_heads=4, intermediate_size=64,
+                                     vocab_size=64, max_position_embeddings=131072))
+    per_token = kv_bytes_per_token(cfg, torch.float32)
+    for capacity in (32768, 65536):
+        cache = TieredKVCache(cfg, Policy(kv="sparse"), 1, capacity, torch.float32, "cpu",
+                              kv_device_bytes=2048 * per_token, kv_host_bytes=4096 * per_token,
+                              offload_dir=tmp_path / str(capacity))
+        cache.close()

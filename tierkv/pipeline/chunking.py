@@ -87,13 +87,23 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_p
 
 
 def fit_chunk_tokens(chunk_tokens: int, slots_for: Callable[[int], int], min_slots: int,
-                     smallest_tokens: int = 1) -> int:
-    """Largest size <= ``chunk_tokens`` (halving) for which ``slots_for(size) >= min_slots``.
+                     smallest_tokens: int = 1, largest_tokens: int | None = None) -> int:
+    """The size nearest ``chunk_tokens`` for which ``slots_for(size) >= min_slots``.
 
-    ``slots_for(size)`` is how many chunk slots of that size the device budget holds. Returns
-    ``smallest_tokens`` (or the last size tried) when none fits: the caller reports the budget error.
+    ``slots_for(size)`` is how many chunk slots of that size the device budget holds. Smaller
+    sizes are tried first (halving down to ``smallest_tokens``: smaller slots), then larger ones
+    (doubling up to ``largest_tokens``: fewer chunks, so fewer per-chunk abstracts, which is what
+    fills the budget at long contexts). Returns ``chunk_tokens`` when none fits: the caller reports
+    the budget error.
     """
     size = chunk_tokens
-    while size > smallest_tokens and slots_for(size) < min_slots:
+    while slots_for(size) < min_slots and size > smallest_tokens:
         size = max(smallest_tokens, size // 2)
-    return size
+    if slots_for(size) >= min_slots:
+        return size
+    size = chunk_tokens
+    while largest_tokens is not None and size < largest_tokens:
+        size = min(largest_tokens, size * 2)
+        if slots_for(size) >= min_slots:
+            return size
+    return chunk_tokens

@@ -505,7 +505,9 @@ class TieredKVCache:
             slots = self._slots_for(size)
             return need if slots >= self.batch * -(-self.capacity_tokens // size) else slots
 
-        size = fit_chunk_tokens(min(wanted_tokens, self.capacity_tokens), usable_slots, need, smallest)
+        largest = wanted_tokens if fixed else max(wanted_tokens, self._rule.max_chunk_tokens)
+        size = fit_chunk_tokens(min(wanted_tokens, self.capacity_tokens), usable_slots, need, smallest,
+                                min(largest, self.capacity_tokens))
         slots, chunks, slot_bytes = self._slots_for(size), -(-self.capacity_tokens // size), self._slot_bytes(size)
         host_slots = math.inf if self._host_layer_bytes is None else self._host_layer_bytes // slot_bytes
         if slots >= self.batch * chunks:
@@ -515,7 +517,8 @@ class TieredKVCache:
             raise KVBudgetError(
                 f"the device KV budget ({per_layer} per layer) holds {slots} chunks of {size} tokens, but batch "
                 f"{self.batch} needs at least {need} per layer ({format_size(need * slot_bytes)} + abstracts); "
-                "raise --device-mem, lower the batch or the context, or use smaller chunk_tokens")
+                "raise --device-mem or --kv-device-tokens, lower the batch or the context"
+                + (", or try another --chunk-tokens" if fixed else ""))
         pair = _SCRATCH_SLOTS_PER_SEQ * self.batch
         scratch = max(pair, (slots // 4) // pair * pair)   # about a quarter of the slots, in whole pairs
         spill = self.batch * chunks > slots - scratch + host_slots
