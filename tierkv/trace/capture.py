@@ -81,7 +81,7 @@ def profile_call(fn: Callable[[], Any], trace_path: Path) -> tuple[Any, float]:
 
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities, record_shapes=False) as prof:
+    with profile(activities=activities, record_shapes=False, **_all_threads()) as prof:
         with record_function("tierkv::generate"):
             start = time.perf_counter()
             result = fn()
@@ -90,6 +90,18 @@ def profile_call(fn: Callable[[], Any], trace_path: Path) -> tuple[Any, float]:
             wall_us = (time.perf_counter() - start) * 1e6
     prof.export_chrome_trace(str(trace_path))
     return result, wall_us
+
+
+def _all_threads() -> dict[str, Any]:
+    """Profiler option that also records ranges on other threads: tierkv's reader threads emit
+    ``tierkv::disk_read`` there, and a streaming stall is only visible with them in the trace."""
+    import torch
+
+    config = getattr(torch._C._profiler, "_ExperimentalConfig", None)
+    try:
+        return {} if config is None else {"experimental_config": config(profile_all_threads=True)}
+    except TypeError:  # a torch without that option: main-thread spans only
+        return {}
 
 
 def _generate_fn(engine: Any, prompts: list[list[int]], new_tokens: int) -> Callable[[], Any]:
@@ -113,19 +125,20 @@ def _check_args(batch_sizes: list[int], prompt_len: int, new_tokens: int) -> lis
 def run_sweep(model: str, batch_sizes: list[int], prompt_len: int, new_tokens: int,
               out_dir: str | Path, device: str | None = None, dtype: str | None = None,
               on_run: Callable[[BatchRun], None] | None = None,
-              rule: VerdictRule | None = None) -> SweepResult:
+              rule: VerdictRule | None = None, **budgets: Any) -> SweepResult:
     """Profile generation of B equal-length random prompts for each batch size B.
 
     Writes ``out_dir/trace_b{B}.json`` per batch size, ``report.json`` and ``tklqt.png``; each
     batch size gets one unprofiled warm-up generation first. ``on_run`` is called after each
-    batch size (for progress output).
+    batch size (for progress output). ``budgets`` (device_mem, host_mem, offload_dir) go to
+    ``tierkv.load``, so a streaming placement can be profiled too.
     """
     import torch
 
     import tierkv
 
     sizes = _check_args(batch_sizes, prompt_len, new_tokens)
-    kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    kwargs = {k: v for k, v in (("device", device), ("dtype", dtype), *budgets.items()) if v is not None}
     engine = tierkv.load(model, **kwargs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

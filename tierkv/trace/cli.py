@@ -49,6 +49,9 @@ def run_command(
     out: Annotated[Path, typer.Option("--out", help="Directory for the traces, report.json, tklqt.png.")] = Path("tierkv-trace"),
     device: Annotated[str | None, typer.Option("--device", help="Compute device (default: auto).")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Weight dtype, e.g. bfloat16.")] = None,
+    device_mem: Annotated[str | None, typer.Option("--device-mem", help="Device budget, e.g. 6GiB.")] = None,
+    host_mem: Annotated[str | None, typer.Option("--host-mem", help="Host budget, e.g. 16GiB.")] = None,
+    offload_dir: Annotated[str | None, typer.Option("--offload-dir", help="Where streamed layers live.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", "-t", min=1,
                                                 help="CPU threads for torch (default: torch's choice).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print report.json's content instead of tables.")] = False,
@@ -68,7 +71,8 @@ def run_command(
             progress.print(f"batch size {run.batch_size}: traced in {run.wall_us / 1e6:.2f} s -> {run.trace_path}")
 
     try:
-        result = run_sweep(model, sizes, prompt_len, new_tokens, out, device=device, dtype=dtype, on_run=on_run)
+        result = run_sweep(model, sizes, prompt_len, new_tokens, out, device=device, dtype=dtype, on_run=on_run,
+                           device_mem=device_mem, host_mem=host_mem, offload_dir=offload_dir)
     except (TraceError, ValueError, OSError) as exc:
         _fail(str(exc))
         return
