@@ -20,7 +20,8 @@ import tierkv.engine as engine_mod
 from tierkv.config import ModelConfig, Policy
 from tierkv.engine import Engine
 from tierkv.io.kvstore import KVStoreError
-from tierkv.pipeline.kv import DenseKVCache, TieredKVCache, kv_budget_tokens, kv_bytes_per_token, make_kv_cache
+from tierkv.pipeline.kv import (DenseKVCache, TieredKVCache, keeps_sketch, kv_budget_tokens, kv_bytes_per_token,
+                                layer_index_bytes, make_kv_cache)
 from tierkv.pipeline.kv_table import KVBudgetError
 
 B, HQ, HKV, D, LAYERS = 2, 4, 2, 16, 2
@@ -46,11 +47,11 @@ def _cfg(layers: int = LAYERS) -> ModelConfig:
                                       num_key_value_heads=HKV, max_position_embeddings=8192))
 
 
-def _device_bytes(cfg: ModelConfig, chunk: int, slots: int, batch: int, capacity: int) -> int:
-    """A device KV budget holding ``slots`` chunk slots per layer beside the abstracts."""
+def _device_bytes(cfg: ModelConfig, chunk: int, slots: int, batch: int, capacity: int, policy: Policy) -> int:
+    """A device KV budget holding ``slots`` chunk slots per layer beside the abstracts (and key codes)."""
     slot = 2 * cfg.num_kv_heads * chunk * cfg.head_dim * 4
-    abstracts = 2 * batch * cfg.num_kv_heads * math.ceil(capacity / chunk) * cfg.head_dim * 4
-    return cfg.num_layers * (slots * slot + abstracts)
+    index = layer_index_bytes(cfg, torch.float32, batch, capacity, chunk, keeps_sketch(policy))
+    return cfg.num_layers * (slots * slot + index)
 
 
 def _host_bytes(cfg: ModelConfig, chunk: int, chunks: int) -> int:
@@ -61,7 +62,7 @@ def _tiered(cfg: ModelConfig, policy: Policy, capacity: int, tmp: Path, *, slots
             batch: int = B, **kw: Any) -> TieredKVCache:
     chunk = policy.chunk_tokens or 16
     return TieredKVCache(cfg, policy, batch, capacity, torch.float32, "cpu",
-                         kv_device_bytes=_device_bytes(cfg, chunk, slots, batch, capacity),
+                         kv_device_bytes=_device_bytes(cfg, chunk, slots, batch, capacity, policy),
                          kv_host_bytes=_host_bytes(cfg, chunk, host_chunks), offload_dir=tmp, **kw)
 
 
@@ -174,7 +175,7 @@ def test_adaptive_chunk_sizes_follow_attention_skew(tmp_path: Path, torch_kernel
 
 def test_adaptive_size_shrinks_to_fit_the_device_budget(tmp_path: Path, torch_kernels: None) -> None:
     cfg, cap = _cfg(), 2000
-    budget = _device_bytes(cfg, 64, 12, B, cap)       # room for 12 slots of 64 tokens per layer
+    budget = _device_bytes(cfg, 64, 12, B, cap, Policy(kv="exact"))   # room for 12 slots of 64 tokens per layer
     cache = TieredKVCache(cfg, Policy(kv="exact"), B, cap, torch.float32, "cpu", kv_device_bytes=budget,
                           offload_dir=tmp_path)
     with cache:
@@ -198,12 +199,20 @@ def test_factory_picks_dense_or_tiered(tmp_path: Path) -> None:
 
 def test_budget_errors_name_the_fix(tmp_path: Path) -> None:
     cfg = _cfg()
+    plain = Policy(chunk_tokens=32, kv_sketch=False)
     with pytest.raises(KVBudgetError, match="needs at least 12 per layer.*raise --device-mem"):
-        TieredKVCache(cfg, Policy(chunk_tokens=32), B, 1000, torch.float32, "cpu",
-                      kv_device_bytes=_device_bytes(cfg, 32, 11, B, 1000), offload_dir=tmp_path)
+        TieredKVCache(cfg, plain, B, 1000, torch.float32, "cpu",
+                      kv_device_bytes=_device_bytes(cfg, 32, 11, B, 1000, plain), offload_dir=tmp_path)
+    # the key codes are dropped (and the stats say why) before the budget is refused
+    with TieredKVCache(cfg, Policy(chunk_tokens=32), B, 1000, torch.float32, "cpu",
+                       kv_device_bytes=_device_bytes(cfg, 32, 12, B, 1000, plain), offload_dir=tmp_path) as cache:
+        assert cache.stats()["sketch"].startswith("off: the key codes do not fit")
+    with TieredKVCache(cfg, Policy(chunk_tokens=32), B, 1000, torch.float32, "cpu",
+                       kv_device_bytes=_device_bytes(cfg, 32, 12, B, 1000, Policy()), offload_dir=tmp_path) as cache:
+        assert cache.stats()["sketch"] == "on"
     with pytest.raises(KVBudgetError, match="give an offload dir"):
         TieredKVCache(cfg, Policy(chunk_tokens=32), B, 1000, torch.float32, "cpu",
-                      kv_device_bytes=_device_bytes(cfg, 32, 12, B, 1000), kv_host_bytes=0)
+                      kv_device_bytes=_device_bytes(cfg, 32, 12, B, 1000, Policy()), kv_host_bytes=0)
     assert kv_budget_tokens(0.05, 1000) == 50 and kv_budget_tokens(1.0, 999) == 999 and kv_budget_tokens(64, 10) == 64
 
 
@@ -265,7 +274,7 @@ def _spilling(policy: Policy, tmp: Path, slots: int = 8, host_chunks: int = 6,
     """A cache factory whose device and host hold a few chunks of ``chunk`` tokens per sequence and layer."""
     def build(cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> TieredKVCache:
         return TieredKVCache(cfg, policy, batch, capacity, dtype, device,
-                             kv_device_bytes=_device_bytes(cfg, chunk, slots * batch, batch, capacity),
+                             kv_device_bytes=_device_bytes(cfg, chunk, slots * batch, batch, capacity, policy),
                              kv_host_bytes=_host_bytes(cfg, chunk, host_chunks * batch), offload_dir=tmp)
     return build
 

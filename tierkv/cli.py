@@ -41,6 +41,9 @@ ThreadsOpt = typer.Option(None, "--threads", "-t", help="CPU threads for compute
 KvOpt = typer.Option("auto", "--kv", help="KV attention: exact, sparse, or auto (sparse beyond 4096 tokens)")
 KvBudgetOpt = typer.Option(0.05, "--kv-budget", help="sparse KV: fraction of the context (<1) or a token count")
 ChunkOpt = typer.Option(None, "--chunk-tokens", help="KV chunk size (default: adaptive per layer)")
+KvSketchOpt = typer.Option(True, "--kv-sketch/--no-kv-sketch",
+                           help="sparse KV: score chunks with 2-bit key codes (finds single-token needles; "
+                                "1/16 of the KV kept on the device)")
 KvDeviceOpt = typer.Option(None, "--kv-device-tokens",
                            help="context whose KV keeps room on the device (default: min(4096, model max))")
 
@@ -115,6 +118,7 @@ def run(
     kv_budget: float = KvBudgetOpt,
     chunk_tokens: Optional[int] = ChunkOpt,
     kv_device_tokens: Optional[int] = KvDeviceOpt,
+    kv_sketch: bool = KvSketchOpt,
     threads: Optional[int] = ThreadsOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streamed text"),
 ) -> None:
@@ -126,7 +130,7 @@ def run(
         ids = None if prompt_ids is None else [int(x) for x in prompt_ids.replace(" ", "").split(",") if x]
         engine = _load(model, dtype, device, as_json, device_mem, host_mem, offload_dir,
                        kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
-                       kv_device_tokens=kv_device_tokens)
+                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch)
         stream = engine.stream(prompt if ids is None else ids,
                                **_sampling(max_new_tokens, temperature, top_k, top_p, seed, stop))
         for piece in stream:
@@ -160,6 +164,7 @@ def chat(
     kv_budget: float = KvBudgetOpt,
     chunk_tokens: Optional[int] = ChunkOpt,
     kv_device_tokens: Optional[int] = KvDeviceOpt,
+    kv_sketch: bool = KvSketchOpt,
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Interactive chat with the model's chat template; type /exit (or Ctrl-D) to leave."""
@@ -167,7 +172,7 @@ def chat(
     with _user_errors():
         engine = _load(model, dtype, device, False, device_mem, host_mem, offload_dir,
                        kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
-                       kv_device_tokens=kv_device_tokens)
+                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch)
         if engine.tokenizer is None or not engine.tokenizer.chat_template:
             raise ConfigError(f"{engine.model_dir} has no tokenizer chat_template; use `tierkv run` instead")
         messages = [{"role": "system", "content": system}] if system else []

@@ -312,6 +312,7 @@ class Policy:
     chunk_tokens: int | None = None     # KV chunk size; None = adaptive per layer from prefill attention skew
     kv_device_tokens: int | None = None  # context whose KV the planner keeps room for on the device;
                                          # None = min(4096, the model's maximum); beyond it KV spills to host/disk
+    kv_sketch: bool = True              # sparse mode: token-level chunk scores from 2-bit key codes on the device
 
     def __post_init__(self) -> None:
         if self.kv not in ("exact", "sparse", "auto"):

@@ -431,7 +431,7 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          offload_dir: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | None = None, kv: str = "auto", kv_budget: float | int = 0.05,
          chunk_tokens: int | None = None, kv_exact_max_tokens: int = 4096, kv_device_tokens: int | None = None,
-         prefill_chunk_tokens: int = 2048,
+         kv_sketch: bool = True, prefill_chunk_tokens: int = 2048,
          progress: ProgressFn | None = None) -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``) for generation.
 
@@ -447,11 +447,13 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     kv_exact_max_tokens of context, sparse beyond. chunk_tokens fixes the chunk size (default:
     adaptive per layer from the attention skew at prefill). kv_device_tokens: context whose KV the
     planner keeps device room for (default min(4096, model max)); KV beyond what the device budget
-    holds goes to host memory, then to offload_dir. Long prompts are prefilled in pieces of
-    prefill_chunk_tokens.
+    holds goes to host memory, then to offload_dir. kv_sketch: sparse selection scores each chunk
+    by a token-level bound from 2-bit key codes kept on the device (D/4 bytes per token and KV
+    head) instead of the chunk's min/max alone; False saves that memory and time but can miss a
+    single strongly attended token. Long prompts are prefilled in pieces of prefill_chunk_tokens.
     """
     policy = Policy(dtype=None if dtype is None else str(dtype).removeprefix("torch."), device=device,
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,
                     kv_exact_max_tokens=kv_exact_max_tokens, chunk_tokens=chunk_tokens,
-                    kv_device_tokens=kv_device_tokens)
+                    kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch)
     return Engine(model, policy, Budget.parse(device_mem, host_mem, offload_dir), progress=progress)

@@ -1,4 +1,4 @@
-"""Kernels of the tiered KV cache: chunk abstracts, chunk importance and selection, sparse decode attention.
+"""Kernels of the tiered KV cache: chunk abstracts, 2-bit key sketches, chunk importance and selection, sparse decode attention.
 
 Why this package exists: these are the hot per-step operations that decide which KV chunks a decode
 step reads and then read them. Each is a triplet (Triton kernel, launcher, torch reference in
@@ -11,12 +11,15 @@ package never requires Triton. Tests run the Triton kernels on the CPU by settin
 from tierkv.kernels.abstract import abstract_append, chunk_abstract
 from tierkv.kernels.attention import sparse_decode_attention
 from tierkv.kernels.importance import Selection, chunk_scores, select_chunks
+from tierkv.kernels.sketch import KeySketch, encode_keys
 
 __all__ = [
+    "KeySketch",
     "Selection",
     "abstract_append",
     "chunk_abstract",
     "chunk_scores",
+    "encode_keys",
     "select_chunks",
     "sparse_decode_attention",
 ]

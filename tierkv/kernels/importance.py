@@ -34,6 +34,7 @@ import torch
 
 from tierkv.kernels._select import cdiv, jit, next_pow2, pick_backend, tl
 from tierkv.kernels.reference import Selection, chunk_scores_ref, select_chunks_ref
+from tierkv.kernels.sketch import KeySketch, sketch_scores
 
 __all__ = ["Selection", "chunk_scores", "chunk_scores_fwd", "select_chunks", "select_chunks_fwd"]
 
@@ -97,6 +98,7 @@ def chunk_scores(
     kmin: torch.Tensor,
     kmax: torch.Tensor,
     *,
+    sketch: KeySketch | None = None,
     n_chunks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     backend: str | None = None,
@@ -106,6 +108,9 @@ def chunk_scores(
     q:          (B, Hq, D) decode query (post-RoPE, unscaled), Hq = G * Hkv; query head i uses KV
                 head i // G as in HF transformers.
     kmin, kmax: (B, Hkv, C, D) chunk abstracts from ``chunk_abstract``.
+    sketch:     optional 2-bit key codes of the first ``sketch.coded`` chunks (``tierkv.kernels.sketch``):
+                those chunks get the tighter token-level bound (max over their keys), the rest
+                the min/max bound. None = the min/max bound everywhere.
     n_chunks:   optional (B,) int, chunks per sequence (ragged batches); later chunks score -inf.
     out:        optional (B, Hkv, C) float32 buffer.
     Returns (B, Hkv, C) float32 scores.
@@ -132,6 +137,10 @@ def chunk_scores(
         chunk_scores_fwd(q, kmin, kmax, n_chunks, out)
     else:
         out.copy_(chunk_scores_ref(q, kmin, kmax, n_chunks))
+    if sketch is not None:
+        sketch_scores(q, kmin, kmax, sketch, out, backend=backend)
+        if n_chunks is not None:  # chunks past a ragged sequence's end stay out of every selection
+            out.masked_fill_(torch.arange(C, device=q.device) >= n_chunks.view(B, 1, 1), float("-inf"))
     return out
 
 

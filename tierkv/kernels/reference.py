@@ -21,6 +21,7 @@ __all__ = [
     "abstract_append_ref",
     "chunk_scores_ref",
     "select_chunks_ref",
+    "sketch_scores_ref",
     "sparse_decode_attention_ref",
 ]
 
@@ -93,6 +94,39 @@ def chunk_scores_ref(
         valid = torch.arange(C, device=q.device) < n_chunks.view(B, 1, 1)
         scores = scores.masked_fill(~valid, float("-inf"))
     return scores
+
+
+def sketch_scores_ref(
+    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor, sizes: torch.Tensor
+) -> torch.Tensor:
+    """Token-level upper bound of q.k from 2-bit key codes, max over each chunk's keys and each KV group.
+
+    q: (B, Hq, D); kmin, kmax: (B, Hkv, n, D); codes: (B, Hkv, n, S, P) uint8 (channel d = i*P + j
+    in bits 2i..2i+1 of byte j, see ``tierkv.kernels.sketch``); sizes: (B, n) int, keys per chunk.
+    Returns (B, Hkv, n) float32: max over keys and query heads of q.kmin + relu(q).w + (q*w).code.
+    The codes are unpacked in blocks of chunks (~1M values each): the one loop in this module,
+    because a whole-context float copy of the codes costs more in page faults than the arithmetic.
+    """
+    B, Hq, D = q.shape
+    H, n, S, P = codes.shape[1], codes.shape[2], codes.shape[3], codes.shape[4]
+    G = Hq // H
+    qg = q.float().view(B, H, G, D)                                               # (B, Hkv, G, D)
+    lo = kmin.float()
+    w = (kmax.float() - lo) * 0.25                                                 # (B, Hkv, n, D)
+    base = torch.einsum("bhgd,bhnd->bhng", qg, lo) + torch.einsum("bhgd,bhnd->bhng", qg.clamp(min=0), w)
+    qw = torch.nn.functional.pad(qg.unsqueeze(2) * w.unsqueeze(3), (0, 4 * P - D))  # (B, Hkv, n, G, 4P)
+    valid = torch.arange(S, device=q.device) < sizes.view(B, 1, n, 1, 1).to(q.device)  # (B, 1, n, 1, S)
+    best = torch.empty(B, H, n, G, device=q.device)
+    step = max(1, (1 << 20) // max(1, B * H * S * 4 * P))
+    unpacked = torch.empty(B, H, min(step, n), S, 4, P, device=q.device)          # (B, Hkv, blk, S, 4, P)
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        block, part = codes[:, :, c0:c1], unpacked[:, :, :c1 - c0]
+        for i in range(4):  # the four bit pairs: contiguous channel blocks i*P .. i*P + P - 1
+            part[..., i, :] = (block >> (2 * i)) & 3
+        tok = torch.matmul(qw[:, :, c0:c1], part.view(B, H, c1 - c0, S, 4 * P).transpose(-1, -2))  # (.., G, S)
+        best[:, :, c0:c1] = tok.masked_fill_(~valid[:, :, c0:c1], float("-inf")).amax(dim=-1)
+    return (best + base).amax(dim=-1)
 
 
 def _forced_chunks(

@@ -16,7 +16,9 @@ TieredKVCache, in one paragraph per concern:
 - Device. Per layer a pool of chunk slots ``(N, Hkv, S, D)`` for K and for V: ``resident`` slots
   (chunks whose tier is the device) and a few ``scratch`` slots through which chunks that stay
   on a slower tier are streamed. Abstracts (min/max key per chunk, ``kernels.abstract``) are
-  always on the device: ``(B, Hkv, C_max, D)``.
+  always on the device: ``(B, Hkv, C_max, D)``; so are, with ``Policy.kv_sketch`` outside exact
+  mode, the 2-bit key codes of the closed chunks (``kernels.sketch``, ``(B, Hkv, C_max, S, D/4)``
+  uint8, written when a chunk closes) that let sparse scoring bound each key, not only the chunk.
 - Host and disk. Host chunks are ``(2, Hkv, S, D)`` tensors (pinned on CUDA); disk chunks are
   records in ``io.kvstore`` segments (K, V and abstract, checksummed). New chunks are born on the
   device; when it is full the least recently selected unprotected chunks go to the host while its
@@ -27,7 +29,8 @@ TieredKVCache, in one paragraph per concern:
 - Attention. Prefill pieces and exact decode attend to every chunk: chunks on the device are read
   in place, the others are streamed through the scratch slots (double-buffered on the reader
   thread) and combined with an online softmax in fp32. Sparse decode scores the abstracts against
-  the query (``kernels.importance``, max over the query heads of a KV group), selects chunks within
+  the query (``kernels.importance``, token-level through the key codes when kept, max over the query
+  heads of a KV group), selects chunks within
   ``kv_budget`` tokens plus the sink chunk and the recent window, makes the selected chunks
   resident (evicting others) and runs ``kernels.attention.sparse_decode_attention`` over the slot
   pool through a chunk table. Scoring and selection never synchronise with the host; reading the
@@ -56,8 +59,9 @@ import torch
 from tierkv.config import ModelConfig, Policy, format_size
 from tierkv.io.buffers import pinning_available
 from tierkv.io.kvstore import KVChunk, KVStore
-from tierkv.kernels import (Selection, abstract_append, chunk_abstract, chunk_scores, select_chunks,
-                            sparse_decode_attention)
+from tierkv.kernels import (KeySketch, Selection, abstract_append, chunk_abstract, chunk_scores, encode_keys,
+                            select_chunks, sparse_decode_attention)
+from tierkv.kernels.sketch import sketch_bytes_per_token
 from tierkv.model import dense_attention
 from tierkv.pipeline.chunking import ChunkRule, attention_entropy, chunk_tokens_for_entropy, fit_chunk_tokens
 from tierkv.pipeline.kv_table import ChunkKey, KVBudgetError, KVChunkTable, Tier
@@ -118,6 +122,22 @@ def _elt(dtype: torch.dtype) -> int:
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Bytes of K and V that one token of one sequence takes over all layers."""
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * _elt(dtype)
+
+
+def keeps_sketch(policy: Policy) -> bool:
+    """Whether a tiered cache under ``policy`` keeps 2-bit key codes (only sparse selection reads them)."""
+    return policy.kv_sketch and policy.kv != "exact"
+
+
+def layer_index_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capacity_tokens: int, chunk_tokens: int,
+                      sketch: bool) -> int:
+    """Device bytes of one layer's chunk index for a context: abstracts (min/max key per chunk) and,
+    with ``sketch``, the 2-bit key codes (``kernels.sketch``). Always resident, beside the slot pool."""
+    chunks = -(-capacity_tokens // chunk_tokens)
+    per_chunk = 2 * cfg.num_kv_heads * cfg.head_dim * _elt(dtype)
+    if sketch:
+        per_chunk += cfg.num_kv_heads * chunk_tokens * sketch_bytes_per_token(cfg.head_dim)
+    return batch * chunks * per_chunk
 
 
 def kv_budget_tokens(kv_budget: float | int, context_tokens: int) -> int:
@@ -324,7 +344,7 @@ class _LayerKV:
     """One layer's chunks: device slot pool, host copies, abstracts and the chunk table."""
 
     def __init__(self, layer: int, geo: _Geometry, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, host_bytes: int | None, disk: bool, sink_chunks: int) -> None:
+                 device: torch.device, host_bytes: int | None, disk: bool, sink_chunks: int, sketch: bool) -> None:
         n, s, c = geo.resident_slots + geo.scratch_slots, geo.chunk_tokens, geo.max_chunks
         self.layer, self.geo, self.batch = layer, geo, batch
         self.k_pool = torch.zeros((n, kv_heads, s, head_dim), dtype=dtype, device=device)   # (N, Hkv, S, D)
@@ -334,6 +354,9 @@ class _LayerKV:
         self.kmin = torch.zeros((batch, kv_heads, c, head_dim), dtype=dtype, device=device)  # (B, Hkv, C_max, D)
         self.kmax = torch.zeros_like(self.kmin)
         self.chunk_sizes = torch.zeros(c, dtype=torch.int32, device=device)                  # (C_max,)
+        self.codes = torch.zeros((batch, kv_heads, c, s, sketch_bytes_per_token(head_dim)), dtype=torch.uint8,
+                                 device=device) if sketch else None                          # (B, Hkv, C_max, S, P)
+        self.n_coded = 0                                                                     # chunks with codes
         self.free = list(range(geo.resident_slots))[::-1]
         self.scratch = list(range(geo.resident_slots, n))
         self.slot_of: dict[ChunkKey, int] = {}      # resident chunks and fetches in flight
@@ -356,8 +379,9 @@ class _LayerKV:
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.k_pool, self.v_pool, self.slot_lens, self.slot_map, self.kmin, self.kmax, self.chunk_sizes)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = (self.k_pool, self.v_pool, self.slot_lens, self.slot_map, self.kmin, self.kmax, self.chunk_sizes,
+                   self.codes)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def all_resident(self) -> bool:
         return len(self.resident) == self.batch * self.n_chunks
@@ -417,6 +441,8 @@ class TieredKVCache:
         self.cfg, self.policy, self.batch = cfg, policy, batch
         self.capacity_tokens, self.dtype, self.device = capacity_tokens, dtype, torch.device(device)
         self.sink_chunks, self._rule = sink_chunks, chunk_rule
+        self._sketch = keeps_sketch(policy)
+        self._sketch_note = "on" if self._sketch else "off"
         n = cfg.num_layers
         self._device_layer_bytes = None if kv_device_bytes is None else kv_device_bytes // n
         self._host_layer_bytes = None if kv_host_bytes is None else kv_host_bytes // n
@@ -488,7 +514,8 @@ class TieredKVCache:
         chunks = -(-self.capacity_tokens // chunk_tokens)
         if self._device_layer_bytes is None:
             return self.batch * chunks
-        abstracts = 2 * self.batch * self.cfg.num_kv_heads * chunks * self.cfg.head_dim * _elt(self.dtype)
+        abstracts = layer_index_bytes(self.cfg, self.dtype, self.batch, self.capacity_tokens, chunk_tokens,
+                                      self._sketch)
         return max(0, (self._device_layer_bytes - abstracts) // self._slot_bytes(chunk_tokens))
 
     def _min_slots(self) -> int:
@@ -525,8 +552,21 @@ class TieredKVCache:
         return _Geometry(size, chunks, slots - scratch, scratch, slot_bytes, entropy, spill)
 
     def _check_budgets(self, offload_dir: str | Path | None) -> bool:
-        """Fail early when the budgets cannot work; True when chunks may go to disk (a store is needed)."""
-        geo = self._geometry(self.policy.chunk_tokens or self._rule.min_chunk_tokens, None)
+        """Fail early when the budgets cannot work; True when chunks may go to disk (a store is needed).
+
+        Key codes grow with the context (D/4 bytes per token and KV head, whatever the chunk size):
+        when they leave too little device room for the slots, the cache runs without them (chunk
+        bound only) rather than refusing the context, and ``stats()["sketch"]`` says so.
+        """
+        try:
+            geo = self._geometry(self.policy.chunk_tokens or self._rule.min_chunk_tokens, None)
+        except KVBudgetError:
+            if not self._sketch:
+                raise
+            self._sketch, self._sketch_note = False, (
+                "off: the key codes do not fit the device KV budget beside the chunk slots; sparse selection "
+                "uses the chunk bound only (raise --device-mem or --kv-device-tokens to keep them)")
+            geo = self._geometry(self.policy.chunk_tokens or self._rule.min_chunk_tokens, None)
         if geo.spill_expected and offload_dir is None:
             raise self._no_offload_error()
         return offload_dir is not None and self._device_layer_bytes is not None
@@ -549,7 +589,7 @@ class TieredKVCache:
         if geo.spill_expected and self._store is None:
             raise self._no_offload_error()
         kv = _LayerKV(layer, geo, self.batch, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, self.device,
-                      self._host_layer_bytes, self._store is not None, self.sink_chunks)
+                      self._host_layer_bytes, self._store is not None, self.sink_chunks, self._sketch)
         self._layers[layer] = kv
         return kv
 
@@ -576,7 +616,15 @@ class TieredKVCache:
             kv.slot_lens[slots] = fill + take
             kv.tokens += take
             if fill + take == kv.geo.chunk_tokens:
+                self._encode(kv, c, slots)
                 self._write_behind(kv, c)
+
+    def _encode(self, kv: _LayerKV, c: int, slots: torch.Tensor) -> None:
+        """Chunk ``c`` just closed (its abstract is final): write its keys' 2-bit codes, if kept."""
+        if kv.codes is not None:
+            keys = kv.k_pool[slots].unsqueeze(2)                                      # (B, Hkv, 1, S, D)
+            kv.codes[:, :, c:c + 1] = encode_keys(keys, kv.kmin[:, :, c:c + 1], kv.kmax[:, :, c:c + 1])
+            kv.n_coded = c + 1
 
     def _segments(self, kv: _LayerKV, t: int) -> list[tuple[int, int, int, int]]:
         """How ``t`` new tokens split over chunks: (chunk, tokens already in it, offset in the piece, tokens)."""
@@ -814,7 +862,8 @@ class TieredKVCache:
         """Importance selection on the device: q0 (B, Hq, D) -> Selection over the layer's chunks."""
         c = kv.n_chunks
         t0 = time.perf_counter()
-        scores = chunk_scores(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c])            # (B, Hkv, C)
+        sketch = None if kv.codes is None else KeySketch(kv.codes, kv.chunk_sizes[:c], kv.n_coded)
+        scores = chunk_scores(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch=sketch)  # (B, Hkv, C)
         budget = kv_budget_tokens(self.policy.kv_budget, kv.tokens)
         sel = select_chunks(scores, kv.chunk_sizes[:c], budget_tokens=budget, sink_chunks=self.sink_chunks,
                             recent_tokens=kv.geo.chunk_tokens)
@@ -1027,6 +1076,8 @@ class TieredKVCache:
             "spec_fetched_chunks": c.spec_fetched_chunks,
             "spec_unused_chunks": c.spec_unused_chunks,
             "estimator_s": c.estimator_s,
+            "sketch": self._sketch_note,
+            "sketch_bytes": sum(kv.codes.numel() for kv in layers if kv.codes is not None),
             "selected_fraction": float(self._selected_tokens) / c.selectable_tokens if c.selectable_tokens else None,
             "sparse_layer_steps": c.sparse_layer_steps,
             "exact_layer_steps": c.exact_layer_steps,
