@@ -1,9 +1,11 @@
 """Quality of the KV chunk importance estimator: attention recall and output error vs dense attention.
 
-Why this script exists: sparse decode reads only the chunks that ``chunk_scores`` (a min/max-key
-upper bound of q.k per chunk) and ``select_chunks`` (top chunks within a token budget, plus forced
-sink and recent chunks) pick. That is only worth doing if the picked chunks hold the attention
-mass. This script measures it, for budgets and chunk sizes, on:
+Why this script exists: sparse decode reads only the chunks that ``chunk_scores`` (an upper bound
+of q.k per chunk: from the min/max-key abstract alone, ``minmax``, or per key from the 2-bit key
+codes of ``kernels.sketch``, ``sketch``, the runtime's default) and ``select_chunks`` (top chunks
+within a token budget, plus forced sink and recent chunks) pick. That is only worth doing if the
+picked chunks hold the attention mass. This script measures it, per estimator, for budgets and
+chunk sizes, on:
 
 - ``heavy``: synthetic keys N(0, 1) with per-channel offsets and outlier channels (as real
   post-RoPE keys have), plus a few hundred planted heavy-hitter tokens clustered in a few regions
@@ -49,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tierkv from this checkout, installed or not
 from bench_common import best_of, emit_json  # noqa: E402
 
-from tierkv.kernels import chunk_abstract, chunk_scores, select_chunks, sparse_decode_attention  # noqa: E402
+from tierkv.kernels import (KeySketch, chunk_abstract, chunk_scores, encode_keys, select_chunks,  # noqa: E402
+                            sparse_decode_attention)
 from tierkv.kernels.quality import attention_recall, chunk_mask_to_tokens, relative_output_error  # noqa: E402
 
 
@@ -83,6 +86,7 @@ class Settings:
     sink_chunks: int = 1
     recent_tokens: int = 1  # 1 = only the open (last) chunk is forced
     backend: str = "torch"
+    estimators: tuple[str, ...] = ("sketch", "minmax")  # token-level bound from 2-bit codes; chunk bound only
 
 
 # -- synthetic data ------------------------------------------------------------------------------
@@ -200,13 +204,32 @@ def true_chunk_mass(case: Case, starts: torch.Tensor) -> torch.Tensor:
     return torch.zeros(B, hkv, starts.numel()).index_add_(2, chunk_of, p)
 
 
+def key_sketch(case: Case, chunk: int, kmin: torch.Tensor, kmax: torch.Tensor, sizes: torch.Tensor) -> KeySketch:
+    """2-bit codes of every chunk of the case (the last one padded with zero keys, masked by its size)."""
+    B, H, T, D = case.k.shape
+    C = sizes.numel()
+    padded = torch.nn.functional.pad(case.k, (0, 0, 0, C * chunk - T)).view(B, H, C, chunk, D)
+    return KeySketch(encode_keys(padded, kmin, kmax), sizes, C)
+
+
 def evaluate(case: Case, chunk: int, settings: Settings) -> Iterator[dict[str, Any]]:
-    """Score and select at every budget for one case and chunk size; yields one record per budget."""
+    """Score and select at every budget for one case and chunk size; yields one record per
+    (estimator, budget)."""
     T = case.k.shape[2]
     starts, sizes = chunk_layout(T, chunk)
     kmin, kmax = chunk_abstract(case.k, starts, backend=settings.backend)  # (B, Hkv, C, D)
-    scores = chunk_scores(case.q, kmin, kmax, backend=settings.backend)  # (B, Hkv, C)
     oracle_scores = true_chunk_mass(case, starts)
+    for est in settings.estimators:
+        sketch = key_sketch(case, chunk, kmin, kmax, sizes) if est == "sketch" else None
+        scores = chunk_scores(case.q, kmin, kmax, sketch=sketch, backend=settings.backend)  # (B, Hkv, C)
+        for rec in evaluate_scores(case, scores, oracle_scores, starts, sizes, settings):
+            yield {"estimator": est, **rec}
+
+
+def evaluate_scores(case: Case, scores: torch.Tensor, oracle_scores: torch.Tensor, starts: torch.Tensor,
+                    sizes: torch.Tensor, settings: Settings) -> Iterator[dict[str, Any]]:
+    """Select at every budget from one estimator's scores (B, Hkv, C); one record per budget."""
+    T = case.k.shape[2]
     for frac in settings.budgets:
         kw = dict(budget_tokens=max(1, round(frac * T)), sink_chunks=settings.sink_chunks,
                   recent_tokens=settings.recent_tokens)
@@ -233,16 +256,16 @@ def sweep(name: str, cases: list[Case], settings: Settings) -> list[dict[str, An
     for case in cases:
         for chunk in settings.chunks:
             for rec in evaluate(case, chunk, settings):
-                slot = acc.setdefault((chunk, rec["budget"]), {"selected": [], "recall": [], "oracle": [],
-                                                               "error": [], "found": []})
+                slot = acc.setdefault((rec["estimator"], chunk, rec["budget"]),
+                                      {"selected": [], "recall": [], "oracle": [], "error": [], "found": []})
                 for key in slot:
                     if rec[key] is not None:
                         slot[key].append(rec[key].reshape(-1).float())
     rows = []
-    for (chunk, frac), lists in sorted(acc.items()):
+    for (est, chunk, frac), lists in sorted(acc.items(), key=lambda kv: (settings.estimators.index(kv[0][0]), kv[0][1:])):
         cat = {key: torch.cat(v) if v else None for key, v in lists.items()}
         rows.append({
-            "set": name, "chunk_tokens": chunk, "budget": frac, "cases": len(cases),
+            "set": name, "estimator": est, "chunk_tokens": chunk, "budget": frac, "cases": len(cases),
             "selected": round(cat["selected"].mean().item(), 4),
             "recall_mean": round(cat["recall"].mean().item(), 4),
             "recall_min": round(cat["recall"].min().item(), 4),
@@ -375,11 +398,12 @@ def time_step(T: int, chunk: int, frac: float, repeats: int, shape: Shape = Shap
     case = make_heavy_hitter_case(T, seed=7, shape=shape)
     starts, sizes = chunk_layout(T, chunk)
     kmin, kmax = chunk_abstract(case.k, starts, backend="torch")
+    sketch = key_sketch(case, chunk, kmin, kmax, sizes)
     budget = round(frac * T)
 
-    def estimate() -> Any:
-        return select_chunks(chunk_scores(case.q, kmin, kmax, backend="torch"), sizes, budget_tokens=budget,
-                             backend="torch")
+    def estimate(with_sketch: bool = True) -> Any:
+        scores = chunk_scores(case.q, kmin, kmax, sketch=sketch if with_sketch else None, backend="torch")
+        return select_chunks(scores, sizes, budget_tokens=budget, backend="torch")
 
     sel = estimate()
     C, hkv, D = starts.numel(), shape.kv_heads, shape.head_dim
@@ -391,6 +415,8 @@ def time_step(T: int, chunk: int, frac: float, repeats: int, shape: Shape = Shap
         "tokens": T, "chunk_tokens": chunk, "budget": frac,
         "abstract_s": best_of(lambda: chunk_abstract(case.k, starts, backend="torch"), repeats),
         "estimator_s": best_of(estimate, repeats),
+        "estimator_minmax_s": best_of(lambda: estimate(False), repeats),
+        "encode_s": best_of(lambda: key_sketch(case, chunk, kmin, kmax, sizes), repeats),
         "sparse_attention_s": best_of(lambda: sparse_decode_attention(
             case.q, pool_k, pool_v, table, sel.counts, sizes, backend="torch"), repeats),
         "dense_grouped_s": best_of(lambda: dense_decode(case), repeats),
@@ -406,24 +432,25 @@ def time_step(T: int, chunk: int, frac: float, repeats: int, shape: Shape = Shap
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
     """The human table: one line per (set, chunk size, budget)."""
-    head = f"{'set':<32} {'chunk':>5} {'budget':>6} {'sel':>6} {'recall':>7} {'min':>7} {'oracle':>7} " \
+    head = f"{'set':<32} {'est':<6} {'chunk':>5} {'budget':>6} {'sel':>6} {'recall':>7} {'min':>7} {'oracle':>7} " \
            f"{'relerr':>7} {'needle':>7}"
     print(head)
     print("-" * len(head))
     for r in rows:
         needle = "" if r["needle_found"] is None else f"{r['needle_found']:.3f}"
-        print(f"{r['set']:<32} {r['chunk_tokens']:>5} {r['budget']:>6.0%} {r['selected']:>6.1%} "
+        print(f"{r['set']:<32} {r['estimator']:<6} {r['chunk_tokens']:>5} {r['budget']:>6.0%} {r['selected']:>6.1%} "
               f"{r['recall_mean']:>7.4f} {r['recall_min']:>7.4f} {r['oracle_recall_mean']:>7.4f} "
               f"{r['rel_error_mean']:>7.4f} {needle:>7}")
 
 
-def goals(rows: list[dict[str, Any]], goal_budget: float = 0.10) -> dict[str, Any]:
-    """The issue's goals, read off the rows at the goal budget, per chunk size and overall."""
-    at = [r for r in rows if abs(r["budget"] - goal_budget) < 1e-9]
+def goals(rows: list[dict[str, Any]], goal_budget: float = 0.10, estimator: str = "sketch") -> dict[str, Any]:
+    """The issue's goals for one estimator, read off the rows at the goal budget, per chunk size and overall."""
+    at = [r for r in rows if abs(r["budget"] - goal_budget) < 1e-9 and r["estimator"] == estimator]
     heavy = {str(r["chunk_tokens"]): r for r in at if r["set"].startswith("heavy")}
     needles = [r for r in at if r["needle_found"] is not None]
     worst = min(r["recall_mean"] for r in heavy.values())
     return {
+        "estimator": estimator,
         "heavy_hitter_recall_at_10pct": worst,  # mean recall at the worst chunk size
         "heavy_hitter_recall_at_10pct_by_chunk": {c: r["recall_mean"] for c, r in heavy.items()},
         "heavy_hitter_selected_at_10pct": max(r["selected"] for r in heavy.values()),
@@ -456,6 +483,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-tokens", type=ints, default=(8192, 32768))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--estimators", type=lambda s: tuple(s.split(",")), default=("sketch", "minmax"),
+                   help="sketch (token-level bound from 2-bit key codes, the default) and/or minmax (chunk bound)")
     p.add_argument("--backend", choices=("torch", "triton"), default="torch",
                    help="estimator kernels (triton needs CUDA or TRITON_INTERPRET=1; slow on CPU)")
     return p.parse_args(argv)
@@ -479,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = Settings(chunks=args.chunks, budgets=args.budgets, recent_tokens=args.recent_tokens,
-                        backend=args.backend)
+                        backend=args.backend, estimators=args.estimators)
     t0 = time.perf_counter()
     rows = synthetic_rows(args, settings)
     notes: list[str] = []
@@ -499,18 +528,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nCPU time of one decode step ({args.threads} thread(s), torch backend, budget 10%, best of "
           f"{args.repeats}):")
     for t in timing:
-        print(f"  T={t['tokens']:>6} chunk={t['chunk_tokens']:>3}: estimator {t['estimator_s'] * 1e3:7.3f} ms, "
+        print(f"  T={t['tokens']:>6} chunk={t['chunk_tokens']:>3}: estimator {t['estimator_s'] * 1e3:7.3f} ms "
+              f"(minmax only {t['estimator_minmax_s'] * 1e3:6.3f}), "
               f"sparse attn {t['sparse_attention_s'] * 1e3:7.3f} ms, dense attn {t['dense_attention_s'] * 1e3:7.3f} ms "
               f"(estimator/dense {t['estimator_over_dense']:.2f}); abstracts once {t['abstract_s'] * 1e3:.1f} ms")
-    result = goals(rows)
-    print(f"\ngoals: heavy-hitter recall at 10% = {result['heavy_hitter_recall_at_10pct']:.4f} "
-          f"(goal >= 0.95: {'met' if result['heavy_hitter_recall_goal_met'] else 'MISSED'}); "
-          f"needle always selected: {result['needle_always_selected']}")
+    by_est = {est: goals(rows, estimator=est) for est in args.estimators}
+    result = by_est[args.estimators[0]]
+    for est, g in by_est.items():
+        print(f"\ngoals ({est}): heavy-hitter recall at 10% = {g['heavy_hitter_recall_at_10pct']:.4f} "
+              f"(goal >= 0.95: {'met' if g['heavy_hitter_recall_goal_met'] else 'MISSED'}); "
+              f"needle always selected: {g['needle_always_selected']}")
     emit_json({"bench": "kv_selection", "threads": args.threads, "backend": args.backend,
                "recent_tokens": args.recent_tokens, "needle_share": args.needle_share,
                "seconds": round(time.perf_counter() - t0, 1), "notes": notes, "rows": rows,
                "timing": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in t.items()} for t in timing],
-               "goals": result})
+               "goals": result, "goals_by_estimator": by_est})
 
 
 if __name__ == "__main__":
