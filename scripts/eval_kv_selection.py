@@ -53,7 +53,8 @@ from bench_common import best_of, emit_json  # noqa: E402
 
 from tierkv.kernels import (KeySketch, chunk_abstract, chunk_scores, encode_keys, select_chunks,  # noqa: E402
                             sparse_decode_attention)
-from tierkv.kernels.quality import attention_recall, chunk_mask_to_tokens, relative_output_error  # noqa: E402
+from tierkv.kernels.quality import (attention_recall, chunk_mask_to_tokens, plant_needle,  # noqa: E402
+                                   relative_output_error)
 
 
 @dataclass(frozen=True)
@@ -172,11 +173,7 @@ def make_needle_case(T: int, seed: int, span: int, share: float, shape: Shape = 
     G = shape.group
     for h in range(shape.kv_heads):
         qh = case.q[0, h * G + int(torch.randint(0, G, (1,), generator=gen))]  # (D,) target head
-        logits = (case.k[0, h] @ qh) * case.scale  # (T,)
-        rest = torch.cat([logits[:start], logits[start + span:]]).logsumexp(0)
-        target = rest + math.log(share / (1.0 - share)) - math.log(span)  # each needle token's logit
-        gains = target - logits[start:start + span]  # (span,)
-        case.k[0, h, start:start + span] += (gains / (qh.norm() * case.scale))[:, None] * (qh / qh.norm())
+        plant_needle(qh, case.k[0, h], start, span, share, case.scale)
     return Case(case.q, case.k, case.v, case.scale, (start, start + span))
 
 

@@ -10,6 +10,7 @@ import torch
 
 from tierkv.kernels import KeySketch, chunk_abstract, chunk_scores, encode_keys, select_chunks
 from tierkv.kernels._select import HAS_TRITON
+from tierkv.kernels.quality import plant_needle
 from tierkv.kernels.sketch import sketch_bytes_per_token
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
@@ -84,12 +85,9 @@ def _needle(seed: int, T: int = 2048, H: int = 2, G: int = 2, D: int = 64) -> tu
     k[..., :2] *= 3.0
     q = torch.randn(1, H * G, D, generator=g)
     q = q / q.norm(dim=-1, keepdim=True) * math.sqrt(D)
-    pos, scale = int(torch.randint(64, T - 64, (1,), generator=g)), D**-0.5
+    pos = int(torch.randint(64, T - 64, (1,), generator=g))
     for h in range(H):
-        qh = q[0, h * G]
-        logits = (k[0, h] @ qh) * scale
-        gain = torch.cat([logits[:pos], logits[pos + 1:]]).logsumexp(0) - logits[pos]   # share 0.5
-        k[0, h, pos] += gain / (qh.norm() * scale) * qh / qh.norm()
+        plant_needle(q[0, h * G], k[0, h], pos, 1, 0.5, D**-0.5)
     return q, k, pos
 
 

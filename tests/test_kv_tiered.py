@@ -50,7 +50,7 @@ def _cfg(layers: int = LAYERS) -> ModelConfig:
 def _device_bytes(cfg: ModelConfig, chunk: int, slots: int, batch: int, capacity: int, policy: Policy) -> int:
     """A device KV budget holding ``slots`` chunk slots per layer beside the abstracts (and key codes)."""
     slot = 2 * cfg.num_kv_heads * chunk * cfg.head_dim * 4
-    index = layer_index_bytes(cfg, torch.float32, batch, capacity, chunk, keeps_sketch(policy))
+    index = layer_index_bytes(cfg, torch.float32, batch, capacity, chunk, keeps_sketch(policy, torch.device("cpu")))
     return cfg.num_layers * (slots * slot + index)
 
 
@@ -199,17 +199,20 @@ def test_factory_picks_dense_or_tiered(tmp_path: Path) -> None:
 
 def test_budget_errors_name_the_fix(tmp_path: Path) -> None:
     cfg = _cfg()
-    plain = Policy(chunk_tokens=32, kv_sketch=False)
+    plain, coded = Policy(chunk_tokens=32, kv_sketch=False), Policy(chunk_tokens=32, kv_sketch=True)
     with pytest.raises(KVBudgetError, match="needs at least 12 per layer.*raise --device-mem"):
         TieredKVCache(cfg, plain, B, 1000, torch.float32, "cpu",
                       kv_device_bytes=_device_bytes(cfg, 32, 11, B, 1000, plain), offload_dir=tmp_path)
     # the key codes are dropped (and the stats say why) before the budget is refused
-    with TieredKVCache(cfg, Policy(chunk_tokens=32), B, 1000, torch.float32, "cpu",
+    with TieredKVCache(cfg, coded, B, 1000, torch.float32, "cpu",
                        kv_device_bytes=_device_bytes(cfg, 32, 12, B, 1000, plain), offload_dir=tmp_path) as cache:
         assert cache.stats()["sketch"].startswith("off: the key codes do not fit")
-    with TieredKVCache(cfg, Policy(chunk_tokens=32), B, 1000, torch.float32, "cpu",
-                       kv_device_bytes=_device_bytes(cfg, 32, 12, B, 1000, Policy()), offload_dir=tmp_path) as cache:
+    with TieredKVCache(cfg, coded, B, 1000, torch.float32, "cpu",
+                       kv_device_bytes=_device_bytes(cfg, 32, 12, B, 1000, coded), offload_dir=tmp_path) as cache:
         assert cache.stats()["sketch"] == "on"
+    with TieredKVCache(cfg, Policy(chunk_tokens=32), B, 1000, torch.float32, "cpu",
+                       kv_device_bytes=_device_bytes(cfg, 32, 12, B, 1000, plain), offload_dir=tmp_path) as cache:
+        assert cache.stats()["sketch"] == "off" and cache.stats()["sketch_bytes"] == 0   # the CPU default
     with pytest.raises(KVBudgetError, match="give an offload dir"):
         TieredKVCache(cfg, Policy(chunk_tokens=32), B, 1000, torch.float32, "cpu",
                       kv_device_bytes=_device_bytes(cfg, 32, 12, B, 1000, Policy()), kv_host_bytes=0)

@@ -41,9 +41,9 @@ ThreadsOpt = typer.Option(None, "--threads", "-t", help="CPU threads for compute
 KvOpt = typer.Option("auto", "--kv", help="KV attention: exact, sparse, or auto (sparse beyond 4096 tokens)")
 KvBudgetOpt = typer.Option(0.05, "--kv-budget", help="sparse KV: fraction of the context (<1) or a token count")
 ChunkOpt = typer.Option(None, "--chunk-tokens", help="KV chunk size (default: adaptive per layer)")
-KvSketchOpt = typer.Option(True, "--kv-sketch/--no-kv-sketch",
+KvSketchOpt = typer.Option(None, "--kv-sketch/--no-kv-sketch",
                            help="sparse KV: score chunks with 2-bit key codes (finds single-token needles; "
-                                "1/16 of the KV kept on the device)")
+                                "1/16 of the KV kept on the device); default: on with CUDA, off on CPU")
 KvDeviceOpt = typer.Option(None, "--kv-device-tokens",
                            help="context whose KV keeps room on the device (default: min(4096, model max))")
 
@@ -118,7 +118,7 @@ def run(
     kv_budget: float = KvBudgetOpt,
     chunk_tokens: Optional[int] = ChunkOpt,
     kv_device_tokens: Optional[int] = KvDeviceOpt,
-    kv_sketch: bool = KvSketchOpt,
+    kv_sketch: Optional[bool] = KvSketchOpt,
     threads: Optional[int] = ThreadsOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streamed text"),
 ) -> None:
@@ -164,7 +164,7 @@ def chat(
     kv_budget: float = KvBudgetOpt,
     chunk_tokens: Optional[int] = ChunkOpt,
     kv_device_tokens: Optional[int] = KvDeviceOpt,
-    kv_sketch: bool = KvSketchOpt,
+    kv_sketch: Optional[bool] = KvSketchOpt,
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Interactive chat with the model's chat template; type /exit (or Ctrl-D) to leave."""

@@ -312,7 +312,8 @@ class Policy:
     chunk_tokens: int | None = None     # KV chunk size; None = adaptive per layer from prefill attention skew
     kv_device_tokens: int | None = None  # context whose KV the planner keeps room for on the device;
                                          # None = min(4096, the model's maximum); beyond it KV spills to host/disk
-    kv_sketch: bool = True              # sparse mode: token-level chunk scores from 2-bit key codes on the device
+    kv_sketch: bool | None = None       # sparse mode: token-level chunk scores from 2-bit key codes on the device;
+                                        # None = on with CUDA (a bandwidth-cheap pass), off on CPU (costs ~dense attention)
 
     def __post_init__(self) -> None:
         if self.kv not in ("exact", "sparse", "auto"):

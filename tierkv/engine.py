@@ -431,7 +431,7 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          offload_dir: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | None = None, kv: str = "auto", kv_budget: float | int = 0.05,
          chunk_tokens: int | None = None, kv_exact_max_tokens: int = 4096, kv_device_tokens: int | None = None,
-         kv_sketch: bool = True, prefill_chunk_tokens: int = 2048,
+         kv_sketch: bool | None = None, prefill_chunk_tokens: int = 2048,
          progress: ProgressFn | None = None) -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``) for generation.
 
@@ -449,8 +449,9 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     planner keeps device room for (default min(4096, model max)); KV beyond what the device budget
     holds goes to host memory, then to offload_dir. kv_sketch: sparse selection scores each chunk
     by a token-level bound from 2-bit key codes kept on the device (D/4 bytes per token and KV
-    head) instead of the chunk's min/max alone; False saves that memory and time but can miss a
-    single strongly attended token. Long prompts are prefilled in pieces of prefill_chunk_tokens.
+    head) instead of the chunk's min/max alone (default: on with CUDA, off on the CPU where the
+    pass costs about as much as dense attention); False saves that memory and time but can miss
+    a single strongly attended token. Long prompts are prefilled in pieces of prefill_chunk_tokens.
     """
     policy = Policy(dtype=None if dtype is None else str(dtype).removeprefix("torch."), device=device,
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,

@@ -11,6 +11,8 @@ dense attention it replaces:
 - ``relative_output_error``: ``||sparse - dense|| / ||dense||`` of the attention output, where the
   sparse output is the softmax renormalised over the selected tokens only (what sparse decode
   attention computes).
+- ``plant_needle``: the test input for "a needle is always found": lift a span of keys along one
+  query so that it takes a chosen share of that query's attention.
 
 Pure torch, fp32 math, any device. GQA as everywhere in tierkv: query head h reads KV head h // G.
 Not on the hot path: these exist to evaluate, so they favour clarity over speed.
@@ -20,7 +22,21 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention_recall", "relative_output_error", "chunk_mask_to_tokens"]
+__all__ = ["attention_recall", "relative_output_error", "chunk_mask_to_tokens", "plant_needle"]
+
+
+def plant_needle(q: torch.Tensor, keys: torch.Tensor, start: int, span: int, share: float, scale: float) -> None:
+    """Move keys[start:start+span] along q, in place, so that together they take ``share`` of q's attention.
+
+    q: (D,) one query head; keys: (T, D) the keys of its KV head. Each needle key gets the same
+    scaled logit, chosen against the other keys' logsumexp; the shift is along q / |q| only, so
+    other queries see the needle by their correlation with q.
+    """
+    logits = (keys @ q) * scale                                                   # (T,)
+    rest = torch.cat([logits[:start], logits[start + span:]]).logsumexp(0)
+    target = rest + torch.log(torch.tensor(share / (1.0 - share))) - torch.log(torch.tensor(float(span)))
+    gains = target - logits[start:start + span]                                   # (span,)
+    keys[start:start + span] += (gains / (q.norm() * scale))[:, None] * (q / q.norm())
 
 
 def chunk_mask_to_tokens(mask: torch.Tensor, starts: torch.Tensor, T: int) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""The tiered cache's key codes: written as chunks close, read by its sparse selection, budgeted."""
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from tierkv.config import ModelConfig, Policy
+from tierkv.kernels.quality import plant_needle
+from tierkv.pipeline.kv import TieredKVCache
+
+HQ, HKV, D, T, S = 4, 2, 64, 2048, 64
+
+
+@pytest.fixture(autouse=True)
+def _torch_kernels_one_thread(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("TIERKV_KERNELS", "torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg() -> ModelConfig:
+    return ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=16, hidden_size=HQ * D,
+                                      intermediate_size=8, num_hidden_layers=1, num_attention_heads=HQ,
+                                      num_key_value_heads=HKV, max_position_embeddings=8192))
+
+
+def _needle_context(seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Decode query (1, Hq, D) and keys (1, Hkv, T, D): one key per KV head takes half of one query's attention."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, HKV, T, D, generator=g)
+    k[..., :2] *= 3.0                                   # two wide channels loosen the min/max bound
+    q = torch.randn(1, HQ, D, generator=g)
+    q = q / q.norm(dim=-1, keepdim=True) * math.sqrt(D)
+    pos = int(torch.randint(2 * S, T - 2 * S, (1,), generator=g))
+    for h in range(HKV):
+        plant_needle(q[0, h * (HQ // HKV)], k[0, h], pos, 1, 0.5, D**-0.5)
+    return q, k, pos
+
+
+def _needle_selected(seed: int, sketch: bool) -> bool:
+    """Prefill the needle context through the cache, then ask its own selection for the needle query."""
+    q, k, pos = _needle_context(seed)
+    policy = Policy(kv="sparse", kv_budget=0.1, chunk_tokens=S, kv_sketch=sketch)
+    with TieredKVCache(_cfg(), policy, 1, T + 4, torch.float32, "cpu") as cache:
+        positions = torch.arange(T).view(1, T)
+        cache.attend(0, torch.randn(1, HQ, T, D), k, torch.randn(1, HKV, T, D), positions, None)
+        cache.advance(T)
+        kv = cache._layers[0]
+        assert kv is not None and kv.n_coded == (T // S if sketch else 0)
+        assert (cache.stats()["sketch_bytes"] > 0) == sketch
+        found = bool(cache._select(kv, q).mask[0, :, pos // S].all())
+        out = cache.attend(0, q.unsqueeze(2), k[:, :, -1:], torch.randn(1, HKV, 1, D), torch.tensor([[T]]), None)
+        cache.advance(1)
+        assert out.shape == (1, HQ, 1, D) and torch.isfinite(out).all()
+        assert kv.n_coded == (T // S if sketch else 0)   # the new token opened a chunk: not coded yet
+        cache.check_invariants()
+    return found
+
+
+def test_the_cache_codes_closed_chunks_and_its_selection_finds_the_needle() -> None:
+    with_codes = [_needle_selected(seed, True) for seed in range(3)]
+    without = [_needle_selected(seed, False) for seed in range(3)]
+    assert all(with_codes)
+    assert sum(without) <= 1
