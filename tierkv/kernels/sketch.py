@@ -83,6 +83,17 @@ def encode_keys(keys: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> t
 
 
 @jit
+def _channel_block(q_row, s_qd, kmin_row, kmax_row, s_ad, i, P, D, offs_p):
+    """Channels i*P .. i*P + P - 1 (bit pair i of each code byte): q, kmin and the quarter width w."""
+    d = i * P + offs_p
+    ok = (offs_p < P) & (d < D)
+    qd = tl.load(q_row + d * s_qd, mask=ok, other=0.0).to(tl.float32)
+    lo = tl.load(kmin_row + d * s_ad, mask=ok, other=0.0).to(tl.float32)
+    hi = tl.load(kmax_row + d * s_ad, mask=ok, other=0.0).to(tl.float32)
+    return qd, lo, (hi - lo) * 0.25
+
+
+@jit
 def _sketch_scores_kernel(
     q_ptr, kmin_ptr, kmax_ptr, codes_ptr, size_ptr, out_ptr,
     Hkv, G, D, P, S,
@@ -108,25 +119,19 @@ def _sketch_scores_kernel(
         q_base = b.to(tl.int64) * s_qb + (h * G + g) * s_qh
         base = tl.zeros([BLOCK_P], tl.float32)  # q.kmin + relu(q).w, per lane of P channels
         for i in tl.static_range(4):
-            d = i * P + offs_p
-            ok = (offs_p < P) & (d < D)
-            qd = tl.load(q_ptr + q_base + d * s_qd, mask=ok, other=0.0).to(tl.float32)
-            lo = tl.load(kmin_ptr + a_base + d * s_ad, mask=ok, other=0.0).to(tl.float32)
-            hi = tl.load(kmax_ptr + a_base + d * s_ad, mask=ok, other=0.0).to(tl.float32)
-            base += qd * lo + tl.maximum(qd, 0.0) * ((hi - lo) * 0.25)
+            qd, lo, w = _channel_block(q_ptr + q_base, s_qd, kmin_ptr + a_base, kmax_ptr + a_base, s_ad, i, P, D,
+                                       offs_p)
+            base += qd * lo + tl.maximum(qd, 0.0) * w
         for s0 in range(0, S, BLOCK_S):
             s = s0 + offs_s
             x = tl.load(codes_ptr + c_base + s[:, None] * s_cs + offs_p[None, :] * s_cp,
                         mask=(s < S)[:, None] & (offs_p < P)[None, :], other=0)  # (BLOCK_S, BLOCK_P)
             acc = tl.zeros([BLOCK_S], tl.float32)
             for i in tl.static_range(4):
-                d = i * P + offs_p
-                ok = (offs_p < P) & (d < D)
-                qd = tl.load(q_ptr + q_base + d * s_qd, mask=ok, other=0.0).to(tl.float32)
-                lo = tl.load(kmin_ptr + a_base + d * s_ad, mask=ok, other=0.0).to(tl.float32)
-                hi = tl.load(kmax_ptr + a_base + d * s_ad, mask=ok, other=0.0).to(tl.float32)
+                qd, lo, w = _channel_block(q_ptr + q_base, s_qd, kmin_ptr + a_base, kmax_ptr + a_base, s_ad, i, P,
+                                           D, offs_p)
                 code = ((x >> (2 * i)) & 3).to(tl.float32)
-                acc += tl.sum(code * (qd * ((hi - lo) * 0.25))[None, :], axis=1)
+                acc += tl.sum(code * (qd * w)[None, :], axis=1)
             tok = tl.where(s < n_tok, acc + tl.sum(base, axis=0), float("-inf"))
             best = tl.maximum(best, tok)
     tl.store(out_ptr + b.to(tl.int64) * s_ob + h * s_oh + c * s_oc, tl.max(best, axis=0))
