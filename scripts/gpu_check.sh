@@ -5,6 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TRITON_INTERPRET=0   # compiled kernels (tests/conftest.py defaults to the interpreter for CPU runs)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
 status=0
 python -m pytest -q -m gpu -p no:cacheprovider || status=1

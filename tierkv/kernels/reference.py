@@ -86,9 +86,10 @@ def chunk_scores_ref(
     """
     B, Hq, D = q.shape
     Hkv, C = kmin.shape[1], kmin.shape[2]
-    qg = q.float().view(B, Hkv, Hq // Hkv, 1, D)  # (B, Hkv, G, 1, D)
-    lo, hi = kmin.float().unsqueeze(2), kmax.float().unsqueeze(2)  # (B, Hkv, 1, C, D)
-    bound = torch.maximum(qg * lo, qg * hi).sum(-1)  # (B, Hkv, G, C)
+    qg = q.float().view(B, Hkv, Hq // Hkv, D)  # (B, Hkv, G, D)
+    lo = kmin.float()  # (B, Hkv, C, D)
+    # max(q*lo, q*hi) = q*lo + relu(q)*(hi - lo) since lo <= hi: two matmuls, no (G, C, D) temporary
+    bound = qg @ lo.transpose(-1, -2) + qg.clamp(min=0) @ (kmax.float() - lo).transpose(-1, -2)  # (B, Hkv, G, C)
     scores = bound.amax(dim=2)  # (B, Hkv, C)
     if n_chunks is not None:
         valid = torch.arange(C, device=q.device) < n_chunks.view(B, 1, 1)
