@@ -26,6 +26,10 @@ time <= 10% of the step". This script measures all of them in one invocation, pe
   per step"; chunks already on the device are read in place and not counted), estimator
   seconds (host wall time of scoring + selection: on CUDA only the launch time), speculation hit
   rate; against the full KV of the context;
+* whether the sparse selection fits the device: the mean union of the KV heads' selections per
+  layer-step (``sparse_union_tokens``) against what the resident slots hold (``device_room_tokens``)
+  and how many sparse layer-steps overflowed (``sparse_overflow_steps``: as much as fits is made
+  resident, the rest streams);
 * the link ceiling: raw O_DIRECT read speed of the offload disk (``measure_disk_read_gbps`` on a
   scratch file), measured before and after the runs; achieved KV GB/s from disk in the cold steps is
   reported against it.
@@ -263,7 +267,8 @@ def run_config(setup: Setup, name: str, ids: list[int]) -> dict[str, Any]:
 def _kv_report(kv: dict[str, Any]) -> dict[str, Any]:
     """The TieredKVCache.stats() fields worth printing (empty for the dense cache)."""
     keys = ("chunk_tokens", "attention_entropy", "device_bytes", "host_bytes", "disk_bytes", "spec_hit_rate",
-            "selected_fraction", "streamed_chunks", "evicted_chunks", "sparse_layer_steps", "exact_layer_steps")
+            "selected_fraction", "streamed_chunks", "evicted_chunks", "sparse_layer_steps", "exact_layer_steps",
+            "sparse_union_tokens", "sparse_overflow_steps", "device_room_tokens")
     return {k: kv[k] for k in keys if k in kv}
 
 
@@ -359,6 +364,10 @@ def _row(run: dict[str, Any], phase: str, full_kv: int) -> str:
         ceiling = f" ({p['disk_fraction_of_ceiling']:.0%} of ceiling)" if "disk_fraction_of_ceiling" in p else ""
         text += (f"  disk tier {p['disk_gbps']:.2f} GB/s{ceiling}  est {p['estimator_share']:5.1%}"
                  f"  spec hit {'-' if hit is None else f'{hit:.0%}'}  chunks {sorted(set(kv['chunk_tokens']))}")
+        if kv.get("sparse_union_tokens") is not None:   # does the selection fit the device room?
+            room = min(r for r in kv["device_room_tokens"] if r is not None)
+            text += (f"  union {kv['sparse_union_tokens']:.0f} tok / room {room} tok"
+                     f"  overflow {kv['sparse_overflow_steps']}/{kv['sparse_layer_steps']} layer-steps")
     return text
 
 

@@ -22,9 +22,10 @@ from tierkv.engine import Engine
 from tierkv.io.kvstore import KVStoreError
 from tierkv.pipeline.kv import (DenseKVCache, TieredKVCache, keeps_sketch, kv_budget_tokens, kv_bytes_per_token,
                                 layer_index_bytes, make_kv_cache)
-from tierkv.pipeline.kv_table import KVBudgetError
+from tierkv.pipeline.kv_table import KVBudgetError, Tier
 
 B, HQ, HKV, D, LAYERS = 2, 4, 2, 16, 2
+DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
 
 
 @pytest.fixture(autouse=True)
@@ -149,6 +150,41 @@ def test_sparse_fetches_the_important_chunk_from_disk_and_speculates(tmp_path: P
     assert st["selected_fraction"] < 0.15 and st["estimator_s"] > 0
     assert st["bytes_read_disk"] > 0 and st["spec_fetched_chunks"] > 0
     assert st["spec_hit_rate"] is not None and st["spec_hit_rate"] > 0     # layer 1 reuses layer 0's needle
+
+
+def test_sparse_union_overflowing_the_device_keeps_what_fits_and_streams_the_rest(tmp_path: Path,
+                                                                                  torch_kernels: None) -> None:
+    """The KV heads' selections together need more chunks than the device slots hold: the output is
+    still attention over exactly the selected (chunk, head) pairs, the slots fill with needed chunks,
+    and the stats say how large the union was and that it overflowed."""
+    cfg, cap = _cfg(), 700
+    pieces = [300, 300] + [1] * 6
+    policy = Policy(kv="sparse", kv_budget=64, chunk_tokens=16)
+    roomy = TieredKVCache(cfg, policy, B, cap, torch.float32, "cpu")         # every chunk stays resident
+    tight = _tiered(cfg, policy, cap, tmp_path, slots=12, host_chunks=8)     # 8 resident slots per layer
+    with roomy, tight:
+        _drive([roomy, tight], pieces, check=_close)
+        tight.check_invariants()
+        st, full = tight.stats(), roomy.stats()
+        last = tight._layers[LAYERS - 1]                 # untouched since its attend (speculation is for layer 0)
+        assert len(last.resident) == last.geo.resident_slots and last.resident <= set(last.prev_needed)
+        assert len(last.prev_needed) > last.geo.resident_slots
+    assert st["sparse_overflow_steps"] == 6 * LAYERS and full["sparse_overflow_steps"] == 0
+    assert st["sparse_union_tokens"] == full["sparse_union_tokens"] > st["device_room_tokens"][0] == 64
+    assert st["selected_fraction"] == full["selected_fraction"] < 0.5
+    assert st["bytes_read_disk"] > 0 and st["bytes_read_host"] > 0 and st["streamed_chunks"] > 0
+
+
+def test_overflow_keeps_resident_then_most_heads_then_disk_chunks(tmp_path: Path, torch_kernels: None) -> None:
+    cfg, cap = _cfg(), 400
+    cache = _tiered(cfg, Policy(kv="sparse", kv_budget=64, chunk_tokens=16), cap, tmp_path, slots=12, host_chunks=4)
+    with cache:
+        _drive([cache], [cap - 10])
+        kv = cache._layers[0]
+        on = {tier: [k for k in kv.table.chunks(0, 1) if kv.table.tier_of(k) is tier] for tier in (DEVICE, HOST, DISK)}
+        resident, host, disk = on[DEVICE][0], on[HOST][:2], on[DISK][:2]
+        picked = {host[0]: 0b11, host[1]: 0b01, disk[0]: 0b01, disk[1]: 0b11, resident: 0b01}
+        assert cache._overflow_order(kv, picked) == [resident, disk[1], host[0], disk[0], host[1]]
 
 
 def test_adaptive_chunk_sizes_follow_attention_skew(tmp_path: Path, torch_kernels: None) -> None:
@@ -311,9 +347,11 @@ def test_engine_exact_tiered_is_lossless(long_models: dict[str, Path], tmp_path:
     if chunk_tokens is None:
         assert all(size is not None and size <= 64 for size in st["chunk_tokens"])   # adaptive, fitted to the budget
     sparse_policy = Policy(prefill_chunk_tokens=512, kv="sparse", kv_budget=1.0, chunk_tokens=chunk_tokens)
-    sparse, _ = _generate(model, sparse_policy, prompts, _spilling(sparse_policy, tmp_path, chunk=chunk_tokens or 64),
-                          monkeypatch)
+    sparse, made = _generate(model, sparse_policy, prompts,
+                             _spilling(sparse_policy, tmp_path, chunk=chunk_tokens or 64), monkeypatch)
     assert sparse == dense
+    if arch == "llama":   # every chunk selected, more than the device holds: each sparse step overflows
+        assert made[0]["sparse_overflow_steps"] == made[0]["sparse_layer_steps"] > 0
 
 
 def test_engine_sparse_small_budget_with_triton_kernels(long_models: dict[str, Path], tmp_path: Path,

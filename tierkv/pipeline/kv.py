@@ -35,7 +35,11 @@ TieredKVCache, in one paragraph per concern:
   resident (evicting others) and runs ``kernels.attention.sparse_decode_attention`` over the slot
   pool through a chunk table. Scoring and selection never synchronise with the host; reading the
   selection back to fetch misses does, once per layer, and only when a chunk is off the device.
-  Layers with a sliding window always attend exactly over their window.
+  A slot holds every KV head, so the device must hold the union of the KV heads' selections; when
+  it does not (an *overflow*, counted in ``stats()``) the slots keep as much of it as they hold
+  and the rest is read for that step only, in large batches on several reader threads, and
+  combined exactly with an online softmax (``_decode_overflow``). Layers with a sliding window
+  always attend exactly over their window.
 - Speculation. After a layer attends, the chunks the next layer selected at the previous step
   (sparse) or its first wave of streamed chunks (exact) are fetched on the reader thread while the
   rest of this layer and the next layer's projections compute; selected chunks that were not
@@ -45,6 +49,7 @@ TieredKVCache, in one paragraph per concern:
 from __future__ import annotations
 
 import math
+import threading
 import time
 import uuid
 import weakref
@@ -72,6 +77,8 @@ DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
 TierPair = tuple[Tier, Tier]
 _LOGITS_BATCH_BYTES = 32 << 20   # cap on the fp32 logits of one batch of chunks in the streamed path
 _SCRATCH_SLOTS_PER_SEQ = 2       # at least one streamed chunk per sequence in each half of the double buffer
+_STREAM_BYTES = 32 << 20         # cap on the K/V a sparse step that overflows the device streams at once
+_STREAM_THREADS = 4              # reader threads that read those chunks in parallel
 
 
 class DenseKVCache:
@@ -124,9 +131,17 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * _elt(dtype)
 
 
-def keeps_sketch(policy: Policy) -> bool:
-    """Whether a tiered cache under ``policy`` keeps 2-bit key codes (only sparse selection reads them)."""
-    return policy.kv_sketch and policy.kv != "exact"
+def keeps_sketch(policy: Policy, device: torch.device) -> bool:
+    """Whether a tiered cache under ``policy`` keeps 2-bit key codes (only sparse selection reads them).
+
+    Default (``policy.kv_sketch`` None): on CUDA, where scoring the codes reads 1/8 of the bytes of
+    K and is a small part of a step; off on the CPU, where the same pass is as many multiply-adds
+    as q.K over the context (measured 0.65-1.13x dense decode attention) and would cancel the
+    sparse step's saving.
+    """
+    if policy.kv == "exact":
+        return False
+    return policy.kv_sketch if policy.kv_sketch is not None else device.type == "cuda"
 
 
 def layer_index_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capacity_tokens: int, chunk_tokens: int,
@@ -199,6 +214,16 @@ class _OnlineSoftmax:
         if key_ok is not None:
             allowed = allowed & key_ok[:, :, None, None, :]
         logits = logits.masked_fill(~allowed, float("-inf")).view(b, h, -1, n)         # (B, Hkv, G*T, N)
+        self._accumulate(logits, v)
+
+    def fold(self, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor) -> None:
+        """Decode: k/v (B, Hkv, N, D) that every query may see; key_ok (B, Hkv, N) bool picks the keys
+        each KV head attends to (no positions: a decode query comes after every stored key)."""
+        logits = (self.q @ k.float().transpose(-1, -2)).masked_fill_(~key_ok[:, :, None], float("-inf"))
+        self._accumulate(logits, v)
+
+    def _accumulate(self, logits: torch.Tensor, v: torch.Tensor) -> None:
+        """Fold masked logits (B, Hkv, G*T, N) and their values v (B, Hkv, N, D) into the state."""
         m_new = torch.maximum(self.m, logits.amax(-1))
         m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
         p = torch.exp(logits - m_safe[..., None])
@@ -235,7 +260,9 @@ def _slot_batches(entries: Entries, batch: int, per_batch: int) -> Iterator[tupl
 
 
 class _Jobs:
-    """A reader and a writer thread for disk and host<->device moves.
+    """A reader and a writer thread for disk and host<->device moves, and ``_STREAM_THREADS``
+    "stream" threads that read the chunks sparse steps need from disk (fetches and overflow
+    remainders, split over the threads: parallel reads keep more of the disk busy).
 
     On CUDA each job runs on its thread's own stream after waiting for an event recorded when it
     was submitted, so it sees (and does not overwrite) what the compute stream was still using;
@@ -243,22 +270,26 @@ class _Jobs:
     """
 
     def __init__(self, device: torch.device) -> None:
-        self._pools = {kind: ThreadPoolExecutor(1, thread_name_prefix=f"tierkv-kv-{kind}")
-                       for kind in ("read", "write")}
-        self._streams = {kind: torch.cuda.Stream(device) for kind in self._pools} if device.type == "cuda" else {}
+        threads = {"read": 1, "write": 1, "stream": _STREAM_THREADS}
+        self._pools = {kind: ThreadPoolExecutor(n, thread_name_prefix=f"tierkv-kv-{kind}")
+                       for kind, n in threads.items()}
+        self._device = device if device.type == "cuda" else None
+        self._local = threading.local()   # .stream: the calling pool thread's CUDA stream
 
     def submit(self, kind: str, fn: Callable[[], Any]) -> Future:
         event = None
-        if self._streams:
+        if self._device is not None:
             event = torch.cuda.Event()
             event.record()
-        return self._pools[kind].submit(self._run, kind, fn, event)
+        return self._pools[kind].submit(self._run, fn, event)
 
-    def _run(self, kind: str, fn: Callable[[], Any], event: Any) -> Any:
+    def _run(self, fn: Callable[[], Any], event: Any) -> Any:
         with torch.inference_mode():
-            stream = self._streams.get(kind)
-            if stream is None:
+            if self._device is None:
                 return fn()
+            stream = getattr(self._local, "stream", None)
+            if stream is None:
+                stream = self._local.stream = torch.cuda.Stream(self._device)
             with torch.cuda.stream(stream):
                 stream.wait_event(event)
                 out = fn()
@@ -318,6 +349,7 @@ class _Counters:
     spec_misses: int = 0
     spec_unused_chunks: int = 0
     sparse_layer_steps: int = 0
+    overflow_steps: int = 0       # sparse layer-steps whose selection (union over KV heads) exceeded the device slots
     exact_layer_steps: int = 0
     estimator_s: float = 0.0
     selectable_tokens: int = 0
@@ -441,7 +473,7 @@ class TieredKVCache:
         self.cfg, self.policy, self.batch = cfg, policy, batch
         self.capacity_tokens, self.dtype, self.device = capacity_tokens, dtype, torch.device(device)
         self.sink_chunks, self._rule = sink_chunks, chunk_rule
-        self._sketch = keeps_sketch(policy)
+        self._sketch = keeps_sketch(policy, self.device)
         self._sketch_note = "on" if self._sketch else "off"
         n = cfg.num_layers
         self._device_layer_bytes = None if kv_device_bytes is None else kv_device_bytes // n
@@ -452,6 +484,8 @@ class TieredKVCache:
         self._hint: tuple[int, list[ChunkKey]] | None = None   # (chunk tokens, keys) the last layer selected
         self._c = _Counters()
         self._selected_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._union_tokens = torch.zeros((), dtype=torch.float64, device=self.device)  # sparse steps' union sizes
+        self._head_bits = 2 ** torch.arange(cfg.num_kv_heads, device=self.device)         # (Hkv,) int64
         self._closed = False
         spill = self._check_budgets(offload_dir)
         self._store = None
@@ -763,20 +797,23 @@ class TieredKVCache:
             raise error
 
     def _start_fetches(self, kv: _LayerKV, fetch: Mapping[TierPair, Sequence[ChunkKey]]) -> list[_Fetch]:
-        """Begin host/disk -> device moves into free resident slots on the reader thread."""
+        """Begin host/disk -> device moves into free resident slots: host copies on the reader thread,
+        disk reads split over the stream threads (parallel reads keep more of the disk busy)."""
         started = []
-        for pair, keys in fetch.items():
-            keys = tuple(keys)
-            kv.table.begin({pair: keys})
-            assert len(kv.free) >= len(keys), "the chunk table and the free slots disagree"
-            slots = tuple(kv.free.pop() for _ in keys)
-            for key, slot in zip(keys, slots):
-                kv.slot_of[key] = slot
-            future = self._submit_load(kv, keys, slots)
-            fetch_rec = _Fetch(pair, keys, slots, future)
-            for key in keys:
-                kv.fetching[key] = fetch_rec
-            started.append(fetch_rec)
+        for pair, all_keys in fetch.items():
+            parts = max(1, min(_STREAM_THREADS, len(all_keys))) if pair[0] is DISK else 1
+            for t in range(parts):
+                keys = tuple(all_keys[t::parts])
+                kv.table.begin({pair: keys})
+                assert len(kv.free) >= len(keys), "the chunk table and the free slots disagree"
+                slots = tuple(kv.free.pop() for _ in keys)
+                for key, slot in zip(keys, slots):
+                    kv.slot_of[key] = slot
+                future = self._submit_load(kv, keys, slots, "stream" if pair[0] is DISK else "read")
+                fetch_rec = _Fetch(pair, keys, slots, future)
+                for key in keys:
+                    kv.fetching[key] = fetch_rec
+                started.append(fetch_rec)
         return started
 
     def _finish_fetch(self, kv: _LayerKV, f: _Fetch) -> None:
@@ -805,8 +842,8 @@ class TieredKVCache:
             if wait or f.future.done():
                 self._finish_fetch(kv, f)
 
-    def _submit_load(self, kv: _LayerKV, keys: Sequence[ChunkKey], slots: Sequence[int]) -> Future:
-        """Copy chunks from the host or disk into device slots on the reader thread; sets slot lengths."""
+    def _submit_load(self, kv: _LayerKV, keys: Sequence[ChunkKey], slots: Sequence[int], pool: str = "read") -> Future:
+        """Copy chunks from the host or disk into device slots on a ``pool`` thread; sets slot lengths."""
         tokens = [kv.table.tokens_of(key) for key in keys]
         kv.slot_lens[list(slots)] = torch.tensor(tokens, dtype=torch.int32, device=self.device)
         host = [(slot, kv.host[key]) for key, slot in zip(keys, slots) if kv.table.tier_of(key) is HOST]
@@ -824,7 +861,7 @@ class TieredKVCache:
                 assert store is not None, "disk chunks without a store"
                 _copy_disk(kv, [slot for slot, _ in disk], store.read([key for _, key in disk]))
 
-        return self._jobs.submit("read", job)
+        return self._jobs.submit(pool, job)
 
     # -- attention ---------------------------------------------------------------------------
 
@@ -843,20 +880,30 @@ class TieredKVCache:
         return self._attend_streamed(kv, q, positions, kv.tokens - 1, window_tokens)
 
     def _decode_sparse(self, kv: _LayerKV, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Score chunks, select within the token budget, make the selection resident, attend."""
+        """Score chunks, select within the token budget, make the selection resident, attend.
+
+        A slot holds a chunk for every KV head, so what must be on the device is the union of the
+        KV heads' selections; when it does not fit the resident slots the step overflows
+        (``_decode_overflow``: as much as fits becomes resident, the rest streams).
+        """
         self._drain_prefetch(kv)
         sel = self._select(kv, q[:, :, 0])
+        union = sel.mask.any(1)                                                       # (B, C)
+        self._union_tokens += (union * kv.chunk_sizes[:kv.n_chunks]).sum()
         if kv.all_resident():
             kv.prev_needed = []
             return self._kernel(kv, q, sel.ids, sel.counts)
-        pairs = sel.mask.any(1).nonzero().tolist()           # the one host sync: which chunks to fetch
-        needed = [kv.key(c, b) for b, c in pairs]
+        heads = (sel.mask * self._head_bits[:, None]).sum(1)                         # (B, C) bit h: head h picked it
+        idx = union.nonzero()
+        rows = torch.cat([idx, heads[idx[:, 0], idx[:, 1]][:, None]], 1).tolist()   # the one host sync
+        picked = {kv.key(c, b): bits for b, c, bits in rows}
+        needed = list(picked)
         kv.prev_needed = needed
         self._hint = (kv.geo.chunk_tokens, needed)
         self._count_speculation(kv, needed)
-        if self._make_resident(kv, needed):
+        if len(needed) <= kv.geo.resident_slots and self._make_resident(kv, needed):
             return self._kernel(kv, q, sel.ids, sel.counts)
-        return self._attend_streamed(kv, q, positions, kv.tokens - 1, None, chunk_mask=sel.mask)
+        return self._decode_overflow(kv, q, picked)
 
     def _select(self, kv: _LayerKV, q0: torch.Tensor) -> Selection:
         """Importance selection on the device: q0 (B, Hq, D) -> Selection over the layer's chunks."""
@@ -902,6 +949,175 @@ class TieredKVCache:
         for f in self._start_fetches(kv, plan.fetch):
             self._finish_fetch(kv, f)
         return True
+
+    # -- sparse steps whose selection does not fit the device ----------------------------------
+
+    def _decode_overflow(self, kv: _LayerKV, q: torch.Tensor, picked: Mapping[ChunkKey, int]) -> torch.Tensor:
+        """Sparse attention when the union of the KV heads' selections exceeds the resident slots.
+
+        ``picked`` maps each needed chunk to the KV heads that selected it (bit h = head h). As
+        many needed chunks as the resident slots hold become resident (``_overflow_order`` says
+        which), evicting only chunks the step does not need; the rest, the remainder, is read from
+        the host or disk for this step only and never placed.
+
+        Attention is exact over the selected (chunk, KV head) pairs: an fp32 online softmax folds
+        the needed chunks already resident (each KV head through a slot table of the chunks it
+        selected, as the attention kernel reads them) while reader threads fetch the new resident
+        chunks and read the remainder; then the fetched chunks; then the remainder, one fold per
+        group. A group is one K/V buffer (B, Hkv, n*S, D) of up to ``_STREAM_BYTES // 2`` (usually
+        the whole remainder) that ``_STREAM_THREADS`` jobs fill in parallel straight from host
+        buffers and disk records (parallel reads keep more of the disk busy); the next group is
+        read while one is folded. Groups do not go through the scratch slots: those hold a couple
+        of chunks, and every scratch wave costs a reader round trip and a fold of its own (measured
+        ~0.5 ms per wave on a CPU, against ~40 us of attention per 256-token chunk). They are
+        transient activations, as large as the streamed prefill's logits cap (``_LOGITS_BATCH_BYTES``).
+        """
+        self._c.overflow_steps += 1
+        self._poll_fetches(kv, wait=True)                   # fetches in flight hold slots: let them land
+        order = self._overflow_order(kv, picked)
+        kv.prev_needed = order
+        fetches = self._fit_resident(kv, order)
+        rest = sorted((key for key in order if key not in kv.slot_of),
+                      key=lambda key: (kv.table.tier_of(key) is DISK, key.seq, key.chunk))
+        state = _OnlineSoftmax(q, self.cfg.num_kv_heads)
+        todo = self._stream_groups(kv, rest)
+        inflight: list[tuple[list[Future], torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+        def submit() -> None:
+            if todo:
+                inflight.append(self._submit_group(kv, todo.pop(0), picked))
+
+        kv.table.pin(rest)
+        try:
+            submit()
+            submit()                                        # double-buffered: read group i+1 while folding i
+            self._fold_slots(state, kv, [key for key in order if key in kv.resident], picked)
+            for f in fetches:
+                self._finish_fetch(kv, f)
+            self._fold_slots(state, kv, [key for f in fetches for key in f.keys], picked)
+            while inflight:
+                futures, k, v, key_ok = inflight.pop(0)
+                for future in futures:
+                    future.result()
+                state.fold(k, v, key_ok)
+                submit()
+        finally:
+            wait_futures([f for group in inflight for f in group[0]])
+            kv.table.unpin(rest)
+        self._c.streamed_chunks += len(rest)
+        return state.result()
+
+    def _overflow_order(self, kv: _LayerKV, picked: Mapping[ChunkKey, int]) -> list[ChunkKey]:
+        """The needed chunks, those most worth a resident slot first.
+
+        1. Chunks already on the device: keeping them costs no copy.
+        2. Chunks selected by more KV heads: a slot holds every head, so one slot serves more
+           (chunk, head) pairs, and a chunk many heads want is the likeliest to be selected again
+           (the next step of this layer, and the next layer, which speculation fetches for).
+        3. Chunks on disk before chunks on the host: all cost one read now, but a later step that
+           selects the chunk again saves the slower read if it stayed resident.
+        4. Newer chunks first (nearer the recent window, which every step attends to).
+        """
+        def rank(key: ChunkKey) -> tuple[bool, int, bool, int]:
+            return key not in kv.slot_of, -picked[key].bit_count(), kv.table.tier_of(key) is not DISK, -key.chunk
+
+        return sorted(picked, key=rank)
+
+    def _fit_resident(self, kv: _LayerKV, order: Sequence[ChunkKey]) -> list[_Fetch]:
+        """Make the longest prefix of ``order`` that fits the resident slots resident, evicting chunks not
+        in ``order``. Returns the fetches started (the caller finishes them)."""
+        wanted = set(order)
+        stuck = sum(1 for key in kv.slot_of if key not in wanted and kv.table.protected(key))
+        for n in range(min(len(order), kv.geo.resident_slots - stuck), 0, -1):
+            try:
+                plan = kv.table.plan_moves(order[:n])
+            except KVBudgetError:
+                continue                                    # pinned or protected chunks hold slots: fewer
+            self._evict(kv, plan.evict)
+            return self._start_fetches(kv, plan.fetch)
+        return []
+
+    def _fold_slots(self, state: _OnlineSoftmax, kv: _LayerKV, keys: Sequence[ChunkKey],
+                    picked: Mapping[ChunkKey, int]) -> None:
+        """Fold resident chunks into ``state``; each KV head reads only the chunks it selected."""
+        if not keys:
+            return
+        b, h, s, d = self.batch, self.cfg.num_kv_heads, kv.geo.chunk_tokens, self.cfg.head_dim
+        rows: list[list[list[int]]] = [[[] for _ in range(h)] for _ in range(b)]
+        for key in keys:
+            slot, bits = kv.slot_of[key], picked[key]
+            for j in range(h):
+                if bits >> j & 1:
+                    rows[key.seq][j].append(slot)
+        m = max(len(r) for row in rows for r in row)
+        table = torch.tensor([[r + [-1] * (m - len(r)) for r in row] for row in rows],
+                             device=self.device)                                        # (B, Hkv, m) slots
+        slots = table.clamp(min=0)
+        heads = torch.arange(h, device=self.device).view(1, h, 1)
+        k = kv.k_pool[slots, heads].view(b, h, m * s, d)                               # (B, Hkv, m*S, D)
+        v = kv.v_pool[slots, heads].view(b, h, m * s, d)
+        key_ok = (torch.arange(s, device=self.device) < kv.slot_lens[slots][..., None]) & (table >= 0)[..., None]
+        state.fold(k, v, key_ok.view(b, h, m * s))
+
+    def _stream_groups(self, kv: _LayerKV, keys: Sequence[ChunkKey]) -> list[list[list[ChunkKey]]]:
+        """Off-device chunks cut into groups of up to ``_STREAM_BYTES // 2`` (two are in flight): per
+        group, per sequence, up to n chunks (the same n for every sequence)."""
+        per_seq: list[list[ChunkKey]] = [[] for _ in range(self.batch)]
+        for key in keys:
+            per_seq[key.seq].append(key)
+        longest = max(len(row) for row in per_seq)
+        n = max(1, _STREAM_BYTES // 2 // (self.batch * kv.geo.slot_bytes))
+        return [[row[lo:lo + n] for row in per_seq] for lo in range(0, longest, n)]
+
+    def _submit_group(self, kv: _LayerKV, rows: Sequence[Sequence[ChunkKey]], picked: Mapping[ChunkKey, int]
+                      ) -> tuple[list[Future], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Start copying a group of host/disk chunks into one K/V (B, Hkv, n*S, D), split over the
+        stream threads (disk reads round-robin, so they run in parallel).
+
+        Returns (futures, k, v, key_ok (B, Hkv, n*S)): key_ok marks the tokens each KV head selected.
+        """
+        b, h, s, d = self.batch, self.cfg.num_kv_heads, kv.geo.chunk_tokens, self.cfg.head_dim
+        n = max(len(row) for row in rows)
+        k = torch.empty((b, h, n, s, d), dtype=self.dtype, device=self.device)
+        v = torch.empty_like(k)
+        host, disk, blank = [], [], []
+        for i, row in enumerate(rows):
+            for j, key in enumerate(row):
+                if kv.table.tier_of(key) is HOST:
+                    host.append((i, j, kv.host[key]))
+                else:
+                    disk.append((i, j, key))
+            blank += [(i, j) for j in range(len(row), n)]
+        assert all(kv.table.tier_of(key) is DISK for *_, key in disk), "only host and disk chunks stream"
+        self._c.host_read_bytes += len(host) * kv.geo.slot_bytes
+        self._c.disk_read_bytes += len(disk) * kv.geo.slot_bytes
+        self._c.decode_read_bytes += (len(host) + len(disk)) * kv.geo.slot_bytes
+        store = self._store
+
+        def job(host: list[tuple[int, int, torch.Tensor]], disk: list[tuple[int, int, ChunkKey]],
+                blank: list[tuple[int, int]]) -> None:
+            for i, j in blank:                  # K there is masked; V must hold no NaN (0 * NaN)
+                v[i, :, j].zero_()
+            for i, j, buf in host:
+                k[i, :, j].copy_(buf[0], non_blocking=True)
+                v[i, :, j].copy_(buf[1], non_blocking=True)
+            if disk:
+                assert store is not None, "disk chunks without a store"
+                for (i, j, _), rec in zip(disk, store.read([key for *_, key in disk])):
+                    t = rec.n_tokens
+                    k[i, :, j, :t].copy_(rec.k)
+                    v[i, :, j, :t].copy_(rec.v)
+                    v[i, :, j, t:].zero_()
+
+        parts = max(1, min(_STREAM_THREADS, len(disk)))
+        futures = [self._jobs.submit("stream", lambda t=t: job(host[t::parts], disk[t::parts], blank[t::parts]))
+                   for t in range(parts)]
+        sel = [[[bool(picked[key] >> j & 1) for key in row] + [False] * (n - len(row)) for j in range(h)]
+               for row in rows]                                                                  # (B, Hkv, n)
+        lens = [[kv.table.tokens_of(key) for key in row] + [0] * (n - len(row)) for row in rows]  # (B, n)
+        key_ok = ((torch.arange(s, device=self.device) < torch.tensor(lens, device=self.device)[:, None, :, None])
+                  & torch.tensor(sel, device=self.device)[..., None])                           # (B, Hkv, n, S)
+        return futures, k.view(b, h, n * s, d), v.view(b, h, n * s, d), key_ok.view(b, h, n * s)
 
     def _attend_streamed(self, kv: _LayerKV, q: torch.Tensor, positions: torch.Tensor, q_first: int,
                          window_tokens: int | None, chunk_mask: torch.Tensor | None = None,
@@ -1080,6 +1296,14 @@ class TieredKVCache:
             "sketch_bytes": sum(kv.codes.numel() for kv in layers if kv.codes is not None),
             "selected_fraction": float(self._selected_tokens) / c.selectable_tokens if c.selectable_tokens else None,
             "sparse_layer_steps": c.sparse_layer_steps,
+            # sizing the device KV room for sparse decode: the union of the KV heads' selections (tokens
+            # per sequence, mean over sparse layer-steps) must fit device_room_tokens, else the step
+            # overflows and streams the rest (raise --kv-device-tokens / --device-mem)
+            "sparse_union_tokens": (float(self._union_tokens) / (c.sparse_layer_steps * self.batch)
+                                    if c.sparse_layer_steps else None),
+            "sparse_overflow_steps": c.overflow_steps,
+            "device_room_tokens": [kv.geo.resident_slots * kv.geo.chunk_tokens // self.batch if kv else None
+                                   for kv in self._layers],
             "exact_layer_steps": c.exact_layer_steps,
             "decode_steps": c.decode_steps,
         }
