@@ -1120,25 +1120,22 @@ class TieredKVCache:
         return futures, k.view(b, h, n * s, d), v.view(b, h, n * s, d), key_ok.view(b, h, n * s)
 
     def _attend_streamed(self, kv: _LayerKV, q: torch.Tensor, positions: torch.Tensor, q_first: int,
-                         window_tokens: int | None, chunk_mask: torch.Tensor | None = None,
+                         window_tokens: int | None,
                          new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Exact attention (or over ``chunk_mask`` (B, Hkv, C)) over chunks on any tier, plus ``new_kv``.
+        """Exact attention over every chunk (of the window) on any tier, plus ``new_kv``.
 
         Resident chunks are read in place; the others stream through the scratch slots. q_first is
         the position of the first query; new_kv (B, Hkv, T, D) are the queries' own keys/values.
         """
         state = _OnlineSoftmax(q, self.cfg.num_kv_heads)
         lo = 0 if window_tokens is None else max(0, q_first - window_tokens + 1) // kv.geo.chunk_tokens
-        if chunk_mask is None:
-            keys = [kv.key(c, b) for b in range(self.batch) for c in range(lo, kv.n_chunks)]
-        else:
-            keys = [kv.key(c, b) for b, c in chunk_mask.any(1).nonzero().tolist() if c >= lo]
+        keys = [kv.key(c, b) for b in range(self.batch) for c in range(lo, kv.n_chunks)]
         self._poll_fetches(kv, wait=True, keys=keys)
         resident = [(k.seq, k.chunk, kv.slot_of[k]) for k in keys if k in kv.resident]
         per_batch = self._chunks_per_batch(kv, q)
         for batch in _slot_batches(resident, self.batch, per_batch):
-            self._update_from_slots(state, kv, batch, positions, window_tokens, chunk_mask)
-        self._stream(kv, state, [k for k in keys if k not in kv.resident], positions, window_tokens, chunk_mask)
+            self._update_from_slots(state, kv, batch, positions, window_tokens)
+        self._stream(kv, state, [k for k in keys if k not in kv.resident], positions, window_tokens)
         if new_kv is not None:
             state.update(new_kv[0], new_kv[1], positions, positions, None, window_tokens)
         return state.result()
@@ -1148,7 +1145,7 @@ class TieredKVCache:
         return max(1, _LOGITS_BATCH_BYTES // (4 * b * hq * t * kv.geo.chunk_tokens))
 
     def _update_from_slots(self, state: _OnlineSoftmax, kv: _LayerKV, batch: tuple[list[list[int]], ...],
-                           positions: torch.Tensor, window_tokens: int | None, chunk_mask: torch.Tensor | None) -> None:
+                           positions: torch.Tensor, window_tokens: int | None) -> None:
         """Fold one rectangular batch of slots (B, n) into the softmax state."""
         slots, cids, ok = (torch.tensor(x, device=self.device) for x in batch)
         b, n = slots.shape
@@ -1159,13 +1156,10 @@ class TieredKVCache:
         k_pos = (cids[..., None] * s + offs).reshape(b, n * s)                         # (B, n*S)
         key_ok = (offs < kv.slot_lens[slots][..., None]) & ok[..., None]              # (B, n, S)
         key_ok = key_ok.reshape(b, 1, n * s)
-        if chunk_mask is not None:
-            picked = chunk_mask.gather(2, cids[:, None, :].expand(b, h, n))            # (B, Hkv, n)
-            key_ok = key_ok & picked[..., None].expand(b, h, n, s).reshape(b, h, n * s)
         state.update(k, v, positions, k_pos, key_ok, window_tokens)
 
     def _stream(self, kv: _LayerKV, state: _OnlineSoftmax, keys: Sequence[ChunkKey], positions: torch.Tensor,
-                window_tokens: int | None, chunk_mask: torch.Tensor | None) -> None:
+                window_tokens: int | None) -> None:
         """Attend to chunks off the device through the scratch slots, loading one wave ahead."""
         pre, kv.prefetched = kv.prefetched, None
         taken = set(pre.keys) if pre is not None else set()
@@ -1186,7 +1180,7 @@ class TieredKVCache:
                 wave = waves[done]
                 wave.future.result()
                 for batch in _slot_batches(wave.entries(), self.batch, len(wave.keys)):
-                    self._update_from_slots(state, kv, batch, positions, window_tokens, chunk_mask)
+                    self._update_from_slots(state, kv, batch, positions, window_tokens)
                 done += 1
         finally:
             wait_futures([w.future for w in waves])
