@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tierkv.errors import ArgumentError, TierkvError
+
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -30,7 +32,7 @@ _MODEL_TYPE_TO_ARCH = {
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
-class ConfigError(ValueError):
+class ConfigError(TierkvError):
     """A checkpoint's configuration cannot be used; the message names the file/field and the fix."""
 
 

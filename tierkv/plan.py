@@ -26,6 +26,7 @@ import psutil
 import torch
 
 from tierkv.config import Budget, ModelConfig, Policy, format_size
+from tierkv.errors import TierkvError
 from tierkv.io.buffers import HostBuffer
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.reader import evict_from_page_cache, measure_disk_read_gbps
@@ -43,7 +44,7 @@ MAX_PREFETCH_DEPTH = 4
 DEFAULT_CONTEXT_TOKENS = 4096
 
 
-class PlanError(ValueError):
+class PlanError(TierkvError):
     """The budgets cannot run this model; the message names the minimum and what to change."""
 
 

@@ -15,6 +15,8 @@ import threading
 
 import torch
 
+from tierkv.errors import TierkvError
+
 ALIGN_BYTES = 4096
 
 
@@ -40,6 +42,10 @@ def aligned_host_tensor(n_bytes: int) -> torch.Tensor:
     return tensor
 
 
+class PinningError(TierkvError, MemoryError):
+    """The OS refused to pin (page-lock) a host buffer; the message names the size and the fix."""
+
+
 class HostBuffer:
     """Page-aligned host memory, page-locked with ``cudaHostRegister`` when ``pinned``.
 
@@ -56,7 +62,7 @@ class HostBuffer:
             assert pinning_available(), "pinned memory needs CUDA; pass pinned=False on a CPU-only machine"
             err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.tensor.numel(), 0)
             if int(getattr(err, "value", err)) != 0:
-                raise MemoryError(f"cannot pin {self.tensor.numel()} bytes of host memory (cudaHostRegister: {err}); "
+                raise PinningError(f"cannot pin {self.tensor.numel()} bytes of host memory (cudaHostRegister: {err}); "
                                   "lower --host-mem or raise the locked-memory limit (ulimit -l)")
             self.pinned = True
 
@@ -173,4 +179,4 @@ class SlotPool:
         return f"SlotPool({self.n_slots} x {self.slot_bytes} B, {kind}, {self.n_free} free)"
 
 
-__all__ = ["ALIGN_BYTES", "HostBuffer", "Slot", "SlotPool", "aligned_host_tensor", "pinning_available", "round_up"]
+__all__ = ["ALIGN_BYTES", "HostBuffer", "PinningError", "Slot", "SlotPool", "aligned_host_tensor", "pinning_available", "round_up"]

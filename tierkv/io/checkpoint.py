@@ -15,13 +15,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tierkv.config import ConfigError, ModelConfig, read_json
+from tierkv.errors import TierkvError
 
 LAYER_PREFIX = "model.layers."
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TierkvError):
     """A checkpoint file is missing, truncated or inconsistent; the message names it and the fix."""
 
 

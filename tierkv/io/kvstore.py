@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from tierkv.errors import TierkvError
 from tierkv.io.buffers import ALIGN_BYTES, round_up
 
 __all__ = ["KVChunk", "KVStore", "KVStoreError", "ChunkId", "RECORD_ALIGN_BYTES"]
@@ -56,7 +57,7 @@ _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, tor
 ChunkId = tuple[int, int, int]  # (layer, chunk, seq); pipeline.kv_table.ChunkKey is one of these
 
 
-class KVStoreError(RuntimeError):
+class KVStoreError(TierkvError, RuntimeError):
     """The KV offload directory is full, unwritable or corrupt; the message names it and the fix."""
 
 

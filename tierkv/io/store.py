@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from tierkv.config import ModelConfig, format_size, read_json
+from tierkv.errors import TierkvError
 from tierkv.io.buffers import ALIGN_BYTES, aligned_host_tensor, round_up
 from tierkv.io.checkpoint import LAYER_PREFIX, Checkpoint, resolve_dtype
 from tierkv.io.reader import DEFAULT_REQUEST_BYTES, AlignedReader, ReadRecord
@@ -52,7 +53,7 @@ _GLOBAL_EXTENTS = {"embed": "model.embed_tokens.weight", "norm": "model.norm.wei
 ProgressFn = Callable[[int, int], None]
 
 
-class StoreError(ValueError):
+class StoreError(TierkvError):
     """A weight store is missing, incomplete, corrupt or cannot be written; the message says what to do."""
 
 

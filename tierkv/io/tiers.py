@@ -22,6 +22,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from tierkv.config import format_size
+from tierkv.errors import TierkvError
 from tierkv.io.buffers import HostBuffer, SlotPool, pinning_available, round_up
 from tierkv.io.reader import AlignedReader, ReadRecord
 from tierkv.io.store import Extent, WeightStore
@@ -29,7 +30,7 @@ from tierkv.io.store import Extent, WeightStore
 DEVICE, HOST, DISK = "device", "host", "disk"
 
 
-class TierFullError(RuntimeError):
+class TierFullError(TierkvError, RuntimeError):
     """An allocation would exceed a tier's budget; the message names the tier, the sizes and the fix."""
 
 

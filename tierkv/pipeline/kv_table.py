@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable, Mapping, NamedTuple
 
+from tierkv.errors import TierkvError
+
 __all__ = ["Tier", "ChunkKey", "MovePlan", "KVBudgetError", "KVChunkTable"]
 
 
@@ -55,7 +57,7 @@ class ChunkKey(NamedTuple):
     seq: int = 0
 
 
-class KVBudgetError(ValueError):
+class KVBudgetError(TierkvError):
     """A byte budget cannot hold what is asked; the message gives the sizes and what to change."""
 
 

@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from tierkv.errors import TierkvError
+
 TIERKV_SPAN_PREFIX = "tierkv::"
 PHASES: tuple[str, ...] = ("prefill", "decode")
 NO_GPU_REASON = "trace holds no GPU kernels"
@@ -64,7 +66,7 @@ _SKEW_WARN_US = 50.0
 _WS = re.compile(r"[ \t\n\r]*")
 
 
-class TraceError(ValueError):
+class TraceError(TierkvError):
     """A file is not a readable PyTorch profiler chrome trace; the message names the file and the fix."""
 
 
