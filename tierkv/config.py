@@ -10,6 +10,7 @@ inputs fail early with an error that says what to do.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,19 +45,32 @@ _SIZE_UNITS = {
 }
 
 
+MAX_SIZE_BYTES = 1 << 60               # 1 EiB: above any machine's memory; larger sizes are typos
+
+
 def parse_size(text: str | int | float) -> int:
-    """Parse a byte size such as ``640KiB``, ``512MiB``, ``6GiB``, ``6GB`` or ``1234`` into bytes."""
+    """Parse a byte size such as ``640KiB``, ``512MiB``, ``6GiB``, ``6GB`` or ``1234`` into bytes.
+
+    Raises ArgumentError (naming the value and example units) for anything that is not a finite,
+    non-negative size of at most 1 EiB."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise ArgumentError(f"size {text!r} is not a size; give a number with a unit such as 512MiB or 6GiB")
     if isinstance(text, (int, float)):
-        if text < 0:
-            raise ValueError(f"size {text} is negative; give a size such as 512MiB or 6GiB")
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _SIZE_UNITS:
-        raise ValueError(
-            f"cannot read size {text!r}; write a number with a unit such as 640KiB, 512MiB, 6GiB or 6GB"
-        )
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+        if not math.isfinite(text) or text < 0:
+            raise ArgumentError(f"size {text} is negative or not finite; give a size such as 512MiB or 6GiB")
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _SIZE_UNITS:
+            raise ArgumentError(
+                f"cannot read size {text!r}; write a number with a unit such as 640KiB, 512MiB, 6GiB or 6GB"
+            )
+        value = float(m.group(1)) * _SIZE_UNITS[unit]
+    if value > MAX_SIZE_BYTES:
+        raise ArgumentError(f"size {text!r} is larger than 1 EiB, more than any machine has; "
+                            "give a size such as 512MiB or 6GiB")
+    return int(value)
 
 
 def format_size(n_bytes: int | float) -> str:
@@ -165,45 +179,43 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
-        """Build from the parsed JSON; raise ConfigError naming the field for anything unusable."""
+        """Build from the parsed JSON; raise ConfigError naming the file and field for anything unusable
+        (a missing field, a wrong type, a size that is not positive, heads that do not divide)."""
         arch = _architecture(raw, source)
-        try:
-            hidden = int(raw["hidden_size"])
-            heads = int(raw["num_attention_heads"])
-            n_layers = int(raw["num_hidden_layers"])
-            fields = dict(
-                vocab_size=int(raw["vocab_size"]),
-                intermediate_size=int(raw["intermediate_size"]),
-                max_position_embeddings=int(raw.get("max_position_embeddings") or 2048),
-            )
-        except KeyError as exc:
-            raise ConfigError(f"{source}: required field {exc.args[0]!r} is missing; "
-                              "is this a complete Hugging Face config.json?") from None
-        head_dim = raw.get("head_dim") or hidden // heads
+        f = _Fields(raw, source)
+        hidden, heads = f.int("hidden_size"), f.int("num_attention_heads")
+        n_layers, kv_heads = f.int("num_hidden_layers"), f.int("num_key_value_heads", heads)
+        head_dim = f.int("head_dim", None)
+        if head_dim is None:
+            if hidden % heads:
+                raise ConfigError(f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads="
+                                  f"{heads} and head_dim is not given; fix one of them")
+            head_dim = hidden // heads
+        if heads % kv_heads:
+            raise ConfigError(f"{source}: num_attention_heads={heads} is not a multiple of "
+                              f"num_key_value_heads={kv_heads}; fix one of them")
+        if head_dim % 2:
+            raise ConfigError(f"{source}: head_dim={head_dim} is odd; rotary embeddings need an even head_dim")
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
-        attn_bias = bool(raw.get("attention_bias", False))
+        attn_bias = f.bool("attention_bias", False)
         qwen2 = arch == "Qwen2ForCausalLM"
         return cls(
-            architecture=arch,
-            hidden_size=hidden,
-            num_layers=n_layers,
-            num_heads=heads,
-            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            architecture=arch, vocab_size=f.int("vocab_size"), hidden_size=hidden, intermediate_size=f.int("intermediate_size"),
+            num_layers=n_layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+            rms_norm_eps=f.float("rms_norm_eps", 1e-6),
             rope=_rope(raw, source),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            max_position_embeddings=f.int("max_position_embeddings", 2048),
+            tie_word_embeddings=f.bool("tie_word_embeddings", False),
             qkv_bias=True if qwen2 else attn_bias,
             o_bias=False if qwen2 else attn_bias,
-            mlp_bias=bool(raw.get("mlp_bias", False)),
+            mlp_bias=f.bool("mlp_bias", False),
             qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_window_tokens=_sliding_windows(raw, arch, n_layers),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=_id_tuple(raw.get("eos_token_id")),
+            sliding_window_tokens=_sliding_windows(raw, arch, n_layers, source),
+            bos_token_id=next(iter(f.token_ids("bos_token_id")), None),
+            eos_token_ids=f.token_ids("eos_token_id"),
             dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
-            **fields,
         )
 
     @classmethod
@@ -226,12 +238,61 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _id_tuple(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return (int(value),)
+_REQUIRED = object()
+
+
+class _Fields:
+    """Typed reads of config.json fields; every failure is a ConfigError naming the file and field.
+    ``None`` (JSON null) counts as absent, as in transformers."""
+
+    def __init__(self, raw: dict[str, Any], source: str) -> None:
+        self.raw, self.source = raw, source
+
+    def _get(self, name: str, default: Any) -> Any:
+        value = self.raw.get(name)
+        if value is None:
+            if default is _REQUIRED:
+                raise ConfigError(f"{self.source}: required field {name!r} is missing; "
+                                  "is this a complete Hugging Face config.json?")
+            return default
+        return value
+
+    def _bad(self, name: str, value: Any, want: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {name}={value!r} is not {want}; fix the field "
+                           "(or restore the file from the original checkpoint)")
+
+    def int(self, name: str, default: Any = _REQUIRED, minimum: int = 1) -> Any:
+        value = self._get(name, default)
+        if value is default and default is not _REQUIRED:
+            return value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self._bad(name, value, f"a whole number >= {minimum}")
+        return value
+
+    def float(self, name: str, default: float, positive: bool = True) -> float:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (positive and value <= 0):
+            raise self._bad(name, value, "a finite number > 0" if positive else "a finite number")
+        return float(value)
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self._get(name, default)
+        if not isinstance(value, bool):
+            raise self._bad(name, value, "true or false")
+        return value
+
+    def token_ids(self, name: str) -> tuple[int, ...]:
+        """A token id or a list of them (absent: none); ids beyond the vocabulary are harmless (never sampled)."""
+        value = self._get(name, None)
+        if value is None:
+            return ()
+        ids = value if isinstance(value, list) else [value]
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise self._bad(name, value, "a token id >= 0 (or a list of them)")
+        return tuple(ids)
 
 
 def _architecture(raw: dict[str, Any], source: str) -> str:
@@ -247,39 +308,45 @@ def _architecture(raw: dict[str, Any], source: str) -> str:
 
 
 def _rope(raw: dict[str, Any], source: str) -> RopeConfig:
-    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: rope_parameters/rope_scaling={params!r} is not a JSON object; fix the field")
+    f = _Fields({"rope_theta": raw.get("rope_theta"), **params}, source)
+    theta = f.float("rope_theta", 10000.0)
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type not in _ROPE_TYPES:
         raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(_ROPE_TYPES)}")
-    orig = params.get("original_max_position_embeddings")
+    orig = f.int("original_max_position_embeddings", None)
     if rope_type in ("dynamic", "llama3") and orig is None:
-        orig = raw.get("max_position_embeddings")
+        orig = _Fields(raw, source).int("max_position_embeddings", None)
     return RopeConfig(
         theta=theta,
         rope_type=rope_type,
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(orig) if orig is not None else None,
+        factor=f.float("factor", 1.0),
+        low_freq_factor=f.float("low_freq_factor", 1.0),
+        high_freq_factor=f.float("high_freq_factor", 4.0),
+        original_max_position_embeddings=orig,
     )
 
 
-def _sliding_windows(raw: dict[str, Any], arch: str, n_layers: int) -> tuple[int | None, ...]:
+def _sliding_windows(raw: dict[str, Any], arch: str, n_layers: int, source: str) -> tuple[int | None, ...]:
     """Per-layer sliding window (None = full attention), following each architecture's rules."""
-    window = raw.get("sliding_window")
+    f = _Fields(raw, source)
+    window = f.int("sliding_window", None)
     layer_types = raw.get("layer_types")
+    if layer_types is not None and (not isinstance(layer_types, list) or len(layer_types) != n_layers):
+        raise ConfigError(f"{source}: layer_types should list one type per layer ({n_layers}); fix the field")
     if arch == "MistralForCausalLM":
-        return tuple([int(window) if window else None] * n_layers)
+        return tuple([window] * n_layers)
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        if not raw.get("use_sliding_window") or not window:
+        if not f.bool("use_sliding_window", False) or not window:
             return tuple([None] * n_layers)
         if layer_types:
-            return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
-        first_full = int(raw.get("max_window_layers", n_layers))
-        return tuple(int(window) if i >= first_full else None for i in range(n_layers))
+            return tuple(window if t == "sliding_attention" else None for t in layer_types)
+        first_full = f.int("max_window_layers", n_layers, minimum=0)
+        return tuple(window if i >= first_full else None for i in range(n_layers))
     if layer_types and window:
-        return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
     return tuple([None] * n_layers)
 
 
@@ -297,8 +364,16 @@ class Budget:
         return cls(
             device_mem_bytes=None if device_mem is None else parse_size(device_mem),
             host_mem_bytes=None if host_mem is None else parse_size(host_mem),
-            offload_dir=None if offload_dir is None else Path(offload_dir),
+            offload_dir=None if offload_dir is None else _offload_path(offload_dir),
         )
+
+
+def _offload_path(offload_dir: str | Path) -> Path:
+    """An empty offload directory would silently mean the current directory: refuse it."""
+    if not isinstance(offload_dir, (str, Path)) or not str(offload_dir).strip():
+        raise ArgumentError(f"offload_dir {str(offload_dir)!r} is empty; give a directory such as "
+                            "/nvme/tierkv, or leave it out for the default (~/.cache/tierkv)")
+    return Path(offload_dir).expanduser()
 
 
 @dataclass(frozen=True)
@@ -319,8 +394,18 @@ class Policy:
 
     def __post_init__(self) -> None:
         if self.kv not in ("exact", "sparse", "auto"):
-            raise ValueError(f"kv={self.kv!r}: use 'exact', 'sparse' or 'auto'")
-        if self.kv_budget <= 0:
-            raise ValueError(f"kv_budget={self.kv_budget} must be > 0 (a fraction like 0.05 or a token count)")
-        if self.prefill_chunk_tokens < 1 or (self.chunk_tokens is not None and self.chunk_tokens < 1):
-            raise ValueError("prefill_chunk_tokens and chunk_tokens must be >= 1")
+            raise ArgumentError(f"kv={self.kv!r}: use 'exact', 'sparse' or 'auto'")
+        if isinstance(self.kv_budget, bool) or not isinstance(self.kv_budget, (int, float)) \
+                or not math.isfinite(self.kv_budget) or self.kv_budget <= 0:
+            raise ArgumentError(f"kv_budget={self.kv_budget!r} must be > 0 (a fraction like 0.05 or a token count)")
+        for name in ("prefill_chunk_tokens", "kv_exact_max_tokens", "chunk_tokens", "kv_device_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ArgumentError(f"{name}={value!r} must be a whole number >= 1"
+                                    + ("" if name == "prefill_chunk_tokens" else " (or None for the default)"))
+        if self.dtype is not None and not isinstance(self.dtype, str):
+            raise ArgumentError(f"dtype={self.dtype!r}: give a name such as 'bfloat16', 'float16' or 'float32'")
+        if self.device is not None and not isinstance(self.device, str):
+            raise ArgumentError(f"device={self.device!r}: give a name such as 'cpu', 'cuda' or 'cuda:1'")
+        if self.kv_sketch is not None and not isinstance(self.kv_sketch, bool):
+            raise ArgumentError(f"kv_sketch={self.kv_sketch!r}: give True, False or None (the default)")

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence, Union
 import torch
 
 from tierkv.config import Budget, ConfigError, ModelConfig, Policy, read_json
+from tierkv.errors import ArgumentError
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.model import KVCache, decoder_layer, embed, head, step_inputs
 from tierkv.pipeline.kv import DenseKVCache, make_kv_cache
@@ -42,16 +43,19 @@ def model_path(model: str | Path) -> Path:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"cuda:1"`` -> a usable torch device; None means CUDA when available."""
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"`` -> a usable torch device; None means CUDA when available.
+    Any other device (mps, meta, xpu, ...) is refused with an ArgumentError: tierkv runs on those two."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError):
+        raise ArgumentError(f"device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise ArgumentError(f"device {name!r} is not supported; tierkv runs on cpu, cuda or cuda:N")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r} is not available ({torch.cuda.device_count()} CUDA devices here); "
-                         "use --device cpu or another cuda:N")
+        raise ArgumentError(f"device {name!r} is not available ({torch.cuda.device_count()} CUDA devices here); "
+                            "use --device cpu or another cuda:N")
     return device
 
 
@@ -205,6 +209,35 @@ def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> 
     return frozenset(int(i) for i in ids)
 
 
+PROMPT_HELP = ("a prompt is a string, a list of token ids (whole numbers, or a 1-D integer numpy array or "
+               "tensor), or a list of those for a batch")
+
+
+def _is_array(value: object) -> bool:
+    return hasattr(value, "tolist") and hasattr(value, "dtype")
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _token_ids(prompt: object) -> list[int]:
+    """Token ids from a list/tuple of ints or an integer array; TypeError naming what was wrong otherwise."""
+    values = prompt.tolist() if _is_array(prompt) else prompt  # type: ignore[union-attr]
+    if not isinstance(values, Sequence) or isinstance(values, (str, bytes, bytearray)):
+        raise TypeError(f"prompt {_short(prompt)} has type {type(prompt).__name__}; {PROMPT_HELP}")
+    for value in values:
+        if not _is_token_id(value):
+            raise TypeError(f"token id {_short(value)} has type {type(value).__name__}, not a whole number; "
+                            f"{PROMPT_HELP}")
+    return [int(v) for v in values]
+
+
 class Engine:
     """A loaded model ready to generate. Build it with ``tierkv.load``."""
 
@@ -245,33 +278,39 @@ class Engine:
 
     # -- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
-        """A string (tokenized, BOS as the model expects) or token ids -> validated token ids."""
+        """A string (tokenized, BOS as the model expects) or token ids -> validated token ids.
+        Raises TypeError for anything else (None, floats, bools, nested lists) and ArgumentError
+        for ids outside the vocabulary, an empty prompt or one longer than the model's context."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigError(f"{self.model_dir} has no tokenizer.json, so text prompts cannot be "
                                   "encoded; pass token ids instead (e.g. --prompt-ids 1,2,3)")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(i) for i in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]  # type: ignore[union-attr]
+            ids = _token_ids(prompt)
         if not ids:
-            raise ValueError("the prompt is empty; give at least one token")
+            raise ArgumentError("the prompt is empty; give at least one token")
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+            raise ArgumentError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         if len(ids) > self.context_limit_tokens:
-            raise ValueError(f"the prompt has {len(ids)} tokens but the model allows at most "
-                             f"{self.context_limit_tokens} (max_position_embeddings); shorten the prompt")
+            raise ArgumentError(f"the prompt has {len(ids)} tokens but the model allows at most "
+                                f"{self.context_limit_tokens} (max_position_embeddings); shorten the prompt")
         return ids
 
     def _batch(self, prompts: Prompt | Sequence[Prompt]) -> tuple[list[list[int]], bool]:
         """Normalize to a list of id lists; the flag says whether the caller passed a batch."""
-        if hasattr(prompts, "tolist"):  # torch tensors and numpy arrays of ids
+        if _is_array(prompts):  # torch tensors and numpy arrays: 1-D ids or 2-D (a batch of them)
             prompts = prompts.tolist()  # type: ignore[union-attr]
-        if isinstance(prompts, str) or (len(prompts) > 0 and all(isinstance(p, numbers.Integral) for p in prompts)):
-            return [self.encode(prompts)], False  # type: ignore[arg-type]
+        if isinstance(prompts, str):
+            return [self.encode(prompts)], False
+        if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
+            raise TypeError(f"prompts {_short(prompts)} have type {type(prompts).__name__}; {PROMPT_HELP}")
         if len(prompts) == 0:
-            raise ValueError("no prompts given")
-        return [self.encode(p) for p in prompts], True  # type: ignore[union-attr]
+            raise ArgumentError("no prompts given")
+        if any(isinstance(p, numbers.Number) for p in prompts):  # token ids (encode names a bad one)
+            return [self.encode(prompts)], False  # type: ignore[arg-type]
+        return [self.encode(p) for p in prompts], True  # type: ignore[arg-type]
 
     # -- forward -----------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, kv: KVCache, all_logits: bool = False) -> torch.Tensor:
@@ -303,8 +342,10 @@ class Engine:
     @torch.inference_mode()
     def logits(self, prompt: Prompt) -> torch.Tensor:
         """Logits (T, V) fp32 for every position of one prompt (scoring, tests against references)."""
+        self._check_open()
         ids = self.encode(prompt)
         with self._serialized():
+            self._check_open()       # again under the lock: another thread may have closed it meanwhile
             kv = DenseKVCache(self.config, 1, len(ids), self.dtype, self.device)
             return self._forward(torch.tensor([ids], device=self.device), kv, all_logits=True)[0].cpu()
 
@@ -371,8 +412,8 @@ class Engine:
     def _pieces(self, prompts: list[list[int]], params: SamplingParams, cancel: threading.Event,
                 out: list[GenerationResult]) -> Iterator[Piece]:
         """All prompts under the lock: equal lengths share one batch, otherwise one after another."""
-        self._check_open()
         with self._serialized():
+            self._check_open()
             groups = [prompts] if len({len(p) for p in prompts}) == 1 else [[p] for p in prompts]
             offset = 0
             for group in groups:
@@ -386,6 +427,7 @@ class Engine:
         Keyword arguments are ``SamplingParams`` fields: max_new_tokens, temperature, top_k,
         top_p, seed, stop (a string or a list of strings), ignore_eos.
         """
+        self._check_open()
         batch, is_batch = self._batch(prompts)
         params = _params(sampling)
         out: list[GenerationResult] = []
@@ -395,6 +437,7 @@ class Engine:
 
     def stream(self, prompts: Prompt | Sequence[Prompt], **sampling: Any) -> Stream:
         """Like ``generate`` but returns a Stream of Pieces as tokens are produced."""
+        self._check_open()
         batch, _ = self._batch(prompts)
         params, cancel = _params(sampling), threading.Event()
         out: list[GenerationResult] = []
@@ -407,6 +450,8 @@ class Engine:
     def close(self) -> None:
         """Free the weights and close files. Further calls raise."""
         with self._serialized():
+            if self._closed:
+                return
             self._closed = True
             self._weights.close()
             self.checkpoint.close()

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from tierkv.errors import ArgumentError
+
+MAX_SEED = 2**64 - 1                    # torch.Generator.manual_seed takes 0..2**64-1
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -27,16 +31,26 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "top_k"):
-            if not isinstance(getattr(self, name), int):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a whole number")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ArgumentError(f"{name}={value!r} must be a whole number")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ArgumentError(f"{name}={value!r} must be a number")
         if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
+            raise ArgumentError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # also rejects NaN
-            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 means greedy)")
+            raise ArgumentError(f"temperature={self.temperature} must be a finite number >= 0 (0 means greedy)")
         if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+            raise ArgumentError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 disables it)")
+            raise ArgumentError(f"top_p={self.top_p} must be in (0, 1] (1 disables it)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise ArgumentError(f"seed={self.seed!r} must be a whole number from 0 to 2**64-1 ({MAX_SEED})")
+        if not all(isinstance(stop, str) for stop in self.stop):
+            raise ArgumentError(f"stop={self.stop!r} must be a string or a list of strings")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
