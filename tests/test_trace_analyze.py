@@ -385,6 +385,6 @@ def test_cli_bad_file_exits_nonzero_without_traceback(tmp_path: Path) -> None:
     path = tmp_path / "x.json"
     path.write_text('{"traceEvents": [')
     result = CliRunner().invoke(trace_app, ["analyze", str(path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "truncated" in result.stderr and "Traceback" not in result.output
     assert not isinstance(result.exception, TraceError)

@@ -114,7 +114,7 @@ def test_cli_run_bad_arguments(tmp_path: Path) -> None:
     assert bad.exit_code != 0 and "positive integers" in bad.output
     missing = CliRunner().invoke(trace_app, ["run", str(tmp_path / "nope"), "--batch-sizes", "1",
                                              "--out", str(tmp_path / "o")])
-    assert missing.exit_code == 1 and "Traceback" not in missing.output
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
 
 
 def test_streaming_sweep_shows_reader_thread_disk_reads(tiny_llama: Path, tmp_path: Path) -> None:

@@ -18,16 +18,54 @@ import torch
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from typer.core import TyperGroup
+
+from tierkv import __version__
 from tierkv.config import Budget, ConfigError, Policy, format_size
-from tierkv.engine import Engine, GenerationResult, context_limit_tokens, load, model_path
-from tierkv.io.checkpoint import Checkpoint, CheckpointError, resolve_dtype
-from tierkv.io.kvstore import KVStoreError
+from tierkv.engine import Engine, GenerationResult, Stream, context_limit_tokens, load, model_path
+from tierkv.errors import TierkvError
+from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.io.store import convert as convert_store
 from tierkv.plan import make_plan
 from tierkv.trace.cli import trace_app
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# typer 0.29 vendors click (older ones use it directly): find its usage-error base through a public name
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _print_error(message: str) -> None:
+    """One ``error:`` line on stderr, never wrapped; the message is plain text (no rich markup)."""
+    Console(stderr=True).print(Text.assemble(("error:", "bold red"), " " + message), highlight=False, soft_wrap=True)
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (unknown option, bad value) as one ``error:`` line and exit code 2, like every
+    other tierkv error, instead of typer's boxed panel; ``--help`` output is unchanged."""
+
+    def main(self, args: Any = None, prog_name: Optional[str] = None, complete_var: Optional[str] = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":     # a bare `tierkv` / `tierkv trace`: the help text
+                exc.show()
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            message = " ".join(exc.format_message().split())
+            _print_error(message + hint)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            Console(stderr=True).print("aborted", highlight=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_OneLineErrors,
                   help="Run Llama-family models with memory-tiered offloading.")
 
 app.add_typer(trace_app, name="trace", help="TKLQT tracer: is inference CPU-bound or GPU-bound, per batch size?")
@@ -48,14 +86,61 @@ KvDeviceOpt = typer.Option(None, "--kv-device-tokens",
                            help="context whose KV keeps room on the device (default: min(4096, model max))")
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tierkv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
+    """Run Llama-family models with memory-tiered offloading."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (TierkvError, OSError)
+"""What the CLI prints as one line: tierkv's user errors (all subclass TierkvError) and the OS's
+(a missing file, a full disk, no permission). Anything else is a bug and keeps its traceback."""
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Library errors meant for users become one line on stderr and exit code 2."""
     try:
         yield
-    except (ConfigError, CheckpointError, ValueError, OSError, KVStoreError) as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    except USER_ERRORS as exc:
+        _print_error(" ".join(str(exc).split()))
         raise typer.Exit(2) from None
+
+
+def _prompt_ids(text: str) -> list[int]:
+    """``--prompt-ids 1,2,3`` -> [1, 2, 3]; anything else is a usage error naming the bad part."""
+    parts = [x for x in text.replace(" ", "").split(",") if x]
+    bad = next((x for x in parts if not x.isdigit()), None)
+    if bad is not None or not parts:
+        raise typer.BadParameter(f"{text!r}: {bad!r} is not a token id; give whole numbers >= 0 separated "
+                                 "by commas, e.g. 1,2,3" if bad is not None else f"{text!r} holds no token ids; "
+                                 "give whole numbers separated by commas, e.g. 1,2,3", param_hint="--prompt-ids")
+    return [int(x) for x in parts]
+
+
+def _emit(stream: Stream, show: bool, ids: bool = False) -> GenerationResult:
+    """Write a stream's text to stdout as it comes (token ids, comma-separated, when ``ids``: a model
+    without a tokenizer); the stream is closed even when interrupted, so the engine can close."""
+    try:
+        first = True
+        for piece in stream:
+            if show and ids and piece.token_id is not None:
+                sys.stdout.write(("" if first else ",") + str(piece.token_id))
+                first = False
+            elif show and not ids:
+                sys.stdout.write(piece.text)
+            sys.stdout.flush()
+    finally:
+        stream.close()
+    return stream.results[0]
 
 
 def _set_threads(threads: Optional[int]) -> None:
@@ -76,7 +161,7 @@ def _load(model: str, dtype: Optional[str], device: Optional[str], quiet: bool, 
     with err.status(f"loading {model} ..."):
         engine = load(model, dtype=dtype, device=device, **budgets)
     if engine.plan is not None and (engine.plan.host_layers or engine.plan.disk_layers):
-        err.print(engine.plan.summary(), style="dim", highlight=False)
+        err.print(engine.plan.summary(), style="dim", highlight=False, soft_wrap=True)
     return engine
 
 
@@ -127,23 +212,21 @@ def run(
         raise typer.BadParameter("give exactly one of --prompt or --prompt-ids")
     _set_threads(threads)
     with _user_errors():
-        ids = None if prompt_ids is None else [int(x) for x in prompt_ids.replace(" ", "").split(",") if x]
+        ids = None if prompt_ids is None else _prompt_ids(prompt_ids)
         engine = _load(model, dtype, device, as_json, device_mem, host_mem, offload_dir,
                        kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
                        kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch)
-        stream = engine.stream(prompt if ids is None else ids,
-                               **_sampling(max_new_tokens, temperature, top_k, top_p, seed, stop))
-        for piece in stream:
-            if not as_json:
-                sys.stdout.write(piece.text)
-                sys.stdout.flush()
-        res = stream.results[0]
-        if as_json:
-            print(json.dumps({**res.to_dict(), "plan": engine.plan.to_dict() if engine.plan else None}))
-        else:
-            print()
-            Console(stderr=True).print(_summary(res, engine), style="dim", highlight=False)
-        engine.close()
+        try:
+            stream = engine.stream(prompt if ids is None else ids,
+                                   **_sampling(max_new_tokens, temperature, top_k, top_p, seed, stop))
+            res = _emit(stream, show=not as_json, ids=engine.tokenizer is None)
+            if as_json:
+                print(json.dumps({**res.to_dict(), "plan": engine.plan.to_dict() if engine.plan else None}))
+            else:
+                print()
+                Console(stderr=True).print(_summary(res, engine), style="dim", highlight=False, soft_wrap=True)
+        finally:
+            engine.close()
 
 
 @app.command()
@@ -173,29 +256,31 @@ def chat(
         engine = _load(model, dtype, device, False, device_mem, host_mem, offload_dir,
                        kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
                        kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch)
-        if engine.tokenizer is None or not engine.tokenizer.chat_template:
-            raise ConfigError(f"{engine.model_dir} has no tokenizer chat_template; use `tierkv run` instead")
-        messages = [{"role": "system", "content": system}] if system else []
-        console = Console(stderr=True)
-        console.print("[dim]chatting; /exit to quit[/]")
-        while True:
-            try:
-                line = input(">>> ")
-            except EOFError:
-                break
-            if line.strip() in ("/exit", "/quit"):
-                break
-            if not line.strip():
-                continue
-            messages.append({"role": "user", "content": line})
-            ids = engine.tokenizer.encode_chat(messages)
-            stream = engine.stream(ids, **_sampling(max_new_tokens, temperature, top_k, top_p, seed, None))
-            for piece in stream:
-                sys.stdout.write(piece.text)
-                sys.stdout.flush()
-            print()
-            messages.append({"role": "assistant", "content": stream.results[0].text.strip()})
-        engine.close()
+        try:
+            _chat_loop(engine, system, _sampling(max_new_tokens, temperature, top_k, top_p, seed, None))
+        finally:
+            engine.close()
+
+
+def _chat_loop(engine: Engine, system: Optional[str], sampling: dict[str, Any]) -> None:
+    if engine.tokenizer is None or not engine.tokenizer.chat_template:
+        raise ConfigError(f"{engine.model_dir} has no tokenizer chat_template; use `tierkv run` instead")
+    messages = [{"role": "system", "content": system}] if system else []
+    console = Console(stderr=True)
+    console.print("[dim]chatting; /exit to quit[/]")
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        res = _emit(engine.stream(engine.tokenizer.encode_chat(messages), **sampling), show=True)
+        print()
+        messages.append({"role": "assistant", "content": res.text.strip()})
 
 
 def _info_dict(ckpt: Checkpoint) -> dict[str, Any]:
@@ -268,7 +353,7 @@ def plan_cmd(
     if as_json:
         print(json.dumps(plan.to_dict()))
     else:
-        Console().print(plan.summary(), highlight=False)
+        Console().print(plan.summary(), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -285,20 +370,20 @@ def demo(
     with _user_errors():
         t0 = time.perf_counter()
         engine = load("demo")
-        load_s = time.perf_counter() - t0
-        cfg = engine.config
-        console = Console(stderr=True)
-        console.print(f"[bold]tierkv demo[/]: {cfg.architecture}, {cfg.param_count() / 1e6:.1f}M parameters, "
-                      f"{cfg.num_layers} layers, loaded in {load_s:.2f} s on {engine.device.type}", highlight=False)
-        sys.stdout.write(prompt)
-        stream = engine.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                               seed=seed)
-        for piece in stream:
-            sys.stdout.write(piece.text)
-            sys.stdout.flush()
-        print()
-        console.print(_summary(stream.results[0], engine), style="dim", highlight=False)
-        engine.close()
+        try:
+            load_s = time.perf_counter() - t0
+            cfg = engine.config
+            console = Console(stderr=True)
+            console.print(f"[bold]tierkv demo[/]: {cfg.architecture}, {cfg.param_count() / 1e6:.1f}M parameters, "
+                          f"{cfg.num_layers} layers, loaded in {load_s:.2f} s on {engine.device.type}",
+                          highlight=False, soft_wrap=True)
+            sys.stdout.write(prompt)
+            res = _emit(engine.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      seed=seed), show=True)
+            print()
+            console.print(_summary(res, engine), style="dim", highlight=False, soft_wrap=True)
+        finally:
+            engine.close()
 
 
 def main() -> None:

@@ -100,13 +100,18 @@ class Plan:
             f"host ({format_size(self.host_mem_bytes)} budget): {len(self.host_layers)} layers",
             f"disk ({self.offload_dir}): {len(self.disk_layers)} layers",
             f"prefetch depth {self.prefetch_depth}, layer {format_size(self.layer_bytes)}; links: disk "
-            f"{self.links.disk_read_gbps:.2f} GB/s, host->device {self.links.h2d_gbps:.2f} GB/s, "
+            f"{_link(self.links.disk_read_gbps)}, host->device {_link(self.links.h2d_gbps)}, "
             f"compute {self.links.layer_compute_s * 1e3:.2f} ms/layer",
             f"KV cache room: {format_size(self.kv_device_bytes)} on the device, "
             f"{format_size(self.kv_host_bytes)} in host memory, the rest in {self.offload_dir}/kv",
             f"predicted {self.predicted_tok_s:.2f} tok/s, bound by {self.bound}",
         ]
         return "\n".join(lines)
+
+
+def _link(gbps: float) -> str:
+    """A link speed for the summary; an unmeasured one (inf: the placement does not use it) says so."""
+    return "not used" if math.isinf(gbps) else f"{gbps:.2f} GB/s"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +132,9 @@ def detect_budgets(budget: Budget, device: torch.device) -> tuple[int, int, Path
     CUDA: free GPU memory (nvidia-ml-py, else torch) and available RAM, each less headroom.
     CPU-only: the "device" is RAM: available RAM less headroom (less host_mem if given); the host
     tier gets nothing unless asked for, since it would be the same memory.
+    Raises PlanError for a given budget larger than the machine has (see ``_check_machine``).
     """
+    _check_machine(budget, device)
     ram = psutil.virtual_memory().available
     ram_usable = max(0, int(ram * (1 - HOST_HEADROOM_FRACTION)) - HOST_HEADROOM_BYTES)
     if device.type == "cuda":
@@ -140,6 +147,29 @@ def detect_budgets(budget: Budget, device: torch.device) -> tuple[int, int, Path
         host = budget.host_mem_bytes if budget.host_mem_bytes is not None else 0
         dev = budget.device_mem_bytes if budget.device_mem_bytes is not None else max(0, ram_usable - host)
     return dev, host, budget.offload_dir or default_offload_dir()
+
+
+def _check_machine(budget: Budget, device: torch.device) -> None:
+    """Refuse budgets no placement could honour: host above physical RAM, device above the GPU's total
+    memory (on CPU-only machines device and host share the RAM, so their sum must fit it). On a machine
+    without CUDA a plan for a CUDA device checks the host budget only."""
+    ram = psutil.virtual_memory().total
+    dev, host = budget.device_mem_bytes, budget.host_mem_bytes
+    if host is not None and host > ram:
+        raise PlanError(f"host budget {format_size(host)} is more than this machine's RAM ({format_size(ram)}); "
+                        f"lower --host-mem to at most that")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():        # planning for a GPU elsewhere: nothing here to compare with
+            return
+        total = torch.cuda.get_device_properties(device.index if device.index is not None
+                                                 else torch.cuda.current_device()).total_memory
+        if dev is not None and dev > total:
+            raise PlanError(f"device budget {format_size(dev)} is more than {device}'s memory "
+                            f"({format_size(total)}); lower --device-mem to at most that")
+    elif dev is not None and dev + (host or 0) > ram:
+        raise PlanError(f"device budget {format_size(dev)}" + (f" plus host budget {format_size(host)}" if host else "")
+                        + f" is more than this machine's RAM ({format_size(ram)}; on a CPU-only machine the device "
+                        "is RAM); lower --device-mem" + (" or --host-mem" if host else "") + " to fit")
 
 
 def _gpu_free_bytes(device: torch.device) -> int:

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tierkv.config import ConfigError, ModelConfig, read_json
-from tierkv.errors import TierkvError
+from tierkv.errors import ArgumentError, TierkvError
 
 LAYER_PREFIX = "model.layers."
 _SINGLE_FILE = "model.safetensors"
@@ -35,7 +35,7 @@ def resolve_dtype(name: str | torch.dtype | None, default: str = "float32") -> t
     key = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
            "float": "float32"}.get(key, key)
     if key not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"dtype {name!r} is not supported; use bfloat16, float16 or float32")
+        raise ArgumentError(f"dtype {name!r} is not supported; use bfloat16, float16 or float32")
     return getattr(torch, key)
 
 

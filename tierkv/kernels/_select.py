@@ -19,6 +19,8 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from tierkv.errors import ArgumentError
+
 try:
     import triton
     import triton.language as tl
@@ -65,7 +67,7 @@ def pick_backend(kernel: Any, *tensors: torch.Tensor, backend: str | None = None
     """
     choice = backend if backend is not None else os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if choice not in _CHOICES:
-        raise ValueError(f"kernel backend must be one of {_CHOICES}, got {choice!r} (argument or ${ENV_VAR})")
+        raise ArgumentError(f"kernel backend must be one of {_CHOICES}, got {choice!r} (argument or ${ENV_VAR})")
     if choice == "torch":
         return "torch"
     on_cuda = all(t.is_cuda for t in tensors)

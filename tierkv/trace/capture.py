@@ -11,13 +11,17 @@ analyzer.
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tierkv.errors import ArgumentError
 from tierkv.trace.analyze import SweepSummary, TraceReport, VerdictRule, analyze_trace, round_floats, summarize_sweep
 from tierkv.trace.report import plot_sweep, write_json
 
@@ -64,7 +68,7 @@ class SweepResult:
 def make_prompts(vocab_size: int, batch_size: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
     """``batch_size`` random token-id prompts of ``prompt_len`` tokens each, reproducible by seed."""
     if vocab_size < 1 or batch_size < 1 or prompt_len < 1:
-        raise ValueError(f"need vocab_size, batch_size and prompt_len >= 1, got {vocab_size}, "
+        raise ArgumentError(f"need vocab_size, batch_size and prompt_len >= 1, got {vocab_size}, "
                          f"{batch_size}, {prompt_len}")
     rng = random.Random(seed)
     return [[rng.randrange(vocab_size) for _ in range(prompt_len)] for _ in range(batch_size)]
@@ -81,15 +85,38 @@ def profile_call(fn: Callable[[], Any], trace_path: Path) -> tuple[Any, float]:
 
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities, record_shapes=False, **_all_threads()) as prof:
+    prof = profile(activities=activities, record_shapes=False, **_all_threads())
+    with native_stderr_silenced():
+        prof.start()
+    try:
         with record_function("tierkv::generate"):
             start = time.perf_counter()
             result = fn()
             if cuda:
                 torch.cuda.synchronize()
             wall_us = (time.perf_counter() - start) * 1e6
+    finally:
+        with native_stderr_silenced():
+            prof.stop()
     prof.export_chrome_trace(str(trace_path))
     return result, wall_us
+
+
+@contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for a moment: the profiler's C++ side (kineto) writes
+    ``USDT: ... profiler_start`` / ``profiler_stop`` lines straight to it on every start and stop,
+    whatever KINETO_LOG_LEVEL says, which floods ``tierkv trace run``'s stderr. Python's own
+    ``sys.stderr`` is flushed first, so nothing of ours is lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _all_threads() -> dict[str, Any]:
@@ -116,9 +143,9 @@ def _count_tokens(outs: Any) -> int:
 def _check_args(batch_sizes: list[int], prompt_len: int, new_tokens: int) -> list[int]:
     sizes = sorted(set(batch_sizes))
     if not sizes or sizes[0] < 1:
-        raise ValueError(f"batch sizes {batch_sizes} must be positive integers, e.g. 1,2,4,8,16")
+        raise ArgumentError(f"batch sizes {batch_sizes} must be positive integers, e.g. 1,2,4,8,16")
     if prompt_len < 1 or new_tokens < 1:
-        raise ValueError(f"prompt length ({prompt_len}) and new tokens ({new_tokens}) must be >= 1")
+        raise ArgumentError(f"prompt length ({prompt_len}) and new tokens ({new_tokens}) must be >= 1")
     return sizes
 
 

@@ -3,7 +3,7 @@
 Why this module exists: it maps flags 1:1 onto ``capture.run_sweep`` and ``analyze.analyze_trace``
 and nothing more; the lead mounts ``trace_app`` under the main app. Bad input (not a trace, a
 truncated trace, bad batch sizes) is printed as one line on stderr with a non-zero exit status,
-never as a traceback.
+never as a traceback (exit code 2, like the other commands).
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
+
+from tierkv.errors import TierkvError
 
 from tierkv.trace.analyze import TraceError, analyze_trace, round_floats
 from tierkv.trace.report import print_sweep, print_trace_report
@@ -25,8 +28,10 @@ trace_app = typer.Typer(
 
 
 def _fail(message: str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code=1)
+    """One ``error:`` line and exit code 2, as for every tierkv command's user errors."""
+    Console(stderr=True, soft_wrap=True).print(Text.assemble(("error:", "red"), " " + " ".join(message.split())),
+                                               highlight=False)
+    raise typer.Exit(code=2)
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -73,7 +78,7 @@ def run_command(
     try:
         result = run_sweep(model, sizes, prompt_len, new_tokens, out, device=device, dtype=dtype, on_run=on_run,
                            device_mem=device_mem, host_mem=host_mem, offload_dir=offload_dir)
-    except (TraceError, ValueError, OSError) as exc:
+    except (TierkvError, OSError) as exc:     # TraceError, bad budgets, a missing model ...
         _fail(str(exc))
         return
     if json_out:
@@ -85,7 +90,8 @@ def run_command(
         print_trace_report(run.report, console, details=False)
     print_sweep(result.summary, console)
     console.print(f"wrote {result.report_path}, {result.plot_path} and "
-                  f"{len(result.runs)} chrome trace(s) in {out} (open them in https://ui.perfetto.dev)")
+                  f"{len(result.runs)} chrome trace(s) in {out} (open them in https://ui.perfetto.dev)",
+                  soft_wrap=True)
 
 
 @trace_app.command("analyze")
@@ -97,7 +103,7 @@ def analyze_command(
     """Compute TKLQT, AKD, latency, GPU idle and the verdict from existing trace files."""
     try:
         reports = [analyze_trace(path, top_n=top) for path in traces]
-    except TraceError as exc:
+    except (TraceError, OSError) as exc:
         _fail(str(exc))
         return
     if json_out:
