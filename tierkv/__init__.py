@@ -1,8 +1,18 @@
-"""tierkv: memory-tiered LLM inference. Public API: ``load()``, ``Engine``, ``Budget``."""
+"""tierkv: memory-tiered LLM inference. Public API: ``load()``, ``Engine``, ``Budget``, and the errors a
+user can fix (all subclasses of ``TierkvError``, itself a ``ValueError``)."""
 
-from tierkv.config import Budget, ModelConfig, Policy
+from tierkv.config import Budget, ConfigError, ModelConfig, Policy
 from tierkv.engine import Engine, GenerationResult, GenerationStats, Piece, Stream, load
+from tierkv.errors import ArgumentError, TierkvError
+from tierkv.io.buffers import PinningError
+from tierkv.io.checkpoint import CheckpointError
+from tierkv.io.kvstore import KVStoreError
+from tierkv.io.store import StoreError
+from tierkv.io.tiers import TierFullError
+from tierkv.pipeline.kv_table import KVBudgetError
+from tierkv.plan import PlanError
 
 __all__ = ["load", "Engine", "Budget", "Policy", "ModelConfig", "GenerationResult", "GenerationStats",
-           "Piece", "Stream"]
+           "Piece", "Stream", "TierkvError", "ArgumentError", "ConfigError", "CheckpointError", "PlanError",
+           "StoreError", "KVBudgetError", "KVStoreError", "TierFullError", "PinningError"]
 __version__ = "0.1.0"

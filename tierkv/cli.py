@@ -24,7 +24,8 @@ from typer.core import TyperGroup
 
 from tierkv import __version__
 from tierkv.config import Budget, ConfigError, Policy, format_size
-from tierkv.engine import Engine, GenerationResult, Stream, context_limit_tokens, load, model_path
+from tierkv.engine import (Engine, GenerationResult, Stream, context_limit_tokens, load, model_path,
+                           resolve_device)
 from tierkv.errors import TierkvError
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.io.store import convert as convert_store
@@ -347,7 +348,8 @@ def plan_cmd(
     with _user_errors():
         with Checkpoint(model_path(model)) as ckpt:
             cfg = ckpt.config
-        policy = Policy(dtype=str(resolve_dtype(dtype, cfg.dtype)).removeprefix("torch."), device=device,
+        policy = Policy(dtype=str(resolve_dtype(dtype, cfg.dtype)).removeprefix("torch."),
+                        device=None if device is None else str(resolve_device(device)),
                         kv_device_tokens=kv_device_tokens)
         plan = make_plan(cfg, Budget.parse(device_mem, host_mem, offload_dir), policy)
     if as_json:

@@ -26,7 +26,7 @@ import psutil
 import torch
 
 from tierkv.config import Budget, ModelConfig, Policy, format_size
-from tierkv.errors import TierkvError
+from tierkv.errors import ArgumentError, TierkvError
 from tierkv.io.buffers import HostBuffer
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.reader import evict_from_page_cache, measure_disk_read_gbps
@@ -374,6 +374,8 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     Raises PlanError, naming the minimum, when the device budget cannot hold one layer's working set.
     """
     device = torch.device(policy.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in ("cpu", "cuda"):
+        raise ArgumentError(f"device {policy.device!r} is not supported; tierkv runs on cpu, cuda or cuda:N")
     dtype = resolve_dtype(policy.dtype, config.dtype)
     extents = plan_layout(config, dtype)
     layers = [e for e in extents if e.name.startswith("layer.")]
