@@ -151,3 +151,12 @@ def test_readme_command_runs_as_shown(argv, expects_error, tmp_path, monkeypatch
         assert n is None or len(data["token_ids"]) == n
     if argv[0] == "run" and "--prompt" in argv and "--seed" in argv:
         assert re.search(r"\[\d+ tokens", result.stderr)
+
+
+def test_readme_library_token_id_example_runs_on_the_demo_model() -> None:
+    text = (ROOT / "README.md").read_text()
+    found = re.search(r"ids_out = engine\.generate\(\[([0-9, ]+)\], max_new_tokens=(\d+)\)", text)
+    assert found, "the README's token-id library example is gone"
+    ids = [int(x) for x in found.group(1).split(",")]
+    with tierkv.load("demo") as eng:
+        assert len(eng.generate(ids, max_new_tokens=int(found.group(2))).token_ids) == int(found.group(2))
