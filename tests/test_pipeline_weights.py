@@ -88,7 +88,7 @@ def test_plan_drives_streaming_end_to_end(model_and_store, tmp_path):
     layer = store.layer(0).padded_nbytes
     globals_bytes = sum(e.padded_nbytes for e in store.global_extents())
     links = LinkSpeeds(disk_read_gbps=1.5, h2d_gbps=float("inf"), layer_compute_s=1e-4)
-    probe = make_plan(store.config, Budget(device_mem_bytes=1 << 40, host_mem_bytes=0, offload_dir=tmp_path),
+    probe = make_plan(store.config, Budget(device_mem_bytes=1 << 30, host_mem_bytes=0, offload_dir=tmp_path),
                       Policy(device="cpu"), links, context_tokens=64)
     budget = Budget(device_mem_bytes=probe.reserve_bytes + globals_bytes + 3 * layer, host_mem_bytes=layer,
                     offload_dir=tmp_path)
