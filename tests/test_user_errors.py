@@ -87,6 +87,12 @@ def test_bad_config_fields_name_the_file_and_field(tiny_llama_dir, tmp_path, fie
     assert_one_line_error(invoke("info", str(path)), "config.json", fragment)
 
 
+def test_bad_generation_config_eos_names_the_file(tiny_llama_dir, tmp_path) -> None:
+    path = Path(shutil.copytree(tiny_llama_dir, tmp_path / "model"))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["</s>"]}))
+    assert_one_line_error(invoke("run", str(path), "--prompt-ids", "1"), "generation_config.json", "eos_token_id")
+
+
 # -- prompts, sampling ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("ids, fragment", [("1,abc", "'abc' is not a token id"), ("1,-2", "'-2'"),
                                            (",", "holds no token ids")])

@@ -218,6 +218,12 @@ class ModelConfig:
             dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
         )
 
+    @staticmethod
+    def token_ids_field(raw: dict[str, Any], name: str, source: str) -> tuple[int, ...]:
+        """A token-id field (one id or a list) of a JSON file such as generation_config.json; ConfigError
+        naming the file and field when it holds anything else."""
+        return _Fields(raw, source).token_ids(name)
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
         path = Path(model_dir) / "config.json"

@@ -202,8 +202,8 @@ def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> 
     ids = set(cfg.eos_token_ids)
     gen_path = model_dir / "generation_config.json"
     if gen_path.is_file():
-        value = read_json(gen_path, what="generation config").get("eos_token_id")
-        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+        raw = read_json(gen_path, what="generation config")
+        ids.update(ModelConfig.token_ids_field(raw, "eos_token_id", str(gen_path)))
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(int(i) for i in ids)
