@@ -95,7 +95,7 @@ def test_bad_generation_config_eos_names_the_file(tiny_llama_dir, tmp_path) -> N
 
 # -- prompts, sampling ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("ids, fragment", [("1,abc", "'abc' is not a token id"), ("1,-2", "'-2'"),
-                                           (",", "holds no token ids")])
+                                           (",", "it holds no token ids")])
 def test_bad_prompt_ids_are_usage_errors(tiny_llama_dir, ids, fragment) -> None:
     assert_one_line_error(invoke("run", str(tiny_llama_dir), "--prompt-ids", ids), "--prompt-ids", fragment)
 

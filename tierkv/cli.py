@@ -19,7 +19,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
-
 from typer.core import TyperGroup
 
 from tierkv import __version__
@@ -120,11 +119,14 @@ def _prompt_ids(text: str) -> list[int]:
     """``--prompt-ids 1,2,3`` -> [1, 2, 3]; anything else is a usage error naming the bad part."""
     parts = [x for x in text.replace(" ", "").split(",") if x]
     bad = next((x for x in parts if not x.isdigit()), None)
-    if bad is not None or not parts:
-        raise typer.BadParameter(f"{text!r}: {bad!r} is not a token id; give whole numbers >= 0 separated "
-                                 "by commas, e.g. 1,2,3" if bad is not None else f"{text!r} holds no token ids; "
-                                 "give whole numbers separated by commas, e.g. 1,2,3", param_hint="--prompt-ids")
-    return [int(x) for x in parts]
+    if bad is not None:
+        problem = f"{bad!r} is not a token id"
+    elif not parts:
+        problem = "it holds no token ids"
+    else:
+        return [int(x) for x in parts]
+    raise typer.BadParameter(f"{text!r}: {problem}; give whole numbers >= 0 separated by commas, e.g. 1,2,3",
+                             param_hint="--prompt-ids")
 
 
 def _emit(stream: Stream, show: bool, ids: bool = False) -> GenerationResult:
