@@ -165,6 +165,12 @@ def test_bad_budgets_and_policies_are_refused(tiny_llama_dir, flag, value, fragm
     assert_one_line_error(invoke("run", str(tiny_llama_dir), "--prompt-ids", "1", "-n", "1", flag, value), fragment)
 
 
+def test_convert_into_an_empty_path_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(invoke("convert", "demo", ""), "OUT '' is empty")
+    assert list(tmp_path.iterdir()) == []                # nothing written into the current directory
+
+
 def test_policy_and_sizes_validate_in_the_library() -> None:
     for kwargs in ({"kv_device_tokens": 0}, {"prefill_chunk_tokens": -1}, {"kv_budget": float("inf")},
                    {"chunk_tokens": 2.5}, {"kv_sketch": "yes"}, {"device": 0}):

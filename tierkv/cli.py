@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
@@ -25,7 +26,7 @@ from tierkv import __version__
 from tierkv.config import Budget, ConfigError, Policy, format_size
 from tierkv.engine import (Engine, GenerationResult, Stream, context_limit_tokens, load, model_path,
                            resolve_device)
-from tierkv.errors import TierkvError
+from tierkv.errors import ArgumentError, TierkvError
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.io.store import convert as convert_store
 from tierkv.plan import make_plan
@@ -127,6 +128,13 @@ def _prompt_ids(text: str) -> list[int]:
         return [int(x) for x in parts]
     raise typer.BadParameter(f"{text!r}: {problem}; give whole numbers >= 0 separated by commas, e.g. 1,2,3",
                              param_hint="--prompt-ids")
+
+
+def _store_dir(out: str) -> Path:
+    """``convert``'s OUT: an empty one would silently mean the current directory."""
+    if not out.strip():
+        raise ArgumentError(f"OUT {out!r} is empty; give the directory for the store, e.g. /nvme/tierkv/my-model")
+    return Path(out).expanduser()
 
 
 def _emit(stream: Stream, show: bool, ids: bool = False) -> GenerationResult:
@@ -330,7 +338,7 @@ def convert_cmd(
     """Rewrite a checkpoint into a packed store: one 4 KiB-aligned extent per layer, checksummed."""
     with _user_errors():
         quiet = not Console(stderr=True).is_terminal
-        path = convert_store(model_path(model), out, dtype=dtype, restart=restart,
+        path = convert_store(model_path(model), _store_dir(out), dtype=dtype, restart=restart,
                              progress=(lambda done, total: None) if quiet else None)
     Console(stderr=True).print(f"store ready: {path}", highlight=False)
 
