@@ -408,7 +408,7 @@ class Policy:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ArgumentError(f"{name}={value!r} must be a whole number >= 1"
-                                    + ("" if name == "prefill_chunk_tokens" else " (or None for the default)"))
+                                    + ("" if name == "prefill_chunk_tokens" else " (or leave it out for the default)"))
         if self.dtype is not None and not isinstance(self.dtype, str):
             raise ArgumentError(f"dtype={self.dtype!r}: give a name such as 'bfloat16', 'float16' or 'float32'")
         if self.device is not None and not isinstance(self.device, str):
