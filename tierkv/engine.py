@@ -57,9 +57,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 def context_limit_tokens(cfg: ModelConfig) -> int:
     """Longest sequence the model supports (dynamic RoPE stretches it by its factor)."""
-    if cfg.rope.rope_type == "dynamic":
-        return int(cfg.max_position_embeddings * cfg.rope.factor)
-    return cfg.max_position_embeddings
+    return cfg.context_limit_tokens
 
 
 @dataclass
