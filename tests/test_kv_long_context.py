@@ -178,3 +178,17 @@ def test_the_minimum_room_holds_every_capacity_up_to_its_own(policy: Policy, tmp
     plain = kv_device_minimum_bytes(cfg, policy, torch.float32, 1, full, False)
     assert f"({plain} bytes)" in str(err.value)
     assert err.value.__context__ is None and err.value.__cause__ is None    # one error, not a chained traceback
+
+
+def test_a_batch_of_long_prompts_runs_in_batches_the_kv_room_holds(model: Path, prompt: list[int],
+                                                                   dense_tokens: list[int], tmp_path: Path) -> None:
+    """Equal-length prompts share a batch only as large as the device KV room holds at their context."""
+    options = dict(kv="exact", kv_device_tokens=KV_TOKENS)
+    policy = Policy(dtype="float32", device="cpu", **options)  # type: ignore[arg-type]
+    with tierkv.load(model, device="cpu", device_mem=_small_device_mem(model, policy), host_mem=0,
+                     offload_dir=tmp_path, **options) as eng:
+        outs = eng.generate([prompt] * 3, max_new_tokens=NEW)
+        short = eng.generate([prompt[:40]] * 3, max_new_tokens=NEW)
+    assert [o.token_ids for o in outs] == [dense_tokens] * 3
+    assert all(o.stats.batch_size < 3 for o in outs) and all(o.stats.kv["disk_bytes"] > 0 for o in outs)
+    assert all(o.stats.batch_size == 3 for o in short)     # a short context still shares one batch

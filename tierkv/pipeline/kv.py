@@ -72,7 +72,7 @@ from tierkv.pipeline.chunking import ChunkRule, attention_entropy, chunk_tokens_
 from tierkv.pipeline.kv_table import ChunkKey, KVBudgetError, KVChunkTable, Tier
 
 __all__ = ["DenseKVCache", "TieredKVCache", "make_kv_cache", "kv_bytes_per_token", "kv_budget_tokens",
-           "kv_device_minimum_bytes", "min_chunk_slots", "sketch_required"]
+           "kv_device_minimum_bytes", "max_kv_batch", "min_chunk_slots", "sketch_required"]
 
 DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
 TierPair = tuple[Tier, Tier]
@@ -220,12 +220,32 @@ def make_kv_cache(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens:
     ``offload_dir`` (at most ``offload_bytes`` there; None = until the disk is full). Budgets are
     bytes for the KV cache alone; None = unbounded. Raises KVBudgetError when they cannot work.
     """
-    sparse_possible = policy.kv == "sparse" or (policy.kv == "auto" and capacity_tokens > policy.kv_exact_max_tokens)
-    need = kv_bytes_per_token(cfg, dtype) * batch * capacity_tokens
-    if not sparse_possible and (kv_device_bytes is None or need <= kv_device_bytes):
+    if _dense_fits(cfg, policy, batch, capacity_tokens, dtype, kv_device_bytes):
         return DenseKVCache(cfg, batch, capacity_tokens, dtype, torch.device(device))
     return TieredKVCache(cfg, policy, batch, capacity_tokens, dtype, device, kv_device_bytes=kv_device_bytes,
                          kv_host_bytes=kv_host_bytes, offload_dir=offload_dir, offload_bytes=offload_bytes)
+
+
+def _dense_fits(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: int, dtype: torch.dtype,
+                kv_device_bytes: int | None) -> bool:
+    """Whether ``make_kv_cache`` builds the resident cache: every step exact and all KV in the room."""
+    sparse_possible = policy.kv == "sparse" or (policy.kv == "auto" and capacity_tokens > policy.kv_exact_max_tokens)
+    need = kv_bytes_per_token(cfg, dtype) * batch * capacity_tokens
+    return not sparse_possible and (kv_device_bytes is None or need <= kv_device_bytes)
+
+
+def max_kv_batch(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: int, dtype: torch.dtype,
+                 kv_device_bytes: int | None) -> int:
+    """Most sequences (<= ``batch``, at least 1) of ``capacity_tokens`` whose KV cache ``make_kv_cache``
+    builds in the device room: resident, or tiered at or above ``kv_device_minimum_bytes`` (key codes
+    are dropped before a tiered cache refuses, so they are not counted)."""
+    if kv_device_bytes is None:
+        return batch
+    for b in range(batch, 1, -1):
+        if _dense_fits(cfg, policy, b, capacity_tokens, dtype, kv_device_bytes) or \
+                kv_device_minimum_bytes(cfg, policy, dtype, b, capacity_tokens, sketch=False) <= kv_device_bytes:
+            return b
+    return 1
 
 
 # ---------------------------------------------------------------------------------------------
