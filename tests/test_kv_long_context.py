@@ -22,7 +22,7 @@ import tierkv
 from conftest import build_hf_model, save_hf_model
 from tierkv.cli import app
 from tierkv.config import ModelConfig, Policy
-from tierkv.pipeline.kv import TieredKVCache, kv_bytes_per_token, kv_device_minimum_bytes
+from tierkv.pipeline.kv import DenseKVCache, TieredKVCache, kv_bytes_per_token, kv_device_minimum_bytes
 from tierkv.pipeline.kv_table import KVBudgetError
 from tierkv.plan import PlanError, activation_bytes, make_plan
 
@@ -59,15 +59,15 @@ def dense_tokens(model: Path, prompt: list[int]) -> list[int]:
         return eng.generate(prompt, max_new_tokens=NEW).token_ids
 
 
-def _small_device_mem(model: Path, policy: Policy) -> int:
-    """Every layer + KV_TOKENS of dense KV + activations: what the planner used to reserve, so that
-    before the fix the plan's KV room was KV_TOKENS tokens and a long prompt failed in generate."""
+def _small_device_mem(model: Path, policy: Policy, kv_tokens: int = KV_TOKENS) -> int:
+    """Every layer + ``kv_tokens`` of dense KV + activations: what the planner used to reserve, so
+    that before the fix the plan's KV room was ``kv_tokens`` tokens and a long prompt failed in generate."""
     with tierkv.load(model, device="cpu") as eng:
         cfg = eng.config
     roomy = make_plan(cfg, tierkv.Budget(), policy)
     weights = roomy.globals_bytes + cfg.num_layers * roomy.layer_bytes
-    return (weights + kv_bytes_per_token(cfg, torch.float32) * KV_TOKENS
-            + activation_bytes(cfg, policy, KV_TOKENS, 1))
+    return (weights + kv_bytes_per_token(cfg, torch.float32) * kv_tokens
+            + activation_bytes(cfg, policy, kv_tokens, 1))
 
 
 def _minimum_device_mem(model: Path, policy: Policy) -> int:
@@ -124,6 +124,18 @@ def test_device_budget_below_the_full_context_minimum_is_refused_at_load_and_the
     assert out.token_ids == dense_tokens and out.stats.kv["disk_bytes"] > 0
 
 
+def test_key_codes_without_device_room_are_dropped_not_refused(model: Path, prompt: list[int], tmp_path: Path) -> None:
+    """kv_sketch=True with a device budget that holds the full context's KV floor but not its key
+    codes: load accepts it and the cache runs without the codes (its stats say why)."""
+    options = dict(kv="sparse", kv_sketch=True, kv_device_tokens=KV_TOKENS)
+    policy = Policy(dtype="float32", device="cpu", **options)  # type: ignore[arg-type]
+    plain = _minimum_device_mem(model, Policy(dtype="float32", device="cpu", kv="sparse", kv_device_tokens=KV_TOKENS))
+    assert plain < _minimum_device_mem(model, policy)        # the codes would need more
+    with tierkv.load(model, device="cpu", device_mem=plain, host_mem=0, offload_dir=tmp_path, **options) as eng:
+        out = eng.generate(prompt, max_new_tokens=NEW, ignore_eos=True)
+    assert len(out.token_ids) == NEW and out.stats.kv["sketch"].startswith("off: the key codes do not fit")
+
+
 def test_cli_long_prompt_runs_and_a_too_small_budget_is_one_line(model: Path, prompt: list[int],
                                                                  dense_tokens: list[int], tmp_path: Path) -> None:
     runner = CliRunner()
@@ -152,21 +164,48 @@ def _cache_cfg() -> ModelConfig:
                                       num_key_value_heads=2, max_position_embeddings=8192))
 
 
+def _drive(caches: list[Any], cfg: ModelConfig, pieces: list[int]) -> list[list[torch.Tensor]]:
+    """Feed the same random q/k/v pieces to every cache (prefill pieces, then 1-token steps)."""
+    g, start = torch.Generator().manual_seed(0), 0
+    outs: list[list[torch.Tensor]] = [[] for _ in caches]
+    for t in pieces:
+        pos = torch.arange(start, start + t)[None]
+        for layer in range(cfg.num_layers):
+            q, k, v = (torch.randn(1, n, t, cfg.head_dim, generator=g) for n in (cfg.num_heads, cfg.num_kv_heads,
+                                                                               cfg.num_kv_heads))
+            for cache, out in zip(caches, outs):
+                out.append(cache.attend(layer, q, k, v, pos, None))
+        for cache in caches:
+            cache.advance(t)
+        start += t
+    return outs
+
+
 @pytest.mark.parametrize("policy", [Policy(kv="exact"), Policy(kv="sparse", kv_sketch=True),
                                     Policy(kv="sparse", chunk_tokens=32)], ids=["adaptive", "sketch", "fixed"])
 def test_the_minimum_room_holds_every_capacity_up_to_its_own(policy: Policy, tmp_path: Path) -> None:
-    """At exactly ``kv_device_minimum_bytes`` for 8192 tokens a cache of any shorter capacity builds,
-    whatever chunk size a layer's attention skew asks for; one byte less per layer is refused."""
-    cfg, full = _cache_cfg(), 8192
+    """At exactly ``kv_device_minimum_bytes`` for 2048 tokens a cache of any shorter capacity builds,
+    whatever chunk size a layer's attention skew asks for, and runs its full capacity (losslessly in
+    exact mode); one byte less per layer is refused with the minimum, in one error."""
+    cfg, full = _cache_cfg(), 2048
     sketch = policy.kv_sketch is True
     room = kv_device_minimum_bytes(cfg, policy, torch.float32, 1, full, sketch)
-    for capacity in (1, 15, 100, 1000, 5000, full):
+    for capacity in (1, 15, 100, 1000, full):
         with TieredKVCache(cfg, policy, 1, capacity, torch.float32, "cpu", kv_device_bytes=room,
                            offload_dir=tmp_path) as cache:
             assert cache.stats()["sketch"] == ("on" if sketch else "off")
             for wanted in (16, 32, 64, 128, 256):       # what chunk_tokens_for_entropy may ask for
                 geo = cache._geometry(policy.chunk_tokens or wanted, None)
                 assert geo.resident_slots + geo.scratch_slots >= min(6, geo.max_chunks)
+    dense = DenseKVCache(cfg, 1, full, torch.float32, torch.device("cpu"))
+    with TieredKVCache(cfg, policy, 1, full, torch.float32, "cpu", kv_device_bytes=room, kv_host_bytes=0,
+                       offload_dir=tmp_path) as cache:
+        want, got = _drive([dense, cache], cfg, [1000, 1000, 45, 1, 1, 1])
+        st = cache.stats()
+    assert st["disk_bytes"] > 0 and st["decode_steps"] == 3
+    if policy.kv == "exact":
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     short = room - cfg.num_layers                           # one byte per layer below the minimum
     if sketch:                                              # the codes go first (and stats say why) ...
         with TieredKVCache(cfg, policy, 1, full, torch.float32, "cpu", kv_device_bytes=short,
@@ -192,3 +231,24 @@ def test_a_batch_of_long_prompts_runs_in_batches_the_kv_room_holds(model: Path, 
     assert [o.token_ids for o in outs] == [dense_tokens] * 3
     assert all(o.stats.batch_size < 3 for o in outs) and all(o.stats.kv["disk_bytes"] > 0 for o in outs)
     assert all(o.stats.batch_size == 3 for o in short)     # a short context still shares one batch
+
+
+@pytest.mark.slow
+def test_the_reported_case_8k_context_256_tokens_of_device_room(tmp_path: Path) -> None:
+    """The issue's shape: an 8K-context model, --kv-device-tokens 256, a 7165-token prompt (~20 s)."""
+    model = save_hf_model(build_hf_model("llama", max_position_embeddings=8192), tmp_path / "m8k")
+    ids = torch.randint(0, 211, (7165,), generator=torch.Generator().manual_seed(5)).tolist()
+    with tierkv.load(model, device="cpu", kv="exact") as eng:
+        dense = eng.generate(ids, max_new_tokens=NEW).token_ids
+    for kv, sketch in (("exact", None), ("auto", True)):
+        options = dict(kv=kv, kv_sketch=sketch, kv_device_tokens=256)
+        policy = Policy(dtype="float32", device="cpu", **options)  # type: ignore[arg-type]
+        with tierkv.load(model, device="cpu", device_mem=_small_device_mem(model, policy, 256), host_mem="64KiB",
+                         offload_dir=tmp_path / kv,
+                         **options) as eng:
+            out = eng.generate(ids, max_new_tokens=NEW)
+        assert out.stats.kv["disk_bytes"] > 0
+        if kv == "exact":
+            assert out.token_ids == dense
+        else:                     # no device room for 8K tokens of key codes: they are dropped, not refused
+            assert len(out.token_ids) == NEW and out.stats.kv["sketch"].startswith("off: the key codes do not fit")

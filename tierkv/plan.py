@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -362,10 +362,13 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     layer_bytes = max(e.padded_nbytes for e in layers)
     globals_bytes = sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
-    reserve = reserve_bytes(config, dtype, policy, context, batch)
     dev_mem, host_mem, offload_dir = detect_budgets(budget, device)
-    kv_floor = kv_reserve_bytes(config, dtype, policy, 0, batch)    # the full context's tiered minimum
-    kv_at_floor = kv_reserve_bytes(config, dtype, policy, context, batch) <= kv_floor
+    kv_policy = policy
+    if dev_mem < reserve_bytes(config, dtype, policy, context, batch) + globals_bytes + layer_bytes:
+        kv_policy = replace(policy, kv_sketch=False)  # no room for key codes: the cache runs without (stats say so)
+    reserve = reserve_bytes(config, dtype, kv_policy, context, batch)
+    kv_floor = kv_reserve_bytes(config, dtype, kv_policy, 0, batch)    # the full context's tiered minimum
+    kv_at_floor = kv_reserve_bytes(config, dtype, kv_policy, context, batch) <= kv_floor
     _check_minimum(dev_mem, host_mem, reserve, globals_bytes, layer_bytes, config.num_layers, device, dtype, context,
                    kv_at_floor)
     cuda = device.type == "cuda"
