@@ -459,8 +459,10 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     number of tokens), always with the first chunk and the recent window; "auto" is exact up to
     kv_exact_max_tokens of context, sparse beyond. chunk_tokens fixes the chunk size (default:
     adaptive per layer from the attention skew at prefill). kv_device_tokens: context whose KV the
-    planner keeps device room for (default min(4096, model max)); KV beyond what the device budget
-    holds goes to host memory, then to offload_dir. kv_sketch: sparse selection scores each chunk
+    planner keeps device room for (default min(4096, model max)), and never less than the tiered
+    cache needs to run the model's full context (chunk abstracts and the fewest chunk slots), so any
+    prompt the model allows runs; KV beyond what the device room holds goes to host memory, then to
+    offload_dir. Equal-length prompts share a batch as large as that room holds at their context. kv_sketch: sparse selection scores each chunk
     by a token-level bound from 2-bit key codes kept on the device (D/4 bytes per token and KV
     head) instead of the chunk's min/max alone (default: on with CUDA, off on the CPU where the
     pass costs about as much as dense attention); False saves that memory and time but can miss

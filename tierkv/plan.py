@@ -429,7 +429,7 @@ def _check_minimum(dev_mem: int, host_mem: int, reserve: int, globals_bytes: int
         kv_note = " (the KV part: the least with which the model's full context runs)" if kv_at_floor else ""
         fewer = "" if kv_at_floor else f"reserve KV room for fewer tokens (--kv-device-tokens, now {context_tokens}), or "
         raise PlanError(
-            f"device budget {format_size(dev_mem)} is below the minimum working set {format_size(minimum)} "
+            f"device budget {format_size(dev_mem)} is below the minimum working set {_size_at_least(minimum)} "
             f"(embedding/norm/head {format_size(globals_bytes)} + KV and activations {format_size(reserve)}{kv_note} "
             f"+ one layer {format_size(layer_bytes)} of {num_layers}, {str(dtype).removeprefix('torch.')}); raise "
             f"--device-mem to at least {_size_at_least(minimum)}, or {fewer}use a smaller dtype")
