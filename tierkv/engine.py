@@ -462,11 +462,11 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     planner keeps device room for (default min(4096, model max)), and never less than the tiered
     cache needs to run the model's full context (chunk abstracts and the fewest chunk slots), so any
     prompt the model allows runs; KV beyond what the device room holds goes to host memory, then to
-    offload_dir. Equal-length prompts share a batch as large as that room holds at their context. kv_sketch: sparse selection scores each chunk
-    by a token-level bound from 2-bit key codes kept on the device (D/4 bytes per token and KV
-    head) instead of the chunk's min/max alone (default: on with CUDA, off on the CPU where the
-    pass costs about as much as dense attention); False saves that memory and time but can miss
-    a single strongly attended token. Long prompts are prefilled in pieces of prefill_chunk_tokens.
+    offload_dir. Equal-length prompts share a batch as large as that room holds at their context.
+    kv_sketch: sparse selection scores each chunk by a token-level bound from 2-bit key codes kept
+    on the device (D/4 bytes per token and KV head) instead of the chunk's min/max alone (default:
+    on with CUDA, off on the CPU where the pass costs about as much as dense attention); False
+    saves that memory and time but can miss a single strongly attended token. Long prompts are prefilled in pieces of prefill_chunk_tokens.
     """
     policy = Policy(dtype=None if dtype is None else str(dtype).removeprefix("torch."), device=device,
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,

@@ -427,7 +427,8 @@ def _check_minimum(dev_mem: int, host_mem: int, reserve: int, globals_bytes: int
     minimum = reserve + globals_bytes + layer_bytes
     if dev_mem < minimum:
         kv_note = " (the KV part: the least with which the model's full context runs)" if kv_at_floor else ""
-        fewer = "" if kv_at_floor else f"reserve KV room for fewer tokens (--kv-device-tokens, now {context_tokens}), or "
+        fewer = "" if kv_at_floor else (
+            f"reserve KV room for fewer tokens (--kv-device-tokens, now {context_tokens}), or ")
         raise PlanError(
             f"device budget {format_size(dev_mem)} is below the minimum working set {_size_at_least(minimum)} "
             f"(embedding/norm/head {format_size(globals_bytes)} + KV and activations {format_size(reserve)}{kv_note} "
