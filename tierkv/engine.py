@@ -466,7 +466,8 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     kv_sketch: sparse selection scores each chunk by a token-level bound from 2-bit key codes kept
     on the device (D/4 bytes per token and KV head) instead of the chunk's min/max alone (default:
     on with CUDA, off on the CPU where the pass costs about as much as dense attention); False
-    saves that memory and time but can miss a single strongly attended token. Long prompts are prefilled in pieces of prefill_chunk_tokens.
+    saves that memory and time but can miss a single strongly attended token. Long prompts are
+    prefilled in pieces of prefill_chunk_tokens.
     """
     policy = Policy(dtype=None if dtype is None else str(dtype).removeprefix("torch."), device=device,
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,
