@@ -19,6 +19,9 @@ TieredKVCache, in one paragraph per concern:
   always on the device: ``(B, Hkv, C_max, D)``; so are, with ``Policy.kv_sketch`` outside exact
   mode, the 2-bit key codes of the closed chunks (``kernels.sketch``, ``(B, Hkv, C_max, S, D/4)``
   uint8, written when a chunk closes) that let sparse scoring bound each key, not only the chunk.
+  ``kv_device_minimum_bytes`` is the least device room that works for a capacity (the index beside
+  the fewest slots, at the best chunk size); the planner keeps at least that for the model's full
+  context, so a small ``kv_device_tokens`` never fails a long prompt: the rest spills.
 - Host and disk. Host chunks are ``(2, Hkv, S, D)`` tensors (pinned on CUDA); disk chunks are
   records in ``io.kvstore`` segments (K, V and abstract, checksummed). New chunks are born on the
   device; when it is full the least recently selected unprotected chunks go to the host while its
@@ -646,7 +649,8 @@ class TieredKVCache:
                                    self._sketch, self.sink_chunks)
 
     def _geometry(self, wanted_tokens: int, entropy: float | None) -> _Geometry:
-        """Chunk size and slot counts for one layer; halves an adaptive size until the budget fits."""
+        """Chunk size and slot counts for one layer (``_pick_size``); KVBudgetError naming the minimum
+        when no chunk size fits the device budget."""
         size, fits = self._pick_size(wanted_tokens)
         slots, chunks, slot_bytes = self._slots_for(size), -(-self.capacity_tokens // size), self._slot_bytes(size)
         if not fits:
