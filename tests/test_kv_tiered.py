@@ -386,7 +386,9 @@ def test_budgets_through_load_spill_kv_and_stay_lossless(long_models: dict[str, 
     device_mem = weights + reserve_bytes(cfg, torch.float32, policy, 256, 1)      # every layer + 256 tokens of KV
     with tierkv.load(model, device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256,
                      device_mem=device_mem, host_mem=400 * per_token, offload_dir=tmp_path) as eng:
-        assert not eng.plan.disk_layers and eng.plan.kv_device_bytes < 300 * per_token
+        # the room is 256 tokens' KV, raised to what chunks of 32 need at the model's 4096-token context
+        # (6 slots + 128 abstracts per layer = 320 tokens' worth); the 1500-token prompt spills
+        assert not eng.plan.disk_layers and eng.plan.kv_device_bytes == 320 * per_token
         tiered = eng.generate(prompt, max_new_tokens=6)
     assert tiered.token_ids == dense.token_ids
     kv = tiered.stats.kv

@@ -128,6 +128,13 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def context_limit_tokens(self) -> int:
+        """Longest sequence the model supports (dynamic RoPE stretches it by its factor)."""
+        if self.rope.rope_type == "dynamic":
+            return int(self.max_position_embeddings * self.rope.factor)
+        return self.max_position_embeddings
+
     def layer_param_count(self) -> int:
         """Parameters in one decoder layer (norms and biases included)."""
         h, i = self.hidden_size, self.intermediate_size

@@ -25,7 +25,7 @@ from tierkv.config import Budget, ConfigError, ModelConfig, Policy, read_json
 from tierkv.errors import ArgumentError
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.model import KVCache, decoder_layer, embed, head, step_inputs
-from tierkv.pipeline.kv import DenseKVCache, make_kv_cache
+from tierkv.pipeline.kv import DenseKVCache, make_kv_cache, max_kv_batch
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource, run_layers
 from tierkv.plan import Plan, open_weight_source
 from tierkv.io.store import ProgressFn
@@ -61,9 +61,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 def context_limit_tokens(cfg: ModelConfig) -> int:
     """Longest sequence the model supports (dynamic RoPE stretches it by its factor)."""
-    if cfg.rope.rope_type == "dynamic":
-        return int(cfg.max_position_embeddings * cfg.rope.factor)
-    return cfg.max_position_embeddings
+    return cfg.context_limit_tokens
 
 
 @dataclass
@@ -357,7 +355,7 @@ class Engine:
         seqs = [_Sequence(p, self.tokenizer, self.eos_token_ids, params) for p in prompts]
         stats = GenerationStats(prompt_tokens=t, batch_size=b)
         weights_before = self._weights.stats()
-        budget = max(0, min(params.max_new_tokens, self.context_limit_tokens - t + 1))
+        budget = self._new_tokens_budget(t, params)
         if cancel.is_set():  # cancelled while an earlier group of the batch ran: no prefill, no tokens
             budget = 0
         kv = self._make_kv(b, max(1, t + budget - 1))
@@ -375,6 +373,19 @@ class Engine:
         self._finish_stats(stats, max(len(s.token_ids) for s in seqs), weights_before)
         out.extend(GenerationResult(s.token_ids, s.text, s.finish_reason or reason, s.prompt_ids, stats)
                    for s in seqs)
+
+    def _new_tokens_budget(self, prompt_tokens: int, params: SamplingParams) -> int:
+        """New tokens a prompt may get: max_new_tokens, within the model's context."""
+        return max(0, min(params.max_new_tokens, self.context_limit_tokens - prompt_tokens + 1))
+
+    def _kv_batches(self, group: list[list[int]], params: SamplingParams) -> list[list[list[int]]]:
+        """An equal-length group split into batches whose KV cache fits the plan's device room (the
+        planner keeps room for one sequence at the model's full context, so one always fits)."""
+        t = len(group[0])
+        capacity = max(1, t + self._new_tokens_budget(t, params) - 1)
+        room = self.plan.kv_device_bytes if self.plan else None
+        size = max_kv_batch(self.config, self.policy, len(group), capacity, self.dtype, room)
+        return [group[i:i + size] for i in range(0, len(group), size)]
 
     def _steps(self, prompt_ids: torch.Tensor, kv: KVCache, seqs: list[_Sequence], budget: int,
                params: SamplingParams, cancel: threading.Event, stats: GenerationStats) -> Iterator[Piece]:
@@ -411,10 +422,12 @@ class Engine:
     @torch.inference_mode()  # as a decorator it is on only while the generator runs, not in the caller's loop
     def _pieces(self, prompts: list[list[int]], params: SamplingParams, cancel: threading.Event,
                 out: list[GenerationResult]) -> Iterator[Piece]:
-        """All prompts under the lock: equal lengths share one batch, otherwise one after another."""
+        """All prompts under the lock: equal lengths share batches (as large as the KV room holds),
+        otherwise one after another."""
         with self._serialized():
             self._check_open()
             groups = [prompts] if len({len(p) for p in prompts}) == 1 else [[p] for p in prompts]
+            groups = [batch for group in groups for batch in self._kv_batches(group, params)]
             offset = 0
             for group in groups:
                 for piece in self._run(group, params, cancel, out):
@@ -491,12 +504,15 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     number of tokens), always with the first chunk and the recent window; "auto" is exact up to
     kv_exact_max_tokens of context, sparse beyond. chunk_tokens fixes the chunk size (default:
     adaptive per layer from the attention skew at prefill). kv_device_tokens: context whose KV the
-    planner keeps device room for (default min(4096, model max)); KV beyond what the device budget
-    holds goes to host memory, then to offload_dir. kv_sketch: sparse selection scores each chunk
-    by a token-level bound from 2-bit key codes kept on the device (D/4 bytes per token and KV
-    head) instead of the chunk's min/max alone (default: on with CUDA, off on the CPU where the
-    pass costs about as much as dense attention); False saves that memory and time but can miss
-    a single strongly attended token. Long prompts are prefilled in pieces of prefill_chunk_tokens.
+    planner keeps device room for (default min(4096, model max)), and never less than the tiered
+    cache needs to run the model's full context (chunk abstracts and the fewest chunk slots), so any
+    prompt the model allows runs; KV beyond what the device room holds goes to host memory, then to
+    offload_dir. Equal-length prompts share a batch as large as that room holds at their context.
+    kv_sketch: sparse selection scores each chunk by a token-level bound from 2-bit key codes kept
+    on the device (D/4 bytes per token and KV head) instead of the chunk's min/max alone (default:
+    on with CUDA, off on the CPU where the pass costs about as much as dense attention); False
+    saves that memory and time but can miss a single strongly attended token. Long prompts are
+    prefilled in pieces of prefill_chunk_tokens.
     """
     policy = Policy(dtype=None if dtype is None else str(dtype).removeprefix("torch."), device=device,
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,

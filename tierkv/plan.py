@@ -18,14 +18,14 @@ import math
 import os
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
 import torch
 
-from tierkv.config import Budget, ModelConfig, Policy, format_size
+from tierkv.config import Budget, ModelConfig, Policy, format_size, parse_size
 from tierkv.errors import ArgumentError, TierkvError
 from tierkv.io.buffers import HostBuffer
 from tierkv.io.checkpoint import resolve_dtype
@@ -187,10 +187,22 @@ def _gpu_free_bytes(device: torch.device) -> int:
 
 
 def reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int) -> int:
-    """Device memory for the dense KV cache of ``context_tokens`` and one prefill piece's activations."""
-    item = torch.empty((), dtype=dtype).element_size()
-    kv = 2 * config.num_layers * config.kv_size * context_tokens * batch * item
-    return kv + activation_bytes(config, policy, context_tokens, batch)
+    """Device memory for the KV cache (``kv_reserve_bytes``) and one prefill piece's activations."""
+    return kv_reserve_bytes(config, dtype, policy, context_tokens, batch) + activation_bytes(
+        config, policy, context_tokens, batch)
+
+
+def kv_reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int) -> int:
+    """Device room kept for the KV cache: the resident KV of ``context_tokens``, and never less than
+    the tiered cache needs to run the model's full context (its per-chunk index, with key codes when
+    ``kv_sketch=True``, beside the fewest chunk slots), so that any prompt the model allows runs and
+    what the room does not hold spills to host memory, then disk."""
+    from tierkv.pipeline.kv import kv_bytes_per_token, kv_device_minimum_bytes, sketch_required
+
+    dense = kv_bytes_per_token(config, dtype) * context_tokens * batch
+    tiered = kv_device_minimum_bytes(config, policy, dtype, batch, config.context_limit_tokens,
+                                     sketch_required(policy))
+    return max(dense, tiered)
 
 
 def activation_bytes(config: ModelConfig, policy: Policy, context_tokens: int, batch: int) -> int:
@@ -370,7 +382,8 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     ``links``: measured speeds; None probes them (disk on ``data_path``, the store's data file,
     or a scratch file in the offload directory; only the links the placement uses).
     ``context_tokens`` (default: ``policy.kv_device_tokens``, else min(4096, the model's maximum))
-    sizes the device room kept for the KV cache and activations.
+    sizes the device room kept for the KV cache and activations; the KV room is never less than the
+    tiered cache needs at the model's full context (``kv_reserve_bytes``), so any prompt runs.
     Raises PlanError, naming the minimum, when the device budget cannot hold one layer's working set.
     """
     device = torch.device(policy.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -382,9 +395,15 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     layer_bytes = max(e.padded_nbytes for e in layers)
     globals_bytes = sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
-    reserve = reserve_bytes(config, dtype, policy, context, batch)
     dev_mem, host_mem, offload_dir = detect_budgets(budget, device)
-    _check_minimum(dev_mem, host_mem, reserve, globals_bytes, layer_bytes, config.num_layers, device, dtype, context)
+    kv_policy = policy
+    if dev_mem < reserve_bytes(config, dtype, policy, context, batch) + globals_bytes + layer_bytes:
+        kv_policy = replace(policy, kv_sketch=False)  # no room for key codes: the cache runs without (stats say so)
+    reserve = reserve_bytes(config, dtype, kv_policy, context, batch)
+    kv_floor = kv_reserve_bytes(config, dtype, kv_policy, 0, batch)    # the full context's tiered minimum
+    kv_at_floor = kv_reserve_bytes(config, dtype, kv_policy, context, batch) <= kv_floor
+    _check_minimum(dev_mem, host_mem, reserve, globals_bytes, layer_bytes, config.num_layers, device, dtype, context,
+                   kv_at_floor)
     cuda = device.type == "cuda"
     device_avail, n = dev_mem - reserve - globals_bytes, config.num_layers
     options = {d: _split(n, layer_bytes, device_avail, host_mem, d, cuda) for d in range(MAX_PREFETCH_DEPTH + 1)}
@@ -432,16 +451,30 @@ def _best_option(options: dict[int, tuple[int, int, int, int]], n: int, layer_by
 
 
 def _check_minimum(dev_mem: int, host_mem: int, reserve: int, globals_bytes: int, layer_bytes: int,
-                   num_layers: int, device: torch.device, dtype: torch.dtype, context_tokens: int) -> None:
-    """Refuse a device budget below globals + KV/activation reserve + one layer slot."""
+                   num_layers: int, device: torch.device, dtype: torch.dtype, context_tokens: int,
+                   kv_at_floor: bool = False) -> None:
+    """Refuse a device budget below globals + KV/activation reserve + one layer slot.
+
+    ``kv_at_floor``: the KV part is the least room with which the model's full context runs (see
+    ``kv_reserve_bytes``), so fewer --kv-device-tokens would not lower it."""
     minimum = reserve + globals_bytes + layer_bytes
     if dev_mem < minimum:
+        kv_note = " (the KV part: the least with which the model's full context runs)" if kv_at_floor else ""
+        fewer = "" if kv_at_floor else (
+            f"reserve KV room for fewer tokens (--kv-device-tokens, now {context_tokens}), or ")
         raise PlanError(
-            f"device budget {format_size(dev_mem)} is below the minimum working set {format_size(minimum)} "
-            f"(embedding/norm/head {format_size(globals_bytes)} + KV and activations {format_size(reserve)} + "
-            f"one layer {format_size(layer_bytes)} of {num_layers}, {str(dtype).removeprefix('torch.')}); raise "
-            f"--device-mem to at least {format_size(minimum)}, or reserve KV room for fewer tokens "
-            f"(--kv-device-tokens, now {context_tokens}), or use a smaller dtype")
+            f"device budget {format_size(dev_mem)} is below the minimum working set {_size_at_least(minimum)} "
+            f"(embedding/norm/head {format_size(globals_bytes)} + KV and activations {format_size(reserve)}{kv_note} "
+            f"+ one layer {format_size(layer_bytes)} of {num_layers}, {str(dtype).removeprefix('torch.')}); raise "
+            f"--device-mem to at least {_size_at_least(minimum)}, or {fewer}use a smaller dtype")
+
+
+def _size_at_least(n_bytes: int) -> str:
+    """``format_size`` rounded up: a budget written as the printed size is never below ``n_bytes``."""
+    value, unit = format_size(n_bytes).split()
+    while parse_size(f"{value}{unit}") < n_bytes:
+        value = f"{float(value) + 0.01:.2f}"
+    return f"{value} {unit}"
 
 
 def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budget, policy: Policy = Policy(), *,

@@ -19,6 +19,9 @@ TieredKVCache, in one paragraph per concern:
   always on the device: ``(B, Hkv, C_max, D)``; so are, with ``Policy.kv_sketch`` outside exact
   mode, the 2-bit key codes of the closed chunks (``kernels.sketch``, ``(B, Hkv, C_max, S, D/4)``
   uint8, written when a chunk closes) that let sparse scoring bound each key, not only the chunk.
+  ``kv_device_minimum_bytes`` is the least device room that works for a capacity (the index beside
+  the fewest slots, at the best chunk size); the planner keeps at least that for the model's full
+  context, so a small ``kv_device_tokens`` never fails a long prompt: the rest spills.
 - Host and disk. Host chunks are ``(2, Hkv, S, D)`` tensors (pinned on CUDA); disk chunks are
   records in ``io.kvstore`` segments (K, V and abstract, checksummed). New chunks are born on the
   device; when it is full the least recently selected unprotected chunks go to the host while its
@@ -71,7 +74,8 @@ from tierkv.model import dense_attention
 from tierkv.pipeline.chunking import ChunkRule, attention_entropy, chunk_tokens_for_entropy, fit_chunk_tokens
 from tierkv.pipeline.kv_table import ChunkKey, KVBudgetError, KVChunkTable, Tier
 
-__all__ = ["DenseKVCache", "TieredKVCache", "make_kv_cache", "kv_bytes_per_token", "kv_budget_tokens"]
+__all__ = ["DenseKVCache", "TieredKVCache", "make_kv_cache", "kv_bytes_per_token", "kv_budget_tokens",
+           "kv_device_minimum_bytes", "max_kv_batch", "min_chunk_slots", "sketch_required"]
 
 DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
 TierPair = tuple[Tier, Tier]
@@ -155,6 +159,51 @@ def layer_index_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capacity
     return batch * chunks * per_chunk
 
 
+def min_chunk_slots(batch: int, sink_chunks: int = 1) -> int:
+    """Fewest device slots per layer a tiered cache works with: per sequence its sink chunks, two
+    recent chunks and a new one resident, plus the scratch slots streamed chunks pass through."""
+    return batch * (sink_chunks + 3 + _SCRATCH_SLOTS_PER_SEQ)
+
+
+def chunk_size_candidates(policy: Policy, rule: ChunkRule = ChunkRule()) -> tuple[int, ...]:
+    """Every chunk size a tiered cache under ``policy`` may choose (before capping at its capacity)."""
+    if policy.chunk_tokens is not None:
+        return (policy.chunk_tokens,)
+    sizes, size = [], rule.min_chunk_tokens
+    while size <= rule.max_chunk_tokens:
+        sizes.append(size)
+        size *= 2
+    return tuple(sizes)
+
+
+def layer_minimum_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capacity_tokens: int, chunk_tokens: int,
+                        sketch: bool, sink_chunks: int = 1) -> int:
+    """Fewest device bytes one layer of a tiered cache with chunks of ``chunk_tokens`` works with:
+    the chunk index for the whole capacity beside the minimum of slots (or every chunk, if fewer)."""
+    chunks = batch * -(-capacity_tokens // chunk_tokens)
+    slot = 2 * cfg.num_kv_heads * chunk_tokens * cfg.head_dim * _elt(dtype)
+    index = layer_index_bytes(cfg, dtype, batch, capacity_tokens, chunk_tokens, sketch)
+    return index + slot * min(min_chunk_slots(batch, sink_chunks), chunks)
+
+
+def kv_device_minimum_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, batch: int, capacity_tokens: int,
+                            sketch: bool, rule: ChunkRule = ChunkRule(), sink_chunks: int = 1) -> int:
+    """Fewest device KV bytes (all layers) with which a ``TieredKVCache`` of ``batch`` x
+    ``capacity_tokens`` runs: at the best chunk size, the per-chunk index (abstracts, and key codes
+    with ``sketch``) for the whole capacity plus the fewest slots; the rest spills to host and disk.
+    Never decreases with the capacity, so the minimum at the model's full context covers any prompt."""
+    per_layer = min(layer_minimum_bytes(cfg, dtype, batch, capacity_tokens, min(size, capacity_tokens), sketch,
+                                        sink_chunks)
+                    for size in chunk_size_candidates(policy, rule))
+    return cfg.num_layers * per_layer
+
+
+def sketch_required(policy: Policy) -> bool:
+    """Whether the user asked for key codes (``kv_sketch=True`` outside exact mode): the planner then
+    keeps device room for them at the model's full context. The default keeps them only where they fit."""
+    return policy.kv != "exact" and policy.kv_sketch is True
+
+
 def kv_budget_tokens(kv_budget: float | int, context_tokens: int) -> int:
     """Tokens a sparse step attends to: a float <= 1 is a fraction of the context, anything else a count."""
     if isinstance(kv_budget, float) and kv_budget <= 1.0:
@@ -174,12 +223,32 @@ def make_kv_cache(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens:
     ``offload_dir`` (at most ``offload_bytes`` there; None = until the disk is full). Budgets are
     bytes for the KV cache alone; None = unbounded. Raises KVBudgetError when they cannot work.
     """
-    sparse_possible = policy.kv == "sparse" or (policy.kv == "auto" and capacity_tokens > policy.kv_exact_max_tokens)
-    need = kv_bytes_per_token(cfg, dtype) * batch * capacity_tokens
-    if not sparse_possible and (kv_device_bytes is None or need <= kv_device_bytes):
+    if _dense_fits(cfg, policy, batch, capacity_tokens, dtype, kv_device_bytes):
         return DenseKVCache(cfg, batch, capacity_tokens, dtype, torch.device(device))
     return TieredKVCache(cfg, policy, batch, capacity_tokens, dtype, device, kv_device_bytes=kv_device_bytes,
                          kv_host_bytes=kv_host_bytes, offload_dir=offload_dir, offload_bytes=offload_bytes)
+
+
+def _dense_fits(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: int, dtype: torch.dtype,
+                kv_device_bytes: int | None) -> bool:
+    """Whether ``make_kv_cache`` builds the resident cache: every step exact and all KV in the room."""
+    sparse_possible = policy.kv == "sparse" or (policy.kv == "auto" and capacity_tokens > policy.kv_exact_max_tokens)
+    need = kv_bytes_per_token(cfg, dtype) * batch * capacity_tokens
+    return not sparse_possible and (kv_device_bytes is None or need <= kv_device_bytes)
+
+
+def max_kv_batch(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: int, dtype: torch.dtype,
+                 kv_device_bytes: int | None) -> int:
+    """Most sequences (<= ``batch``, at least 1) of ``capacity_tokens`` whose KV cache ``make_kv_cache``
+    builds in the device room: resident, or tiered at or above ``kv_device_minimum_bytes`` (key codes
+    are dropped before a tiered cache refuses, so they are not counted)."""
+    if kv_device_bytes is None:
+        return batch
+    for b in range(batch, 1, -1):
+        if _dense_fits(cfg, policy, b, capacity_tokens, dtype, kv_device_bytes) or \
+                kv_device_minimum_bytes(cfg, policy, dtype, b, capacity_tokens, sketch=False) <= kv_device_bytes:
+            return b
+    return 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,10 +623,11 @@ class TieredKVCache:
 
     def _min_slots(self) -> int:
         """Fewest slots per layer that work: sinks, two recent chunks and a new one resident, plus scratch."""
-        return self.batch * (self.sink_chunks + 3 + _SCRATCH_SLOTS_PER_SEQ)
+        return min_chunk_slots(self.batch, self.sink_chunks)
 
-    def _geometry(self, wanted_tokens: int, entropy: float | None) -> _Geometry:
-        """Chunk size and slot counts for one layer; halves an adaptive size until the budget fits."""
+    def _pick_size(self, wanted_tokens: int) -> tuple[int, bool]:
+        """(chunk size, whether the device budget holds enough slots of it): the size nearest the
+        wanted one that fits, else the size with the smallest working set (which fits whenever any does)."""
         fixed = self.policy.chunk_tokens is not None
         smallest = wanted_tokens if fixed else min(wanted_tokens, self._rule.min_chunk_tokens)
         need = self._min_slots()
@@ -569,21 +639,39 @@ class TieredKVCache:
         largest = wanted_tokens if fixed else max(wanted_tokens, self._rule.max_chunk_tokens)
         size = fit_chunk_tokens(min(wanted_tokens, self.capacity_tokens), usable_slots, need, smallest,
                                 min(largest, self.capacity_tokens))
+        if usable_slots(size) < need:
+            size = min((min(c, self.capacity_tokens) for c in chunk_size_candidates(self.policy, self._rule)),
+                       key=self._layer_minimum)
+        return size, usable_slots(size) >= need
+
+    def _layer_minimum(self, chunk_tokens: int) -> int:
+        return layer_minimum_bytes(self.cfg, self.dtype, self.batch, self.capacity_tokens, chunk_tokens,
+                                   self._sketch, self.sink_chunks)
+
+    def _geometry(self, wanted_tokens: int, entropy: float | None) -> _Geometry:
+        """Chunk size and slot counts for one layer (``_pick_size``); KVBudgetError naming the minimum
+        when no chunk size fits the device budget."""
+        size, fits = self._pick_size(wanted_tokens)
         slots, chunks, slot_bytes = self._slots_for(size), -(-self.capacity_tokens // size), self._slot_bytes(size)
+        if not fits:
+            raise self._too_small_error(size, slots)
         host_slots = math.inf if self._host_layer_bytes is None else self._host_layer_bytes // slot_bytes
         if slots >= self.batch * chunks:
             return _Geometry(size, chunks, self.batch * chunks, 0, slot_bytes, entropy, False)
-        if slots < need:
-            per_layer = format_size(self._device_layer_bytes or 0)
-            raise KVBudgetError(
-                f"the device KV budget ({per_layer} per layer) holds {slots} chunks of {size} tokens, but batch "
-                f"{self.batch} needs at least {need} per layer ({format_size(need * slot_bytes)} + abstracts); "
-                "raise --device-mem or --kv-device-tokens, lower the batch or the context"
-                + (", or try another --chunk-tokens" if fixed else ""))
         pair = _SCRATCH_SLOTS_PER_SEQ * self.batch
         scratch = max(pair, (slots // 4) // pair * pair)   # about a quarter of the slots, in whole pairs
         spill = self.batch * chunks > slots - scratch + host_slots
         return _Geometry(size, chunks, slots - scratch, scratch, slot_bytes, entropy, spill)
+
+    def _too_small_error(self, size: int, slots: int) -> KVBudgetError:
+        need = self._layer_minimum(size)
+        return KVBudgetError(
+            f"the device KV budget ({format_size(self._device_layer_bytes or 0)} per layer) holds {slots} chunks "
+            f"of {size} tokens, but batch {self.batch} x {self.capacity_tokens} tokens needs at least "
+            f"{self._min_slots()} per layer beside the chunk index: {format_size(need)} per layer, "
+            f"{format_size(need * self.cfg.num_layers)} in all ({need * self.cfg.num_layers} bytes); raise "
+            "--device-mem or --kv-device-tokens, lower the batch or the context"
+            + (", or try another --chunk-tokens" if self.policy.chunk_tokens is not None else ""))
 
     def _check_budgets(self, offload_dir: str | Path | None) -> bool:
         """Fail early when the budgets cannot work; True when chunks may go to disk (a store is needed).
@@ -592,15 +680,12 @@ class TieredKVCache:
         when they leave too little device room for the slots, the cache runs without them (chunk
         bound only) rather than refusing the context, and ``stats()["sketch"]`` says so.
         """
-        try:
-            geo = self._geometry(self.policy.chunk_tokens or self._rule.min_chunk_tokens, None)
-        except KVBudgetError:
-            if not self._sketch:
-                raise
+        start = self.policy.chunk_tokens or self._rule.min_chunk_tokens
+        if self._sketch and not self._pick_size(start)[1]:
             self._sketch, self._sketch_note = False, (
                 "off: the key codes do not fit the device KV budget beside the chunk slots; sparse selection "
                 "uses the chunk bound only (raise --device-mem or --kv-device-tokens to keep them)")
-            geo = self._geometry(self.policy.chunk_tokens or self._rule.min_chunk_tokens, None)
+        geo = self._geometry(start, None)
         if geo.spill_expected and offload_dir is None:
             raise self._no_offload_error()
         return offload_dir is not None and self._device_layer_bytes is not None

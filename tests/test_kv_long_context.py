@@ -1,0 +1,254 @@
+"""A small device KV room never fails a prompt the model allows (issue 9, item 3).
+
+The planner keeps device room for the tiered cache's working set at the model's full context
+(the per-chunk index: abstracts, and key codes with ``kv_sketch=True``, beside the fewest chunk
+slots), so a prompt near the full context spills to host and disk instead of failing at generate
+time; a device budget that cannot hold that is refused at ``load()`` with the minimum, and the
+minimum the message names works. The cache's own budget error names the minimum and is never a
+chained traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import tierkv
+from conftest import build_hf_model, save_hf_model
+from tierkv.cli import app
+from tierkv.config import ModelConfig, Policy
+from tierkv.pipeline.kv import DenseKVCache, TieredKVCache, kv_bytes_per_token, kv_device_minimum_bytes
+from tierkv.pipeline.kv_table import KVBudgetError
+from tierkv.plan import PlanError, activation_bytes, make_plan
+
+CONTEXT = 1024        # the model's max_position_embeddings
+PROMPT = CONTEXT - 8  # near the full context
+KV_TOKENS = 16        # --kv-device-tokens: far below what the per-chunk index alone takes at CONTEXT
+NEW = 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Tiny tensors: one thread, and the torch references of the kernels (the Triton interpreter is slow)."""
+    monkeypatch.setenv("TIERKV_KERNELS", "torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_hf_model(build_hf_model("llama", max_position_embeddings=CONTEXT), tmp_path_factory.mktemp("ctx"))
+
+
+@pytest.fixture(scope="module")
+def prompt() -> list[int]:
+    return torch.randint(0, 211, (PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+@pytest.fixture(scope="module")
+def dense_tokens(model: Path, prompt: list[int]) -> list[int]:
+    """The resident run (fp32, every layer and all KV on the device): the oracle for exact mode."""
+    with tierkv.load(model, device="cpu", kv="exact") as eng:
+        return eng.generate(prompt, max_new_tokens=NEW).token_ids
+
+
+def _small_device_mem(model: Path, policy: Policy, kv_tokens: int = KV_TOKENS) -> int:
+    """Every layer + ``kv_tokens`` of dense KV + activations: what the planner used to reserve, so
+    that before the fix the plan's KV room was ``kv_tokens`` tokens and a long prompt failed in generate."""
+    with tierkv.load(model, device="cpu") as eng:
+        cfg = eng.config
+    roomy = make_plan(cfg, tierkv.Budget(), policy)
+    weights = roomy.globals_bytes + cfg.num_layers * roomy.layer_bytes
+    return (weights + kv_bytes_per_token(cfg, torch.float32) * kv_tokens
+            + activation_bytes(cfg, policy, kv_tokens, 1))
+
+
+def _minimum_device_mem(model: Path, policy: Policy) -> int:
+    with tierkv.load(model, device="cpu") as eng:
+        p = make_plan(eng.config, tierkv.Budget(), policy)
+    return p.reserve_bytes + p.globals_bytes + p.layer_bytes
+
+
+@pytest.mark.parametrize("kv, sketch", [("exact", None), ("exact", True), ("sparse", None), ("sparse", True),
+                                        ("auto", None), ("auto", True)])
+def test_small_kv_room_runs_a_prompt_near_the_full_context(model: Path, prompt: list[int], dense_tokens: list[int],
+                                                           tmp_path: Path, kv: str, sketch: bool | None) -> None:
+    options = dict(kv=kv, kv_sketch=sketch, kv_device_tokens=KV_TOKENS, kv_exact_max_tokens=512)
+    policy = Policy(dtype="float32", device="cpu", **options)  # type: ignore[arg-type]
+    per_token = kv_bytes_per_token(ModelConfig.from_dict({**_config(model)}), torch.float32)
+    with tierkv.load(model, device="cpu", device_mem=_small_device_mem(model, policy), host_mem=64 * per_token,
+                     offload_dir=tmp_path, **options) as eng:
+        coded = kv != "exact" and sketch is True
+        floor = kv_device_minimum_bytes(eng.config, policy, torch.float32, 1, CONTEXT, sketch=coded)
+        assert eng.plan.kv_device_bytes >= floor > KV_TOKENS * per_token
+        out = eng.generate(prompt, max_new_tokens=NEW)
+    st = out.stats.kv
+    assert len(out.token_ids) == NEW
+    assert st["device_bytes"] > 0 and st["host_bytes"] > 0 and st["disk_bytes"] > 0, st   # spilled, not refused
+    if kv == "exact":
+        assert out.token_ids == dense_tokens
+        assert st["sparse_layer_steps"] == 0
+    else:                                   # auto: the context is beyond kv_exact_max_tokens, so decode is sparse
+        assert st["sparse_layer_steps"] == (NEW - 1) * eng.config.num_layers
+        assert st["sketch"] == ("on" if coded else "off"), st["sketch"]   # the plan kept room for the codes
+
+
+def _config(model: Path) -> dict[str, Any]:
+    import json
+    return json.loads((model / "config.json").read_text())
+
+
+def test_device_budget_below_the_full_context_minimum_is_refused_at_load_and_the_named_minimum_works(
+        model: Path, prompt: list[int], dense_tokens: list[int], tmp_path: Path) -> None:
+    options = dict(kv="exact", kv_device_tokens=KV_TOKENS)
+    policy = Policy(dtype="float32", device="cpu", **options)  # type: ignore[arg-type]
+    minimum = _minimum_device_mem(model, policy)
+    for device_mem in ("64KiB", minimum - 1):   # below one layer; one byte below the full context's KV room
+        with pytest.raises(PlanError, match="raise --device-mem to at least") as err:
+            tierkv.load(model, device="cpu", device_mem=device_mem, host_mem=0, offload_dir=tmp_path, **options)
+        message = str(err.value)
+        assert "the least with which the model's full context runs" in message
+        assert "--kv-device-tokens" not in message     # fewer tokens would not lower it
+    named = re.search(r"at least (\d+\.\d\d [KMG]iB)", message)
+    assert named is not None, message
+    with tierkv.load(model, device="cpu", device_mem=named.group(1).replace(" ", ""), host_mem=0,
+                     offload_dir=tmp_path, **options) as eng:
+        out = eng.generate(prompt, max_new_tokens=NEW)
+    assert out.token_ids == dense_tokens and out.stats.kv["disk_bytes"] > 0
+
+
+def test_key_codes_without_device_room_are_dropped_not_refused(model: Path, prompt: list[int], tmp_path: Path) -> None:
+    """kv_sketch=True with a device budget that holds the full context's KV floor but not its key
+    codes: load accepts it and the cache runs without the codes (its stats say why)."""
+    options = dict(kv="sparse", kv_sketch=True, kv_device_tokens=KV_TOKENS)
+    policy = Policy(dtype="float32", device="cpu", **options)  # type: ignore[arg-type]
+    plain = _minimum_device_mem(model, Policy(dtype="float32", device="cpu", kv="sparse", kv_device_tokens=KV_TOKENS))
+    assert plain < _minimum_device_mem(model, policy)        # the codes would need more
+    with tierkv.load(model, device="cpu", device_mem=plain, host_mem=0, offload_dir=tmp_path, **options) as eng:
+        out = eng.generate(prompt, max_new_tokens=NEW, ignore_eos=True)
+    assert len(out.token_ids) == NEW and out.stats.kv["sketch"].startswith("off: the key codes do not fit")
+
+
+def test_cli_long_prompt_runs_and_a_too_small_budget_is_one_line(model: Path, prompt: list[int],
+                                                                 dense_tokens: list[int], tmp_path: Path) -> None:
+    runner = CliRunner()
+    policy = Policy(dtype="float32", device="cpu", kv="exact", kv_device_tokens=KV_TOKENS)
+    common = ["run", str(model), "--device", "cpu", "--kv", "exact", "--kv-device-tokens", str(KV_TOKENS),
+              "--host-mem", "0", "--offload-dir", str(tmp_path), "-n", str(NEW), "--json"]
+    ids = ",".join(map(str, prompt))
+    ok = runner.invoke(app, common + ["--device-mem", str(_small_device_mem(model, policy)), "--prompt-ids", ids])
+    assert ok.exit_code == 0, ok.output
+    import json
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["token_ids"] == dense_tokens
+    bad = runner.invoke(app, common + ["--device-mem", str(_minimum_device_mem(model, policy) - 1),
+                                       "--prompt-ids", ids])
+    assert bad.exit_code == 2, bad.output
+    assert "Traceback" not in bad.output and (bad.exception is None or isinstance(bad.exception, SystemExit))
+    err = bad.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err and "raise --device-mem to at least" in err, err
+
+
+# -- the cache's own sizing ------------------------------------------------------------------------
+
+
+def _cache_cfg() -> ModelConfig:
+    return ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=16, hidden_size=64,
+                                      intermediate_size=8, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=8192))
+
+
+def _drive(caches: list[Any], cfg: ModelConfig, pieces: list[int]) -> list[list[torch.Tensor]]:
+    """Feed the same random q/k/v pieces to every cache (prefill pieces, then 1-token steps)."""
+    g, start = torch.Generator().manual_seed(0), 0
+    outs: list[list[torch.Tensor]] = [[] for _ in caches]
+    for t in pieces:
+        pos = torch.arange(start, start + t)[None]
+        for layer in range(cfg.num_layers):
+            q, k, v = (torch.randn(1, n, t, cfg.head_dim, generator=g) for n in (cfg.num_heads, cfg.num_kv_heads,
+                                                                               cfg.num_kv_heads))
+            for cache, out in zip(caches, outs):
+                out.append(cache.attend(layer, q, k, v, pos, None))
+        for cache in caches:
+            cache.advance(t)
+        start += t
+    return outs
+
+
+@pytest.mark.parametrize("policy", [Policy(kv="exact"), Policy(kv="sparse", kv_sketch=True),
+                                    Policy(kv="sparse", chunk_tokens=32)], ids=["adaptive", "sketch", "fixed"])
+def test_the_minimum_room_holds_every_capacity_up_to_its_own(policy: Policy, tmp_path: Path) -> None:
+    """At exactly ``kv_device_minimum_bytes`` for 2048 tokens a cache of any shorter capacity builds,
+    whatever chunk size a layer's attention skew asks for, and runs its full capacity (losslessly in
+    exact mode); one byte less per layer is refused with the minimum, in one error."""
+    cfg, full = _cache_cfg(), 2048
+    sketch = policy.kv_sketch is True
+    room = kv_device_minimum_bytes(cfg, policy, torch.float32, 1, full, sketch)
+    for capacity in (1, 15, 100, 1000, full):
+        with TieredKVCache(cfg, policy, 1, capacity, torch.float32, "cpu", kv_device_bytes=room,
+                           offload_dir=tmp_path) as cache:
+            assert cache.stats()["sketch"] == ("on" if sketch else "off")
+            for wanted in (16, 32, 64, 128, 256):       # what chunk_tokens_for_entropy may ask for
+                geo = cache._geometry(policy.chunk_tokens or wanted, None)
+                assert geo.resident_slots + geo.scratch_slots >= min(6, geo.max_chunks)
+    dense = DenseKVCache(cfg, 1, full, torch.float32, torch.device("cpu"))
+    with TieredKVCache(cfg, policy, 1, full, torch.float32, "cpu", kv_device_bytes=room, kv_host_bytes=0,
+                       offload_dir=tmp_path) as cache:
+        want, got = _drive([dense, cache], cfg, [1000, 1000, 45, 1, 1, 1])
+        st = cache.stats()
+    assert st["disk_bytes"] > 0 and st["decode_steps"] == 3
+    if policy.kv == "exact":
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    short = room - cfg.num_layers                           # one byte per layer below the minimum
+    if sketch:                                              # the codes go first (and stats say why) ...
+        with TieredKVCache(cfg, policy, 1, full, torch.float32, "cpu", kv_device_bytes=short,
+                           offload_dir=tmp_path) as cache:
+            assert cache.stats()["sketch"].startswith("off: the key codes do not fit")
+        short = kv_device_minimum_bytes(cfg, policy, torch.float32, 1, full, False) - cfg.num_layers
+    with pytest.raises(KVBudgetError, match=r"needs at least 6 per layer .*raise --device-mem") as err:
+        TieredKVCache(cfg, policy, 1, full, torch.float32, "cpu", kv_device_bytes=short, offload_dir=tmp_path)
+    plain = kv_device_minimum_bytes(cfg, policy, torch.float32, 1, full, False)
+    assert f"({plain} bytes)" in str(err.value)
+    assert err.value.__context__ is None and err.value.__cause__ is None    # one error, not a chained traceback
+
+
+def test_a_batch_of_long_prompts_runs_in_batches_the_kv_room_holds(model: Path, prompt: list[int],
+                                                                   dense_tokens: list[int], tmp_path: Path) -> None:
+    """Equal-length prompts share a batch only as large as the device KV room holds at their context."""
+    options = dict(kv="exact", kv_device_tokens=KV_TOKENS)
+    policy = Policy(dtype="float32", device="cpu", **options)  # type: ignore[arg-type]
+    with tierkv.load(model, device="cpu", device_mem=_small_device_mem(model, policy), host_mem=0,
+                     offload_dir=tmp_path, **options) as eng:
+        outs = eng.generate([prompt] * 3, max_new_tokens=NEW)
+        short = eng.generate([prompt[:40]] * 3, max_new_tokens=NEW)
+    assert [o.token_ids for o in outs] == [dense_tokens] * 3
+    assert all(o.stats.batch_size < 3 for o in outs) and all(o.stats.kv["disk_bytes"] > 0 for o in outs)
+    assert all(o.stats.batch_size == 3 for o in short)     # a short context still shares one batch
+
+
+@pytest.mark.slow
+def test_the_reported_case_8k_context_256_tokens_of_device_room(tmp_path: Path) -> None:
+    """The issue's shape: an 8K-context model, --kv-device-tokens 256, a 7165-token prompt (~20 s)."""
+    model = save_hf_model(build_hf_model("llama", max_position_embeddings=8192), tmp_path / "m8k")
+    ids = torch.randint(0, 211, (7165,), generator=torch.Generator().manual_seed(5)).tolist()
+    with tierkv.load(model, device="cpu", kv="exact") as eng:
+        dense = eng.generate(ids, max_new_tokens=NEW).token_ids
+    for kv, sketch in (("exact", None), ("auto", True)):
+        options = dict(kv=kv, kv_sketch=sketch, kv_device_tokens=256)
+        policy = Policy(dtype="float32", device="cpu", **options)  # type: ignore[arg-type]
+        with tierkv.load(model, device="cpu", device_mem=_small_device_mem(model, policy, 256), host_mem="64KiB",
+                         offload_dir=tmp_path / kv,
+                         **options) as eng:
+            out = eng.generate(ids, max_new_tokens=NEW)
+        assert out.stats.kv["disk_bytes"] > 0
+        if kv == "exact":
+            assert out.token_ids == dense
+        else:                     # no device room for 8K tokens of key codes: they are dropped, not refused
+            assert len(out.token_ids) == NEW and out.stats.kv["sketch"].startswith("off: the key codes do not fit")
