@@ -24,6 +24,7 @@ from tierkv.engine import Engine, GenerationResult, context_limit_tokens, load, 
 from tierkv.io.checkpoint import Checkpoint, CheckpointError, resolve_dtype
 from tierkv.io.kvstore import KVStoreError
 from tierkv.io.store import convert as convert_store
+from tierkv.numerics import NonFiniteError
 from tierkv.plan import make_plan
 from tierkv.trace.cli import trace_app
 
@@ -46,6 +47,8 @@ KvSketchOpt = typer.Option(None, "--kv-sketch/--no-kv-sketch",
                                 "1/16 of the KV kept on the device); default: on with CUDA, off on CPU")
 KvDeviceOpt = typer.Option(None, "--kv-device-tokens",
                            help="context whose KV keeps room on the device (default: min(4096, model max))")
+VerifyOpt = typer.Option(False, "--verify", help="first check every checkpoint tensor is finite (reads the "
+                         "whole checkpoint once; names a corrupt tensor)")
 
 
 @contextmanager
@@ -53,7 +56,7 @@ def _user_errors() -> Iterator[None]:
     """Library errors meant for users become one line on stderr and exit code 2."""
     try:
         yield
-    except (ConfigError, CheckpointError, ValueError, OSError, KVStoreError) as exc:
+    except (ConfigError, CheckpointError, ValueError, OSError, KVStoreError, NonFiniteError) as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
@@ -120,6 +123,7 @@ def run(
     kv_device_tokens: Optional[int] = KvDeviceOpt,
     kv_sketch: Optional[bool] = KvSketchOpt,
     threads: Optional[int] = ThreadsOpt,
+    verify: bool = VerifyOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streamed text"),
 ) -> None:
     """Generate a completion for one prompt, streaming the text."""
@@ -130,7 +134,7 @@ def run(
         ids = None if prompt_ids is None else [int(x) for x in prompt_ids.replace(" ", "").split(",") if x]
         engine = _load(model, dtype, device, as_json, device_mem, host_mem, offload_dir,
                        kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
-                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch)
+                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, verify=verify)
         stream = engine.stream(prompt if ids is None else ids,
                                **_sampling(max_new_tokens, temperature, top_k, top_p, seed, stop))
         for piece in stream:
@@ -166,13 +170,14 @@ def chat(
     kv_device_tokens: Optional[int] = KvDeviceOpt,
     kv_sketch: Optional[bool] = KvSketchOpt,
     threads: Optional[int] = ThreadsOpt,
+    verify: bool = VerifyOpt,
 ) -> None:
     """Interactive chat with the model's chat template; type /exit (or Ctrl-D) to leave."""
     _set_threads(threads)
     with _user_errors():
         engine = _load(model, dtype, device, False, device_mem, host_mem, offload_dir,
                        kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
-                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch)
+                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, verify=verify)
         if engine.tokenizer is None or not engine.tokenizer.chat_template:
             raise ConfigError(f"{engine.model_dir} has no tokenizer chat_template; use `tierkv run` instead")
         messages = [{"role": "system", "content": system}] if system else []

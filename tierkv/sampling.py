@@ -2,7 +2,9 @@
 
 Why this module exists: sampling is the one piece of generation that is pure math over logits;
 keeping it apart from the engine makes it testable on its own (seed reproducibility, top-k/top-p
-never leaving the allowed set) and shared by every engine path.
+never leaving the allowed set) and shared by every engine path. ``pick`` also says whether the
+logits were healthy, in the same host transfer as the ids, so the engine can stop on NaN or inf
+without a sync of its own.
 """
 
 from __future__ import annotations
@@ -61,3 +63,33 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     filtered = filter_logits(logits / params.temperature, params.top_k, params.top_p)
     probs = filtered.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class Picked:
+    """One step's choice: ids to feed back, the same ids on the host, and per row whether its logits
+    were healthy (see ``logits_healthy``)."""
+
+    ids: torch.Tensor           # (B,) int64 on the logits' device
+    token_ids: list[int]        # (B,)
+    healthy: list[bool]         # (B,)
+
+
+def logits_healthy(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) -> (B,) bool, without a host sync: every logit finite and not all of them equal.
+
+    Equal logits are as broken as NaN: a hidden state too large for the final norm's fp32 variance
+    normalizes to exactly zero, and every row of the head then scores 0.
+    """
+    lo, hi = torch.aminmax(logits, dim=-1)                                        # (B,) each; NaN propagates
+    return torch.isfinite(lo) & torch.isfinite(hi) & ((hi > lo) | (logits.shape[-1] == 1))
+
+
+def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> Picked:
+    """``sample`` plus ``logits_healthy``, both brought to the host in one transfer. logits (B, V) fp32."""
+    healthy = logits_healthy(logits)                                              # (B,)
+    if params.temperature > 0.0:   # multinomial must never see NaN/inf (on CUDA that is a device-side assert)
+        logits = logits.masked_fill(~healthy[:, None], 0.0)
+    ids = sample(logits, params, generator)                                       # (B,)
+    host = torch.stack((ids, healthy.to(ids.dtype))).tolist()                     # the step's one host sync
+    return Picked(ids, host[0], [bool(v) for v in host[1]])
