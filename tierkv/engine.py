@@ -384,7 +384,7 @@ class Engine:
         where = "the end of prefill" if bad.step == 0 else f"decode step {bad.step}"
         where += f" of prompt {bad.row} of the batch" if len(seqs) > 1 else ""
         return non_finite_error(self.config, self._weights, seq.prompt_ids + seq.token_ids, self.dtype,
-                                self.device, where)
+                                self.device, where, str(self.model_dir))
 
     def _finish_stats(self, stats: GenerationStats, new_tokens: int, weights_before: dict[str, float]) -> None:
         stats.new_tokens = new_tokens

@@ -78,9 +78,10 @@ def first_bad_stage(cfg: ModelConfig, weights: WeightSource, ids: list[int], dty
 
 
 def non_finite_error(cfg: ModelConfig, weights: WeightSource, history: list[int], dtype: torch.dtype,
-                     device: torch.device, where: str) -> NonFiniteError:
-    """The error for bad logits at ``where`` ("prefill", "decode step 3", ...) of the sequence whose
-    tokens so far are ``history``; runs the replay to name the first bad stage."""
+                     device: torch.device, where: str, model: str) -> NonFiniteError:
+    """The error for bad logits at ``where`` ("the end of prefill", "decode step 3", ...) of the
+    sequence whose tokens so far are ``history``, for the model at ``model`` (a path or "demo");
+    runs the replay to name the first bad stage."""
     ids = replay_ids(history)
     stage, layer = first_bad_stage(cfg, weights, ids, dtype, device)
     if stage is not None:
@@ -89,8 +90,8 @@ def non_finite_error(cfg: ModelConfig, weights: WeightSource, history: list[int]
     else:
         found = (f"a replay of {len(ids)} of its tokens stayed finite, so the fault depends on the longer "
                  "context")
-    verify = ("corrupted or non-finite weights: `tierkv run MODEL --verify` (verify=True in tierkv.load) "
-              "names the bad tensor; download the checkpoint again if it fails")
+    verify = (f"corrupted or non-finite weights: rerun with --verify (`tierkv run {model} --verify ...`, or "
+              "verify=True in tierkv.load), which names the bad tensor, and download the checkpoint again if it fails")
     if dtype == torch.float16:
         cause = ("Likely causes: float16 overflow (activations beyond 65504): run with --dtype bfloat16 or "
                  f"--dtype float32 (dtype= in tierkv.load); or {verify}")
