@@ -160,8 +160,18 @@ def test_verify_passes_on_a_good_checkpoint_and_names_the_bad_tensor(dirs, monke
     total = calls[-1][1]
     assert calls[0] == (0, total) and calls[-1] == (total, total) and total == sum(Checkpoint(dirs["good"])._nbytes.values())
     monkeypatch.setattr(checkpoint_mod, "_CHECK_CHUNK_ELEMS", 64)     # many row blocks per tensor: still found
+    blocks: list[torch.Size] = []
+    row_blocks = Checkpoint._row_blocks
+
+    def spy(self, name, start):
+        for block in row_blocks(self, name, start):
+            blocks.append(block.shape)
+            yield block
+
+    monkeypatch.setattr(Checkpoint, "_row_blocks", spy)
     with pytest.raises(CheckpointError) as info:
         tierkv.load(dirs["nan"], verify=True)
+    assert len(blocks) > 50 and all(s.numel() <= max(64, s[1:].numel()) for s in blocks)    # bounded reads
     msg = str(info.value)
     assert NAN_TENSOR in msg and str(dirs["nan"] / "model.safetensors") in msg and "1 NaN value" in msg
 

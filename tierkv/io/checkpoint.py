@@ -8,7 +8,9 @@ and then hands out one tensor, or one layer's tensors, at a time through safeten
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -29,7 +31,6 @@ FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # quarter of the time)
 FINITE_LIMIT = 2.0 ** 64
 _CHECK_CHUNK_ELEMS = 1 << 22    # values checked per step: bounds the temporaries of a check
-_RELEASE_EVERY_BYTES = 256 << 20  # verify unmaps and drops the checkpoint's cached pages this often
 
 
 class CheckpointError(ValueError):
@@ -202,38 +203,42 @@ class Checkpoint:
     def verify(self, dtype: torch.dtype | None = None, progress: ProgressFn | None = None) -> None:
         """Check every tensor the model uses with ``check_finite``, as stored and cast to ``dtype``.
 
-        Streams row blocks through the memory map and drops the file's cached pages as it goes, so
-        memory stays bounded by a few MiB whatever the model's size. ``progress(done_bytes,
-        total_bytes)`` is called after each tensor; without it a bar is shown on a terminal.
+        Reads blocks of rows with plain reads (no memory map) and drops each block's cached pages,
+        so memory stays bounded by a few blocks of _CHECK_CHUNK_ELEMS values whatever the model's
+        size. ``progress(done_bytes, total_bytes)`` is called after each tensor; without it a bar
+        is shown on a terminal.
         """
-        total, done, since_release = sum(self._nbytes.values()), 0, 0
+        total, done = sum(self._nbytes.values()), 0
+        offsets = {path: _data_offsets(path) for path in self.files()}
         with progress_or_bar(progress, total, "verifying") as report:
             report(0, total)
             for name in self._nbytes:
-                if not self._slices_usable(name, dtype):
-                    raise CheckpointError(self._value_problem(name, dtype or self._slice_dtype(name)))
-                done, since_release = done + self._nbytes[name], since_release + self._nbytes[name]
-                if since_release >= _RELEASE_EVERY_BYTES:
-                    self.release_pages()
-                    since_release = 0
+                for block in self._row_blocks(name, offsets[self._where[name]][name]):
+                    if not _all_usable(block) or (dtype is not None and _cast_can_overflow(block.dtype, dtype)
+                                                  and not _all_usable(block.to(dtype))):
+                        raise CheckpointError(self._value_problem(name, dtype or block.dtype))
+                done += self._nbytes[name]
                 report(done, total)
-        self.release_pages()
 
-    def _slice_dtype(self, name: str) -> torch.dtype:
-        return getattr(torch, FLOAT_DTYPES[self._open(self._where[name]).get_slice(name).get_dtype()])
-
-    def _slices_usable(self, name: str, dtype: torch.dtype | None) -> bool:
-        """``_all_usable`` over the tensor's row blocks, each read through the map and cast on its own."""
-        info = self._open(self._where[name]).get_slice(name)
-        shape = info.get_shape()
+    def _row_blocks(self, name: str, data_start: int) -> Iterator[torch.Tensor]:
+        """Tensor ``name``, whose data starts at byte ``data_start`` of its file, in blocks of whole
+        rows (about _CHECK_CHUNK_ELEMS values each), read without a memory map; the file's cached
+        pages are dropped behind each read."""
+        path = self._where[name]
+        info = self._open(path).get_slice(name)
+        shape, dtype = info.get_shape(), getattr(torch, FLOAT_DTYPES[info.get_dtype()])
         assert shape, f"{name}: model tensors have at least one dimension"
+        row_bytes = _numel(shape[1:]) * torch.empty((), dtype=dtype).element_size()
         rows = max(1, _CHECK_CHUNK_ELEMS // max(1, _numel(shape[1:])))
-        for start in range(0, shape[0], rows):
-            block = info[start:start + rows]                     # (rows, ...) read through the map
-            if not _all_usable(block) or (dtype is not None and dtype != block.dtype
-                                          and not _all_usable(block.to(dtype))):
-                return False
-        return True
+        with open(path, "rb", buffering=0) as f:
+            for first in range(0, shape[0], rows):
+                n = min(rows, shape[0] - first)
+                buf, offset = bytearray(n * row_bytes), data_start + first * row_bytes
+                if os.preadv(f.fileno(), [buf], offset) != len(buf):
+                    raise CheckpointError(f"{path} ends inside tensor {name}; the file is truncated: "
+                                          "download it again")
+                os.posix_fadvise(f.fileno(), offset, len(buf), os.POSIX_FADV_DONTNEED)
+                yield torch.frombuffer(buf, dtype=dtype).view(n, *shape[1:])             # (n, ...)
 
     def _value_problem(self, name: str, dtype: torch.dtype) -> str:
         """Error path: what is wrong with tensor ``name`` (stored values, or only once cast to ``dtype``)."""
@@ -250,16 +255,6 @@ class Checkpoint:
         return (f"tensor {name} in {path} has values up to {peak:.4g}, which overflow {name_of} "
                 f"(largest {torch.finfo(dtype).max:.4g}); use --dtype bfloat16 or --dtype float32 "
                 f'(dtype="bfloat16" in tierkv.load)')
-
-    def release_pages(self) -> None:
-        """Unmap the files and drop their cached pages (what this process read stays out of its memory)."""
-        self.close()
-        for path in self.files():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
     def files(self) -> list[Path]:
         """The safetensors files of this checkpoint."""
@@ -280,6 +275,22 @@ def _numel(shape: tuple[int, ...] | list[int]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def _data_offsets(path: Path) -> dict[str, int]:
+    """Byte offset in the file where each tensor's data starts, from the safetensors header (an
+    8-byte little-endian length, then JSON with ``data_offsets`` relative to the header's end)."""
+    with open(path, "rb") as f:
+        length = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(length))
+    return {name: 8 + length + int(meta["data_offsets"][0]) for name, meta in header.items()
+            if name != "__metadata__"}
+
+
+def _cast_can_overflow(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether values that pass the FINITE_LIMIT check in ``source`` can still overflow ``target``
+    (float32/bfloat16 -> float16); widening casts and bfloat16's float32-like range cannot."""
+    return torch.finfo(target).max < FINITE_LIMIT and torch.finfo(source).max > torch.finfo(target).max
 
 
 def _all_usable(t: torch.Tensor) -> bool:
