@@ -75,21 +75,27 @@ class Picked:
     healthy: list[bool]         # (B,)
 
 
-def logits_healthy(logits: torch.Tensor) -> torch.Tensor:
-    """logits (B, V) -> (B,) bool, without a host sync: every logit finite and not all of them equal.
+def logit_spread(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) -> (B,) max minus min per row, without a host sync: NaN when a logit is NaN,
+    inf or NaN when one is infinite, 0 when all are equal. Healthy rows have 0 < spread < inf.
 
     Equal logits are as broken as NaN: a hidden state too large for the final norm's fp32 variance
     normalizes to exactly zero, and every row of the head then scores 0.
     """
-    lo, hi = torch.aminmax(logits, dim=-1)                                        # (B,) each; NaN propagates
-    return torch.isfinite(lo) & torch.isfinite(hi) & ((hi > lo) | (logits.shape[-1] == 1))
+    return logits.amax(-1) - logits.amin(-1)       # two plain reductions: aminmax(dim=) is 20x slower on CPU
+
+
+def logits_healthy(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) -> (B,) bool on the logits' device: finite and not all equal (see ``logit_spread``)."""
+    spread = logit_spread(logits)
+    return (spread > 0) & (spread < math.inf)
 
 
 def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> Picked:
-    """``sample`` plus ``logits_healthy``, both brought to the host in one transfer. logits (B, V) fp32."""
-    healthy = logits_healthy(logits)                                              # (B,)
+    """``sample`` plus each row's health, both brought to the host in one transfer. logits (B, V) fp32."""
+    spread = logit_spread(logits)                                                 # (B,)
     if params.temperature > 0.0:   # multinomial must never see NaN/inf (on CUDA that is a device-side assert)
-        logits = logits.masked_fill(~healthy[:, None], 0.0)
+        logits = logits.masked_fill(~((spread > 0) & (spread < math.inf))[:, None], 0.0)
     ids = sample(logits, params, generator)                                       # (B,)
-    host = torch.stack((ids, healthy.to(ids.dtype))).tolist()                     # the step's one host sync
-    return Picked(ids, host[0], [bool(v) for v in host[1]])
+    host = torch.stack((ids.double(), spread.double())).tolist()                  # the step's one host sync
+    return Picked(ids, [int(i) for i in host[0]], [0.0 < s < math.inf for s in host[1]])
