@@ -81,7 +81,10 @@ def test_nan_weight_stops_generation_naming_the_layer(dirs, options, sampling) -
 
 
 def test_streamed_weights_with_a_nan_layer(dirs, tmp_path, monkeypatch) -> None:
-    """A store converted before convert checked values (simulated) streams a NaN layer from disk."""
+    """Streaming converts first, and conversion refuses the NaN tensor; a store converted before
+    convert checked values (simulated) streams the NaN layer from disk and generation stops."""
+    with pytest.raises(CheckpointError, match=NAN_TENSOR):
+        tierkv.load(dirs["nan"], device_mem="2070KiB", host_mem="0", offload_dir=tmp_path)
     monkeypatch.setattr(Checkpoint, "check_finite", lambda self, name, tensor: None)
     eng = tierkv.load(dirs["nan"], device_mem="2070KiB", host_mem="0", offload_dir=tmp_path)
     monkeypatch.undo()
