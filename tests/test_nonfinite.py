@@ -161,7 +161,8 @@ def test_verify_passes_on_a_good_checkpoint_and_names_the_bad_tensor(dirs, monke
     with tierkv.load(dirs["good"], verify=True, progress=lambda done, total: calls.append((done, total))) as eng:
         assert len(eng.generate(PROMPT, max_new_tokens=2).token_ids) == 2
     total = calls[-1][1]
-    assert calls[0] == (0, total) and calls[-1] == (total, total) and total == sum(Checkpoint(dirs["good"])._nbytes.values())
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    assert total == sum(Checkpoint(dirs["good"])._nbytes.values())
     monkeypatch.setattr(checkpoint_mod, "_CHECK_CHUNK_ELEMS", 64)     # many row blocks per tensor: still found
     blocks: list[torch.Size] = []
     row_blocks = Checkpoint._row_blocks
