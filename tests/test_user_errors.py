@@ -254,7 +254,7 @@ def test_a_stream_interrupted_mid_run_still_closes_the_engine(tiny_llama_dir, mo
         return logits.argmax(-1)
 
     monkeypatch.setattr(tierkv.Engine, "close", spy_close)
-    monkeypatch.setattr("tierkv.engine.sample", failing_sample)
+    monkeypatch.setattr("tierkv.sampling.sample", failing_sample)
     assert_one_line_error(invoke("run", str(tiny_llama_dir), "--prompt-ids", "1,2", "-n", "4"), "stopped mid-stream")
     assert closed == [True]
 
@@ -270,6 +270,6 @@ def test_ctrl_c_mid_stream_exits_130_and_closes_the_engine(tiny_llama_dir, monke
         return logits.argmax(-1)
 
     monkeypatch.setattr(tierkv.Engine, "close", lambda self: (closed.append(True), real_close(self)))
-    monkeypatch.setattr("tierkv.engine.sample", interrupted_sample)
+    monkeypatch.setattr("tierkv.sampling.sample", interrupted_sample)
     result = invoke("run", str(tiny_llama_dir), "--prompt-ids", "1,2", "-n", "8")
     assert result.exit_code == 130 and "Traceback" not in result.output and closed == [True]

@@ -9,10 +9,12 @@ from tierkv.io.checkpoint import CheckpointError
 from tierkv.io.kvstore import KVStoreError
 from tierkv.io.store import StoreError
 from tierkv.io.tiers import TierFullError
+from tierkv.numerics import NonFiniteError
 from tierkv.pipeline.kv_table import KVBudgetError
 from tierkv.plan import PlanError
 
 __all__ = ["load", "Engine", "Budget", "Policy", "ModelConfig", "GenerationResult", "GenerationStats",
            "Piece", "Stream", "TierkvError", "ArgumentError", "ConfigError", "CheckpointError", "PlanError",
-           "StoreError", "KVBudgetError", "KVStoreError", "TierFullError", "PinningError"]
+           "StoreError", "KVBudgetError", "KVStoreError", "TierFullError", "PinningError",
+           "NonFiniteError"]
 __version__ = "0.1.0"

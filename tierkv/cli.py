@@ -85,6 +85,8 @@ KvSketchOpt = typer.Option(None, "--kv-sketch/--no-kv-sketch",
                                 "1/16 of the KV kept on the device); default: on with CUDA, off on CPU")
 KvDeviceOpt = typer.Option(None, "--kv-device-tokens",
                            help="context whose KV keeps room on the device (default: min(4096, model max))")
+VerifyOpt = typer.Option(False, "--verify", help="first check every checkpoint tensor is finite (reads the "
+                         "whole checkpoint once; names a corrupt tensor)")
 
 
 def _version(value: bool) -> None:
@@ -216,6 +218,7 @@ def run(
     kv_device_tokens: Optional[int] = KvDeviceOpt,
     kv_sketch: Optional[bool] = KvSketchOpt,
     threads: Optional[int] = ThreadsOpt,
+    verify: bool = VerifyOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streamed text"),
 ) -> None:
     """Generate a completion for one prompt, streaming the text."""
@@ -226,7 +229,7 @@ def run(
         ids = None if prompt_ids is None else _prompt_ids(prompt_ids)
         engine = _load(model, dtype, device, as_json, device_mem, host_mem, offload_dir,
                        kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
-                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch)
+                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, verify=verify)
         try:
             stream = engine.stream(prompt if ids is None else ids,
                                    **_sampling(max_new_tokens, temperature, top_k, top_p, seed, stop))
@@ -260,13 +263,14 @@ def chat(
     kv_device_tokens: Optional[int] = KvDeviceOpt,
     kv_sketch: Optional[bool] = KvSketchOpt,
     threads: Optional[int] = ThreadsOpt,
+    verify: bool = VerifyOpt,
 ) -> None:
     """Interactive chat with the model's chat template; type /exit (or Ctrl-D) to leave."""
     _set_threads(threads)
     with _user_errors():
         engine = _load(model, dtype, device, False, device_mem, host_mem, offload_dir,
                        kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
-                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch)
+                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, verify=verify)
         try:
             _chat_loop(engine, system, _sampling(max_new_tokens, temperature, top_k, top_p, seed, None))
         finally:

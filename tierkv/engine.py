@@ -29,7 +29,8 @@ from tierkv.pipeline.kv import DenseKVCache, make_kv_cache, max_kv_batch
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource, run_layers
 from tierkv.plan import Plan, open_weight_source
 from tierkv.io.store import ProgressFn
-from tierkv.sampling import SamplingParams, sample
+from tierkv.numerics import NonFiniteError, non_finite_error
+from tierkv.sampling import SamplingParams, pick
 from tierkv.tokenizer import IncrementalDecoder, Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -236,18 +237,31 @@ def _token_ids(prompt: object) -> list[int]:
     return [int(v) for v in values]
 
 
+class _BadLogits(Exception):
+    """Raised inside ``_steps`` when a live row's logits are unhealthy; ``_run`` turns it into a
+    NonFiniteError once the KV cache is closed."""
+
+    def __init__(self, row: int, step: int) -> None:
+        super().__init__(row, step)
+        self.row, self.step = row, step
+
+
 class Engine:
     """A loaded model ready to generate. Build it with ``tierkv.load``."""
 
     def __init__(self, model: str | Path, policy: Policy = Policy(), budget: Budget = Budget(),
-                 progress: ProgressFn | None = None, weights: WeightSource | None = None) -> None:
-        """``weights`` injects a ready weight source (tests, custom placements) and skips planning."""
+                 progress: ProgressFn | None = None, weights: WeightSource | None = None,
+                 verify: bool = False) -> None:
+        """``weights`` injects a ready weight source (tests, custom placements) and skips planning.
+        ``verify`` first checks every checkpoint tensor is finite (``Checkpoint.verify``)."""
         self.model_dir = model_path(model)
         self.policy = policy
         self.checkpoint = Checkpoint(self.model_dir)
         self.config: ModelConfig = self.checkpoint.config
         self.dtype = resolve_dtype(policy.dtype, default=self.config.dtype)
         self.device = resolve_device(policy.device)
+        if verify:
+            self.checkpoint.verify(self.dtype, progress)
         tok_path = self.model_dir / "tokenizer.json"
         self.tokenizer: Tokenizer | None = Tokenizer(self.model_dir) if tok_path.is_file() else None
         self.eos_token_ids = _eos_ids(self.model_dir, self.config, self.tokenizer)
@@ -360,11 +374,15 @@ class Engine:
             budget = 0
         kv = self._make_kv(b, max(1, t + budget - 1))
         try:
-            yield from self._steps(torch.tensor(prompts, device=self.device), kv, seqs, budget, params, cancel, stats)
-        finally:
-            stats.kv = kv.stats() if hasattr(kv, "stats") else {}
-            if hasattr(kv, "close"):
-                kv.close()
+            try:
+                yield from self._steps(torch.tensor(prompts, device=self.device), kv, seqs, budget, params,
+                                       cancel, stats)
+            finally:
+                stats.kv = kv.stats() if hasattr(kv, "stats") else {}
+                if hasattr(kv, "close"):
+                    kv.close()
+        except _BadLogits as bad:
+            raise self._non_finite(bad, seqs) from None
         reason = "cancelled" if cancel.is_set() else "length"
         for i, s in enumerate(seqs):
             tail = s.finish(reason)
@@ -399,15 +417,26 @@ class Engine:
         stats.prefill_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         for step in range(budget):
-            ids = sample(logits, params, gen)                                         # (B,)
-            for i, tok in enumerate(ids.tolist()):
+            picked = pick(logits, params, gen)                       # ids (B,) and health, one host sync
+            bad = [i for i, ok in enumerate(picked.healthy) if not ok and seqs[i].finish_reason is None]
+            if bad:
+                raise _BadLogits(bad[0], step)
+            for i, tok in enumerate(picked.token_ids):
                 if seqs[i].finish_reason is None:
                     yield Piece(tok, seqs[i].push(tok), i)
             if all(s.finish_reason for s in seqs) or step == budget - 1 or cancel.is_set():
                 break
             with torch.profiler.record_function("tierkv::decode"):
-                logits = self._forward(ids[:, None], kv)
+                logits = self._forward(picked.ids[:, None], kv)
         stats.decode_s = time.perf_counter() - t1
+
+    def _non_finite(self, bad: _BadLogits, seqs: list[_Sequence]) -> NonFiniteError:
+        """Error path: the NonFiniteError for row ``bad.row``, after a replay that names the first bad layer."""
+        seq = seqs[bad.row]
+        where = "the end of prefill" if bad.step == 0 else f"decode step {bad.step}"
+        where += f" of prompt {bad.row} of the batch" if len(seqs) > 1 else ""
+        return non_finite_error(self.config, self._weights, seq.prompt_ids + seq.token_ids, self.dtype,
+                                self.device, where, str(self.model_dir))
 
     def _finish_stats(self, stats: GenerationStats, new_tokens: int, weights_before: dict[str, float]) -> None:
         stats.new_tokens = new_tokens
@@ -490,7 +519,7 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          device: str | None = None, kv: str = "auto", kv_budget: float | int = 0.05,
          chunk_tokens: int | None = None, kv_exact_max_tokens: int = 4096, kv_device_tokens: int | None = None,
          kv_sketch: bool | None = None, prefill_chunk_tokens: int = 2048,
-         progress: ProgressFn | None = None) -> Engine:
+         progress: ProgressFn | None = None, verify: bool = False) -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``) for generation.
 
     device_mem / host_mem: budgets such as "6GiB" or a byte count; default: detected free memory
@@ -513,9 +542,15 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     on with CUDA, off on the CPU where the pass costs about as much as dense attention); False
     saves that memory and time but can miss a single strongly attended token. Long prompts are
     prefilled in pieces of prefill_chunk_tokens.
+
+    verify=True first reads every checkpoint tensor once (bounded memory, a bar on a terminal, or
+    ``progress(done_bytes, total_bytes)`` before any conversion's calls) and raises CheckpointError
+    naming the first one holding NaN, inf or absurdly large values, or values the compute dtype
+    cannot hold. Without it such weights are caught during generation: NaN/inf logits raise
+    NonFiniteError naming the first bad layer.
     """
     policy = Policy(dtype=None if dtype is None else str(dtype).removeprefix("torch."), device=device,
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,
                     kv_exact_max_tokens=kv_exact_max_tokens, chunk_tokens=chunk_tokens,
                     kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch)
-    return Engine(model, policy, Budget.parse(device_mem, host_mem, offload_dir), progress=progress)
+    return Engine(model, policy, Budget.parse(device_mem, host_mem, offload_dir), progress=progress, verify=verify)

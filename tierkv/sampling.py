@@ -2,7 +2,9 @@
 
 Why this module exists: sampling is the one piece of generation that is pure math over logits;
 keeping it apart from the engine makes it testable on its own (seed reproducibility, top-k/top-p
-never leaving the allowed set) and shared by every engine path.
+never leaving the allowed set) and shared by every engine path. ``pick`` also says whether the
+logits were healthy, in the same host transfer as the ids, so the engine can stop on NaN or inf
+without a sync of its own.
 """
 
 from __future__ import annotations
@@ -75,3 +77,39 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     filtered = filter_logits(logits / params.temperature, params.top_k, params.top_p)
     probs = filtered.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class Picked:
+    """One step's choice: ids to feed back, the same ids on the host, and per row whether its logits
+    were healthy (see ``logits_healthy``)."""
+
+    ids: torch.Tensor           # (B,) int64 on the logits' device
+    token_ids: list[int]        # (B,)
+    healthy: list[bool]         # (B,)
+
+
+def logit_spread(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) -> (B,) max minus min per row, without a host sync: NaN when a logit is NaN,
+    inf or NaN when one is infinite, 0 when all are equal. Healthy rows have 0 < spread < inf.
+
+    Equal logits are as broken as NaN: a hidden state too large for the final norm's fp32 variance
+    normalizes to exactly zero, and every row of the head then scores 0.
+    """
+    return logits.amax(-1) - logits.amin(-1)       # two plain reductions: aminmax(dim=) is 20x slower on CPU
+
+
+def logits_healthy(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) -> (B,) bool on the logits' device: finite and not all equal (see ``logit_spread``)."""
+    spread = logit_spread(logits)
+    return (spread > 0) & (spread < math.inf)
+
+
+def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> Picked:
+    """``sample`` plus each row's health, both brought to the host in one transfer. logits (B, V) fp32."""
+    spread = logit_spread(logits)                                                 # (B,)
+    if params.temperature > 0.0:   # multinomial must never see NaN/inf (on CUDA that is a device-side assert)
+        logits = logits.masked_fill(~((spread > 0) & (spread < math.inf))[:, None], 0.0)
+    ids = sample(logits, params, generator)                                       # (B,)
+    host = torch.stack((ids.double(), spread.double())).tolist()                  # the step's one host sync
+    return Picked(ids, [int(i) for i in host[0]], [0.0 < s < math.inf for s in host[1]])

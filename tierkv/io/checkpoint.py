@@ -8,6 +8,9 @@ and then hands out one tensor, or one layer's tensors, at a time through safeten
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -16,10 +19,19 @@ from safetensors import SafetensorError, safe_open
 
 from tierkv.config import ConfigError, ModelConfig, read_json
 from tierkv.errors import ArgumentError, TierkvError
+from tierkv.io.progress import ProgressFn, progress_or_bar
 
 LAYER_PREFIX = "model.layers."
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
+# safetensors dtype codes tierkv reads -> torch dtype names; others (I8/I32/U8: quantized exports,
+# F8_*: FP8 exports, F64, BOOL) are refused at open with the tensor's name
+FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# a weight beyond this is corruption, not training: its square overflows float32, so no norm or
+# matmul can use it (trained weights stay below ~1e3; random bytes read as floats exceed it a
+# quarter of the time)
+FINITE_LIMIT = 2.0 ** 64
+_CHECK_CHUNK_ELEMS = 1 << 22    # values checked per step: bounds the temporaries of a check
 
 
 class CheckpointError(TierkvError):
@@ -58,6 +70,7 @@ class Checkpoint:
         for path in sorted(set(self._files.values()) if self._files else []):
             for name in self._open(path).keys():
                 self._where[name] = path
+        self._nbytes: dict[str, int] = {}    # bytes of each tensor the model uses, from the headers
         self._check_shapes()
 
     # -- discovery ---------------------------------------------------------------------------
@@ -94,20 +107,62 @@ class Checkpoint:
         return handle
 
     def _check_shapes(self) -> None:
+        """Every tensor the config implies exists with its shape and a dtype tierkv can use."""
         cfg = self.config
         expected = dict(cfg.global_tensor_shapes())
         for j in range(cfg.num_layers):
             for key, shape in cfg.layer_tensor_shapes().items():
                 expected[f"{LAYER_PREFIX}{j}.{key}"] = shape
+        dtypes: dict[str, str] = {}
         for name, shape in expected.items():
             path = self._where.get(name)
             if path is None:
                 raise CheckpointError(f"tensor {name} is missing from the checkpoint in {self.dir}; "
                                       "the files do not match config.json: download the model again")
-            actual = tuple(self._open(path).get_slice(name).get_shape())
+            info = self._open(path).get_slice(name)
+            actual, dtypes[name] = tuple(info.get_shape()), info.get_dtype()
             if actual != shape:
                 raise CheckpointError(f"tensor {name} in {path.name} has shape {list(actual)} but config.json "
                                       f"implies {list(shape)}; the weights and config.json do not belong together")
+            self._check_dtype_code(name, dtypes[name])
+            itemsize = torch.empty((), dtype=getattr(torch, FLOAT_DTYPES[dtypes[name]])).element_size()
+            self._nbytes[name] = itemsize * _numel(shape)
+        self._check_declared_dtype(dtypes)
+
+    def _check_dtype_code(self, name: str, code: str) -> None:
+        """Refuse a tensor stored as anything but float32/float16/bfloat16, saying what to use instead."""
+        if code in FLOAT_DTYPES:
+            return
+        where = f"tensor {name} in {self._where[name].name} has dtype {code}"
+        if code == "F64":
+            fix = ("re-save the model in float32 (with transformers: "
+                   "model.to(torch.float32).save_pretrained(DIR)) and load that")
+        elif code.startswith("F8"):
+            fix = "FP8 checkpoints are not supported: use the model's bfloat16 or float16 release"
+        else:
+            fix = ("this looks like a quantized export (GPTQ, AWQ, bitsandbytes), which tierkv does not read: "
+                   "use the model's unquantized bfloat16, float16 or float32 release")
+        raise CheckpointError(f"{where}, but tierkv reads float32, float16 and bfloat16 weights; {fix}")
+
+    def _check_declared_dtype(self, dtypes: dict[str, str]) -> None:
+        """float32 tensors go with any declared dtype (fp32 norms in bf16 checkpoints are common) and
+        anything goes with a declared float32 (it widens exactly); but float16 and bfloat16 do not
+        convert into each other (fewer mantissa bits one way, overflow past 65504 the other), so a
+        tensor of the other half type means the wrong config or files mixed from two exports."""
+        declared = str(self.config.dtype).lower().removeprefix("torch.")
+        if declared not in ("float16", "bfloat16"):
+            return
+        other = {n: FLOAT_DTYPES[c] for n, c in dtypes.items() if FLOAT_DTYPES[c] not in ("float32", declared)}
+        if not other:
+            return
+        name, found = next(iter(other.items()))
+        if any(FLOAT_DTYPES[c] == declared for c in dtypes.values()):
+            fix = (f"the files mix {found} and {declared} tensors from different exports: "
+                   "download the model again")
+        else:
+            fix = f'every half-precision tensor is {found}: set "dtype": "{found}" in config.json'
+        raise CheckpointError(f"tensor {name} in {self._where[name].name} is {found} but {self.dir / 'config.json'} "
+                              f"declares {declared}, and {found} does not convert exactly to {declared}; {fix}")
 
     # -- reading -----------------------------------------------------------------------------
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -138,6 +193,70 @@ class Checkpoint:
             for key in self.config.layer_tensor_shapes():
                 yield f"{LAYER_PREFIX}{j}.{key}", self.tensor(f"{LAYER_PREFIX}{j}.{key}")
 
+    # -- values ------------------------------------------------------------------------------
+    def check_finite(self, name: str, tensor: torch.Tensor) -> None:
+        """Raise CheckpointError naming ``name`` and its file unless every value of ``tensor`` (that
+        checkpoint tensor, possibly cast to a compute dtype) is finite and within FINITE_LIMIT.
+        Extra memory: one chunk of values."""
+        if not _all_usable(tensor):
+            raise CheckpointError(self._value_problem(name, tensor.dtype))
+
+    def verify(self, dtype: torch.dtype | None = None, progress: ProgressFn | None = None) -> None:
+        """Check every tensor the model uses with ``check_finite``, as stored and cast to ``dtype``.
+
+        Reads blocks of rows with plain reads (no memory map) and drops each block's cached pages,
+        so memory stays bounded by a few blocks of _CHECK_CHUNK_ELEMS values whatever the model's
+        size. ``progress(done_bytes, total_bytes)`` is called after each tensor; without it a bar
+        is shown on a terminal.
+        """
+        total, done = sum(self._nbytes.values()), 0
+        offsets = {path: _data_offsets(path) for path in self.files()}
+        with progress_or_bar(progress, total, "verifying") as report:
+            report(0, total)
+            for name in self._nbytes:
+                for block in self._row_blocks(name, offsets[self._where[name]][name]):
+                    if not _all_usable(block) or (dtype is not None and _cast_can_overflow(block.dtype, dtype)
+                                                  and not _all_usable(block.to(dtype))):
+                        raise CheckpointError(self._value_problem(name, dtype or block.dtype))
+                done += self._nbytes[name]
+                report(done, total)
+
+    def _row_blocks(self, name: str, data_start: int) -> Iterator[torch.Tensor]:
+        """Tensor ``name``, whose data starts at byte ``data_start`` of its file, in blocks of whole
+        rows (about _CHECK_CHUNK_ELEMS values each), read without a memory map; the file's cached
+        pages are dropped behind each read."""
+        path = self._where[name]
+        info = self._open(path).get_slice(name)
+        shape, dtype = info.get_shape(), getattr(torch, FLOAT_DTYPES[info.get_dtype()])
+        assert shape, f"{name}: model tensors have at least one dimension"
+        row_bytes = _numel(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        rows = max(1, _CHECK_CHUNK_ELEMS // max(1, _numel(shape[1:])))
+        with open(path, "rb", buffering=0) as f:
+            for first in range(0, shape[0], rows):
+                n = min(rows, shape[0] - first)
+                buf, offset = bytearray(n * row_bytes), data_start + first * row_bytes
+                if os.preadv(f.fileno(), [buf], offset) != len(buf):
+                    raise CheckpointError(f"{path} ends inside tensor {name}; the file is truncated: "
+                                          "download it again")
+                os.posix_fadvise(f.fileno(), offset, len(buf), os.POSIX_FADV_DONTNEED)
+                yield torch.frombuffer(buf, dtype=dtype).view(n, *shape[1:])             # (n, ...)
+
+    def _value_problem(self, name: str, dtype: torch.dtype) -> str:
+        """Error path: what is wrong with tensor ``name`` (stored values, or only once cast to ``dtype``)."""
+        path = self._where[name]
+        source = self.tensor(name)
+        counts = _bad_value_counts(source)
+        if any(counts.values()):
+            found = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+            noun = "value" if sum(counts.values()) == 1 else "values"
+            return (f"tensor {name} in {path} holds {found} {noun}: the file is corrupt "
+                    f"(or was saved from a diverged model); download the checkpoint again")
+        peak = float(source.abs().max())
+        name_of = str(dtype).removeprefix("torch.")
+        return (f"tensor {name} in {path} has values up to {peak:.4g}, which overflow {name_of} "
+                f"(largest {torch.finfo(dtype).max:.4g}); use --dtype bfloat16 or --dtype float32 "
+                f'(dtype="bfloat16" in tierkv.load)')
+
     def files(self) -> list[Path]:
         """The safetensors files of this checkpoint."""
         return sorted(set(self._files.values()))
@@ -152,4 +271,51 @@ class Checkpoint:
         self.close()
 
 
-__all__ = ["Checkpoint", "CheckpointError", "ConfigError", "resolve_dtype", "LAYER_PREFIX"]
+def _numel(shape: tuple[int, ...] | list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _data_offsets(path: Path) -> dict[str, int]:
+    """Byte offset in the file where each tensor's data starts, from the safetensors header (an
+    8-byte little-endian length, then JSON with ``data_offsets`` relative to the header's end)."""
+    with open(path, "rb") as f:
+        length = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(length))
+    return {name: 8 + length + int(meta["data_offsets"][0]) for name, meta in header.items()
+            if name != "__metadata__"}
+
+
+def _cast_can_overflow(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether values that pass the FINITE_LIMIT check in ``source`` can still overflow ``target``
+    (float32/bfloat16 -> float16); widening casts and bfloat16's float32-like range cannot."""
+    return torch.finfo(target).max < FINITE_LIMIT and torch.finfo(source).max > torch.finfo(target).max
+
+
+def _all_usable(t: torch.Tensor) -> bool:
+    """Every value finite and of magnitude at most FINITE_LIMIT (NaN fails every comparison); one chunk at a time."""
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), _CHECK_CHUNK_ELEMS):
+        lo, hi = torch.aminmax(flat[start:start + _CHECK_CHUNK_ELEMS])
+        if not (-FINITE_LIMIT <= float(lo) and float(hi) <= FINITE_LIMIT):
+            return False
+    return True
+
+
+def _bad_value_counts(t: torch.Tensor) -> dict[str, int]:
+    """Error path: how many values are NaN, infinite, or finite beyond FINITE_LIMIT."""
+    counts = {"NaN": 0, "infinite": 0, f"huge (magnitude over {FINITE_LIMIT:.3g})": 0}
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), _CHECK_CHUNK_ELEMS):
+        part = flat[start:start + _CHECK_CHUNK_ELEMS].float()
+        keys = list(counts)
+        counts[keys[0]] += int(part.isnan().sum())
+        counts[keys[1]] += int(part.isinf().sum())
+        counts[keys[2]] += int((part.isfinite() & (part.abs() > FINITE_LIMIT)).sum())
+    return counts
+
+
+__all__ = ["Checkpoint", "CheckpointError", "ConfigError", "FINITE_LIMIT", "FLOAT_DTYPES", "LAYER_PREFIX",
+           "resolve_dtype"]

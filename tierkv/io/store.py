@@ -490,6 +490,7 @@ def _write_extent(f: Any, ckpt: Checkpoint, dtype: torch.dtype, e: Extent,
     for key, entry in e.tensors.items():
         pad = entry.offset - pos
         tensor = ckpt.tensor(_source_name(e, key), dtype).contiguous()
+        ckpt.check_finite(_source_name(e, key), tensor)         # NaN, inf or overflow: refuse, naming it
         data = tensor.reshape(-1).view(torch.uint8).numpy()     # (nbytes,) view, no copy
         assert pad >= 0 and data.nbytes == entry.nbytes, (e.name, key, pad, data.nbytes, entry.nbytes)
         for chunk in (bytes(pad), data):
