@@ -128,8 +128,12 @@ def test_restart_and_reuse(make_checkpoint, tmp_path):
     convert(ckpt_dir, out, progress=lambda d, t: calls.append(d), restart=True)
     assert calls[0] == 0
     calls.clear()
+    data = out / DATA_FILE
+    before = (data.stat().st_ino, data.stat().st_mtime_ns)
     convert(ckpt_dir, out, progress=lambda d, t: calls.append(d))
-    assert calls == [], "a complete store of the same checkpoint is reused without rewriting"
+    assert (data.stat().st_ino, data.stat().st_mtime_ns) == before, \
+        "a complete store of the same checkpoint is re-verified and reused without rewriting"
+    assert calls and calls[-1] == data.stat().st_size      # the verification reports its progress
 
 
 def test_reconverting_a_changed_dtype_invalidates_first(make_checkpoint, tmp_path):
