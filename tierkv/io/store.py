@@ -26,6 +26,7 @@ removed only when no process uses it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -466,8 +467,13 @@ def store_key(checkpoint_dir: str | Path, dtype: str | torch.dtype | None = None
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def check_offload_dir(path: str | Path, need_bytes: int = 0) -> Path:
-    """Create ``path`` if needed and make sure it is writable with ``need_bytes`` free.
+OFFLOAD_ELSEWHERE = "choose another directory with --offload-dir (offload_dir=...)"
+CONVERT_ELSEWHERE = "convert into another directory (`tierkv convert MODEL OTHER_DIR`)"
+
+
+def check_offload_dir(path: str | Path, need_bytes: int = 0, elsewhere: str = OFFLOAD_ELSEWHERE) -> Path:
+    """Create ``path`` if needed and make sure it is writable with ``need_bytes`` (plus a small
+    margin for metadata) free. ``elsewhere`` is how the caller's user picks another directory.
 
     Raises StoreError naming the directory and the fix before any work starts.
     """
@@ -478,19 +484,18 @@ def check_offload_dir(path: str | Path, need_bytes: int = 0) -> Path:
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as exc:
-        raise StoreError(f"cannot write to the offload directory {path} ({exc.strerror}); choose another "
-                         "one with --offload-dir (offload_dir=...) or fix its permissions") from None
+        raise StoreError(f"cannot write to the directory {path} ({exc.strerror}); {elsewhere}, "
+                         "or fix its permissions") from None
     free = shutil.disk_usage(path).free
     if need_bytes and free < need_bytes + FREE_SPACE_MARGIN_BYTES:
         raise StoreError(f"{path} has {format_size(free)} free but needs {format_size(need_bytes)} "
-                         f"(+{format_size(FREE_SPACE_MARGIN_BYTES)} margin); free space there or choose "
-                         "another directory with --offload-dir")
+                         f"(+{format_size(FREE_SPACE_MARGIN_BYTES)} for metadata); free space there or {elsewhere}")
     return path
 
 
 def convert(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
             progress: ProgressFn | None = None, restart: bool = False, report: ReportFn | None = None,
-            overwrite_other: bool = False) -> Path:
+            overwrite_other: bool = False, elsewhere: str = CONVERT_ELSEWHERE) -> Path:
     """Rewrite a HF checkpoint into a weight store in ``out_dir`` and return ``out_dir``.
 
     ``dtype`` defaults to the checkpoint's. An existing store of the same checkpoint and dtype is
@@ -501,16 +506,26 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | torch.
     conversion) of another checkpoint is refused unless ``restart`` or ``overwrite_other``.
     ``report(line)`` hears each repair (default: a logging warning); ``progress(done_bytes,
     total_bytes)`` is called after every tensor and verified extent; without it a progress bar is
-    shown when stderr is a terminal.
+    shown when stderr is a terminal. ``elsewhere``: how the out-of-space and unwritable-directory
+    errors tell the user to pick another directory. A disk that fills up during the conversion
+    raises StoreError; the conversion then resumes where it stopped when run again.
     """
     with Checkpoint(checkpoint_dir) as ckpt:              # a broken checkpoint fails before anything is written
-        out = check_offload_dir(out_dir)
+        out = check_offload_dir(out_dir, elsewhere=elsewhere)
         with _dir_lock(out):
-            return _convert_locked(ckpt, out, dtype, progress, restart, report or _log.warning, overwrite_other)
+            try:
+                return _convert_locked(ckpt, out, dtype, progress, restart, report or _log.warning,
+                                       overwrite_other, elsewhere)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise StoreError(f"{out} ran out of space while converting ({exc.strerror}); free space there "
+                                 f"and run the same command again (it resumes where it stopped), or "
+                                 f"{elsewhere}") from None
 
 
 def _convert_locked(ckpt: Checkpoint, out: Path, dtype: str | torch.dtype | None, progress: ProgressFn | None,
-                    restart: bool, report: ReportFn, overwrite_other: bool) -> Path:
+                    restart: bool, report: ReportFn, overwrite_other: bool, elsewhere: str) -> Path:
     """The body of ``convert`` while holding the directory lock."""
     target = resolve_dtype(dtype, ckpt.config.dtype)
     key = store_key(ckpt.dir, target)
@@ -522,13 +537,13 @@ def _convert_locked(ckpt: Checkpoint, out: Path, dtype: str | torch.dtype | None
         if not overwrite_other:
             _refuse_other_checkpoint(out, ckpt.dir)
         with _progress_or_bar(progress, total) as bar:
-            if _reuse_or_repair(ckpt, target, out, key, extents, bar, report):
+            if _reuse_or_repair(ckpt, target, out, key, extents, bar, report, elsewhere):
                 return out
     for name in (MANIFEST_FILE, DAMAGE_FILE, DATA_FILE):    # from here on nothing looks valid
         (out / name).unlink(missing_ok=True)
     done = {} if restart else _resume_state(out, key, extents, report)
     resume_at = max((e.offset + e.padded_nbytes for e in extents if e.name in done), default=0)
-    check_offload_dir(out, need_bytes=total - resume_at)
+    check_offload_dir(out, need_bytes=total - resume_at, elsewhere=elsewhere)
     with _progress_or_bar(progress, total) as bar:
         crcs = _write_extents(ckpt, target, out, extents, done, key, bar)
     _finish(out, ckpt, target, key, [_with_crc(e, crcs[e.name]) for e in extents])
@@ -584,7 +599,7 @@ def _refuse_other_checkpoint(out: Path, checkpoint_dir: Path) -> None:
 
 
 def _reuse_or_repair(ckpt: Checkpoint, dtype: torch.dtype, out: Path, key: str, extents: list[Extent],
-                     progress: ProgressFn, report: ReportFn) -> bool:
+                     progress: ProgressFn, report: ReportFn, elsewhere: str) -> bool:
     """True when ``out`` now holds a verified store of this conversion: reused, or repaired in place."""
     raw, problem = _existing_manifest(out)
     if problem is not None:
@@ -612,7 +627,7 @@ def _reuse_or_repair(ckpt: Checkpoint, dtype: torch.dtype, out: Path, key: str, 
         for e, why in bad:
             report(f"{e.describe()} {why}: re-converting it")
         _write_json_atomic(out / DAMAGE_FILE, {"extents": sorted(e.name for e, _ in bad)})  # until repaired
-        new = _rewrite_extents(ckpt, dtype, out / DATA_FILE, [e for e, _ in bad], ordered, progress)
+        new = _rewrite_extents(ckpt, dtype, out / DATA_FILE, [e for e, _ in bad], ordered, progress, elsewhere)
         for name, crc in new.items():
             raw["extents"][name]["crc32"] = list(crc)
         _write_json_atomic(out / MANIFEST_FILE, raw)
@@ -653,11 +668,11 @@ def _bad_extents(data_path: Path, extents: list[Extent], block: int,
 
 
 def _rewrite_extents(ckpt: Checkpoint, dtype: torch.dtype, data_path: Path, bad: list[Extent],
-                     extents: list[Extent], progress: ProgressFn) -> dict[str, tuple[int, ...]]:
+                     extents: list[Extent], progress: ProgressFn, elsewhere: str) -> dict[str, tuple[int, ...]]:
     """Convert the ``bad`` extents again, in place in the data file; returns their new CRCs."""
     total = extents[-1].offset + extents[-1].padded_nbytes
     size = data_path.stat().st_size if data_path.is_file() else 0
-    check_offload_dir(data_path.parent, need_bytes=max(0, total - size))
+    check_offload_dir(data_path.parent, need_bytes=max(0, total - size), elsewhere=elsewhere)
     crcs = {}
     with open(data_path, "r+b" if size else "w+b") as f:
         if size < total:
@@ -862,7 +877,8 @@ def cached_store(checkpoint_dir: str | Path, offload_dir: str | Path, dtype: str
     out = check_offload_dir(cached_store_dir(cdir, offload_dir, dtype))
     if find_cached_store(cdir, offload_dir, dtype) is not None:
         return out
-    path = convert(cdir, out, dtype=dtype, progress=progress, report=report, overwrite_other=True)
+    path = convert(cdir, out, dtype=dtype, progress=progress, report=report, overwrite_other=True,
+                   elsewhere=OFFLOAD_ELSEWHERE)
     remove_stale_stores(cdir, out.parent, keep=out, report=report)
     return path
 
