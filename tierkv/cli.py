@@ -250,7 +250,7 @@ def convert_cmd(
         path = convert_store(model_path(model), out, dtype=dtype, restart=restart,
                              progress=(lambda done, total: None) if quiet else None,
                              report=lambda line: err.print(f"repair: {line}", highlight=False, soft_wrap=True))
-    err.print(f"store ready: {path}", highlight=False)
+    err.print(f"store ready: {path}", highlight=False, soft_wrap=True)
 
 
 @app.command("plan")
