@@ -438,3 +438,136 @@ def test_disk_filling_up_mid_conversion_resumes_after_space_is_freed(model: Path
     convert(model, fs / "store", progress=lambda d, t: calls.append(d))
     assert calls[0] > 0, "resumed after the extents that reached the disk"
     assert _store_bytes(fs / "store") == reference
+
+
+# -- KV segments --------------------------------------------------------------------------------
+
+def _kv_chunk(layer: int, chunk: int, n: int = 9) -> KVChunk:
+    g = torch.Generator().manual_seed(layer * 100 + chunk)
+    k, v = torch.randn(2, n, 16, generator=g), torch.randn(2, n, 16, generator=g)
+    return KVChunk(layer, chunk, 0, chunk * n, k, v, k.amin(1), k.amax(1))
+
+
+def _kv_same(a: KVChunk, b: KVChunk) -> bool:
+    return a.key == b.key and all(torch.equal(x, y) for x, y in ((a.k, b.k), (a.v, b.v), (a.kmin, b.kmin),
+                                                                 (a.kmax, b.kmax)))
+
+
+def test_kv_segment_truncated_while_in_use_fails_its_checksum(tmp_path: Path) -> None:
+    chunks = [_kv_chunk(0, c) for c in range(3)]
+    with KVStore(tmp_path / "kv-a") as store:
+        store.append(chunks)
+        path = store.segment_path(0)
+        os.truncate(path, path.stat().st_size - 100)
+        assert all(_kv_same(a, b) for a, b in zip(chunks[:2], store.read([c.key for c in chunks[:2]])))
+        with pytest.raises(KVStoreError, match=r"layer0000\.kvseg.*failed its checksum.*delete its KV files"):
+            store.read([chunks[2].key])
+
+
+def test_kv_segment_deleted_while_in_use_still_reads_the_right_bytes(tmp_path: Path) -> None:
+    chunks = [_kv_chunk(1, c) for c in range(3)]
+    with KVStore(tmp_path / "kv-b") as store:
+        store.append(chunks)
+        store.segment_path(1).unlink()
+        assert all(_kv_same(a, b) for a, b in zip(chunks, store.read([c.key for c in chunks])))
+        store.append([_kv_chunk(1, 3)])
+        assert _kv_same(store.read([(1, 3, 0)])[0], _kv_chunk(1, 3))
+
+
+def test_kv_segment_empty_or_deleted_before_reopen_opens_clean(tmp_path: Path) -> None:
+    root = tmp_path / "kv-c"
+    with KVStore(root) as store:
+        store.append([_kv_chunk(0, 0), _kv_chunk(1, 0)])
+    os.truncate(root / "layer0000.kvseg", 0)
+    (root / "layer0001.kvseg").unlink()
+    with KVStore(root) as store:
+        assert len(store) == 0
+        with pytest.raises(KeyError):
+            store.read([(0, 0, 0)])
+        store.append([_kv_chunk(0, 1)])
+        assert _kv_same(store.read([(0, 1, 0)])[0], _kv_chunk(0, 1))
+
+
+def test_kv_real_full_filesystem_is_clear_and_keeps_what_was_written(small_fs) -> None:
+    fs = small_fs("64k")
+    written: list[KVChunk] = []
+    with KVStore(fs / "kv-d") as store:
+        with pytest.raises(KVStoreError, match="full after .* MiB of KV.*free space"):
+            for c in range(64):
+                store.append([_kv_chunk(0, c)])
+                written.append(_kv_chunk(0, c))
+        assert written and len(store) == len(written)
+        assert all(_kv_same(a, b) for a, b in zip(written, store.read([c.key for c in written])))
+
+
+KILLED_KV_WRITER = r"""
+import sys, torch
+from tierkv.io.kvstore import KVChunk, KVStore
+store = KVStore(sys.argv[1])
+for c in range(100000):
+    g = torch.Generator().manual_seed(c)
+    k, v = torch.randn(2, 9, 16, generator=g), torch.randn(2, 9, 16, generator=g)
+    store.append([KVChunk(c % 3, c, 0, c * 9, k, v, k.amin(1), k.amax(1))])
+    print(c, flush=True)
+"""
+
+
+def test_kv_sigkill_mid_append_reopens_consistent_and_the_dir_is_swept(tmp_path: Path) -> None:
+    root = tmp_path / "kv-killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_KV_WRITER, str(root)], stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True)
+    lines = 0
+    while lines < 30:
+        assert proc.stdout is not None and proc.stdout.readline(), "the writer died early"
+        lines += 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    with KVStore(root) as store:            # the owner is gone: its lock is free, its last record may be torn
+        keys = sorted(store.keys(), key=lambda k: k[1])
+        assert len(keys) >= 30 and [k[1] for k in keys] == list(range(len(keys)))
+        for (layer, c, seq), got in zip(keys, store.read(keys)):
+            g = torch.Generator().manual_seed(c)
+            assert torch.equal(got.k, torch.randn(2, 9, 16, generator=g)) and got.layer == c % 3
+    from tierkv.io.kvstore import remove_abandoned
+    with KVStore(tmp_path / "kv-live"):
+        assert remove_abandoned(tmp_path) == [root], "only the dead writer's directory goes"
+        assert (tmp_path / "kv-live").is_dir()
+
+
+def test_kv_corrupted_mid_generation_stops_and_the_named_fix_works(tmp_path_factory: pytest.TempPathFactory,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import build_hf_model, save_hf_model
+    from tierkv.pipeline.kv import kv_bytes_per_token
+    from tierkv.plan import reserve_bytes
+    model = save_hf_model(build_hf_model("llama", max_position_embeddings=2048),
+                          tmp_path_factory.mktemp("kv-fault-model"))
+    prompt = torch.randint(0, 211, (700,), generator=torch.Generator().manual_seed(3)).tolist()
+    with tierkv.load(model, device="cpu", kv="exact") as eng:
+        dense = eng.generate(prompt, max_new_tokens=4).token_ids
+        cfg = eng.config
+    policy = Policy(dtype="float32", device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256)
+    roomy = make_plan(cfg, Budget(), policy, LINKS)
+    device_mem = roomy.globals_bytes + cfg.num_layers * roomy.layer_bytes + reserve_bytes(cfg, torch.float32,
+                                                                                          policy, 256, 1)
+    offload = tmp_path_factory.mktemp("kv-fault-off")
+    kwargs = dict(device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256, device_mem=device_mem,
+                  host_mem=200 * kv_bytes_per_token(cfg, torch.float32), offload_dir=offload)
+    real_append, hit = KVStore.append, []
+
+    def corrupting_append(self: KVStore, chunks: list[KVChunk]) -> None:
+        real_append(self, chunks)
+        for chunk in chunks:                # every record on disk is damaged: whichever is read back fails
+            hit.append(chunk.key)
+            entry = self._index[chunk.key]
+            _flip_byte(self.segment_path(entry.layer), entry.offset + entry.header["payload_offset"] + 3)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(KVStore, "append", corrupting_append)
+        with tierkv.load(model, **kwargs) as eng:
+            with pytest.raises(KVStoreError, match=r"failed its checksum.*delete its KV files and rerun") as err:
+                eng.generate(prompt, max_new_tokens=4)
+    assert hit and "kvseg" in str(err.value)
+    shutil.rmtree(offload / "kv", ignore_errors=True)         # the stated fix: delete the KV files, rerun
+    with tierkv.load(model, **kwargs) as eng:
+        out = eng.generate(prompt, max_new_tokens=4)
+    assert out.token_ids == dense and out.stats.kv["disk_bytes"] > 0
