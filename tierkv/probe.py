@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from tierkv.config import ModelConfig
+from tierkv.io.buffers import ALIGN_BYTES
 from tierkv.io.reader import evict_from_page_cache, measure_disk_read_gbps
 from tierkv.io.store import check_offload_dir
 
@@ -33,7 +34,7 @@ MAX_AGE_S = 24 * 3600               # a day: long enough for the same command to
 SCRATCH_BYTES = 16 << 20            # the disk probe's scratch file, written only while no store exists
 DISK_PASSES = 5                     # cold passes; their median is the disk's speed
 PASS_BYTES = 64 << 20               # most bytes one pass reads
-MIN_PROBE_FILE_BYTES = 1 << 20      # a store data file smaller than this is not worth timing
+MIN_PROBE_FILE_BYTES = ALIGN_BYTES  # any store file: its layers are read at the speed it shows, small or not
 
 
 class LinkCache:

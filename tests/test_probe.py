@@ -1,0 +1,72 @@
+"""Link probes: the disk probe reads the store read-only and needs no scratch space then; measured
+links are cached per machine so the same command plans the same; stale entries are measured again."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+
+from tierkv import plan as plan_mod
+from tierkv import probe as probe_mod
+from tierkv.config import ModelConfig
+from tierkv.io.store import StoreError, convert
+from tierkv.probe import LINKS_FILE, LinkCache
+
+RAW = dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+
+
+def _count(monkeypatch: pytest.MonkeyPatch, name: str, module=plan_mod) -> list[int]:
+    calls: list[int] = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_links_are_cached_per_machine_and_measured_again_when_stale(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = ModelConfig.from_dict(RAW)
+    compute, disk = _count(monkeypatch, "_probe_layer_compute_s"), _count(monkeypatch, "disk_read_gbps")
+    first = plan_mod.probe_links(cfg, torch.float32, torch.device("cpu"), None, tmp_path)
+    again = plan_mod.probe_links(cfg, torch.float32, torch.device("cpu"), None, tmp_path)
+    assert again == first and len(compute) == 1 and len(disk) == 1, "the same command sees the same links"
+    other = ModelConfig.from_dict({**RAW, "hidden_size": 128})
+    plan_mod.probe_links(other, torch.float32, torch.device("cpu"), None, tmp_path)
+    assert len(compute) == 2 and len(disk) == 1, "compute is per model shape, disk per filesystem"
+    raw = json.loads((tmp_path / LINKS_FILE).read_text())
+    for entry in raw["links"].values():
+        entry["measured_at"] -= probe_mod.MAX_AGE_S + 1
+    (tmp_path / LINKS_FILE).write_text(json.dumps(raw))
+    plan_mod.probe_links(cfg, torch.float32, torch.device("cpu"), None, tmp_path)
+    assert len(compute) == 3 and len(disk) == 2, "stale entries are measured again"
+
+
+@pytest.mark.parametrize("content", ["", "{not json", "[]", '{"links": {"x": 5}}'])
+def test_a_damaged_links_file_is_measured_again_and_rewritten(tmp_path: Path, content: str) -> None:
+    (tmp_path / LINKS_FILE).write_text(content)
+    cache = LinkCache(tmp_path)
+    assert cache.get("x") is None
+    assert cache.measure("x", lambda: 2.5) == 2.5 and LinkCache(tmp_path).get("x") == 2.5
+
+
+def test_disk_probe_reads_the_store_and_needs_no_free_space(make_checkpoint, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #9 item 4: with a store on disk, a full filesystem does not refuse the probe."""
+    _, ckpt = make_checkpoint("llama")
+    store = convert(ckpt, tmp_path / "store")
+    data = store / "weights.bin"
+    assert data.stat().st_size >= probe_mod.MIN_PROBE_FILE_BYTES
+    before = data.read_bytes()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 0))
+    gbps = probe_mod.disk_read_gbps(data, tmp_path / "off")
+    assert 0 < gbps < math.inf and data.read_bytes() == before
+    assert not (tmp_path / "off").exists(), "nothing is written when the store exists"
+    with pytest.raises(StoreError, match=r"0 B free but needs 16.00 MiB \(\+4.00 MiB for metadata\)"):
+        probe_mod.disk_read_gbps(None, tmp_path / "off")
