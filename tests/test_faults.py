@@ -158,6 +158,18 @@ def test_stream_time_checksum_mismatch_is_repaired_by_the_next_run(model: Path, 
     assert not (store.dir / DAMAGE_FILE).exists()
 
 
+def test_checksum_mismatch_found_while_loading_is_repaired_within_the_same_load(
+        model: Path, tmp_path: Path, resident_tokens: list[int], caplog: pytest.LogCaptureFixture) -> None:
+    offload = tmp_path / "off"
+    _streamed(model, offload)
+    store = WeightStore.open(cached_store_dir(model, offload))
+    _flip_byte(store.data_path, store.extents["embed"].offset + 4000)     # read (and verified) at load
+    store.close()
+    with caplog.at_level(logging.WARNING, logger="tierkv.io.store"):
+        assert _streamed(model, offload) == resident_tokens
+    assert any("the embedding failed its checksum" in r.message for r in caplog.records)
+
+
 # -- weight store: files damaged at rest ------------------------------------------------------------
 
 MANIFEST_FAULTS = {

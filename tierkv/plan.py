@@ -32,7 +32,7 @@ from tierkv.io.store import check_offload_dir, plan_layout
 from tierkv.probe import MIN_PROBE_FILE_BYTES, LinkCache, compute_key, disk_key, disk_read_gbps, h2d_key
 
 if TYPE_CHECKING:
-    from tierkv.io.store import ProgressFn
+    from tierkv.io.store import ProgressFn, WeightStore
     from tierkv.pipeline.weights import StreamingWeights
 
 DEVICE_HEADROOM_FRACTION = 0.10        # of free GPU memory (allocator fragmentation, CUDA context)
@@ -414,8 +414,7 @@ def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budge
     device (use ``ResidentWeights`` from the checkpoint; nothing is converted), otherwise a
     StreamingWeights over the cached store under ``plan.offload_dir`` (converted on first use,
     repaired when found damaged). An existing store's own data file is what the disk probe reads."""
-    from tierkv.io.store import WeightStore, cached_store, find_cached_store
-    from tierkv.pipeline.weights import StreamingWeights
+    from tierkv.io.store import find_cached_store
 
     offload_dir = budget.offload_dir or default_offload_dir()
     existing = find_cached_store(model_dir, offload_dir, policy.dtype) if links is None else None
@@ -423,9 +422,25 @@ def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budge
                      data_path=existing.data_path if existing is not None else None)
     if not plan.host_layers and not plan.disk_layers:
         return None, plan
-    store = existing or WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype,
-                                                      progress=progress))
-    return StreamingWeights.from_plan(store, plan), plan
+    return _streaming_source(model_dir, plan, existing, progress), plan
+
+
+def _streaming_source(model_dir: str | Path, plan: Plan, store: "WeightStore | None",
+                      progress: "ProgressFn | None") -> "StreamingWeights":
+    """StreamingWeights over the cached store; a checksum mismatch while loading its resident part
+    is repaired (the bad extents re-converted) and the load tried once more."""
+    from tierkv.io.store import StoreError, WeightStore, cached_store, read_damage
+    from tierkv.pipeline.weights import StreamingWeights
+
+    store = store or WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype, progress=progress))
+    try:
+        return StreamingWeights.from_plan(store, plan)
+    except StoreError:
+        if not read_damage(store.dir):
+            raise
+    store.close()
+    store = WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype, progress=progress))
+    return StreamingWeights.from_plan(store, plan)
 
 
 __all__ = ["LinkSpeeds", "Plan", "PlanError", "default_offload_dir", "detect_budgets", "make_plan",
