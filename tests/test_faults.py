@@ -150,7 +150,7 @@ def test_stream_time_checksum_mismatch_is_repaired_by_the_next_run(model: Path, 
     store = WeightStore.open(cached_store_dir(model, offload))
     _flip_byte(store.data_path, store.layer(2).offset + 100)
     store.close()
-    with pytest.raises(StoreError, match=r"checksum mismatch.*run the same command again"):
+    with pytest.raises(StoreError, match=r"checksum mismatch.*tierkv convert.*or just run the same command again"):
         _streamed(model, offload)
     with caplog.at_level(logging.WARNING, logger="tierkv.io.store"):
         assert _streamed(model, offload) == resident_tokens

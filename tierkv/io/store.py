@@ -369,7 +369,7 @@ class _BlockVerifier:
             assert hi <= start + len(view), f"CRC block [{lo}, {hi}) straddles a request boundary"
             if zlib.crc32(view[lo - start:hi - start]) != e.crc32[lo // block]:
                 recorded = mark_damaged(self.store.dir, e.name)
-                again = (" (or run the same command again: it repairs the store first)" if recorded else
+                again = ("; or just run the same command again, which repairs the store first" if recorded else
                          f" (the damage could not be recorded in {self.store.dir}: it is not writable)")
                 raise StoreError(
                     f"checksum mismatch in {e.describe()} (extent {e.name}, bytes {e.offset + lo}-{e.offset + hi} "
@@ -381,8 +381,7 @@ def repair_hint(store_dir: Path, source_dir: str = "") -> str:
     """The command that repairs the store in ``store_dir`` (its checkpoint named when the manifest records it)."""
     model = shlex.quote(source_dir) if source_dir else "MODEL"
     return (f"repair it with `tierkv convert {model} {shlex.quote(str(store_dir))}`, which re-verifies every "
-            "extent and re-converts the bad ones (stores that `tierkv run` keeps under the offload directory "
-            "are repaired on the next run by themselves)")
+            "extent and re-converts the bad ones")
 
 
 def mark_damaged(store_dir: Path, name: str) -> bool:
@@ -431,6 +430,14 @@ def _hold_use_lock(store_dir: Path) -> Callable[[], None]:
     return release
 
 
+class _UnusableManifest(StoreError):
+    """A manifest that exists but cannot be used; ``reason`` says why in a few words."""
+
+    def __init__(self, reason: str, store_dir: Path, source_dir: str = "") -> None:
+        super().__init__(f"{reason}; {repair_hint(store_dir, source_dir)}")
+        self.reason = reason
+
+
 def _read_manifest(store_dir: Path) -> dict[str, Any]:
     path = store_dir / MANIFEST_FILE
     if not path.is_file():
@@ -440,13 +447,15 @@ def _read_manifest(store_dir: Path) -> dict[str, Any]:
         raise StoreError(f"{store_dir} is not a tierkv weight store (no {MANIFEST_FILE}); create one with "
                          f"`tierkv convert MODEL {store_dir}`")
     try:
-        raw = read_json(path, what="weight store manifest")
-    except ConfigError as exc:
-        raise StoreError(f"{path} is damaged ({exc}); {repair_hint(store_dir)}") from None
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _UnusableManifest(f"{path} is damaged (not valid JSON: {exc})", store_dir) from None
+    if not isinstance(raw, dict):
+        raise _UnusableManifest(f"{path} is damaged (not a JSON object)", store_dir)
     if raw.get("format") != FORMAT_NAME or raw.get("version") != FORMAT_VERSION:
-        raise StoreError(f"{path} is format {raw.get('format')!r} version {raw.get('version')!r}, this tierkv "
-                         f"reads {FORMAT_NAME!r} version {FORMAT_VERSION}; "
-                         f"{repair_hint(store_dir, str(raw.get('source_dir') or ''))}")
+        raise _UnusableManifest(f"{path} is format {raw.get('format')!r} version {raw.get('version')!r}, this "
+                                f"tierkv reads {FORMAT_NAME!r} version {FORMAT_VERSION}", store_dir,
+                                str(raw.get("source_dir") or ""))
     return raw
 
 
@@ -570,11 +579,15 @@ def _existing_manifest(out: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, None
     try:
         raw = _read_manifest(out)
+    except _UnusableManifest as exc:
+        return None, exc.reason
+    try:
         for name, e in raw["extents"].items():
             _extent_from_json(name, e)
         str(raw["source_key"])
-    except (StoreError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        return None, str(exc)
+        int(raw["crc_block_bytes"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return None, f"{out / MANIFEST_FILE} is damaged ({exc!r})"
     return raw, None
 
 
