@@ -9,7 +9,6 @@ wrong). docs/reliability.md lists the same matrix.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ import sys
 import time
 from collections import namedtuple
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -99,7 +98,7 @@ def _store_bytes(path: Path) -> bytes:
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[callable]:
+def small_fs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     """small_fs(size) -> a fresh tmpfs of ``size`` (e.g. "24m") mounted under tmp_path; skips where mounting fails."""
     mounted: list[Path] = []
 
