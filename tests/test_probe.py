@@ -70,3 +70,23 @@ def test_disk_probe_reads_the_store_and_needs_no_free_space(make_checkpoint, tmp
     assert not (tmp_path / "off").exists(), "nothing is written when the store exists"
     with pytest.raises(StoreError, match=r"0 B free but needs 16.00 MiB \(\+4.00 MiB for metadata\)"):
         probe_mod.disk_read_gbps(None, tmp_path / "off")
+
+
+def test_tierkv_plan_shows_the_same_links_and_verdict_run_after_run(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tierkv.cli import app
+    from tierkv.config import Budget, Policy
+    from tierkv.engine import model_path
+    from tierkv.plan import LinkSpeeds, make_plan
+
+    cfg = ModelConfig.from_dir(model_path("demo"))
+    roomy = make_plan(cfg, Budget(device_mem_bytes=1 << 40, host_mem_bytes=0, offload_dir=tmp_path), Policy(device="cpu"),
+                      LinkSpeeds(1.0, math.inf, 1e-3))
+    device_mem = roomy.reserve_bytes + roomy.globals_bytes + roomy.layer_bytes * 3 // 2
+    args = ["plan", "demo", "--device", "cpu", "--device-mem", str(device_mem), "--host-mem", "0",
+            "--offload-dir", str(tmp_path), "--json"]
+    runs = [json.loads(CliRunner().invoke(app, args).output) for _ in range(3)]
+    assert runs[0]["disk_layers"], "the plan streams from disk, so the disk link matters"
+    assert all(r["links"] == runs[0]["links"] and r["bound"] == runs[0]["bound"] and
+               r["predicted_tok_s"] == runs[0]["predicted_tok_s"] for r in runs)
