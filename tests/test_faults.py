@@ -418,7 +418,8 @@ def test_changed_checkpoint_removes_its_stale_store_unless_in_use(make_checkpoin
 
 # -- full disks ---------------------------------------------------------------------------------
 
-def test_streaming_runs_fit_a_small_filesystem_again_and_again(model: Path, small_fs, resident_tokens: list[int]) -> None:
+def test_streaming_runs_fit_a_small_filesystem_again_and_again(model: Path, small_fs,
+                                                               resident_tokens: list[int]) -> None:
     """Issue #9 item 4: no 128 MiB probe file; the second identical run is not refused."""
     fs = small_fs("40m")
     for _ in range(3):

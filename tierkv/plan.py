@@ -177,8 +177,8 @@ def activation_bytes(config: ModelConfig, policy: Policy, context_tokens: int, b
 
 def probe_links(config: ModelConfig, dtype: torch.dtype, device: torch.device, data_path: Path | None,
                 offload_dir: Path | None, need_disk: bool = True, need_h2d: bool = True) -> LinkSpeeds:
-    """Measure the links (about a second), or reuse this machine's measurements of the last day
-    cached in ``offload_dir/links.json`` (``tierkv.probe``): disk on the store file, read-only (or a
+    """Measure the links (about a second), or reuse this machine's best measurements of the last
+    day cached in ``offload_dir/links.json`` (``tierkv.probe``): disk on the store file, read-only (or a
     small scratch file in ``offload_dir`` before a store exists), host->device with a pinned
     buffer, and one decoder layer's decode compute."""
     cache = LinkCache(offload_dir)
@@ -188,11 +188,12 @@ def probe_links(config: ModelConfig, dtype: torch.dtype, device: torch.device, d
             assert offload_dir is not None, "probing the disk needs the store file or an offload directory"
             check_offload_dir(offload_dir)                       # exists and is writable, or a clear error
         where = data_path.parent if data_path is not None else offload_dir
-        disk = cache.measure(disk_key(where), lambda: disk_read_gbps(data_path, offload_dir))
+        disk = cache.measure(disk_key(where), lambda: disk_read_gbps(data_path, offload_dir), max)
     h2d = math.inf
     if need_h2d and device.type == "cuda":
-        h2d = cache.measure(h2d_key(device), lambda: _probe_h2d(device))
-    compute = cache.measure(compute_key(config, dtype, device), lambda: _probe_layer_compute_s(config, dtype, device))
+        h2d = cache.measure(h2d_key(device), lambda: _probe_h2d(device), max)
+    compute = cache.measure(compute_key(config, dtype, device),
+                            lambda: _probe_layer_compute_s(config, dtype, device), min)
     return LinkSpeeds(disk_read_gbps=disk, h2d_gbps=h2d, layer_compute_s=compute)
 
 

@@ -5,8 +5,10 @@ Why this module exists: one timed pass on a shared machine can be off by two ord
 compute") flipped between two runs of the same command. Disk speed is now the median of several
 cold passes over the store's own data file (read-only) or, before a store exists, a small scratch
 file; and each measured link is cached in ``OFFLOAD_DIR/links.json``, keyed by the machine, the
-filesystem or compute device, and (for compute) the model's layer shape and dtype. An entry older
-than ``MAX_AGE_S`` is measured again; deleting the file forces a fresh probe.
+filesystem or compute device, and (for compute) the model's layer shape and dtype. The first
+``SAMPLES`` runs each add a sample and the best one counts (a run disturbed by other work is
+outvoted); after that the cached value is used until it is older than ``MAX_AGE_S``. Deleting the
+file forces a fresh probe.
 """
 
 from __future__ import annotations
@@ -30,19 +32,23 @@ from tierkv.io.reader import evict_from_page_cache, measure_disk_read_gbps
 from tierkv.io.store import check_offload_dir
 
 LINKS_FILE = "links.json"
-MAX_AGE_S = 24 * 3600               # a day: long enough for the same command to plan the same, short enough to notice an upgrade
+MAX_AGE_S = 24 * 3600               # a day: the same command plans the same; an upgrade is noticed soon
 SCRATCH_BYTES = 16 << 20            # the disk probe's scratch file, written only while no store exists
 DISK_PASSES = 5                     # cold passes; their median is the disk's speed
 PASS_BYTES = 64 << 20               # most bytes one pass reads
+SAMPLES = 3                         # runs that measure a link before its cached best is used as is
 MIN_PROBE_FILE_BYTES = ALIGN_BYTES  # any store file: its layers are read at the speed it shows, small or not
 
 
 class LinkCache:
     """Measured link speeds of this machine in ``directory/links.json`` (a no-op when ``directory`` is None).
 
-    ``measure(key, fn)`` returns the cached value of ``key`` when it is younger than ``max_age_s``,
-    else calls ``fn``, stores a finite result and returns it. A directory that cannot be written
-    only loses the cache: probing works as before.
+    ``measure(key, fn, best)`` keeps up to ``SAMPLES`` results of ``fn`` per key, one per run that
+    asks while fewer are stored, and returns ``best`` of them (``min`` for a time, ``max`` for a
+    speed: the least disturbed run on a shared machine). Once ``SAMPLES`` are stored the key is
+    not measured again until its first sample is older than ``max_age_s``; so a burst of other work
+    during one probe is outvoted, and the same command plans the same from then on. A directory
+    that cannot be written only loses the cache: probing works as before.
     """
 
     def __init__(self, directory: Path | None, max_age_s: float = MAX_AGE_S) -> None:
@@ -59,34 +65,41 @@ class LinkCache:
         links = raw.get("links") if isinstance(raw, dict) else None
         return links if isinstance(links, dict) else {}
 
-    def get(self, key: str) -> float | None:
+    def samples(self, key: str) -> list[float]:
+        """The fresh, valid samples stored for ``key`` ([] when none, stale or damaged)."""
         entry = self._load().get(key)
         if not isinstance(entry, dict):
-            return None
-        value, at = entry.get("value"), entry.get("measured_at")
-        if not isinstance(value, (int, float)) or not isinstance(at, (int, float)) or not math.isfinite(value):
-            return None
-        return float(value) if 0 <= time.time() - at <= self.max_age_s and value > 0 else None
+            return []
+        values, at = entry.get("samples"), entry.get("measured_at")
+        if not isinstance(values, list) or not isinstance(at, (int, float)):
+            return []
+        if not 0 <= time.time() - at <= self.max_age_s:
+            return []
+        ok = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
+        return ok if len(ok) == len(values) else []
 
-    def put(self, key: str, value: float) -> None:
-        if self.path is None or not math.isfinite(value) or value <= 0:
+    def _store(self, key: str, values: list[float], measured_at: float) -> None:
+        if self.path is None:
             return
         links = self._load()
-        links[key] = {"value": value, "measured_at": time.time()}
+        links[key] = {"samples": values, "measured_at": measured_at}
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps({"version": 1, "links": links}, indent=1, sort_keys=True), encoding="utf-8")
+            tmp.write_text(json.dumps({"version": 2, "links": links}, indent=1, sort_keys=True), encoding="utf-8")
             os.replace(tmp, self.path)
         except OSError:                    # an unwritable offload dir: no cache, the measurement still counts
             tmp.unlink(missing_ok=True)
 
-    def measure(self, key: str, fn: Callable[[], float]) -> float:
-        cached = self.get(key)
-        if cached is not None:
-            return cached
+    def measure(self, key: str, fn: Callable[[], float], best: Callable[[list[float]], float]) -> float:
+        values = self.samples(key)
+        if len(values) >= SAMPLES:
+            return best(values)
         value = fn()
-        self.put(key, value)
-        return value
+        if not math.isfinite(value) or value <= 0:
+            return value
+        first_at = self._load().get(key, {}).get("measured_at") if values else None
+        self._store(key, values + [value], first_at if isinstance(first_at, (int, float)) else time.time())
+        return best(values + [value])
 
 
 def machine_id() -> str:
@@ -138,5 +151,5 @@ def median_cold_read_gbps(path: Path, passes: int = DISK_PASSES, nbytes: int = P
     return statistics.median(measure_disk_read_gbps(path, nbytes) for _ in range(passes))
 
 
-__all__ = ["LINKS_FILE", "LinkCache", "MAX_AGE_S", "SCRATCH_BYTES", "compute_key", "disk_key", "disk_read_gbps",
-           "h2d_key", "machine_id", "median_cold_read_gbps"]
+__all__ = ["LINKS_FILE", "LinkCache", "MAX_AGE_S", "SAMPLES", "SCRATCH_BYTES", "compute_key", "disk_key",
+           "disk_read_gbps", "h2d_key", "machine_id", "median_cold_read_gbps"]

@@ -854,7 +854,8 @@ def _progress_or_bar(progress: ProgressFn | None, total: int) -> Iterator[Progre
         yield lambda done, total: bar.update(task, completed=done)
 
 
-def cached_store_dir(checkpoint_dir: str | Path, offload_dir: str | Path, dtype: str | torch.dtype | None = None) -> Path:
+def cached_store_dir(checkpoint_dir: str | Path, offload_dir: str | Path,
+                     dtype: str | torch.dtype | None = None) -> Path:
     """Where ``cached_store`` keeps the store of ``checkpoint_dir`` at ``dtype`` (nothing is created)."""
     cdir = Path(checkpoint_dir)
     if not (cdir / "config.json").is_file():
