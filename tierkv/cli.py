@@ -23,8 +23,7 @@ from tierkv.config import Budget, ConfigError, Policy, format_size
 from tierkv.engine import Engine, GenerationResult, context_limit_tokens, load, model_path
 from tierkv.io.checkpoint import Checkpoint, CheckpointError, resolve_dtype
 from tierkv.io.kvstore import KVStoreError
-from tierkv.io.store import convert as convert_store
-from tierkv.io.store import find_cached_store
+from tierkv.io.store import convert as convert_store, find_cached_store
 from tierkv.plan import default_offload_dir, make_plan
 from tierkv.trace.cli import trace_app
 
