@@ -128,8 +128,12 @@ def test_restart_and_reuse(make_checkpoint, tmp_path):
     convert(ckpt_dir, out, progress=lambda d, t: calls.append(d), restart=True)
     assert calls[0] == 0
     calls.clear()
+    data = out / DATA_FILE
+    before = (data.stat().st_ino, data.stat().st_mtime_ns)
     convert(ckpt_dir, out, progress=lambda d, t: calls.append(d))
-    assert calls == [], "a complete store of the same checkpoint is reused without rewriting"
+    assert (data.stat().st_ino, data.stat().st_mtime_ns) == before, \
+        "a complete store of the same checkpoint is re-verified and reused without rewriting"
+    assert calls and calls[-1] == data.stat().st_size      # the verification reports its progress
 
 
 def test_reconverting_a_changed_dtype_invalidates_first(make_checkpoint, tmp_path):
@@ -185,7 +189,7 @@ def test_unwritable_offload_dir_fails_before_work(make_checkpoint, tmp_path):
     _, ckpt_dir = make_checkpoint("llama", **TINY)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    with pytest.raises(StoreError, match="cannot write to the offload directory.*--offload-dir"):
+    with pytest.raises(StoreError, match="cannot write to the directory.*tierkv convert MODEL OTHER_DIR"):
         convert(ckpt_dir, blocker / "store")
     with pytest.raises(StoreError, match="cannot write"):
         cached_store(ckpt_dir, blocker)
@@ -196,7 +200,7 @@ def test_full_offload_dir_fails_before_work(make_checkpoint, tmp_path, monkeypat
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 1000))
     out = tmp_path / "store"
-    with pytest.raises(StoreError, match=r"free but needs.*--offload-dir"):
+    with pytest.raises(StoreError, match=r"free but needs.*tierkv convert MODEL OTHER_DIR"):
         convert(ckpt_dir, out)
     assert not any(p.name.startswith("weights") for p in out.iterdir()), "nothing may be written"
     with pytest.raises(StoreError, match="free but needs"):

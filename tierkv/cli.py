@@ -28,8 +28,8 @@ from tierkv.engine import (Engine, GenerationResult, Stream, context_limit_token
                            resolve_device)
 from tierkv.errors import ArgumentError, TierkvError
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
-from tierkv.io.store import convert as convert_store
-from tierkv.plan import make_plan
+from tierkv.io.store import convert as convert_store, find_cached_store
+from tierkv.plan import default_offload_dir, make_plan
 from tierkv.trace.cli import trace_app
 
 # typer 0.29 vendors click (older ones use it directly): find its usage-error base through a public name
@@ -337,14 +337,19 @@ def convert_cmd(
     model: str = ModelArg,
     out: str = typer.Argument(..., help="directory for the packed weight store"),
     dtype: Optional[str] = typer.Option(None, help="store dtype (default: the checkpoint's)"),
-    restart: bool = typer.Option(False, help="discard an interrupted conversion instead of resuming it"),
+    restart: bool = typer.Option(False, help="discard whatever OUT holds (an interrupted conversion, a damaged "
+                                             "store, another checkpoint's store) and convert from scratch"),
 ) -> None:
-    """Rewrite a checkpoint into a packed store: one 4 KiB-aligned extent per layer, checksummed."""
+    """Rewrite a checkpoint into a packed store: one 4 KiB-aligned extent per layer, checksummed.
+
+    Run on an existing store, it re-verifies every extent and re-converts the damaged ones."""
+    err = Console(stderr=True)
     with _user_errors():
-        quiet = not Console(stderr=True).is_terminal
+        quiet = not err.is_terminal
         path = convert_store(model_path(model), _store_dir(out), dtype=dtype, restart=restart,
-                             progress=(lambda done, total: None) if quiet else None)
-    Console(stderr=True).print(f"store ready: {path}", highlight=False)
+                             progress=(lambda done, total: None) if quiet else None,
+                             report=lambda line: err.print(f"repair: {line}", highlight=False, soft_wrap=True, markup=False))
+    err.print(f"store ready: {path}", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command("plan")
@@ -365,7 +370,9 @@ def plan_cmd(
         policy = Policy(dtype=str(resolve_dtype(dtype, cfg.dtype)).removeprefix("torch."),
                         device=None if device is None else str(resolve_device(device)),
                         kv_device_tokens=kv_device_tokens)
-        plan = make_plan(cfg, Budget.parse(device_mem, host_mem, offload_dir), policy)
+        budget = Budget.parse(device_mem, host_mem, offload_dir)
+        store = find_cached_store(model_path(model), budget.offload_dir or default_offload_dir(), policy.dtype)
+        plan = make_plan(cfg, budget, policy, data_path=store.data_path if store is not None else None)
     if as_json:
         print(json.dumps(plan.to_dict()))
     else:

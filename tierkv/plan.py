@@ -29,11 +29,11 @@ from tierkv.config import Budget, ModelConfig, Policy, format_size, parse_size
 from tierkv.errors import ArgumentError, TierkvError
 from tierkv.io.buffers import HostBuffer
 from tierkv.io.checkpoint import resolve_dtype
-from tierkv.io.reader import evict_from_page_cache, measure_disk_read_gbps
 from tierkv.io.store import check_offload_dir, plan_layout
+from tierkv.probe import MIN_PROBE_FILE_BYTES, LinkCache, compute_key, disk_key, disk_read_gbps, h2d_key
 
 if TYPE_CHECKING:
-    from tierkv.io.store import ProgressFn
+    from tierkv.io.store import ProgressFn, WeightStore
     from tierkv.pipeline.weights import StreamingWeights
 
 DEVICE_HEADROOM_FRACTION = 0.10        # of free GPU memory (allocator fragmentation, CUDA context)
@@ -220,30 +220,24 @@ def activation_bytes(config: ModelConfig, policy: Policy, context_tokens: int, b
 
 def probe_links(config: ModelConfig, dtype: torch.dtype, device: torch.device, data_path: Path | None,
                 offload_dir: Path | None, need_disk: bool = True, need_h2d: bool = True) -> LinkSpeeds:
-    """Measure the links (about a second): disk on the store file (or a scratch file in
-    ``offload_dir``), host->device with a pinned buffer, and one decoder layer's decode compute."""
+    """Measure the links (about a second), or reuse this machine's best measurements of the last
+    day cached in ``offload_dir/links.json`` (``tierkv.probe``): disk on the store file, read-only (or a
+    small scratch file in ``offload_dir`` before a store exists), host->device with a pinned
+    buffer, and one decoder layer's decode compute."""
+    cache = LinkCache(offload_dir)
     disk = math.inf
     if need_disk:
-        disk = _probe_disk(data_path, offload_dir)
-    h2d = _probe_h2d(device) if need_h2d and device.type == "cuda" else math.inf
-    return LinkSpeeds(disk_read_gbps=disk, h2d_gbps=h2d, layer_compute_s=_probe_layer_compute_s(config, dtype, device))
-
-
-def _probe_disk(data_path: Path | None, offload_dir: Path | None, nbytes: int = 256 << 20) -> float:
-    if data_path is not None and data_path.stat().st_size >= (16 << 20):
-        return measure_disk_read_gbps(data_path, nbytes)
-    assert offload_dir is not None, "probing the disk needs the store file or an offload directory"
-    check_offload_dir(offload_dir, need_bytes=64 << 20)         # a clear error before any work
-    scratch = offload_dir / f".tierkv-probe-{os.getpid()}"
-    try:
-        block = os.urandom(1 << 20)
-        with open(scratch, "wb") as f:
-            for _ in range(64):
-                f.write(block)
-        evict_from_page_cache(scratch)
-        return measure_disk_read_gbps(scratch, 64 << 20)
-    finally:
-        scratch.unlink(missing_ok=True)
+        if data_path is None or data_path.stat().st_size < MIN_PROBE_FILE_BYTES:
+            assert offload_dir is not None, "probing the disk needs the store file or an offload directory"
+            check_offload_dir(offload_dir)                       # exists and is writable, or a clear error
+        where = data_path.parent if data_path is not None else offload_dir
+        disk = cache.measure(disk_key(where), lambda: disk_read_gbps(data_path, offload_dir), max)
+    h2d = math.inf
+    if need_h2d and device.type == "cuda":
+        h2d = cache.measure(h2d_key(device), lambda: _probe_h2d(device), max)
+    compute = cache.measure(compute_key(config, dtype, device),
+                            lambda: _probe_layer_compute_s(config, dtype, device), min)
+    return LinkSpeeds(disk_read_gbps=disk, h2d_gbps=h2d, layer_compute_s=compute)
 
 
 def _probe_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
@@ -260,7 +254,7 @@ def _probe_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
 
 
 def _probe_layer_compute_s(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> float:
-    """Fastest of 11 timings of one decoder layer at batch 1, one token, on zero weights of the real shapes."""
+    """Fastest timing of one decoder layer at batch 1, one token, on zero weights of the real shapes."""
     from tierkv.model import decoder_layer, dense_attention, step_inputs
 
     class _OneTokenKV:
@@ -271,9 +265,12 @@ def _probe_layer_compute_s(config: ModelConfig, dtype: torch.dtype, device: torc
     h = torch.zeros((1, 1, config.hidden_size), dtype=dtype, device=device)            # (B, T, H)
     positions = torch.zeros((1, 1), dtype=torch.int64, device=device)
     step = step_inputs(config, positions, 1, dtype)
-    times = []
+    times: list[float] = []
+    start = time.perf_counter()
     with torch.inference_mode():
-        for _ in range(12):
+        # 12 runs at least; on a busy machine keep sampling (up to 0.5 s or 200 runs), since a
+        # thread of the parallel region preempted by another process stalls a whole run
+        while len(times) < 12 or (len(times) < 200 and time.perf_counter() - start < 0.5):
             _sync(device)
             t0 = time.perf_counter()
             decoder_layer(config, weights, h, step, _OneTokenKV(), 0)
@@ -482,15 +479,35 @@ def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budge
                        progress: "ProgressFn | None" = None) -> tuple["StreamingWeights | None", Plan]:
     """Plan, then build the WeightSource the plan needs: (None, plan) when every layer fits on the
     device (use ``ResidentWeights`` from the checkpoint; nothing is converted), otherwise a
-    StreamingWeights over the cached store under ``plan.offload_dir`` (converted on first use)."""
-    from tierkv.io.store import WeightStore, cached_store
-    from tierkv.pipeline.weights import StreamingWeights
+    StreamingWeights over the cached store under ``plan.offload_dir`` (converted on first use,
+    repaired when found damaged). An existing store's own data file is what the disk probe reads."""
+    from tierkv.io.store import find_cached_store
 
-    plan = make_plan(config, budget, policy, links, context_tokens=context_tokens)
+    offload_dir = budget.offload_dir or default_offload_dir()
+    existing = find_cached_store(model_dir, offload_dir, policy.dtype) if links is None else None
+    plan = make_plan(config, budget, policy, links, context_tokens=context_tokens,
+                     data_path=existing.data_path if existing is not None else None)
     if not plan.host_layers and not plan.disk_layers:
         return None, plan
+    return _streaming_source(model_dir, plan, existing, progress), plan
+
+
+def _streaming_source(model_dir: str | Path, plan: Plan, store: "WeightStore | None",
+                      progress: "ProgressFn | None") -> "StreamingWeights":
+    """StreamingWeights over the cached store; a checksum mismatch while loading its resident part
+    is repaired (the bad extents re-converted) and the load tried once more."""
+    from tierkv.io.store import StoreError, WeightStore, cached_store, read_damage
+    from tierkv.pipeline.weights import StreamingWeights
+
+    store = store or WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype, progress=progress))
+    try:
+        return StreamingWeights.from_plan(store, plan)
+    except StoreError:
+        if not read_damage(store.dir):
+            raise
+    store.close()
     store = WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype, progress=progress))
-    return StreamingWeights.from_plan(store, plan), plan
+    return StreamingWeights.from_plan(store, plan)
 
 
 __all__ = ["LinkSpeeds", "Plan", "PlanError", "default_offload_dir", "detect_budgets", "make_plan",

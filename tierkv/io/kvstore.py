@@ -23,11 +23,16 @@ payload checksum is verified on every read, so a corrupted segment is named when
 A full disk (``ENOSPC``/``EDQUOT``) or the store's byte budget raises ``KVStoreError`` telling the
 user what to do; the failed batch is truncated away, so the store (and the cache that asked, which
 keeps the chunk where it was) stays consistent.
+
+An open store holds an exclusive lock on ``.owner.lock`` in its directory. A process killed while
+it generated leaves its directory behind; ``remove_abandoned`` (called by the tiered cache before
+it makes a new store) deletes the ``kv-*`` directories whose lock no process holds.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -43,7 +48,7 @@ import torch
 from tierkv.errors import TierkvError
 from tierkv.io.buffers import ALIGN_BYTES, round_up
 
-__all__ = ["KVChunk", "KVStore", "KVStoreError", "ChunkId", "RECORD_ALIGN_BYTES"]
+__all__ = ["KVChunk", "KVStore", "KVStoreError", "ChunkId", "RECORD_ALIGN_BYTES", "remove_abandoned"]
 
 MAGIC = b"TKVC"
 FORMAT_VERSION = 1
@@ -51,6 +56,7 @@ RECORD_ALIGN_BYTES = ALIGN_BYTES
 PAYLOAD_ALIGN_BYTES = 64
 _PREFIX = struct.Struct("<4sHHII")  # magic, version, reserved, header length, header crc32 (16 bytes)
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+OWNER_LOCK = ".owner.lock"
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8,
                                torch.uint8)}
 
@@ -176,6 +182,7 @@ class KVStore:
         except OSError as exc:
             raise KVStoreError(f"cannot create the KV offload dir {self.root} ({exc.strerror}); "
                                "choose another with --offload-dir or fix its permissions") from None
+        self._owner_fd = _take_owner_lock(self.root)
         self.budget_bytes = budget_bytes
         self.durable = durable
         self._lock = threading.Lock()
@@ -183,8 +190,12 @@ class KVStore:
         self._sizes: dict[int, int] = {}          # layer -> valid bytes in its segment
         self._index: dict[ChunkId, _Entry] = {}
         self._closed = False
-        for path in sorted(self.root.glob("layer*.kvseg")):
-            self._recover(int(path.stem.removeprefix("layer")))
+        try:
+            for path in sorted(self.root.glob("layer*.kvseg")):
+                self._recover(int(path.stem.removeprefix("layer")))
+        except BaseException:
+            self.close()
+            raise
 
     # -- paths and files ---------------------------------------------------------------------
 
@@ -350,6 +361,7 @@ class KVStore:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            os.close(self._owner_fd)
         if delete:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -358,3 +370,52 @@ class KVStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _take_owner_lock(root: Path) -> int:
+    """Lock ``root`` for this store: created under a temporary name, locked, then renamed into place,
+    so ``remove_abandoned`` never sees an owner lock that is not yet held."""
+    path = root / OWNER_LOCK
+    try:
+        if path.exists():
+            fd = os.open(path, os.O_RDONLY)
+        else:
+            tmp = root / f"{OWNER_LOCK}.{os.getpid()}.{threading.get_ident()}.tmp"
+            fd = os.open(tmp, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise KVStoreError(f"cannot create files in the KV offload dir {root} ({exc.strerror}); "
+                           "choose another with --offload-dir or fix its permissions") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise KVStoreError(f"the KV offload dir {root} is in use by another process; "
+                           "give each process its own directory") from None
+    if not path.exists():
+        os.replace(tmp, path)
+    return fd
+
+
+def remove_abandoned(parent: str | Path) -> list[Path]:
+    """Delete the ``kv-*`` store directories under ``parent`` that no live process owns (their owner was
+    killed before it could clean up); returns them. Directories without an owner lock are left alone."""
+    removed = []
+    parent = Path(parent)
+    if not parent.is_dir():
+        return removed
+    for d in sorted(parent.glob("kv-*")):
+        try:
+            fd = os.open(d / OWNER_LOCK, os.O_RDONLY)
+        except OSError:         # no owner lock: not a store this tierkv made, or already gone
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue            # a live process uses it
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        finally:
+            os.close(fd)
+    return removed

@@ -66,7 +66,7 @@ import torch
 
 from tierkv.config import ModelConfig, Policy, format_size
 from tierkv.io.buffers import pinning_available
-from tierkv.io.kvstore import KVChunk, KVStore
+from tierkv.io.kvstore import KVChunk, KVStore, remove_abandoned
 from tierkv.kernels import (KeySketch, Selection, abstract_append, chunk_abstract, chunk_scores, encode_keys,
                             select_chunks, sparse_decode_attention)
 from tierkv.kernels.sketch import sketch_bytes_per_token
@@ -559,6 +559,7 @@ class TieredKVCache:
         spill = self._check_budgets(offload_dir)
         self._store = None
         if spill:
+            remove_abandoned(Path(offload_dir))  # type: ignore[arg-type]  # left by killed processes
             root = Path(offload_dir) / f"kv-{uuid.uuid4().hex[:12]}"  # type: ignore[arg-type]
             self._store = KVStore(root, budget_bytes=offload_bytes, durable=durable)
         self._jobs = _Jobs(self.device)
