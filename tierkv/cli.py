@@ -17,6 +17,7 @@ from typing import Any, Iterator, Optional
 import torch
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tierkv.config import Budget, ConfigError, Policy, format_size
@@ -46,6 +47,9 @@ KvSketchOpt = typer.Option(None, "--kv-sketch/--no-kv-sketch",
                                 "1/16 of the KV kept on the device); default: on with CUDA, off on CPU")
 KvDeviceOpt = typer.Option(None, "--kv-device-tokens",
                            help="context whose KV keeps room on the device (default: min(4096, model max))")
+PrefillOpt = typer.Option(None, "--prefill-chunk-tokens", min=1,
+                          help="prefill the prompt in pieces of this many tokens (default: the largest up to 2048 "
+                               "whose activations fit an eighth of --device-mem)")
 
 
 @contextmanager
@@ -78,6 +82,46 @@ def _load(model: str, dtype: Optional[str], device: Optional[str], quiet: bool, 
     if engine.plan is not None and (engine.plan.host_layers or engine.plan.disk_layers):
         err.print(engine.plan.summary(), style="dim", highlight=False)
     return engine
+
+
+class _PrefillBar:
+    """A transient progress bar on stderr for prefills of more than one piece; gone before the first token."""
+
+    def __init__(self) -> None:
+        self._progress: Progress | None = None
+        self._task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._progress is None:
+            if done >= total:
+                return                                    # a one-piece prompt: nothing to show
+            self._progress = Progress(TextColumn("prefill"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                                      TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task("prefill", total=total)
+        self._progress.update(self._task, completed=done, total=total)  # type: ignore[arg-type]
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+@contextmanager
+def _prefill_bar(engine: Engine, quiet: bool) -> Iterator[None]:
+    """Show prefill progress on a terminal (stderr) unless ``quiet``; the engine's callback is restored after."""
+    if quiet or not Console(stderr=True).is_terminal:
+        yield
+        return
+    bar, before = _PrefillBar(), engine.prefill_progress
+    engine.prefill_progress = bar
+    try:
+        yield
+    finally:
+        bar.close()
+        engine.prefill_progress = before
 
 
 def _kv_budget(value: float) -> float | int:
@@ -119,6 +163,7 @@ def run(
     chunk_tokens: Optional[int] = ChunkOpt,
     kv_device_tokens: Optional[int] = KvDeviceOpt,
     kv_sketch: Optional[bool] = KvSketchOpt,
+    prefill_chunk_tokens: Optional[int] = PrefillOpt,
     threads: Optional[int] = ThreadsOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streamed text"),
 ) -> None:
@@ -130,13 +175,15 @@ def run(
         ids = None if prompt_ids is None else [int(x) for x in prompt_ids.replace(" ", "").split(",") if x]
         engine = _load(model, dtype, device, as_json, device_mem, host_mem, offload_dir,
                        kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
-                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch)
+                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch,
+                       prefill_chunk_tokens=prefill_chunk_tokens)
         stream = engine.stream(prompt if ids is None else ids,
                                **_sampling(max_new_tokens, temperature, top_k, top_p, seed, stop))
-        for piece in stream:
-            if not as_json:
-                sys.stdout.write(piece.text)
-                sys.stdout.flush()
+        with _prefill_bar(engine, as_json):
+            for piece in stream:
+                if not as_json:
+                    sys.stdout.write(piece.text)
+                    sys.stdout.flush()
         res = stream.results[0]
         if as_json:
             print(json.dumps({**res.to_dict(), "plan": engine.plan.to_dict() if engine.plan else None}))
@@ -165,6 +212,7 @@ def chat(
     chunk_tokens: Optional[int] = ChunkOpt,
     kv_device_tokens: Optional[int] = KvDeviceOpt,
     kv_sketch: Optional[bool] = KvSketchOpt,
+    prefill_chunk_tokens: Optional[int] = PrefillOpt,
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Interactive chat with the model's chat template; type /exit (or Ctrl-D) to leave."""
@@ -172,7 +220,8 @@ def chat(
     with _user_errors():
         engine = _load(model, dtype, device, False, device_mem, host_mem, offload_dir,
                        kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
-                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch)
+                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch,
+                       prefill_chunk_tokens=prefill_chunk_tokens)
         if engine.tokenizer is None or not engine.tokenizer.chat_template:
             raise ConfigError(f"{engine.model_dir} has no tokenizer chat_template; use `tierkv run` instead")
         messages = [{"role": "system", "content": system}] if system else []
@@ -190,9 +239,10 @@ def chat(
             messages.append({"role": "user", "content": line})
             ids = engine.tokenizer.encode_chat(messages)
             stream = engine.stream(ids, **_sampling(max_new_tokens, temperature, top_k, top_p, seed, None))
-            for piece in stream:
-                sys.stdout.write(piece.text)
-                sys.stdout.flush()
+            with _prefill_bar(engine, False):
+                for piece in stream:
+                    sys.stdout.write(piece.text)
+                    sys.stdout.flush()
             print()
             messages.append({"role": "assistant", "content": stream.results[0].text.strip()})
         engine.close()
@@ -256,6 +306,7 @@ def plan_cmd(
     dtype: Optional[str] = typer.Option(None, help="compute dtype (default: the checkpoint's)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda when available)"),
     kv_device_tokens: Optional[int] = KvDeviceOpt,
+    prefill_chunk_tokens: Optional[int] = PrefillOpt,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Show where each layer would live, the prefetch depth, and the predicted tokens/s."""
@@ -263,7 +314,7 @@ def plan_cmd(
         with Checkpoint(model_path(model)) as ckpt:
             cfg = ckpt.config
         policy = Policy(dtype=str(resolve_dtype(dtype, cfg.dtype)).removeprefix("torch."), device=device,
-                        kv_device_tokens=kv_device_tokens)
+                        kv_device_tokens=kv_device_tokens, prefill_chunk_tokens=prefill_chunk_tokens)
         plan = make_plan(cfg, Budget.parse(device_mem, host_mem, offload_dir), policy)
     if as_json:
         print(json.dumps(plan.to_dict()))

@@ -305,7 +305,8 @@ class Policy:
 
     dtype: str | None = None            # compute dtype; None = the checkpoint's
     device: str | None = None           # "cpu", "cuda", "cuda:1"; None = cuda if available, else cpu
-    prefill_chunk_tokens: int = 2048    # long prompts are prefilled in pieces of this many tokens
+    prefill_chunk_tokens: int | None = None  # prompts are prefilled in pieces of this many tokens;
+                                             # None = chosen by the planner from the device budget
     kv: str = "auto"                    # "exact" | "sparse" | "auto" (exact up to kv_exact_max_tokens)
     kv_budget: float | int = 0.05       # sparse mode: fraction of the context (< 1) or a number of tokens
     kv_exact_max_tokens: int = 4096     # auto mode switches to sparse beyond this context length
@@ -320,5 +321,6 @@ class Policy:
             raise ValueError(f"kv={self.kv!r}: use 'exact', 'sparse' or 'auto'")
         if self.kv_budget <= 0:
             raise ValueError(f"kv_budget={self.kv_budget} must be > 0 (a fraction like 0.05 or a token count)")
-        if self.prefill_chunk_tokens < 1 or (self.chunk_tokens is not None and self.chunk_tokens < 1):
+        if (self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1) or (
+                self.chunk_tokens is not None and self.chunk_tokens < 1):
             raise ValueError("prefill_chunk_tokens and chunk_tokens must be >= 1")

@@ -30,6 +30,7 @@ from tierkv.io.buffers import HostBuffer
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.reader import evict_from_page_cache, measure_disk_read_gbps
 from tierkv.io.store import check_offload_dir, plan_layout
+from tierkv.model import ATTENTION_SCRATCH_BYTES, attention_pair_bytes
 
 if TYPE_CHECKING:
     from tierkv.io.store import ProgressFn
@@ -41,6 +42,10 @@ HOST_HEADROOM_FRACTION = 0.20          # of available RAM (the OS, the page cach
 HOST_HEADROOM_BYTES = 1 << 30
 MAX_PREFETCH_DEPTH = 4
 DEFAULT_CONTEXT_TOKENS = 4096
+DEFAULT_PREFILL_TOKENS = 2048          # the largest prefill piece the planner picks
+MIN_PREFILL_TOKENS = 16                # the smallest (below it every piece re-reads the streamed layers for little work)
+ACTIVATION_FRACTION = 0.125            # of the device budget: what one auto-sized prefill piece's activations may take
+MIN_ATTENTION_SCRATCH_BYTES = 256 << 10
 
 
 class PlanError(ValueError):
@@ -83,6 +88,9 @@ class Plan:
     bound: str                         # "disk", "h2d" or "compute": the busiest link
     kv_device_bytes: int = 0           # device memory left for the KV cache once weights and activations are placed
     kv_host_bytes: int = 0             # host memory left for cold KV chunks once host layers and staging are placed
+    prefill_chunk_tokens: int = DEFAULT_PREFILL_TOKENS  # prompts are prefilled in pieces of this many tokens
+    attention_scratch_bytes: int = ATTENTION_SCRATCH_BYTES  # cap on one block of prefill attention's temporaries
+    activation_bytes: int = 0          # device memory kept for one prefill piece's activations (in reserve_bytes)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: an unmeasured (infinite) link speed becomes null."""
@@ -103,6 +111,8 @@ class Plan:
             f"compute {self.links.layer_compute_s * 1e3:.2f} ms/layer",
             f"KV cache room: {format_size(self.kv_device_bytes)} on the device, "
             f"{format_size(self.kv_host_bytes)} in host memory, the rest in {self.offload_dir}/kv",
+            f"prefill in pieces of {self.prefill_chunk_tokens} tokens: activations {format_size(self.activation_bytes)} "
+            f"(attention blocks of at most {format_size(self.attention_scratch_bytes)})",
             f"predicted {self.predicted_tok_s:.2f} tok/s, bound by {self.bound}",
         ]
         return "\n".join(lines)
@@ -155,20 +165,57 @@ def _gpu_free_bytes(device: torch.device) -> int:
         return int(torch.cuda.mem_get_info(index)[0])
 
 
-def reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int) -> int:
-    """Device memory for the dense KV cache of ``context_tokens`` and one prefill piece's activations."""
+def reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int,
+                  device_mem_bytes: int | None = None) -> int:
+    """Device memory for the dense KV cache of ``context_tokens`` and one prefill piece's activations
+    (the piece and attention scratch of ``prefill_sizes`` for this device budget)."""
     item = torch.empty((), dtype=dtype).element_size()
     kv = 2 * config.num_layers * config.kv_size * context_tokens * batch * item
-    return kv + activation_bytes(config, policy, context_tokens, batch)
+    piece, scratch = prefill_sizes(config, dtype, policy, context_tokens, batch, device_mem_bytes)
+    return kv + activation_bytes(config, dtype, piece, scratch, context_tokens, batch)
 
 
-def activation_bytes(config: ModelConfig, policy: Policy, context_tokens: int, batch: int) -> int:
-    """Working memory of one prefill piece attending to ``context_tokens`` (fp32 worst case)."""
-    piece = min(policy.prefill_chunk_tokens, context_tokens) * batch
-    h, i = config.hidden_size, config.intermediate_size
-    activations = piece * (4 * h + 3 * i + config.q_size + 2 * config.kv_size) * 4
-    scores = piece * config.num_heads * context_tokens * 4                            # unfused attention
-    return activations + scores + batch * config.vocab_size * 4                       # logits: last position only
+def prefill_sizes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int,
+                  device_mem_bytes: int | None = None) -> tuple[int, int]:
+    """(prefill piece in tokens, attention scratch in bytes) for a device budget.
+
+    The scratch (the cap on one block of attention's temporaries) is a quarter of the activation
+    allowance (``ACTIVATION_FRACTION`` of the budget), between ``MIN_ATTENTION_SCRATCH_BYTES`` and
+    ``model.ATTENTION_SCRATCH_BYTES``. The piece is ``policy.prefill_chunk_tokens`` when given,
+    else the largest power of two from ``DEFAULT_PREFILL_TOKENS`` down to ``MIN_PREFILL_TOKENS``
+    whose activations fit the allowance. No budget (None): the default piece and scratch.
+    """
+    if device_mem_bytes is None:
+        return policy.prefill_chunk_tokens or DEFAULT_PREFILL_TOKENS, ATTENTION_SCRATCH_BYTES
+    allowance = int(device_mem_bytes * ACTIVATION_FRACTION)
+    scratch = max(MIN_ATTENTION_SCRATCH_BYTES, min(ATTENTION_SCRATCH_BYTES, allowance // 4))
+    if policy.prefill_chunk_tokens is not None:
+        return policy.prefill_chunk_tokens, scratch
+    piece = DEFAULT_PREFILL_TOKENS
+    while piece > MIN_PREFILL_TOKENS and activation_bytes(config, dtype, piece, scratch, context_tokens,
+                                                          batch) > allowance:
+        piece //= 2
+    return piece, scratch
+
+
+def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int, scratch_bytes: int,
+                     context_tokens: int, batch: int) -> int:
+    """Working memory of one prefill piece of ``piece_tokens`` per sequence attending to up to
+    ``context_tokens`` keys, counted from what the model math and the KV caches allocate."""
+    item = torch.empty((), dtype=dtype).element_size()
+    tokens = piece_tokens * batch
+    h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+    # compute dtype: residual, normed input, attention and MLP outputs (4 h); q and its RoPE temporaries
+    # (3 q); k, v, rotated k (3 kv); gate, up, silu(gate), their product (4 i)
+    # fp32: RMS norm's upcasts (2 h); the attention state: scaled q, accumulator, result (3 q); fp32 K/V of the piece (2 kv)
+    per_token = item * (4 * h + 3 * q + 3 * kv + 4 * i) + 4 * (2 * h + 3 * q + 2 * kv)
+    # one attention block: the scratch cap, or a single query row over every key when that is larger
+    attention = max(scratch_bytes, attention_pair_bytes(batch, config.num_heads) * max(context_tokens, piece_tokens))
+    # the tiered cache's chunk-size probe at the first piece (pipeline.chunking.attention_entropy): fp32
+    # keys repeated per query head, five score-sized tensors and the positions of 32 sampled queries
+    entropy = tokens * (q * 4 + 32 * (config.num_heads * 20 + 10))
+    logits = 2 * batch * config.vocab_size * 4                                        # last position, fp32 and a copy
+    return tokens * per_token + attention + entropy + logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +386,8 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     ``links``: measured speeds; None probes them (disk on ``data_path``, the store's data file,
     or a scratch file in the offload directory; only the links the placement uses).
     ``context_tokens`` (default: ``policy.kv_device_tokens``, else min(4096, the model's maximum))
-    sizes the device room kept for the KV cache and activations.
+    sizes the device room kept for the KV cache and activations; the prefill piece and the attention
+    scratch come from the device budget (``prefill_sizes``) unless the policy fixes the piece.
     Raises PlanError, naming the minimum, when the device budget cannot hold one layer's working set.
     """
     device = torch.device(policy.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -349,8 +397,10 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     layer_bytes = max(e.padded_nbytes for e in layers)
     globals_bytes = sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
-    reserve = reserve_bytes(config, dtype, policy, context, batch)
     dev_mem, host_mem, offload_dir = detect_budgets(budget, device)
+    piece, scratch = prefill_sizes(config, dtype, policy, context, batch, dev_mem)
+    activations = activation_bytes(config, dtype, piece, scratch, context, batch)
+    reserve = reserve_bytes(config, dtype, policy, context, batch, dev_mem)
     _check_minimum(dev_mem, host_mem, reserve, globals_bytes, layer_bytes, config.num_layers, device, dtype, context)
     cuda = device.type == "cuda"
     device_avail, n = dev_mem - reserve - globals_bytes, config.num_layers
@@ -375,8 +425,9 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         predicted_step_s=step_s, predicted_tok_s=batch / step_s if step_s > 0 else math.inf,
         bound=_bound(kinds, layer_bytes, links, cuda),
         kv_device_bytes=max(0, dev_mem - globals_bytes - kinds.count("device") * layer_bytes - ring
-                            - activation_bytes(config, policy, context, batch)),
+                            - activations),
         kv_host_bytes=max(0, host_mem - kinds.count("host") * layer_bytes - staging),
+        prefill_chunk_tokens=piece, attention_scratch_bytes=scratch, activation_bytes=activations,
     )
 
 
@@ -428,4 +479,4 @@ def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budge
 
 
 __all__ = ["LinkSpeeds", "Plan", "PlanError", "default_offload_dir", "detect_budgets", "make_plan",
-           "open_weight_source", "probe_links", "reserve_bytes", "simulate_step_s", "spread_layers"]
+           "open_weight_source", "prefill_sizes", "probe_links", "reserve_bytes", "simulate_step_s", "spread_layers"]
