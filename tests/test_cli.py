@@ -236,3 +236,17 @@ def test_plan_convert_and_budgeted_run(tmp_path, tiny_llama_dir) -> None:
                                                     "--offload-dir", str(tmp_path / "off")]).stdout)
     assert streamed["plan"]["disk_layers"] and streamed["token_ids"] == resident["token_ids"]
     assert streamed["stats"]["weights"]["disk_to_device_bytes"] > 0
+
+
+def test_prefill_chunk_tokens_flag_reaches_the_plan(tiny_llama_dir) -> None:
+    auto = json.loads(invoke("plan", str(tiny_llama_dir), "--device", "cpu", "--json").stdout)
+    fixed = json.loads(invoke("plan", str(tiny_llama_dir), "--device", "cpu", "--json",
+                              "--prefill-chunk-tokens", "5").stdout)
+    assert auto["prefill_chunk_tokens"] == 2048 and fixed["prefill_chunk_tokens"] == 5
+    res = invoke("run", str(tiny_llama_dir), "--prompt-ids", ",".join(map(str, range(3, 23))), "-n", "3",
+                 "--prefill-chunk-tokens", "5", "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["plan"]["prefill_chunk_tokens"] == 5 and "prefill" not in res.stderr   # no bar when piped
+    bad = invoke("run", str(tiny_llama_dir), "--prompt-ids", "3,4", "--prefill-chunk-tokens", "0")
+    assert bad.exit_code == 2

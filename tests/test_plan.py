@@ -45,11 +45,14 @@ def test_everything_fits_means_resident_and_compute_bound():
 
 
 def test_budget_below_one_layer_is_refused_naming_the_minimum():
-    probe = _plan("8GiB")
-    minimum = probe.reserve_bytes + probe.globals_bytes + probe.layer_bytes
+    # the reserve (one prefill piece's activations) grows with the budget: the named minimum is a
+    # budget whose own reserve, globals and one layer fit it
     with pytest.raises(PlanError, match=r"below the minimum working set .* raise --device-mem to at least") as err:
-        _plan(str(minimum - 1))
-    assert f"{minimum / 2**20:.2f} MiB" in str(err.value)
+        _plan("1MiB")
+    named = float(str(err.value).split("raise --device-mem to at least ")[1].split(" MiB")[0])
+    minimum = int((named + 0.01) * 2**20)                             # the message rounds to 0.01 MiB
+    with pytest.raises(PlanError, match=r"below the minimum working set"):
+        _plan(str(minimum - (1 << 20)))
     p = _plan(str(minimum))
     _check_invariants(p)
     assert p.device_layers == () and p.prefetch_depth == 0 and len(p.disk_layers) == 16
@@ -122,3 +125,38 @@ def test_probe_measures_every_link(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="cannot write to the offload directory"):
         probe_links(small, torch.float32, torch.device("cpu"), None, blocker / "sub")
+
+
+def test_prefill_piece_is_chosen_from_the_budget_and_shrinks_with_it():
+    big, small = _plan("8GiB"), _plan("700MiB")
+    assert big.prefill_chunk_tokens == 2048
+    assert 16 <= small.prefill_chunk_tokens < big.prefill_chunk_tokens
+    assert small.attention_scratch_bytes <= big.attention_scratch_bytes
+    for p in (big, small):
+        _check_invariants(p)
+        assert p.activation_bytes <= p.device_mem_bytes * plan_mod.ACTIVATION_FRACTION
+        assert p.activation_bytes <= p.reserve_bytes
+        assert f"prefill in pieces of {p.prefill_chunk_tokens} tokens" in p.summary()
+        assert p.to_dict()["prefill_chunk_tokens"] == p.prefill_chunk_tokens
+
+
+def test_activations_count_the_mlp_attention_and_logits_of_a_piece():
+    dtype = torch.bfloat16
+    one = plan_mod.activation_bytes(CONFIG, dtype, 1, 1 << 20, 1024, 1)
+    piece = plan_mod.activation_bytes(CONFIG, dtype, 2048, 1 << 20, 1024, 1)
+    # at least the MLP's gate, up and product in bf16 and the fp32 attention state of every token
+    assert piece - one >= 2047 * (3 * CONFIG.intermediate_size * 2 + 2 * CONFIG.q_size * 4)
+    assert one >= (1 << 20) + CONFIG.vocab_size * 4                   # the attention scratch and the logits
+    # one query row over the whole context is counted when it exceeds the scratch
+    long = plan_mod.activation_bytes(CONFIG, dtype, 1, 1 << 10, 1 << 20, 1)
+    assert long >= (1 << 20) * (12 * CONFIG.num_heads + 16)
+
+
+def test_an_explicit_prefill_piece_is_honoured_and_counted():
+    budget = Budget.parse(device_mem="450MiB", host_mem="0", offload_dir="/tmp/tierkv-plan-test")
+    auto = make_plan(CONFIG, budget, Policy(device="cpu"), CPU_LINKS, context_tokens=1024)
+    fixed = make_plan(CONFIG, budget, Policy(device="cpu", prefill_chunk_tokens=16), CPU_LINKS, context_tokens=1024)
+    assert fixed.prefill_chunk_tokens == 16 < auto.prefill_chunk_tokens
+    assert fixed.activation_bytes < auto.activation_bytes and fixed.reserve_bytes < auto.reserve_bytes
+    with pytest.raises(PlanError, match="below the minimum working set"):
+        make_plan(CONFIG, budget, Policy(device="cpu", prefill_chunk_tokens=2048), CPU_LINKS, context_tokens=1024)

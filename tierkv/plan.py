@@ -401,6 +401,8 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     piece, scratch = prefill_sizes(config, dtype, policy, context, batch, dev_mem)
     activations = activation_bytes(config, dtype, piece, scratch, context, batch)
     reserve = reserve_bytes(config, dtype, policy, context, batch, dev_mem)
+    if dev_mem < reserve + globals_bytes + layer_bytes:   # name a minimum whose own (larger) reserve it holds
+        reserve = _minimum_reserve(config, dtype, policy, context, batch, globals_bytes + layer_bytes, reserve)
     _check_minimum(dev_mem, host_mem, reserve, globals_bytes, layer_bytes, config.num_layers, device, dtype, context)
     cuda = device.type == "cuda"
     device_avail, n = dev_mem - reserve - globals_bytes, config.num_layers
@@ -447,6 +449,15 @@ def _best_option(options: dict[int, tuple[int, int, int, int]], n: int, layer_by
         scored.append((simulate_step_s(kinds, depth, layer_bytes, links, cuda), depth, split))
     step_s, depth, split = min(scored, key=lambda s: (round(s[0], 9), s[1]))
     return depth, split, step_s
+
+
+def _minimum_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int,
+                     fixed_bytes: int, reserve: int) -> int:
+    """The reserve at the smallest budget M >= reserve(M) + fixed_bytes, from a too-small budget's reserve
+    (the auto prefill piece, so the reserve, grows with the budget; it is bounded, so this ends)."""
+    while (grown := reserve_bytes(config, dtype, policy, context_tokens, batch, reserve + fixed_bytes)) > reserve:
+        reserve = grown
+    return reserve
 
 
 def _check_minimum(dev_mem: int, host_mem: int, reserve: int, globals_bytes: int, layer_bytes: int,
