@@ -56,6 +56,7 @@ def test_budget_below_one_layer_is_refused_naming_the_minimum():
     p = _plan(str(minimum))
     _check_invariants(p)
     assert p.device_layers == () and p.prefetch_depth == 0 and len(p.disk_layers) == 16
+    assert abs(plan_mod.minimum_device_bytes(CONFIG, Policy(device="cpu"), 1024) - minimum) < 0.02 * 2**20
 
 
 @pytest.mark.parametrize("device_mem", ["900MiB", "1.2GiB", "1.5GiB", "1.65GiB"])

@@ -179,43 +179,61 @@ def prefill_sizes(config: ModelConfig, dtype: torch.dtype, policy: Policy, conte
                   device_mem_bytes: int | None = None) -> tuple[int, int]:
     """(prefill piece in tokens, attention scratch in bytes) for a device budget.
 
-    The scratch (the cap on one block of attention's temporaries) is a quarter of the activation
-    allowance (``ACTIVATION_FRACTION`` of the budget), between ``MIN_ATTENTION_SCRATCH_BYTES`` and
-    ``model.ATTENTION_SCRATCH_BYTES``. The piece is ``policy.prefill_chunk_tokens`` when given,
-    else the largest power of two from ``DEFAULT_PREFILL_TOKENS`` down to ``MIN_PREFILL_TOKENS``
-    whose activations fit the allowance. No budget (None): the default piece and scratch.
+    The piece is ``policy.prefill_chunk_tokens`` when given, else the largest power of two from
+    ``DEFAULT_PREFILL_TOKENS`` down to ``MIN_PREFILL_TOKENS`` whose activations fit
+    ``ACTIVATION_FRACTION`` of the budget (no budget: the default). The scratch, the cap on one
+    block of attention's temporaries, follows the piece: half of the piece's other activations,
+    between ``MIN_ATTENTION_SCRATCH_BYTES`` and ``model.ATTENTION_SCRATCH_BYTES``.
     """
-    if device_mem_bytes is None:
-        return policy.prefill_chunk_tokens or DEFAULT_PREFILL_TOKENS, ATTENTION_SCRATCH_BYTES
-    allowance = int(device_mem_bytes * ACTIVATION_FRACTION)
-    scratch = max(MIN_ATTENTION_SCRATCH_BYTES, min(ATTENTION_SCRATCH_BYTES, allowance // 4))
-    if policy.prefill_chunk_tokens is not None:
-        return policy.prefill_chunk_tokens, scratch
-    piece = DEFAULT_PREFILL_TOKENS
-    while piece > MIN_PREFILL_TOKENS and activation_bytes(config, dtype, piece, scratch, context_tokens,
-                                                          batch) > allowance:
-        piece //= 2
-    return piece, scratch
+    piece = policy.prefill_chunk_tokens or DEFAULT_PREFILL_TOKENS
+    if policy.prefill_chunk_tokens is None and device_mem_bytes is not None:
+        allowance = int(device_mem_bytes * ACTIVATION_FRACTION)
+        while piece > MIN_PREFILL_TOKENS and activation_bytes(
+                config, dtype, piece, _scratch_for(config, dtype, piece, batch), context_tokens, batch) > allowance:
+            piece //= 2
+    return piece, _scratch_for(config, dtype, piece, batch)
+
+
+def _scratch_for(config: ModelConfig, dtype: torch.dtype, piece_tokens: int, batch: int) -> int:
+    half = piece_tokens * batch * _bytes_per_piece_token(config, dtype) // 2
+    return max(MIN_ATTENTION_SCRATCH_BYTES, min(ATTENTION_SCRATCH_BYTES, half))
+
+
+def _bytes_per_piece_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Activation bytes per token of a prefill piece, outside attention's score blocks."""
+    item = torch.empty((), dtype=dtype).element_size()
+    h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+    # compute dtype: residual, normed input, attention and MLP outputs (4 h); q and its RoPE temporaries
+    # (3 q); k, v, rotated k (3 kv); gate, up, silu(gate), their product (4 i)
+    # fp32: RMS norm's upcasts (2 h); the attention state: scaled q, accumulator, result (3 q); fp32 K/V of the piece (2 kv)
+    per_token = item * (4 * h + 3 * q + 3 * kv + 4 * i) + 4 * (2 * h + 3 * q + 2 * kv)
+    # the tiered cache's chunk-size probe at the first piece (pipeline.chunking.attention_entropy): fp32
+    # keys repeated per query head, five score-sized tensors and the positions of 32 sampled queries
+    return per_token + q * 4 + 32 * (config.num_heads * 20 + 10)
 
 
 def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int, scratch_bytes: int,
                      context_tokens: int, batch: int) -> int:
     """Working memory of one prefill piece of ``piece_tokens`` per sequence attending to up to
     ``context_tokens`` keys, counted from what the model math and the KV caches allocate."""
-    item = torch.empty((), dtype=dtype).element_size()
-    tokens = piece_tokens * batch
-    h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
-    # compute dtype: residual, normed input, attention and MLP outputs (4 h); q and its RoPE temporaries
-    # (3 q); k, v, rotated k (3 kv); gate, up, silu(gate), their product (4 i)
-    # fp32: RMS norm's upcasts (2 h); the attention state: scaled q, accumulator, result (3 q); fp32 K/V of the piece (2 kv)
-    per_token = item * (4 * h + 3 * q + 3 * kv + 4 * i) + 4 * (2 * h + 3 * q + 2 * kv)
+    per_token = _bytes_per_piece_token(config, dtype)
     # one attention block: the scratch cap, or a single query row over every key when that is larger
     attention = max(scratch_bytes, attention_pair_bytes(batch, config.num_heads) * max(context_tokens, piece_tokens))
-    # the tiered cache's chunk-size probe at the first piece (pipeline.chunking.attention_entropy): fp32
-    # keys repeated per query head, five score-sized tensors and the positions of 32 sampled queries
-    entropy = tokens * (q * 4 + 32 * (config.num_heads * 20 + 10))
     logits = 2 * batch * config.vocab_size * 4                                        # last position, fp32 and a copy
-    return tokens * per_token + attention + entropy + logits
+    return piece_tokens * batch * per_token + attention + logits
+
+
+def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context_tokens: int | None = None,
+                         batch: int = 1) -> int:
+    """The smallest device budget ``make_plan`` accepts (every layer streamed): globals, one layer slot
+    and the reserve (KV room and one prefill piece) that this budget itself gets."""
+    dtype = resolve_dtype(policy.dtype, config.dtype)
+    extents = plan_layout(config, dtype)
+    fixed = max(e.padded_nbytes for e in extents if e.name.startswith("layer.")) + sum(
+        e.padded_nbytes for e in extents if not e.name.startswith("layer."))
+    context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
+    reserve = reserve_bytes(config, dtype, policy, context, batch, 0)
+    return _minimum_reserve(config, dtype, policy, context, batch, fixed, reserve) + fixed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,4 +508,4 @@ def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budge
 
 
 __all__ = ["LinkSpeeds", "Plan", "PlanError", "default_offload_dir", "detect_budgets", "make_plan",
-           "open_weight_source", "prefill_sizes", "probe_links", "reserve_bytes", "simulate_step_s", "spread_layers"]
+           "minimum_device_bytes", "open_weight_source", "prefill_sizes", "probe_links", "reserve_bytes", "simulate_step_s", "spread_layers"]
