@@ -252,3 +252,18 @@ def test_prefill_chunk_tokens_flag_reaches_the_plan(tiny_llama_dir) -> None:
     assert out["plan"]["prefill_chunk_tokens"] == 5 and "prefill" not in res.stderr   # no bar when piped
     bad = invoke("run", str(tiny_llama_dir), "--prompt-ids", "3,4", "--prefill-chunk-tokens", "0")
     assert bad.exit_code == 2
+
+
+def test_prefill_progress_bar_on_a_terminal(tiny_llama_dir, monkeypatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    import tierkv.cli as cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "Console", lambda **kw: Console(file=screen, force_terminal=True, width=100))
+    res = invoke("run", str(tiny_llama_dir), "--prompt-ids", ",".join(map(str, range(3, 23))), "-n", "2",
+                 "--prefill-chunk-tokens", "5", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "prefill" in screen.getvalue() and "20/20" in screen.getvalue()
