@@ -234,7 +234,7 @@ def test_plan_convert_and_budgeted_run(tmp_path, tiny_llama_dir) -> None:
     minimum = parse_size(too_small.output.split("at least ")[1].split(",")[0].replace(" ", ""))
     args = ["run", str(tiny_llama_dir), "--prompt-ids", "1,2,3", "-n", "6", "--json"]
     resident = json.loads(runner.invoke(app, args).stdout)
-    streamed = json.loads(runner.invoke(app, args + ["--device-mem", str(minimum + 1024), "--host-mem", "0",
+    streamed = json.loads(runner.invoke(app, args + ["--device-mem", str(minimum), "--host-mem", "0",
                                                     "--offload-dir", str(tmp_path / "off")]).stdout)
     assert streamed["plan"]["disk_layers"] and streamed["token_ids"] == resident["token_ids"]
     assert streamed["stats"]["weights"]["disk_to_device_bytes"] > 0

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import psutil
 import torch
 
-from tierkv.config import Budget, ModelConfig, Policy, format_size
+from tierkv.config import Budget, ModelConfig, Policy, format_size, parse_size
 from tierkv.io.buffers import HostBuffer
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.reader import evict_from_page_cache, measure_disk_read_gbps
@@ -233,7 +233,7 @@ def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context
         e.padded_nbytes for e in extents if not e.name.startswith("layer."))
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     reserve = reserve_bytes(config, dtype, policy, context, batch, 0)
-    return _minimum_reserve(config, dtype, policy, context, batch, fixed, reserve) + fixed
+    return _shown_size_at_least(_minimum_reserve(config, dtype, policy, context, batch, fixed, reserve) + fixed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +420,9 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     activations = activation_bytes(config, dtype, piece, scratch, context, batch)
     reserve = reserve_bytes(config, dtype, policy, context, batch, dev_mem)
     if dev_mem < reserve + globals_bytes + layer_bytes:   # name a minimum whose own (larger) reserve it holds
-        reserve = _minimum_reserve(config, dtype, policy, context, batch, globals_bytes + layer_bytes, reserve)
+        fixed = globals_bytes + layer_bytes
+        reserve = _shown_size_at_least(_minimum_reserve(config, dtype, policy, context, batch, fixed, reserve)
+                                       + fixed) - fixed
     _check_minimum(dev_mem, host_mem, reserve, globals_bytes, layer_bytes, config.num_layers, device, dtype, context)
     cuda = device.type == "cuda"
     device_avail, n = dev_mem - reserve - globals_bytes, config.num_layers
@@ -476,6 +478,14 @@ def _minimum_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, co
     while (grown := reserve_bytes(config, dtype, policy, context_tokens, batch, reserve + fixed_bytes)) > reserve:
         reserve = grown
     return reserve
+
+
+def _shown_size_at_least(n_bytes: int) -> int:
+    """A size >= ``n_bytes`` that ``format_size`` prints exactly, so a minimum typed back as shown suffices."""
+    step = 1 if n_bytes < 1024 else 1024 ** int(math.log(n_bytes, 1024)) / 100   # format_size's last digit
+    shown = parse_size(format_size(n_bytes + step / 2 + 1).replace(" ", ""))
+    assert shown >= n_bytes, (shown, n_bytes)
+    return shown
 
 
 def _check_minimum(dev_mem: int, host_mem: int, reserve: int, globals_bytes: int, layer_bytes: int,
