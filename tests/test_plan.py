@@ -134,9 +134,10 @@ def test_prefill_piece_is_chosen_from_the_budget_and_shrinks_with_it():
     assert small.attention_scratch_bytes <= big.attention_scratch_bytes
     for p in (big, small):
         _check_invariants(p)
-        assert p.activation_bytes <= p.device_mem_bytes * plan_mod.ACTIVATION_FRACTION
         assert p.activation_bytes <= p.reserve_bytes
-        assert f"prefill in pieces of {p.prefill_chunk_tokens} tokens" in p.summary()
+        base, _ = plan_mod.prefill_sizes(CONFIG, torch.bfloat16, Policy(device="cpu"), 1024, 1, p.device_mem_bytes)
+        assert p.prefill_chunk_tokens >= base            # the budget's share, grown into room no layer uses
+        assert f"prefill: pieces of {p.prefill_chunk_tokens} tokens" in p.summary()
         assert p.to_dict()["prefill_chunk_tokens"] == p.prefill_chunk_tokens
 
 
@@ -160,3 +161,16 @@ def test_an_explicit_prefill_piece_is_honoured_and_counted():
     assert fixed.activation_bytes < auto.activation_bytes and fixed.reserve_bytes < auto.reserve_bytes
     with pytest.raises(PlanError, match="below the minimum working set"):
         make_plan(CONFIG, budget, Policy(device="cpu", prefill_chunk_tokens=2048), CPU_LINKS, context_tokens=1024)
+
+
+def test_auto_piece_grows_into_device_room_no_layer_uses():
+    probe = _plan("8GiB")
+    grown = 0
+    for extra in (120 << 20, 180 << 20, 320 << 20, 440 << 20):     # every layer streams or a few are resident
+        p = _plan(str(probe.globals_bytes + probe.layer_bytes + extra))
+        _check_invariants(p)
+        base, _ = plan_mod.prefill_sizes(CONFIG, torch.bfloat16, Policy(device="cpu"), 1024, 1, p.device_mem_bytes)
+        assert p.prefill_chunk_tokens >= base
+        assert p.kv_device_bytes >= 2 * CONFIG.num_layers * CONFIG.kv_size * 1024 * 2   # the KV room asked for stays
+        grown += p.prefill_chunk_tokens > base
+    assert grown >= 1                                  # at 320 MiB spare room holds a doubled piece, not a layer

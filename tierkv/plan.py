@@ -111,8 +111,8 @@ class Plan:
             f"compute {self.links.layer_compute_s * 1e3:.2f} ms/layer",
             f"KV cache room: {format_size(self.kv_device_bytes)} on the device, "
             f"{format_size(self.kv_host_bytes)} in host memory, the rest in {self.offload_dir}/kv",
-            f"prefill in pieces of {self.prefill_chunk_tokens} tokens: activations {format_size(self.activation_bytes)} "
-            f"(attention blocks of at most {format_size(self.attention_scratch_bytes)})",
+            f"prefill: pieces of {self.prefill_chunk_tokens} tokens, activations {format_size(self.activation_bytes)} "
+            f"(attention blocks up to {format_size(self.attention_scratch_bytes)})",
             f"predicted {self.predicted_tok_s:.2f} tok/s, bound by {self.bound}",
         ]
         return "\n".join(lines)
@@ -405,7 +405,8 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     or a scratch file in the offload directory; only the links the placement uses).
     ``context_tokens`` (default: ``policy.kv_device_tokens``, else min(4096, the model's maximum))
     sizes the device room kept for the KV cache and activations; the prefill piece and the attention
-    scratch come from the device budget (``prefill_sizes``) unless the policy fixes the piece.
+    scratch come from the device budget (``prefill_sizes``) unless the policy fixes the piece, and an
+    auto piece then grows into device room the placement left unused (``_grow_piece``).
     Raises PlanError, naming the minimum, when the device budget cannot hold one layer's working set.
     """
     device = torch.device(policy.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -438,6 +439,10 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     best = _best_option(options, n, layer_bytes, links, cuda)
     depth, (n_dev, n_host, ring, staging), step_s = best
     kinds = spread_layers(n, n_dev, n_host)
+    if policy.prefill_chunk_tokens is None:       # device room no further layer fits: a larger piece, fewer passes
+        spare = dev_mem - reserve - globals_bytes - kinds.count("device") * layer_bytes - ring
+        piece, scratch, grown = _grow_piece(config, dtype, context, batch, piece, activations, spare)
+        reserve, activations = reserve + grown - activations, grown
     return Plan(
         device=str(device), dtype=str(dtype).removeprefix("torch."), num_layers=n, layer_bytes=layer_bytes,
         globals_bytes=globals_bytes, device_layers=_of(kinds, "device"), host_layers=_of(kinds, "host"),
@@ -451,6 +456,20 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         kv_host_bytes=max(0, host_mem - kinds.count("host") * layer_bytes - staging),
         prefill_chunk_tokens=piece, attention_scratch_bytes=scratch, activation_bytes=activations,
     )
+
+
+def _grow_piece(config: ModelConfig, dtype: torch.dtype, context_tokens: int, batch: int, piece: int,
+                activations: int, spare_bytes: int) -> tuple[int, int, int]:
+    """Double an auto-sized prefill piece while its extra activations fit ``spare_bytes`` of device room
+    that the placement left unused -> (piece, attention scratch, activation bytes)."""
+    while piece < DEFAULT_PREFILL_TOKENS:
+        bigger = activation_bytes(config, dtype, 2 * piece, _scratch_for(config, dtype, 2 * piece, batch),
+                                  context_tokens, batch)
+        if bigger - activations > spare_bytes:
+            break
+        spare_bytes -= bigger - activations
+        piece, activations = 2 * piece, bigger
+    return piece, _scratch_for(config, dtype, piece, batch), activations
 
 
 def _of(kinds: tuple[str, ...], kind: str) -> tuple[int, ...]:
