@@ -228,10 +228,41 @@ def test_plan_convert_and_budgeted_run(tmp_path, tiny_llama_dir) -> None:
     out = tmp_path / "store"
     assert runner.invoke(app, ["convert", str(tiny_llama_dir), str(out)]).exit_code == 0
     assert (out / "manifest.json").is_file()
-    minimum = float(too_small.output.split("at least ")[1].split(" MiB")[0])
+    from tierkv.config import parse_size
+
+    minimum = parse_size(too_small.output.split("at least ")[1].split(",")[0].replace(" ", ""))
     args = ["run", str(tiny_llama_dir), "--prompt-ids", "1,2,3", "-n", "6", "--json"]
     resident = json.loads(runner.invoke(app, args).stdout)
-    streamed = json.loads(runner.invoke(app, args + ["--device-mem", f"{minimum + 0.01:.2f}MiB", "--host-mem", "0",
+    streamed = json.loads(runner.invoke(app, args + ["--device-mem", str(minimum), "--host-mem", "0",
                                                     "--offload-dir", str(tmp_path / "off")]).stdout)
     assert streamed["plan"]["disk_layers"] and streamed["token_ids"] == resident["token_ids"]
     assert streamed["stats"]["weights"]["disk_to_device_bytes"] > 0
+
+
+def test_prefill_chunk_tokens_flag_reaches_the_plan(tiny_llama_dir) -> None:
+    auto = json.loads(invoke("plan", str(tiny_llama_dir), "--device", "cpu", "--json").stdout)
+    fixed = json.loads(invoke("plan", str(tiny_llama_dir), "--device", "cpu", "--json",
+                              "--prefill-chunk-tokens", "5").stdout)
+    assert auto["prefill_chunk_tokens"] == 2048 and fixed["prefill_chunk_tokens"] == 5
+    res = invoke("run", str(tiny_llama_dir), "--prompt-ids", ",".join(map(str, range(3, 23))), "-n", "3",
+                 "--prefill-chunk-tokens", "5", "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["plan"]["prefill_chunk_tokens"] == 5 and "prefill" not in res.stderr   # no bar when piped
+    bad = invoke("run", str(tiny_llama_dir), "--prompt-ids", "3,4", "--prefill-chunk-tokens", "0")
+    assert bad.exit_code == 2
+
+
+def test_prefill_progress_bar_on_a_terminal(tiny_llama_dir, monkeypatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    import tierkv.cli as cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "Console", lambda **kw: Console(file=screen, force_terminal=True, width=100))
+    res = invoke("run", str(tiny_llama_dir), "--prompt-ids", ",".join(map(str, range(3, 23))), "-n", "2",
+                 "--prefill-chunk-tokens", "5", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "prefill" in screen.getvalue() and "20/20" in screen.getvalue()

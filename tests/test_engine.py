@@ -371,3 +371,18 @@ def test_numpy_and_tensor_prompts_are_token_ids(engine) -> None:
     assert engine.generate(np.array(ids), max_new_tokens=4).token_ids == expected
     assert engine.generate(torch.tensor(ids), max_new_tokens=4).token_ids == expected
     assert engine.generate(torch.tensor([ids, ids]), max_new_tokens=4)[1].token_ids == expected
+
+
+def test_prefill_goes_in_the_planned_pieces_and_reports_progress(tiny_llama_dir) -> None:
+    seen: list[tuple[int, int]] = []
+    eng = tierkv.load(tiny_llama_dir, dtype="float32", device="cpu", prefill_chunk_tokens=7,
+                      prefill_progress=lambda done, total: seen.append((done, total)))
+    assert eng.plan is not None and eng.plan.prefill_chunk_tokens == eng.prefill_chunk_tokens == 7
+    ids = list(range(3, 23))
+    pieces = eng.generate(ids, max_new_tokens=4).token_ids
+    assert seen == [(7, 20), (14, 20), (20, 20)]
+    whole = tierkv.load(tiny_llama_dir, dtype="float32", device="cpu")
+    assert whole.prefill_chunk_tokens == whole.plan.prefill_chunk_tokens == 2048   # auto: the budget is ample
+    assert whole.generate(ids, max_new_tokens=4).token_ids == pieces
+    eng.close()
+    whole.close()

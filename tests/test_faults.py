@@ -34,7 +34,7 @@ from tierkv.io import store as store_mod
 from tierkv.io.kvstore import KVChunk, KVStore, KVStoreError
 from tierkv.io.store import (DAMAGE_FILE, DATA_FILE, MANIFEST_FILE, PARTIAL_SUFFIX, STATE_FILE, StoreError,
                              WeightStore, cached_store_dir, convert)
-from tierkv.plan import LinkSpeeds, make_plan
+from tierkv.plan import LinkSpeeds, make_plan, minimum_device_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 LINKS = LinkSpeeds(disk_read_gbps=1.0, h2d_gbps=float("inf"), layer_compute_s=1e-3)
@@ -63,7 +63,7 @@ def _streaming_kwargs(model: Path, offload: Path) -> dict[str, object]:
     policy = Policy(device="cpu", kv_device_tokens=64)
     roomy = make_plan(cfg, Budget(device_mem_bytes=1 << 30, host_mem_bytes=0, offload_dir=offload), policy,
                       LINKS, context_tokens=64)
-    device_mem = roomy.reserve_bytes + roomy.globals_bytes + roomy.layer_bytes + roomy.layer_bytes // 2
+    device_mem = minimum_device_bytes(cfg, policy, context_tokens=64) + roomy.layer_bytes // 2
     return dict(device="cpu", device_mem=device_mem, host_mem=0, offload_dir=offload, kv_device_tokens=64)
 
 

@@ -379,12 +379,13 @@ def test_budgets_through_load_spill_kv_and_stay_lossless(long_models: dict[str, 
     with tierkv.load(model, device="cpu", kv="exact") as eng:
         dense = eng.generate(prompt, max_new_tokens=6)
         cfg = eng.config
-    policy = Policy(dtype="float32", device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256)
+    policy = Policy(dtype="float32", device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256,
+                    prefill_chunk_tokens=512)                     # a fixed piece: the reserve does not follow the budget
     roomy = make_plan(cfg, tierkv.Budget(), policy)
     weights = roomy.globals_bytes + cfg.num_layers * roomy.layer_bytes
     per_token = kv_bytes_per_token(cfg, torch.float32)
     device_mem = weights + reserve_bytes(cfg, torch.float32, policy, 256, 1)      # every layer + 256 tokens of KV
-    with tierkv.load(model, device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256,
+    with tierkv.load(model, device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256, prefill_chunk_tokens=512,
                      device_mem=device_mem, host_mem=400 * per_token, offload_dir=tmp_path) as eng:
         # the room is 256 tokens' KV, raised to what chunks of 32 need at the model's 4096-token context
         # (6 slots + 128 abstracts per layer = 320 tokens' worth); the 1500-token prompt spills

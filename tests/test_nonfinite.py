@@ -83,10 +83,17 @@ def test_nan_weight_stops_generation_naming_the_layer(dirs, options, sampling) -
 def test_streamed_weights_with_a_nan_layer(dirs, tmp_path, monkeypatch) -> None:
     """Streaming converts first, and conversion refuses the NaN tensor; a store converted before
     convert checked values (simulated) streams the NaN layer from disk and generation stops."""
+    from tierkv.config import ModelConfig, Policy
+    from tierkv.io.store import plan_layout
+    from tierkv.plan import minimum_device_bytes
+
+    cfg = ModelConfig.from_dir(dirs["nan"])
+    layer = max(e.padded_nbytes for e in plan_layout(cfg, torch.float32) if e.name.startswith("layer."))
+    device_mem = minimum_device_bytes(cfg, Policy(device="cpu")) + layer // 2     # every layer streams
     with pytest.raises(CheckpointError, match=NAN_TENSOR):
-        tierkv.load(dirs["nan"], device_mem="2070KiB", host_mem="0", offload_dir=tmp_path)
+        tierkv.load(dirs["nan"], device_mem=device_mem, host_mem="0", offload_dir=tmp_path)
     monkeypatch.setattr(Checkpoint, "check_finite", lambda self, name, tensor: None)
-    eng = tierkv.load(dirs["nan"], device_mem="2070KiB", host_mem="0", offload_dir=tmp_path)
+    eng = tierkv.load(dirs["nan"], device_mem=device_mem, host_mem="0", offload_dir=tmp_path)
     monkeypatch.undo()
     with eng:
         assert 1 in eng.plan.disk_layers

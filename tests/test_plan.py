@@ -45,14 +45,17 @@ def test_everything_fits_means_resident_and_compute_bound():
 
 
 def test_budget_below_one_layer_is_refused_naming_the_minimum():
-    probe = _plan("8GiB")
-    minimum = probe.reserve_bytes + probe.globals_bytes + probe.layer_bytes
+    # the reserve (one prefill piece's activations) grows with the budget: the named minimum is a
+    # budget whose own reserve, globals and one layer fit it
     with pytest.raises(PlanError, match=r"below the minimum working set .* raise --device-mem to at least") as err:
-        _plan(str(minimum - 1))
-    assert f"{minimum / 2**20:.2f} MiB" in str(err.value)
+        _plan("1MiB")
+    minimum = parse_size(str(err.value).split("raise --device-mem to at least ")[1].split(",")[0].replace(" ", ""))
+    with pytest.raises(PlanError, match=r"below the minimum working set"):
+        _plan(str(minimum - (1 << 20)))
     p = _plan(str(minimum))
     _check_invariants(p)
     assert p.device_layers == () and p.prefetch_depth == 0 and len(p.disk_layers) == 16
+    assert plan_mod.minimum_device_bytes(CONFIG, Policy(device="cpu"), 1024) == minimum   # typed back as shown, it runs
 
 
 @pytest.mark.parametrize("device_mem", ["900MiB", "1.2GiB", "1.5GiB", "1.65GiB"])
@@ -122,3 +125,52 @@ def test_probe_measures_every_link(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="cannot write to the directory.*--offload-dir"):
         probe_links(small, torch.float32, torch.device("cpu"), None, blocker / "sub")
+
+
+def test_prefill_piece_is_chosen_from_the_budget_and_shrinks_with_it():
+    big, small = _plan("8GiB"), _plan("700MiB")
+    assert big.prefill_chunk_tokens == 2048
+    assert 16 <= small.prefill_chunk_tokens < big.prefill_chunk_tokens
+    assert small.attention_scratch_bytes <= big.attention_scratch_bytes
+    for p in (big, small):
+        _check_invariants(p)
+        assert p.activation_bytes <= p.reserve_bytes
+        base, _ = plan_mod.prefill_sizes(CONFIG, torch.bfloat16, Policy(device="cpu"), 1024, 1, p.device_mem_bytes)
+        assert p.prefill_chunk_tokens >= base            # the budget's share, grown into room no layer uses
+        assert f"prefill: pieces of {p.prefill_chunk_tokens} tokens" in p.summary()
+        assert p.to_dict()["prefill_chunk_tokens"] == p.prefill_chunk_tokens
+
+
+def test_activations_count_the_mlp_attention_and_logits_of_a_piece():
+    dtype = torch.bfloat16
+    one = plan_mod.activation_bytes(CONFIG, dtype, 1, 1 << 20, 1024, 1)
+    piece = plan_mod.activation_bytes(CONFIG, dtype, 2048, 1 << 20, 1024, 1)
+    # at least the MLP's gate, up and product in bf16 and the fp32 attention state of every token
+    assert piece - one >= 2047 * (3 * CONFIG.intermediate_size * 2 + 2 * CONFIG.q_size * 4)
+    assert one >= (1 << 20) + CONFIG.vocab_size * 4                   # the attention scratch and the logits
+    # one query row over the whole context is counted when it exceeds the scratch
+    long = plan_mod.activation_bytes(CONFIG, dtype, 1, 1 << 10, 1 << 20, 1)
+    assert long >= (1 << 20) * (12 * CONFIG.num_heads + 16)
+
+
+def test_an_explicit_prefill_piece_is_honoured_and_counted():
+    budget = Budget.parse(device_mem="450MiB", host_mem="0", offload_dir="/tmp/tierkv-plan-test")
+    auto = make_plan(CONFIG, budget, Policy(device="cpu"), CPU_LINKS, context_tokens=1024)
+    fixed = make_plan(CONFIG, budget, Policy(device="cpu", prefill_chunk_tokens=16), CPU_LINKS, context_tokens=1024)
+    assert fixed.prefill_chunk_tokens == 16 < auto.prefill_chunk_tokens
+    assert fixed.activation_bytes < auto.activation_bytes and fixed.reserve_bytes < auto.reserve_bytes
+    with pytest.raises(PlanError, match="below the minimum working set"):
+        make_plan(CONFIG, budget, Policy(device="cpu", prefill_chunk_tokens=2048), CPU_LINKS, context_tokens=1024)
+
+
+def test_auto_piece_grows_into_device_room_no_layer_uses():
+    probe = _plan("8GiB")
+    grown = 0
+    for extra in (120 << 20, 180 << 20, 320 << 20, 440 << 20):     # every layer streams or a few are resident
+        p = _plan(str(probe.globals_bytes + probe.layer_bytes + extra))
+        _check_invariants(p)
+        base, _ = plan_mod.prefill_sizes(CONFIG, torch.bfloat16, Policy(device="cpu"), 1024, 1, p.device_mem_bytes)
+        assert p.prefill_chunk_tokens >= base
+        assert p.kv_device_bytes >= 2 * CONFIG.num_layers * CONFIG.kv_size * 1024 * 2   # the KV room asked for stays
+        grown += p.prefill_chunk_tokens > base
+    assert grown >= 1                                  # at 320 MiB spare room holds a doubled piece, not a layer

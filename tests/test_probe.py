@@ -91,12 +91,12 @@ def test_tierkv_plan_shows_the_same_links_and_verdict_run_after_run(tmp_path: Pa
     from tierkv.cli import app
     from tierkv.config import Budget, Policy
     from tierkv.engine import model_path
-    from tierkv.plan import LinkSpeeds, make_plan
+    from tierkv.plan import LinkSpeeds, make_plan, minimum_device_bytes
 
     cfg = ModelConfig.from_dir(model_path("demo"))
     roomy = make_plan(cfg, Budget(device_mem_bytes=1 << 30, host_mem_bytes=0, offload_dir=tmp_path),
                       Policy(device="cpu"), LinkSpeeds(1.0, math.inf, 1e-3))
-    device_mem = roomy.reserve_bytes + roomy.globals_bytes + roomy.layer_bytes * 3 // 2
+    device_mem = minimum_device_bytes(cfg, Policy(device="cpu")) + roomy.layer_bytes // 2
     args = ["plan", "demo", "--device", "cpu", "--device-mem", str(device_mem), "--host-mem", "0",
             "--offload-dir", str(tmp_path), "--json"]
     runs = [json.loads(CliRunner().invoke(app, args).output) for _ in range(probe_mod.SAMPLES + 2)]

@@ -120,12 +120,11 @@ def test_cli_run_bad_arguments(tmp_path: Path) -> None:
 def test_streaming_sweep_shows_reader_thread_disk_reads(tiny_llama: Path, tmp_path: Path) -> None:
     """With a budget that streams layers from disk, the trace holds tierkv's reader-thread
     ``tierkv::disk_read`` spans beside the main thread's waits, so a stall is visible."""
-    from tierkv.plan import make_plan
+    from tierkv.plan import minimum_device_bytes
     import tierkv
 
     with tierkv.load(tiny_llama, dtype="float32", device="cpu") as eng:
-        plan = make_plan(eng.config, tierkv.Budget(), tierkv.Policy(dtype="float32", device="cpu"))
-    device_mem = plan.reserve_bytes + plan.globals_bytes + plan.layer_bytes   # the minimum: every layer streams
+        device_mem = minimum_device_bytes(eng.config, tierkv.Policy(dtype="float32", device="cpu"))  # every layer streams
     out = tmp_path / "streamed"
     run_sweep(str(tiny_llama), [1], prompt_len=8, new_tokens=3, out_dir=out, dtype="float32", device="cpu",
               device_mem=device_mem, host_mem=0, offload_dir=str(tmp_path / "offload"))

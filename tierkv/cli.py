@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional
 import torch
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
@@ -85,6 +86,9 @@ KvSketchOpt = typer.Option(None, "--kv-sketch/--no-kv-sketch",
                                 "1/16 of the KV kept on the device); default: on with CUDA, off on CPU")
 KvDeviceOpt = typer.Option(None, "--kv-device-tokens",
                            help="context whose KV keeps room on the device (default: min(4096, model max))")
+PrefillOpt = typer.Option(None, "--prefill-chunk-tokens", min=1,
+                          help="prefill the prompt in pieces of this many tokens (default: the largest up to 2048 "
+                               "whose activations fit an eighth of --device-mem)")
 VerifyOpt = typer.Option(False, "--verify", help="first check every checkpoint tensor is finite (reads the "
                          "whole checkpoint once; names a corrupt tensor)")
 
@@ -178,6 +182,46 @@ def _load(model: str, dtype: Optional[str], device: Optional[str], quiet: bool, 
     return engine
 
 
+class _PrefillBar:
+    """A transient progress bar on stderr for prefills of more than one piece; gone before the first token."""
+
+    def __init__(self) -> None:
+        self._progress: Progress | None = None
+        self._task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._progress is None:
+            if done >= total:
+                return                                    # a one-piece prompt: nothing to show
+            self._progress = Progress(TextColumn("prefill"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                                      TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task("prefill", total=total)
+        self._progress.update(self._task, completed=done, total=total)  # type: ignore[arg-type]
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+@contextmanager
+def _prefill_bar(engine: Engine, quiet: bool) -> Iterator[None]:
+    """Show prefill progress on a terminal (stderr) unless ``quiet``; the engine's callback is restored after."""
+    if quiet or not Console(stderr=True).is_terminal:
+        yield
+        return
+    bar, before = _PrefillBar(), engine.prefill_progress
+    engine.prefill_progress = bar
+    try:
+        yield
+    finally:
+        bar.close()
+        engine.prefill_progress = before
+
+
 def _kv_budget(value: float) -> float | int:
     """--kv-budget 0.05 is a fraction of the context (1 = all of it); 512 (a whole number > 1) is a token count."""
     return int(value) if value > 1 and float(value).is_integer() else value
@@ -217,6 +261,7 @@ def run(
     chunk_tokens: Optional[int] = ChunkOpt,
     kv_device_tokens: Optional[int] = KvDeviceOpt,
     kv_sketch: Optional[bool] = KvSketchOpt,
+    prefill_chunk_tokens: Optional[int] = PrefillOpt,
     threads: Optional[int] = ThreadsOpt,
     verify: bool = VerifyOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streamed text"),
@@ -229,11 +274,13 @@ def run(
         ids = None if prompt_ids is None else _prompt_ids(prompt_ids)
         engine = _load(model, dtype, device, as_json, device_mem, host_mem, offload_dir,
                        kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
-                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, verify=verify)
+                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, verify=verify,
+                       prefill_chunk_tokens=prefill_chunk_tokens)
         try:
             stream = engine.stream(prompt if ids is None else ids,
                                    **_sampling(max_new_tokens, temperature, top_k, top_p, seed, stop))
-            res = _emit(stream, show=not as_json, ids=engine.tokenizer is None)
+            with _prefill_bar(engine, as_json):
+                res = _emit(stream, show=not as_json, ids=engine.tokenizer is None)
             if as_json:
                 print(json.dumps({**res.to_dict(), "plan": engine.plan.to_dict() if engine.plan else None}))
             else:
@@ -262,6 +309,7 @@ def chat(
     chunk_tokens: Optional[int] = ChunkOpt,
     kv_device_tokens: Optional[int] = KvDeviceOpt,
     kv_sketch: Optional[bool] = KvSketchOpt,
+    prefill_chunk_tokens: Optional[int] = PrefillOpt,
     threads: Optional[int] = ThreadsOpt,
     verify: bool = VerifyOpt,
 ) -> None:
@@ -270,7 +318,8 @@ def chat(
     with _user_errors():
         engine = _load(model, dtype, device, False, device_mem, host_mem, offload_dir,
                        kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
-                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, verify=verify)
+                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, verify=verify,
+                       prefill_chunk_tokens=prefill_chunk_tokens)
         try:
             _chat_loop(engine, system, _sampling(max_new_tokens, temperature, top_k, top_p, seed, None))
         finally:
@@ -293,7 +342,8 @@ def _chat_loop(engine: Engine, system: Optional[str], sampling: dict[str, Any]) 
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        res = _emit(engine.stream(engine.tokenizer.encode_chat(messages), **sampling), show=True)
+        with _prefill_bar(engine, False):
+            res = _emit(engine.stream(engine.tokenizer.encode_chat(messages), **sampling), show=True)
         print()
         messages.append({"role": "assistant", "content": res.text.strip()})
 
@@ -361,6 +411,7 @@ def plan_cmd(
     dtype: Optional[str] = typer.Option(None, help="compute dtype (default: the checkpoint's)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda when available)"),
     kv_device_tokens: Optional[int] = KvDeviceOpt,
+    prefill_chunk_tokens: Optional[int] = PrefillOpt,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Show where each layer would live, the prefetch depth, and the predicted tokens/s."""
@@ -369,7 +420,7 @@ def plan_cmd(
             cfg = ckpt.config
         policy = Policy(dtype=str(resolve_dtype(dtype, cfg.dtype)).removeprefix("torch."),
                         device=None if device is None else str(resolve_device(device)),
-                        kv_device_tokens=kv_device_tokens)
+                        kv_device_tokens=kv_device_tokens, prefill_chunk_tokens=prefill_chunk_tokens)
         budget = Budget.parse(device_mem, host_mem, offload_dir)
         store = find_cached_store(model_path(model), budget.offload_dir or default_offload_dir(), policy.dtype)
         plan = make_plan(cfg, budget, policy, data_path=store.data_path if store is not None else None)

@@ -395,7 +395,8 @@ class Policy:
 
     dtype: str | None = None            # compute dtype; None = the checkpoint's
     device: str | None = None           # "cpu", "cuda", "cuda:1"; None = cuda if available, else cpu
-    prefill_chunk_tokens: int = 2048    # long prompts are prefilled in pieces of this many tokens
+    prefill_chunk_tokens: int | None = None  # prompts are prefilled in pieces of this many tokens;
+                                             # None = chosen by the planner from the device budget
     kv: str = "auto"                    # "exact" | "sparse" | "auto" (exact up to kv_exact_max_tokens)
     kv_budget: float | int = 0.05       # sparse mode: fraction of the context (< 1) or a number of tokens
     kv_exact_max_tokens: int = 4096     # auto mode switches to sparse beyond this context length

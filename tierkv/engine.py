@@ -27,7 +27,7 @@ from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.model import KVCache, decoder_layer, embed, head, step_inputs
 from tierkv.pipeline.kv import DenseKVCache, make_kv_cache, max_kv_batch
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource, run_layers
-from tierkv.plan import Plan, open_weight_source
+from tierkv.plan import Plan, open_weight_source, prefill_sizes
 from tierkv.io.store import ProgressFn
 from tierkv.numerics import NonFiniteError, non_finite_error
 from tierkv.sampling import SamplingParams, pick
@@ -251,9 +251,13 @@ class Engine:
 
     def __init__(self, model: str | Path, policy: Policy = Policy(), budget: Budget = Budget(),
                  progress: ProgressFn | None = None, weights: WeightSource | None = None,
-                 verify: bool = False) -> None:
+                 verify: bool = False, prefill_progress: ProgressFn | None = None) -> None:
         """``weights`` injects a ready weight source (tests, custom placements) and skips planning.
-        ``verify`` first checks every checkpoint tensor is finite (``Checkpoint.verify``)."""
+        ``verify`` first checks every checkpoint tensor is finite (``Checkpoint.verify``).
+
+        ``prefill_progress(done, total)`` (also settable later as the attribute of that name) is
+        called after each prefill piece with the prompt tokens processed so far and the prompt length.
+        """
         self.model_dir = model_path(model)
         self.policy = policy
         self.checkpoint = Checkpoint(self.model_dir)
@@ -271,6 +275,11 @@ class Engine:
             resolved = replace(policy, dtype=str(self.dtype).removeprefix("torch."), device=str(self.device))
             weights, self.plan = open_weight_source(self.model_dir, self.config, budget, resolved, progress=progress)
         self._weights: WeightSource = weights or ResidentWeights(self.checkpoint, self.dtype, self.device)
+        self.prefill_progress = prefill_progress
+        # prefill piece and attention scratch: the plan's (sized to the device budget), else the policy's
+        self.prefill_chunk_tokens, self.attention_scratch_bytes = (
+            (self.plan.prefill_chunk_tokens, self.plan.attention_scratch_bytes) if self.plan is not None
+            else prefill_sizes(self.config, self.dtype, policy, 0, 1))
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread holding the lock (to refuse same-thread re-entry)
         self._closed = False
@@ -342,13 +351,18 @@ class Engine:
         return make_kv_cache(self.config, self.policy, batch, capacity_tokens, self.dtype, self.device,
                              kv_device_bytes=plan.kv_device_bytes if plan else None,
                              kv_host_bytes=plan.kv_host_bytes if plan else None,
-                             offload_dir=Path(plan.offload_dir) / "kv" if plan else None)
+                             offload_dir=Path(plan.offload_dir) / "kv" if plan else None,
+                             attention_scratch_bytes=self.attention_scratch_bytes)
 
     def _prefill(self, ids: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        """ids (B, T) in pieces of ``prefill_chunk_tokens`` so activations stay bounded -> last logits (B, V)."""
-        piece = self.policy.prefill_chunk_tokens
-        for start in range(0, ids.shape[1], piece):
+        """ids (B, T) in pieces of ``prefill_chunk_tokens`` so activations stay bounded -> last logits (B, V).
+
+        Reports ``prefill_progress(done, total)`` after each piece."""
+        piece, total = self.prefill_chunk_tokens, ids.shape[1]
+        for start in range(0, total, piece):
             logits = self._forward(ids[:, start:start + piece], kv)
+            if self.prefill_progress is not None:
+                self.prefill_progress(min(total, start + piece), total)
         return logits
 
     @torch.inference_mode()
@@ -358,7 +372,7 @@ class Engine:
         ids = self.encode(prompt)
         with self._serialized():
             self._check_open()       # again under the lock: another thread may have closed it meanwhile
-            kv = DenseKVCache(self.config, 1, len(ids), self.dtype, self.device)
+            kv = DenseKVCache(self.config, 1, len(ids), self.dtype, self.device, self.attention_scratch_bytes)
             return self._forward(torch.tensor([ids], device=self.device), kv, all_logits=True)[0].cpu()
 
     # -- generation --------------------------------------------------------------------------
@@ -518,8 +532,9 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          offload_dir: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | None = None, kv: str = "auto", kv_budget: float | int = 0.05,
          chunk_tokens: int | None = None, kv_exact_max_tokens: int = 4096, kv_device_tokens: int | None = None,
-         kv_sketch: bool | None = None, prefill_chunk_tokens: int = 2048,
-         progress: ProgressFn | None = None, verify: bool = False) -> Engine:
+         kv_sketch: bool | None = None, prefill_chunk_tokens: int | None = None,
+         progress: ProgressFn | None = None, prefill_progress: ProgressFn | None = None,
+         verify: bool = False) -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``) for generation.
 
     device_mem / host_mem: budgets such as "6GiB" or a byte count; default: detected free memory
@@ -541,7 +556,10 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     on the device (D/4 bytes per token and KV head) instead of the chunk's min/max alone (default:
     on with CUDA, off on the CPU where the pass costs about as much as dense attention); False
     saves that memory and time but can miss a single strongly attended token. Long prompts are
-    prefilled in pieces of prefill_chunk_tokens.
+    prefilled in pieces of prefill_chunk_tokens (default: the largest power of two up to 2048 whose
+    activations fit an eighth of the device budget, at least 16; ``engine.plan.prefill_chunk_tokens``
+    says which); prefill_progress(done, total) is called after each piece. progress(done, total)
+    reports a first-use conversion.
 
     verify=True first reads every checkpoint tensor once (bounded memory, a bar on a terminal, or
     ``progress(done_bytes, total_bytes)`` before any conversion's calls) and raises CheckpointError
@@ -553,4 +571,5 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,
                     kv_exact_max_tokens=kv_exact_max_tokens, chunk_tokens=chunk_tokens,
                     kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch)
-    return Engine(model, policy, Budget.parse(device_mem, host_mem, offload_dir), progress=progress, verify=verify)
+    return Engine(model, policy, Budget.parse(device_mem, host_mem, offload_dir), progress=progress,
+                  prefill_progress=prefill_progress, verify=verify)

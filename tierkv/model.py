@@ -144,21 +144,63 @@ def head(cfg: ModelConfig, g: dict[str, torch.Tensor], h: torch.Tensor) -> torch
     return F.linear(rms_norm(h, g["model.norm.weight"], cfg.rms_norm_eps), weight).float()
 
 
+ATTENTION_SCRATCH_BYTES = 64 << 20   # default cap on the temporaries of one block of prefill attention
+
+
+def attention_pair_bytes(batch: int, q_heads: int) -> int:
+    """Worst-case temporary bytes per (query, key) pair of one attention block.
+
+    Per query head three fp32 score-sized tensors (the scores, the masked copy, their
+    exponentials: the tiered cache's online softmax, or SDPA's math fallback); per pair shared by
+    the heads an int64 position difference, two bool masks and SDPA's fp32 copy of the mask.
+    """
+    return batch * (12 * q_heads + 16)
+
+
+def attention_block_rows(batch: int, q_heads: int, keys: int, scratch_bytes: int) -> int:
+    """Queries per block so that one block's temporaries over ``keys`` keys fit ``scratch_bytes`` (>= 1)."""
+    return max(1, scratch_bytes // (attention_pair_bytes(batch, q_heads) * max(1, keys)))
+
+
+def visibility_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window_tokens: int | None) -> torch.Tensor:
+    """q_pos (B, T), k_pos (B, S) -> (B, T, S) bool: key visible (k_pos <= q_pos, inside the window)."""
+    diff = q_pos[:, :, None] - k_pos[:, None, :]                             # (B, T, S)
+    allowed = diff >= 0
+    if window_tokens is not None:
+        allowed &= diff < window_tokens
+    return allowed
+
+
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                    k_pos: torch.Tensor, window_tokens: int | None) -> torch.Tensor:
-    """Causal (optionally sliding-window) GQA attention.
+                    k_pos: torch.Tensor, window_tokens: int | None,
+                    scratch_bytes: int = ATTENTION_SCRATCH_BYTES) -> torch.Tensor:
+    """Causal (optionally sliding-window) GQA attention, in blocks of queries for prefill.
 
     q (B, Hq, T, D), k/v (B, Hkv, S, D), q_pos (B, T), k_pos (B, S) -> (B, Hq, T, D).
-    A key is visible when k_pos <= q_pos and q_pos - k_pos < window_tokens.
+    A key is visible when k_pos <= q_pos and q_pos - k_pos < window_tokens. Positions ascend
+    along T and S (caches store keys in position order). Decode (T = 1, every key visible) is one
+    unmasked SDPA call. Otherwise queries go in blocks whose mask and scores stay within
+    ``scratch_bytes`` (``attention_block_rows``; at least one query row), each block attending only
+    to the key range it can see: no (T, S) score or mask tensor exists at once.
     """
     t, s = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
     if t == 1 and (window_tokens is None or s <= window_tokens):
-        mask = None                                                          # decode: every key is visible
-    else:
-        diff = q_pos[:, :, None] - k_pos[:, None, :]                         # (B, T, S)
-        allowed = diff >= 0
-        if window_tokens is not None:
-            allowed &= diff < window_tokens
-        mask = allowed[:, None]                                              # (B, 1, T, S)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)       # decode: every key is visible
+    rows = attention_block_rows(q.shape[0], q.shape[1], s, scratch_bytes)
+    starts = list(range(0, t, rows))
+    ends = [min(t, a + rows) for a in starts]
+    first_q, last_q = q_pos[:, starts], q_pos[:, [e - 1 for e in ends]]      # (B, n_blocks)
+    lo_pos = first_q - (window_tokens - 1) if window_tokens is not None else torch.full_like(first_q, -2**62)
+    kp = k_pos.contiguous()
+    lo = torch.searchsorted(kp, lo_pos.contiguous()).amin(0)                 # first key any batch row may see
+    hi = torch.searchsorted(kp, last_q.contiguous(), right=True).amax(0)     # one past the last such key
+    spans = torch.stack([lo, hi]).tolist()                                   # the one host sync
+    out = torch.empty_like(q)
+    for a, e, k_lo, k_hi in zip(starts, ends, spans[0], spans[1]):
+        k_lo = min(k_lo, s - 1)
+        k_hi = max(k_hi, k_lo + 1)                                          # a block always sees its own keys
+        mask = visibility_mask(q_pos[:, a:e], k_pos[:, k_lo:k_hi], window_tokens)[:, None]   # (B, 1, rows, span)
+        out[:, :, a:e] = F.scaled_dot_product_attention(q[:, :, a:e], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi],
+                                                        attn_mask=mask, enable_gqa=gqa)
+    return out

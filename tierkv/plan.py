@@ -31,6 +31,7 @@ from tierkv.io.buffers import HostBuffer
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.store import check_offload_dir, plan_layout
 from tierkv.probe import MIN_PROBE_FILE_BYTES, LinkCache, compute_key, disk_key, disk_read_gbps, h2d_key
+from tierkv.model import ATTENTION_SCRATCH_BYTES, attention_pair_bytes
 
 if TYPE_CHECKING:
     from tierkv.io.store import ProgressFn, WeightStore
@@ -42,6 +43,10 @@ HOST_HEADROOM_FRACTION = 0.20          # of available RAM (the OS, the page cach
 HOST_HEADROOM_BYTES = 1 << 30
 MAX_PREFETCH_DEPTH = 4
 DEFAULT_CONTEXT_TOKENS = 4096
+DEFAULT_PREFILL_TOKENS = 2048          # the largest prefill piece the planner picks
+MIN_PREFILL_TOKENS = 16                # the smallest (below it every piece re-reads the streamed layers for little work)
+ACTIVATION_FRACTION = 0.125            # of the device budget: what one auto-sized prefill piece's activations may take
+MIN_ATTENTION_SCRATCH_BYTES = 256 << 10
 
 
 class PlanError(TierkvError):
@@ -84,6 +89,9 @@ class Plan:
     bound: str                         # "disk", "h2d" or "compute": the busiest link
     kv_device_bytes: int = 0           # device memory left for the KV cache once weights and activations are placed
     kv_host_bytes: int = 0             # host memory left for cold KV chunks once host layers and staging are placed
+    prefill_chunk_tokens: int = DEFAULT_PREFILL_TOKENS  # prompts are prefilled in pieces of this many tokens
+    attention_scratch_bytes: int = ATTENTION_SCRATCH_BYTES  # cap on one block of prefill attention's temporaries
+    activation_bytes: int = 0          # device memory kept for one prefill piece's activations (in reserve_bytes)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: an unmeasured (infinite) link speed becomes null."""
@@ -104,6 +112,8 @@ class Plan:
             f"compute {self.links.layer_compute_s * 1e3:.2f} ms/layer",
             f"KV cache room: {format_size(self.kv_device_bytes)} on the device, "
             f"{format_size(self.kv_host_bytes)} in host memory, the rest in {self.offload_dir}/kv",
+            f"prefill: pieces of {self.prefill_chunk_tokens} tokens, activations {format_size(self.activation_bytes)} "
+            f"(attention blocks up to {format_size(self.attention_scratch_bytes)})",
             f"predicted {self.predicted_tok_s:.2f} tok/s, bound by {self.bound}",
         ]
         return "\n".join(lines)
@@ -186,10 +196,13 @@ def _gpu_free_bytes(device: torch.device) -> int:
         return int(torch.cuda.mem_get_info(index)[0])
 
 
-def reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int) -> int:
-    """Device memory for the KV cache (``kv_reserve_bytes``) and one prefill piece's activations."""
+def reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int,
+                  device_mem_bytes: int | None = None) -> int:
+    """Device memory for the KV cache (``kv_reserve_bytes``) and one prefill piece's activations
+    (the piece and attention scratch of ``prefill_sizes`` for this device budget)."""
+    piece, scratch = prefill_sizes(config, dtype, policy, context_tokens, batch, device_mem_bytes)
     return kv_reserve_bytes(config, dtype, policy, context_tokens, batch) + activation_bytes(
-        config, policy, context_tokens, batch)
+        config, dtype, piece, scratch, context_tokens, batch)
 
 
 def kv_reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int) -> int:
@@ -205,13 +218,66 @@ def kv_reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, co
     return max(dense, tiered)
 
 
-def activation_bytes(config: ModelConfig, policy: Policy, context_tokens: int, batch: int) -> int:
-    """Working memory of one prefill piece attending to ``context_tokens`` (fp32 worst case)."""
-    piece = min(policy.prefill_chunk_tokens, context_tokens) * batch
-    h, i = config.hidden_size, config.intermediate_size
-    activations = piece * (4 * h + 3 * i + config.q_size + 2 * config.kv_size) * 4
-    scores = piece * config.num_heads * context_tokens * 4                            # unfused attention
-    return activations + scores + batch * config.vocab_size * 4                       # logits: last position only
+def prefill_sizes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int,
+                  device_mem_bytes: int | None = None) -> tuple[int, int]:
+    """(prefill piece in tokens, attention scratch in bytes) for a device budget.
+
+    The piece is ``policy.prefill_chunk_tokens`` when given, else the largest power of two from
+    ``DEFAULT_PREFILL_TOKENS`` down to ``MIN_PREFILL_TOKENS`` whose activations fit
+    ``ACTIVATION_FRACTION`` of the budget (no budget: the default). The scratch, the cap on one
+    block of attention's temporaries, follows the piece: half of the piece's other activations,
+    between ``MIN_ATTENTION_SCRATCH_BYTES`` and ``model.ATTENTION_SCRATCH_BYTES``.
+    """
+    piece = policy.prefill_chunk_tokens or DEFAULT_PREFILL_TOKENS
+    if policy.prefill_chunk_tokens is None and device_mem_bytes is not None:
+        allowance = int(device_mem_bytes * ACTIVATION_FRACTION)
+        while piece > MIN_PREFILL_TOKENS and activation_bytes(
+                config, dtype, piece, _scratch_for(config, dtype, piece, batch), context_tokens, batch) > allowance:
+            piece //= 2
+    return piece, _scratch_for(config, dtype, piece, batch)
+
+
+def _scratch_for(config: ModelConfig, dtype: torch.dtype, piece_tokens: int, batch: int) -> int:
+    half = piece_tokens * batch * _bytes_per_piece_token(config, dtype) // 2
+    return max(MIN_ATTENTION_SCRATCH_BYTES, min(ATTENTION_SCRATCH_BYTES, half))
+
+
+def _bytes_per_piece_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Activation bytes per token of a prefill piece, outside attention's score blocks."""
+    item = torch.empty((), dtype=dtype).element_size()
+    h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+    # compute dtype: residual, normed input, attention and MLP outputs (4 h); q and its RoPE temporaries
+    # (3 q); k, v, rotated k (3 kv); gate, up, silu(gate), their product (4 i)
+    # fp32: RMS norm's upcasts (2 h); the attention state: scaled q, accumulator, result (3 q); fp32 K/V of the piece (2 kv)
+    per_token = item * (4 * h + 3 * q + 3 * kv + 4 * i) + 4 * (2 * h + 3 * q + 2 * kv)
+    # the tiered cache's chunk-size probe at the first piece (pipeline.chunking.attention_entropy): fp32
+    # keys repeated per query head, five score-sized tensors and the positions of 32 sampled queries
+    return per_token + q * 4 + 32 * (config.num_heads * 20 + 10)
+
+
+def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int, scratch_bytes: int,
+                     context_tokens: int, batch: int) -> int:
+    """Working memory of one prefill piece of ``piece_tokens`` per sequence attending to up to
+    ``context_tokens`` keys, counted from what the model math and the KV caches allocate."""
+    per_token = _bytes_per_piece_token(config, dtype)
+    # one attention block: the scratch cap, or a single query row over every key when that is larger
+    attention = max(scratch_bytes, attention_pair_bytes(batch, config.num_heads) * max(context_tokens, piece_tokens))
+    logits = 2 * batch * config.vocab_size * 4                                        # last position, fp32 and a copy
+    return piece_tokens * batch * per_token + attention + logits
+
+
+def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context_tokens: int | None = None,
+                         batch: int = 1) -> int:
+    """The smallest device budget ``make_plan`` accepts (every layer streamed): globals, one layer slot
+    and the reserve (KV room and one prefill piece) that this budget itself gets."""
+    dtype = resolve_dtype(policy.dtype, config.dtype)
+    extents = plan_layout(config, dtype)
+    fixed = max(e.padded_nbytes for e in extents if e.name.startswith("layer.")) + sum(
+        e.padded_nbytes for e in extents if not e.name.startswith("layer."))
+    context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
+    policy = replace(policy, kv_sketch=False) if policy.kv_sketch else policy   # make_plan drops codes that do not fit
+    reserve = reserve_bytes(config, dtype, policy, context, batch, 0)
+    return _shown_size_at_least(_minimum_reserve(config, dtype, policy, context, batch, fixed, reserve) + fixed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +447,9 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     ``context_tokens`` (default: ``policy.kv_device_tokens``, else min(4096, the model's maximum))
     sizes the device room kept for the KV cache and activations; the KV room is never less than the
     tiered cache needs at the model's full context (``kv_reserve_bytes``), so any prompt runs.
+    sizes the device room kept for the KV cache and activations; the prefill piece and the attention
+    scratch come from the device budget (``prefill_sizes``) unless the policy fixes the piece, and an
+    auto piece then grows into device room the placement left unused (``_grow_piece``).
     Raises PlanError, naming the minimum, when the device budget cannot hold one layer's working set.
     """
     device = torch.device(policy.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -393,10 +462,16 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     globals_bytes = sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     dev_mem, host_mem, offload_dir = detect_budgets(budget, device)
+    fixed = globals_bytes + layer_bytes
     kv_policy = policy
-    if dev_mem < reserve_bytes(config, dtype, policy, context, batch) + globals_bytes + layer_bytes:
+    if dev_mem < reserve_bytes(config, dtype, policy, context, batch, dev_mem) + fixed:
         kv_policy = replace(policy, kv_sketch=False)  # no room for key codes: the cache runs without (stats say so)
-    reserve = reserve_bytes(config, dtype, kv_policy, context, batch)
+    piece, scratch = prefill_sizes(config, dtype, kv_policy, context, batch, dev_mem)
+    activations = activation_bytes(config, dtype, piece, scratch, context, batch)
+    reserve = reserve_bytes(config, dtype, kv_policy, context, batch, dev_mem)
+    if dev_mem < reserve + fixed:   # name a minimum whose own (larger) reserve it holds
+        reserve = _shown_size_at_least(_minimum_reserve(config, dtype, kv_policy, context, batch, fixed, reserve)
+                                       + fixed) - fixed
     kv_floor = kv_reserve_bytes(config, dtype, kv_policy, 0, batch)    # the full context's tiered minimum
     kv_at_floor = kv_reserve_bytes(config, dtype, kv_policy, context, batch) <= kv_floor
     _check_minimum(dev_mem, host_mem, reserve, globals_bytes, layer_bytes, config.num_layers, device, dtype, context,
@@ -415,6 +490,10 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     best = _best_option(options, n, layer_bytes, links, cuda)
     depth, (n_dev, n_host, ring, staging), step_s = best
     kinds = spread_layers(n, n_dev, n_host)
+    if policy.prefill_chunk_tokens is None:       # device room no further layer fits: a larger piece, fewer passes
+        spare = dev_mem - reserve - globals_bytes - kinds.count("device") * layer_bytes - ring
+        piece, scratch, grown = _grow_piece(config, dtype, context, batch, piece, activations, spare)
+        reserve, activations = reserve + grown - activations, grown
     return Plan(
         device=str(device), dtype=str(dtype).removeprefix("torch."), num_layers=n, layer_bytes=layer_bytes,
         globals_bytes=globals_bytes, device_layers=_of(kinds, "device"), host_layers=_of(kinds, "host"),
@@ -424,9 +503,24 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         predicted_step_s=step_s, predicted_tok_s=batch / step_s if step_s > 0 else math.inf,
         bound=_bound(kinds, layer_bytes, links, cuda),
         kv_device_bytes=max(0, dev_mem - globals_bytes - kinds.count("device") * layer_bytes - ring
-                            - activation_bytes(config, policy, context, batch)),
+                            - activations),
         kv_host_bytes=max(0, host_mem - kinds.count("host") * layer_bytes - staging),
+        prefill_chunk_tokens=piece, attention_scratch_bytes=scratch, activation_bytes=activations,
     )
+
+
+def _grow_piece(config: ModelConfig, dtype: torch.dtype, context_tokens: int, batch: int, piece: int,
+                activations: int, spare_bytes: int) -> tuple[int, int, int]:
+    """Double an auto-sized prefill piece while its extra activations fit ``spare_bytes`` of device room
+    that the placement left unused -> (piece, attention scratch, activation bytes)."""
+    while piece < DEFAULT_PREFILL_TOKENS:
+        bigger = activation_bytes(config, dtype, 2 * piece, _scratch_for(config, dtype, 2 * piece, batch),
+                                  context_tokens, batch)
+        if bigger - activations > spare_bytes:
+            break
+        spare_bytes -= bigger - activations
+        piece, activations = 2 * piece, bigger
+    return piece, _scratch_for(config, dtype, piece, batch), activations
 
 
 def _of(kinds: tuple[str, ...], kind: str) -> tuple[int, ...]:
@@ -447,6 +541,26 @@ def _best_option(options: dict[int, tuple[int, int, int, int]], n: int, layer_by
     return depth, split, step_s
 
 
+def _minimum_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int,
+                     fixed_bytes: int, reserve: int) -> int:
+    """The reserve at the smallest budget M >= reserve(M) + fixed_bytes, from a too-small budget's reserve
+    (the auto prefill piece, so the reserve, grows with the budget; it is bounded, so this ends)."""
+    while (grown := reserve_bytes(config, dtype, policy, context_tokens, batch, reserve + fixed_bytes)) > reserve:
+        reserve = grown
+    return reserve
+
+
+def _shown_size_at_least(n_bytes: int) -> int:
+    """A size >= ``n_bytes`` that ``format_size`` prints exactly, so a minimum typed back as shown suffices."""
+    shown = parse_size(format_size(n_bytes).replace(" ", ""))
+    if shown >= n_bytes:                   # printed as is (rounded up already): idempotent
+        return shown
+    step = 1 if n_bytes < 1024 else 1024 ** int(math.log(n_bytes, 1024)) / 100   # format_size's last digit
+    shown = parse_size(format_size(n_bytes + step / 2 + 1).replace(" ", ""))
+    assert shown >= n_bytes, (shown, n_bytes)
+    return shown
+
+
 def _check_minimum(dev_mem: int, host_mem: int, reserve: int, globals_bytes: int, layer_bytes: int,
                    num_layers: int, device: torch.device, dtype: torch.dtype, context_tokens: int,
                    kv_at_floor: bool = False) -> None:
@@ -456,22 +570,15 @@ def _check_minimum(dev_mem: int, host_mem: int, reserve: int, globals_bytes: int
     ``kv_reserve_bytes``), so fewer --kv-device-tokens would not lower it."""
     minimum = reserve + globals_bytes + layer_bytes
     if dev_mem < minimum:
+        shown = format_size(_shown_size_at_least(minimum))
         kv_note = " (the KV part: the least with which the model's full context runs)" if kv_at_floor else ""
         fewer = "" if kv_at_floor else (
             f"reserve KV room for fewer tokens (--kv-device-tokens, now {context_tokens}), or ")
         raise PlanError(
-            f"device budget {format_size(dev_mem)} is below the minimum working set {_size_at_least(minimum)} "
+            f"device budget {format_size(dev_mem)} is below the minimum working set {shown} "
             f"(embedding/norm/head {format_size(globals_bytes)} + KV and activations {format_size(reserve)}{kv_note} "
             f"+ one layer {format_size(layer_bytes)} of {num_layers}, {str(dtype).removeprefix('torch.')}); raise "
-            f"--device-mem to at least {_size_at_least(minimum)}, or {fewer}use a smaller dtype")
-
-
-def _size_at_least(n_bytes: int) -> str:
-    """``format_size`` rounded up: a budget written as the printed size is never below ``n_bytes``."""
-    value, unit = format_size(n_bytes).split()
-    while parse_size(f"{value}{unit}") < n_bytes:
-        value = f"{float(value) + 0.01:.2f}"
-    return f"{value} {unit}"
+            f"--device-mem to at least {shown}, or {fewer}use a smaller dtype")
 
 
 def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budget, policy: Policy = Policy(), *,
@@ -511,4 +618,4 @@ def _streaming_source(model_dir: str | Path, plan: Plan, store: "WeightStore | N
 
 
 __all__ = ["LinkSpeeds", "Plan", "PlanError", "default_offload_dir", "detect_budgets", "make_plan",
-           "open_weight_source", "probe_links", "reserve_bytes", "simulate_step_s", "spread_layers"]
+           "minimum_device_bytes", "open_weight_source", "prefill_sizes", "probe_links", "reserve_bytes", "simulate_step_s", "spread_layers"]

@@ -70,7 +70,8 @@ from tierkv.io.kvstore import KVChunk, KVStore, remove_abandoned
 from tierkv.kernels import (KeySketch, Selection, abstract_append, chunk_abstract, chunk_scores, encode_keys,
                             select_chunks, sparse_decode_attention)
 from tierkv.kernels.sketch import sketch_bytes_per_token
-from tierkv.model import dense_attention
+from tierkv.model import (ATTENTION_SCRATCH_BYTES, attention_block_rows, attention_pair_bytes, dense_attention,
+                          visibility_mask)
 from tierkv.pipeline.chunking import ChunkRule, attention_entropy, chunk_tokens_for_entropy, fit_chunk_tokens
 from tierkv.pipeline.kv_table import ChunkKey, KVBudgetError, KVChunkTable, Tier
 
@@ -79,7 +80,7 @@ __all__ = ["DenseKVCache", "TieredKVCache", "make_kv_cache", "kv_bytes_per_token
 
 DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
 TierPair = tuple[Tier, Tier]
-_LOGITS_BATCH_BYTES = 32 << 20   # cap on the fp32 logits of one batch of chunks in the streamed path
+_MIN_BLOCK_ROWS = 64             # streamed attention: a batch of chunks leaves room for this many query rows
 _SCRATCH_SLOTS_PER_SEQ = 2       # at least one streamed chunk per sequence in each half of the double buffer
 _STREAM_BYTES = 32 << 20         # cap on the K/V a sparse step that overflows the device streams at once
 _STREAM_THREADS = 4              # reader threads that read those chunks in parallel
@@ -93,9 +94,10 @@ class DenseKVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, capacity_tokens: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, attention_scratch_bytes: int = ATTENTION_SCRATCH_BYTES) -> None:
         shape = (batch, cfg.num_kv_heads, capacity_tokens, cfg.head_dim)
         self.capacity_tokens = capacity_tokens
+        self.attention_scratch_bytes = attention_scratch_bytes   # cap on one block of prefill attention
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.length_tokens = 0  # tokens stored so far (same for every layer once a forward finishes)
@@ -115,7 +117,7 @@ class DenseKVCache:
         self.v[layer][:, :, start:end] = v
         lo = 0 if window_tokens is None else max(0, end - t - window_tokens + 1)  # oldest key any query can see
         return dense_attention(q, self.k[layer][:, :, lo:end], self.v[layer][:, :, lo:end],
-                               positions, self._key_pos[:, lo:end], window_tokens)
+                               positions, self._key_pos[:, lo:end], window_tokens, self.attention_scratch_bytes)
 
     def advance(self, t: int) -> None:
         """Mark ``t`` more tokens as stored (called once per forward, after the last layer)."""
@@ -214,19 +216,23 @@ def kv_budget_tokens(kv_budget: float | int, context_tokens: int) -> int:
 def make_kv_cache(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: int, dtype: torch.dtype,
                   device: torch.device | str, *, kv_device_bytes: int | None = None,
                   kv_host_bytes: int | None = None, offload_dir: str | Path | None = None,
-                  offload_bytes: int | None = None) -> "DenseKVCache | TieredKVCache":
+                  offload_bytes: int | None = None,
+                  attention_scratch_bytes: int = ATTENTION_SCRATCH_BYTES) -> "DenseKVCache | TieredKVCache":
     """The KV cache for one generation of ``batch`` sequences of up to ``capacity_tokens`` tokens.
 
     Returns the resident ``DenseKVCache`` when every step attends exactly (``kv="exact"``, or
     ``"auto"`` with capacity <= ``kv_exact_max_tokens``) and the whole KV fits the device budget
     (or none is given); otherwise a ``TieredKVCache`` over device, host (``kv_host_bytes``) and
     ``offload_dir`` (at most ``offload_bytes`` there; None = until the disk is full). Budgets are
-    bytes for the KV cache alone; None = unbounded. Raises KVBudgetError when they cannot work.
+    bytes for the KV cache alone; None = unbounded. ``attention_scratch_bytes`` caps the temporaries
+    of one block of prefill (and streamed) attention (``Plan.attention_scratch_bytes``). Raises
+    KVBudgetError when the budgets cannot work.
     """
     if _dense_fits(cfg, policy, batch, capacity_tokens, dtype, kv_device_bytes):
-        return DenseKVCache(cfg, batch, capacity_tokens, dtype, torch.device(device))
+        return DenseKVCache(cfg, batch, capacity_tokens, dtype, torch.device(device), attention_scratch_bytes)
     return TieredKVCache(cfg, policy, batch, capacity_tokens, dtype, device, kv_device_bytes=kv_device_bytes,
-                         kv_host_bytes=kv_host_bytes, offload_dir=offload_dir, offload_bytes=offload_bytes)
+                         kv_host_bytes=kv_host_bytes, offload_dir=offload_dir, offload_bytes=offload_bytes,
+                         attention_scratch_bytes=attention_scratch_bytes)
 
 
 def _dense_fits(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: int, dtype: torch.dtype,
@@ -258,13 +264,17 @@ def max_kv_batch(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: 
 class _OnlineSoftmax:
     """Attention accumulated over batches of keys in fp32 (flash-attention style).
 
-    State per (B, Hkv, G*T) query row: running max ``m`` and sum ``l`` of exp(logit - m), and
-    ``acc`` (..., D); after the last batch the output is acc / l.
+    State per (B, Hkv, G*T) query row (row r is query head g = r // T of the group, query t = r % T):
+    running max ``m`` and sum ``l`` of exp(logit - m), and ``acc`` (..., D); after the last batch
+    the output is acc / l. ``update`` goes through the rows in blocks whose temporaries fit
+    ``scratch_bytes`` (``model.attention_block_rows``), so a prefill piece never holds its scores
+    against a whole batch of keys at once.
     """
 
-    def __init__(self, q: torch.Tensor, kv_heads: int) -> None:
+    def __init__(self, q: torch.Tensor, kv_heads: int, scratch_bytes: int = ATTENTION_SCRATCH_BYTES) -> None:
         b, hq, t, d = q.shape
         self.shape, self.dtype, self.group = q.shape, q.dtype, hq // kv_heads
+        self.scratch_bytes = scratch_bytes
         self.q = (q.float() / math.sqrt(d)).reshape(b, kv_heads, self.group * t, d)   # (B, Hkv, G*T, D)
         self.m = torch.full(self.q.shape[:-1], float("-inf"), device=q.device)        # (B, Hkv, G*T)
         self.l = torch.zeros_like(self.m)
@@ -274,32 +284,34 @@ class _OnlineSoftmax:
                key_ok: torch.Tensor | None, window_tokens: int | None) -> None:
         """k/v (B, Hkv, N, D); q_pos (B, T), k_pos (B, N); key_ok (B, 1 or Hkv, N) bool or None."""
         b, h, n, _ = k.shape
-        logits = (self.q @ k.float().transpose(-1, -2)).view(b, h, self.group, -1, n)  # (B, Hkv, G, T, N)
-        diff = q_pos[:, :, None] - k_pos[:, None, :]                                    # (B, T, N)
-        allowed = diff >= 0
-        if window_tokens is not None:
-            allowed &= diff < window_tokens
-        allowed = allowed[:, None, None]                                                # (B, 1, 1, T, N)
-        if key_ok is not None:
-            allowed = allowed & key_ok[:, :, None, None, :]
-        logits = logits.masked_fill(~allowed, float("-inf")).view(b, h, -1, n)         # (B, Hkv, G*T, N)
-        self._accumulate(logits, v)
+        t, rows_total = self.shape[2], self.q.shape[2]
+        kt, vf = k.float().transpose(-1, -2), v.float()
+        step = attention_block_rows(b, h, n, self.scratch_bytes)
+        for a in range(0, rows_total, step):
+            rows = slice(a, min(rows_total, a + step))
+            row_pos = q_pos[:, torch.arange(rows.start, rows.stop, device=q_pos.device) % t]   # (B, R)
+            allowed = visibility_mask(row_pos, k_pos, window_tokens)[:, None]                   # (B, 1, R, N)
+            if key_ok is not None:
+                allowed = allowed & key_ok[:, :, None, :]
+            logits = (self.q[:, :, rows] @ kt).masked_fill_(~allowed, float("-inf"))          # (B, Hkv, R, N)
+            self._accumulate(logits, vf, rows)
 
     def fold(self, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor) -> None:
         """Decode: k/v (B, Hkv, N, D) that every query may see; key_ok (B, Hkv, N) bool picks the keys
         each KV head attends to (no positions: a decode query comes after every stored key)."""
         logits = (self.q @ k.float().transpose(-1, -2)).masked_fill_(~key_ok[:, :, None], float("-inf"))
-        self._accumulate(logits, v)
+        self._accumulate(logits, v.float(), slice(None))
 
-    def _accumulate(self, logits: torch.Tensor, v: torch.Tensor) -> None:
-        """Fold masked logits (B, Hkv, G*T, N) and their values v (B, Hkv, N, D) into the state."""
-        m_new = torch.maximum(self.m, logits.amax(-1))
+    def _accumulate(self, logits: torch.Tensor, v: torch.Tensor, rows: slice) -> None:
+        """Fold masked logits (B, Hkv, R, N) of state rows ``rows`` and their values v (B, Hkv, N, D) fp32."""
+        m = self.m[:, :, rows]
+        m_new = torch.maximum(m, logits.amax(-1))
         m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        p = torch.exp(logits - m_safe[..., None])
-        corr = torch.exp(self.m - m_safe)
-        self.l = self.l * corr + p.sum(-1)
-        self.acc = self.acc * corr[..., None] + p @ v.float()
-        self.m = m_new
+        p = logits.sub_(m_safe[..., None]).exp_()                       # in place: the logits are not needed again
+        corr = torch.exp(m - m_safe)
+        self.l[:, :, rows] = self.l[:, :, rows] * corr + p.sum(-1)
+        self.acc[:, :, rows] = self.acc[:, :, rows] * corr[..., None] + p @ v
+        self.m[:, :, rows] = m_new
 
     def result(self) -> torch.Tensor:
         """(B, Hq, T, D) in the query's dtype."""
@@ -538,8 +550,10 @@ class TieredKVCache:
     def __init__(self, cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: int, dtype: torch.dtype,
                  device: torch.device | str, *, kv_device_bytes: int | None = None, kv_host_bytes: int | None = None,
                  offload_dir: str | Path | None = None, offload_bytes: int | None = None,
-                 chunk_rule: ChunkRule = ChunkRule(), sink_chunks: int = 1, durable: bool = True) -> None:
+                 chunk_rule: ChunkRule = ChunkRule(), sink_chunks: int = 1, durable: bool = True,
+                 attention_scratch_bytes: int = ATTENTION_SCRATCH_BYTES) -> None:
         self.cfg, self.policy, self.batch = cfg, policy, batch
+        self._scratch = attention_scratch_bytes   # cap on one block of streamed attention's temporaries
         self.capacity_tokens, self.dtype, self.device = capacity_tokens, dtype, torch.device(device)
         self.sink_chunks, self._rule = sink_chunks, chunk_rule
         self._sketch = keeps_sketch(policy, self.device)
@@ -1056,7 +1070,7 @@ class TieredKVCache:
         read while one is folded. Groups do not go through the scratch slots: those hold a couple
         of chunks, and every scratch wave costs a reader round trip and a fold of its own (measured
         ~0.5 ms per wave on a CPU, against ~40 us of attention per 256-token chunk). They are
-        transient activations, as large as the streamed prefill's logits cap (``_LOGITS_BATCH_BYTES``).
+        transient activations: two groups in flight stay within half the attention scratch.
         """
         self._c.overflow_steps += 1
         self._poll_fetches(kv, wait=True)                   # fetches in flight hold slots: let them land
@@ -1065,7 +1079,7 @@ class TieredKVCache:
         fetches = self._fit_resident(kv, order)
         rest = sorted((key for key in order if key not in kv.slot_of),
                       key=lambda key: (kv.table.tier_of(key) is DISK, key.seq, key.chunk))
-        state = _OnlineSoftmax(q, self.cfg.num_kv_heads)
+        state = _OnlineSoftmax(q, self.cfg.num_kv_heads, self._scratch)
         todo = self._stream_groups(kv, rest)
         inflight: list[tuple[list[Future], torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -1146,13 +1160,13 @@ class TieredKVCache:
         state.fold(k, v, key_ok.view(b, h, m * s))
 
     def _stream_groups(self, kv: _LayerKV, keys: Sequence[ChunkKey]) -> list[list[list[ChunkKey]]]:
-        """Off-device chunks cut into groups of up to ``_STREAM_BYTES // 2`` (two are in flight): per
-        group, per sequence, up to n chunks (the same n for every sequence)."""
+        """Off-device chunks cut into groups of up to min(``_STREAM_BYTES``, half the attention scratch) // 2
+        (two are in flight): per group, per sequence, up to n chunks (the same n for every sequence)."""
         per_seq: list[list[ChunkKey]] = [[] for _ in range(self.batch)]
         for key in keys:
             per_seq[key.seq].append(key)
         longest = max(len(row) for row in per_seq)
-        n = max(1, _STREAM_BYTES // 2 // (self.batch * kv.geo.slot_bytes))
+        n = max(1, min(_STREAM_BYTES, self._scratch // 2) // 2 // (self.batch * kv.geo.slot_bytes))
         return [[row[lo:lo + n] for row in per_seq] for lo in range(0, longest, n)]
 
     def _submit_group(self, kv: _LayerKV, rows: Sequence[Sequence[ChunkKey]], picked: Mapping[ChunkKey, int]
@@ -1213,7 +1227,7 @@ class TieredKVCache:
         Resident chunks are read in place; the others stream through the scratch slots. q_first is
         the position of the first query; new_kv (B, Hkv, T, D) are the queries' own keys/values.
         """
-        state = _OnlineSoftmax(q, self.cfg.num_kv_heads)
+        state = _OnlineSoftmax(q, self.cfg.num_kv_heads, self._scratch)
         lo = 0 if window_tokens is None else max(0, q_first - window_tokens + 1) // kv.geo.chunk_tokens
         keys = [kv.key(c, b) for b in range(self.batch) for c in range(lo, kv.n_chunks)]
         self._poll_fetches(kv, wait=True, keys=keys)
@@ -1227,8 +1241,14 @@ class TieredKVCache:
         return state.result()
 
     def _chunks_per_batch(self, kv: _LayerKV, q: torch.Tensor) -> int:
+        """Chunks folded at once: their gathered K/V (and fp32 copies) plus the scores of a block of
+        ``_MIN_BLOCK_ROWS`` query rows fit the attention scratch (``_OnlineSoftmax.update`` then takes
+        as many rows per block as fit)."""
         b, hq, t, _ = q.shape
-        return max(1, _LOGITS_BATCH_BYTES // (4 * b * hq * t * kv.geo.chunk_tokens))
+        h, d = self.cfg.num_kv_heads, self.cfg.head_dim
+        rows = min(hq // h * t, _MIN_BLOCK_ROWS)
+        per_key = attention_pair_bytes(b, h) * rows + b * h * d * (2 * _elt(self.dtype) + 8)
+        return max(1, self._scratch // (per_key * kv.geo.chunk_tokens))
 
     def _update_from_slots(self, state: _OnlineSoftmax, kv: _LayerKV, batch: tuple[list[list[int]], ...],
                            positions: torch.Tensor, window_tokens: int | None) -> None:

@@ -1,0 +1,104 @@
+"""Memory-efficient prefill attention: query blocks bounded by a scratch cap equal the reference.
+
+Covers ``model.dense_attention`` (the resident cache and the planner probe) and the tiered cache's
+online softmax (``pipeline.kv._OnlineSoftmax``) on odd shapes, sliding windows, pieces starting
+mid-context and GQA, and checks that no mask or score tensor spans the whole (T, S) piece.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tierkv import model as model_mod
+from tierkv.model import attention_block_rows, attention_pair_bytes, dense_attention
+from tierkv.pipeline.kv import _OnlineSoftmax
+
+# (B, Hq, Hkv, T new queries, S keys, D, window, scratch bytes)
+CASES = [
+    (1, 4, 2, 37, 37, 16, None, 4096),       # first piece, odd length, GQA
+    (2, 6, 3, 13, 50, 8, 7, 1024),           # piece mid-context with a window, batch of two
+    (1, 8, 8, 5, 101, 24, None, 1 << 14),    # MHA, short piece at the end of a long context
+    (1, 4, 1, 64, 64, 16, 5, 512),           # GQA 4, window shorter than a block, one-row blocks
+    (1, 3, 1, 1, 40, 16, 9, 1 << 20),        # a decode query with a window narrower than the context
+]
+
+
+def _reference(q, k, v, q_pos, k_pos, window):
+    """Plain fp64 softmax attention with the full (T, S) mask."""
+    group = q.shape[1] // k.shape[1]
+    kf, vf = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
+    diff = q_pos[:, :, None] - k_pos[:, None, :]
+    allowed = (diff >= 0) & (diff < window if window is not None else True)
+    logits = (q.double() @ kf.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), -1) @ vf
+
+
+def _inputs(b, hq, hkv, t, s, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, t, d, generator=g)
+    k = torch.randn(b, hkv, s, d, generator=g)
+    v = torch.randn(b, hkv, s, d, generator=g)
+    k_pos = torch.arange(s)[None].expand(b, -1)
+    q_pos = torch.arange(s - t, s)[None].expand(b, -1)                   # the piece ends the context
+    return q, k, v, q_pos, k_pos
+
+
+@pytest.mark.parametrize("b,hq,hkv,t,s,d,window,scratch", CASES)
+def test_blocked_dense_attention_equals_the_reference(b, hq, hkv, t, s, d, window, scratch):
+    q, k, v, q_pos, k_pos = _inputs(b, hq, hkv, t, s, d)
+    out = dense_attention(q, k, v, q_pos, k_pos, window, scratch_bytes=scratch)
+    assert out.shape == q.shape
+    assert (out.double() - _reference(q, k, v, q_pos, k_pos, window)).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("b,hq,hkv,t,s,d,window,scratch", CASES)
+def test_blocked_online_softmax_equals_the_reference(b, hq, hkv, t, s, d, window, scratch):
+    q, k, v, q_pos, k_pos = _inputs(b, hq, hkv, t, s, d, seed=1)
+    state = _OnlineSoftmax(q, hkv, scratch_bytes=scratch)
+    for lo in range(0, s, 17):                                           # keys arrive in uneven batches
+        state.update(k[:, :, lo:lo + 17], v[:, :, lo:lo + 17], q_pos, k_pos[:, lo:lo + 17], None, window)
+    assert (state.result().double() - _reference(q, k, v, q_pos, k_pos, window)).abs().max() < 2e-5
+
+
+def test_bfloat16_blocks_agree_with_one_call():
+    q, k, v, q_pos, k_pos = (x.bfloat16() if x.is_floating_point() else x for x in _inputs(1, 4, 2, 96, 160, 32))
+    small = dense_attention(q, k, v, q_pos, k_pos, None, scratch_bytes=2048)
+    whole = dense_attention(q, k, v, q_pos, k_pos, None, scratch_bytes=1 << 30)
+    assert (small.float() - whole.float()).abs().max() < 3e-2
+
+
+def test_no_mask_or_score_tensor_spans_the_whole_piece(monkeypatch):
+    """Every SDPA call of a long prefill piece sees at most a block of queries, and a block's mask
+    fits the scratch cap; the tiered path's score blocks fit it too."""
+    b, hq, hkv, t, s, d, scratch = 1, 4, 2, 300, 300, 16, 64 << 10
+    q, k, v, q_pos, k_pos = _inputs(b, hq, hkv, t, s, d)
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q_, k_, v_, attn_mask=None, **kw):
+        seen.append((q_.shape[2], k_.shape[2], None if attn_mask is None else attn_mask.numel()))
+        return real_sdpa(q_, k_, v_, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(model_mod.F, "scaled_dot_product_attention", spy)
+    dense_attention(q, k, v, q_pos, k_pos, None, scratch_bytes=scratch)
+    rows = attention_block_rows(b, hq, s, scratch)
+    assert len(seen) > 1 and all(r <= rows for r, _, _ in seen)
+    assert all(n is not None and n * attention_pair_bytes(b, hq) <= scratch for *_, n in seen)
+    assert sum(n for *_, n in seen) < t * s * 0.6                        # causal blocks skip keys they cannot see
+
+    real_matmul = torch.Tensor.__matmul__
+    sizes = []
+
+    def matmul_spy(a, other):
+        out = real_matmul(a, other)
+        sizes.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul_spy)
+    state = _OnlineSoftmax(q, hkv, scratch_bytes=scratch)
+    state.update(k, v, q_pos, k_pos, None, None)
+    assert max(sizes) * 3 <= scratch                                     # three fp32 score copies per block
