@@ -236,7 +236,8 @@ def choose_budget(model_dir: Path, offload_dir: Path, links: Any, fraction: floa
 def measure_links(model_dir: Path, offload_dir: Path, device: str) -> tuple[Any, Path, float]:
     """(LinkSpeeds, store data file, raw O_DIRECT GB/s): converts the store once, reads it with
     O_DIRECT for the disk link, probes host->device on CUDA, times one layer for compute."""
-    from tierkv.io.store import WeightStore, cached_store
+    from tierkv.io.convert import cached_store
+    from tierkv.io.store import WeightStore
     from tierkv.plan import LinkSpeeds
 
     store = WeightStore.open(cached_store(model_dir, offload_dir, dtype="bfloat16"))

@@ -30,10 +30,12 @@ from typer.testing import CliRunner
 import tierkv
 from tierkv.cli import app
 from tierkv.config import Budget, ModelConfig, Policy
+from tierkv.io import convert as convert_mod
 from tierkv.io import store as store_mod
 from tierkv.io.kvstore import KVChunk, KVStore, KVStoreError
+from tierkv.io.convert import cached_store_dir, convert
 from tierkv.io.store import (DAMAGE_FILE, DATA_FILE, MANIFEST_FILE, PARTIAL_SUFFIX, STATE_FILE, StoreError,
-                             WeightStore, cached_store_dir, convert)
+                             WeightStore)
 from tierkv.plan import LinkSpeeds, make_plan, minimum_device_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +155,7 @@ def test_stream_time_checksum_mismatch_is_repaired_by_the_next_run(model: Path, 
     store.close()
     with pytest.raises(StoreError, match=r"checksum mismatch.*tierkv convert.*or just run the same command again"):
         _streamed(model, offload)
-    with caplog.at_level(logging.WARNING, logger="tierkv.io.store"):
+    with caplog.at_level(logging.WARNING, logger="tierkv.io.convert"):
         assert _streamed(model, offload) == resident_tokens
     assert any("layer 2 failed its checksum" in r.message for r in caplog.records)
     assert not (store.dir / DAMAGE_FILE).exists()
@@ -166,7 +168,7 @@ def test_checksum_mismatch_found_while_loading_is_repaired_within_the_same_load(
     store = WeightStore.open(cached_store_dir(model, offload))
     _flip_byte(store.data_path, store.extents["embed"].offset + 4000)     # read (and verified) at load
     store.close()
-    with caplog.at_level(logging.WARNING, logger="tierkv.io.store"):
+    with caplog.at_level(logging.WARNING, logger="tierkv.io.convert"):
         assert _streamed(model, offload) == resident_tokens
     assert any("the embedding failed its checksum" in r.message for r in caplog.records)
 
@@ -303,7 +305,7 @@ def test_damaged_resume_state_resumes_safely(model: Path, tmp_path: Path, fault:
 
 KILLED_CONVERT = r"""
 import os, sys, time
-from tierkv.io.store import convert
+from tierkv.io.convert import convert
 marker, after = sys.argv[3], int(sys.argv[4])
 def progress(done, total):
     if done > after and not os.path.exists(marker):
@@ -345,7 +347,7 @@ def test_sigkill_mid_conversion_resumes_byte_identical(model: Path, tmp_path: Pa
 
 REPAIR_THEN_HANG = r"""
 import os, sys, time
-from tierkv.io.store import convert
+from tierkv.io.convert import convert
 damage = os.path.join(sys.argv[2], "damaged.json")
 def progress(done, total):
     if os.path.exists(damage) and done > int(sys.argv[3]):
@@ -397,8 +399,8 @@ def test_convert_refuses_another_checkpoints_store_and_restart_replaces_it(make_
 def test_changed_checkpoint_removes_its_stale_store_unless_in_use(make_checkpoint, tmp_path: Path) -> None:
     _, ckpt = make_checkpoint("llama", num_hidden_layers=3)
     offload = tmp_path / "off"
-    first = store_mod.cached_store(ckpt, offload)
-    bf16 = store_mod.cached_store(ckpt, offload, dtype="bfloat16")
+    first = convert_mod.cached_store(ckpt, offload)
+    bf16 = convert_mod.cached_store(ckpt, offload, dtype="bfloat16")
 
     def touch() -> None:
         st = (ckpt / "model.safetensors").stat()
@@ -406,14 +408,14 @@ def test_changed_checkpoint_removes_its_stale_store_unless_in_use(make_checkpoin
 
     in_use = WeightStore.open(first)                    # another user holds the old fp32 store
     touch()
-    second = store_mod.cached_store(ckpt, offload)
+    second = convert_mod.cached_store(ckpt, offload)
     assert second != first and first.is_dir(), "a store in use is never removed"
     assert not bf16.exists(), "the stale bf16 store, unused, is removed"
-    bf16_new = store_mod.cached_store(ckpt, offload, dtype="bfloat16")
+    bf16_new = convert_mod.cached_store(ckpt, offload, dtype="bfloat16")
     assert second.is_dir(), "a store of another dtype that still matches the checkpoint is kept"
     in_use.close()
     touch()
-    third = store_mod.cached_store(ckpt, offload)
+    third = convert_mod.cached_store(ckpt, offload)
     assert not first.exists() and not second.exists() and not bf16_new.exists()
     assert [p.name for p in (offload / "stores").iterdir()] == [third.name]
 

@@ -12,7 +12,8 @@ import torch
 from tierkv.io import reader as reader_mod
 from tierkv.io.buffers import HostBuffer, SlotPool, aligned_host_tensor, pinning_available
 from tierkv.io.reader import AlignedReader, ReadError, measure_disk_read_gbps
-from tierkv.io.store import StoreError, WeightStore, convert, tensors_from_buffer
+from tierkv.io.convert import convert
+from tierkv.io.store import StoreError, WeightStore, tensors_from_buffer
 from tierkv.io.tiers import DEVICE, DISK, HOST, DiskTier, MemoryTier, Mover, TierFullError
 
 TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

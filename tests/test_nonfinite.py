@@ -25,7 +25,8 @@ from conftest import build_hf_model, save_hf_model
 from tierkv.cli import app
 from tierkv.io import checkpoint as checkpoint_mod
 from tierkv.io.checkpoint import Checkpoint, CheckpointError
-from tierkv.io.store import MANIFEST_FILE, convert
+from tierkv.io.convert import convert
+from tierkv.io.store import MANIFEST_FILE
 from tierkv.sampling import SamplingParams, logits_healthy, pick
 from tokenizer_fixtures import byte_level_bpe, write_tokenizer
 

@@ -7,7 +7,8 @@ import torch
 
 from tierkv.config import Budget, Policy
 from tierkv.engine import Engine
-from tierkv.io.store import StoreError, WeightStore, convert
+from tierkv.io.convert import convert
+from tierkv.io.store import StoreError, WeightStore
 from tierkv.io.tiers import TierFullError
 from tierkv.pipeline.weights import StreamingWeights
 from tierkv.plan import LinkSpeeds, make_plan

@@ -15,7 +15,8 @@ import torch
 from tierkv import plan as plan_mod
 from tierkv import probe as probe_mod
 from tierkv.config import ModelConfig
-from tierkv.io.store import StoreError, convert
+from tierkv.io.convert import convert
+from tierkv.io.store import StoreError
 from tierkv.probe import LINKS_FILE, LinkCache
 
 RAW = dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,

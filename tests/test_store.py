@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tierkv.io import convert as convert_mod
 from tierkv.io import store as store_mod
 from tierkv.io.checkpoint import Checkpoint
-from tierkv.io.store import (DATA_FILE, MANIFEST_FILE, StoreError, WeightStore, cached_store, check_offload_dir,
-                             convert, store_key, tensors_from_buffer)
+from tierkv.io.convert import cached_store, check_offload_dir, convert, store_key
+from tierkv.io.store import DATA_FILE, MANIFEST_FILE, StoreError, WeightStore, tensors_from_buffer
 
 TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=128)
@@ -211,8 +212,8 @@ def test_cached_store_converts_once_and_follows_changes(make_checkpoint, tmp_pat
     _, ckpt_dir = make_checkpoint("llama", **TINY)
     offload = tmp_path / "offload"
     runs = []
-    real_convert = store_mod.convert
-    monkeypatch.setattr(store_mod, "convert", lambda *a, **k: runs.append(1) or real_convert(*a, **k))
+    real_convert = convert_mod.convert
+    monkeypatch.setattr(convert_mod, "convert", lambda *a, **k: runs.append(1) or real_convert(*a, **k))
     first = cached_store(ckpt_dir, offload)
     assert cached_store(ckpt_dir, offload) == first and len(runs) == 1
     bf16 = cached_store(ckpt_dir, offload, dtype="bfloat16")

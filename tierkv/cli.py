@@ -29,7 +29,7 @@ from tierkv.engine import (Engine, GenerationResult, Stream, context_limit_token
                            resolve_device)
 from tierkv.errors import ArgumentError, TierkvError
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
-from tierkv.io.store import convert as convert_store, find_cached_store
+from tierkv.io.convert import convert as convert_store, find_cached_store
 from tierkv.plan import default_offload_dir, make_plan
 from tierkv.trace.cli import trace_app
 

@@ -28,7 +28,7 @@ from tierkv.model import KVCache, decoder_layer, embed, head, step_inputs
 from tierkv.pipeline.kv import DenseKVCache, make_kv_cache, max_kv_batch
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource, run_layers
 from tierkv.plan import Plan, open_weight_source, prefill_sizes
-from tierkv.io.store import ProgressFn
+from tierkv.io.progress import ProgressFn
 from tierkv.numerics import NonFiniteError, non_finite_error
 from tierkv.sampling import SamplingParams, pick
 from tierkv.tokenizer import IncrementalDecoder, Tokenizer

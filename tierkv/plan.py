@@ -29,12 +29,14 @@ from tierkv.config import Budget, ModelConfig, Policy, format_size, parse_size
 from tierkv.errors import ArgumentError, TierkvError
 from tierkv.io.buffers import HostBuffer
 from tierkv.io.checkpoint import resolve_dtype
-from tierkv.io.store import check_offload_dir, plan_layout
+from tierkv.io.convert import check_offload_dir
+from tierkv.io.store import plan_layout
 from tierkv.probe import MIN_PROBE_FILE_BYTES, LinkCache, compute_key, disk_key, disk_read_gbps, h2d_key
 from tierkv.model import ATTENTION_SCRATCH_BYTES, attention_pair_bytes
 
 if TYPE_CHECKING:
-    from tierkv.io.store import ProgressFn, WeightStore
+    from tierkv.io.progress import ProgressFn
+    from tierkv.io.store import WeightStore
     from tierkv.pipeline.weights import StreamingWeights
 
 DEVICE_HEADROOM_FRACTION = 0.10        # of free GPU memory (allocator fragmentation, CUDA context)
@@ -588,7 +590,7 @@ def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budge
     device (use ``ResidentWeights`` from the checkpoint; nothing is converted), otherwise a
     StreamingWeights over the cached store under ``plan.offload_dir`` (converted on first use,
     repaired when found damaged). An existing store's own data file is what the disk probe reads."""
-    from tierkv.io.store import find_cached_store
+    from tierkv.io.convert import find_cached_store
 
     offload_dir = budget.offload_dir or default_offload_dir()
     existing = find_cached_store(model_dir, offload_dir, policy.dtype) if links is None else None
@@ -603,7 +605,8 @@ def _streaming_source(model_dir: str | Path, plan: Plan, store: "WeightStore | N
                       progress: "ProgressFn | None") -> "StreamingWeights":
     """StreamingWeights over the cached store; a checksum mismatch while loading its resident part
     is repaired (the bad extents re-converted) and the load tried once more."""
-    from tierkv.io.store import StoreError, WeightStore, cached_store, read_damage
+    from tierkv.io.convert import cached_store
+    from tierkv.io.store import StoreError, WeightStore, read_damage
     from tierkv.pipeline.weights import StreamingWeights
 
     store = store or WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype, progress=progress))

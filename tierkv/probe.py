@@ -29,7 +29,7 @@ import torch
 from tierkv.config import ModelConfig
 from tierkv.io.buffers import ALIGN_BYTES
 from tierkv.io.reader import evict_from_page_cache, measure_disk_read_gbps
-from tierkv.io.store import check_offload_dir
+from tierkv.io.convert import check_offload_dir
 
 LINKS_FILE = "links.json"
 MAX_AGE_S = 24 * 3600               # a day: the same command plans the same; an upgrade is noticed soon

@@ -1,9 +1,9 @@
-"""Progress for long byte-counting passes (checkpoint verification): the caller's callback, a bar
-on a terminal, or silence when stderr is piped.
+"""Progress for long byte-counting passes (checkpoint verification, store conversion): the caller's
+callback, a bar on a terminal, or silence when stderr is piped.
 
-Why this module exists: ``checkpoint.verify`` streams a whole checkpoint and must show how far it
-got the way conversion does, while ``io.checkpoint`` sits below ``io.store`` and cannot import its
-helper; this is that helper, shared from below.
+Why this module exists: ``checkpoint.verify`` and ``convert.convert`` both stream gigabytes and
+must show how far they got in the same way, and ``io.checkpoint`` sits below ``io.convert``; this
+is the one helper, shared from below.
 """
 
 from __future__ import annotations
