@@ -23,7 +23,7 @@ RAW = dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size
            num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
 
 
-def _count(monkeypatch: pytest.MonkeyPatch, name: str, module=plan_mod) -> list[int]:
+def _count(monkeypatch: pytest.MonkeyPatch, name: str, module=probe_mod) -> list[int]:
     calls: list[int] = []
     real = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))

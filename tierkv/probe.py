@@ -1,7 +1,9 @@
-"""Link measurements that hold still between runs: median-of-passes disk reads and a per-machine cache.
+"""Link measurements -> a frozen ``LinkSpeeds`` for the planner, held still between runs.
 
-Why this module exists: one timed pass on a shared machine can be off by two orders of magnitude
-(other work running during the probe), and the planner's verdict ("bound by disk" / "bound by
+Why this module exists: the planner (``plan.py``) stays pure arithmetic over budgets and link
+speeds; measuring those links (disk reads, host-to-device copies, one layer's compute) lives here.
+And they must hold still: one timed pass on a shared machine can be off by two orders of
+magnitude (other work running during the probe), and the planner's verdict ("bound by disk" / "bound by
 compute") flipped between two runs of the same command. Disk speed is now the median of several
 cold passes over the store's own data file (read-only) or, before a store exists, a small scratch
 file; and each measured link is cached in ``OFFLOAD_DIR/links.json``, keyed by the machine, the
@@ -21,13 +23,14 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from tierkv.config import ModelConfig
-from tierkv.io.buffers import ALIGN_BYTES
+from tierkv.io.buffers import ALIGN_BYTES, HostBuffer
 from tierkv.io.reader import evict_from_page_cache, measure_disk_read_gbps
 from tierkv.io.convert import check_offload_dir
 
@@ -151,5 +154,80 @@ def median_cold_read_gbps(path: Path, passes: int = DISK_PASSES, nbytes: int = P
     return statistics.median(measure_disk_read_gbps(path, nbytes) for _ in range(passes))
 
 
-__all__ = ["LINKS_FILE", "LinkCache", "MAX_AGE_S", "SAMPLES", "SCRATCH_BYTES", "compute_key", "disk_key",
-           "disk_read_gbps", "h2d_key", "machine_id", "median_cold_read_gbps"]
+@dataclass(frozen=True)
+class LinkSpeeds:
+    """Measured (or given) speeds of the links a token's forward pass uses."""
+
+    disk_read_gbps: float              # cold sequential reads of the store (O_DIRECT where allowed)
+    h2d_gbps: float                    # pinned host -> device copy; inf on CPU-only (nothing to copy)
+    layer_compute_s: float             # one decoder layer, batch 1, one new token
+
+
+def probe_links(config: ModelConfig, dtype: torch.dtype, device: torch.device, data_path: Path | None,
+                offload_dir: Path | None, need_disk: bool = True, need_h2d: bool = True) -> LinkSpeeds:
+    """Measure the links (about a second), or reuse this machine's best measurements of the last
+    day cached in ``offload_dir/links.json`` (``tierkv.probe``): disk on the store file, read-only (or a
+    small scratch file in ``offload_dir`` before a store exists), host->device with a pinned
+    buffer, and one decoder layer's decode compute."""
+    cache = LinkCache(offload_dir)
+    disk = math.inf
+    if need_disk:
+        if data_path is None or data_path.stat().st_size < MIN_PROBE_FILE_BYTES:
+            assert offload_dir is not None, "probing the disk needs the store file or an offload directory"
+            check_offload_dir(offload_dir)                       # exists and is writable, or a clear error
+        where = data_path.parent if data_path is not None else offload_dir
+        disk = cache.measure(disk_key(where), lambda: disk_read_gbps(data_path, offload_dir), max)
+    h2d = math.inf
+    if need_h2d and device.type == "cuda":
+        h2d = cache.measure(h2d_key(device), lambda: _probe_h2d(device), max)
+    compute = cache.measure(compute_key(config, dtype, device),
+                            lambda: _probe_layer_compute_s(config, dtype, device), min)
+    return LinkSpeeds(disk_read_gbps=disk, h2d_gbps=h2d, layer_compute_s=compute)
+
+
+def _probe_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
+    host = HostBuffer(nbytes, pinned=True)
+    src = host.tensor
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return 3 * nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def _probe_layer_compute_s(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> float:
+    """Fastest timing of one decoder layer at batch 1, one token, on zero weights of the real shapes."""
+    from tierkv.model import decoder_layer, dense_attention, step_inputs
+
+    class _OneTokenKV:
+        def attend(self, layer, q, k, v, positions, window_tokens):   # q (1, Hq, 1, D), k/v (1, Hkv, 1, D)
+            return dense_attention(q, k, v, positions, positions, window_tokens)
+
+    weights = {k: torch.zeros(shape, dtype=dtype, device=device) for k, shape in config.layer_tensor_shapes().items()}
+    h = torch.zeros((1, 1, config.hidden_size), dtype=dtype, device=device)            # (B, T, H)
+    positions = torch.zeros((1, 1), dtype=torch.int64, device=device)
+    step = step_inputs(config, positions, 1, dtype)
+    times: list[float] = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        # 12 runs at least; on a busy machine keep sampling (up to 0.5 s or 200 runs), since a
+        # thread of the parallel region preempted by another process stalls a whole run
+        while len(times) < 12 or (len(times) < 200 and time.perf_counter() - start < 0.5):
+            _sync(device)
+            t0 = time.perf_counter()
+            decoder_layer(config, weights, h, step, _OneTokenKV(), 0)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return min(times[1:])   # the fastest run: the least disturbed on a shared machine
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+__all__ = ["LINKS_FILE", "LinkCache", "LinkSpeeds", "MAX_AGE_S", "SAMPLES", "SCRATCH_BYTES", "compute_key",
+           "disk_key", "disk_read_gbps", "h2d_key", "machine_id", "median_cold_read_gbps", "probe_links"]
