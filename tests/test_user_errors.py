@@ -273,3 +273,36 @@ def test_ctrl_c_mid_stream_exits_130_and_closes_the_engine(tiny_llama_dir, monke
     monkeypatch.setattr("tierkv.sampling.sample", interrupted_sample)
     result = invoke("run", str(tiny_llama_dir), "--prompt-ids", "1,2", "-n", "8")
     assert result.exit_code == 130 and "Traceback" not in result.output and closed == [True]
+
+
+def test_an_error_mid_stream_starts_on_its_own_line(monkeypatch) -> None:
+    """Text already streamed to stdout ends with a newline, so the error line never trails it."""
+    calls = []
+
+    def failing_sample(logits, params, generator):
+        calls.append(1)
+        if len(calls) > 3:
+            raise tierkv.ArgumentError("stopped mid-stream")
+        return logits.argmax(-1)
+
+    monkeypatch.setattr("tierkv.sampling.sample", failing_sample)
+    result = invoke("run", "demo", "--prompt", "Return the number of", "-n", "8")
+    assert_one_line_error(result, "stopped mid-stream")
+    assert result.stdout and result.stdout.endswith("\n"), repr(result.stdout)
+
+
+def test_library_repair_notes_are_note_lines(caplog) -> None:
+    """``main()`` shows the library's warnings (automatic store repairs) as ``note:`` lines on stderr."""
+    import io
+    import logging
+
+    cli._show_library_notes()
+    logger = logging.getLogger("tierkv")
+    handler = logger.handlers[-1]
+    try:
+        stream = io.StringIO()
+        handler.setStream(stream)
+        logging.getLogger("tierkv.io.convert").warning("layer 1 failed its checksum: re-converting it")
+        assert stream.getvalue() == "note: layer 1 failed its checksum: re-converting it\n"
+    finally:
+        logger.removeHandler(handler)

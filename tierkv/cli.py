@@ -9,6 +9,7 @@ library's user-facing errors into one red line and a non-zero exit code instead 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from contextlib import contextmanager
@@ -146,15 +147,21 @@ def _store_dir(out: str) -> Path:
 def _emit(stream: Stream, show: bool, ids: bool = False) -> GenerationResult:
     """Write a stream's text to stdout as it comes (token ids, comma-separated, when ``ids``: a model
     without a tokenizer); the stream is closed even when interrupted, so the engine can close."""
+    wrote = False
     try:
-        first = True
         for piece in stream:
             if show and ids and piece.token_id is not None:
-                sys.stdout.write(("" if first else ",") + str(piece.token_id))
-                first = False
-            elif show and not ids:
+                sys.stdout.write(("," if wrote else "") + str(piece.token_id))
+                wrote = True
+            elif show and not ids and piece.text:
                 sys.stdout.write(piece.text)
+                wrote = True
             sys.stdout.flush()
+    except BaseException:
+        if wrote:                      # an error mid-stream: its line must not land after the partial text
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
     finally:
         stream.close()
     return stream.results[0]
@@ -460,7 +467,18 @@ def demo(
             engine.close()
 
 
+def _show_library_notes() -> None:
+    """The library reports automatic repairs (a damaged store re-converted, a stale one removed) as
+    ``tierkv`` logging warnings; on the command line they are ``note:`` lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("note: %(message)s"))
+    logger = logging.getLogger("tierkv")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+
+
 def main() -> None:
+    _show_library_notes()
     app()
 
 
