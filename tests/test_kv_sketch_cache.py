@@ -57,7 +57,7 @@ def _needle_selected(seed: int, sketch: bool) -> bool:
         cache.advance(1)
         assert out.shape == (1, HQ, 1, D) and torch.isfinite(out).all()
         assert kv.n_coded == (T // S if sketch else 0)   # the new token opened a chunk: not coded yet
-        cache.check_invariants()
+        assert cache.check_invariants() == T // S + 1   # layer 0 only: the coded chunks and the open one
     return found
 
 

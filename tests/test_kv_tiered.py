@@ -101,7 +101,7 @@ def test_exact_equals_dense_with_kv_on_all_three_tiers(tmp_path: Path, torch_ker
     tiered = _tiered(cfg, Policy(kv="exact", chunk_tokens=32), cap, tmp_path)
     with tiered:
         _drive([dense, tiered], PIECES, windows=(None, 100), check=_close)
-        tiered.check_invariants()
+        assert tiered.check_invariants() == LAYERS * B * math.ceil(tiered.length_tokens / 32)
         st = tiered.stats()
         assert st["device_bytes"] > 0 and st["host_bytes"] > 0 and st["disk_bytes"] > 0
         assert st["bytes_read_disk"] > 0 and st["bytes_read_per_step"] > 0 and st["streamed_chunks"] > 0
@@ -120,7 +120,8 @@ def test_sparse_full_budget_and_auto_below_threshold_equal_exact(tmp_path: Path,
         assert full.stats()["sparse_layer_steps"] == 6 * LAYERS and full.stats()["selected_fraction"] == 1.0
         assert exact.stats()["sparse_layer_steps"] == 0
         assert auto.stats()["sparse_layer_steps"] == 3 * LAYERS     # sparse once the context passed the threshold
-        full.check_invariants()
+        for cache, chunk in ((full, 32), (exact, 16), (auto, 32)):
+            assert cache.check_invariants() == LAYERS * B * math.ceil(cache.length_tokens / chunk)
 
 
 def _needle(layer: int, start: int, t: int, needle_at: int = 160) -> tuple[torch.Tensor, ...]:
@@ -146,7 +147,7 @@ def test_sparse_fetches_the_important_chunk_from_disk_and_speculates(tmp_path: P
         for exact, approx in zip(outs[0][-10:], outs[1][-10:]):   # decode: attention mass is in the needle
             _close(exact, approx)
         st = sparse.stats()
-        sparse.check_invariants()
+        assert sparse.check_invariants() == LAYERS * B * math.ceil(sparse.length_tokens / 16)
     assert st["selected_fraction"] < 0.15 and st["estimator_s"] > 0
     assert st["bytes_read_disk"] > 0 and st["spec_fetched_chunks"] > 0
     assert st["spec_hit_rate"] is not None and st["spec_hit_rate"] > 0     # layer 1 reuses layer 0's needle
@@ -164,7 +165,7 @@ def test_sparse_union_overflowing_the_device_keeps_what_fits_and_streams_the_res
     tight = _tiered(cfg, policy, cap, tmp_path, slots=12, host_chunks=8)     # 8 resident slots per layer
     with roomy, tight:
         _drive([roomy, tight], pieces, check=_close)
-        tight.check_invariants()
+        assert tight.check_invariants() == LAYERS * B * math.ceil(tight.length_tokens / 16)
         st, full = tight.stats(), roomy.stats()
         last = tight._layers[LAYERS - 1]                 # untouched since its attend (speculation is for layer 0)
         assert len(last.resident) == last.geo.resident_slots and last.resident <= set(last.prev_needed)
@@ -262,7 +263,7 @@ def test_full_offload_dir_stops_with_a_clear_error_and_a_consistent_cache(tmp_pa
         full = r"offload dir .* full after .* MiB of KV.*free space or lower the context"
         with pytest.raises(KVStoreError, match=full):
             _drive([cache], [300, 300, 1, 1])
-        cache.check_invariants()     # every chunk is where the table says; nothing half-moved
+        assert cache.check_invariants() > 0     # every chunk is where the table says; nothing half-moved
         st = cache.stats()
         assert st["disk_file_bytes"] <= 4 * 12288
 
@@ -282,6 +283,24 @@ def test_corrupt_segment_is_detected_and_named(tmp_path: Path, torch_kernels: No
         with pytest.raises(KVStoreError, match="checksum") as err:
             _drive([cache], [1], seed=1)
         assert "layer0000.kvseg" in str(err.value)
+        assert cache.check_invariants() == LAYERS * B * math.ceil(500 / 32)
+
+
+def test_check_invariants_catches_a_leaked_slot_and_refuses_a_closed_cache(tmp_path: Path,
+                                                                            torch_kernels: None) -> None:
+    """The checker is only worth its calls if it can fail: a slot both used and free trips it, and after
+    close() (which empties the layers) it refuses to run instead of passing over nothing."""
+    cfg = _cfg()
+    cache = _tiered(cfg, Policy(kv="exact", chunk_tokens=32), 400, tmp_path)
+    with cache:
+        _drive([cache], [300])
+        assert cache.check_invariants() == LAYERS * B * math.ceil(300 / 32)
+        kv = cache._layers[0]
+        kv.free.append(next(iter(kv.slot_of.values())))     # a used slot handed out again
+        with pytest.raises(AssertionError, match="layer 0: slots leak"):
+            cache.check_invariants()
+        kv.free.pop()
+    with pytest.raises(RuntimeError, match=r"closed TieredKVCache checks nothing: call it before close\(\)"):
         cache.check_invariants()
 
 
@@ -290,20 +309,34 @@ def test_corrupt_segment_is_detected_and_named(tmp_path: Path, torch_kernels: No
 
 def _generate(model_dir: Path, policy: Policy, prompts: list[list[int]], factory: Callable[..., Any] | None,
               monkeypatch: pytest.MonkeyPatch, new_tokens: int = 6) -> tuple[list[list[int]], list[dict[str, Any]]]:
-    """Token ids per prompt, and the KV stats of each generation that used a cache ``factory`` made."""
+    """Token ids per prompt, and the KV stats of each generation that used a cache ``factory`` made.
+    Each such cache's invariants are checked when the engine closes it (while it still holds the
+    generation's chunks), and must have covered every chunk of its context."""
     made: list[Any] = []
+    checked: list[tuple[int, int]] = []                # (chunks checked, chunks expected) per cache
 
     def build(engine: Engine, batch: int, capacity: int) -> Any:
-        made.append(factory(engine.config, batch, capacity, engine.dtype, engine.device))  # type: ignore[misc]
-        return made[-1]
+        cache = factory(engine.config, batch, capacity, engine.dtype, engine.device)  # type: ignore[misc]
+        close = cache.close
+
+        def check_then_close() -> None:
+            if not cache._closed:
+                sizes = cache.stats()["chunk_tokens"]
+                expected = sum(batch * math.ceil(cache.length_tokens / size) for size in sizes)
+                checked.append((cache.check_invariants(), expected))
+            close()
+
+        cache.close = check_then_close
+        made.append(cache)
+        return cache
 
     with monkeypatch.context() as patch:
         if factory is not None:
             patch.setattr(engine_mod.Engine, "_make_kv", build)
         with Engine(model_dir, policy) as engine:
             outs = engine.generate(prompts, max_new_tokens=new_tokens)
-    for cache in made:                                  # the engine closed each cache when its generation ended
-        cache.check_invariants()
+    assert len(checked) == len(made), "the engine closes each cache when its generation ends"
+    assert all(n == expected > 0 for n, expected in checked), checked
     stats = list({id(o.stats): o.stats.kv for o in outs}.values()) if factory is not None else []
     return [o.token_ids for o in outs], stats
 

@@ -1408,14 +1408,21 @@ class TieredKVCache:
             "decode_steps": c.decode_steps,
         }
 
-    def check_invariants(self) -> None:
-        """Assert that the chunk tables, the slots, the host buffers and the store agree (tests, debugging)."""
+    def check_invariants(self) -> int:
+        """Assert that the chunk tables, the slots, the host buffers and the store agree (tests,
+        debugging); returns how many chunks it checked. A closed cache has nothing left to check,
+        so calling it after ``close()`` is refused rather than passing vacuously."""
+        if self._closed:
+            raise RuntimeError("check_invariants() on a closed TieredKVCache checks nothing: call it before "
+                               "close() (inside the `with` block, or before the engine ends the generation)")
+        checked = 0
         for kv in self._layers:
             if kv is None:
                 continue
             for b in range(self.batch):
                 keys = kv.table.chunks(kv.layer, b)
                 assert len(keys) == kv.n_chunks, f"layer {kv.layer} seq {b}: {len(keys)} chunks in the table"
+                checked += len(keys)
                 for key in keys:
                     tier = kv.table.tier_of(key)
                     if key in kv.fetching:
@@ -1427,6 +1434,7 @@ class TieredKVCache:
                         assert self._store is not None and key in self._store, f"{key} is on disk but not stored"
             assert len(kv.free) + len(kv.slot_of) == kv.geo.resident_slots, f"layer {kv.layer}: slots leak"
             assert len(set(kv.slot_of.values())) == len(kv.slot_of), f"layer {kv.layer}: a slot is shared"
+        return checked
 
     def close(self) -> None:
         """Finish background work, delete this cache's offload files and free its memory. Idempotent."""
