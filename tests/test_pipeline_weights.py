@@ -54,7 +54,11 @@ def test_streamed_tokens_equal_resident(model_and_store, placement, depth):
     layer = store.layer(0).padded_nbytes
     streamed = stats["disk_to_device_bytes"]          # per generation: the one-off load at open is not in it
     assert forwards * n_disk * layer <= streamed <= (forwards * n_disk + depth + 1) * layer
-    assert stats["layers_disk"] == n_disk and stats["wait_s"] >= 0.0
+    assert stats["layers_disk"] == n_disk
+    # waiting is measured exactly where layers stream (on CPU, host layers are resident: no moves),
+    # and it is time spent inside this generation's prefill and decode
+    assert (stats["wait_s"] > 0.0) == (n_disk > 0) and stats["wait_s"] == stats.get("disk_to_device_wait_s", 0.0)
+    assert 0.0 <= out.stats.io_wait_fraction <= 1.0
 
 
 def test_memory_stays_within_budgets(model_and_store):
