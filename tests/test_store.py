@@ -186,6 +186,29 @@ def test_manifest_from_another_version_is_refused(make_checkpoint, tmp_path):
         WeightStore.open(out)
 
 
+def test_manifest_writes_no_unread_field_and_reads_older_ones(make_checkpoint, tmp_path):
+    """Each extent's entry holds only what the reader uses; a store from an earlier tierkv, whose
+    entries also carry "scheme": "plain", still opens and loads, and convert reuses it as is."""
+    _, ckpt_dir = make_checkpoint("llama", **TINY)
+    out = convert(ckpt_dir, tmp_path / "store")
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    fields = {"offset", "nbytes", "padded_nbytes", "crc32", "tensors"}
+    assert all(set(e) == fields for e in manifest["extents"].values()), manifest["extents"]["layer.0"].keys()
+    for e in manifest["extents"].values():
+        e["scheme"] = "plain"
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    store = WeightStore.open(out)
+    try:
+        _assert_store_matches(store, ckpt_dir, torch.float32)
+    finally:
+        store.close()
+    data = out / DATA_FILE
+    before = (data.stat().st_ino, data.stat().st_mtime_ns)
+    lines: list[str] = []
+    convert(ckpt_dir, out, report=lines.append)
+    assert (data.stat().st_ino, data.stat().st_mtime_ns) == before, lines
+
+
 def test_unwritable_offload_dir_fails_before_work(make_checkpoint, tmp_path):
     _, ckpt_dir = make_checkpoint("llama", **TINY)
     blocker = tmp_path / "a-file"

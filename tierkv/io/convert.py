@@ -154,7 +154,7 @@ def _convert_locked(ckpt: Checkpoint, out: Path, dtype: str | torch.dtype | None
 
 
 def _with_crc(e: Extent, crc: tuple[int, ...]) -> Extent:
-    return Extent(e.name, e.offset, e.nbytes, e.padded_nbytes, e.tensors, crc, e.scheme)
+    return Extent(e.name, e.offset, e.nbytes, e.padded_nbytes, e.tensors, crc)
 
 
 def _remove_store_files(out: Path) -> None:

@@ -78,7 +78,6 @@ class Extent:
     padded_nbytes: int          # nbytes rounded up to 4096: what one O_DIRECT read covers
     tensors: dict[str, TensorEntry] = field(default_factory=dict)
     crc32: tuple[int, ...] = ()  # CRC-32 of each CRC_BLOCK_BYTES block of [0, nbytes)
-    scheme: str = "plain"       # compression scheme of the tensors (later: "int8-group", "int4-group")
 
     def describe(self) -> str:
         """Human name for messages: "layer 3", "the embedding", ..."""
@@ -151,17 +150,18 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def extent_to_json(e: Extent) -> dict[str, Any]:
-    return {"offset": e.offset, "nbytes": e.nbytes, "padded_nbytes": e.padded_nbytes, "scheme": e.scheme,
-            "crc32": list(e.crc32),
+    return {"offset": e.offset, "nbytes": e.nbytes, "padded_nbytes": e.padded_nbytes, "crc32": list(e.crc32),
             "tensors": {k: {"dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes}
                         for k, t in e.tensors.items()}}
 
 
 def extent_from_json(name: str, raw: dict[str, Any]) -> Extent:
+    """Reads the keys it knows and ignores others (manifests from earlier tierkv versions carry an unused
+    "scheme": "plain" per extent; they stay readable)."""
     tensors = {k: TensorEntry(t["dtype"], tuple(t["shape"]), int(t["offset"]), int(t["nbytes"]))
                for k, t in raw["tensors"].items()}
     return Extent(name, int(raw["offset"]), int(raw["nbytes"]), int(raw["padded_nbytes"]), tensors,
-                  tuple(int(c) for c in raw["crc32"]), str(raw.get("scheme", "plain")))
+                  tuple(int(c) for c in raw["crc32"]))
 
 
 def layout_digest(extents: list[Extent]) -> str:
@@ -322,13 +322,6 @@ class WeightStore:
         """Read whole extents into host memory: extent name -> tensors (which keep their memory alive)."""
         bufs = self.read_bytes(names, reader)
         return {n: tensors_from_buffer(self.extents[n], bufs[n]) for n in names}
-
-    def verify_all(self) -> None:
-        """Read and check every extent (slow: reads the whole store)."""
-        names = list(self.extents)
-        with self.open_reader() as reader:
-            for n in names:
-                self.load([n], reader)
 
 
 class _BlockVerifier:

@@ -387,10 +387,5 @@ def _timed_copy(rec: CopyRecord, src: torch.Tensor, dst: torch.Tensor) -> None:
     rec.t_end_s = time.perf_counter()
 
 
-def tier_usage(tiers: dict[str, MemoryTier | DiskTier]) -> dict[str, int]:
-    """Bytes held per tier (for stats)."""
-    return {name: tier.used_bytes for name, tier in tiers.items()}
-
-
 __all__ = ["DEVICE", "DISK", "HOST", "CopyRecord", "DiskTier", "LinkStats", "MemoryTier", "MoveRecord", "Mover",
-           "TierFullError", "tier_usage"]
+           "TierFullError"]

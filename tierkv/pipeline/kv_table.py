@@ -143,9 +143,6 @@ class KVChunkTable:
     def tokens_of(self, key: ChunkKey) -> int:
         return self._get(key).tokens
 
-    def nbytes_of(self, key: ChunkKey) -> int:
-        return self._get(key).nbytes
-
     def pins_of(self, key: ChunkKey) -> int:
         return self._get(key).pins
 
