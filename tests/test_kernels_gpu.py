@@ -4,8 +4,8 @@ Why this file exists: the other tests/test_kernels_*.py run the Triton kernels t
 interpreter on small shapes. What the interpreter cannot show is the code the compiler emits for a
 real GPU (bf16 dots, masked loads, int64 offsets past 2**31 bytes, block sizes picked for large C)
 at the sizes a decode step uses: 8 KV heads x 4 query heads, D=128, a 32K-token context in chunks of
-16 or 64, batch 1 and 4. All tests are marked ``gpu`` (conftest skips them without CUDA; the
-default run deselects them; ``scripts/gpu_check.sh`` runs them).
+16 or 64, batch 1 and 4. All tests are marked ``gpu``: the default run includes them where CUDA
+is available and conftest skips them, with the reason, elsewhere; ``scripts/gpu_check.sh`` runs them.
 
 Compiled, not interpreted: tests/conftest.py sets TRITON_INTERPRET=1 before any kernel module is
 imported, so the kernels in ``tierkv.kernels`` are interpreter objects for the whole session (an
