@@ -408,3 +408,48 @@ def test_adaptive_chunks_fit_a_long_context_in_a_small_device_room(tmp_path: Pat
                               kv_device_bytes=2048 * per_token, kv_host_bytes=4096 * per_token,
                               offload_dir=tmp_path / str(capacity))
         cache.close()
+
+
+def test_sparse_overflow_with_64_or_more_kv_heads_reads_each_heads_own_chunks(tmp_path: Path,
+                                                                              torch_kernels: None) -> None:
+    """66 KV heads: the per-chunk "which heads picked it" sets the overflow path works from equal the
+    selection's mask for every head (an int64 bitmask of 2**h overflowed from head 63 on), and the
+    output equals the all-resident cache's."""
+    hkv, d, b, cap = 66, 4, 1, 400
+    cfg = ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=16, hidden_size=hkv * d,
+                                     intermediate_size=8, num_hidden_layers=1, num_attention_heads=hkv,
+                                     num_key_value_heads=hkv, max_position_embeddings=8192))
+    policy = Policy(kv="sparse", kv_budget=96, chunk_tokens=16)
+    roomy = TieredKVCache(cfg, policy, b, cap, torch.float32, "cpu")
+    tight = TieredKVCache(cfg, policy, b, cap, torch.float32, "cpu", offload_dir=tmp_path,
+                          kv_device_bytes=_device_bytes(cfg, 16, 10, b, cap, policy),
+                          kv_host_bytes=_host_bytes(cfg, 16, 40))
+    masks: list[torch.Tensor] = []
+    picks: list[dict[Any, int]] = []
+    select, overflow = tight._select, tight._decode_overflow
+
+    def spy_select(kv: Any, q0: torch.Tensor) -> Any:
+        sel = select(kv, q0)
+        masks.append(sel.mask.clone())
+        return sel
+
+    def spy_overflow(kv: Any, q: torch.Tensor, picked: Any) -> torch.Tensor:
+        picks.append(dict(picked))
+        return overflow(kv, q, picked)
+
+    tight._select, tight._decode_overflow = spy_select, spy_overflow      # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(3)
+    with roomy, tight:
+        start = 0
+        for t in [300, 1, 1, 1]:
+            pos = torch.arange(start, start + t)[None]
+            q, k, v = (torch.randn(b, hkv, t, d, generator=g) for _ in range(3))
+            _close(roomy.attend(0, q, k, v, pos, None), tight.attend(0, q, k, v, pos, None))
+            roomy.advance(t)
+            tight.advance(t)
+            start += t
+    assert len(picks) == len(masks) == 3, "every decode step overflowed the device slots"
+    for mask, picked in zip(masks, picks):
+        heads_of = {key.chunk: {h for h in range(hkv) if bits >> h & 1} for key, bits in picked.items()}
+        want = {c: {h for h in range(hkv) if mask[0, h, c]} for c in range(mask.shape[2]) if mask[0, :, c].any()}
+        assert heads_of == want and any(h >= 63 for hs in want.values() for h in hs)

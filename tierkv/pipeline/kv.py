@@ -84,6 +84,12 @@ _MIN_BLOCK_ROWS = 64             # streamed attention: a batch of chunks leaves 
 _SCRATCH_SLOTS_PER_SEQ = 2       # at least one streamed chunk per sequence in each half of the double buffer
 _STREAM_BYTES = 32 << 20         # cap on the K/V a sparse step that overflows the device streams at once
 _STREAM_THREADS = 4              # reader threads that read those chunks in parallel
+_HEAD_WORD_BITS = 63             # KV heads per int64 word of a chunk's "which heads picked it" bitmask
+
+
+def _join_words(words: Sequence[int]) -> int:
+    """63-bit words (low word first) -> one Python int: bit h set = KV head h picked the chunk."""
+    return sum(int(w) << (_HEAD_WORD_BITS * i) for i, w in enumerate(words))
 
 
 class DenseKVCache:
@@ -568,7 +574,7 @@ class TieredKVCache:
         self._c = _Counters()
         self._selected_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         self._union_tokens = torch.zeros((), dtype=torch.float64, device=self.device)  # sparse steps' union sizes
-        self._head_bits = 2 ** torch.arange(cfg.num_kv_heads, device=self.device)         # (Hkv,) int64
+        self._head_bits = 2 ** torch.arange(_HEAD_WORD_BITS, device=self.device)           # (63,) int64
         self._closed = False
         spill = self._check_budgets(offload_dir)
         self._store = None
@@ -993,10 +999,10 @@ class TieredKVCache:
         if kv.all_resident():
             kv.prev_needed = []
             return self._kernel(kv, q, sel.ids, sel.counts)
-        heads = (sel.mask * self._head_bits[:, None]).sum(1)                         # (B, C) bit h: head h picked it
+        words = self._head_words(sel.mask)                                            # (B, W, C)
         idx = union.nonzero()
-        rows = torch.cat([idx, heads[idx[:, 0], idx[:, 1]][:, None]], 1).tolist()   # the one host sync
-        picked = {kv.key(c, b): bits for b, c, bits in rows}
+        rows = torch.cat([idx, words[idx[:, 0], :, idx[:, 1]]], 1).tolist()          # the one host sync
+        picked = {kv.key(c, b): _join_words(ws) for b, c, *ws in rows}
         needed = list(picked)
         kv.prev_needed = needed
         self._hint = (kv.geo.chunk_tokens, needed)
@@ -1004,6 +1010,18 @@ class TieredKVCache:
         if len(needed) <= kv.geo.resident_slots and self._make_resident(kv, needed):
             return self._kernel(kv, q, sel.ids, sel.counts)
         return self._decode_overflow(kv, q, picked)
+
+    def _head_words(self, mask: torch.Tensor) -> torch.Tensor:
+        """mask (B, Hkv, C) bool -> (B, W, C) int64: bit j of word w set = KV head 63*w + j picked the chunk.
+
+        Words of 63 bits, so any head count fits without int64 overflow (2**63 does not fit int64).
+        """
+        b, h, c = mask.shape
+        n_words = -(-h // _HEAD_WORD_BITS)
+        padded = mask.new_zeros((b, n_words * _HEAD_WORD_BITS, c))
+        padded[:, :h] = mask
+        bits = padded.view(b, n_words, _HEAD_WORD_BITS, c) * self._head_bits[:, None]
+        return bits.sum(2)
 
     def _select(self, kv: _LayerKV, q0: torch.Tensor) -> Selection:
         """Importance selection on the device: q0 (B, Hq, D) -> Selection over the layer's chunks."""
