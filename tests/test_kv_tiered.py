@@ -453,3 +453,24 @@ def test_sparse_overflow_with_64_or_more_kv_heads_reads_each_heads_own_chunks(tm
         heads_of = {key.chunk: {h for h in range(hkv) if bits >> h & 1} for key, bits in picked.items()}
         want = {c: {h for h in range(hkv) if mask[0, h, c]} for c in range(mask.shape[2]) if mask[0, :, c].any()}
         assert heads_of == want and any(h >= 63 for hs in want.values() for h in hs)
+
+
+def test_host_chunks_come_from_arenas_whose_real_size_is_within_the_host_budget(tmp_path: Path,
+                                                                                torch_kernels: None) -> None:
+    """Chunks evicted to the host live in page-aligned arenas (pinned exactly on CUDA, never through
+    torch's power-of-two pinned allocator): the bytes really allocated are what the stats count, the host
+    tier is filled, and the allocation stays within the host KV budget."""
+    cfg, cap = _cfg(), sum(PIECES)
+    host_budget = _host_bytes(cfg, 32, 6) + 5000                 # not a whole number of chunks or pages
+    cache = TieredKVCache(cfg, Policy(kv="exact", chunk_tokens=32), B, cap, torch.float32, "cpu",
+                          kv_device_bytes=_device_bytes(cfg, 32, 12, B, cap, Policy(kv="exact")),
+                          kv_host_bytes=host_budget, offload_dir=tmp_path)
+    with cache:
+        _drive([cache], PIECES)
+        st = cache.stats()
+        views = [buf for kv in cache._layers if kv is not None for buf in kv.host.values()]
+        real = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in views}
+        assert views and st["host_allocated_bytes"] == sum(real.values())
+        assert st["host_bytes"] <= st["host_allocated_bytes"] <= host_budget and st["disk_bytes"] > 0
+        assert st["host_bytes"] == len(views) * cache._layers[0].geo.slot_bytes
+

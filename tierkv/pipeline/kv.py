@@ -65,7 +65,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from tierkv.config import ModelConfig, Policy, format_size
-from tierkv.io.buffers import pinning_available
+from tierkv.io.buffers import ChunkArenas, pinning_available
 from tierkv.io.kvstore import KVChunk, KVStore, remove_abandoned
 from tierkv.kernels import (KeySketch, Selection, abstract_append, chunk_abstract, chunk_scores, encode_keys,
                             select_chunks, sparse_decode_attention)
@@ -480,10 +480,10 @@ class _LayerKV:
         self.scratch = list(range(geo.resident_slots, n))
         self.slot_of: dict[ChunkKey, int] = {}      # resident chunks and fetches in flight
         self.resident: set[ChunkKey] = set()        # tier is the device and the data is in its slot
-        self.host: dict[ChunkKey, torch.Tensor] = {}  # (2, Hkv, S, D)
-        self._host_free: list[torch.Tensor] = []
-        self._pinned = device.type == "cuda" and pinning_available()
-        budgets = {DEVICE: geo.resident_slots * geo.slot_bytes, HOST: host_bytes, DISK: None if disk else 0}
+        self.host: dict[ChunkKey, torch.Tensor] = {}  # (2, Hkv, S, D) views of host_pool chunks
+        self.host_pool = ChunkArenas(geo.slot_bytes, host_bytes, pinned=device.type == "cuda" and pinning_available())
+        host_room = None if host_bytes is None else self.host_pool.capacity * geo.slot_bytes  # what really fits
+        budgets = {DEVICE: geo.resident_slots * geo.slot_bytes, HOST: host_room, DISK: None if disk else 0}
         self.table = KVChunkTable(budgets, sink_chunks=sink_chunks, recent_tokens=s)
         self.n_chunks = 0
         self.tokens = 0
@@ -507,14 +507,13 @@ class _LayerKV:
 
     def host_put(self, key: ChunkKey, slot: int) -> None:
         """Copy a resident slot's K/V into a host buffer for ``key``."""
-        buf = self._host_free.pop() if self._host_free else torch.empty(
-            (2, *self.k_pool.shape[1:]), dtype=self.k_pool.dtype, pin_memory=self._pinned)
+        buf = self.host_pool.take().view(self.k_pool.dtype).view(2, *self.k_pool.shape[1:])   # (2, Hkv, S, D)
         buf[0].copy_(self.k_pool[slot])
         buf[1].copy_(self.v_pool[slot])
         self.host[key] = buf
 
     def host_release(self, key: ChunkKey) -> None:
-        self._host_free.append(self.host.pop(key))
+        self.host_pool.give(self.host.pop(key).view(-1).view(torch.uint8))
 
 
 def _release(jobs: _Jobs, store: KVStore | None) -> None:
@@ -676,7 +675,8 @@ class TieredKVCache:
         slots, chunks, slot_bytes = self._slots_for(size), -(-self.capacity_tokens // size), self._slot_bytes(size)
         if not fits:
             raise self._too_small_error(size, slots)
-        host_slots = math.inf if self._host_layer_bytes is None else self._host_layer_bytes // slot_bytes
+        host_slots = math.inf if self._host_layer_bytes is None else \
+            ChunkArenas(slot_bytes, self._host_layer_bytes).capacity   # allocates nothing until take()
         if slots >= self.batch * chunks:
             return _Geometry(size, chunks, self.batch * chunks, 0, slot_bytes, entropy, False)
         pair = _SCRATCH_SLOTS_PER_SEQ * self.batch
@@ -1397,6 +1397,7 @@ class TieredKVCache:
             "attention_entropy": [kv.geo.entropy if kv else None for kv in self._layers],
             "device_bytes": sum(kv.table.used_bytes(DEVICE) for kv in layers),
             "host_bytes": sum(kv.table.used_bytes(HOST) for kv in layers),
+            "host_allocated_bytes": sum(kv.host_pool.allocated_bytes for kv in layers),
             "disk_bytes": sum(kv.table.used_bytes(DISK) for kv in layers),
             "disk_file_bytes": self._store.used_bytes if self._store is not None else 0,
             "device_allocated_bytes": self.nbytes,
@@ -1452,6 +1453,11 @@ class TieredKVCache:
             return
         self._closed = True
         self._finalizer()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)    # no copy from a host chunk is in flight when it is unpinned
+        for kv in self._layers:
+            if kv is not None:
+                kv.host_pool.close()
         self._layers = [None] * len(self._layers)
 
     def __enter__(self) -> "TieredKVCache":
