@@ -474,3 +474,43 @@ def test_host_chunks_come_from_arenas_whose_real_size_is_within_the_host_budget(
         assert st["host_bytes"] <= st["host_allocated_bytes"] <= host_budget and st["disk_bytes"] > 0
         assert st["host_bytes"] == len(views) * cache._layers[0].geo.slot_bytes
 
+
+def test_logits_follow_the_plan_kv_room_and_pieces_and_equal_one_unbudgeted_pass(
+        long_models: dict[str, Path], tmp_path: Path, torch_kernels: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engine.logits() makes the KV cache generation would (the plan's room: this 1500-token prompt spills
+    to host and disk) and runs the plan's 512-token pieces; its (T, V) logits equal one whole-prompt
+    pass on a dense cache (what logits() computed before)."""
+    from tierkv.plan import reserve_bytes
+
+    model, prompt = long_models["llama"], _prompts(1, 1500)[0]
+    with tierkv.load(model, device="cpu", kv="exact", prefill_chunk_tokens=4096) as eng:
+        whole = eng.logits(prompt)
+        cfg = eng.config
+    policy = Policy(dtype="float32", device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256,
+                    prefill_chunk_tokens=512)
+    per_token = kv_bytes_per_token(cfg, torch.float32)
+    roomy = tierkv.plan.make_plan(cfg, tierkv.Budget(), policy)
+    device_mem = roomy.globals_bytes + cfg.num_layers * roomy.layer_bytes + reserve_bytes(cfg, torch.float32, policy,
+                                                                                           256, 1)
+    made: list[Any] = []
+    pieces: list[int] = []
+    stats: list[dict[str, Any]] = []
+    make, hidden = engine_mod.Engine._make_kv, engine_mod.Engine._hidden
+
+    def spy_make(self: Engine, *args: Any) -> Any:
+        cache = make(self, *args)
+        close = cache.close
+        cache.close = lambda: (stats.append(cache.stats()), close())   # the stats before close() empties it
+        made.append(cache)
+        return cache
+
+    monkeypatch.setattr(engine_mod.Engine, "_make_kv", spy_make)
+    monkeypatch.setattr(engine_mod.Engine, "_hidden", lambda self, ids, kv: pieces.append(ids.shape[1]) or
+                        hidden(self, ids, kv))
+    with tierkv.load(model, device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256, prefill_chunk_tokens=512,
+                     device_mem=device_mem, host_mem=400 * per_token, offload_dir=tmp_path) as eng:
+        budgeted = eng.logits(prompt)
+    assert isinstance(made[0], TieredKVCache) and pieces == [512, 512, 476]
+    assert stats[0]["disk_bytes"] > 0 and stats[0]["host_bytes"] > 0, stats
+    assert budgeted.shape == whole.shape == (1500, cfg.vocab_size) and budgeted.dtype == torch.float32
+    torch.testing.assert_close(budgeted, whole, rtol=1e-4, atol=1e-4)

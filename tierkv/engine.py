@@ -25,9 +25,9 @@ from tierkv.config import Budget, ConfigError, ModelConfig, Policy, read_json
 from tierkv.errors import ArgumentError
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.model import KVCache, decoder_layer, embed, head, step_inputs
-from tierkv.pipeline.kv import DenseKVCache, make_kv_cache, max_kv_batch
+from tierkv.pipeline.kv import make_kv_cache, max_kv_batch
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource, run_layers
-from tierkv.plan import Plan, open_weight_source, prefill_sizes
+from tierkv.plan import Plan, activation_bytes, open_weight_source, prefill_sizes
 from tierkv.io.progress import ProgressFn
 from tierkv.numerics import NonFiniteError, non_finite_error
 from tierkv.sampling import SamplingParams, pick
@@ -334,8 +334,12 @@ class Engine:
         return [self.encode(p) for p in prompts], True  # type: ignore[arg-type]
 
     # -- forward -----------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, kv: KVCache, all_logits: bool = False) -> torch.Tensor:
-        """ids (B, T) at the cache's next positions -> logits (B, V), or (B, T, V) with all_logits."""
+    def _forward(self, ids: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """ids (B, T) at the cache's next positions -> logits (B, V) of the last position."""
+        return head(self.config, self._weights.globals(), self._hidden(ids, kv)[:, -1:])[:, 0]
+
+    def _hidden(self, ids: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """ids (B, T) at the cache's next positions -> the last layer's hidden states (B, T, H)."""
         cfg, g = self.config, self._weights.globals()
         start, t = kv.length_tokens, ids.shape[1]
         positions = torch.arange(start, start + t, device=self.device)[None].expand(ids.shape[0], -1)
@@ -343,7 +347,7 @@ class Engine:
         h = embed(g, ids)                                                          # (B, T, H)
         h = run_layers(self._weights, h, lambda j, w, x: decoder_layer(cfg, w, x, step, kv, j))
         kv.advance(t)
-        return head(cfg, g, h) if all_logits else head(cfg, g, h[:, -1:])[:, 0]
+        return h
 
     def _make_kv(self, batch: int, capacity_tokens: int) -> KVCache:
         """This generation's KV cache: resident when it fits and attention is exact, else tiered."""
@@ -367,13 +371,40 @@ class Engine:
 
     @torch.inference_mode()
     def logits(self, prompt: Prompt) -> torch.Tensor:
-        """Logits (T, V) fp32 for every position of one prompt (scoring, tests against references)."""
+        """Logits (T, V) fp32, on the CPU, for every position of one prompt (scoring, tests against references).
+
+        Runs within the plan like generation's prefill: the KV cache generation would make (the plan's
+        KV room, so a long prompt's KV spills to host and disk), the plan's prefill pieces, and the
+        LM head over as many rows at a time as one piece's activation reserve holds. The returned
+        (T, V) tensor itself (T x V x 4 bytes of host memory) is what the caller asked for and sits
+        outside the budgets.
+        """
         self._check_open()
         ids = self.encode(prompt)
         with self._serialized():
             self._check_open()       # again under the lock: another thread may have closed it meanwhile
-            kv = DenseKVCache(self.config, 1, len(ids), self.dtype, self.device, self.attention_scratch_bytes)
-            return self._forward(torch.tensor([ids], device=self.device), kv, all_logits=True)[0].cpu()
+            kv = self._make_kv(1, len(ids))
+            try:
+                return self._all_logits(torch.tensor([ids], device=self.device), kv)
+            finally:
+                if hasattr(kv, "close"):
+                    kv.close()
+
+    def _all_logits(self, ids: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """ids (1, T) -> logits (T, V) fp32 on the CPU, prefilled in ``prefill_chunk_tokens`` pieces."""
+        cfg, g = self.config, self._weights.globals()
+        piece, total = self.prefill_chunk_tokens, ids.shape[1]
+        item = torch.empty((), dtype=self.dtype).element_size()
+        # the head's output in the compute dtype and its fp32 copy, per row, within one piece's reserve
+        # (the layers' activations are freed by the time the head runs)
+        reserve = activation_bytes(cfg, self.dtype, piece, self.attention_scratch_bytes, total, 1)
+        rows = max(1, min(piece, reserve // (cfg.vocab_size * (item + 4))))
+        out = torch.empty((total, cfg.vocab_size), dtype=torch.float32)                # (T, V) on the host
+        for start in range(0, total, piece):
+            h = self._hidden(ids[:, start:start + piece], kv)                          # (1, piece, H)
+            for lo in range(0, h.shape[1], rows):
+                out[start + lo:start + lo + rows] = head(cfg, g, h[:, lo:lo + rows])[0].cpu()
+        return out
 
     # -- generation --------------------------------------------------------------------------
     def _run(self, prompts: list[list[int]], params: SamplingParams, cancel: threading.Event,
