@@ -514,3 +514,38 @@ def test_logits_follow_the_plan_kv_room_and_pieces_and_equal_one_unbudgeted_pass
     assert stats[0]["disk_bytes"] > 0 and stats[0]["host_bytes"] > 0, stats
     assert budgeted.shape == whole.shape == (1500, cfg.vocab_size) and budgeted.dtype == torch.float32
     torch.testing.assert_close(budgeted, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_a_batch_of_long_prompts_prefills_in_pieces_within_the_activation_reserve(
+        long_models: dict[str, Path], tmp_path: Path, torch_kernels: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan reserves one 512-token piece's activations for one sequence; four 1200-token prompts share
+    a batch (the KV room holds them), so the engine prefills them in pieces of fewer tokens: every
+    forward it ran fits the reserve, and each sequence gets its solo tokens."""
+    from tierkv.plan import activation_bytes
+
+    model, prompts = long_models["llama"], _prompts(4, 1200)
+    with tierkv.load(model, device="cpu", kv="exact", prefill_chunk_tokens=512) as eng:
+        solo = [eng.generate(p, max_new_tokens=3).token_ids for p in prompts]
+        cfg = eng.config
+    policy = Policy(dtype="float32", device="cpu", kv="exact", prefill_chunk_tokens=512)
+    roomy = tierkv.plan.make_plan(cfg, tierkv.Budget(), policy)
+    kv_room = 4 * 1300 * kv_bytes_per_token(cfg, torch.float32)
+    device_mem = roomy.globals_bytes + cfg.num_layers * roomy.layer_bytes + roomy.activation_bytes + kv_room
+    shapes: list[tuple[int, int]] = []
+    hidden = engine_mod.Engine._hidden
+    monkeypatch.setattr(engine_mod.Engine, "_hidden", lambda self, ids, kv: shapes.append(tuple(ids.shape)) or
+                        hidden(self, ids, kv))
+    with tierkv.load(model, device="cpu", kv="exact", prefill_chunk_tokens=512, device_mem=device_mem,
+                     offload_dir=tmp_path) as eng:
+        plan = eng.plan
+        assert not plan.disk_layers and plan.prefill_chunk_tokens == 512 and plan.kv_device_bytes >= kv_room
+        out = eng.generate(prompts, max_new_tokens=3)
+    assert [o.token_ids for o in out] == solo
+    capacity = 1200 + 3 - 1
+    assert {b for b, _ in shapes} == {4} and out[0].stats.batch_size == 4     # one batch: the KV room holds it
+    piece = out[0].stats.prefill_piece_tokens
+    assert shapes[:-2] == [(4, piece)] * (1200 // piece) + ([(4, 1200 % piece)] if 1200 % piece else [])
+    assert 1 < piece < 512 and 4 * piece <= 512
+    for b, t in shapes:
+        assert activation_bytes(cfg, torch.float32, t, plan.attention_scratch_bytes, capacity, b) <= \
+            plan.activation_bytes, (b, t)
