@@ -386,3 +386,23 @@ def test_prefill_goes_in_the_planned_pieces_and_reports_progress(tiny_llama_dir)
     assert whole.generate(ids, max_new_tokens=4).token_ids == pieces
     eng.close()
     whole.close()
+
+
+def test_batch_shape_keeps_every_batch_within_the_activation_reserve(engine) -> None:
+    """Larger batches get smaller prefill pieces (batch x piece within the one-sequence reserve); a batch
+    whose one-token decode step alone exceeds the reserve is cut to the largest that fits; one sequence
+    always runs with the plan's piece."""
+    from tierkv.plan import activation_bytes
+
+    cfg, piece, scratch, capacity = engine.config, engine.prefill_chunk_tokens, engine.attention_scratch_bytes, 200
+
+    def cost(t: int, b: int) -> int:
+        return activation_bytes(cfg, engine.dtype, t, scratch, capacity, b)
+
+    reserve = max(engine.plan.activation_bytes, cost(piece, 1))
+    assert engine._batch_shape(capacity, 1) == (1, piece)
+    most, p4 = engine._batch_shape(capacity, 4)
+    assert most == 4 and p4 < piece and cost(p4, 4) <= reserve < cost(p4 + 1, 4)
+    huge = 100 * piece
+    most, p = engine._batch_shape(capacity, huge)
+    assert 1 < most < huge and cost(1, most) <= reserve < cost(1, most + 1) and p >= 1

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tierkv.io import reader as reader_mod
-from tierkv.io.buffers import HostBuffer, SlotPool, aligned_host_tensor, pinning_available
+from tierkv.io.buffers import (ChunkArenas, HostBuffer, SlotPool, aligned_host_tensor, arena_capacity,
+                               pinning_available, round_up)
 from tierkv.io.reader import AlignedReader, ReadError, measure_disk_read_gbps
 from tierkv.io.convert import convert
 from tierkv.io.store import StoreError, WeightStore, tensors_from_buffer
@@ -192,3 +193,52 @@ def test_profiler_sees_reads_copies_and_waits(store):
     mover.close()
     names = {e.name for e in prof.events()}
     assert {"tierkv::disk_read", "tierkv::h2d_copy", "tierkv::wait"} <= names
+
+
+def _storage_bytes(chunks: list[torch.Tensor]) -> int:
+    """Bytes of the distinct allocations behind ``chunks`` (what the process really holds for them)."""
+    storages = {c.untyped_storage().data_ptr(): c.untyped_storage().nbytes() for c in chunks}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("chunk_bytes, per_arena_bytes, budget", [(33792, 8 << 20, 1_000_000), (5000, 12000, 50_000),
+                                                                   (4096, 16384, 16384), (70000, 8 << 20, 200_000),
+                                                                   (70000, 8 << 20, 69999)])
+def test_chunk_arenas_allocate_exactly_what_they_account_within_the_budget(chunk_bytes, per_arena_bytes, budget):
+    """Take every chunk the budget admits: the accounted bytes are the bytes of the allocations behind
+    the chunks, within the budget, and the capacity is every whole chunk that fits beside page padding."""
+    pool = ChunkArenas(chunk_bytes, budget, arena_bytes=per_arena_bytes)
+    assert pool.capacity == arena_capacity(chunk_bytes, pool.per_arena, budget)
+    chunks = [pool.take() for _ in range(pool.capacity)]
+    assert all(c.numel() == chunk_bytes for c in chunks)
+    assert len({c.data_ptr() for c in chunks}) == len(chunks), "chunks do not overlap"
+    assert pool.allocated_bytes == _storage_bytes(chunks) <= budget
+    assert pool.capacity >= (budget - round_up(chunk_bytes)) // chunk_bytes - budget // (pool.per_arena * chunk_bytes)
+    with pytest.raises(AssertionError, match="host chunks are in use"):
+        pool.take()
+    if chunks:
+        pool.give(chunks.pop())
+        assert pool.take().numel() == chunk_bytes and pool.allocated_bytes <= budget     # reused, nothing new
+    pool.close()
+
+
+def test_chunk_arenas_unbounded_grow_one_arena_at_a_time():
+    pool = ChunkArenas(5000, None, arena_bytes=12000)
+    chunks = [pool.take() for _ in range(5)]
+    assert pool.capacity is None and pool.per_arena == 2
+    assert pool.allocated_bytes == 3 * round_up(2 * 5000) == _storage_bytes(chunks)
+
+
+@pytest.mark.gpu
+def test_chunk_arenas_pin_exactly_their_pages_on_cuda():
+    """torch's pinned allocator would round each chunk up to a power of two; arenas are registered as they are."""
+    pool = ChunkArenas(33792, 1_000_000, pinned=True)
+    chunks = [pool.take() for _ in range(pool.capacity)]
+    assert all(c.is_pinned() for c in chunks)
+    assert pool.allocated_bytes == _storage_bytes(chunks) <= 1_000_000
+    dev = torch.ones(33792, dtype=torch.uint8, device="cuda")
+    chunks[-1].copy_(dev, non_blocking=True)
+    torch.cuda.synchronize()
+    assert int(chunks[-1].sum()) == 33792
+    pool.close()
+    assert not chunks[0].is_pinned()

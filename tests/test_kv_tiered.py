@@ -441,3 +441,144 @@ def test_adaptive_chunks_fit_a_long_context_in_a_small_device_room(tmp_path: Pat
                               kv_device_bytes=2048 * per_token, kv_host_bytes=4096 * per_token,
                               offload_dir=tmp_path / str(capacity))
         cache.close()
+
+
+def test_sparse_overflow_with_64_or_more_kv_heads_reads_each_heads_own_chunks(tmp_path: Path,
+                                                                              torch_kernels: None) -> None:
+    """66 KV heads: the per-chunk "which heads picked it" sets the overflow path works from equal the
+    selection's mask for every head (an int64 bitmask of 2**h overflowed from head 63 on), and the
+    output equals the all-resident cache's."""
+    hkv, d, b, cap = 66, 4, 1, 400
+    cfg = ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=16, hidden_size=hkv * d,
+                                     intermediate_size=8, num_hidden_layers=1, num_attention_heads=hkv,
+                                     num_key_value_heads=hkv, max_position_embeddings=8192))
+    policy = Policy(kv="sparse", kv_budget=96, chunk_tokens=16)
+    roomy = TieredKVCache(cfg, policy, b, cap, torch.float32, "cpu")
+    tight = TieredKVCache(cfg, policy, b, cap, torch.float32, "cpu", offload_dir=tmp_path,
+                          kv_device_bytes=_device_bytes(cfg, 16, 10, b, cap, policy),
+                          kv_host_bytes=_host_bytes(cfg, 16, 40))
+    masks: list[torch.Tensor] = []
+    picks: list[dict[Any, int]] = []
+    select, overflow = tight._select, tight._decode_overflow
+
+    def spy_select(kv: Any, q0: torch.Tensor) -> Any:
+        sel = select(kv, q0)
+        masks.append(sel.mask.clone())
+        return sel
+
+    def spy_overflow(kv: Any, q: torch.Tensor, picked: Any) -> torch.Tensor:
+        picks.append(dict(picked))
+        return overflow(kv, q, picked)
+
+    tight._select, tight._decode_overflow = spy_select, spy_overflow      # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(3)
+    with roomy, tight:
+        start = 0
+        for t in [300, 1, 1, 1]:
+            pos = torch.arange(start, start + t)[None]
+            q, k, v = (torch.randn(b, hkv, t, d, generator=g) for _ in range(3))
+            _close(roomy.attend(0, q, k, v, pos, None), tight.attend(0, q, k, v, pos, None))
+            roomy.advance(t)
+            tight.advance(t)
+            start += t
+    assert len(picks) == len(masks) == 3, "every decode step overflowed the device slots"
+    for mask, picked in zip(masks, picks):
+        heads_of = {key.chunk: {h for h in range(hkv) if bits >> h & 1} for key, bits in picked.items()}
+        want = {c: {h for h in range(hkv) if mask[0, h, c]} for c in range(mask.shape[2]) if mask[0, :, c].any()}
+        assert heads_of == want and any(h >= 63 for hs in want.values() for h in hs)
+
+
+def test_host_chunks_come_from_arenas_whose_real_size_is_within_the_host_budget(tmp_path: Path,
+                                                                                torch_kernels: None) -> None:
+    """Chunks evicted to the host live in page-aligned arenas (pinned exactly on CUDA, never through
+    torch's power-of-two pinned allocator): the bytes really allocated are what the stats count, the host
+    tier is filled, and the allocation stays within the host KV budget."""
+    cfg, cap = _cfg(), sum(PIECES)
+    host_budget = _host_bytes(cfg, 32, 6) + 5000                 # not a whole number of chunks or pages
+    cache = TieredKVCache(cfg, Policy(kv="exact", chunk_tokens=32), B, cap, torch.float32, "cpu",
+                          kv_device_bytes=_device_bytes(cfg, 32, 12, B, cap, Policy(kv="exact")),
+                          kv_host_bytes=host_budget, offload_dir=tmp_path)
+    with cache:
+        _drive([cache], PIECES)
+        st = cache.stats()
+        views = [buf for kv in cache._layers if kv is not None for buf in kv.host.values()]
+        real = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in views}
+        assert views and st["host_allocated_bytes"] == sum(real.values())
+        assert st["host_bytes"] <= st["host_allocated_bytes"] <= host_budget and st["disk_bytes"] > 0
+        assert st["host_bytes"] == len(views) * cache._layers[0].geo.slot_bytes
+
+
+def test_logits_follow_the_plan_kv_room_and_pieces_and_equal_one_unbudgeted_pass(
+        long_models: dict[str, Path], tmp_path: Path, torch_kernels: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engine.logits() makes the KV cache generation would (the plan's room: this 1500-token prompt spills
+    to host and disk) and runs the plan's 512-token pieces; its (T, V) logits equal one whole-prompt
+    pass on a dense cache (what logits() computed before)."""
+    from tierkv.plan import reserve_bytes
+
+    model, prompt = long_models["llama"], _prompts(1, 1500)[0]
+    with tierkv.load(model, device="cpu", kv="exact", prefill_chunk_tokens=4096) as eng:
+        whole = eng.logits(prompt)
+        cfg = eng.config
+    policy = Policy(dtype="float32", device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256,
+                    prefill_chunk_tokens=512)
+    per_token = kv_bytes_per_token(cfg, torch.float32)
+    roomy = tierkv.plan.make_plan(cfg, tierkv.Budget(), policy)
+    device_mem = roomy.globals_bytes + cfg.num_layers * roomy.layer_bytes + reserve_bytes(cfg, torch.float32, policy,
+                                                                                           256, 1)
+    made: list[Any] = []
+    pieces: list[int] = []
+    stats: list[dict[str, Any]] = []
+    make, hidden = engine_mod.Engine._make_kv, engine_mod.Engine._hidden
+
+    def spy_make(self: Engine, *args: Any) -> Any:
+        cache = make(self, *args)
+        close = cache.close
+        cache.close = lambda: (stats.append(cache.stats()), close())   # the stats before close() empties it
+        made.append(cache)
+        return cache
+
+    monkeypatch.setattr(engine_mod.Engine, "_make_kv", spy_make)
+    monkeypatch.setattr(engine_mod.Engine, "_hidden", lambda self, ids, kv: pieces.append(ids.shape[1]) or
+                        hidden(self, ids, kv))
+    with tierkv.load(model, device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256, prefill_chunk_tokens=512,
+                     device_mem=device_mem, host_mem=400 * per_token, offload_dir=tmp_path) as eng:
+        budgeted = eng.logits(prompt)
+    assert isinstance(made[0], TieredKVCache) and pieces == [512, 512, 476]
+    assert stats[0]["disk_bytes"] > 0 and stats[0]["host_bytes"] > 0, stats
+    assert budgeted.shape == whole.shape == (1500, cfg.vocab_size) and budgeted.dtype == torch.float32
+    torch.testing.assert_close(budgeted, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_a_batch_of_long_prompts_prefills_in_pieces_within_the_activation_reserve(
+        long_models: dict[str, Path], tmp_path: Path, torch_kernels: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan reserves one 512-token piece's activations for one sequence; four 1200-token prompts share
+    a batch (the KV room holds them), so the engine prefills them in pieces of fewer tokens: every
+    forward it ran fits the reserve, and each sequence gets its solo tokens."""
+    from tierkv.plan import activation_bytes
+
+    model, prompts = long_models["llama"], _prompts(4, 1200)
+    with tierkv.load(model, device="cpu", kv="exact", prefill_chunk_tokens=512) as eng:
+        solo = [eng.generate(p, max_new_tokens=3).token_ids for p in prompts]
+        cfg = eng.config
+    policy = Policy(dtype="float32", device="cpu", kv="exact", prefill_chunk_tokens=512)
+    roomy = tierkv.plan.make_plan(cfg, tierkv.Budget(), policy)
+    kv_room = 4 * 1300 * kv_bytes_per_token(cfg, torch.float32)
+    device_mem = roomy.globals_bytes + cfg.num_layers * roomy.layer_bytes + roomy.activation_bytes + kv_room
+    shapes: list[tuple[int, int]] = []
+    hidden = engine_mod.Engine._hidden
+    monkeypatch.setattr(engine_mod.Engine, "_hidden", lambda self, ids, kv: shapes.append(tuple(ids.shape)) or
+                        hidden(self, ids, kv))
+    with tierkv.load(model, device="cpu", kv="exact", prefill_chunk_tokens=512, device_mem=device_mem,
+                     offload_dir=tmp_path) as eng:
+        plan = eng.plan
+        assert not plan.disk_layers and plan.prefill_chunk_tokens == 512 and plan.kv_device_bytes >= kv_room
+        out = eng.generate(prompts, max_new_tokens=3)
+    assert [o.token_ids for o in out] == solo
+    capacity = 1200 + 3 - 1
+    assert {b for b, _ in shapes} == {4} and out[0].stats.batch_size == 4     # one batch: the KV room holds it
+    piece = out[0].stats.prefill_piece_tokens
+    assert shapes[:-2] == [(4, piece)] * (1200 // piece) + ([(4, 1200 % piece)] if 1200 % piece else [])
+    assert 1 < piece < 512 and 4 * piece <= 512
+    for b, t in shapes:
+        assert activation_bytes(cfg, torch.float32, t, plan.attention_scratch_bytes, capacity, b) <= \
+            plan.activation_bytes, (b, t)

@@ -136,3 +136,34 @@ def test_open_weight_source_converts_only_when_needed(model_and_store, tmp_path)
     assert source is not None and plan.disk_layers and (tmp_path / "offload" / "stores").is_dir()
     with Engine(ckpt, Policy(device="cpu"), weights=source) as engine:
         assert engine.generate(PROMPT, max_new_tokens=10).token_ids == reference
+
+
+class _FailingRead:
+    """Stands in for a prefetch's read record whose wait() raises ``exc``."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def wait(self) -> None:
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc, escapes", [(StoreError("checksum mismatch"), False), (OSError(5, "EIO"), False),
+                                          (RuntimeError("a bug"), True)])
+def test_close_swallows_only_read_failures_and_always_releases(model_and_store, exc, escapes):
+    """close() waits for in-flight reads: a failed read (corrupt extent, I/O error) was already raised to
+    the layer loop or belongs to an unconsumed prefetch, so close ignores it; anything else is a bug and
+    propagates. Either way the buffers and the reader are released."""
+    _, store, _ = model_and_store
+    weights = StreamingWeights(store, "cpu", (), (), 1, BIG, 0)
+    weights.prefetch(2)
+    real = weights._flights[2].read
+    real.wait()
+    weights._flights[2].read = _FailingRead(exc)
+    if escapes:
+        with pytest.raises(type(exc)):
+            weights.close()
+    else:
+        weights.close()
+    assert not weights._flights and not weights._globals
+    assert weights.mover._copy_pool._shutdown

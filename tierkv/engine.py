@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
@@ -25,9 +25,9 @@ from tierkv.config import Budget, ConfigError, ModelConfig, Policy, read_json
 from tierkv.errors import ArgumentError
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.model import KVCache, decoder_layer, embed, head, step_inputs
-from tierkv.pipeline.kv import DenseKVCache, make_kv_cache, max_kv_batch
+from tierkv.pipeline.kv import make_kv_cache, max_kv_batch
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource, run_layers
-from tierkv.plan import Plan, open_weight_source, prefill_sizes
+from tierkv.plan import Plan, activation_bytes, open_weight_source, prefill_sizes
 from tierkv.io.progress import ProgressFn
 from tierkv.numerics import NonFiniteError, non_finite_error
 from tierkv.sampling import SamplingParams, pick
@@ -72,6 +72,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
     batch_size: int = 1
+    prefill_piece_tokens: int = 0   # prompt tokens per sequence in each prefill piece (fewer for larger batches)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_tok_s: float = 0.0       # new tokens per second per sequence during decode
@@ -334,8 +335,12 @@ class Engine:
         return [self.encode(p) for p in prompts], True  # type: ignore[arg-type]
 
     # -- forward -----------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, kv: KVCache, all_logits: bool = False) -> torch.Tensor:
-        """ids (B, T) at the cache's next positions -> logits (B, V), or (B, T, V) with all_logits."""
+    def _forward(self, ids: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """ids (B, T) at the cache's next positions -> logits (B, V) of the last position."""
+        return head(self.config, self._weights.globals(), self._hidden(ids, kv)[:, -1:])[:, 0]
+
+    def _hidden(self, ids: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """ids (B, T) at the cache's next positions -> the last layer's hidden states (B, T, H)."""
         cfg, g = self.config, self._weights.globals()
         start, t = kv.length_tokens, ids.shape[1]
         positions = torch.arange(start, start + t, device=self.device)[None].expand(ids.shape[0], -1)
@@ -343,7 +348,7 @@ class Engine:
         h = embed(g, ids)                                                          # (B, T, H)
         h = run_layers(self._weights, h, lambda j, w, x: decoder_layer(cfg, w, x, step, kv, j))
         kv.advance(t)
-        return head(cfg, g, h) if all_logits else head(cfg, g, h[:, -1:])[:, 0]
+        return h
 
     def _make_kv(self, batch: int, capacity_tokens: int) -> KVCache:
         """This generation's KV cache: resident when it fits and attention is exact, else tiered."""
@@ -354,11 +359,10 @@ class Engine:
                              offload_dir=Path(plan.offload_dir) / "kv" if plan else None,
                              attention_scratch_bytes=self.attention_scratch_bytes)
 
-    def _prefill(self, ids: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        """ids (B, T) in pieces of ``prefill_chunk_tokens`` so activations stay bounded -> last logits (B, V).
-
-        Reports ``prefill_progress(done, total)`` after each piece."""
-        piece, total = self.prefill_chunk_tokens, ids.shape[1]
+    def _prefill(self, ids: torch.Tensor, kv: KVCache, piece: int) -> torch.Tensor:
+        """ids (B, T) in pieces of ``piece`` tokens (``_batch_shape``) so activations stay within the
+        plan's reserve -> last logits (B, V). Reports ``prefill_progress(done, total)`` after each piece."""
+        total = ids.shape[1]
         for start in range(0, total, piece):
             logits = self._forward(ids[:, start:start + piece], kv)
             if self.prefill_progress is not None:
@@ -367,13 +371,40 @@ class Engine:
 
     @torch.inference_mode()
     def logits(self, prompt: Prompt) -> torch.Tensor:
-        """Logits (T, V) fp32 for every position of one prompt (scoring, tests against references)."""
+        """Logits (T, V) fp32, on the CPU, for every position of one prompt (scoring, tests against references).
+
+        Runs within the plan like generation's prefill: the KV cache generation would make (the plan's
+        KV room, so a long prompt's KV spills to host and disk), the plan's prefill pieces, and the
+        LM head over as many rows at a time as one piece's activation reserve holds. The returned
+        (T, V) tensor itself (T x V x 4 bytes of host memory) is what the caller asked for and sits
+        outside the budgets.
+        """
         self._check_open()
         ids = self.encode(prompt)
         with self._serialized():
             self._check_open()       # again under the lock: another thread may have closed it meanwhile
-            kv = DenseKVCache(self.config, 1, len(ids), self.dtype, self.device, self.attention_scratch_bytes)
-            return self._forward(torch.tensor([ids], device=self.device), kv, all_logits=True)[0].cpu()
+            kv = self._make_kv(1, len(ids))
+            try:
+                return self._all_logits(torch.tensor([ids], device=self.device), kv)
+            finally:
+                if hasattr(kv, "close"):
+                    kv.close()
+
+    def _all_logits(self, ids: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """ids (1, T) -> logits (T, V) fp32 on the CPU, prefilled in ``prefill_chunk_tokens`` pieces."""
+        cfg, g = self.config, self._weights.globals()
+        piece, total = self.prefill_chunk_tokens, ids.shape[1]
+        item = torch.empty((), dtype=self.dtype).element_size()
+        # the head's output in the compute dtype and its fp32 copy, per row, within one piece's reserve
+        # (the layers' activations are freed by the time the head runs)
+        reserve = activation_bytes(cfg, self.dtype, piece, self.attention_scratch_bytes, total, 1)
+        rows = max(1, min(piece, reserve // (cfg.vocab_size * (item + 4))))
+        out = torch.empty((total, cfg.vocab_size), dtype=torch.float32)                # (T, V) on the host
+        for start in range(0, total, piece):
+            h = self._hidden(ids[:, start:start + piece], kv)                          # (1, piece, H)
+            for lo in range(0, h.shape[1], rows):
+                out[start + lo:start + lo + rows] = head(cfg, g, h[:, lo:lo + rows])[0].cpu()
+        return out
 
     # -- generation --------------------------------------------------------------------------
     def _run(self, prompts: list[list[int]], params: SamplingParams, cancel: threading.Event,
@@ -386,7 +417,10 @@ class Engine:
         budget = self._new_tokens_budget(t, params)
         if cancel.is_set():  # cancelled while an earlier group of the batch ran: no prefill, no tokens
             budget = 0
-        kv = self._make_kv(b, max(1, t + budget - 1))
+        capacity = max(1, t + budget - 1)
+        most, stats.prefill_piece_tokens = self._batch_shape(capacity, b)
+        assert most >= b, f"batch {b} was not split by activations (at most {most})"
+        kv = self._make_kv(b, capacity)
         try:
             try:
                 yield from self._steps(torch.tensor(prompts, device=self.device), kv, seqs, budget, params,
@@ -412,12 +446,33 @@ class Engine:
 
     def _kv_batches(self, group: list[list[int]], params: SamplingParams) -> list[list[list[int]]]:
         """An equal-length group split into batches whose KV cache fits the plan's device room (the
-        planner keeps room for one sequence at the model's full context, so one always fits)."""
+        planner keeps room for one sequence at the model's full context, so one always fits) and
+        whose decode step's activations fit the plan's reserve (``_batch_shape``)."""
         t = len(group[0])
         capacity = max(1, t + self._new_tokens_budget(t, params) - 1)
         room = self.plan.kv_device_bytes if self.plan else None
         size = max_kv_batch(self.config, self.policy, len(group), capacity, self.dtype, room)
+        size = min(size, self._batch_shape(capacity, size)[0])
         return [group[i:i + size] for i in range(0, len(group), size)]
+
+    def _batch_shape(self, capacity_tokens: int, batch: int) -> tuple[int, int]:
+        """(most sequences per batch, up to ``batch``; prefill piece tokens for that many) within the
+        activation reserve.
+
+        The planner reserves one prefill piece's activations for one sequence (``plan.activation_bytes``;
+        one sequence at a context longer than planned needs ``plan.activation_bytes`` at that
+        context, as before). A batch of b sequences prefills in pieces of fewer tokens, so that
+        b x piece tokens fit that reserve, and a batch whose one-token decode step alone does not
+        fit is made smaller. One sequence always runs, with the plan's piece.
+        """
+        piece, scratch = self.prefill_chunk_tokens, self.attention_scratch_bytes
+
+        def cost(piece_tokens: int, b: int) -> int:
+            return activation_bytes(self.config, self.dtype, piece_tokens, scratch, capacity_tokens, b)
+
+        reserve = max(self.plan.activation_bytes if self.plan else 0, cost(piece, 1))
+        most = _largest(1, batch, lambda b: cost(1, b) <= reserve)
+        return most, _largest(1, piece, lambda p: cost(p, most) <= reserve)
 
     def _steps(self, prompt_ids: torch.Tensor, kv: KVCache, seqs: list[_Sequence], budget: int,
                params: SamplingParams, cancel: threading.Event, stats: GenerationStats) -> Iterator[Piece]:
@@ -427,7 +482,7 @@ class Engine:
         logits = None
         if budget > 0:
             with torch.profiler.record_function("tierkv::prefill"):
-                logits = self._prefill(prompt_ids, kv)
+                logits = self._prefill(prompt_ids, kv, stats.prefill_piece_tokens)
         stats.prefill_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         for step in range(budget):
@@ -517,6 +572,14 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _largest(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
+    """The largest n in [lo, hi] with fits(n) (fits is monotone: true up to some n); lo if none."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def _params(sampling: dict[str, Any]) -> SamplingParams:

@@ -179,4 +179,67 @@ class SlotPool:
         return f"SlotPool({self.n_slots} x {self.slot_bytes} B, {kind}, {self.n_free} free)"
 
 
-__all__ = ["ALIGN_BYTES", "HostBuffer", "PinningError", "Slot", "SlotPool", "aligned_host_tensor", "pinning_available", "round_up"]
+ARENA_BYTES = 8 << 20    # one allocation (and one cudaHostRegister) of a ChunkArenas holds about this much
+
+
+def arena_capacity(chunk_bytes: int, per_arena: int, budget_bytes: int) -> int:
+    """How many chunks ``ChunkArenas`` fits in ``budget_bytes``: whole arenas of ``per_arena`` chunks,
+    each rounded up to a page, then one last smaller arena in what is left."""
+    full_cost = round_up(per_arena * chunk_bytes)
+    full, rest = divmod(budget_bytes, full_cost)
+    last = min(per_arena - 1, rest // chunk_bytes)
+    while last > 0 and round_up(last * chunk_bytes) > rest:
+        last -= 1
+    return full * per_arena + last
+
+
+class ChunkArenas:
+    """Equal-size host chunks carved from page-aligned arenas that are allocated as chunks are needed.
+
+    Why: one ``torch.empty(pin_memory=True)`` per chunk goes through torch's caching host allocator,
+    which rounds each request up to a power of two, so real pinned memory could reach twice the
+    host budget. Here an arena is one ``HostBuffer`` (pinned with ``cudaHostRegister`` of exactly its
+    pages when ``pinned``) cut into ``per_arena`` chunks; ``allocated_bytes`` is the real size of
+    every arena, and never exceeds ``budget_bytes`` (None = unbounded). ``capacity`` chunks fit;
+    the caller (the KV chunk table) admits no more than that. Not thread-safe: one owner.
+    """
+
+    def __init__(self, chunk_bytes: int, budget_bytes: int | None, pinned: bool = False,
+                 arena_bytes: int = ARENA_BYTES) -> None:
+        assert chunk_bytes >= 1, chunk_bytes
+        self.chunk_bytes, self.pinned, self.budget_bytes = chunk_bytes, pinned, budget_bytes
+        self.per_arena = max(1, arena_bytes // chunk_bytes)
+        self.capacity = None if budget_bytes is None else arena_capacity(chunk_bytes, self.per_arena, budget_bytes)
+        self._arenas: list[HostBuffer] = []
+        self._free: list[torch.Tensor] = []     # (chunk_bytes,) uint8 views
+        self._chunks = 0                        # carved so far
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(a.nbytes for a in self._arenas)
+
+    def take(self) -> torch.Tensor:
+        """A free (chunk_bytes,) uint8 chunk; asserts the capacity is not exceeded."""
+        if not self._free:
+            n = self.per_arena if self.capacity is None else min(self.per_arena, self.capacity - self._chunks)
+            assert n > 0, f"all {self.capacity} host chunks are in use (the chunk table admits no more)"
+            arena = HostBuffer(n * self.chunk_bytes, self.pinned)
+            self._arenas.append(arena)
+            self._chunks += n
+            c = self.chunk_bytes
+            self._free = [arena.tensor[i * c:(i + 1) * c] for i in range(n)][::-1]
+        return self._free.pop()
+
+    def give(self, chunk: torch.Tensor) -> None:
+        """Return a chunk from ``take`` for reuse."""
+        assert chunk.numel() == self.chunk_bytes and chunk.dtype == torch.uint8, (chunk.shape, chunk.dtype)
+        self._free.append(chunk)
+
+    def close(self) -> None:
+        """Unpin every arena (idempotent); views stay valid memory, but must not be copied from asynchronously."""
+        for arena in self._arenas:
+            arena.close()
+
+
+__all__ = ["ALIGN_BYTES", "ARENA_BYTES", "ChunkArenas", "HostBuffer", "PinningError", "Slot", "SlotPool",
+           "aligned_host_tensor", "arena_capacity", "pinning_available", "round_up"]

@@ -65,7 +65,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from tierkv.config import ModelConfig, Policy, format_size
-from tierkv.io.buffers import pinning_available
+from tierkv.io.buffers import ChunkArenas, pinning_available
 from tierkv.io.kvstore import KVChunk, KVStore, remove_abandoned
 from tierkv.kernels import (KeySketch, Selection, abstract_append, chunk_abstract, chunk_scores, encode_keys,
                             select_chunks, sparse_decode_attention)
@@ -84,6 +84,12 @@ _MIN_BLOCK_ROWS = 64             # streamed attention: a batch of chunks leaves 
 _SCRATCH_SLOTS_PER_SEQ = 2       # at least one streamed chunk per sequence in each half of the double buffer
 _STREAM_BYTES = 32 << 20         # cap on the K/V a sparse step that overflows the device streams at once
 _STREAM_THREADS = 4              # reader threads that read those chunks in parallel
+_HEAD_WORD_BITS = 63             # KV heads per int64 word of a chunk's "which heads picked it" bitmask
+
+
+def _join_words(words: Sequence[int]) -> int:
+    """63-bit words (low word first) -> one Python int: bit h set = KV head h picked the chunk."""
+    return sum(int(w) << (_HEAD_WORD_BITS * i) for i, w in enumerate(words))
 
 
 class DenseKVCache:
@@ -474,10 +480,10 @@ class _LayerKV:
         self.scratch = list(range(geo.resident_slots, n))
         self.slot_of: dict[ChunkKey, int] = {}      # resident chunks and fetches in flight
         self.resident: set[ChunkKey] = set()        # tier is the device and the data is in its slot
-        self.host: dict[ChunkKey, torch.Tensor] = {}  # (2, Hkv, S, D)
-        self._host_free: list[torch.Tensor] = []
-        self._pinned = device.type == "cuda" and pinning_available()
-        budgets = {DEVICE: geo.resident_slots * geo.slot_bytes, HOST: host_bytes, DISK: None if disk else 0}
+        self.host: dict[ChunkKey, torch.Tensor] = {}  # (2, Hkv, S, D) views of host_pool chunks
+        self.host_pool = ChunkArenas(geo.slot_bytes, host_bytes, pinned=device.type == "cuda" and pinning_available())
+        host_room = None if host_bytes is None else self.host_pool.capacity * geo.slot_bytes  # what really fits
+        budgets = {DEVICE: geo.resident_slots * geo.slot_bytes, HOST: host_room, DISK: None if disk else 0}
         self.table = KVChunkTable(budgets, sink_chunks=sink_chunks, recent_tokens=s)
         self.n_chunks = 0
         self.tokens = 0
@@ -501,14 +507,13 @@ class _LayerKV:
 
     def host_put(self, key: ChunkKey, slot: int) -> None:
         """Copy a resident slot's K/V into a host buffer for ``key``."""
-        buf = self._host_free.pop() if self._host_free else torch.empty(
-            (2, *self.k_pool.shape[1:]), dtype=self.k_pool.dtype, pin_memory=self._pinned)
+        buf = self.host_pool.take().view(self.k_pool.dtype).view(2, *self.k_pool.shape[1:])   # (2, Hkv, S, D)
         buf[0].copy_(self.k_pool[slot])
         buf[1].copy_(self.v_pool[slot])
         self.host[key] = buf
 
     def host_release(self, key: ChunkKey) -> None:
-        self._host_free.append(self.host.pop(key))
+        self.host_pool.give(self.host.pop(key).view(-1).view(torch.uint8))
 
 
 def _release(jobs: _Jobs, store: KVStore | None) -> None:
@@ -568,7 +573,7 @@ class TieredKVCache:
         self._c = _Counters()
         self._selected_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         self._union_tokens = torch.zeros((), dtype=torch.float64, device=self.device)  # sparse steps' union sizes
-        self._head_bits = 2 ** torch.arange(cfg.num_kv_heads, device=self.device)         # (Hkv,) int64
+        self._head_bits = 2 ** torch.arange(_HEAD_WORD_BITS, device=self.device)           # (63,) int64
         self._closed = False
         spill = self._check_budgets(offload_dir)
         self._store = None
@@ -670,7 +675,8 @@ class TieredKVCache:
         slots, chunks, slot_bytes = self._slots_for(size), -(-self.capacity_tokens // size), self._slot_bytes(size)
         if not fits:
             raise self._too_small_error(size, slots)
-        host_slots = math.inf if self._host_layer_bytes is None else self._host_layer_bytes // slot_bytes
+        host_slots = math.inf if self._host_layer_bytes is None else \
+            ChunkArenas(slot_bytes, self._host_layer_bytes).capacity   # allocates nothing until take()
         if slots >= self.batch * chunks:
             return _Geometry(size, chunks, self.batch * chunks, 0, slot_bytes, entropy, False)
         pair = _SCRATCH_SLOTS_PER_SEQ * self.batch
@@ -993,10 +999,10 @@ class TieredKVCache:
         if kv.all_resident():
             kv.prev_needed = []
             return self._kernel(kv, q, sel.ids, sel.counts)
-        heads = (sel.mask * self._head_bits[:, None]).sum(1)                         # (B, C) bit h: head h picked it
+        words = self._head_words(sel.mask)                                            # (B, W, C)
         idx = union.nonzero()
-        rows = torch.cat([idx, heads[idx[:, 0], idx[:, 1]][:, None]], 1).tolist()   # the one host sync
-        picked = {kv.key(c, b): bits for b, c, bits in rows}
+        rows = torch.cat([idx, words[idx[:, 0], :, idx[:, 1]]], 1).tolist()          # the one host sync
+        picked = {kv.key(c, b): _join_words(ws) for b, c, *ws in rows}
         needed = list(picked)
         kv.prev_needed = needed
         self._hint = (kv.geo.chunk_tokens, needed)
@@ -1004,6 +1010,18 @@ class TieredKVCache:
         if len(needed) <= kv.geo.resident_slots and self._make_resident(kv, needed):
             return self._kernel(kv, q, sel.ids, sel.counts)
         return self._decode_overflow(kv, q, picked)
+
+    def _head_words(self, mask: torch.Tensor) -> torch.Tensor:
+        """mask (B, Hkv, C) bool -> (B, W, C) int64: bit j of word w set = KV head 63*w + j picked the chunk.
+
+        Words of 63 bits, so any head count fits without int64 overflow (2**63 does not fit int64).
+        """
+        b, h, c = mask.shape
+        n_words = -(-h // _HEAD_WORD_BITS)
+        padded = mask.new_zeros((b, n_words * _HEAD_WORD_BITS, c))
+        padded[:, :h] = mask
+        bits = padded.view(b, n_words, _HEAD_WORD_BITS, c) * self._head_bits[:, None]
+        return bits.sum(2)
 
     def _select(self, kv: _LayerKV, q0: torch.Tensor) -> Selection:
         """Importance selection on the device: q0 (B, Hq, D) -> Selection over the layer's chunks."""
@@ -1379,6 +1397,7 @@ class TieredKVCache:
             "attention_entropy": [kv.geo.entropy if kv else None for kv in self._layers],
             "device_bytes": sum(kv.table.used_bytes(DEVICE) for kv in layers),
             "host_bytes": sum(kv.table.used_bytes(HOST) for kv in layers),
+            "host_allocated_bytes": sum(kv.host_pool.allocated_bytes for kv in layers),
             "disk_bytes": sum(kv.table.used_bytes(DISK) for kv in layers),
             "disk_file_bytes": self._store.used_bytes if self._store is not None else 0,
             "device_allocated_bytes": self.nbytes,
@@ -1442,6 +1461,11 @@ class TieredKVCache:
             return
         self._closed = True
         self._finalizer()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)    # no copy from a host chunk is in flight when it is unpinned
+        for kv in self._layers:
+            if kv is not None:
+                kv.host_pool.close()
         self._layers = [None] * len(self._layers)
 
     def __enter__(self) -> "TieredKVCache":

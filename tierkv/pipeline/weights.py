@@ -24,7 +24,7 @@ import torch
 
 from tierkv.io.buffers import Slot, SlotPool
 from tierkv.io.reader import ReadRecord
-from tierkv.io.store import WeightStore, layer_extent_name, tensors_from_buffer
+from tierkv.io.store import StoreError, WeightStore, layer_extent_name, tensors_from_buffer
 from tierkv.io.tiers import DEVICE, DISK, HOST, CopyRecord, DiskTier, MemoryTier, Mover
 
 if TYPE_CHECKING:
@@ -261,13 +261,19 @@ class StreamingWeights:
         """Let in-flight moves finish, then drop every buffer and close the reader."""
         records = [r for f in self._flights.values() for r in (f.read, f.copy) if r is not None]
         records += [r for r, _ in self._copies]
-        for record in records:
-            try:
-                record.wait()
-            except Exception:   # a failed prefetch nobody consumed: nothing is left to report it to
-                pass
-        self._flights.clear()
-        self._copies.clear()
-        self.mover.close()
-        self._resident.clear()
-        self._globals.clear()
+        try:
+            for record in records:
+                try:
+                    record.wait()
+                except (StoreError, OSError):
+                    # A read that failed (checksum mismatch, already recorded as damage; or an I/O
+                    # error) stays in its flight: either wait() raised it to the layer loop, which
+                    # is unwinding now and closes us, or it was a prefetch never consumed. Raising it
+                    # again here would hide the error the caller is handling. Other exceptions are bugs.
+                    continue
+        finally:
+            self._flights.clear()
+            self._copies.clear()
+            self.mover.close()
+            self._resident.clear()
+            self._globals.clear()
