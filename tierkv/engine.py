@@ -9,12 +9,11 @@ calls are serialized by a lock, and a stream can be cancelled from any thread.
 
 from __future__ import annotations
 
-import numbers
 import resource
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Union
@@ -23,6 +22,8 @@ import torch
 
 from tierkv.config import Budget, ConfigError, ModelConfig, Policy, read_json
 from tierkv.errors import ArgumentError
+from tierkv.generation import (GenerationResult, GenerationStats, Piece, SequenceOutput, Stream, sampling_params,
+                               split_batch, token_ids_of)
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.model import KVCache, decoder_layer, embed, head, step_inputs
 from tierkv.pipeline.kv import make_kv_cache, max_kv_batch
@@ -31,7 +32,7 @@ from tierkv.plan import Plan, activation_bytes, open_weight_source, prefill_size
 from tierkv.io.progress import ProgressFn
 from tierkv.numerics import NonFiniteError, non_finite_error
 from tierkv.sampling import SamplingParams, pick
-from tierkv.tokenizer import IncrementalDecoder, Tokenizer
+from tierkv.tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
 
@@ -65,125 +66,6 @@ def context_limit_tokens(cfg: ModelConfig) -> int:
     return cfg.context_limit_tokens
 
 
-@dataclass
-class GenerationStats:
-    """What one generation cost. Times in seconds, memory in bytes."""
-
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    batch_size: int = 1
-    prefill_piece_tokens: int = 0   # prompt tokens per sequence in each prefill piece (fewer for larger batches)
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    decode_tok_s: float = 0.0       # new tokens per second per sequence during decode
-    peak_rss_bytes: int = 0
-    peak_device_bytes: int = 0      # CUDA allocator peak; 0 on CPU (see peak_rss_bytes)
-    io_wait_fraction: float = 0.0   # share of prefill+decode time spent waiting for weights to arrive
-    kv: dict[str, Any] = field(default_factory=dict)  # tiered KV cache: chunk sizes, bytes per tier, hit rate
-    weights: dict[str, float] = field(default_factory=dict)  # bytes per tier; bytes, GB/s, wait per link
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class GenerationResult:
-    """One prompt's outcome: new tokens only (EOS included when it ended generation)."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str              # "stop" (EOS or stop string), "length", "cancelled"
-    prompt_token_ids: list[int]
-    stats: GenerationStats
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"token_ids": self.token_ids, "text": self.text, "finish_reason": self.finish_reason,
-                "prompt_tokens": len(self.prompt_token_ids), "stats": self.stats.to_dict()}
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A streamed step: the token produced and the text it completed (may be empty)."""
-
-    token_id: int | None
-    text: str
-    index: int = 0                  # which prompt of a batch
-
-
-class _Sequence:
-    """Per-prompt decode state: tokens, streamed text, EOS and stop-string handling."""
-
-    def __init__(self, prompt_ids: list[int], tokenizer: Tokenizer | None, eos_ids: frozenset[int],
-                 params: SamplingParams) -> None:
-        self.prompt_ids = prompt_ids
-        self.token_ids: list[int] = []
-        self.text = ""                  # text emitted so far
-        self._pending = ""              # decoded but held back: may be the start of a stop string
-        self._decoder = IncrementalDecoder(tokenizer)
-        self._eos, self._params = eos_ids, params
-        self.finish_reason: str | None = None
-
-    def push(self, token_id: int) -> str:
-        """Record a new token; return the text to emit now."""
-        self.token_ids.append(token_id)
-        self._pending += self._decoder.push(token_id)
-        if token_id in self._eos and not self._params.ignore_eos:
-            self.finish_reason = "stop"
-        elif len(self.token_ids) >= self._params.max_new_tokens:
-            self.finish_reason = "length"
-        return self._release()
-
-    def finish(self, reason: str) -> str:
-        if self.finish_reason is None:
-            self.finish_reason = reason
-        return self._release()
-
-    def _release(self) -> str:
-        if self.finish_reason is not None:
-            self._pending += self._decoder.flush()
-        full = self.text + self._pending
-        for stop in self._params.stop:
-            cut = full.find(stop)
-            if stop and cut >= 0:
-                full, self.finish_reason = full[:cut], "stop"
-        keep = len(full) if self.finish_reason else len(full) - _stop_prefix_len(full, self._params.stop)
-        keep = max(keep, len(self.text))
-        out, self.text, self._pending = full[len(self.text):keep], full[:keep], full[keep:]
-        return out
-
-
-def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that could begin a stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if stop.startswith(text[-n:]):
-                best = n
-                break
-    return best
-
-
-class Stream:
-    """Iterator of Pieces for one ``Engine.stream`` call; ``cancel()`` works from any thread."""
-
-    def __init__(self, pieces: Iterator[Piece], cancel: threading.Event, results: list[GenerationResult]) -> None:
-        self._pieces, self._cancel, self.results = pieces, cancel, results
-
-    def __iter__(self) -> "Stream":
-        return self
-
-    def __next__(self) -> Piece:
-        return next(self._pieces)
-
-    def cancel(self) -> None:
-        """Stop generation after the current step; the stream then ends."""
-        self._cancel.set()
-
-    def close(self) -> None:
-        self._cancel.set()
-        self._pieces.close()  # type: ignore[attr-defined]
-
-
 def _weight_stats_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Per-generation view of the weight source's cumulative counters: link bytes, busy and wait
     seconds become differences and GB/s is recomputed from them; residency figures are kept as is."""
@@ -207,35 +89,6 @@ def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> 
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(int(i) for i in ids)
-
-
-PROMPT_HELP = ("a prompt is a string, a list of token ids (whole numbers, or a 1-D integer numpy array or "
-               "tensor), or a list of those for a batch")
-
-
-def _is_array(value: object) -> bool:
-    return hasattr(value, "tolist") and hasattr(value, "dtype")
-
-
-def _is_token_id(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _token_ids(prompt: object) -> list[int]:
-    """Token ids from a list/tuple of ints or an integer array; TypeError naming what was wrong otherwise."""
-    values = prompt.tolist() if _is_array(prompt) else prompt  # type: ignore[union-attr]
-    if not isinstance(values, Sequence) or isinstance(values, (str, bytes, bytearray)):
-        raise TypeError(f"prompt {_short(prompt)} has type {type(prompt).__name__}; {PROMPT_HELP}")
-    for value in values:
-        if not _is_token_id(value):
-            raise TypeError(f"token id {_short(value)} has type {type(value).__name__}, not a whole number; "
-                            f"{PROMPT_HELP}")
-    return [int(v) for v in values]
 
 
 class _BadLogits(Exception):
@@ -309,7 +162,7 @@ class Engine:
                                   "encoded; pass token ids instead (e.g. --prompt-ids 1,2,3)")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = _token_ids(prompt)
+            ids = token_ids_of(prompt)
         if not ids:
             raise ArgumentError("the prompt is empty; give at least one token")
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
@@ -322,17 +175,8 @@ class Engine:
 
     def _batch(self, prompts: Prompt | Sequence[Prompt]) -> tuple[list[list[int]], bool]:
         """Normalize to a list of id lists; the flag says whether the caller passed a batch."""
-        if _is_array(prompts):  # torch tensors and numpy arrays: 1-D ids or 2-D (a batch of them)
-            prompts = prompts.tolist()  # type: ignore[union-attr]
-        if isinstance(prompts, str):
-            return [self.encode(prompts)], False
-        if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
-            raise TypeError(f"prompts {_short(prompts)} have type {type(prompts).__name__}; {PROMPT_HELP}")
-        if len(prompts) == 0:
-            raise ArgumentError("no prompts given")
-        if any(isinstance(p, numbers.Number) for p in prompts):  # token ids (encode names a bad one)
-            return [self.encode(prompts)], False  # type: ignore[arg-type]
-        return [self.encode(p) for p in prompts], True  # type: ignore[arg-type]
+        items, is_batch = split_batch(prompts)
+        return [self.encode(p) for p in items], is_batch  # type: ignore[arg-type]
 
     # -- forward -----------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, kv: KVCache) -> torch.Tensor:
@@ -411,7 +255,7 @@ class Engine:
              out: list[GenerationResult]) -> Iterator[Piece]:
         """Generate for equal-length prompts sharing every layer pass; yields pieces, fills ``out``."""
         b, t = len(prompts), len(prompts[0])
-        seqs = [_Sequence(p, self.tokenizer, self.eos_token_ids, params) for p in prompts]
+        seqs = [SequenceOutput(p, self.tokenizer, self.eos_token_ids, params) for p in prompts]
         stats = GenerationStats(prompt_tokens=t, batch_size=b)
         weights_before = self._weights.stats()
         budget = self._new_tokens_budget(t, params)
@@ -474,7 +318,7 @@ class Engine:
         most = _largest(1, batch, lambda b: cost(1, b) <= reserve)
         return most, _largest(1, piece, lambda p: cost(p, most) <= reserve)
 
-    def _steps(self, prompt_ids: torch.Tensor, kv: KVCache, seqs: list[_Sequence], budget: int,
+    def _steps(self, prompt_ids: torch.Tensor, kv: KVCache, seqs: list[SequenceOutput], budget: int,
                params: SamplingParams, cancel: threading.Event, stats: GenerationStats) -> Iterator[Piece]:
         """Prefill prompt_ids (B, T), then sample and feed back up to ``budget`` tokens."""
         gen = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
@@ -499,7 +343,7 @@ class Engine:
                 logits = self._forward(picked.ids[:, None], kv)
         stats.decode_s = time.perf_counter() - t1
 
-    def _non_finite(self, bad: _BadLogits, seqs: list[_Sequence]) -> NonFiniteError:
+    def _non_finite(self, bad: _BadLogits, seqs: list[SequenceOutput]) -> NonFiniteError:
         """Error path: the NonFiniteError for row ``bad.row``, after a replay that names the first bad layer."""
         seq = seqs[bad.row]
         where = "the end of prefill" if bad.step == 0 else f"decode step {bad.step}"
@@ -540,7 +384,7 @@ class Engine:
         """
         self._check_open()
         batch, is_batch = self._batch(prompts)
-        params = _params(sampling)
+        params = sampling_params(sampling)
         out: list[GenerationResult] = []
         for _ in self._pieces(batch, params, threading.Event(), out):
             pass
@@ -550,7 +394,7 @@ class Engine:
         """Like ``generate`` but returns a Stream of Pieces as tokens are produced."""
         self._check_open()
         batch, _ = self._batch(prompts)
-        params, cancel = _params(sampling), threading.Event()
+        params, cancel = sampling_params(sampling), threading.Event()
         out: list[GenerationResult] = []
         return Stream(self._pieces(batch, params, cancel, out), cancel, out)
 
@@ -580,15 +424,6 @@ def _largest(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
     return lo
-
-
-def _params(sampling: dict[str, Any]) -> SamplingParams:
-    stop = sampling.pop("stop", None) or ()
-    stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    try:
-        return SamplingParams(stop=stop, **sampling)
-    except TypeError as exc:
-        raise TypeError(f"{exc}; valid options: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos") from None
 
 
 def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: str | int | None = None,

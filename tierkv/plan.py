@@ -366,10 +366,10 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     or a scratch file in the offload directory; only the links the placement uses).
     ``context_tokens`` (default: ``policy.kv_device_tokens``, else min(4096, the model's maximum))
     sizes the device room kept for the KV cache and activations; the KV room is never less than the
-    tiered cache needs at the model's full context (``kv_reserve_bytes``), so any prompt runs.
-    sizes the device room kept for the KV cache and activations; the prefill piece and the attention
-    scratch come from the device budget (``prefill_sizes``) unless the policy fixes the piece, and an
-    auto piece then grows into device room the placement left unused (``_grow_piece``).
+    tiered cache needs at the model's full context (``kv_reserve_bytes``), so any prompt runs. The
+    prefill piece and the attention scratch come from the device budget (``prefill_sizes``) unless
+    the policy fixes the piece, and an auto piece then grows into device room the placement left
+    unused (``_grow_piece``).
     Raises PlanError, naming the minimum, when the device budget cannot hold one layer's working set.
     """
     device = torch.device(policy.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -382,20 +382,8 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     globals_bytes = sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     dev_mem, host_mem, offload_dir = detect_budgets(budget, device)
-    fixed = globals_bytes + layer_bytes
-    kv_policy = policy
-    if dev_mem < reserve_bytes(config, dtype, policy, context, batch, dev_mem) + fixed:
-        kv_policy = replace(policy, kv_sketch=False)  # no room for key codes: the cache runs without (stats say so)
-    piece, scratch = prefill_sizes(config, dtype, kv_policy, context, batch, dev_mem)
-    activations = activation_bytes(config, dtype, piece, scratch, context, batch)
-    reserve = reserve_bytes(config, dtype, kv_policy, context, batch, dev_mem)
-    if dev_mem < reserve + fixed:   # name a minimum whose own (larger) reserve it holds
-        reserve = _shown_size_at_least(_minimum_reserve(config, dtype, kv_policy, context, batch, fixed, reserve)
-                                       + fixed) - fixed
-    kv_floor = kv_reserve_bytes(config, dtype, kv_policy, 0, batch)    # the full context's tiered minimum
-    kv_at_floor = kv_reserve_bytes(config, dtype, kv_policy, context, batch) <= kv_floor
-    _check_minimum(dev_mem, host_mem, reserve, globals_bytes, layer_bytes, config.num_layers, device, dtype, context,
-                   kv_at_floor)
+    piece, scratch, activations, reserve = _device_reserve(config, dtype, policy, context, batch, dev_mem,
+                                                           globals_bytes, layer_bytes)
     cuda = device.type == "cuda"
     device_avail, n = dev_mem - reserve - globals_bytes, config.num_layers
     options = {d: _split(n, layer_bytes, device_avail, host_mem, d, cuda) for d in range(MAX_PREFETCH_DEPTH + 1)}
@@ -427,6 +415,26 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         kv_host_bytes=max(0, host_mem - kinds.count("host") * layer_bytes - staging),
         prefill_chunk_tokens=piece, attention_scratch_bytes=scratch, activation_bytes=activations,
     )
+
+
+def _device_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, context: int, batch: int,
+                    dev_mem: int, globals_bytes: int, layer_bytes: int) -> tuple[int, int, int, int]:
+    """(prefill piece, attention scratch, activation bytes, reserve) kept on the device for KV and
+    activations; raises PlanError naming the minimum when the budget cannot hold it beside the
+    globals and one layer. Key codes the budget cannot hold are left out (the cache runs without)."""
+    fixed = globals_bytes + layer_bytes
+    if dev_mem < reserve_bytes(config, dtype, policy, context, batch, dev_mem) + fixed:
+        policy = replace(policy, kv_sketch=False)     # no room for key codes: the cache runs without (stats say so)
+    piece, scratch = prefill_sizes(config, dtype, policy, context, batch, dev_mem)
+    activations = activation_bytes(config, dtype, piece, scratch, context, batch)
+    reserve = reserve_bytes(config, dtype, policy, context, batch, dev_mem)
+    if dev_mem < reserve + fixed:   # name a minimum whose own (larger) reserve it holds
+        reserve = _shown_size_at_least(_minimum_reserve(config, dtype, policy, context, batch, fixed, reserve)
+                                       + fixed) - fixed
+    kv_floor = kv_reserve_bytes(config, dtype, policy, 0, batch)    # the full context's tiered minimum
+    kv_at_floor = kv_reserve_bytes(config, dtype, policy, context, batch) <= kv_floor
+    _check_minimum(dev_mem, reserve, globals_bytes, layer_bytes, config.num_layers, dtype, context, kv_at_floor)
+    return piece, scratch, activations, reserve
 
 
 def _grow_piece(config: ModelConfig, dtype: torch.dtype, context_tokens: int, batch: int, piece: int,
@@ -481,9 +489,8 @@ def _shown_size_at_least(n_bytes: int) -> int:
     return shown
 
 
-def _check_minimum(dev_mem: int, host_mem: int, reserve: int, globals_bytes: int, layer_bytes: int,
-                   num_layers: int, device: torch.device, dtype: torch.dtype, context_tokens: int,
-                   kv_at_floor: bool = False) -> None:
+def _check_minimum(dev_mem: int, reserve: int, globals_bytes: int, layer_bytes: int, num_layers: int,
+                   dtype: torch.dtype, context_tokens: int, kv_at_floor: bool = False) -> None:
     """Refuse a device budget below globals + KV/activation reserve + one layer slot.
 
     ``kv_at_floor``: the KV part is the least room with which the model's full context runs (see
