@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -214,7 +215,7 @@ def choose_budget(model_dir: Path, offload_dir: Path, links: Any, fraction: floa
 
     cfg = Checkpoint(model_dir).config
     policy = Policy(dtype="bfloat16", device=device, prefill_chunk_tokens=prompt_len, kv_device_tokens=kv_device_tokens)
-    whole = make_plan(cfg, Budget(1 << 50, 0, offload_dir), policy, links)
+    whole = make_plan(cfg, Budget(machine_device_bytes(device), 0, offload_dir), policy, links)
     n, layer = whole.num_layers, whole.layer_bytes
     base = whole.reserve_bytes + whole.globals_bytes + SLACK_BYTES
     hosts = [0] if device == "cpu" else [s * layer for s in range(1, MAX_PREFETCH_DEPTH + 2)]
@@ -231,6 +232,14 @@ def choose_budget(model_dir: Path, offload_dir: Path, links: Any, fraction: floa
                 best = (score, budget, plan)
     assert best is not None, "no budget streams any layer; is the model a single layer?"
     return best[1], best[2]
+
+
+def machine_device_bytes(device: str) -> int:
+    """The largest device budget the planner accepts here (it refuses budgets above the machine):
+    the GPU's total memory on CUDA, else physical RAM (device and host share it on CPU)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return psutil.virtual_memory().total
 
 
 def measure_links(model_dir: Path, offload_dir: Path, device: str) -> tuple[Any, Path, float]:
