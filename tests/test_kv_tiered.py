@@ -582,3 +582,36 @@ def test_a_batch_of_long_prompts_prefills_in_pieces_within_the_activation_reserv
     for b, t in shapes:
         assert activation_bytes(cfg, torch.float32, t, plan.attention_scratch_bytes, capacity, b) <= \
             plan.activation_bytes, (b, t)
+
+
+def test_write_behind_snapshots_stay_within_their_cap_when_the_disk_is_slow(tmp_path: Path, torch_kernels: None,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closed chunks are snapshotted for the writer thread; a disk slower than the layers must make the
+    cache wait for earlier writes, not pile up host copies outside every budget."""
+    import time as time_mod
+
+    from tierkv.io.kvstore import KVStore
+    from tierkv.pipeline import kv as kv_mod
+
+    cfg, cap = _cfg(), sum(PIECES)
+    slot = 2 * cfg.num_kv_heads * 32 * cfg.head_dim * 4
+    monkeypatch.setattr(kv_mod, "WRITE_BEHIND_BYTES", 2 * B * slot)       # two closed chunks' snapshots
+    real_append = KVStore.append
+    monkeypatch.setattr(KVStore, "append", lambda self, chunks: (time_mod.sleep(0.02), real_append(self, chunks))[1])
+    dense = DenseKVCache(cfg, B, cap, torch.float32, torch.device("cpu"))
+    tiered = _tiered(cfg, Policy(kv="exact", chunk_tokens=32), cap, tmp_path)
+    queued: list[int] = []
+    real_submit = tiered._jobs.submit
+
+    def spy(kind: str, fn: Callable[[], Any]) -> Any:
+        if kind == "write":
+            queued.append(sum(w.nbytes for kv in tiered._layers if kv is not None for w in kv.writing
+                              if not w.future.done()))
+        return real_submit(kind, fn)
+
+    monkeypatch.setattr(tiered._jobs, "submit", spy)
+    with tiered:
+        _drive([dense, tiered], PIECES, windows=(None, 100), check=_close)
+        assert tiered.check_invariants() > 0
+    assert len(queued) > 4, "the prompt closes chunks that are written behind"
+    assert max(queued) + B * slot <= 2 * B * slot, queued

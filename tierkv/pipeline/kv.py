@@ -84,6 +84,7 @@ _MIN_BLOCK_ROWS = 64             # streamed attention: a batch of chunks leaves 
 _SCRATCH_SLOTS_PER_SEQ = 2       # at least one streamed chunk per sequence in each half of the double buffer
 _STREAM_BYTES = 32 << 20         # cap on the K/V a sparse step that overflows the device streams at once
 _STREAM_THREADS = 4              # reader threads that read those chunks in parallel
+WRITE_BEHIND_BYTES = 8 << 20     # cap on the host snapshots of closed chunks waiting for the writer thread
 _HEAD_WORD_BITS = 63             # KV heads per int64 word of a chunk's "which heads picked it" bitmask
 
 
@@ -881,10 +882,25 @@ class TieredKVCache:
         if self._store is None or not kv.geo.spill_expected or chunk < self.sink_chunks:
             return
         keys = tuple(kv.key(chunk, b) for b in range(self.batch))
+        self._make_write_room(len(keys) * kv.geo.slot_bytes)
         records = [self._chunk_record(kv, key, snapshot=True) for key in keys]
         store = self._store
         future = self._jobs.submit("write", lambda: store.append(records))
         kv.writing.append(_Write(keys, future, len(keys) * kv.geo.slot_bytes))
+
+    def _make_write_room(self, nbytes: int) -> None:
+        """Keep the snapshots waiting for the writer within ``WRITE_BEHIND_BYTES`` (one write may be
+        larger alone): when the disk is slower than the layers close chunks, wait for earlier writes
+        instead of piling up host copies outside every budget."""
+        self._poll_writes(wait=False)
+        pending = [w for kv in self._layers if kv is not None for w in kv.writing]
+        queued = sum(w.nbytes for w in pending)
+        for w in pending:                       # in each layer's submission order; any order frees room
+            if queued + nbytes <= WRITE_BEHIND_BYTES:
+                break
+            wait_futures([w.future])
+            queued -= w.nbytes
+        self._poll_writes(wait=False)
 
     def _poll_writes(self, wait: bool) -> None:
         """Retire finished write-behinds; after a failure wait for all and raise it (chunks stay put)."""
