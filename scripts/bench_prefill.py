@@ -21,11 +21,12 @@ layers, 16/4 heads, intermediate 2816, vocab 32000, 4096 positions; 383 MiB):
 * peers, each in a fresh process: HF transformers resident (no budget: what an unbounded run
   costs), and HF accelerate disk offload (``device_map="auto"``, ``max_memory={"cpu": B}``, its
   own offload folder, checkpoint and offload files evicted before every forward) at the budgets
-  of ``--accelerate-budgets``. Prefill = generate(1 token); decode = (N - 1) / (t(N) - t(1)).
+  of ``--accelerate-budgets`` (default: the first tierkv budget). Prefill = generate(1 token);
+  decode = (N - 1) / (t(N) - t(1)).
 
     python scripts/bench_prefill.py [--prompt-tokens 2000] [--device-mem 200MiB,400MiB,1GiB]
         [--kv-device-tokens 256] [--prefill-chunk-tokens N] [--new-tokens 8] [--threads 1]
-        [--skip-hf] [--skip-accelerate] [--accelerate-budgets 400MiB] [--model-root DIR]
+        [--skip-hf] [--skip-accelerate] [--accelerate-budgets 200MiB] [--model-root DIR]
 
 A full run at the defaults takes about 5-8 minutes on 2 cores.
 """
@@ -116,7 +117,8 @@ def run_hf(model_dir: str, max_memory: dict[str, int] | None, offload_dir: str |
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **extra).eval()
     disk = 0
     if max_memory is not None:
-        disk = layers_on_disk(model.hf_device_map, model.config.num_hidden_layers)
+        # no hf_device_map when everything fits one device (accelerate then places nothing on disk)
+        disk = layers_on_disk(getattr(model, "hf_device_map", {}), model.config.num_hidden_layers)
         files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(p for p in Path(offload_dir).rglob("*")
                                                                        if p.is_file())
         model.register_forward_pre_hook(lambda *_: evict_files(files))
@@ -155,7 +157,8 @@ def summarize_tierkv(r: dict[str, Any], ceiling_gbps: float, prompt_tokens: int)
             "piece": r["piece"], "pieces": pieces, "disk_layers": r["disk_layers"],
             "prefetch_depth": r["prefetch_depth"], "prefill_stream_bytes": streamed,
             "disk_bytes_read_generate": int(r["disk_bytes_read"]),
-            "ceiling_prefill_s": round(ceiling_s, 3), "ceiling_ratio": round(ceiling_s / r["prefill_s"], 3),
+            "ceiling_prefill_s": round(ceiling_s, 3),
+            "ceiling_ratio": round(ceiling_s / r["prefill_s"], 3) if streamed else None,   # None: nothing streams
             "peak_rss_bytes": r["peak_rss_bytes"], "rss_growth_bytes": r["rss_growth_bytes"],
             "guarantee_limit_bytes": limit, "guarantee_held": r["rss_growth_bytes"] <= limit}
 
@@ -164,10 +167,11 @@ def table(rows: list[dict[str, Any]], peers: dict[str, dict[str, Any]]) -> None:
     """The human table: one line per tierkv budget, then the peers."""
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
     hdr = ("device_mem", "piece", "disk layers", "prefill s", "tok/s", "ceiling s", "ceil/actual",
-           "decode tok/s", "RSS growth MiB", "limit MiB", "held")
+           "decode tok/s", "peak RSS MiB", "RSS growth MiB", "limit MiB", "held")
     lines = [hdr] + [(r["device_mem"], f"{r['piece']} x{r['pieces']}", str(r["disk_layers"]), f"{r['prefill_s']:.2f}",
-                      f"{r['prefill_tok_s']:.0f}", f"{r['ceiling_prefill_s']:.2f}", f"{r['ceiling_ratio']:.2f}",
-                      f"{r['decode_tok_s']:.2f}", mib(r["rss_growth_bytes"]), mib(r["guarantee_limit_bytes"]),
+                      f"{r['prefill_tok_s']:.0f}", f"{r['ceiling_prefill_s']:.2f}",
+                      "n/a" if r["ceiling_ratio"] is None else f"{r['ceiling_ratio']:.2f}",
+                      f"{r['decode_tok_s']:.2f}", mib(r["peak_rss_bytes"]), mib(r["rss_growth_bytes"]), mib(r["guarantee_limit_bytes"]),
                       "yes" if r["guarantee_held"] else "NO") for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(hdr))]
     for line in lines:
@@ -196,8 +200,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-hf", action="store_true", help="no resident HF transformers run")
     ap.add_argument("--skip-accelerate", action="store_true", help="no accelerate disk-offload run")
-    ap.add_argument("--accelerate-budgets", default="400MiB",
-                    help="comma-separated max_memory cpu budgets for accelerate (it prefills in one pass)")
+    ap.add_argument("--accelerate-budgets", default=None,
+                    help="comma-separated max_memory cpu budgets for accelerate (default: the first --device-mem; "
+                         "a budget holding the whole 383 MiB model streams nothing)")
     ap.add_argument("--model-root", type=Path, default=Path(tempfile.gettempdir()) / "tierkv-bench")
     return ap.parse_args()
 
@@ -222,7 +227,7 @@ def main() -> None:
     if not args.skip_hf:
         peers["HF resident"] = in_fresh_process(run_hf, str(model_dir), None, None, common)
     if not args.skip_accelerate:
-        for b in args.accelerate_budgets.split(","):
+        for b in (args.accelerate_budgets or args.device_mem.split(",")[0]).split(","):
             folder = Path(tempfile.mkdtemp(prefix="accelerate-offload-", dir=offload))
             try:
                 peers[f"accelerate {b.strip()}"] = in_fresh_process(run_hf, str(model_dir),
