@@ -18,12 +18,17 @@ BENCH_MODEL = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=563
                    num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
 
 
-def bench_model_dir(root: Path, layers: int | None = None) -> Path:
-    """Build (once) and return a random bf16 Llama checkpoint with the benchmark shape."""
+def bench_model_dir(root: Path, layers: int | None = None, shape: dict[str, int] | None = None) -> Path:
+    """Build (once) and return a random bf16 Llama checkpoint with the benchmark shape
+    (``shape`` replaces ``BENCH_MODEL``'s entries it names; the directory name carries them all)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = dict(BENCH_MODEL, num_hidden_layers=layers or BENCH_MODEL["num_hidden_layers"])
-    path = root / f"llama-h{shape['hidden_size']}-l{shape['num_hidden_layers']}-bf16"
+    shape = dict(BENCH_MODEL, **(shape or {}))
+    shape["num_hidden_layers"] = layers or shape["num_hidden_layers"]
+    name = f"llama-h{shape['hidden_size']}-l{shape['num_hidden_layers']}-bf16"
+    if shape != dict(BENCH_MODEL, num_hidden_layers=shape["num_hidden_layers"]):     # another shape: own folder
+        name = "llama-" + "-".join(f"{v}" for _, v in sorted(shape.items())) + "-bf16"
+    path = root / name
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return path
     torch.manual_seed(0)
