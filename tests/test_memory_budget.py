@@ -74,20 +74,41 @@ def _runtime_bytes(root: Path) -> int:
     return int(json.loads(out.stderr.strip().splitlines()[-1])["memcap_peak_bytes"])
 
 _LONG_PROBE = r"""
-import json, resource, sys
-import psutil, torch
+import json, sys, threading, time
+import torch
 torch.set_num_threads(1)
 import tierkv
+
+
+def anon_bytes():
+    # RssAnon + RssShmem: the memory this process allocated (heap, anonymous and shared mmaps). File-backed
+    # pages (the code of torch's shared libraries, faulted in as new ops run, more of them when the files
+    # sit in the page cache) are the runtime's, not tierkv's, and vary with the machine's cache state.
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return sum(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssShmem"))
+
+
+peak = [0]
+stop = threading.Event()
+
+
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], anon_bytes())
+        time.sleep(0.0005)
+
+
 model, offload, device_mem = sys.argv[1:4]
-base = max(psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+base = anon_bytes()
+threading.Thread(target=sample, daemon=True).start()
 engine = tierkv.load(model, device_mem=device_mem, host_mem=0, offload_dir=offload, device="cpu",
                      kv_device_tokens=512)
 runs = []
 for n in map(int, sys.argv[4].split(",")):
     ids = [(7 * i) % 4000 + 3 for i in range(n)]
     result = engine.generate(ids, max_new_tokens=3)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    runs.append({"prompt_tokens": n, "growth": peak - base, "tokens": result.token_ids})
+    runs.append({"prompt_tokens": n, "growth": max(peak[0], anon_bytes()) - base, "tokens": result.token_ids})
+stop.set()
 print(json.dumps({"runs": runs, "disk_layers": len(engine.plan.disk_layers), "summary": engine.plan.summary(),
                   "prefill_chunk_tokens": getattr(engine.plan, "prefill_chunk_tokens", None)}))
 """
@@ -96,7 +117,8 @@ print(json.dumps({"runs": runs, "disk_layers": len(engine.plan.disk_layers), "su
 @pytest.mark.slow
 def test_long_prompts_stay_within_budget_under_a_memory_cap(tmp_path: Path) -> None:
     """Prompts of 16, 1000 and 4000 tokens on a model 3x its device budget: never killed by a real
-    cap a little above budgets + runtime, and peak RSS growth within device + host + 32 MiB."""
+    cap a little above budgets + runtime, and the peak of the memory the process allocates (sampled
+    every half millisecond) grows by at most device + host + 32 MiB."""
     if not MEMCAP.is_file():
         pytest.skip(f"{MEMCAP} is not on this machine")
     model = build_hf_model("llama", hidden_size=256, num_hidden_layers=12, intermediate_size=1536,
