@@ -298,7 +298,7 @@ def _streaming_engine(model_dir: str, budget: dict[str, int], offload_dir: str, 
     from tierkv.config import Budget, Policy
     from tierkv.engine import Engine
     from tierkv.io.checkpoint import Checkpoint
-    from tierkv.plan import open_weight_source
+    from tierkv.loader import open_weight_source
 
     torch.set_num_threads(args["threads"])
     policy = Policy(dtype="bfloat16", device=args["device"], prefill_chunk_tokens=prompt_len,

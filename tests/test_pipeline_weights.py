@@ -121,7 +121,7 @@ def test_streamed_tokens_equal_resident_cuda(model_and_store, depth):
 
 
 def test_open_weight_source_converts_only_when_needed(model_and_store, tmp_path):
-    from tierkv.plan import open_weight_source
+    from tierkv.loader import open_weight_source
 
     ckpt, store, reference = model_and_store
     links = LinkSpeeds(disk_read_gbps=1.5, h2d_gbps=float("inf"), layer_compute_s=1e-4)

@@ -28,7 +28,8 @@ from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.model import KVCache, decoder_layer, embed, head, step_inputs
 from tierkv.pipeline.kv import make_kv_cache, max_kv_batch
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource, run_layers
-from tierkv.plan import Plan, activation_bytes, open_weight_source, prefill_sizes
+from tierkv.loader import open_weight_source
+from tierkv.plan import Plan, activation_bytes, prefill_sizes
 from tierkv.io.progress import ProgressFn
 from tierkv.numerics import NonFiniteError, non_finite_error
 from tierkv.sampling import SamplingParams, pick

@@ -19,7 +19,6 @@ import os
 from collections import deque
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import psutil
 import torch
@@ -28,13 +27,10 @@ from tierkv.config import Budget, ModelConfig, Policy, format_size, parse_size
 from tierkv.errors import ArgumentError, TierkvError
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.store import plan_layout
+from tierkv.pipeline.kv import kv_bytes_per_token, kv_device_minimum_bytes, sketch_required
+from tierkv.pipeline.schedule import ahead
 from tierkv.probe import LinkSpeeds, probe_links
 from tierkv.model import ATTENTION_SCRATCH_BYTES, attention_pair_bytes
-
-if TYPE_CHECKING:
-    from tierkv.io.progress import ProgressFn
-    from tierkv.io.store import WeightStore
-    from tierkv.pipeline.weights import StreamingWeights
 
 DEVICE_HEADROOM_FRACTION = 0.10        # of free GPU memory (allocator fragmentation, CUDA context)
 DEVICE_HEADROOM_BYTES = 512 << 20
@@ -200,8 +196,6 @@ def kv_reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, co
     the tiered cache needs to run the model's full context (its per-chunk index, with key codes when
     ``kv_sketch=True``, beside the fewest chunk slots), so that any prompt the model allows runs and
     what the room does not hold spills to host memory, then disk."""
-    from tierkv.pipeline.kv import kv_bytes_per_token, kv_device_minimum_bytes, sketch_required
-
     dense = kv_bytes_per_token(config, dtype) * context_tokens * batch
     tiered = kv_device_minimum_bytes(config, policy, dtype, batch, config.context_limit_tokens,
                                      sketch_required(policy))
@@ -293,8 +287,6 @@ def simulate_step_s(kinds: tuple[str, ...], depth: int, layer_bytes: int, links:
     """Steady-state time of one decode step of the layer loop (prefetch j+1..j+depth, wait, compute,
     release) with one disk queue, one copy queue and a ring of depth + 1 slots. Host layers on a
     CPU-only machine are used in place, like device layers."""
-    from tierkv.pipeline.schedule import ahead
-
     n = len(kinds)
     t_read = layer_bytes / (links.disk_read_gbps * 1e9)
     t_copy = 0.0 if math.isinf(links.h2d_gbps) else layer_bytes / (links.h2d_gbps * 1e9)
@@ -508,42 +500,6 @@ def _check_minimum(dev_mem: int, reserve: int, globals_bytes: int, layer_bytes: 
             f"--device-mem to at least {shown}, or {fewer}use a smaller dtype")
 
 
-def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budget, policy: Policy = Policy(), *,
-                       links: LinkSpeeds | None = None, context_tokens: int | None = None,
-                       progress: "ProgressFn | None" = None) -> tuple["StreamingWeights | None", Plan]:
-    """Plan, then build the WeightSource the plan needs: (None, plan) when every layer fits on the
-    device (use ``ResidentWeights`` from the checkpoint; nothing is converted), otherwise a
-    StreamingWeights over the cached store under ``plan.offload_dir`` (converted on first use,
-    repaired when found damaged). An existing store's own data file is what the disk probe reads."""
-    from tierkv.io.convert import find_cached_store
-
-    offload_dir = budget.offload_dir or default_offload_dir()
-    existing = find_cached_store(model_dir, offload_dir, policy.dtype) if links is None else None
-    plan = make_plan(config, budget, policy, links, context_tokens=context_tokens,
-                     data_path=existing.data_path if existing is not None else None)
-    if not plan.host_layers and not plan.disk_layers:
-        return None, plan
-    return _streaming_source(model_dir, plan, existing, progress), plan
-
-
-def _streaming_source(model_dir: str | Path, plan: Plan, store: "WeightStore | None",
-                      progress: "ProgressFn | None") -> "StreamingWeights":
-    """StreamingWeights over the cached store; a checksum mismatch while loading its resident part
-    is repaired (the bad extents re-converted) and the load tried once more."""
-    from tierkv.io.convert import cached_store
-    from tierkv.io.store import StoreError, WeightStore, read_damage
-    from tierkv.pipeline.weights import StreamingWeights
-
-    store = store or WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype, progress=progress))
-    try:
-        return StreamingWeights.from_plan(store, plan)
-    except StoreError:
-        if not read_damage(store.dir):
-            raise
-    store.close()
-    store = WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype, progress=progress))
-    return StreamingWeights.from_plan(store, plan)
-
-
 __all__ = ["LinkSpeeds", "Plan", "PlanError", "default_offload_dir", "detect_budgets", "make_plan",
-           "minimum_device_bytes", "open_weight_source", "prefill_sizes", "probe_links", "reserve_bytes", "simulate_step_s", "spread_layers"]
+           "minimum_device_bytes", "prefill_sizes", "probe_links", "reserve_bytes", "simulate_step_s",
+           "spread_layers"]
