@@ -140,18 +140,10 @@ def tiered_budgets(setup: Setup, kv: str) -> dict[str, Any]:
 def disk_ceiling_gbps(root: Path) -> float:
     """Raw O_DIRECT sequential read speed of the offload disk, on a fresh scratch file."""
     from tierkv.io.reader import measure_disk_read_gbps
+    from tierkv.probe import scratch_file
 
-    scratch = root / f".bench-kv-probe-{os.getpid()}"
-    try:
-        block = os.urandom(1 << 20)
-        with open(scratch, "wb") as f:
-            for _ in range(PROBE_BYTES >> 20):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
+    with scratch_file(root / f".bench-kv-probe-{os.getpid()}", PROBE_BYTES) as scratch:
         return measure_disk_read_gbps(scratch, PROBE_BYTES)
-    finally:
-        scratch.unlink(missing_ok=True)
 
 
 def evict_kv_segments(root: Path) -> None:

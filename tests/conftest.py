@@ -7,7 +7,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run on CPU tensors through Triton's interpreter
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -57,6 +57,16 @@ def make_checkpoint(tmp_path: Path) -> Callable[..., tuple[Any, Path]]:
         return model, path
 
     return _make
+
+
+@pytest.fixture
+def torch_kernels_one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tiny tensors: one thread, and the torch references of the kernels (the Triton interpreter is slow)."""
+    monkeypatch.setenv("TIERKV_KERNELS", "torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -32,14 +32,7 @@ KV_TOKENS = 16        # --kv-device-tokens: far below what the per-chunk index a
 NEW = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Tiny tensors: one thread, and the torch references of the kernels (the Triton interpreter is slow)."""
-    monkeypatch.setenv("TIERKV_KERNELS", "torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_kernels_one_thread")
 
 
 @pytest.fixture(scope="module")

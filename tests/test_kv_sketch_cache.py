@@ -1,7 +1,6 @@
 """The tiered cache's key codes: written as chunks close, read by its sparse selection, budgeted."""
 
 import math
-from typing import Any
 
 import pytest
 import torch
@@ -13,13 +12,7 @@ from tierkv.pipeline.kv import TieredKVCache
 HQ, HKV, D, T, S = 4, 2, 64, 2048, 64
 
 
-@pytest.fixture(autouse=True)
-def _torch_kernels_one_thread(monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setenv("TIERKV_KERNELS", "torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_kernels_one_thread")
 
 
 def _cfg() -> ModelConfig:

@@ -23,9 +23,10 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -135,18 +136,25 @@ def disk_read_gbps(data_path: Path | None, offload_dir: Path | None) -> float:
         return median_cold_read_gbps(data_path)
     assert offload_dir is not None, "probing the disk needs the store file or an offload directory"
     check_offload_dir(offload_dir, need_bytes=SCRATCH_BYTES)     # a clear error before any work
-    scratch = offload_dir / f".tierkv-probe-{os.getpid()}"
+    with scratch_file(offload_dir / f".tierkv-probe-{os.getpid()}", SCRATCH_BYTES) as scratch:
+        evict_from_page_cache(scratch)
+        return median_cold_read_gbps(scratch)
+
+
+@contextmanager
+def scratch_file(path: Path, nbytes: int) -> Iterator[Path]:
+    """A file of ``nbytes`` random bytes (whole MiB), on disk (fsynced), removed on exit: what a
+    disk probe reads when no store file exists yet."""
     try:
         block = os.urandom(1 << 20)
-        with open(scratch, "wb") as f:
-            for _ in range(SCRATCH_BYTES >> 20):
+        with open(path, "wb") as f:
+            for _ in range(nbytes >> 20):
                 f.write(block)
             f.flush()
             os.fsync(f.fileno())
-        evict_from_page_cache(scratch)
-        return median_cold_read_gbps(scratch)
+        yield path
     finally:
-        scratch.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
 
 def median_cold_read_gbps(path: Path, passes: int = DISK_PASSES, nbytes: int = PASS_BYTES) -> float:
@@ -230,4 +238,5 @@ def _sync(device: torch.device) -> None:
 
 
 __all__ = ["LINKS_FILE", "LinkCache", "LinkSpeeds", "MAX_AGE_S", "SAMPLES", "SCRATCH_BYTES", "compute_key",
-           "disk_key", "disk_read_gbps", "h2d_key", "machine_id", "median_cold_read_gbps", "probe_links"]
+           "disk_key", "disk_read_gbps", "h2d_key", "machine_id", "median_cold_read_gbps", "probe_links",
+           "scratch_file"]
