@@ -1,0 +1,184 @@
+"""The step scheduler is pure bookkeeping: rows, pieces, admission by KV room, sessions parked and moved."""
+
+from __future__ import annotations
+
+import pytest
+
+from tierkv.scheduler import Limits, Row, Scheduler, SeqStatus, StepPlan
+
+
+class Sizer:
+    """100 bytes per token of capacity wanted, 10 per token at least, 50 per token on the host."""
+
+    def minimum_bytes(self, capacity_tokens: int) -> int:
+        return 10 * capacity_tokens
+
+    def want_bytes(self, capacity_tokens: int) -> int:
+        return 100 * capacity_tokens
+
+    def host_bytes(self, tokens: int) -> int:
+        return 50 * tokens
+
+
+def make(token_budget: int = 64, piece: int = 16, max_running: int = 8, room: int | None = None,
+         host: int | None = None) -> Scheduler:
+    return Scheduler(Limits(token_budget, piece, max_running, room, host), Sizer())
+
+
+def run(s: Scheduler, plan: StepPlan, finished: tuple[int, ...] = ()) -> None:
+    """Carry a plan out as the engine would: admitted caches hold their KV, rows fed, samplers go on."""
+    for a in plan.admit:
+        s.kept(a.seq_id, "cache")
+    for o in plan.offload:
+        assert o.to in ("host", "disk")
+    for row in plan.rows:
+        s.fed(row)
+        if row.samples:
+            if row.seq_id in finished:
+                s.finish(row.seq_id)
+            else:
+                s.sampled(row.seq_id)
+
+
+def test_prompt_prefills_in_whole_pieces_then_decodes_one_token_per_step() -> None:
+    s = make(token_budget=40, piece=16)
+    s.add(1, pending_tokens=37, capacity_tokens=45)
+    plans = []
+    for _ in range(5):
+        plans.append(s.schedule())
+        run(s, plans[-1])
+    assert [a.seq_id for a in plans[0].admit] == [1]
+    assert [r for p in plans for r in p.rows] == [
+        Row(1, 0, 16, False), Row(1, 16, 16, False), Row(1, 32, 5, True), Row(1, 37, 1, True), Row(1, 38, 1, True)]
+
+
+def test_decode_rows_and_a_joining_prefill_share_a_step() -> None:
+    s = make(token_budget=20, piece=16)
+    s.add(1, 3, 10)
+    run(s, s.schedule())                       # 1 prefilled and sampled
+    s.add(2, 30, 40)
+    plan = s.schedule()
+    assert [(r.seq_id, r.num_tokens) for r in plan.rows] == [(1, 1), (2, 16)]
+    run(s, plan)
+    plan = s.schedule()
+    assert [(r.seq_id, r.start, r.num_tokens, r.samples) for r in plan.rows] == [(1, 4, 1, True), (2, 16, 14, True)]
+
+
+def test_a_piece_is_never_cut_to_fit_and_waits_at_most_one_step() -> None:
+    """Five decode rows leave 11 of 16 tokens: the 16-token piece waits, then goes first next step."""
+    s = make(token_budget=16, piece=16)
+    for i in range(5):
+        s.add(i, 1, 50)
+    run(s, s.schedule())
+    s.add(9, 40, 60)
+    first = s.schedule()
+    assert all(r.num_tokens == 1 for r in first.rows) and 9 not in {r.seq_id for r in first.rows}
+    run(s, first)
+    second = s.schedule()
+    assert [(r.seq_id, r.num_tokens) for r in second.rows] == [(9, 16)]
+    run(s, second)
+    third = s.schedule()                       # decodes are back before the next piece
+    assert {r.seq_id for r in third.rows} == {0, 1, 2, 3, 4}
+
+
+def test_admission_is_first_come_first_served_within_the_device_room() -> None:
+    s = make(room=3000)
+    s.add(1, 5, 20)                            # wants 2000
+    s.add(2, 5, 20)                            # minimum 200: gets the 1000 left
+    s.add(3, 5, 20)                            # nothing left: waits
+    plan = s.schedule()
+    assert [(a.seq_id, a.device_bytes) for a in plan.admit] == [(1, 2000), (2, 1000)]
+    assert s.status(3) is SeqStatus.WAITING and s.counts()["device_allotted_bytes"] == 3000
+    run(s, plan, finished=(1,))
+    plan = s.schedule()
+    assert [(a.seq_id, a.device_bytes) for a in plan.admit] == [(3, 2000)]
+
+
+def test_max_running_bounds_the_live_set() -> None:
+    s = make(max_running=2)
+    for i in range(3):
+        s.add(i, 4, 8)
+    plan = s.schedule()
+    assert [a.seq_id for a in plan.admit] == [0, 1] and s.status(2) is SeqStatus.WAITING
+    s.close(0)
+    assert [a.seq_id for a in s.schedule().admit] == [2]
+
+
+def test_a_sequence_that_can_never_fit_is_refused_with_what_to_do() -> None:
+    s = make(room=100)
+    s.add(1, 5, 20)                            # minimum 200 > 100
+    plan = s.schedule()
+    assert plan.admit == () and plan.refuse[0][0] == 1 and "--device-mem" in plan.refuse[0][1]
+    assert 1 not in s and s.counts()["device_allotted_bytes"] == 0
+
+
+def test_finished_and_cancelled_sequences_free_their_room_at_once() -> None:
+    s = make(room=10_000, host=10_000)
+    s.add(1, 5, 20)
+    run(s, s.schedule())
+    assert s.counts()["device_allotted_bytes"] == 2000 and s.counts()["host_allotted_bytes"] == 1000
+    s.finish(1)
+    assert 1 not in s and s.counts()["device_allotted_bytes"] == 0 == s.counts()["host_allotted_bytes"]
+
+
+def test_a_parked_session_resumes_on_its_cache_with_only_its_new_tokens() -> None:
+    s = make(room=10_000)
+    s.add(1, 5, 40, session=True)
+    run(s, s.schedule(), finished=(1,))
+    assert s.status(1) is SeqStatus.PARKED and s.counts()["device_allotted_bytes"] == 4000
+    s.resume(1, pending_tokens=4, capacity_tokens=30)
+    plan = s.schedule()
+    assert plan.admit == () and plan.rows == (Row(1, 5, 4, True),)
+
+
+def test_an_outgrown_session_cache_is_readmitted_larger() -> None:
+    s = make(room=10_000)
+    s.add(1, 5, 20, session=True)
+    run(s, s.schedule(), finished=(1,))
+    s.resume(1, pending_tokens=30, capacity_tokens=60)
+    plan = s.schedule()
+    assert [(a.seq_id, a.capacity_tokens, a.device_bytes, a.restore) for a in plan.admit] == [(1, 60, 6000, "cache")]
+    assert s.counts()["device_allotted_bytes"] == 6000
+
+
+def test_idle_sessions_move_to_host_then_disk_before_a_request_waits() -> None:
+    s = make(room=4000, host=600)
+    s.add(1, 10, 20, session=True)             # each wants 2000: together they take the whole room
+    s.add(2, 10, 20, session=True)
+    run(s, s.schedule(), finished=(1, 2))      # both park on their caches
+    s.add(3, 10, 40)                           # minimum 400, nothing free: the oldest idle session moves
+    plan = s.schedule()
+    assert [(o.seq_id, o.to) for o in plan.offload] == [(1, "host")]      # 10 tokens x 50 = 500 <= 600
+    assert [a.seq_id for a in plan.admit] == [3]
+    run(s, plan)
+    s.add(4, 10, 40)
+    plan = s.schedule()                        # session 2 must leave too; the host is full: disk
+    assert [(o.seq_id, o.to) for o in plan.offload] == [(1, "disk"), (2, "host")]
+
+
+def test_a_session_moved_off_its_cache_is_restored_from_where_it_went() -> None:
+    s = make(room=2000, host=0)
+    s.add(1, 10, 20, session=True)
+    run(s, s.schedule(), finished=(1,))
+    s.add(2, 10, 20)
+    plan = s.schedule()
+    assert [(o.seq_id, o.to) for o in plan.offload] == [(1, "disk")]
+    s.kept(1, "disk")
+    run(s, plan, finished=(2,))
+    s.resume(1, 3, 20)
+    plan = s.schedule()
+    assert [(a.seq_id, a.restore) for a in plan.admit] == [(1, "disk")]
+    assert plan.rows == (Row(1, 10, 3, True),)
+
+
+@pytest.mark.parametrize("room", [None, 5000])
+def test_has_work_and_counts(room: int | None) -> None:
+    s = make(room=room)
+    assert not s.has_work()
+    s.add(1, 3, 5, session=True)
+    assert s.has_work() and s.counts()["waiting_sequences"] == 1
+    run(s, s.schedule(), finished=(1,))
+    assert not s.has_work() and s.counts()["parked_sessions"] == 1
+    s.close(1)
+    assert s.counts() == {"running_sequences": 0, "waiting_sequences": 0, "parked_sessions": 0,
+                          "device_allotted_bytes": 0, "host_allotted_bytes": 0}
