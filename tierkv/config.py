@@ -405,6 +405,7 @@ class Policy:
                                          # None = min(4096, the model's maximum); beyond it KV spills to host/disk
     kv_sketch: bool | None = None       # sparse mode: token-level chunk scores from 2-bit key codes on the device;
                                         # None = on with CUDA (a bandwidth-cheap pass), off on CPU (costs ~dense attention)
+    max_sequences: int = 16             # sequences decoding together at most (more wait for a place)
 
     def __post_init__(self) -> None:
         if self.kv not in ("exact", "sparse", "auto"):
@@ -412,11 +413,13 @@ class Policy:
         if isinstance(self.kv_budget, bool) or not isinstance(self.kv_budget, (int, float)) \
                 or not math.isfinite(self.kv_budget) or self.kv_budget <= 0:
             raise ArgumentError(f"kv_budget={self.kv_budget!r} must be > 0 (a fraction like 0.05 or a token count)")
-        for name in ("prefill_chunk_tokens", "kv_exact_max_tokens", "chunk_tokens", "kv_device_tokens"):
+        for name in ("prefill_chunk_tokens", "kv_exact_max_tokens", "chunk_tokens", "kv_device_tokens",
+                     "max_sequences"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ArgumentError(f"{name}={value!r} must be a whole number >= 1"
-                                    + ("" if name == "prefill_chunk_tokens" else " (or leave it out for the default)"))
+                                    + ("" if name in ("prefill_chunk_tokens", "max_sequences")
+                                       else " (or leave it out for the default)"))
         if self.dtype is not None and not isinstance(self.dtype, str):
             raise ArgumentError(f"dtype={self.dtype!r}: give a name such as 'bfloat16', 'float16' or 'float32'")
         if self.device is not None and not isinstance(self.device, str):

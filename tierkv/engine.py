@@ -1,39 +1,41 @@
-"""Engine: prefill, decode, sampling, streaming and batching over a weight source and a KV cache.
+"""Engine: the public facade — load a model, then generate, stream, score, and hold sessions.
 
 Why this module exists: it is the library contract desktop applications embed (``tierkv.load``
--> ``Engine.generate``/``Engine.stream``). It turns prompts into token ids, drives the one layer
-loop of ``pipeline.schedule`` for prefill and each decode step, applies sampling and stop rules,
-and reports what happened (timings, memory) in ``stats``. One Engine may be shared by threads:
-calls are serialized by a lock, and a stream can be cancelled from any thread.
+-> ``Engine.generate``/``Engine.stream``/``Engine.session``). It validates prompts and options and
+turns each call into a client of the engine core (``core``: the step scheduler's plans carried out
+over the live sequences, one packed forward per step by ``runner``). One Engine may be shared by
+threads: their sequences are served together, and a stream can be cancelled from any thread.
 """
 
 from __future__ import annotations
 
-import resource
-import threading
-import time
-from contextlib import contextmanager
+import weakref
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 
 from tierkv.config import Budget, ConfigError, ModelConfig, Policy, read_json
 from tierkv.errors import ArgumentError
+from tierkv.core import Client, EngineCore, Seq, new_turn
 from tierkv.generation import (GenerationResult, GenerationStats, Piece, SequenceOutput, Stream, sampling_params,
                                split_batch, token_ids_of)
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
-from tierkv.model import KVCache, decoder_layer, embed, head, step_inputs
-from tierkv.pipeline.kv import make_kv_cache, max_kv_batch
-from tierkv.pipeline.schedule import ResidentWeights, WeightSource, run_layers
-from tierkv.loader import open_weight_source
-from tierkv.plan import Plan, activation_bytes, prefill_sizes
 from tierkv.io.progress import ProgressFn
-from tierkv.numerics import NonFiniteError, non_finite_error
-from tierkv.sampling import SamplingParams, pick
+from tierkv.kvroom import KVRoom
+from tierkv.loader import open_weight_source
+from tierkv.pipeline.schedule import ResidentWeights, WeightSource
+from tierkv.plan import DEFAULT_CONTEXT_TOKENS, Plan, activation_bytes, prefill_sizes
+from tierkv.runner import Runner
+from tierkv.sampling import SamplingParams
+from tierkv.scheduler import Limits, Scheduler
+from tierkv.session import ParkedFile, Session
 from tierkv.tokenizer import Tokenizer
+
+__all__ = ["Engine", "GenerationResult", "GenerationStats", "Piece", "Stream", "context_limit_tokens", "load",
+           "model_path", "resolve_device"]
 
 Prompt = Union[str, Sequence[int]]
 
@@ -67,20 +69,6 @@ def context_limit_tokens(cfg: ModelConfig) -> int:
     return cfg.context_limit_tokens
 
 
-def _weight_stats_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Per-generation view of the weight source's cumulative counters: link bytes, busy and wait
-    seconds become differences and GB/s is recomputed from them; residency figures are kept as is."""
-    out = dict(after)
-    for key, value in after.items():
-        if "_to_" in key and not key.endswith("_gbps") or key == "wait_s":
-            out[key] = value - before.get(key, 0.0)
-    for key in [k for k in after if k.endswith("_gbps")]:
-        link = key[: -len("_gbps")]
-        busy = out.get(f"{link}_busy_s", 0.0)
-        out[key] = out.get(f"{link}_bytes", 0.0) / busy / 1e9 if busy > 0 else 0.0
-    return out
-
-
 def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> frozenset[int]:
     ids = set(cfg.eos_token_ids)
     gen_path = model_dir / "generation_config.json"
@@ -92,17 +80,13 @@ def _eos_ids(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -> 
     return frozenset(int(i) for i in ids)
 
 
-class _BadLogits(Exception):
-    """Raised inside ``_steps`` when a live row's logits are unhealthy; ``_run`` turns it into a
-    NonFiniteError once the KV cache is closed."""
-
-    def __init__(self, row: int, step: int) -> None:
-        super().__init__(row, step)
-        self.row, self.step = row, step
-
-
 class Engine:
-    """A loaded model ready to generate. Build it with ``tierkv.load``."""
+    """A loaded model ready to generate, for many sequences at once. Build it with ``tierkv.load``.
+
+    Thread-safe: calls from several threads are served together (their sequences share each step's
+    layer pass). ``generate``/``stream``/``logits`` are clients of the step scheduler; ``submit`` and
+    ``step`` expose it for callers that drive steps themselves.
+    """
 
     def __init__(self, model: str | Path, policy: Policy = Policy(), budget: Budget = Budget(),
                  progress: ProgressFn | None = None, weights: WeightSource | None = None,
@@ -135,22 +119,13 @@ class Engine:
         self.prefill_chunk_tokens, self.attention_scratch_bytes = (
             (self.plan.prefill_chunk_tokens, self.plan.attention_scratch_bytes) if self.plan is not None
             else prefill_sizes(self.config, self.dtype, policy, 0, 1))
-        self._lock = threading.Lock()
-        self._owner: int | None = None  # thread holding the lock (to refuse same-thread re-entry)
+        self.runner = Runner(self.config, self._weights, self.dtype, self.device)
+        limits, head_rows = step_limits(self.config, self.dtype, policy, self.plan, self.prefill_chunk_tokens,
+                                        self.attention_scratch_bytes)
+        room = KVRoom(self.config, policy, self.dtype, self.device, self.plan, self.attention_scratch_bytes, head_rows,
+                      lambda path, seq, read, n: ParkedFile.write(path, self, seq, read, n, owned=True))
+        self._core = EngineCore(self, self.runner, room, Scheduler(limits, room))
         self._closed = False
-
-    @contextmanager
-    def _serialized(self) -> Iterator[None]:
-        """Hold the engine lock; a thread that already holds it (an unfinished stream) gets an error."""
-        if self._owner == threading.get_ident():
-            raise RuntimeError("a stream from this Engine is still open on this thread; iterate it to the end "
-                               "or call stream.close() before starting another call")
-        with self._lock:
-            self._owner = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._owner = None
 
     # -- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -179,236 +154,124 @@ class Engine:
         items, is_batch = split_batch(prompts)
         return [self.encode(p) for p in items], is_batch  # type: ignore[arg-type]
 
-    # -- forward -----------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        """ids (B, T) at the cache's next positions -> logits (B, V) of the last position."""
-        return head(self.config, self._weights.globals(), self._hidden(ids, kv)[:, -1:])[:, 0]
+    def new_tokens_budget(self, context_tokens: int, params: SamplingParams) -> int:
+        """New tokens a sequence of ``context_tokens`` may get: max_new_tokens, within the model's context."""
+        return max(0, min(params.max_new_tokens, self.context_limit_tokens - context_tokens + 1))
 
-    def _hidden(self, ids: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        """ids (B, T) at the cache's next positions -> the last layer's hidden states (B, T, H)."""
-        cfg, g = self.config, self._weights.globals()
-        start, t = kv.length_tokens, ids.shape[1]
-        positions = torch.arange(start, start + t, device=self.device)[None].expand(ids.shape[0], -1)
-        step = step_inputs(cfg, positions, start + t, self.dtype)
-        h = embed(g, ids)                                                          # (B, T, H)
-        h = run_layers(self._weights, h, lambda j, w, x: decoder_layer(cfg, w, x, step, kv, j))
-        kv.advance(t)
-        return h
-
-    def _make_kv(self, batch: int, capacity_tokens: int) -> KVCache:
-        """This generation's KV cache: resident when it fits and attention is exact, else tiered."""
-        plan = self.plan
-        return make_kv_cache(self.config, self.policy, batch, capacity_tokens, self.dtype, self.device,
-                             kv_device_bytes=plan.kv_device_bytes if plan else None,
-                             kv_host_bytes=plan.kv_host_bytes if plan else None,
-                             offload_dir=Path(plan.offload_dir) / "kv" if plan else None,
-                             attention_scratch_bytes=self.attention_scratch_bytes)
-
-    def _prefill(self, ids: torch.Tensor, kv: KVCache, piece: int) -> torch.Tensor:
-        """ids (B, T) in pieces of ``piece`` tokens (``_batch_shape``) so activations stay within the
-        plan's reserve -> last logits (B, V). Reports ``prefill_progress(done, total)`` after each piece."""
-        total = ids.shape[1]
-        for start in range(0, total, piece):
-            logits = self._forward(ids[:, start:start + piece], kv)
-            if self.prefill_progress is not None:
-                self.prefill_progress(min(total, start + piece), total)
-        return logits
-
-    @torch.inference_mode()
-    def logits(self, prompt: Prompt) -> torch.Tensor:
-        """Logits (T, V) fp32, on the CPU, for every position of one prompt (scoring, tests against references).
-
-        Runs within the plan like generation's prefill: the KV cache generation would make (the plan's
-        KV room, so a long prompt's KV spills to host and disk), the plan's prefill pieces, and the
-        LM head over as many rows at a time as one piece's activation reserve holds. The returned
-        (T, V) tensor itself (T x V x 4 bytes of host memory) is what the caller asked for and sits
-        outside the budgets.
-        """
-        self._check_open()
-        ids = self.encode(prompt)
-        with self._serialized():
-            self._check_open()       # again under the lock: another thread may have closed it meanwhile
-            kv = self._make_kv(1, len(ids))
-            try:
-                return self._all_logits(torch.tensor([ids], device=self.device), kv)
-            finally:
-                if hasattr(kv, "close"):
-                    kv.close()
-
-    def _all_logits(self, ids: torch.Tensor, kv: KVCache) -> torch.Tensor:
-        """ids (1, T) -> logits (T, V) fp32 on the CPU, prefilled in ``prefill_chunk_tokens`` pieces."""
-        cfg, g = self.config, self._weights.globals()
-        piece, total = self.prefill_chunk_tokens, ids.shape[1]
-        item = torch.empty((), dtype=self.dtype).element_size()
-        # the head's output in the compute dtype and its fp32 copy, per row, within one piece's reserve
-        # (the layers' activations are freed by the time the head runs)
-        reserve = activation_bytes(cfg, self.dtype, piece, self.attention_scratch_bytes, total, 1)
-        rows = max(1, min(piece, reserve // (cfg.vocab_size * (item + 4))))
-        out = torch.empty((total, cfg.vocab_size), dtype=torch.float32)                # (T, V) on the host
-        for start in range(0, total, piece):
-            h = self._hidden(ids[:, start:start + piece], kv)                          # (1, piece, H)
-            for lo in range(0, h.shape[1], rows):
-                out[start + lo:start + lo + rows] = head(cfg, g, h[:, lo:lo + rows])[0].cpu()
-        return out
-
-    # -- generation --------------------------------------------------------------------------
-    def _run(self, prompts: list[list[int]], params: SamplingParams, cancel: threading.Event,
-             out: list[GenerationResult]) -> Iterator[Piece]:
-        """Generate for equal-length prompts sharing every layer pass; yields pieces, fills ``out``."""
-        b, t = len(prompts), len(prompts[0])
-        seqs = [SequenceOutput(p, self.tokenizer, self.eos_token_ids, params) for p in prompts]
-        stats = GenerationStats(prompt_tokens=t, batch_size=b)
-        weights_before = self._weights.stats()
-        budget = self._new_tokens_budget(t, params)
-        if cancel.is_set():  # cancelled while an earlier group of the batch ran: no prefill, no tokens
-            budget = 0
-        capacity = max(1, t + budget - 1)
-        most, stats.prefill_piece_tokens = self._batch_shape(capacity, b)
-        assert most >= b, f"batch {b} was not split by activations (at most {most})"
-        kv = self._make_kv(b, capacity)
-        try:
-            try:
-                yield from self._steps(torch.tensor(prompts, device=self.device), kv, seqs, budget, params,
-                                       cancel, stats)
-            finally:
-                stats.kv = kv.stats() if hasattr(kv, "stats") else {}
-                if hasattr(kv, "close"):
-                    kv.close()
-        except _BadLogits as bad:
-            raise self._non_finite(bad, seqs) from None
-        reason = "cancelled" if cancel.is_set() else "length"
-        for i, s in enumerate(seqs):
-            tail = s.finish(reason)
-            if tail:
-                yield Piece(None, tail, i)
-        self._finish_stats(stats, max(len(s.token_ids) for s in seqs), weights_before)
-        out.extend(GenerationResult(s.token_ids, s.text, s.finish_reason or reason, s.prompt_ids, stats)
-                   for s in seqs)
-
-    def _new_tokens_budget(self, prompt_tokens: int, params: SamplingParams) -> int:
-        """New tokens a prompt may get: max_new_tokens, within the model's context."""
-        return max(0, min(params.max_new_tokens, self.context_limit_tokens - prompt_tokens + 1))
-
-    def _kv_batches(self, group: list[list[int]], params: SamplingParams) -> list[list[list[int]]]:
-        """An equal-length group split into batches whose KV cache fits the plan's device room (the
-        planner keeps room for one sequence at the model's full context, so one always fits) and
-        whose decode step's activations fit the plan's reserve (``_batch_shape``)."""
-        t = len(group[0])
-        capacity = max(1, t + self._new_tokens_budget(t, params) - 1)
-        room = self.plan.kv_device_bytes if self.plan else None
-        size = max_kv_batch(self.config, self.policy, len(group), capacity, self.dtype, room)
-        size = min(size, self._batch_shape(capacity, size)[0])
-        return [group[i:i + size] for i in range(0, len(group), size)]
-
-    def _batch_shape(self, capacity_tokens: int, batch: int) -> tuple[int, int]:
-        """(most sequences per batch, up to ``batch``; prefill piece tokens for that many) within the
-        activation reserve.
-
-        The planner reserves one prefill piece's activations for one sequence (``plan.activation_bytes``;
-        one sequence at a context longer than planned needs ``plan.activation_bytes`` at that
-        context, as before). A batch of b sequences prefills in pieces of fewer tokens, so that
-        b x piece tokens fit that reserve, and a batch whose one-token decode step alone does not
-        fit is made smaller. One sequence always runs, with the plan's piece.
-        """
-        piece, scratch = self.prefill_chunk_tokens, self.attention_scratch_bytes
-
-        def cost(piece_tokens: int, b: int) -> int:
-            return activation_bytes(self.config, self.dtype, piece_tokens, scratch, capacity_tokens, b)
-
-        reserve = max(self.plan.activation_bytes if self.plan else 0, cost(piece, 1))
-        most = _largest(1, batch, lambda b: cost(1, b) <= reserve)
-        return most, _largest(1, piece, lambda p: cost(p, most) <= reserve)
-
-    def _steps(self, prompt_ids: torch.Tensor, kv: KVCache, seqs: list[SequenceOutput], budget: int,
-               params: SamplingParams, cancel: threading.Event, stats: GenerationStats) -> Iterator[Piece]:
-        """Prefill prompt_ids (B, T), then sample and feed back up to ``budget`` tokens."""
-        gen = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
-        t0 = time.perf_counter()
-        logits = None
-        if budget > 0:
-            with torch.profiler.record_function("tierkv::prefill"):
-                logits = self._prefill(prompt_ids, kv, stats.prefill_piece_tokens)
-        stats.prefill_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for step in range(budget):
-            picked = pick(logits, params, gen)                       # ids (B,) and health, one host sync
-            bad = [i for i, ok in enumerate(picked.healthy) if not ok and seqs[i].finish_reason is None]
-            if bad:
-                raise _BadLogits(bad[0], step)
-            for i, tok in enumerate(picked.token_ids):
-                if seqs[i].finish_reason is None:
-                    yield Piece(tok, seqs[i].push(tok), i)
-            if all(s.finish_reason for s in seqs) or step == budget - 1 or cancel.is_set():
-                break
-            with torch.profiler.record_function("tierkv::decode"):
-                logits = self._forward(picked.ids[:, None], kv)
-        stats.decode_s = time.perf_counter() - t1
-
-    def _non_finite(self, bad: _BadLogits, seqs: list[SequenceOutput]) -> NonFiniteError:
-        """Error path: the NonFiniteError for row ``bad.row``, after a replay that names the first bad layer."""
-        seq = seqs[bad.row]
-        where = "the end of prefill" if bad.step == 0 else f"decode step {bad.step}"
-        where += f" of prompt {bad.row} of the batch" if len(seqs) > 1 else ""
-        return non_finite_error(self.config, self._weights, seq.prompt_ids + seq.token_ids, self.dtype,
-                                self.device, where, str(self.model_dir))
-
-    def _finish_stats(self, stats: GenerationStats, new_tokens: int, weights_before: dict[str, float]) -> None:
-        stats.new_tokens = new_tokens
-        stats.decode_tok_s = (new_tokens - 1) / stats.decode_s if new_tokens > 1 and stats.decode_s > 0 else 0.0
-        stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        if self.device.type == "cuda":
-            stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device)
-        stats.weights = _weight_stats_delta(weights_before, self._weights.stats())
-        busy_s = stats.prefill_s + stats.decode_s
-        stats.io_wait_fraction = stats.weights.get("wait_s", 0.0) / busy_s if busy_s > 0 else 0.0
-
-    @torch.inference_mode()  # as a decorator it is on only while the generator runs, not in the caller's loop
-    def _pieces(self, prompts: list[list[int]], params: SamplingParams, cancel: threading.Event,
-                out: list[GenerationResult]) -> Iterator[Piece]:
-        """All prompts under the lock: equal lengths share batches (as large as the KV room holds),
-        otherwise one after another."""
-        with self._serialized():
+    # -- requests ----------------------------------------------------------------------------
+    def _client(self, batch: list[list[int]], params: SamplingParams) -> Client:
+        """Sequences for ``batch`` in the scheduler (they join at the next step)."""
+        client, core = Client(len(batch)), self._core
+        with core.held():
             self._check_open()
-            groups = [prompts] if len({len(p) for p in prompts}) == 1 else [[p] for p in prompts]
-            groups = [batch for group in groups for batch in self._kv_batches(group, params)]
-            offset = 0
-            for group in groups:
-                for piece in self._run(group, params, cancel, out):
-                    yield Piece(piece.token_id, piece.text, piece.index + offset)
-                offset += len(group)
+            for i, ids in enumerate(batch):
+                budget = self.new_tokens_budget(len(ids), params)
+                if budget == 0:
+                    client.results[i] = GenerationResult([], "", "length", ids, GenerationStats(len(ids)))
+                    client.open -= 1
+                    continue
+                p = replace(params, max_new_tokens=budget)
+                out = SequenceOutput(ids, self.tokenizer, self.eos_token_ids, p)
+                turn = new_turn(client, i, p, list(ids), out, self._weights.stats, self.device,
+                                self.prefill_chunk_tokens)
+                core.start(Seq(core.new_id(), session=False), turn, len(ids) + budget - 1)
+        return client
+
+    def _stream_of(self, client: Client) -> Stream:
+        core = self._core
+        stream = Stream(lambda: core.next_item(client), lambda: core.cancel(client),
+                        lambda: client.results if client.done else None)
+        weakref.finalize(stream, _flag_cancelled, client)      # an abandoned stream stops at the next step
+        return stream
 
     def generate(self, prompts: Prompt | Sequence[Prompt], **sampling: Any) -> Any:
         """Generate for one prompt (-> GenerationResult) or a list of prompts (-> list of them).
 
         Keyword arguments are ``SamplingParams`` fields: max_new_tokens, temperature, top_k,
-        top_p, seed, stop (a string or a list of strings), ignore_eos.
+        top_p, seed, stop (a string or a list of strings), ignore_eos. Prompts of any lengths share
+        every layer pass; each gets exactly what it would alone (its own seed, stop rules, length).
         """
         self._check_open()
         batch, is_batch = self._batch(prompts)
-        params = sampling_params(sampling)
-        out: list[GenerationResult] = []
-        for _ in self._pieces(batch, params, threading.Event(), out):
-            pass
-        return out if is_batch else out[0]
+        client = self._client(batch, sampling_params(sampling))
+        _drain(self._core, client)
+        return client.results if is_batch else client.results[0]
 
     def stream(self, prompts: Prompt | Sequence[Prompt], **sampling: Any) -> Stream:
-        """Like ``generate`` but returns a Stream of Pieces as tokens are produced."""
+        """Like ``generate`` but returns a Stream of Pieces (``piece.index``: which prompt) as tokens come."""
         self._check_open()
         batch, _ = self._batch(prompts)
-        params, cancel = sampling_params(sampling), threading.Event()
-        out: list[GenerationResult] = []
-        return Stream(self._pieces(batch, params, cancel, out), cancel, out)
+        return self._stream_of(self._client(batch, sampling_params(sampling)))
+
+    def submit(self, prompt: Prompt, **sampling: Any) -> Stream:
+        """Add one request; it joins the live sequences at the next ``step()`` (or when any caller
+        iterates a stream). Returns its Stream: ``.done``, ``.result``, ``.cancel()``, or iterate it."""
+        self._check_open()
+        return self._stream_of(self._client([self.encode(prompt)], sampling_params(sampling)))
+
+    def step(self) -> int:
+        """Run one step for every live sequence (a prefill piece or one new token each); returns how
+        many sequences are still running or waiting."""
+        with self._core.held() as core:
+            self._check_open()
+            core.step()
+            counts = core.scheduler.counts()
+        return counts["running_sequences"] + counts["waiting_sequences"]
+
+    @torch.inference_mode()
+    def logits(self, prompt: Prompt) -> torch.Tensor:
+        """Logits (T, V) fp32, on the CPU, for every position of one prompt (scoring, tests against references).
+
+        Runs within the plan like generation's prefill (and beside other live sequences): its own
+        KV cache within the KV room (so a long prompt's KV spills to host and disk), the plan's
+        prefill pieces, and the LM head over as many rows at a time as one piece's activation
+        reserve holds. The returned (T, V) tensor itself (T x V x 4 bytes of host memory) is what
+        the caller asked for and sits outside the budgets.
+        """
+        self._check_open()
+        ids, client, core = self.encode(prompt), Client(1), self._core
+        with core.held():
+            self._check_open()
+            turn = new_turn(client, 0, SamplingParams(), list(ids), None, self._weights.stats, self.device,
+                            self.prefill_chunk_tokens, score_rows=len(ids), vocab=self.config.vocab_size)
+            core.start(Seq(core.new_id(), session=False), turn, len(ids))
+        _drain(core, client)
+        return client.results[0]
+
+    # -- sessions ----------------------------------------------------------------------------
+    def session(self) -> Session:
+        """A conversation whose KV stays between turns: each turn prefills only its new tokens."""
+        self._check_open()
+        with self._core.held() as core:
+            return Session(self, Seq(core.new_id(), session=True))
+
+    def restore_session(self, path: str | Path) -> Session:
+        """A session saved with ``Session.save``; refused (SessionError) if the file is truncated,
+        damaged, or was made with another model or dtype."""
+        self._check_open()
+        return Session.restore(self, Path(path))
+
+    def kv_stats(self) -> dict[str, Any]:
+        """Live sequences, parked sessions, and the KV room they hold now (allotted and allocated)."""
+        with self._core.held() as core:
+            counts = core.scheduler.counts()
+            caches = [s.cache for s in core.seqs.values() if s.cache is not None]
+            return {**counts, "live_sequences": counts["running_sequences"] + counts["waiting_sequences"],
+                    "sessions": sum(s.session for s in core.seqs.values()),
+                    "kv_device_bytes": sum(c.nbytes for c in caches),
+                    "device_room_bytes": core.room.device_room_bytes, "host_room_bytes": core.room.host_room_bytes}
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this Engine is closed; call tierkv.load() again")
 
     def close(self) -> None:
-        """Free the weights and close files. Further calls raise."""
-        with self._serialized():
+        """Cancel live generations, free every KV cache, the weights, and close files. Further calls raise."""
+        with self._core.held() as core:
             if self._closed:
                 return
             self._closed = True
+            core.close()
             self._weights.close()
             self.checkpoint.close()
 
@@ -417,6 +280,46 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@torch.inference_mode()
+def _drain(core: EngineCore, client: Client) -> None:
+    """Run steps until every sequence of ``client`` ended; an error cancels the rest and is raised."""
+    try:
+        while core.next_item(client) is not None:
+            pass
+    except BaseException:
+        core.cancel(client)
+        raise
+
+
+def _flag_cancelled(client: Client) -> None:
+    client.cancelled = True
+
+
+def step_limits(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, plan: Plan | None, piece: int,
+                scratch: int) -> tuple[Limits, int]:
+    """(the scheduler's limits, LM-head rows per block when scoring) within the plan's activation reserve.
+
+    The planner reserves one prefill piece's activations for one sequence (``plan.activation_bytes``).
+    Packed rows cost what one sequence of that many tokens costs (attention runs one sequence at a
+    time, within the scratch cap), plus the logits of each sampling row; the step's token budget is
+    the most tokens that fit with ``max_sequences`` sampling rows, and never less than one piece.
+    """
+    context = policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, cfg.max_position_embeddings)
+    rows = policy.max_sequences
+
+    def cost(tokens: int) -> int:
+        return activation_bytes(cfg, dtype, tokens, scratch, context, 1) + 8 * cfg.vocab_size * (rows - 1)
+
+    reserve = max(plan.activation_bytes if plan is not None else 0, activation_bytes(cfg, dtype, piece, scratch,
+                                                                                      context, 1))
+    budget = max(piece, _largest(piece, piece + rows, lambda n: cost(n) <= reserve))
+    item = torch.empty((), dtype=dtype).element_size()
+    head_rows = max(1, min(piece, reserve // (cfg.vocab_size * (item + 4))))
+    room = plan.kv_device_bytes if plan is not None else None
+    host = plan.kv_host_bytes if plan is not None else None
+    return Limits(budget, piece, rows, room, host), head_rows
 
 
 def _largest(lo: int, hi: int, fits: Callable[[int], bool]) -> int:

@@ -11,9 +11,8 @@ stays about scheduling and movement.
 from __future__ import annotations
 
 import numbers
-import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from tierkv.errors import ArgumentError
 from tierkv.sampling import SamplingParams
@@ -26,7 +25,9 @@ class GenerationStats:
 
     prompt_tokens: int = 0
     new_tokens: int = 0
-    batch_size: int = 1
+    batch_size: int = 1             # most sequences that shared one step (one layer pass) with this one
+    prefill_tokens: int = 0         # tokens this call fed before its first sample (a session's new ones only)
+    cached_tokens: int = 0          # a session's earlier tokens whose KV was kept, not prefilled again
     prefill_piece_tokens: int = 0   # prompt tokens per sequence in each prefill piece (fewer for larger batches)
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -119,26 +120,50 @@ def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 
 class Stream:
-    """Iterator of Pieces for one ``Engine.stream`` call; ``cancel()`` works from any thread."""
+    """Iterator of Pieces for one ``Engine.stream``/``Engine.submit`` call.
 
-    def __init__(self, pieces: Iterator[Piece], cancel: threading.Event, results: list[GenerationResult]) -> None:
-        self._pieces, self._cancel, self.results = pieces, cancel, results
+    Iterating runs engine steps (for every live sequence) until this call's next piece is ready.
+    ``cancel()`` works from any thread: generation stops, the sequences' KV is freed, and the
+    stream ends after the text held back so far. ``results`` is filled once every sequence ended.
+    """
+
+    def __init__(self, next_piece: Callable[[], "Piece | None"], cancel: Callable[[], None],
+                 results: Callable[[], "list[Any] | None"]) -> None:
+        self._next, self._cancel, self._results = next_piece, cancel, results
+        self._closed = False
 
     def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> Piece:
-        return next(self._pieces)
+        piece = None if self._closed else self._next()
+        if piece is None:
+            raise StopIteration
+        return piece
+
+    @property
+    def results(self) -> list[Any]:
+        """One GenerationResult per prompt once all have ended; empty before."""
+        return self._results() or []
+
+    @property
+    def done(self) -> bool:
+        return self._results() is not None
+
+    @property
+    def result(self) -> Any:
+        """The first (for ``submit``: the only) prompt's result once every prompt ended, else None."""
+        done = self._results()
+        return done[0] if done else None
 
     def cancel(self) -> None:
-        """Stop generation after the current step; the stream then ends."""
-        self._cancel.set()
+        """Stop generation now; the stream then ends (after any text held back for stop strings)."""
+        self._cancel()
 
     def close(self) -> None:
-        self._cancel.set()
-        self._pieces.close()  # type: ignore[attr-defined]
-
-
+        """Cancel and end the stream at once."""
+        self._cancel()
+        self._closed = True
 
 
 PROMPT_HELP = ("a prompt is a string, a list of token ids (whole numbers, or a 1-D integer numpy array or "

@@ -152,6 +152,13 @@ class Scheduler:
         self._c.arrivals += 1
         self._seqs[seq_id] = _Seq(seq_id, pending_tokens, capacity_tokens, session, self._c.arrivals)
 
+    def add_parked(self, seq_id: int, computed_tokens: int, place: str) -> None:
+        """A session restored from a file: ``computed_tokens`` of KV kept at ``place`` ("disk"), no room yet."""
+        assert seq_id not in self._seqs and place == "disk"
+        self._c.arrivals += 1
+        self._seqs[seq_id] = _Seq(seq_id, 0, max(1, computed_tokens), True, self._c.arrivals, SeqStatus.PARKED,
+                                  computed_tokens, kv_place=place, last_used=self._c.steps)
+
     def resume(self, seq_id: int, pending_tokens: int, capacity_tokens: int) -> None:
         """A parked session's next turn: ``pending_tokens`` new tokens, room for ``capacity_tokens`` in all."""
         s = self._seqs[seq_id]

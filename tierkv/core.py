@@ -1,0 +1,373 @@
+"""The engine core: carries out the scheduler's step plans over the live sequences.
+
+Why this module exists: ``Engine`` is the public facade; this is the machine behind it. Every
+``generate``/``stream``/``submit``/``logits`` call becomes a ``Client`` whose sequences join the
+scheduler; each ``step()`` asks the scheduler for a plan and carries it out — moves idle sessions'
+KV off their caches, opens each admitted sequence's KV cache with its share of the rooms, runs one
+packed forward for all rows (``runner``), samples each sequence with its own parameters and seed,
+applies stop rules, hands the pieces to their clients and frees what finished. Callers drive it
+cooperatively: a thread that waits for its next piece runs a step for everybody (under the step
+lock), so concurrent callers are served together without a background thread.
+
+Failures stay with the sequences they hit: bad logits end that sequence with a NonFiniteError
+(after a replay naming the first bad layer); an error inside a forward (a full disk, a read error)
+ends the sequences of that step, whose caches may hold half a step; others carry on.
+"""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+
+from tierkv.generation import GenerationResult, GenerationStats, Piece, SequenceOutput
+from tierkv.kvroom import KVRoom
+from tierkv.numerics import non_finite_error
+from tierkv.pipeline.kv_table import KVBudgetError
+from tierkv.runner import Feed, Runner
+from tierkv.sampling import SamplingParams, pick
+from tierkv.scheduler import Row, Scheduler, StepPlan
+
+__all__ = ["Client", "EngineCore"]
+
+_GREEDY = SamplingParams(temperature=0.0)
+
+
+class Client:
+    """One call's sequences as their caller sees them: pieces not yet read, results, cancellation."""
+
+    def __init__(self, n: int) -> None:
+        self.items: deque[Piece | BaseException] = deque()   # appended by the stepping thread
+        self.results: list[Any] = [None] * n
+        self.open = n
+        self.cancelled = False
+        self.seq_ids: list[int] = []
+
+    @property
+    def done(self) -> bool:
+        return self.open == 0
+
+
+@dataclass
+class Turn:
+    """One call's state of one sequence: what to feed, what came out, how long it took."""
+
+    client: Client
+    index: int
+    params: SamplingParams
+    pending: list[int]                       # tokens to feed before the next sample (kept if unfed)
+    out: SequenceOutput | None               # None when scoring (logits of every position)
+    stats: GenerationStats
+    weights_before: dict[str, float]
+    generator: torch.Generator | None = None
+    score: torch.Tensor | None = None        # (T, V) fp32 on the CPU when scoring
+    fed: int = 0                             # pending tokens fed so far in this call
+    started: float = field(default_factory=time.perf_counter)
+    first_sample: float | None = None
+
+
+@dataclass
+class Seq:
+    """A sequence the core holds: its cache (or where its KV went), its session history, its turn."""
+
+    seq_id: int
+    session: bool
+    cache: Any = None
+    turn: Turn | None = None
+    history: list[int] = field(default_factory=list)   # a session's tokens, fed or not
+    unfed: list[int] = field(default_factory=list)     # a session's history tokens not in its KV yet
+    parked: Any = None                                 # KV off the cache: host tensors or a session file
+    geometry: dict[str, Any] | None = None             # the chunking of the cache the parked KV came from
+
+
+class EngineCore:
+    """Live sequences, the scheduler, the runner and the KV room of one engine (see module docstring)."""
+
+    def __init__(self, engine: Any, runner: Runner, room: KVRoom, scheduler: Scheduler) -> None:
+        self.engine, self.runner, self.room, self.scheduler = engine, runner, room, scheduler
+        self.seqs: dict[int, Seq] = {}
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+        self._next_id = 0
+
+    # -- joining ----------------------------------------------------------------------------------
+    def new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def start(self, seq: Seq, turn: Turn, capacity_tokens: int) -> None:
+        """Put ``turn`` on ``seq`` and into the scheduler (a new sequence, or a parked session's next turn)."""
+        assert self.owner == threading.get_ident()
+        turn.client.seq_ids.append(seq.seq_id)
+        seq.turn = turn
+        if seq.seq_id in self.scheduler:
+            self.scheduler.resume(seq.seq_id, len(turn.pending), capacity_tokens)
+        else:
+            self.seqs[seq.seq_id] = seq
+            self.scheduler.add(seq.seq_id, len(turn.pending), capacity_tokens, session=seq.session)
+
+    # -- driving ----------------------------------------------------------------------------------
+    def next_item(self, client: Client) -> Piece | None:
+        """The client's next piece (None once it is done), running steps for everybody meanwhile."""
+        while True:
+            if client.items:
+                item = client.items.popleft()
+                if isinstance(item, BaseException):
+                    raise item
+                return item
+            if client.done:
+                return None
+            with self.held():
+                if not client.items and not client.done and not self.step():
+                    raise AssertionError("the scheduler made no progress for a live request")
+
+    def held(self) -> "_Held":
+        return _Held(self)
+
+    def cancel(self, client: Client) -> None:
+        """Stop the client's sequences; frees their KV now unless called from inside a step."""
+        client.cancelled = True
+        if self.owner == threading.get_ident():
+            return                                     # inside a step (a callback): reaped at the next one
+        with self.held():
+            self._reap_cancelled()
+
+    def step(self) -> bool:
+        """One step for every live sequence; False when there was nothing to do."""
+        assert self.owner == threading.get_ident(), "step() runs under the core lock"
+        self._reap_cancelled()
+        if not self.scheduler.has_work():
+            return False
+        plan = self.scheduler.schedule()
+        self._carry_out(plan)
+        rows = [r for r in plan.rows if r.seq_id in self.scheduler and self.seqs[r.seq_id].turn is not None]
+        if rows:
+            self._run(rows)
+        return bool(rows or plan.admit or plan.offload or plan.refuse)
+
+    def _carry_out(self, plan: StepPlan) -> None:
+        for move in plan.offload:
+            self.room.offload(self.seqs[move.seq_id], move.to)
+            self.scheduler.kept(move.seq_id, move.to)
+        for seq_id, why in plan.refuse:
+            self.fail(seq_id, KVBudgetError(why))
+        for adm in plan.admit:
+            seq = self.seqs[adm.seq_id]
+            try:
+                self.room.open(seq, adm)
+            except Exception as exc:    # noqa: BLE001 - a budget or disk error ends this sequence only
+                self.fail(adm.seq_id, exc)
+                continue
+            self.scheduler.kept(adm.seq_id, "cache")
+
+    def _run(self, rows: list[Row]) -> None:
+        seqs = [self.seqs[r.seq_id] for r in rows]
+        feeds = [Feed(s.cache, s.turn.pending[:r.num_tokens],  # type: ignore[union-attr]
+                      "all" if s.turn.score is not None else "last" if r.samples else "none")  # type: ignore[union-attr]
+                 for s, r in zip(seqs, rows)]
+        try:
+            with torch.profiler.record_function("tierkv::step"):
+                last, scored = self.runner.forward(feeds, self.room.head_rows)
+        except BaseException as exc:
+            for r in rows:
+                self.fail(r.seq_id, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for s, r in zip(seqs, rows):
+            self.scheduler.fed(r)
+            self._fed(s, r, len(rows))
+        self._score([s for s, f in zip(seqs, feeds) if f.logits == "all"], scored)
+        sampling = [s for s, f in zip(seqs, feeds) if f.logits == "last"]
+        if sampling:
+            assert last is not None
+            self._sample(sampling, last)
+
+    def _fed(self, seq: Seq, row: Row, batch: int) -> None:
+        turn = seq.turn
+        assert turn is not None
+        turn.stats.batch_size = max(turn.stats.batch_size, batch)
+        turn.pending = turn.pending[row.num_tokens:]
+        turn.fed += row.num_tokens
+        progress = self.engine.prefill_progress
+        if progress is not None and turn.first_sample is None and turn.stats.prefill_tokens > 1:
+            progress(turn.fed, turn.stats.prefill_tokens)
+
+    def _score(self, seqs: list[Seq], scored: list[torch.Tensor]) -> None:
+        for seq, logits in zip(seqs, scored):
+            turn = seq.turn
+            assert turn is not None and turn.score is not None
+            turn.score[turn.fed - logits.shape[0]:turn.fed] = logits
+            if not turn.pending:
+                self.finish(seq, "length")
+
+    def _sample(self, rows: list[Seq], logits: torch.Tensor) -> None:
+        """logits (n, V): one row per sampling sequence. Greedy rows share one pick (one host sync)."""
+        picks: list[tuple[int, bool] | None] = [None] * len(rows)
+        greedy = [i for i, s in enumerate(rows) if s.turn.params.temperature == 0.0]  # type: ignore[union-attr]
+        if greedy:
+            got = pick(logits[greedy], _GREEDY, None)
+            for i, tok, ok in zip(greedy, got.token_ids, got.healthy):
+                picks[i] = (tok, ok)
+        for i, s in enumerate(rows):
+            if picks[i] is None:
+                turn = s.turn
+                assert turn is not None
+                got = pick(logits[i:i + 1], turn.params, turn.generator)
+                picks[i] = (got.token_ids[0], got.healthy[0])
+        for s, chosen in zip(rows, picks):
+            assert chosen is not None
+            self._take(s, chosen[0], chosen[1])
+
+    def _take(self, seq: Seq, token: int, healthy: bool) -> None:
+        turn = seq.turn
+        assert turn is not None and turn.out is not None
+        if turn.first_sample is None:
+            turn.first_sample = time.perf_counter()
+            turn.stats.prefill_s = turn.first_sample - turn.started
+        if not healthy:
+            self._non_finite(seq)
+            return
+        turn.client.items.append(Piece(token, turn.out.push(token), turn.index))
+        turn.pending = [token]
+        if seq.session:
+            seq.history.append(token)
+        if turn.out.finish_reason is not None:
+            self.finish(seq, turn.out.finish_reason)
+        else:
+            self.scheduler.sampled(seq.seq_id)
+
+    def _non_finite(self, seq: Seq) -> None:
+        turn = seq.turn
+        assert turn is not None and turn.out is not None
+        step = len(turn.out.token_ids)
+        where = "the end of prefill" if step == 0 else f"decode step {step}"
+        if len(turn.client.results) > 1:
+            where += f" of prompt {turn.index} of the batch"
+        e = self.engine
+        history = (seq.history if seq.session else turn.out.prompt_ids + turn.out.token_ids)
+        self.fail(seq.seq_id, non_finite_error(e.config, e._weights, list(history), e.dtype, e.device, where,
+                                               str(e.model_dir)))
+
+    # -- leaving ----------------------------------------------------------------------------------
+    def finish(self, seq: Seq, reason: str) -> None:
+        """End the sequence's turn with ``reason``: its result, then its KV freed (or kept, for a session)."""
+        turn = seq.turn
+        assert turn is not None
+        seq.turn = None
+        self._finish_stats(seq, turn)
+        if turn.out is None:
+            turn.client.results[turn.index] = turn.score
+        else:
+            tail = turn.out.finish(reason)
+            if tail:
+                turn.client.items.append(Piece(None, tail, turn.index))
+            turn.client.results[turn.index] = GenerationResult(
+                turn.out.token_ids, turn.out.text, turn.out.finish_reason or reason, turn.out.prompt_ids, turn.stats)
+        turn.client.open -= 1
+        if seq.session:
+            seq.unfed = turn.pending
+            self.scheduler.finish(seq.seq_id)
+        else:
+            self.release(seq)
+
+    def fail(self, seq_id: int, exc: BaseException) -> None:
+        """End the sequence with an error its caller will see; its KV is dropped (a session keeps its history)."""
+        seq = self.seqs[seq_id]
+        turn, seq.turn = seq.turn, None
+        if turn is not None:
+            turn.client.items.append(exc)
+            turn.client.open -= 1
+        if seq.session:                     # the KV may hold half a step: the next turn prefills the history again
+            self.room.drop(seq)
+            seq.unfed = list(seq.history)
+            self.scheduler.close(seq_id)
+        else:
+            self.release(seq)
+
+    def release(self, seq: Seq) -> None:
+        """Forget a sequence: its cache (every tier) and its room."""
+        self.room.drop(seq)
+        self.scheduler.close(seq.seq_id)
+        self.seqs.pop(seq.seq_id, None)
+
+    def _reap_cancelled(self) -> None:
+        for seq in [s for s in self.seqs.values() if s.turn is not None and s.turn.client.cancelled]:
+            if seq.turn is not None and seq.turn.out is None:
+                self.fail(seq.seq_id, RuntimeError("cancelled"))
+            else:
+                self.finish(seq, "cancelled")
+
+    def _finish_stats(self, seq: Seq, turn: Turn) -> None:
+        stats, now = turn.stats, time.perf_counter()
+        if turn.first_sample is None:
+            stats.prefill_s = now - turn.started
+        else:
+            stats.decode_s = now - turn.first_sample
+        new = len(turn.out.token_ids) if turn.out is not None else 0
+        stats.new_tokens = new
+        stats.decode_tok_s = (new - 1) / stats.decode_s if new > 1 and stats.decode_s > 0 else 0.0
+        stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        device = self.engine.device
+        if device.type == "cuda":
+            stats.peak_device_bytes = torch.cuda.max_memory_allocated(device)
+        stats.weights = weight_stats_delta(turn.weights_before, self.engine._weights.stats())
+        if seq.cache is not None and hasattr(seq.cache, "stats"):
+            stats.kv = seq.cache.stats()
+        busy = stats.prefill_s + stats.decode_s
+        stats.io_wait_fraction = stats.weights.get("wait_s", 0.0) / busy if busy > 0 else 0.0
+
+    def close(self) -> None:
+        """Cancel every live sequence and free every cache (sessions included)."""
+        for seq in list(self.seqs.values()):
+            if seq.turn is not None:
+                self.finish(seq, "cancelled")
+        for seq in list(self.seqs.values()):
+            self.release(seq)
+        self.room.close()
+
+
+class _Held:
+    """The core lock, remembering its owner (so a cancel from inside a step does not deadlock)."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+
+    def __enter__(self) -> EngineCore:
+        self.core.lock.acquire()
+        self.core.owner = threading.get_ident()
+        return self.core
+
+    def __exit__(self, *exc: object) -> None:
+        self.core.owner = None
+        self.core.lock.release()
+
+
+def weight_stats_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per-call view of the weight source's cumulative counters: link bytes, busy and wait seconds
+    become differences and GB/s is recomputed from them; residency figures are kept as is."""
+    out = dict(after)
+    for key, value in after.items():
+        if "_to_" in key and not key.endswith("_gbps") or key == "wait_s":
+            out[key] = value - before.get(key, 0.0)
+    for key in [k for k in after if k.endswith("_gbps")]:
+        link = key[: -len("_gbps")]
+        busy = out.get(f"{link}_busy_s", 0.0)
+        out[key] = out.get(f"{link}_bytes", 0.0) / busy / 1e9 if busy > 0 else 0.0
+    return out
+
+
+def new_turn(client: Client, index: int, params: SamplingParams, pending: list[int], out: SequenceOutput | None,
+             weights_stats: Callable[[], dict[str, float]], device: torch.device, piece_tokens: int,
+             cached_tokens: int = 0, score_rows: int = 0, vocab: int = 0) -> Turn:
+    """A Turn with its stats, its own seeded generator, and (when scoring) its (T, V) output."""
+    stats = GenerationStats(prompt_tokens=len(out.prompt_ids) if out is not None else len(pending),
+                            prefill_tokens=len(pending), cached_tokens=cached_tokens, prefill_piece_tokens=piece_tokens)
+    gen = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
+    score = torch.empty((score_rows, vocab), dtype=torch.float32) if score_rows else None
+    return Turn(client, index, replace(params), pending, out, stats, weights_stats(), gen, score)

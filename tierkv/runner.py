@@ -1,0 +1,127 @@
+"""One forward over a ragged batch: many sequences' tokens packed into one pass through the layers.
+
+Why this module exists: when weights stream from host memory or disk, reading a layer costs the
+same for one sequence or for many, so every live sequence's tokens of a step (one token for a
+decoding sequence, a prefill piece for a joining one) go through each layer together. The tokens
+are packed along one axis — hidden states (1, N, H) with N the sum of the rows' token counts — so
+projections and MLPs run once over all of them, while RoPE (dynamic RoPE per sequence: each
+row's own length sets its scaling) and attention stay per sequence: ``RaggedKV`` hands each row's
+slice of q/k/v to that sequence's own KV cache, at that sequence's positions, so each sequence
+computes what it computes alone.
+
+Shapes: N packed tokens, H hidden, Hq/Hkv heads, D head_dim, V vocab; row i holds tokens
+[offset_i, offset_i + q_len_i) of the packed axis at positions kv_len_i .. kv_len_i + q_len_i - 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from tierkv.config import ModelConfig
+from tierkv.model import KVCache, StepInputs, decoder_layer, embed, head, step_inputs
+from tierkv.pipeline.schedule import WeightSource, run_layers
+
+__all__ = ["Feed", "RaggedKV", "Runner"]
+
+
+@dataclass(frozen=True)
+class Feed:
+    """One sequence's row of a step: ``ids`` go in at the cache's next positions.
+
+    logits: "last" (the row's last position, to sample from), "all" (every position: scoring)
+    or "none" (a prefill piece that does not end the prompt).
+    """
+
+    cache: KVCache
+    ids: Sequence[int]
+    logits: str = "none"
+
+
+class RaggedKV:
+    """The ``KVCache`` protocol over packed rows: per-sequence query lengths ``q_lens`` (B,) and KV
+    lengths ``kv_lens`` (B,) before this step; each row attends through its own cache."""
+
+    def __init__(self, caches: Sequence[KVCache], q_lens: Sequence[int]) -> None:
+        self.caches, self.q_lens = list(caches), list(q_lens)
+        self.kv_lens = [c.length_tokens for c in self.caches]
+        self._bounds = []
+        start = 0
+        for n in self.q_lens:
+            self._bounds.append((start, start + n))
+            start += n
+
+    @property
+    def length_tokens(self) -> int:
+        assert len(self.caches) == 1, "a ragged batch has one length per sequence: use kv_lens"
+        return self.kv_lens[0]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor, window_tokens: int | None) -> torch.Tensor:
+        """q (1, Hq, N, D), k/v (1, Hkv, N, D), positions (1, N) packed -> (1, Hq, N, D)."""
+        if len(self.caches) == 1:
+            return self.caches[0].attend(layer, q, k, v, positions, window_tokens)
+        outs = [cache.attend(layer, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], positions[:, a:b], window_tokens)
+                for cache, (a, b) in zip(self.caches, self._bounds)]
+        return torch.cat(outs, dim=2)
+
+    def advance(self, t: int) -> None:
+        """After the last layer: every sequence's cache moves on by its own row length."""
+        assert t == sum(self.q_lens), (t, self.q_lens)
+        for cache, n in zip(self.caches, self.q_lens):
+            cache.advance(n)
+
+
+class Runner:
+    """Runs packed steps through a weight source: embed, every layer (``run_layers``), the LM head."""
+
+    def __init__(self, cfg: ModelConfig, weights: WeightSource, dtype: torch.dtype, device: torch.device) -> None:
+        self.cfg, self.weights, self.dtype, self.device = cfg, weights, dtype, device
+
+    def step_inputs(self, feeds: Sequence[Feed]) -> StepInputs:
+        """Positions (1, N) and RoPE tables (1, 1, N, D) for the packed rows; dynamic RoPE is scaled
+        per row by that sequence's length after this step."""
+        starts = [f.cache.length_tokens for f in feeds]
+        spans = [torch.arange(s, s + len(f.ids), device=self.device) for s, f in zip(starts, feeds)]
+        if self.cfg.rope.rope_type != "dynamic" or len(feeds) == 1:
+            positions = torch.cat(spans)[None] if len(spans) > 1 else spans[0][None]
+            return step_inputs(self.cfg, positions, max(s + len(f.ids) for s, f in zip(starts, feeds)), self.dtype)
+        parts = [step_inputs(self.cfg, p[None], s + len(f.ids), self.dtype) for p, s, f in zip(spans, starts, feeds)]
+        return StepInputs(cos=torch.cat([p.cos for p in parts], dim=2), sin=torch.cat([p.sin for p in parts], dim=2),
+                          positions=torch.cat([p.positions for p in parts], dim=1))
+
+    def hidden(self, feeds: Sequence[Feed]) -> torch.Tensor:
+        """Packed rows -> the last layer's hidden states (1, N, H); every row's cache has advanced."""
+        ids = [i for f in feeds for i in f.ids]
+        kv = RaggedKV([f.cache for f in feeds], [len(f.ids) for f in feeds])
+        step = self.step_inputs(feeds)
+        h = embed(self.weights.globals(), torch.tensor([ids], device=self.device))      # (1, N, H)
+        h = run_layers(self.weights, h, lambda j, w, x: decoder_layer(self.cfg, w, x, step, kv, j))
+        kv.advance(len(ids))
+        return h
+
+    def forward(self, feeds: Sequence[Feed], head_rows: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """One step. -> (logits (n_last, V) fp32 on the device for the rows asking "last", in row
+        order, or None; per row asking "all", its logits (q_len, V) fp32 on the CPU, computed
+        ``head_rows`` positions at a time so the head's output stays within the activation reserve)."""
+        h = self.hidden(feeds)
+        g, ends, all_rows = self.weights.globals(), [], []
+        offset = 0
+        for f in feeds:
+            n = len(f.ids)
+            if f.logits == "last":
+                ends.append(offset + n - 1)
+            elif f.logits == "all":
+                all_rows.append(self._all_logits(g, h[:, offset:offset + n], head_rows))
+            offset += n
+        last = head(self.cfg, g, h[:, ends])[0] if ends else None                           # (n_last, V)
+        return last, all_rows
+
+    def _all_logits(self, g: dict[str, torch.Tensor], h: torch.Tensor, rows: int) -> torch.Tensor:
+        """h (1, T, H) -> logits (T, V) fp32 on the CPU, ``rows`` positions at a time."""
+        out = torch.empty((h.shape[1], self.cfg.vocab_size), dtype=torch.float32)
+        for lo in range(0, h.shape[1], rows):
+            out[lo:lo + rows] = head(self.cfg, g, h[:, lo:lo + rows])[0].cpu()
+        return out
