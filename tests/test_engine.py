@@ -135,18 +135,20 @@ def test_cancel_from_another_thread_stops_the_stream(engine) -> None:
     assert len(engine.generate(PROMPT, max_new_tokens=3).token_ids) == 3
 
 
-def test_cancel_skips_the_rest_of_an_unequal_batch(engine) -> None:
-    """Unequal prompts run one after another; after cancel no later prompt is prefilled or sampled."""
+def test_cancel_stops_every_sequence_of_an_unequal_batch(engine) -> None:
+    """Unequal prompts decode together; after cancel no sequence samples again: the stream yields
+    only the tokens already produced in that step, and every result is cancelled with its own tokens."""
     stream = engine.stream([[1, 2, 3], [4, 5], [6, 7, 8, 9]], max_new_tokens=20)
     pieces = []
     for piece in stream:
         pieces.append(piece)
-        if len(pieces) == 2:
+        if len(pieces) == 4:            # the second step's first token
             stream.cancel()
-    assert [p.index for p in pieces] == [0, 0]
-    assert [(len(r.token_ids), r.finish_reason) for r in stream.results] == [(2, "cancelled"), (0, "cancelled"),
-                                                                               (0, "cancelled")]
+    assert [p.index for p in pieces] == [0, 1, 2, 0, 1, 2]
+    assert [(len(r.token_ids), r.finish_reason) for r in stream.results] == [(2, "cancelled")] * 3
     assert [r.prompt_token_ids for r in stream.results] == [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    assert [r.token_ids for r in stream.results] == [[p.token_id for p in pieces if p.index == i] for i in range(3)]
+    assert engine.kv_stats()["live_sequences"] == 0
 
 
 def test_closing_a_stream_early_releases_the_engine(engine) -> None:
@@ -354,13 +356,15 @@ def test_unusable_device_is_a_clear_error(tiny_llama_dir, device: str) -> None:
         tierkv.load(tiny_llama_dir, device=device)
 
 
-def test_same_thread_reentry_while_a_stream_is_open_is_refused(engine) -> None:
+def test_same_thread_generate_while_a_stream_is_open_serves_both(engine) -> None:
+    """Callers drive the steps themselves, so a thread holding an unfinished stream may generate:
+    both sequences share the steps and each gets its solo tokens."""
+    solo = engine.generate(PROMPT, max_new_tokens=5).token_ids
     stream = engine.stream(PROMPT, max_new_tokens=5)
-    next(stream)
-    with pytest.raises(RuntimeError, match="still open on this thread"):
-        engine.generate(PROMPT, max_new_tokens=2)
-    stream.close()
-    assert engine.generate(PROMPT, max_new_tokens=2).token_ids
+    first = next(stream)
+    assert engine.generate(PROMPT, max_new_tokens=2).token_ids == solo[:2]
+    assert [first.token_id] + [p.token_id for p in stream if p.token_id is not None] == solo
+    assert stream.results[0].stats.batch_size == 2
 
 
 def test_numpy_and_tensor_prompts_are_token_ids(engine) -> None:
@@ -388,21 +392,35 @@ def test_prefill_goes_in_the_planned_pieces_and_reports_progress(tiny_llama_dir)
     whole.close()
 
 
-def test_batch_shape_keeps_every_batch_within_the_activation_reserve(engine) -> None:
-    """Larger batches get smaller prefill pieces (batch x piece within the one-sequence reserve); a batch
-    whose one-token decode step alone exceeds the reserve is cut to the largest that fits; one sequence
-    always runs with the plan's piece."""
+def test_every_step_stays_within_the_activation_reserve(engine, monkeypatch) -> None:
+    """The step's token budget fits the plan's one-piece reserve (with a logits row per sequence);
+    a ragged batch's steps never exceed it, and prefill pieces are never cut to fit (each piece is
+    the plan's piece or the prompt's last remainder), so a sequence's pieces are its solo ones."""
+    from tierkv.engine import step_limits
     from tierkv.plan import activation_bytes
+    from tierkv.runner import Runner
 
-    cfg, piece, scratch, capacity = engine.config, engine.prefill_chunk_tokens, engine.attention_scratch_bytes, 200
+    piece = 16
+    eng = tierkv.load(engine.model_dir, dtype="float32", device="cpu", prefill_chunk_tokens=piece)
+    limits, _ = step_limits(eng.config, eng.dtype, eng.policy, eng.plan, piece, eng.attention_scratch_bytes)
+    context = min(4096, eng.config.max_position_embeddings)
+    cost = activation_bytes(eng.config, eng.dtype, limits.token_budget, eng.attention_scratch_bytes, context, 1)
+    assert limits.token_budget == piece or cost + 8 * eng.config.vocab_size * (limits.max_running - 1) <= \
+        max(eng.plan.activation_bytes, activation_bytes(eng.config, eng.dtype, piece, eng.attention_scratch_bytes,
+                                                        context, 1))
+    steps: list[list[int]] = []
+    forward = Runner.forward
 
-    def cost(t: int, b: int) -> int:
-        return activation_bytes(cfg, engine.dtype, t, scratch, capacity, b)
+    def spy(self, feeds, head_rows):
+        steps.append([len(f.ids) for f in feeds])
+        return forward(self, feeds, head_rows)
 
-    reserve = max(engine.plan.activation_bytes, cost(piece, 1))
-    assert engine._batch_shape(capacity, 1) == (1, piece)
-    most, p4 = engine._batch_shape(capacity, 4)
-    assert most == 4 and p4 < piece and cost(p4, 4) <= reserve < cost(p4 + 1, 4)
-    huge = 100 * piece
-    most, p = engine._batch_shape(capacity, huge)
-    assert 1 < most < huge and cost(1, most) <= reserve < cost(1, most + 1) and p >= 1
+    monkeypatch.setattr(Runner, "forward", spy)
+    prompts = [list(range(3, 3 + n)) for n in (5, 40, 23)]
+    outs = eng.generate(prompts, max_new_tokens=6)
+    monkeypatch.undo()
+    assert all(sum(rows) <= limits.token_budget for rows in steps)
+    assert all(n in (1, piece, 40 % piece, 23 % piece, 5) for rows in steps for n in rows), steps
+    assert [o.token_ids for o in outs] == [eng.generate(p, max_new_tokens=6).token_ids for p in prompts]
+    assert max(o.stats.batch_size for o in outs) == 3
+    eng.close()
