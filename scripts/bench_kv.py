@@ -197,13 +197,14 @@ def _kv_totals(caches: list[Any]) -> tuple[int, int, float]:
 def _capture_caches(engine: Any) -> list[Any]:
     """Record every KV cache the engine makes, to read its stats between decode steps (bench only)."""
     caches: list[Any] = []
-    make = engine._make_kv
+    room = engine._core.room
+    make = room.make_cache
 
-    def recording(batch: int, capacity_tokens: int) -> Any:
-        caches.append(make(batch, capacity_tokens))
+    def recording(*args: Any, **kw: Any) -> Any:
+        caches.append(make(*args, **kw))
         return caches[-1]
 
-    engine._make_kv = recording
+    room.make_cache = recording
     return caches
 
 

@@ -83,13 +83,13 @@ def run_tierkv(model_dir: str, device_mem: str, offload_dir: str, data_path: str
     engine = tierkv.load(model_dir, device_mem=device_mem, host_mem=0, offload_dir=offload_dir, device="cpu",
                          dtype="bfloat16", **kw)
     plan = engine.plan
-    forward = engine._forward
+    forward = engine.runner.hidden
 
-    def forward_cold(*a: Any, **k: Any) -> Any:       # prefill pieces and decode steps all go through _forward
+    def forward_cold(*a: Any, **k: Any) -> Any:       # prefill pieces and decode steps all go through Runner.hidden
         evict_files([Path(data_path)])
         return forward(*a, **k)
 
-    engine._forward = forward_cold
+    engine.runner.hidden = forward_cold
     engine.generate(prompt_ids(16), max_new_tokens=2, ignore_eos=True)      # warm-up: CRCs of first reads
     res = engine.generate(prompt_ids(args["prompt_tokens"]), max_new_tokens=args["new_tokens"], ignore_eos=True)
     s = res.stats

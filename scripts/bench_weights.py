@@ -318,14 +318,14 @@ def run_tierkv_streaming(model_dir: str, budget: dict[str, int], offload_dir: st
     engine = _streaming_engine(model_dir, budget, offload_dir, links, len(ids), args)
     files = [Path(data_path)]
     evicting = {"on": False}
-    forward = engine._forward
+    forward = engine.runner.hidden
 
     def forward_cold(*a: Any, **kw: Any) -> Any:
         if evicting["on"]:
             evict_files(files)
         return forward(*a, **kw)
 
-    engine._forward = forward_cold            # prefill and every decode step go through _forward
+    engine.runner.hidden = forward_cold            # prefill and every decode step go through Runner.hidden
     engine.generate(ids, max_new_tokens=2, ignore_eos=True)   # warm-up: first reads verify CRCs
     evicting["on"] = True
     cold = _tierkv_mode(engine, ids, args, files)

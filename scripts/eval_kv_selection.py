@@ -299,6 +299,7 @@ def stdlib_docstrings(max_chars: int) -> str:
 def capture_qkv(engine: Any, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """One forward over ids; returns per layer (q (1, Hq, T, D), k (1, Hkv, T, D), v (1, Hkv, T, D))."""
     from tierkv.pipeline.kv import DenseKVCache
+    from tierkv.runner import Feed
 
     records: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -312,7 +313,7 @@ def capture_qkv(engine: Any, ids: list[int]) -> list[tuple[torch.Tensor, torch.T
 
     kv = RecordingKVCache(engine.config, 1, len(ids), engine.dtype, engine.device)
     with torch.inference_mode():
-        engine._forward(torch.tensor([ids], device=engine.device), kv)
+        engine.runner.hidden([Feed(kv, ids)])
     return [records[j] for j in sorted(records)]
 
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import tierkv
-import tierkv.engine as engine_mod
 from tierkv.config import ModelConfig, Policy
 from tierkv.engine import Engine
+from tierkv.kvroom import KVRoom
+from tierkv.runner import Runner
 from tierkv.io.kvstore import KVStoreError
 from tierkv.pipeline.kv import (DenseKVCache, TieredKVCache, keeps_sketch, kv_budget_tokens, kv_bytes_per_token,
                                 layer_index_bytes, make_kv_cache)
@@ -315,14 +316,15 @@ def _generate(model_dir: Path, policy: Policy, prompts: list[list[int]], factory
     made: list[Any] = []
     checked: list[tuple[int, int]] = []                # (chunks checked, chunks expected) per cache
 
-    def build(engine: Engine, batch: int, capacity: int) -> Any:
-        cache = factory(engine.config, batch, capacity, engine.dtype, engine.device)  # type: ignore[misc]
+    def build(room: KVRoom, capacity: int, device_bytes: int | None, host_bytes: int | None,
+              geometry: dict[str, Any] | None = None) -> Any:
+        cache = factory(room.cfg, 1, capacity, room.dtype, room.device)  # type: ignore[misc]
         close = cache.close
 
         def check_then_close() -> None:
             if not cache._closed:
                 sizes = cache.stats()["chunk_tokens"]
-                expected = sum(batch * math.ceil(cache.length_tokens / size) for size in sizes)
+                expected = sum(math.ceil(cache.length_tokens / size) for size in sizes)   # one sequence per cache
                 checked.append((cache.check_invariants(), expected))
             close()
 
@@ -332,7 +334,7 @@ def _generate(model_dir: Path, policy: Policy, prompts: list[list[int]], factory
 
     with monkeypatch.context() as patch:
         if factory is not None:
-            patch.setattr(engine_mod.Engine, "_make_kv", build)
+            patch.setattr(KVRoom, "make_cache", build)
         with Engine(model_dir, policy) as engine:
             outs = engine.generate(prompts, max_new_tokens=new_tokens)
     assert len(checked) == len(made), "the engine closes each cache when its generation ends"
@@ -528,18 +530,18 @@ def test_logits_follow_the_plan_kv_room_and_pieces_and_equal_one_unbudgeted_pass
     made: list[Any] = []
     pieces: list[int] = []
     stats: list[dict[str, Any]] = []
-    make, hidden = engine_mod.Engine._make_kv, engine_mod.Engine._hidden
+    make, hidden = KVRoom.make_cache, Runner.hidden
 
-    def spy_make(self: Engine, *args: Any) -> Any:
-        cache = make(self, *args)
+    def spy_make(self: KVRoom, *args: Any, **kw: Any) -> Any:
+        cache = make(self, *args, **kw)
         close = cache.close
         cache.close = lambda: (stats.append(cache.stats()), close())   # the stats before close() empties it
         made.append(cache)
         return cache
 
-    monkeypatch.setattr(engine_mod.Engine, "_make_kv", spy_make)
-    monkeypatch.setattr(engine_mod.Engine, "_hidden", lambda self, ids, kv: pieces.append(ids.shape[1]) or
-                        hidden(self, ids, kv))
+    monkeypatch.setattr(KVRoom, "make_cache", spy_make)
+    monkeypatch.setattr(Runner, "hidden", lambda self, feeds: pieces.append(sum(len(f.ids) for f in feeds)) or
+                        hidden(self, feeds))
     with tierkv.load(model, device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256, prefill_chunk_tokens=512,
                      device_mem=device_mem, host_mem=400 * per_token, offload_dir=tmp_path) as eng:
         budgeted = eng.logits(prompt)
@@ -552,8 +554,9 @@ def test_logits_follow_the_plan_kv_room_and_pieces_and_equal_one_unbudgeted_pass
 def test_a_batch_of_long_prompts_prefills_in_pieces_within_the_activation_reserve(
         long_models: dict[str, Path], tmp_path: Path, torch_kernels: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The plan reserves one 512-token piece's activations for one sequence; four 1200-token prompts share
-    a batch (the KV room holds them), so the engine prefills them in pieces of fewer tokens: every
-    forward it ran fits the reserve, and each sequence gets its solo tokens."""
+    the steps (the KV room holds them): each step packs whole pieces and decode rows within the step's
+    token budget, whose activations fit the reserve, and each sequence gets its solo tokens."""
+    from tierkv.engine import step_limits
     from tierkv.plan import activation_bytes
 
     model, prompts = long_models["llama"], _prompts(4, 1200)
@@ -564,24 +567,24 @@ def test_a_batch_of_long_prompts_prefills_in_pieces_within_the_activation_reserv
     roomy = tierkv.plan.make_plan(cfg, tierkv.Budget(), policy)
     kv_room = 4 * 1300 * kv_bytes_per_token(cfg, torch.float32)
     device_mem = roomy.globals_bytes + cfg.num_layers * roomy.layer_bytes + roomy.activation_bytes + kv_room
-    shapes: list[tuple[int, int]] = []
-    hidden = engine_mod.Engine._hidden
-    monkeypatch.setattr(engine_mod.Engine, "_hidden", lambda self, ids, kv: shapes.append(tuple(ids.shape)) or
-                        hidden(self, ids, kv))
+    steps: list[list[int]] = []
+    hidden = Runner.hidden
+    monkeypatch.setattr(Runner, "hidden", lambda self, feeds: steps.append([len(f.ids) for f in feeds]) or
+                        hidden(self, feeds))
     with tierkv.load(model, device="cpu", kv="exact", prefill_chunk_tokens=512, device_mem=device_mem,
                      offload_dir=tmp_path) as eng:
         plan = eng.plan
         assert not plan.disk_layers and plan.prefill_chunk_tokens == 512 and plan.kv_device_bytes >= kv_room
         out = eng.generate(prompts, max_new_tokens=3)
+        limits, _ = step_limits(cfg, eng.dtype, eng.policy, plan, 512, plan.attention_scratch_bytes)
     assert [o.token_ids for o in out] == solo
-    capacity = 1200 + 3 - 1
-    assert {b for b, _ in shapes} == {4} and out[0].stats.batch_size == 4     # one batch: the KV room holds it
-    piece = out[0].stats.prefill_piece_tokens
-    assert shapes[:-2] == [(4, piece)] * (1200 // piece) + ([(4, 1200 % piece)] if 1200 % piece else [])
-    assert 1 < piece < 512 and 4 * piece <= 512
-    for b, t in shapes:
-        assert activation_bytes(cfg, torch.float32, t, plan.attention_scratch_bytes, capacity, b) <= \
-            plan.activation_bytes, (b, t)
+    assert all(o.stats.batch_size == 4 for o in out)                 # they decoded together
+    assert sorted(n for rows in steps for n in rows if n > 1) == [176] * 4 + [512] * 8   # whole pieces only
+    assert all(sum(rows) <= limits.token_budget for rows in steps)
+    context = min(4096, cfg.max_position_embeddings)
+    assert limits.token_budget == 512 or activation_bytes(cfg, torch.float32, limits.token_budget,
+                                                          plan.attention_scratch_bytes, context, 1) <= \
+        max(plan.activation_bytes, activation_bytes(cfg, torch.float32, 512, plan.attention_scratch_bytes, context, 1))
 
 
 def test_write_behind_snapshots_stay_within_their_cap_when_the_disk_is_slow(tmp_path: Path, torch_kernels: None,

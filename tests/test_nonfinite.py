@@ -78,7 +78,8 @@ def test_nan_weight_stops_generation_naming_the_layer(dirs, options, sampling) -
         stream = eng.stream(prompt, max_new_tokens=5)
         with pytest.raises(tierkv.NonFiniteError):
             list(stream)
-        assert eng._owner is None                               # the lock is released after the error
+        assert not eng._core.lock.locked()                      # the lock is released after the error
+        assert eng.kv_stats()["live_sequences"] == 0            # and the failed sequence's KV is freed
 
 
 def test_streamed_weights_with_a_nan_layer(dirs, tmp_path, monkeypatch) -> None:
