@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import tierkv
 from tierkv.config import SUPPORTED_ARCHITECTURES, ConfigError
-from tierkv.io.checkpoint import Checkpoint, CheckpointError, resolve_dtype
+from tierkv.io.checkpoint import Checkpoint, CheckpointError, resolve_dtype, safetensors_header
 
 torch.set_num_threads(1)
 
@@ -172,3 +172,15 @@ def test_resolve_dtype() -> None:
     assert resolve_dtype(torch.float32) is torch.float32
     with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
         resolve_dtype("int8")
+
+
+def test_safetensors_header_reads_only_the_header(tmp_path) -> None:
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.zeros(3, 4), "b": torch.ones(2, dtype=torch.bfloat16)}, str(path))
+    header = json.loads(safetensors_header(path))
+    assert header["a"]["shape"] == [3, 4] and header["b"]["dtype"] == "BF16"
+    data = path.read_bytes()
+    for cut in (3, 8 + 5):                                     # inside the length, inside the JSON
+        (tmp_path / "cut.safetensors").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="ends inside its safetensors header"):
+            safetensors_header(tmp_path / "cut.safetensors")

@@ -25,6 +25,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from tierkv import __version__
+from tierkv.cli_flags import LoadFlags, SamplingFlags, expand_flags, flags
 from tierkv.config import Budget, ConfigError, Policy, format_size
 from tierkv.engine import (Engine, GenerationResult, Stream, context_limit_tokens, load, model_path,
                            resolve_device)
@@ -75,23 +76,6 @@ app.add_typer(trace_app, name="trace", help="TKLQT tracer: is inference CPU-boun
 
 ModelArg = typer.Argument(..., help="Hugging Face model directory, or 'demo' for the bundled model")
 DEMO_PROMPT = "Return a list of"
-DeviceMemOpt = typer.Option(None, "--device-mem", help="device budget, e.g. 6GiB (default: free memory less headroom)")
-HostMemOpt = typer.Option(None, "--host-mem", help="pinned host budget, e.g. 16GiB (default: detected)")
-OffloadOpt = typer.Option(None, "--offload-dir", help="where streamed layers live (default: ~/.cache/tierkv)")
-ThreadsOpt = typer.Option(None, "--threads", "-t", help="CPU threads for compute (default: torch's choice)")
-KvOpt = typer.Option("auto", "--kv", help="KV attention: exact, sparse, or auto (sparse beyond 4096 tokens)")
-KvBudgetOpt = typer.Option(0.05, "--kv-budget", help="sparse KV: fraction of the context (<1) or a token count")
-ChunkOpt = typer.Option(None, "--chunk-tokens", help="KV chunk size (default: adaptive per layer)")
-KvSketchOpt = typer.Option(None, "--kv-sketch/--no-kv-sketch",
-                           help="sparse KV: score chunks with 2-bit key codes (finds single-token needles; "
-                                "1/16 of the KV kept on the device); default: on with CUDA, off on CPU")
-KvDeviceOpt = typer.Option(None, "--kv-device-tokens",
-                           help="context whose KV keeps room on the device (default: min(4096, model max))")
-PrefillOpt = typer.Option(None, "--prefill-chunk-tokens", min=1,
-                          help="prefill the prompt in pieces of this many tokens (default: the largest up to 2048 "
-                               "whose activations fit an eighth of --device-mem)")
-VerifyOpt = typer.Option(False, "--verify", help="first check every checkpoint tensor is finite (reads the "
-                         "whole checkpoint once; names a corrupt tensor)")
 
 
 def _version(value: bool) -> None:
@@ -175,15 +159,13 @@ def _set_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(threads)
 
 
-def _load(model: str, dtype: Optional[str], device: Optional[str], quiet: bool, device_mem: Optional[str] = None,
-          host_mem: Optional[str] = None, offload_dir: Optional[str] = None, **kv: Any) -> Engine:
+def _load(model: str, options: LoadFlags, quiet: bool) -> Engine:
     """Load with a spinner on a terminal (conversion, when needed, shows its own progress bar)."""
     err = Console(stderr=True)
-    budgets = dict(device_mem=device_mem, host_mem=host_mem, offload_dir=offload_dir, **kv)
     if quiet or not err.is_terminal:
-        return load(model, dtype=dtype, device=device, progress=lambda done, total: None, **budgets)
+        return load(model, progress=lambda done, total: None, **options.load_kwargs())
     with err.status(f"loading {model} ..."):
-        engine = load(model, dtype=dtype, device=device, **budgets)
+        engine = load(model, **options.load_kwargs())
     if engine.plan is not None and (engine.plan.host_layers or engine.plan.disk_layers):
         err.print(engine.plan.summary(), style="dim", highlight=False, soft_wrap=True)
     return engine
@@ -229,17 +211,6 @@ def _prefill_bar(engine: Engine, quiet: bool) -> Iterator[None]:
         engine.prefill_progress = before
 
 
-def _kv_budget(value: float) -> float | int:
-    """--kv-budget 0.05 is a fraction of the context (1 = all of it); 512 (a whole number > 1) is a token count."""
-    return int(value) if value > 1 and float(value).is_integer() else value
-
-
-def _sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: Optional[int],
-              stop: Optional[list[str]]) -> dict[str, Any]:
-    return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                seed=seed, stop=stop or ())
-
-
 def _summary(res: GenerationResult, engine: Engine) -> str:
     s = res.stats
     return (f"[{s.new_tokens} tokens ({res.finish_reason}) | prompt {s.prompt_tokens} tokens, "
@@ -248,44 +219,25 @@ def _summary(res: GenerationResult, engine: Engine) -> str:
 
 
 @app.command()
+@expand_flags
 def run(
     model: str = ModelArg,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="prompt text"),
     prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="raw token ids, e.g. 1,2,3"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate at most"),
-    temperature: float = typer.Option(0.0, help="0 = greedy"),
-    top_k: int = typer.Option(0, "--top-k", help="keep the k most likely tokens (0 = off)"),
-    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass (1 = off)"),
-    seed: Optional[int] = typer.Option(None, help="random seed for sampling"),
+    sampling: SamplingFlags = flags(SamplingFlags),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
-    dtype: Optional[str] = typer.Option(None, help="compute dtype: bfloat16, float16, float32 (default: checkpoint's)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda when available)"),
-    device_mem: Optional[str] = DeviceMemOpt,
-    host_mem: Optional[str] = HostMemOpt,
-    offload_dir: Optional[str] = OffloadOpt,
-    kv: str = KvOpt,
-    kv_budget: float = KvBudgetOpt,
-    chunk_tokens: Optional[int] = ChunkOpt,
-    kv_device_tokens: Optional[int] = KvDeviceOpt,
-    kv_sketch: Optional[bool] = KvSketchOpt,
-    prefill_chunk_tokens: Optional[int] = PrefillOpt,
-    threads: Optional[int] = ThreadsOpt,
-    verify: bool = VerifyOpt,
+    options: LoadFlags = flags(LoadFlags),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streamed text"),
 ) -> None:
     """Generate a completion for one prompt, streaming the text."""
     if (prompt is None) == (prompt_ids is None):
         raise typer.BadParameter("give exactly one of --prompt or --prompt-ids")
-    _set_threads(threads)
+    _set_threads(options.threads)
     with _user_errors():
         ids = None if prompt_ids is None else _prompt_ids(prompt_ids)
-        engine = _load(model, dtype, device, as_json, device_mem, host_mem, offload_dir,
-                       kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
-                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, verify=verify,
-                       prefill_chunk_tokens=prefill_chunk_tokens)
+        engine = _load(model, options, as_json)
         try:
-            stream = engine.stream(prompt if ids is None else ids,
-                                   **_sampling(max_new_tokens, temperature, top_k, top_p, seed, stop))
+            stream = engine.stream(prompt if ids is None else ids, **sampling.sampling_kwargs(stop))
             with _prefill_bar(engine, as_json):
                 res = _emit(stream, show=not as_json, ids=engine.tokenizer is None)
             if as_json:
@@ -298,37 +250,19 @@ def run(
 
 
 @app.command()
+@expand_flags
 def chat(
     model: str = ModelArg,
     system: Optional[str] = typer.Option(None, help="system message"),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
-    temperature: float = typer.Option(0.7),
-    top_k: int = typer.Option(40, "--top-k"),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    seed: Optional[int] = typer.Option(None),
-    dtype: Optional[str] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
-    device_mem: Optional[str] = DeviceMemOpt,
-    host_mem: Optional[str] = HostMemOpt,
-    offload_dir: Optional[str] = OffloadOpt,
-    kv: str = KvOpt,
-    kv_budget: float = KvBudgetOpt,
-    chunk_tokens: Optional[int] = ChunkOpt,
-    kv_device_tokens: Optional[int] = KvDeviceOpt,
-    kv_sketch: Optional[bool] = KvSketchOpt,
-    prefill_chunk_tokens: Optional[int] = PrefillOpt,
-    threads: Optional[int] = ThreadsOpt,
-    verify: bool = VerifyOpt,
+    sampling: SamplingFlags = flags(SamplingFlags, max_new_tokens=256, temperature=0.7, top_k=40, top_p=0.95),
+    options: LoadFlags = flags(LoadFlags),
 ) -> None:
     """Interactive chat with the model's chat template; type /exit (or Ctrl-D) to leave."""
-    _set_threads(threads)
+    _set_threads(options.threads)
     with _user_errors():
-        engine = _load(model, dtype, device, False, device_mem, host_mem, offload_dir,
-                       kv=kv, kv_budget=_kv_budget(kv_budget), chunk_tokens=chunk_tokens,
-                       kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, verify=verify,
-                       prefill_chunk_tokens=prefill_chunk_tokens)
+        engine = _load(model, options, False)
         try:
-            _chat_loop(engine, system, _sampling(max_new_tokens, temperature, top_k, top_p, seed, None))
+            _chat_loop(engine, system, sampling.sampling_kwargs())
         finally:
             engine.close()
 
@@ -410,25 +344,21 @@ def convert_cmd(
 
 
 @app.command("plan")
+@expand_flags
 def plan_cmd(
     model: str = ModelArg,
-    device_mem: Optional[str] = DeviceMemOpt,
-    host_mem: Optional[str] = HostMemOpt,
-    offload_dir: Optional[str] = OffloadOpt,
-    dtype: Optional[str] = typer.Option(None, help="compute dtype (default: the checkpoint's)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda when available)"),
-    kv_device_tokens: Optional[int] = KvDeviceOpt,
-    prefill_chunk_tokens: Optional[int] = PrefillOpt,
+    options: LoadFlags = flags(LoadFlags, only=("device_mem", "host_mem", "offload_dir", "dtype", "device",
+                                                "kv_device_tokens", "prefill_chunk_tokens")),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Show where each layer would live, the prefetch depth, and the predicted tokens/s."""
     with _user_errors():
         with Checkpoint(model_path(model)) as ckpt:
             cfg = ckpt.config
-        policy = Policy(dtype=str(resolve_dtype(dtype, cfg.dtype)).removeprefix("torch."),
-                        device=None if device is None else str(resolve_device(device)),
-                        kv_device_tokens=kv_device_tokens, prefill_chunk_tokens=prefill_chunk_tokens)
-        budget = Budget.parse(device_mem, host_mem, offload_dir)
+        policy = Policy(dtype=str(resolve_dtype(options.dtype, cfg.dtype)).removeprefix("torch."),
+                        device=None if options.device is None else str(resolve_device(options.device)),
+                        kv_device_tokens=options.kv_device_tokens, prefill_chunk_tokens=options.prefill_chunk_tokens)
+        budget = Budget.parse(options.device_mem, options.host_mem, options.offload_dir)
         store = find_cached_store(model_path(model), budget.offload_dir or default_offload_dir(), policy.dtype)
         plan = make_plan(cfg, budget, policy, data_path=store.data_path if store is not None else None)
     if as_json:

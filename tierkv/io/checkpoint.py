@@ -278,13 +278,22 @@ def _numel(shape: tuple[int, ...] | list[int]) -> int:
     return n
 
 
-def _data_offsets(path: Path) -> dict[str, int]:
-    """Byte offset in the file where each tensor's data starts, from the safetensors header (an
-    8-byte little-endian length, then JSON with ``data_offsets`` relative to the header's end)."""
+def safetensors_header(path: Path) -> bytes:
+    """The JSON header of a safetensors file as stored (after its 8-byte little-endian length):
+    every tensor's name, dtype, shape and ``data_offsets`` relative to the header's end. Reads
+    only the header, never tensor data."""
     with open(path, "rb") as f:
-        length = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(length))
-    return {name: 8 + length + int(meta["data_offsets"][0]) for name, meta in header.items()
+        prefix = f.read(8)
+        header = f.read(struct.unpack("<Q", prefix)[0]) if len(prefix) == 8 else b""
+    if len(prefix) != 8 or len(header) != struct.unpack("<Q", prefix)[0]:
+        raise CheckpointError(f"{path} ends inside its safetensors header; the file is truncated: download it again")
+    return header
+
+
+def _data_offsets(path: Path) -> dict[str, int]:
+    """Byte offset in the file where each tensor's data starts, from the safetensors header."""
+    raw = safetensors_header(path)
+    return {name: 8 + len(raw) + int(meta["data_offsets"][0]) for name, meta in json.loads(raw).items()
             if name != "__metadata__"}
 
 
@@ -318,4 +327,4 @@ def _bad_value_counts(t: torch.Tensor) -> dict[str, int]:
 
 
 __all__ = ["Checkpoint", "CheckpointError", "ConfigError", "FINITE_LIMIT", "FLOAT_DTYPES", "LAYER_PREFIX",
-           "resolve_dtype"]
+           "resolve_dtype", "safetensors_header"]
