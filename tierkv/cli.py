@@ -30,6 +30,7 @@ from tierkv.config import Budget, ConfigError, Policy, format_size
 from tierkv.engine import (Engine, GenerationResult, Stream, context_limit_tokens, load, model_path,
                            resolve_device)
 from tierkv.errors import ArgumentError, TierkvError
+from tierkv.session import Session
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.io.convert import convert as convert_store, find_cached_store
 from tierkv.plan import default_offload_dir, make_plan
@@ -268,25 +269,42 @@ def chat(
 
 
 def _chat_loop(engine: Engine, system: Optional[str], sampling: dict[str, Any]) -> None:
+    """Read a line, stream the reply. The conversation is one Session, so each turn prefills only its new
+    tokens; if the template renders the history differently from the tokens the model produced (a
+    re-tokenized reply), that turn starts a fresh session over the whole rendered history."""
     if engine.tokenizer is None or not engine.tokenizer.chat_template:
         raise ConfigError(f"{engine.model_dir} has no tokenizer chat_template; use `tierkv run` instead")
     messages = [{"role": "system", "content": system}] if system else []
     console = Console(stderr=True)
     console.print("[dim]chatting; /exit to quit[/]")
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            break
-        if line.strip() in ("/exit", "/quit"):
-            break
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        with _prefill_bar(engine, False):
-            res = _emit(engine.stream(engine.tokenizer.encode_chat(messages), **sampling), show=True)
-        print()
-        messages.append({"role": "assistant", "content": res.text.strip()})
+    session = engine.session()
+    try:
+        while True:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            session, reply = _chat_turn(engine, session, engine.tokenizer.encode_chat(messages), sampling)
+            messages.append({"role": "assistant", "content": reply.strip()})
+    finally:
+        session.close()
+
+
+def _chat_turn(engine: Engine, session: Session, rendered: list[int], sampling: dict[str, Any]) -> tuple[Session, str]:
+    """Stream one reply to the rendered conversation ``rendered`` -> (the session holding it, the reply)."""
+    history = session.token_ids
+    if rendered[:len(history)] != history:
+        session.close()
+        session, history = engine.session(), []
+    with _prefill_bar(engine, False):
+        res = _emit(session.stream(rendered[len(history):], **sampling), show=True)
+    print()
+    return session, res.text
 
 
 def _info_dict(ckpt: Checkpoint) -> dict[str, Any]:

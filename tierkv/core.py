@@ -170,8 +170,9 @@ class EngineCore:
         feeds = [Feed(s.cache, s.turn.pending[:r.num_tokens],  # type: ignore[union-attr]
                       "all" if s.turn.score is not None else "last" if r.samples else "none")  # type: ignore[union-attr]
                  for s, r in zip(seqs, rows)]
-        try:
-            with torch.profiler.record_function("tierkv::step"):
+        prefill = any(s.turn.first_sample is None for s in seqs)   # type: ignore[union-attr]
+        try:       # the tracer's phases: a step that feeds any prompt piece counts as prefill
+            with torch.profiler.record_function("tierkv::prefill" if prefill else "tierkv::decode"):
                 last, scored = self.runner.forward(feeds, self.room.head_rows)
         except BaseException as exc:
             for r in rows:
