@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from tierkv.pipeline.kv_table import ChunkKey, KVBudgetError, KVChunkTable, Tier
+from tierkv.pipeline.kv.table import ChunkKey, KVBudgetError, KVChunkTable, Tier
 
 D, H, K = Tier.DEVICE, Tier.HOST, Tier.DISK
 
