@@ -302,6 +302,17 @@ def test_check_invariants_catches_a_leaked_slot_and_refuses_a_closed_cache(tmp_p
         with pytest.raises(AssertionError, match="layer 0: slots leak"):
             cache.check_invariants()
         kv.free.pop()
+        sink = kv.resident()[0]
+        kv.slot_map[sink.seq, sink.chunk] += 1               # the kernel's slot map disagrees with the table
+        with pytest.raises(AssertionError, match="slot map says"):
+            cache.check_invariants()
+        kv.slot_map[sink.seq, sink.chunk] -= 1
+        on_host = kv.table.on_tier(HOST)[0]
+        kv.host_free.append(kv.table.host_slot_of(on_host))  # a host buffer in use handed out again
+        with pytest.raises(AssertionError, match="layer 0: host buffers leak"):
+            cache.check_invariants()
+        kv.host_free.pop()
+        assert cache.check_invariants() == LAYERS * B * math.ceil(300 / 32)
     with pytest.raises(RuntimeError, match=r"closed TieredKVCache checks nothing: call it before close\(\)"):
         cache.check_invariants()
 
