@@ -24,6 +24,7 @@ from tierkv.pipeline.kv import (DenseKVCache, TieredKVCache, keeps_sketch, kv_bu
                                 layer_index_bytes, make_kv_cache)
 from tierkv.pipeline.kv.moves import poll_writes
 from tierkv.pipeline.kv.overflow import overflow_order
+from tierkv.pipeline.kv.sizing import slot_bytes
 from tierkv.pipeline.kv.table import KVBudgetError, Tier
 
 B, HQ, HKV, D, LAYERS = 2, 4, 2, 16, 2
@@ -52,13 +53,13 @@ def _cfg(layers: int = LAYERS) -> ModelConfig:
 
 def _device_bytes(cfg: ModelConfig, chunk: int, slots: int, batch: int, capacity: int, policy: Policy) -> int:
     """A device KV budget holding ``slots`` chunk slots per layer beside the abstracts (and key codes)."""
-    slot = 2 * cfg.num_kv_heads * chunk * cfg.head_dim * 4
+    slot = slot_bytes(cfg, torch.float32, chunk)
     index = layer_index_bytes(cfg, torch.float32, batch, capacity, chunk, keeps_sketch(policy, torch.device("cpu")))
     return cfg.num_layers * (slots * slot + index)
 
 
 def _host_bytes(cfg: ModelConfig, chunk: int, chunks: int) -> int:
-    return cfg.num_layers * chunks * 2 * cfg.num_kv_heads * chunk * cfg.head_dim * 4
+    return cfg.num_layers * chunks * slot_bytes(cfg, torch.float32, chunk)
 
 
 def _tiered(cfg: ModelConfig, policy: Policy, capacity: int, tmp: Path, *, slots: int = 12, host_chunks: int = 6,
@@ -609,7 +610,7 @@ def test_write_behind_snapshots_stay_within_their_cap_when_the_disk_is_slow(tmp_
     from tierkv.io.kvstore import KVStore
 
     cfg, cap = _cfg(), sum(PIECES)
-    slot = 2 * cfg.num_kv_heads * 32 * cfg.head_dim * 4
+    slot = slot_bytes(cfg, torch.float32, 32)
     real_append = KVStore.append
     monkeypatch.setattr(KVStore, "append", lambda self, chunks: (time_mod.sleep(0.02), real_append(self, chunks))[1])
     dense = DenseKVCache(cfg, B, cap, torch.float32, torch.device("cpu"))
