@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tierkv.errors import TierkvError
+from tierkv.trace.moves import MOVE_SPAN_PREFIX, MoveRow, MoveSpan, parse_move_span
 
 TIERKV_SPAN_PREFIX = "tierkv::"
 PHASES: tuple[str, ...] = ("prefill", "decode")
@@ -387,7 +388,7 @@ class StreamRow:
 
 @dataclass
 class SpanRow:
-    """One tierkv span name (``tierkv::disk_read`` ...): count, total time, GPU idle during it."""
+    """One tierkv span name (move spans per link: ``tierkv::move disk->host``): count, total time, GPU idle during it."""
 
     name: str
     count: int
@@ -482,6 +483,7 @@ class TraceReport:
     overall: ScopeReport
     phases: dict[str, ScopeReport]
     tierkv_spans: list[SpanRow]
+    moves: list[MoveRow]
     python: PythonMetrics | None
     python_reason: str | None
     verdict: Verdict
@@ -867,18 +869,48 @@ def _scope_report(col: _Collected, linked: _Linked, tree: _OpTree, scope: _Scope
         gpu=_gpu_metrics(col, linked.kernels, scope, window, top_n) if gpu else None)
 
 
+def _span_group(name: str) -> str | None:
+    """The row a tierkv span counts in: its name, or ``tierkv::move <link>`` for a move span."""
+    if not name.startswith(TIERKV_SPAN_PREFIX):
+        return None
+    move = parse_move_span(name)
+    return name if move is None else f"{MOVE_SPAN_PREFIX}{move.link}"
+
+
 def _tierkv_spans(col: _Collected, gpu: bool) -> list[SpanRow]:
-    groups: dict[int, list[int]] = {}
+    groups: dict[str, list[int]] = {}
+    names = [_span_group(n) for n in col.names]
     for i, n in enumerate(col.notes.name):
-        if col.names[n].startswith(TIERKV_SPAN_PREFIX):
-            groups.setdefault(n, []).append(i)
+        if names[n] is not None:
+            groups.setdefault(names[n], []).append(i)
     busy = _merge((col.kernels.ts[k], col.kernels.end(k)) for k in range(len(col.kernels))) if gpu else []
     rows = []
-    for n, idx in groups.items():
+    for name, idx in groups.items():
         merged = _merge((col.notes.ts[i], col.notes.end(i)) for i in idx)
         idle = _length(merged) - _overlap(merged, busy) if gpu else None
-        rows.append(SpanRow(col.names[n], len(idx), sum(col.notes.dur[i] for i in idx), idle))
+        rows.append(SpanRow(name, len(idx), sum(col.notes.dur[i] for i in idx), idle))
     rows.sort(key=lambda r: (-r.total_us, r.name))
+    return rows
+
+
+def _move_rows(col: _Collected, memcpys: _Links, gpu: bool) -> list[MoveRow]:
+    """Per-link traffic of the movement layer's ``tierkv::move`` spans (format: ``trace.moves``)."""
+    parsed = [parse_move_span(n) if n.startswith(MOVE_SPAN_PREFIX) else None for n in col.names]
+    by_link: dict[str, list[tuple[MoveSpan, int]]] = {}
+    for i, n in enumerate(col.notes.name):
+        move = parsed[n]
+        if move is not None:
+            by_link.setdefault(move.link, []).append((move, i))
+    rows = []
+    for link, spans in sorted(by_link.items()):
+        merged = _merge((col.notes.ts[i], col.notes.end(i)) for _, i in spans)
+        busy = _length(merged)
+        inside = _SpanSet(merged).contains
+        memcpy = sum(col.memcpys.dur[k] for k, t in enumerate(memcpys.anchor) if inside(t)) if gpu else None
+        nbytes = sum(m.nbytes for m, _ in spans)
+        rows.append(MoveRow(link, sum(m.starts_move for m, _ in spans), len(spans), nbytes,
+                            sum(col.notes.dur[i] for _, i in spans), busy,
+                            nbytes / busy / 1e3 if busy > 0 else None, memcpy))
     return rows
 
 
@@ -954,7 +986,7 @@ def analyze_events(events: Iterable[dict[str, Any]], source: str = "<events>", t
     return TraceReport(
         source=source, event_count=col.event_count, gpu_available=gpu,
         gpu_reason=None if gpu else NO_GPU_REASON, overall=overall, phases=phases,
-        tierkv_spans=_tierkv_spans(col, gpu), python=python,
+        tierkv_spans=_tierkv_spans(col, gpu), moves=_move_rows(col, linked.memcpys, gpu or len(col.memcpys) > 0), python=python,
         python_reason=None if python else
         "trace holds no python_function events (profile with with_stack=True to get them)",
         verdict=rule.judge(overall.gpu), warnings=_warnings(col, overall))

@@ -72,8 +72,9 @@ def parse_move_span(name: str) -> MoveSpan | None:
 class MoveRow:
     """One link's traffic in a trace: moves, bytes, span time and busy time (union of its spans).
 
-    ``gbps`` is bytes / busy time (1e9 bytes/s). For copies queued on a CUDA stream the span covers
-    the host-side enqueue only, so the GPU side of those shows in the trace's memcpy kernels.
+    ``gbps`` is bytes / busy time (1e9 bytes/s; None when the spans take no time). For copies queued
+    on a CUDA stream the span covers the host-side enqueue only; ``memcpy_us`` is the GPU time of
+    the memcpys launched inside the link's spans (None when the trace holds no GPU activity).
     """
 
     link: str
@@ -83,6 +84,7 @@ class MoveRow:
     span_us: float
     busy_us: float
     gbps: float | None
+    memcpy_us: float | None
 
 
 __all__ = ["MOVE_SPAN_PREFIX", "MoveRow", "MoveSpan", "check_tier_name", "move_span_name", "parse_move_span"]
