@@ -13,7 +13,7 @@ into the ``prefetch / wait / release`` protocol of ``pipeline.schedule``:
 
 Every buffer is carved from a tier at construction, so memory stays within the budgets for the
 whole run. Every move goes through one ``io.mover.Mover`` (disk->host and, on CPU, disk->device:
-the disk tier's reader; host->device and device->host: the machine's copier); ``stats()`` reads its
+the disk tier's reader; host->device: the machine's copier); ``stats()`` reads its
 per-link counters, and each move shows as a ``tierkv::move`` span in a profiler trace.
 """
 
@@ -94,15 +94,14 @@ class StreamingWeights:
 
     # -- construction ------------------------------------------------------------------------
     def _make_mover(self) -> Mover:
-        """The links weights use: disk reads into host (and, on CPU, device) RAM; copies between memories."""
+        """The links weights use: disk reads into host (and, on CPU, device) RAM; host -> device copies."""
         mover, disk = Mover(), self.tiers[DISK]
         assert isinstance(disk, DiskTier)
-        read, copy = DiskReadHandler(disk), copy_handler(self.device)
+        read = DiskReadHandler(disk)
         mover.register(DISK, HOST, read)
         if not self.cuda:
             mover.register(DISK, DEVICE, read)      # the device tier is RAM: reads land in it directly
-        mover.register(HOST, DEVICE, copy)
-        mover.register(DEVICE, HOST, copy)
+        mover.register(HOST, DEVICE, copy_handler(self.device))
         return mover
 
     def _load_resident(self) -> None:

@@ -18,7 +18,10 @@ the sum over all its spans.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from tierkv.trace.intervals import SpanSet, covered_length, merge_intervals
 
 MOVE_SPAN_PREFIX = "tierkv::move "
 _TIER_NAME = re.compile(r"\w+")
@@ -87,4 +90,29 @@ class MoveRow:
     memcpy_us: float | None
 
 
-__all__ = ["MOVE_SPAN_PREFIX", "MoveRow", "MoveSpan", "check_tier_name", "move_span_name", "parse_move_span"]
+def move_rows(spans: Iterable[tuple[str, float, float]],
+              memcpys: Iterable[tuple[float, float]] | None = None) -> list[MoveRow]:
+    """One row per link, sorted, from ``(name, start_us, duration_us)`` spans (others are skipped).
+
+    ``memcpys``: ``(launch_start_us, duration_us)`` of the trace's GPU memcpys, or None without GPU
+    activity; a memcpy counts for a link when its launch call starts inside one of the link's spans.
+    """
+    by_link: dict[str, list[tuple[MoveSpan, float, float]]] = {}
+    for name, ts, dur in spans:
+        move = parse_move_span(name) if name.startswith(MOVE_SPAN_PREFIX) else None
+        if move is not None:
+            by_link.setdefault(move.link, []).append((move, ts, dur))
+    copies = None if memcpys is None else list(memcpys)
+    rows = []
+    for link, items in sorted(by_link.items()):
+        merged = merge_intervals((ts, ts + dur) for _, ts, dur in items)
+        busy, inside = covered_length(merged), SpanSet(merged).contains
+        nbytes = sum(m.nbytes for m, _, _ in items)
+        rows.append(MoveRow(link, sum(m.starts_move for m, _, _ in items), len(items), nbytes,
+                            sum(dur for _, _, dur in items), busy, nbytes / busy / 1e3 if busy > 0 else None,
+                            None if copies is None else sum(d for t, d in copies if inside(t))))
+    return rows
+
+
+__all__ = ["MOVE_SPAN_PREFIX", "MoveRow", "MoveSpan", "check_tier_name", "move_rows", "move_span_name",
+           "parse_move_span"]
