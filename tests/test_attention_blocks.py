@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from tierkv import model as model_mod
 from tierkv.model import attention_block_rows, attention_pair_bytes, dense_attention
-from tierkv.pipeline.kv import _OnlineSoftmax
+from tierkv.pipeline.kv.streamed import OnlineSoftmax as _OnlineSoftmax
 
 # (B, Hq, Hkv, T new queries, S keys, D, window, scratch bytes)
 CASES = [

@@ -15,7 +15,8 @@ from tierkv.io.buffers import (ChunkArenas, HostBuffer, SlotPool, aligned_host_t
 from tierkv.io.reader import AlignedReader, ReadError, measure_disk_read_gbps
 from tierkv.io.convert import convert
 from tierkv.io.store import StoreError, WeightStore, tensors_from_buffer
-from tierkv.io.tiers import DEVICE, DISK, HOST, DiskTier, MemoryTier, Mover, TierFullError
+from tierkv.io.mover import MoveRouteError, Mover, copy_handler
+from tierkv.io.tiers import DEVICE, DISK, HOST, DiskReadHandler, DiskTier, MemoryTier, TierFullError
 
 TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=128)
@@ -152,47 +153,61 @@ def test_memory_tier_budget():
         tier.free(["a"])
 
 
-def test_mover_routes_and_stats(store):
+def _weights_mover(tiers) -> Mover:
+    mover, read, copy = Mover(), DiskReadHandler(tiers[DISK]), copy_handler("cpu")
+    for src, dst, handler in ((DISK, HOST, read), (DISK, DEVICE, read), (HOST, DEVICE, copy)):
+        mover.register(src, dst, handler)
+    return mover
+
+
+def test_mover_moves_store_extents_between_tiers(store):
     tiers = {DEVICE: MemoryTier(DEVICE, "cpu", 1 << 20), HOST: MemoryTier(HOST, "cpu", 1 << 20),
              DISK: DiskTier(store, threads=2)}
-    mover = Mover(tiers)
+    mover = _weights_mover(tiers)
     try:
         names = ["layer.0", "layer.2"]
-        recs = mover.move(names, DISK, HOST)
-        mover.wait(recs)
+        blocks = tiers[HOST].alloc(names, [store.extents[n].padded_nbytes for n in names])
+        mover.complete(mover.prepare(DISK, HOST, names, dests=blocks))
         ring = tiers[DEVICE].pool(2, store.max_layer_padded_bytes())
         slots = [ring.acquire(n) for n in names]
-        recs = mover.move(names, HOST, DEVICE, into=[s.tensor for s in slots])
-        mover.wait(recs)
-        direct = mover.move(["layer.1"], DISK, DEVICE)          # CPU-only: the device tier is RAM
-        mover.wait(direct)
-        for name, slot in zip(names, slots):
-            got = tensors_from_buffer(store.extents[name], slot.tensor)
+        mover.complete(mover.prepare(HOST, DEVICE, names, sources=blocks, dests=[s.tensor for s in slots]))
+        (direct,) = tiers[DEVICE].alloc(["layer.1"], [store.extents["layer.1"].padded_nbytes])
+        mover.complete(mover.prepare(DISK, DEVICE, ["layer.1"], dests=[direct]))   # CPU-only: the device tier is RAM
+        for name, buf in [*zip(names, [s.tensor for s in slots]), ("layer.1", direct)]:
+            got = tensors_from_buffer(store.extents[name], buf)
             want = store.load([name])[name]
             assert all(torch.equal(got[k], want[k]) for k in want)
-        stats = mover.stats.summary()
+        stats = mover.stats()
         assert stats["disk->host"]["bytes"] == sum(store.extents[n].padded_nbytes for n in names)
         assert stats["host->device"]["moves"] == 2 and stats["disk->device"]["moves"] == 1
         assert all(link["gbps"] > 0 for link in stats.values())
-        with pytest.raises(KeyError, match="no route device->disk"):
-            mover.move(["layer.0"], DEVICE, DISK)
+        with pytest.raises(MoveRouteError, match=r"no handler moves device->disk.*mover\.register\('device', 'disk'"):
+            mover.prepare(DEVICE, DISK, ["layer.0"])
     finally:
         mover.close()
+    assert tiers[DISK].reader._closed
 
 
 def test_profiler_sees_reads_copies_and_waits(store):
     from torch._C._profiler import _ExperimentalConfig
 
+    from tierkv.trace.moves import parse_move_span
+
     tiers = {HOST: MemoryTier(HOST, "cpu", 1 << 20), DEVICE: MemoryTier(DEVICE, "cpu", 1 << 20),
              DISK: DiskTier(store, threads=1)}
-    mover = Mover(tiers)
+    mover = _weights_mover(tiers)
+    nbytes = store.extents["layer.0"].padded_nbytes
+    host, dev = tiers[HOST].alloc(["a"], [nbytes])[0], tiers[DEVICE].alloc(["b"], [nbytes])[0]
     config = _ExperimentalConfig(profile_all_threads=True)    # reader threads are not profiled otherwise
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], experimental_config=config) as prof:
-        mover.wait(mover.move(["layer.0"], DISK, HOST))
-        mover.wait(mover.move(["layer.0"], HOST, DEVICE))
+        mover.complete(mover.prepare(DISK, HOST, ["layer.0"], dests=[host]))
+        mover.complete(mover.prepare(HOST, DEVICE, ["layer.0"], sources=[host], dests=[dev]))
     mover.close()
     names = {e.name for e in prof.events()}
-    assert {"tierkv::disk_read", "tierkv::h2d_copy", "tierkv::wait"} <= names
+    moves = {parse_move_span(n) for n in names} - {None}
+    assert {(m.link, m.what, m.nbytes) for m in moves} == {("disk->host", "layer.0", nbytes),
+                                                           ("host->device", "layer.0", nbytes)}
+    assert "tierkv::wait" in names
 
 
 def _storage_bytes(chunks: list[torch.Tensor]) -> int:

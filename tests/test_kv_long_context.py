@@ -23,7 +23,7 @@ from conftest import build_hf_model, save_hf_model
 from tierkv.cli import app
 from tierkv.config import ModelConfig, Policy
 from tierkv.pipeline.kv import DenseKVCache, TieredKVCache, kv_bytes_per_token, kv_device_minimum_bytes
-from tierkv.pipeline.kv_table import KVBudgetError
+from tierkv.pipeline.kv.table import KVBudgetError
 from tierkv.plan import PlanError, kv_reserve_bytes, make_plan, minimum_device_bytes
 
 CONTEXT = 1024        # the model's max_position_embeddings
@@ -187,7 +187,7 @@ def test_the_minimum_room_holds_every_capacity_up_to_its_own(policy: Policy, tmp
                            offload_dir=tmp_path) as cache:
             assert cache.stats()["sketch"] == ("on" if sketch else "off")
             for wanted in (16, 32, 64, 128, 256):       # what chunk_tokens_for_entropy may ask for
-                geo = cache._geometry(policy.chunk_tokens or wanted, None)
+                geo = cache._st.shape.layer_geometry(policy.chunk_tokens or wanted, None)
                 assert geo.resident_slots + geo.scratch_slots >= min(6, geo.max_chunks)
     dense = DenseKVCache(cfg, 1, full, torch.float32, torch.device("cpu"))
     with TieredKVCache(cfg, policy, 1, full, torch.float32, "cpu", kv_device_bytes=room, kv_host_bytes=0,

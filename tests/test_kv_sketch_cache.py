@@ -8,6 +8,7 @@ import torch
 from tierkv.config import ModelConfig, Policy
 from tierkv.kernels.quality import plant_needle
 from tierkv.pipeline.kv import TieredKVCache
+from tierkv.pipeline.kv.sparse import select
 
 HQ, HKV, D, T, S = 4, 2, 64, 2048, 64
 
@@ -42,10 +43,10 @@ def _needle_selected(seed: int, sketch: bool) -> bool:
         positions = torch.arange(T).view(1, T)
         cache.attend(0, torch.randn(1, HQ, T, D), k, torch.randn(1, HKV, T, D), positions, None)
         cache.advance(T)
-        kv = cache._layers[0]
+        kv = cache._st.layers[0]
         assert kv is not None and kv.n_coded == (T // S if sketch else 0)
         assert (cache.stats()["sketch_bytes"] > 0) == sketch
-        found = bool(cache._select(kv, q).mask[0, :, pos // S].all())
+        found = bool(select(cache._st, kv, q).mask[0, :, pos // S].all())
         out = cache.attend(0, q.unsqueeze(2), k[:, :, -1:], torch.randn(1, HKV, 1, D), torch.tensor([[T]]), None)
         cache.advance(1)
         assert out.shape == (1, HQ, 1, D) and torch.isfinite(out).all()

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from tierkv.pipeline.kv_table import ChunkKey, KVBudgetError, KVChunkTable, Tier
+from tierkv.pipeline.kv.table import ChunkKey, KVBudgetError, KVChunkTable, Tier
 
 D, H, K = Tier.DEVICE, Tier.HOST, Tier.DISK
 
@@ -167,3 +167,24 @@ def test_random_steps_keep_invariants():
         where = t.by_tier([k for layer in range(layers) for k in t.chunks(layer)])
         for tier in (D, H):
             assert t.used_bytes(tier) == 100 * len(where.get(tier, [])) <= t.budget_bytes(tier)
+
+
+def test_the_table_records_device_and_host_slots_through_moves():
+    """The table is the one record of residency: a chunk's device slot while it is on (or coming to)
+    the device, its host slot while it is on the host, neither on disk."""
+    t = KVChunkTable({Tier.DEVICE: 300, Tier.HOST: 300}, sink_chunks=0, recent_tokens=0)
+    a, b = ChunkKey(0, 0), ChunkKey(0, 1)
+    t.add(a, 16, 100, slot=3)
+    t.add(b, 16, 100, Tier.HOST, host_slot=7)
+    assert (t.slot_of(a), t.host_slot_of(a), t.slot_of(b), t.host_slot_of(b)) == (3, None, None, 7)
+    t.begin({(Tier.DEVICE, Tier.HOST): [a]})
+    t.finish({(Tier.DEVICE, Tier.HOST): [a]}, host_slots={a: 2})
+    assert (t.tier_of(a), t.slot_of(a), t.host_slot_of(a)) == (Tier.HOST, None, 2)
+    t.begin({(Tier.HOST, Tier.DEVICE): [b]}, slots={b: 5})
+    assert t.slot_of(b) == 5 and t.host_slot_of(b) == 7 and t.tier_of(b) is Tier.HOST   # in flight
+    t.abort({(Tier.HOST, Tier.DEVICE): [b]})
+    assert t.slot_of(b) is None and t.host_slot_of(b) == 7
+    t.begin({(Tier.HOST, Tier.DEVICE): [b]}, slots={b: 5})
+    t.finish({(Tier.HOST, Tier.DEVICE): [b]})
+    assert (t.tier_of(b), t.slot_of(b), t.host_slot_of(b)) == (Tier.DEVICE, 5, None)
+    assert t.on_tier(Tier.DEVICE) == [b] and t.count(Tier.HOST) == 1

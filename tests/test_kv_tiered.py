@@ -23,7 +23,10 @@ from tierkv.runner import Runner
 from tierkv.io.kvstore import KVStoreError
 from tierkv.pipeline.kv import (DenseKVCache, TieredKVCache, keeps_sketch, kv_budget_tokens, kv_bytes_per_token,
                                 layer_index_bytes, make_kv_cache)
-from tierkv.pipeline.kv_table import KVBudgetError, Tier
+from tierkv.pipeline.kv.moves import poll_writes
+from tierkv.pipeline.kv.overflow import overflow_order
+from tierkv.pipeline.kv.sizing import slot_bytes
+from tierkv.pipeline.kv.table import KVBudgetError, Tier
 
 B, HQ, HKV, D, LAYERS = 2, 4, 2, 16, 2
 DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
@@ -51,13 +54,13 @@ def _cfg(layers: int = LAYERS) -> ModelConfig:
 
 def _device_bytes(cfg: ModelConfig, chunk: int, slots: int, batch: int, capacity: int, policy: Policy) -> int:
     """A device KV budget holding ``slots`` chunk slots per layer beside the abstracts (and key codes)."""
-    slot = 2 * cfg.num_kv_heads * chunk * cfg.head_dim * 4
+    slot = slot_bytes(cfg, torch.float32, chunk)
     index = layer_index_bytes(cfg, torch.float32, batch, capacity, chunk, keeps_sketch(policy, torch.device("cpu")))
     return cfg.num_layers * (slots * slot + index)
 
 
 def _host_bytes(cfg: ModelConfig, chunk: int, chunks: int) -> int:
-    return cfg.num_layers * chunks * 2 * cfg.num_kv_heads * chunk * cfg.head_dim * 4
+    return cfg.num_layers * chunks * slot_bytes(cfg, torch.float32, chunk)
 
 
 def _tiered(cfg: ModelConfig, policy: Policy, capacity: int, tmp: Path, *, slots: int = 12, host_chunks: int = 6,
@@ -168,8 +171,8 @@ def test_sparse_union_overflowing_the_device_keeps_what_fits_and_streams_the_res
         _drive([roomy, tight], pieces, check=_close)
         assert tight.check_invariants() == LAYERS * B * math.ceil(tight.length_tokens / 16)
         st, full = tight.stats(), roomy.stats()
-        last = tight._layers[LAYERS - 1]                 # untouched since its attend (speculation is for layer 0)
-        assert len(last.resident) == last.geo.resident_slots and last.resident <= set(last.prev_needed)
+        last = tight._st.layers[LAYERS - 1]                 # untouched since its attend (speculation is for layer 0)
+        assert len(last.resident()) == last.geo.resident_slots and set(last.resident()) <= set(last.prev_needed)
         assert len(last.prev_needed) > last.geo.resident_slots
     assert st["sparse_overflow_steps"] == 6 * LAYERS and full["sparse_overflow_steps"] == 0
     assert st["sparse_union_tokens"] == full["sparse_union_tokens"] > st["device_room_tokens"][0] == 64
@@ -182,11 +185,11 @@ def test_overflow_keeps_resident_then_most_heads_then_disk_chunks(tmp_path: Path
     cache = _tiered(cfg, Policy(kv="sparse", kv_budget=64, chunk_tokens=16), cap, tmp_path, slots=12, host_chunks=4)
     with cache:
         _drive([cache], [cap - 10])
-        kv = cache._layers[0]
+        kv = cache._st.layers[0]
         on = {tier: [k for k in kv.table.chunks(0, 1) if kv.table.tier_of(k) is tier] for tier in (DEVICE, HOST, DISK)}
         resident, host, disk = on[DEVICE][0], on[HOST][:2], on[DISK][:2]
         picked = {host[0]: 0b11, host[1]: 0b01, disk[0]: 0b01, disk[1]: 0b11, resident: 0b01}
-        assert cache._overflow_order(kv, picked) == [resident, disk[1], host[0], disk[0], host[1]]
+        assert overflow_order(kv, picked) == [resident, disk[1], host[0], disk[0], host[1]]
 
 
 def test_adaptive_chunk_sizes_follow_attention_skew(tmp_path: Path, torch_kernels: None) -> None:
@@ -274,7 +277,7 @@ def test_corrupt_segment_is_detected_and_named(tmp_path: Path, torch_kernels: No
     cache = _tiered(cfg, Policy(kv="exact", chunk_tokens=32), cap, tmp_path)
     with cache:
         _drive([cache], [500])
-        cache._poll_writes(wait=True)
+        poll_writes(cache._st, wait=True)
         segment = next(tmp_path.glob("kv-*/layer0000.kvseg"))
         data = bytearray(segment.read_bytes())
         for off in range(0, len(data), 4096):         # flip a byte in every record's payload
@@ -296,11 +299,22 @@ def test_check_invariants_catches_a_leaked_slot_and_refuses_a_closed_cache(tmp_p
     with cache:
         _drive([cache], [300])
         assert cache.check_invariants() == LAYERS * B * math.ceil(300 / 32)
-        kv = cache._layers[0]
-        kv.free.append(next(iter(kv.slot_of.values())))     # a used slot handed out again
+        kv = cache._st.layers[0]
+        kv.free.append(kv.slot_of(kv.resident()[0]))         # a used slot handed out again
         with pytest.raises(AssertionError, match="layer 0: slots leak"):
             cache.check_invariants()
         kv.free.pop()
+        sink = kv.resident()[0]
+        kv.slot_map[sink.seq, sink.chunk] += 1               # the kernel's slot map disagrees with the table
+        with pytest.raises(AssertionError, match="slot map says"):
+            cache.check_invariants()
+        kv.slot_map[sink.seq, sink.chunk] -= 1
+        on_host = kv.table.on_tier(HOST)[0]
+        kv.host_free.append(kv.table.host_slot_of(on_host))  # a host buffer in use handed out again
+        with pytest.raises(AssertionError, match="layer 0: host buffers leak"):
+            cache.check_invariants()
+        kv.host_free.pop()
+        assert cache.check_invariants() == LAYERS * B * math.ceil(300 / 32)
     with pytest.raises(RuntimeError, match=r"closed TieredKVCache checks nothing: call it before close\(\)"):
         cache.check_invariants()
 
@@ -322,7 +336,7 @@ def _generate(model_dir: Path, policy: Policy, prompts: list[list[int]], factory
         close = cache.close
 
         def check_then_close() -> None:
-            if not cache._closed:
+            if not cache.closed:
                 sizes = cache.stats()["chunk_tokens"]
                 expected = sum(math.ceil(cache.length_tokens / size) for size in sizes)   # one sequence per cache
                 checked.append((cache.check_invariants(), expected))
@@ -445,8 +459,8 @@ def test_adaptive_chunks_fit_a_long_context_in_a_small_device_room(tmp_path: Pat
         cache.close()
 
 
-def test_sparse_overflow_with_64_or_more_kv_heads_reads_each_heads_own_chunks(tmp_path: Path,
-                                                                              torch_kernels: None) -> None:
+def test_sparse_overflow_with_64_or_more_kv_heads_reads_each_heads_own_chunks(
+        tmp_path: Path, torch_kernels: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """66 KV heads: the per-chunk "which heads picked it" sets the overflow path works from equal the
     selection's mask for every head (an int64 bitmask of 2**h overflowed from head 63 on), and the
     output equals the all-resident cache's."""
@@ -461,18 +475,21 @@ def test_sparse_overflow_with_64_or_more_kv_heads_reads_each_heads_own_chunks(tm
                           kv_host_bytes=_host_bytes(cfg, 16, 40))
     masks: list[torch.Tensor] = []
     picks: list[dict[Any, int]] = []
-    select, overflow = tight._select, tight._decode_overflow
+    from tierkv.pipeline.kv import sparse as sparse_mod
+    select, overflow = sparse_mod.select, sparse_mod.decode_overflow
 
-    def spy_select(kv: Any, q0: torch.Tensor) -> Any:
-        sel = select(kv, q0)
-        masks.append(sel.mask.clone())
+    def spy_select(st: Any, kv: Any, q0: torch.Tensor) -> Any:
+        sel = select(st, kv, q0)
+        if st is tight._st:
+            masks.append(sel.mask.clone())
         return sel
 
-    def spy_overflow(kv: Any, q: torch.Tensor, picked: Any) -> torch.Tensor:
+    def spy_overflow(st: Any, kv: Any, q: torch.Tensor, picked: Any) -> torch.Tensor:
         picks.append(dict(picked))
-        return overflow(kv, q, picked)
+        return overflow(st, kv, q, picked)
 
-    tight._select, tight._decode_overflow = spy_select, spy_overflow      # type: ignore[method-assign]
+    monkeypatch.setattr(sparse_mod, "select", spy_select)
+    monkeypatch.setattr(sparse_mod, "decode_overflow", spy_overflow)
     g = torch.Generator().manual_seed(3)
     with roomy, tight:
         start = 0
@@ -503,11 +520,11 @@ def test_host_chunks_come_from_arenas_whose_real_size_is_within_the_host_budget(
     with cache:
         _drive([cache], PIECES)
         st = cache.stats()
-        views = [buf for kv in cache._layers if kv is not None for buf in kv.host.values()]
+        views = [kv.host_buf(key) for kv in cache._st.live_layers() for key in kv.table.on_tier(HOST)]
         real = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in views}
         assert views and st["host_allocated_bytes"] == sum(real.values())
         assert st["host_bytes"] <= st["host_allocated_bytes"] <= host_budget and st["disk_bytes"] > 0
-        assert st["host_bytes"] == len(views) * cache._layers[0].geo.slot_bytes
+        assert st["host_bytes"] == len(views) * cache._st.layers[0].geo.slot_bytes
 
 
 def test_logits_follow_the_plan_kv_room_and_pieces_and_equal_one_unbudgeted_pass(
@@ -594,25 +611,24 @@ def test_write_behind_snapshots_stay_within_their_cap_when_the_disk_is_slow(tmp_
     import time as time_mod
 
     from tierkv.io.kvstore import KVStore
-    from tierkv.pipeline import kv as kv_mod
 
     cfg, cap = _cfg(), sum(PIECES)
-    slot = 2 * cfg.num_kv_heads * 32 * cfg.head_dim * 4
-    monkeypatch.setattr(kv_mod, "WRITE_BEHIND_BYTES", 2 * B * slot)       # two closed chunks' snapshots
+    slot = slot_bytes(cfg, torch.float32, 32)
     real_append = KVStore.append
     monkeypatch.setattr(KVStore, "append", lambda self, chunks: (time_mod.sleep(0.02), real_append(self, chunks))[1])
     dense = DenseKVCache(cfg, B, cap, torch.float32, torch.device("cpu"))
     tiered = _tiered(cfg, Policy(kv="exact", chunk_tokens=32), cap, tmp_path)
     queued: list[int] = []
-    real_submit = tiered._jobs.submit
+    tiered._st.write_behind_bytes = 2 * B * slot                           # two closed chunks' snapshots
+    real_submit = tiered._st.workers.submit
 
     def spy(kind: str, fn: Callable[[], Any]) -> Any:
         if kind == "write":
-            queued.append(sum(w.nbytes for kv in tiered._layers if kv is not None for w in kv.writing
+            queued.append(sum(w.nbytes for kv in tiered._st.live_layers() for w in kv.writing
                               if not w.future.done()))
         return real_submit(kind, fn)
 
-    monkeypatch.setattr(tiered._jobs, "submit", spy)
+    monkeypatch.setattr(tiered._st.workers, "submit", spy)
     with tiered:
         _drive([dense, tiered], PIECES, windows=(None, 100), check=_close)
         assert tiered.check_invariants() > 0

@@ -166,4 +166,4 @@ def test_close_swallows_only_read_failures_and_always_releases(model_and_store, 
     else:
         weights.close()
     assert not weights._flights and not weights._globals
-    assert weights.mover._copy_pool._shutdown
+    assert weights.tiers["disk"].reader._closed

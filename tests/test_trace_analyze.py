@@ -244,15 +244,51 @@ def test_phases_attribute_by_launch_time() -> None:
 
 def test_tierkv_io_spans_show_gpu_idle_during_a_stall() -> None:
     tb = cpu_bound_trace()
-    tb.span("tierkv::disk_read", 100, 50)
+    tb.span("tierkv::move disk->host layer.3 4096B", 100, 50)
     tb.span("tierkv::wait", 150, 30)
     e = tb.op("aten::mm", 180, 5)
     tb.kernel(tb.launch(181, 2, e), 185, 10)
-    tb.span("tierkv::disk_read", 187, 10)  # overlaps the kernel 187..195: 8 us busy
+    tb.span("tierkv::move disk->host layer.4 4096B", 187, 10)  # overlaps the kernel 187..195: 8 us busy
     spans = {s.name: s for s in analyze_events(tb.events).tierkv_spans}
-    assert spans["tierkv::disk_read"].count == 2 and spans["tierkv::disk_read"].total_us == pytest.approx(60)
-    assert spans["tierkv::disk_read"].gpu_idle_during_us == pytest.approx(52)
+    assert spans["tierkv::move disk->host"].count == 2 and spans["tierkv::move disk->host"].total_us == pytest.approx(60)
+    assert spans["tierkv::move disk->host"].gpu_idle_during_us == pytest.approx(52)
     assert spans["tierkv::wait"].gpu_idle_during_us == pytest.approx(30)
+
+
+def moves_trace() -> TraceBuilder:
+    """Two disk reads (one in two overlapping pieces on two reader threads) and one queued copy."""
+    tb = cpu_bound_trace()
+    tb.span("tierkv::move disk->host layer.0 4096B 1/2", 0, 100, tid=201)
+    tb.span("tierkv::move disk->host layer.0 100B 2/2", 50, 100, tid=202)
+    tb.span("tierkv::move disk->host layer.1 8192B", 300, 50, tid=201)
+    tb.span("tierkv::move host->device layer.0 4196B", 400, 5)
+    tb.memcpy(tb.launch(401, 2, None, "cudaMemcpyAsync"), 410, 20)
+    tb.memcpy(tb.launch(599, 2, None, "cudaMemcpyAsync"), 600, 7)     # not inside any move span
+    return tb
+
+
+def test_move_spans_summarized_per_link() -> None:
+    r = analyze_events(moves_trace().events)
+    rows = {m.link: m for m in r.moves}
+    read, copy = rows["disk->host"], rows["host->device"]
+    assert (read.moves, read.spans, read.bytes) == (2, 3, 4096 + 100 + 8192)
+    assert read.busy_us == pytest.approx(200) and read.span_us == pytest.approx(250)
+    assert read.gbps == pytest.approx((4096 + 100 + 8192) / 200e-6 / 1e9) and read.memcpy_us == 0
+    assert (copy.moves, copy.bytes, copy.memcpy_us) == (1, 4196, pytest.approx(20))
+    spans = {s.name: s.count for s in r.tierkv_spans}
+    assert spans["tierkv::move disk->host"] == 3 and spans["tierkv::move host->device"] == 1
+    assert not any(name.startswith("tierkv::move disk->host layer") for name in spans)
+    assert analyze_events(cpu_bound_trace().events).moves == []
+
+
+def test_cli_analyze_shows_the_moves_table(tmp_path: Path) -> None:
+    path = moves_trace().write(tmp_path / "m.json")
+    result = CliRunner().invoke(trace_app, ["analyze", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "moves (tierkv::move spans)" in result.stdout and "disk->host" in result.stdout
+    assert "12.10 KiB" in result.stdout and "GPU memcpy" in result.stdout
+    d = json.loads(CliRunner().invoke(trace_app, ["analyze", str(path), "--json"]).stdout)
+    assert {m["link"]: m["moves"] for m in d["moves"]} == {"disk->host": 2, "host->device": 1}
 
 
 def test_cpu_self_time_outside_ops_and_python() -> None:

@@ -130,4 +130,43 @@ def test_streaming_sweep_shows_reader_thread_disk_reads(tiny_llama: Path, tmp_pa
               device_mem=device_mem, host_mem=0, offload_dir=str(tmp_path / "offload"))
     report = json.loads((out / "report.json").read_text())["batches"][0]["report"]
     spans = {s["name"]: s for s in report["tierkv_spans"]}
-    assert spans["tierkv::disk_read"]["count"] > 0 and "tierkv::wait" in spans
+    link = "disk->device" if not CUDA else "disk->host"
+    assert spans[f"tierkv::move {link}"]["count"] > 0 and "tierkv::wait" in spans
+    moves = {m["link"]: m for m in report["moves"]}
+    assert moves[link]["moves"] > 0 and moves[link]["bytes"] > 0
+
+
+def test_trace_of_a_streamed_generation_shows_every_weight_read_with_its_bytes(tmp_path: Path) -> None:
+    """Every layer streams from disk on each forward: the trace's move spans name those reads and add
+    up to the bytes the weight source counted, give or take the prefetches still in flight at the end."""
+    from conftest import build_hf_model, save_hf_model
+
+    from tierkv.config import Policy
+    from tierkv.engine import Engine
+    from tierkv.io.convert import convert
+    from tierkv.io.store import WeightStore, layer_extent_name
+    from tierkv.pipeline.weights import StreamingWeights
+    from tierkv.trace.moves import parse_move_span
+
+    n_layers, depth, new_tokens = 3, 1, 4
+    ckpt = save_hf_model(build_hf_model("llama", num_hidden_layers=n_layers), tmp_path / "model")
+    store = WeightStore.open(convert(ckpt, tmp_path / "store"))
+    weights = StreamingWeights(store, "cpu", (), (), depth, 64 << 20, 0)
+    with Engine(ckpt, Policy(device="cpu"), weights=weights) as engine:
+        out, _ = profile_call(lambda: engine.generate([3, 17, 42, 5], max_new_tokens=new_tokens), tmp_path / "t.json")
+    counted = out.stats.weights
+    report = analyze_trace(tmp_path / "t.json")
+    (row,) = [m for m in report.moves if m.link == "disk->device"]
+    layer = store.layer(0).padded_nbytes
+    assert all(store.layer(j).padded_nbytes == layer for j in range(n_layers))
+    forwards = new_tokens                                  # prefill + (new_tokens - 1) decode steps
+    assert forwards * n_layers <= row.moves <= forwards * n_layers + depth + 1
+    assert row.bytes == row.moves * layer and row.busy_us > 0 and row.gbps > 0
+    assert counted["disk_to_device_bytes"] <= row.bytes <= counted["disk_to_device_bytes"] + (depth + 1) * layer
+    whats = {parse_move_span(e["name"]).what for e in _events(tmp_path / "t.json")
+             if e.get("name", "").startswith("tierkv::move ")}
+    assert whats == {layer_extent_name(j) for j in range(n_layers)}
+
+
+def _events(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["traceEvents"]

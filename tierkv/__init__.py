@@ -10,7 +10,7 @@ from tierkv.io.kvstore import KVStoreError
 from tierkv.io.store import StoreError
 from tierkv.io.tiers import TierFullError
 from tierkv.numerics import NonFiniteError
-from tierkv.pipeline.kv_table import KVBudgetError
+from tierkv.pipeline.kv.table import KVBudgetError
 from tierkv.plan import PlanError
 
 __all__ = ["load", "Engine", "Budget", "Policy", "ModelConfig", "GenerationResult", "GenerationStats",

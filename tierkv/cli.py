@@ -33,6 +33,7 @@ from tierkv.errors import ArgumentError, TierkvError
 from tierkv.session import Session
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.io.convert import convert as convert_store, find_cached_store
+from tierkv.pipeline.kv.sizing import kv_bytes_per_token
 from tierkv.plan import default_offload_dir, make_plan
 from tierkv.trace.cli import trace_app
 
@@ -309,7 +310,8 @@ def _chat_turn(engine: Engine, session: Session, rendered: list[int], sampling: 
 
 def _info_dict(ckpt: Checkpoint) -> dict[str, Any]:
     cfg = ckpt.config
-    elem = {"bfloat16": 2, "float16": 2, "float32": 4}.get(cfg.dtype, 4)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype, torch.float32)
+    elem = dtype.itemsize
     return {
         "path": str(ckpt.dir), "architecture": cfg.architecture, "dtype": cfg.dtype,
         "parameters": cfg.param_count(), "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
@@ -319,7 +321,7 @@ def _info_dict(ckpt: Checkpoint) -> dict[str, Any]:
         "sliding_window_tokens": next((w for w in cfg.sliding_window_tokens if w), None),
         "tied_embeddings": cfg.tie_word_embeddings,
         "bytes_per_layer": cfg.layer_param_count() * elem,
-        "kv_bytes_per_token": 2 * cfg.num_layers * cfg.kv_size * elem,
+        "kv_bytes_per_token": kv_bytes_per_token(cfg, dtype),
         "checkpoint_files": [p.name for p in ckpt.files()],
     }
 

@@ -27,7 +27,7 @@ from tierkv.config import Budget, ModelConfig, Policy, format_size, parse_size
 from tierkv.errors import ArgumentError, TierkvError
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.store import plan_layout
-from tierkv.pipeline.kv import kv_bytes_per_token, kv_device_minimum_bytes, sketch_required
+from tierkv.pipeline.kv.sizing import kv_bytes_per_token, kv_device_minimum_bytes, sketch_required
 from tierkv.pipeline.schedule import ahead
 from tierkv.probe import LinkSpeeds, probe_links
 from tierkv.model import ATTENTION_SCRATCH_BYTES, attention_pair_bytes

@@ -60,7 +60,7 @@ OWNER_LOCK = ".owner.lock"
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8,
                                torch.uint8)}
 
-ChunkId = tuple[int, int, int]  # (layer, chunk, seq); pipeline.kv_table.ChunkKey is one of these
+ChunkId = tuple[int, int, int]  # (layer, chunk, seq); pipeline.kv.table.ChunkKey is one of these
 
 
 class KVStoreError(TierkvError, RuntimeError):

@@ -4,23 +4,24 @@ Why this module exists: streaming weights is bound by the disk only if the disk 
 while the model computes. One read of a layer is split into requests of a few MiB that run on
 several threads at once (``os.preadv`` releases the GIL), with O_DIRECT where the filesystem
 allows it, so the page cache neither double-buffers nor evicts the host tier. Each ``submit``
-returns a ``ReadRecord`` (principle 2): a future-like handle that also carries bytes and start/end
-times, which the stats and the tracer read without extra code.
+returns a ``MoveRecord`` (``tierkv.io.mover``, principle 2): a pollable handle that also carries
+bytes and start/end times, and each request runs inside the record's ``tierkv::move`` profiler
+span, so the stats and the tracer see reads without extra code.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from tierkv.io.buffers import ALIGN_BYTES, aligned_host_tensor
+from tierkv.io.mover import DISK, HOST, MoveRecord
 
 DEFAULT_REQUEST_BYTES = 4 << 20
 # verify(start_in_read, view): called on the I/O thread after each request landed;
@@ -30,59 +31,6 @@ Verifier = Callable[[int, memoryview], None]
 
 class ReadError(OSError):
     """A read could not be completed (short file, I/O error); the message names the file."""
-
-
-class ReadRecord:
-    """One asynchronous read of ``nbytes`` at file ``offset`` into a destination buffer.
-
-    Poll ``done()``; ``wait()`` blocks, re-raises the first failure (read error or a verifier's
-    exception) and adds the blocked time to ``wait_s``. Times are ``time.perf_counter()`` seconds.
-    """
-
-    link = "disk->host"
-
-    def __init__(self, offset: int, nbytes: int, label: str | None) -> None:
-        self.offset = offset
-        self.nbytes = nbytes
-        self.label = label
-        self.t_submit_s = time.perf_counter()
-        self.t_start_s: float | None = None   # first request began on an I/O thread
-        self.t_end_s: float | None = None     # last request finished
-        self.wait_s = 0.0
-        self._futures: list[Future] = []
-        self._remaining = 0
-        self._lock = threading.Lock()
-
-    def _started(self) -> None:
-        with self._lock:
-            if self.t_start_s is None:
-                self.t_start_s = time.perf_counter()
-
-    def _finished(self, _: Future) -> None:
-        with self._lock:
-            self._remaining -= 1
-            if self._remaining == 0:
-                self.t_end_s = time.perf_counter()
-
-    def done(self) -> bool:
-        return all(f.done() for f in self._futures)
-
-    def wait(self) -> "ReadRecord":
-        t0 = time.perf_counter()
-        with torch.profiler.record_function("tierkv::wait"):
-            for f in self._futures:
-                f.result()
-        self.wait_s += time.perf_counter() - t0
-        return self
-
-    @property
-    def duration_s(self) -> float:
-        assert self.t_end_s is not None, "read is not finished; wait() first"
-        return self.t_end_s - (self.t_start_s or self.t_submit_s)
-
-    def __repr__(self) -> str:
-        state = "done" if self.done() else "in flight"
-        return f"ReadRecord({self.label!r}, offset={self.offset}, {self.nbytes} B, {state})"
 
 
 def open_direct(path: Path) -> int | None:
@@ -132,36 +80,37 @@ class AlignedReader:
         return os.fstat(self._fd).st_size
 
     def submit(self, offset: int, nbytes: int, dest: torch.Tensor, verify: Verifier | None = None,
-               label: str | None = None) -> ReadRecord:
+               label: str | None = None, record: MoveRecord | None = None) -> MoveRecord:
         """Start reading bytes [offset, offset + nbytes) of the file into ``dest[:nbytes]``.
 
-        ``dest`` is a contiguous uint8 CPU tensor (pinned or plain) of at least ``nbytes``.
+        ``dest`` is a contiguous uint8 CPU tensor (pinned or plain) of at least ``nbytes``. The reads
+        fill ``record`` (a mover's record of this move; default: a new disk->host record named
+        ``label``), one profiler span per request.
         """
         assert not self._closed, "reader used after close()"
         assert dest.dtype == torch.uint8 and dest.device.type == "cpu" and dest.is_contiguous()
         assert 0 <= nbytes <= dest.numel() and offset >= 0, (offset, nbytes, dest.numel())
-        record = ReadRecord(offset, nbytes, label)
+        if record is None:
+            record = MoveRecord(DISK, HOST, label or f"{self.path.name}@{offset}", nbytes)
+        assert record.nbytes == nbytes, (record, nbytes)
         view = memoryview(dest.numpy()).cast("B")[:nbytes]
         starts = list(range(0, nbytes, self.request_bytes))
-        record._remaining = len(starts)
         if not starts:
-            record.t_start_s = record.t_end_s = record.t_submit_s
-        for lo in starts:
+            record.mark_empty()
+        for part, lo in enumerate(starts, 1):
             hi = min(lo + self.request_bytes, nbytes)
             fd = self._fd_for(dest.data_ptr() + lo, offset + lo, hi - lo)
-            fut = self._pool.submit(self._request, record, fd, view[lo:hi], offset + lo, lo, verify)
-            fut.add_done_callback(record._finished)
-            record._futures.append(fut)
+            record.add_future(self._pool.submit(self._request, record, fd, view[lo:hi], offset + lo, lo, verify,
+                                                part, len(starts)))
         return record
 
     def read(self, offset: int, nbytes: int, dest: torch.Tensor, verify: Verifier | None = None) -> None:
         """Blocking ``submit(...).wait()``."""
         self.submit(offset, nbytes, dest, verify).wait()
 
-    def _request(self, record: ReadRecord, fd: int, view: memoryview, file_offset: int, start_in_read: int,
-                 verify: Verifier | None) -> None:
-        record._started()
-        with torch.profiler.record_function("tierkv::disk_read"):
+    def _request(self, record: MoveRecord, fd: int, view: memoryview, file_offset: int, start_in_read: int,
+                 verify: Verifier | None, part: int, parts: int) -> None:
+        with record.working(len(view), part, parts):
             done = 0
             while done < len(view):
                 n = os.preadv(fd, [view[done:]], file_offset + done)
@@ -170,8 +119,8 @@ class AlignedReader:
                                                f"bytes up to {file_offset + len(view)}: the file is truncated")
                 done += n
                 fd = self._fd   # after a short read the rest is unaligned: finish buffered
-        if verify is not None:
-            verify(start_in_read, view)
+            if verify is not None:
+                verify(start_in_read, view)
 
     def _fd_for(self, address: int, file_offset: int, nbytes: int) -> int:
         """The O_DIRECT descriptor when the request is fully aligned, else the buffered one."""
@@ -230,5 +179,5 @@ def measure_disk_read_gbps(path: str | Path, nbytes: int = 256 << 20, threads: i
     return size / elapsed / 1e9
 
 
-__all__ = ["AlignedReader", "DEFAULT_REQUEST_BYTES", "ReadError", "ReadRecord", "Verifier",
+__all__ = ["AlignedReader", "DEFAULT_REQUEST_BYTES", "ReadError", "Verifier",
            "evict_from_page_cache", "measure_disk_read_gbps", "open_direct"]

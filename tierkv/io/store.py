@@ -38,7 +38,8 @@ from tierkv.config import ConfigError, ModelConfig
 from tierkv.errors import TierkvError
 from tierkv.io.buffers import aligned_host_tensor, round_up
 from tierkv.io.checkpoint import resolve_dtype
-from tierkv.io.reader import DEFAULT_REQUEST_BYTES, AlignedReader, ReadRecord
+from tierkv.io.mover import MoveRecord
+from tierkv.io.reader import DEFAULT_REQUEST_BYTES, AlignedReader
 
 FORMAT_NAME = "tierkv-weight-store"
 FORMAT_VERSION = 1
@@ -288,8 +289,9 @@ class WeightStore:
         """Verify extent ``name`` held in ``buffer`` (uint8 CPU); raise StoreError on a mismatch."""
         self.verifier(name)(0, memoryview(buffer[: self.extents[name].nbytes].numpy()).cast("B"))
 
-    def read_extent(self, reader: AlignedReader, name: str, dest: torch.Tensor, verify: bool = True) -> ReadRecord:
-        """Start reading extent ``name`` (its padded size) into ``dest``.
+    def read_extent(self, reader: AlignedReader, name: str, dest: torch.Tensor, verify: bool = True,
+                    record: MoveRecord | None = None) -> MoveRecord:
+        """Start reading extent ``name`` (its padded size) into ``dest``, filling ``record`` if given.
 
         With ``verify`` each CRC block is checked on the reader thread that read it; a mismatch
         raises StoreError from ``wait()``.
@@ -298,7 +300,7 @@ class WeightStore:
         assert reader.path == self.data_path, (reader.path, self.data_path)
         assert reader.request_bytes % self.crc_block_bytes == 0, "a CRC block must not straddle two requests"
         check = self.verifier(name) if verify else None
-        return reader.submit(e.offset, e.padded_nbytes, dest, verify=check, label=name)
+        return reader.submit(e.offset, e.padded_nbytes, dest, verify=check, label=name, record=record)
 
     def open_reader(self, threads: int = 4, request_bytes: int = DEFAULT_REQUEST_BYTES,
                     direct: bool | None = None) -> AlignedReader:

@@ -6,7 +6,7 @@ the selected KV; instead attention reads them through a chunk table, like a page
 
 Pool layout: K and V are each a pool of fixed-capacity chunk slots ``(N, Hkv, S, D)``; one slot
 holds one chunk of one layer of one sequence for all KV heads, because chunks move between tiers
-as a unit (one disk extent, one copy) and the chunk table in ``pipeline.kv_table`` counts bytes per
+as a unit (one disk extent, one copy) and the chunk table in ``pipeline.kv.table`` counts bytes per
 chunk. Per-KV-head slots would let each head keep only its own chunks resident, at the price of
 Hkv times more, smaller transfers and table entries. Selection still differs per KV head: the
 table ``(B, Hkv, M)`` lists, for each sequence and KV head, the slots to read; ``counts (B, Hkv)``

@@ -29,6 +29,8 @@ from typing import Callable
 
 import torch
 
+from tierkv.model import visibility_mask
+
 __all__ = ["ChunkRule", "chunk_tokens_for_entropy", "attention_entropy", "fit_chunk_tokens"]
 
 
@@ -72,10 +74,7 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_p
     q, q_pos = q[:, :, -n_q:].float(), q_pos[:, -n_q:]                      # (B, Hq, n, D), (B, n)
     group = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(group, dim=1)                          # (B, Hq, S, D)
-    diff = q_pos[:, :, None] - k_pos[:, None, :]                            # (B, n, S)
-    visible = diff >= 0
-    if window_tokens is not None:
-        visible &= diff < window_tokens
+    visible = visibility_mask(q_pos, k_pos, window_tokens)                  # (B, n, S)
     n_visible = visible.sum(-1)                                             # (B, n)
     if int(n_visible.min()) < rule.min_keys:
         return None

@@ -12,7 +12,9 @@ into the ``prefetch / wait / release`` protocol of ``pipeline.schedule``:
   (on CUDA: pinned staging slots, then a copy into a device slot ordered by CUDA events).
 
 Every buffer is carved from a tier at construction, so memory stays within the budgets for the
-whole run; every move is a record folded into the Mover's link stats.
+whole run. Every move goes through one ``io.mover.Mover`` (disk->host and, on CPU, disk->device:
+the disk tier's reader; host->device: the machine's copier); ``stats()`` reads its
+per-link counters, and each move shows as a ``tierkv::move`` span in a profiler trace.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from tierkv.io.buffers import Slot, SlotPool
-from tierkv.io.reader import ReadRecord
+from tierkv.io.buffers import Slot, SlotPool, aligned_host_tensor
+from tierkv.io.mover import DEVICE, DISK, HOST, MoveRecord, Mover, copy_handler
 from tierkv.io.store import StoreError, WeightStore, layer_extent_name, tensors_from_buffer
-from tierkv.io.tiers import DEVICE, DISK, HOST, CopyRecord, DiskTier, MemoryTier, Mover
+from tierkv.io.tiers import DiskReadHandler, DiskTier, MemoryTier
 
 if TYPE_CHECKING:
     from tierkv.plan import Plan
@@ -38,8 +40,8 @@ class _Flight:
     layer: int
     slot: Slot                          # device ring slot (CPU: the read lands here directly)
     stage: Slot | None = None           # CUDA disk layers: pinned staging slot
-    read: ReadRecord | None = None
-    copy: CopyRecord | None = None
+    read: MoveRecord | None = None      # disk -> staging slot (CUDA) or device slot (CPU)
+    copy: MoveRecord | None = None      # host -> device slot (CUDA)
 
 
 class StreamingWeights:
@@ -67,9 +69,9 @@ class StreamingWeights:
         self.tiers = {DEVICE: MemoryTier(DEVICE, self.device, device_budget_bytes),
                       HOST: MemoryTier(HOST, "cpu", host_budget_bytes, pinned=self.cuda),
                       DISK: DiskTier(store, threads=reader_threads, direct=direct, verify=verify)}
-        self.mover = Mover(self.tiers)
+        self.mover = self._make_mover()
         self._flights: dict[int, _Flight] = {}
-        self._copies: list[tuple[CopyRecord, Slot | None]] = []     # CUDA copies not yet reaped
+        self._copies: list[tuple[MoveRecord, Slot | None]] = []     # CUDA copies not yet reaped
         self._slot_free_event: dict[int, torch.cuda.Event] = {}   # device slot -> its last reader is done
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
         streamed = [j for j, k in enumerate(self._kind) if k == "disk" or (k == "host" and self.cuda)]
@@ -91,6 +93,17 @@ class StreamingWeights:
                    plan.device_weight_budget_bytes, plan.host_weight_budget_bytes, **options)  # type: ignore[arg-type]
 
     # -- construction ------------------------------------------------------------------------
+    def _make_mover(self) -> Mover:
+        """The links weights use: disk reads into host (and, on CPU, device) RAM; host -> device copies."""
+        mover, disk = Mover(), self.tiers[DISK]
+        assert isinstance(disk, DiskTier)
+        read = DiskReadHandler(disk)
+        mover.register(DISK, HOST, read)
+        if not self.cuda:
+            mover.register(DISK, DEVICE, read)      # the device tier is RAM: reads land in it directly
+        mover.register(HOST, DEVICE, copy_handler(self.device))
+        return mover
+
     def _load_resident(self) -> None:
         """Globals and device layers into the device tier; host layers into the host tier."""
         names = [e.name for e in self.store.global_extents()]
@@ -110,13 +123,14 @@ class StreamingWeights:
     def _load_into(self, tier: str, name: str) -> dict[str, torch.Tensor]:
         """One extent into a new block of ``tier`` (CUDA device: through a temporary host buffer)."""
         extent = self.store.extents[name]
+        (block,) = self.tiers[tier].alloc([name], [extent.padded_nbytes])
         if tier == HOST or not self.cuda:
-            records = self.mover.move([name], DISK, tier)
+            self.mover.complete(self.mover.prepare(DISK, tier, [name], dests=[block]))
         else:
-            staged = self.store.read_bytes([name])[name]           # plain host memory, dropped after the copy
-            records = self.mover.move([name], HOST, DEVICE, sources=[staged])
-        self.mover.wait(records)
-        return tensors_from_buffer(extent, self.tiers[tier].get([name])[0])
+            staged = aligned_host_tensor(extent.padded_nbytes)      # plain host memory, dropped after the copy
+            self.mover.complete(self.mover.prepare(DISK, HOST, [name], dests=[staged]))
+            self.mover.complete(self.mover.prepare(HOST, DEVICE, [name], sources=[staged], dests=[block]))
+        return tensors_from_buffer(extent, block)
 
     def _make_rings(self) -> tuple[SlotPool | None, SlotPool | None]:
         streamed = [j for j, k in enumerate(self._kind) if k == "disk" or (k == "host" and self.cuda)]
@@ -169,7 +183,7 @@ class StreamingWeights:
             assert flight.copy is not None
             flight.copy.ready_on(torch.cuda.current_stream(self.device))
         elif flight.read is not None:
-            self.mover.wait([flight.read])
+            self.mover.complete([flight.read])
         return tensors_from_buffer(self.store.layer(j), flight.slot.tensor)
 
     def release(self, j: int) -> None:
@@ -185,25 +199,23 @@ class StreamingWeights:
         self.ring.release(flight.slot)
 
     # -- moves -------------------------------------------------------------------------------
-    def _read(self, name: str, dest: torch.Tensor, dst_tier: str) -> ReadRecord:
-        (record,) = self.mover.move([name], DISK, dst_tier, into=[dest])
-        assert isinstance(record, ReadRecord)
+    def _read(self, name: str, dest: torch.Tensor, dst_tier: str) -> MoveRecord:
+        (record,) = self.mover.prepare(DISK, dst_tier, [name], dests=[dest])
         return record
 
-    def _copy_to_device(self, flight: _Flight, source: torch.Tensor, stage: Slot | None) -> CopyRecord:
+    def _copy_to_device(self, flight: _Flight, source: torch.Tensor, stage: Slot | None) -> MoveRecord:
         """Copy ``source`` into the flight's device slot once the slot's last reader is done."""
         nbytes = self.store.layer(flight.layer).padded_nbytes
         free = self._slot_free_event.get(flight.slot.index)
-        (record,) = self.mover.move([layer_extent_name(flight.layer)], HOST, DEVICE, into=[flight.slot.tensor],
-                                    sources=[source[:nbytes]], after=[free] if free is not None else [])
-        assert isinstance(record, CopyRecord)
+        (record,) = self.mover.prepare(HOST, DEVICE, [layer_extent_name(flight.layer)], sources=[source[:nbytes]],
+                                       dests=[flight.slot.tensor], after=[free] if free is not None else [])
         self._copies.append((record, stage))
         return record
 
     def _start_copy(self, flight: _Flight) -> None:
         """CUDA disk layer: wait for its read, then copy the staging slot to the device slot."""
         assert flight.read is not None and flight.stage is not None and flight.copy is None
-        self.mover.wait([flight.read])
+        self.mover.complete([flight.read])
         flight.copy = self._copy_to_device(flight, flight.stage.tensor, stage=flight.stage)
         flight.stage = None                       # the copy entry hands it back when done
 
@@ -212,7 +224,7 @@ class StreamingWeights:
         keep = []
         for i, (record, stage) in enumerate(self._copies):
             if record.done() or (block_oldest and i == 0):
-                self.mover.wait([record])
+                self.mover.complete([record])
                 if stage is not None:
                     assert self.staging is not None
                     self.staging.release(stage)
@@ -249,7 +261,7 @@ class StreamingWeights:
         out["layers_host"] = float(self._kind.count("host"))
         out["layers_disk"] = float(self._kind.count("disk"))
         wait_s = 0.0
-        for link, s in self.mover.stats.summary().items():
+        for link, s in self.mover.stats().items():
             key = link.replace("->", "_to_")
             out.update({f"{key}_bytes": float(s["bytes"]), f"{key}_gbps": s["gbps"], f"{key}_busy_s": s["busy_s"],
                         f"{key}_wait_s": s["wait_s"]})

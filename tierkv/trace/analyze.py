@@ -34,7 +34,6 @@ Definitions (all times in microseconds):
 
 from __future__ import annotations
 
-import bisect
 import gzip
 import json
 import re
@@ -46,6 +45,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tierkv.errors import TierkvError
+from tierkv.trace.intervals import SpanSet, covered_length, merge_intervals, overlap_length
+from tierkv.trace.moves import MOVE_SPAN_PREFIX, MoveRow, move_rows, parse_move_span
 
 TIERKV_SPAN_PREFIX = "tierkv::"
 PHASES: tuple[str, ...] = ("prefill", "decode")
@@ -387,7 +388,7 @@ class StreamRow:
 
 @dataclass
 class SpanRow:
-    """One tierkv span name (``tierkv::disk_read`` ...): count, total time, GPU idle during it."""
+    """One tierkv span name (move spans per link: ``tierkv::move disk->host``): count, total time, GPU idle during it."""
 
     name: str
     count: int
@@ -482,6 +483,7 @@ class TraceReport:
     overall: ScopeReport
     phases: dict[str, ScopeReport]
     tierkv_spans: list[SpanRow]
+    moves: list[MoveRow]
     python: PythonMetrics | None
     python_reason: str | None
     verdict: Verdict
@@ -506,53 +508,6 @@ def round_floats(value: Any) -> Any:
     if isinstance(value, list):
         return [round_floats(v) for v in value]
     return value
-
-
-# ----------------------------------------------------------------------------------------------
-# Interval helpers
-
-
-def _merge(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Union of intervals as a sorted list of disjoint (start, end)."""
-    out: list[tuple[float, float]] = []
-    for s, e in sorted(intervals):
-        if out and s <= out[-1][1]:
-            if e > out[-1][1]:
-                out[-1] = (out[-1][0], e)
-        else:
-            out.append((s, e))
-    return out
-
-
-def _length(merged: list[tuple[float, float]]) -> float:
-    return sum(e - s for s, e in merged)
-
-
-def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
-    """Length of the intersection of two merged interval lists."""
-    i = j = 0
-    total = 0.0
-    while i < len(a) and j < len(b):
-        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        if hi > lo:
-            total += hi - lo
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return total
-
-
-class _SpanSet:
-    """Merged spans with a membership test by bisection."""
-
-    def __init__(self, merged: list[tuple[float, float]]) -> None:
-        self.merged = merged
-        self.starts = [s for s, _ in merged]
-
-    def contains(self, t: float) -> bool:
-        k = bisect.bisect_right(self.starts, t) - 1
-        return k >= 0 and t <= self.merged[k][1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -656,7 +611,7 @@ def _op_tree(ops: _Table) -> _OpTree:
             top[i] = 1
             coverage.setdefault(thread, []).append((t, ops.end(i)))
         stack.append(i)
-    return _OpTree(self_us, top, {k: _merge(v) for k, v in coverage.items()})
+    return _OpTree(self_us, top, {k: merge_intervals(v) for k, v in coverage.items()})
 
 
 def _cpu_operator_rows(col: _Collected, tree: _OpTree, ops: list[int], top_n: int) -> list[CpuOperatorRow]:
@@ -675,8 +630,8 @@ def _outside_ops(spans_by_thread: dict[int, list[tuple[float, float]]], tree: _O
     """Time inside the given spans, per thread, with no top-level operator running there."""
     total = 0.0
     for thread, spans in spans_by_thread.items():
-        merged = _merge(spans)
-        total += _length(merged) - _overlap(merged, tree.coverage.get(thread, []))
+        merged = merge_intervals(spans)
+        total += covered_length(merged) - overlap_length(merged, tree.coverage.get(thread, []))
     return total
 
 
@@ -684,7 +639,7 @@ def _main_thread_window(col: _Collected, tree: _OpTree) -> dict[int, list[tuple[
     """The busiest operator thread and its first-op-start..last-op-end window."""
     if not tree.coverage:
         return {}
-    main = max(tree.coverage, key=lambda t: (_length(tree.coverage[t]), -t))
+    main = max(tree.coverage, key=lambda t: (covered_length(tree.coverage[t]), -t))
     cov = tree.coverage[main]
     return {main: [(cov[0][0], cov[-1][1])]}
 
@@ -715,10 +670,10 @@ def _python_metrics(col: _Collected, tree: _OpTree) -> PythonMetrics | None:
         per_thread.setdefault(py.thread[i], []).append((py.ts[i], py.end(i)))
     py_time = only = 0.0
     for thread, spans in per_thread.items():
-        merged = _merge(spans)
-        length = _length(merged)
+        merged = merge_intervals(spans)
+        length = covered_length(merged)
         py_time += length
-        only += length - _overlap(merged, tree.coverage.get(thread, []))
+        only += length - overlap_length(merged, tree.coverage.get(thread, []))
     return PythonMetrics(function_event_count=len(py), python_time_us=py_time, python_only_us=only)
 
 
@@ -795,9 +750,9 @@ def _gpu_metrics(col: _Collected, links: _Links, scope: _Scope, window: tuple[fl
     launch = sum(links.launch[k] for k in linked)
     queue = sum(links.queue[k] for k in linked)
     kernel_time = sum(kt.dur[k] for k in ks)
-    busy = _merge((kt.ts[k], kt.end(k)) for k in ks)
+    busy = merge_intervals((kt.ts[k], kt.end(k)) for k in ks)
     il = window[1] - window[0] if window else None
-    busy_us = _overlap(busy, [window]) if window else _length(busy)
+    busy_us = overlap_length(busy, [window]) if window else covered_length(busy)
     idle = il - busy_us if il is not None else None
     syncs = [i for i in scope.launches if col.names[col.launches.name[i]] in _SYNC_CALLS]
     return GpuMetrics(
@@ -849,7 +804,7 @@ def _select(name: str, col: _Collected, linked: _Linked, spans: list[int] | None
         return _Scope(name, list(range(len(col.ops))), list(range(len(col.launches))),
                       list(range(len(col.kernels))), list(range(len(col.memcpys))),
                       list(range(len(col.memsets))), None)
-    inside = _SpanSet(_merge((col.notes.ts[i], col.notes.end(i)) for i in spans)).contains
+    inside = SpanSet(merge_intervals((col.notes.ts[i], col.notes.end(i)) for i in spans)).contains
     return _Scope(
         name, [i for i in range(len(col.ops)) if inside(col.ops.ts[i])],
         [i for i in range(len(col.launches)) if inside(col.launches.ts[i])],
@@ -867,19 +822,36 @@ def _scope_report(col: _Collected, linked: _Linked, tree: _OpTree, scope: _Scope
         gpu=_gpu_metrics(col, linked.kernels, scope, window, top_n) if gpu else None)
 
 
+def _span_group(name: str) -> str | None:
+    """The row a tierkv span counts in: its name, or ``tierkv::move <link>`` for a move span."""
+    if not name.startswith(TIERKV_SPAN_PREFIX):
+        return None
+    move = parse_move_span(name)
+    return name if move is None else f"{MOVE_SPAN_PREFIX}{move.link}"
+
+
 def _tierkv_spans(col: _Collected, gpu: bool) -> list[SpanRow]:
-    groups: dict[int, list[int]] = {}
+    groups: dict[str, list[int]] = {}
+    names = [_span_group(n) for n in col.names]
     for i, n in enumerate(col.notes.name):
-        if col.names[n].startswith(TIERKV_SPAN_PREFIX):
-            groups.setdefault(n, []).append(i)
-    busy = _merge((col.kernels.ts[k], col.kernels.end(k)) for k in range(len(col.kernels))) if gpu else []
+        if names[n] is not None:
+            groups.setdefault(names[n], []).append(i)
+    busy = merge_intervals((col.kernels.ts[k], col.kernels.end(k)) for k in range(len(col.kernels))) if gpu else []
     rows = []
-    for n, idx in groups.items():
-        merged = _merge((col.notes.ts[i], col.notes.end(i)) for i in idx)
-        idle = _length(merged) - _overlap(merged, busy) if gpu else None
-        rows.append(SpanRow(col.names[n], len(idx), sum(col.notes.dur[i] for i in idx), idle))
+    for name, idx in groups.items():
+        merged = merge_intervals((col.notes.ts[i], col.notes.end(i)) for i in idx)
+        idle = covered_length(merged) - overlap_length(merged, busy) if gpu else None
+        rows.append(SpanRow(name, len(idx), sum(col.notes.dur[i] for i in idx), idle))
     rows.sort(key=lambda r: (-r.total_us, r.name))
     return rows
+
+
+def _moves(col: _Collected, memcpys: _Links) -> list[MoveRow]:
+    """Per-link rows of the trace's move spans, with the GPU time of memcpys launched inside them."""
+    spans = ((col.names[n], col.notes.ts[i], col.notes.dur[i]) for i, n in enumerate(col.notes.name))
+    gpu = len(col.kernels) > 0 or len(col.memcpys) > 0
+    copies = [(t, col.memcpys.dur[k]) for k, t in enumerate(memcpys.anchor)] if gpu else None
+    return move_rows(spans, copies)
 
 
 @dataclass(frozen=True)
@@ -954,7 +926,7 @@ def analyze_events(events: Iterable[dict[str, Any]], source: str = "<events>", t
     return TraceReport(
         source=source, event_count=col.event_count, gpu_available=gpu,
         gpu_reason=None if gpu else NO_GPU_REASON, overall=overall, phases=phases,
-        tierkv_spans=_tierkv_spans(col, gpu), python=python,
+        tierkv_spans=_tierkv_spans(col, gpu), moves=_moves(col, linked.memcpys), python=python,
         python_reason=None if python else
         "trace holds no python_function events (profile with with_stack=True to get them)",
         verdict=rule.judge(overall.gpu), warnings=_warnings(col, overall))

@@ -4,8 +4,9 @@ Why this module exists: the CPU-bound to GPU-bound transition only shows across 
 ``tierkv trace run`` must generate the same workload at several batch sizes, each profiled with
 the CPU (and, when present, CUDA) activities, export each chrome trace, analyze it, and gather
 the verdicts in one report. The engine marks its own work with ``record_function`` spans
-(``tierkv::prefill``, ``tierkv::decode``, ``tierkv::disk_read`` ...); this module adds one
-``tierkv::generate`` span around each profiled call. torch is imported here only, never by the
+(``tierkv::prefill``, ``tierkv::decode``, and the movement layer's ``tierkv::move <src>-><dst> <what>
+<nbytes>B`` on the threads doing each transfer); this module adds one ``tierkv::generate`` span
+around each profiled call. torch is imported here only, never by the
 analyzer.
 """
 
@@ -120,8 +121,8 @@ def native_stderr_silenced() -> Iterator[None]:
 
 
 def _all_threads() -> dict[str, Any]:
-    """Profiler option that also records ranges on other threads: tierkv's reader threads emit
-    ``tierkv::disk_read`` there, and a streaming stall is only visible with them in the trace."""
+    """Profiler option that also records ranges on other threads: tierkv's reader and copy threads
+    emit their ``tierkv::move`` spans there, and a streaming stall is only visible with them in the trace."""
     import torch
 
     config = getattr(torch._C._profiler, "_ExperimentalConfig", None)

@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tierkv.config import format_size
 from tierkv.trace.analyze import ScopeReport, SweepSummary, TraceReport
 
 _NA = "n/a"
@@ -104,9 +105,24 @@ def _detail_tables(report: TraceReport) -> list[Table]:
     return tables
 
 
+def moves_table(report: TraceReport) -> Table:
+    """One row per link of the movement layer: moves, bytes, busy time, GB/s (and GPU memcpy time)."""
+    table = Table(title="moves (tierkv::move spans)", title_justify="left")
+    gpu = any(row.memcpy_us is not None for row in report.moves)
+    for name in ("link", "moves", "bytes", "busy", "GB/s", "span time") + (("GPU memcpy",) if gpu else ()):
+        table.add_column(name, justify="left" if name == "link" else "right", no_wrap=True)
+    for row in report.moves:
+        cells = [row.link, str(row.moves), format_size(row.bytes), fmt_us(row.busy_us),
+                 _NA if row.gbps is None else f"{row.gbps:.3g}", fmt_us(row.span_us)]
+        table.add_row(*cells, *([fmt_us(row.memcpy_us)] if gpu else []))
+    return table
+
+
 def print_trace_report(report: TraceReport, console: Console, details: bool = True) -> None:
-    """The scope table, then kernels/operators/spans, the verdict and any warnings."""
+    """The scope table, the moves per link, then kernels/operators/spans, the verdict and any warnings."""
     console.print(scope_table(report))
+    if report.moves:
+        console.print(moves_table(report))
     if details:
         for table in _detail_tables(report):
             console.print(table)

@@ -9,9 +9,12 @@ any machine and the pipeline only executes the plans it returns.
 Model:
 - A chunk is keyed by ``ChunkKey(layer, chunk, seq)``; chunks of one (seq, layer) are added in
   order (chunk ids 0, 1, 2...), the last one is the open chunk that decode appends to.
-- Each chunk sits on one tier, with its size in tokens and bytes. Per-tier byte budgets (None =
-  unbounded) are never exceeded; a chunk in flight counts on both its source and destination
-  until the move finishes.
+- Each chunk sits on one tier, with its size in tokens and bytes, and where on that tier: its
+  device slot (set while it is on the device or being fetched into it) and its host slot (set
+  while it is on the host). This table is the one record of residency; the cache's slot pool,
+  host buffers and device-side slot map follow it. Per-tier byte budgets (None = unbounded) are
+  never exceeded; a chunk in flight counts on both its source and destination until the move
+  finishes.
 - Pins count users of a chunk (a copy in flight, a kernel reading it); pinned chunks never move.
 - Eviction order on the device: least recently selected first. Never evicted: pinned chunks, the
   first ``sink_chunks`` chunks of each (seq, layer), and its recent window (the last chunks holding
@@ -20,7 +23,8 @@ Model:
 - ``plan_moves(selected)`` returns the batched moves that make ``selected`` device-resident:
   evictions first (device -> host while the host budget lasts, else device -> disk), then fetches
   (host -> device, disk -> device), as tuples of keys per (source, destination) tier pair.
-  ``begin(plan)`` pins and reserves, ``finish(plan)`` commits and unpins.
+  ``begin(moves, slots)`` pins, reserves and records the device slots fetched chunks land in;
+  ``finish(moves, host_slots)`` commits (recording the host slots evicted chunks went to) and unpins.
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ class _Chunk:
     nbytes: int
     pins: int = 0
     dest: Tier | None = None  # set while a move is in flight
+    slot: int | None = None   # device slot: on the device, or being fetched into it
+    host_slot: int | None = None  # host buffer: on the host (until a fetch from it finishes)
 
 
 def _fmt(nbytes: int | None) -> str:
@@ -149,6 +155,25 @@ class KVChunkTable:
     def in_flight(self, key: ChunkKey) -> bool:
         return self._get(key).dest is not None
 
+    def slot_of(self, key: ChunkKey) -> int | None:
+        """The device slot holding the chunk (or receiving it, while fetched); None off the device."""
+        return self._get(key).slot
+
+    def host_slot_of(self, key: ChunkKey) -> int | None:
+        """The host buffer holding the chunk; None when it is not on the host."""
+        return self._get(key).host_slot
+
+    def on_tier(self, tier: Tier) -> list[ChunkKey]:
+        """Chunks whose tier is ``tier`` (moves in flight count on their source), least recently selected first."""
+        return list(self._lru[tier])
+
+    def count(self, tier: Tier) -> int:
+        """How many chunks ``on_tier(tier)`` holds."""
+        return len(self._lru[tier])
+
+    def keys(self) -> list[ChunkKey]:
+        return list(self._chunks)
+
     def chunks(self, layer: int, seq: int = 0) -> list[ChunkKey]:
         """Keys of one (seq, layer) in chunk order."""
         return [ChunkKey(layer, c, seq) for c in self._order.get((seq, layer), [])]
@@ -204,8 +229,10 @@ class KVChunkTable:
             )
         self._used[tier] += nbytes
 
-    def add(self, key: ChunkKey, tokens: int, nbytes: int, tier: Tier = Tier.DEVICE) -> None:
-        """Register a new chunk on ``tier``; chunk ids of a (seq, layer) must come in order 0, 1, 2..."""
+    def add(self, key: ChunkKey, tokens: int, nbytes: int, tier: Tier = Tier.DEVICE, *, slot: int | None = None,
+            host_slot: int | None = None) -> None:
+        """Register a new chunk on ``tier`` (at device ``slot`` / ``host_slot`` when the cache has
+        slots); chunk ids of a (seq, layer) must come in order 0, 1, 2..."""
         if key in self._chunks:
             raise KeyError(f"KV chunk {key} already exists")
         ids = self._order.setdefault((key.seq, key.layer), [])
@@ -218,7 +245,8 @@ class KVChunkTable:
             raise ValueError(f"a chunk needs tokens >= 1 and nbytes >= 0, got {tokens}, {nbytes}")
         self._charge(tier, nbytes, f"new KV chunk {key}")
         ids.append(key.chunk)
-        self._chunks[key] = _Chunk(tier, tokens, nbytes)
+        self._chunks[key] = _Chunk(tier, tokens, nbytes, slot=slot if tier is Tier.DEVICE else None,
+                                   host_slot=host_slot if tier is Tier.HOST else None)
         self._lru[tier][key] = None
 
     def grow(self, key: ChunkKey, tokens: int, nbytes: int) -> None:
@@ -323,9 +351,10 @@ class KVChunkTable:
     def _items(self, moves: Mapping[TierPair, Iterable[ChunkKey]]) -> list[tuple[Tier, Tier, ChunkKey, _Chunk]]:
         return [(src, dst, key, self._get(key)) for (src, dst), keys in moves.items() for key in keys]
 
-    def begin(self, moves: Mapping[TierPair, Iterable[ChunkKey]]) -> None:
+    def begin(self, moves: Mapping[TierPair, Iterable[ChunkKey]], slots: Mapping[ChunkKey, int] | None = None) -> None:
         """Start moves (``plan.evict``, then after they finish ``plan.fetch``): pin each chunk and
-        reserve its bytes on the destination. Raises KVBudgetError (changing nothing) if they do not fit."""
+        reserve its bytes on the destination; a chunk moving to the device gets its device slot from
+        ``slots`` (when given). Raises KVBudgetError (changing nothing) if they do not fit."""
         items = self._items(moves)
         need = {t: 0 for t in Tier}
         for src, dst, key, chunk in items:
@@ -341,9 +370,13 @@ class KVChunkTable:
         for src, dst, key, chunk in items:
             chunk.dest, chunk.pins = dst, chunk.pins + 1
             self._used[dst] += chunk.nbytes
+            if dst is Tier.DEVICE and slots is not None:
+                chunk.slot = slots[key]
 
-    def finish(self, moves: Mapping[TierPair, Iterable[ChunkKey]]) -> None:
-        """Commit moves whose copies completed: the chunk now lives on its destination only."""
+    def finish(self, moves: Mapping[TierPair, Iterable[ChunkKey]],
+               host_slots: Mapping[ChunkKey, int] | None = None) -> None:
+        """Commit moves whose copies completed: the chunk now lives on its destination only (a chunk
+        that reached the host is in its buffer ``host_slots[key]``, when given)."""
         for src, dst, key, chunk in self._items(moves):
             assert chunk.tier is src and chunk.dest is dst, f"KV chunk {key} was not moving {src.value} -> {dst.value}"
             assert chunk.pins > 0
@@ -351,6 +384,12 @@ class KVChunkTable:
             del self._lru[src][key]
             self._lru[dst][key] = None
             chunk.tier, chunk.dest, chunk.pins = dst, None, chunk.pins - 1
+            if src is Tier.DEVICE:
+                chunk.slot = None
+            if src is Tier.HOST:
+                chunk.host_slot = None
+            if dst is Tier.HOST and host_slots is not None:
+                chunk.host_slot = host_slots[key]
 
     def abort(self, moves: Mapping[TierPair, Iterable[ChunkKey]]) -> None:
         """Cancel moves that were begun but will not complete: release reservations and pins."""
@@ -358,3 +397,5 @@ class KVChunkTable:
             assert chunk.tier is src and chunk.dest is dst, f"KV chunk {key} was not moving {src.value} -> {dst.value}"
             self._used[dst] -= chunk.nbytes
             chunk.dest, chunk.pins = None, chunk.pins - 1
+            if dst is Tier.DEVICE:
+                chunk.slot = None

@@ -1,0 +1,209 @@
+"""Moving a tiered cache's chunks between device slots, host buffers and disk segments.
+
+Why this module exists: every change of a chunk's tier goes through here, as the chunk table's
+begin/finish (or abort) around the copy, so the table stays the one record of residency: evictions
+(device -> host while its budget lasts, then disk), fetches (host/disk -> device slots, on the
+worker threads), and the write-behind of closed chunks to disk that makes later evictions free.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from typing import Mapping, Sequence
+
+import torch
+
+from tierkv.io.kvstore import KVChunk
+from tierkv.pipeline.kv.layer import Fetch, LayerKV, Write
+from tierkv.pipeline.kv.state import CacheState
+from tierkv.pipeline.kv.table import ChunkKey, KVBudgetError, Tier
+from tierkv.pipeline.kv.workers import STREAM_THREADS
+
+__all__ = ["chunk_record", "evict", "eviction_moves", "finish_fetch", "make_room", "poll_fetches", "poll_writes",
+           "start_fetches", "submit_load", "write_behind"]
+
+DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
+TierPair = tuple[Tier, Tier]
+
+
+def make_room(st: CacheState, kv: LayerKV, n_slots: int) -> None:
+    """Free ``n_slots`` resident slots by evicting least recently selected unprotected chunks."""
+    while len(kv.free) < n_slots:
+        victims = kv.table.eviction_order(DEVICE)[:n_slots - len(kv.free)]
+        if victims:
+            evict(st, kv, eviction_moves(st, kv, victims))
+        elif kv.fetching:
+            poll_fetches(kv, wait=True)
+        else:
+            raise KVBudgetError(f"layer {kv.layer}: every resident KV chunk is a sink or recent chunk; "
+                                "raise --device-mem or use smaller chunk_tokens")
+
+
+def eviction_moves(st: CacheState, kv: LayerKV, victims: Sequence[ChunkKey]) -> dict[TierPair, list[ChunkKey]]:
+    """Destinations for evicted chunks: the host while its budget lasts, then disk."""
+    room = kv.table.free_bytes(HOST)
+    moves: dict[TierPair, list[ChunkKey]] = {}
+    for key in victims:
+        dst = HOST if room >= kv.geo.slot_bytes else DISK
+        if dst is DISK and st.store is None:
+            raise KVBudgetError("the host KV budget is full and there is no offload dir; give --offload-dir "
+                                "or raise --host-mem")
+        room -= kv.geo.slot_bytes if dst is HOST else 0
+        moves.setdefault((DEVICE, dst), []).append(key)
+    return moves
+
+
+def evict(st: CacheState, kv: LayerKV, moves: Mapping[TierPair, Sequence[ChunkKey]]) -> None:
+    """Run device -> host/disk moves now. Disk needs the chunk persisted (normally written behind
+    already); if the write fails nothing has moved."""
+    for (src, dst), keys in moves.items():
+        assert src is DEVICE, f"only device chunks are evicted, not {src.value}"
+        if dst is DISK:
+            assert st.store is not None
+            if any(key in w.keys for w in kv.writing for key in keys):
+                poll_writes(st, wait=True)
+            write_now(st, kv, [key for key in keys if key not in st.store])
+        slots = [kv.slot_of(key) for key in keys]
+        kv.table.begin({(src, dst): keys})
+        host_slots = {key: kv.host_put(slot) for key, slot in zip(keys, slots)} if dst is HOST else None
+        kv.table.finish({(src, dst): keys}, host_slots)
+        kv.free.extend(slots)
+        kv.slot_map[[k.seq for k in keys], [k.chunk for k in keys]] = -1
+        st.c.evicted_chunks += len(keys)
+
+
+def chunk_record(kv: LayerKV, key: ChunkKey, snapshot: bool) -> KVChunk:
+    """A resident chunk as a store record; ``snapshot`` copies it to host memory first."""
+    slot = kv.slot_of(key)
+    assert slot is not None, f"{key} is not resident"
+    tensors = (kv.k_pool[slot], kv.v_pool[slot], kv.kmin[key.seq, :, key.chunk], kv.kmax[key.seq, :, key.chunk])
+    if snapshot:
+        tensors = tuple(t.to("cpu", copy=True) for t in tensors)
+    return KVChunk(kv.layer, key.chunk, key.seq, key.chunk * kv.geo.chunk_tokens, *tensors)
+
+
+def write_now(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey]) -> None:
+    if keys:
+        assert st.store is not None
+        st.store.append([chunk_record(kv, key, snapshot=False) for key in keys])
+        st.c.disk_write_bytes += len(keys) * kv.geo.slot_bytes
+
+
+def write_behind(st: CacheState, kv: LayerKV, chunk: int) -> None:
+    """Persist a just-closed chunk from a host snapshot on the writer thread, if the KV may spill.
+
+    The chunk itself stays free to move; evicting it to disk waits for this write first.
+    """
+    if st.store is None or not kv.geo.spill_expected or chunk < st.shape.sink_chunks:
+        return
+    keys = tuple(kv.key(chunk, b) for b in range(st.batch))
+    _make_write_room(st, len(keys) * kv.geo.slot_bytes)
+    records = [chunk_record(kv, key, snapshot=True) for key in keys]
+    store = st.store
+    future = st.workers.submit("write", lambda: store.append(records))
+    kv.writing.append(Write(keys, future, len(keys) * kv.geo.slot_bytes))
+
+
+def _make_write_room(st: CacheState, nbytes: int) -> None:
+    """Keep the snapshots waiting for the writer within ``st.write_behind_bytes`` (one write may be
+    larger alone): when the disk is slower than the layers close chunks, wait for earlier writes
+    instead of piling up host copies outside every budget."""
+    poll_writes(st, wait=False)
+    pending = [w for kv in st.live_layers() for w in kv.writing]
+    queued = sum(w.nbytes for w in pending)
+    for w in pending:                       # in each layer's submission order; any order frees room
+        if queued + nbytes <= st.write_behind_bytes:
+            break
+        wait_futures([w.future])
+        queued -= w.nbytes
+    poll_writes(st, wait=False)
+
+
+def poll_writes(st: CacheState, wait: bool) -> None:
+    """Retire finished write-behinds; after a failure wait for all and raise it (chunks stay put)."""
+    pending = [(kv, w) for kv in st.live_layers() for w in kv.writing]
+    wait = wait or any(w.future.done() and w.future.exception() is not None for _, w in pending)
+    error: BaseException | None = None
+    for kv, w in pending:
+        if not wait and not w.future.done():
+            continue
+        exc = w.future.exception()
+        kv.writing.remove(w)
+        if exc is None:
+            st.c.disk_write_bytes += w.nbytes
+        error = error or exc
+    if error is not None:
+        raise error
+
+
+def start_fetches(st: CacheState, kv: LayerKV, fetch: Mapping[TierPair, Sequence[ChunkKey]]) -> list[Fetch]:
+    """Begin host/disk -> device moves into free resident slots: host copies on the reader thread,
+    disk reads split over the stream threads (parallel reads keep more of the disk busy)."""
+    started = []
+    for pair, all_keys in fetch.items():
+        parts = max(1, min(STREAM_THREADS, len(all_keys))) if pair[0] is DISK else 1
+        for t in range(parts):
+            keys = tuple(all_keys[t::parts])
+            assert len(kv.free) >= len(keys), "the chunk table and the free slots disagree"
+            slots = tuple(kv.free[len(kv.free) - len(keys):][::-1])
+            kv.table.begin({pair: keys}, dict(zip(keys, slots)))
+            del kv.free[len(kv.free) - len(keys):]
+            future = submit_load(st, kv, keys, slots, "stream" if pair[0] is DISK else "read")
+            record = Fetch(pair, keys, slots, future)
+            for key in keys:
+                kv.fetching[key] = record
+            started.append(record)
+    return started
+
+
+def finish_fetch(kv: LayerKV, f: Fetch) -> None:
+    """Commit a finished fetch (waiting for it); on failure undo it and raise."""
+    exc = f.future.exception()
+    for key in f.keys:
+        del kv.fetching[key]
+    if exc is not None:
+        kv.table.abort({f.pair: f.keys})
+        kv.free.extend(f.slots)
+        raise exc
+    freed = [kv.table.host_slot_of(key) for key in f.keys] if f.pair[0] is HOST else []
+    kv.table.finish({f.pair: f.keys})
+    kv.host_free.extend(freed)   # type: ignore[arg-type]  # host chunks always have a host slot
+    kv.slot_map[[k.seq for k in f.keys], [k.chunk for k in f.keys]] = torch.tensor(
+        f.slots, dtype=torch.int32, device=kv.slot_map.device)
+
+
+def poll_fetches(kv: LayerKV, wait: bool, keys: Sequence[ChunkKey] | None = None) -> None:
+    """Commit finished fetches of a layer (all, or those of ``keys``, waiting when asked)."""
+    chosen = kv.fetching.values() if keys is None else [kv.fetching[k] for k in keys if k in kv.fetching]
+    for f in list({id(f): f for f in chosen}.values()):
+        if wait or f.future.done():
+            finish_fetch(kv, f)
+
+
+def submit_load(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey], slots: Sequence[int],
+                pool: str = "read") -> Future:
+    """Copy chunks from the host or disk into device slots on a ``pool`` thread; sets slot lengths."""
+    tokens = [kv.table.tokens_of(key) for key in keys]
+    kv.slot_lens[list(slots)] = torch.tensor(tokens, dtype=torch.int32, device=st.device)
+    host = [(slot, kv.host_buf(key)) for key, slot in zip(keys, slots) if kv.table.tier_of(key) is HOST]
+    disk = [(slot, key) for key, slot in zip(keys, slots) if kv.table.tier_of(key) is DISK]
+    assert len(host) + len(disk) == len(keys), "only host and disk chunks are loaded"
+    st.c.host_read_bytes += len(host) * kv.geo.slot_bytes
+    st.c.disk_read_bytes += len(disk) * kv.geo.slot_bytes
+    if st.decoding:
+        st.c.decode_read_bytes += len(keys) * kv.geo.slot_bytes
+    store = st.store
+
+    def job() -> None:
+        for slot, buf in host:                  # host chunk buffers (2, Hkv, S, D) -> device slots
+            kv.k_pool[slot].copy_(buf[0], non_blocking=True)
+            kv.v_pool[slot].copy_(buf[1], non_blocking=True)
+        if disk:                                # records read back (checksums verified) -> device slots
+            assert store is not None, "disk chunks without a store"
+            for (slot, _), chunk in zip(disk, store.read([key for _, key in disk])):
+                n = chunk.n_tokens
+                kv.k_pool[slot, :, :n].copy_(chunk.k)
+                kv.v_pool[slot, :, :n].copy_(chunk.v)
+
+    return st.workers.submit(pool, job)

@@ -1,0 +1,188 @@
+"""KV cache sizes as pure functions of the model shape, the policy and a capacity.
+
+Why this module exists: the planner, the CLI, the engine (one allotment per sequence) and the
+caches themselves must agree on how many bytes a KV cache takes. Every such number is computed
+here, from numbers only (no tensors are allocated), so there is one home for "bytes per token",
+"fewest device bytes that work" and "most device / host bytes a cache would take".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tierkv.config import ModelConfig, Policy
+from tierkv.io.buffers import ARENA_BYTES, round_up
+from tierkv.kernels.sketch import sketch_bytes_per_token
+from tierkv.pipeline.chunking import ChunkRule
+
+__all__ = ["SCRATCH_SLOTS_PER_SEQ", "chunk_size_candidates", "dense_fits", "element_bytes", "keeps_sketch",
+           "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
+           "kv_host_want_bytes", "layer_device_bytes", "layer_index_bytes", "layer_minimum_bytes", "max_kv_batch",
+           "min_chunk_slots", "sketch_required", "slot_bytes"]
+
+SCRATCH_SLOTS_PER_SEQ = 2        # at least one streamed chunk per sequence in each half of the double buffer
+
+
+def element_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of K and V that one token of one sequence takes over all layers."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * element_bytes(dtype)
+
+
+def slot_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk_tokens: int) -> int:
+    """K + V of one chunk of one sequence in one layer (a device slot, a host buffer, a disk record)."""
+    return 2 * cfg.num_kv_heads * chunk_tokens * cfg.head_dim * element_bytes(dtype)
+
+
+def keeps_sketch(policy: Policy, device: torch.device) -> bool:
+    """Whether a tiered cache under ``policy`` keeps 2-bit key codes (only sparse selection reads them).
+
+    Default (``policy.kv_sketch`` None): on CUDA, where scoring the codes reads 1/8 of the bytes of
+    K and is a small part of a step; off on the CPU, where the same pass is as many multiply-adds
+    as q.K over the context (measured 0.65-1.13x dense decode attention) and would cancel the
+    sparse step's saving.
+    """
+    if policy.kv == "exact":
+        return False
+    return policy.kv_sketch if policy.kv_sketch is not None else device.type == "cuda"
+
+
+def sketch_required(policy: Policy) -> bool:
+    """Whether the user asked for key codes (``kv_sketch=True`` outside exact mode): the planner then
+    keeps device room for them at the model's full context. The default keeps them only where they fit."""
+    return policy.kv != "exact" and policy.kv_sketch is True
+
+
+def layer_index_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capacity_tokens: int, chunk_tokens: int,
+                      sketch: bool) -> int:
+    """Device bytes of one layer's chunk index for a context: abstracts (min/max key per chunk) and,
+    with ``sketch``, the 2-bit key codes (``kernels.sketch``). Always resident, beside the slot pool."""
+    chunks = -(-capacity_tokens // chunk_tokens)
+    per_chunk = 2 * cfg.num_kv_heads * cfg.head_dim * element_bytes(dtype)
+    if sketch:
+        per_chunk += cfg.num_kv_heads * chunk_tokens * sketch_bytes_per_token(cfg.head_dim)
+    return batch * chunks * per_chunk
+
+
+def layer_device_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capacity_tokens: int, chunk_tokens: int,
+                       slots: int, sketch: bool) -> int:
+    """Every device byte one layer of a tiered cache allocates with ``slots`` slots (resident + scratch):
+    the slot pool, the chunk index, and the int32 tables beside them (slot lengths, slot map, chunk sizes)."""
+    chunks = -(-capacity_tokens // chunk_tokens)
+    pool = slots * (slot_bytes(cfg, dtype, chunk_tokens) + 4)
+    tables = 4 * batch * chunks + 4 * chunks
+    return pool + tables + layer_index_bytes(cfg, dtype, batch, capacity_tokens, chunk_tokens, sketch)
+
+
+def min_chunk_slots(batch: int, sink_chunks: int = 1) -> int:
+    """Fewest device slots per layer a tiered cache works with: per sequence its sink chunks, two
+    recent chunks and a new one resident, plus the scratch slots streamed chunks pass through."""
+    return batch * (sink_chunks + 3 + SCRATCH_SLOTS_PER_SEQ)
+
+
+def chunk_size_candidates(policy: Policy, rule: ChunkRule = ChunkRule()) -> tuple[int, ...]:
+    """Every chunk size a tiered cache under ``policy`` may choose (before capping at its capacity)."""
+    if policy.chunk_tokens is not None:
+        return (policy.chunk_tokens,)
+    sizes, size = [], rule.min_chunk_tokens
+    while size <= rule.max_chunk_tokens:
+        sizes.append(size)
+        size *= 2
+    return tuple(sizes)
+
+
+def layer_minimum_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capacity_tokens: int, chunk_tokens: int,
+                        sketch: bool, sink_chunks: int = 1) -> int:
+    """Fewest device bytes one layer of a tiered cache with chunks of ``chunk_tokens`` works with:
+    the chunk index for the whole capacity beside the minimum of slots (or every chunk, if fewer)."""
+    chunks = batch * -(-capacity_tokens // chunk_tokens)
+    index = layer_index_bytes(cfg, dtype, batch, capacity_tokens, chunk_tokens, sketch)
+    return index + slot_bytes(cfg, dtype, chunk_tokens) * min(min_chunk_slots(batch, sink_chunks), chunks)
+
+
+def kv_device_minimum_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, batch: int, capacity_tokens: int,
+                            sketch: bool, rule: ChunkRule = ChunkRule(), sink_chunks: int = 1) -> int:
+    """Fewest device KV bytes (all layers) with which a ``TieredKVCache`` of ``batch`` x
+    ``capacity_tokens`` runs: at the best chunk size, the per-chunk index (abstracts, and key codes
+    with ``sketch``) for the whole capacity plus the fewest slots; the rest spills to host and disk.
+    Never decreases with the capacity, so the minimum at the model's full context covers any prompt."""
+    per_layer = min(layer_minimum_bytes(cfg, dtype, batch, capacity_tokens, min(size, capacity_tokens), sketch,
+                                        sink_chunks)
+                    for size in chunk_size_candidates(policy, rule))
+    return cfg.num_layers * per_layer
+
+
+def kv_budget_tokens(kv_budget: float | int, context_tokens: int) -> int:
+    """Tokens a sparse step attends to: a float <= 1 is a fraction of the context, anything else a count."""
+    if isinstance(kv_budget, float) and kv_budget <= 1.0:
+        return max(1, math.ceil(kv_budget * context_tokens))
+    return int(kv_budget)
+
+
+def dense_fits(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: int, dtype: torch.dtype,
+               kv_device_bytes: int | None) -> bool:
+    """Whether ``make_kv_cache`` builds the resident cache: every step exact and all KV in the room."""
+    sparse_possible = policy.kv == "sparse" or (policy.kv == "auto" and capacity_tokens > policy.kv_exact_max_tokens)
+    need = kv_bytes_per_token(cfg, dtype) * batch * capacity_tokens
+    return not sparse_possible and (kv_device_bytes is None or need <= kv_device_bytes)
+
+
+def max_kv_batch(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: int, dtype: torch.dtype,
+                 kv_device_bytes: int | None) -> int:
+    """Most sequences (<= ``batch``, at least 1) of ``capacity_tokens`` whose KV cache ``make_kv_cache``
+    builds in the device room: resident, or tiered at or above ``kv_device_minimum_bytes`` (key codes
+    are dropped before a tiered cache refuses, so they are not counted)."""
+    if kv_device_bytes is None:
+        return batch
+    for b in range(batch, 1, -1):
+        if dense_fits(cfg, policy, b, capacity_tokens, dtype, kv_device_bytes) or \
+                kv_device_minimum_bytes(cfg, policy, dtype, b, capacity_tokens, sketch=False) <= kv_device_bytes:
+            return b
+    return 1
+
+
+def _tiered_sizes(policy: Policy, capacity_tokens: int, rule: ChunkRule) -> list[int]:
+    return sorted({min(size, capacity_tokens) for size in chunk_size_candidates(policy, rule)})
+
+
+def kv_device_want_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, capacity_tokens: int,
+                         batch: int = 1, *, device: torch.device | str | None = None,
+                         rule: ChunkRule = ChunkRule()) -> int:
+    """The most device bytes ``make_kv_cache`` allocates for ``batch`` x ``capacity_tokens`` with an
+    unbounded device budget: the dense K/V when it builds the resident cache, else (all layers) the
+    tiered chunk index with every chunk's slot resident, at the chunk size that costs the most.
+
+    ``device`` decides whether key codes are kept (``keeps_sketch``); None counts them whenever the
+    policy may keep them (the most). A device allotment of this many bytes never spills.
+    """
+    if dense_fits(cfg, policy, batch, capacity_tokens, dtype, None):
+        return kv_bytes_per_token(cfg, dtype) * batch * capacity_tokens
+    if device is None:
+        sketch = policy.kv != "exact" and policy.kv_sketch is not False
+    else:
+        sketch = keeps_sketch(policy, torch.device(device))
+    per_layer = max(layer_device_bytes(cfg, dtype, batch, capacity_tokens, size,
+                                       batch * -(-capacity_tokens // size), sketch)
+                    for size in _tiered_sizes(policy, capacity_tokens, rule))
+    return cfg.num_layers * per_layer
+
+
+def kv_host_want_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, capacity_tokens: int,
+                       batch: int = 1, *, rule: ChunkRule = ChunkRule()) -> int:
+    """Host bytes (all layers) a tiered cache of ``batch`` x ``capacity_tokens`` allocates if every
+    chunk lives on the host, at the chunk size that costs the most: whole chunks in page-rounded
+    arenas (``io.buffers.ChunkArenas``). A host allotment of this many bytes holds every chunk."""
+    per_layer = 0
+    for size in _tiered_sizes(policy, capacity_tokens, rule):
+        chunk = slot_bytes(cfg, dtype, size)
+        chunks = batch * -(-capacity_tokens // size)
+        per_arena = max(1, ARENA_BYTES // chunk)
+        full, last = divmod(chunks, per_arena)
+        arenas = full * round_up(per_arena * chunk) + (round_up(last * chunk) if last else 0)
+        per_layer = max(per_layer, arenas)
+    return cfg.num_layers * per_layer

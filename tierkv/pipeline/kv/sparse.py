@@ -1,0 +1,139 @@
+"""Decode attention: sparse (importance-selected chunks) or exact, for one new token per sequence.
+
+Why this module exists: a sparse decode step scores every chunk's abstract (and key codes, when
+kept) against the query on the device, selects chunks within ``kv_budget`` tokens plus the sink
+and recent chunks, makes the selection resident (evicting others) and runs the slot-pool attention
+kernel through a chunk table. Scoring and selection never synchronise with the host; reading the
+selection back to fetch misses does, once per layer, and only when a chunk is off the device. A
+selection the slots cannot hold goes to ``overflow``; exact decode reads every chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+
+from tierkv.kernels import KeySketch, Selection, chunk_scores, select_chunks, sparse_decode_attention
+from tierkv.pipeline.kv.layer import LayerKV
+from tierkv.pipeline.kv.moves import evict, finish_fetch, poll_fetches, start_fetches
+from tierkv.pipeline.kv.overflow import decode_overflow
+from tierkv.pipeline.kv.sizing import kv_budget_tokens
+from tierkv.pipeline.kv.speculate import count_speculation
+from tierkv.pipeline.kv.state import CacheState
+from tierkv.pipeline.kv.streamed import attend_streamed, drain_prefetch
+from tierkv.pipeline.kv.table import ChunkKey, KVBudgetError
+
+__all__ = ["decode", "head_words", "join_words", "select"]
+
+HEAD_WORD_BITS = 63             # KV heads per int64 word of a chunk's "which heads picked it" bitmask
+
+
+def join_words(words: Sequence[int]) -> int:
+    """63-bit words (low word first) -> one Python int: bit h set = KV head h picked the chunk."""
+    return sum(int(w) << (HEAD_WORD_BITS * i) for i, w in enumerate(words))
+
+
+def decode(st: CacheState, kv: LayerKV, q: torch.Tensor, positions: torch.Tensor,
+           window_tokens: int | None) -> torch.Tensor:
+    """One new token per sequence, already appended: sparse, or exact over every chunk."""
+    if window_tokens is None and st.sparse_now():
+        st.c.sparse_layer_steps += 1
+        return _decode_sparse(st, kv, q)
+    st.c.exact_layer_steps += 1
+    if window_tokens is None and kv.all_resident() and kv.prefetched is None:
+        c, h = kv.n_chunks, st.kv_heads
+        ids = torch.arange(c, dtype=torch.int32, device=st.device).expand(st.batch, h, c)
+        counts = torch.full((st.batch, h), c, dtype=torch.int32, device=st.device)
+        return _kernel(kv, q, ids, counts)
+    return attend_streamed(st, kv, q, positions, kv.tokens - 1, window_tokens)
+
+
+def _decode_sparse(st: CacheState, kv: LayerKV, q: torch.Tensor) -> torch.Tensor:
+    """Score chunks, select within the token budget, make the selection resident, attend.
+
+    A slot holds a chunk for every KV head, so what must be on the device is the union of the
+    KV heads' selections; when it does not fit the resident slots the step overflows
+    (``overflow.decode_overflow``: as much as fits becomes resident, the rest streams).
+    """
+    drain_prefetch(kv)
+    sel = select(st, kv, q[:, :, 0])
+    union = sel.mask.any(1)                                                       # (B, C)
+    st.union_tokens += (union * kv.chunk_sizes[:kv.n_chunks]).sum()
+    if kv.all_resident():
+        kv.prev_needed = []
+        return _kernel(kv, q, sel.ids, sel.counts)
+    words = head_words(sel.mask)                                                  # (B, W, C)
+    idx = union.nonzero()
+    rows = torch.cat([idx, words[idx[:, 0], :, idx[:, 1]]], 1).tolist()          # the one host sync
+    picked = {kv.key(c, b): join_words(ws) for b, c, *ws in rows}
+    needed = list(picked)
+    kv.prev_needed = needed
+    st.hint = (kv.geo.chunk_tokens, needed)
+    count_speculation(st, kv, needed)
+    if len(needed) <= kv.geo.resident_slots and _make_resident(st, kv, needed):
+        return _kernel(kv, q, sel.ids, sel.counts)
+    return decode_overflow(st, kv, q, picked)
+
+
+def head_words(mask: torch.Tensor) -> torch.Tensor:
+    """mask (B, Hkv, C) bool -> (B, W, C) int64: bit j of word w set = KV head 63*w + j picked the chunk.
+
+    Words of 63 bits, so any head count fits without int64 overflow (2**63 does not fit int64).
+    """
+    b, h, c = mask.shape
+    n_words = -(-h // HEAD_WORD_BITS)
+    padded = mask.new_zeros((b, n_words * HEAD_WORD_BITS, c))
+    padded[:, :h] = mask
+    bits = 2 ** torch.arange(HEAD_WORD_BITS, device=mask.device)                  # (63,) int64
+    return (padded.view(b, n_words, HEAD_WORD_BITS, c) * bits[:, None]).sum(2)
+
+
+def select(st: CacheState, kv: LayerKV, q0: torch.Tensor) -> Selection:
+    """Importance selection on the device: q0 (B, Hq, D) -> Selection over the layer's chunks."""
+    c = kv.n_chunks
+    t0 = time.perf_counter()
+    sketch = None if kv.codes is None else KeySketch(kv.codes, kv.chunk_sizes[:c], kv.n_coded)
+    scores = chunk_scores(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch=sketch)  # (B, Hkv, C)
+    budget = kv_budget_tokens(st.policy.kv_budget, kv.tokens)
+    sink = st.shape.sink_chunks
+    sel = select_chunks(scores, kv.chunk_sizes[:c], budget_tokens=budget, sink_chunks=sink,
+                        recent_tokens=kv.geo.chunk_tokens)
+    st.c.estimator_s += time.perf_counter() - t0
+    st.selected_tokens += (sel.mask * kv.chunk_sizes[:c]).sum()
+    st.c.selectable_tokens += st.batch * st.kv_heads * kv.tokens
+    # Trim the id table (B, Hkv, C) to the most chunks a selection can hold, without a host sync:
+    # every chunk but the open last one holds S tokens, so the budget admits at most budget // S
+    # unforced chunks, beside the sinks and at most two recent chunks. The attention kernel's
+    # cost grows with the table's width (the torch reference gathers all of it), not the counts.
+    width = min(c, sink + 2 + budget // kv.geo.chunk_tokens)
+    assert st.device.type != "cpu" or int(sel.counts.max()) <= width, "selection wider than its bound"
+    return sel._replace(ids=sel.ids[..., :width])
+
+
+def _kernel(kv: LayerKV, q: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Decode attention through the slot pool: ids (B, Hkv, M) chunk ids -> (B, Hq, 1, D)."""
+    b, h, m = ids.shape
+    table = kv.slot_map.gather(1, ids.clamp(min=0).long().reshape(b, h * m)).view(b, h, m)   # slot ids
+    return sparse_decode_attention(q[:, :, 0], kv.k_pool, kv.v_pool, table, counts, kv.slot_lens).unsqueeze(2)
+
+
+def _make_resident(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey]) -> bool:
+    """Move ``keys`` to the device (evicting others); False when they do not fit together."""
+    poll_fetches(kv, wait=True, keys=keys)
+    plan = None
+    for _ in range(2):
+        try:
+            plan = kv.table.plan_moves(keys)
+            break
+        except KVBudgetError:
+            if not kv.fetching:
+                return False
+            poll_fetches(kv, wait=True)   # speculative fetches hold slots: let them land
+    if plan is None:
+        return False
+    evict(st, kv, plan.evict)
+    for f in start_fetches(st, kv, plan.fetch):
+        finish_fetch(kv, f)
+    return True
