@@ -28,7 +28,7 @@ import torch
 from tierkv.generation import GenerationResult, GenerationStats, Piece, SequenceOutput
 from tierkv.kvroom import KVRoom
 from tierkv.numerics import non_finite_error
-from tierkv.pipeline.kv_table import KVBudgetError
+from tierkv.pipeline.kv import KVBudgetError
 from tierkv.runner import Feed, Runner
 from tierkv.sampling import SamplingParams, pick
 from tierkv.scheduler import Row, Scheduler, StepPlan

@@ -48,10 +48,10 @@ class KVRoom:
     # -- sizes (the scheduler's KVSizer) -------------------------------------------------------
     def minimum_bytes(self, capacity_tokens: int) -> int:
         tiered = kv.kv_device_minimum_bytes(self.cfg, self.policy, self.dtype, 1, capacity_tokens, sketch=False)
-        return min(tiered, kv.kv_device_want_bytes(self.cfg, self.policy, self.dtype, capacity_tokens))
+        return min(tiered, kv.kv_device_want_bytes(self.cfg, self.policy, self.dtype, capacity_tokens, device=self.device))
 
     def want_bytes(self, capacity_tokens: int) -> int:
-        return kv.kv_device_want_bytes(self.cfg, self.policy, self.dtype, capacity_tokens)
+        return kv.kv_device_want_bytes(self.cfg, self.policy, self.dtype, capacity_tokens, device=self.device)
 
     def host_bytes(self, tokens: int) -> int:
         return self._per_token * tokens
