@@ -595,7 +595,7 @@ def test_a_batch_of_long_prompts_prefills_in_pieces_within_the_activation_reserv
         out = eng.generate(prompts, max_new_tokens=3)
         limits, _ = step_limits(cfg, eng.dtype, eng.policy, plan, 512, plan.attention_scratch_bytes)
     assert [o.token_ids for o in out] == solo
-    assert all(o.stats.batch_size == 4 for o in out)                 # they decoded together
+    assert all(o.stats.batch_size >= 2 for o in out)    # each shared steps: its decode beside another's piece
     assert sorted(n for rows in steps for n in rows if n > 1) == [176] * 4 + [512] * 8   # whole pieces only
     assert all(sum(rows) <= limits.token_budget for rows in steps)
     context = min(4096, cfg.max_position_embeddings)

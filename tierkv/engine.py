@@ -27,7 +27,7 @@ from tierkv.io.progress import ProgressFn
 from tierkv.kvroom import KVRoom
 from tierkv.loader import open_weight_source
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource
-from tierkv.plan import DEFAULT_CONTEXT_TOKENS, Plan, activation_bytes, prefill_sizes
+from tierkv.plan import DEFAULT_CONTEXT_TOKENS, Plan, activation_bytes, prefill_sizes, step_rows
 from tierkv.runner import Runner
 from tierkv.sampling import SamplingParams
 from tierkv.scheduler import Limits, Scheduler
@@ -243,7 +243,9 @@ class Engine:
         """A conversation whose KV stays between turns: each turn prefills only its new tokens."""
         self._check_open()
         with self._core.held() as core:
-            return Session(self, Seq(core.new_id(), session=True))
+            seq = Seq(core.new_id(), session=True)
+            core.seqs[seq.seq_id] = seq          # counted in kv_stats() from now; no KV until its first turn
+            return Session(self, seq)
 
     def restore_session(self, path: str | Path) -> Session:
         """A session saved with ``Session.save``; refused (SessionError) if the file is truncated,
@@ -301,25 +303,24 @@ def step_limits(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, plan: Plan
                 scratch: int) -> tuple[Limits, int]:
     """(the scheduler's limits, LM-head rows per block when scoring) within the plan's activation reserve.
 
-    The planner reserves one prefill piece's activations for one sequence (``plan.activation_bytes``).
-    Packed rows cost what one sequence of that many tokens costs (attention runs one sequence at a
-    time, within the scratch cap), plus the logits of each sampling row; the step's token budget is
-    the most tokens that fit with ``max_sequences`` sampling rows, and never less than one piece.
+    The planner reserves one step's activations (``plan.activation_bytes``): a prefill piece and the
+    one-token rows of up to ``max_sequences - 1`` other sequences packed beside it
+    (``plan.activation_bytes(..., decode_rows=)``). The step's token budget is the piece plus as many
+    rows as that reserve holds (an injected weight source without a plan gets the full count).
     """
     context = policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, cfg.max_position_embeddings)
-    rows = policy.max_sequences
+    rows = step_rows(policy)
 
-    def cost(tokens: int) -> int:
-        return activation_bytes(cfg, dtype, tokens, scratch, context, 1) + 8 * cfg.vocab_size * (rows - 1)
+    def cost(extra: int) -> int:
+        return activation_bytes(cfg, dtype, piece, scratch, context, 1, extra)
 
-    reserve = max(plan.activation_bytes if plan is not None else 0, activation_bytes(cfg, dtype, piece, scratch,
-                                                                                      context, 1))
-    budget = max(piece, _largest(piece, piece + rows, lambda n: cost(n) <= reserve))
+    reserve = max(plan.activation_bytes if plan is not None else 0, cost(rows))
+    extra = _largest(0, rows, lambda e: cost(e) <= reserve)
     item = torch.empty((), dtype=dtype).element_size()
     head_rows = max(1, min(piece, reserve // (cfg.vocab_size * (item + 4))))
     room = plan.kv_device_bytes if plan is not None else None
     host = plan.kv_host_bytes if plan is not None else None
-    return Limits(budget, piece, rows, room, host), head_rows
+    return Limits(piece + extra, piece, policy.max_sequences, room, host), head_rows
 
 
 def _largest(lo: int, hi: int, fits: Callable[[int], bool]) -> int:

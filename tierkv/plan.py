@@ -188,7 +188,7 @@ def reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, conte
     (the piece and attention scratch of ``prefill_sizes`` for this device budget)."""
     piece, scratch = prefill_sizes(config, dtype, policy, context_tokens, batch, device_mem_bytes)
     return kv_reserve_bytes(config, dtype, policy, context_tokens, batch) + activation_bytes(
-        config, dtype, piece, scratch, context_tokens, batch)
+        config, dtype, piece, scratch, context_tokens, batch, step_rows(policy))
 
 
 def kv_reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int) -> int:
@@ -216,7 +216,8 @@ def prefill_sizes(config: ModelConfig, dtype: torch.dtype, policy: Policy, conte
     if policy.prefill_chunk_tokens is None and device_mem_bytes is not None:
         allowance = int(device_mem_bytes * ACTIVATION_FRACTION)
         while piece > MIN_PREFILL_TOKENS and activation_bytes(
-                config, dtype, piece, _scratch_for(config, dtype, piece, batch), context_tokens, batch) > allowance:
+                config, dtype, piece, _scratch_for(config, dtype, piece, batch), context_tokens, batch,
+                step_rows(policy)) > allowance:
             piece //= 2
     return piece, _scratch_for(config, dtype, piece, batch)
 
@@ -240,14 +241,22 @@ def _bytes_per_piece_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int, scratch_bytes: int,
-                     context_tokens: int, batch: int) -> int:
-    """Working memory of one prefill piece of ``piece_tokens`` per sequence attending to up to
-    ``context_tokens`` keys, counted from what the model math and the KV caches allocate."""
+                     context_tokens: int, batch: int, decode_rows: int = 0) -> int:
+    """Working memory of one step: a prefill piece of ``piece_tokens`` per sequence of ``batch`` and
+    ``decode_rows`` other sequences' one-token rows packed beside it (the engine's steps), attending
+    to up to ``context_tokens`` keys, counted from what the model math and the KV caches allocate.
+    Attention runs one sequence at a time, so its scratch is counted once."""
     per_token = _bytes_per_piece_token(config, dtype)
     # one attention block: the scratch cap, or a single query row over every key when that is larger
     attention = max(scratch_bytes, attention_pair_bytes(batch, config.num_heads) * max(context_tokens, piece_tokens))
-    logits = 2 * batch * config.vocab_size * 4                                        # last position, fp32 and a copy
-    return piece_tokens * batch * per_token + attention + logits
+    logits = 2 * (batch + decode_rows) * config.vocab_size * 4             # each row's last position, fp32 and a copy
+    return (piece_tokens * batch + decode_rows) * per_token + attention + logits
+
+
+def step_rows(policy: Policy) -> int:
+    """Decode rows the planner keeps activation room for beside a prefill piece: the other sequences
+    the engine may run at once (``Policy.max_sequences``)."""
+    return policy.max_sequences - 1
 
 
 def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context_tokens: int | None = None,
@@ -392,7 +401,7 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     kinds = spread_layers(n, n_dev, n_host)
     if policy.prefill_chunk_tokens is None:       # device room no further layer fits: a larger piece, fewer passes
         spare = dev_mem - reserve - globals_bytes - kinds.count("device") * layer_bytes - ring
-        piece, scratch, grown = _grow_piece(config, dtype, context, batch, piece, activations, spare)
+        piece, scratch, grown = _grow_piece(config, dtype, policy, context, batch, piece, activations, spare)
         reserve, activations = reserve + grown - activations, grown
     return Plan(
         device=str(device), dtype=str(dtype).removeprefix("torch."), num_layers=n, layer_bytes=layer_bytes,
@@ -418,7 +427,7 @@ def _device_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, con
     if dev_mem < reserve_bytes(config, dtype, policy, context, batch, dev_mem) + fixed:
         policy = replace(policy, kv_sketch=False)     # no room for key codes: the cache runs without (stats say so)
     piece, scratch = prefill_sizes(config, dtype, policy, context, batch, dev_mem)
-    activations = activation_bytes(config, dtype, piece, scratch, context, batch)
+    activations = activation_bytes(config, dtype, piece, scratch, context, batch, step_rows(policy))
     reserve = reserve_bytes(config, dtype, policy, context, batch, dev_mem)
     if dev_mem < reserve + fixed:   # name a minimum whose own (larger) reserve it holds
         reserve = _shown_size_at_least(_minimum_reserve(config, dtype, policy, context, batch, fixed, reserve)
@@ -429,13 +438,13 @@ def _device_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, con
     return piece, scratch, activations, reserve
 
 
-def _grow_piece(config: ModelConfig, dtype: torch.dtype, context_tokens: int, batch: int, piece: int,
-                activations: int, spare_bytes: int) -> tuple[int, int, int]:
+def _grow_piece(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int,
+                piece: int, activations: int, spare_bytes: int) -> tuple[int, int, int]:
     """Double an auto-sized prefill piece while its extra activations fit ``spare_bytes`` of device room
     that the placement left unused -> (piece, attention scratch, activation bytes)."""
     while piece < DEFAULT_PREFILL_TOKENS:
         bigger = activation_bytes(config, dtype, 2 * piece, _scratch_for(config, dtype, 2 * piece, batch),
-                                  context_tokens, batch)
+                                  context_tokens, batch, step_rows(policy))
         if bigger - activations > spare_bytes:
             break
         spare_bytes -= bigger - activations
