@@ -1,0 +1,135 @@
+"""Sessions keep a conversation's KV between turns: same tokens as re-prefilling the whole history,
+prefill of only the new tokens, save/restore round trips, and bad session files refused clearly.
+
+Each case runs with resident KV and with KV tiered over device, host and disk (``placements``):
+the 3-turn history (about 80 tokens) outgrows the tiered placement's 64-token device room. The
+oracle of every turn is ``engine.generate`` on the whole history (previous prompts and replies as
+token ids). A turn's prefill covers its new tokens plus the previous reply's last token, which was
+sampled but never fed back; ``stats.cached_tokens`` counts the history reused from the session's KV.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+import placements
+import tierkv
+from conftest import needs_step_engine
+from placements import random_prompt
+
+pytestmark = [pytest.mark.usefixtures("torch_kernels_one_thread"), needs_step_engine]
+
+TURNS = [random_prompt(40, seed=300), random_prompt(9, seed=301), random_prompt(6, seed=302)]
+REPLY = dict(max_new_tokens=8, ignore_eos=True)
+KINDS = ["resident", "tiered"]
+
+
+def _turn(session: Any, history: list[int], new: list[int], oracle: tierkv.Engine, stream: bool = False) -> Any:
+    """One turn: the session's reply to ``new`` equals generate() on history + new; its stats show the
+    reuse. ``history`` (the oracle's copy) is extended by the prompt and the reply."""
+    before = len(history)
+    history += new
+    expected = oracle.generate(history, **REPLY).token_ids
+    if stream:
+        pieces = session.stream(new, **REPLY)
+        ids = [p.token_id for p in pieces if p.token_id is not None]
+        out = pieces.results[0]
+        assert ids == out.token_ids
+    else:
+        out = session.generate(new, **REPLY)
+    assert out.token_ids == expected
+    if before == 0:
+        assert (out.stats.prefill_tokens, out.stats.cached_tokens) == (len(new), 0)
+    else:
+        assert (out.stats.prefill_tokens, out.stats.cached_tokens) == (len(new) + 1, before - 1), out.stats
+    history += out.token_ids
+    assert session.token_ids == history
+    return out
+
+
+@pytest.fixture
+def model(tiny_model_dir: Callable[..., Path]) -> Path:
+    return tiny_model_dir("llama")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_three_turns_equal_generate_on_the_whole_history(model: Path, tmp_path: Path, kind: str) -> None:
+    with placements.load(kind, model, tmp_path / "offload") as eng:
+        session = eng.session()
+        assert eng.kv_stats()["sessions"] == 1
+        history: list[int] = []
+        for n, new in enumerate(TURNS):
+            _turn(session, history, new, eng, stream=n == 1)
+        assert len(history) > 64                           # beyond the tiered placement's device room
+        session.close()
+        stats = eng.kv_stats()
+        assert stats["sessions"] == stats["live_sequences"] == 0 and stats["device_allotted_bytes"] == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_saved_session_restored_by_a_new_engine_continues_with_the_same_tokens(model: Path, tmp_path: Path,
+                                                                                 kind: str) -> None:
+    offload = tmp_path / "offload"
+    with placements.load(kind, model, offload) as eng:
+        session, history = eng.session(), []
+        for new in TURNS[:2]:
+            _turn(session, history, new, eng)
+        path = session.save()                               # default: <offload_dir>/sessions/<id>.tkvs
+        assert path.is_file() and path.suffix == ".tkvs" and path.parent == offload / "sessions"
+        assert [p.name for p in path.parent.iterdir()] == [path.name]   # written atomically: no temp file left
+        explicit = session.save(tmp_path / "mine.tkvs")
+        assert explicit == tmp_path / "mine.tkvs" and explicit.is_file()
+        saved_history = list(history)
+        third = _turn(session, history, TURNS[2], eng)
+        session.close()
+    with placements.load(kind, model, offload) as later:    # another process, same model and store
+        for file in (path, explicit):
+            restored = later.restore_session(file)
+            assert restored.token_ids == saved_history
+            replay = list(saved_history)
+            again = _turn(restored, replay, TURNS[2], later)  # prefill covers only the new tokens: KV restored
+            assert again.token_ids == third.token_ids and replay == history
+            restored.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_truncated_session_file_is_refused_naming_the_problem(model: Path, tmp_path: Path, kind: str) -> None:
+    from tierkv.session_file import SessionError
+
+    assert issubclass(SessionError, tierkv.TierkvError)
+    with placements.load(kind, model, tmp_path / "offload") as eng:
+        session = eng.session()
+        session.generate(TURNS[0], **REPLY)
+        data = session.save(tmp_path / "whole.tkvs").read_bytes()
+        session.close()
+        for cut in (0, 16, len(data) // 2, len(data) - 1):
+            bad = tmp_path / f"cut-{cut}.tkvs"
+            bad.write_bytes(data[:cut])
+            with pytest.raises(SessionError) as info:
+                eng.restore_session(bad)
+            message = str(info.value)
+            assert bad.name in message and re.search(r"truncat|incomplete|empty|short", message, re.I), message
+        assert eng.restore_session(tmp_path / "whole.tkvs").token_ids   # the intact file still restores
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_session_file_of_another_model_is_refused_naming_the_problem(tiny_model_dir: Callable[..., Path],
+                                                                      model: Path, tmp_path: Path, kind: str) -> None:
+    from tierkv.session_file import SessionError
+
+    with placements.load(kind, model, tmp_path / "offload") as eng:
+        session = eng.session()
+        session.generate(TURNS[0], **REPLY)
+        path = session.save(tmp_path / "llama.tkvs")
+        session.close()
+    others = {"same shape, other weights": tiny_model_dir("llama", seed=1), "other shape": tiny_model_dir("qwen2-bias")}
+    for what, other in others.items():
+        with placements.load(kind, other, tmp_path / f"offload-{other.name}") as foreign:
+            with pytest.raises(SessionError) as info:
+                foreign.restore_session(path)
+        message = str(info.value)
+        assert path.name in message and re.search(r"model|checkpoint", message, re.I), (what, message)
