@@ -121,7 +121,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-# Tests of the step-scheduler engine's API (engine.submit/step, kv_stats, sessions, steps shared by
-# several sequences). They are expected to fail on an engine without it; remove the marker from a
-# test once the engine that makes it pass is merged.
-needs_step_engine = pytest.mark.xfail(reason="needs the step-scheduler engine (branch engine)", strict=False)

@@ -18,7 +18,6 @@ import pytest
 
 import placements
 import tierkv
-from conftest import needs_step_engine
 from placements import random_prompt
 
 pytestmark = pytest.mark.usefixtures("torch_kernels_one_thread")
@@ -73,7 +72,6 @@ def test_eight_threads_streaming_at_once_get_their_solo_outputs(eight_streams: d
     assert len({len(r.token_ids) for r in solo}) > 1           # they finish at different steps
 
 
-@needs_step_engine
 def test_eight_threads_streaming_at_once_share_steps(eight_streams: dict[str, Any]) -> None:
     sizes = [r.stats.batch_size for r in eight_streams["results"].values()]
     assert len(sizes) == len(JOBS) and max(sizes) > 1, sizes
@@ -122,7 +120,6 @@ def test_a_stream_cancelled_from_another_thread_ends_and_the_others_stay_exact(l
         assert eng.generate(other_prompt, max_new_tokens=12).token_ids == other_solo   # the engine still serves
 
 
-@needs_step_engine
 @pytest.mark.parametrize("kind", ["resident", "streamed"])
 def test_a_stream_cancelled_from_another_thread_frees_its_kv(long_model: Path, tmp_path: Path, kind: str) -> None:
     with placements.load(kind, long_model, tmp_path / "offload") as eng:

@@ -18,10 +18,9 @@ import pytest
 
 import placements
 import tierkv
-from conftest import needs_step_engine
 from placements import random_prompt
 
-pytestmark = [pytest.mark.usefixtures("torch_kernels_one_thread"), needs_step_engine]
+pytestmark = [pytest.mark.usefixtures("torch_kernels_one_thread")]
 
 TURNS = [random_prompt(40, seed=300), random_prompt(9, seed=301), random_prompt(6, seed=302)]
 REPLY = dict(max_new_tokens=8, ignore_eos=True)
