@@ -20,6 +20,8 @@ import resource
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -92,7 +94,9 @@ class EngineCore:
         self.engine, self.runner, self.room, self.scheduler = engine, runner, room, scheduler
         self.seqs: dict[int, Seq] = {}
         self.lock = threading.Lock()
-        self.owner: int | None = None
+        self.owner: int | None = None              # the thread holding the lock
+        self.stepper: int | None = None            # the thread running a step for it (the engine thread)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tierkv-engine")
         self._next_id = 0
 
     # -- joining ----------------------------------------------------------------------------------
@@ -123,7 +127,7 @@ class EngineCore:
             if client.done:
                 return None
             with self.held():
-                if not client.items and not client.done and not self.step():
+                if not client.items and not client.done and not self.run_step():
                     raise AssertionError("the scheduler made no progress for a live request")
 
     def held(self) -> "_Held":
@@ -132,14 +136,37 @@ class EngineCore:
     def cancel(self, client: Client) -> None:
         """Stop the client's sequences; frees their KV now unless called from inside a step."""
         client.cancelled = True
-        if self.owner == threading.get_ident():
+        if threading.get_ident() in (self.owner, self.stepper):
             return                                     # inside a step (a callback): reaped at the next one
         with self.held():
             self._reap_cancelled()
 
+    def run_step(self) -> bool:
+        """``step()`` on the engine thread, for the caller holding the lock: every forward of every caller
+        allocates in one thread (one malloc arena, so RSS does not grow with the number of calling
+        threads). Under a torch profiler active in the caller's thread, the step runs right here, so
+        the trace sees it (profilers record their own thread only)."""
+        assert self.owner == threading.get_ident(), "run_step() runs under the core lock"
+        if _profiling_here():
+            return self.step()
+        job = self._thread.submit(self._step_job)
+        try:
+            return job.result()
+        except BaseException:
+            wait_futures([job])     # interrupted while waiting (Ctrl-C): let the step end before the lock goes
+            raise
+
+    def _step_job(self) -> bool:
+        self.stepper = threading.get_ident()
+        try:
+            with torch.inference_mode():
+                return self.step()
+        finally:
+            self.stepper = None
+
     def step(self) -> bool:
         """One step for every live sequence; False when there was nothing to do."""
-        assert self.owner == threading.get_ident(), "step() runs under the core lock"
+        assert self.lock.locked(), "step() runs under the core lock"
         self._reap_cancelled()
         if not self.scheduler.has_work():
             return False
@@ -331,6 +358,7 @@ class EngineCore:
         for seq in list(self.seqs.values()):
             self.release(seq)
         self.room.close()
+        self._thread.shutdown(wait=True)
 
 
 class _Held:
@@ -347,6 +375,12 @@ class _Held:
     def __exit__(self, *exc: object) -> None:
         self.core.owner = None
         self.core.lock.release()
+
+
+def _profiling_here() -> bool:
+    """Whether a torch profiler records this thread (profilers are per thread)."""
+    enabled = getattr(torch._C._autograd, "_profiler_enabled", None)
+    return bool(enabled()) if enabled is not None else False
 
 
 def weight_stats_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -214,7 +214,7 @@ class Engine:
         many sequences are still running or waiting."""
         with self._core.held() as core:
             self._check_open()
-            core.step()
+            core.run_step()
             counts = core.scheduler.counts()
         return counts["running_sequences"] + counts["waiting_sequences"]
 
