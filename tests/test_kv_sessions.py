@@ -19,13 +19,7 @@ HQ, HKV, D, LAYERS = 4, 2, 16, 2
 PROMPT = [300, 200, 45]
 
 
-@pytest.fixture(autouse=True)
-def _torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TIERKV_KERNELS", "torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_kernels_one_thread")   # tiny tensors: torch kernels, one thread
 
 
 def _cfg() -> ModelConfig:

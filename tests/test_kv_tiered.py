@@ -620,15 +620,15 @@ def test_write_behind_snapshots_stay_within_their_cap_when_the_disk_is_slow(tmp_
     tiered = _tiered(cfg, Policy(kv="exact", chunk_tokens=32), cap, tmp_path)
     queued: list[int] = []
     tiered._st.write_behind_bytes = 2 * B * slot                           # two closed chunks' snapshots
-    real_submit = tiered._st.workers.submit
+    real_prepare = tiered._st.mover.prepare
 
-    def spy(kind: str, fn: Callable[[], Any]) -> Any:
-        if kind == "write":
+    def spy(src: str, dst: str, *args: Any) -> Any:
+        if (src, dst) == ("host", "disk"):
             queued.append(sum(w.nbytes for kv in tiered._st.live_layers() for w in kv.writing
-                              if not w.future.done()))
-        return real_submit(kind, fn)
+                              if not w.job.done()))
+        return real_prepare(src, dst, *args)
 
-    monkeypatch.setattr(tiered._st.workers, "submit", spy)
+    monkeypatch.setattr(tiered._st.mover, "prepare", spy)
     with tiered:
         _drive([dense, tiered], PIECES, windows=(None, 100), check=_close)
         assert tiered.check_invariants() > 0

@@ -17,6 +17,7 @@ from tierkv.io.buffers import ChunkArenas, pinning_available
 from tierkv.kernels.sketch import sketch_bytes_per_token
 from tierkv.pipeline.kv.geometry import LayerGeometry
 from tierkv.pipeline.kv.table import ChunkKey, KVChunkTable, Tier
+from tierkv.pipeline.kv.workers import KVMove
 
 __all__ = ["Fetch", "LayerKV", "Wave", "Write"]
 
@@ -31,7 +32,11 @@ class Fetch:
     pair: TierPair
     keys: tuple[ChunkKey, ...]
     slots: tuple[int, ...]
-    future: Future
+    records: tuple[KVMove, ...]   # one per chunk, all of one job
+
+    @property
+    def job(self) -> Future:
+        return self.records[0].job
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,7 +45,7 @@ class Wave:
 
     keys: tuple[ChunkKey, ...]
     slots: tuple[int, ...]
-    future: Future
+    records: tuple[KVMove, ...]   # one per chunk (host and disk chunks: two jobs)
 
     def entries(self) -> list[tuple[int, int, int]]:
         return [(k.seq, k.chunk, s) for k, s in zip(self.keys, self.slots)]
@@ -51,8 +56,12 @@ class Write:
     """A closed chunk (all sequences) being written behind to disk from a host snapshot."""
 
     keys: tuple[ChunkKey, ...]
-    future: Future
+    records: tuple[KVMove, ...]   # one per chunk, all of one job
     nbytes: int
+
+    @property
+    def job(self) -> Future:
+        return self.records[0].job
 
 
 class LayerKV:
@@ -116,17 +125,16 @@ class LayerKV:
         assert slot is not None, f"{key} is not on the host"
         return self.host_bufs[slot]
 
-    def host_put(self, slot: int) -> int:
-        """Copy a resident slot's K/V into a free host buffer; returns its host slot."""
+    def host_take(self) -> int:
+        """A free host buffer (allocated from the arenas when none is free); returns its host slot."""
         if self.host_free:
-            host_slot = self.host_free.pop()
-        else:
-            host_slot = len(self.host_bufs)
-            self.host_bufs.append(self.host_pool.take().view(self.k_pool.dtype).view(2, *self.k_pool.shape[1:]))
-        buf = self.host_bufs[host_slot]
-        buf[0].copy_(self.k_pool[slot])
-        buf[1].copy_(self.v_pool[slot])
-        return host_slot
+            return self.host_free.pop()
+        self.host_bufs.append(self.host_pool.take().view(self.k_pool.dtype).view(2, *self.k_pool.shape[1:]))
+        return len(self.host_bufs) - 1
+
+    def slot_pair(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) views (Hkv, S, D) of one device slot."""
+        return self.k_pool[slot], self.v_pool[slot]
 
     def close(self) -> None:
         """Unpin and drop the host buffers; the layer holds nothing afterwards."""

@@ -4,12 +4,12 @@ Why this module exists: every change of a chunk's tier goes through here, as the
 begin/finish (or abort) around the copy, so the table stays the one record of residency: evictions
 (device -> host while its budget lasts, then disk), fetches (host/disk -> device slots, on the
 worker threads), and the write-behind of closed chunks to disk that makes later evictions free.
+Every copy is a move of the cache's ``io.mover.Mover`` (``workers`` lists the links): one record
+and one profiler span per chunk, completed here where the cache used to wait on its jobs.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
 from typing import Mapping, Sequence
 
 import torch
@@ -18,13 +18,22 @@ from tierkv.io.kvstore import KVChunk
 from tierkv.pipeline.kv.layer import Fetch, LayerKV, Write
 from tierkv.pipeline.kv.state import CacheState
 from tierkv.pipeline.kv.table import ChunkKey, KVBudgetError, Tier
-from tierkv.pipeline.kv.workers import STREAM_THREADS
+from tierkv.pipeline.kv.workers import STREAM_THREADS, KVMove, settle
 
-__all__ = ["chunk_record", "evict", "eviction_moves", "finish_fetch", "make_room", "poll_fetches", "poll_writes",
-           "start_fetches", "submit_load", "write_behind"]
+__all__ = ["chunk_name", "chunk_record", "evict", "eviction_moves", "finish_fetch", "load", "make_room",
+           "poll_fetches", "poll_writes", "start_fetches", "write_behind"]
 
 DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
 TierPair = tuple[Tier, Tier]
+
+
+def chunk_name(key: ChunkKey) -> str:
+    """What a move record (and its profiler span) calls a chunk: ``L<layer>/s<seq>/c<chunk>``."""
+    return f"L{key.layer}/s{key.seq}/c{key.chunk}"
+
+
+def _names(keys: Sequence[ChunkKey]) -> list[str]:
+    return [chunk_name(key) for key in keys]
 
 
 def make_room(st: CacheState, kv: LayerKV, n_slots: int) -> None:
@@ -34,7 +43,7 @@ def make_room(st: CacheState, kv: LayerKV, n_slots: int) -> None:
         if victims:
             evict(st, kv, eviction_moves(st, kv, victims))
         elif kv.fetching:
-            poll_fetches(kv, wait=True)
+            poll_fetches(st, kv, wait=True)
         else:
             raise KVBudgetError(f"layer {kv.layer}: every resident KV chunk is a sink or recent chunk; "
                                 "raise --device-mem or use smaller chunk_tokens")
@@ -66,7 +75,12 @@ def evict(st: CacheState, kv: LayerKV, moves: Mapping[TierPair, Sequence[ChunkKe
             write_now(st, kv, [key for key in keys if key not in st.store])
         slots = [kv.slot_of(key) for key in keys]
         kv.table.begin({(src, dst): keys})
-        host_slots = {key: kv.host_put(slot) for key, slot in zip(keys, slots)} if dst is HOST else None
+        host_slots = None
+        if dst is HOST:
+            host_slots = {key: kv.host_take() for key in keys}
+            st.mover.complete(st.mover.prepare(DEVICE.value, HOST.value, _names(keys),
+                                               [kv.slot_pair(slot) for slot in slots],
+                                               [kv.host_bufs[host_slots[key]] for key in keys]))
         kv.table.finish({(src, dst): keys}, host_slots)
         kv.free.extend(slots)
         kv.slot_map[[k.seq for k in keys], [k.chunk for k in keys]] = -1
@@ -86,7 +100,8 @@ def chunk_record(kv: LayerKV, key: ChunkKey, snapshot: bool) -> KVChunk:
 def write_now(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey]) -> None:
     if keys:
         assert st.store is not None
-        st.store.append([chunk_record(kv, key, snapshot=False) for key in keys])
+        records = [chunk_record(kv, key, snapshot=False) for key in keys]
+        st.mover.complete(st.mover.prepare(DEVICE.value, DISK.value, _names(keys), records, [st.store] * len(keys)))
         st.c.disk_write_bytes += len(keys) * kv.geo.slot_bytes
 
 
@@ -100,9 +115,8 @@ def write_behind(st: CacheState, kv: LayerKV, chunk: int) -> None:
     keys = tuple(kv.key(chunk, b) for b in range(st.batch))
     _make_write_room(st, len(keys) * kv.geo.slot_bytes)
     records = [chunk_record(kv, key, snapshot=True) for key in keys]
-    store = st.store
-    future = st.workers.submit("write", lambda: store.append(records))
-    kv.writing.append(Write(keys, future, len(keys) * kv.geo.slot_bytes))
+    moves = st.mover.prepare(HOST.value, DISK.value, _names(keys), records, [st.store] * len(keys))
+    kv.writing.append(Write(keys, tuple(moves), len(keys) * kv.geo.slot_bytes))   # type: ignore[arg-type]
 
 
 def _make_write_room(st: CacheState, nbytes: int) -> None:
@@ -115,7 +129,7 @@ def _make_write_room(st: CacheState, nbytes: int) -> None:
     for w in pending:                       # in each layer's submission order; any order frees room
         if queued + nbytes <= st.write_behind_bytes:
             break
-        wait_futures([w.future])
+        settle(st.mover, w.records)
         queued -= w.nbytes
     poll_writes(st, wait=False)
 
@@ -123,14 +137,15 @@ def _make_write_room(st: CacheState, nbytes: int) -> None:
 def poll_writes(st: CacheState, wait: bool) -> None:
     """Retire finished write-behinds; after a failure wait for all and raise it (chunks stay put)."""
     pending = [(kv, w) for kv in st.live_layers() for w in kv.writing]
-    wait = wait or any(w.future.done() and w.future.exception() is not None for _, w in pending)
+    wait = wait or any(w.job.done() and w.job.exception() is not None for _, w in pending)
     error: BaseException | None = None
     for kv, w in pending:
-        if not wait and not w.future.done():
+        if not wait and not w.job.done():
             continue
-        exc = w.future.exception()
+        exc = w.job.exception()
         kv.writing.remove(w)
         if exc is None:
+            st.mover.complete(w.records)
             st.c.disk_write_bytes += w.nbytes
         error = error or exc
     if error is not None:
@@ -149,23 +164,23 @@ def start_fetches(st: CacheState, kv: LayerKV, fetch: Mapping[TierPair, Sequence
             slots = tuple(kv.free[len(kv.free) - len(keys):][::-1])
             kv.table.begin({pair: keys}, dict(zip(keys, slots)))
             del kv.free[len(kv.free) - len(keys):]
-            future = submit_load(st, kv, keys, slots, "stream" if pair[0] is DISK else "read")
-            record = Fetch(pair, keys, slots, future)
+            record = Fetch(pair, keys, slots, tuple(load(st, kv, keys, slots)))
             for key in keys:
                 kv.fetching[key] = record
             started.append(record)
     return started
 
 
-def finish_fetch(kv: LayerKV, f: Fetch) -> None:
+def finish_fetch(st: CacheState, kv: LayerKV, f: Fetch) -> None:
     """Commit a finished fetch (waiting for it); on failure undo it and raise."""
-    exc = f.future.exception()
+    exc = f.job.exception()
     for key in f.keys:
         del kv.fetching[key]
     if exc is not None:
         kv.table.abort({f.pair: f.keys})
         kv.free.extend(f.slots)
         raise exc
+    st.mover.complete(f.records)
     freed = [kv.table.host_slot_of(key) for key in f.keys] if f.pair[0] is HOST else []
     kv.table.finish({f.pair: f.keys})
     kv.host_free.extend(freed)   # type: ignore[arg-type]  # host chunks always have a host slot
@@ -173,37 +188,40 @@ def finish_fetch(kv: LayerKV, f: Fetch) -> None:
         f.slots, dtype=torch.int32, device=kv.slot_map.device)
 
 
-def poll_fetches(kv: LayerKV, wait: bool, keys: Sequence[ChunkKey] | None = None) -> None:
+def poll_fetches(st: CacheState, kv: LayerKV, wait: bool, keys: Sequence[ChunkKey] | None = None) -> None:
     """Commit finished fetches of a layer (all, or those of ``keys``, waiting when asked)."""
     chosen = kv.fetching.values() if keys is None else [kv.fetching[k] for k in keys if k in kv.fetching]
     for f in list({id(f): f for f in chosen}.values()):
-        if wait or f.future.done():
-            finish_fetch(kv, f)
+        if wait or f.job.done():
+            finish_fetch(st, kv, f)
 
 
-def submit_load(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey], slots: Sequence[int],
-                pool: str = "read") -> Future:
-    """Copy chunks from the host or disk into device slots on a ``pool`` thread; sets slot lengths."""
+def load(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey], slots: Sequence[int]) -> list[KVMove]:
+    """Start copying chunks from the host or disk into device slots (host copies on the reader
+    thread, disk reads on a stream thread); sets the slots' lengths. One record per chunk."""
     tokens = [kv.table.tokens_of(key) for key in keys]
     kv.slot_lens[list(slots)] = torch.tensor(tokens, dtype=torch.int32, device=st.device)
-    host = [(slot, kv.host_buf(key)) for key, slot in zip(keys, slots) if kv.table.tier_of(key) is HOST]
-    disk = [(slot, key) for key, slot in zip(keys, slots) if kv.table.tier_of(key) is DISK]
+    host = [(key, slot) for key, slot in zip(keys, slots) if kv.table.tier_of(key) is HOST]
+    disk = [(key, slot) for key, slot in zip(keys, slots) if kv.table.tier_of(key) is DISK]
     assert len(host) + len(disk) == len(keys), "only host and disk chunks are loaded"
     st.c.host_read_bytes += len(host) * kv.geo.slot_bytes
     st.c.disk_read_bytes += len(disk) * kv.geo.slot_bytes
     if st.decoding:
         st.c.decode_read_bytes += len(keys) * kv.geo.slot_bytes
-    store = st.store
+    return load_into(st, [(key, kv.host_buf(key)) for key, _ in host], [key for key, _ in disk],
+                     [kv.slot_pair(slot) for _, slot in host], [kv.slot_pair(slot) for _, slot in disk])
 
-    def job() -> None:
-        for slot, buf in host:                  # host chunk buffers (2, Hkv, S, D) -> device slots
-            kv.k_pool[slot].copy_(buf[0], non_blocking=True)
-            kv.v_pool[slot].copy_(buf[1], non_blocking=True)
-        if disk:                                # records read back (checksums verified) -> device slots
-            assert store is not None, "disk chunks without a store"
-            for (slot, _), chunk in zip(disk, store.read([key for _, key in disk])):
-                n = chunk.n_tokens
-                kv.k_pool[slot, :, :n].copy_(chunk.k)
-                kv.v_pool[slot, :, :n].copy_(chunk.v)
 
-    return st.workers.submit(pool, job)
+def load_into(st: CacheState, host: Sequence[tuple[ChunkKey, torch.Tensor]], disk: Sequence[ChunkKey],
+              host_dests: Sequence[tuple[torch.Tensor, torch.Tensor]],
+              disk_dests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[KVMove]:
+    """Start copying host buffers (2, Hkv, S, D) and disk chunks into (k, v) device views (Hkv, S, D)."""
+    moves: list[KVMove] = []
+    if host:
+        moves += st.mover.prepare(HOST.value, DEVICE.value, _names([key for key, _ in host]),
+                                  [buf for _, buf in host], list(host_dests))   # type: ignore[arg-type]
+    if disk:
+        assert st.store is not None, "disk chunks without a store"
+        moves += st.mover.prepare(DISK.value, DEVICE.value, _names(disk), [(st.store, key) for key in disk],
+                                  list(disk_dests))   # type: ignore[arg-type]
+    return moves

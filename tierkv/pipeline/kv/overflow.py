@@ -8,23 +8,21 @@ exactly (over the selected (chunk, KV head) pairs) with the online softmax of ``
 
 from __future__ import annotations
 
-from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
 from typing import Mapping, Sequence
 
 import torch
 
 from tierkv.pipeline.kv.layer import Fetch, LayerKV
-from tierkv.pipeline.kv.moves import evict, finish_fetch, poll_fetches, start_fetches
+from tierkv.pipeline.kv.moves import evict, finish_fetch, load_into, poll_fetches, start_fetches
 from tierkv.pipeline.kv.state import CacheState
 from tierkv.pipeline.kv.streamed import OnlineSoftmax
 from tierkv.pipeline.kv.table import ChunkKey, KVBudgetError, Tier
-from tierkv.pipeline.kv.workers import STREAM_THREADS
+from tierkv.pipeline.kv.workers import STREAM_THREADS, KVMove, settle
 
 __all__ = ["decode_overflow", "overflow_order"]
 
 STREAM_BYTES = 32 << 20          # cap on the K/V a sparse step that overflows the device streams at once
-Group = tuple[list[Future], torch.Tensor, torch.Tensor, torch.Tensor]   # futures, k, v, key_ok
+Group = tuple[list[KVMove], torch.Tensor, torch.Tensor, torch.Tensor]   # moves, k, v, key_ok
 
 
 def decode_overflow(st: CacheState, kv: LayerKV, q: torch.Tensor, picked: Mapping[ChunkKey, int]) -> torch.Tensor:
@@ -45,7 +43,7 @@ def decode_overflow(st: CacheState, kv: LayerKV, q: torch.Tensor, picked: Mappin
     They are transient activations: two groups in flight stay within half the attention scratch.
     """
     st.c.overflow_steps += 1
-    poll_fetches(kv, wait=True)                       # fetches in flight hold slots: let them land
+    poll_fetches(st, kv, wait=True)                   # fetches in flight hold slots: let them land
     order = overflow_order(kv, picked)
     kv.prev_needed = order
     fetches = _fit_resident(st, kv, order)
@@ -67,16 +65,15 @@ def decode_overflow(st: CacheState, kv: LayerKV, q: torch.Tensor, picked: Mappin
         _fold_slots(st, state, kv, [key for key in order if kv.slot_of(key) is not None and key not in fetched],
                     picked)
         for f in fetches:
-            finish_fetch(kv, f)
+            finish_fetch(st, kv, f)
         _fold_slots(st, state, kv, [key for f in fetches for key in f.keys], picked)
         while inflight:
-            futures, k, v, key_ok = inflight.pop(0)
-            for future in futures:
-                future.result()
+            moves, k, v, key_ok = inflight.pop(0)
+            st.mover.complete(moves)
             state.fold(k, v, key_ok)
             submit()
     finally:
-        wait_futures([f for group in inflight for f in group[0]])
+        settle(st.mover, [m for group in inflight for m in group[0]])
         kv.table.unpin(rest)
     st.c.streamed_chunks += len(rest)
     return state.result()
@@ -154,47 +151,30 @@ def _submit_group(st: CacheState, kv: LayerKV, rows: Sequence[Sequence[ChunkKey]
     """Start copying a group of host/disk chunks into one K/V (B, Hkv, n*S, D), split over the
     stream threads (disk reads round-robin, so they run in parallel).
 
-    Returns (futures, k, v, key_ok (B, Hkv, n*S)): key_ok marks the tokens each KV head selected.
+    Returns (moves, k, v, key_ok (B, Hkv, n*S)): key_ok marks the tokens each KV head selected.
     """
     b, h, s, d = st.batch, st.kv_heads, kv.geo.chunk_tokens, st.head_dim
     n = max(len(row) for row in rows)
     k = torch.empty((b, h, n, s, d), dtype=st.dtype, device=st.device)
     v = torch.empty_like(k)
-    host, disk, blank = [], [], []
+    host, disk = [], []
     for i, row in enumerate(rows):
         for j, key in enumerate(row):
-            if kv.table.tier_of(key) is Tier.HOST:
-                host.append((i, j, kv.host_buf(key)))
-            else:
-                disk.append((i, j, key))
-        blank += [(i, j) for j in range(len(row), n)]
+            (host if kv.table.tier_of(key) is Tier.HOST else disk).append((i, j, key))
+        v[i, :, len(row):].zero_()          # K there is masked; V must hold no NaN (0 * NaN)
     assert all(kv.table.tier_of(key) is Tier.DISK for *_, key in disk), "only host and disk chunks stream"
     st.c.host_read_bytes += len(host) * kv.geo.slot_bytes
     st.c.disk_read_bytes += len(disk) * kv.geo.slot_bytes
     st.c.decode_read_bytes += (len(host) + len(disk)) * kv.geo.slot_bytes
-    store = st.store
-
-    def job(host: list[tuple[int, int, torch.Tensor]], disk: list[tuple[int, int, ChunkKey]],
-            blank: list[tuple[int, int]]) -> None:
-        for i, j in blank:                  # K there is masked; V must hold no NaN (0 * NaN)
-            v[i, :, j].zero_()
-        for i, j, buf in host:
-            k[i, :, j].copy_(buf[0], non_blocking=True)
-            v[i, :, j].copy_(buf[1], non_blocking=True)
-        if disk:
-            assert store is not None, "disk chunks without a store"
-            for (i, j, _), rec in zip(disk, store.read([key for *_, key in disk])):
-                t = rec.n_tokens
-                k[i, :, j, :t].copy_(rec.k)
-                v[i, :, j, :t].copy_(rec.v)
-                v[i, :, j, t:].zero_()
-
+    moves = load_into(st, [(key, kv.host_buf(key)) for *_, key in host], [],
+                      [(k[i, :, j], v[i, :, j]) for i, j, _ in host], [])
     parts = max(1, min(STREAM_THREADS, len(disk)))
-    futures = [st.workers.submit("stream", lambda t=t: job(host[t::parts], disk[t::parts], blank[t::parts]))
-               for t in range(parts)]
+    for t in range(parts):                  # disk reads round-robin over the stream threads
+        part = disk[t::parts]
+        moves += load_into(st, [], [key for *_, key in part], [], [(k[i, :, j], v[i, :, j]) for i, j, _ in part])
     sel = [[[bool(picked[key] >> j & 1) for key in row] + [False] * (n - len(row)) for j in range(h)]
            for row in rows]                                                                  # (B, Hkv, n)
     lens = [[kv.table.tokens_of(key) for key in row] + [0] * (n - len(row)) for row in rows]  # (B, n)
     key_ok = ((torch.arange(s, device=st.device) < torch.tensor(lens, device=st.device)[:, None, :, None])
               & torch.tensor(sel, device=st.device)[..., None])                           # (B, Hkv, n, S)
-    return futures, k.view(b, h, n * s, d), v.view(b, h, n * s, d), key_ok.view(b, h, n * s)
+    return moves, k.view(b, h, n * s, d), v.view(b, h, n * s, d), key_ok.view(b, h, n * s)

@@ -57,7 +57,7 @@ def _decode_sparse(st: CacheState, kv: LayerKV, q: torch.Tensor) -> torch.Tensor
     KV heads' selections; when it does not fit the resident slots the step overflows
     (``overflow.decode_overflow``: as much as fits becomes resident, the rest streams).
     """
-    drain_prefetch(kv)
+    drain_prefetch(st, kv)
     sel = select(st, kv, q[:, :, 0])
     union = sel.mask.any(1)                                                       # (B, C)
     st.union_tokens += (union * kv.chunk_sizes[:kv.n_chunks]).sum()
@@ -121,7 +121,7 @@ def _kernel(kv: LayerKV, q: torch.Tensor, ids: torch.Tensor, counts: torch.Tenso
 
 def _make_resident(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey]) -> bool:
     """Move ``keys`` to the device (evicting others); False when they do not fit together."""
-    poll_fetches(kv, wait=True, keys=keys)
+    poll_fetches(st, kv, wait=True, keys=keys)
     plan = None
     for _ in range(2):
         try:
@@ -130,10 +130,10 @@ def _make_resident(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey]) -> boo
         except KVBudgetError:
             if not kv.fetching:
                 return False
-            poll_fetches(kv, wait=True)   # speculative fetches hold slots: let them land
+            poll_fetches(st, kv, wait=True)   # speculative fetches hold slots: let them land
     if plan is None:
         return False
     evict(st, kv, plan.evict)
     for f in start_fetches(st, kv, plan.fetch):
-        finish_fetch(kv, f)
+        finish_fetch(st, kv, f)
     return True

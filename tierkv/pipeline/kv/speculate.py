@@ -24,7 +24,7 @@ def speculate(st: CacheState, layer: int, sparse: bool) -> None:
     kv = st.layers[layer]
     if kv is None:
         return
-    poll_fetches(kv, wait=False)
+    poll_fetches(st, kv, wait=False)
     window = st.window(layer)
     if sparse and window is None:
         _speculate_sparse(st, kv)
@@ -36,7 +36,7 @@ def speculate(st: CacheState, layer: int, sparse: bool) -> None:
 
 def _speculate_sparse(st: CacheState, kv: LayerKV) -> None:
     """Prefetch what this layer selected at the previous step and what the layer before it just selected."""
-    drain_prefetch(kv)
+    drain_prefetch(st, kv)
     kv.spec = set()
     guess = list(dict.fromkeys([*kv.prev_needed, *_map_hint(st, kv)]))[:kv.geo.resident_slots // 2]
     cand = [k for k in guess if kv.slot_of(k) is None]

@@ -14,6 +14,7 @@ import torch
 
 from tierkv.config import Policy
 from tierkv.io.kvstore import KVStore
+from tierkv.io.mover import Mover
 from tierkv.pipeline.kv.geometry import CacheShape
 from tierkv.pipeline.kv.layer import LayerKV
 from tierkv.pipeline.kv.table import ChunkKey
@@ -64,10 +65,12 @@ class CacheState:
     hint: tuple[int, list[ChunkKey]] | None = None   # (chunk tokens, keys) the last layer selected
     closed: bool = False
     c: Counters = field(default_factory=Counters)
+    mover: Mover = field(init=False)                    # this cache's routes and link counters
     selected_tokens: torch.Tensor = field(init=False)   # () float64: sparse steps' selected tokens
     union_tokens: torch.Tensor = field(init=False)      # () float64: sparse steps' union sizes
 
     def __post_init__(self) -> None:
+        self.mover = self.workers.mover()
         self.selected_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
         self.union_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
 

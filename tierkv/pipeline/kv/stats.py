@@ -54,6 +54,7 @@ def stats(st: CacheState, device_allocated_bytes: int) -> dict[str, Any]:
         "device_room_tokens": [kv.geo.resident_slots * kv.geo.chunk_tokens // b if kv else None for kv in st.layers],
         "exact_layer_steps": c.exact_layer_steps,
         "decode_steps": c.decode_steps,
+        "moves": st.mover.stats(),     # per link ("host->device", ...): bytes, moves, busy_s, gbps, wait_s
     }
 
 

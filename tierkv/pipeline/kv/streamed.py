@@ -10,18 +10,17 @@ attention scratch budget. The overflow path of sparse decode reuses the same sof
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
 from typing import Iterator, Sequence
 
 import torch
 
 from tierkv.model import ATTENTION_SCRATCH_BYTES, attention_block_rows, attention_pair_bytes, visibility_mask
 from tierkv.pipeline.kv.layer import LayerKV, Wave
-from tierkv.pipeline.kv.moves import poll_fetches, submit_load
+from tierkv.pipeline.kv.moves import load, poll_fetches
 from tierkv.pipeline.kv.sizing import element_bytes
 from tierkv.pipeline.kv.state import CacheState
 from tierkv.pipeline.kv.table import ChunkKey
+from tierkv.pipeline.kv.workers import settle
 
 __all__ = ["OnlineSoftmax", "attend_streamed", "drain_prefetch", "slot_batches", "submit_wave"]
 
@@ -117,7 +116,7 @@ def attend_streamed(st: CacheState, kv: LayerKV, q: torch.Tensor, positions: tor
     """
     state = OnlineSoftmax(q, st.kv_heads, st.scratch_bytes)
     keys = window_keys(st, kv, q_first, window_tokens)
-    poll_fetches(kv, wait=True, keys=keys)
+    poll_fetches(st, kv, wait=True, keys=keys)
     slots = {key: kv.slot_of(key) for key in keys}
     resident = [(k.seq, k.chunk, slot) for k, slot in slots.items() if slot is not None]
     for batch in slot_batches(resident, st.batch, _chunks_per_batch(st, kv, q)):
@@ -173,12 +172,12 @@ def _stream(st: CacheState, kv: LayerKV, state: OnlineSoftmax, keys: Sequence[Ch
             if plan:
                 waves.append(submit_wave(st, kv, plan.pop(0), len(waves) % 2))
             wave = waves[done]
-            wave.future.result()
+            st.mover.complete(wave.records)
             for batch in slot_batches(wave.entries(), st.batch, len(wave.keys)):
                 _update_from_slots(st, state, kv, batch, positions, window_tokens)
             done += 1
     finally:
-        wait_futures([w.future for w in waves])
+        settle(st.mover, [r for w in waves for r in w.records])
         for wave in waves:
             kv.table.unpin(wave.keys)
     st.c.streamed_chunks += sum(len(w.keys) for w in waves)
@@ -190,13 +189,12 @@ def submit_wave(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey], buffer: i
     slots = kv.scratch[buffer * half: buffer * half + len(keys)]
     assert len(slots) == len(keys), "a wave is larger than half the scratch slots"
     kv.table.pin(keys)
-    future: Future = submit_load(st, kv, keys, slots)
-    return Wave(tuple(keys), tuple(slots), future)
+    return Wave(tuple(keys), tuple(slots), tuple(load(st, kv, keys, slots)))
 
 
-def drain_prefetch(kv: LayerKV) -> None:
+def drain_prefetch(st: CacheState, kv: LayerKV) -> None:
     """Drop a streamed wave prefetched for exact attention (the step turned sparse)."""
     if kv.prefetched is not None:
-        wait_futures([kv.prefetched.future])
+        settle(st.mover, kv.prefetched.records)
         kv.table.unpin(kv.prefetched.keys)
         kv.prefetched = None

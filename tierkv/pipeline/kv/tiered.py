@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import uuid
 import weakref
-from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,7 +41,7 @@ from tierkv.pipeline.kv.speculate import speculate
 from tierkv.pipeline.kv.state import CacheState
 from tierkv.pipeline.kv.streamed import attend_streamed
 from tierkv.pipeline.kv.transfer import read_kv
-from tierkv.pipeline.kv.workers import KVWorkers
+from tierkv.pipeline.kv.workers import KVWorkers, settle
 
 __all__ = ["TieredKVCache"]
 
@@ -109,7 +108,7 @@ class TieredKVCache:
         st, t = self._st, k.shape[2]
         kv = self._begin(layer, k, q, positions, window_tokens)
         st.decoding, st.hint = t == 1, None
-        poll_fetches(kv, wait=False)
+        poll_fetches(st, kv, wait=False)
         if t == 1:
             append(st, kv, k, v)
             out = decode(st, kv, q, positions, window_tokens)
@@ -248,9 +247,9 @@ def _fixed_sizes(geometry: Mapping[str, Any] | None, layers: int) -> list[int | 
 
 def _release(st: CacheState, owns_workers: bool) -> None:
     """Wait for the cache's jobs, free its layers and delete its offload files; stop its own workers."""
-    pending = [f.future for kv in st.live_layers() for f in [*kv.fetching.values(), *kv.writing]]
-    pending += [kv.prefetched.future for kv in st.live_layers() if kv.prefetched is not None]
-    wait_futures(pending)
+    pending = [r for kv in st.live_layers() for f in [*kv.fetching.values(), *kv.writing] for r in f.records]
+    pending += [r for kv in st.live_layers() if kv.prefetched is not None for r in kv.prefetched.records]
+    settle(st.mover, pending)
     if owns_workers:
         st.workers.close()
     if st.device.type == "cuda":

@@ -4,7 +4,7 @@ Why this module exists: sessions keep a conversation's KV between calls and save
 read a cache's K/V back in position order (``read_kv``) and feed it to another cache through the
 normal append path. Reading is synchronous and holds at most one chunk per sequence besides the
 output: device chunks are read from their slots, host chunks from their buffers, disk chunks are
-read back (checksummed) one chunk index at a time.
+read back (checksummed) one chunk index at a time; host and disk reads are moves of the cache's mover.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from tierkv.pipeline.kv.layer import LayerKV
-from tierkv.pipeline.kv.moves import poll_fetches
+from tierkv.pipeline.kv.moves import load_into, poll_fetches
 from tierkv.pipeline.kv.state import CacheState
 from tierkv.pipeline.kv.table import Tier
 
@@ -25,24 +25,21 @@ def read_kv(st: CacheState, kv: LayerKV, start: int, end: int) -> tuple[torch.Te
     shape = (st.batch, st.kv_heads, end - start, st.head_dim)
     k_out = torch.empty(shape, dtype=st.dtype, device=st.device)
     v_out = torch.empty_like(k_out)
-    poll_fetches(kv, wait=True)                       # every chunk is where the table says, none in flight
+    poll_fetches(st, kv, wait=True)                   # every chunk is where the table says, none in flight
     s = kv.geo.chunk_tokens
     for c in range(start // s, -(-end // s)):
         lo, hi = max(start, c * s), min(end, (c + 1) * s)    # positions of chunk c that are wanted
+        rows, out = slice(lo - c * s, hi - c * s), slice(lo - start, hi - start)
         keys = [kv.key(c, b) for b in range(st.batch)]
+        host = [(key, kv.host_buf(key)[:, :, rows]) for key in keys if kv.table.tier_of(key) is Tier.HOST]
         disk = [key for key in keys if kv.table.tier_of(key) is Tier.DISK]
-        records = dict(zip(disk, st.store.read(disk))) if disk and st.store is not None else {}
-        assert len(records) == len(disk), "disk chunks without a store"
-        for b, key in enumerate(keys):
-            tier, rows = kv.table.tier_of(key), slice(lo - c * s, hi - c * s)
-            if tier is Tier.DEVICE:
-                slot = kv.slot_of(key)
-                k, v = kv.k_pool[slot, :, rows], kv.v_pool[slot, :, rows]
-            elif tier is Tier.HOST:
-                buf = kv.host_buf(key)
-                k, v = buf[0, :, rows], buf[1, :, rows]
-            else:
-                k, v = records[key].k[:, rows], records[key].v[:, rows]
-            k_out[b, :, lo - start:hi - start] = k
-            v_out[b, :, lo - start:hi - start] = v
+        staged = [(torch.empty_like(kv.k_pool[0]), torch.empty_like(kv.v_pool[0])) for _ in disk]   # (Hkv, S, D)
+        st.mover.complete(load_into(st, host, disk, [(k_out[key.seq, :, out], v_out[key.seq, :, out])
+                                                     for key, _ in host], staged))
+        for key, (k, v) in zip(disk, staged):
+            k_out[key.seq, :, out], v_out[key.seq, :, out] = k[:, rows], v[:, rows]
+        for key in keys:
+            if kv.table.tier_of(key) is Tier.DEVICE:
+                k, v = kv.slot_pair(kv.slot_of(key))   # type: ignore[arg-type]  # resident: has a slot
+                k_out[key.seq, :, out], v_out[key.seq, :, out] = k[:, rows], v[:, rows]
     return k_out, v_out

@@ -1,74 +1,178 @@
-"""The KV cache's background threads, made once per engine and shared by all its caches.
+"""The KV cache's movement handlers, made once per engine and shared by all its caches.
 
-Why this module exists: a tiered KV cache copies chunks between host, disk and device off the
-compute thread. Starting threads per cache would cost a pool per sequence (the engine makes one
-cache per sequence); ``KVWorkers`` is created once, passed to every cache, and closed by its owner.
-A cache made without one owns a private ``KVWorkers`` and closes it with itself.
+Why this module exists: a tiered KV cache moves chunks between device slots, host buffers and disk
+segments, mostly off the compute thread. Every such move goes through ``io.mover`` (handlers per
+(source tier, destination tier); each chunk moved is one ``MoveRecord`` and a ``tierkv::move``
+profiler span, so ``tierkv trace`` sees KV traffic as it sees weight reads). Starting threads per
+cache would cost a pool per sequence (the engine makes one cache per sequence): ``KVWorkers`` owns
+the handlers and their threads, is created once, hands each cache a ``Mover`` of its own (so each
+cache's link counters stay its own) and is closed by its owner. A cache made without one owns a
+private ``KVWorkers`` and closes it with itself.
+
+Links and what their ``sources`` / ``dests`` are (one entry per chunk):
+
+    host -> device    (2, Hkv, S, D) host buffer  -> (k, v) pair of (Hkv, S, D) device views   reader thread
+    disk -> device    (store, key)                -> (k, v) pair (tokens past the record zeroed) 4 stream threads
+    host -> disk      io.kvstore.KVChunk snapshot -> the store (one append per batch)          writer thread
+    device -> disk    KVChunk of device views     -> the store                                 the calling thread
+    device -> host    (k, v) pair of device slots -> (2, Hkv, S, D) host buffer                the calling thread
 """
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from concurrent.futures import wait as wait_futures
+from contextlib import ExitStack
+from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["KVWorkers", "STREAM_THREADS"]
+from tierkv.io.mover import DEVICE, DISK, HOST, MoveRecord, Mover
 
-STREAM_THREADS = 4               # "stream" threads that read the chunks sparse steps need in parallel
+__all__ = ["KVMove", "KVWorkers", "STREAM_THREADS", "settle"]
+
+STREAM_THREADS = 4               # threads that read disk chunks in parallel (parallel reads keep the disk busy)
+Run = Callable[[Sequence[Any], Sequence[Any]], None]     # (sources, dests) -> None: one batch of chunks
 
 
-class KVWorkers:
-    """A reader and a writer thread for disk and host<->device moves, and ``STREAM_THREADS``
-    "stream" threads that read the chunks sparse steps need from disk (fetches and overflow
-    remainders, split over the threads: parallel reads keep more of the disk busy).
+class KVMove(MoveRecord):
+    """One chunk's move; ``job`` is the future of the batch it is part of (done or failed together)."""
 
-    On CUDA each job runs on its thread's own stream after waiting for an event recorded when it
-    was submitted, so it sees (and does not overwrite) what the compute stream was still using;
-    the job's future completes only after its stream finished. Thread-safe: any number of caches
-    submit to one instance.
+    job: Future
+
+    def attach(self, job: Future) -> "KVMove":
+        self.job = job
+        self.add_future(job)
+        return self
+
+
+def settle(mover: Mover, records: Sequence[KVMove]) -> None:
+    """Wait until every record's work ended (so no thread still writes its buffers) without raising;
+    complete those that succeeded (a failure is raised where the caller completes it, or never)."""
+    wait_futures({r.job for r in records})
+    mover.complete([r for r in records if r.job.exception() is None])
+
+
+class _BatchHandler:
+    """One ``run(sources, dests)`` job per ``prepare`` on a worker pool, one ``KVMove`` per chunk whose
+    span is open while the job runs; ``threads=0`` runs the job on the calling thread.
+
+    On CUDA each worker thread runs on its own stream after waiting for an event recorded on the
+    submitting stream (it sees, and does not overwrite, what the compute stream was still using);
+    the job ends only after its stream finished.
     """
 
-    KINDS = ("read", "write", "stream")
-
-    def __init__(self, device: torch.device | str) -> None:
-        device = torch.device(device)
-        threads = {"read": 1, "write": 1, "stream": STREAM_THREADS}
-        self._pools = {kind: ThreadPoolExecutor(n, thread_name_prefix=f"tierkv-kv-{kind}")
-                       for kind, n in threads.items()}
-        self.device = device
+    def __init__(self, run: Run, size: Callable[[Any, Any], int], threads: int, name: str,
+                 device: torch.device) -> None:
+        self.run, self.size = run, size
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"tierkv-kv-{name}") if threads else None
         self._cuda = device if device.type == "cuda" else None
         self._local = threading.local()   # .stream: the calling pool thread's CUDA stream
-        self.closed = False
 
-    def submit(self, kind: str, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` on a ``kind`` ("read", "write", "stream") thread; its Future completes after it."""
-        assert not self.closed, "KVWorkers used after close()"
+    def prepare(self, src: str, dst: str, whats: Sequence[str], sources: Sequence[Any] | None,
+                dests: Sequence[Any] | None, after: Sequence[torch.cuda.Event]) -> list[MoveRecord]:
+        assert sources is not None and dests is not None and not after, "KV moves give sources and dests"
+        records = [KVMove(src, dst, w, self.size(s, d)) for w, s, d in zip(whats, sources, dests)]
+        if self._pool is None:                  # on the calling thread: done (or raised) on return
+            self._work(records, sources, dests, None)
+            done: Future = Future()
+            done.set_result(None)
+            return [r.attach(done) for r in records]
         event = None
         if self._cuda is not None:
             event = torch.cuda.Event()
             event.record()
-        return self._pools[kind].submit(self._run, fn, event)
+        job = self._pool.submit(self._work, records, sources, dests, event)
+        return [r.attach(job) for r in records]
 
-    def _run(self, fn: Callable[[], Any], event: Any) -> Any:
-        with torch.inference_mode():
-            if self._cuda is None:
-                return fn()
+    def _work(self, records: list[KVMove], sources: Sequence[Any], dests: Sequence[Any], event: Any) -> None:
+        with torch.inference_mode(), ExitStack() as spans:
+            for record in records:
+                spans.enter_context(record.working())
+            if self._cuda is None or self._pool is None:
+                self.run(sources, dests)
+                return
             stream = getattr(self._local, "stream", None)
             if stream is None:
                 stream = self._local.stream = torch.cuda.Stream(self._cuda)
             with torch.cuda.stream(stream):
                 stream.wait_event(event)
-                out = fn()
+                self.run(sources, dests)
             stream.synchronize()
-            return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _pair_bytes(_: Any, dest: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in dest)
+
+
+def _source_pair_bytes(source: tuple[torch.Tensor, torch.Tensor], _: Any) -> int:
+    return _pair_bytes(None, source)
+
+
+def _record_bytes(chunk: Any, _: Any) -> int:
+    return chunk.k.numel() * chunk.k.element_size() + chunk.v.numel() * chunk.v.element_size()
+
+
+def _copy_from_host(sources: Sequence[torch.Tensor], dests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for buf, (k, v) in zip(sources, dests):
+        k.copy_(buf[0], non_blocking=True)
+        v.copy_(buf[1], non_blocking=True)
+
+
+def _read_from_disk(sources: Sequence[tuple[Any, Any]], dests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Read records back (checksums verified) into (k, v) views; V past the record is zeroed (0 * NaN)."""
+    store = sources[0][0]
+    for (k, v), chunk in zip(dests, store.read([key for _, key in sources])):
+        n = chunk.n_tokens
+        k[:, :n].copy_(chunk.k)
+        v[:, :n].copy_(chunk.v)
+        v[:, n:].zero_()
+
+
+def _append_to_disk(sources: Sequence[Any], dests: Sequence[Any]) -> None:
+    dests[0].append(list(sources))
+
+
+def _copy_to_host(sources: Sequence[tuple[torch.Tensor, torch.Tensor]], dests: Sequence[torch.Tensor]) -> None:
+    for (k, v), buf in zip(sources, dests):
+        buf[0].copy_(k)
+        buf[1].copy_(v)
+
+
+class KVWorkers:
+    """The handlers (and threads) every KV cache of an engine moves its chunks with. Thread-safe:
+    any number of caches prepare moves at once; ``mover()`` gives each cache its own counters."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        d = self.device
+        self._links = {
+            (HOST, DEVICE): _BatchHandler(_copy_from_host, _pair_bytes, 1, "read", d),
+            (DISK, DEVICE): _BatchHandler(_read_from_disk, _pair_bytes, STREAM_THREADS, "stream", d),
+            (HOST, DISK): _BatchHandler(_append_to_disk, _record_bytes, 1, "write", d),
+            (DEVICE, DISK): _BatchHandler(_append_to_disk, _record_bytes, 0, "write-now", d),
+            (DEVICE, HOST): _BatchHandler(_copy_to_host, _source_pair_bytes, 0, "evict", d),
+        }
+        self.closed = False
+
+    def mover(self) -> Mover:
+        """A Mover routing every KV link to these handlers; closing it is this object's job, not the cache's."""
+        assert not self.closed, "KVWorkers used after close()"
+        mover = Mover()
+        for (src, dst), handler in self._links.items():
+            mover.register(src, dst, handler)
+        return mover
 
     def close(self) -> None:
         """Finish queued work and stop the threads (idempotent)."""
         self.closed = True
-        for pool in self._pools.values():
-            pool.shutdown(wait=True)
+        for handler in self._links.values():
+            handler.close()
 
     def __enter__(self) -> "KVWorkers":
         return self
