@@ -196,3 +196,31 @@ def test_span_names_round_trip(what, nbytes, part, parts):
     span = parse_move_span(move_span_name("disk", "host", what, nbytes, part, parts))
     assert (span.link, span.what, span.nbytes, span.part, span.parts) == ("disk->host", what, nbytes, part, parts)
     assert parse_move_span("tierkv::wait") is None and parse_move_span("tierkv::move disk->host x") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_copies_on_the_copy_stream_and_on_worker_streams():
+    """host->device on the copy stream (timed by events, ordered into the consumer stream without a host
+    wait), then device->host on a worker thread's own stream after an event of the compute stream."""
+    from tierkv.io.buffers import HostBuffer
+
+    dev = torch.device("cuda")
+    mover = Mover()
+    mover.register(HOST, DEVICE, copy_handler(dev))
+    mover.register(DEVICE, HOST, ThreadHandler(copy_into, threads=2, name="evict", device=dev))
+    buffer = HostBuffer(1 << 20, pinned=True)                  # keep it: it holds the pinning
+    pinned = buffer.tensor
+    pinned.copy_(torch.arange(1 << 20, dtype=torch.int64).to(torch.uint8))
+    slot = torch.zeros(2 << 20, dtype=torch.uint8, device=dev)
+    (up,) = mover.prepare(HOST, DEVICE, ["chunk"], sources=[pinned], dests=[slot])
+    up.ready_on(torch.cuda.current_stream())
+    doubled = slot[: 1 << 20] * 2                               # compute stream, after the copy
+    written = torch.cuda.Event()
+    written.record()
+    back = torch.zeros(1 << 20, dtype=torch.uint8)
+    (down,) = mover.prepare(DEVICE, HOST, ["chunk"], sources=[doubled], dests=[back], after=[written])
+    mover.complete([up, down])
+    assert torch.equal(back, pinned * 2) and up.t_end_s >= up.t_start_s and down.duration_s >= 0
+    assert mover.stats()["host->device"]["bytes"] == 1 << 20 == mover.stats()["device->host"]["bytes"]
+    mover.close()

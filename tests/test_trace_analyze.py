@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from tierkv.trace import analyze as az
-from tierkv.trace.analyze import TraceError, VerdictRule, analyze_events, analyze_trace, iter_trace_events, summarize_sweep
+from tierkv.trace import events as trace_events
+from tierkv.trace.analyze import analyze_events, analyze_trace
+from tierkv.trace.events import TraceError, iter_trace_events
+from tierkv.trace.verdict import VerdictRule, summarize_sweep
 from tierkv.trace.cli import trace_app
 
 BASE_US = 1_700_000_000_000.0  # profiler timestamps are large; the analyzer must keep precision
@@ -350,7 +352,7 @@ def test_streaming_reader_across_tiny_buffers(tmp_path: Path, monkeypatch: pytes
     tb = queued_trace()
     path = tb.write(tmp_path / "t.json", indent=2)
     expected = analyze_trace(path).to_dict()
-    monkeypatch.setattr(az, "_READ_CHARS", 7)
+    monkeypatch.setattr(trace_events, "_READ_CHARS", 7)
     assert analyze_trace(path).to_dict() == expected
     assert len(list(iter_trace_events(path))) == len(tb.events)
 

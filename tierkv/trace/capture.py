@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from tierkv.errors import ArgumentError
-from tierkv.trace.analyze import SweepSummary, TraceReport, VerdictRule, analyze_trace, round_floats, summarize_sweep
+from tierkv.trace.analyze import TraceReport, analyze_trace, round_floats
+from tierkv.trace.verdict import SweepSummary, VerdictRule, summarize_sweep
 from tierkv.trace.report import plot_sweep, write_json
 
 

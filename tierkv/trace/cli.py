@@ -18,7 +18,8 @@ from rich.text import Text
 
 from tierkv.errors import TierkvError
 
-from tierkv.trace.analyze import TraceError, analyze_trace, round_floats
+from tierkv.trace.analyze import analyze_trace, round_floats
+from tierkv.trace.events import TraceError
 from tierkv.trace.report import print_sweep, print_trace_report
 
 trace_app = typer.Typer(

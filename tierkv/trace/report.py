@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tierkv.config import format_size
-from tierkv.trace.analyze import ScopeReport, SweepSummary, TraceReport
+from tierkv.trace.analyze import ScopeReport, TraceReport
+from tierkv.trace.verdict import SweepSummary
 
 _NA = "n/a"
 
