@@ -80,16 +80,8 @@ print(json.dumps({"growth": growth, "disk_layers": len(engine.plan.disk_layers),
 """
 
 
-# Today's engine runs each call in its caller's thread, so four streaming threads allocate KV and
-# activations in four glibc malloc arenas, which keep freed memory: measured growth 48-61 MiB of the
-# 54 MiB allowed over 4 runs, against 25-28 MiB for the same four prompts in one thread, and 28 MiB
-# for the threads under MALLOC_ARENA_MAX=1. The step scheduler must allocate from one place.
-THREAD_ARENAS = pytest.mark.xfail(reason="each client thread allocates in its own malloc arena (engine before the "
-                                         "step scheduler): growth 48-61 MiB of 54 MiB allowed", strict=False)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["batch", pytest.param("threads", marks=THREAD_ARENAS)])
+@pytest.mark.parametrize("mode", ["batch", "threads"])   # threads: every step runs on the one engine thread
 def test_four_concurrent_2k_sequences_stay_within_the_memory_guarantee(tmp_path: Path, mode: str) -> None:
     if not MEMCAP.is_file():
         pytest.skip(f"{MEMCAP} is not on this machine")

@@ -12,9 +12,11 @@ from tierkv.io.tiers import TierFullError
 from tierkv.numerics import NonFiniteError
 from tierkv.pipeline.kv.table import KVBudgetError
 from tierkv.plan import PlanError
+from tierkv.session import Session
+from tierkv.session_file import SessionError
 
 __all__ = ["load", "Engine", "Budget", "Policy", "ModelConfig", "GenerationResult", "GenerationStats",
            "Piece", "Stream", "TierkvError", "ArgumentError", "ConfigError", "CheckpointError", "PlanError",
            "StoreError", "KVBudgetError", "KVStoreError", "TierFullError", "PinningError",
-           "NonFiniteError"]
+           "NonFiniteError", "Session", "SessionError"]
 __version__ = "0.1.0"

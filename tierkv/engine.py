@@ -337,7 +337,7 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          chunk_tokens: int | None = None, kv_exact_max_tokens: int = 4096, kv_device_tokens: int | None = None,
          kv_sketch: bool | None = None, prefill_chunk_tokens: int | None = None,
          progress: ProgressFn | None = None, prefill_progress: ProgressFn | None = None,
-         verify: bool = False) -> Engine:
+         verify: bool = False, max_sequences: int = 16) -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``) for generation.
 
     device_mem / host_mem: budgets such as "6GiB" or a byte count; default: detected free memory
@@ -364,6 +364,10 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     says which); prefill_progress(done, total) is called after each piece. progress(done, total)
     reports a first-use conversion.
 
+    max_sequences: most sequences that decode together (prompts of a batch, concurrent calls,
+    sessions' turns); more wait for a place. The planner reserves one step's activations: a prefill
+    piece plus one token for each of the others.
+
     verify=True first reads every checkpoint tensor once (bounded memory, a bar on a terminal, or
     ``progress(done_bytes, total_bytes)`` before any conversion's calls) and raises CheckpointError
     naming the first one holding NaN, inf or absurdly large values, or values the compute dtype
@@ -373,6 +377,6 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     policy = Policy(dtype=None if dtype is None else str(dtype).removeprefix("torch."), device=device,
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,
                     kv_exact_max_tokens=kv_exact_max_tokens, chunk_tokens=chunk_tokens,
-                    kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch)
+                    kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, max_sequences=max_sequences)
     return Engine(model, policy, Budget.parse(device_mem, host_mem, offload_dir), progress=progress,
                   prefill_progress=prefill_progress, verify=verify)
