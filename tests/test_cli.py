@@ -177,6 +177,39 @@ def test_chat_two_turns_and_eof(text_model) -> None:
     assert result.stdout.count(">>> ") == 4                     # hello, empty line, again, then EOF
 
 
+def test_chat_turns_prefill_only_their_new_tokens_and_match_a_full_re_prefill(text_model, monkeypatch) -> None:
+    """Three turns through `tierkv chat`: each reply equals generating from the whole rendered
+    conversation, and every turn after the first feeds the session only what follows the longest
+    prefix its history shares with that rendering (the KV of that prefix is kept)."""
+    from tierkv.session import Session
+
+    fed: list[tuple[int, int]] = []                 # (tokens fed to the session, history kept)
+    stream = Session.stream
+
+    def spy(self, prompt, **sampling):
+        fed.append((len(prompt), len(self.token_ids)))
+        return stream(self, prompt, **sampling)
+
+    monkeypatch.setattr(Session, "stream", spy)
+    lines = ["hello", "tell me more", "and then?"]
+    result = invoke("chat", str(text_model), "--temperature", "0", "-n", "6", input="\n".join(lines) + "\n/exit\n")
+    monkeypatch.undo()
+    assert result.exit_code == 0, result.output
+    messages, expected = [], []
+    with tierkv.load(text_model) as eng:
+        for line in lines:
+            messages.append({"role": "user", "content": line})
+            ids = eng.tokenizer.encode_chat(messages)
+            reply = eng.generate(ids, max_new_tokens=6)
+            expected.append((reply.text, len(ids)))
+            messages.append({"role": "assistant", "content": reply.text})
+    for text, _ in expected:
+        assert text in result.stdout
+    assert fed[0] == (expected[0][1], 0)
+    for (n_fed, kept), (_, rendered) in zip(fed[1:], expected[1:]):
+        assert n_fed + kept == rendered and 0 < kept and n_fed < rendered, fed   # the shared prefix's KV was kept
+
+
 def test_chat_without_template_is_an_error(tiny_llama_dir) -> None:
     assert_one_line_error(invoke("chat", str(tiny_llama_dir), input="hi\n"), "chat_template")
 

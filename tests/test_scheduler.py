@@ -181,4 +181,23 @@ def test_has_work_and_counts(room: int | None) -> None:
     assert not s.has_work() and s.counts()["parked_sessions"] == 1
     s.close(1)
     assert s.counts() == {"running_sequences": 0, "waiting_sequences": 0, "parked_sessions": 0,
-                          "device_allotted_bytes": 0, "host_allotted_bytes": 0}
+                          "device_allotted_bytes": 0, "host_allotted_bytes": 0, "parked_on_host": 0,
+                          "parked_on_disk": 0}
+
+
+def test_truncating_a_parked_session_moves_its_kept_kv_off_the_cache() -> None:
+    s = make(token_budget=64, piece=64, room=10_000, host=1000)
+    s.add(1, 30, 40, session=True)
+    run(s, s.schedule(), finished=(1,))                # one piece, sampled, the turn ends: parked
+    assert s.truncate(1, 12) == "host"                 # 12 x 50 = 600 <= 1000
+    assert s.counts()["device_allotted_bytes"] == 0 and s.counts()["host_allotted_bytes"] == 600
+    assert s.computed_tokens(1) == 12 and s.counts()["parked_on_host"] == 1
+    s.resume(1, 5, 40)
+    plan = s.schedule()                                # restored from the host into a new cache
+    assert [(a.seq_id, a.restore) for a in plan.admit] == [(1, "host")] and plan.rows == (Row(1, 12, 5, True),)
+    assert s.counts()["host_allotted_bytes"] == 1000   # the cache's cold tier now (the parked copy came back)
+    run(s, plan, finished=(1,))
+    s.add(2, 30, 40, session=True)
+    run(s, s.schedule(), finished=(2,))
+    assert s.truncate(2, 30) == "disk"                 # 1500 bytes: more than the host room has left
+    assert s.counts()["parked_on_disk"] == 1

@@ -132,3 +132,44 @@ def test_a_session_file_of_another_model_is_refused_naming_the_problem(tiny_mode
                 foreign.restore_session(path)
         message = str(info.value)
         assert path.name in message and re.search(r"model|checkpoint", message, re.I), (what, message)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keep_rewinds_a_session_to_a_prefix_and_continues_exactly(model: Path, tmp_path: Path, kind: str) -> None:
+    """keep(n) drops the history (and KV) after n tokens; the next turn equals generate() on the
+    kept prefix plus the new tokens, prefilling only those (the prefix's KV was kept, off the cache)."""
+    with placements.load(kind, model, tmp_path / "offload") as eng:
+        session, history = eng.session(), []
+        for new in TURNS[:2]:
+            _turn(session, history, new, eng)
+        cut = len(TURNS[0]) + 3                              # inside the first reply
+        session.keep(cut)
+        assert session.token_ids == history[:cut]
+        expected = eng.generate(history[:cut] + TURNS[2], **REPLY).token_ids
+        out = session.generate(TURNS[2], **REPLY)
+        assert out.token_ids == expected
+        assert (out.stats.prefill_tokens, out.stats.cached_tokens) == (len(TURNS[2]), cut)
+        session.keep(0)                                     # nothing kept: the next turn prefills from scratch
+        again = session.generate(TURNS[0], **REPLY)
+        assert again.stats.cached_tokens == 0 and again.token_ids == eng.generate(TURNS[0], **REPLY).token_ids
+        session.close()
+        assert eng.kv_stats()["device_allotted_bytes"] == eng.kv_stats()["host_allotted_bytes"] == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_idle_session_gives_its_room_to_a_request_and_resumes_exactly(model: Path, tmp_path: Path,
+                                                                         kind: str) -> None:
+    """A parked session holds its cache's room until another request needs it: then its KV moves to
+    the host (or disk) instead of the request waiting forever; its next turn restores it, exactly."""
+    with placements.load(kind, model, tmp_path / "offload") as eng:
+        session, history = eng.session(), []
+        _turn(session, history, TURNS[0], eng)
+        stats, room = eng.kv_stats(), eng._core.room
+        other = random_prompt(50, seed=400)
+        must_move = stats["device_room_bytes"] is not None and \
+            stats["device_room_bytes"] - stats["device_allotted_bytes"] < room.minimum_bytes(len(other) + 7)
+        assert eng.generate(other, max_new_tokens=8).token_ids        # not refused, not stuck
+        moved = eng.kv_stats()["parked_on_host"] + eng.kv_stats()["parked_on_disk"]
+        assert moved == int(must_move) and must_move == (kind == "tiered"), (stats, eng.kv_stats())
+        _turn(session, history, TURNS[1], eng)                        # restored: only the new tokens prefilled
+        session.close()

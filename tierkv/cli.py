@@ -271,8 +271,8 @@ def chat(
 
 def _chat_loop(engine: Engine, system: Optional[str], sampling: dict[str, Any]) -> None:
     """Read a line, stream the reply. The conversation is one Session, so each turn prefills only its new
-    tokens; if the template renders the history differently from the tokens the model produced (a
-    re-tokenized reply), that turn starts a fresh session over the whole rendered history."""
+    tokens; where the template renders the history differently from the tokens the model produced (a
+    re-tokenized or trimmed reply), the session keeps the common prefix and is fed the rest."""
     if engine.tokenizer is None or not engine.tokenizer.chat_template:
         raise ConfigError(f"{engine.model_dir} has no tokenizer chat_template; use `tierkv run` instead")
     messages = [{"role": "system", "content": system}] if system else []
@@ -291,19 +291,22 @@ def _chat_loop(engine: Engine, system: Optional[str], sampling: dict[str, Any]) 
                 continue
             messages.append({"role": "user", "content": line})
             session, reply = _chat_turn(engine, session, engine.tokenizer.encode_chat(messages), sampling)
-            messages.append({"role": "assistant", "content": reply.strip()})
+            messages.append({"role": "assistant", "content": reply})    # as produced: the template trims if it wants
     finally:
         session.close()
 
 
 def _chat_turn(engine: Engine, session: Session, rendered: list[int], sampling: dict[str, Any]) -> tuple[Session, str]:
-    """Stream one reply to the rendered conversation ``rendered`` -> (the session holding it, the reply)."""
+    """Stream one reply to the rendered conversation ``rendered`` -> (the session holding it, the reply).
+    The session keeps the longest prefix its history shares with the rendering (its KV is kept)
+    and is fed the rest."""
     history = session.token_ids
-    if rendered[:len(history)] != history:
-        session.close()
-        session, history = engine.session(), []
+    common = next((i for i, (a, b) in enumerate(zip(history, rendered)) if a != b), min(len(history), len(rendered)))
+    common = min(common, len(rendered) - 1)                 # at least one new token to feed
+    if common < len(history):
+        session.keep(common)
     with _prefill_bar(engine, False):
-        res = _emit(session.stream(rendered[len(history):], **sampling), show=True)
+        res = _emit(session.stream(rendered[common:], **sampling), show=True)
     print()
     return session, res.text
 

@@ -104,10 +104,16 @@ class KVRoom:
 
     def spill(self, seq: Any) -> Any:
         """Write ``seq``'s KV (from its cache or host tensors) into a session file under the offload dir."""
-        assert self.offload_dir is not None, "a KV room without an offload directory never spills to disk"
-        path = self.offload_dir / "sessions" / f"parked-{uuid.uuid4().hex[:12]}.tkvs"
         read, n = self.reader(seq)
-        return self._write_parked(path, seq, read, n)
+        return self._write_parked(self._parked_path(), seq, read, n)
+
+    def spill_tensors(self, seq: Any, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        """Write per-layer host K/V tensors of ``seq`` into a session file under the offload dir."""
+        return self._write_parked(self._parked_path(), seq, _host_reader(layers), layers[0][0].shape[2])
+
+    def _parked_path(self) -> Path:
+        assert self.offload_dir is not None, "a KV room without an offload directory never spills to disk"
+        return self.offload_dir / "sessions" / f"parked-{uuid.uuid4().hex[:12]}.tkvs"
 
     def reader(self, seq: Any) -> tuple[ReadKV, int]:
         """(read_kv(layer, start, end), tokens) over wherever ``seq``'s KV is now (cache or host tensors)."""

@@ -198,6 +198,22 @@ class Scheduler:
             self._give_back(s, device=True, host=True)
         s.status, s.pending_tokens, s.last_used = SeqStatus.PARKED, 0, self._c.steps
 
+    def truncate(self, seq_id: int, tokens: int) -> str:
+        """A parked session keeps only its first ``tokens`` of KV, moved off its cache (the engine copies
+        them): to the host while the host room holds them, else to disk. Returns where they go."""
+        s = self._seqs[seq_id]
+        assert s.status is SeqStatus.PARKED and 0 < tokens <= s.computed_tokens
+        self._give_back(s, device=True, host=True)
+        s.computed_tokens = tokens
+        size, host_room = self._sizer.host_bytes(tokens), self.limits.host_room_bytes
+        if host_room is None or host_room - self._host_used >= size:
+            s.host_bytes = size
+            self._host_used += size
+            s.kv_place = "host"
+        else:
+            s.kv_place = "disk"
+        return s.kv_place
+
     def close(self, seq_id: int) -> None:
         """Forget a sequence and free all its room."""
         s = self._seqs.pop(seq_id, None)
@@ -222,9 +238,11 @@ class Scheduler:
         by = {status: 0 for status in SeqStatus}
         for s in self._seqs.values():
             by[s.status] += 1
+        parked = [s.kv_place for s in self._seqs.values() if s.status is SeqStatus.PARKED]
         return {"running_sequences": by[SeqStatus.RUNNING], "waiting_sequences": by[SeqStatus.WAITING],
                 "parked_sessions": by[SeqStatus.PARKED], "device_allotted_bytes": self._device_used,
-                "host_allotted_bytes": self._host_used}
+                "host_allotted_bytes": self._host_used, "parked_on_host": parked.count("host"),
+                "parked_on_disk": parked.count("disk")}
 
     def has_work(self) -> bool:
         return any(s.status is not SeqStatus.PARKED for s in self._seqs.values())

@@ -124,6 +124,42 @@ class Session:
             core.start(seq, turn, self._capacity(cached + len(pending) + budget - 1))
         return client
 
+    def keep(self, tokens: int) -> None:
+        """Keep only the first ``tokens`` of the history (and their KV): the next turn continues from there.
+
+        Used when a chat template renders the conversation differently from the tokens the model
+        produced: the longest common prefix keeps its KV (copied off the cache, no recompute) and the
+        rest is fed again."""
+        engine = self._engine
+        with engine._core.held() as core:
+            self._check_usable()
+            seq = self._seq
+            tokens = max(0, min(tokens, len(seq.history)))
+            kv_n = core.scheduler.computed_tokens(seq.seq_id) if seq.seq_id in core.scheduler else 0
+            seq.history = seq.history[:tokens]
+            if tokens < kv_n:
+                self._keep_kv(core, tokens)
+                kv_n = tokens if seq.seq_id in core.scheduler else 0
+            seq.unfed = seq.history[kv_n:]
+
+    def _keep_kv(self, core: Any, tokens: int) -> None:
+        """The KV of the first ``tokens`` positions, off the cache (host tensors or a file); the rest dropped."""
+        seq, room = self._seq, core.room
+        if tokens == 0 or (seq.cache is None and not isinstance(seq.parked, list)):
+            room.drop(seq)                      # nothing to keep, or it is in a file: the next turn prefills
+            core.scheduler.close(seq.seq_id)
+            return
+        read, _ = room.reader(seq)
+        kept = [tuple(t[:, :, :tokens].to("cpu", copy=True) for t in read(j, 0, tokens))
+                for j in range(self._engine.config.num_layers)]
+        if seq.cache is not None:
+            seq.geometry = seq.cache.geometry()
+        room.drop(seq)
+        if core.scheduler.truncate(seq.seq_id, tokens) == "host":
+            seq.parked = kept
+        else:
+            seq.parked = room.spill_tensors(seq, kept)
+
     def _capacity(self, need: int) -> int:
         """A turn's cache capacity: what it needs; a cache it outgrows is replaced by one twice as large."""
         cache, limit = self._seq.cache, self._engine.context_limit_tokens
