@@ -73,7 +73,9 @@ def _runtime_bytes(root: Path) -> int:
     assert out.returncode == 0, out.stderr
     return int(json.loads(out.stderr.strip().splitlines()[-1])["memcap_peak_bytes"])
 
-_LONG_PROBE = r"""
+
+# what a memory probe process runs first: a sampler of the memory this process allocated
+PROBE_PRELUDE = r"""
 import json, sys, threading, time
 import torch
 torch.set_num_threads(1)
@@ -98,6 +100,9 @@ def sample():
         time.sleep(0.0005)
 
 
+"""
+
+_LONG_PROBE = PROBE_PRELUDE + r"""
 model, offload, device_mem = sys.argv[1:4]
 base = anon_bytes()
 threading.Thread(target=sample, daemon=True).start()

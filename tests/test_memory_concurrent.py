@@ -19,34 +19,12 @@ from pathlib import Path
 import pytest
 
 from conftest import build_hf_model, save_hf_model
-from test_memory_budget import CAP_SLACK_BYTES, FIXED_OVERHEAD_BYTES, MEMCAP, _memcap, _runtime_bytes
+from test_memory_budget import CAP_SLACK_BYTES, FIXED_OVERHEAD_BYTES, MEMCAP, PROBE_PRELUDE, _memcap, _runtime_bytes
 
 LENGTHS = (2048, 1990, 2020, 1960)     # ragged, ~2K tokens each
 NEW_TOKENS = 3
 
-_PROBE = r"""
-import json, sys, threading, time
-import torch
-torch.set_num_threads(1)
-import tierkv
-
-
-def anon_bytes():
-    # RssAnon + RssShmem: what this process allocated (see test_memory_budget's long-prompt probe)
-    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    return sum(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssShmem"))
-
-
-peak = [0]
-stop = threading.Event()
-
-
-def sample():
-    while not stop.is_set():
-        peak[0] = max(peak[0], anon_bytes())
-        time.sleep(0.0005)
-
-
+_PROBE = PROBE_PRELUDE + r"""
 model, offload, device_mem, lengths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 base = anon_bytes()
 threading.Thread(target=sample, daemon=True).start()
