@@ -4,8 +4,8 @@ Why this module exists: every change of a chunk's tier goes through here, as the
 begin/finish (or abort) around the copy, so the table stays the one record of residency: evictions
 (device -> host while its budget lasts, then disk), fetches (host/disk -> device slots, on the
 worker threads), and the write-behind of closed chunks to disk that makes later evictions free.
-Every copy is a move of the cache's ``io.mover.Mover`` (``workers`` lists the links): one record
-and one profiler span per chunk, completed here where the cache used to wait on its jobs.
+Every copy is a move of the cache's ``io.mover.Mover`` (``workers`` lists the links): one record and
+one profiler span per batch of chunks a job moves, completed where the cache waits for its jobs.
 """
 
 from __future__ import annotations
@@ -18,22 +18,29 @@ from tierkv.io.kvstore import KVChunk
 from tierkv.pipeline.kv.layer import Fetch, LayerKV, Write
 from tierkv.pipeline.kv.state import CacheState
 from tierkv.pipeline.kv.table import ChunkKey, KVBudgetError, Tier
-from tierkv.pipeline.kv.workers import STREAM_THREADS, KVMove, settle
+from tierkv.pipeline.kv.workers import STREAM_THREADS, KVMove, complete, settle
 
-__all__ = ["chunk_name", "chunk_record", "evict", "eviction_moves", "finish_fetch", "load", "make_room",
+__all__ = ["chunk_name", "chunk_record", "move", "evict", "eviction_moves", "finish_fetch", "load", "make_room",
            "poll_fetches", "poll_writes", "start_fetches", "write_behind"]
 
 DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
 TierPair = tuple[Tier, Tier]
 
 
-def chunk_name(key: ChunkKey) -> str:
-    """What a move record (and its profiler span) calls a chunk: ``L<layer>/s<seq>/c<chunk>``."""
-    return f"L{key.layer}/s{key.seq}/c{key.chunk}"
+def chunk_name(keys: Sequence[ChunkKey]) -> str:
+    """What a move record (and its profiler span) calls a batch of chunks moved together:
+    ``L<layer>/s<seq>/c<chunk>`` of the first, then ``+<n>`` for the n others."""
+    first = keys[0]
+    more = f"+{len(keys) - 1}" if len(keys) > 1 else ""
+    return f"L{first.layer}/s{first.seq}/c{first.chunk}{more}"
 
 
-def _names(keys: Sequence[ChunkKey]) -> list[str]:
-    return [chunk_name(key) for key in keys]
+def move(st: CacheState, src: Tier, dst: Tier, keys: Sequence[ChunkKey], sources: Sequence[object],
+         dests: Sequence[object]) -> list[KVMove]:
+    """Start moving a batch of chunks (one job, one record) on the cache's mover (``workers`` lists
+    what ``sources`` and ``dests`` are per link)."""
+    return st.mover.prepare(src.value, dst.value, [chunk_name(keys)], [list(sources)],   # type: ignore[return-value]
+                            [list(dests)])
 
 
 def make_room(st: CacheState, kv: LayerKV, n_slots: int) -> None:
@@ -78,9 +85,8 @@ def evict(st: CacheState, kv: LayerKV, moves: Mapping[TierPair, Sequence[ChunkKe
         host_slots = None
         if dst is HOST:
             host_slots = {key: kv.host_take() for key in keys}
-            st.mover.complete(st.mover.prepare(DEVICE.value, HOST.value, _names(keys),
-                                               [kv.slot_pair(slot) for slot in slots],
-                                               [kv.host_bufs[host_slots[key]] for key in keys]))
+            complete(st.mover, move(st, DEVICE, HOST, keys, [kv.slot_pair(slot) for slot in slots],
+                                   [kv.host_bufs[host_slots[key]] for key in keys]))
         kv.table.finish({(src, dst): keys}, host_slots)
         kv.free.extend(slots)
         kv.slot_map[[k.seq for k in keys], [k.chunk for k in keys]] = -1
@@ -101,7 +107,7 @@ def write_now(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey]) -> None:
     if keys:
         assert st.store is not None
         records = [chunk_record(kv, key, snapshot=False) for key in keys]
-        st.mover.complete(st.mover.prepare(DEVICE.value, DISK.value, _names(keys), records, [st.store] * len(keys)))
+        complete(st.mover, move(st, DEVICE, DISK, keys, records, [st.store] * len(keys)))
         st.c.disk_write_bytes += len(keys) * kv.geo.slot_bytes
 
 
@@ -115,8 +121,8 @@ def write_behind(st: CacheState, kv: LayerKV, chunk: int) -> None:
     keys = tuple(kv.key(chunk, b) for b in range(st.batch))
     _make_write_room(st, len(keys) * kv.geo.slot_bytes)
     records = [chunk_record(kv, key, snapshot=True) for key in keys]
-    moves = st.mover.prepare(HOST.value, DISK.value, _names(keys), records, [st.store] * len(keys))
-    kv.writing.append(Write(keys, tuple(moves), len(keys) * kv.geo.slot_bytes))   # type: ignore[arg-type]
+    moves = move(st, HOST, DISK, keys, records, [st.store] * len(keys))
+    kv.writing.append(Write(keys, tuple(moves), len(keys) * kv.geo.slot_bytes))
 
 
 def _make_write_room(st: CacheState, nbytes: int) -> None:
@@ -145,7 +151,7 @@ def poll_writes(st: CacheState, wait: bool) -> None:
         exc = w.job.exception()
         kv.writing.remove(w)
         if exc is None:
-            st.mover.complete(w.records)
+            complete(st.mover, w.records)
             st.c.disk_write_bytes += w.nbytes
         error = error or exc
     if error is not None:
@@ -180,7 +186,7 @@ def finish_fetch(st: CacheState, kv: LayerKV, f: Fetch) -> None:
         kv.table.abort({f.pair: f.keys})
         kv.free.extend(f.slots)
         raise exc
-    st.mover.complete(f.records)
+    complete(st.mover, f.records)
     freed = [kv.table.host_slot_of(key) for key in f.keys] if f.pair[0] is HOST else []
     kv.table.finish({f.pair: f.keys})
     kv.host_free.extend(freed)   # type: ignore[arg-type]  # host chunks always have a host slot
@@ -218,10 +224,8 @@ def load_into(st: CacheState, host: Sequence[tuple[ChunkKey, torch.Tensor]], dis
     """Start copying host buffers (2, Hkv, S, D) and disk chunks into (k, v) device views (Hkv, S, D)."""
     moves: list[KVMove] = []
     if host:
-        moves += st.mover.prepare(HOST.value, DEVICE.value, _names([key for key, _ in host]),
-                                  [buf for _, buf in host], list(host_dests))   # type: ignore[arg-type]
+        moves += move(st, HOST, DEVICE, [key for key, _ in host], [buf for _, buf in host], host_dests)
     if disk:
         assert st.store is not None, "disk chunks without a store"
-        moves += st.mover.prepare(DISK.value, DEVICE.value, _names(disk), [(st.store, key) for key in disk],
-                                  list(disk_dests))   # type: ignore[arg-type]
+        moves += move(st, DISK, DEVICE, disk, [(st.store, key) for key in disk], disk_dests)
     return moves

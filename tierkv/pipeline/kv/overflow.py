@@ -17,7 +17,7 @@ from tierkv.pipeline.kv.moves import evict, finish_fetch, load_into, poll_fetche
 from tierkv.pipeline.kv.state import CacheState
 from tierkv.pipeline.kv.streamed import OnlineSoftmax
 from tierkv.pipeline.kv.table import ChunkKey, KVBudgetError, Tier
-from tierkv.pipeline.kv.workers import STREAM_THREADS, KVMove, settle
+from tierkv.pipeline.kv.workers import STREAM_THREADS, KVMove, complete, settle
 
 __all__ = ["decode_overflow", "overflow_order"]
 
@@ -69,7 +69,7 @@ def decode_overflow(st: CacheState, kv: LayerKV, q: torch.Tensor, picked: Mappin
         _fold_slots(st, state, kv, [key for f in fetches for key in f.keys], picked)
         while inflight:
             moves, k, v, key_ok = inflight.pop(0)
-            st.mover.complete(moves)
+            complete(st.mover, moves)
             state.fold(k, v, key_ok)
             submit()
     finally:

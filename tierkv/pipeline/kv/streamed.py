@@ -20,7 +20,7 @@ from tierkv.pipeline.kv.moves import load, poll_fetches
 from tierkv.pipeline.kv.sizing import element_bytes
 from tierkv.pipeline.kv.state import CacheState
 from tierkv.pipeline.kv.table import ChunkKey
-from tierkv.pipeline.kv.workers import settle
+from tierkv.pipeline.kv.workers import complete, settle
 
 __all__ = ["OnlineSoftmax", "attend_streamed", "drain_prefetch", "slot_batches", "submit_wave"]
 
@@ -172,7 +172,7 @@ def _stream(st: CacheState, kv: LayerKV, state: OnlineSoftmax, keys: Sequence[Ch
             if plan:
                 waves.append(submit_wave(st, kv, plan.pop(0), len(waves) % 2))
             wave = waves[done]
-            st.mover.complete(wave.records)
+            complete(st.mover, wave.records)
             for batch in slot_batches(wave.entries(), st.batch, len(wave.keys)):
                 _update_from_slots(st, state, kv, batch, positions, window_tokens)
             done += 1

@@ -15,6 +15,7 @@ from tierkv.pipeline.kv.layer import LayerKV
 from tierkv.pipeline.kv.moves import load_into, poll_fetches
 from tierkv.pipeline.kv.state import CacheState
 from tierkv.pipeline.kv.table import Tier
+from tierkv.pipeline.kv.workers import complete
 
 __all__ = ["read_kv"]
 
@@ -34,7 +35,7 @@ def read_kv(st: CacheState, kv: LayerKV, start: int, end: int) -> tuple[torch.Te
         host = [(key, kv.host_buf(key)[:, :, rows]) for key in keys if kv.table.tier_of(key) is Tier.HOST]
         disk = [key for key in keys if kv.table.tier_of(key) is Tier.DISK]
         staged = [(torch.empty_like(kv.k_pool[0]), torch.empty_like(kv.v_pool[0])) for _ in disk]   # (Hkv, S, D)
-        st.mover.complete(load_into(st, host, disk, [(k_out[key.seq, :, out], v_out[key.seq, :, out])
+        complete(st.mover, load_into(st, host, disk, [(k_out[key.seq, :, out], v_out[key.seq, :, out])
                                                      for key, _ in host], staged))
         for key, (k, v) in zip(disk, staged):
             k_out[key.seq, :, out], v_out[key.seq, :, out] = k[:, rows], v[:, rows]
