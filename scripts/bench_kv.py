@@ -34,7 +34,7 @@ time <= 10% of the step". This script measures all of them in one invocation, pe
   scratch file), measured before and after the runs; achieved KV GB/s from disk in the cold steps is
   reported against it.
 
-Known limit (tierkv/pipeline/kv.py ``TieredKVCache._check_budgets``): with adaptive chunks the
+Known limit (tierkv/pipeline/kv/tiered.py ``TieredKVCache._check_budgets``): with adaptive chunks the
 budget check assumes the smallest chunk size (16 tokens), whose abstracts alone fill a 2K-token
 device room at 32K tokens, so the tiered configurations fail at load with KVBudgetError (recorded
 in the JSON as that configuration's "error"). ``--chunk-tokens 256`` gives the geometry the
