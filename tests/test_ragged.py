@@ -77,6 +77,10 @@ def test_each_sequence_of_a_ragged_batch_gets_its_solo_tokens(eos_dirs: Callable
     windowed = all(w is not None for w in eng.config.sliding_window_tokens)
     if kind == "sparse" and not windowed:   # (sliding-window layers always attend exactly over their window)
         assert any(r.stats.kv.get("sparse_layer_steps", 0) > 0 for r in batch), [r.stats.kv for r in batch]
+        # each sequence's selections are its solo ones: the same chunks, steps and selected share
+        keys = ("chunk_tokens", "sparse_layer_steps", "selected_fraction", "sparse_union_tokens", "bytes_read_per_step")
+        assert [{k: r.stats.kv.get(k) for k in keys} for r in batch] == \
+            [{k: r.stats.kv.get(k) for k in keys} for r in solo]
     if kind != "sparse":                     # exact placements give the resident engine's tokens
         assert [r.token_ids for r in solo] == resident
         assert [r.finish_reason for r in batch] == ["stop", "length", "length"]   # they finish at different steps
