@@ -1,4 +1,4 @@
-"""Ragged decode with every layer streamed from disk: tokens/s of 1 sequence vs 2, 4, 8 decoding together.
+"""Ragged decode with every layer streamed from disk: tokens/s of 1 sequence vs 2, 4, 8, 16 decoding together.
 
 Why this script exists: issue 10's speed goal for the step scheduler is "with weights streamed from
 disk, 4 ragged sequences decoding together reach >= 3x the tokens/s of one (each layer is read
@@ -16,7 +16,7 @@ that in one invocation:
   threads, 16 or 64 MiB), before and after the sweep; the best of all is the ceiling (the disk is
   shared, its speed drifts; the one-window probe alone was beaten by streaming). For b sequences
   sharing each step the link allows ``b x raw / disk bytes per step`` tokens/s;
-* for b in ``--batches`` (default 1, 2, 4, 8): prompts of ragged lengths (16 to 160 tokens, 10x
+* for b in ``--batches`` (default 1, 2, 4, 8, 16): prompts of ragged lengths (16 to 160 tokens, 10x
   apart), greedy, EOS ignored, streamed; decode tokens/s = tokens after each sequence's first over
   the union of the sequences' decode intervals (first to last token; ``decode_run``): sequences run
   one after another add their decode times, sequences sharing steps count the shared time once,
@@ -31,7 +31,7 @@ that in one invocation:
   below 75% of the ideal (1.5x for a doubling), with the reason read from the numbers (sequences not sharing steps, compute-bound, or more disk
   bytes per step).
 
-    python scripts/bench_ragged.py [--batches 1,2,4,8] [--new-tokens 8] [--repeats 3] [--threads N]
+    python scripts/bench_ragged.py [--batches 1,2,4,8,16] [--new-tokens 8] [--repeats 3] [--threads N]
         [--device cpu|cuda] [--model-root DIR] [--offload-dir DIR] [--skip-resident]
 """
 
@@ -54,7 +54,7 @@ from bench_weights import measure_links, raw_disk_gbps  # noqa: E402
 
 SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
              vocab_size=32000, max_position_embeddings=4096)
-LENGTHS = (16, 160, 48, 96, 24, 128, 64, 32)     # ragged: the first 4 span 10x; 8 at most
+LENGTHS = (16, 160, 48, 96, 24, 128, 64, 32, 40, 144, 56, 112, 20, 80, 136, 72)   # ragged: the first 4 span 10x
 PIECE_TOKENS = 256                               # prefill piece: every prompt in one piece
 SCALING_EFFICIENCY = 0.75                        # a larger batch gaining less than 75% of its ideal has stopped scaling
 
@@ -267,9 +267,9 @@ def summarize(rows: list[dict[str, Any]], resident: list[dict[str, Any]], raw: l
 
 
 def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
-    samples = "; ".join(", ".join(f"{k} {v:.2f}" for k, v in sample.items()) for sample in s["raw_odirect_gbps_samples"])
-    rows = [("raw O_DIRECT read (store file)", f"{s['raw_odirect_gbps']:.2f} GB/s, best of before; after the sweep: "
-                                               f"{samples}"),
+    before, after = (", ".join(f"{k} {v:.2f}" for k, v in sample.items()) for sample in s["raw_odirect_gbps_samples"])
+    rows = [("raw O_DIRECT read (store file)", f"{s['raw_odirect_gbps']:.2f} GB/s (the best of, before the sweep: "
+                                               f"{before}; after: {after})"),
             ("disk bytes per step, one sequence", f"{s['layer_bytes_per_step'] / 2**20:.1f} MiB "
                                                   f"({s['plan']['disk_layers']} layers on disk, prefetch depth "
                                                   f"{s['plan']['prefetch_depth']})")]
@@ -294,13 +294,13 @@ def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")], default=[1, 2, 4, 8])
+    ap.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")], default=[1, 2, 4, 8, 16])
     ap.add_argument("--new-tokens", type=int, default=8, help="tokens each sequence generates per run")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over the batch sizes")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--kv-device-tokens", type=int, default=2048,
+    ap.add_argument("--kv-device-tokens", type=int, default=4096,
                     help="KV context the device room holds: all sequences' KV stays on the device")
     ap.add_argument("--skip-resident", action="store_true", help="no resident (compute-bound) sweep")
     ap.add_argument("--model-root", type=Path, default=Path(tempfile.gettempdir()) / "tierkv-bench")
