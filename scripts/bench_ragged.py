@@ -224,17 +224,22 @@ def stop_reason(rows: list[dict[str, Any]], resident: dict[int, float], layer_st
         if gain >= SCALING_EFFICIENCY * row["batch"] / prev["batch"]:
             continue
         b = row["batch"]
+        head = f"{gain:.2f}x for {b // prev['batch']}x the sequences"
         if row["batch_size_reported"] < 2:
-            return b, (f"sequences do not share steps (stats.batch_size {row['batch_size_reported']}): the engine runs "
-                       f"them one after another, so every sequence reads every layer for itself "
+            return b, (f"{head}: sequences do not share steps (stats.batch_size {row['batch_size_reported']}); the "
+                       f"engine runs them one after another, so every sequence reads every layer for itself "
                        f"({row['disk_bytes_per_token'] / layer_step_bytes:.2f}x one sequence's disk bytes per token)")
-        if b in resident and row["tok_s"] >= 0.8 * resident[b]:
-            return b, (f"compute-bound: {row['tok_s']:.2f} tok/s streamed vs {resident[b]:.2f} tok/s with every layer "
-                       f"resident at batch {b}; the disk is no longer the bottleneck")
-        per_step = row["disk_bytes_per_token"] * b
-        if per_step > 1.2 * layer_step_bytes:
-            return b, f"disk bytes per step grew to {per_step / layer_step_bytes:.2f}x one pass over the layers"
-        return b, f"gain {gain:.2f}x for {b // prev['batch']}x the sequences, neither disk- nor compute-bound"
+        why = []
+        if b in resident:        # the resident speed is the compute alone: its share of the streamed step
+            why.append(f"compute takes {row['tok_s'] / resident[b]:.0%} of each streamed step (every layer "
+                       f"resident: {resident[b]:.2f} tok/s at batch {b})")
+        per_step = row["disk_bytes_per_token"] * b / layer_step_bytes
+        if per_step > 1.2:
+            prompt = sum(row["prompt_tokens"])
+            why.append(f"{per_step:.2f}x one pass over the layers is read per {b} tokens: steps that prefill "
+                       f"later prompts ({prompt} prompt tokens in pieces of {PIECE_TOKENS}) fall inside the decode "
+                       f"window and produce fewer tokens (most likely)")
+        return b, f"{head}: " + ("; ".join(why) or "neither disk- nor compute-bound by these numbers")
     return None, ""
 
 
