@@ -33,6 +33,7 @@ PROMPTS = [random_prompt(n, seed=100 + i) for i, n in enumerate(LENGTHS)]
 
 MATRIX = [pytest.param(v, p, id=f"{v}-{p}") for v in ARCH_VARIANTS for p in PLACEMENTS]   # ~10 s in all
 
+
 def _pick_eos(outputs: list[list[int]]) -> int:
     """A token the first sequence produces at step 2..6 and no sequence produces before (nor the others at all)."""
     first, others = outputs[0], {t for out in outputs[1:] for t in out}
