@@ -158,8 +158,7 @@ def streaming_engine(model_dir: Path, budget: dict[str, int], offload: Path, lin
     source, plan = open_weight_source(model_dir, cfg, Budget(budget["device_mem"], budget["host_mem"], offload),
                                       policy, links=links)
     assert source is not None and len(plan.disk_layers) == cfg.num_layers, "the budget must stream every layer"
-    engine = Engine(model_dir, policy, weights=source)
-    engine.plan = plan
+    engine = Engine(model_dir, policy, weights=source, plan=plan)
     return engine
 
 

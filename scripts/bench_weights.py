@@ -307,8 +307,7 @@ def _streaming_engine(model_dir: str, budget: dict[str, int], offload_dir: str, 
     source, plan = open_weight_source(model_dir, cfg, Budget(budget["device_mem"], budget["host_mem"],
                                                              Path(offload_dir)), policy, links=links)
     assert source is not None, "the searched budget holds every layer: nothing streams"
-    engine = Engine(model_dir, policy, weights=source)
-    engine.plan = plan
+    engine = Engine(model_dir, policy, weights=source, plan=plan)
     return engine
 
 

@@ -90,8 +90,9 @@ class Engine:
 
     def __init__(self, model: str | Path, policy: Policy = Policy(), budget: Budget = Budget(),
                  progress: ProgressFn | None = None, weights: WeightSource | None = None,
-                 verify: bool = False, prefill_progress: ProgressFn | None = None) -> None:
-        """``weights`` injects a ready weight source (tests, custom placements) and skips planning.
+                 verify: bool = False, prefill_progress: ProgressFn | None = None, plan: Plan | None = None) -> None:
+        """``weights`` injects a ready weight source (tests, custom placements) and skips planning;
+        ``plan`` then says what that source's placement left for KV and activations (None: unbounded).
         ``verify`` first checks every checkpoint tensor is finite (``Checkpoint.verify``).
 
         ``prefill_progress(done, total)`` (also settable later as the attribute of that name) is
@@ -109,7 +110,7 @@ class Engine:
         self.tokenizer: Tokenizer | None = Tokenizer(self.model_dir) if tok_path.is_file() else None
         self.eos_token_ids = _eos_ids(self.model_dir, self.config, self.tokenizer)
         self.context_limit_tokens = context_limit_tokens(self.config)
-        self.plan: Plan | None = None
+        self.plan: Plan | None = plan if weights is not None else None
         if weights is None:
             resolved = replace(policy, dtype=str(self.dtype).removeprefix("torch."), device=str(self.device))
             weights, self.plan = open_weight_source(self.model_dir, self.config, budget, resolved, progress=progress)
