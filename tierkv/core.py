@@ -17,6 +17,7 @@ ends the sequences of that step, whose caches may hold half a step; others carry
 from __future__ import annotations
 
 import resource
+import warnings
 import threading
 import time
 from collections import deque
@@ -27,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from tierkv.errors import TierkvError
 from tierkv.generation import GenerationResult, GenerationStats, Piece, SequenceOutput
 from tierkv.kvroom import KVRoom
 from tierkv.numerics import non_finite_error
@@ -179,7 +181,16 @@ class EngineCore:
 
     def _carry_out(self, plan: StepPlan) -> None:
         for move in plan.offload:
-            self.room.offload(self.seqs[move.seq_id], move.to)
+            seq = self.seqs[move.seq_id]
+            try:
+                self.room.offload(seq, move.to)
+            except (OSError, TierkvError) as exc:     # e.g. a full disk: the idle session's KV is dropped
+                warnings.warn(f"an idle session's KV could not be moved to {move.to} ({exc}); its next turn "
+                              "prefills its history again", RuntimeWarning, stacklevel=2)
+                self.room.drop(seq)
+                seq.unfed = list(seq.history)
+                self.scheduler.close(move.seq_id)
+                continue
             self.scheduler.kept(move.seq_id, move.to)
         for seq_id, why in plan.refuse:
             self.fail(seq_id, KVBudgetError(why))
