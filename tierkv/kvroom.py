@@ -66,24 +66,24 @@ class KVRoom:
                              attention_scratch_bytes=self.scratch_bytes, workers=self.workers, geometry=geometry)
 
     def open(self, seq: Any, adm: Admission) -> None:
-        """Give ``seq`` a cache with the admission's room; bring its kept KV back into it if it has any."""
+        """Give ``seq`` a cache with the admission's room; bring its kept KV back into it if it has any.
+
+        A cache it outgrew is first copied to host tensors and closed, so the device never holds the
+        old and the new cache at once (the copy is host memory outside the host budget, for that moment)."""
         device = adm.device_bytes if self.device_room_bytes is not None else None
         host = adm.host_bytes if self.host_room_bytes is not None else None
-        old = seq.cache
-        geometry = old.geometry() if old is not None else seq.geometry
-        cache = self.make_cache(adm.capacity_tokens, device, host, geometry if adm.restore != "none" else None)
+        if adm.restore == "cache":
+            self.offload(seq, "host")
+        restore = "host" if adm.restore == "cache" else adm.restore
+        cache = self.make_cache(adm.capacity_tokens, device, host, seq.geometry if restore != "none" else None)
         try:
-            if adm.restore == "cache":
-                self.copy(old.read_kv, cache, old.length_tokens)
-            elif adm.restore == "host":
+            if restore == "host":
                 self.copy(_host_reader(seq.parked), cache, seq.parked[0][0].shape[2])
-            elif adm.restore == "disk":
+            elif restore == "disk":
                 seq.parked.restore_into(cache)
         except BaseException:
             cache_close(cache)
             raise
-        if old is not None:
-            cache_close(old)
         self._discard_parked(seq)
         seq.cache = cache
 
