@@ -1,6 +1,7 @@
 """tierkv: memory-tiered LLM inference. Public API: ``load()``, ``Engine``, ``Budget``, and the errors a
 user can fix (all subclasses of ``TierkvError``, itself a ``ValueError``)."""
 
+from tierkv.version import __version__
 from tierkv.config import Budget, ConfigError, ModelConfig, Policy
 from tierkv.engine import Engine, GenerationResult, GenerationStats, Piece, Stream, load
 from tierkv.errors import ArgumentError, TierkvError
@@ -18,5 +19,4 @@ from tierkv.session_file import SessionError
 __all__ = ["load", "Engine", "Budget", "Policy", "ModelConfig", "GenerationResult", "GenerationStats",
            "Piece", "Stream", "TierkvError", "ArgumentError", "ConfigError", "CheckpointError", "PlanError",
            "StoreError", "KVBudgetError", "KVStoreError", "TierFullError", "PinningError",
-           "NonFiniteError", "Session", "SessionError"]
-__version__ = "0.1.0"
+           "NonFiniteError", "Session", "SessionError", "__version__"]

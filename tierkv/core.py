@@ -132,6 +132,16 @@ class EngineCore:
                 if not client.items and not client.done and not self.run_step():
                     raise AssertionError("the scheduler made no progress for a live request")
 
+    @torch.inference_mode()
+    def drain(self, client: Client) -> None:
+        """Run steps until every sequence of ``client`` ended; an error cancels the rest and is raised."""
+        try:
+            while self.next_item(client) is not None:
+                pass
+        except BaseException:
+            self.cancel(client)
+            raise
+
     def held(self) -> "_Held":
         return _Held(self)
 

@@ -195,7 +195,7 @@ class Engine:
         self._check_open()
         batch, is_batch = self._batch(prompts)
         client = self._client(batch, sampling_params(sampling))
-        _drain(self._core, client)
+        self._core.drain(client)
         return client.results if is_batch else client.results[0]
 
     def stream(self, prompts: Prompt | Sequence[Prompt], **sampling: Any) -> Stream:
@@ -236,7 +236,7 @@ class Engine:
             turn = new_turn(client, 0, SamplingParams(), list(ids), None, self._weights.stats, self.device,
                             self.prefill_chunk_tokens, score_rows=len(ids), vocab=self.config.vocab_size)
             core.start(Seq(core.new_id(), session=False), turn, len(ids))
-        _drain(core, client)
+        core.drain(client)
         return client.results[0]
 
     # -- sessions ----------------------------------------------------------------------------
@@ -283,17 +283,6 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@torch.inference_mode()
-def _drain(core: EngineCore, client: Client) -> None:
-    """Run steps until every sequence of ``client`` ended; an error cancels the rest and is raised."""
-    try:
-        while core.next_item(client) is not None:
-            pass
-    except BaseException:
-        core.cancel(client)
-        raise
 
 
 def _flag_cancelled(client: Client) -> None:

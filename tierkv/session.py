@@ -87,10 +87,8 @@ class Session:
 
     def generate(self, prompt: Any, **sampling: Any) -> GenerationResult:
         """One turn, run to its end. Stats: ``prefill_tokens`` (fed now), ``cached_tokens`` (kept KV)."""
-        from tierkv.engine import _drain
-
         client = self._turn(prompt, sampling)
-        _drain(self._engine._core, client)
+        self._engine._core.drain(client)
         return client.results[0]
 
     def stream(self, prompt: Any, **sampling: Any) -> Stream:

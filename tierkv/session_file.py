@@ -35,7 +35,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 
-import tierkv
+from tierkv.version import __version__
 from tierkv.config import ModelConfig
 from tierkv.errors import TierkvError
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype, safetensors_header
@@ -122,7 +122,7 @@ class SessionHeader:
     kv_tokens: int
     geometry: dict[str, Any] = field(default_factory=dict)
     created_unix_s: float = field(default_factory=time.time)
-    tierkv_version: str = field(default_factory=lambda: tierkv.__version__)
+    tierkv_version: str = __version__
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -280,7 +280,7 @@ class SessionReader:
         version, length = _PREFIX.unpack(head[len(MAGIC):])
         if version > FORMAT_VERSION:
             raise SessionError(f"{self.path} was written by a newer tierkv (session format version {version}; "
-                               f"this tierkv {tierkv.__version__} reads version {FORMAT_VERSION}): "
+                               f"this tierkv {__version__} reads version {FORMAT_VERSION}): "
                                f"upgrade tierkv to restore it, or {_START_OVER}")
         if version < 1 or length > _MAX_HEADER_BYTES:
             raise self._damaged(f"its format version {version} or header length {length} is impossible")

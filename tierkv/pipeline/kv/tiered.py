@@ -30,7 +30,7 @@ from tierkv.config import ModelConfig, Policy
 from tierkv.io.kvstore import KVStore, remove_abandoned
 from tierkv.model import ATTENTION_SCRATCH_BYTES
 from tierkv.pipeline.chunking import ChunkRule, attention_entropy, chunk_tokens_for_entropy
-from tierkv.pipeline.kv import stats as stats_mod
+import tierkv.pipeline.kv.stats as stats_mod
 from tierkv.pipeline.kv.append import append
 from tierkv.pipeline.kv.geometry import CacheShape
 from tierkv.pipeline.kv.layer import LayerKV
