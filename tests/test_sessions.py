@@ -173,3 +173,28 @@ def test_an_idle_session_gives_its_room_to_a_request_and_resumes_exactly(model: 
         assert moved == int(must_move) and must_move == (kind == "tiered"), (stats, eng.kv_stats())
         _turn(session, history, TURNS[1], eng)                        # restored: only the new tokens prefilled
         session.close()
+
+
+def test_an_idle_session_whose_kv_cannot_be_moved_is_reset_not_failed(model: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while an idle session's KV moves off its cache: a warning, the request that needed
+    the room runs, and the session's next turn prefills its whole history (same tokens, no KV reused)."""
+    import errno
+
+    from tierkv.kvroom import KVRoom
+
+    def full_disk(self: KVRoom, seq: Any, to: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with placements.load("tiered", model, tmp_path / "offload") as eng:
+        session, history = eng.session(), []
+        _turn(session, history, TURNS[0], eng)
+        monkeypatch.setattr(KVRoom, "offload", full_disk)
+        with pytest.warns(RuntimeWarning, match="could not be moved to .*next turn prefills its history again"):
+            assert eng.generate(random_prompt(50, seed=400), max_new_tokens=8).token_ids
+        monkeypatch.undo()
+        history += TURNS[1]
+        out = session.generate(TURNS[1], **REPLY)
+        assert out.token_ids == eng.generate(history, **REPLY).token_ids
+        assert (out.stats.prefill_tokens, out.stats.cached_tokens) == (len(history), 0)
+        session.close()
