@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -114,7 +115,7 @@ class Session:
                 client.results[0] = GenerationResult([], "", "length", ids, GenerationStats(len(ids)))
                 client.open = 0
                 return client
-            params = params.__class__(**{**params.__dict__, "max_new_tokens": budget})
+            params = replace(params, max_new_tokens=budget)
             out = SequenceOutput(ids, engine.tokenizer, engine.eos_token_ids, params)
             turn = new_turn(client, 0, params, pending, out, engine._weights.stats, engine.device,
                             engine.prefill_chunk_tokens, cached_tokens=cached)
