@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import build_hf_model, save_hf_model
@@ -119,6 +120,15 @@ print(json.dumps({"runs": runs, "disk_layers": len(engine.plan.disk_layers), "su
 """
 
 
+def streaming_model(path: Path) -> tuple[Any, Path]:
+    """The 12-layer model the memcap tests stream (about 3x their 22 MiB device budget): (the HF model,
+    the oracle; its checkpoint saved at ``path``)."""
+    model = build_hf_model("llama", hidden_size=256, num_hidden_layers=12, intermediate_size=1536,
+                           num_attention_heads=4, num_key_value_heads=1, vocab_size=4096,
+                           max_position_embeddings=4224)
+    return model, save_hf_model(model, path)
+
+
 @pytest.mark.slow
 def test_long_prompts_stay_within_budget_under_a_memory_cap(tmp_path: Path) -> None:
     """Prompts of 16, 1000 and 4000 tokens on a model 3x its device budget: never killed by a real
@@ -126,10 +136,7 @@ def test_long_prompts_stay_within_budget_under_a_memory_cap(tmp_path: Path) -> N
     every half millisecond) grows by at most device + host + 32 MiB."""
     if not MEMCAP.is_file():
         pytest.skip(f"{MEMCAP} is not on this machine")
-    model = build_hf_model("llama", hidden_size=256, num_hidden_layers=12, intermediate_size=1536,
-                           num_attention_heads=4, num_key_value_heads=1, vocab_size=4096,
-                           max_position_embeddings=4224)
-    path = save_hf_model(model, tmp_path / "model")
+    model, path = streaming_model(tmp_path / "model")
     model_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     budget = 22 << 20
     assert model_bytes > 3 * budget

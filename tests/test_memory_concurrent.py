@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_hf_model, save_hf_model
-from test_memory_budget import CAP_SLACK_BYTES, FIXED_OVERHEAD_BYTES, MEMCAP, PROBE_PRELUDE, _memcap, _runtime_bytes
+from test_memory_budget import (CAP_SLACK_BYTES, FIXED_OVERHEAD_BYTES, MEMCAP, PROBE_PRELUDE, _memcap, _runtime_bytes,
+                                streaming_model)
 
 LENGTHS = (2048, 1990, 2020, 1960)     # ragged, ~2K tokens each
 NEW_TOKENS = 3
@@ -63,10 +63,7 @@ print(json.dumps({"growth": growth, "disk_layers": len(engine.plan.disk_layers),
 def test_four_concurrent_2k_sequences_stay_within_the_memory_guarantee(tmp_path: Path, mode: str) -> None:
     if not MEMCAP.is_file():
         pytest.skip(f"{MEMCAP} is not on this machine")
-    model = build_hf_model("llama", hidden_size=256, num_hidden_layers=12, intermediate_size=1536,
-                           num_attention_heads=4, num_key_value_heads=1, vocab_size=4096,
-                           max_position_embeddings=4224)
-    path = save_hf_model(model, tmp_path / "model")
+    model, path = streaming_model(tmp_path / "model")
     budget = 22 << 20
     assert sum(f.stat().st_size for f in path.glob("*.safetensors")) > 3 * budget
     root = Path(__file__).resolve().parent.parent

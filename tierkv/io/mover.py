@@ -330,6 +330,14 @@ def tensor_nbytes(source: torch.Tensor, _: object = None) -> int:
     return source.numel() * source.element_size()
 
 
+def thread_stream(local: threading.local, device: torch.device) -> "torch.cuda.Stream":
+    """This worker thread's own CUDA stream on ``device`` (made on first use, kept in ``local``)."""
+    stream = getattr(local, "stream", None)
+    if stream is None:
+        stream = local.stream = torch.cuda.Stream(device)
+    return stream
+
+
 class ThreadHandler:
     """Runs each move's ``run(source, dest)`` on ``threads`` worker threads (``size`` gives its bytes).
 
@@ -367,9 +375,7 @@ class ThreadHandler:
             if self._device is None:
                 self.run(source, dest)
                 return
-            stream = getattr(self._local, "stream", None)
-            if stream is None:
-                stream = self._local.stream = torch.cuda.Stream(self._device)
+            stream = thread_stream(self._local, self._device)
             with torch.cuda.stream(stream):
                 for event in events:
                     stream.wait_event(event)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from tierkv.io.mover import DEVICE, DISK, HOST, MoveRecord, Mover
+from tierkv.io.mover import DEVICE, DISK, HOST, MoveRecord, Mover, thread_stream
 
 __all__ = ["KVMove", "KVWorkers", "STREAM_THREADS", "complete", "settle"]
 
@@ -110,9 +110,7 @@ class _BatchHandler:
             if self._cuda is None or self._pool is None:
                 self.run(sources, dests)
                 return
-            stream = getattr(self._local, "stream", None)
-            if stream is None:
-                stream = self._local.stream = torch.cuda.Stream(self._cuda)
+            stream = thread_stream(self._local, self._cuda)
             with torch.cuda.stream(stream):
                 stream.wait_event(event)
                 self.run(sources, dests)
