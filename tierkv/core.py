@@ -6,8 +6,9 @@ scheduler; each ``step()`` asks the scheduler for a plan and carries it out — 
 KV off their caches, opens each admitted sequence's KV cache with its share of the rooms, runs one
 packed forward for all rows (``runner``), samples each sequence with its own parameters and seed,
 applies stop rules, hands the pieces to their clients and frees what finished. Callers drive it
-cooperatively: a thread that waits for its next piece runs a step for everybody (under the step
-lock), so concurrent callers are served together without a background thread.
+cooperatively: a thread that waits for its next piece takes the core lock and has the next step
+run for everybody on the one engine thread, so concurrent callers are served together and nothing
+runs while nobody waits.
 
 Failures stay with the sequences they hit: bad logits end that sequence with a NonFiniteError
 (after a replay naming the first bad layer); an error inside a forward (a full disk, a read error)
@@ -23,7 +24,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -50,11 +51,16 @@ class Client:
         self.results: list[Any] = [None] * n
         self.open = n
         self.cancelled = False
-        self.seq_ids: list[int] = []
 
     @property
     def done(self) -> bool:
         return self.open == 0
+
+    def end_empty(self, index: int, prompt_ids: list[int]) -> None:
+        """Sequence ``index`` gets no new tokens (``max_new_tokens=0``, or the context is full): its
+        result at once, and nothing is prefilled."""
+        self.results[index] = GenerationResult([], "", "length", prompt_ids, GenerationStats(len(prompt_ids)))
+        self.open -= 1
 
 
 @dataclass
@@ -109,7 +115,6 @@ class EngineCore:
     def start(self, seq: Seq, turn: Turn, capacity_tokens: int) -> None:
         """Put ``turn`` on ``seq`` and into the scheduler (a new sequence, or a parked session's next turn)."""
         assert self.owner == threading.get_ident()
-        turn.client.seq_ids.append(seq.seq_id)
         seq.turn = turn
         if seq.seq_id in self.scheduler:
             self.scheduler.resume(seq.seq_id, len(turn.pending), capacity_tokens)
@@ -347,7 +352,7 @@ class EngineCore:
 
     def _reap_cancelled(self) -> None:
         for seq in [s for s in self.seqs.values() if s.turn is not None and s.turn.client.cancelled]:
-            if seq.turn is not None and seq.turn.out is None:
+            if seq.turn.out is None:  # type: ignore[union-attr]
                 self.fail(seq.seq_id, RuntimeError("cancelled"))
             else:
                 self.finish(seq, "cancelled")
@@ -426,4 +431,4 @@ def new_turn(client: Client, index: int, params: SamplingParams, pending: list[i
                             prefill_tokens=len(pending), cached_tokens=cached_tokens, prefill_piece_tokens=piece_tokens)
     gen = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
     score = torch.empty((score_rows, vocab), dtype=torch.float32) if score_rows else None
-    return Turn(client, index, replace(params), pending, out, stats, weights_stats(), gen, score)
+    return Turn(client, index, params, pending, out, stats, weights_stats(), gen, score)

@@ -168,8 +168,7 @@ class Engine:
             for i, ids in enumerate(batch):
                 budget = self.new_tokens_budget(len(ids), params)
                 if budget == 0:
-                    client.results[i] = GenerationResult([], "", "length", ids, GenerationStats(len(ids)))
-                    client.open -= 1
+                    client.end_empty(i, ids)
                     continue
                 p = replace(params, max_new_tokens=budget)
                 out = SequenceOutput(ids, self.tokenizer, self.eos_token_ids, p)

@@ -92,10 +92,7 @@ class KVRoom:
         if seq.cache is not None:
             seq.geometry = seq.cache.geometry()
         if to == "host":
-            cache = seq.cache
-            n = cache.length_tokens
-            seq.parked = [tuple(t.to("cpu", copy=True) for t in cache.read_kv(j, 0, n))
-                          for j in range(self.cfg.num_layers)]
+            seq.parked = self.host_copy(seq.cache.read_kv, seq.cache.length_tokens)
         else:
             seq.parked = self.spill(seq)
         if seq.cache is not None:
@@ -107,9 +104,10 @@ class KVRoom:
         read, n = self.reader(seq)
         return self._write_parked(self._parked_path(), seq, read, n)
 
-    def spill_tensors(self, seq: Any, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-        """Write per-layer host K/V tensors of ``seq`` into a session file under the offload dir."""
-        return self._write_parked(self._parked_path(), seq, _host_reader(layers), layers[0][0].shape[2])
+    def host_copy(self, read: ReadKV, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (k, v) host copies (1, Hkv, tokens, D) of the first ``tokens`` positions ``read`` gives."""
+        return [tuple(t.to("cpu", copy=True) for t in read(j, 0, tokens))  # type: ignore[misc]
+                for j in range(self.cfg.num_layers)]
 
     def _parked_path(self) -> Path:
         assert self.offload_dir is not None, "a KV room without an offload directory never spills to disk"

@@ -86,7 +86,7 @@ class Runner:
         starts = [f.cache.length_tokens for f in feeds]
         spans = [torch.arange(s, s + len(f.ids), device=self.device) for s, f in zip(starts, feeds)]
         if self.cfg.rope.rope_type != "dynamic" or len(feeds) == 1:
-            positions = torch.cat(spans)[None] if len(spans) > 1 else spans[0][None]
+            positions = torch.cat(spans)[None]                                           # (1, N)
             return step_inputs(self.cfg, positions, max(s + len(f.ids) for s, f in zip(starts, feeds)), self.dtype)
         parts = [step_inputs(self.cfg, p[None], s + len(f.ids), self.dtype) for p, s, f in zip(spans, starts, feeds)]
         return StepInputs(cos=torch.cat([p.cos for p in parts], dim=2), sin=torch.cat([p.sin for p in parts], dim=2),

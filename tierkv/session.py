@@ -22,7 +22,7 @@ import torch
 
 from tierkv.core import Client, Seq, new_turn
 from tierkv.errors import ArgumentError
-from tierkv.generation import GenerationResult, GenerationStats, SequenceOutput, Stream, sampling_params
+from tierkv.generation import GenerationResult, SequenceOutput, Stream, sampling_params
 from tierkv.session_file import SessionHeader, SessionReader, model_fingerprint, write_session
 
 if TYPE_CHECKING:
@@ -112,8 +112,7 @@ class Session:
             budget = engine.new_tokens_budget(total, params)
             if budget == 0:
                 seq.unfed = pending                           # fed by the next turn
-                client.results[0] = GenerationResult([], "", "length", ids, GenerationStats(len(ids)))
-                client.open = 0
+                client.end_empty(0, ids)
                 return client
             params = replace(params, max_new_tokens=budget)
             out = SequenceOutput(ids, engine.tokenizer, engine.eos_token_ids, params)
@@ -148,16 +147,13 @@ class Session:
             room.drop(seq)                      # nothing to keep, or it is in a file: the next turn prefills
             core.scheduler.close(seq.seq_id)
             return
-        read, _ = room.reader(seq)
-        kept = [tuple(t[:, :, :tokens].to("cpu", copy=True) for t in read(j, 0, tokens))
-                for j in range(self._engine.config.num_layers)]
+        kept = room.host_copy(room.reader(seq)[0], tokens)
         if seq.cache is not None:
             seq.geometry = seq.cache.geometry()
         room.drop(seq)
-        if core.scheduler.truncate(seq.seq_id, tokens) == "host":
-            seq.parked = kept
-        else:
-            seq.parked = room.spill_tensors(seq, kept)
+        seq.parked = kept
+        if core.scheduler.truncate(seq.seq_id, tokens) == "disk":
+            seq.parked = room.spill(seq)
 
     def _capacity(self, need: int) -> int:
         """A turn's cache capacity: what it needs; a cache it outgrows is replaced by one twice as large."""
