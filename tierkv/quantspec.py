@@ -1,0 +1,177 @@
+"""What a quantization scheme is, as facts: names, valid choices, stored tensors and their sizes.
+
+Why this module exists: the converter writes quantized tensors, the store reads them back, the
+planner counts their bytes and the kernels compute on them, and all four must agree on what a
+scheme means without importing each other (``io`` holds no model math, the planner stays pure).
+This module is that one source of truth. It holds no tensors and does no arithmetic on weights:
+the math lives in ``tierkv.kernels.quant``.
+
+Weights are quantized asymmetrically, group-wise along the input dimension K of a (N, K) linear
+weight: each group of ``group_size`` consecutive inputs of one output row has a 16-bit scale and
+a 16-bit minimum, and ``w = q * scale + minimum`` with q in [0, 2**bits - 1]. The packed bytes
+come in one of two layouts ("packs"), chosen at conversion for the device that will compute:
+
+- ``plain``: int4 as two values per byte along K (low nibble = even k), (N, K/2) uint8; int8 as
+  (N, K) uint8. Read by the torch reference and the Triton kernels.
+- ``cpu_int4``: PyTorch's CPU tinygemm layout (``_convert_weight_to_int4pack_for_cpu``), read by
+  ``torch.ops.aten._weight_int4pack_mm_for_cpu``. int4 is one such (N, K/2) plane; int8 is two
+  (2, N, K/2): the high and the low nibbles of q, each a 4-bit matmul (``q = 16*hi + lo``).
+  It needs N divisible by 16; other shapes get ``plain``.
+
+Every quantized weight ``X.weight`` is stored as ``X.weight`` (the packed bytes) plus
+``X.weight.qparams``: (K/group_size, N, 2) float16, [..., 0] the scale and [..., 1] the minimum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tierkv.errors import ArgumentError
+
+SCHEMES = ("int8", "int4")
+KV_SCHEMES = ("none", "int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64
+PACKS = ("plain", "cpu_int4")
+QPARAMS_SUFFIX = ".qparams"
+QPARAMS_DTYPE = "float16"
+CPU_PACK_ROWS = 16          # _convert_weight_to_int4pack_for_cpu needs N divisible by this
+BITS = {"int8": 8, "int4": 4}
+
+# the linear weights of a decoder layer that a scheme quantizes (norms and biases stay 16-bit)
+LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+HEAD_WEIGHT = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """What the user asked for: a scheme, its group size, and whether the LM head is quantized too.
+
+    The embedding and the norms always stay 16-bit; ``head=True`` quantizes ``lm_head.weight``
+    (models with tied embeddings have no separate head, so it changes nothing for them).
+    """
+
+    scheme: str
+    group_size: int = DEFAULT_GROUP_SIZE
+    head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ArgumentError(f"unknown weight quantization {self.scheme!r}; choose one of "
+                                f"{', '.join(SCHEMES)} (or leave --quant out for 16-bit weights)")
+        if self.group_size not in GROUP_SIZES:
+            raise ArgumentError(f"group size {self.group_size} is not supported; choose one of "
+                                f"{', '.join(map(str, GROUP_SIZES))}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, "group_size": self.group_size, "head": self.head}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any] | None) -> "WeightQuant | None":
+        return None if not raw else cls(str(raw["scheme"]), int(raw["group_size"]), bool(raw.get("head", False)))
+
+    def describe(self) -> str:
+        return f"{self.scheme} (groups of {self.group_size}{', head too' if self.head else ''})"
+
+
+def parse_weight_quant(scheme: str | None, group_size: int | None = None,
+                       head: bool = False) -> WeightQuant | None:
+    """``WeightQuant`` from user-facing values; None for 16-bit ("none", "", None)."""
+    if scheme is None or str(scheme).strip().lower() in ("", "none", "bf16", "fp16", "16"):
+        if head:
+            raise ArgumentError("--quant-head needs a scheme: add --quant int8 or --quant int4")
+        return None
+    return WeightQuant(str(scheme).strip().lower(), DEFAULT_GROUP_SIZE if group_size is None else int(group_size),
+                       head)
+
+
+def check_kv_scheme(scheme: str) -> str:
+    """The KV scheme, validated: "none", "int8" or "int4"."""
+    value = str(scheme).strip().lower()
+    if value not in KV_SCHEMES:
+        raise ArgumentError(f"unknown KV quantization {scheme!r}; choose one of {', '.join(KV_SCHEMES)}")
+    return value
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """How one stored tensor is quantized: recorded per tensor in the store manifest."""
+
+    scheme: str                 # "int8" | "int4"
+    group_size: int
+    pack: str                   # "plain" | "cpu_int4"
+
+    def __post_init__(self) -> None:
+        assert self.scheme in SCHEMES and self.group_size in GROUP_SIZES and self.pack in PACKS, self
+
+    @property
+    def bits(self) -> int:
+        return BITS[self.scheme]
+
+    def stored(self, shape: tuple[int, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Stored tensors of a logical (N, K) weight: {suffix: (dtype name, shape)}; "" is the data."""
+        n, k = shape
+        assert k % self.group_size == 0, (shape, self.group_size)
+        if self.pack == "cpu_int4" and self.scheme == "int8":
+            data: tuple[int, ...] = (2, n, k // 2)
+        elif self.scheme == "int4":
+            data = (n, k // 2)
+        else:
+            data = (n, k)
+        return {"": ("uint8", data), QPARAMS_SUFFIX: (QPARAMS_DTYPE, (k // self.group_size, n, 2))}
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of every stored tensor of a logical (N, K) weight."""
+        return sum(_numel(s) * (1 if dt == "uint8" else 2) for dt, s in self.stored(shape).values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, "group_size": self.group_size, "pack": self.pack}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "TensorQuant":
+        return cls(str(raw["scheme"]), int(raw["group_size"]), str(raw["pack"]))
+
+
+def choose_pack(scheme: str, shape: tuple[int, ...], device_type: str) -> str:
+    """The layout for computing a (N, K) weight on ``device_type`` ("cpu", "cuda", ...)."""
+    return "cpu_int4" if device_type == "cpu" and shape[0] % CPU_PACK_ROWS == 0 else "plain"
+
+
+def quantized_keys(shapes: dict[str, tuple[int, ...]], quant: WeightQuant | None) -> list[str]:
+    """Which of a group's tensors (layer keys like ``self_attn.q_proj.weight`` or global HF names)
+    ``quant`` quantizes: the layer linears' weights, and the head when asked."""
+    if quant is None:
+        return []
+    wanted = {f"{name}.weight" for name in LAYER_LINEARS} | ({HEAD_WEIGHT} if quant.head else set())
+    return [key for key in shapes if key in wanted]
+
+
+def check_divides(key: str, shape: tuple[int, ...], quant: WeightQuant) -> None:
+    """ArgumentError when ``quant``'s group size does not divide the input dimension of ``key``."""
+    k = shape[-1]
+    if k % quant.group_size:
+        fits = [str(g) for g in GROUP_SIZES if k % g == 0]
+        hint = f"use --group-size {' or '.join(fits)}" if fits else "leave --quant out for this model"
+        raise ArgumentError(f"group size {quant.group_size} does not divide the input dimension {k} of {key}; "
+                            f"{hint}")
+
+
+def weight_bytes_per_param(scheme: str | None, group_size: int = DEFAULT_GROUP_SIZE, dtype_bytes: int = 2) -> float:
+    """Average stored bytes per weight of a (large) linear layer: the planner's rate."""
+    if scheme is None or scheme == "none":
+        return float(dtype_bytes)
+    return BITS[scheme] / 8 + 4 / group_size
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+__all__ = ["BITS", "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "HEAD_WEIGHT", "KV_SCHEMES", "LAYER_LINEARS", "PACKS",
+           "QPARAMS_DTYPE", "QPARAMS_SUFFIX", "SCHEMES", "TensorQuant", "WeightQuant", "check_divides",
+           "check_kv_scheme", "choose_pack", "parse_weight_quant", "quantized_keys", "weight_bytes_per_param"]
