@@ -3,8 +3,9 @@
 Why this module exists: the converter writes quantized tensors, the store reads them back, the
 planner counts their bytes and the kernels compute on them, and all four must agree on what a
 scheme means without importing each other (``io`` holds no model math, the planner stays pure).
-This module is that one source of truth. It holds no tensors and does no arithmetic on weights:
-the math lives in ``tierkv.kernels.quant``.
+This module is that one source of truth. It does no arithmetic on weights (the math lives in
+``tierkv.kernels.quant``); ``QuantWeight`` only holds a quantized weight's tensors together with
+the facts that say how to read them.
 
 Weights are quantized asymmetrically, group-wise along the input dimension K of a (N, K) linear
 weight: each group of ``group_size`` consecutive inputs of one output row has a 16-bit scale and
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from tierkv.errors import ArgumentError
 
@@ -134,6 +137,38 @@ class TensorQuant:
         return cls(str(raw["scheme"]), int(raw["group_size"]), str(raw["pack"]))
 
 
+@dataclass(frozen=True)
+class QuantWeight:
+    """A quantized (N, K) linear weight as stored: packed bytes, (G, N, 2) float16 qparams, its scheme.
+
+    It stands where a layer's weight dict holds ``X.weight`` for 16-bit models; the store builds it
+    from the manifest (never from names), and ``tierkv.kernels.quant.quant_linear`` computes on it.
+    """
+
+    data: torch.Tensor          # uint8, shape TensorQuant.stored(shape)[""]
+    qparams: torch.Tensor       # (G, N, 2) float16: [..., 0] scale, [..., 1] minimum
+    quant: TensorQuant
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical (N, K) of the weight."""
+        g, n, _ = self.qparams.shape
+        return n, g * self.quant.group_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.qparams.numel() * self.qparams.element_size()
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "QuantWeight":
+        """A copy on ``device`` (self when already there), like ``Tensor.to``."""
+        return QuantWeight(self.data.to(device, non_blocking=non_blocking),
+                           self.qparams.to(device, non_blocking=non_blocking), self.quant)
+
+
 def choose_pack(scheme: str, shape: tuple[int, ...], device_type: str) -> str:
     """The layout for computing a (N, K) weight on ``device_type`` ("cpu", "cuda", ...)."""
     return "cpu_int4" if device_type == "cpu" and shape[0] % CPU_PACK_ROWS == 0 else "plain"
@@ -173,5 +208,5 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 __all__ = ["BITS", "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "HEAD_WEIGHT", "KV_SCHEMES", "LAYER_LINEARS", "PACKS",
-           "QPARAMS_DTYPE", "QPARAMS_SUFFIX", "SCHEMES", "TensorQuant", "WeightQuant", "check_divides",
+           "QPARAMS_DTYPE", "QuantWeight", "QPARAMS_SUFFIX", "SCHEMES", "TensorQuant", "WeightQuant", "check_divides",
            "check_kv_scheme", "choose_pack", "parse_weight_quant", "quantized_keys", "weight_bytes_per_param"]

@@ -40,6 +40,7 @@ from tierkv.io.buffers import aligned_host_tensor, round_up
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.mover import MoveRecord
 from tierkv.io.reader import DEFAULT_REQUEST_BYTES, AlignedReader
+from tierkv.quantspec import QPARAMS_SUFFIX, check_divides, QuantWeight, TensorQuant, WeightQuant, choose_pack, quantized_keys
 
 FORMAT_NAME = "tierkv-weight-store"
 FORMAT_VERSION = 1
@@ -67,6 +68,8 @@ class TensorEntry:
     shape: tuple[int, ...]
     offset: int                 # bytes from the start of the extent (multiple of 64)
     nbytes: int
+    quant: TensorQuant | None = None   # set on the packed data of a quantized weight (its qparams
+                                       # follow as KEY + ".qparams"); None for plain tensors
 
 
 @dataclass(frozen=True)
@@ -94,15 +97,24 @@ def layer_extent_name(j: int) -> str:
 def tensors_from_buffer(extent: Extent, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
     """Zero-copy typed views of an extent's tensors inside ``buffer`` (uint8, >= extent.nbytes).
 
-    Layer tensors are keyed like ``self_attn.q_proj.weight``; globals by their full HF name. The
-    views alias ``buffer``: they are valid only while the buffer (slot) holding the extent is.
+    Layer tensors are keyed like ``self_attn.q_proj.weight``; globals by their full HF name. A
+    quantized weight (its manifest entry has a scheme) comes back as one ``QuantWeight`` under its
+    own key, holding the views of its packed data and of its ``.qparams``. The views alias
+    ``buffer``: they are valid only while the buffer (slot) holding the extent is.
     """
     assert buffer.dtype == torch.uint8 and buffer.dim() == 1, (buffer.dtype, buffer.shape)
     assert buffer.numel() >= extent.nbytes, f"{extent.name}: buffer {buffer.numel()} B < {extent.nbytes} B"
-    out = {}
+    views = {}
     for key, entry in extent.tensors.items():
         raw = buffer[entry.offset:entry.offset + entry.nbytes]
-        out[key] = raw.view(getattr(torch, entry.dtype)).view(entry.shape)
+        views[key] = raw.view(getattr(torch, entry.dtype)).view(entry.shape)
+    out: dict[str, Any] = {}
+    for key, entry in extent.tensors.items():
+        if entry.quant is not None:
+            out[key] = QuantWeight(views[key], views[key + QPARAMS_SUFFIX], entry.quant)
+        elif not (key.endswith(QPARAMS_SUFFIX) and extent.tensors.get(key.removesuffix(QPARAMS_SUFFIX)) is not None
+                  and extent.tensors[key.removesuffix(QPARAMS_SUFFIX)].quant is not None):
+            out[key] = views[key]
     return out
 
 
@@ -116,9 +128,14 @@ def block_crcs(data: memoryview | bytes, block_bytes: int = CRC_BLOCK_BYTES) -> 
 # layout
 
 
-def plan_layout(config: ModelConfig, dtype: torch.dtype) -> list[Extent]:
-    """Extents (without checksums) in file order: embed, layer.0 .. layer.{L-1}, norm, head."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+def plan_layout(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | None = None,
+                device_type: str = "cpu") -> list[Extent]:
+    """Extents (without checksums) in file order: embed, layer.0 .. layer.{L-1}, norm, head.
+
+    With ``quant``, the weights it covers (``quantized_keys``) are stored packed for computing on
+    ``device_type`` (``choose_pack``): their data entry carries the scheme, and their qparams
+    follow under KEY + ".qparams".
+    """
     dtype_name = str(dtype).removeprefix("torch.")
     globals_ = config.global_tensor_shapes()
     embed = _GLOBAL_EXTENTS["embed"]
@@ -129,11 +146,20 @@ def plan_layout(config: ModelConfig, dtype: torch.dtype) -> list[Extent]:
     extents, offset = [], 0
     for name, shapes in groups:
         tensors, pos = {}, 0
+        quantized = set(quantized_keys(shapes, quant))
         for key, shape in shapes.items():
-            pos = round_up(pos, TENSOR_ALIGN_BYTES)
-            nbytes = itemsize * _numel(shape)
-            tensors[key] = TensorEntry(dtype_name, tuple(shape), pos, nbytes)
-            pos += nbytes
+            entries = [(key, dtype_name, tuple(shape), None)]
+            if key in quantized:
+                assert quant is not None
+                check_divides(key, tuple(shape), quant)
+                tq = TensorQuant(quant.scheme, quant.group_size, choose_pack(quant.scheme, tuple(shape), device_type))
+                entries = [(key + suffix, dt, st, tq if not suffix else None)
+                           for suffix, (dt, st) in tq.stored(tuple(shape)).items()]
+            for entry_key, entry_dtype, entry_shape, tq_or_none in entries:
+                pos = round_up(pos, TENSOR_ALIGN_BYTES)
+                nbytes = torch.empty((), dtype=getattr(torch, entry_dtype)).element_size() * _numel(entry_shape)
+                tensors[entry_key] = TensorEntry(entry_dtype, entry_shape, pos, nbytes, tq_or_none)
+                pos += nbytes
         extents.append(Extent(name, offset, pos, round_up(pos), tensors))
         offset += round_up(pos)
     return extents
@@ -152,14 +178,21 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def extent_to_json(e: Extent) -> dict[str, Any]:
     return {"offset": e.offset, "nbytes": e.nbytes, "padded_nbytes": e.padded_nbytes, "crc32": list(e.crc32),
-            "tensors": {k: {"dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes}
-                        for k, t in e.tensors.items()}}
+            "tensors": {k: _entry_to_json(t) for k, t in e.tensors.items()}}
+
+
+def _entry_to_json(t: TensorEntry) -> dict[str, Any]:
+    raw: dict[str, Any] = {"dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes}
+    if t.quant is not None:
+        raw["quant"] = t.quant.to_json()
+    return raw
 
 
 def extent_from_json(name: str, raw: dict[str, Any]) -> Extent:
     """Reads the keys it knows and ignores others (manifests from earlier tierkv versions carry an unused
     "scheme": "plain" per extent; they stay readable)."""
-    tensors = {k: TensorEntry(t["dtype"], tuple(t["shape"]), int(t["offset"]), int(t["nbytes"]))
+    tensors = {k: TensorEntry(t["dtype"], tuple(t["shape"]), int(t["offset"]), int(t["nbytes"]),
+                              TensorQuant.from_json(t["quant"]) if t.get("quant") else None)
                for k, t in raw["tensors"].items()}
     return Extent(name, int(raw["offset"]), int(raw["nbytes"]), int(raw["padded_nbytes"]), tensors,
                   tuple(int(c) for c in raw["crc32"]))
