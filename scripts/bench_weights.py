@@ -202,8 +202,10 @@ def layer_compute_s(model_dir: Path, device: str, iters: int = 20) -> float:
 
 
 def choose_budget(model_dir: Path, offload_dir: Path, links: Any, fraction: float, device: str,
-                  prompt_len: int, kv_device_tokens: int | None = None) -> tuple[dict[str, int], Any]:
-    """({device_mem, host_mem}, plan) with the share of layers on disk closest to ``fraction``.
+                  prompt_len: int, kv_device_tokens: int | None = None,
+                  policy_extra: dict[str, Any] | None = None) -> tuple[dict[str, int], Any]:
+    """({device_mem, host_mem}, plan) with the share of layers on disk closest to ``fraction``
+    (``policy_extra``: more ``Policy`` fields, e.g. ``weight_quant``).
 
     Asks ``make_plan`` (with the ``links`` measured in this run) for every budget of globals +
     reserve + k layers (CUDA: and host staging rings of 1..MAX_PREFETCH_DEPTH+1 layers); ties go
@@ -214,7 +216,8 @@ def choose_budget(model_dir: Path, offload_dir: Path, links: Any, fraction: floa
     from tierkv.plan import MAX_PREFETCH_DEPTH, PlanError, make_plan
 
     cfg = Checkpoint(model_dir).config
-    policy = Policy(dtype="bfloat16", device=device, prefill_chunk_tokens=prompt_len, kv_device_tokens=kv_device_tokens)
+    policy = Policy(dtype="bfloat16", device=device, prefill_chunk_tokens=prompt_len, kv_device_tokens=kv_device_tokens,
+                    **(policy_extra or {}))
     whole = make_plan(cfg, Budget(machine_device_bytes(device), 0, offload_dir), policy, links)
     n, layer = whole.num_layers, whole.layer_bytes
     base = whole.reserve_bytes + whole.globals_bytes + SLACK_BYTES
@@ -280,7 +283,8 @@ def _tierkv_mode(engine: Any, ids: list[int], args: dict[str, Any], evict: list[
            # disk busier than the step is long, or waits longer than the step: t(N) and t(1) met
            # different loads on a shared machine, and the ratios of this run are not to be trusted
            "timing_consistent": io_s <= 1.05 * timing.step_s and wait_s < timing.step_s,
-           "cached_after_evict_bytes": None}
+           "cached_after_evict_bytes": None,
+           "tier_weight_bytes": {k: v for k, v in wn.items() if k.endswith("_weight_bytes")}}
     if per_step["host_to_device_busy_s"] > 0:
         out["h2d_gbps"] = per_step["host_to_device_bytes"] / per_step["host_to_device_busy_s"] / 1e9
     if evict:
@@ -302,7 +306,7 @@ def _streaming_engine(model_dir: str, budget: dict[str, int], offload_dir: str, 
 
     torch.set_num_threads(args["threads"])
     policy = Policy(dtype="bfloat16", device=args["device"], prefill_chunk_tokens=prompt_len,
-                    kv_device_tokens=args.get("kv_device_tokens"))
+                    kv_device_tokens=args.get("kv_device_tokens"), **args.get("policy_extra", {}))
     cfg = Checkpoint(model_dir).config
     source, plan = open_weight_source(model_dir, cfg, Budget(budget["device_mem"], budget["host_mem"],
                                                              Path(offload_dir)), policy, links=links)
@@ -313,9 +317,10 @@ def _streaming_engine(model_dir: str, budget: dict[str, int], offload_dir: str, 
 
 def run_tierkv_streaming(model_dir: str, budget: dict[str, int], offload_dir: str, data_path: str,
                          links: Any, ids: list[int], args: dict[str, Any]) -> dict[str, Any]:
-    """tierkv under the searched budgets: warm-up, cold (evict before every forward), then warm."""
+    """tierkv under the searched budgets: warm-up, cold (evict before every forward), then warm
+    (skipped with ``args["cold_only"]``). ``data_path`` "": the engine's own store file."""
     engine = _streaming_engine(model_dir, budget, offload_dir, links, len(ids), args)
-    files = [Path(data_path)]
+    files = [Path(data_path) if data_path else engine.runner.weights.store.data_path]
     evicting = {"on": False}
     forward = engine.runner.hidden
 
@@ -329,8 +334,9 @@ def run_tierkv_streaming(model_dir: str, budget: dict[str, int], offload_dir: st
     evicting["on"] = True
     cold = _tierkv_mode(engine, ids, args, files)
     evicting["on"] = False
-    read_into_page_cache(files)
-    warm = _tierkv_mode(engine, ids, args, [])
+    if not args.get("cold_only"):
+        read_into_page_cache(files)
+    warm = cold if args.get("cold_only") else _tierkv_mode(engine, ids, args, [])
     plan = engine.plan
     out = {"cold": cold, "warm": warm, "plan_summary": plan.summary(),
            "plan": {"device_layers": len(plan.device_layers), "host_layers": len(plan.host_layers),
@@ -365,8 +371,16 @@ def run_accelerate(model_dir: str, max_memory: dict[Any, int], offload_dir: str,
     torch.set_num_threads(args["threads"])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="auto",
                                                  max_memory=max_memory, offload_folder=offload_dir).eval()
-    placed = list(model.hf_device_map.items())
-    disk_layers = layers_on_disk(model.hf_device_map, model.config.num_hidden_layers)
+    return time_offloaded_hf(model, model_dir, offload_dir, ids, args)
+
+
+def time_offloaded_hf(model: Any, model_dir: str, offload_dir: str, ids: list[int],
+                      args: dict[str, Any]) -> dict[str, Any]:
+    """Cold (checkpoint and offload files evicted before every forward) then warm decode of an HF
+    model loaded with a device map (warm skipped with ``args["cold_only"]``)."""
+    device_map = getattr(model, "hf_device_map", None) or {}      # None: everything on one device
+    placed = list(device_map.items())
+    disk_layers = layers_on_disk(device_map, model.config.num_hidden_layers)
     files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(p for p in Path(offload_dir).rglob("*")
                                                                    if p.is_file())
     evicting = {"on": False}
@@ -378,8 +392,9 @@ def run_accelerate(model_dir: str, max_memory: dict[Any, int], offload_dir: str,
     evicting["on"] = False
     evict_files(files)
     residual = cached_bytes(files)
-    read_into_page_cache(files)
-    warm = time_decode(gen, args["new_tokens"], args["repeats"])
+    if not args.get("cold_only"):
+        read_into_page_cache(files)
+    warm = cold if args.get("cold_only") else time_decode(gen, args["new_tokens"], args["repeats"])
     return {"cold_tok_s": cold.tok_s, "warm_tok_s": warm.tok_s, "disk_layers": disk_layers,
             "device_map": {k: str(v) for k, v in placed}, "cached_after_evict_bytes": residual,
             "files": [str(f) for f in files], "peak_rss_bytes": peak_rss_bytes()}
@@ -420,7 +435,7 @@ def run_resident(kind: str, model_dir: str, ids: list[int], args: dict[str, Any]
     if kind == "tierkv":
         import tierkv
 
-        engine = tierkv.load(model_dir, dtype="bfloat16", device=args["device"])
+        engine = tierkv.load(model_dir, dtype="bfloat16", device=args["device"], **args.get("load_kwargs", {}))
         resident = engine.plan is None or not (engine.plan.disk_layers or engine.plan.host_layers)
         gen: Callable[[int], Any] = lambda k: engine.generate(ids, max_new_tokens=k, ignore_eos=True)  # noqa: E731
     else:
