@@ -125,6 +125,7 @@ def _resident_in_budget(o: dict[str, Any], args: dict[str, Any]) -> dict[str, An
     timing = bw.time_decode(gen, args["new_tokens"], args["repeats"])
     plan = engine.plan
     cold = {"tok_s": timing.tok_s, "step_s": timing.step_s, "disk_bytes_per_step": 0.0,
+            "stats_decode_tok_s": timing.last.stats.decode_tok_s,
             "tier_weight_bytes": {k: v for k, v in timing.last.stats.weights.items() if k.endswith("_weight_bytes")},
             "timing_consistent": True}
     out = {"cold": cold, "streamed": False, "peak_rss_bytes": bw.peak_rss_bytes(),
@@ -338,7 +339,8 @@ def summarize_resident(res: dict[str, Any]) -> tuple[dict[str, Any], dict[str, b
 def _stream_row(r: dict[str, Any]) -> dict[str, Any]:
     """The numbers of one streamed run that the summary keeps."""
     cold, plan = r.get("cold", {}), r.get("plan", {})
-    return {"tok_s": cold.get("tok_s"), "disk_bytes_per_token": cold.get("disk_bytes_per_step"),
+    return {"tok_s": cold.get("tok_s"), "engine_decode_tok_s": cold.get("stats_decode_tok_s"),
+            "disk_bytes_per_token": cold.get("disk_bytes_per_step"),
             "disk_layers": plan.get("disk_layers"), "device_layers": plan.get("device_layers"),
             "layer_bytes": plan.get("layer_bytes"), "predicted_tok_s": plan.get("predicted_tok_s"),
             "streamed": r.get("streamed"), "memcap_peak_bytes": r.get("memcap_peak_bytes"),
@@ -382,6 +384,10 @@ def summarize_peers(peers: dict[str, Any], st: dict[str, Any] | None) -> tuple[d
     quant = {k: v for k, v in out["peers"].items() if not k.startswith("accelerate") and v["truly_offloaded"]}
     best = max(quant, key=lambda k: quant[k]["cold_tok_s"], default=None)
     out["best_offloaded_quant_peer"] = best
+    running = {k: v for k, v in out["peers"].items() if not k.startswith("accelerate") and v.get("runs")
+               and not v.get("error") and v.get("cold_tok_s")}       # ran, offloaded or not (fits in RAM)
+    best_running = max(running, key=lambda k: running[k]["cold_tok_s"], default=None)
+    out["best_running_quant_peer"] = best_running
     goals = {}
     runs = (st or {}).get("runs", {})
     for scheme in ("int8", "int4"):
@@ -389,6 +395,8 @@ def summarize_peers(peers: dict[str, Any], st: dict[str, Any] | None) -> tuple[d
         tok = (r or {}).get("cold", {}).get("tok_s")
         if "accelerate" in peers:
             out[f"stream_{scheme}_vs_accelerate_bf16"] = _ratio(tok, peers["accelerate"].get("cold_tok_s"))
+        if best_running is not None:
+            out[f"stream_{scheme}_vs_running_quant_peer"] = _ratio(tok, running[best_running]["cold_tok_s"])
         if best is not None:
             out[f"stream_{scheme}_vs_best_quant_peer"] = _ratio(tok, quant[best]["cold_tok_s"])
             if out[f"stream_{scheme}_vs_best_quant_peer"] is not None:
@@ -421,7 +429,9 @@ def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
             continue
         ratio = "" if "tok_s_vs_bf16" not in r else (f" = {_fmt(r['tok_s_vs_bf16'])}x bf16, bytes "
                                                      f"{_fmt(r['bytes_vs_bf16'])}x (layer {_fmt(r['layer_bytes_vs_bf16'])}x)")
-        rows.append((f"stream {key}", f"{_fmt(r['tok_s'])} tok/s, {_gb(r['disk_bytes_per_token'])}/token read, "
+        rows.append((f"stream {key}", f"{_fmt(r['tok_s'])} tok/s (engine's own {_fmt(r['engine_decode_tok_s'])}"
+                                      f"{'' if r['timing_consistent'] else ', INCONSISTENT: rerun'}), "
+                                      f"{_gb(r['disk_bytes_per_token'])}/token read, "
                                       f"{r['disk_layers']} layers on disk{ratio}; memcap peak "
                                       f"{_fmt((r['memcap_peak_bytes'] or 0) / 2**20, '.0f')} MiB"))
     for label, p in s.get("peers", {}).items():
