@@ -18,10 +18,12 @@ with each layer's linear weights replaced by ``quantize -> dequantize`` of
 ``tierkv.kernels.quant_reference`` (the scheme's own error, no kernel involved): engine ~ sim says
 the kernels add nothing. A checkout whose ``tierkv.load`` has no ``quant`` keyword gets sim only.
 
-KV (``--kv``): with ``kv_quant="int8"|"int4"`` on a long prompt whose KV spills past a small
-device room to host memory and disk (``kv="exact"``, small prefill pieces, so later pieces and the
-decode steps read chunks back), the logits' relative error and greedy agreement vs exact KV, and
-the KV bytes per tier the engine reports.
+KV (``--kv``): with ``kv_quant="int8"|"int4"`` in the tests' ``tiered`` and ``sparse`` placements
+(``tests/placements.py``, in bf16: a KV room of a few tokens, a host budget of ~40 tokens, the rest
+on disk, 16-token prefill pieces, so later pieces and every decode step read quantized chunks back)
+on a ``--kv-context``-token sequence the bf16 model generated: the logits' relative error and
+agreement vs exact KV of the same placement, greedy decode agreement after it, and the KV bytes
+per tier and bytes read per decode step the engine reports.
 
 Models: tiny random HF checkpoints built like the tests' (``tests/conftest.build_hf_model``, with
 hidden 128 / MLP 256 so every group size divides), and ``--model DIR``, a *trained* one. The
@@ -188,41 +190,64 @@ def eval_model(model: Path, args: argparse.Namespace) -> dict[str, Any]:
 # KV quantization on the host and disk tiers
 
 
-def _kv_engine(model: Path, kv_quant: str, args: argparse.Namespace, offload: Path) -> Any:
-    """Exact attention over a KV cache whose chunks spill past a small device room to host and disk."""
-    extra = {} if kv_quant == "none" else {"kv_quant": kv_quant}
-    return tierkv.load(model, dtype="bfloat16", device="cpu", kv="exact", kv_device_tokens=args.kv_device_tokens,
-                       host_mem=args.kv_host_mem, offload_dir=offload / kv_quant, chunk_tokens=args.kv_chunk_tokens,
-                       prefill_chunk_tokens=args.kv_prefill_tokens, **extra)
+def _kv_engine(model: Path, kind: str, kv_quant: str, offload: Path) -> Any:
+    """The tests' ``tiered`` / ``sparse`` placement (``tests/placements.py``'s sizes: resident
+    weights, a KV room of a few tokens, host budget for ``HOST_KV_TOKENS`` fp32 tokens, the rest on
+    disk), sized and computed in bf16 so that exact KV is 16-bit, with ``kv_quant``."""
+    import placements as pl
+    from tierkv.config import ModelConfig, Policy
+    from tierkv.plan import make_plan, reserve_bytes
+
+    cfg = ModelConfig.from_dir(model)
+    policy = Policy(dtype="bfloat16", device="cpu", kv="exact", chunk_tokens=pl.CHUNK_TOKENS,
+                    kv_device_tokens=pl.KV_ROOM_TOKENS, prefill_chunk_tokens=pl.PIECE_TOKENS)
+    roomy = make_plan(cfg, tierkv.Budget(), policy)
+    device_mem = roomy.globals_bytes + cfg.num_layers * roomy.layer_bytes + reserve_bytes(
+        cfg, torch.bfloat16, policy, pl.KV_ROOM_TOKENS, 1)
+    kv = dict(kv="exact") if kind == "tiered" else dict(kv="sparse", kv_budget=pl.SPARSE_BUDGET_TOKENS, kv_sketch=False)
+    return tierkv.load(model, device="cpu", dtype="bfloat16", offload_dir=offload / f"{kind}-{kv_quant}",
+                       chunk_tokens=pl.CHUNK_TOKENS, kv_device_tokens=pl.KV_ROOM_TOKENS,
+                       prefill_chunk_tokens=pl.PIECE_TOKENS, device_mem=device_mem,
+                       host_mem=pl.HOST_KV_TOKENS * pl.kv_token_bytes(cfg), kv_quant=kv_quant, **kv)
+
+
+def _kv_run(model: Path, kind: str, kv_quant: str, seq: Seq, decode_tokens: int,
+            offload: Path) -> tuple[torch.Tensor, list[int], dict[str, Any]]:
+    """(teacher-forced logits, greedy continuation, KV stats of the continuation) of one engine."""
+    engine = _kv_engine(model, kind, kv_quant, offload)
+    try:
+        logits = engine.logits(seq[0]).float()
+        res = engine.generate(seq[0], max_new_tokens=decode_tokens, ignore_eos=True)
+    finally:
+        engine.close()
+    keep = ("device_bytes", "host_bytes", "disk_bytes", "bytes_read_per_step", "kv_quant")
+    kv = {k: res.stats.kv.get(k) for k in keep}
+    assert kv["host_bytes"] and kv["disk_bytes"], f"the {kind} placement kept the KV on the device: {kv}"
+    return logits, res.token_ids, kv
 
 
 def eval_kv(model: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """KV int8/int4 vs exact KV on one long sequence: logits error and agreement (teacher-forced),
-    greedy decode agreement after it, and the KV bytes per tier each engine reports."""
+    """KV int8/int4 vs exact KV, exact and sparse attention, on one long bf16-generated sequence:
+    logits error and agreement (teacher-forced), greedy decode agreement after it, KV bytes per tier
+    and bytes read per decode step."""
     engine = tierkv.load(model, dtype="bfloat16", device="cpu")
     prompt = prompts_for(engine, 1, args.seed)[0]
-    long = generate_text(engine, [prompt], args.kv_context - len(prompt), args.temperature, args.seed)
+    seqs = generate_text(engine, [prompt], args.kv_context - len(prompt), args.temperature, args.seed)
     engine.close()
     offload = Path(tempfile.mkdtemp(prefix="eval-kv-"))
-    out: dict[str, Any] = {"context_tokens": len(long[0][0]), "rows": {}}
-    ref_logits, ref_tokens = None, None
-    for kv_quant in ("none", "int8", "int4"):
-        engine = _kv_engine(model, kv_quant, args, offload)
-        try:
-            logits = [engine.logits(long[0][0]).float()]
-            res = engine.generate(long[0][0], max_new_tokens=args.kv_decode_tokens, ignore_eos=True)
-        finally:
-            engine.close()
-        row: dict[str, Any] = {"kv_stats": {k: v for k, v in res.stats.kv.items() if "bytes" in k}}
-        if ref_logits is None:
-            ref_logits, ref_tokens = logits, res.token_ids
-        else:
-            row.update(compare(ref_logits, logits, long))
-            row["decode_agree"] = sum(a == b for a, b in zip(res.token_ids, ref_tokens)) / len(ref_tokens)
-            row["decode_first_diff"] = next((i for i, (a, b) in enumerate(zip(res.token_ids, ref_tokens)) if a != b),
-                                            None)
-        out["rows"][kv_quant] = row
-        print(f"  kv {kv_quant}: {_cell(row if 'rel_err' in row else None)} {row['kv_stats']}", flush=True)
+    out: dict[str, Any] = {"context_tokens": len(seqs[0][0]), "rows": {}}
+    for kind in ("tiered", "sparse"):
+        ref_logits, ref_tokens, ref_kv = _kv_run(model, kind, "none", seqs[0], args.kv_decode_tokens, offload)
+        out["rows"][f"{kind}/none"] = {"kv_stats": ref_kv}
+        for kv_quant in ("int8", "int4"):
+            logits, tokens, kv = _kv_run(model, kind, kv_quant, seqs[0], args.kv_decode_tokens, offload)
+            row = dict(compare([ref_logits], [logits], seqs), kv_stats=kv,
+                       decode_agree=sum(a == b for a, b in zip(tokens, ref_tokens)) / len(ref_tokens),
+                       decode_first_diff=next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None))
+            if ref_kv.get("bytes_read_per_step"):
+                row["bytes_read_per_step_vs_none"] = kv["bytes_read_per_step"] / ref_kv["bytes_read_per_step"]
+            out["rows"][f"{kind}/{kv_quant}"] = row
+            print(f"  kv {kind}/{kv_quant}: {_cell(row)} {kv}", flush=True)
     return out
 
 
@@ -247,8 +272,15 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         kv = results["kv"]
         rows.append((f"KV on host/disk, {kv['context_tokens']}-token context", "vs exact KV (none)"))
         for key, row in kv["rows"].items():
-            decode = "" if key == "none" else f", decode agree {row['decode_agree']:.3f}"
-            rows.append((f"  kv {key}", (_cell(row) if key != "none" else "reference") + decode))
+            st = row["kv_stats"]
+            where = (f"KV device/host/disk {st['device_bytes']}/{st['host_bytes']}/{st['disk_bytes']} B, "
+                     f"read {st['bytes_read_per_step']:.0f} B/step")
+            if key.endswith("/none"):
+                rows.append((f"  kv {key}", f"reference; {where}"))
+                continue
+            rows.append((f"  kv {key}", f"{_cell(row)}, decode agree {row['decode_agree']:.3f} (first diff "
+                                        f"{row['decode_first_diff']}); {where} = "
+                                        f"{row.get('bytes_read_per_step_vs_none', float('nan')):.2f}x"))
     for note in results["notes"]:
         rows.append(("note", note))
     return rows
@@ -272,6 +304,7 @@ def parse_args() -> argparse.Namespace:
                     help="a trained model directory (repeatable; default /tmp/qm/demo768 when it exists)")
     ap.add_argument("--no-tiny", dest="tiny", action="store_false", help="skip the tiny random models")
     ap.add_argument("--no-sim", dest="sim", action="store_false", help="skip the HF + reference column")
+    ap.add_argument("--no-weights", dest="weights", action="store_false", help="skip the weight schemes (KV only)")
     ap.add_argument("--groups", default=",".join(map(str, GROUP_SIZES)))
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=96)
@@ -280,10 +313,6 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--kv", action="store_true", help="also KV int8/int4 vs exact (needs kv_quant in tierkv.load)")
     ap.add_argument("--kv-context", type=int, default=400)
     ap.add_argument("--kv-decode-tokens", type=int, default=32)
-    ap.add_argument("--kv-device-tokens", type=int, default=64)
-    ap.add_argument("--kv-host-mem", default="256KiB")
-    ap.add_argument("--kv-chunk-tokens", type=int, default=16)
-    ap.add_argument("--kv-prefill-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "tierkv-eval-quant")
     args = ap.parse_args()
@@ -304,7 +333,7 @@ def main() -> None:
     if not engine_quant_supported():
         notes.append("this checkout's tierkv.load has no quant=: engine column for bf16/fp32 only")
     results: dict[str, Any] = {"models": {}, "notes": notes}
-    for name, path in models.items():
+    for name, path in models.items() if args.weights else ():
         print(f"{name}: {path}", flush=True)
         results["models"][name] = eval_model(path, args)
     if args.kv:
