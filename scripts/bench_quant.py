@@ -28,7 +28,7 @@ weights over tierkv bf16, measured in the same run on the ~0.85B random bf16 Lla
   fastest peer that truly ran with layers on disk (none: said so).
 
     python scripts/bench_quant.py [--parts resident,stream,peer] [--schemes bf16,int8,int4]
-        [--group-size 64] [--cap 1280MiB] [--budget-mode both|same-layers|same-budget]
+        [--group-size 64] [--quant-head] [--cap 1280MiB] [--budget-mode both|same-layers|same-budget]
         [--peers accelerate,bnb4,bnb8,quanto4,quanto8] [--threads 2] [--new-tokens 8]
 
 Each contender runs as ``python scripts/bench_quant.py --worker KIND --opts JSON`` (under memcap
@@ -67,16 +67,18 @@ PEER_SPEEDUP_GOAL = 2.0
 # schemes as the library takes them (bf16 = no quantization)
 
 
-def load_kwargs(scheme: str, group_size: int) -> dict[str, Any]:
-    """``tierkv.load`` keywords of a scheme."""
-    return {} if scheme == "bf16" else {"quant": scheme, "group_size": group_size}
+def load_kwargs(scheme: str, group_size: int, head: bool = False) -> dict[str, Any]:
+    """``tierkv.load`` keywords of a scheme (``head``: the LM head quantized too)."""
+    if scheme == "bf16":
+        return {}
+    return {"quant": scheme, "group_size": group_size, **({"quant_head": True} if head else {})}
 
 
-def policy_extra(scheme: str, group_size: int) -> dict[str, Any]:
+def policy_extra(scheme: str, group_size: int, head: bool = False) -> dict[str, Any]:
     """``Policy`` fields of a scheme (the weight quantization as ``tierkv.quantspec`` defines it)."""
     from tierkv.quantspec import parse_weight_quant
 
-    return {} if scheme == "bf16" else {"weight_quant": parse_weight_quant(scheme, group_size)}
+    return {} if scheme == "bf16" else {"weight_quant": parse_weight_quant(scheme, group_size, head)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +87,7 @@ def policy_extra(scheme: str, group_size: int) -> dict[str, Any]:
 
 def worker_resident(o: dict[str, Any]) -> dict[str, Any]:
     """tierkv at one scheme, or HF transformers bf16 ("hf"), all in memory."""
-    args = dict(o["common"], load_kwargs=load_kwargs(o["scheme"], o["group_size"]))
+    args = dict(o["common"], load_kwargs=load_kwargs(o["scheme"], o["group_size"], o["common"]["quant_head"]))
     return bw.run_resident("hf" if o["scheme"] == "hf" else "tierkv", o["model_dir"], o["ids"], args)
 
 
@@ -98,7 +100,7 @@ def worker_stream(o: dict[str, Any]) -> dict[str, Any]:
     from tierkv.probe import LinkSpeeds
 
     links = LinkSpeeds(**o["links"])
-    extra = policy_extra(o["scheme"], o["group_size"])
+    extra = policy_extra(o["scheme"], o["group_size"], o["common"]["quant_head"])
     args = dict(o["common"], policy_extra=extra, cold_only=True)
     policy = Policy(dtype="bfloat16", device=args["device"], prefill_chunk_tokens=len(o["ids"]),
                     kv_device_tokens=args.get("kv_device_tokens"), **extra)
@@ -119,7 +121,8 @@ def _resident_in_budget(o: dict[str, Any], args: dict[str, Any]) -> dict[str, An
     budget = o["budget"]
     engine = tierkv.load(o["model_dir"], device_mem=budget["device_mem"], host_mem=budget["host_mem"],
                          offload_dir=o["offload"], dtype="bfloat16", device=args["device"],
-                         kv_device_tokens=args.get("kv_device_tokens"), **load_kwargs(o["scheme"], o["group_size"]))
+                         kv_device_tokens=args.get("kv_device_tokens"),
+                         **load_kwargs(o["scheme"], o["group_size"], args["quant_head"]))
     gen = lambda n: engine.generate(o["ids"], max_new_tokens=n, ignore_eos=True)  # noqa: E731
     gen(2)
     timing = bw.time_decode(gen, args["new_tokens"], args["repeats"])
@@ -227,7 +230,7 @@ def memcap_usable() -> bool:
 def _common(args: argparse.Namespace) -> dict[str, Any]:
     return {"threads": args.threads, "device": "cpu", "new_tokens": args.new_tokens, "repeats": args.repeats,
             "resident_tokens": args.resident_tokens, "resident_repeats": args.resident_repeats,
-            "kv_device_tokens": args.kv_device_tokens}
+            "kv_device_tokens": args.kv_device_tokens, "quant_head": args.quant_head}
 
 
 def resident_part(args: argparse.Namespace, model_dir: Path, ids: list[int]) -> dict[str, Any]:
@@ -254,7 +257,7 @@ def stream_budgets(args: argparse.Namespace, model_dir: Path, offload: Path,
     if args.budget_mode in ("both", "same-layers"):
         out["same-layers"] = {s: bf16 if s == "bf16" else bw.choose_budget(
             model_dir, offload, links, fraction, "cpu", args.prompt_len, args.kv_device_tokens,
-            policy_extra(s, args.group_size))[0] for s in args.schemes}
+            policy_extra(s, args.group_size, args.quant_head))[0] for s in args.schemes}
     return out
 
 
@@ -457,6 +460,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--parts", default="resident,stream,peer", help="comma list of resident, stream, peer")
     ap.add_argument("--schemes", default=",".join(SCHEMES), help="comma list of bf16, int8, int4")
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--quant-head", action="store_true", help="quantize the LM head too (int8/int4 runs)")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)}")
     ap.add_argument("--cap", default="1280MiB", help="memcap limit for stream and peer runs ('none': no cap)")
     ap.add_argument("--budget-mode", choices=["both", "same-layers", "same-budget"], default="both")
@@ -522,10 +526,11 @@ def main() -> None:
         s.update(part), s["goals"].update(goals)
     load_end = os.getloadavg()
     print_table(f"quantized weights, {args.layers}-layer ~0.85B bf16 Llama ({checkpoint_bytes(model_dir) / 2**20:.0f} "
-                f"MiB), group {args.group_size}, cpu, {args.threads} threads, prompt {args.prompt_len}, cap "
+                f"MiB), group {args.group_size}{', head quantized' if args.quant_head else ''}, cpu, {args.threads} threads, prompt {args.prompt_len}, cap "
                 f"{args.cap if capped else 'none'}, load avg {load_start[0]:.1f} -> {load_end[0]:.1f} on "
                 f"{os.cpu_count()} cores", table_rows(s))
     emit_json(dict(s, bench="quant", parts=args.parts, schemes=args.schemes, group_size=args.group_size,
+                   quant_head=args.quant_head,
                    cap=args.cap if capped else None, checkpoint_bytes=checkpoint_bytes(model_dir),
                    threads=args.threads, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                    resident_tokens=args.resident_tokens, budget_mode=args.budget_mode,
