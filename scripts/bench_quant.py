@@ -220,6 +220,13 @@ def run_worker(kind: str, opts: dict[str, Any], cap: str | None, timeout_s: floa
     return out
 
 
+def evict_inputs(model_dir: Path, offload: Path) -> None:
+    """Drop the checkpoint's and every store's cached pages before a capped run: pages cached by an
+    earlier process are charged to its cgroup, not the capped one, and would give a free warm start."""
+    files = sorted(model_dir.glob("*.safetensors")) + sorted(p for p in (offload / "stores").rglob("*") if p.is_file())
+    bw.evict_files(files)
+
+
 def memcap_usable() -> bool:
     """Whether memcap can make a cgroup here (needs root and a memory controller)."""
     if not MEMCAP.is_file():
@@ -277,6 +284,7 @@ def stream_part(args: argparse.Namespace, model_dir: Path, ids: list[int], offlo
                 continue
             opts = {"scheme": scheme, "group_size": args.group_size, "model_dir": str(model_dir), "ids": ids,
                     "offload": str(offload), "budget": budget, "links": asdict(links), "common": _common(args)}
+            evict_inputs(model_dir, offload)
             runs[f"{mode}/{scheme}"] = run_worker("stream", opts, args.cap_arg)
             r = runs[f"{mode}/{scheme}"]
             print(f"stream {mode}/{scheme}: {r.get('cold', {}).get('tok_s', r.get('error'))}", flush=True)
@@ -301,6 +309,7 @@ def peer_part(args: argparse.Namespace, model_dir: Path, ids: list[int], offload
             folder = Path(tempfile.mkdtemp(prefix="peer-offload-", dir=offload))
             opts = {"peer": peer, "model_dir": str(model_dir), "ids": ids, "max_memory": {"cpu": mem},
                     "folder": str(folder), "peer_pkgs": str(args.peer_pkgs), "common": _common(args)}
+            evict_inputs(model_dir, offload)
             try:
                 out[label] = dict(run_worker("peer", opts, args.cap_arg), max_memory_cpu_bytes=mem)
             finally:
@@ -466,9 +475,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget-mode", choices=["both", "same-layers", "same-budget"], default="both")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--stream-fraction", type=float, default=0.7, help="share of bf16's layers on disk")
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=6, help="decode tokens per streamed/peer timing")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=16, help="short: prefill noise cancels badly in t(N) - t(1)")
+    ap.add_argument("--new-tokens", type=int, default=10, help="decode tokens per streamed/peer timing")
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--resident-tokens", type=int, default=16)
     ap.add_argument("--resident-repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
