@@ -278,9 +278,10 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
             if key.endswith("/none"):
                 rows.append((f"  kv {key}", f"reference; {where}"))
                 continue
+            ratio = row.get("bytes_read_per_step_vs_none")
             rows.append((f"  kv {key}", f"{_cell(row)}, decode agree {row['decode_agree']:.3f} (first diff "
-                                        f"{row['decode_first_diff']}); {where} = "
-                                        f"{row.get('bytes_read_per_step_vs_none', float('nan')):.2f}x"))
+                                        f"{row['decode_first_diff']}); {where}"
+                                        + ("" if ratio is None else f" = {ratio:.2f}x")))
     for note in results["notes"]:
         rows.append(("note", note))
     return rows
