@@ -171,8 +171,8 @@ def worker_peer(o: dict[str, Any]) -> dict[str, Any]:
     peer, args, folder = o["peer"], o["common"], Path(o["folder"])
     torch.set_num_threads(args["threads"])
     if peer == "accelerate":
-        return dict(bw.run_accelerate(o["model_dir"], o["max_memory"], str(folder), o["ids"], dict(args, cold_only=True)),
-                    runs=True)
+        timing = bw.run_accelerate(o["model_dir"], o["max_memory"], str(folder), o["ids"], dict(args, cold_only=True))
+        return dict(timing, runs=True)
     sys.path.insert(0, o["peer_pkgs"])                   # the peer's packages: this process only
     out: dict[str, Any] = {"runs": False}
     try:
@@ -431,7 +431,8 @@ def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         name = k.removeprefix("resident_").removesuffix("_tok_s")
         extra = "" if name in ("bf16", "hf") else f" = {_fmt(s.get(f'resident_{name}_vs_bf16'))}x tierkv bf16"
         rows.append((f"resident {'HF transformers bf16' if name == 'hf' else 'tierkv ' + name}",
-                     f"{_fmt(s[k])} tok/s{extra}" + ("" if name == "hf" else f", {_fmt(s.get(f'resident_{name}_vs_hf'))}x HF")))
+                     f"{_fmt(s[k])} tok/s{extra}"
+                     + ("" if name == "hf" else f", {_fmt(s.get(f'resident_{name}_vs_hf'))}x HF")))
     if "raw_odirect_gbps" in s:
         rows.append(("raw O_DIRECT read (bf16 store)", f"{s['raw_odirect_gbps']:.2f} GB/s "
                                                        f"(samples {s['raw_odirect_gbps_samples']})"))
@@ -439,8 +440,9 @@ def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         if r.get("error"):
             rows.append((f"stream {key}", f"FAILED: {r['error']}"))
             continue
-        ratio = "" if "tok_s_vs_bf16" not in r else (f" = {_fmt(r['tok_s_vs_bf16'])}x bf16, bytes "
-                                                     f"{_fmt(r['bytes_vs_bf16'])}x (layer {_fmt(r['layer_bytes_vs_bf16'])}x)")
+        ratio = "" if "tok_s_vs_bf16" not in r else (
+            f" = {_fmt(r['tok_s_vs_bf16'])}x bf16, bytes {_fmt(r['bytes_vs_bf16'])}x "
+            f"(layer {_fmt(r['layer_bytes_vs_bf16'])}x)")
         rows.append((f"stream {key}", f"{_fmt(r['tok_s'])} tok/s (engine's own {_fmt(r['engine_decode_tok_s'])}"
                                       f"{'' if r['timing_consistent'] else ', INCONSISTENT: rerun'}), "
                                       f"{_gb(r['disk_bytes_per_token'])}/token read, "
@@ -535,7 +537,8 @@ def main() -> None:
         s.update(part), s["goals"].update(goals)
     load_end = os.getloadavg()
     print_table(f"quantized weights, {args.layers}-layer ~0.85B bf16 Llama ({checkpoint_bytes(model_dir) / 2**20:.0f} "
-                f"MiB), group {args.group_size}{', head quantized' if args.quant_head else ''}, cpu, {args.threads} threads, prompt {args.prompt_len}, cap "
+                f"MiB), group {args.group_size}{', head quantized' if args.quant_head else ''}, cpu, "
+                f"{args.threads} threads, prompt {args.prompt_len}, cap "
                 f"{args.cap if capped else 'none'}, load avg {load_start[0]:.1f} -> {load_end[0]:.1f} on "
                 f"{os.cpu_count()} cores", table_rows(s))
     emit_json(dict(s, bench="quant", parts=args.parts, schemes=args.schemes, group_size=args.group_size,

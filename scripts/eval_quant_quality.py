@@ -347,7 +347,8 @@ def main() -> None:
     results["goals"] = goals_of(results)
     print_table(f"quantization quality, bf16 compute on cpu, {args.prompts} x {args.new_tokens} tokens of bf16 text "
                 f"(temperature {args.temperature})", table_rows(results) +
-                [("goals", ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in results["goals"].items()) or "none")])
+                [("goals", ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in results["goals"].items())
+                  or "none")])
     emit_json(dict(results, bench="quant_quality", groups=args.groups, prompts=args.prompts,
                    new_tokens=args.new_tokens, temperature=args.temperature, seed=args.seed,
                    models_paths={k: str(v) for k, v in models.items()}, wall_s=round(time.perf_counter() - t0, 1)))
