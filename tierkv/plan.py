@@ -14,9 +14,9 @@ overlap with the compute of resident layers instead of bunching up at the end.
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
-from collections import deque
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -293,37 +293,58 @@ def spread_layers(num_layers: int, n_device: int, n_host: int) -> tuple[str, ...
 
 
 def simulate_step_s(kinds: tuple[str, ...], depth: int, layer_bytes: int, links: LinkSpeeds, cuda: bool) -> float:
-    """Steady-state time of one decode step of the layer loop (prefetch j+1..j+depth, wait, compute,
-    release) with one disk queue, one copy queue and a ring of depth + 1 slots. Host layers on a
-    CPU-only machine are used in place, like device layers."""
+    """Steady-state time of one decode step of the layer loop as ``pipeline.weights.StreamingWeights``
+    runs it, with three resources: one disk queue, one host->device copy queue (CUDA) and the device
+    ring of ``depth + 1`` slots.
+
+    Before layer j computes, the loop prefetches ``ahead(j, depth)``, and each of those layers stands
+    for the first streamed layer at or after it (wrapping into the next step): so reads for the next
+    streamed layers proceed while resident layers compute, and at most ``depth`` of them are in
+    flight beside the one computing. A streamed layer holds a ring slot from its prefetch until its
+    compute ends; a read (CPU: straight into the slot) or a copy (CUDA: from pinned staging or a host
+    layer) into a slot waits until the slot is free. Host layers on a CPU-only machine are used in
+    place, like device layers. The pinned staging ring (depth + 1 slots, CUDA disk layers) never binds
+    before the device ring does, so it is not modelled.
+    """
     n = len(kinds)
+    streamed = [k == "disk" or (k == "host" and cuda) for k in kinds]
+    if not any(streamed):
+        return n * links.layer_compute_s
     t_read = layer_bytes / (links.disk_read_gbps * 1e9)
     t_copy = 0.0 if math.isinf(links.h2d_gbps) else layer_bytes / (links.h2d_gbps * 1e9)
-    streamed = [k == "disk" or (k == "host" and cuda) for k in kinds]
-    slots: deque[float] = deque([0.0] * (depth + 1))     # time each ring slot becomes free
-    ready: dict[int, float] = {}
-    disk_free = copy_free = comp_end = comp_start = 0.0
+    first = [min((s for s in range(n) if streamed[s]), key=lambda s: (s - j) % n) for j in range(n)]
+    ring = [0.0] * (depth + 1)                           # heap: the time each ring slot becomes free
+    ready: dict[int, float] = {}                         # streamed layer in flight -> when usable
+    queues = {"disk": 0.0, "copy": 0.0}                  # when each link is next free
+    comp_start = comp_end = 0.0
     step_ends = []
-    for _ in range(3):
+    for _ in range(4):
         for j in range(n):
-            issue_at = comp_start if cuda else comp_end    # the host runs ahead of the GPU by a layer
-            for x in [j] + ahead(j, depth, n):
-                if streamed[x] and x not in ready:
-                    slot = slots.popleft()
-                    arrived = issue_at
-                    if kinds[x] == "disk":
-                        disk_free = max(issue_at, disk_free, 0.0 if cuda else slot) + t_read
-                        arrived = disk_free
-                    if cuda:
-                        copy_free = max(arrived, copy_free, slot) + t_copy
-                        arrived = copy_free
-                    ready[x] = arrived
+            issue_at = comp_start if cuda else comp_end  # the host runs ahead of the GPU by a layer
+            for s in ([j] if streamed[j] else []) + [first[x] for x in ahead(j, depth, n)]:
+                if s not in ready:
+                    assert ring, "the prefetch window holds more layers than the ring has slots"
+                    ready[s] = _arrival(kinds[s], issue_at, heapq.heappop(ring), t_read, t_copy, queues, cuda)
             comp_start = max(comp_end, ready.pop(j, 0.0))
             comp_end = comp_start + links.layer_compute_s
             if streamed[j]:
-                slots.append(comp_end)
+                heapq.heappush(ring, comp_end)
         step_ends.append(comp_end)
     return step_ends[-1] - step_ends[-2]
+
+
+def _arrival(kind: str, issue_at: float, slot_free: float, t_read: float, t_copy: float,
+             queues: dict[str, float], cuda: bool) -> float:
+    """When a streamed layer prefetched at ``issue_at`` into a ring slot free at ``slot_free`` is usable;
+    advances the disk and copy queues in ``queues``."""
+    arrived = issue_at
+    if kind == "disk":            # CPU: the read lands in the ring slot; CUDA: in a pinned staging slot
+        queues["disk"] = max(issue_at, queues["disk"], issue_at if cuda else slot_free) + t_read
+        arrived = queues["disk"]
+    if cuda:
+        queues["copy"] = max(arrived, queues["copy"], slot_free) + t_copy
+        arrived = queues["copy"]
+    return arrived
 
 
 def _bound(kinds: tuple[str, ...], layer_bytes: int, links: LinkSpeeds, cuda: bool) -> str:
