@@ -26,15 +26,17 @@ from typer.core import TyperGroup
 
 from tierkv import __version__
 from tierkv.cli_flags import LoadFlags, SamplingFlags, expand_flags, flags
-from tierkv.config import Budget, ConfigError, Policy, format_size
+from tierkv.config import Budget, ConfigError, ModelConfig, Policy, format_size
 from tierkv.engine import (Engine, GenerationResult, Stream, context_limit_tokens, load, model_path,
                            resolve_device)
 from tierkv.errors import ArgumentError, TierkvError
 from tierkv.session import Session
-from tierkv.io.checkpoint import Checkpoint, resolve_dtype
+from tierkv.io.checkpoint import Checkpoint, has_weights, resolve_dtype
 from tierkv.io.convert import convert as convert_store, find_cached_store
 from tierkv.pipeline.kv.sizing import kv_bytes_per_token
 from tierkv.plan import default_offload_dir, make_plan
+from tierkv.plan_compare import COLUMNS, compare_plans, comparison_notes, comparison_rows
+from tierkv.quantspec import parse_weight_quant
 from tierkv.trace.cli import trace_app
 
 # typer 0.29 vendors click (older ones use it directly): find its usage-error base through a public name
@@ -369,25 +371,55 @@ def convert_cmd(
 @app.command("plan")
 @expand_flags
 def plan_cmd(
-    model: str = ModelArg,
+    model: str = typer.Argument(..., help="a Hugging Face model directory, or one with only its config.json, or "
+                                          "'demo'"),
     options: LoadFlags = flags(LoadFlags, only=("device_mem", "host_mem", "offload_dir", "dtype", "device",
                                                 "kv_device_tokens", "prefill_chunk_tokens")),
+    quant: Optional[str] = typer.Option(None, "--quant", help="plan group-wise quantized weights: int8 or int4 "
+                                                              "(default: 16-bit)"),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="inputs per quantization group: 32, 64 "
+                                                                        "or 128 (default 64)"),
+    quant_head: bool = typer.Option(False, "--quant-head", help="quantize the LM head too"),
+    kv_quant: str = typer.Option("none", "--kv-quant", help="KV chunks on the host and disk tiers: none, int8, "
+                                                            "int4"),
+    compare: bool = typer.Option(False, "--compare", help="one table: 16-bit, int8 and int4 weights side by side"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Show where each layer would live, the prefetch depth, and the predicted tokens/s."""
+    """Show where each layer would live, the prefetch depth, and the predicted tokens/s.
+
+    MODEL may hold only a config.json: the plan is then a what-if (budgets are not checked against
+    this machine, and compute is estimated from a measured matmul rate)."""
     with _user_errors():
-        with Checkpoint(model_path(model)) as ckpt:
-            cfg = ckpt.config
+        path = model_path(model)
+        config_only = not has_weights(path)
+        if config_only:
+            cfg = ModelConfig.from_dir(path)
+        else:
+            with Checkpoint(path) as ckpt:
+                cfg = ckpt.config
         policy = Policy(dtype=str(resolve_dtype(options.dtype, cfg.dtype)).removeprefix("torch."),
                         device=None if options.device is None else str(resolve_device(options.device)),
-                        kv_device_tokens=options.kv_device_tokens, prefill_chunk_tokens=options.prefill_chunk_tokens)
+                        kv_device_tokens=options.kv_device_tokens, prefill_chunk_tokens=options.prefill_chunk_tokens,
+                        weight_quant=parse_weight_quant(quant, group_size, quant_head), kv_quant=kv_quant)
         budget = Budget.parse(options.device_mem, options.host_mem, options.offload_dir)
-        store = find_cached_store(model_path(model), budget.offload_dir or default_offload_dir(), policy.dtype)
-        plan = make_plan(cfg, budget, policy, data_path=store.data_path if store is not None else None)
+        store = None if config_only else find_cached_store(path, budget.offload_dir or default_offload_dir(),
+                                                           policy.dtype)
+        data_path = store.data_path if store is not None else None
+        if compare:
+            plans = compare_plans(cfg, budget, policy, data_path=data_path, config_only=config_only)
+        else:
+            plans = [make_plan(cfg, budget, policy, data_path=data_path, config_only=config_only)]
     if as_json:
-        print(json.dumps(plan.to_dict()))
+        print(json.dumps({"plans": [p.to_dict() for p in plans]} if compare else plans[0].to_dict()))
+    elif compare:
+        table = Table(*COLUMNS, box=None, highlight=False)
+        for row in comparison_rows(plans):
+            table.add_row(*row)
+        console = Console(width=max(Console().width, 120))     # piped: one row per scheme, never folded
+        console.print(table)
+        console.print("\n".join(comparison_notes(plans)), highlight=False, soft_wrap=True)
     else:
-        Console().print(plan.summary(), highlight=False, soft_wrap=True)
+        Console().print(plans[0].summary(), highlight=False, soft_wrap=True)
 
 
 @app.command()
