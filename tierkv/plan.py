@@ -424,7 +424,7 @@ def compute_estimate(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant
     if quant is None and not config_only:
         return None
     layer_bytes, _ = layer_sizes(config, dtype, quant, device_type)
-    return ComputeEstimate(layer_bytes, quant.scheme if quant else None,
+    return ComputeEstimate(layer_bytes, config.num_layers * layer_bytes, quant.scheme if quant else None,
                            quant.group_size if quant else ComputeEstimate.group_size)
 
 

@@ -135,11 +135,18 @@ def compute_key(config: ModelConfig, dtype: torch.dtype, device: torch.device) -
     return f"compute|{machine_id()}|{device}|{name}|{str(dtype).removeprefix('torch.')}|model={digest}"
 
 
-def matvec_key(scheme: str | None, group_size: int, dtype: torch.dtype, device: torch.device) -> str:
-    """Cache key of a decode matvec rate: the machine, the device, the dtype and the weight scheme."""
+def matvec_bytes(working_set_bytes: int) -> int:
+    """Weight bytes the matvec probe cycles through for a decode step reading ``working_set_bytes``:
+    the next power of two, at most ``MATVEC_BYTES`` (beyond it every cache is missed alike)."""
+    return min(MATVEC_BYTES, 1 << max(0, working_set_bytes - 1).bit_length())
+
+
+def matvec_key(scheme: str | None, group_size: int, dtype: torch.dtype, device: torch.device, nbytes: int) -> str:
+    """Cache key of a decode matvec rate: the machine, the device, the dtype, the weight scheme and
+    the bytes the probe cycles through (``matvec_bytes``)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return f"matvec|{machine_id()}|{device}|{name}|{str(dtype).removeprefix('torch.')}|" \
-           f"{scheme or '16bit'}|g={group_size if scheme else 0}"
+           f"{scheme or '16bit'}|g={group_size if scheme else 0}|bytes={nbytes}"
 
 
 def disk_read_gbps(data_path: Path | None, offload_dir: Path | None) -> float:
@@ -220,6 +227,7 @@ class ComputeEstimate:
     config alone (no weights), or quantized weights (timed through the matvec of their scheme)."""
 
     layer_bytes: int                   # one decoder layer's stored weights (compressed when quantized)
+    working_set_bytes: int             # what one decode step reads: every layer (a small model stays in cache)
     scheme: str | None = None          # None: 16-bit weights in the compute dtype; "int8" | "int4"
     group_size: int = DEFAULT_GROUP_SIZE
 
@@ -235,8 +243,9 @@ def estimate_layer_compute(estimate: ComputeEstimate, dtype: torch.dtype, device
     the norms are not counted: a few percent of a layer.
     """
     cache = cache or LinkCache(None)
-    rate = cache.measure(matvec_key(estimate.scheme, estimate.group_size, dtype, device),
-                         lambda: matvec_gbps(estimate.scheme, estimate.group_size, dtype, device), max)
+    nbytes = matvec_bytes(estimate.working_set_bytes)
+    rate = cache.measure(matvec_key(estimate.scheme, estimate.group_size, dtype, device, nbytes),
+                         lambda: matvec_gbps(estimate.scheme, estimate.group_size, dtype, device, nbytes), max)
     return estimate.layer_bytes / (rate * 1e9), rate
 
 
@@ -293,8 +302,10 @@ def matvec_gbps(scheme: str | None, group_size: int, dtype: torch.dtype, device:
     n, k = MATVEC_SHAPE
     cpu_quant = scheme is not None and device.type == "cpu"
     planes = 2 if scheme == "int8" and cpu_quant else 1
-    piece = n * k // 2 * planes + (k // group_size) * n * 4 if cpu_quant else n * k * _itemsize(dtype)
-    count = max(2, -(-nbytes // piece))
+    per_row = k // 2 * planes + (k // group_size) * 4 if cpu_quant else k * _itemsize(dtype)
+    n = max(CPU_PACK_ROWS, min(n, nbytes // per_row // CPU_PACK_ROWS * CPU_PACK_ROWS))   # small models: fewer rows
+    piece = n * per_row
+    count = max(1, -(-nbytes // piece))
     x = torch.randn((1, k), dtype=torch.float32).to(device=device, dtype=dtype)              # (1, K)
     gen = torch.Generator().manual_seed(0)
     if cpu_quant:
@@ -343,4 +354,4 @@ def _sync(device: torch.device) -> None:
 
 __all__ = ["LINKS_FILE", "ComputeEstimate", "LinkCache", "LinkSpeeds", "MAX_AGE_S", "SAMPLES", "SCRATCH_BYTES",
            "compute_key", "disk_key", "disk_read_gbps", "estimate_layer_compute", "h2d_key", "machine_id",
-           "matvec_gbps", "matvec_key", "median_cold_read_gbps", "probe_links", "scratch_file"]
+           "matvec_bytes", "matvec_gbps", "matvec_key", "median_cold_read_gbps", "probe_links", "scratch_file"]
