@@ -69,7 +69,8 @@ def test_int4_puts_more_on_the_fast_tiers_than_bf16(device, links):
 
 def test_stored_bytes_follow_weight_bytes_per_param():
     bf16, int8, int4 = (_plan(s) for s in (None, "int8", "int4"))
-    linears = 2 * CONFIG.hidden_size * (CONFIG.q_size + CONFIG.kv_size) + 3 * CONFIG.hidden_size * CONFIG.intermediate_size
+    h = CONFIG.hidden_size
+    linears = 2 * h * (CONFIG.q_size + CONFIG.kv_size) + 3 * h * CONFIG.intermediate_size
     assert bf16.layer_bytes == pytest.approx(2 * linears, rel=1e-3)          # + the two norms, padding
     for plan, scheme in ((int8, "int8"), (int4, "int4")):
         # per layer (the bytes a streamed layer moves per token): the scheme's rate over the 16-bit one
@@ -221,3 +222,19 @@ def test_cli_refuses_bad_schemes_listing_the_choices(tmp_path):
         extra = ["--quant", "int4"] if flag == "--group-size" else []
         res = CliRunner().invoke(app, ["plan", str(model), flag, value, *extra])
         assert res.exit_code != 0 and listed in res.output, res.output
+
+
+def test_policy_validates_the_schemes():
+    from tierkv.errors import ArgumentError
+
+    assert Policy(kv_quant="INT8").kv_quant == "int8" and Policy().weight_quant is None
+    with pytest.raises(ArgumentError, match="none, int8, int4"):
+        Policy(kv_quant="int2")
+    with pytest.raises(ArgumentError, match="WeightQuant"):
+        Policy(weight_quant="int4")  # type: ignore[arg-type]
+
+
+def test_a_group_size_that_does_not_divide_is_refused_naming_the_ones_that_fit(tmp_path, tiny_llama_dir):
+    res = CliRunner().invoke(app, ["plan", str(tiny_llama_dir), "--device", "cpu", "--quant", "int4",
+                                   "--offload-dir", str(tmp_path)])
+    assert res.exit_code != 0 and "group size 64 does not divide" in res.output and "--group-size 32" in res.output

@@ -217,7 +217,7 @@ def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context
     """The smallest device budget ``make_plan`` accepts (every layer streamed): globals, one layer slot
     and the reserve (KV room and one prefill piece) that this budget itself gets."""
     dtype = resolve_dtype(policy.dtype, config.dtype)
-    fixed = sum(layer_sizes(config, dtype, policy.weight_quant, _plan_device(policy).type))
+    fixed = sum(layer_sizes(config, dtype, policy.weight_quant, plan_device(policy).type))
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     policy = replace(policy, kv_sketch=False) if policy.kv_sketch else policy   # make_plan drops codes that do not fit
     reserve = reserve_bytes(config, dtype, policy, context, batch, 0)
@@ -336,12 +336,10 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     """Place the layers of ``config`` within ``budget`` and predict the decode speed.
 
     Sizes are the stored ones on every tier: layers and globals as ``io.store.plan_layout`` lays
-    them out for ``policy.weight_quant`` on this device type, host and disk KV at ``policy.kv_quant``'s
-    compressed chunk size (device KV stays 16-bit). ``links``: measured speeds; None probes them
-    (disk on ``data_path``, the store's data file, or a scratch file in the offload directory; only
-    the links the placement uses). One layer's compute is timed on zero weights of the model's shapes,
-    or estimated from a measured matvec rate of the scheme when the weights are quantized or
-    ``config_only`` (``probe.estimate_layer_compute``). ``config_only``: planning from a config.json
+    them out for ``policy.weight_quant`` on this device type, host/disk KV at ``policy.kv_quant``'s
+    size (device KV stays 16-bit). ``links``: measured speeds; None probes the links the placement
+    uses (disk on ``data_path``, the store's data file, else a scratch file in the offload dir; a
+    layer's compute as ``compute_estimate`` says). ``config_only``: planning from a config.json
     alone (no weights here), a what-if: budgets are not checked against this machine.
     ``context_tokens`` (default: ``policy.kv_device_tokens``, else min(4096, the model's maximum))
     sizes the device room kept for the KV cache and activations; the KV room is never less than the
@@ -351,7 +349,7 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     unused (``_grow_piece``).
     Raises PlanError, naming the minimum, when the device budget cannot hold one layer's working set.
     """
-    device = _plan_device(policy)
+    device = plan_device(policy)
     dtype = resolve_dtype(policy.dtype, config.dtype)
     layer_bytes, globals_bytes = layer_sizes(config, dtype, policy.weight_quant, device.type)
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
@@ -377,9 +375,6 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         spare = dev_mem - reserve - globals_bytes - kinds.count("device") * layer_bytes - ring
         piece, scratch, grown = _grow_piece(config, dtype, policy, context, batch, piece, activations, spare)
         reserve, activations = reserve + grown - activations, grown
-    kv_host = max(0, host_mem - kinds.count("host") * layer_bytes - staging)
-    kv_host_per_token = kv_stored_bytes_per_token(config, dtype, policy)
-    quant = policy.weight_quant
     return Plan(
         device=str(device), dtype=str(dtype).removeprefix("torch."), num_layers=n, layer_bytes=layer_bytes,
         globals_bytes=globals_bytes, device_layers=_of(kinds, "device"), host_layers=_of(kinds, "host"),
@@ -390,17 +385,27 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         bound=_bound(kinds, layer_bytes, links, cuda),
         kv_device_bytes=max(0, dev_mem - globals_bytes - kinds.count("device") * layer_bytes - ring
                             - activations),
-        kv_host_bytes=kv_host, prefill_chunk_tokens=piece, attention_scratch_bytes=scratch,
-        activation_bytes=activations, weight_scheme=quant.scheme if quant else "none",
-        weight_group_size=quant.group_size if quant else None, weight_bytes=n * layer_bytes + globals_bytes,
-        streamed_bytes_per_token=sum(k == "disk" or (k == "host" and cuda) for k in kinds) * layer_bytes,
-        kv_quant=policy.kv_quant, kv_device_bytes_per_token=kv_bytes_per_token(config, dtype),
-        kv_host_bytes_per_token=kv_host_per_token, kv_host_tokens=kv_host // kv_host_per_token,
-        config_only=config_only,
+        prefill_chunk_tokens=piece, attention_scratch_bytes=scratch, activation_bytes=activations,
+        config_only=config_only, **_stored_sizes(config, dtype, policy, kinds, layer_bytes, globals_bytes,
+                                                 max(0, host_mem - kinds.count("host") * layer_bytes - staging), cuda),
     )
 
 
-def _plan_device(policy: Policy) -> torch.device:
+def _stored_sizes(config: ModelConfig, dtype: torch.dtype, policy: Policy, kinds: tuple[str, ...], layer_bytes: int,
+                  globals_bytes: int, kv_host_bytes: int, cuda: bool) -> dict[str, object]:
+    """The Plan fields that say how weights and KV are stored: the scheme, the stored and streamed
+    weight bytes, and the KV rates per tier (host and disk compressed with ``policy.kv_quant``)."""
+    quant, kv_host_per_token = policy.weight_quant, kv_stored_bytes_per_token(config, dtype, policy)
+    return dict(weight_scheme=quant.scheme if quant else "none", weight_group_size=quant.group_size if quant else None,
+                weight_bytes=len(kinds) * layer_bytes + globals_bytes,
+                streamed_bytes_per_token=sum(k == "disk" or (k == "host" and cuda) for k in kinds) * layer_bytes,
+                kv_quant=policy.kv_quant, kv_device_bytes_per_token=kv_bytes_per_token(config, dtype),
+                kv_host_bytes=kv_host_bytes, kv_host_bytes_per_token=kv_host_per_token,
+                kv_host_tokens=kv_host_bytes // kv_host_per_token)
+
+
+def plan_device(policy: Policy) -> torch.device:
+    """The device a plan is for: ``policy.device``, else CUDA when available, else the CPU."""
     device = torch.device(policy.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in ("cpu", "cuda"):
         raise ArgumentError(f"device {policy.device!r} is not supported; tierkv runs on cpu, cuda or cuda:N")
@@ -529,5 +534,5 @@ def _check_minimum(dev_mem: int, reserve: int, globals_bytes: int, layer_bytes: 
 
 
 __all__ = ["LinkSpeeds", "Plan", "PlanError", "compute_estimate", "default_offload_dir", "detect_budgets",
-           "kv_stored_bytes_per_token", "layer_sizes", "make_plan", "minimum_device_bytes", "prefill_sizes",
-           "probe_links", "reserve_bytes", "simulate_step_s", "spread_layers"]
+           "kv_stored_bytes_per_token", "layer_sizes", "make_plan", "minimum_device_bytes", "plan_device",
+           "prefill_sizes", "probe_links", "reserve_bytes", "simulate_step_s", "spread_layers"]

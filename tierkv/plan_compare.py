@@ -13,12 +13,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from tierkv.budgets import default_offload_dir
 from tierkv.config import Budget, ModelConfig, Policy, format_size
 from tierkv.io.checkpoint import resolve_dtype
-from tierkv.plan import Plan, compute_estimate, make_plan
+from tierkv.plan import Plan, compute_estimate, make_plan, plan_device
 from tierkv.probe import LinkCache, LinkSpeeds, estimate_layer_compute
 from tierkv.quantspec import DEFAULT_GROUP_SIZE, SCHEMES, WeightQuant
 
@@ -46,7 +44,7 @@ def compare_plans(config: ModelConfig, budget: Budget = Budget(), policy: Policy
 def _links_for(config: ModelConfig, policy: Policy, measured: LinkSpeeds, budget: Budget,
                config_only: bool) -> LinkSpeeds:
     """``measured`` with the layer compute of ``policy``'s weight scheme estimated on this device."""
-    device = torch.device(policy.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = plan_device(policy)
     dtype = resolve_dtype(policy.dtype, config.dtype)
     estimate = compute_estimate(config, dtype, policy.weight_quant, device.type, config_only)
     assert estimate is not None, "a quantized scheme's compute is always estimated"
