@@ -238,3 +238,12 @@ def test_a_group_size_that_does_not_divide_is_refused_naming_the_ones_that_fit(t
     res = CliRunner().invoke(app, ["plan", str(tiny_llama_dir), "--device", "cpu", "--quant", "int4",
                                    "--offload-dir", str(tmp_path)])
     assert res.exit_code != 0 and "group size 64 does not divide" in res.output and "--group-size 32" in res.output
+
+
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+def test_the_matvec_probe_runs_each_scheme_on_the_cpu(scheme):
+    from tierkv.probe import MATVEC_BYTES, matvec_gbps
+
+    rate = matvec_gbps(scheme, 32, torch.bfloat16, torch.device("cpu"), nbytes=1 << 20)
+    assert 0 < rate < math.inf
+    assert matvec_bytes(3 << 20) == 4 << 20 and matvec_bytes(1 << 40) == MATVEC_BYTES
