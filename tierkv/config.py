@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tierkv.errors import ArgumentError, TierkvError
+from tierkv.quantspec import WeightQuant
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM",
@@ -406,6 +407,7 @@ class Policy:
     kv_sketch: bool | None = None       # sparse mode: token-level chunk scores from 2-bit key codes on the device;
                                         # None = on with CUDA (a bandwidth-cheap pass), off on CPU (costs ~dense attention)
     max_sequences: int = 16             # sequences decoding together at most (more wait for a place)
+    weight_quant: WeightQuant | None = None  # group-wise int8/int4 linear weights; None = 16-bit (the compute dtype)
 
     def __post_init__(self) -> None:
         if self.kv not in ("exact", "sparse", "auto"):
@@ -424,5 +426,8 @@ class Policy:
             raise ArgumentError(f"dtype={self.dtype!r}: give a name such as 'bfloat16', 'float16' or 'float32'")
         if self.device is not None and not isinstance(self.device, str):
             raise ArgumentError(f"device={self.device!r}: give a name such as 'cpu', 'cuda' or 'cuda:1'")
+        if self.weight_quant is not None and not isinstance(self.weight_quant, WeightQuant):
+            raise ArgumentError(f"weight_quant={self.weight_quant!r}: give a tierkv.quantspec.WeightQuant "
+                                "(tierkv.load takes quant='int8'|'int4', group_size=, quant_head=)")
         if self.kv_sketch is not None and not isinstance(self.kv_sketch, bool):
             raise ArgumentError(f"kv_sketch={self.kv_sketch!r}: give True, False or None (the default)")

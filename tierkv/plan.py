@@ -264,7 +264,8 @@ def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context
     """The smallest device budget ``make_plan`` accepts (every layer streamed): globals, one layer slot
     and the reserve (KV room and one prefill piece) that this budget itself gets."""
     dtype = resolve_dtype(policy.dtype, config.dtype)
-    extents = plan_layout(config, dtype)
+    device_type = "cuda" if str(policy.device or "cpu").startswith("cuda") else "cpu"
+    extents = plan_layout(config, dtype, policy.weight_quant, device_type)
     fixed = max(e.padded_nbytes for e in extents if e.name.startswith("layer.")) + sum(
         e.padded_nbytes for e in extents if not e.name.startswith("layer."))
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
@@ -377,7 +378,7 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     if device.type not in ("cpu", "cuda"):
         raise ArgumentError(f"device {policy.device!r} is not supported; tierkv runs on cpu, cuda or cuda:N")
     dtype = resolve_dtype(policy.dtype, config.dtype)
-    extents = plan_layout(config, dtype)
+    extents = plan_layout(config, dtype, policy.weight_quant, device.type)     # compressed layer sizes
     layers = [e for e in extents if e.name.startswith("layer.")]
     layer_bytes = max(e.padded_nbytes for e in layers)
     globals_bytes = sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
