@@ -8,6 +8,7 @@ library's user-facing errors into one red line and a non-zero exit code instead 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -34,7 +35,10 @@ from tierkv.session import Session
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.io.convert import convert as convert_store, find_cached_store
 from tierkv.pipeline.kv.sizing import kv_bytes_per_token
+from tierkv.io.store import WeightStore
+from tierkv.loader import device_type_of
 from tierkv.plan import default_offload_dir, make_plan
+from tierkv.quantspec import parse_weight_quant
 from tierkv.trace.cli import trace_app
 
 # typer 0.29 vendors click (older ones use it directly): find its usage-error base through a public name
@@ -76,7 +80,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_OneLineErrors
 
 app.add_typer(trace_app, name="trace", help="TKLQT tracer: is inference CPU-bound or GPU-bound, per batch size?")
 
-ModelArg = typer.Argument(..., help="Hugging Face model directory, or 'demo' for the bundled model")
+ModelArg = typer.Argument(..., help="Hugging Face model directory, a store made by `tierkv convert`, or 'demo' "
+                                    "for the bundled model")
+QuantArg = typer.Option(None, "--quant", help="store the linear weights group-wise quantized: int8 or int4 "
+                                              "(default: 16-bit)")
+GroupSizeArg = typer.Option(None, "--group-size", help="--quant: inputs per scale/minimum group: 32, 64 or 128 "
+                                                       "(default 64)")
+QuantHeadArg = typer.Option(False, "--quant-head", help="--quant: quantize the LM head too")
 DEMO_PROMPT = "Return a list of"
 
 
@@ -353,17 +363,35 @@ def convert_cmd(
     dtype: Optional[str] = typer.Option(None, help="store dtype (default: the checkpoint's)"),
     restart: bool = typer.Option(False, help="discard whatever OUT holds (an interrupted conversion, a damaged "
                                              "store, another checkpoint's store) and convert from scratch"),
+    quant: Optional[str] = QuantArg,
+    group_size: Optional[int] = GroupSizeArg,
+    quant_head: bool = QuantHeadArg,
+    device: Optional[str] = typer.Option(None, help="--quant: pack for computing on cpu or cuda "
+                                                    "(default: cuda when available)"),
+    as_json: bool = typer.Option(False, "--json", help="print the store's path, dtype and scheme as one JSON object"),
 ) -> None:
     """Rewrite a checkpoint into a packed store: one 4 KiB-aligned extent per layer, checksummed.
 
-    Run on an existing store, it re-verifies every extent and re-converts the damaged ones."""
+    Run on an existing store, it re-verifies every extent and re-converts the damaged ones; run
+    with another --quant, it converts again. `tierkv run OUT` then runs the store itself."""
     err = Console(stderr=True)
     with _user_errors():
-        quiet = not err.is_terminal
+        quiet = not err.is_terminal or as_json
         path = convert_store(model_path(model), _store_dir(out), dtype=dtype, restart=restart,
                              progress=(lambda done, total: None) if quiet else None,
-                             report=lambda line: err.print(f"repair: {line}", highlight=False, soft_wrap=True, markup=False))
-    err.print(f"store ready: {path}", highlight=False, soft_wrap=True, markup=False)
+                             report=lambda line: err.print(f"repair: {line}", highlight=False, soft_wrap=True, markup=False),
+                             quant=parse_weight_quant(quant, group_size, quant_head),
+                             device_type=resolve_device(device).type)
+        with contextlib.closing(WeightStore.open(path)) as store:
+            facts = {"path": str(path), "dtype": str(store.dtype).removeprefix("torch."),
+                     "quant": store.quant.to_json() if store.quant is not None else None,
+                     "pack_device": store.pack_device, "data_bytes": store.data_path.stat().st_size}
+            scheme = store.quant.describe() if store.quant is not None else "16-bit"
+    if as_json:
+        print(json.dumps(facts))
+        return
+    err.print(f"store ready: {path} ({facts['dtype']}, weights {scheme}, packed for {facts['pack_device']}, "
+              f"{format_size(facts['data_bytes'])})", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command("plan")
@@ -371,7 +399,8 @@ def convert_cmd(
 def plan_cmd(
     model: str = ModelArg,
     options: LoadFlags = flags(LoadFlags, only=("device_mem", "host_mem", "offload_dir", "dtype", "device",
-                                                "kv_device_tokens", "prefill_chunk_tokens")),
+                                                "kv_device_tokens", "prefill_chunk_tokens", "quant", "group_size",
+                                                "quant_head")),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Show where each layer would live, the prefetch depth, and the predicted tokens/s."""
@@ -380,9 +409,11 @@ def plan_cmd(
             cfg = ckpt.config
         policy = Policy(dtype=str(resolve_dtype(options.dtype, cfg.dtype)).removeprefix("torch."),
                         device=None if options.device is None else str(resolve_device(options.device)),
-                        kv_device_tokens=options.kv_device_tokens, prefill_chunk_tokens=options.prefill_chunk_tokens)
+                        kv_device_tokens=options.kv_device_tokens, prefill_chunk_tokens=options.prefill_chunk_tokens,
+                        weight_quant=parse_weight_quant(options.quant, options.group_size, options.quant_head))
         budget = Budget.parse(options.device_mem, options.host_mem, options.offload_dir)
-        store = find_cached_store(model_path(model), budget.offload_dir or default_offload_dir(), policy.dtype)
+        store = find_cached_store(model_path(model), budget.offload_dir or default_offload_dir(), policy.dtype,
+                                  policy.weight_quant, device_type_of(policy))
         plan = make_plan(cfg, budget, policy, data_path=store.data_path if store is not None else None)
     if as_json:
         print(json.dumps(plan.to_dict()))

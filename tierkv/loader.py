@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from tierkv.config import Budget, ModelConfig, Policy
 from tierkv.io.convert import cached_store, find_cached_store
 from tierkv.io.checkpoint import resolve_dtype
@@ -25,7 +27,8 @@ from tierkv.quantspec import WeightQuant
 
 def device_type_of(policy: Policy) -> str:
     """"cuda" or "cpu": the device family a policy computes on (what quantized packs are made for)."""
-    return "cuda" if str(policy.device or "cpu").startswith("cuda") else "cpu"
+    name = policy.device or ("cuda" if torch.cuda.is_available() else "cpu")    # make_plan's default too
+    return "cuda" if name.startswith("cuda") else "cpu"
 
 
 def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budget, policy: Policy = Policy(), *,

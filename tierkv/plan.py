@@ -264,7 +264,8 @@ def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context
     """The smallest device budget ``make_plan`` accepts (every layer streamed): globals, one layer slot
     and the reserve (KV room and one prefill piece) that this budget itself gets."""
     dtype = resolve_dtype(policy.dtype, config.dtype)
-    device_type = "cuda" if str(policy.device or "cpu").startswith("cuda") else "cpu"
+    device_type = "cuda" if str(policy.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith(
+        "cuda") else "cpu"
     extents = plan_layout(config, dtype, policy.weight_quant, device_type)
     fixed = max(e.padded_nbytes for e in extents if e.name.startswith("layer.")) + sum(
         e.padded_nbytes for e in extents if not e.name.startswith("layer."))

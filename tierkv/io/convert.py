@@ -242,8 +242,10 @@ def _reuse_or_repair(ckpt: Checkpoint, dtype: torch.dtype, out: Path, key: str, 
         return False
     if raw["source_key"] != key:
         held = WeightQuant.from_json(raw.get("weight_quant"))
-        report(f"{out} holds a store of another dtype, quantization ({held.describe() if held else '16-bit'}, "
-               f"packed for {raw.get('pack_device') or 'cpu'}) or an older version of {ckpt.dir}: converting again")
+        what = (f"{raw.get('dtype')}, weights {held.describe() if held else '16-bit'}, packed for "
+                f"{raw.get('pack_device') or 'cpu'}")
+        report(f"{out} holds another conversion ({what}) or one of an older version of {ckpt.dir}: "
+               "converting again")
         return False
     recorded = {n: extent_from_json(n, e) for n, e in raw["extents"].items()}
     if set(recorded) != {e.name for e in extents} or \
