@@ -21,7 +21,7 @@ import tierkv
 from conftest import ARCH_VARIANTS
 from tierkv.cli import app
 from tierkv.config import Policy
-from tierkv.engine import Engine
+from tierkv.engine import Engine, model_path
 from tierkv.errors import ArgumentError
 from tierkv.io.convert import cached_store, cached_store_dir, convert, store_key
 from tierkv.io.store import DATA_FILE, MANIFEST_FILE, StoreError, WeightStore
@@ -235,3 +235,20 @@ def test_cli_convert_quant_then_run_the_store(sixteen_bit, tmp_path):
     plain = runner.invoke(app, ["plan", str(ckpt), "--device", "cpu", "--json"])
     assert planned.exit_code == plain.exit_code == 0, planned.output + plain.output
     assert json.loads(planned.stdout)["layer_bytes"] < json.loads(plain.stdout)["layer_bytes"]
+
+
+def test_a_converted_store_runs_as_the_model_with_its_tokenizer_and_sessions(tmp_path):
+    out = convert(model_path("demo"), tmp_path / "demo-store")
+    assert (out / "tokenizer.json").is_file() and not (out / "config.json").exists()
+    with tierkv.load("demo", device="cpu") as engine:
+        expected = engine.generate("Return a list of", max_new_tokens=8)
+    with tierkv.load(out, device="cpu") as engine:
+        got = engine.generate("Return a list of", max_new_tokens=8)
+        assert (got.token_ids, got.text) == (expected.token_ids, expected.text)
+        session = engine.session()
+        first = session.generate("Return a list of", max_new_tokens=4).token_ids
+        session.save(tmp_path / "s.tkvs")
+        restored = engine.restore_session(tmp_path / "s.tkvs")
+        assert restored.token_ids == session.token_ids and first
+    with pytest.raises(ArgumentError, match="does not divide the input dimension 688.*leave --quant out"):
+        tierkv.load("demo", device="cpu", quant="int8")
