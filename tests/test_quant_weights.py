@@ -126,8 +126,8 @@ def test_load_streams_the_cached_quantized_store(sixteen_bit, tmp_path):
         assert full.layer_bytes < plain.plan.layer_bytes / 4     # int4 of fp32: ~1/7 with qparams and padding
 
 
-def test_store_key_and_cache_follow_the_scheme(sixteen_bit, tmp_path):
-    ckpt, _, _ = sixteen_bit("llama")
+def test_store_key_and_cache_follow_the_scheme(make_checkpoint, tmp_path):
+    _, ckpt = make_checkpoint("llama", **SIZES)
     quants = [None, WeightQuant("int8"), WeightQuant("int4"), WeightQuant("int4", 128), WeightQuant("int4", head=True)]
     keys = {store_key(ckpt, "float32", q) for q in quants}
     keys.add(store_key(ckpt, "float32", WeightQuant("int4"), "cuda"))
@@ -139,6 +139,23 @@ def test_store_key_and_cache_follow_the_scheme(sixteen_bit, tmp_path):
     assert [WeightStore.open(d).quant for d in dirs] == quants[:3]
     sizes = [(d / DATA_FILE).stat().st_size for d in dirs]
     assert sizes[0] > sizes[1] > sizes[2]
+    weights = ckpt / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))   # the checkpoint changed
+    fresh = Path(cached_store(ckpt, tmp_path, "float32", quant=quants[2]))
+    assert fresh not in dirs and not any(d.exists() for d in dirs), "every scheme's stale store is removed"
+
+
+@pytest.mark.gpu
+def test_quantized_streamed_equals_resident_on_cuda(sixteen_bit, tmp_path):
+    ckpt, _, _ = sixteen_bit("llama")
+    quant = WeightQuant("int4")
+    with tierkv.load(ckpt, device="cuda", quant="int4") as resident:
+        assert resident._weights.wait(0)["mlp.up_proj.weight"].quant.pack == "plain"
+        expected = resident.generate(PROMPT, max_new_tokens=8).token_ids
+    store = WeightStore.open(convert(ckpt, tmp_path / "cuda", quant=quant, device_type="cuda"))
+    weights = StreamingWeights(store, "cuda", (), (), 1, BIG, BIG)
+    with Engine(ckpt, Policy(device="cuda", weight_quant=quant), weights=weights) as streamed:
+        assert streamed.generate(PROMPT, max_new_tokens=8).token_ids == expected
 
 
 def _interrupt_after(limit_bytes: int):
