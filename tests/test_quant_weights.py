@@ -246,6 +246,10 @@ def test_cli_convert_quant_then_run_the_store(sixteen_bit, tmp_path):
     from_ckpt = runner.invoke(app, [run[0], str(ckpt), *run[1:], "--quant", "int4", "--group-size", "32"])
     assert from_ckpt.exit_code == 0, from_ckpt.output
     assert json.loads(from_store.stdout)["token_ids"] == json.loads(from_ckpt.stdout)["token_ids"]
+    info = runner.invoke(app, ["info", str(out), "--json"])
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.stdout)["weight_quant"] == facts["quant"]
+    assert "int4 (groups of 32)" in runner.invoke(app, ["info", str(out)]).stdout
     refused = runner.invoke(app, [run[0], str(out), *run[1:], "--quant", "int8"])
     assert refused.exit_code == 2 and "holds int4 (groups of 32)" in refused.output
     planned = runner.invoke(app, ["plan", str(ckpt), "--quant", "int4", "--device", "cpu", "--json"])

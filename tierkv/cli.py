@@ -27,7 +27,7 @@ from typer.core import TyperGroup
 
 from tierkv import __version__
 from tierkv.cli_flags import LoadFlags, SamplingFlags, expand_flags, flags
-from tierkv.config import Budget, ConfigError, Policy, format_size
+from tierkv.config import Budget, ConfigError, ModelConfig, Policy, format_size
 from tierkv.engine import (Engine, GenerationResult, Stream, context_limit_tokens, load, model_path,
                            resolve_device)
 from tierkv.errors import ArgumentError, TierkvError
@@ -35,10 +35,10 @@ from tierkv.session import Session
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.io.convert import convert as convert_store, find_cached_store
 from tierkv.pipeline.kv.sizing import kv_bytes_per_token
-from tierkv.io.store import WeightStore
+from tierkv.io.store import WeightStore, is_store_dir
 from tierkv.loader import device_type_of
 from tierkv.plan import default_offload_dir, make_plan
-from tierkv.quantspec import parse_weight_quant
+from tierkv.quantspec import WeightQuant, parse_weight_quant
 from tierkv.trace.cli import trace_app
 
 # typer 0.29 vendors click (older ones use it directly): find its usage-error base through a public name
@@ -321,12 +321,24 @@ def _chat_turn(engine: Engine, session: Session, rendered: list[int], sampling: 
     return session, res.text
 
 
-def _info_dict(ckpt: Checkpoint) -> dict[str, Any]:
-    cfg = ckpt.config
+def _info_dict(model: Path) -> dict[str, Any]:
+    """The facts ``info`` shows of a checkpoint, or of a store made by ``tierkv convert`` (then with
+    its weight scheme, pack device and its own bytes per layer)."""
+    if is_store_dir(model):
+        with contextlib.closing(WeightStore.open(model)) as store:
+            return {**_shape_facts(store.config, model, [store.data_path.name]),
+                    "bytes_per_layer": store.layer(0).nbytes, "source": store.source_dir,
+                    "weight_quant": store.quant.to_json() if store.quant is not None else None,
+                    "pack_device": store.pack_device}
+    with Checkpoint(model) as ckpt:
+        return _shape_facts(ckpt.config, model, [p.name for p in ckpt.files()])
+
+
+def _shape_facts(cfg: ModelConfig, path: Path, files: list[str]) -> dict[str, Any]:
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype, torch.float32)
     elem = dtype.itemsize
     return {
-        "path": str(ckpt.dir), "architecture": cfg.architecture, "dtype": cfg.dtype,
+        "path": str(path), "architecture": cfg.architecture, "dtype": cfg.dtype,
         "parameters": cfg.param_count(), "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
@@ -335,7 +347,7 @@ def _info_dict(ckpt: Checkpoint) -> dict[str, Any]:
         "tied_embeddings": cfg.tie_word_embeddings,
         "bytes_per_layer": cfg.layer_param_count() * elem,
         "kv_bytes_per_token": kv_bytes_per_token(cfg, dtype),
-        "checkpoint_files": [p.name for p in ckpt.files()],
+        "checkpoint_files": files,
     }
 
 
@@ -343,14 +355,15 @@ def _info_dict(ckpt: Checkpoint) -> dict[str, Any]:
 def info(model: str = ModelArg, as_json: bool = typer.Option(False, "--json")) -> None:
     """Architecture, parameter count, bytes per layer, context length."""
     with _user_errors():
-        with Checkpoint(model_path(model)) as ckpt:
-            data = _info_dict(ckpt)
+        data = _info_dict(model_path(model))
     if as_json:
         print(json.dumps(data))
         return
     table = Table(show_header=False, box=None)
     for key, value in data.items():
         shown = format_size(value) if key.endswith("bytes_per_layer") or key.endswith("per_token") else value
+        if key == "weight_quant":
+            shown = value and WeightQuant.from_json(value).describe() or "16-bit"
         table.add_row(key.replace("_", " "), f"{shown:,}" if isinstance(shown, int) and not isinstance(shown, bool)
                       else str(shown))
     Console().print(table)

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -143,12 +144,14 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | torch.
                                  f"{elsewhere}") from None
 
 
+@dataclass(frozen=True)
 class _Target:
     """What a conversion writes: the dtype asked for (None: the checkpoint's), the weight
     quantization and the device type its packs are for."""
 
-    def __init__(self, dtype: str | torch.dtype | None, quant: WeightQuant | None, device_type: str) -> None:
-        self.dtype, self.quant, self.device_type = dtype, quant, device_type
+    dtype: str | torch.dtype | None
+    quant: WeightQuant | None
+    device_type: str
 
     def facts(self) -> dict[str, Any]:
         """The manifest's and the resume state's record of the quantization."""

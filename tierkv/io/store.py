@@ -508,7 +508,8 @@ def existing_manifest(out: Path) -> tuple[dict[str, Any] | None, str | None]:
             extent_from_json(name, e)
         str(raw["source_key"])
         int(raw["crc_block_bytes"])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        WeightQuant.from_json(raw.get("weight_quant"))
+    except (KeyError, TypeError, ValueError, AttributeError, TierkvError) as exc:
         return None, f"{out / MANIFEST_FILE} is damaged ({exc!r})"
     return raw, None
 
