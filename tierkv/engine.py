@@ -348,7 +348,8 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          progress: ProgressFn | None = None, prefill_progress: ProgressFn | None = None,
          verify: bool = False, max_sequences: int = 16, quant: str | None = None, group_size: int | None = None,
          quant_head: bool = False) -> Engine:
-    """Open a Hugging Face model directory (or ``"demo"``) for generation.
+    """Open a Hugging Face model directory (or ``"demo"``, or a store made by ``tierkv convert``,
+    which brings its config, tokenizer and weight scheme) for generation.
 
     device_mem / host_mem: budgets such as "6GiB" or a byte count; default: detected free memory
     less headroom. Layers that do not fit the device budget are held in host memory or streamed

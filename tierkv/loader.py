@@ -4,7 +4,8 @@ Why this module exists: the planner (``plan.py``) is pure arithmetic over budget
 and ``pipeline/weights.py`` builds streaming sources from a ``Plan``; when the planner also opened
 stores and built sources, the two imported each other. Here the one step that needs both lives
 on its own: find an existing store (its data file is what the disk probe reads), plan, and, when
-layers stream, convert or repair the cached store and open a ``StreamingWeights`` over it.
+layers stream, convert or repair the cached store and open a ``StreamingWeights`` over it. A
+converted store opened as the model is planned and served from directly (``open_store_source``).
 """
 
 from __future__ import annotations
