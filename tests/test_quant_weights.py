@@ -2,9 +2,10 @@
 
 Tiny random checkpoints with hidden/intermediate sizes divisible by 128 (every group size fits).
 Quality bounds are the measured relative errors of the logits against the 16-bit (fp32) engine on
-these models, with headroom: int8 0.006-0.016, int4 0.11-0.23 over every ARCH_VARIANTS model and
+these models, with headroom: int8 0.007-0.014, int4 0.10-0.22 over every ARCH_VARIANTS model and
 group size (random N(0, 0.15) weights: every group holds its full range, the worst case for a
-min/max code; greedy int8 tokens agree with 16-bit at every teacher-forced step here).
+min/max code). Teacher-forced greedy agreement with 16-bit over a prompt and the 16-bit model's
+continuation (24 steps): int8 0.92-1.0, int4 0.54-0.83.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from tierkv.config import Policy
 from tierkv.engine import Engine, model_path
 from tierkv.errors import ArgumentError
 from tierkv.io.convert import cached_store, cached_store_dir, convert, store_key
-from tierkv.io.store import DATA_FILE, MANIFEST_FILE, StoreError, WeightStore
+from tierkv.io.store import DATA_FILE, MANIFEST_FILE, StoreError, WeightStore, pack_device
 from tierkv.pipeline.weights import StreamingWeights
 from tierkv.plan import minimum_device_bytes
 from tierkv.quantspec import QuantWeight, WeightQuant
 
 SIZES = dict(hidden_size=128, intermediate_size=256)
 PROMPT = [3, 17, 42, 5, 99, 23, 8, 61, 120, 7, 33, 150]
-REL_BOUND = {"int8": 0.03, "int4": 0.35}      # measured at most 0.016 (int8) and 0.23 (int4)
+REL_BOUND = {"int8": 0.03, "int4": 0.35}      # measured at most 0.014 (int8) and 0.22 (int4)
 BIG = 64 << 20
 
 
@@ -62,7 +63,9 @@ def sixteen_bit(tiny_model_dir):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("variant", list(ARCH_VARIANTS))
-def test_resident_and_streamed_agree_and_track_16bit(sixteen_bit, tmp_path, variant, scheme):
+def test_resident_and_streamed_agree_and_track_16bit(sixteen_bit, tmp_path, monkeypatch, variant, scheme):
+    monkeypatch.setenv("TIERKV_KERNELS", "torch")   # the plain pack on the CPU: the reference (tests/test_quant_kernels
+                                                    # checks the Triton kernels against it, interpreted)
     ckpt, reference, tokens16 = sixteen_bit(variant)
     quant = WeightQuant(scheme, 64)
     ids = PROMPT + tokens16
@@ -88,7 +91,7 @@ def test_resident_and_streamed_agree_and_track_16bit(sixteen_bit, tmp_path, vari
             torch.testing.assert_close(streamed_logits, logits, rtol=1e-4, atol=1e-4)
     if scheme == "int8":      # teacher-forced greedy agreement with 16-bit over prompt and continuation
         agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean()
-        assert agree >= 0.9, agree
+        assert agree >= 0.85, agree                 # measured 0.92-1.0
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -190,7 +193,8 @@ def test_quantized_convert_resumes_and_repairs(sixteen_bit, tmp_path):
     assert any("layer 1" in line and "re-convert" in line for line in lines), lines
     assert (out / DATA_FILE).read_bytes() == fresh
     raw = json.loads((out / MANIFEST_FILE).read_text())
-    assert raw["weight_quant"] == quant.to_json() and raw["pack_device"] == "cpu"
+    assert raw["weight_quant"] == quant.to_json() and raw["pack_device"] == pack_device("cpu")
+    assert pack_device("cpu").startswith("cpu:") and pack_device("cuda") == "gpu"
     assert raw["extents"]["layer.0"]["tensors"]["mlp.up_proj.weight"]["quant"] == \
         {"scheme": "int4", "group_size": 32, "pack": "cpu_int4"}
 
@@ -238,7 +242,7 @@ def test_cli_convert_quant_then_run_the_store(sixteen_bit, tmp_path):
     res = runner.invoke(app, ["convert", str(ckpt), str(out), "--quant", "int4", "--group-size", "32", "--json"])
     assert res.exit_code == 0, res.output
     facts = json.loads(res.stdout)
-    assert facts["quant"] == {"scheme": "int4", "group_size": 32, "head": False} and facts["pack_device"] == "cpu"
+    assert facts["quant"] == {"scheme": "int4", "group_size": 32, "head": False} and facts["pack_device"] == pack_device("cpu")
     assert facts["data_bytes"] == os.path.getsize(out / DATA_FILE)
     run = ["run", "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "6", "--device", "cpu", "--json"]
     from_store = runner.invoke(app, [run[0], str(out), *run[1:]])

@@ -329,7 +329,7 @@ def _info_dict(model: Path) -> dict[str, Any]:
             return {**_shape_facts(store.config, model, [store.data_path.name]),
                     "bytes_per_layer": store.layer(0).nbytes, "source": store.source_dir,
                     "weight_quant": store.quant.to_json() if store.quant is not None else None,
-                    "pack_device": store.pack_device}
+                    "pack_device": store.pack_device or None}
     with Checkpoint(model) as ckpt:
         return _shape_facts(ckpt.config, model, [p.name for p in ckpt.files()])
 
@@ -398,12 +398,13 @@ def convert_cmd(
         with contextlib.closing(WeightStore.open(path)) as store:
             facts = {"path": str(path), "dtype": str(store.dtype).removeprefix("torch."),
                      "quant": store.quant.to_json() if store.quant is not None else None,
-                     "pack_device": store.pack_device, "data_bytes": store.data_path.stat().st_size}
+                     "pack_device": store.pack_device or None, "data_bytes": store.data_path.stat().st_size}
             scheme = store.quant.describe() if store.quant is not None else "16-bit"
     if as_json:
         print(json.dumps(facts))
         return
-    err.print(f"store ready: {path} ({facts['dtype']}, weights {scheme}, packed for {facts['pack_device']}, "
+    packed = f", packed for {facts['pack_device']}" if store.quant is not None else ""
+    err.print(f"store ready: {path} ({facts['dtype']}, weights {scheme}{packed}, "
               f"{format_size(facts['data_bytes'])})", highlight=False, soft_wrap=True, markup=False)
 
 

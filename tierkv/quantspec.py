@@ -197,11 +197,6 @@ def tensor_quants(shapes: dict[str, tuple[int, ...]], quant: WeightQuant | None,
     return out
 
 
-def pack_device(device_type: str) -> str:
-    """The device family a store's packs are made for ("cpu" or "gpu"): part of the store key."""
-    return "cpu" if device_type == "cpu" else "gpu"
-
-
 def check_divides(key: str, shape: tuple[int, ...], quant: WeightQuant) -> None:
     """ArgumentError when ``quant``'s group size does not divide the input dimension of ``key``."""
     k = shape[-1]
@@ -228,5 +223,5 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 __all__ = ["BITS", "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "HEAD_WEIGHT", "KV_SCHEMES", "LAYER_LINEARS", "PACKS",
            "QPARAMS_DTYPE", "QuantWeight", "QPARAMS_SUFFIX", "SCHEMES", "TensorQuant", "WeightQuant", "check_divides",
-           "check_kv_scheme", "choose_pack", "pack_device", "parse_weight_quant", "quantized_keys", "tensor_quants",
+           "check_kv_scheme", "choose_pack", "parse_weight_quant", "quantized_keys", "tensor_quants",
            "weight_bytes_per_param"]

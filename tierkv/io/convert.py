@@ -37,11 +37,11 @@ from tierkv.io.checkpoint import LAYER_PREFIX, Checkpoint, resolve_dtype
 from tierkv.io.progress import ProgressFn, progress_or_bar
 from tierkv.errors import TierkvError
 from tierkv.kernels.quant import quantize_weight
-from tierkv.quantspec import QPARAMS_SUFFIX, WeightQuant, pack_device
+from tierkv.quantspec import QPARAMS_SUFFIX, WeightQuant
 from tierkv.io.store import (CRC_BLOCK_BYTES, DAMAGE_FILE, DATA_FILE, FORMAT_NAME, FORMAT_VERSION, LOCK_FILE,
                              MANIFEST_FILE, PARTIAL_SUFFIX, STATE_FILE, USE_LOCK_FILE, Extent, StoreError,
                              WeightStore, existing_manifest, extent_from_json, extent_to_json, fsync_dir,
-                             layout_digest, plan_layout, read_damage, write_json_atomic)
+                             layout_digest, pack_device, plan_layout, read_damage, write_json_atomic)
 
 FREE_SPACE_MARGIN_BYTES = 4 << 20      # the manifest, the resume state and filesystem metadata
 
@@ -67,7 +67,11 @@ def store_key(checkpoint_dir: str | Path, dtype: str | torch.dtype | None = None
     config.json, the safetensors files and their index, plus the dtype, the store format version
     and, for a quantized store, its scheme, group size, head flag and pack device family (16-bit
     stores keep the key they always had). 16 hex chars."""
-    cdir = Path(checkpoint_dir)
+    return _key(Path(checkpoint_dir), dtype, quant, pack_device(device_type))
+
+
+def _key(cdir: Path, dtype: str | torch.dtype | None, quant: WeightQuant | None, packs: str) -> str:
+    """``store_key`` with the packs' target spelled as ``pack_device`` records it."""
     config = ModelConfig.from_dir(cdir)
     target = resolve_dtype(dtype, config.dtype)
     files = sorted(p for p in cdir.iterdir() if p.name == "config.json" or p.name.endswith(".safetensors")
@@ -75,7 +79,7 @@ def store_key(checkpoint_dir: str | Path, dtype: str | torch.dtype | None = None
     facts = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     identity: dict[str, Any] = {"files": facts, "dtype": str(target), "format": FORMAT_VERSION}
     if quant is not None:
-        identity.update(quant=quant.to_json(), pack_device=pack_device(device_type))
+        identity.update(quant=quant.to_json(), pack_device=packs)
     text = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -155,8 +159,9 @@ class _Target:
 
     def facts(self) -> dict[str, Any]:
         """The manifest's and the resume state's record of the quantization."""
-        return {"weight_quant": self.quant.to_json() if self.quant is not None else None,
-                "pack_device": pack_device(self.device_type)}
+        if self.quant is None:
+            return {"weight_quant": None, "pack_device": None}      # 16-bit stores have no packs
+        return {"weight_quant": self.quant.to_json(), "pack_device": pack_device(self.device_type)}
 
 
 def _convert_locked(ckpt: Checkpoint, out: Path, want: _Target, progress: ProgressFn | None,
@@ -245,8 +250,8 @@ def _reuse_or_repair(ckpt: Checkpoint, dtype: torch.dtype, out: Path, key: str, 
         return False
     if raw["source_key"] != key:
         held = WeightQuant.from_json(raw.get("weight_quant"))
-        what = (f"{raw.get('dtype')}, weights {held.describe() if held else '16-bit'}, packed for "
-                f"{raw.get('pack_device') or 'cpu'}")
+        what = f"{raw.get('dtype')}, weights {held.describe() if held else '16-bit'}"
+        what += f", packed for {raw.get('pack_device')}" if held else ""
         report(f"{out} holds another conversion ({what}) or one of an older version of {ckpt.dir}: "
                "converting again")
         return False
@@ -545,9 +550,8 @@ def remove_stale_stores(checkpoint_dir: str | Path, stores_dir: str | Path, keep
         if str(facts.get("source_dir") or "") != source or not facts.get("dtype"):
             continue
         try:
-            device_type = "cpu" if str(facts.get("pack_device") or "cpu") == "cpu" else "cuda"
-            current = store_key(checkpoint_dir, str(facts["dtype"]), WeightQuant.from_json(facts.get("weight_quant")),
-                                device_type)
+            current = _key(Path(checkpoint_dir), str(facts["dtype"]), WeightQuant.from_json(facts.get("weight_quant")),
+                           str(facts.get("pack_device") or "cpu"))
         except (ValueError, TierkvError, KeyError, TypeError):   # a dtype or scheme this tierkv does not know
             continue
         if current == facts.get("source_key"):

@@ -40,7 +40,8 @@ from tierkv.io.buffers import aligned_host_tensor, round_up
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.mover import MoveRecord
 from tierkv.io.reader import DEFAULT_REQUEST_BYTES, AlignedReader
-from tierkv.quantspec import GROUP_SIZES, QPARAMS_SUFFIX, QuantWeight, TensorQuant, WeightQuant, pack_device, tensor_quants
+from tierkv.kernels.quant_cpu import cpu_layout
+from tierkv.quantspec import GROUP_SIZES, QPARAMS_SUFFIX, QuantWeight, TensorQuant, WeightQuant, tensor_quants
 
 FORMAT_NAME = "tierkv-weight-store"
 FORMAT_VERSION = 1
@@ -242,7 +243,8 @@ class WeightStore:
     source_key: str
     source_dir: str = ""        # the checkpoint directory it was converted from ("" in old stores)
     quant: WeightQuant | None = None   # the weight quantization it was converted with (None: 16-bit)
-    pack_device: str = "cpu"    # the device family its packs are made for (``quantspec.pack_device``)
+    pack_device: str = ""       # what its packs are made for (``pack_device``: "cpu:AVX512", "gpu"; "" in
+                                # 16-bit stores, which have no packs)
 
     @classmethod
     def open(cls, store_dir: str | Path) -> "WeightStore":
@@ -272,7 +274,7 @@ class WeightStore:
             data_path = store_dir / raw["data_file"]
             block = int(raw["crc_block_bytes"])
             quant = WeightQuant.from_json(raw.get("weight_quant"))
-            packs = str(raw.get("pack_device") or "cpu")
+            packs = str(raw.get("pack_device") or "")
         except (KeyError, TypeError, ValueError, AttributeError, ConfigError, TierkvError) as exc:
             raise StoreError(f"{store_dir / MANIFEST_FILE} is damaged ({exc!r}); "
                              f"{repair_hint(store_dir, source)}") from None
@@ -311,13 +313,16 @@ class WeightStore:
         """StoreError unless this store holds what was asked: the same scheme (16-bit when ``asked``
         is None), group size and head flag, packed for ``device_type``'s family. The message lists
         what the store holds and the two ways out (ask for that, or convert again)."""
-        if asked == self.quant and (self.quant is None or self.pack_device == pack_device(device_type)):
+        here = pack_device(device_type)
+        if asked == self.quant and (self.quant is None or self.pack_device == here):
             return
         held = self.quant.describe() if self.quant is not None else "16-bit weights"
         if asked is not None and asked == self.quant:
-            raise StoreError(f"the weight store {self.dir} is packed for {self.pack_device} compute, not "
-                             f"{device_type}; run it with --device {self.pack_device if self.pack_device == 'cpu' else 'cuda'}, "
-                             f"or convert the checkpoint again for {device_type}")
+            other = "--device cuda" if self.pack_device == "gpu" else "--device cpu on a CPU of that kind"
+            raise StoreError(f"the weight store {self.dir} is packed for {self.pack_device}, but this run computes "
+                             f"on {here}; run it with {other}, or convert the checkpoint again here "
+                             f"(`tierkv convert {shlex.quote(self.source_dir) if self.source_dir else 'MODEL'} "
+                             f"OTHER_DIR --device {device_type}` with the same --quant)")
         wanted = asked.describe() if asked is not None else "16-bit weights"
         flags = (f"--quant {self.quant.scheme} --group-size {self.quant.group_size}"
                  + (" --quant-head" if self.quant.head else "")) if self.quant is not None else "--quant none"
@@ -487,6 +492,13 @@ def _read_manifest(store_dir: Path) -> dict[str, Any]:
     return raw
 
 
+def pack_device(device_type: str) -> str:
+    """What a quantized store's packs are made for: "gpu" (the plain packs), or "cpu:" and the CPU
+    capability whose tinygemm layout the cpu_int4 packs follow (``kernels.quant_cpu``: a pack made
+    under AVX512 is wrong under AVX2). Part of the store key and the manifest."""
+    return f"cpu:{cpu_layout()}" if device_type == "cpu" else "gpu"
+
+
 def is_store_dir(path: str | Path) -> bool:
     """Whether ``path`` is (or was meant to be) a weight store rather than a checkpoint: it holds a
     manifest or an unfinished conversion and no config.json."""
@@ -517,5 +529,5 @@ def existing_manifest(out: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 __all__ = ["CRC_BLOCK_BYTES", "DATA_FILE", "DAMAGE_FILE", "Extent", "FORMAT_VERSION", "MANIFEST_FILE", "StoreError",
            "TensorEntry", "WeightStore", "block_crcs", "existing_manifest", "extent_from_json", "extent_to_json",
-           "fsync_dir", "is_store_dir", "layer_extent_name", "layout_digest", "mark_damaged", "plan_layout", "read_damage",
+           "fsync_dir", "is_store_dir", "layer_extent_name", "pack_device", "layout_digest", "mark_damaged", "plan_layout", "read_damage",
            "repair_hint", "tensors_from_buffer", "write_json_atomic"]
