@@ -133,6 +133,16 @@ def _prompt_ids(text: str) -> list[int]:
                              param_hint="--prompt-ids")
 
 
+def _pack_device_type(device: Optional[str]) -> str:
+    """``convert --device``: the device type the packs are for; packing needs no such device here."""
+    if device is None:
+        return resolve_device(None).type
+    kind = device.strip().lower().split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise ArgumentError(f"--device {device!r}: pack for cpu or cuda")
+    return kind
+
+
 def _store_dir(out: str) -> Path:
     """``convert``'s OUT: an empty one would silently mean the current directory."""
     if not out.strip():
@@ -379,8 +389,8 @@ def convert_cmd(
     quant: Optional[str] = QuantArg,
     group_size: Optional[int] = GroupSizeArg,
     quant_head: bool = QuantHeadArg,
-    device: Optional[str] = typer.Option(None, help="--quant: pack for computing on cpu or cuda "
-                                                    "(default: cuda when available)"),
+    device: Optional[str] = typer.Option(None, help="--quant: pack for computing on cpu or cuda (no such device "
+                                                    "needed here; default: cuda when available)"),
     as_json: bool = typer.Option(False, "--json", help="print the store's path, dtype and scheme as one JSON object"),
 ) -> None:
     """Rewrite a checkpoint into a packed store: one 4 KiB-aligned extent per layer, checksummed.
@@ -394,7 +404,7 @@ def convert_cmd(
                              progress=(lambda done, total: None) if quiet else None,
                              report=lambda line: err.print(f"repair: {line}", highlight=False, soft_wrap=True, markup=False),
                              quant=parse_weight_quant(quant, group_size, quant_head),
-                             device_type=resolve_device(device).type)
+                             device_type=_pack_device_type(device))
         with contextlib.closing(WeightStore.open(path)) as store:
             facts = {"path": str(path), "dtype": str(store.dtype).removeprefix("torch."),
                      "quant": store.quant.to_json() if store.quant is not None else None,

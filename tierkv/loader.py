@@ -50,8 +50,8 @@ def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budge
     return _streaming_source(model_dir, plan, existing, progress, quant), plan
 
 
-def open_store_source(store: WeightStore, budget: Budget, policy: Policy = Policy(), *,
-                      links: LinkSpeeds | None = None, context_tokens: int | None = None) -> tuple[StreamingWeights, Plan]:
+def open_store_source(store: WeightStore, budget: Budget, policy: Policy = Policy(), *, links: LinkSpeeds | None = None,
+                      context_tokens: int | None = None) -> tuple[StreamingWeights, Plan]:
     """A converted store opened as the model (``tierkv run OUT``): plan with its own layer sizes and
     serve every layer from it (those that fit resident on the device). The store must hold what the
     policy asks (``WeightStore.check_quant``) and the compute dtype must be the store's."""

@@ -517,8 +517,9 @@ def cached_store(checkpoint_dir: str | Path, offload_dir: str | Path, dtype: str
     under ``offload_dir/stores``, converted on first use.
 
     The directory name carries ``store_key``, so a changed checkpoint (files, sizes, mtimes),
-    another dtype or another quantization gets a fresh conversion instead of stale weights; the stores that older versions
-    of the same checkpoint left are then removed (``remove_stale_stores``). A store that does not
+    another dtype or another quantization gets a fresh conversion instead of stale weights; the
+    stores that older versions of the same checkpoint left are then removed
+    (``remove_stale_stores``). A store that does not
     open (damaged manifest, truncated data file, an extent found corrupt while streaming) is
     repaired by ``convert``, which re-verifies it, instead of failing.
     """
