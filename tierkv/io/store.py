@@ -41,7 +41,7 @@ from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.mover import MoveRecord
 from tierkv.io.reader import DEFAULT_REQUEST_BYTES, AlignedReader
 from tierkv.kernels.quant_cpu import cpu_layout
-from tierkv.quantspec import GROUP_SIZES, QPARAMS_SUFFIX, QuantWeight, TensorQuant, WeightQuant, tensor_quants
+from tierkv.quantspec import GROUP_SIZES, QPARAMS_SUFFIX, SCHEMES, QuantWeight, TensorQuant, WeightQuant, tensor_quants
 
 FORMAT_NAME = "tierkv-weight-store"
 FORMAT_VERSION = 1
@@ -329,7 +329,7 @@ class WeightStore:
         model = shlex.quote(self.source_dir) if self.source_dir else "MODEL"
         raise StoreError(f"the weight store {self.dir} holds {held}, not the {wanted} asked for; run it with "
                          f"{flags} (or leave --quant out to use what it holds), or convert again with "
-                         f"`tierkv convert {model} OTHER_DIR` and the --quant you want (schemes: int8, int4, none; "
+                         f"`tierkv convert {model} OTHER_DIR` and the --quant you want (schemes: {', '.join(SCHEMES)}, none; "
                          f"group sizes: {', '.join(map(str, GROUP_SIZES))})")
 
     def layer(self, j: int) -> Extent:
