@@ -427,9 +427,9 @@ class Policy:
             raise ArgumentError(f"dtype={self.dtype!r}: give a name such as 'bfloat16', 'float16' or 'float32'")
         if self.device is not None and not isinstance(self.device, str):
             raise ArgumentError(f"device={self.device!r}: give a name such as 'cpu', 'cuda' or 'cuda:1'")
-        if self.kv_sketch is not None and not isinstance(self.kv_sketch, bool):
-            raise ArgumentError(f"kv_sketch={self.kv_sketch!r}: give True, False or None (the default)")
         if self.weight_quant is not None and not isinstance(self.weight_quant, WeightQuant):
             raise ArgumentError(f"weight_quant={self.weight_quant!r}: give a tierkv.quantspec.WeightQuant "
-                                "(e.g. parse_weight_quant('int4')) or None for 16-bit weights")
+                                "(tierkv.load takes quant='int8'|'int4', group_size=, quant_head=)")
+        if self.kv_sketch is not None and not isinstance(self.kv_sketch, bool):
+            raise ArgumentError(f"kv_sketch={self.kv_sketch!r}: give True, False or None (the default)")
         object.__setattr__(self, "kv_quant", check_kv_scheme(self.kv_quant))

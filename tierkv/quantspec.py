@@ -183,6 +183,20 @@ def quantized_keys(shapes: dict[str, tuple[int, ...]], quant: WeightQuant | None
     return [key for key in shapes if key in wanted]
 
 
+def tensor_quants(shapes: dict[str, tuple[int, ...]], quant: WeightQuant | None,
+                  device_type: str) -> dict[str, TensorQuant]:
+    """Key -> how it is stored, for the tensors of a group that ``quant`` covers (``quantized_keys``),
+    packed for computing on ``device_type``; ArgumentError when a group size does not divide one.
+    The converter's layout and the resident loader both ask this, so they store the same thing."""
+    out = {}
+    for key in quantized_keys(shapes, quant):
+        assert quant is not None
+        shape = tuple(shapes[key])
+        check_divides(key, shape, quant)
+        out[key] = TensorQuant(quant.scheme, quant.group_size, choose_pack(quant.scheme, shape, device_type))
+    return out
+
+
 def check_divides(key: str, shape: tuple[int, ...], quant: WeightQuant) -> None:
     """ArgumentError when ``quant``'s group size does not divide the input dimension of ``key``."""
     k = shape[-1]
@@ -227,4 +241,5 @@ def _numel(shape: tuple[int, ...]) -> int:
 __all__ = ["BITS", "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "HEAD_WEIGHT", "KV_SCHEMES", "LAYER_LINEARS", "PACKS",
            "QPARAMS_DTYPE", "QuantWeight", "QPARAMS_SUFFIX", "SCHEMES", "TensorQuant", "WeightQuant", "check_divides",
            "check_kv_scheme", "choose_pack", "kv_chunk_nbytes", "parse_weight_quant", "quantized_keys",
+           "tensor_quants",
            "weight_bytes_per_param"]
