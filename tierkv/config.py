@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tierkv.errors import ArgumentError, TierkvError
+from tierkv.quantspec import check_kv_scheme
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM",
@@ -406,8 +407,11 @@ class Policy:
     kv_sketch: bool | None = None       # sparse mode: token-level chunk scores from 2-bit key codes on the device;
                                         # None = on with CUDA (a bandwidth-cheap pass), off on CPU (costs ~dense attention)
     max_sequences: int = 16             # sequences decoding together at most (more wait for a place)
+    kv_quant: str = "none"              # KV chunks on the host and disk tiers: "none" (exact), "int8" or "int4"
+                                        # (KIVI-style codes; device chunks, abstracts and key codes stay exact)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "kv_quant", check_kv_scheme(self.kv_quant))
         if self.kv not in ("exact", "sparse", "auto"):
             raise ArgumentError(f"kv={self.kv!r}: use 'exact', 'sparse' or 'auto'")
         if isinstance(self.kv_budget, bool) or not isinstance(self.kv_budget, (int, float)) \

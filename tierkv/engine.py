@@ -326,7 +326,7 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          chunk_tokens: int | None = None, kv_exact_max_tokens: int = 4096, kv_device_tokens: int | None = None,
          kv_sketch: bool | None = None, prefill_chunk_tokens: int | None = None,
          progress: ProgressFn | None = None, prefill_progress: ProgressFn | None = None,
-         verify: bool = False, max_sequences: int = 16) -> Engine:
+         verify: bool = False, max_sequences: int = 16, kv_quant: str = "none") -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``) for generation.
 
     device_mem / host_mem: budgets such as "6GiB" or a byte count; default: detected free memory
@@ -357,6 +357,11 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     sessions' turns); more wait for a place. The planner reserves one step's activations: a prefill
     piece plus one token for each of the others.
 
+    kv_quant: "int8" or "int4" holds the KV chunks on the host and disk tiers as KIVI-style codes
+    (keys per channel within a chunk, values per token, 16-bit params): about 0.53x / 0.28x of the
+    16-bit bytes moved and stored there, so more chunks fit the host budget. Chunks on the device,
+    the recent window, the chunk abstracts and key codes stay exact; "none" (default) keeps all exact.
+
     verify=True first reads every checkpoint tensor once (bounded memory, a bar on a terminal, or
     ``progress(done_bytes, total_bytes)`` before any conversion's calls) and raises CheckpointError
     naming the first one holding NaN, inf or absurdly large values, or values the compute dtype
@@ -366,6 +371,7 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     policy = Policy(dtype=None if dtype is None else str(dtype).removeprefix("torch."), device=device,
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,
                     kv_exact_max_tokens=kv_exact_max_tokens, chunk_tokens=chunk_tokens,
-                    kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, max_sequences=max_sequences)
+                    kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, max_sequences=max_sequences,
+                    kv_quant=kv_quant)
     return Engine(model, policy, Budget.parse(device_mem, host_mem, offload_dir), progress=progress,
                   prefill_progress=prefill_progress, verify=verify)

@@ -200,6 +200,20 @@ def weight_bytes_per_param(scheme: str | None, group_size: int = DEFAULT_GROUP_S
     return BITS[scheme] / 8 + 4 / group_size
 
 
+def kv_chunk_bytes(scheme: str, kv_heads: int, tokens: int, head_dim: int, dtype_bytes: int) -> int:
+    """Bytes of one KV chunk (one sequence, one layer, ``tokens`` rows) held off the device under KV
+    ``scheme``: K and V in the cache dtype ("none"), or KIVI-style ``bits``-bit codes of K and V with
+    one 16-bit (scale, minimum) per (head, channel) for K over the chunk's tokens and one per
+    (head, token) for V over the head dimension. int4 packs two codes per byte along the head dim."""
+    check_kv_scheme(scheme)
+    if scheme == "none":
+        return 2 * kv_heads * tokens * head_dim * dtype_bytes
+    assert (head_dim * BITS[scheme]) % 8 == 0, (scheme, head_dim)
+    codes = 2 * kv_heads * tokens * head_dim * BITS[scheme] // 8
+    params = kv_heads * (head_dim + tokens) * 2 * 2          # (scale, minimum) float16 pairs
+    return codes + params
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -209,4 +223,4 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 __all__ = ["BITS", "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "HEAD_WEIGHT", "KV_SCHEMES", "LAYER_LINEARS", "PACKS",
            "QPARAMS_DTYPE", "QuantWeight", "QPARAMS_SUFFIX", "SCHEMES", "TensorQuant", "WeightQuant", "check_divides",
-           "check_kv_scheme", "choose_pack", "parse_weight_quant", "quantized_keys", "weight_bytes_per_param"]
+           "check_kv_scheme", "choose_pack", "kv_chunk_bytes", "parse_weight_quant", "quantized_keys", "weight_bytes_per_param"]
