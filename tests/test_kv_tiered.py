@@ -406,8 +406,8 @@ def test_engine_exact_tiered_is_lossless(long_models: dict[str, Path], tmp_path:
     policy = Policy(prefill_chunk_tokens=512, kv="exact", chunk_tokens=chunk_tokens, kv_quant=kv_quant)
     dense, _ = _generate(model, policy, prompts, None, monkeypatch)
     host_chunks = 6 if kv_quant == "none" else 2       # int8 chunks: a host budget of 2 exact chunks holds 7
-    tiered, made = _generate(model, policy, prompts,
-                             _spilling(policy, tmp_path, chunk=chunk_tokens or 64, host_chunks=host_chunks), monkeypatch)
+    spilling = _spilling(policy, tmp_path, chunk=chunk_tokens or 64, host_chunks=host_chunks)
+    tiered, made = _generate(model, policy, prompts, spilling, monkeypatch)
     assert tiered == dense
     st = made[0]
     assert st["disk_bytes"] > st["host_bytes"] > 0 and st["device_bytes"] > 0

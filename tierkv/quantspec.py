@@ -223,4 +223,5 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 __all__ = ["BITS", "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "HEAD_WEIGHT", "KV_SCHEMES", "LAYER_LINEARS", "PACKS",
            "QPARAMS_DTYPE", "QuantWeight", "QPARAMS_SUFFIX", "SCHEMES", "TensorQuant", "WeightQuant", "check_divides",
-           "check_kv_scheme", "choose_pack", "kv_chunk_bytes", "parse_weight_quant", "quantized_keys", "weight_bytes_per_param"]
+           "check_kv_scheme", "choose_pack", "kv_chunk_bytes", "parse_weight_quant", "quantized_keys",
+           "weight_bytes_per_param"]

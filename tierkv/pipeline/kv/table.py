@@ -220,10 +220,6 @@ class KVChunkTable:
         """Chunks on ``tier`` that may leave it, least recently selected first."""
         return [k for k in self._lru[tier] if self._evictable(k)]
 
-    def size_on(self, key: ChunkKey, tier: Tier) -> int:
-        """Bytes the chunk takes on ``tier`` (the device holds it exact; host and disk may hold it quantized)."""
-        return _size(self._get(key), tier)
-
     def _evictable(self, key: ChunkKey) -> bool:
         chunk = self._chunks[key]
         return chunk.pins == 0 and chunk.dest is None and not self.protected(key)
@@ -272,8 +268,8 @@ class KVChunkTable:
             raise ValueError(
                 f"chunk {key} can only grow: {chunk.tokens} -> {tokens} tokens, {chunk.nbytes} -> {nbytes} bytes"
             )
-        grown = _Chunk(chunk.tier, tokens, nbytes, cold)
-        self._charge(chunk.tier, _size(grown, chunk.tier) - _size(chunk, chunk.tier), f"growing KV chunk {key}")
+        self._charge(chunk.tier, _size(_Chunk(chunk.tier, tokens, nbytes, cold), chunk.tier) - _size(chunk, chunk.tier),
+                     f"growing KV chunk {key}")
         chunk.tokens, chunk.nbytes, chunk.cold = tokens, nbytes, cold
 
     def drop_sequence(self, seq: int) -> list[ChunkKey]:
