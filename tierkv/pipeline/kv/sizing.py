@@ -19,8 +19,7 @@ from tierkv.pipeline.chunking import ChunkRule
 from tierkv.quantspec import kv_chunk_bytes
 
 __all__ = ["SCRATCH_SLOTS_PER_SEQ", "chunk_size_candidates", "cold_chunk_bytes", "dense_fits", "element_bytes",
-           "keeps_sketch",
-           "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
+           "keeps_sketch", "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
            "kv_host_want_bytes", "layer_device_bytes", "layer_index_bytes", "layer_minimum_bytes", "max_kv_batch",
            "min_chunk_slots", "sketch_required", "slot_bytes"]
 
