@@ -227,5 +227,5 @@ def load_into(st: CacheState, kv: LayerKV, host: Sequence[tuple[ChunkKey, torch.
         moves += move(st, HOST, DEVICE, [key for key, _ in host], [(kv.codec, buf) for _, buf in host], host_dests)
     if disk:
         assert st.store is not None, "disk chunks without a store"
-        moves += move(st, DISK, DEVICE, disk, [(st.store, key, kv.codec) for key in disk], disk_dests)
+        moves += move(st, DISK, DEVICE, disk, [(kv.codec, st.store, key) for key in disk], disk_dests)
     return moves

@@ -12,7 +12,7 @@ private ``KVWorkers`` and closes it with itself.
 Links and what each move's ``sources`` / ``dests`` list per chunk of its batch (a move = one batch):
 
     host -> device    (codec, host buffer)        -> (k, v) pair of (Hkv, S, D) device views   reader thread
-    disk -> device    (store, key, codec)         -> (k, v) pair (tokens past the record zeroed) 4 stream threads
+    disk -> device    (codec, store, key)         -> (k, v) pair (tokens past the record zeroed) 4 stream threads
     host -> disk      io.kvstore.KVChunk snapshot -> the store (one append per batch)          writer thread
     device -> disk    KVChunk of device views     -> the store                                 the calling thread
     device -> host    (codec, k, v, tokens)       -> host buffer                               the calling thread
@@ -129,8 +129,9 @@ class _BatchHandler:
 
 
 def _cold_bytes(source: tuple[Any, ...], _: Any) -> int:
-    """Bytes a host/disk <-> device move of one chunk carries: its cold form (the codec is in the source)."""
-    codec = next(x for x in source if isinstance(x, ChunkCodec))
+    """Bytes a host/disk <-> device move of one chunk carries: its cold form (the source starts with its codec)."""
+    codec = source[0]
+    assert isinstance(codec, ChunkCodec), type(codec)
     return codec.cold_bytes
 
 
@@ -147,11 +148,11 @@ def _copy_from_host(sources: Sequence[tuple[ChunkCodec, torch.Tensor]],
         codec.decode(buf, k, v)
 
 
-def _read_from_disk(sources: Sequence[tuple[Any, Any, ChunkCodec]],
+def _read_from_disk(sources: Sequence[tuple[ChunkCodec, Any, Any]],
                     dests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Read records back (checksums verified) into (k, v) views; V past the record is zeroed (0 * NaN)."""
-    store = sources[0][0]
-    for (k, v), chunk in zip(dests, store.read([key for _, key, _ in sources])):
+    store = sources[0][1]
+    for (k, v), chunk in zip(dests, store.read([key for _, _, key in sources])):
         decode_record(chunk, k, v)
 
 
