@@ -18,8 +18,8 @@ from tierkv.config import ModelConfig, Policy, format_size
 from tierkv.io.buffers import ChunkArenas
 from tierkv.pipeline.chunking import ChunkRule, fit_chunk_tokens
 from tierkv.pipeline.kv.sizing import (SCRATCH_SLOTS_PER_SEQ, chunk_size_candidates, cold_chunk_bytes,
-                                       kv_bytes_per_token,
-                                       layer_index_bytes, layer_minimum_bytes, min_chunk_slots, slot_bytes)
+                                       kv_bytes_per_token, layer_index_bytes, layer_minimum_bytes, min_chunk_slots,
+                                       slot_bytes)
 from tierkv.pipeline.kv.table import KVBudgetError
 
 __all__ = ["CacheShape", "LayerGeometry"]
