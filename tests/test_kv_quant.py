@@ -193,6 +193,8 @@ def test_a_saved_session_with_int8_chunks_restores_and_continues_alike(tiny_mode
         path = session.save()
         third = session.generate(turns[2], **reply)
         assert third.stats.kv["kv_quant"] == "int8" and third.stats.kv["host_bytes"] > 0, third.stats.kv
+        live = eng.kv_stats()                       # the session's cache, as its tiers hold it now
+        assert live["kv_quant"] == "int8" and live["kv_host_bytes"] == third.stats.kv["host_bytes"], live
         session.close()
     with tierkv.load(model, **kwargs) as later:
         restored = later.restore_session(path)

@@ -258,9 +258,13 @@ class Engine:
         with self._core.held() as core:
             counts = core.scheduler.counts()
             caches = [s.cache for s in core.seqs.values() if s.cache is not None]
+            tiered = [c.stats() for c in caches if hasattr(c, "stats")]
             return {**counts, "live_sequences": counts["running_sequences"] + counts["waiting_sequences"],
                     "sessions": sum(s.session for s in core.seqs.values()),
                     "kv_device_bytes": sum(c.nbytes for c in caches),
+                    # chunks on the host and disk tiers, as held there (compressed under kv_quant)
+                    "kv_quant": self.policy.kv_quant, "kv_host_bytes": sum(st["host_bytes"] for st in tiered),
+                    "kv_disk_bytes": sum(st["disk_bytes"] for st in tiered),
                     "device_room_bytes": core.room.device_room_bytes, "host_room_bytes": core.room.host_room_bytes}
 
     def _check_open(self) -> None:
