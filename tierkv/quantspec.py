@@ -204,11 +204,12 @@ def kv_chunk_bytes(scheme: str, kv_heads: int, tokens: int, head_dim: int, dtype
     """Bytes of one KV chunk (one sequence, one layer, ``tokens`` rows) held off the device under KV
     ``scheme``: K and V in the cache dtype ("none"), or KIVI-style ``bits``-bit codes of K and V with
     one 16-bit (scale, minimum) per (head, channel) for K over the chunk's tokens and one per
-    (head, token) for V over the head dimension. int4 packs two codes per byte along the head dim."""
+    (head, token) for V over the head dimension. int4 packs two codes per byte along the head dim (model
+    configs with an odd head dim are refused when parsed: rotary embeddings need it even)."""
     check_kv_scheme(scheme)
     if scheme == "none":
         return 2 * kv_heads * tokens * head_dim * dtype_bytes
-    assert (head_dim * BITS[scheme]) % 8 == 0, (scheme, head_dim)
+    assert head_dim * BITS[scheme] % 8 == 0, f"{scheme} packs code pairs along the head dim: {head_dim} is odd"
     codes = 2 * kv_heads * tokens * head_dim * BITS[scheme] // 8
     params = kv_heads * (head_dim + tokens) * 2 * 2          # (scale, minimum) float16 pairs
     return codes + params

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from tierkv.errors import ArgumentError
 from tierkv.kernels._select import cdiv, jit, next_pow2, pick_backend, tl
 from tierkv.kernels.quant_reference import asym_dequantize, asym_quantize, pack_nibbles, unpack_nibbles
 from tierkv.quantspec import BITS, SCHEMES, kv_chunk_bytes
@@ -49,9 +48,7 @@ class KVQuantLayout:
 
     def __post_init__(self) -> None:
         assert self.scheme in SCHEMES, self.scheme
-        if self.head_dim * BITS[self.scheme] % 8:
-            raise ArgumentError(f"--kv-quant {self.scheme} packs two codes per byte along the head dimension, "
-                                f"which is {self.head_dim} (odd) in this model; use --kv-quant int8 or none")
+        assert self.head_dim * self.bits % 8 == 0, f"{self.scheme} packs code pairs along D: {self.head_dim} is odd"
 
     @property
     def bits(self) -> int:
