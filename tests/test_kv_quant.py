@@ -120,24 +120,26 @@ def test_bad_kv_quant_is_refused_listing_the_choices() -> None:
     assert "choose one of none, int8, int4" in result.stderr, result.stderr
 
 
-def test_packed_records_round_trip_through_the_store(tmp_path: Path) -> None:
-    h, s, d = 2, 16, 8
+@pytest.mark.parametrize("h, s, d", [(2, 16, 8), (1, 9, 7)])    # (1, 9, 7): 190 packed bytes, fp32 abstracts after
+def test_packed_records_round_trip_through_the_store(tmp_path: Path, h: int, s: int, d: int) -> None:
     k, v = torch.randn(h, s, d), torch.randn(h, s, d)
     codec = ChunkCodec("int8", h, s, d, torch.float32)
-    kmin, kmax = k[:, :10].amin(1), k[:, :10].amax(1)
-    record = codec.record(3, 1, 0, (k, v, kmin, kmax), tokens=10, snapshot=True)
-    assert record.packed is not None and record.n_tokens == 10 and record.k is None
-    exact = KVChunk(3, 2, 0, 32, k, v, kmin, kmax)
+    n = min(10, s)
+    kmin, kmax = k[:, :n].amin(1), k[:, :n].amax(1)
+    record = codec.record(3, 1, 0, (k, v, kmin, kmax), tokens=n, snapshot=True)
+    assert record.packed is not None and record.n_tokens == n and record.k is None
+    exact = KVChunk(3, 2, 0, 2 * s, k, v, kmin, kmax)
     with KVStore(tmp_path / "kv", durable=False) as store:
         store.append([record, exact])
         back, back_exact = store.read([(3, 1, 0), (3, 2, 0)])
     assert isinstance(back.packed, PackedKV) and back.packed.scheme == "int8" and back.packed.shape == (h, s, d)
-    assert back.start_token == 16 and torch.equal(back.kmin, kmin) and torch.equal(back_exact.k, k)
+    assert back.start_token == s and torch.equal(back.kmin, kmin) and torch.equal(back.kmax, kmax)
+    assert torch.equal(back.packed.data, record.packed.data) and torch.equal(back_exact.k, k)
     k_out, v_out = torch.full((h, s, d), math.nan), torch.full((h, s, d), math.nan)
     decode_record(back, k_out, v_out)
-    assert (v_out[:, 10:] == 0).all()
-    assert ((k_out[:, :10] - k[:, :10]).abs() <= _step_bound(k[:, :10], 8, 1)).all()
-    assert ((v_out[:, :10] - v[:, :10]).abs() <= _step_bound(v[:, :10], 8, 2)).all()
+    assert (v_out[:, n:] == 0).all()
+    assert ((k_out[:, :n] - k[:, :n]).abs() <= _step_bound(k[:, :n], 8, 1)).all()
+    assert ((v_out[:, :n] - v[:, :n]).abs() <= _step_bound(v[:, :n], 8, 2)).all()
 
 
 def _run(kv_quant: str, tmp: Path) -> tuple[float, dict[str, Any], list[int]]:

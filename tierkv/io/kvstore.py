@@ -12,7 +12,7 @@ Layout: one append-only segment file per layer (``layer0003.kvseg``). A record i
     header (JSON: layer, chunk, seq, token range, dtype, shapes, payload offset/size, payload crc32)
     payload at a 64-byte aligned offset: K (Hkv, n, D), V (Hkv, n, D), kmin (Hkv, D), kmax (Hkv, D);
       or, for a chunk kept quantized (header ``kv_quant`` int8/int4), its packed K/V bytes (opaque
-      here: ``kernels.kvquant`` owns the layout), then kmin, kmax
+      here: ``kernels.kvquant`` owns the layout) zero-padded to 8 bytes, then kmin, kmax
     zero padding up to a multiple of 4 KiB, so every record starts 4 KiB aligned.
 
 Closed chunks never change, so a chunk is written once and read many times; records are never
@@ -123,7 +123,9 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 def _encode(chunk: KVChunk) -> bytes:
     """One complete record (prefix, header, payload, padding) for ``chunk``."""
     header = _kv_header(chunk)
-    kv = (chunk.packed.data,) if chunk.packed is not None else (chunk.k, chunk.v)
+    kv = (chunk.k, chunk.v) if chunk.packed is None else \
+        (chunk.packed.data, torch.zeros(_packed_span(chunk.packed.data.numel()) - chunk.packed.data.numel(),
+                                        dtype=torch.uint8))      # the abstracts after it stay aligned
     payload = b"".join(_tensor_bytes(t) for t in (*kv, chunk.kmin, chunk.kmax))   # type: ignore[arg-type]
     header.update({
         "layer": chunk.layer, "chunk": chunk.chunk, "seq": chunk.seq,
@@ -157,6 +159,11 @@ def _kv_header(chunk: KVChunk) -> dict[str, Any]:
     return {"kv_shape": list(k.shape)}
 
 
+def _packed_span(nbytes: int) -> int:
+    """Payload bytes a packed K/V of ``nbytes`` takes: padded so the abstracts after it are aligned."""
+    return -(-nbytes // 8) * 8
+
+
 def _record_bytes(header: dict[str, Any]) -> int:
     return round_up(header["payload_offset"] + header["payload_bytes"], RECORD_ALIGN_BYTES)
 
@@ -185,14 +192,16 @@ def _decode(entry: _Entry, buf: bytearray) -> KVChunk:
     elt = torch.empty((), dtype=dtype).element_size()
     ab_bytes = elt * ab_shape[0] * ab_shape[1]
     scheme = h.get("kv_quant", "none")
-    kv_sizes = [h["packed_bytes"]] if scheme != "none" else [elt * kv_shape[0] * kv_shape[1] * kv_shape[2]] * 2
+    kv_bytes = elt * kv_shape[0] * kv_shape[1] * kv_shape[2]
+    kv_sizes = [_packed_span(h["packed_bytes"])] if scheme != "none" else [kv_bytes, kv_bytes]
     offsets = [h["payload_offset"]]
     for size in (*kv_sizes, ab_bytes, ab_bytes):
         offsets.append(offsets[-1] + size)
     views = [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
     kmin, kmax = views[-2].view(dtype).view(ab_shape), views[-1].view(dtype).view(ab_shape)
     if scheme != "none":
-        packed = PackedKV(scheme, kv_shape, int(h["kv_tokens"]), views[0])   # type: ignore[arg-type]
+        data = views[0][:h["packed_bytes"]]
+        packed = PackedKV(scheme, kv_shape, int(h["kv_tokens"]), data)   # type: ignore[arg-type]
         return KVChunk(h["layer"], h["chunk"], h["seq"], h["start_token"], None, None, kmin, kmax, packed)
     return KVChunk(h["layer"], h["chunk"], h["seq"], h["start_token"],
                    views[0].view(dtype).view(kv_shape), views[1].view(dtype).view(kv_shape), kmin, kmax)
