@@ -362,7 +362,7 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     piece plus one token for each of the others.
 
     kv_quant: "int8" or "int4" holds the KV chunks on the host and disk tiers as KIVI-style codes
-    (keys per channel within a chunk, values per token, 16-bit params): about 0.53x / 0.28x of the
+    (keys per channel within a chunk, values per token, 16-bit params): about 0.52x / 0.27x of the
     16-bit bytes moved and stored there, so more chunks fit the host budget. Chunks on the device,
     the recent window, the chunk abstracts and key codes stay exact; "none" (default) keeps all exact.
 
