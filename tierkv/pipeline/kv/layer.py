@@ -70,7 +70,7 @@ class LayerKV:
 
     def __init__(self, layer: int, geo: LayerGeometry, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, host_bytes: int | None, disk: bool, sink_chunks: int, sketch: bool,
-                 kv_quant: str = "none") -> None:
+                 kv_quant: str) -> None:
         n, s, c = geo.resident_slots + geo.scratch_slots, geo.chunk_tokens, geo.max_chunks
         self.layer, self.geo, self.batch = layer, geo, batch
         self.k_pool = torch.zeros((n, kv_heads, s, head_dim), dtype=dtype, device=device)   # (N, Hkv, S, D)
