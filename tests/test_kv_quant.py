@@ -120,10 +120,11 @@ def test_bad_kv_quant_is_refused_listing_the_choices() -> None:
     assert "choose one of none, int8, int4" in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("h, s, d", [(2, 16, 8), (1, 9, 7)])    # (1, 9, 7): 190 packed bytes, fp32 abstracts after
-def test_packed_records_round_trip_through_the_store(tmp_path: Path, h: int, s: int, d: int) -> None:
+@pytest.mark.parametrize("scheme, h, s, d", [("int8", 2, 16, 8), ("int8", 1, 9, 7), ("int4", 1, 9, 6)])
+def test_packed_records_round_trip_through_the_store(tmp_path: Path, scheme: str, h: int, s: int, d: int) -> None:
+    """Records of packed chunks (odd sizes: 190 and 114 bytes, fp32 abstracts after them) read back intact."""
     k, v = torch.randn(h, s, d), torch.randn(h, s, d)
-    codec = ChunkCodec("int8", h, s, d, torch.float32)
+    codec = ChunkCodec(scheme, h, s, d, torch.float32)
     n = min(10, s)
     kmin, kmax = k[:, :n].amin(1), k[:, :n].amax(1)
     record = codec.record(3, 1, 0, (k, v, kmin, kmax), tokens=n, snapshot=True)
@@ -132,14 +133,15 @@ def test_packed_records_round_trip_through_the_store(tmp_path: Path, h: int, s: 
     with KVStore(tmp_path / "kv", durable=False) as store:
         store.append([record, exact])
         back, back_exact = store.read([(3, 1, 0), (3, 2, 0)])
-    assert isinstance(back.packed, PackedKV) and back.packed.scheme == "int8" and back.packed.shape == (h, s, d)
+    assert isinstance(back.packed, PackedKV) and back.packed.scheme == scheme and back.packed.shape == (h, s, d)
     assert back.start_token == s and torch.equal(back.kmin, kmin) and torch.equal(back.kmax, kmax)
     assert torch.equal(back.packed.data, record.packed.data) and torch.equal(back_exact.k, k)
     k_out, v_out = torch.full((h, s, d), math.nan), torch.full((h, s, d), math.nan)
     decode_record(back, k_out, v_out)
     assert (v_out[:, n:] == 0).all()
-    assert ((k_out[:, :n] - k[:, :n]).abs() <= _step_bound(k[:, :n], 8, 1)).all()
-    assert ((v_out[:, :n] - v[:, :n]).abs() <= _step_bound(v[:, :n], 8, 2)).all()
+    bits = codec.layout.bits                                            # type: ignore[union-attr]
+    assert ((k_out[:, :n] - k[:, :n]).abs() <= _step_bound(k[:, :n], bits, 1)).all()
+    assert ((v_out[:, :n] - v[:, :n]).abs() <= _step_bound(v[:, :n], bits, 2)).all()
 
 
 def _run(kv_quant: str, tmp: Path) -> tuple[float, dict[str, Any], list[int]]:
