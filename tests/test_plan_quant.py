@@ -23,7 +23,7 @@ from tierkv.plan import (LinkSpeeds, PlanError, kv_stored_bytes_per_token, layer
 from tierkv.plan_compare import COLUMNS, compare_plans, comparison_rows
 from tierkv.probe import (SAMPLES, ComputeEstimate, LinkCache, disk_key, estimate_layer_compute, matvec_bytes,
                           matvec_key)
-from tierkv.quantspec import SCHEMES, WeightQuant, kv_chunk_nbytes, weight_bytes_per_param
+from tierkv.quantspec import SCHEMES, WeightQuant, kv_chunk_bytes, weight_bytes_per_param
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "llama-3.1-70b"
 CONFIG = ModelConfig.from_dir(CONFIG_DIR)
@@ -96,7 +96,7 @@ def test_kv_on_host_and_disk_is_counted_compressed_device_kv_stays_16_bit():
     assert none.reserve_bytes == int8.reserve_bytes == int4.reserve_bytes          # device chunks stay 16-bit
     assert none.kv_host_bytes_per_token == none.kv_device_bytes_per_token
     # a 64-token chunk: codes plus 16-bit (scale, minimum) per key channel and per value token
-    per_chunk = kv_chunk_nbytes("int8", 8, 64, 128)
+    per_chunk = kv_chunk_bytes("int8", 8, 64, 128, 2)
     assert per_chunk == 2 * 8 * 64 * 128 + 8 * 128 * 4 + 8 * 64 * 4
     assert int8.kv_host_bytes_per_token == 80 * -(-per_chunk // 64)
     assert 0.5 < int8.kv_host_bytes_per_token / none.kv_host_bytes_per_token < 0.55
@@ -104,7 +104,7 @@ def test_kv_on_host_and_disk_is_counted_compressed_device_kv_stays_16_bit():
     assert int4.kv_host_tokens > int8.kv_host_tokens > none.kv_host_tokens > 0      # same room, more tokens
     assert int8.kv_host_tokens == int8.kv_host_bytes // int8.kv_host_bytes_per_token
     fixed = Policy(chunk_tokens=256, kv_quant="int4")
-    assert kv_stored_bytes_per_token(CONFIG, torch.bfloat16, fixed) == 80 * -(-kv_chunk_nbytes("int4", 8, 256, 128)
+    assert kv_stored_bytes_per_token(CONFIG, torch.bfloat16, fixed) == 80 * -(-kv_chunk_bytes("int4", 8, 256, 128, 2)
                                                                               // 256)
 
 

@@ -426,9 +426,7 @@ def plan_cmd(
                                           "'demo'"),
     options: LoadFlags = flags(LoadFlags, only=("device_mem", "host_mem", "offload_dir", "dtype", "device",
                                                 "kv_device_tokens", "prefill_chunk_tokens", "quant", "group_size",
-                                                "quant_head")),
-    kv_quant: str = typer.Option("none", "--kv-quant", help="KV chunks on the host and disk tiers: none, int8, "
-                                                            "int4"),
+                                                "quant_head", "kv_quant")),
     compare: bool = typer.Option(False, "--compare", help="one table: 16-bit, int8 and int4 weights side by side"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -448,7 +446,7 @@ def plan_cmd(
                         device=None if options.device is None else str(resolve_device(options.device)),
                         kv_device_tokens=options.kv_device_tokens, prefill_chunk_tokens=options.prefill_chunk_tokens,
                         weight_quant=parse_weight_quant(options.quant, options.group_size, options.quant_head),
-                        kv_quant=kv_quant)
+                        kv_quant=options.kv_quant)
         budget = Budget.parse(options.device_mem, options.host_mem, options.offload_dir)
         store = None if config_only else find_cached_store(path, budget.offload_dir or default_offload_dir(),
                                                            policy.dtype, policy.weight_quant, device_type_of(policy))

@@ -55,6 +55,8 @@ class LoadFlags:
         None, "--kv-sketch/--no-kv-sketch",
         help="sparse KV: score chunks with 2-bit key codes (finds single-token needles; "
              "1/16 of the KV kept on the device); default: on with CUDA, off on CPU"))
+    kv_quant: str = _flag(typer.Option(
+        "none", "--kv-quant", help="KV chunks on host/disk: none, int8 or int4 (device KV stays exact)"))
     prefill_chunk_tokens: Optional[int] = _flag(typer.Option(
         None, "--prefill-chunk-tokens", min=1,
         help="prefill the prompt in pieces of this many tokens (default: the largest up to 2048 "

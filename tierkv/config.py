@@ -408,9 +408,11 @@ class Policy:
                                         # None = on with CUDA (a bandwidth-cheap pass), off on CPU (costs ~dense attention)
     max_sequences: int = 16             # sequences decoding together at most (more wait for a place)
     weight_quant: WeightQuant | None = None  # group-wise int8/int4 layer weights; None = 16-bit (the compute dtype)
-    kv_quant: str = "none"              # KV chunks on the host and disk tiers: "none" | "int8" | "int4"
+    kv_quant: str = "none"              # KV chunks on the host and disk tiers: "none" (exact), "int8" or "int4"
+                                        # (KIVI-style codes; device chunks, abstracts and key codes stay exact)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "kv_quant", check_kv_scheme(self.kv_quant))
         if self.kv not in ("exact", "sparse", "auto"):
             raise ArgumentError(f"kv={self.kv!r}: use 'exact', 'sparse' or 'auto'")
         if isinstance(self.kv_budget, bool) or not isinstance(self.kv_budget, (int, float)) \
@@ -432,4 +434,3 @@ class Policy:
                                 "(tierkv.load takes quant='int8'|'int4', group_size=, quant_head=)")
         if self.kv_sketch is not None and not isinstance(self.kv_sketch, bool):
             raise ArgumentError(f"kv_sketch={self.kv_sketch!r}: give True, False or None (the default)")
-        object.__setattr__(self, "kv_quant", check_kv_scheme(self.kv_quant))

@@ -275,9 +275,13 @@ class Engine:
         with self._core.held() as core:
             counts = core.scheduler.counts()
             caches = [s.cache for s in core.seqs.values() if s.cache is not None]
+            tiered = [c.stats() for c in caches if hasattr(c, "stats")]
             return {**counts, "live_sequences": counts["running_sequences"] + counts["waiting_sequences"],
                     "sessions": sum(s.session for s in core.seqs.values()),
                     "kv_device_bytes": sum(c.nbytes for c in caches),
+                    # chunks on the host and disk tiers, as held there (compressed under kv_quant)
+                    "kv_quant": self.policy.kv_quant, "kv_host_bytes": sum(st["host_bytes"] for st in tiered),
+                    "kv_disk_bytes": sum(st["disk_bytes"] for st in tiered),
                     "device_room_bytes": core.room.device_room_bytes, "host_room_bytes": core.room.host_room_bytes}
 
     def _check_open(self) -> None:
@@ -347,7 +351,7 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          kv_sketch: bool | None = None, prefill_chunk_tokens: int | None = None,
          progress: ProgressFn | None = None, prefill_progress: ProgressFn | None = None,
          verify: bool = False, max_sequences: int = 16, quant: str | None = None, group_size: int | None = None,
-         quant_head: bool = False) -> Engine:
+         quant_head: bool = False, kv_quant: str = "none") -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``, or a store made by ``tierkv convert``,
     which brings its config, tokenizer and weight scheme) for generation.
 
@@ -386,6 +390,11 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     sessions' turns); more wait for a place. The planner reserves one step's activations: a prefill
     piece plus one token for each of the others.
 
+    kv_quant: "int8" or "int4" holds the KV chunks on the host and disk tiers as KIVI-style codes
+    (keys per channel within a chunk, values per token, 16-bit params): about 0.52x / 0.27x of the
+    16-bit bytes moved and stored there, so more chunks fit the host budget. Chunks on the device,
+    the recent window, the chunk abstracts and key codes stay exact; "none" (default) keeps all exact.
+
     verify=True first reads every checkpoint tensor once (bounded memory, a bar on a terminal, or
     ``progress(done_bytes, total_bytes)`` before any conversion's calls) and raises CheckpointError
     naming the first one holding NaN, inf or absurdly large values, or values the compute dtype
@@ -396,7 +405,8 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,
                     kv_exact_max_tokens=kv_exact_max_tokens, chunk_tokens=chunk_tokens,
                     kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, max_sequences=max_sequences,
-                    weight_quant=_asked_quant(model_path(model), quant, group_size, quant_head, device))
+                    weight_quant=_asked_quant(model_path(model), quant, group_size, quant_head, device),
+                    kv_quant=kv_quant)
     return Engine(model, policy, Budget.parse(device_mem, host_mem, offload_dir), progress=progress,
                   prefill_progress=prefill_progress, verify=verify)
 

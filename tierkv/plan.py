@@ -30,7 +30,7 @@ from tierkv.pipeline.chunking import ChunkRule
 from tierkv.pipeline.kv.sizing import element_bytes, kv_bytes_per_token, kv_device_minimum_bytes, sketch_required
 from tierkv.pipeline.schedule import ahead
 from tierkv.probe import ComputeEstimate, LinkSpeeds, probe_links
-from tierkv.quantspec import WeightQuant, kv_chunk_nbytes
+from tierkv.quantspec import WeightQuant, kv_chunk_bytes
 from tierkv.model import ATTENTION_SCRATCH_BYTES, attention_pair_bytes
 
 MAX_PREFETCH_DEPTH = 4
@@ -438,7 +438,7 @@ def kv_stored_bytes_per_token(config: ModelConfig, dtype: torch.dtype, policy: P
     compressed size for a chunk of ``policy.chunk_tokens`` (adaptive sizes: the rule's default), the
     per-chunk parameters spread over its tokens (rounded up)."""
     chunk = policy.chunk_tokens or ChunkRule().default_chunk_tokens
-    per_chunk = kv_chunk_nbytes(policy.kv_quant, config.num_kv_heads, chunk, config.head_dim, element_bytes(dtype))
+    per_chunk = kv_chunk_bytes(policy.kv_quant, config.num_kv_heads, chunk, config.head_dim, element_bytes(dtype))
     return config.num_layers * -(-per_chunk // chunk)
 
 

@@ -214,21 +214,19 @@ def weight_bytes_per_param(scheme: str | None, group_size: int = DEFAULT_GROUP_S
     return BITS[scheme] / 8 + 4 / group_size
 
 
-def kv_chunk_nbytes(scheme: str, kv_heads: int, chunk_tokens: int, head_dim: int, dtype_bytes: int = 2) -> int:
-    """Bytes of one layer's K and V for one chunk of one sequence as a host or disk tier holds it.
-
-    "none": both in the 16-bit compute dtype (``dtype_bytes``). int8/int4 (KIVI-style): codes of
-    ``BITS[scheme]`` bits per value (int4: two per byte), keys with one 16-bit (scale, minimum) per
-    (head, channel) over the chunk's tokens, values with one per (head, token) over the head dim.
-    Device-resident chunks are never quantized: they take the "none" size.
-    """
-    values = kv_heads * chunk_tokens * head_dim
+def kv_chunk_bytes(scheme: str, kv_heads: int, tokens: int, head_dim: int, dtype_bytes: int) -> int:
+    """Bytes of one KV chunk (one sequence, one layer, ``tokens`` rows) held off the device under KV
+    ``scheme``: K and V in the cache dtype ("none"), or KIVI-style ``bits``-bit codes of K and V with
+    one 16-bit (scale, minimum) per (head, channel) for K over the chunk's tokens and one per
+    (head, token) for V over the head dimension. int4 packs two codes per byte along the head dim (model
+    configs with an odd head dim are refused when parsed: rotary embeddings need it even)."""
+    check_kv_scheme(scheme)
     if scheme == "none":
-        return 2 * values * dtype_bytes
-    codes = -(-values * BITS[scheme] // 8)
-    key_params = kv_heads * head_dim * 2 * 2            # (scale, minimum) float16 per (head, channel)
-    value_params = kv_heads * chunk_tokens * 2 * 2      # (scale, minimum) float16 per (head, token)
-    return 2 * codes + key_params + value_params
+        return 2 * kv_heads * tokens * head_dim * dtype_bytes
+    assert head_dim * BITS[scheme] % 8 == 0, f"{scheme} packs code pairs along the head dim: {head_dim} is odd"
+    codes = 2 * kv_heads * tokens * head_dim * BITS[scheme] // 8
+    params = kv_heads * (head_dim + tokens) * 2 * 2          # (scale, minimum) float16 pairs
+    return codes + params
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -240,6 +238,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 __all__ = ["BITS", "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "HEAD_WEIGHT", "KV_SCHEMES", "LAYER_LINEARS", "PACKS",
            "QPARAMS_DTYPE", "QuantWeight", "QPARAMS_SUFFIX", "SCHEMES", "TensorQuant", "WeightQuant", "check_divides",
-           "check_kv_scheme", "choose_pack", "kv_chunk_nbytes", "parse_weight_quant", "quantized_keys",
+           "check_kv_scheme", "choose_pack", "kv_chunk_bytes", "parse_weight_quant", "quantized_keys",
            "tensor_quants",
            "weight_bytes_per_param"]
