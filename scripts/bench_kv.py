@@ -34,6 +34,15 @@ time <= 10% of the step". This script measures all of them in one invocation, pe
   scratch file), measured before and after the runs; achieved KV GB/s from disk in the cold steps is
   reported against it.
 
+* ``--kv-quant none,int8,int4``: each tiered configuration also runs with its host/disk chunks held
+  as int8/int4 codes (``kv_quant``; same budgets in bytes, so more chunks fit the host). Per scheme
+  (``quant`` in the JSON): bytes read per decode step from host + disk (split), the ratio to the
+  same run without quantization and to 16-bit KV (the unquantized bytes scaled to 2 bytes per
+  value when the run's dtype is wider: chunk counts are the same), greedy token agreement, and the
+  output error: relative L2 error of the logits of each step (prefill's last position, then the
+  decode steps up to the first differing token) against the unquantized run. Goal: int8 <= 0.55x
+  of 16-bit bytes per sparse step at 32K;
+
 Known limit (tierkv/pipeline/kv/tiered.py ``TieredKVCache._check_budgets``): with adaptive chunks the
 budget check assumes the smallest chunk size (16 tokens), whose abstracts alone fill a 2K-token
 device room at 32K tokens, so the tiered configurations fail at load with KVBudgetError (recorded
@@ -46,6 +55,7 @@ Ends with one JSON line (per-context numbers, ratios and a ``goals`` object, jud
     python scripts/bench_kv.py [--contexts 8192,32768] [--layers 4] [--new-tokens 8] [--kv-budget 0.05]
         [--chunk-tokens 256] [--device-kv-tokens 2048] [--host-kv-tokens 4096] [--device cpu|cuda]
         [--offload-dir DIR] [--threads 2] [--configs resident,exact_tiered,sparse_tiered] [--no-cold]
+        [--kv-quant none,int8,int4]
 
 On CPU the kernels' torch references run (the automatic choice; ``TIERKV_KERNELS=torch`` forces
 it); on CUDA the Triton kernels compile.
@@ -76,7 +86,7 @@ MODEL_SHAPE = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=
 CONFIGS = ("resident", "exact_tiered", "sparse_tiered")
 PROBE_BYTES = 256 << 20
 GOALS = dict(sparse_speedup_vs_exact_tiered=3.0, sparse_vs_resident_ratio=2.0,
-             bytes_per_step_fraction_of_kv=0.15, estimator_share=0.10)
+             bytes_per_step_fraction_of_kv=0.15, estimator_share=0.10, kv_int8_bytes_vs_16bit=0.55)
 
 
 @dataclass(frozen=True)
@@ -223,14 +233,32 @@ def _timed_step(stream: Any, caches: list[Any], phase: Phase, before_step: Calla
     return piece.token_id
 
 
-def run_config(setup: Setup, name: str, ids: list[int]) -> dict[str, Any]:
-    """Prefill ``ids`` and decode in configuration ``name``; per-phase step numbers and the KV stats."""
+def _capture_logits(logits: list[torch.Tensor]) -> Callable[[], None]:
+    """Record the last position's logits of every forward (bench only); returns the undo."""
+    import tierkv.runner as runner_mod
+
+    real = runner_mod.head
+
+    def recording(cfg: Any, g: Any, h: torch.Tensor) -> torch.Tensor:
+        out = real(cfg, g, h)
+        logits.append(out[0, -1].float().cpu())
+        return out
+
+    runner_mod.head = recording
+    return lambda: setattr(runner_mod, "head", real)
+
+
+def run_config(setup: Setup, name: str, ids: list[int], kv_quant: str = "none") -> dict[str, Any]:
+    """Prefill ``ids`` and decode in configuration ``name`` (host/disk KV under ``kv_quant``); per-phase
+    step numbers, the KV stats, and (under "_logits", not reported) each step's last logits."""
     import tierkv
 
     kv = "sparse" if name == "sparse_tiered" else "exact"
     budgets = {} if name == "resident" else tiered_budgets(setup, kv)
     engine = tierkv.load(setup.model_dir, device=setup.device, dtype=setup.dtype, kv=kv, kv_budget=setup.kv_budget,
-                         chunk_tokens=setup.chunk_tokens, **budgets)
+                         chunk_tokens=setup.chunk_tokens, kv_quant=kv_quant, **budgets)
+    logits: list[torch.Tensor] = []
+    undo = _capture_logits(logits)
     try:
         caches = _capture_caches(engine)
         steps = setup.new_tokens - 1
@@ -250,8 +278,10 @@ def run_config(setup: Setup, name: str, ids: list[int]) -> dict[str, Any]:
                "plan_kv_device_bytes": engine.plan.kv_device_bytes if engine.plan else None,
                "plan_kv_host_bytes": engine.plan.kv_host_bytes if engine.plan else None}
         out.update({phase_name: phase.summary() for phase_name, phase in phases.items()})
+        out["_logits"] = logits
         return out
     finally:
+        undo()
         engine.close()
         if budgets:
             shutil.rmtree(budgets["offload_dir"], ignore_errors=True)
@@ -261,7 +291,8 @@ def _kv_report(kv: dict[str, Any]) -> dict[str, Any]:
     """The TieredKVCache.stats() fields worth printing (empty for the dense cache)."""
     keys = ("chunk_tokens", "attention_entropy", "device_bytes", "host_bytes", "disk_bytes", "spec_hit_rate",
             "selected_fraction", "streamed_chunks", "evicted_chunks", "sparse_layer_steps", "exact_layer_steps",
-            "sparse_union_tokens", "sparse_overflow_steps", "device_room_tokens")
+            "sparse_union_tokens", "sparse_overflow_steps", "device_room_tokens", "kv_quant", "cold_chunk_ratio",
+            "bytes_read_host", "bytes_read_disk")
     return {k: kv[k] for k in keys if k in kv}
 
 
@@ -302,26 +333,70 @@ def ratios(runs: dict[str, dict[str, Any]], full_kv_bytes: int) -> dict[str, Any
     return out
 
 
-def run_context(setup: Setup, context: int, configs: list[str]) -> dict[str, Any]:
-    """All configurations on one prompt of ``context`` random token ids."""
+def _logits_error(base: list[torch.Tensor], other: list[torch.Tensor], steps: int) -> list[float]:
+    """Relative L2 error of ``other``'s logits against ``base``'s, for the first ``steps`` steps."""
+    return [float((b - o).norm() / b.norm()) for b, o in zip(base[:steps], other[:steps])]
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None     # None: the unquantized run read nothing (every selected chunk was resident)
+
+
+def quant_ratios(runs: dict[str, dict[str, Any]], quants: tuple[str, ...], elt_bytes: int) -> dict[str, Any]:
+    """Per quantized tiered run: bytes read per decode step (host, disk) against the same run in the
+    cache dtype and against 16-bit KV, token agreement and the logits' relative error."""
+    out: dict[str, Any] = {}
+    for name in ("exact_tiered", "sparse_tiered"):
+        base = runs.get(name)
+        for q in quants:
+            run = runs.get(f"{name}_{q}")
+            if base is None or run is None or q == "none":
+                continue
+            p, p0 = _decode_phase(run), _decode_phase(base)
+            same = next((i for i, (a, b) in enumerate(zip(base["tokens"], run["tokens"])) if a != b),
+                        min(len(base["tokens"]), len(run["tokens"])))
+            errors = _logits_error(base["_logits"], run["_logits"], same + 1)   # step i's logits chose token i
+            out[f"{name}_{q}"] = {
+                "bytes_read_per_step": p["bytes_read_per_step"],
+                "host_bytes_per_step": p["bytes_read_per_step"] - p["disk_bytes_per_step"],
+                "disk_bytes_per_step": p["disk_bytes_per_step"],
+                "bytes_vs_same_dtype": _ratio(p["bytes_read_per_step"], p0["bytes_read_per_step"]),
+                "bytes_vs_16bit": _ratio(p["bytes_read_per_step"], p0["bytes_read_per_step"] * 2 / elt_bytes),
+                "step_s_vs_same_dtype": p["step_s"] / p0["step_s"],
+                "token_agreement": _agreement(base["tokens"], run["tokens"]),
+                "logits_rel_error_prefill": errors[0] if errors else None,
+                "logits_rel_error_max": max(errors) if errors else None,
+                "logits_rel_error_mean": statistics.fmean(errors) if errors else None,
+                "steps_compared": len(errors),
+            }
+    return out
+
+
+def run_context(setup: Setup, context: int, configs: list[str], quants: tuple[str, ...] = ("none",)) -> dict[str, Any]:
+    """All configurations (tiered ones under each KV scheme of ``quants``) on one prompt of ``context`` random ids."""
     from tierkv.config import ModelConfig
     from tierkv.pipeline.kv import kv_bytes_per_token
 
     cfg = ModelConfig.from_dir(setup.model_dir)
     ids = torch.randint(0, cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(context)).tolist()
     runs: dict[str, dict[str, Any]] = {}
-    for name in configs:
-        t0 = time.perf_counter()
+    for name, q in [(n, q) for n in configs for q in (quants if n != "resident" else ["none"])]:
+        key, t0 = name if q == "none" else f"{name}_{q}", time.perf_counter()
         try:
-            runs[name] = run_config(setup, name, ids)
+            runs[key] = run_config(setup, name, ids, q)
         except Exception as exc:   # a failed configuration is a result too: record it, run the others
             traceback.print_exc()
-            runs[name] = {"error": f"{type(exc).__name__}: {exc}"}
-        print(f"[{context} tokens] {name}: {time.perf_counter() - t0:.1f} s, load {os.getloadavg()[0]:.2f}",
+            runs[key] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"[{context} tokens] {key}: {time.perf_counter() - t0:.1f} s, load {os.getloadavg()[0]:.2f}",
               file=sys.stderr, flush=True)
-    full_kv = kv_bytes_per_token(cfg, getattr(torch, setup.dtype)) * context
+    dtype = getattr(torch, setup.dtype)
+    full_kv = kv_bytes_per_token(cfg, dtype) * context
     ok = {name: run for name, run in runs.items() if "error" not in run}
-    return {"context_tokens": context, "full_kv_bytes": full_kv, "runs": runs, "ratios": ratios(ok, full_kv)}
+    quant = quant_ratios(ok, quants, torch.empty((), dtype=dtype).element_size())
+    for run in runs.values():
+        run.pop("_logits", None)
+    return {"context_tokens": context, "full_kv_bytes": full_kv, "runs": runs, "ratios": ratios(ok, full_kv),
+            "quant": quant}
 
 
 def goals(result: dict[str, Any]) -> dict[str, bool | None]:
@@ -339,7 +414,14 @@ def goals(result: dict[str, Any]) -> dict[str, bool | None]:
         "bytes_per_step_le_15pct_of_kv": check("bytes_per_step_fraction_of_kv",
                                                lambda x: x <= GOALS["bytes_per_step_fraction_of_kv"]),
         "estimator_le_10pct_of_step": check("estimator_share", lambda x: x <= GOALS["estimator_share"]),
+        "kv_int8_bytes_le_055x_of_16bit": _int8_goal(result.get("quant", {}).get("sparse_tiered_int8")),
     }
+
+
+def _int8_goal(quant: dict[str, Any] | None) -> bool | None:
+    if quant is None or quant["bytes_vs_16bit"] is None:
+        return None
+    return quant["bytes_vs_16bit"] <= GOALS["kv_int8_bytes_vs_16bit"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +456,8 @@ def print_report(results: list[dict[str, Any]], ceilings: list[float]) -> None:
                      if phase in run]
         rows += [(key, f"{value:.3f}" if isinstance(value, float) else str(value))
                  for key, value in res["ratios"].items()]
+        rows += [(name, "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in q.items()))
+                 for name, q in res.get("quant", {}).items()]
         print_table(f"context {res['context_tokens']} tokens (full KV {res['full_kv_bytes'] / 2**20:.0f} MiB)", rows)
         print()
     print(f"disk ceiling (O_DIRECT, before / after): {ceilings[0]:.2f} / {ceilings[1]:.2f} GB/s")
@@ -402,6 +486,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--key-scale", type=float, default=1.0, help="multiply k_proj weights (sharper attention)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--no-cold", action="store_true", help="skip the cold (page cache evicted) steps")
+    ap.add_argument("--kv-quant", default="none", help="comma-separated host/disk KV schemes: none,int8,int4")
     ap.add_argument("--goal-context", type=int, default=None, help="default: 32768 if run, else the largest")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--model-root", type=Path, default=Path(tempfile.gettempdir()) / "tierkv-bench-models")
@@ -417,6 +502,8 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     configs = [c for c in args.configs.split(",") if c]
     assert set(configs) <= set(CONFIGS), f"--configs: choose from {CONFIGS}"
+    quants = tuple(dict.fromkeys(["none", *(q.strip() for q in args.kv_quant.split(",") if q.strip())]))
+    assert set(quants) <= {"none", "int8", "int4"}, "--kv-quant: choose from none, int8, int4"
     owned = args.offload_dir is None
     root = Path(tempfile.mkdtemp(prefix="tierkv-bench-kv-")) if owned else args.offload_dir
     root.mkdir(parents=True, exist_ok=True)
@@ -426,7 +513,7 @@ def main() -> None:
                   root, not args.no_cold)
     try:
         ceilings = [disk_ceiling_gbps(root)]
-        results = [run_context(setup, c, configs) for c in contexts]
+        results = [run_context(setup, c, configs, quants) for c in contexts]
         ceilings.append(disk_ceiling_gbps(root))
     finally:
         if owned:
@@ -443,6 +530,7 @@ def main() -> None:
         "model": {**MODEL_SHAPE, "num_hidden_layers": args.layers, "key_scale": args.key_scale,
                   "weights": "random (seed 0)"},
         "new_tokens": args.new_tokens, "kv_budget": args.kv_budget, "chunk_tokens": args.chunk_tokens,
+        "kv_quant": quants,
         "device_kv_tokens": args.device_kv_tokens, "host_kv_tokens": args.host_kv_tokens,
         "disk_ceiling_gbps": ceilings, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "contexts": {str(c): r for c, r in by_context.items()},

@@ -84,8 +84,9 @@ def test_stats_and_plan_lines_are_never_wrapped(tiny_llama_dir, tmp_path) -> Non
     plan = runner.invoke(app, ["plan", str(tiny_llama_dir), "--device-mem", "4MiB", "--offload-dir", str(long_dir)])
     assert plan.exit_code == 0, plan.output
     lines = plan.stdout.strip().splitlines()
-    assert [ln.split(" ")[0] for ln in lines] == ["device", "host", "disk", "prefetch", "KV", "prefill:", "predicted"], lines
-    assert str(long_dir) in lines[2]
+    assert [ln.split(" ")[0] for ln in lines] == ["weights:", "device", "host", "disk", "prefetch", "KV", "prefill:",
+                                                  "predicted"], lines
+    assert str(long_dir) in lines[3]
 
 
 def test_plan_says_not_used_instead_of_inf(tiny_llama_dir) -> None:

@@ -49,7 +49,7 @@ from tierkv.kernels.reference import (
 pytestmark = pytest.mark.gpu
 
 KERNEL_MODULES = ("tierkv.kernels.sketch", "tierkv.kernels.abstract", "tierkv.kernels.importance",
-                  "tierkv.kernels.attention")  # sketch first: importance imports it
+                  "tierkv.kernels.attention", "tierkv.kernels.kvquant")  # sketch first: importance imports it
 DTYPES = [torch.float32, torch.bfloat16]
 SCORE_TOL = 2e-5                                           # x sum_d |q_d| (|kmin_d| + |kmax_d|)
 ATTN_TOL = {torch.float32: 5e-5, torch.bfloat16: 1e-2}    # relative L2 error per (sequence, query head)
@@ -571,3 +571,26 @@ def test_decode_step_pipeline(kernels: SimpleNamespace, case: Case, dtype: torch
     got = K.sparse_decode_attention(x.q, x.k_pool, x.v_pool, table, counts, x.slot_lens, backend="triton")
     ref = sparse_decode_attention_ref(x.q, x.k_pool, x.v_pool, table, counts, x.slot_lens, 1 / math.sqrt(case.D))
     assert _attention_error(got, ref) < ATTN_TOL[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# int8/int4 KV chunks (kv_quant): packed on the host, rebuilt in device slots
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_dequantize_kv(kernels: SimpleNamespace, scheme: str, dtype: torch.dtype) -> None:
+    """A pinned packed chunk dequantized into CUDA views (Llama-8B-like: 8 KV heads, D=128, 64 tokens;
+    odd: 3 heads, D=72, 17 of 40 rows) equals the reference's fp32 math up to one rounding of the output."""
+    kvq = kernels.modules["kvquant"]
+    for h, t, d, n in ((8, 64, 128, 64), (3, 40, 72, 17)):
+        k, v = (torch.randn(h, t, d, device=DEVICE) * 3 for _ in range(2))
+        layout = kvq.KVQuantLayout(scheme, h, t, d)
+        packed = kvq.quantize_kv(k, v, layout, n).cpu().pin_memory()
+        out = [torch.full((h, t, d), math.nan, device=DEVICE, dtype=dtype) for _ in range(2)]
+        kvq.dequantize_kv(packed, layout, *out, backend="triton")
+        ref = [torch.empty(h, t, d, device=DEVICE) for _ in range(2)]
+        kvq.dequantize_kv_ref(packed.to(DEVICE), layout, *ref)
+        for o, r in zip(out, ref):
+            torch.testing.assert_close(o.float(), r.to(dtype).float(), rtol=1e-5 if dtype == torch.float32 else 8e-3,
+                                       atol=1e-6)

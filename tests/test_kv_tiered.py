@@ -96,15 +96,26 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
 
+def _close_int8(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Attention over chunks that came back from int8 host/disk codes: within 0.02 of exact (unit-scale
+    random K/V; measured up to 0.005: per element the codes are off by at most half a step, 1/510 of
+    a row's or channel's range)."""
+    torch.testing.assert_close(a, b, rtol=0, atol=0.02)
+
+
+CLOSE = {"none": _close, "int8": _close_int8}
+
+
 PIECES = [300, 200, 45] + [1] * 6   # chunked prefill (ragged), then decode
 
 
-def test_exact_equals_dense_with_kv_on_all_three_tiers(tmp_path: Path, torch_kernels: None) -> None:
+@pytest.mark.parametrize("kv_quant", ["none", "int8"])
+def test_exact_equals_dense_with_kv_on_all_three_tiers(tmp_path: Path, torch_kernels: None, kv_quant: str) -> None:
     cfg, cap = _cfg(), sum(PIECES)
     dense = DenseKVCache(cfg, B, cap, torch.float32, torch.device("cpu"))
-    tiered = _tiered(cfg, Policy(kv="exact", chunk_tokens=32), cap, tmp_path)
+    tiered = _tiered(cfg, Policy(kv="exact", chunk_tokens=32, kv_quant=kv_quant), cap, tmp_path)
     with tiered:
-        _drive([dense, tiered], PIECES, windows=(None, 100), check=_close)
+        _drive([dense, tiered], PIECES, windows=(None, 100), check=CLOSE[kv_quant])
         assert tiered.check_invariants() == LAYERS * B * math.ceil(tiered.length_tokens / 32)
         st = tiered.stats()
         assert st["device_bytes"] > 0 and st["host_bytes"] > 0 and st["disk_bytes"] > 0
@@ -141,15 +152,18 @@ def _needle(layer: int, start: int, t: int, needle_at: int = 160) -> tuple[torch
     return q, k, torch.randn(B, HKV, t, D, generator=g)
 
 
-def test_sparse_fetches_the_important_chunk_from_disk_and_speculates(tmp_path: Path, torch_kernels: None) -> None:
+@pytest.mark.parametrize("kv_quant", ["none", "int8"])
+def test_sparse_fetches_the_important_chunk_from_disk_and_speculates(tmp_path: Path, torch_kernels: None,
+                                                                     kv_quant: str) -> None:
     cfg, cap = _cfg(), 800
     pieces = [400, 390] + [1] * 5
     dense = DenseKVCache(cfg, B, cap, torch.float32, torch.device("cpu"))
-    sparse = _tiered(cfg, Policy(kv="sparse", kv_budget=64, chunk_tokens=16), cap, tmp_path, slots=16, host_chunks=4)
+    sparse = _tiered(cfg, Policy(kv="sparse", kv_budget=64, chunk_tokens=16, kv_quant=kv_quant), cap, tmp_path,
+                     slots=16, host_chunks=4 if kv_quant == "none" else 1)   # int8: 1 slot of host budget holds 3
     with sparse:
         outs = _drive([dense, sparse], pieces, make=_needle)
         for exact, approx in zip(outs[0][-10:], outs[1][-10:]):   # decode: attention mass is in the needle
-            _close(exact, approx)
+            CLOSE[kv_quant](exact, approx)
         st = sparse.stats()
         assert sparse.check_invariants() == LAYERS * B * math.ceil(sparse.length_tokens / 16)
     assert st["selected_fraction"] < 0.15 and st["estimator_s"] > 0
@@ -381,23 +395,29 @@ def _prompts(n: int, length: int) -> list[list[int]]:
     return [torch.randint(0, 211, (length,), generator=g).tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize("arch, batch, chunk_tokens", [("llama", 2, 32), ("mistral", 1, None)])
+@pytest.mark.parametrize("arch, batch, chunk_tokens, kv_quant", [("llama", 2, 32, "none"), ("mistral", 1, None, "none"),
+                                                                ("llama", 2, 32, "int8")])
 def test_engine_exact_tiered_is_lossless(long_models: dict[str, Path], tmp_path: Path, torch_kernels: None,
                                          monkeypatch: pytest.MonkeyPatch, arch: str, batch: int,
-                                         chunk_tokens: int | None) -> None:
-    """Greedy tokens of the tiered cache (KV on device, host and disk) equal the resident engine's."""
+                                         chunk_tokens: int | None, kv_quant: str) -> None:
+    """Greedy tokens of the tiered cache (KV on device, host and disk) equal the resident engine's
+    (with int8 chunks on host and disk too: the same tokens on these models)."""
     model, prompts = long_models[arch], _prompts(batch, 1500)
-    policy = Policy(prefill_chunk_tokens=512, kv="exact", chunk_tokens=chunk_tokens)
+    policy = Policy(prefill_chunk_tokens=512, kv="exact", chunk_tokens=chunk_tokens, kv_quant=kv_quant)
     dense, _ = _generate(model, policy, prompts, None, monkeypatch)
-    tiered, made = _generate(model, policy, prompts, _spilling(policy, tmp_path, chunk=chunk_tokens or 64), monkeypatch)
+    host_chunks = 6 if kv_quant == "none" else 2       # int8 chunks: a host budget of 2 exact chunks holds 7
+    spilling = _spilling(policy, tmp_path, chunk=chunk_tokens or 64, host_chunks=host_chunks)
+    tiered, made = _generate(model, policy, prompts, spilling, monkeypatch)
     assert tiered == dense
     st = made[0]
     assert st["disk_bytes"] > st["host_bytes"] > 0 and st["device_bytes"] > 0
     if chunk_tokens is None:
         assert all(size is not None and size <= 64 for size in st["chunk_tokens"])   # adaptive, fitted to the budget
-    sparse_policy = Policy(prefill_chunk_tokens=512, kv="sparse", kv_budget=1.0, chunk_tokens=chunk_tokens)
+    sparse_policy = Policy(prefill_chunk_tokens=512, kv="sparse", kv_budget=1.0, chunk_tokens=chunk_tokens,
+                           kv_quant=kv_quant)
     sparse, made = _generate(model, sparse_policy, prompts,
-                             _spilling(sparse_policy, tmp_path, chunk=chunk_tokens or 64), monkeypatch)
+                             _spilling(sparse_policy, tmp_path, chunk=chunk_tokens or 64, host_chunks=host_chunks),
+                             monkeypatch)
     assert sparse == dense
     if arch == "llama":   # every chunk selected, more than the device holds: each sparse step overflows
         assert made[0]["sparse_overflow_steps"] == made[0]["sparse_layer_steps"] > 0
@@ -419,9 +439,11 @@ def test_engine_sparse_small_budget_with_triton_kernels(long_models: dict[str, P
     assert st["disk_bytes"] > 0 and st["spec_hit_rate"] is not None and st["decode_steps"] == 3
 
 
+@pytest.mark.parametrize("kv_quant", ["none", "int8"])
 def test_budgets_through_load_spill_kv_and_stay_lossless(long_models: dict[str, Path], tmp_path: Path,
-                                                         torch_kernels: None) -> None:
-    """The public path: tierkv.load budgets -> the plan's KV room -> a cache over all three tiers."""
+                                                         torch_kernels: None, kv_quant: str) -> None:
+    """The public path: tierkv.load budgets -> the plan's KV room -> a cache over all three tiers
+    (with int8 host/disk chunks: the same greedy tokens on this model, fewer bytes moved)."""
     from tierkv.plan import make_plan, reserve_bytes
 
     model, prompt = long_models["llama"], _prompts(1, 1500)[0]
@@ -434,8 +456,10 @@ def test_budgets_through_load_spill_kv_and_stay_lossless(long_models: dict[str, 
     weights = roomy.globals_bytes + cfg.num_layers * roomy.layer_bytes
     per_token = kv_bytes_per_token(cfg, torch.float32)
     device_mem = weights + reserve_bytes(cfg, torch.float32, policy, 256, 1)      # every layer + 256 tokens of KV
+    host_tokens = 400 if kv_quant == "none" else 150      # int8 chunks: 150 tokens' exact bytes hold ~530 tokens
     with tierkv.load(model, device="cpu", kv="exact", chunk_tokens=32, kv_device_tokens=256, prefill_chunk_tokens=512,
-                     device_mem=device_mem, host_mem=400 * per_token, offload_dir=tmp_path) as eng:
+                     device_mem=device_mem, host_mem=host_tokens * per_token, offload_dir=tmp_path,
+                     kv_quant=kv_quant) as eng:
         # the room is 256 tokens' KV, raised to what chunks of 32 need at the model's 4096-token context
         # (6 slots + 128 abstracts per layer = 320 tokens' worth); the 1500-token prompt spills
         assert not eng.plan.disk_layers and eng.plan.kv_device_bytes == 320 * per_token
@@ -443,6 +467,8 @@ def test_budgets_through_load_spill_kv_and_stay_lossless(long_models: dict[str, 
     assert tiered.token_ids == dense.token_ids
     kv = tiered.stats.kv
     assert kv["disk_bytes"] > 0 and kv["host_bytes"] > 0 and kv["device_bytes"] > 0, kv
+    assert kv["kv_quant"] == kv_quant and all(r == 1.0 if kv_quant == "none" else 0.2 < r < 0.3
+                                              for r in kv["cold_chunk_ratio"]), kv   # fp32 cache: int8 ~0.27x
 
 
 def test_adaptive_chunks_fit_a_long_context_in_a_small_device_room(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ library's user-facing errors into one red line and a non-zero exit code instead 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -26,15 +27,19 @@ from typer.core import TyperGroup
 
 from tierkv import __version__
 from tierkv.cli_flags import LoadFlags, SamplingFlags, expand_flags, flags
-from tierkv.config import Budget, ConfigError, Policy, format_size
+from tierkv.config import Budget, ConfigError, ModelConfig, Policy, format_size
 from tierkv.engine import (Engine, GenerationResult, Stream, context_limit_tokens, load, model_path,
                            resolve_device)
 from tierkv.errors import ArgumentError, TierkvError
 from tierkv.session import Session
-from tierkv.io.checkpoint import Checkpoint, resolve_dtype
+from tierkv.io.checkpoint import Checkpoint, has_weights, resolve_dtype
 from tierkv.io.convert import convert as convert_store, find_cached_store
 from tierkv.pipeline.kv.sizing import kv_bytes_per_token
+from tierkv.io.store import WeightStore, is_store_dir
+from tierkv.loader import device_type_of
 from tierkv.plan import default_offload_dir, make_plan
+from tierkv.plan_compare import COLUMNS, compare_plans, comparison_notes, comparison_rows
+from tierkv.quantspec import WeightQuant, parse_weight_quant
 from tierkv.trace.cli import trace_app
 
 # typer 0.29 vendors click (older ones use it directly): find its usage-error base through a public name
@@ -76,7 +81,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_OneLineErrors
 
 app.add_typer(trace_app, name="trace", help="TKLQT tracer: is inference CPU-bound or GPU-bound, per batch size?")
 
-ModelArg = typer.Argument(..., help="Hugging Face model directory, or 'demo' for the bundled model")
+ModelArg = typer.Argument(..., help="Hugging Face model directory, a store made by `tierkv convert`, or 'demo' "
+                                    "for the bundled model")
+QuantArg = typer.Option(None, "--quant", help="store the linear weights group-wise quantized: int8 or int4 "
+                                              "(default: 16-bit)")
+GroupSizeArg = typer.Option(None, "--group-size", help="--quant: inputs per scale/minimum group: 32, 64 or 128 "
+                                                       "(default 64)")
+QuantHeadArg = typer.Option(False, "--quant-head", help="--quant: quantize the LM head too")
 DEMO_PROMPT = "Return a list of"
 
 
@@ -121,6 +132,16 @@ def _prompt_ids(text: str) -> list[int]:
         return [int(x) for x in parts]
     raise typer.BadParameter(f"{text!r}: {problem}; give whole numbers >= 0 separated by commas, e.g. 1,2,3",
                              param_hint="--prompt-ids")
+
+
+def _pack_device_type(device: Optional[str]) -> str:
+    """``convert --device``: the device type the packs are for; packing needs no such device here."""
+    if device is None:
+        return resolve_device(None).type
+    kind = device.strip().lower().split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise ArgumentError(f"--device {device!r}: pack for cpu or cuda")
+    return kind
 
 
 def _store_dir(out: str) -> Path:
@@ -311,12 +332,24 @@ def _chat_turn(engine: Engine, session: Session, rendered: list[int], sampling: 
     return session, res.text
 
 
-def _info_dict(ckpt: Checkpoint) -> dict[str, Any]:
-    cfg = ckpt.config
+def _info_dict(model: Path) -> dict[str, Any]:
+    """The facts ``info`` shows of a checkpoint, or of a store made by ``tierkv convert`` (then with
+    its weight scheme, pack device and its own bytes per layer)."""
+    if is_store_dir(model):
+        with contextlib.closing(WeightStore.open(model)) as store:
+            return {**_shape_facts(store.config, model, [store.data_path.name]),
+                    "bytes_per_layer": store.layer(0).nbytes, "source": store.source_dir,
+                    "weight_quant": store.quant.to_json() if store.quant is not None else None,
+                    "pack_device": store.pack_device or None}
+    with Checkpoint(model) as ckpt:
+        return _shape_facts(ckpt.config, model, [p.name for p in ckpt.files()])
+
+
+def _shape_facts(cfg: ModelConfig, path: Path, files: list[str]) -> dict[str, Any]:
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype, torch.float32)
     elem = dtype.itemsize
     return {
-        "path": str(ckpt.dir), "architecture": cfg.architecture, "dtype": cfg.dtype,
+        "path": str(path), "architecture": cfg.architecture, "dtype": cfg.dtype,
         "parameters": cfg.param_count(), "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
@@ -325,7 +358,7 @@ def _info_dict(ckpt: Checkpoint) -> dict[str, Any]:
         "tied_embeddings": cfg.tie_word_embeddings,
         "bytes_per_layer": cfg.layer_param_count() * elem,
         "kv_bytes_per_token": kv_bytes_per_token(cfg, dtype),
-        "checkpoint_files": [p.name for p in ckpt.files()],
+        "checkpoint_files": files,
     }
 
 
@@ -333,14 +366,15 @@ def _info_dict(ckpt: Checkpoint) -> dict[str, Any]:
 def info(model: str = ModelArg, as_json: bool = typer.Option(False, "--json")) -> None:
     """Architecture, parameter count, bytes per layer, context length."""
     with _user_errors():
-        with Checkpoint(model_path(model)) as ckpt:
-            data = _info_dict(ckpt)
+        data = _info_dict(model_path(model))
     if as_json:
         print(json.dumps(data))
         return
     table = Table(show_header=False, box=None)
     for key, value in data.items():
         shown = format_size(value) if key.endswith("bytes_per_layer") or key.endswith("per_token") else value
+        if key == "weight_quant":
+            shown = value and WeightQuant.from_json(value).describe() or "16-bit"
         table.add_row(key.replace("_", " "), f"{shown:,}" if isinstance(shown, int) and not isinstance(shown, bool)
                       else str(shown))
     Console().print(table)
@@ -353,41 +387,85 @@ def convert_cmd(
     dtype: Optional[str] = typer.Option(None, help="store dtype (default: the checkpoint's)"),
     restart: bool = typer.Option(False, help="discard whatever OUT holds (an interrupted conversion, a damaged "
                                              "store, another checkpoint's store) and convert from scratch"),
+    quant: Optional[str] = QuantArg,
+    group_size: Optional[int] = GroupSizeArg,
+    quant_head: bool = QuantHeadArg,
+    device: Optional[str] = typer.Option(None, help="--quant: pack for computing on cpu or cuda (no such device "
+                                                    "needed here; default: cuda when available)"),
+    as_json: bool = typer.Option(False, "--json", help="print the store's path, dtype and scheme as one JSON object"),
 ) -> None:
     """Rewrite a checkpoint into a packed store: one 4 KiB-aligned extent per layer, checksummed.
 
-    Run on an existing store, it re-verifies every extent and re-converts the damaged ones."""
+    Run on an existing store, it re-verifies every extent and re-converts the damaged ones; run
+    with another --quant, it converts again. `tierkv run OUT` then runs the store itself."""
     err = Console(stderr=True)
     with _user_errors():
-        quiet = not err.is_terminal
+        quiet = not err.is_terminal or as_json
         path = convert_store(model_path(model), _store_dir(out), dtype=dtype, restart=restart,
                              progress=(lambda done, total: None) if quiet else None,
-                             report=lambda line: err.print(f"repair: {line}", highlight=False, soft_wrap=True, markup=False))
-    err.print(f"store ready: {path}", highlight=False, soft_wrap=True, markup=False)
+                             report=lambda line: err.print(f"repair: {line}", highlight=False, soft_wrap=True, markup=False),
+                             quant=parse_weight_quant(quant, group_size, quant_head),
+                             device_type=_pack_device_type(device))
+        with contextlib.closing(WeightStore.open(path)) as store:
+            facts = {"path": str(path), "dtype": str(store.dtype).removeprefix("torch."),
+                     "quant": store.quant.to_json() if store.quant is not None else None,
+                     "pack_device": store.pack_device or None, "data_bytes": store.data_path.stat().st_size}
+            scheme = store.quant.describe() if store.quant is not None else "16-bit"
+    if as_json:
+        print(json.dumps(facts))
+        return
+    packed = f", packed for {facts['pack_device']}" if store.quant is not None else ""
+    err.print(f"store ready: {path} ({facts['dtype']}, weights {scheme}{packed}, "
+              f"{format_size(facts['data_bytes'])})", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command("plan")
 @expand_flags
 def plan_cmd(
-    model: str = ModelArg,
+    model: str = typer.Argument(..., help="a Hugging Face model directory, or one with only its config.json, or "
+                                          "'demo'"),
     options: LoadFlags = flags(LoadFlags, only=("device_mem", "host_mem", "offload_dir", "dtype", "device",
-                                                "kv_device_tokens", "prefill_chunk_tokens")),
+                                                "kv_device_tokens", "prefill_chunk_tokens", "quant", "group_size",
+                                                "quant_head", "kv_quant")),
+    compare: bool = typer.Option(False, "--compare", help="one table: 16-bit, int8 and int4 weights side by side"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Show where each layer would live, the prefetch depth, and the predicted tokens/s."""
+    """Show where each layer would live, the prefetch depth, and the predicted tokens/s.
+
+    MODEL may hold only a config.json: the plan is then a what-if (budgets are not checked against
+    this machine, and compute is estimated from a measured matmul rate)."""
     with _user_errors():
-        with Checkpoint(model_path(model)) as ckpt:
-            cfg = ckpt.config
+        path = model_path(model)
+        config_only = not has_weights(path)
+        if config_only:
+            cfg = ModelConfig.from_dir(path)
+        else:
+            with Checkpoint(path) as ckpt:
+                cfg = ckpt.config
         policy = Policy(dtype=str(resolve_dtype(options.dtype, cfg.dtype)).removeprefix("torch."),
                         device=None if options.device is None else str(resolve_device(options.device)),
-                        kv_device_tokens=options.kv_device_tokens, prefill_chunk_tokens=options.prefill_chunk_tokens)
+                        kv_device_tokens=options.kv_device_tokens, prefill_chunk_tokens=options.prefill_chunk_tokens,
+                        weight_quant=parse_weight_quant(options.quant, options.group_size, options.quant_head),
+                        kv_quant=options.kv_quant)
         budget = Budget.parse(options.device_mem, options.host_mem, options.offload_dir)
-        store = find_cached_store(model_path(model), budget.offload_dir or default_offload_dir(), policy.dtype)
-        plan = make_plan(cfg, budget, policy, data_path=store.data_path if store is not None else None)
+        store = None if config_only else find_cached_store(path, budget.offload_dir or default_offload_dir(),
+                                                           policy.dtype, policy.weight_quant, device_type_of(policy))
+        data_path = store.data_path if store is not None else None
+        if compare:
+            plans = compare_plans(cfg, budget, policy, data_path=data_path, config_only=config_only)
+        else:
+            plans = [make_plan(cfg, budget, policy, data_path=data_path, config_only=config_only)]
     if as_json:
-        print(json.dumps(plan.to_dict()))
+        print(json.dumps({"plans": [p.to_dict() for p in plans]} if compare else plans[0].to_dict()))
+    elif compare:
+        table = Table(*COLUMNS, box=None, highlight=False)
+        for row in comparison_rows(plans):
+            table.add_row(*row)
+        console = Console(width=max(Console().width, 120))     # piped: one row per scheme, never folded
+        console.print(table)
+        console.print("\n".join(comparison_notes(plans)), highlight=False, soft_wrap=True)
     else:
-        Console().print(plan.summary(), highlight=False, soft_wrap=True)
+        Console().print(plans[0].summary(), highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -55,10 +55,19 @@ class LoadFlags:
         None, "--kv-sketch/--no-kv-sketch",
         help="sparse KV: score chunks with 2-bit key codes (finds single-token needles; "
              "1/16 of the KV kept on the device); default: on with CUDA, off on CPU"))
+    kv_quant: str = _flag(typer.Option(
+        "none", "--kv-quant", help="KV chunks on host/disk: none, int8 or int4 (device KV stays exact)"))
     prefill_chunk_tokens: Optional[int] = _flag(typer.Option(
         None, "--prefill-chunk-tokens", min=1,
         help="prefill the prompt in pieces of this many tokens (default: the largest up to 2048 "
              "whose activations fit an eighth of --device-mem)"))
+    quant: Optional[str] = _flag(typer.Option(
+        None, "--quant", help="linear weights group-wise quantized: int8 or int4 (default: 16-bit; a converted "
+                              "store: what it was converted with)"))
+    group_size: Optional[int] = _flag(typer.Option(
+        None, "--group-size", help="--quant: inputs per scale/minimum group, 32, 64 or 128 (default 64)"))
+    quant_head: bool = _flag(typer.Option(
+        False, "--quant-head", help="--quant: quantize the LM head too (embeddings and norms stay 16-bit)"))
     threads: Optional[int] = _flag(typer.Option(
         None, "--threads", "-t", help="CPU threads for compute (default: torch's choice)"))
     verify: bool = _flag(typer.Option(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tierkv.errors import ArgumentError, TierkvError
+from tierkv.quantspec import WeightQuant, check_kv_scheme
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM",
@@ -406,8 +407,12 @@ class Policy:
     kv_sketch: bool | None = None       # sparse mode: token-level chunk scores from 2-bit key codes on the device;
                                         # None = on with CUDA (a bandwidth-cheap pass), off on CPU (costs ~dense attention)
     max_sequences: int = 16             # sequences decoding together at most (more wait for a place)
+    weight_quant: WeightQuant | None = None  # group-wise int8/int4 layer weights; None = 16-bit (the compute dtype)
+    kv_quant: str = "none"              # KV chunks on the host and disk tiers: "none" (exact), "int8" or "int4"
+                                        # (KIVI-style codes; device chunks, abstracts and key codes stay exact)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "kv_quant", check_kv_scheme(self.kv_quant))
         if self.kv not in ("exact", "sparse", "auto"):
             raise ArgumentError(f"kv={self.kv!r}: use 'exact', 'sparse' or 'auto'")
         if isinstance(self.kv_budget, bool) or not isinstance(self.kv_budget, (int, float)) \
@@ -424,5 +429,8 @@ class Policy:
             raise ArgumentError(f"dtype={self.dtype!r}: give a name such as 'bfloat16', 'float16' or 'float32'")
         if self.device is not None and not isinstance(self.device, str):
             raise ArgumentError(f"device={self.device!r}: give a name such as 'cpu', 'cuda' or 'cuda:1'")
+        if self.weight_quant is not None and not isinstance(self.weight_quant, WeightQuant):
+            raise ArgumentError(f"weight_quant={self.weight_quant!r}: give a tierkv.quantspec.WeightQuant "
+                                "(tierkv.load takes quant='int8'|'int4', group_size=, quant_head=)")
         if self.kv_sketch is not None and not isinstance(self.kv_sketch, bool):
             raise ArgumentError(f"kv_sketch={self.kv_sketch!r}: give True, False or None (the default)")

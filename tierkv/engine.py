@@ -9,6 +9,7 @@ threads: their sequences are served together, and a stream can be cancelled from
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import replace
 from importlib import resources
@@ -25,8 +26,10 @@ from tierkv.generation import (GenerationResult, GenerationStats, Piece, Sequenc
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.io.progress import ProgressFn
 from tierkv.kvroom import KVRoom
-from tierkv.loader import open_weight_source
+from tierkv.io.store import WeightStore, existing_manifest, is_store_dir
+from tierkv.loader import open_store_source, open_weight_source
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource
+from tierkv.quantspec import WeightQuant, parse_weight_quant
 from tierkv.plan import DEFAULT_CONTEXT_TOKENS, Plan, activation_bytes, prefill_sizes, step_rows
 from tierkv.runner import Runner
 from tierkv.sampling import SamplingParams
@@ -99,12 +102,19 @@ class Engine:
         called after each prefill piece with the prompt tokens processed so far and the prompt length.
         """
         self.model_dir = model_path(model)
+        # a converted store passed as the model (``tierkv run OUT``) serves its own config and weights
+        self.store: WeightStore | None = WeightStore.open(self.model_dir) if is_store_dir(self.model_dir) else None
+        self.checkpoint: Checkpoint | None = None
+        if self.store is not None:
+            self.config: ModelConfig = self.store.config
+            policy = replace(policy, weight_quant=policy.weight_quant or self.store.quant)   # unasked: what it holds
+        else:
+            self.checkpoint = Checkpoint(self.model_dir)
+            self.config = self.checkpoint.config
         self.policy = policy
-        self.checkpoint = Checkpoint(self.model_dir)
-        self.config: ModelConfig = self.checkpoint.config
         self.dtype = resolve_dtype(policy.dtype, default=self.config.dtype)
         self.device = resolve_device(policy.device)
-        if verify:
+        if verify and self.checkpoint is not None:      # a store verifies its checksums as it is read
             self.checkpoint.verify(self.dtype, progress)
         tok_path = self.model_dir / "tokenizer.json"
         self.tokenizer: Tokenizer | None = Tokenizer(self.model_dir) if tok_path.is_file() else None
@@ -113,8 +123,15 @@ class Engine:
         self.plan: Plan | None = plan if weights is not None else None
         if weights is None:
             resolved = replace(policy, dtype=str(self.dtype).removeprefix("torch."), device=str(self.device))
-            weights, self.plan = open_weight_source(self.model_dir, self.config, budget, resolved, progress=progress)
-        self._weights: WeightSource = weights or ResidentWeights(self.checkpoint, self.dtype, self.device)
+            if self.store is not None:
+                weights, self.plan = open_store_source(self.store, budget, resolved)
+            else:
+                weights, self.plan = open_weight_source(self.model_dir, self.config, budget, resolved,
+                                                        progress=progress)
+        if weights is None:
+            assert self.checkpoint is not None
+            weights = ResidentWeights(self.checkpoint, self.dtype, self.device, policy.weight_quant)
+        self._weights: WeightSource = weights
         self.prefill_progress = prefill_progress
         # prefill piece and attention scratch: the plan's (sized to the device budget), else the policy's
         self.prefill_chunk_tokens, self.attention_scratch_bytes = (
@@ -258,9 +275,13 @@ class Engine:
         with self._core.held() as core:
             counts = core.scheduler.counts()
             caches = [s.cache for s in core.seqs.values() if s.cache is not None]
+            tiered = [c.stats() for c in caches if hasattr(c, "stats")]
             return {**counts, "live_sequences": counts["running_sequences"] + counts["waiting_sequences"],
                     "sessions": sum(s.session for s in core.seqs.values()),
                     "kv_device_bytes": sum(c.nbytes for c in caches),
+                    # chunks on the host and disk tiers, as held there (compressed under kv_quant)
+                    "kv_quant": self.policy.kv_quant, "kv_host_bytes": sum(st["host_bytes"] for st in tiered),
+                    "kv_disk_bytes": sum(st["disk_bytes"] for st in tiered),
                     "device_room_bytes": core.room.device_room_bytes, "host_room_bytes": core.room.host_room_bytes}
 
     def _check_open(self) -> None:
@@ -275,7 +296,10 @@ class Engine:
             self._closed = True
             core.close()
             self._weights.close()
-            self.checkpoint.close()
+            if self.checkpoint is not None:
+                self.checkpoint.close()
+            if self.store is not None:
+                self.store.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -326,8 +350,10 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          chunk_tokens: int | None = None, kv_exact_max_tokens: int = 4096, kv_device_tokens: int | None = None,
          kv_sketch: bool | None = None, prefill_chunk_tokens: int | None = None,
          progress: ProgressFn | None = None, prefill_progress: ProgressFn | None = None,
-         verify: bool = False, max_sequences: int = 16) -> Engine:
-    """Open a Hugging Face model directory (or ``"demo"``) for generation.
+         verify: bool = False, max_sequences: int = 16, quant: str | None = None, group_size: int | None = None,
+         quant_head: bool = False, kv_quant: str = "none") -> Engine:
+    """Open a Hugging Face model directory (or ``"demo"``, or a store made by ``tierkv convert``,
+    which brings its config, tokenizer and weight scheme) for generation.
 
     device_mem / host_mem: budgets such as "6GiB" or a byte count; default: detected free memory
     less headroom. Layers that do not fit the device budget are held in host memory or streamed
@@ -353,9 +379,21 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     says which); prefill_progress(done, total) is called after each piece. progress(done, total)
     reports a first-use conversion.
 
+    quant: "int8" or "int4" stores and computes the linear weights of every layer group-wise
+    quantized (groups of group_size = 32, 64 or 128 inputs, default 64, each with a 16-bit scale and
+    minimum; quant_head=True quantizes the LM head too); the embedding and norms stay 16-bit. The
+    weights are quantized once at load (resident) or into the cached store (streamed), packed for
+    the device. A converted store passed as ``model`` uses the scheme it was converted with; asking
+    for another (quant="none" for 16-bit) is refused with what it holds and how to get the other.
+
     max_sequences: most sequences that decode together (prompts of a batch, concurrent calls,
     sessions' turns); more wait for a place. The planner reserves one step's activations: a prefill
     piece plus one token for each of the others.
+
+    kv_quant: "int8" or "int4" holds the KV chunks on the host and disk tiers as KIVI-style codes
+    (keys per channel within a chunk, values per token, 16-bit params): about 0.52x / 0.27x of the
+    16-bit bytes moved and stored there, so more chunks fit the host budget. Chunks on the device,
+    the recent window, the chunk abstracts and key codes stay exact; "none" (default) keeps all exact.
 
     verify=True first reads every checkpoint tensor once (bounded memory, a bar on a terminal, or
     ``progress(done_bytes, total_bytes)`` before any conversion's calls) and raises CheckpointError
@@ -366,6 +404,29 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     policy = Policy(dtype=None if dtype is None else str(dtype).removeprefix("torch."), device=device,
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,
                     kv_exact_max_tokens=kv_exact_max_tokens, chunk_tokens=chunk_tokens,
-                    kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, max_sequences=max_sequences)
+                    kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, max_sequences=max_sequences,
+                    weight_quant=_asked_quant(model_path(model), quant, group_size, quant_head, device),
+                    kv_quant=kv_quant)
     return Engine(model, policy, Budget.parse(device_mem, host_mem, offload_dir), progress=progress,
                   prefill_progress=prefill_progress, verify=verify)
+
+
+def _asked_quant(model_dir: Path, scheme: str | None, group_size: int | None, head: bool,
+                 device: str | None) -> WeightQuant | None:
+    """The weight quantization ``load`` asks for. For a converted store passed as the model, an
+    unasked scheme is what the store holds, an unasked group size the store's for the same scheme,
+    and an explicit request for 16-bit weights (``quant="none"``) of a quantized store is refused."""
+    if not is_store_dir(model_dir):
+        return parse_weight_quant(scheme, group_size, head)
+    raw, _ = existing_manifest(model_dir)
+    recorded = WeightQuant.from_json((raw or {}).get("weight_quant"))
+    if scheme is None:
+        parse_weight_quant(None, group_size, head)          # --quant-head without a scheme: refused
+        return recorded
+    if group_size is None and recorded is not None and recorded.scheme == str(scheme).strip().lower():
+        group_size = recorded.group_size
+    asked = parse_weight_quant(scheme, group_size, head)
+    if asked is None and recorded is not None:
+        with contextlib.closing(WeightStore.open(model_dir)) as store:
+            store.check_quant(None, resolve_device(device).type)
+    return asked

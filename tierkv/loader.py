@@ -4,20 +4,32 @@ Why this module exists: the planner (``plan.py``) is pure arithmetic over budget
 and ``pipeline/weights.py`` builds streaming sources from a ``Plan``; when the planner also opened
 stores and built sources, the two imported each other. Here the one step that needs both lives
 on its own: find an existing store (its data file is what the disk probe reads), plan, and, when
-layers stream, convert or repair the cached store and open a ``StreamingWeights`` over it.
+layers stream, convert or repair the cached store and open a ``StreamingWeights`` over it. A
+converted store opened as the model is planned and served from directly (``open_store_source``).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from tierkv.config import Budget, ModelConfig, Policy
 from tierkv.io.convert import cached_store, find_cached_store
+from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.progress import ProgressFn
 from tierkv.io.store import StoreError, WeightStore, read_damage
 from tierkv.pipeline.weights import StreamingWeights
 from tierkv.plan import Plan, default_offload_dir, make_plan
 from tierkv.probe import LinkSpeeds
+from tierkv.quantspec import WeightQuant
+
+
+def device_type_of(policy: Policy) -> str:
+    """"cuda" or "cpu": the device family a policy computes on (what quantized packs are made for)."""
+    name = policy.device or ("cuda" if torch.cuda.is_available() else "cpu")    # make_plan's default too
+    return "cuda" if name.startswith("cuda") else "cpu"
 
 
 def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budget, policy: Policy = Policy(), *,
@@ -26,29 +38,50 @@ def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budge
     """Plan, then build the WeightSource the plan needs: (None, plan) when every layer fits on the
     device (use ``ResidentWeights`` from the checkpoint; nothing is converted), otherwise a
     StreamingWeights over the cached store under ``plan.offload_dir`` (converted on first use,
-    repaired when found damaged). An existing store's own data file is what the disk probe reads."""
+    repaired when found damaged; with ``policy.weight_quant``, the store of that quantization
+    packed for the policy's device). An existing store's own data file is what the disk probe reads."""
     offload_dir = budget.offload_dir or default_offload_dir()
-    existing = find_cached_store(model_dir, offload_dir, policy.dtype) if links is None else None
+    quant, device_type = policy.weight_quant, device_type_of(policy)
+    existing = find_cached_store(model_dir, offload_dir, policy.dtype, quant, device_type) if links is None else None
     plan = make_plan(config, budget, policy, links, context_tokens=context_tokens,
                      data_path=existing.data_path if existing is not None else None)
     if not plan.host_layers and not plan.disk_layers:
         return None, plan
-    return _streaming_source(model_dir, plan, existing, progress), plan
+    return _streaming_source(model_dir, plan, existing, progress, quant), plan
+
+
+def open_store_source(store: WeightStore, budget: Budget, policy: Policy = Policy(), *, links: LinkSpeeds | None = None,
+                      context_tokens: int | None = None) -> tuple[StreamingWeights, Plan]:
+    """A converted store opened as the model (``tierkv run OUT``): plan with its own layer sizes and
+    serve every layer from it (those that fit resident on the device). The store must hold what the
+    policy asks (``WeightStore.check_quant``) and the compute dtype must be the store's."""
+    store.check_quant(policy.weight_quant, device_type_of(policy))
+    dtype = str(store.dtype).removeprefix("torch.")
+    if policy.dtype is not None and str(resolve_dtype(policy.dtype)).removeprefix("torch.") != dtype:
+        raise StoreError(f"the weight store {store.dir} holds {dtype} weights, not {policy.dtype}; run it with "
+                         f"--dtype {dtype} (or leave --dtype out), or convert again with --dtype {policy.dtype}")
+    plan = make_plan(store.config, budget, replace(policy, dtype=dtype), links, context_tokens=context_tokens,
+                     data_path=store.data_path)
+    return StreamingWeights.from_plan(store, plan), plan
 
 
 def _streaming_source(model_dir: str | Path, plan: Plan, store: WeightStore | None,
-                      progress: ProgressFn | None) -> StreamingWeights:
+                      progress: ProgressFn | None, quant: WeightQuant | None) -> StreamingWeights:
     """StreamingWeights over the cached store; a checksum mismatch while loading its resident part
     is repaired (the bad extents re-converted) and the load tried once more."""
-    store = store or WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype, progress=progress))
+    device_type = "cuda" if plan.device.startswith("cuda") else "cpu"
+
+    def reopen() -> WeightStore:
+        return WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype, progress=progress,
+                                             quant=quant, device_type=device_type))
+    store = store or reopen()
     try:
         return StreamingWeights.from_plan(store, plan)
     except StoreError:
         if not read_damage(store.dir):
             raise
     store.close()
-    store = WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype, progress=progress))
-    return StreamingWeights.from_plan(store, plan)
+    return StreamingWeights.from_plan(reopen(), plan)
 
 
-__all__ = ["open_weight_source"]
+__all__ = ["device_type_of", "open_store_source", "open_weight_source"]

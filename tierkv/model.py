@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.config import ModelConfig, RopeConfig
+from tierkv.kernels.quant import quant_linear
+from tierkv.quantspec import QuantWeight
 
 
 class KVCache(Protocol):
@@ -99,8 +101,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ weight (N, K)^T (+ bias) -> (..., N); a quantized weight is computed on as stored."""
+    if isinstance(weight, QuantWeight):
+        return quant_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+    return linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
 def attention(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tensor, step: StepInputs,
@@ -141,7 +150,7 @@ def embed(g: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
 def head(cfg: ModelConfig, g: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     """Final norm and LM head. h (B, T, H) -> logits (B, T, V) fp32."""
     weight = g["model.embed_tokens.weight"] if cfg.tie_word_embeddings else g["lm_head.weight"]
-    return F.linear(rms_norm(h, g["model.norm.weight"], cfg.rms_norm_eps), weight).float()
+    return linear(rms_norm(h, g["model.norm.weight"], cfg.rms_norm_eps), weight).float()
 
 
 ATTENTION_SCRATCH_BYTES = 64 << 20   # default cap on the temporaries of one block of prefill attention

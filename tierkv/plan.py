@@ -14,28 +14,25 @@ overlap with the compute of resident layers instead of bunching up at the end.
 
 from __future__ import annotations
 
+import heapq
 import math
-import os
-from collections import deque
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import psutil
 import torch
 
+from tierkv.budgets import PlanError, default_offload_dir, detect_budgets
 from tierkv.config import Budget, ModelConfig, Policy, format_size, parse_size
-from tierkv.errors import ArgumentError, TierkvError
+from tierkv.errors import ArgumentError
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.store import plan_layout
-from tierkv.pipeline.kv.sizing import kv_bytes_per_token, kv_device_minimum_bytes, sketch_required
+from tierkv.pipeline.chunking import ChunkRule
+from tierkv.pipeline.kv.sizing import element_bytes, kv_bytes_per_token, kv_device_minimum_bytes, sketch_required
 from tierkv.pipeline.schedule import ahead
-from tierkv.probe import LinkSpeeds, probe_links
+from tierkv.probe import ComputeEstimate, LinkSpeeds, probe_links
+from tierkv.quantspec import WeightQuant, kv_chunk_bytes
 from tierkv.model import ATTENTION_SCRATCH_BYTES, attention_pair_bytes
 
-DEVICE_HEADROOM_FRACTION = 0.10        # of free GPU memory (allocator fragmentation, CUDA context)
-DEVICE_HEADROOM_BYTES = 512 << 20
-HOST_HEADROOM_FRACTION = 0.20          # of available RAM (the OS, the page cache, other programs)
-HOST_HEADROOM_BYTES = 1 << 30
 MAX_PREFETCH_DEPTH = 4
 DEFAULT_CONTEXT_TOKENS = 4096
 DEFAULT_PREFILL_TOKENS = 2048          # the largest prefill piece the planner picks
@@ -44,16 +41,12 @@ ACTIVATION_FRACTION = 0.125            # of the device budget: what one auto-siz
 MIN_ATTENTION_SCRATCH_BYTES = 256 << 10
 
 
-class PlanError(TierkvError):
-    """The budgets cannot run this model; the message names the minimum and what to change."""
-
-
 @dataclass(frozen=True)
 class Plan:
     """Where every layer lives, how deep to prefetch, and the predicted decode speed."""
 
     device: str                        # "cpu", "cuda", "cuda:1"
-    dtype: str                         # weight and compute dtype
+    dtype: str                         # compute dtype (16-bit weights are stored in it)
     num_layers: int
     layer_bytes: int                   # largest layer extent (padded): one ring slot
     globals_bytes: int                 # embedding + norm + head, always on the device
@@ -78,6 +71,15 @@ class Plan:
     prefill_chunk_tokens: int = DEFAULT_PREFILL_TOKENS  # prompts are prefilled in pieces of this many tokens
     attention_scratch_bytes: int = ATTENTION_SCRATCH_BYTES  # cap on one block of prefill attention's temporaries
     activation_bytes: int = 0          # device memory kept for one prefill piece's activations (in reserve_bytes)
+    weight_scheme: str = "none"        # layer weights: "none" (the compute dtype), "int8" or "int4" (group-wise)
+    weight_group_size: int | None = None  # inputs per (scale, minimum) group of a quantized scheme
+    weight_bytes: int = 0              # every stored weight (layers + globals), compressed as stored
+    streamed_bytes_per_token: int = 0  # weight bytes one decode step moves over disk / host->device
+    kv_quant: str = "none"             # KV chunks on the host and disk tiers: "none", "int8" or "int4"
+    kv_device_bytes_per_token: int = 0  # K+V of one token over all layers on the device (always 16-bit)
+    kv_host_bytes_per_token: int = 0   # the same on the host and disk tiers (compressed with kv_quant)
+    kv_host_tokens: int = 0            # tokens of KV the host room holds (kv_host_bytes at the host rate)
+    config_only: bool = False          # planned from a config alone: budgets not checked against this machine
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: an unmeasured (infinite) link speed becomes null."""
@@ -88,21 +90,40 @@ class Plan:
     def summary(self) -> str:
         """A few lines for ``tierkv plan`` and logs."""
         lines = [
+            f"weights: {self.weights_label()}, {format_size(self.weight_bytes)} stored "
+            f"(layer {format_size(self.layer_bytes)}); compute in {self.dtype}",
             f"device {self.device} ({format_size(self.device_mem_bytes)} budget, "
             f"{format_size(self.reserve_bytes)} kept for KV/activations): "
             f"{len(self.device_layers)} of {self.num_layers} layers + globals ({format_size(self.globals_bytes)})",
             f"host ({format_size(self.host_mem_bytes)} budget): {len(self.host_layers)} layers",
             f"disk ({self.offload_dir}): {len(self.disk_layers)} layers",
-            f"prefetch depth {self.prefetch_depth}, layer {format_size(self.layer_bytes)}; links: disk "
-            f"{_link(self.links.disk_read_gbps)}, host->device {_link(self.links.h2d_gbps)}, "
-            f"compute {self.links.layer_compute_s * 1e3:.2f} ms/layer",
-            f"KV cache room: {format_size(self.kv_device_bytes)} on the device, "
-            f"{format_size(self.kv_host_bytes)} in host memory, the rest in {self.offload_dir}/kv",
+            f"prefetch depth {self.prefetch_depth}; links: disk {_link(self.links.disk_read_gbps)}, host->device "
+            f"{_link(self.links.h2d_gbps)}, compute {self.links.layer_compute_s * 1e3:.2f} ms/layer{self._how_timed()}",
+            f"KV cache room: {format_size(self.kv_device_bytes)} on the device (16-bit), "
+            f"{format_size(self.kv_host_bytes)} in host memory ({self.kv_host_tokens:,} tokens "
+            f"{'16-bit' if self.kv_quant == 'none' else self.kv_quant}), the rest in {self.offload_dir}/kv",
             f"prefill: pieces of {self.prefill_chunk_tokens} tokens, activations {format_size(self.activation_bytes)} "
             f"(attention blocks up to {format_size(self.attention_scratch_bytes)})",
-            f"predicted {self.predicted_tok_s:.2f} tok/s, bound by {self.bound}",
+            f"predicted {self.predicted_tok_s:.2f} tok/s, bound by {self.bound}; "
+            f"{format_size(self.streamed_bytes_per_token)} of weights streamed per token",
         ]
+        if self.config_only:
+            lines.append("from config.json alone (no weights here): budgets are not checked against this machine; "
+                         "links measured on this machine")
         return "\n".join(lines)
+
+    def weights_label(self) -> str:
+        """"bfloat16" for 16-bit weights, else e.g. "int4 (groups of 64)"."""
+        if self.weight_scheme == "none":
+            return self.dtype
+        return f"{self.weight_scheme} (groups of {self.weight_group_size})"
+
+    def _how_timed(self) -> str:
+        rate = self.links.compute_estimated_gbps
+        if rate is None:
+            return ""
+        return f" (estimated: the layer's bytes at a measured {self.weights_label().split()[0]} matvec rate of " \
+               f"{rate:.2f} GB/s)"
 
 
 def _link(gbps: float) -> str:
@@ -111,75 +132,7 @@ def _link(gbps: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# budgets
-
-
-def default_offload_dir() -> Path:
-    """$TIERKV_OFFLOAD_DIR, else $XDG_CACHE_HOME/tierkv, else ~/.cache/tierkv."""
-    env = os.environ.get("TIERKV_OFFLOAD_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tierkv"
-
-
-def detect_budgets(budget: Budget, device: torch.device) -> tuple[int, int, Path]:
-    """Fill the ``None`` fields of ``budget``: (device_mem_bytes, host_mem_bytes, offload_dir).
-
-    CUDA: free GPU memory (nvidia-ml-py, else torch) and available RAM, each less headroom.
-    CPU-only: the "device" is RAM: available RAM less headroom (less host_mem if given); the host
-    tier gets nothing unless asked for, since it would be the same memory.
-    Raises PlanError for a given budget larger than the machine has (see ``_check_machine``).
-    """
-    _check_machine(budget, device)
-    ram = psutil.virtual_memory().available
-    ram_usable = max(0, int(ram * (1 - HOST_HEADROOM_FRACTION)) - HOST_HEADROOM_BYTES)
-    if device.type == "cuda":
-        dev = budget.device_mem_bytes
-        if dev is None:
-            free = _gpu_free_bytes(device)
-            dev = max(0, int(free * (1 - DEVICE_HEADROOM_FRACTION)) - DEVICE_HEADROOM_BYTES)
-        host = budget.host_mem_bytes if budget.host_mem_bytes is not None else ram_usable
-    else:
-        host = budget.host_mem_bytes if budget.host_mem_bytes is not None else 0
-        dev = budget.device_mem_bytes if budget.device_mem_bytes is not None else max(0, ram_usable - host)
-    return dev, host, budget.offload_dir or default_offload_dir()
-
-
-def _check_machine(budget: Budget, device: torch.device) -> None:
-    """Refuse budgets no placement could honour: host above physical RAM, device above the GPU's total
-    memory (on CPU-only machines device and host share the RAM, so their sum must fit it). On a machine
-    without CUDA a plan for a CUDA device checks the host budget only."""
-    ram = psutil.virtual_memory().total
-    dev, host = budget.device_mem_bytes, budget.host_mem_bytes
-    if host is not None and host > ram:
-        raise PlanError(f"host budget {format_size(host)} is more than this machine's RAM ({format_size(ram)}); "
-                        f"lower --host-mem to at most that")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():        # planning for a GPU elsewhere: nothing here to compare with
-            return
-        total = torch.cuda.get_device_properties(device.index if device.index is not None
-                                                 else torch.cuda.current_device()).total_memory
-        if dev is not None and dev > total:
-            raise PlanError(f"device budget {format_size(dev)} is more than {device}'s memory "
-                            f"({format_size(total)}); lower --device-mem to at most that")
-    elif dev is not None and dev + (host or 0) > ram:
-        raise PlanError(f"device budget {format_size(dev)}" + (f" plus host budget {format_size(host)}" if host else "")
-                        + f" is more than this machine's RAM ({format_size(ram)}; on a CPU-only machine the device "
-                        "is RAM); lower --device-mem" + (" or --host-mem" if host else "") + " to fit")
-
-
-def _gpu_free_bytes(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).free)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:           # no NVML (containers, MIG): ask the CUDA runtime instead
-        return int(torch.cuda.mem_get_info(index)[0])
+# device reserve
 
 
 def reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int,
@@ -264,9 +217,7 @@ def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context
     """The smallest device budget ``make_plan`` accepts (every layer streamed): globals, one layer slot
     and the reserve (KV room and one prefill piece) that this budget itself gets."""
     dtype = resolve_dtype(policy.dtype, config.dtype)
-    extents = plan_layout(config, dtype)
-    fixed = max(e.padded_nbytes for e in extents if e.name.startswith("layer.")) + sum(
-        e.padded_nbytes for e in extents if not e.name.startswith("layer."))
+    fixed = sum(layer_sizes(config, dtype, policy.weight_quant, plan_device(policy).type))
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     policy = replace(policy, kv_sketch=False) if policy.kv_sketch else policy   # make_plan drops codes that do not fit
     reserve = reserve_bytes(config, dtype, policy, context, batch, 0)
@@ -293,37 +244,58 @@ def spread_layers(num_layers: int, n_device: int, n_host: int) -> tuple[str, ...
 
 
 def simulate_step_s(kinds: tuple[str, ...], depth: int, layer_bytes: int, links: LinkSpeeds, cuda: bool) -> float:
-    """Steady-state time of one decode step of the layer loop (prefetch j+1..j+depth, wait, compute,
-    release) with one disk queue, one copy queue and a ring of depth + 1 slots. Host layers on a
-    CPU-only machine are used in place, like device layers."""
+    """Steady-state time of one decode step of the layer loop as ``pipeline.weights.StreamingWeights``
+    runs it, with three resources: one disk queue, one host->device copy queue (CUDA) and the device
+    ring of ``depth + 1`` slots.
+
+    Before layer j computes, the loop prefetches ``ahead(j, depth)``, and each of those layers stands
+    for the first streamed layer at or after it (wrapping into the next step): so reads for the next
+    streamed layers proceed while resident layers compute, and at most ``depth`` of them are in
+    flight beside the one computing. A streamed layer holds a ring slot from its prefetch until its
+    compute ends; a read (CPU: straight into the slot) or a copy (CUDA: from pinned staging or a host
+    layer) into a slot waits until the slot is free. Host layers on a CPU-only machine are used in
+    place, like device layers. The pinned staging ring (depth + 1 slots, CUDA disk layers) never binds
+    before the device ring does, so it is not modelled.
+    """
     n = len(kinds)
+    streamed = [k == "disk" or (k == "host" and cuda) for k in kinds]
+    if not any(streamed):
+        return n * links.layer_compute_s
     t_read = layer_bytes / (links.disk_read_gbps * 1e9)
     t_copy = 0.0 if math.isinf(links.h2d_gbps) else layer_bytes / (links.h2d_gbps * 1e9)
-    streamed = [k == "disk" or (k == "host" and cuda) for k in kinds]
-    slots: deque[float] = deque([0.0] * (depth + 1))     # time each ring slot becomes free
-    ready: dict[int, float] = {}
-    disk_free = copy_free = comp_end = comp_start = 0.0
+    first = [min((s for s in range(n) if streamed[s]), key=lambda s: (s - j) % n) for j in range(n)]
+    ring = [0.0] * (depth + 1)                           # heap: the time each ring slot becomes free
+    ready: dict[int, float] = {}                         # streamed layer in flight -> when usable
+    queues = {"disk": 0.0, "copy": 0.0}                  # when each link is next free
+    comp_start = comp_end = 0.0
     step_ends = []
-    for _ in range(3):
+    for _ in range(4):
         for j in range(n):
-            issue_at = comp_start if cuda else comp_end    # the host runs ahead of the GPU by a layer
-            for x in [j] + ahead(j, depth, n):
-                if streamed[x] and x not in ready:
-                    slot = slots.popleft()
-                    arrived = issue_at
-                    if kinds[x] == "disk":
-                        disk_free = max(issue_at, disk_free, 0.0 if cuda else slot) + t_read
-                        arrived = disk_free
-                    if cuda:
-                        copy_free = max(arrived, copy_free, slot) + t_copy
-                        arrived = copy_free
-                    ready[x] = arrived
+            issue_at = comp_start if cuda else comp_end  # the host runs ahead of the GPU by a layer
+            for s in ([j] if streamed[j] else []) + [first[x] for x in ahead(j, depth, n)]:
+                if s not in ready:
+                    assert ring, "the prefetch window holds more layers than the ring has slots"
+                    ready[s] = _arrival(kinds[s], issue_at, heapq.heappop(ring), t_read, t_copy, queues, cuda)
             comp_start = max(comp_end, ready.pop(j, 0.0))
             comp_end = comp_start + links.layer_compute_s
             if streamed[j]:
-                slots.append(comp_end)
+                heapq.heappush(ring, comp_end)
         step_ends.append(comp_end)
     return step_ends[-1] - step_ends[-2]
+
+
+def _arrival(kind: str, issue_at: float, slot_free: float, t_read: float, t_copy: float,
+             queues: dict[str, float], cuda: bool) -> float:
+    """When a streamed layer prefetched at ``issue_at`` into a ring slot free at ``slot_free`` is usable;
+    advances the disk and copy queues in ``queues``."""
+    arrived = issue_at
+    if kind == "disk":            # CPU: the read lands in the ring slot; CUDA: in a pinned staging slot
+        queues["disk"] = max(issue_at, queues["disk"], issue_at if cuda else slot_free) + t_read
+        arrived = queues["disk"]
+    if cuda:
+        queues["copy"] = max(arrived, queues["copy"], slot_free) + t_copy
+        arrived = queues["copy"]
+    return arrived
 
 
 def _bound(kinds: tuple[str, ...], layer_bytes: int, links: LinkSpeeds, cuda: bool) -> str:
@@ -360,11 +332,15 @@ def _split(n_layers: int, layer_bytes: int, device_avail: int, host_avail: int, 
 
 def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = Policy(),
               links: LinkSpeeds | None = None, *, data_path: Path | None = None,
-              context_tokens: int | None = None, batch: int = 1) -> Plan:
+              context_tokens: int | None = None, batch: int = 1, config_only: bool = False) -> Plan:
     """Place the layers of ``config`` within ``budget`` and predict the decode speed.
 
-    ``links``: measured speeds; None probes them (disk on ``data_path``, the store's data file,
-    or a scratch file in the offload directory; only the links the placement uses).
+    Sizes are the stored ones on every tier: layers and globals as ``io.store.plan_layout`` lays
+    them out for ``policy.weight_quant`` on this device type, host/disk KV at ``policy.kv_quant``'s
+    size (device KV stays 16-bit). ``links``: measured speeds; None probes the links the placement
+    uses (disk on ``data_path``, the store's data file, else a scratch file in the offload dir; a
+    layer's compute as ``compute_estimate`` says). ``config_only``: planning from a config.json
+    alone (no weights here), a what-if: budgets are not checked against this machine.
     ``context_tokens`` (default: ``policy.kv_device_tokens``, else min(4096, the model's maximum))
     sizes the device room kept for the KV cache and activations; the KV room is never less than the
     tiered cache needs at the model's full context (``kv_reserve_bytes``), so any prompt runs. The
@@ -373,16 +349,11 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     unused (``_grow_piece``).
     Raises PlanError, naming the minimum, when the device budget cannot hold one layer's working set.
     """
-    device = torch.device(policy.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type not in ("cpu", "cuda"):
-        raise ArgumentError(f"device {policy.device!r} is not supported; tierkv runs on cpu, cuda or cuda:N")
+    device = plan_device(policy)
     dtype = resolve_dtype(policy.dtype, config.dtype)
-    extents = plan_layout(config, dtype)
-    layers = [e for e in extents if e.name.startswith("layer.")]
-    layer_bytes = max(e.padded_nbytes for e in layers)
-    globals_bytes = sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
+    layer_bytes, globals_bytes = layer_sizes(config, dtype, policy.weight_quant, device.type)
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
-    dev_mem, host_mem, offload_dir = detect_budgets(budget, device)
+    dev_mem, host_mem, offload_dir = detect_budgets(budget, device, check_machine=not config_only)
     piece, scratch, activations, reserve = _device_reserve(config, dtype, policy, context, batch, dev_mem,
                                                            globals_bytes, layer_bytes)
     cuda = device.type == "cuda"
@@ -395,7 +366,8 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     if links is None:
         n_dev_max = max(o[0] for o in options.values())
         links = probe_links(config, dtype, device, data_path, offload_dir,
-                            need_disk=n_dev_max + max(o[1] for o in options.values()) < n, need_h2d=n_dev_max < n)
+                            need_disk=n_dev_max + max(o[1] for o in options.values()) < n, need_h2d=n_dev_max < n,
+                            estimate=compute_estimate(config, dtype, policy.weight_quant, device.type, config_only))
     best = _best_option(options, n, layer_bytes, links, cuda)
     depth, (n_dev, n_host, ring, staging), step_s = best
     kinds = spread_layers(n, n_dev, n_host)
@@ -413,9 +385,61 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         bound=_bound(kinds, layer_bytes, links, cuda),
         kv_device_bytes=max(0, dev_mem - globals_bytes - kinds.count("device") * layer_bytes - ring
                             - activations),
-        kv_host_bytes=max(0, host_mem - kinds.count("host") * layer_bytes - staging),
         prefill_chunk_tokens=piece, attention_scratch_bytes=scratch, activation_bytes=activations,
+        config_only=config_only, **_stored_sizes(config, dtype, policy, kinds, layer_bytes, globals_bytes,
+                                                 max(0, host_mem - kinds.count("host") * layer_bytes - staging), cuda),
     )
+
+
+def _stored_sizes(config: ModelConfig, dtype: torch.dtype, policy: Policy, kinds: tuple[str, ...], layer_bytes: int,
+                  globals_bytes: int, kv_host_bytes: int, cuda: bool) -> dict[str, object]:
+    """The Plan fields that say how weights and KV are stored: the scheme, the stored and streamed
+    weight bytes, and the KV rates per tier (host and disk compressed with ``policy.kv_quant``)."""
+    quant, kv_host_per_token = policy.weight_quant, kv_stored_bytes_per_token(config, dtype, policy)
+    return dict(weight_scheme=quant.scheme if quant else "none", weight_group_size=quant.group_size if quant else None,
+                weight_bytes=len(kinds) * layer_bytes + globals_bytes,
+                streamed_bytes_per_token=sum(k == "disk" or (k == "host" and cuda) for k in kinds) * layer_bytes,
+                kv_quant=policy.kv_quant, kv_device_bytes_per_token=kv_bytes_per_token(config, dtype),
+                kv_host_bytes=kv_host_bytes, kv_host_bytes_per_token=kv_host_per_token,
+                kv_host_tokens=kv_host_bytes // kv_host_per_token)
+
+
+def plan_device(policy: Policy) -> torch.device:
+    """The device a plan is for: ``policy.device``, else CUDA when available, else the CPU."""
+    device = torch.device(policy.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in ("cpu", "cuda"):
+        raise ArgumentError(f"device {policy.device!r} is not supported; tierkv runs on cpu, cuda or cuda:N")
+    return device
+
+
+def layer_sizes(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | None = None,
+                device_type: str = "cpu") -> tuple[int, int]:
+    """(largest layer extent, all globals) in stored (padded) bytes, compressed as ``quant`` stores
+    them for ``device_type`` (``io.store.plan_layout``)."""
+    extents = plan_layout(config, dtype, quant, device_type)
+    layer_bytes = max(e.padded_nbytes for e in extents if e.name.startswith("layer."))
+    return layer_bytes, sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
+
+
+def compute_estimate(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | None, device_type: str,
+                     config_only: bool) -> ComputeEstimate | None:
+    """What to estimate a layer's compute from (``probe.ComputeEstimate``), or None to time a layer:
+    a config-only plan has no weights to time, and a quantized layer computes on another matvec
+    than the 16-bit layer the probe builds."""
+    if quant is None and not config_only:
+        return None
+    layer_bytes, _ = layer_sizes(config, dtype, quant, device_type)
+    return ComputeEstimate(layer_bytes, config.num_layers * layer_bytes, quant.scheme if quant else None,
+                           quant.group_size if quant else ComputeEstimate.group_size)
+
+
+def kv_stored_bytes_per_token(config: ModelConfig, dtype: torch.dtype, policy: Policy) -> int:
+    """K+V bytes of one token over all layers on the host and disk tiers, at ``policy.kv_quant``'s
+    compressed size for a chunk of ``policy.chunk_tokens`` (adaptive sizes: the rule's default), the
+    per-chunk parameters spread over its tokens (rounded up)."""
+    chunk = policy.chunk_tokens or ChunkRule().default_chunk_tokens
+    per_chunk = kv_chunk_bytes(policy.kv_quant, config.num_kv_heads, chunk, config.head_dim, element_bytes(dtype))
+    return config.num_layers * -(-per_chunk // chunk)
 
 
 def _device_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, context: int, batch: int,
@@ -509,6 +533,6 @@ def _check_minimum(dev_mem: int, reserve: int, globals_bytes: int, layer_bytes: 
             f"--device-mem to at least {shown}, or {fewer}use a smaller dtype")
 
 
-__all__ = ["LinkSpeeds", "Plan", "PlanError", "default_offload_dir", "detect_budgets", "make_plan",
-           "minimum_device_bytes", "prefill_sizes", "probe_links", "reserve_bytes", "simulate_step_s",
-           "spread_layers"]
+__all__ = ["LinkSpeeds", "Plan", "PlanError", "compute_estimate", "default_offload_dir", "detect_budgets",
+           "kv_stored_bytes_per_token", "layer_sizes", "make_plan", "minimum_device_bytes", "plan_device",
+           "prefill_sizes", "probe_links", "reserve_bytes", "simulate_step_s", "spread_layers"]

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from tierkv.config import ModelConfig
+from tierkv.quantspec import CPU_PACK_ROWS, DEFAULT_GROUP_SIZE
 from tierkv.io.buffers import ALIGN_BYTES, HostBuffer
 from tierkv.io.reader import evict_from_page_cache, measure_disk_read_gbps
 from tierkv.io.convert import check_offload_dir
@@ -42,6 +43,11 @@ DISK_PASSES = 5                     # cold passes; their median is the disk's sp
 PASS_BYTES = 64 << 20               # most bytes one pass reads
 SAMPLES = 3                         # runs that measure a link before its cached best is used as is
 MIN_PROBE_FILE_BYTES = ALIGN_BYTES  # any store file: its layers are read at the speed it shows, small or not
+MATVEC_SHAPE = (2048, 4096)         # (N, K) of one weight piece of the matvec probe (divides every group size)
+MATVEC_BYTES = 256 << 20            # stored weight bytes one matvec pass reads: more than most caches hold
+MATVEC_MIN_PASSES = 4               # timed passes at least (the fastest counts) ...
+MATVEC_MAX_PASSES = 50              # ... and at most, within
+MATVEC_TIME_S = 1.5
 
 
 class LinkCache:
@@ -129,6 +135,20 @@ def compute_key(config: ModelConfig, dtype: torch.dtype, device: torch.device) -
     return f"compute|{machine_id()}|{device}|{name}|{str(dtype).removeprefix('torch.')}|model={digest}"
 
 
+def matvec_bytes(working_set_bytes: int) -> int:
+    """Weight bytes the matvec probe cycles through for a decode step reading ``working_set_bytes``:
+    the next power of two, at most ``MATVEC_BYTES`` (beyond it every cache is missed alike)."""
+    return min(MATVEC_BYTES, 1 << max(0, working_set_bytes - 1).bit_length())
+
+
+def matvec_key(scheme: str | None, group_size: int, dtype: torch.dtype, device: torch.device, nbytes: int) -> str:
+    """Cache key of a decode matvec rate: the machine, the device, the dtype, the weight scheme and
+    the bytes the probe cycles through (``matvec_bytes``)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return f"matvec|{machine_id()}|{device}|{name}|{str(dtype).removeprefix('torch.')}|" \
+           f"{scheme or '16bit'}|g={group_size if scheme else 0}|bytes={nbytes}"
+
+
 def disk_read_gbps(data_path: Path | None, offload_dir: Path | None) -> float:
     """Cold sequential read speed (GB/s): of the store's data file when there is one (read-only),
     else of a ``SCRATCH_BYTES`` scratch file in ``offload_dir`` that is removed afterwards."""
@@ -169,14 +189,19 @@ class LinkSpeeds:
     disk_read_gbps: float              # cold sequential reads of the store (O_DIRECT where allowed)
     h2d_gbps: float                    # pinned host -> device copy; inf on CPU-only (nothing to copy)
     layer_compute_s: float             # one decoder layer, batch 1, one new token
+    compute_estimated_gbps: float | None = None  # None: layer_compute_s was timed on a layer of the model's
+                                                 # shapes; else estimated: the layer's bytes at this measured
+                                                 # decode matvec rate (``matvec_gbps``)
 
 
 def probe_links(config: ModelConfig, dtype: torch.dtype, device: torch.device, data_path: Path | None,
-                offload_dir: Path | None, need_disk: bool = True, need_h2d: bool = True) -> LinkSpeeds:
+                offload_dir: Path | None, need_disk: bool = True, need_h2d: bool = True,
+                estimate: ComputeEstimate | None = None) -> LinkSpeeds:
     """Measure the links (about a second), or reuse this machine's best measurements of the last
     day cached in ``offload_dir/links.json`` (``tierkv.probe``): disk on the store file, read-only (or a
     small scratch file in ``offload_dir`` before a store exists), host->device with a pinned
-    buffer, and one decoder layer's decode compute."""
+    buffer, and one decoder layer's decode compute: timed on zero weights of the model's shapes,
+    or, with ``estimate``, estimated from a measured matvec rate (``estimate_layer_compute``)."""
     cache = LinkCache(offload_dir)
     disk = math.inf
     if need_disk:
@@ -188,9 +213,40 @@ def probe_links(config: ModelConfig, dtype: torch.dtype, device: torch.device, d
     h2d = math.inf
     if need_h2d and device.type == "cuda":
         h2d = cache.measure(h2d_key(device), lambda: _probe_h2d(device), max)
+    if estimate is not None:
+        compute_s, rate = estimate_layer_compute(estimate, dtype, device, cache)
+        return LinkSpeeds(disk_read_gbps=disk, h2d_gbps=h2d, layer_compute_s=compute_s, compute_estimated_gbps=rate)
     compute = cache.measure(compute_key(config, dtype, device),
                             lambda: _probe_layer_compute_s(config, dtype, device), min)
     return LinkSpeeds(disk_read_gbps=disk, h2d_gbps=h2d, layer_compute_s=compute)
+
+
+@dataclass(frozen=True)
+class ComputeEstimate:
+    """What a layer's decode compute is estimated from when no layer can be timed: a plan from a
+    config alone (no weights), or quantized weights (timed through the matvec of their scheme)."""
+
+    layer_bytes: int                   # one decoder layer's stored weights (compressed when quantized)
+    working_set_bytes: int             # what one decode step reads: every layer (a small model stays in cache)
+    scheme: str | None = None          # None: 16-bit weights in the compute dtype; "int8" | "int4"
+    group_size: int = DEFAULT_GROUP_SIZE
+
+
+def estimate_layer_compute(estimate: ComputeEstimate, dtype: torch.dtype, device: torch.device,
+                           cache: LinkCache | None = None) -> tuple[float, float]:
+    """(seconds per layer, the matvec rate in GB/s it came from): the layer's bytes over the rate at
+    which this device's decode matvec of the scheme streams stored weight bytes (batch 1, one token).
+
+    Decode at batch 1 reads every weight once and does two FLOPs per weight, so a matvec over
+    weights larger than the caches measures what bounds it here, memory or arithmetic (on a small
+    CPU the int4 matvec is bound by its unpacking, not by its bytes). Attention at short context and
+    the norms are not counted: a few percent of a layer.
+    """
+    cache = cache or LinkCache(None)
+    nbytes = matvec_bytes(estimate.working_set_bytes)
+    rate = cache.measure(matvec_key(estimate.scheme, estimate.group_size, dtype, device, nbytes),
+                         lambda: matvec_gbps(estimate.scheme, estimate.group_size, dtype, device, nbytes), max)
+    return estimate.layer_bytes / (rate * 1e9), rate
 
 
 def _probe_h2d(device: torch.device, nbytes: int = 256 << 20) -> float:
@@ -232,11 +288,70 @@ def _probe_layer_compute_s(config: ModelConfig, dtype: torch.dtype, device: torc
     return min(times[1:])   # the fastest run: the least disturbed on a shared machine
 
 
+def matvec_gbps(scheme: str | None, group_size: int, dtype: torch.dtype, device: torch.device,
+                nbytes: int = MATVEC_BYTES) -> float:
+    """Stored weight bytes per second (GB/s) of this device's batch-1 matvec in ``scheme``: the fastest
+    of several passes over ``nbytes`` of weights in ``MATVEC_SHAPE`` pieces (more than the caches hold).
+
+    16-bit: ``F.linear`` in ``dtype``. On the CPU, int4 is ``torch.ops.aten._weight_int4pack_mm_for_cpu``
+    on a ``_convert_weight_to_int4pack_for_cpu`` pack and int8 two of them (the high and low nibble
+    planes), the fused ops the CPU quantized linear runs. On CUDA the quantized matvec is not timed:
+    its bytes are counted at the 16-bit matvec's rate (a fused dequantize-matmul streams its bytes
+    like cuBLAS's bf16 matvec at best), so the estimate is optimistic there.
+    """
+    n, k = MATVEC_SHAPE
+    cpu_quant = scheme is not None and device.type == "cpu"
+    planes = 2 if scheme == "int8" and cpu_quant else 1
+    per_row = k // 2 * planes + (k // group_size) * 4 if cpu_quant else k * _itemsize(dtype)
+    n = max(CPU_PACK_ROWS, min(n, nbytes // per_row // CPU_PACK_ROWS * CPU_PACK_ROWS))   # small models: fewer rows
+    piece = n * per_row
+    count = max(1, -(-nbytes // piece))
+    x = torch.randn((1, k), dtype=torch.float32).to(device=device, dtype=dtype)              # (1, K)
+    gen = torch.Generator().manual_seed(0)
+    if cpu_quant:
+        assert n % CPU_PACK_ROWS == 0 and k % group_size == 0, (MATVEC_SHAPE, group_size)
+        pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        sz = torch.rand((k // group_size, n, 2), generator=gen).to(dtype)                   # (G, N, 2)
+        base = pack(torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 1)
+        weights = [[base.clone() for _ in range(planes)] for _ in range(count)]     # distinct memory, one pack
+
+        def one_pass() -> None:
+            for ws in weights:
+                out = mm(x, ws[0], group_size, sz)
+                for w in ws[1:]:
+                    out = out + mm(x, w, group_size, sz)
+    else:
+        base = torch.randn((n, k), generator=gen).to(device=device, dtype=dtype)
+        weights = [base.clone() for _ in range(count)]
+
+        def one_pass() -> None:
+            for w in weights:
+                torch.nn.functional.linear(x, w)                                            # (1, N)
+    best = math.inf
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(MATVEC_MAX_PASSES):
+            _sync(device)
+            t0 = time.perf_counter()
+            one_pass()
+            _sync(device)
+            if i:                                        # the first pass warms up
+                best = min(best, time.perf_counter() - t0)
+            if i >= MATVEC_MIN_PASSES and time.perf_counter() - start > MATVEC_TIME_S:
+                break
+    return count * piece / best / 1e9
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-__all__ = ["LINKS_FILE", "LinkCache", "LinkSpeeds", "MAX_AGE_S", "SAMPLES", "SCRATCH_BYTES", "compute_key",
-           "disk_key", "disk_read_gbps", "h2d_key", "machine_id", "median_cold_read_gbps", "probe_links",
-           "scratch_file"]
+__all__ = ["LINKS_FILE", "ComputeEstimate", "LinkCache", "LinkSpeeds", "MAX_AGE_S", "SAMPLES", "SCRATCH_BYTES",
+           "compute_key", "disk_key", "disk_read_gbps", "estimate_layer_compute", "h2d_key", "machine_id",
+           "matvec_bytes", "matvec_gbps", "matvec_key", "median_cold_read_gbps", "probe_links", "scratch_file"]

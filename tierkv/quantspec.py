@@ -183,6 +183,20 @@ def quantized_keys(shapes: dict[str, tuple[int, ...]], quant: WeightQuant | None
     return [key for key in shapes if key in wanted]
 
 
+def tensor_quants(shapes: dict[str, tuple[int, ...]], quant: WeightQuant | None,
+                  device_type: str) -> dict[str, TensorQuant]:
+    """Key -> how it is stored, for the tensors of a group that ``quant`` covers (``quantized_keys``),
+    packed for computing on ``device_type``; ArgumentError when a group size does not divide one.
+    The converter's layout and the resident loader both ask this, so they store the same thing."""
+    out = {}
+    for key in quantized_keys(shapes, quant):
+        assert quant is not None
+        shape = tuple(shapes[key])
+        check_divides(key, shape, quant)
+        out[key] = TensorQuant(quant.scheme, quant.group_size, choose_pack(quant.scheme, shape, device_type))
+    return out
+
+
 def check_divides(key: str, shape: tuple[int, ...], quant: WeightQuant) -> None:
     """ArgumentError when ``quant``'s group size does not divide the input dimension of ``key``."""
     k = shape[-1]
@@ -200,6 +214,21 @@ def weight_bytes_per_param(scheme: str | None, group_size: int = DEFAULT_GROUP_S
     return BITS[scheme] / 8 + 4 / group_size
 
 
+def kv_chunk_bytes(scheme: str, kv_heads: int, tokens: int, head_dim: int, dtype_bytes: int) -> int:
+    """Bytes of one KV chunk (one sequence, one layer, ``tokens`` rows) held off the device under KV
+    ``scheme``: K and V in the cache dtype ("none"), or KIVI-style ``bits``-bit codes of K and V with
+    one 16-bit (scale, minimum) per (head, channel) for K over the chunk's tokens and one per
+    (head, token) for V over the head dimension. int4 packs two codes per byte along the head dim (model
+    configs with an odd head dim are refused when parsed: rotary embeddings need it even)."""
+    check_kv_scheme(scheme)
+    if scheme == "none":
+        return 2 * kv_heads * tokens * head_dim * dtype_bytes
+    assert head_dim * BITS[scheme] % 8 == 0, f"{scheme} packs code pairs along the head dim: {head_dim} is odd"
+    codes = 2 * kv_heads * tokens * head_dim * BITS[scheme] // 8
+    params = kv_heads * (head_dim + tokens) * 2 * 2          # (scale, minimum) float16 pairs
+    return codes + params
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -209,4 +238,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 __all__ = ["BITS", "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "HEAD_WEIGHT", "KV_SCHEMES", "LAYER_LINEARS", "PACKS",
            "QPARAMS_DTYPE", "QuantWeight", "QPARAMS_SUFFIX", "SCHEMES", "TensorQuant", "WeightQuant", "check_divides",
-           "check_kv_scheme", "choose_pack", "parse_weight_quant", "quantized_keys", "weight_bytes_per_param"]
+           "check_kv_scheme", "choose_pack", "kv_chunk_bytes", "parse_weight_quant", "quantized_keys",
+           "tensor_quants",
+           "weight_bytes_per_param"]

@@ -67,7 +67,7 @@ class ParkedFile:
 def fingerprint_of(engine: "Engine") -> str:
     cached = getattr(engine, "_session_fingerprint", None)
     if cached is None:
-        cached = model_fingerprint(engine.model_dir, engine.config, engine.dtype)
+        cached = model_fingerprint(engine.model_dir, engine.config, engine.dtype, engine.policy.weight_quant)
         engine._session_fingerprint = cached      # computed once per engine (reads safetensors headers)
     return cached
 

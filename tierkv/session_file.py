@@ -39,6 +39,8 @@ from tierkv.version import __version__
 from tierkv.config import ModelConfig
 from tierkv.errors import TierkvError
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype, safetensors_header
+from tierkv.io.store import MANIFEST_FILE, is_store_dir
+from tierkv.quantspec import WeightQuant
 from tierkv.io.store import fsync_dir
 
 FORMAT_VERSION = 1
@@ -69,8 +71,12 @@ def dtype_name(dtype: str | torch.dtype) -> str:
     return str(resolve_dtype(dtype)).removeprefix("torch.")
 
 
-def model_fingerprint(model_dir: str | Path, config: ModelConfig, dtype: str | torch.dtype) -> str:
-    """Identity of (model, compute dtype) for sessions: 16 hex characters.
+def model_fingerprint(model_dir: str | Path, config: ModelConfig, dtype: str | torch.dtype,
+                      quant: WeightQuant | None = None) -> str:
+    """Identity of (model, compute dtype, weight quantization) for sessions: 16 hex characters.
+
+    A converted weight store opened as the model (``tierkv run OUT``) is identified by its
+    manifest instead (it records every extent's checksums and the checkpoint's config).
 
     A hash over the config (canonical JSON), the compute dtype and, for each safetensors file of the
     checkpoint (``Checkpoint.files()``), its name, its size, its header as stored (every tensor's
@@ -83,7 +89,12 @@ def model_fingerprint(model_dir: str | Path, config: ModelConfig, dtype: str | t
     digest = hashlib.sha256()
     facts = {"version": _FINGERPRINT_VERSION, "dtype": dtype_name(dtype),
              "config": dataclasses.asdict(config)}
+    if quant is not None:       # 16-bit sessions keep the fingerprint they always had
+        facts["weight_quant"] = quant.to_json()
     digest.update(json.dumps(facts, sort_keys=True).encode())
+    if is_store_dir(model_dir):
+        digest.update((Path(model_dir) / MANIFEST_FILE).read_bytes())
+        return digest.hexdigest()[:16]
     with Checkpoint(model_dir) as ckpt:
         files = ckpt.files()
     for path in files:

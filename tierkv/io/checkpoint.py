@@ -326,5 +326,13 @@ def _bad_value_counts(t: torch.Tensor) -> dict[str, int]:
     return counts
 
 
+def has_weights(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` holds any safetensors weights (a file, an index, or shards); a directory
+    with only config.json can still be planned (``tierkv plan``), not run."""
+    path = Path(model_dir)
+    return (path / _SINGLE_FILE).is_file() or (path / _INDEX_FILE).is_file() or any(path.glob("*.safetensors"))
+
+
 __all__ = ["Checkpoint", "CheckpointError", "ConfigError", "FINITE_LIMIT", "FLOAT_DTYPES", "LAYER_PREFIX",
-           "resolve_dtype", "safetensors_header"]
+           "has_weights", "resolve_dtype", "safetensors_header"]
+

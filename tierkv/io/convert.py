@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -34,10 +35,13 @@ from tierkv.config import ModelConfig, format_size, read_json
 from tierkv.io.buffers import ALIGN_BYTES
 from tierkv.io.checkpoint import LAYER_PREFIX, Checkpoint, resolve_dtype
 from tierkv.io.progress import ProgressFn, progress_or_bar
+from tierkv.errors import TierkvError
+from tierkv.kernels.quant import quantize_weight
+from tierkv.quantspec import QPARAMS_SUFFIX, WeightQuant
 from tierkv.io.store import (CRC_BLOCK_BYTES, DAMAGE_FILE, DATA_FILE, FORMAT_NAME, FORMAT_VERSION, LOCK_FILE,
                              MANIFEST_FILE, PARTIAL_SUFFIX, STATE_FILE, USE_LOCK_FILE, Extent, StoreError,
                              WeightStore, existing_manifest, extent_from_json, extent_to_json, fsync_dir,
-                             layout_digest, plan_layout, read_damage, write_json_atomic)
+                             layout_digest, pack_device, plan_layout, read_damage, write_json_atomic)
 
 FREE_SPACE_MARGIN_BYTES = 4 << 20      # the manifest, the resume state and filesystem metadata
 
@@ -57,16 +61,26 @@ def _source_name(extent: Extent, key: str) -> str:
 # conversion
 
 
-def store_key(checkpoint_dir: str | Path, dtype: str | torch.dtype | None = None) -> str:
-    """Identity of (checkpoint files, target dtype): names, sizes and mtimes of config.json, the
-    safetensors files and their index, plus the dtype and store format version. 16 hex chars."""
-    cdir = Path(checkpoint_dir)
+def store_key(checkpoint_dir: str | Path, dtype: str | torch.dtype | None = None, quant: WeightQuant | None = None,
+              device_type: str = "cpu") -> str:
+    """Identity of (checkpoint files, target dtype, weight quantization): names, sizes and mtimes of
+    config.json, the safetensors files and their index, plus the dtype, the store format version
+    and, for a quantized store, its scheme, group size, head flag and pack device family (16-bit
+    stores keep the key they always had). 16 hex chars."""
+    return _key(Path(checkpoint_dir), dtype, quant, pack_device(device_type))
+
+
+def _key(cdir: Path, dtype: str | torch.dtype | None, quant: WeightQuant | None, packs: str) -> str:
+    """``store_key`` with the packs' target spelled as ``pack_device`` records it."""
     config = ModelConfig.from_dir(cdir)
     target = resolve_dtype(dtype, config.dtype)
     files = sorted(p for p in cdir.iterdir() if p.name == "config.json" or p.name.endswith(".safetensors")
                    or p.name.endswith(".safetensors.index.json"))
     facts = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    text = json.dumps({"files": facts, "dtype": str(target), "format": FORMAT_VERSION}, sort_keys=True)
+    identity: dict[str, Any] = {"files": facts, "dtype": str(target), "format": FORMAT_VERSION}
+    if quant is not None:
+        identity.update(quant=quant.to_json(), pack_device=packs)
+    text = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -98,8 +112,15 @@ def check_offload_dir(path: str | Path, need_bytes: int = 0, elsewhere: str = OF
 
 def convert(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
             progress: ProgressFn | None = None, restart: bool = False, report: ReportFn | None = None,
-            overwrite_other: bool = False, elsewhere: str = CONVERT_ELSEWHERE) -> Path:
+            overwrite_other: bool = False, elsewhere: str = CONVERT_ELSEWHERE, quant: WeightQuant | None = None,
+            device_type: str = "cpu") -> Path:
     """Rewrite a HF checkpoint into a weight store in ``out_dir`` and return ``out_dir``.
+
+    ``quant`` stores the linear weights it covers group-wise quantized (``quantspec``), each
+    quantized as it streams by and packed for computing on ``device_type`` ("cpu": PyTorch's fused
+    int4 layout where the shape allows; "cuda": the plain layout the Triton kernels read); the
+    manifest records the request, the pack device and each tensor's scheme. A store made with
+    another ``quant`` or pack device counts as another conversion: it is converted again.
 
     ``dtype`` defaults to the checkpoint's. An existing store of the same checkpoint and dtype is
     re-verified (every CRC) and its bad extents are re-converted in place; a store whose manifest
@@ -117,8 +138,8 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | torch.
         out = check_offload_dir(out_dir, elsewhere=elsewhere)
         with _dir_lock(out):
             try:
-                return _convert_locked(ckpt, out, dtype, progress, restart, report or _log.warning,
-                                       overwrite_other, elsewhere)
+                return _convert_locked(ckpt, out, _Target(dtype, quant, device_type), progress, restart,
+                                       report or _log.warning, overwrite_other, elsewhere)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
@@ -127,12 +148,28 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | torch.
                                  f"{elsewhere}") from None
 
 
-def _convert_locked(ckpt: Checkpoint, out: Path, dtype: str | torch.dtype | None, progress: ProgressFn | None,
+@dataclass(frozen=True)
+class _Target:
+    """What a conversion writes: the dtype asked for (None: the checkpoint's), the weight
+    quantization and the device type its packs are for."""
+
+    dtype: str | torch.dtype | None
+    quant: WeightQuant | None
+    device_type: str
+
+    def facts(self) -> dict[str, Any]:
+        """The manifest's and the resume state's record of the quantization."""
+        if self.quant is None:
+            return {"weight_quant": None, "pack_device": None}      # 16-bit stores have no packs
+        return {"weight_quant": self.quant.to_json(), "pack_device": pack_device(self.device_type)}
+
+
+def _convert_locked(ckpt: Checkpoint, out: Path, want: _Target, progress: ProgressFn | None,
                     restart: bool, report: ReportFn, overwrite_other: bool, elsewhere: str) -> Path:
     """The body of ``convert`` while holding the directory lock."""
-    target = resolve_dtype(dtype, ckpt.config.dtype)
-    key = store_key(ckpt.dir, target)
-    extents = plan_layout(ckpt.config, target)
+    target = resolve_dtype(want.dtype, ckpt.config.dtype)
+    key = store_key(ckpt.dir, target, want.quant, want.device_type)
+    extents = plan_layout(ckpt.config, target, want.quant, want.device_type)
     total = extents[-1].offset + extents[-1].padded_nbytes
     if restart:
         _remove_store_files(out)
@@ -141,6 +178,7 @@ def _convert_locked(ckpt: Checkpoint, out: Path, dtype: str | torch.dtype | None
             _refuse_other_checkpoint(out, ckpt.dir)
         with progress_or_bar(progress, total, "converting") as bar:
             if _reuse_or_repair(ckpt, target, out, key, extents, bar, report, elsewhere):
+                _copy_tokenizer_files(ckpt.dir, out)
                 return out
     for name in (MANIFEST_FILE, DAMAGE_FILE, DATA_FILE):    # from here on nothing looks valid
         (out / name).unlink(missing_ok=True)
@@ -148,9 +186,23 @@ def _convert_locked(ckpt: Checkpoint, out: Path, dtype: str | torch.dtype | None
     resume_at = max((e.offset + e.padded_nbytes for e in extents if e.name in done), default=0)
     check_offload_dir(out, need_bytes=total - resume_at, elsewhere=elsewhere)
     with progress_or_bar(progress, total, "converting") as bar:
-        crcs = _write_extents(ckpt, target, out, extents, done, key, bar)
-    _finish(out, ckpt, target, key, [_with_crc(e, crcs[e.name]) for e in extents])
+        crcs = _write_extents(ckpt, target, out, extents, done, key, bar, want.facts())
+    _finish(out, ckpt, target, key, [_with_crc(e, crcs[e.name]) for e in extents], want.facts())
+    _copy_tokenizer_files(ckpt.dir, out)
     return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
+
+
+def _copy_tokenizer_files(checkpoint_dir: Path, out: Path) -> None:
+    """The checkpoint's tokenizer and generation files beside the store, so the store opens as a
+    model on its own (``tierkv run OUT``); config.json stays in the manifest only."""
+    for name in TOKENIZER_FILES:
+        src = checkpoint_dir / name
+        if src.is_file() and (not (out / name).is_file() or (out / name).read_bytes() != src.read_bytes()):
+            shutil.copyfile(src, out / name)
 
 
 def _with_crc(e: Extent, crc: tuple[int, ...]) -> Extent:
@@ -197,7 +249,11 @@ def _reuse_or_repair(ckpt: Checkpoint, dtype: torch.dtype, out: Path, key: str, 
     if raw is None:
         return False
     if raw["source_key"] != key:
-        report(f"{out} holds a store of another dtype or an older version of {ckpt.dir}: converting again")
+        held = WeightQuant.from_json(raw.get("weight_quant"))
+        what = f"{raw.get('dtype')}, weights {held.describe() if held else '16-bit'}"
+        what += f", packed for {raw.get('pack_device')}" if held else ""
+        report(f"{out} holds another conversion ({what}) or one of an older version of {ckpt.dir}: "
+               "converting again")
         return False
     recorded = {n: extent_from_json(n, e) for n, e in raw["extents"].items()}
     if set(recorded) != {e.name for e in extents} or \
@@ -306,7 +362,8 @@ def _resume_state(out: Path, key: str, extents: list[Extent], report: ReportFn) 
 
 
 def _write_extents(ckpt: Checkpoint, dtype: torch.dtype, out: Path, extents: list[Extent],
-                   done: dict[str, tuple[int, ...]], key: str, report: ProgressFn) -> dict[str, tuple[int, ...]]:
+                   done: dict[str, tuple[int, ...]], key: str, report: ProgressFn,
+                   facts: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Write every extent not in ``done`` to the partial data file; returns all CRCs."""
     partial = out / (DATA_FILE + PARTIAL_SUFFIX)
     crcs = dict(done)
@@ -327,7 +384,7 @@ def _write_extents(ckpt: Checkpoint, dtype: torch.dtype, out: Path, extents: lis
             _release_source_pages(ckpt)
             write_json_atomic(out / STATE_FILE, {"source_key": key, "layout": layout_digest(extents),
                                                   "source_dir": str(ckpt.dir.resolve()),
-                                                  "dtype": str(dtype).removeprefix("torch."),
+                                                  "dtype": str(dtype).removeprefix("torch."), **facts,
                                                   "done": {n: list(c) for n, c in crcs.items()}})
     return crcs
 
@@ -345,13 +402,22 @@ def _release_source_pages(ckpt: Checkpoint) -> None:
 
 def _write_extent(f: Any, ckpt: Checkpoint, dtype: torch.dtype, e: Extent,
                   report: Callable[[int], None]) -> tuple[int, ...]:
-    """Stream the extent's tensors, one at a time, into ``f``; returns its block CRCs."""
+    """Stream the extent's tensors, one at a time, into ``f``; returns its block CRCs. A quantized
+    weight is read, checked, quantized, and written as its packed data then its qparams."""
     crc = _BlockCrc(CRC_BLOCK_BYTES)
     pos = 0
+    qparams: torch.Tensor | None = None       # of the quantized weight just written: the next entry
     for key, entry in e.tensors.items():
         pad = entry.offset - pos
-        tensor = ckpt.tensor(_source_name(e, key), dtype).contiguous()
-        ckpt.check_finite(_source_name(e, key), tensor)         # NaN, inf or overflow: refuse, naming it
+        if qparams is not None:
+            assert key.endswith(QPARAMS_SUFFIX), (e.name, key)
+            tensor, qparams = qparams, None
+        else:
+            tensor = ckpt.tensor(_source_name(e, key), dtype).contiguous()
+            ckpt.check_finite(_source_name(e, key), tensor)     # NaN, inf or overflow: refuse, naming it
+            if entry.quant is not None:
+                tensor, qparams = quantize_weight(tensor, entry.quant)
+        tensor = tensor.contiguous()
         data = tensor.reshape(-1).view(torch.uint8).numpy()     # (nbytes,) view, no copy
         assert pad >= 0 and data.nbytes == entry.nbytes, (e.name, key, pad, data.nbytes, entry.nbytes)
         for chunk in (bytes(pad), data):
@@ -360,7 +426,7 @@ def _write_extent(f: Any, ckpt: Checkpoint, dtype: torch.dtype, e: Extent,
         pos = entry.offset + entry.nbytes
         del tensor, data
         report(pos)
-    assert pos == e.nbytes
+    assert pos == e.nbytes and qparams is None
     f.write(bytes(e.padded_nbytes - e.nbytes))
     return crc.finish()
 
@@ -385,7 +451,8 @@ class _BlockCrc:
         return tuple(self.crcs + ([self.current] if self.filled else []))
 
 
-def _finish(out: Path, ckpt: Checkpoint, dtype: torch.dtype, key: str, extents: list[Extent]) -> None:
+def _finish(out: Path, ckpt: Checkpoint, dtype: torch.dtype, key: str, extents: list[Extent],
+            facts: dict[str, Any]) -> None:
     """Publish the data file, then the manifest (the commit point), then drop the resume state."""
     partial = out / (DATA_FILE + PARTIAL_SUFFIX)
     with open(partial, "r+b") as f:
@@ -398,7 +465,7 @@ def _finish(out: Path, ckpt: Checkpoint, dtype: torch.dtype, key: str, extents: 
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "data_file": DATA_FILE,
         "architecture": ckpt.config.architecture, "dtype": config["dtype"], "source_dtype": source_dtype,
         "source_key": key, "source_dir": str(ckpt.dir.resolve()), "alignment_bytes": ALIGN_BYTES,
-        "crc_block_bytes": CRC_BLOCK_BYTES,
+        "crc_block_bytes": CRC_BLOCK_BYTES, **facts,
         "data_bytes": extents[-1].offset + extents[-1].padded_nbytes,
         "config": config, "extents": {e.name: extent_to_json(e) for e in extents},
     }
@@ -418,20 +485,22 @@ def _dir_lock(out: Path) -> Iterator[None]:
 
 
 
-def cached_store_dir(checkpoint_dir: str | Path, offload_dir: str | Path,
-                     dtype: str | torch.dtype | None = None) -> Path:
-    """Where ``cached_store`` keeps the store of ``checkpoint_dir`` at ``dtype`` (nothing is created)."""
+def cached_store_dir(checkpoint_dir: str | Path, offload_dir: str | Path, dtype: str | torch.dtype | None = None,
+                     quant: WeightQuant | None = None, device_type: str = "cpu") -> Path:
+    """Where ``cached_store`` keeps the store of ``checkpoint_dir`` at ``dtype`` with ``quant``
+    packed for ``device_type`` (nothing is created)."""
     cdir = Path(checkpoint_dir)
     if not (cdir / "config.json").is_file():
         Checkpoint(cdir)    # raises the checkpoint's own clear error
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in cdir.resolve().name) or "model"
-    return Path(offload_dir) / "stores" / f"{name}-{store_key(cdir, dtype)}"
+    return Path(offload_dir) / "stores" / f"{name}-{store_key(cdir, dtype, quant, device_type)}"
 
 
-def find_cached_store(checkpoint_dir: str | Path, offload_dir: str | Path,
-                      dtype: str | torch.dtype | None = None) -> WeightStore | None:
-    """The cached store of ``checkpoint_dir`` when it exists and opens (read-only: nothing is written)."""
-    out = cached_store_dir(checkpoint_dir, offload_dir, dtype)
+def find_cached_store(checkpoint_dir: str | Path, offload_dir: str | Path, dtype: str | torch.dtype | None = None,
+                      quant: WeightQuant | None = None, device_type: str = "cpu") -> WeightStore | None:
+    """The cached store of ``checkpoint_dir`` (at ``dtype``, with ``quant`` packed for
+    ``device_type``) when it exists and opens (read-only: nothing is written)."""
+    out = cached_store_dir(checkpoint_dir, offload_dir, dtype, quant, device_type)
     if not (out / MANIFEST_FILE).is_file():
         return None
     try:
@@ -442,21 +511,24 @@ def find_cached_store(checkpoint_dir: str | Path, offload_dir: str | Path,
 
 
 def cached_store(checkpoint_dir: str | Path, offload_dir: str | Path, dtype: str | torch.dtype | None = None,
-                 progress: ProgressFn | None = None, report: ReportFn | None = None) -> Path:
-    """The store of ``checkpoint_dir`` at ``dtype`` under ``offload_dir/stores``, converted on first use.
+                 progress: ProgressFn | None = None, report: ReportFn | None = None,
+                 quant: WeightQuant | None = None, device_type: str = "cpu") -> Path:
+    """The store of ``checkpoint_dir`` at ``dtype`` (with ``quant``, packed for ``device_type``)
+    under ``offload_dir/stores``, converted on first use.
 
-    The directory name carries ``store_key``, so a changed checkpoint (files, sizes, mtimes) or
-    another dtype gets a fresh conversion instead of stale weights; the stores that older versions
-    of the same checkpoint left are then removed (``remove_stale_stores``). A store that does not
+    The directory name carries ``store_key``, so a changed checkpoint (files, sizes, mtimes),
+    another dtype or another quantization gets a fresh conversion instead of stale weights; the
+    stores that older versions of the same checkpoint left are then removed
+    (``remove_stale_stores``). A store that does not
     open (damaged manifest, truncated data file, an extent found corrupt while streaming) is
     repaired by ``convert``, which re-verifies it, instead of failing.
     """
     cdir = Path(checkpoint_dir)
-    out = check_offload_dir(cached_store_dir(cdir, offload_dir, dtype))
-    if find_cached_store(cdir, offload_dir, dtype) is not None:
+    out = check_offload_dir(cached_store_dir(cdir, offload_dir, dtype, quant, device_type))
+    if find_cached_store(cdir, offload_dir, dtype, quant, device_type) is not None:
         return out
     path = convert(cdir, out, dtype=dtype, progress=progress, report=report, overwrite_other=True,
-                   elsewhere=OFFLOAD_ELSEWHERE)
+                   elsewhere=OFFLOAD_ELSEWHERE, quant=quant, device_type=device_type)
     remove_stale_stores(cdir, out.parent, keep=out, report=report)
     return path
 
@@ -479,8 +551,9 @@ def remove_stale_stores(checkpoint_dir: str | Path, stores_dir: str | Path, keep
         if str(facts.get("source_dir") or "") != source or not facts.get("dtype"):
             continue
         try:
-            current = store_key(checkpoint_dir, str(facts["dtype"]))
-        except ValueError:          # a dtype this tierkv does not know: not ours to judge
+            current = _key(Path(checkpoint_dir), str(facts["dtype"]), WeightQuant.from_json(facts.get("weight_quant")),
+                           str(facts.get("pack_device") or "cpu"))
+        except (ValueError, TierkvError, KeyError, TypeError):   # a dtype or scheme this tierkv does not know
             continue
         if current == facts.get("source_key"):
             continue

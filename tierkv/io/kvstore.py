@@ -10,7 +10,9 @@ Layout: one append-only segment file per layer (``layer0003.kvseg``). A record i
 
     prefix (16 B: magic, version, header length, header crc32)
     header (JSON: layer, chunk, seq, token range, dtype, shapes, payload offset/size, payload crc32)
-    payload at a 64-byte aligned offset: K (Hkv, n, D), V (Hkv, n, D), kmin (Hkv, D), kmax (Hkv, D)
+    payload at a 64-byte aligned offset: K (Hkv, n, D), V (Hkv, n, D), kmin (Hkv, D), kmax (Hkv, D);
+      or, for a chunk kept quantized (header ``kv_quant`` int8/int4), its packed K/V bytes (opaque
+      here: ``kernels.kvquant`` owns the layout) zero-padded to 8 bytes, then kmin, kmax
     zero padding up to a multiple of 4 KiB, so every record starts 4 KiB aligned.
 
 Closed chunks never change, so a chunk is written once and read many times; records are never
@@ -48,7 +50,7 @@ import torch
 from tierkv.errors import TierkvError
 from tierkv.io.buffers import ALIGN_BYTES, round_up
 
-__all__ = ["KVChunk", "KVStore", "KVStoreError", "ChunkId", "RECORD_ALIGN_BYTES", "remove_abandoned"]
+__all__ = ["KVChunk", "KVStore", "PackedKV", "KVStoreError", "ChunkId", "RECORD_ALIGN_BYTES", "remove_abandoned"]
 
 MAGIC = b"TKVC"
 FORMAT_VERSION = 1
@@ -68,21 +70,32 @@ class KVStoreError(TierkvError, RuntimeError):
 
 
 @dataclass(frozen=True, eq=False)
+class PackedKV:
+    """A chunk's K and V as quantized bytes: opaque to the store, which records the scheme and shape."""
+
+    scheme: str                     # "int8" | "int4" (tierkv.quantspec.KV_SCHEMES)
+    shape: tuple[int, int, int]     # (Hkv, T, D): the rows the packed layout has room for
+    tokens: int                     # n <= T rows that hold tokens
+    data: torch.Tensor              # (P,) uint8
+
+
+@dataclass(frozen=True, eq=False)
 class KVChunk:
     """One KV chunk of one sequence and layer, as written to and read from a segment.
 
-    k, v: (Hkv, n, D) post-RoPE keys and values of tokens [start_token, start_token + n).
-    kmin, kmax: (Hkv, D) the chunk's abstract (element-wise min/max of its keys).
+    k, v: (Hkv, n, D) post-RoPE keys and values of tokens [start_token, start_token + n); None when
+    ``packed`` holds them quantized instead. kmin, kmax: (Hkv, D) the chunk's abstract (exact).
     """
 
     layer: int
     chunk: int
     seq: int
     start_token: int
-    k: torch.Tensor
-    v: torch.Tensor
+    k: torch.Tensor | None
+    v: torch.Tensor | None
     kmin: torch.Tensor
     kmax: torch.Tensor
+    packed: PackedKV | None = None
 
     @property
     def key(self) -> ChunkId:
@@ -90,7 +103,7 @@ class KVChunk:
 
     @property
     def n_tokens(self) -> int:
-        return int(self.k.shape[1])
+        return self.packed.tokens if self.packed is not None else int(self.k.shape[1])   # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -109,17 +122,17 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 def _encode(chunk: KVChunk) -> bytes:
     """One complete record (prefix, header, payload, padding) for ``chunk``."""
-    k, v = chunk.k, chunk.v
-    assert k.dim() == 3 and v.shape == k.shape and chunk.kmin.shape == (k.shape[0], k.shape[2]), (
-        f"chunk {chunk.key}: k/v must be (Hkv, n, D) and kmin/kmax (Hkv, D)")
-    assert k.dtype == v.dtype == chunk.kmin.dtype == chunk.kmax.dtype, f"chunk {chunk.key}: mixed dtypes"
-    payload = b"".join(_tensor_bytes(t) for t in (k, v, chunk.kmin, chunk.kmax))
-    header = {
+    header = _kv_header(chunk)
+    kv = (chunk.k, chunk.v) if chunk.packed is None else \
+        (chunk.packed.data, torch.zeros(_packed_span(chunk.packed.data.numel()) - chunk.packed.data.numel(),
+                                        dtype=torch.uint8))      # the abstracts after it stay aligned
+    payload = b"".join(_tensor_bytes(t) for t in (*kv, chunk.kmin, chunk.kmax))   # type: ignore[arg-type]
+    header.update({
         "layer": chunk.layer, "chunk": chunk.chunk, "seq": chunk.seq,
         "start_token": chunk.start_token, "end_token": chunk.start_token + chunk.n_tokens,
-        "dtype": str(k.dtype), "kv_shape": list(k.shape), "abstract_shape": list(chunk.kmin.shape),
+        "dtype": str(chunk.kmin.dtype), "abstract_shape": list(chunk.kmin.shape),
         "payload_bytes": len(payload), "crc32": zlib.crc32(payload), "payload_offset": 0,
-    }
+    })
     slack = 24  # room for the digits of the real payload offset
     header["payload_offset"] = round_up(_PREFIX.size + len(json.dumps(header)) + slack, PAYLOAD_ALIGN_BYTES)
     text = json.dumps(header).encode()
@@ -129,6 +142,26 @@ def _encode(chunk: KVChunk) -> bytes:
     record[_PREFIX.size:_PREFIX.size + len(text)] = text
     record[header["payload_offset"]:header["payload_offset"] + len(payload)] = payload
     return bytes(record)
+
+
+def _kv_header(chunk: KVChunk) -> dict[str, Any]:
+    """The header fields that describe the chunk's K/V (checked against its abstract's shape and dtype)."""
+    p, k, v = chunk.packed, chunk.k, chunk.v
+    if p is not None:
+        assert k is None and v is None and p.data.dtype == torch.uint8 and p.data.dim() == 1, chunk.key
+        assert 0 < p.tokens <= p.shape[1] and chunk.kmin.shape == (p.shape[0], p.shape[2]), (chunk.key, p.shape)
+        return {"kv_quant": p.scheme, "kv_shape": list(p.shape), "kv_tokens": p.tokens,
+                "packed_bytes": p.data.numel()}
+    assert k is not None and v is not None
+    assert k.dim() == 3 and v.shape == k.shape and chunk.kmin.shape == (k.shape[0], k.shape[2]), (
+        f"chunk {chunk.key}: k/v must be (Hkv, n, D) and kmin/kmax (Hkv, D)")
+    assert k.dtype == v.dtype == chunk.kmin.dtype == chunk.kmax.dtype, f"chunk {chunk.key}: mixed dtypes"
+    return {"kv_shape": list(k.shape)}
+
+
+def _packed_span(nbytes: int) -> int:
+    """Payload bytes a packed K/V of ``nbytes`` takes: padded so the abstracts after it are aligned."""
+    return -(-nbytes // 8) * 8
 
 
 def _record_bytes(header: dict[str, Any]) -> int:
@@ -157,14 +190,21 @@ def _decode(entry: _Entry, buf: bytearray) -> KVChunk:
     kv_shape, ab_shape = tuple(h["kv_shape"]), tuple(h["abstract_shape"])
     data = torch.frombuffer(buf, dtype=torch.uint8)
     elt = torch.empty((), dtype=dtype).element_size()
-    kv_bytes = elt * kv_shape[0] * kv_shape[1] * kv_shape[2]
     ab_bytes = elt * ab_shape[0] * ab_shape[1]
+    scheme = h.get("kv_quant", "none")
+    kv_bytes = elt * kv_shape[0] * kv_shape[1] * kv_shape[2]
+    kv_sizes = [_packed_span(h["packed_bytes"])] if scheme != "none" else [kv_bytes, kv_bytes]
     offsets = [h["payload_offset"]]
-    for size in (kv_bytes, kv_bytes, ab_bytes, ab_bytes):
+    for size in (*kv_sizes, ab_bytes, ab_bytes):
         offsets.append(offsets[-1] + size)
-    views = [data[a:b].view(dtype) for a, b in zip(offsets[:-1], offsets[1:])]
+    views = [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    kmin, kmax = views[-2].view(dtype).view(ab_shape), views[-1].view(dtype).view(ab_shape)
+    if scheme != "none":
+        data = views[0][:h["packed_bytes"]]
+        packed = PackedKV(scheme, kv_shape, int(h["kv_tokens"]), data)   # type: ignore[arg-type]
+        return KVChunk(h["layer"], h["chunk"], h["seq"], h["start_token"], None, None, kmin, kmax, packed)
     return KVChunk(h["layer"], h["chunk"], h["seq"], h["start_token"],
-                   views[0].view(kv_shape), views[1].view(kv_shape), views[2].view(ab_shape), views[3].view(ab_shape))
+                   views[0].view(dtype).view(kv_shape), views[1].view(dtype).view(kv_shape), kmin, kmax)
 
 
 class KVStore:

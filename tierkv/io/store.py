@@ -40,7 +40,8 @@ from tierkv.io.buffers import aligned_host_tensor, round_up
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.mover import MoveRecord
 from tierkv.io.reader import DEFAULT_REQUEST_BYTES, AlignedReader
-from tierkv.quantspec import QPARAMS_SUFFIX, check_divides, QuantWeight, TensorQuant, WeightQuant, choose_pack, quantized_keys
+from tierkv.kernels.quant_cpu import cpu_layout
+from tierkv.quantspec import GROUP_SIZES, QPARAMS_SUFFIX, SCHEMES, QuantWeight, TensorQuant, WeightQuant, tensor_quants
 
 FORMAT_NAME = "tierkv-weight-store"
 FORMAT_VERSION = 1
@@ -146,13 +147,11 @@ def plan_layout(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | No
     extents, offset = [], 0
     for name, shapes in groups:
         tensors, pos = {}, 0
-        quantized = set(quantized_keys(shapes, quant))
+        quantized = tensor_quants(shapes, quant, device_type)
         for key, shape in shapes.items():
             entries = [(key, dtype_name, tuple(shape), None)]
             if key in quantized:
-                assert quant is not None
-                check_divides(key, tuple(shape), quant)
-                tq = TensorQuant(quant.scheme, quant.group_size, choose_pack(quant.scheme, tuple(shape), device_type))
+                tq = quantized[key]
                 entries = [(key + suffix, dt, st, tq if not suffix else None)
                            for suffix, (dt, st) in tq.stored(tuple(shape)).items()]
             for entry_key, entry_dtype, entry_shape, tq_or_none in entries:
@@ -243,6 +242,9 @@ class WeightStore:
     crc_block_bytes: int
     source_key: str
     source_dir: str = ""        # the checkpoint directory it was converted from ("" in old stores)
+    quant: WeightQuant | None = None   # the weight quantization it was converted with (None: 16-bit)
+    pack_device: str = ""       # what its packs are made for (``pack_device``: "cpu:AVX512", "gpu"; "" in
+                                # 16-bit stores, which have no packs)
 
     @classmethod
     def open(cls, store_dir: str | Path) -> "WeightStore":
@@ -271,10 +273,13 @@ class WeightStore:
             config = ModelConfig.from_dict(raw["config"], source=str(store_dir / MANIFEST_FILE))
             data_path = store_dir / raw["data_file"]
             block = int(raw["crc_block_bytes"])
-        except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
+            quant = WeightQuant.from_json(raw.get("weight_quant"))
+            packs = str(raw.get("pack_device") or "")
+        except (KeyError, TypeError, ValueError, AttributeError, ConfigError, TierkvError) as exc:
             raise StoreError(f"{store_dir / MANIFEST_FILE} is damaged ({exc!r}); "
                              f"{repair_hint(store_dir, source)}") from None
-        store = cls(store_dir, data_path, dtype, config, extents, block, str(raw.get("source_key", "")), source)
+        store = cls(store_dir, data_path, dtype, config, extents, block, str(raw.get("source_key", "")), source,
+                    quant, packs)
         store._check_files()
         damaged = read_damage(store_dir)
         if damaged:
@@ -303,6 +308,29 @@ class WeightStore:
         missing = sorted(expected - set(self.extents))
         if missing:
             raise StoreError(f"{self.dir / MANIFEST_FILE} lacks extents {missing}; {fix}")
+
+    def check_quant(self, asked: WeightQuant | None, device_type: str) -> None:
+        """StoreError unless this store holds what was asked: the same scheme (16-bit when ``asked``
+        is None), group size and head flag, packed for ``device_type``'s family. The message lists
+        what the store holds and the two ways out (ask for that, or convert again)."""
+        here = pack_device(device_type)
+        if asked == self.quant and (self.quant is None or self.pack_device == here):
+            return
+        held = self.quant.describe() if self.quant is not None else "16-bit weights"
+        if asked is not None and asked == self.quant:
+            other = "--device cuda" if self.pack_device == "gpu" else "--device cpu on a CPU of that kind"
+            raise StoreError(f"the weight store {self.dir} is packed for {self.pack_device}, but this run computes "
+                             f"on {here}; run it with {other}, or convert the checkpoint again here "
+                             f"(`tierkv convert {shlex.quote(self.source_dir) if self.source_dir else 'MODEL'} "
+                             f"OTHER_DIR --device {device_type}` with the same --quant)")
+        wanted = asked.describe() if asked is not None else "16-bit weights"
+        flags = (f"--quant {self.quant.scheme} --group-size {self.quant.group_size}"
+                 + (" --quant-head" if self.quant.head else "")) if self.quant is not None else "--quant none"
+        model = shlex.quote(self.source_dir) if self.source_dir else "MODEL"
+        raise StoreError(f"the weight store {self.dir} holds {held}, not the {wanted} asked for; run it with "
+                         f"{flags} (or leave --quant out to use what it holds), or convert again with "
+                         f"`tierkv convert {model} OTHER_DIR` and the --quant you want (schemes: {', '.join(SCHEMES)}, none; "
+                         f"group sizes: {', '.join(map(str, GROUP_SIZES))})")
 
     def layer(self, j: int) -> Extent:
         return self.extents[layer_extent_name(j)]
@@ -464,6 +492,21 @@ def _read_manifest(store_dir: Path) -> dict[str, Any]:
     return raw
 
 
+def pack_device(device_type: str) -> str:
+    """What a quantized store's packs are made for: "gpu" (the plain packs), or "cpu:" and the CPU
+    capability whose tinygemm layout the cpu_int4 packs follow (``kernels.quant_cpu``: a pack made
+    under AVX512 is wrong under AVX2). Part of the store key and the manifest."""
+    return f"cpu:{cpu_layout()}" if device_type == "cpu" else "gpu"
+
+
+def is_store_dir(path: str | Path) -> bool:
+    """Whether ``path`` is (or was meant to be) a weight store rather than a checkpoint: it holds a
+    manifest or an unfinished conversion and no config.json."""
+    p = Path(path)
+    return not (p / "config.json").is_file() and any(
+        (p / name).exists() for name in (MANIFEST_FILE, STATE_FILE, DATA_FILE + PARTIAL_SUFFIX))
+
+
 def existing_manifest(out: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(manifest, None) when ``out`` has a usable one, (None, why) when it is unusable, (None, None) when absent."""
     if not (out / MANIFEST_FILE).exists():
@@ -477,7 +520,8 @@ def existing_manifest(out: Path) -> tuple[dict[str, Any] | None, str | None]:
             extent_from_json(name, e)
         str(raw["source_key"])
         int(raw["crc_block_bytes"])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        WeightQuant.from_json(raw.get("weight_quant"))
+    except (KeyError, TypeError, ValueError, AttributeError, TierkvError) as exc:
         return None, f"{out / MANIFEST_FILE} is damaged ({exc!r})"
     return raw, None
 
@@ -485,5 +529,6 @@ def existing_manifest(out: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 __all__ = ["CRC_BLOCK_BYTES", "DATA_FILE", "DAMAGE_FILE", "Extent", "FORMAT_VERSION", "MANIFEST_FILE", "StoreError",
            "TensorEntry", "WeightStore", "block_crcs", "existing_manifest", "extent_from_json", "extent_to_json",
-           "fsync_dir", "layer_extent_name", "layout_digest", "mark_damaged", "plan_layout", "read_damage",
+           "fsync_dir", "is_store_dir", "layer_extent_name", "pack_device",
+           "layout_digest", "mark_damaged", "plan_layout", "read_damage",
            "repair_hint", "tensors_from_buffer", "write_json_atomic"]

@@ -1,5 +1,8 @@
 """Kernels of the tiered KV cache: chunk abstracts, 2-bit key sketches, chunk importance and selection, sparse decode attention.
 
+(``kvquant`` dequantizes int8/int4 KV chunks coming back from the host and disk tiers; the
+pipeline imports it directly, like the weight quantization references in ``quant_reference``.)
+
 Why this package exists: these are the hot per-step operations that decide which KV chunks a decode
 step reads and then read them. Each is a triplet (Triton kernel, launcher, torch reference in
 ``reference``); the public functions below pick one per call (``_select.pick_backend``:

@@ -9,12 +9,14 @@ layers lives in one helper.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
 from tierkv.config import ModelConfig
 from tierkv.io.checkpoint import Checkpoint
+from tierkv.kernels.quant import quantize_weight
+from tierkv.quantspec import QuantWeight, TensorQuant, WeightQuant, tensor_quants
 
 LayerFn = Callable[[int, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
@@ -66,18 +68,24 @@ def run_layers(source: WeightSource, h: torch.Tensor, layer_fn: LayerFn) -> torc
 
 
 class ResidentWeights:
-    """Every layer loaded once onto the compute device; prefetch and release cost nothing."""
+    """Every layer loaded once onto the compute device; prefetch and release cost nothing.
+
+    With ``quant`` the linear weights it covers are quantized as they are loaded, one at a time
+    (the same ``quantize_weight`` and packs for the device as ``tierkv convert``, so a resident
+    model computes exactly what a streamed one does) and held as ``QuantWeight``.
+    """
 
     prefetch_depth = 0
 
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device,
+                 quant: WeightQuant | None = None) -> None:
         cfg: ModelConfig = ckpt.config
         self.num_layers = cfg.num_layers
-        self._globals = {k: t.to(device=device, dtype=dtype) for k, t in ckpt.globals().items()}
-        self._layers = [{k: t.to(device=device, dtype=dtype) for k, t in ckpt.layer(j).items()}
-                        for j in range(cfg.num_layers)]
-        self.nbytes = sum(t.numel() * t.element_size() for d in [self._globals, *self._layers]
-                          for t in d.values())
+        layer_quants = tensor_quants(cfg.layer_tensor_shapes(), quant, device.type)
+        self._globals = _placed(ckpt.globals(), tensor_quants(cfg.global_tensor_shapes(), quant, device.type),
+                                dtype, device)
+        self._layers = [_placed(ckpt.layer(j), layer_quants, dtype, device) for j in range(cfg.num_layers)]
+        self.nbytes = sum(t.nbytes for d in [self._globals, *self._layers] for t in d.values())
 
     def globals(self) -> dict[str, torch.Tensor]:
         return self._globals
@@ -97,3 +105,14 @@ class ResidentWeights:
     def close(self) -> None:
         self._layers.clear()
         self._globals.clear()
+
+
+def _placed(tensors: dict[str, torch.Tensor], quants: dict[str, TensorQuant], dtype: torch.dtype,
+            device: torch.device) -> dict[str, Any]:
+    """Checkpoint tensors on ``device`` in ``dtype``; those in ``quants`` quantized (on the host) first."""
+    out: dict[str, Any] = {}
+    for key in list(tensors):
+        t = tensors.pop(key).to(dtype)
+        out[key] = (QuantWeight(*quantize_weight(t, quants[key]), quants[key]) if key in quants else t).to(device)
+        del t
+    return out

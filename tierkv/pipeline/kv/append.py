@@ -31,7 +31,7 @@ def append(st: CacheState, kv: LayerKV, k: torch.Tensor, v: torch.Tensor) -> Non
             _new_chunk(st, kv, take)
         else:
             for b in range(st.batch):
-                kv.table.grow(kv.key(c, b), fill + take, kv.geo.slot_bytes)
+                kv.table.grow(kv.key(c, b), fill + take, kv.geo.slot_bytes, kv.geo.cold_bytes)
         slots = torch.tensor([kv.slot_of(kv.key(c, b)) for b in range(st.batch)], device=st.device)
         kv.k_pool[slots, :, fill:fill + take] = k[:, :, pos:pos + take]
         kv.v_pool[slots, :, fill:fill + take] = v[:, :, pos:pos + take]
@@ -70,7 +70,7 @@ def _new_chunk(st: CacheState, kv: LayerKV, tokens: int) -> None:
     c = kv.n_chunks
     slots = [kv.free.pop() for _ in range(st.batch)]
     for b, slot in enumerate(slots):
-        kv.table.add(kv.key(c, b), tokens, kv.geo.slot_bytes, Tier.DEVICE, slot=slot)
+        kv.table.add(kv.key(c, b), tokens, kv.geo.slot_bytes, Tier.DEVICE, slot=slot, cold_nbytes=kv.geo.cold_bytes)
     kv.slot_map[:, c] = torch.tensor(slots, dtype=torch.int32, device=st.device)
     kv.n_chunks += 1
 

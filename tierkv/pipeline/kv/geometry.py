@@ -17,8 +17,9 @@ import torch
 from tierkv.config import ModelConfig, Policy, format_size
 from tierkv.io.buffers import ChunkArenas
 from tierkv.pipeline.chunking import ChunkRule, fit_chunk_tokens
-from tierkv.pipeline.kv.sizing import (SCRATCH_SLOTS_PER_SEQ, chunk_size_candidates, kv_bytes_per_token,
-                                       layer_index_bytes, layer_minimum_bytes, min_chunk_slots, slot_bytes)
+from tierkv.pipeline.kv.sizing import (SCRATCH_SLOTS_PER_SEQ, chunk_size_candidates, cold_chunk_bytes,
+                                       kv_bytes_per_token, layer_index_bytes, layer_minimum_bytes, min_chunk_slots,
+                                       slot_bytes)
 from tierkv.pipeline.kv.table import KVBudgetError
 
 __all__ = ["CacheShape", "LayerGeometry"]
@@ -35,6 +36,7 @@ class LayerGeometry:
     slot_bytes: int            # K + V of one chunk of one sequence
     entropy: float | None      # measured attention skew (None: fixed size or not measurable)
     spill_expected: bool       # the context may outgrow device + host: write closed chunks behind
+    cold_bytes: int            # one chunk of one sequence on the host or disk (quantized: < slot_bytes)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class CacheShape:
 
     def slot_bytes(self, chunk_tokens: int) -> int:
         return slot_bytes(self.cfg, self.dtype, chunk_tokens)
+
+    def cold_bytes(self, chunk_tokens: int) -> int:
+        return cold_chunk_bytes(self.cfg, self.dtype, chunk_tokens, self.policy.kv_quant)
 
     def chunks(self, chunk_tokens: int) -> int:
         return -(-self.capacity_tokens // chunk_tokens)
@@ -101,16 +106,17 @@ class CacheShape:
         when no chunk size fits the device budget."""
         size, fits = self.pick_size(wanted_tokens, forced)
         slots, chunks, one = self.slots_for(size), self.chunks(size), self.slot_bytes(size)
+        cold = self.cold_bytes(size)
         if not fits:
             raise self.too_small_error(size, slots)
         host_slots = math.inf if self.host_layer_bytes is None else \
-            ChunkArenas(one, self.host_layer_bytes).capacity   # allocates nothing until take()
+            ChunkArenas(cold, self.host_layer_bytes).capacity   # allocates nothing until take()
         if slots >= self.batch * chunks:
-            return LayerGeometry(size, chunks, self.batch * chunks, 0, one, entropy, False)
+            return LayerGeometry(size, chunks, self.batch * chunks, 0, one, entropy, False, cold)
         pair = SCRATCH_SLOTS_PER_SEQ * self.batch
         scratch = max(pair, (slots // 4) // pair * pair)   # about a quarter of the slots, in whole pairs
         spill = self.batch * chunks > slots - scratch + host_slots
-        return LayerGeometry(size, chunks, slots - scratch, scratch, one, entropy, spill)
+        return LayerGeometry(size, chunks, slots - scratch, scratch, one, entropy, spill, cold)
 
     def too_small_error(self, size: int, slots: int) -> KVBudgetError:
         need, n = self.layer_minimum(size), self.cfg.num_layers

@@ -15,6 +15,7 @@ import torch
 
 from tierkv.io.buffers import ChunkArenas, pinning_available
 from tierkv.kernels.sketch import sketch_bytes_per_token
+from tierkv.pipeline.kv.codec import ChunkCodec
 from tierkv.pipeline.kv.geometry import LayerGeometry
 from tierkv.pipeline.kv.table import ChunkKey, KVChunkTable, Tier
 from tierkv.pipeline.kv.workers import KVMove
@@ -68,7 +69,8 @@ class LayerKV:
     """One layer's chunks: device slot pool, host buffers, abstracts and the chunk table."""
 
     def __init__(self, layer: int, geo: LayerGeometry, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, host_bytes: int | None, disk: bool, sink_chunks: int, sketch: bool) -> None:
+                 device: torch.device, host_bytes: int | None, disk: bool, sink_chunks: int, sketch: bool,
+                 kv_quant: str) -> None:
         n, s, c = geo.resident_slots + geo.scratch_slots, geo.chunk_tokens, geo.max_chunks
         self.layer, self.geo, self.batch = layer, geo, batch
         self.k_pool = torch.zeros((n, kv_heads, s, head_dim), dtype=dtype, device=device)   # (N, Hkv, S, D)
@@ -83,10 +85,12 @@ class LayerKV:
         self.n_coded = 0                                                                     # chunks with codes
         self.free = list(range(geo.resident_slots))[::-1]     # resident slots no chunk holds
         self.scratch = list(range(geo.resident_slots, n))
-        self.host_bufs: list[torch.Tensor] = []               # host slot -> (2, Hkv, S, D) view of host_pool
+        self.codec = ChunkCodec(kv_quant, kv_heads, s, head_dim, dtype)   # how chunks are held off the device
+        assert self.codec.cold_bytes == geo.cold_bytes, (self.codec.cold_bytes, geo)
+        self.host_bufs: list[torch.Tensor] = []               # host slot -> codec.host_view of host_pool
         self.host_free: list[int] = []                        # host slots no chunk holds
-        self.host_pool = ChunkArenas(geo.slot_bytes, host_bytes, pinned=device.type == "cuda" and pinning_available())
-        host_room = None if host_bytes is None else self.host_pool.capacity * geo.slot_bytes  # what really fits
+        self.host_pool = ChunkArenas(geo.cold_bytes, host_bytes, pinned=device.type == "cuda" and pinning_available())
+        host_room = None if host_bytes is None else self.host_pool.capacity * geo.cold_bytes  # what really fits
         budgets = {DEVICE: geo.resident_slots * geo.slot_bytes, HOST: host_room, DISK: None if disk else 0}
         self.table = KVChunkTable(budgets, sink_chunks=sink_chunks, recent_tokens=s)
         self.n_chunks = 0
@@ -120,7 +124,7 @@ class LayerKV:
         return self.table.count(DEVICE) == self.batch * self.n_chunks
 
     def host_buf(self, key: ChunkKey) -> torch.Tensor:
-        """(2, Hkv, S, D) host buffer of a chunk on the host."""
+        """Host buffer of a chunk on the host (``codec.host_view``: (2, Hkv, S, D), or packed codes)."""
         slot = self.table.host_slot_of(key)
         assert slot is not None, f"{key} is not on the host"
         return self.host_bufs[slot]
@@ -129,7 +133,7 @@ class LayerKV:
         """A free host buffer (allocated from the arenas when none is free); returns its host slot."""
         if self.host_free:
             return self.host_free.pop()
-        self.host_bufs.append(self.host_pool.take().view(self.k_pool.dtype).view(2, *self.k_pool.shape[1:]))
+        self.host_bufs.append(self.codec.host_view(self.host_pool.take()))
         return len(self.host_bufs) - 1
 
     def slot_pair(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,11 +61,11 @@ def eviction_moves(st: CacheState, kv: LayerKV, victims: Sequence[ChunkKey]) -> 
     room = kv.table.free_bytes(HOST)
     moves: dict[TierPair, list[ChunkKey]] = {}
     for key in victims:
-        dst = HOST if room >= kv.geo.slot_bytes else DISK
+        dst = HOST if room >= kv.geo.cold_bytes else DISK
         if dst is DISK and st.store is None:
             raise KVBudgetError("the host KV budget is full and there is no offload dir; give --offload-dir "
                                 "or raise --host-mem")
-        room -= kv.geo.slot_bytes if dst is HOST else 0
+        room -= kv.geo.cold_bytes if dst is HOST else 0
         moves.setdefault((DEVICE, dst), []).append(key)
     return moves
 
@@ -85,8 +85,8 @@ def evict(st: CacheState, kv: LayerKV, moves: Mapping[TierPair, Sequence[ChunkKe
         host_slots = None
         if dst is HOST:
             host_slots = {key: kv.host_take() for key in keys}
-            complete(st.mover, move(st, DEVICE, HOST, keys, [kv.slot_pair(slot) for slot in slots],
-                                   [kv.host_bufs[host_slots[key]] for key in keys]))
+            sources = [(kv.codec, *kv.slot_pair(slot), kv.table.tokens_of(key)) for key, slot in zip(keys, slots)]
+            complete(st.mover, move(st, DEVICE, HOST, keys, sources, [kv.host_bufs[host_slots[key]] for key in keys]))
         kv.table.finish({(src, dst): keys}, host_slots)
         kv.free.extend(slots)
         kv.slot_map[[k.seq for k in keys], [k.chunk for k in keys]] = -1
@@ -94,13 +94,12 @@ def evict(st: CacheState, kv: LayerKV, moves: Mapping[TierPair, Sequence[ChunkKe
 
 
 def chunk_record(kv: LayerKV, key: ChunkKey, snapshot: bool) -> KVChunk:
-    """A resident chunk as a store record; ``snapshot`` copies it to host memory first."""
+    """A resident chunk as a store record in its cold form (``kv.codec``: quantized here when the
+    cold tiers hold codes); ``snapshot`` copies it to host memory first."""
     slot = kv.slot_of(key)
     assert slot is not None, f"{key} is not resident"
     tensors = (kv.k_pool[slot], kv.v_pool[slot], kv.kmin[key.seq, :, key.chunk], kv.kmax[key.seq, :, key.chunk])
-    if snapshot:
-        tensors = tuple(t.to("cpu", copy=True) for t in tensors)
-    return KVChunk(kv.layer, key.chunk, key.seq, key.chunk * kv.geo.chunk_tokens, *tensors)
+    return kv.codec.record(kv.layer, key.chunk, key.seq, tensors, kv.table.tokens_of(key), snapshot)
 
 
 def write_now(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey]) -> None:
@@ -108,7 +107,7 @@ def write_now(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey]) -> None:
         assert st.store is not None
         records = [chunk_record(kv, key, snapshot=False) for key in keys]
         complete(st.mover, move(st, DEVICE, DISK, keys, records, [st.store] * len(keys)))
-        st.c.disk_write_bytes += len(keys) * kv.geo.slot_bytes
+        st.c.disk_write_bytes += len(keys) * kv.geo.cold_bytes
 
 
 def write_behind(st: CacheState, kv: LayerKV, chunk: int) -> None:
@@ -119,10 +118,10 @@ def write_behind(st: CacheState, kv: LayerKV, chunk: int) -> None:
     if st.store is None or not kv.geo.spill_expected or chunk < st.shape.sink_chunks:
         return
     keys = tuple(kv.key(chunk, b) for b in range(st.batch))
-    _make_write_room(st, len(keys) * kv.geo.slot_bytes)
+    _make_write_room(st, len(keys) * kv.geo.cold_bytes)
     records = [chunk_record(kv, key, snapshot=True) for key in keys]
     moves = move(st, HOST, DISK, keys, records, [st.store] * len(keys))
-    kv.writing.append(Write(keys, tuple(moves), len(keys) * kv.geo.slot_bytes))
+    kv.writing.append(Write(keys, tuple(moves), len(keys) * kv.geo.cold_bytes))
 
 
 def _make_write_room(st: CacheState, nbytes: int) -> None:
@@ -210,22 +209,23 @@ def load(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey], slots: Sequence[
     host = [(key, slot) for key, slot in zip(keys, slots) if kv.table.tier_of(key) is HOST]
     disk = [(key, slot) for key, slot in zip(keys, slots) if kv.table.tier_of(key) is DISK]
     assert len(host) + len(disk) == len(keys), "only host and disk chunks are loaded"
-    st.c.host_read_bytes += len(host) * kv.geo.slot_bytes
-    st.c.disk_read_bytes += len(disk) * kv.geo.slot_bytes
+    st.c.host_read_bytes += len(host) * kv.geo.cold_bytes
+    st.c.disk_read_bytes += len(disk) * kv.geo.cold_bytes
     if st.decoding:
-        st.c.decode_read_bytes += len(keys) * kv.geo.slot_bytes
-    return load_into(st, [(key, kv.host_buf(key)) for key, _ in host], [key for key, _ in disk],
+        st.c.decode_read_bytes += len(keys) * kv.geo.cold_bytes
+    return load_into(st, kv, [(key, kv.host_buf(key)) for key, _ in host], [key for key, _ in disk],
                      [kv.slot_pair(slot) for _, slot in host], [kv.slot_pair(slot) for _, slot in disk])
 
 
-def load_into(st: CacheState, host: Sequence[tuple[ChunkKey, torch.Tensor]], disk: Sequence[ChunkKey],
+def load_into(st: CacheState, kv: LayerKV, host: Sequence[tuple[ChunkKey, torch.Tensor]], disk: Sequence[ChunkKey],
               host_dests: Sequence[tuple[torch.Tensor, torch.Tensor]],
               disk_dests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[KVMove]:
-    """Start copying host buffers (2, Hkv, S, D) and disk chunks into (k, v) device views (Hkv, S, D)."""
+    """Start copying host buffers and disk chunks of layer ``kv`` into (k, v) device views (Hkv, S, D),
+    decoded there by the layer's codec (dequantized when the cold tiers hold codes)."""
     moves: list[KVMove] = []
     if host:
-        moves += move(st, HOST, DEVICE, [key for key, _ in host], [buf for _, buf in host], host_dests)
+        moves += move(st, HOST, DEVICE, [key for key, _ in host], [(kv.codec, buf) for _, buf in host], host_dests)
     if disk:
         assert st.store is not None, "disk chunks without a store"
-        moves += move(st, DISK, DEVICE, disk, [(st.store, key) for key in disk], disk_dests)
+        moves += move(st, DISK, DEVICE, disk, [(kv.codec, st.store, key) for key in disk], disk_dests)
     return moves

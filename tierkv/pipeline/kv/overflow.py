@@ -163,15 +163,16 @@ def _submit_group(st: CacheState, kv: LayerKV, rows: Sequence[Sequence[ChunkKey]
             (host if kv.table.tier_of(key) is Tier.HOST else disk).append((i, j, key))
         v[i, :, len(row):].zero_()          # K there is masked; V must hold no NaN (0 * NaN)
     assert all(kv.table.tier_of(key) is Tier.DISK for *_, key in disk), "only host and disk chunks stream"
-    st.c.host_read_bytes += len(host) * kv.geo.slot_bytes
-    st.c.disk_read_bytes += len(disk) * kv.geo.slot_bytes
-    st.c.decode_read_bytes += (len(host) + len(disk)) * kv.geo.slot_bytes
-    moves = load_into(st, [(key, kv.host_buf(key)) for *_, key in host], [],
+    st.c.host_read_bytes += len(host) * kv.geo.cold_bytes
+    st.c.disk_read_bytes += len(disk) * kv.geo.cold_bytes
+    st.c.decode_read_bytes += (len(host) + len(disk)) * kv.geo.cold_bytes
+    moves = load_into(st, kv, [(key, kv.host_buf(key)) for *_, key in host], [],
                       [(k[i, :, j], v[i, :, j]) for i, j, _ in host], [])
     parts = max(1, min(STREAM_THREADS, len(disk)))
     for t in range(parts):                  # disk reads round-robin over the stream threads
         part = disk[t::parts]
-        moves += load_into(st, [], [key for *_, key in part], [], [(k[i, :, j], v[i, :, j]) for i, j, _ in part])
+        moves += load_into(st, kv, [], [key for *_, key in part], [],
+                           [(k[i, :, j], v[i, :, j]) for i, j, _ in part])
     sel = [[[bool(picked[key] >> j & 1) for key in row] + [False] * (n - len(row)) for j in range(h)]
            for row in rows]                                                                  # (B, Hkv, n)
     lens = [[kv.table.tokens_of(key) for key in row] + [0] * (n - len(row)) for row in rows]  # (B, n)

@@ -16,9 +16,10 @@ from tierkv.config import ModelConfig, Policy
 from tierkv.io.buffers import ARENA_BYTES, round_up
 from tierkv.kernels.sketch import sketch_bytes_per_token
 from tierkv.pipeline.chunking import ChunkRule
+from tierkv.quantspec import kv_chunk_bytes
 
-__all__ = ["SCRATCH_SLOTS_PER_SEQ", "chunk_size_candidates", "dense_fits", "element_bytes", "keeps_sketch",
-           "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
+__all__ = ["SCRATCH_SLOTS_PER_SEQ", "chunk_size_candidates", "cold_chunk_bytes", "dense_fits", "element_bytes",
+           "keeps_sketch", "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
            "kv_host_want_bytes", "layer_device_bytes", "layer_index_bytes", "layer_minimum_bytes", "max_kv_batch",
            "min_chunk_slots", "sketch_required", "slot_bytes"]
 
@@ -37,6 +38,12 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
 def slot_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk_tokens: int) -> int:
     """K + V of one chunk of one sequence in one layer (a device slot, a host buffer, a disk record)."""
     return 2 * cfg.num_kv_heads * chunk_tokens * cfg.head_dim * element_bytes(dtype)
+
+
+def cold_chunk_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk_tokens: int, kv_quant: str = "none") -> int:
+    """One chunk of one sequence in one layer on the host or disk tier: ``slot_bytes`` when exact, the
+    packed int8/int4 codes and their 16-bit params under ``kv_quant`` (``quantspec.kv_chunk_bytes``)."""
+    return kv_chunk_bytes(kv_quant, cfg.num_kv_heads, chunk_tokens, cfg.head_dim, element_bytes(dtype))
 
 
 def keeps_sketch(policy: Policy, device: torch.device) -> bool:
@@ -175,11 +182,12 @@ def kv_device_want_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, c
 def kv_host_want_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, capacity_tokens: int,
                        batch: int = 1, *, rule: ChunkRule = ChunkRule()) -> int:
     """Host bytes (all layers) a tiered cache of ``batch`` x ``capacity_tokens`` allocates if every
-    chunk lives on the host, at the chunk size that costs the most: whole chunks in page-rounded
-    arenas (``io.buffers.ChunkArenas``). A host allotment of this many bytes holds every chunk."""
+    chunk lives on the host, at the chunk size that costs the most: whole chunks (quantized under
+    ``policy.kv_quant``) in page-rounded arenas (``io.buffers.ChunkArenas``). A host allotment of
+    this many bytes holds every chunk."""
     per_layer = 0
     for size in _tiered_sizes(policy, capacity_tokens, rule):
-        chunk = slot_bytes(cfg, dtype, size)
+        chunk = cold_chunk_bytes(cfg, dtype, size, policy.kv_quant)
         chunks = batch * -(-capacity_tokens // size)
         per_arena = max(1, ARENA_BYTES // chunk)
         full, last = divmod(chunks, per_arena)

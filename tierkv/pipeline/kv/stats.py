@@ -24,6 +24,10 @@ def stats(st: CacheState, device_allocated_bytes: int) -> dict[str, Any]:
     judged = c.spec_hits + c.spec_misses
     return {
         "kv_mode": st.policy.kv,
+        # host and disk hold chunks as codes under kv_quant; bytes_read_* / bytes_written_disk / moves
+        # count the bytes that crossed each link, so compressed; cold_chunk_ratio = cold / device chunk bytes
+        "kv_quant": st.policy.kv_quant,
+        "cold_chunk_ratio": [kv.geo.cold_bytes / kv.geo.slot_bytes if kv else None for kv in st.layers],
         "chunk_tokens": [kv.geo.chunk_tokens if kv else None for kv in st.layers],
         "attention_entropy": [kv.geo.entropy if kv else None for kv in st.layers],
         "device_bytes": sum(kv.table.used_bytes(DEVICE) for kv in layers),

@@ -9,7 +9,8 @@ any machine and the pipeline only executes the plans it returns.
 Model:
 - A chunk is keyed by ``ChunkKey(layer, chunk, seq)``; chunks of one (seq, layer) are added in
   order (chunk ids 0, 1, 2...), the last one is the open chunk that decode appends to.
-- Each chunk sits on one tier, with its size in tokens and bytes, and where on that tier: its
+- Each chunk sits on one tier, with its size in tokens and bytes per tier (``nbytes`` on the device,
+  ``cold_nbytes`` on the host and disk: smaller when the cold tiers hold it quantized), and where on that tier: its
   device slot (set while it is on the device or being fetched into it) and its host slot (set
   while it is on the host). This table is the one record of residency; the cache's slot pool,
   host buffers and device-side slot map follow it. Per-tier byte budgets (None = unbounded) are
@@ -91,11 +92,16 @@ class MovePlan:
 class _Chunk:
     tier: Tier
     tokens: int
-    nbytes: int
+    nbytes: int               # on the device
+    cold: int                 # on the host or disk
     pins: int = 0
     dest: Tier | None = None  # set while a move is in flight
     slot: int | None = None   # device slot: on the device, or being fetched into it
     host_slot: int | None = None  # host buffer: on the host (until a fetch from it finishes)
+
+
+def _size(chunk: _Chunk, tier: Tier) -> int:
+    return chunk.nbytes if tier is Tier.DEVICE else chunk.cold
 
 
 def _fmt(nbytes: int | None) -> str:
@@ -230,9 +236,10 @@ class KVChunkTable:
         self._used[tier] += nbytes
 
     def add(self, key: ChunkKey, tokens: int, nbytes: int, tier: Tier = Tier.DEVICE, *, slot: int | None = None,
-            host_slot: int | None = None) -> None:
+            host_slot: int | None = None, cold_nbytes: int | None = None) -> None:
         """Register a new chunk on ``tier`` (at device ``slot`` / ``host_slot`` when the cache has
-        slots); chunk ids of a (seq, layer) must come in order 0, 1, 2..."""
+        slots); chunk ids of a (seq, layer) must come in order 0, 1, 2... ``nbytes`` is its size on
+        the device, ``cold_nbytes`` on the host and disk (default: the same)."""
         if key in self._chunks:
             raise KeyError(f"KV chunk {key} already exists")
         ids = self._order.setdefault((key.seq, key.layer), [])
@@ -241,25 +248,29 @@ class KVChunkTable:
                 f"chunks of (seq {key.seq}, layer {key.layer}) must be added in order: "
                 f"expected chunk {len(ids)}, got {key.chunk}"
             )
-        if tokens < 1 or nbytes < 0:
-            raise ValueError(f"a chunk needs tokens >= 1 and nbytes >= 0, got {tokens}, {nbytes}")
-        self._charge(tier, nbytes, f"new KV chunk {key}")
+        cold = nbytes if cold_nbytes is None else cold_nbytes
+        if tokens < 1 or nbytes < 0 or cold < 0:
+            raise ValueError(f"a chunk needs tokens >= 1 and nbytes >= 0, got {tokens}, {nbytes}, {cold}")
+        chunk = _Chunk(tier, tokens, nbytes, cold, slot=slot if tier is Tier.DEVICE else None,
+                       host_slot=host_slot if tier is Tier.HOST else None)
+        self._charge(tier, _size(chunk, tier), f"new KV chunk {key}")
         ids.append(key.chunk)
-        self._chunks[key] = _Chunk(tier, tokens, nbytes, slot=slot if tier is Tier.DEVICE else None,
-                                   host_slot=host_slot if tier is Tier.HOST else None)
+        self._chunks[key] = chunk
         self._lru[tier][key] = None
 
-    def grow(self, key: ChunkKey, tokens: int, nbytes: int) -> None:
-        """Set the new size of the open (last) chunk after decode appended tokens to it."""
+    def grow(self, key: ChunkKey, tokens: int, nbytes: int, cold_nbytes: int | None = None) -> None:
+        """Set the new size of the open (last) chunk after decode appended tokens to it (sizes as in ``add``)."""
         chunk = self._get(key)
         assert key.chunk == self._order[(key.seq, key.layer)][-1], f"only the open chunk grows, not {key}"
         assert chunk.dest is None, f"chunk {key} grew while in flight"
-        if tokens < chunk.tokens or nbytes < chunk.nbytes:
+        cold = nbytes if cold_nbytes is None else cold_nbytes
+        if tokens < chunk.tokens or nbytes < chunk.nbytes or cold < chunk.cold:
             raise ValueError(
                 f"chunk {key} can only grow: {chunk.tokens} -> {tokens} tokens, {chunk.nbytes} -> {nbytes} bytes"
             )
-        self._charge(chunk.tier, nbytes - chunk.nbytes, f"growing KV chunk {key}")
-        chunk.tokens, chunk.nbytes = tokens, nbytes
+        self._charge(chunk.tier, _size(_Chunk(chunk.tier, tokens, nbytes, cold), chunk.tier) - _size(chunk, chunk.tier),
+                     f"growing KV chunk {key}")
+        chunk.tokens, chunk.nbytes, chunk.cold = tokens, nbytes, cold
 
     def drop_sequence(self, seq: int) -> list[ChunkKey]:
         """Forget every chunk of a finished sequence; returns their keys (for the stores to free)."""
@@ -269,7 +280,7 @@ class KVChunkTable:
             assert chunk.pins == 0 and chunk.dest is None, f"dropping pinned or moving chunk {key}"
         for key in keys:
             chunk = self._chunks.pop(key)
-            self._used[chunk.tier] -= chunk.nbytes
+            self._used[chunk.tier] -= _size(chunk, chunk.tier)
             del self._lru[chunk.tier][key]
         for seq_layer in [sl for sl in self._order if sl[0] == seq]:
             del self._order[seq_layer]
@@ -329,16 +340,16 @@ class KVChunkTable:
                 break
             if key in selected or not self._evictable(key):
                 continue
-            nbytes = self._chunks[key].nbytes
-            dst = Tier.HOST if nbytes <= room[Tier.HOST] else Tier.DISK
-            if nbytes > room[dst]:
+            chunk = self._chunks[key]
+            dst = Tier.HOST if chunk.cold <= room[Tier.HOST] else Tier.DISK
+            if chunk.cold > room[dst]:
                 raise KVBudgetError(
-                    f"no room to evict KV chunk {key} ({_fmt(nbytes)}): host and disk budgets are full; "
+                    f"no room to evict KV chunk {key} ({_fmt(chunk.cold)}): host and disk budgets are full; "
                     "raise --host-mem or give --offload-dir more space"
                 )
-            room[dst] -= nbytes
+            room[dst] -= chunk.cold
             groups.setdefault((Tier.DEVICE, dst), []).append(key)
-            freed += nbytes
+            freed += chunk.nbytes
         if freed < deficit:
             raise KVBudgetError(
                 f"the device KV budget {_fmt(self._budget[Tier.DEVICE])} cannot take {_fmt(int(deficit))} more: "
@@ -360,7 +371,7 @@ class KVChunkTable:
         for src, dst, key, chunk in items:
             assert chunk.tier is src and src is not dst, f"KV chunk {key} is on {chunk.tier.value}, not {src.value}"
             assert chunk.dest is None and chunk.pins == 0, f"KV chunk {key} is pinned or already in flight"
-            need[dst] += chunk.nbytes
+            need[dst] += _size(chunk, dst)
         for tier, nbytes in need.items():
             if nbytes > self.free_bytes(tier):
                 raise KVBudgetError(
@@ -369,7 +380,7 @@ class KVChunkTable:
                 )
         for src, dst, key, chunk in items:
             chunk.dest, chunk.pins = dst, chunk.pins + 1
-            self._used[dst] += chunk.nbytes
+            self._used[dst] += _size(chunk, dst)
             if dst is Tier.DEVICE and slots is not None:
                 chunk.slot = slots[key]
 
@@ -380,7 +391,7 @@ class KVChunkTable:
         for src, dst, key, chunk in self._items(moves):
             assert chunk.tier is src and chunk.dest is dst, f"KV chunk {key} was not moving {src.value} -> {dst.value}"
             assert chunk.pins > 0
-            self._used[src] -= chunk.nbytes
+            self._used[src] -= _size(chunk, src)
             del self._lru[src][key]
             self._lru[dst][key] = None
             chunk.tier, chunk.dest, chunk.pins = dst, None, chunk.pins - 1
@@ -395,7 +406,7 @@ class KVChunkTable:
         """Cancel moves that were begun but will not complete: release reservations and pins."""
         for src, dst, key, chunk in self._items(moves):
             assert chunk.tier is src and chunk.dest is dst, f"KV chunk {key} was not moving {src.value} -> {dst.value}"
-            self._used[dst] -= chunk.nbytes
+            self._used[dst] -= _size(chunk, dst)
             chunk.dest, chunk.pins = None, chunk.pins - 1
             if dst is Tier.DEVICE:
                 chunk.slot = None

@@ -230,7 +230,7 @@ class TieredKVCache:
         if geo.spill_expected and st.store is None:
             raise shape.no_offload_error()
         kv = LayerKV(layer, geo, st.batch, st.kv_heads, st.head_dim, st.dtype, st.device, shape.host_layer_bytes,
-                     st.store is not None, shape.sink_chunks, shape.sketch)
+                     st.store is not None, shape.sink_chunks, shape.sketch, shape.policy.kv_quant)
         st.layers[layer] = kv
         return kv
 

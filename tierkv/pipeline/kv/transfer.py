@@ -3,8 +3,10 @@
 Why this module exists: sessions keep a conversation's KV between calls and save it to disk; they
 read a cache's K/V back in position order (``read_kv``) and feed it to another cache through the
 normal append path. Reading is synchronous and holds at most one chunk per sequence besides the
-output: device chunks are read from their slots, host chunks from their buffers, disk chunks are
-read back (checksummed) one chunk index at a time; host and disk reads are moves of the cache's mover.
+output: device chunks are read from their slots, host chunks from their buffers and disk chunks
+(checksummed) are decoded (dequantized, when the cold tiers hold codes) one chunk index at a time
+into staging chunks; host and disk reads are moves of the cache's mover. Sessions therefore see,
+and session files store, the values the cache holds, in the cache dtype.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ def read_kv(st: CacheState, kv: LayerKV, start: int, end: int) -> tuple[torch.Te
         lo, hi = max(start, c * s), min(end, (c + 1) * s)    # positions of chunk c that are wanted
         rows, out = slice(lo - c * s, hi - c * s), slice(lo - start, hi - start)
         keys = [kv.key(c, b) for b in range(st.batch)]
-        host = [(key, kv.host_buf(key)[:, :, rows]) for key in keys if kv.table.tier_of(key) is Tier.HOST]
+        host = [(key, kv.host_buf(key)) for key in keys if kv.table.tier_of(key) is Tier.HOST]
         disk = [key for key in keys if kv.table.tier_of(key) is Tier.DISK]
-        staged = [(torch.empty_like(kv.k_pool[0]), torch.empty_like(kv.v_pool[0])) for _ in disk]   # (Hkv, S, D)
-        complete(st.mover, load_into(st, host, disk, [(k_out[key.seq, :, out], v_out[key.seq, :, out])
-                                                     for key, _ in host], staged))
-        for key, (k, v) in zip(disk, staged):
+        cold = [key for key, _ in host] + disk
+        staged = [(torch.empty_like(kv.k_pool[0]), torch.empty_like(kv.v_pool[0])) for _ in cold]   # (Hkv, S, D)
+        complete(st.mover, load_into(st, kv, host, disk, staged[:len(host)], staged[len(host):]))
+        for key, (k, v) in zip(cold, staged):
             k_out[key.seq, :, out], v_out[key.seq, :, out] = k[:, rows], v[:, rows]
         for key in keys:
             if kv.table.tier_of(key) is Tier.DEVICE:

@@ -11,11 +11,16 @@ private ``KVWorkers`` and closes it with itself.
 
 Links and what each move's ``sources`` / ``dests`` list per chunk of its batch (a move = one batch):
 
-    host -> device    (2, Hkv, S, D) host buffer  -> (k, v) pair of (Hkv, S, D) device views   reader thread
-    disk -> device    (store, key)                -> (k, v) pair (tokens past the record zeroed) 4 stream threads
+    host -> device    (codec, host buffer)        -> (k, v) pair of (Hkv, S, D) device views   reader thread
+    disk -> device    (codec, store, key)         -> (k, v) pair (tokens past the record zeroed) 4 stream threads
     host -> disk      io.kvstore.KVChunk snapshot -> the store (one append per batch)          writer thread
     device -> disk    KVChunk of device views     -> the store                                 the calling thread
-    device -> host    (k, v) pair of device slots -> (2, Hkv, S, D) host buffer                the calling thread
+    device -> host    (codec, k, v, tokens)       -> host buffer                               the calling thread
+
+The layer's ``codec.ChunkCodec`` turns a device chunk into its cold form and back: a copy, or
+int8/int4 codes quantized as the chunk leaves the device (device -> host here, and the records
+``moves.chunk_record`` makes for disk) and dequantized into the device slot as it comes back (host
+-> device and disk -> device here). Each move counts the bytes that cross its link (cold bytes).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tierkv.io.kvstore import KVChunk
 from tierkv.io.mover import DEVICE, DISK, HOST, MoveRecord, Mover, thread_stream
+from tierkv.pipeline.kv.codec import ChunkCodec, decode_record
 
 __all__ = ["KVMove", "KVWorkers", "STREAM_THREADS", "complete", "settle"]
 
@@ -121,42 +128,42 @@ class _BatchHandler:
             self._pool.shutdown(wait=True)
 
 
-def _pair_bytes(_: Any, dest: tuple[torch.Tensor, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in dest)
+def _cold_bytes(source: tuple[Any, ...], _: Any) -> int:
+    """Bytes a host/disk <-> device move of one chunk carries: its cold form (the source starts with its codec)."""
+    codec = source[0]
+    assert isinstance(codec, ChunkCodec), type(codec)
+    return codec.cold_bytes
 
 
-def _source_pair_bytes(source: tuple[torch.Tensor, torch.Tensor], _: Any) -> int:
-    return _pair_bytes(None, source)
-
-
-def _record_bytes(chunk: Any, _: Any) -> int:
+def _record_bytes(chunk: KVChunk, _: Any) -> int:
+    if chunk.packed is not None:
+        return chunk.packed.data.numel()
+    assert chunk.k is not None and chunk.v is not None
     return chunk.k.numel() * chunk.k.element_size() + chunk.v.numel() * chunk.v.element_size()
 
 
-def _copy_from_host(sources: Sequence[torch.Tensor], dests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for buf, (k, v) in zip(sources, dests):
-        k.copy_(buf[0], non_blocking=True)
-        v.copy_(buf[1], non_blocking=True)
+def _copy_from_host(sources: Sequence[tuple[ChunkCodec, torch.Tensor]],
+                    dests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for (codec, buf), (k, v) in zip(sources, dests):
+        codec.decode(buf, k, v)
 
 
-def _read_from_disk(sources: Sequence[tuple[Any, Any]], dests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _read_from_disk(sources: Sequence[tuple[ChunkCodec, Any, Any]],
+                    dests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Read records back (checksums verified) into (k, v) views; V past the record is zeroed (0 * NaN)."""
-    store = sources[0][0]
-    for (k, v), chunk in zip(dests, store.read([key for _, key in sources])):
-        n = chunk.n_tokens
-        k[:, :n].copy_(chunk.k)
-        v[:, :n].copy_(chunk.v)
-        v[:, n:].zero_()
+    store = sources[0][1]
+    for (k, v), chunk in zip(dests, store.read([key for _, _, key in sources])):
+        decode_record(chunk, k, v)
 
 
 def _append_to_disk(sources: Sequence[Any], dests: Sequence[Any]) -> None:
     dests[0].append(list(sources))
 
 
-def _copy_to_host(sources: Sequence[tuple[torch.Tensor, torch.Tensor]], dests: Sequence[torch.Tensor]) -> None:
-    for (k, v), buf in zip(sources, dests):
-        buf[0].copy_(k)
-        buf[1].copy_(v)
+def _copy_to_host(sources: Sequence[tuple[ChunkCodec, torch.Tensor, torch.Tensor, int]],
+                  dests: Sequence[torch.Tensor]) -> None:
+    for (codec, k, v, tokens), buf in zip(sources, dests):
+        codec.encode(k, v, tokens, buf)
 
 
 class KVWorkers:
@@ -167,11 +174,11 @@ class KVWorkers:
         self.device = torch.device(device)
         d = self.device
         self._links = {
-            (HOST, DEVICE): _BatchHandler(_copy_from_host, _pair_bytes, 1, "read", d),
-            (DISK, DEVICE): _BatchHandler(_read_from_disk, _pair_bytes, STREAM_THREADS, "stream", d),
+            (HOST, DEVICE): _BatchHandler(_copy_from_host, _cold_bytes, 1, "read", d),
+            (DISK, DEVICE): _BatchHandler(_read_from_disk, _cold_bytes, STREAM_THREADS, "stream", d),
             (HOST, DISK): _BatchHandler(_append_to_disk, _record_bytes, 1, "write", d),
             (DEVICE, DISK): _BatchHandler(_append_to_disk, _record_bytes, 0, "write-now", d),
-            (DEVICE, HOST): _BatchHandler(_copy_to_host, _source_pair_bytes, 0, "evict", d),
+            (DEVICE, HOST): _BatchHandler(_copy_to_host, _cold_bytes, 0, "evict", d),
         }
         self.closed = False
 

@@ -1,0 +1,248 @@
+"""Quantized linear kernels: reference round trip, Triton (interpreted on the CPU) and the CPU fused op
+against the reference, the tinygemm layout read back, and which path the wrapper takes per pack.
+
+Tolerances (outputs compared relative to the reference's scale, fresh random inputs each test):
+fp32 within 2e-5 of max |ref|; bf16 within 1e-2 (the fused CPU op rounds its scales and zeros
+to bf16 and accumulates in its own order; Triton rounds the weight to bf16 as the reference does).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tierkv.errors import ArgumentError
+from tierkv.kernels import quant_cpu
+from tierkv.kernels._select import HAS_TRITON
+from tierkv.kernels.quant import (CPU_DEQUANT_MIN_M, DEQUANT_MIN_M, dequantize_fwd, dequantize_weight, linear_path,
+                                  quant_linear, quant_matmul_fwd, quantize_weight)
+from tierkv.kernels.quant_reference import dequantize_weight_plain, quant_linear_ref, quantize_weight_plain
+from tierkv.quantspec import BITS, QuantWeight, TensorQuant
+
+ROOT = Path(__file__).resolve().parent.parent
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}          # x max |ref|
+ROUND_TRIP_REL_L2 = {4: 0.12, 8: 0.008}                      # randn weights, any group size here
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)                                      # unseeded draws below repeat run to run
+
+
+def _weight(n: int, k: int, seed: int) -> torch.Tensor:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    w[:, : k // 8] *= 3.0                                     # uneven groups: scales differ along K
+    return w
+
+
+def _qw(w: torch.Tensor, scheme: str, group: int, pack: str) -> QuantWeight:
+    tq = TensorQuant(scheme, group, pack)
+    return QuantWeight(*quantize_weight(w, tq), tq)
+
+
+def _err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize / dequantize
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_round_trip_error_is_within_half_a_step(scheme, group):
+    w = _weight(48, 384, seed=group)
+    qw = _qw(w, scheme, group, "plain")
+    back = dequantize_weight(qw, backend="torch")
+    scale, minimum = (p.float().t().repeat_interleave(group, dim=1) for p in qw.qparams.unbind(-1))  # (N, K)
+    levels = (1 << BITS[scheme]) - 1
+    bound = 0.5 * scale + 1e-3 * (minimum.abs() + levels * scale)   # half a step + fp16 rounding of the params
+    assert ((back - w).abs() <= bound).all()
+    assert ((back - w).norm() / w.norm()).item() < ROUND_TRIP_REL_L2[BITS[scheme]]
+
+
+def test_a_constant_group_comes_back_exactly():
+    w = torch.full((16, 64), 0.375)
+    w[:, 32:] = torch.randn(16, 32)
+    back = dequantize_weight(_qw(w, "int4", 32, "plain"), backend="torch")
+    assert torch.equal(back[:, :32], w[:, :32])
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("pack", ["plain", "cpu_int4"])
+def test_stored_tensors_have_the_spec_shapes_and_the_same_codes(scheme, pack):
+    w = _weight(48, 192, seed=3)
+    qw = _qw(w, scheme, 64, pack)
+    stored = qw.quant.stored((48, 192))
+    assert (qw.data.dtype, tuple(qw.data.shape)) == (torch.uint8, stored[""][1])
+    assert (qw.qparams.dtype, tuple(qw.qparams.shape)) == (torch.float16, stored[".qparams"][1])
+    plain = quantize_weight_plain(w, BITS[scheme], 64)
+    assert torch.equal(qw.qparams, plain[1])
+    # the cpu_int4 layout, read back, holds exactly the plain pack's codes
+    assert torch.equal(dequantize_weight(qw), dequantize_weight_plain(*plain, BITS[scheme]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@needs_triton
+def test_dequant_kernel_matches_reference(dtype, scheme):
+    w = _weight(40, 160, seed=5)                              # N not a multiple of the 64-row tile
+    qw = _qw(w, scheme, 32, "plain")
+    out = torch.full((40, 160), float("nan"), dtype=dtype)
+    dequantize_fwd(qw.data, qw.qparams, BITS[scheme], 32, out)
+    ref = dequantize_weight_plain(qw.data, qw.qparams, BITS[scheme], dtype)
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]  # the interpreter's casts
+    torch.testing.assert_close(out, ref, rtol=ulp, atol=1e-6)                            # may truncate: one ulp
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton fused matmul (interpreter) against the reference
+
+
+TRITON_SHAPES = [(1, 40, 96, 32), (3, 24, 192, 64), (17, 56, 384, 128)]   # (M, N, K, group): N, K not powers of 2
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("M,N,K,group", TRITON_SHAPES)
+@needs_triton
+def test_triton_fused_matmul_matches_reference(dtype, scheme, M, N, K, group):
+    qw = _qw(_weight(N, K, seed=M + N), scheme, group, "plain")
+    gen = torch.Generator().manual_seed(K)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype) if M == 3 else None
+    out = torch.full((M, N), float("nan"), dtype=dtype)
+    quant_matmul_fwd(x, qw.data, qw.qparams, BITS[scheme], group, bias, out)
+    w = dequantize_weight_plain(qw.data, qw.qparams, BITS[scheme], dtype)   # the weight rounded as the kernel does
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())  # fp32 math
+    assert torch.isfinite(out).all()
+    assert _err(out, ref) < TOL[dtype]
+
+
+@needs_triton
+def test_triton_handles_strided_rows_and_the_dequantize_path():
+    qw = _qw(_weight(24, 128, seed=9), "int4", 64, "plain")
+    x = torch.randn(5, 256)[:, ::2]                           # a non-contiguous (5, 128) input
+    assert linear_path(x, qw, backend="triton") == "triton_fused"
+    torch.testing.assert_close(quant_linear(x, qw, backend="triton"), quant_linear_ref(x, qw.data, qw.qparams, 4),
+                               rtol=2e-5, atol=2e-5)
+    xl = torch.randn(DEQUANT_MIN_M, 128)
+    assert linear_path(xl, qw, backend="triton") == "triton_dequant"
+    torch.testing.assert_close(quant_linear(xl, qw, backend="triton"), quant_linear_ref(xl, qw.data, qw.qparams, 4),
+                               rtol=2e-5, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU fused op against the reference
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("M,N,K,group", [(1, 16, 64, 32), (3, 48, 192, 64), (17, 80, 256, 128), (5, 128, 96, 32)])
+def test_cpu_fused_op_matches_reference(dtype, scheme, M, N, K, group):
+    w = _weight(N, K, seed=N)
+    qw = _qw(w, scheme, group, "cpu_int4")
+    plain = quantize_weight_plain(w, BITS[scheme], group)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
+    got = quant_cpu.cpu_quant_matmul(x, qw.data, qw.qparams, BITS[scheme], group)
+    ref = quant_linear_ref(x.float(), *plain, BITS[scheme])   # fp32 reference on the same (rounded) inputs
+    assert got.dtype == dtype and got.shape == (M, N)
+    assert _err(got, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("pack", ["plain", "cpu_int4"])
+def test_bias_and_leading_dims(pack, monkeypatch):
+    monkeypatch.setenv("TIERKV_KERNELS", "torch")
+    w = _weight(32, 128, seed=1)
+    qw = _qw(w, "int8", 64, pack)
+    x = torch.randn(2, 3, 128).bfloat16()
+    bias = torch.randn(32)                                    # fp32 bias: cast to x's dtype
+    got = quant_linear(x, qw, bias)
+    ref = quant_linear_ref(x.float(), *quantize_weight_plain(w, 8, 64), 8, bias)
+    assert got.shape == (2, 3, 32) and got.dtype == torch.bfloat16
+    assert _err(got, ref) < TOL[torch.bfloat16]
+    assert quant_linear(x[:, :0], qw, bias).shape == (2, 0, 32)
+
+
+def test_fp32_batches_on_cpu_int4_take_the_dequantize_path_and_match():
+    w = _weight(48, 128, seed=2)
+    qw = _qw(w, "int4", 32, "cpu_int4")
+    x1, xb = torch.randn(1, 128), torch.randn(4, 3, 128)
+    assert linear_path(x1, qw) == "cpu_fused" and linear_path(xb, qw) == "cpu_dequant"
+    plain = quantize_weight_plain(w, 4, 32)
+    for x in (x1, xb):
+        assert _err(quant_linear(x, qw), quant_linear_ref(x, *plain, 4)) < TOL[torch.float32]
+
+
+# ---------------------------------------------------------------------------------------------
+# the tinygemm layout, per CPU capability
+
+_LAYOUT_CHECK = """
+import torch
+from tierkv.kernels import quant_cpu
+for n in (16, 32, 48, 64, 80, 96, 112, 128, 208):
+    for k in (64, 96):
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        assert torch.equal(quant_cpu.unpack_codes(quant_cpu.pack_codes(codes), n, k), codes), (n, k)
+print(quant_cpu.cpu_layout())
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_unpacking_inverts_the_converter_under_each_cpu_capability(capability):
+    run = subprocess.run([sys.executable, "-c", _LAYOUT_CHECK], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, env={**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() in ("DEFAULT", "AVX2", "AVX512")   # a CPU without the ISA dispatches lower
+
+
+def test_an_unknown_layout_is_read_through_the_op(monkeypatch):
+    codes = torch.randint(0, 16, (48, 320), dtype=torch.uint8)
+    packed = quant_cpu.pack_codes(codes)
+    monkeypatch.setattr(quant_cpu, "cpu_layout", lambda: "SVE256")
+    assert torch.equal(quant_cpu.unpack_codes(packed, 48, 320), codes)
+
+
+# ---------------------------------------------------------------------------------------------
+# the wrapper's choice and bad input
+
+
+def test_the_path_per_pack_and_the_override(monkeypatch):
+    w = _weight(32, 64, seed=4)
+    plain, cpu = _qw(w, "int4", 32, "plain"), _qw(w, "int4", 32, "cpu_int4")
+    x = torch.randn(1, 64).bfloat16()
+    big = torch.randn(CPU_DEQUANT_MIN_M[torch.bfloat16], 64).bfloat16()
+    monkeypatch.delenv("TIERKV_KERNELS", raising=False)
+    assert linear_path(x, cpu) == "cpu_fused" and linear_path(big, cpu) == "cpu_dequant"
+    assert linear_path(x, plain) == ("triton_fused" if HAS_TRITON else "torch")   # the interpreter counts as Triton
+    assert linear_path(x, plain, backend="torch") == "torch"
+    monkeypatch.setenv("TIERKV_KERNELS", "torch")
+    assert linear_path(x, plain) == "torch" and linear_path(x, cpu) == "cpu_fused"  # cpu_int4 has one implementation
+    if HAS_TRITON:
+        monkeypatch.setenv("TIERKV_KERNELS", "triton")
+        assert linear_path(x, plain) == "triton_fused"
+    monkeypatch.setenv("TIERKV_KERNELS", "fastest")
+    with pytest.raises(ArgumentError, match="kernel backend must be one of"):
+        quant_linear(x, plain)
+
+
+def test_bad_input_is_refused_with_what_to_do():
+    w = _weight(24, 96, seed=6)
+    with pytest.raises(ArgumentError, match="group size 64 does not divide the input dimension 96.*32"):
+        quantize_weight(w, TensorQuant("int4", 64, "plain"))
+    with pytest.raises(ArgumentError, match="divisible by 16.*plain pack"):
+        quantize_weight(w, TensorQuant("int4", 32, "cpu_int4"))
+    qw = _qw(w, "int8", 32, "plain")
+    with pytest.raises(ArgumentError, match="last dim must be 96"):
+        quant_linear(torch.randn(2, 95), qw)
+    with pytest.raises(ArgumentError, match="float32, bfloat16 or float16"):
+        quant_linear(torch.ones(2, 96, dtype=torch.int32), qw)
+    with pytest.raises(ArgumentError, match=r"bias must be \(24,\)"):
+        quant_linear(torch.randn(2, 96), qw, torch.randn(23))

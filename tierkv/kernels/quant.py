@@ -1,0 +1,268 @@
+"""Quantized linear layers computed on the compressed form: quantize, dequantize, and x @ W^T.
+
+Why this module exists: a quantized weight must stay quantized on every link and as far into the
+compute as possible, or the bytes saved on the disk and the host-to-device link are spent again
+inflating it. This is the kernel triplet for quantized linear layers (``tierkv.quantspec`` says
+what the stored tensors are; ``quant_reference`` holds the torch references):
+
+- Triton ``_quant_matmul_kernel`` (launcher ``quant_matmul_fwd``): a fused dequantize-matmul over
+  the ``plain`` int4 and int8 packs. Each K step is one quantization group: its codes are loaded
+  and dequantized in registers (one scale and minimum per output row) and multiplied with fp32
+  accumulation; the dequantized weight never exists in memory. No split-K: decode (M=1) gets
+  occupancy from narrow N tiles.
+- Triton ``_dequant_kernel`` (launcher ``dequantize_fwd``): the weight rebuilt into a (N, K)
+  buffer, so a large batch (prefill) can call cuBLAS on it: per-call scratch from torch's caching
+  allocator, freed when the layer's call returns.
+- The ``cpu_int4`` pack runs PyTorch's fused CPU int4 matmul (``quant_cpu``); int8 is two of them.
+
+``quant_linear`` picks the path per call (``linear_path`` says which, for tests and traces):
+
+==========  ====================================================  ============================
+pack        condition                                             path
+==========  ====================================================  ============================
+cpu_int4    M < CPU_DEQUANT_MIN_M[x.dtype]                        "cpu_fused"  (the CPU op)
+cpu_int4    otherwise                                             "cpu_dequant" (unpack, F.linear)
+plain       Triton picked (``_select.pick_backend``), M < DEQUANT_MIN_M   "triton_fused"
+plain       Triton picked, M >= DEQUANT_MIN_M                     "triton_dequant" (+ cuBLAS)
+plain       torch picked (CPU without the interpreter, or forced)  "torch" (``quant_linear_ref``)
+==========  ====================================================  ============================
+
+The ``TIERKV_KERNELS`` override (and ``backend=``) chooses between Triton and the reference for
+the ``plain`` pack only; the ``cpu_int4`` pack has one implementation, PyTorch's op.
+
+Shapes: x (..., K) with any leading dims, M = their product; weight (N, K) in groups of
+``group_size`` along K, G = K / group_size; qparams (G, N, 2) float16 [scale, minimum].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tierkv.errors import ArgumentError
+from tierkv.kernels import quant_cpu
+from tierkv.kernels._select import cdiv, jit, pick_backend, tl
+from tierkv.kernels.quant_reference import asym_dequantize, dequantize_weight_plain, quant_linear_ref, \
+    quantize_weight_plain, weight_codes_plain
+from tierkv.quantspec import QuantWeight, TensorQuant, WeightQuant, check_divides
+
+__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_weight", "linear_path",
+           "quant_linear", "quant_matmul_fwd", "quantize_weight"]
+
+# Batches of at least this many rows take dequantize-then-cuBLAS instead of the fused Triton
+# matmul (prefill; decode is M = 1). UNMEASURED until a GPU run: scripts/bench_quant_kernels.py
+# --device cuda times both paths at M = 1, 16, 64, 256; set this from its crossover.
+DEQUANT_MIN_M = 64
+# The same switch for the cpu_int4 pack, per input dtype. PyTorch's op is vectorised for bf16
+# only; its fp32/fp16 paths cost ~25-35 ms per row of a 5632x2048 weight on the 2-core test
+# machine, so fp32/fp16 batches dequantize from M = 2. For bf16 a rough first reading on that
+# (loaded) machine: fused 10-130 ms for M = 1..256, dequantize + F.linear 140-260 ms (the unpack
+# and the fp32 rebuild dominate), so bf16 switches at 256. scripts/bench_quant_kernels.py
+# measures both paths; revisit with its numbers.
+CPU_DEQUANT_MIN_M = {torch.bfloat16: 256, torch.float32: 2, torch.float16: 2}
+_DTYPES = quant_cpu.OP_DTYPES
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+
+
+@jit
+def _load_codes(rows, k0, offs_k, n_ok, s_wk, BITS: tl.constexpr):
+    """(GROUP, BLOCK_N) codes of inputs k0 + offs_k for the rows at ``rows`` (pointers, (1, BLOCK_N))."""
+    if BITS == 4:  # two codes per byte along K, the even k in the low nibble
+        byte = tl.load(rows + ((k0 + offs_k) // 2)[:, None] * s_wk, mask=n_ok[None, :], other=0)
+        return ((byte >> ((offs_k % 2) * 4)[:, None]) & 0xF).to(tl.float32)
+    return tl.load(rows + (k0 + offs_k)[:, None] * s_wk, mask=n_ok[None, :], other=0).to(tl.float32)
+
+
+@jit
+def _quant_matmul_kernel(
+    x_ptr, w_ptr, qp_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    s_xm, s_xk, s_wn, s_wk, s_qg, s_qn, s_qc, s_om, s_on,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): one program = one output tile; each K step is one
+    # quantization group (GROUP inputs sharing one scale and minimum per output row).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, GROUP)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * s_xm                        # (BLOCK_M, 1)
+    w_rows = w_ptr + offs_n[None, :].to(tl.int64) * s_wn                        # (1, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for g in range(0, K // GROUP):
+        k0 = g * GROUP
+        x = tl.load(x_rows + (k0 + offs_k)[None, :] * s_xk, mask=m_ok[:, None], other=0.0)  # (BLOCK_M, GROUP)
+        q = _load_codes(w_rows, k0, offs_k, n_ok, s_wk, BITS)
+        params = qp_ptr + g * s_qg + offs_n * s_qn
+        scale = tl.load(params, mask=n_ok, other=0.0).to(tl.float32)
+        minimum = tl.load(params + s_qc, mask=n_ok, other=0.0).to(tl.float32)
+        w = (q * scale[None, :] + minimum[None, :]).to(x.dtype)                 # (GROUP, BLOCK_N), as the reference
+        if UPCAST:  # the interpreter's 16-bit dots are wrong: compute in fp32 there
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc += tl.dot(x, w, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m[:, None].to(tl.int64) * s_om + offs_n[None, :] * s_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@jit
+def _dequant_kernel(
+    w_ptr, qp_ptr, out_ptr, N,
+    s_wn, s_wk, s_qg, s_qn, s_qc, s_on, s_ok,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # grid (cdiv(N, BLOCK_N), G): one program = BLOCK_N rows of one quantization group, written as
+    # (BLOCK_N, GROUP) of the (N, K) output.
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, GROUP)
+    n_ok = offs_n < N
+    w_rows = w_ptr + offs_n[None, :].to(tl.int64) * s_wn
+    q = _load_codes(w_rows, g * GROUP, offs_k, n_ok, s_wk, BITS)
+    params = qp_ptr + g * s_qg + offs_n * s_qn
+    scale = tl.load(params, mask=n_ok, other=0.0).to(tl.float32)
+    minimum = tl.load(params + s_qc, mask=n_ok, other=0.0).to(tl.float32)
+    w = q * scale[None, :] + minimum[None, :]                                   # (GROUP, BLOCK_N)
+    out = out_ptr + offs_n[None, :].to(tl.int64) * s_on + (g * GROUP + offs_k)[:, None] * s_ok
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+
+def quant_matmul_fwd(x2: torch.Tensor, data: torch.Tensor, qparams: torch.Tensor, bits: int, group_size: int,
+                     bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Launch ``_quant_matmul_kernel``: x2 (M, K), plain data (N, K/2 or K) uint8, qparams (G, N, 2),
+    bias (N,) or None, out (M, N) in x2's dtype."""
+    M, K = x2.shape
+    N = qparams.shape[1]
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    block_n = 32 if M <= 16 else 64                         # narrow tiles: more programs for decode
+    upcast = x2.device.type == "cpu" and x2.dtype != torch.float32
+    _quant_matmul_kernel[(cdiv(M, block_m), cdiv(N, block_n))](
+        x2, data, qparams, bias if bias is not None else x2, out, M, N, K,
+        *x2.stride(), *data.stride(), *qparams.stride(), *out.stride(),
+        BITS=bits, GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None,
+        DOT_PRECISION="ieee" if x2.dtype == torch.float32 or upcast else None, UPCAST=upcast,  # fp32: no TF32
+    )
+
+
+def dequantize_fwd(data: torch.Tensor, qparams: torch.Tensor, bits: int, group_size: int,
+                   out: torch.Tensor) -> None:
+    """Launch ``_dequant_kernel``: plain data (N, K/2 or K) uint8, qparams (G, N, 2) -> out (N, K)."""
+    G, N, _ = qparams.shape
+    block_n = 64
+    _dequant_kernel[(cdiv(N, block_n), G)](
+        data, qparams, out, N, *data.stride(), *qparams.stride(), *out.stride(),
+        BITS=bits, GROUP=group_size, BLOCK_N=block_n,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# public
+
+
+def quantize_weight(w: torch.Tensor, tq: TensorQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> (data, qparams), the stored tensors of ``tq`` (``TensorQuant.stored``).
+
+    plain: ``quant_reference.quantize_weight_plain``. cpu_int4: the same codes in the tinygemm
+    layout of this process (``quant_cpu.cpu_layout()``): int4 (N, K/2), int8 (2, N, K/2) as the
+    hi and lo nibble planes. qparams (G, N, 2) float16 [scale, minimum] for both.
+    """
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ArgumentError(f"quantize_weight takes a 2-D float (N, K) weight, got {w.dtype} {tuple(w.shape)}")
+    check_divides("weight", tuple(w.shape), WeightQuant(tq.scheme, tq.group_size))
+    data, qparams = quantize_weight_plain(w.detach().cpu() if tq.pack == "cpu_int4" else w, tq.bits, tq.group_size)
+    if tq.pack == "cpu_int4":
+        codes = weight_codes_plain(data, tq.bits, w.shape[1])                  # (N, K) uint8
+        data = quant_cpu.pack_codes(codes) if tq.bits == 4 else \
+            torch.stack((quant_cpu.pack_codes(codes >> 4), quant_cpu.pack_codes(codes & 0x0F)))
+    want = tq.stored(tuple(w.shape))
+    assert (str(data.dtype).removeprefix("torch."), tuple(data.shape)) == want[""], (data.dtype, data.shape, want)
+    return data, qparams
+
+
+def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.float32, backend: str | None = None) -> torch.Tensor:
+    """The (N, K) weight of ``qw`` in ``dtype`` (fp32 math): ``q * scale + minimum``.
+
+    plain: the Triton ``_dequant_kernel`` where ``pick_backend`` picks Triton, else the reference.
+    cpu_int4: the codes unpacked from the tinygemm layout (``quant_cpu.unpack_codes``).
+    """
+    n, k = qw.shape
+    tq = qw.quant
+    if tq.pack == "plain":
+        if pick_backend(_dequant_kernel, qw.data, qw.qparams, backend=backend) == "triton":
+            out = torch.empty(n, k, dtype=dtype, device=qw.device)
+            dequantize_fwd(qw.data, qw.qparams, tq.bits, tq.group_size, out)
+            return out
+        return dequantize_weight_plain(qw.data, qw.qparams, tq.bits, dtype)
+    if tq.bits == 4:
+        codes = quant_cpu.unpack_codes(qw.data, n, k)
+    else:
+        codes = quant_cpu.unpack_codes(qw.data[0], n, k) * 16 + quant_cpu.unpack_codes(qw.data[1], n, k)
+    params = qw.qparams.transpose(0, 1)                                         # (N, G, 2)
+    w = asym_dequantize(codes.view(n, -1, tq.group_size), params[..., 0:1], params[..., 1:2], dtype)
+    return w.view(n, k)
+
+
+def linear_path(x: torch.Tensor, qw: QuantWeight, backend: str | None = None) -> str:
+    """Which implementation ``quant_linear(x, qw, backend=backend)`` runs (see the module's table)."""
+    m = x.numel() // max(1, x.shape[-1])
+    if qw.quant.pack == "cpu_int4":
+        return "cpu_dequant" if m >= CPU_DEQUANT_MIN_M.get(x.dtype, 1) else "cpu_fused"
+    if pick_backend(_quant_matmul_kernel, x, qw.data, qw.qparams, backend=backend) == "torch":
+        return "torch"
+    return "triton_dequant" if m >= DEQUANT_MIN_M else "triton_fused"
+
+
+def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None,
+                 backend: str | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for a quantized (N, K) weight, without a 16-bit copy of W where it can.
+
+    x:       (..., K) float32, bfloat16 or float16, any leading dims (M = their product, 0 included).
+    qw:      the stored weight (``quantspec.QuantWeight``), on x's device.
+    bias:    optional (N,), cast to x's dtype.
+    backend: "torch" | "triton" | "auto" | None, for the plain pack (see the module docstring).
+    Returns (..., N) in x's dtype.
+    """
+    n, k = qw.shape
+    bias = _check_linear_args(x, qw, bias)
+    x2 = x.reshape(-1, k).contiguous()                                          # (M, K)
+    path = linear_path(x2, qw, backend)
+    if x2.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    if path == "cpu_fused":
+        out = quant_cpu.cpu_quant_matmul(x2, qw.data, qw.qparams, qw.quant.bits, qw.quant.group_size)
+        out = out if bias is None else out.add_(bias)
+    elif path == "triton_fused":
+        out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+        quant_matmul_fwd(x2, qw.data, qw.qparams, qw.quant.bits, qw.quant.group_size, bias, out)
+    elif path == "torch":
+        out = quant_linear_ref(x2, qw.data, qw.qparams, qw.quant.bits, bias)
+    else:  # "cpu_dequant" | "triton_dequant": a scratch (N, K) weight in x's dtype, then a dense GEMM
+        out = F.linear(x2, dequantize_weight(qw, x.dtype, backend="triton" if path == "triton_dequant" else None),
+                       bias)
+    return out.view(*x.shape[:-1], n)
+
+
+def _check_linear_args(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """ArgumentError for inputs a caller got wrong; returns the bias in x's dtype."""
+    n, k = qw.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ArgumentError(f"x {tuple(x.shape)} does not fit a quantized ({n}, {k}) weight: its last dim must be {k}")
+    if x.dtype not in _DTYPES:
+        raise ArgumentError(f"quantized linear layers take float32, bfloat16 or float16 inputs, got {x.dtype}")
+    if x.device != qw.device:
+        raise ArgumentError(f"x is on {x.device} but the quantized weight on {qw.device}: move one of them")
+    if bias is None:
+        return None
+    if bias.shape != (n,) or bias.device != x.device:
+        raise ArgumentError(f"bias must be ({n},) on {x.device}, got {tuple(bias.shape)} on {bias.device}")
+    return bias.to(x.dtype)

@@ -1,0 +1,156 @@
+"""The ``cpu_int4`` pack: PyTorch's CPU tinygemm layout, its fused int4 matmul, and reading it back.
+
+Why this module exists: on the CPU the fastest quantized matmul tierkv can call is the one PyTorch
+ships, ``torch.ops.aten._weight_int4pack_mm_for_cpu``, and it reads weights only in the layout of
+``torch.ops.aten._convert_weight_to_int4pack_for_cpu``. This module owns everything about that
+layout: packing plain codes into it (at convert time, so nothing is repacked per token), the
+op's scales-and-zeros tensor (derived from the stored qparams per call: it is G*N*2 values, tiny
+beside the weight), the int8 scheme as two int4 planes, and unpacking the layout back into codes.
+
+The op computes ``sum_k x_k * ((q - 8) * scale + zero)``. With tierkv's ``w = q*scale + minimum``
+that is ``zero = minimum + 8*scale``. int8 codes are ``q = 16*hi + lo``: two int4 matmuls whose
+outputs are summed, the hi plane with (scale 16s, zero minimum + 135.5s), the lo plane with
+(s, 0.5s). That split puts the whole offset in the hi plane, so the lo plane's output is small:
+each output is rounded to x's dtype, and a bf16 lo output as large as the hi one (the obvious split
+(16s, 128s) + (s, minimum + 8s)) doubled the bf16 error.
+
+Constraints of the op (checked by ``check_op_args``, torch 2.13): N divisible by 16 (the converter
+refuses others: ``quantspec.choose_pack`` gives them ``plain``); group size 32, 64, 128 or 256
+(tierkv's are 32/64/128); K divisible by the group size; x 2-D and contiguous (callers flatten
+leading dims); x fp32, bf16 or fp16 with scales-and-zeros in x's dtype (mixed dtypes are
+refused); any M, 0 included. Only the bf16 path is vectorised: on this 2-core AVX-512 machine the
+fp32 and fp16 paths took ~25-35 ms per row of a 5632x2048 weight (bf16: ~8 ms for M=1..16), so
+the wrapper dequantizes and calls ``F.linear`` for fp32/fp16 batches (``quant.CPU_DEQUANT_MIN_M``).
+
+The layout depends on the CPU capability the process dispatches to (``torch.backends.cpu.
+get_cpu_capability()``: DEFAULT, AVX2, AVX512, settable with ATEN_CPU_CAPABILITY): rows come in
+blocks of 64 (AVX512) or 32 (others), and within a full block AVX512 pairs row b with b+32 in
+one byte, AVX2 row b with b+16, DEFAULT (and every partial block) rows 2j and 2j+1. A store packed
+under one capability is wrong under another; ``cpu_layout()`` names the current one so callers
+can record it. ``unpack_codes`` knows the three layouts (tests check each against the converter
+in a subprocess per capability) and reads any other one through the op itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tierkv.errors import ArgumentError
+from tierkv.quantspec import CPU_PACK_ROWS
+
+__all__ = ["OP_GROUP_SIZES", "OP_DTYPES", "check_op_args", "cpu_layout", "pack_codes", "scales_and_zeros",
+           "int4pack_mm", "cpu_quant_matmul", "unpack_codes"]
+
+OP_GROUP_SIZES = (32, 64, 128, 256)
+OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BLOCK_N = {"AVX512": 64, "AVX2": 32, "DEFAULT": 32}    # rows per packed block, per capability
+_PAIR_STRIDE = {"AVX512": 32, "AVX2": 16}                # full blocks: byte b holds rows b and b + stride
+_IDENTITY_ROWS = 256                                      # rows of the identity per op call in the fallback
+
+
+def cpu_layout() -> str:
+    """The CPU capability that decides the tinygemm layout in this process ("AVX512", "AVX2", ...)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 codes < 16 -> (N, K/2) uint8 in the tinygemm layout of this process."""
+    n, k = codes.shape
+    assert codes.dtype == torch.uint8 and k % 2 == 0, (codes.dtype, codes.shape)
+    if n % CPU_PACK_ROWS:
+        raise ArgumentError(f"the cpu_int4 pack needs the output dimension divisible by {CPU_PACK_ROWS}, got {n}; "
+                            "use the plain pack for this weight (quantspec.choose_pack does)")
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
+def scales_and_zeros(qparams: torch.Tensor, dtype: torch.dtype, plane: str = "int4") -> torch.Tensor:
+    """(G, N, 2) float16 [scale, minimum] -> the op's (G, N, 2) [scale, zero] in ``dtype``.
+
+    plane: "int4" (the one plane of int4), "hi" or "lo" (the two planes of int8, q = 16*hi + lo).
+    """
+    scale, minimum = qparams[..., 0].float(), qparams[..., 1].float()
+    if plane == "hi":      # (hi - 8) * 16s + zero = 16s*hi + minimum + 7.5s: w to within 7.5 steps
+        pair = (16 * scale, minimum + 135.5 * scale)
+    elif plane == "lo":    # (lo - 8) * s + 0.5s = s*lo - 7.5s: small, so its rounded output adds little error
+        pair = (scale, 0.5 * scale)
+    else:
+        assert plane == "int4", plane
+        pair = (scale, minimum + 8 * scale)
+    return torch.stack(pair, dim=-1).to(dtype).contiguous()
+
+
+def check_op_args(x2: torch.Tensor, n: int, k: int, group_size: int) -> None:
+    """ArgumentError unless the op can run x2 (M, K) against a (N, K) weight in groups of ``group_size``."""
+    if x2.device.type != "cpu":
+        raise ArgumentError(f"the cpu_int4 pack computes on the CPU, but x is on {x2.device}; "
+                            "convert the model for that device (the plain pack) or move x to the CPU")
+    if x2.dtype not in OP_DTYPES:
+        raise ArgumentError(f"quantized linear layers take float32, bfloat16 or float16 inputs, got {x2.dtype}")
+    if group_size not in OP_GROUP_SIZES or k % group_size or n % CPU_PACK_ROWS:
+        raise ArgumentError(f"the CPU int4 matmul needs a group size in {OP_GROUP_SIZES} dividing K and N divisible "
+                            f"by {CPU_PACK_ROWS}; got group {group_size}, (N, K) = ({n}, {k}): use the plain pack")
+    assert x2.dim() == 2 and x2.shape[1] == k and x2.is_contiguous(), (tuple(x2.shape), k)
+
+
+def int4pack_mm(x2: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor) -> torch.Tensor:
+    """x2 (M, K) contiguous @ one packed int4 plane (N, K/2) with sz (G, N, 2) in x2's dtype -> (M, N)."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz)
+
+
+def cpu_quant_matmul(x2: torch.Tensor, data: torch.Tensor, qparams: torch.Tensor, bits: int,
+                     group_size: int) -> torch.Tensor:
+    """x2 (M, K) @ W^T for a cpu_int4 pack: int4 data (N, K/2), int8 data (2, N, K/2) -> (M, N) in x2's dtype."""
+    n = qparams.shape[1]
+    check_op_args(x2, n, x2.shape[-1], group_size)
+    if bits == 4:
+        return int4pack_mm(x2, data, group_size, scales_and_zeros(qparams, x2.dtype))
+    assert bits == 8 and data.dim() == 3 and data.shape[0] == 2, (bits, tuple(data.shape))
+    hi = int4pack_mm(x2, data[0], group_size, scales_and_zeros(qparams, x2.dtype, "hi"))
+    return hi.add_(int4pack_mm(x2, data[1], group_size, scales_and_zeros(qparams, x2.dtype, "lo")))
+
+
+def unpack_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """One packed plane (N, K/2) -> its (N, K) uint8 codes (< 16), for the layout of this process."""
+    assert packed.shape == (n, k // 2) and packed.dtype == torch.uint8, (tuple(packed.shape), n, k)
+    layout = cpu_layout()
+    if layout not in _BLOCK_N:
+        return _codes_through_op(packed, n, k)
+    block = _BLOCK_N[layout]
+    flat = packed.reshape(-1)
+    full = n // block
+    parts = []
+    if full:
+        body = flat[: full * k * block // 2].view(full, k, block // 2)          # (NB, K, BLOCK/2)
+        parts.append(_unpack_block(body, _PAIR_STRIDE.get(layout)))
+    tail = n - full * block
+    if tail:
+        parts.append(_unpack_block(flat[full * k * block // 2:].view(1, k, tail // 2), None))
+    return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+
+
+def _unpack_block(body: torch.Tensor, pair_stride: int | None) -> torch.Tensor:
+    """(NB, K, B/2) bytes of NB blocks of B rows -> (NB*B, K) codes.
+
+    pair_stride None: byte j holds rows 2j (low nibble) and 2j+1; else rows j and j + pair_stride,
+    which for full blocks is half the block (so the low nibbles are the first half of the rows).
+    """
+    low, high = body & 0x0F, body >> 4
+    if pair_stride is None:
+        rows = torch.stack((low, high), dim=-1).flatten(-2)                     # (NB, K, B)
+    else:
+        assert pair_stride == body.shape[-1], (pair_stride, tuple(body.shape))
+        rows = torch.cat((low, high), dim=-1)                                   # (NB, K, B)
+    return rows.transpose(1, 2).reshape(-1, body.shape[1])
+
+
+def _codes_through_op(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Codes of an unknown layout, read through the op: identity rows, scale 1 and zero 8 give q exactly."""
+    sz = torch.zeros(k // 32, n, 2, dtype=torch.bfloat16)                   # bf16: the vectorised path, exact here
+    sz[..., 0], sz[..., 1] = 1.0, 8.0
+    out = torch.empty(n, k, dtype=torch.uint8)
+    for start in range(0, k, _IDENTITY_ROWS):
+        rows = min(_IDENTITY_ROWS, k - start)
+        eye = torch.zeros(rows, k, dtype=torch.bfloat16)
+        eye[torch.arange(rows), start + torch.arange(rows)] = 1.0
+        out[:, start:start + rows] = int4pack_mm(eye, packed, 32, sz).t().to(torch.uint8)
+    return out
