@@ -238,7 +238,7 @@ def eval_kv(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"context_tokens": len(seqs[0][0]), "rows": {}}
     for kind in ("tiered", "sparse"):
         ref_logits, ref_tokens, ref_kv = _kv_run(model, kind, "none", seqs[0], args.kv_decode_tokens, offload)
-        out["rows"][f"{kind}/none"] = {"kv_stats": ref_kv}
+        out["rows"][f"{kind}/none"] = dict(compare([ref_logits], [ref_logits], seqs), kv_stats=ref_kv)   # its own ppl
         for kv_quant in ("int8", "int4"):
             logits, tokens, kv = _kv_run(model, kind, kv_quant, seqs[0], args.kv_decode_tokens, offload)
             row = dict(compare([ref_logits], [logits], seqs), kv_stats=kv,
@@ -276,7 +276,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
             where = (f"KV device/host/disk {st['device_bytes']}/{st['host_bytes']}/{st['disk_bytes']} B, "
                      f"read {st['bytes_read_per_step']:.0f} B/step")
             if key.endswith("/none"):
-                rows.append((f"  kv {key}", f"reference; {where}"))
+                rows.append((f"  kv {key}", f"reference, ppl {row['ppl']:.3f}; {where}"))
                 continue
             ratio = row.get("bytes_read_per_step_vs_none")
             rows.append((f"  kv {key}", f"{_cell(row)}, decode agree {row['decode_agree']:.3f} (first diff "
