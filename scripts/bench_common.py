@@ -8,6 +8,8 @@ the ceilings and printing "a human table, then one JSON line" are the same every
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +18,21 @@ import torch
 
 BENCH_MODEL = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=16,
                    num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
+
+
+def prefer_checkout(checkout: Path) -> None:
+    """Put ``checkout`` (the repository of these scripts) on ``sys.path`` ahead of the installed
+    tierkv but after the ``PYTHONPATH`` entries, so that ``PYTHONPATH=OTHER_TREE python
+    scripts/x.py`` measures OTHER_TREE's tierkv (workers inherit the environment)."""
+    given = {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    last = max((i for i, p in enumerate(sys.path) if p and os.path.abspath(p) in given), default=0)
+    sys.path.insert(last + 1, str(checkout))
+
+
+def group_size_arg(text: str) -> int | str:
+    """A ``--group-size`` value as the library takes it: a number of inputs, or a word such as
+    "channel" (passed through: ``tierkv.quantspec`` says which values are valid)."""
+    return int(text) if text.strip().isdigit() else text.strip()
 
 
 def bench_model_dir(root: Path, layers: int | None = None, shape: dict[str, int] | None = None) -> Path:

@@ -51,9 +51,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))   # the checkout's tierkv, also in workers
-import bench_weights as bw  # noqa: E402
-from bench_common import bench_model_dir, emit_json, print_table  # noqa: E402
+import bench_weights as bw  # noqa: E402  (puts the checkout's tierkv on sys.path, after PYTHONPATH's)
+from bench_common import bench_model_dir, emit_json, group_size_arg, print_table  # noqa: E402
 
 MEMCAP = Path("/work/shared/tools/memcap")
 SCHEMES = ("bf16", "int8", "int4")
@@ -67,14 +66,14 @@ PEER_SPEEDUP_GOAL = 2.0
 # schemes as the library takes them (bf16 = no quantization)
 
 
-def load_kwargs(scheme: str, group_size: int, head: bool = False) -> dict[str, Any]:
+def load_kwargs(scheme: str, group_size: int | str, head: bool = False) -> dict[str, Any]:
     """``tierkv.load`` keywords of a scheme (``head``: the LM head quantized too)."""
     if scheme == "bf16":
         return {}
     return {"quant": scheme, "group_size": group_size, **({"quant_head": True} if head else {})}
 
 
-def policy_extra(scheme: str, group_size: int, head: bool = False) -> dict[str, Any]:
+def policy_extra(scheme: str, group_size: int | str, head: bool = False) -> dict[str, Any]:
     """``Policy`` fields of a scheme (the weight quantization as ``tierkv.quantspec`` defines it)."""
     from tierkv.quantspec import parse_weight_quant
 
@@ -470,7 +469,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default="resident,stream,peer", help="comma list of resident, stream, peer")
     ap.add_argument("--schemes", default=",".join(SCHEMES), help="comma list of bf16, int8, int4")
-    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--group-size", type=group_size_arg, default=64, help="32, 64, 128 (or a word the library takes)")
     ap.add_argument("--quant-head", action="store_true", help="quantize the LM head too (int8/int4 runs)")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)}")
     ap.add_argument("--cap", default="1280MiB", help="memcap limit for stream and peer runs ('none': no cap)")

@@ -52,8 +52,9 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))   # the checkout's tierkv, also in workers
-from bench_common import bench_model_dir, emit_json, print_table  # noqa: E402
+from bench_common import bench_model_dir, emit_json, prefer_checkout, print_table  # noqa: E402
+
+prefer_checkout(Path(__file__).resolve().parent.parent)          # the checkout's tierkv, also in workers
 
 SLACK_BYTES = 1 << 20          # added to searched budgets so page rounding never drops a layer
 

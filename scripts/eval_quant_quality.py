@@ -50,9 +50,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))                 # bench_common
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))             # tierkv from this checkout
-sys.path.insert(2, str(Path(__file__).resolve().parents[1] / "tests"))   # conftest: the tests' tiny models
-from bench_common import emit_json, print_table  # noqa: E402
+from bench_common import emit_json, group_size_arg, prefer_checkout, print_table  # noqa: E402
+
+prefer_checkout(Path(__file__).resolve().parents[1])                     # tierkv from this checkout
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))      # conftest: the tests' tiny models
 
 import tierkv  # noqa: E402
 from tierkv.kernels.quant_reference import dequantize_weight_plain, quantize_weight_plain  # noqa: E402
@@ -66,7 +67,7 @@ TEXT_PROMPTS = ("Return the number of", "This module provides", "Raise ValueErro
 Seq = tuple[list[int], int]          # (token ids, index of the first generated token)
 
 
-def configs(groups: list[int]) -> list[tuple[str, int | None]]:
+def configs(groups: list[int | str]) -> list[tuple[str, int | str | None]]:
     """(scheme, group size) rows: bf16 first (the reference), then int8 and int4 at each group."""
     return [("bf16", None)] + [(s, g) for s in ("int8", "int4") for g in groups]
 
@@ -128,7 +129,7 @@ def engine_logits(model: Path, seqs: list[Seq], dtype: str, **load: Any) -> list
         engine.close()
 
 
-def sim_logits(model: Path, seqs: list[Seq], scheme: str | None, group: int | None) -> list[torch.Tensor]:
+def sim_logits(model: Path, seqs: list[Seq], scheme: str | None, group: int | str | None) -> list[torch.Tensor]:
     """(T, V) fp32 logits from HF transformers in bf16, its layer linears quantized and dequantized
     with the reference (scheme None: as is)."""
     from transformers import AutoModelForCausalLM
@@ -139,7 +140,8 @@ def sim_logits(model: Path, seqs: list[Seq], scheme: str | None, group: int | No
             for layer in hf.model.layers:
                 for name in LAYER_LINEARS:
                     lin = layer.get_submodule(name)
-                    data, qparams = quantize_weight_plain(lin.weight, BITS[scheme], group)
+                    g = group if isinstance(group, int) else lin.weight.shape[1]   # "channel": one group spans K
+                    data, qparams = quantize_weight_plain(lin.weight, BITS[scheme], g)
                     lin.weight.copy_(dequantize_weight_plain(data, qparams, BITS[scheme]))
     hf = hf.to(torch.bfloat16)
     with torch.inference_mode():
@@ -171,7 +173,7 @@ def eval_model(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     out["rows"]["fp32"] = {"engine": compare(ref, engine_logits(model, seqs, "float32"), seqs)}
     sim_ref = sim_logits(model, seqs, None, None) if args.sim else None
     for scheme, group in configs(args.groups):
-        key = scheme if group is None else f"{scheme}/g{group}"
+        key = scheme if group is None else f"{scheme}/g{group}" if isinstance(group, int) else f"{scheme}/{group}"
         row: dict[str, Any] = {}
         if engine_quant_supported() or scheme == "bf16":
             load = {} if scheme == "bf16" else {"quant": scheme, "group_size": group}
@@ -306,7 +308,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-tiny", dest="tiny", action="store_false", help="skip the tiny random models")
     ap.add_argument("--no-sim", dest="sim", action="store_false", help="skip the HF + reference column")
     ap.add_argument("--no-weights", dest="weights", action="store_false", help="skip the weight schemes (KV only)")
-    ap.add_argument("--groups", default=",".join(map(str, GROUP_SIZES)))
+    ap.add_argument("--groups", default=",".join(map(str, GROUP_SIZES)),
+                    help="comma list of group sizes (numbers, or a word the library takes such as channel)")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.8, help="sampling of the reference text (0 = greedy)")
@@ -317,7 +320,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "tierkv-eval-quant")
     args = ap.parse_args()
-    args.groups = [int(g) for g in args.groups.split(",")]
+    args.groups = [group_size_arg(g) for g in args.groups.split(",")]
     if args.model is None:
         args.model = [p for p in [Path("/tmp/qm/demo768")] if (p / "config.json").is_file()]
     return args
