@@ -246,3 +246,45 @@ def test_bad_input_is_refused_with_what_to_do():
         quant_linear(torch.ones(2, 96, dtype=torch.int32), qw)
     with pytest.raises(ArgumentError, match=r"bias must be \(24,\)"):
         quant_linear(torch.randn(2, 96), qw, torch.randn(23))
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiler, without a GPU
+
+_COMPILE_CHECK = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tierkv.kernels import quant
+
+def sig(ptrs, ints, consts):
+    return {**ptrs, **{n: "i32" for n in ints}, **{c: "constexpr" for c in consts}}
+
+target = GPUTarget("cuda", 90, 32)
+for bits, dtype, prec in ((4, "bf16", None), (8, "fp32", "ieee")):
+    consts = {"BITS": bits, "GROUP": 64, "BLOCK_M": 16, "BLOCK_N": 32, "HAS_BIAS": True, "DOT_PRECISION": prec,
+              "UPCAST": False}
+    ptrs = {"x_ptr": "*" + dtype, "w_ptr": "*u8", "qp_ptr": "*fp16", "bias_ptr": "*" + dtype, "out_ptr": "*" + dtype}
+    ints = ("M", "N", "K", "s_xm", "s_xk", "s_wn", "s_wk", "s_qg", "s_qn", "s_qc", "s_om", "s_on")
+    src = ASTSource(fn=quant._quant_matmul_kernel, signature=sig(ptrs, ints, consts), constexprs=consts)
+    assert "cubin" in triton.compile(src, target=target).asm
+consts = {"BITS": 4, "GROUP": 32, "BLOCK_N": 64}
+ptrs = {"w_ptr": "*u8", "qp_ptr": "*fp16", "out_ptr": "*bf16"}
+ints = ("N", "s_wn", "s_wk", "s_qg", "s_qn", "s_qc", "s_on", "s_ok")
+src = ASTSource(fn=quant._dequant_kernel, signature=sig(ptrs, ints, consts), constexprs=consts)
+assert "cubin" in triton.compile(src, target=target).asm
+print("compiled")
+"""
+
+
+@needs_triton
+def test_kernels_compile_to_a_cubin_for_a_gpu_target():
+    """What the interpreter cannot show: the compiler takes the kernels (nibble shifts on uint8, 16-bit dots).
+
+    In a fresh process: Triton's interpreter state of this session cannot be switched off in place."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=env)
+    if run.returncode and ("ptxas" in run.stderr or "No module named 'triton.backends.nvidia'" in run.stderr):
+        pytest.skip(f"this triton build cannot compile for CUDA: {run.stderr.strip().splitlines()[-1]}")
+    assert run.returncode == 0 and run.stdout.strip() == "compiled", run.stderr
