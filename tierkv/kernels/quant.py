@@ -261,6 +261,9 @@ def _check_linear_args(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | No
         raise ArgumentError(f"quantized linear layers take float32, bfloat16 or float16 inputs, got {x.dtype}")
     if x.device != qw.device:
         raise ArgumentError(f"x is on {x.device} but the quantized weight on {qw.device}: move one of them")
+    if qw.quant.pack == "cpu_int4" and x.device.type != "cpu":
+        raise ArgumentError(f"the cpu_int4 pack computes on the CPU only, not on {x.device}; convert the model "
+                            "again for this device (it gets the plain pack)")
     if bias is None:
         return None
     if bias.shape != (n,) or bias.device != x.device:
