@@ -7,9 +7,9 @@ what the stored tensors are; ``quant_reference`` holds the torch references):
 
 - Triton ``_quant_matmul_kernel`` (launcher ``quant_matmul_fwd``): a fused dequantize-matmul over
   the ``plain`` int4 and int8 packs. Each K step is one quantization group: its codes are loaded
-  and dequantized in registers (one scale and minimum per output row) and multiplied with fp32
-  accumulation; the dequantized weight never exists in memory. No split-K: decode (M=1) gets
-  occupancy from narrow N tiles.
+  and dequantized in registers (one scale and minimum per output row), rounded to x's dtype as
+  the reference rounds its weight, and multiplied with fp32 accumulation; the dequantized weight
+  never exists in memory. No split-K: decode (M=1) gets occupancy from narrow N tiles (unmeasured).
 - Triton ``_dequant_kernel`` (launcher ``dequantize_fwd``): the weight rebuilt into a (N, K)
   buffer, so a large batch (prefill) can call cuBLAS on it: per-call scratch from torch's caching
   allocator, freed when the layer's call returns.
@@ -68,12 +68,9 @@ _DTYPES = quant_cpu.OP_DTYPES
 
 
 @jit
-def _load_codes(rows, k0, offs_k, n_ok, s_wk, BITS: tl.constexpr):
-    """(GROUP, BLOCK_N) codes of inputs k0 + offs_k for the rows at ``rows`` (pointers, (1, BLOCK_N))."""
-    if BITS == 4:  # two codes per byte along K, the even k in the low nibble
-        byte = tl.load(rows + ((k0 + offs_k) // 2)[:, None] * s_wk, mask=n_ok[None, :], other=0)
-        return ((byte >> ((offs_k % 2) * 4)[:, None]) & 0xF).to(tl.float32)
-    return tl.load(rows + (k0 + offs_k)[:, None] * s_wk, mask=n_ok[None, :], other=0).to(tl.float32)
+def _dequant_tile(codes, scale, minimum, dtype: tl.constexpr):
+    """``codes * scale + minimum`` in fp32 (scale/minimum broadcast per output row), rounded to ``dtype``."""
+    return (codes.to(tl.float32) * scale + minimum).to(dtype)
 
 
 @jit
@@ -85,29 +82,39 @@ def _quant_matmul_kernel(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): one program = one output tile; each K step is one
-    # quantization group (GROUP inputs sharing one scale and minimum per output row).
+    # quantization group (GROUP inputs sharing one scale and minimum per output row). int4 bytes are
+    # loaded once as a (GROUP/2, BLOCK_N) tile and split into the even-k and odd-k codes, each
+    # multiplied with the matching (strided) half of x's group.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, GROUP)
     m_ok = offs_m < M
     n_ok = offs_n < N
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * s_xm                        # (BLOCK_M, 1)
-    w_rows = w_ptr + offs_n[None, :].to(tl.int64) * s_wn                        # (1, BLOCK_N)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * s_wn                        # (1, BLOCK_N)
+    dtype = tl.float32 if UPCAST else x_ptr.dtype.element_ty                    # the interpreter's 16-bit dots are
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)                              # wrong: fp32 there, same rounding
     for g in range(0, K // GROUP):
         k0 = g * GROUP
-        x = tl.load(x_rows + (k0 + offs_k)[None, :] * s_xk, mask=m_ok[:, None], other=0.0)  # (BLOCK_M, GROUP)
-        q = _load_codes(w_rows, k0, offs_k, n_ok, s_wk, BITS)
         params = qp_ptr + g * s_qg + offs_n * s_qn
-        scale = tl.load(params, mask=n_ok, other=0.0).to(tl.float32)
-        minimum = tl.load(params + s_qc, mask=n_ok, other=0.0).to(tl.float32)
-        w = (q * scale[None, :] + minimum[None, :]).to(x.dtype)                 # (GROUP, BLOCK_N), as the reference
-        if UPCAST:  # the interpreter's 16-bit dots are wrong: compute in fp32 there
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc += tl.dot(x, w, input_precision=DOT_PRECISION)
+        scale = tl.load(params, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        minimum = tl.load(params + s_qc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if BITS == 4:
+            offs_j = tl.arange(0, GROUP // 2)
+            byte = tl.load(w_cols + (k0 // 2 + offs_j)[:, None] * s_wk, mask=n_ok[None, :], other=0)  # (GROUP/2, BN)
+            x_even = tl.load(x_rows + (k0 + 2 * offs_j)[None, :] * s_xk, mask=m_ok[:, None], other=0.0)
+            x_odd = tl.load(x_rows + (k0 + 2 * offs_j + 1)[None, :] * s_xk, mask=m_ok[:, None], other=0.0)
+            w_even = _dequant_tile(byte & 0xF, scale, minimum, x_ptr.dtype.element_ty).to(dtype)
+            w_odd = _dequant_tile(byte >> 4, scale, minimum, x_ptr.dtype.element_ty).to(dtype)
+            acc += tl.dot(x_even.to(dtype), w_even, input_precision=DOT_PRECISION)
+            acc += tl.dot(x_odd.to(dtype), w_odd, input_precision=DOT_PRECISION)
+        else:
+            offs_k = tl.arange(0, GROUP)
+            codes = tl.load(w_cols + (k0 + offs_k)[:, None] * s_wk, mask=n_ok[None, :], other=0)  # (GROUP, BN)
+            x = tl.load(x_rows + (k0 + offs_k)[None, :] * s_xk, mask=m_ok[:, None], other=0.0)  # (BLOCK_M, GROUP)
+            w = _dequant_tile(codes, scale, minimum, x_ptr.dtype.element_ty).to(dtype)
+            acc += tl.dot(x.to(dtype), w, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None].to(tl.int64) * s_om + offs_n[None, :] * s_on
@@ -120,21 +127,28 @@ def _dequant_kernel(
     s_wn, s_wk, s_qg, s_qn, s_qc, s_on, s_ok,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # grid (cdiv(N, BLOCK_N), G): one program = BLOCK_N rows of one quantization group, written as
-    # (BLOCK_N, GROUP) of the (N, K) output.
+    # grid (cdiv(N, BLOCK_N), G): one program = BLOCK_N rows of one quantization group, written as a
+    # (BLOCK_N, GROUP) tile of the (N, K) output, contiguous along K (int4: the low and high nibbles
+    # of each byte interleaved back into k order).
     pid_n = tl.program_id(0)
     g = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, GROUP)
     n_ok = offs_n < N
-    w_rows = w_ptr + offs_n[None, :].to(tl.int64) * s_wn
-    q = _load_codes(w_rows, g * GROUP, offs_k, n_ok, s_wk, BITS)
+    rows = w_ptr + offs_n[:, None].to(tl.int64) * s_wn                          # (BLOCK_N, 1)
     params = qp_ptr + g * s_qg + offs_n * s_qn
-    scale = tl.load(params, mask=n_ok, other=0.0).to(tl.float32)
-    minimum = tl.load(params + s_qc, mask=n_ok, other=0.0).to(tl.float32)
-    w = q * scale[None, :] + minimum[None, :]                                   # (GROUP, BLOCK_N)
-    out = out_ptr + offs_n[None, :].to(tl.int64) * s_on + (g * GROUP + offs_k)[:, None] * s_ok
-    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
+    scale = tl.load(params, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    minimum = tl.load(params + s_qc, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    dtype = out_ptr.dtype.element_ty
+    if BITS == 4:
+        offs_j = tl.arange(0, GROUP // 2)
+        byte = tl.load(rows + (g * (GROUP // 2) + offs_j)[None, :] * s_wk, mask=n_ok[:, None], other=0)
+        w = tl.interleave(_dequant_tile(byte & 0xF, scale, minimum, dtype),
+                          _dequant_tile(byte >> 4, scale, minimum, dtype))      # (BLOCK_N, GROUP)
+    else:
+        codes = tl.load(rows + (g * GROUP + tl.arange(0, GROUP))[None, :] * s_wk, mask=n_ok[:, None], other=0)
+        w = _dequant_tile(codes, scale, minimum, dtype)
+    out = out_ptr + offs_n[:, None].to(tl.int64) * s_on + (g * GROUP + tl.arange(0, GROUP))[None, :] * s_ok
+    tl.store(out, w, mask=n_ok[:, None])
 
 
 def quant_matmul_fwd(x2: torch.Tensor, data: torch.Tensor, qparams: torch.Tensor, bits: int, group_size: int,
