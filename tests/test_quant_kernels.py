@@ -185,22 +185,34 @@ def test_fp32_batches_on_cpu_int4_take_the_dequantize_path_and_match():
 # the tinygemm layout, per CPU capability
 
 _LAYOUT_CHECK = """
+import sys
 import torch
 from tierkv.kernels import quant_cpu
+planes = {}
 for n in (16, 32, 48, 64, 80, 96, 112, 128, 208):
     for k in (64, 96):
         codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-        assert torch.equal(quant_cpu.unpack_codes(quant_cpu.pack_codes(codes), n, k), codes), (n, k)
+        planes[(n, k)] = (codes, quant_cpu.pack_codes(codes))
+        assert torch.equal(quant_cpu.unpack_codes(planes[(n, k)][1], n, k), codes), (n, k)
+torch.save(planes, sys.argv[1])
 print(quant_cpu.cpu_layout())
 """
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
-def test_unpacking_inverts_the_converter_under_each_cpu_capability(capability):
-    run = subprocess.run([sys.executable, "-c", _LAYOUT_CHECK], capture_output=True, text=True, timeout=120,
-                         cwd=ROOT, env={**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(ROOT)})
+def test_unpacking_inverts_the_converter_under_each_cpu_capability(capability, tmp_path):
+    """In a process per capability; the planes it packed are then read here, under this process's layout."""
+    saved = tmp_path / "planes.pt"
+    run = subprocess.run([sys.executable, "-c", _LAYOUT_CHECK, str(saved)], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT,
+                         env={**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() in ("DEFAULT", "AVX2", "AVX512")   # a CPU without the ISA dispatches lower
+    layout = run.stdout.strip()
+    assert layout in ("DEFAULT", "AVX2", "AVX512")              # a CPU without the ISA dispatches lower
+    for (n, k), (codes, packed) in torch.load(saved).items():
+        assert torch.equal(quant_cpu.unpack_codes(packed, n, k, layout=layout), codes), (layout, n, k)
+        if layout != quant_cpu.cpu_layout() and n >= 64:       # the layouts differ: reading it as ours fails
+            assert not torch.equal(quant_cpu.unpack_codes(packed, n, k), codes)
 
 
 def test_an_unknown_layout_is_read_through_the_op(monkeypatch):
@@ -208,6 +220,8 @@ def test_an_unknown_layout_is_read_through_the_op(monkeypatch):
     packed = quant_cpu.pack_codes(codes)
     monkeypatch.setattr(quant_cpu, "cpu_layout", lambda: "SVE256")
     assert torch.equal(quant_cpu.unpack_codes(packed, 48, 320), codes)
+    with pytest.raises(ArgumentError, match="packed under CPU layout 'VSX' on this SVE256 machine"):
+        quant_cpu.unpack_codes(packed, 48, 320, layout="VSX")
 
 
 # ---------------------------------------------------------------------------------------------

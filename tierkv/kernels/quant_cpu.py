@@ -28,7 +28,8 @@ blocks of 64 (AVX512) or 32 (others), and within a full block AVX512 pairs row b
 one byte, AVX2 row b with b+16, DEFAULT (and every partial block) rows 2j and 2j+1. A store packed
 under one capability is wrong under another; ``cpu_layout()`` names the current one so callers
 can record it. ``unpack_codes`` knows the three layouts (tests check each against the converter
-in a subprocess per capability) and reads any other one through the op itself.
+in a subprocess per capability), so a plane packed under one can be repacked under another, and
+reads any other layout of this process through the op itself.
 """
 
 from __future__ import annotations
@@ -109,11 +110,19 @@ def cpu_quant_matmul(x2: torch.Tensor, data: torch.Tensor, qparams: torch.Tensor
     return hi.add_(int4pack_mm(x2, data[1], group_size, scales_and_zeros(qparams, x2.dtype, "lo")))
 
 
-def unpack_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """One packed plane (N, K/2) -> its (N, K) uint8 codes (< 16), for the layout of this process."""
+def unpack_codes(packed: torch.Tensor, n: int, k: int, layout: str | None = None) -> torch.Tensor:
+    """One packed plane (N, K/2) -> its (N, K) uint8 codes (< 16).
+
+    layout: the ``cpu_layout()`` the plane was packed under (default: this process's), so a plane
+    packed on another machine can be unpacked and packed again here (``pack_codes``).
+    """
     assert packed.shape == (n, k // 2) and packed.dtype == torch.uint8, (tuple(packed.shape), n, k)
-    layout = cpu_layout()
+    here = cpu_layout()
+    layout = here if layout is None else layout
     if layout not in _BLOCK_N:
+        if layout != here:
+            raise ArgumentError(f"cannot read a cpu_int4 weight packed under CPU layout {layout!r} on this "
+                                f"{here} machine; convert the model again here")
         return _codes_through_op(packed, n, k)
     block = _BLOCK_N[layout]
     flat = packed.reshape(-1)
