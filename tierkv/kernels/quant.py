@@ -17,15 +17,12 @@ what the stored tensors are; ``quant_reference`` holds the torch references):
 
 ``quant_linear`` picks the path per call (``linear_path`` says which, for tests and traces):
 
-==========  ====================================================  ============================
-pack        condition                                             path
-==========  ====================================================  ============================
-cpu_int4    M < CPU_DEQUANT_MIN_M[x.dtype]                        "cpu_fused"  (the CPU op)
-cpu_int4    otherwise                                             "cpu_dequant" (unpack, F.linear)
-plain       Triton picked (``_select.pick_backend``), M < DEQUANT_MIN_M   "triton_fused"
-plain       Triton picked, M >= DEQUANT_MIN_M                     "triton_dequant" (+ cuBLAS)
-plain       torch picked (CPU without the interpreter, or forced)  "torch" (``quant_linear_ref``)
-==========  ====================================================  ============================
+- cpu_int4, M < ``CPU_DEQUANT_MIN_M[x.dtype]``: "cpu_fused", the CPU op(s);
+- cpu_int4, larger M: "cpu_dequant", the weight unpacked into x's dtype, then ``F.linear``;
+- plain, Triton picked (``_select.pick_backend``), M < ``DEQUANT_MIN_M``: "triton_fused";
+- plain, Triton picked, larger M: "triton_dequant", ``dequantize_fwd`` into scratch, then cuBLAS;
+- plain, torch picked (CPU without the interpreter, or forced): "torch", ``quant_linear_ref``,
+  which rebuilds the weight every call (correct, slow: CPU stores should hold cpu_int4 packs).
 
 The ``TIERKV_KERNELS`` override (and ``backend=``) chooses between Triton and the reference for
 the ``plain`` pack only; the ``cpu_int4`` pack has one implementation, PyTorch's op.
