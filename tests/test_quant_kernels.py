@@ -181,6 +181,27 @@ def test_fp32_batches_on_cpu_int4_take_the_dequantize_path_and_match():
         assert _err(quant_linear(x, qw), quant_linear_ref(x, *plain, 4)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("M", [CPU_DEQUANT_MIN_M[torch.bfloat16] - 1, 1000])
+def test_bf16_prefill_sized_batches_on_either_side_of_the_switch(M):
+    w = _weight(64, 128, seed=M)
+    qw = _qw(w, "int4", 64, "cpu_int4")
+    x = torch.randn(M, 128).bfloat16()
+    assert linear_path(x, qw) == ("cpu_fused" if M < CPU_DEQUANT_MIN_M[torch.bfloat16] else "cpu_dequant")
+    ref = quant_linear_ref(x.float(), *quantize_weight_plain(w, 4, 64), 4)
+    assert _err(quant_linear(x, qw), ref) < TOL[torch.bfloat16]
+
+
+def test_the_op_constraints_are_checked_before_the_op_runs():
+    x = torch.randn(2, 128)
+    quant_cpu.check_op_args(x, 32, 128, 64)
+    for n, k, group, match in ((24, 128, 64, "N divisible by 16"), (32, 128, 16, "group size in"),
+                               (32, 96, 64, "dividing K")):
+        with pytest.raises(ArgumentError, match=match):
+            quant_cpu.check_op_args(torch.randn(2, k), n, k, group)
+    with pytest.raises(ArgumentError, match="float32, bfloat16 or float16"):
+        quant_cpu.check_op_args(x.double(), 32, 128, 64)
+
+
 # ---------------------------------------------------------------------------------------------
 # the tinygemm layout, per CPU capability
 
