@@ -8,7 +8,7 @@ Per weight shape of the ~0.85B benchmark model (N x K = 5632x2048 up/gate, 2048x
 * the peer: ``F.linear`` on the bf16 weight (cuBLAS on CUDA, oneDNN/MKL on the CPU);
 * on the CPU, the ``cpu_int4`` pack: PyTorch's fused int4 op (int8 = two of them, ``quant_cpu``)
   and the dequantize path (``dequantize_weight`` into a bf16 scratch weight, then ``F.linear``),
-  which is what ``quant_linear`` switches to from ``CPU_DEQUANT_MIN_M`` rows (timed from M = 16);
+  which is what ``quant_linear`` switches to from ``CPU_DEQUANT_MIN_M`` rows;
 * on CUDA, the ``plain`` pack: the Triton fused dequantize-matmul (``quant_matmul_fwd``) and the
   dequantize path (``dequantize_fwd`` + cuBLAS) at M = 1, 16, 64, 256 (``DEQUANT_MIN_M`` should be
   set from their crossover), plus the dequantize kernel alone against a device-to-device copy of
@@ -45,7 +45,6 @@ from bench_kernels import Timer, _triton_version, device_name  # noqa: E402
 SHAPES = ((5632, 2048), (2048, 5632), (2048, 2048))             # (N, K) of the ~0.85B model
 DEFAULTS = {"cpu": ("1,16", 3), "cuda": ("1,16,64,256", 50)}     # rows M, repeats
 CACHE_DEFEAT_BYTES = 192 << 20                                   # CPU: weight copies per timed call cover this
-CPU_DEQUANT_ROWS_FROM = 16                                       # CPU: the dequantize path (~0.2 s a call) from this M
 
 
 def _copies(device: str, nbytes: int) -> int:
@@ -101,10 +100,9 @@ def bench_shape(n: int, k: int, ms: list[int], args: argparse.Namespace, timer: 
             else:
                 y = torch.empty(m, n, dtype=x.dtype, device=dev)
                 fused = [lambda q=q: quant_matmul_fwd(x, q.data, q.qparams, bits, group, None, y) for q in qws]
-            deq = [lambda: F.linear(x, dequantize_weight(qws[0], torch.bfloat16))]   # compute-bound: one copy
+            deq = [lambda q=q: F.linear(x, dequantize_weight(q, torch.bfloat16)) for q in qws]
             rows[f"{scheme}_fused"] = _row(_timed(timer, fused), qws[0].nbytes, peer_s)
-            if dev == "cuda" or m >= CPU_DEQUANT_ROWS_FROM:
-                rows[f"{scheme}_dequant_linear"] = _row(_timed(timer, deq), qws[0].nbytes, peer_s)
+            rows[f"{scheme}_dequant_linear"] = _row(_timed(timer, deq), qws[0].nbytes, peer_s)
             if dev == "cuda":
                 fused[0]()
                 ref = F.linear(x.float(), dequantize_weight(qws[0], torch.bfloat16).float())

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from tierkv.errors import ArgumentError
 from tierkv.kernels import quant_cpu
 from tierkv.kernels._select import cdiv, jit, pick_backend, tl
-from tierkv.kernels.quant_reference import asym_dequantize, dequantize_weight_plain, quant_linear_ref, \
-    quantize_weight_plain, weight_codes_plain
+from tierkv.kernels.quant_reference import dequantize_weight_plain, quant_linear_ref, quantize_weight_plain, \
+    weight_codes_plain
 from tierkv.quantspec import QuantWeight, TensorQuant, WeightQuant, check_divides
 
 __all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_weight", "linear_path",
@@ -52,12 +52,13 @@ __all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_w
 DEQUANT_MIN_M = 64
 # The same switch for the cpu_int4 pack, per input dtype. PyTorch's op is vectorised for bf16
 # only; its fp32/fp16 paths cost ~25-35 ms per row of a 5632x2048 weight on the 2-core test
-# machine, so fp32/fp16 batches dequantize from M = 2. For bf16 a rough first reading on that
-# (loaded) machine: fused 10-130 ms for M = 1..256, dequantize + F.linear 140-260 ms (the unpack
-# and the fp32 rebuild dominate), so bf16 switches at 256. scripts/bench_quant_kernels.py
-# measures both paths; revisit with its numbers.
-CPU_DEQUANT_MIN_M = {torch.bfloat16: 256, torch.float32: 2, torch.float16: 2}
+# machine, so fp32/fp16 batches dequantize from M = 2. bf16, first readings of
+# scripts/bench_quant_kernels.py on that machine (noisy: other jobs ran): the fused int4 op wins
+# clearly at M <= 4 (e.g. 1.0 vs 11 ms at M = 4), dequantize (~10-20 ms) + F.linear wins from
+# M = 16-64 on most shapes, so bf16 switches at 32. Re-measure on a quiet machine.
+CPU_DEQUANT_MIN_M = {torch.bfloat16: 32, torch.float32: 2, torch.float16: 2}
 _DTYPES = quant_cpu.OP_DTYPES
+_DEQUANT_ROWS = 256           # rows per step of the CPU dequantize (fp32 scratch of 256 x K: ~2 MB at K = 2048)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,9 +219,23 @@ def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.float32, backe
         codes = quant_cpu.unpack_codes(qw.data, n, k)
     else:
         codes = quant_cpu.unpack_codes(qw.data[0], n, k) * 16 + quant_cpu.unpack_codes(qw.data[1], n, k)
-    params = qw.qparams.transpose(0, 1)                                         # (N, G, 2)
-    w = asym_dequantize(codes.view(n, -1, tq.group_size), params[..., 0:1], params[..., 1:2], dtype)
-    return w.view(n, k)
+    return _dequantize_codes(codes, qw.qparams, tq.group_size, dtype)
+
+
+def _dequantize_codes(codes: torch.Tensor, qparams: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, K) uint8 codes -> (N, K) ``q * scale + minimum`` in ``dtype``, the reference's fp32 math and rounding,
+    ``_DEQUANT_ROWS`` rows at a time so the fp32 temporaries stay in cache (~14x faster than whole on 2 cores)."""
+    n, k = codes.shape
+    params = qparams.transpose(0, 1).float()                                    # (N, G, 2)
+    out = torch.empty(n, k, dtype=dtype, device=codes.device)
+    scratch = torch.empty(min(n, _DEQUANT_ROWS), k // group_size, group_size, device=codes.device)
+    for r0 in range(0, n, _DEQUANT_ROWS):
+        r1 = min(n, r0 + _DEQUANT_ROWS)
+        tile = scratch[: r1 - r0]
+        tile.copy_(codes[r0:r1].view(r1 - r0, -1, group_size))
+        tile.mul_(params[r0:r1, :, 0:1]).add_(params[r0:r1, :, 1:2])
+        out[r0:r1].copy_(tile.view(r1 - r0, k))
+    return out
 
 
 def linear_path(x: torch.Tensor, qw: QuantWeight, backend: str | None = None) -> str:

@@ -19,8 +19,9 @@ refuses others: ``quantspec.choose_pack`` gives them ``plain``); group size 32, 
 (tierkv's are 32/64/128); K divisible by the group size; x 2-D and contiguous (callers flatten
 leading dims); x fp32, bf16 or fp16 with scales-and-zeros in x's dtype (mixed dtypes are
 refused); any M, 0 included. Only the bf16 path is vectorised: on this 2-core AVX-512 machine the
-fp32 and fp16 paths took ~25-35 ms per row of a 5632x2048 weight (bf16: ~8 ms for M=1..16), so
-the wrapper dequantizes and calls ``F.linear`` for fp32/fp16 batches (``quant.CPU_DEQUANT_MIN_M``).
+fp32 and fp16 paths took ~25-35 ms per row of a 5632x2048 weight (bf16: ~1-8 ms at M=1), so
+the wrapper dequantizes and calls ``F.linear`` for fp32/fp16 batches and larger bf16 ones
+(``quant.CPU_DEQUANT_MIN_M``).
 
 Accuracy against the fp32 reference (tests/test_quant_kernels.py): fp32 within 2e-5 of max |out|;
 bf16 within 1e-2 (worst seen 0.5% int4, 0.7% int8: the op rounds its scales, zeros and each
