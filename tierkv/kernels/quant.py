@@ -239,7 +239,7 @@ def _dequantize_codes(codes: torch.Tensor, qparams: torch.Tensor, group_size: in
 
 
 def linear_path(x: torch.Tensor, qw: QuantWeight, backend: str | None = None) -> str:
-    """Which implementation ``quant_linear(x, qw, backend=backend)`` runs (see the module's table)."""
+    """Which implementation ``quant_linear(x, qw, backend=backend)`` runs (listed in the module docstring)."""
     m = x.numel() // max(1, x.shape[-1])
     if qw.quant.pack == "cpu_int4":
         return "cpu_dequant" if m >= CPU_DEQUANT_MIN_M.get(x.dtype, 1) else "cpu_fused"
