@@ -45,10 +45,12 @@ from bench_kernels import Timer, _triton_version, device_name  # noqa: E402
 SHAPES = ((5632, 2048), (2048, 5632), (2048, 2048))             # (N, K) of the ~0.85B model
 DEFAULTS = {"cpu": ("1,16", 3), "cuda": ("1,16,64,256", 50)}     # rows M, repeats
 CACHE_DEFEAT_BYTES = 192 << 20                                   # CPU: weight copies per timed call cover this
+MAX_COPIES = 64                                                  # (the model's shapes need 9-30)
 
 
 def _copies(device: str, nbytes: int) -> int:
-    return max(1, -(-CACHE_DEFEAT_BYTES // nbytes)) if device == "cpu" else 1
+    """Weight copies per timed call: together CACHE_DEFEAT_BYTES on the CPU (at most MAX_COPIES), one on CUDA."""
+    return min(MAX_COPIES, max(1, -(-CACHE_DEFEAT_BYTES // nbytes))) if device == "cpu" else 1
 
 
 def _timed(timer: Timer, fns: list[Callable[[], Any]]) -> float:
@@ -80,14 +82,14 @@ def bench_shape(n: int, k: int, ms: list[int], args: argparse.Namespace, timer: 
     w = (torch.randn(n, k, device=dev) * 0.02)
     wb = w.to(torch.bfloat16)
     peers = [wb.clone() for _ in range(_copies(dev, wb.numel() * 2))]
-    pack = "cpu_int4" if dev == "cpu" else "plain"
+    pack = args.pack
     quants = {}
     for scheme in ("int8", "int4"):
         tq = TensorQuant(scheme, group, pack)
         data, qparams = quantize_weight(w, tq)
         one = QuantWeight(data.to(dev), qparams.to(dev), tq)
         quants[scheme] = [QuantWeight(one.data.clone(), one.qparams.clone(), tq)
-                          for _ in range(_copies(dev, one.nbytes))]
+                          for _ in range(_copies(dev, one.nbytes) if pack == "cpu_int4" else 1)]
     out: dict[str, Any] = {"n": n, "k": k, "by_m": {}}
     for m in ms:
         x = torch.randn(m, k, device=dev).to(torch.bfloat16)
@@ -95,7 +97,7 @@ def bench_shape(n: int, k: int, ms: list[int], args: argparse.Namespace, timer: 
         rows = {"bf16_linear": _row(peer_s, n * k * 2, None)}
         for scheme, qws in quants.items():
             bits = qws[0].quant.bits
-            if dev == "cpu":
+            if pack == "cpu_int4":
                 fused = [lambda q=q: quant_cpu.cpu_quant_matmul(x, q.data, q.qparams, bits, group) for q in qws]
             else:
                 y = torch.empty(m, n, dtype=x.dtype, device=dev)
@@ -103,12 +105,12 @@ def bench_shape(n: int, k: int, ms: list[int], args: argparse.Namespace, timer: 
             deq = [lambda q=q: F.linear(x, dequantize_weight(q, torch.bfloat16)) for q in qws]
             rows[f"{scheme}_fused"] = _row(_timed(timer, fused), qws[0].nbytes, peer_s)
             rows[f"{scheme}_dequant_linear"] = _row(_timed(timer, deq), qws[0].nbytes, peer_s)
-            if dev == "cuda":
+            if pack == "plain":
                 fused[0]()
                 ref = F.linear(x.float(), dequantize_weight(qws[0], torch.bfloat16).float())
                 rows[f"{scheme}_fused"]["max_rel_err_vs_fp32"] = _rel_err(y, ref)
         out["by_m"][m] = rows
-    if dev == "cuda":
+    if pack == "plain":
         out["dequant_kernel"] = {}
         for scheme, qws in quants.items():
             q = qws[0]
@@ -148,7 +150,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    return ap.parse_args()
+    ap.add_argument("--shapes", default=None, help="comma-separated NxK weight shapes (default: the ~0.85B model's)")
+    ap.add_argument("--pack", choices=("cpu_int4", "plain"), default=None,
+                    help="default: cpu_int4 on the CPU, plain on CUDA; plain on the CPU runs the Triton kernels "
+                         "through the interpreter under TRITON_INTERPRET=1 (a dry run of the CUDA rows, small --shapes)")
+    args = ap.parse_args()
+    args.pack = args.pack or ("cpu_int4" if args.device == "cpu" else "plain")
+    if args.pack == "cpu_int4" and args.device != "cpu":
+        ap.error("the cpu_int4 pack computes on the CPU only")
+    return args
 
 
 def main() -> None:
@@ -167,15 +177,16 @@ def main() -> None:
 
     torch.manual_seed(0)
     load_before, t0 = os.getloadavg(), time.perf_counter()
-    results = [bench_shape(n, k, ms, args, timer) for n, k in SHAPES]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    results = [bench_shape(n, k, ms, args, timer) for n, k in shapes]
     name = device_name(args.device)
     print_report(results, f"quantized linear on {name}: bf16 inputs, groups of {args.group_size}, "
                           f"{torch.get_num_threads()} threads, {repeats} repeats, "
-                          f"{'cpu_int4 pack (PyTorch op)' if args.device == 'cpu' else 'plain pack (Triton)'}")
+                          f"{'cpu_int4 pack (PyTorch op)' if args.pack == 'cpu_int4' else 'plain pack (Triton)'}")
     emit_json({
         "bench": "quant_kernels", "device": args.device, "device_name": name, "dtype": "bfloat16",
         "group_size": args.group_size, "threads": torch.get_num_threads(), "repeats": repeats, "ms": ms,
-        "pack": "cpu_int4" if args.device == "cpu" else "plain",
+        "pack": args.pack,
         "cpu_layout": torch.backends.cpu.get_cpu_capability(),
         "thresholds": {"DEQUANT_MIN_M": quant.DEQUANT_MIN_M,
                        "CPU_DEQUANT_MIN_M": {str(k).removeprefix("torch."): v

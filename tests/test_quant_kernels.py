@@ -326,3 +326,26 @@ def test_kernels_compile_to_a_cubin_for_a_gpu_target():
     if run.returncode and ("ptxas" in run.stderr or "No module named 'triton.backends.nvidia'" in run.stderr):
         pytest.skip(f"this triton build cannot compile for CUDA: {run.stderr.strip().splitlines()[-1]}")
     assert run.returncode == 0 and run.stdout.strip() == "compiled", run.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark script, on tiny shapes
+
+
+@pytest.mark.parametrize("pack", ["cpu_int4", pytest.param("plain", marks=needs_triton)])
+def test_the_benchmark_runs_and_ends_with_one_json_line(pack):
+    """--pack plain on the CPU is the dry run of the CUDA rows (Triton through the interpreter)."""
+    import json
+
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quant_kernels.py"), "--device", "cpu",
+                          "--pack", pack, "--shapes", "64x128", "--ms", "1,64", "--repeats", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=240, cwd=ROOT,
+                         env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout.strip().splitlines()[-1])
+    assert record["bench"] == "quant_kernels" and record["pack"] == pack
+    rows = record["results"][0]["by_m"]["64"]
+    assert {"bf16_linear", "int4_fused", "int8_fused", "int4_dequant_linear", "int8_dequant_linear"} <= set(rows)
+    if pack == "plain":
+        assert rows["int4_fused"]["max_rel_err_vs_fp32"] < TOL[torch.bfloat16]
+        assert set(record["results"][0]["dequant_kernel"]) == {"int4", "int8"}
