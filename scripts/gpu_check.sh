@@ -60,10 +60,10 @@ python -c "import accelerate" 2>/dev/null ||
   { peer=(--skip-peer); echo "gpu_check.sh: accelerate is not installed: bench_weights.py runs without its peer" |
       tee -a "$out/summary.txt"; }
 
-# shares in seconds: 120 + 60 + 120 + 60 + 45 + 40 + 45 = 490, plus start-up, about 8.5 minutes
+# shares in seconds: 120 + 60 + 100 + 60 + 45 + 40 + 45 = 470, plus start-up, about 8 minutes
 step gpu-tests      120 python -m pytest -q -m gpu -p no:cacheprovider -rs
 step bench_resident  60 python scripts/bench_resident.py --device cuda
-step bench_weights  120 python scripts/bench_weights.py --device cuda ${peer[@]+"${peer[@]}"}
+step bench_weights  100 python scripts/bench_weights.py --device cuda ${peer[@]+"${peer[@]}"}
 step bench_kv        60 python scripts/bench_kv.py --device cuda
 step bench_kernels   45 python scripts/bench_kernels.py --device cuda
 step bench_quant_kernels 40 python scripts/bench_quant_kernels.py --device cuda
