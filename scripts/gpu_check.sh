@@ -7,7 +7,7 @@
 # Each step prints to stdout and to OUT_DIR/<step>.log (each benchmark ends with one JSON line);
 # the sweep writes OUT_DIR/trace/ (report.json, tklqt.png, one chrome trace per batch size);
 # OUT_DIR/summary.txt has one line per step: ok or FAILED, and its seconds.
-# It is sized to about 8 minutes on an H100: each step has a share of that time and is stopped,
+# It is sized to about 8.5 minutes on an H100: each step has a share of that time and is stopped,
 # failing the check, when it runs past it (GPU_CHECK_TIME_SCALE=2 doubles every share).
 # Exit status: 0 when every step passed; 1 when a step failed or this is no CUDA machine; 2 when a
 # file it needs is missing (checked first, so nothing runs).
@@ -16,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 needs=(scripts/bench_resident.py scripts/bench_weights.py scripts/bench_kv.py scripts/bench_kernels.py
-       tierkv/__main__.py tierkv/demo_model/config.json tierkv/demo_model/model.safetensors)
+       scripts/bench_quant_kernels.py tierkv/__main__.py tierkv/demo_model/config.json tierkv/demo_model/model.safetensors)
 missing=0
 for path in "${needs[@]}"; do
   [ -f "$path" ] || { echo "gpu_check.sh: missing $path, which this check needs" >&2; missing=1; }
@@ -60,12 +60,13 @@ python -c "import accelerate" 2>/dev/null ||
   { peer=(--skip-peer); echo "gpu_check.sh: accelerate is not installed: bench_weights.py runs without its peer" |
       tee -a "$out/summary.txt"; }
 
-# shares in seconds: 120 + 60 + 120 + 60 + 45 + 45 = 450, plus start-up, about 8 minutes
+# shares in seconds: 120 + 60 + 100 + 60 + 45 + 40 + 45 = 470, plus start-up, about 8 minutes
 step gpu-tests      120 python -m pytest -q -m gpu -p no:cacheprovider -rs
 step bench_resident  60 python scripts/bench_resident.py --device cuda
-step bench_weights  120 python scripts/bench_weights.py --device cuda ${peer[@]+"${peer[@]}"}
+step bench_weights  100 python scripts/bench_weights.py --device cuda ${peer[@]+"${peer[@]}"}
 step bench_kv        60 python scripts/bench_kv.py --device cuda
 step bench_kernels   45 python scripts/bench_kernels.py --device cuda
+step bench_quant_kernels 40 python scripts/bench_quant_kernels.py --device cuda
 step trace-sweep     45 python -m tierkv trace run demo --device cuda --batch-sizes 1,2,4,8,16 --out "$out/trace"
 echo "== summary ($out/summary.txt)"
 cat "$out/summary.txt"

@@ -2,7 +2,7 @@
 against the reference, the tinygemm layout read back, and which path the wrapper takes per pack.
 
 Tolerances (outputs compared relative to the reference's scale, fresh random inputs each test):
-fp32 within 2e-5 of max |ref|; bf16 within 1e-2 (the fused CPU op rounds its scales and zeros
+fp32 within 2e-5 of max |ref|; fp16 within 2e-3; bf16 within 1e-2 (the fused CPU op rounds its scales and zeros
 to bf16 and accumulates in its own order; Triton rounds the weight to bf16 as the reference does).
 """
 
@@ -26,7 +26,7 @@ from tierkv.kernels.quant_reference import dequantize_weight_plain, quant_linear
 from tierkv.quantspec import BITS, QuantWeight, TensorQuant
 
 ROOT = Path(__file__).resolve().parent.parent
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}          # x max |ref|
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}   # x max |ref|
 ROUND_TRIP_REL_L2 = {4: 0.12, 8: 0.008}                      # randn weights, any group size here
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="no triton")
 
@@ -181,26 +181,59 @@ def test_fp32_batches_on_cpu_int4_take_the_dequantize_path_and_match():
         assert _err(quant_linear(x, qw), quant_linear_ref(x, *plain, 4)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("M", [CPU_DEQUANT_MIN_M[torch.bfloat16] - 1, 1000])
+def test_bf16_prefill_sized_batches_on_either_side_of_the_switch(M):
+    w = _weight(64, 128, seed=M)
+    qw = _qw(w, "int4", 64, "cpu_int4")
+    x = torch.randn(M, 128).bfloat16()
+    assert linear_path(x, qw) == ("cpu_fused" if M < CPU_DEQUANT_MIN_M[torch.bfloat16] else "cpu_dequant")
+    ref = quant_linear_ref(x.float(), *quantize_weight_plain(w, 4, 64), 4)
+    assert _err(quant_linear(x, qw), ref) < TOL[torch.bfloat16]
+
+
+def test_the_op_constraints_are_checked_before_the_op_runs():
+    x = torch.randn(2, 128)
+    quant_cpu.check_op_args(x, 32, 128, 64)
+    for n, k, group, match in ((24, 128, 64, "N divisible by 16"), (32, 128, 16, "group size in"),
+                               (32, 96, 64, "dividing K")):
+        with pytest.raises(ArgumentError, match=match):
+            quant_cpu.check_op_args(torch.randn(2, k), n, k, group)
+    with pytest.raises(ArgumentError, match="float32, bfloat16 or float16"):
+        quant_cpu.check_op_args(x.double(), 32, 128, 64)
+
+
 # ---------------------------------------------------------------------------------------------
 # the tinygemm layout, per CPU capability
 
 _LAYOUT_CHECK = """
+import sys
 import torch
 from tierkv.kernels import quant_cpu
+planes = {}
 for n in (16, 32, 48, 64, 80, 96, 112, 128, 208):
     for k in (64, 96):
         codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-        assert torch.equal(quant_cpu.unpack_codes(quant_cpu.pack_codes(codes), n, k), codes), (n, k)
+        planes[(n, k)] = (codes, quant_cpu.pack_codes(codes))
+        assert torch.equal(quant_cpu.unpack_codes(planes[(n, k)][1], n, k), codes), (n, k)
+torch.save(planes, sys.argv[1])
 print(quant_cpu.cpu_layout())
 """
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
-def test_unpacking_inverts_the_converter_under_each_cpu_capability(capability):
-    run = subprocess.run([sys.executable, "-c", _LAYOUT_CHECK], capture_output=True, text=True, timeout=120,
-                         cwd=ROOT, env={**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(ROOT)})
+def test_unpacking_inverts_the_converter_under_each_cpu_capability(capability, tmp_path):
+    """In a process per capability; the planes it packed are then read here, under this process's layout."""
+    saved = tmp_path / "planes.pt"
+    run = subprocess.run([sys.executable, "-c", _LAYOUT_CHECK, str(saved)], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT,
+                         env={**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() in ("DEFAULT", "AVX2", "AVX512")   # a CPU without the ISA dispatches lower
+    layout = run.stdout.strip()
+    assert layout in ("DEFAULT", "AVX2", "AVX512")              # a CPU without the ISA dispatches lower
+    for (n, k), (codes, packed) in torch.load(saved).items():
+        assert torch.equal(quant_cpu.unpack_codes(packed, n, k, layout=layout), codes), (layout, n, k)
+        if layout != quant_cpu.cpu_layout() and n >= 64:       # the layouts differ: reading it as ours fails
+            assert not torch.equal(quant_cpu.unpack_codes(packed, n, k), codes)
 
 
 def test_an_unknown_layout_is_read_through_the_op(monkeypatch):
@@ -208,6 +241,8 @@ def test_an_unknown_layout_is_read_through_the_op(monkeypatch):
     packed = quant_cpu.pack_codes(codes)
     monkeypatch.setattr(quant_cpu, "cpu_layout", lambda: "SVE256")
     assert torch.equal(quant_cpu.unpack_codes(packed, 48, 320), codes)
+    with pytest.raises(ArgumentError, match="packed under CPU layout 'VSX' on this SVE256 machine"):
+        quant_cpu.unpack_codes(packed, 48, 320, layout="VSX")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,3 +281,71 @@ def test_bad_input_is_refused_with_what_to_do():
         quant_linear(torch.ones(2, 96, dtype=torch.int32), qw)
     with pytest.raises(ArgumentError, match=r"bias must be \(24,\)"):
         quant_linear(torch.randn(2, 96), qw, torch.randn(23))
+    on_meta = _qw(_weight(32, 96, seed=7), "int4", 32, "cpu_int4").to("meta")   # stands in for a GPU
+    with pytest.raises(ArgumentError, match="cpu_int4 pack computes on the CPU only.*plain pack"):
+        quant_linear(torch.randn(2, 96, device="meta"), on_meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiler, without a GPU
+
+_COMPILE_CHECK = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tierkv.kernels import quant
+
+def sig(ptrs, ints, consts):
+    return {**ptrs, **{n: "i32" for n in ints}, **{c: "constexpr" for c in consts}}
+
+target = GPUTarget("cuda", 90, 32)
+for bits, dtype, prec in ((4, "bf16", None), (8, "fp32", "ieee")):
+    consts = {"BITS": bits, "GROUP": 64, "BLOCK_M": 16, "BLOCK_N": 32, "HAS_BIAS": True, "DOT_PRECISION": prec,
+              "UPCAST": False}
+    ptrs = {"x_ptr": "*" + dtype, "w_ptr": "*u8", "qp_ptr": "*fp16", "bias_ptr": "*" + dtype, "out_ptr": "*" + dtype}
+    ints = ("M", "N", "K", "s_xm", "s_xk", "s_wn", "s_wk", "s_qg", "s_qn", "s_qc", "s_om", "s_on")
+    src = ASTSource(fn=quant._quant_matmul_kernel, signature=sig(ptrs, ints, consts), constexprs=consts)
+    assert "cubin" in triton.compile(src, target=target).asm
+consts = {"BITS": 4, "GROUP": 32, "BLOCK_N": 64}
+ptrs = {"w_ptr": "*u8", "qp_ptr": "*fp16", "out_ptr": "*bf16"}
+ints = ("N", "s_wn", "s_wk", "s_qg", "s_qn", "s_qc", "s_on", "s_ok")
+src = ASTSource(fn=quant._dequant_kernel, signature=sig(ptrs, ints, consts), constexprs=consts)
+assert "cubin" in triton.compile(src, target=target).asm
+print("compiled")
+"""
+
+
+@needs_triton
+def test_kernels_compile_to_a_cubin_for_a_gpu_target():
+    """What the interpreter cannot show: the compiler takes the kernels (nibble shifts on uint8, 16-bit dots).
+
+    In a fresh process: Triton's interpreter state of this session cannot be switched off in place."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=env)
+    if run.returncode and ("ptxas" in run.stderr or "No module named 'triton.backends.nvidia'" in run.stderr):
+        pytest.skip(f"this triton build cannot compile for CUDA: {run.stderr.strip().splitlines()[-1]}")
+    assert run.returncode == 0 and run.stdout.strip() == "compiled", run.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark script, on tiny shapes
+
+
+@pytest.mark.parametrize("pack", ["cpu_int4", pytest.param("plain", marks=needs_triton)])
+def test_the_benchmark_runs_and_ends_with_one_json_line(pack):
+    """--pack plain on the CPU is the dry run of the CUDA rows (Triton through the interpreter)."""
+    import json
+
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quant_kernels.py"), "--device", "cpu",
+                          "--pack", pack, "--shapes", "64x128", "--ms", "1,64", "--repeats", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=240, cwd=ROOT,
+                         env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    record = json.loads(run.stdout.strip().splitlines()[-1])
+    assert record["bench"] == "quant_kernels" and record["pack"] == pack
+    rows = record["results"][0]["by_m"]["64"]
+    assert {"bf16_linear", "int4_fused", "int8_fused", "int4_dequant_linear", "int8_dequant_linear"} <= set(rows)
+    if pack == "plain":
+        assert rows["int4_fused"]["max_rel_err_vs_fp32"] < TOL[torch.bfloat16]
+        assert set(record["results"][0]["dequant_kernel"]) == {"int4", "int8"}

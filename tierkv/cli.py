@@ -238,7 +238,15 @@ def _summary(res: GenerationResult, engine: Engine) -> str:
     s = res.stats
     return (f"[{s.new_tokens} tokens ({res.finish_reason}) | prompt {s.prompt_tokens} tokens, "
             f"prefill {s.prefill_s:.3f} s | decode {s.decode_tok_s:.1f} tok/s | "
-            f"peak RSS {format_size(s.peak_rss_bytes)} | {engine.device.type} {str(engine.dtype).removeprefix('torch.')}]")
+            f"peak RSS {format_size(s.peak_rss_bytes)} | {engine.device.type} {str(engine.dtype).removeprefix('torch.')}"
+            f"{_schemes(engine)}]")
+
+
+def _schemes(engine: Engine) -> str:
+    """", int4 weights (groups of 64), int8 KV off the device" for the summary line ("" when 16-bit)."""
+    quant, kv = engine.policy.weight_quant, engine.policy.kv_quant
+    return (f", {quant.describe().replace(' (', ' weights (', 1)}" if quant else "") + \
+        (f", {kv} KV off the device" if kv != "none" else "")
 
 
 @app.command()

@@ -7,9 +7,9 @@ what the stored tensors are; ``quant_reference`` holds the torch references):
 
 - Triton ``_quant_matmul_kernel`` (launcher ``quant_matmul_fwd``): a fused dequantize-matmul over
   the ``plain`` int4 and int8 packs. Each K step is one quantization group: its codes are loaded
-  and dequantized in registers (one scale and minimum per output row) and multiplied with fp32
-  accumulation; the dequantized weight never exists in memory. No split-K: decode (M=1) gets
-  occupancy from narrow N tiles.
+  and dequantized in registers (one scale and minimum per output row), rounded to x's dtype as
+  the reference rounds its weight, and multiplied with fp32 accumulation; the dequantized weight
+  never exists in memory. No split-K: decode (M=1) gets occupancy from narrow N tiles (unmeasured).
 - Triton ``_dequant_kernel`` (launcher ``dequantize_fwd``): the weight rebuilt into a (N, K)
   buffer, so a large batch (prefill) can call cuBLAS on it: per-call scratch from torch's caching
   allocator, freed when the layer's call returns.
@@ -17,15 +17,12 @@ what the stored tensors are; ``quant_reference`` holds the torch references):
 
 ``quant_linear`` picks the path per call (``linear_path`` says which, for tests and traces):
 
-==========  ====================================================  ============================
-pack        condition                                             path
-==========  ====================================================  ============================
-cpu_int4    M < CPU_DEQUANT_MIN_M[x.dtype]                        "cpu_fused"  (the CPU op)
-cpu_int4    otherwise                                             "cpu_dequant" (unpack, F.linear)
-plain       Triton picked (``_select.pick_backend``), M < DEQUANT_MIN_M   "triton_fused"
-plain       Triton picked, M >= DEQUANT_MIN_M                     "triton_dequant" (+ cuBLAS)
-plain       torch picked (CPU without the interpreter, or forced)  "torch" (``quant_linear_ref``)
-==========  ====================================================  ============================
+- cpu_int4, M < ``CPU_DEQUANT_MIN_M[x.dtype]``: "cpu_fused", the CPU op(s);
+- cpu_int4, larger M: "cpu_dequant", the weight unpacked into x's dtype, then ``F.linear``;
+- plain, Triton picked (``_select.pick_backend``), M < ``DEQUANT_MIN_M``: "triton_fused";
+- plain, Triton picked, larger M: "triton_dequant", ``dequantize_fwd`` into scratch, then cuBLAS;
+- plain, torch picked (CPU without the interpreter, or forced): "torch", ``quant_linear_ref``,
+  which rebuilds the weight every call (correct, slow: CPU stores should hold cpu_int4 packs).
 
 The ``TIERKV_KERNELS`` override (and ``backend=``) chooses between Triton and the reference for
 the ``plain`` pack only; the ``cpu_int4`` pack has one implementation, PyTorch's op.
@@ -42,8 +39,8 @@ import torch.nn.functional as F
 from tierkv.errors import ArgumentError
 from tierkv.kernels import quant_cpu
 from tierkv.kernels._select import cdiv, jit, pick_backend, tl
-from tierkv.kernels.quant_reference import asym_dequantize, dequantize_weight_plain, quant_linear_ref, \
-    quantize_weight_plain, weight_codes_plain
+from tierkv.kernels.quant_reference import dequantize_weight_plain, quant_linear_ref, quantize_weight_plain, \
+    weight_codes_plain
 from tierkv.quantspec import QuantWeight, TensorQuant, WeightQuant, check_divides
 
 __all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_weight", "linear_path",
@@ -55,12 +52,13 @@ __all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_w
 DEQUANT_MIN_M = 64
 # The same switch for the cpu_int4 pack, per input dtype. PyTorch's op is vectorised for bf16
 # only; its fp32/fp16 paths cost ~25-35 ms per row of a 5632x2048 weight on the 2-core test
-# machine, so fp32/fp16 batches dequantize from M = 2. For bf16 a rough first reading on that
-# (loaded) machine: fused 10-130 ms for M = 1..256, dequantize + F.linear 140-260 ms (the unpack
-# and the fp32 rebuild dominate), so bf16 switches at 256. scripts/bench_quant_kernels.py
-# measures both paths; revisit with its numbers.
-CPU_DEQUANT_MIN_M = {torch.bfloat16: 256, torch.float32: 2, torch.float16: 2}
+# machine, so fp32/fp16 batches dequantize from M = 2. bf16, first readings of
+# scripts/bench_quant_kernels.py on that machine (noisy: other jobs ran): the fused int4 op wins
+# clearly at M <= 4 (e.g. 1.0 vs 11 ms at M = 4), dequantize (~10-20 ms) + F.linear wins from
+# M = 16-64 on most shapes, so bf16 switches at 32. Re-measure on a quiet machine.
+CPU_DEQUANT_MIN_M = {torch.bfloat16: 32, torch.float32: 2, torch.float16: 2}
 _DTYPES = quant_cpu.OP_DTYPES
+_DEQUANT_ROWS = 256           # rows per step of the CPU dequantize (fp32 scratch of 256 x K: ~2 MB at K = 2048)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,12 +66,9 @@ _DTYPES = quant_cpu.OP_DTYPES
 
 
 @jit
-def _load_codes(rows, k0, offs_k, n_ok, s_wk, BITS: tl.constexpr):
-    """(GROUP, BLOCK_N) codes of inputs k0 + offs_k for the rows at ``rows`` (pointers, (1, BLOCK_N))."""
-    if BITS == 4:  # two codes per byte along K, the even k in the low nibble
-        byte = tl.load(rows + ((k0 + offs_k) // 2)[:, None] * s_wk, mask=n_ok[None, :], other=0)
-        return ((byte >> ((offs_k % 2) * 4)[:, None]) & 0xF).to(tl.float32)
-    return tl.load(rows + (k0 + offs_k)[:, None] * s_wk, mask=n_ok[None, :], other=0).to(tl.float32)
+def _dequant_tile(codes, scale, minimum, dtype: tl.constexpr):
+    """``codes * scale + minimum`` in fp32 (scale/minimum broadcast per output row), rounded to ``dtype``."""
+    return (codes.to(tl.float32) * scale + minimum).to(dtype)
 
 
 @jit
@@ -85,29 +80,39 @@ def _quant_matmul_kernel(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): one program = one output tile; each K step is one
-    # quantization group (GROUP inputs sharing one scale and minimum per output row).
+    # quantization group (GROUP inputs sharing one scale and minimum per output row). int4 bytes are
+    # loaded once as a (GROUP/2, BLOCK_N) tile and split into the even-k and odd-k codes, each
+    # multiplied with the matching (strided) half of x's group.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, GROUP)
     m_ok = offs_m < M
     n_ok = offs_n < N
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * s_xm                        # (BLOCK_M, 1)
-    w_rows = w_ptr + offs_n[None, :].to(tl.int64) * s_wn                        # (1, BLOCK_N)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * s_wn                        # (1, BLOCK_N)
+    dtype = tl.float32 if UPCAST else x_ptr.dtype.element_ty                    # the interpreter's 16-bit dots are
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)                              # wrong: fp32 there, same rounding
     for g in range(0, K // GROUP):
         k0 = g * GROUP
-        x = tl.load(x_rows + (k0 + offs_k)[None, :] * s_xk, mask=m_ok[:, None], other=0.0)  # (BLOCK_M, GROUP)
-        q = _load_codes(w_rows, k0, offs_k, n_ok, s_wk, BITS)
         params = qp_ptr + g * s_qg + offs_n * s_qn
-        scale = tl.load(params, mask=n_ok, other=0.0).to(tl.float32)
-        minimum = tl.load(params + s_qc, mask=n_ok, other=0.0).to(tl.float32)
-        w = (q * scale[None, :] + minimum[None, :]).to(x.dtype)                 # (GROUP, BLOCK_N), as the reference
-        if UPCAST:  # the interpreter's 16-bit dots are wrong: compute in fp32 there
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc += tl.dot(x, w, input_precision=DOT_PRECISION)
+        scale = tl.load(params, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        minimum = tl.load(params + s_qc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if BITS == 4:
+            offs_j = tl.arange(0, GROUP // 2)
+            byte = tl.load(w_cols + (k0 // 2 + offs_j)[:, None] * s_wk, mask=n_ok[None, :], other=0)  # (GROUP/2, BN)
+            x_even = tl.load(x_rows + (k0 + 2 * offs_j)[None, :] * s_xk, mask=m_ok[:, None], other=0.0)
+            x_odd = tl.load(x_rows + (k0 + 2 * offs_j + 1)[None, :] * s_xk, mask=m_ok[:, None], other=0.0)
+            w_even = _dequant_tile(byte & 0xF, scale, minimum, x_ptr.dtype.element_ty).to(dtype)
+            w_odd = _dequant_tile(byte >> 4, scale, minimum, x_ptr.dtype.element_ty).to(dtype)
+            acc += tl.dot(x_even.to(dtype), w_even, input_precision=DOT_PRECISION)
+            acc += tl.dot(x_odd.to(dtype), w_odd, input_precision=DOT_PRECISION)
+        else:
+            offs_k = tl.arange(0, GROUP)
+            codes = tl.load(w_cols + (k0 + offs_k)[:, None] * s_wk, mask=n_ok[None, :], other=0)  # (GROUP, BN)
+            x = tl.load(x_rows + (k0 + offs_k)[None, :] * s_xk, mask=m_ok[:, None], other=0.0)  # (BLOCK_M, GROUP)
+            w = _dequant_tile(codes, scale, minimum, x_ptr.dtype.element_ty).to(dtype)
+            acc += tl.dot(x.to(dtype), w, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None].to(tl.int64) * s_om + offs_n[None, :] * s_on
@@ -120,21 +125,28 @@ def _dequant_kernel(
     s_wn, s_wk, s_qg, s_qn, s_qc, s_on, s_ok,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # grid (cdiv(N, BLOCK_N), G): one program = BLOCK_N rows of one quantization group, written as
-    # (BLOCK_N, GROUP) of the (N, K) output.
+    # grid (cdiv(N, BLOCK_N), G): one program = BLOCK_N rows of one quantization group, written as a
+    # (BLOCK_N, GROUP) tile of the (N, K) output, contiguous along K (int4: the low and high nibbles
+    # of each byte interleaved back into k order).
     pid_n = tl.program_id(0)
     g = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, GROUP)
     n_ok = offs_n < N
-    w_rows = w_ptr + offs_n[None, :].to(tl.int64) * s_wn
-    q = _load_codes(w_rows, g * GROUP, offs_k, n_ok, s_wk, BITS)
+    rows = w_ptr + offs_n[:, None].to(tl.int64) * s_wn                          # (BLOCK_N, 1)
     params = qp_ptr + g * s_qg + offs_n * s_qn
-    scale = tl.load(params, mask=n_ok, other=0.0).to(tl.float32)
-    minimum = tl.load(params + s_qc, mask=n_ok, other=0.0).to(tl.float32)
-    w = q * scale[None, :] + minimum[None, :]                                   # (GROUP, BLOCK_N)
-    out = out_ptr + offs_n[None, :].to(tl.int64) * s_on + (g * GROUP + offs_k)[:, None] * s_ok
-    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
+    scale = tl.load(params, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    minimum = tl.load(params + s_qc, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    dtype = out_ptr.dtype.element_ty
+    if BITS == 4:
+        offs_j = tl.arange(0, GROUP // 2)
+        byte = tl.load(rows + (g * (GROUP // 2) + offs_j)[None, :] * s_wk, mask=n_ok[:, None], other=0)
+        w = tl.interleave(_dequant_tile(byte & 0xF, scale, minimum, dtype),
+                          _dequant_tile(byte >> 4, scale, minimum, dtype))      # (BLOCK_N, GROUP)
+    else:
+        codes = tl.load(rows + (g * GROUP + tl.arange(0, GROUP))[None, :] * s_wk, mask=n_ok[:, None], other=0)
+        w = _dequant_tile(codes, scale, minimum, dtype)
+    out = out_ptr + offs_n[:, None].to(tl.int64) * s_on + (g * GROUP + tl.arange(0, GROUP))[None, :] * s_ok
+    tl.store(out, w, mask=n_ok[:, None])
 
 
 def quant_matmul_fwd(x2: torch.Tensor, data: torch.Tensor, qparams: torch.Tensor, bits: int, group_size: int,
@@ -207,13 +219,27 @@ def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.float32, backe
         codes = quant_cpu.unpack_codes(qw.data, n, k)
     else:
         codes = quant_cpu.unpack_codes(qw.data[0], n, k) * 16 + quant_cpu.unpack_codes(qw.data[1], n, k)
-    params = qw.qparams.transpose(0, 1)                                         # (N, G, 2)
-    w = asym_dequantize(codes.view(n, -1, tq.group_size), params[..., 0:1], params[..., 1:2], dtype)
-    return w.view(n, k)
+    return _dequantize_codes(codes, qw.qparams, tq.group_size, dtype)
+
+
+def _dequantize_codes(codes: torch.Tensor, qparams: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, K) uint8 codes -> (N, K) ``q * scale + minimum`` in ``dtype``, the reference's fp32 math and rounding,
+    ``_DEQUANT_ROWS`` rows at a time so the fp32 temporaries stay in cache (~14x faster than whole on 2 cores)."""
+    n, k = codes.shape
+    params = qparams.transpose(0, 1).float()                                    # (N, G, 2)
+    out = torch.empty(n, k, dtype=dtype, device=codes.device)
+    scratch = torch.empty(min(n, _DEQUANT_ROWS), k // group_size, group_size, device=codes.device)
+    for r0 in range(0, n, _DEQUANT_ROWS):
+        r1 = min(n, r0 + _DEQUANT_ROWS)
+        tile = scratch[: r1 - r0]
+        tile.copy_(codes[r0:r1].view(r1 - r0, -1, group_size))
+        tile.mul_(params[r0:r1, :, 0:1]).add_(params[r0:r1, :, 1:2])
+        out[r0:r1].copy_(tile.view(r1 - r0, k))
+    return out
 
 
 def linear_path(x: torch.Tensor, qw: QuantWeight, backend: str | None = None) -> str:
-    """Which implementation ``quant_linear(x, qw, backend=backend)`` runs (see the module's table)."""
+    """Which implementation ``quant_linear(x, qw, backend=backend)`` runs (listed in the module docstring)."""
     m = x.numel() // max(1, x.shape[-1])
     if qw.quant.pack == "cpu_int4":
         return "cpu_dequant" if m >= CPU_DEQUANT_MIN_M.get(x.dtype, 1) else "cpu_fused"
@@ -261,6 +287,9 @@ def _check_linear_args(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | No
         raise ArgumentError(f"quantized linear layers take float32, bfloat16 or float16 inputs, got {x.dtype}")
     if x.device != qw.device:
         raise ArgumentError(f"x is on {x.device} but the quantized weight on {qw.device}: move one of them")
+    if qw.quant.pack == "cpu_int4" and x.device.type != "cpu":
+        raise ArgumentError(f"the cpu_int4 pack computes on the CPU only, not on {x.device}; convert the model "
+                            "again for this device (it gets the plain pack)")
     if bias is None:
         return None
     if bias.shape != (n,) or bias.device != x.device:
