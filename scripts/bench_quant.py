@@ -66,18 +66,27 @@ PEER_SPEEDUP_GOAL = 2.0
 # schemes as the library takes them (bf16 = no quantization)
 
 
-def load_kwargs(scheme: str, group_size: int | str, head: bool = False) -> dict[str, Any]:
-    """``tierkv.load`` keywords of a scheme (``head``: the LM head quantized too)."""
+def split_scheme(label: str, group_size: int | str) -> tuple[str, int | str]:
+    """A ``--schemes`` entry -> (scheme, group size): "int8" takes ``--group-size``, "int8:channel"
+    or "int4:32" name their own."""
+    scheme, _, group = label.partition(":")
+    return scheme, group_size_arg(group) if group else group_size
+
+
+def load_kwargs(label: str, group_size: int | str, head: bool = False) -> dict[str, Any]:
+    """``tierkv.load`` keywords of a scheme entry (``head``: the LM head quantized too)."""
+    scheme, group = split_scheme(label, group_size)
     if scheme == "bf16":
         return {}
-    return {"quant": scheme, "group_size": group_size, **({"quant_head": True} if head else {})}
+    return {"quant": scheme, "group_size": group, **({"quant_head": True} if head else {})}
 
 
-def policy_extra(scheme: str, group_size: int | str, head: bool = False) -> dict[str, Any]:
-    """``Policy`` fields of a scheme (the weight quantization as ``tierkv.quantspec`` defines it)."""
+def policy_extra(label: str, group_size: int | str, head: bool = False) -> dict[str, Any]:
+    """``Policy`` fields of a scheme entry (the weight quantization as ``tierkv.quantspec`` defines it)."""
     from tierkv.quantspec import parse_weight_quant
 
-    return {} if scheme == "bf16" else {"weight_quant": parse_weight_quant(scheme, group_size, head)}
+    scheme, group = split_scheme(label, group_size)
+    return {} if scheme == "bf16" else {"weight_quant": parse_weight_quant(scheme, group, head)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,8 +349,9 @@ def summarize_resident(res: dict[str, Any]) -> tuple[dict[str, Any], dict[str, b
     for k in res:
         if k not in ("bf16", "hf"):
             out[f"resident_{k}_vs_bf16"] = _ratio(tok[k], tok.get("bf16"))
-            if k in GOALS_RESIDENT and out[f"resident_{k}_vs_bf16"] is not None:
-                goals[f"resident_{k}_ge_{GOALS_RESIDENT[k]}x_bf16"] = out[f"resident_{k}_vs_bf16"] >= GOALS_RESIDENT[k]
+            goal = GOALS_RESIDENT.get(k.partition(":")[0])
+            if goal and out[f"resident_{k}_vs_bf16"] is not None:
+                goals[f"resident_{k}_ge_{goal}x_bf16"] = out[f"resident_{k}_vs_bf16"] >= goal
         if k != "hf":
             out[f"resident_{k}_vs_hf"] = _ratio(tok[k], tok.get("hf"))
     return out, goals
@@ -372,7 +382,7 @@ def summarize_stream(st: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bool
             row["tok_s_vs_bf16"] = _ratio(row["tok_s"], base["tok_s"])
             row["bytes_vs_bf16"] = _ratio(row["disk_bytes_per_token"], base["disk_bytes_per_token"])
             row["layer_bytes_vs_bf16"] = _ratio(row["layer_bytes"], base["layer_bytes"])
-            goal = GOALS_STREAM.get(scheme)
+            goal = GOALS_STREAM.get(scheme.partition(":")[0])
             if goal and row["tok_s_vs_bf16"] is not None:
                 goals[f"stream_{mode}_{scheme}_tok_s_ge_{goal['tok_s']}x"] = row["tok_s_vs_bf16"] >= goal["tok_s"]
             if goal and row["bytes_vs_bf16"] is not None:
@@ -401,7 +411,7 @@ def summarize_peers(peers: dict[str, Any], st: dict[str, Any] | None) -> tuple[d
     out["best_running_quant_peer"] = best_running
     goals = {}
     runs = (st or {}).get("runs", {})
-    for scheme in ("int8", "int4"):
+    for scheme in sorted({k.split("/")[1] for k in runs} - {"bf16"}) or ["int8", "int4"]:
         r = runs.get(f"same-budget/{scheme}") or runs.get(f"same-layers/{scheme}")
         tok = (r or {}).get("cold", {}).get("tok_s")
         if "accelerate" in peers:
@@ -468,7 +478,8 @@ def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default="resident,stream,peer", help="comma list of resident, stream, peer")
-    ap.add_argument("--schemes", default=",".join(SCHEMES), help="comma list of bf16, int8, int4")
+    ap.add_argument("--schemes", default=",".join(SCHEMES),
+                    help="comma list of bf16, int8, int4; int8:channel / int4:32 set that entry's group size")
     ap.add_argument("--group-size", type=group_size_arg, default=64, help="32, 64, 128 (or a word the library takes)")
     ap.add_argument("--quant-head", action="store_true", help="quantize the LM head too (int8/int4 runs)")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)}")
@@ -492,7 +503,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--opts", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.parts, args.schemes, args.peers = (args.parts.split(","), args.schemes.split(","), args.peers.split(","))
-    bad = [x for x in args.schemes if x not in SCHEMES] + [x for x in args.peers if x not in PEERS]
+    bad = [x for x in args.schemes if x.partition(":")[0] not in SCHEMES] + [x for x in args.peers if x not in PEERS]
     if bad:
         ap.error(f"unknown scheme or peer {bad}; schemes: {', '.join(SCHEMES)}; peers: {', '.join(PEERS)}")
     return args

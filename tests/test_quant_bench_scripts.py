@@ -100,3 +100,11 @@ def test_quality_rows_cover_every_group_size(quality: ModuleType) -> None:
     rows = quality.configs([32, 64, 128])
     assert rows[0] == ("bf16", None) and len(rows) == 7
     assert {(s, g) for s, g in rows[1:]} == {(s, g) for s in ("int8", "int4") for g in (32, 64, 128)}
+
+
+def test_scheme_entries_may_name_their_group_size(bench: ModuleType) -> None:
+    assert bench.split_scheme("int8", 64) == ("int8", 64)
+    assert bench.split_scheme("int8:channel", 64) == ("int8", "channel")
+    assert bench.split_scheme("int4:32", 64) == ("int4", 32)
+    assert bench.load_kwargs("bf16", 64) == {}
+    assert bench.load_kwargs("int4:128", 64, head=True) == {"quant": "int4", "group_size": 128, "quant_head": True}
