@@ -283,6 +283,8 @@ def test_a_converted_store_runs_as_the_model_with_its_tokenizer_and_sessions(tmp
         restored = engine.restore_session(tmp_path / "s.tkvs")
         assert restored.token_ids == session.token_ids and first
     with pytest.raises(ArgumentError, match="does not divide the input dimension 688.*leave --quant out"):
+        tierkv.load("demo", device="cpu", quant="int4")
+    with pytest.raises(ArgumentError, match="does not divide the input dimension 688.*use --group-size channel"):
         tierkv.load("demo", device="cpu", quant="int8")
 
 

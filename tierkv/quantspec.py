@@ -251,7 +251,8 @@ def check_divides(key: str, shape: tuple[int, ...], quant: WeightQuant) -> None:
     """ArgumentError when ``quant``'s group size does not divide the input dimension of ``key``."""
     k = shape[-1]
     if k % group_len(quant.group_size, k):
-        fits = [group_size_name(g) for g in GROUP_SIZES if k % group_len(g, k) == 0]
+        fits = [group_size_name(g) for g in GROUP_SIZES
+                if k % group_len(g, k) == 0 and (g != CHANNEL or quant.scheme == "int8")]
         hint = f"use --group-size {' or '.join(fits)}" if fits else "leave --quant out for this model"
         raise ArgumentError(f"group size {quant.group_size} does not divide the input dimension {k} of {key}; "
                             f"{hint}")
