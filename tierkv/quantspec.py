@@ -23,7 +23,8 @@ will compute:
   (2, N, K/2): the high and the low nibbles of q, each a 4-bit matmul (``q = 16*hi + lo``).
   It needs N divisible by 16; other shapes get ``plain``.
 - ``cpu_int8``: int8 per channel for ``torch.ops.aten._weight_int8pack_mm``: (N, K) uint8 holding
-  the bits of the int8 ``q - 128`` (``q ^ 0x80``), read as int8.
+  the bits of the int8 ``q - 128`` (``q ^ 0x80``), read as int8. It needs K divisible by 16; other
+  shapes get ``plain``.
 
 Every quantized weight ``X.weight`` is stored as ``X.weight`` (the packed bytes) plus
 ``X.weight.qparams``: (G, N, 2) float16, [..., 0] the scale and [..., 1] the minimum, where
@@ -49,6 +50,7 @@ PACKS = ("plain", "cpu_int4", "cpu_int8")
 QPARAMS_SUFFIX = ".qparams"
 QPARAMS_DTYPE = "float16"
 CPU_PACK_ROWS = 16          # _convert_weight_to_int4pack_for_cpu needs N divisible by this
+CPU_INT8_K_MULTIPLE = 16    # _weight_int8pack_mm's bf16 path reads K in steps of 16 (others: wrong or a crash)
 BITS = {"int8": 8, "int4": 4}
 
 # the linear weights of a decoder layer that a scheme quantizes (norms and biases stay 16-bit)
@@ -219,7 +221,7 @@ def choose_pack(scheme: str, shape: tuple[int, ...], device_type: str, group_siz
     if device_type != "cpu":
         return "plain"
     if group_size == CHANNEL:
-        return "cpu_int8" if scheme == "int8" else "plain"
+        return "cpu_int8" if scheme == "int8" and shape[-1] % CPU_INT8_K_MULTIPLE == 0 else "plain"
     return "cpu_int4" if shape[0] % CPU_PACK_ROWS == 0 else "plain"
 
 
@@ -293,7 +295,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-__all__ = ["BITS", "CHANNEL", "CHANNEL_WORD", "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "GROUP_SIZE_CHOICES", "HEAD_WEIGHT", "KV_SCHEMES", "LAYER_LINEARS", "PACKS",
+__all__ = ["BITS", "CHANNEL", "CPU_INT8_K_MULTIPLE", "CHANNEL_WORD", "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "GROUP_SIZE_CHOICES", "HEAD_WEIGHT", "KV_SCHEMES", "LAYER_LINEARS", "PACKS",
            "QPARAMS_DTYPE", "QuantWeight", "QPARAMS_SUFFIX", "SCHEMES", "TensorQuant", "WeightQuant", "check_divides",
            "check_kv_scheme", "choose_pack", "group_len", "group_size_name", "kv_chunk_bytes", "parse_group_size", "parse_weight_quant", "quantized_keys",
            "tensor_quants",

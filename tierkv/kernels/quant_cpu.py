@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 
 from tierkv.errors import ArgumentError
-from tierkv.quantspec import CPU_PACK_ROWS
+from tierkv.quantspec import CPU_INT8_K_MULTIPLE, CPU_PACK_ROWS
 
 __all__ = ["OP_GROUP_SIZES", "OP_DTYPES", "check_op_args", "cpu_layout", "pack_codes", "scales_and_zeros",
            "int4pack_mm", "int8_channel_codes", "int8_channel_mm", "cpu_quant_matmul", "op_params", "unpack_codes"]
@@ -100,8 +100,11 @@ def scales_and_zeros(qparams: torch.Tensor, dtype: torch.dtype, plane: str = "in
 
 
 def int8_channel_codes(codes: torch.Tensor) -> torch.Tensor:
-    """(N, K) uint8 codes q -> the ``cpu_int8`` stored bytes: the bits of the int8 ``q - 128``."""
+    """(N, K) uint8 codes q -> the ``cpu_int8`` stored bytes: the bits of the int8 ``q - 128`` (and back)."""
     assert codes.dtype == torch.uint8 and codes.dim() == 2, (codes.dtype, codes.shape)
+    if codes.shape[1] % CPU_INT8_K_MULTIPLE:
+        raise ArgumentError(f"the cpu_int8 pack needs the input dimension divisible by {CPU_INT8_K_MULTIPLE}, got "
+                            f"{codes.shape[1]}; use the plain pack for this weight (quantspec.choose_pack does)")
     return codes ^ 0x80
 
 
@@ -115,7 +118,7 @@ def op_params(qparams: torch.Tensor, dtype: torch.dtype, bits: int, pack: str) -
     if pack == "cpu_int8":
         assert qparams.shape[0] == 1, tuple(qparams.shape)
         sc = scales_and_zeros(qparams[0], torch.float32, "int8")              # (N, 2)
-        return sc[:, 0].to(dtype), sc[:, 1].contiguous()
+        return sc[:, 0].to(dtype).contiguous(), sc[:, 1].contiguous()     # the op ignores strides
     assert pack == "cpu_int4", pack
     if bits == 4:
         return (scales_and_zeros(qparams, dtype),)
@@ -124,12 +127,14 @@ def op_params(qparams: torch.Tensor, dtype: torch.dtype, bits: int, pack: str) -
 
 def check_op_args(x2: torch.Tensor, n: int, k: int, group_size: int | None) -> None:
     """ArgumentError unless the op can run x2 (M, K) against a (N, K) weight in groups of ``group_size``
-    (None: the per-channel int8 op, any N and K)."""
+    (None: the per-channel int8 op, any N, K divisible by ``CPU_INT8_K_MULTIPLE``)."""
     if x2.device.type != "cpu":
         raise ArgumentError(f"the cpu_int4 pack computes on the CPU, but x is on {x2.device}; "
                             "convert the model for that device (the plain pack) or move x to the CPU")
     if x2.dtype not in OP_DTYPES:
         raise ArgumentError(f"quantized linear layers take float32, bfloat16 or float16 inputs, got {x2.dtype}")
+    if group_size is None and k % CPU_INT8_K_MULTIPLE:
+        raise ArgumentError(f"the CPU int8 matmul needs K divisible by {CPU_INT8_K_MULTIPLE}, got {k}: use the plain pack")
     if group_size is not None and (group_size not in OP_GROUP_SIZES or k % group_size or n % CPU_PACK_ROWS):
         raise ArgumentError(f"the CPU int4 matmul needs a group size in {OP_GROUP_SIZES} dividing K and N divisible "
                             f"by {CPU_PACK_ROWS}; got group {group_size}, (N, K) = ({n}, {k}): use the plain pack")
