@@ -3,7 +3,9 @@ against the reference, the tinygemm layout read back, and which path the wrapper
 
 Tolerances (outputs compared relative to the reference's scale, fresh random inputs each test):
 fp32 within 2e-5 of max |ref|; fp16 within 2e-3; bf16 within 1e-2 (the fused CPU op rounds its scales and zeros
-to bf16 and accumulates in its own order; Triton rounds the weight to bf16 as the reference does).
+to bf16 and accumulates in its own order; Triton rounds the weight to bf16 as the reference does). Per-channel
+int8 (``CHANNEL_TOL``): the same, but bf16 within 1.5e-2 (the int8 op rounds each row's scale to bf16).
+Prepared CPU op parameters give bitwise the outputs of deriving them per call.
 """
 
 import os
@@ -21,9 +23,9 @@ from tierkv.errors import ArgumentError
 from tierkv.kernels import quant_cpu
 from tierkv.kernels._select import HAS_TRITON
 from tierkv.kernels.quant import (CPU_DEQUANT_MIN_M, DEQUANT_MIN_M, dequantize_fwd, dequantize_weight, linear_path,
-                                  quant_linear, quant_matmul_fwd, quantize_weight)
+                                  prepare, quant_linear, quant_matmul_fwd, quantize_weight)
 from tierkv.kernels.quant_reference import dequantize_weight_plain, quant_linear_ref, quantize_weight_plain
-from tierkv.quantspec import BITS, QuantWeight, TensorQuant
+from tierkv.quantspec import BITS, CHANNEL, QuantWeight, TensorQuant, choose_pack
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}   # x max |ref|
@@ -349,3 +351,93 @@ def test_the_benchmark_runs_and_ends_with_one_json_line(pack):
     if pack == "plain":
         assert rows["int4_fused"]["max_rel_err_vs_fp32"] < TOL[torch.bfloat16]
         assert set(record["results"][0]["dequant_kernel"]) == {"int4", "int8"}
+
+
+# ---------------------------------------------------------------------------------------------
+# per-channel int8 (quantspec.CHANNEL) and prepared CPU op parameters
+
+CHANNEL_TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}   # x max |ref|; cpu_int8 bf16:
+# the op rounds each row's scale to bf16 (up to 0.4% of that row) and its output: measured <= 0.9%
+
+
+@pytest.mark.parametrize("dtype", list(CHANNEL_TOL))
+@pytest.mark.parametrize("pack", ["cpu_int8", pytest.param("plain", marks=needs_triton)])
+@pytest.mark.parametrize("M,N,K", [(1, 40, 96), (3, 48, 200), (5, 80, 256), (2, 17, 160)])
+def test_channel_int8_matches_the_reference(dtype, pack, M, N, K):
+    """One (scale, minimum) per output row: the CPU int8 op with its rank-1 correction, and the plain pack
+    through Triton (K tiled as groups of 128/64/32 over a stride-0 view; K = 200 fits none: the reference)."""
+    w = _weight(N, K, seed=M + N)
+    if pack == "cpu_int8" and K % 16:                                          # the op's bf16 path needs K % 16
+        assert choose_pack("int8", (N, K), "cpu", CHANNEL) == "plain"
+        with pytest.raises(ArgumentError, match="cpu_int8 pack needs the input dimension divisible by 16"):
+            _qw(w, "int8", CHANNEL, pack)
+        return
+    qw = _qw(w, "int8", CHANNEL, pack)
+    data, qparams = quantize_weight_plain(w, 8, K)                            # the reference's one group per row
+    assert qw.shape == (N, K) and qw.qparams.shape == (1, N, 2)
+    torch.testing.assert_close(qw.qparams, qparams, rtol=0, atol=0)
+    x = torch.randn(M, K).to(dtype)
+    ref = quant_linear_ref(x.float(), data, qparams, 8)
+    got = quant_linear(x, qw, backend="triton")
+    path = linear_path(x, qw, backend="triton")
+    if pack == "cpu_int8":
+        assert path == ("cpu_fused" if M < CPU_DEQUANT_MIN_M[dtype] else "cpu_dequant")
+    else:
+        assert path == ("torch" if K % 32 else "triton_fused")
+    assert got.dtype == dtype and _err(got, ref) < CHANNEL_TOL[dtype], (_err(got, ref), path)
+    torch.testing.assert_close(dequantize_weight(qw), dequantize_weight_plain(data, qparams, 8), rtol=0, atol=0)
+    big = torch.randn(CPU_DEQUANT_MIN_M[torch.bfloat16] + 3, K).to(torch.bfloat16)   # the dequantize path
+    assert _err(quant_linear(big, qw, backend="triton"), quant_linear_ref(big.float(), data, qparams, 8)) < 1e-2
+
+
+@needs_triton
+def test_channel_triton_writes_every_output_of_a_nan_poisoned_buffer():
+    w = _weight(48, 192, seed=3)
+    qw = _qw(w, "int8", CHANNEL, "plain")
+    x = torch.randn(3, 192)
+    out = torch.full((3, 48), float("nan"))
+    quant_matmul_fwd(x, qw.data, qw.qparams.expand(192 // 64, 48, 2), 8, 64, None, out)
+    assert not out.isnan().any()
+    assert _err(out, quant_linear_ref(x, qw.data, qw.qparams, 8)) < 2e-5
+    deq = torch.full((48, 192), float("nan"))
+    dequantize_fwd(qw.data, qw.qparams.expand(192 // 64, 48, 2), 8, 64, deq)
+    torch.testing.assert_close(deq, dequantize_weight_plain(qw.data, qw.qparams, 8), rtol=0, atol=0)
+
+
+def test_channel_stored_sizes_and_facts_come_from_quantspec():
+    from tierkv.quantspec import GROUP_SIZE_CHOICES, WeightQuant, parse_group_size, weight_bytes_per_param
+    for pack in ("cpu_int8", "plain"):
+        tq = TensorQuant("int8", CHANNEL, pack)
+        assert tq.stored((48, 208)) == {"": ("uint8", (48, 208)), ".qparams": ("float16", (1, 48, 2))}
+        assert tq.nbytes((48, 208)) == 48 * 208 + 48 * 4
+        assert TensorQuant.from_json(tq.to_json()) == tq and tq.to_json()["group_size"] == "channel"
+    assert choose_pack("int8", (40, 96), "cpu", CHANNEL) == "cpu_int8"     # any N: the int8 op has no row blocks
+    assert choose_pack("int8", (40, 200), "cpu", CHANNEL) == "plain"       # K % 16
+    assert choose_pack("int8", (40, 96), "cuda", CHANNEL) == "plain"
+    assert choose_pack("int8", (48, 96), "cpu", 64) == "cpu_int4"
+    assert weight_bytes_per_param("int8", CHANNEL) == 1.0 < weight_bytes_per_param("int8", 64)
+    assert parse_group_size("channel") == parse_group_size(0) == CHANNEL and parse_group_size("64") == 64
+    assert WeightQuant("int8", "channel") == WeightQuant("int8", CHANNEL)
+    assert WeightQuant.from_json(WeightQuant("int8", CHANNEL).to_json()) == WeightQuant("int8", CHANNEL)
+    assert GROUP_SIZE_CHOICES == "32, 64, 128, channel"
+    with pytest.raises(ArgumentError, match="group size 48 is not supported; choose one of 32, 64, 128, channel"):
+        parse_group_size(48)
+    with pytest.raises(ArgumentError, match="per-channel groups are for int8 only; use --group-size 32, 64 or 128"):
+        WeightQuant("int4", "channel")
+
+
+@pytest.mark.parametrize("scheme,group,pack", [("int4", 64, "cpu_int4"), ("int8", 32, "cpu_int4"),
+                                               ("int8", CHANNEL, "cpu_int8"), ("int4", 64, "plain")])
+def test_prepared_parameters_give_the_same_bits_as_deriving_them(scheme, group, pack):
+    """``prepare`` (weights that stay put) and the per-call derivation (streamed slots) are one function:
+    bitwise the same outputs, for the prepared dtype and (falling back to deriving) for another."""
+    qw = _qw(_weight(64, 256, seed=5), scheme, group, pack)
+    ready = prepare(qw, torch.bfloat16)
+    if pack == "plain":
+        assert ready is qw                                      # Triton reads qparams directly: nothing to prepare
+    else:
+        assert ready.prepared and all(p.dtype == torch.bfloat16 for p in ready.prepared if p.dim() == 3)
+        assert len(ready.to("cpu").prepared) == len(ready.prepared)      # .to keeps them
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(1, 256).to(dtype)
+        assert torch.equal(quant_linear(x, ready, backend="torch"), quant_linear(x, qw, backend="torch"))

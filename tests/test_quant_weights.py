@@ -28,7 +28,7 @@ from tierkv.io.convert import cached_store, cached_store_dir, convert, store_key
 from tierkv.io.store import DATA_FILE, MANIFEST_FILE, StoreError, WeightStore, pack_device
 from tierkv.pipeline.weights import StreamingWeights
 from tierkv.plan import minimum_device_bytes
-from tierkv.quantspec import QuantWeight, WeightQuant
+from tierkv.quantspec import CHANNEL, QuantWeight, TensorQuant, WeightQuant
 
 SIZES = dict(hidden_size=128, intermediate_size=256)
 PROMPT = [3, 17, 42, 5, 99, 23, 8, 61, 120, 7, 33, 150]
@@ -283,6 +283,8 @@ def test_a_converted_store_runs_as_the_model_with_its_tokenizer_and_sessions(tmp
         restored = engine.restore_session(tmp_path / "s.tkvs")
         assert restored.token_ids == session.token_ids and first
     with pytest.raises(ArgumentError, match="does not divide the input dimension 688.*leave --quant out"):
+        tierkv.load("demo", device="cpu", quant="int4")
+    with pytest.raises(ArgumentError, match="does not divide the input dimension 688.*use --group-size channel"):
         tierkv.load("demo", device="cpu", quant="int8")
 
 
@@ -298,3 +300,61 @@ def test_streamed_layers_read_about_half_or_a_quarter_of_bf16(sixteen_bit, tmp_p
             stats = engine.generate(PROMPT, max_new_tokens=4).stats.weights
             assert stats["disk_to_device_bytes"] >= 4 * 2 * sizes[name]     # 4 forwards x 2 layers, all streamed
     assert sizes["int8"] <= 0.55 * sizes["bf16"] and sizes["int4"] <= 0.30 * sizes["bf16"], sizes
+
+
+def test_per_channel_int8_resident_streamed_and_its_manifest(sixteen_bit, tmp_path, monkeypatch):
+    """int8 with one group per output row: resident (prepared cpu_int8) and streamed (per-call parameters)
+    give the same logits bit for bit; the plain pack (the reference here) the same tokens; the manifest
+    records "channel" and reads back as the scheme asked."""
+    monkeypatch.setenv("TIERKV_KERNELS", "torch")
+    ckpt, reference, tokens16 = sixteen_bit("llama")
+    quant = WeightQuant("int8", CHANNEL)
+    ids = PROMPT + tokens16
+    with tierkv.load(ckpt, device="cpu", quant="int8", group_size="channel") as resident:
+        down = resident._weights.wait(0)["mlp.down_proj.weight"]
+        assert isinstance(down, QuantWeight) and down.quant == TensorQuant("int8", CHANNEL, "cpu_int8")
+        assert down.prepared, "resident weights get their op parameters once"
+        logits, out = resident.logits(ids), resident.generate(PROMPT, max_new_tokens=12).token_ids
+    assert _rel(logits, reference) < REL_BOUND["int8"]
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.85
+    for device_type in ("cpu", "cuda"):
+        store = WeightStore.open(convert(ckpt, tmp_path / device_type, quant=quant, device_type=device_type))
+        assert store.quant == quant
+        raw = json.loads((store.dir / MANIFEST_FILE).read_text())
+        assert '"group_size": "channel"' in json.dumps(raw)
+        with _streamed(ckpt, store, quant) as streamed:
+            layer = streamed._weights.wait(0)
+            assert not layer["mlp.down_proj.weight"].prepared       # ring-slot views: derived per call
+            streamed._weights.release(0)
+            assert streamed.generate(PROMPT, max_new_tokens=12).token_ids == out
+            if device_type == "cpu":
+                assert torch.equal(streamed.logits(ids), logits), "prepared == derived, bit for bit"
+    placed = StreamingWeights(WeightStore.open(tmp_path / "cpu"), "cpu", (0,), (1,), 1, BIG, BIG)
+    try:
+        assert all(placed.wait(j)["self_attn.q_proj.weight"].prepared for j in (0, 1))   # device and host layers
+    finally:
+        placed.close()
+
+
+def test_cli_convert_and_run_with_group_size_channel(sixteen_bit, tmp_path):
+    ckpt, _, _ = sixteen_bit("llama")
+    runner = CliRunner()
+    out = tmp_path / "c"
+    res = runner.invoke(app, ["convert", str(ckpt), str(out), "--quant", "int8", "--group-size", "channel", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["quant"] == {"scheme": "int8", "group_size": "channel", "head": False}
+    run = ["run", "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "6", "--device", "cpu", "--json"]
+    from_store = runner.invoke(app, [run[0], str(out), *run[1:]])
+    from_ckpt = runner.invoke(app, [run[0], str(ckpt), *run[1:], "--quant", "int8", "--group-size", "channel"])
+    assert from_store.exit_code == from_ckpt.exit_code == 0, from_store.output + from_ckpt.output
+    assert json.loads(from_store.stdout)["token_ids"] == json.loads(from_ckpt.stdout)["token_ids"]
+    assert "int8 (per output channel)" in runner.invoke(app, ["info", str(out)]).stdout
+    refused = runner.invoke(app, [run[0], str(out), *run[1:], "--quant", "int8", "--group-size", "64"])
+    assert refused.exit_code == 2 and "--group-size channel" in refused.output, refused.output
+    bad = runner.invoke(app, [run[0], str(ckpt), *run[1:], "--quant", "int8", "--group-size", "row"])
+    assert bad.exit_code == 2 and "choose one of 32, 64, 128, channel" in bad.output, bad.output
+    int4 = runner.invoke(app, [run[0], str(ckpt), *run[1:], "--quant", "int4", "--group-size", "channel"])
+    assert int4.exit_code == 2 and "per-channel groups are for int8 only" in int4.output, int4.output
+    planned = runner.invoke(app, ["plan", str(ckpt), "--quant", "int8", "--group-size", "channel", "--device", "cpu",
+                                  "--json"])
+    assert planned.exit_code == 0, planned.output

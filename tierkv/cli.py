@@ -86,7 +86,7 @@ ModelArg = typer.Argument(..., help="Hugging Face model directory, a store made 
 QuantArg = typer.Option(None, "--quant", help="store the linear weights group-wise quantized: int8 or int4 "
                                               "(default: 16-bit)")
 GroupSizeArg = typer.Option(None, "--group-size", help="--quant: inputs per scale/minimum group: 32, 64 or 128 "
-                                                       "(default 64)")
+                                                       "(default 64), or channel (int8 only: one per output row)")
 QuantHeadArg = typer.Option(False, "--quant-head", help="--quant: quantize the LM head too")
 DEMO_PROMPT = "Return a list of"
 
@@ -396,7 +396,7 @@ def convert_cmd(
     restart: bool = typer.Option(False, help="discard whatever OUT holds (an interrupted conversion, a damaged "
                                              "store, another checkpoint's store) and convert from scratch"),
     quant: Optional[str] = QuantArg,
-    group_size: Optional[int] = GroupSizeArg,
+    group_size: Optional[str] = GroupSizeArg,
     quant_head: bool = QuantHeadArg,
     device: Optional[str] = typer.Option(None, help="--quant: pack for computing on cpu or cuda (no such device "
                                                     "needed here; default: cuda when available)"),

@@ -64,8 +64,9 @@ class LoadFlags:
     quant: Optional[str] = _flag(typer.Option(
         None, "--quant", help="linear weights group-wise quantized: int8 or int4 (default: 16-bit; a converted "
                               "store: what it was converted with)"))
-    group_size: Optional[int] = _flag(typer.Option(
-        None, "--group-size", help="--quant: inputs per scale/minimum group, 32, 64 or 128 (default 64)"))
+    group_size: Optional[str] = _flag(typer.Option(
+        None, "--group-size", help="--quant: inputs per scale/minimum group, 32, 64 or 128 (default 64), or "
+                                   "channel (int8: one per output row, the fastest int8 on the CPU)"))
     quant_head: bool = _flag(typer.Option(
         False, "--quant-head", help="--quant: quantize the LM head too (embeddings and norms stay 16-bit)"))
     threads: Optional[int] = _flag(typer.Option(

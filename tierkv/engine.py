@@ -350,7 +350,7 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          chunk_tokens: int | None = None, kv_exact_max_tokens: int = 4096, kv_device_tokens: int | None = None,
          kv_sketch: bool | None = None, prefill_chunk_tokens: int | None = None,
          progress: ProgressFn | None = None, prefill_progress: ProgressFn | None = None,
-         verify: bool = False, max_sequences: int = 16, quant: str | None = None, group_size: int | None = None,
+         verify: bool = False, max_sequences: int = 16, quant: str | None = None, group_size: int | str | None = None,
          quant_head: bool = False, kv_quant: str = "none") -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``, or a store made by ``tierkv convert``,
     which brings its config, tokenizer and weight scheme) for generation.
@@ -411,7 +411,7 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
                   prefill_progress=prefill_progress, verify=verify)
 
 
-def _asked_quant(model_dir: Path, scheme: str | None, group_size: int | None, head: bool,
+def _asked_quant(model_dir: Path, scheme: str | None, group_size: int | str | None, head: bool,
                  device: str | None) -> WeightQuant | None:
     """The weight quantization ``load`` asks for. For a converted store passed as the model, an
     unasked scheme is what the store holds, an unasked group size the store's for the same scheme,

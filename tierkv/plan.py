@@ -30,7 +30,7 @@ from tierkv.pipeline.chunking import ChunkRule
 from tierkv.pipeline.kv.sizing import element_bytes, kv_bytes_per_token, kv_device_minimum_bytes, sketch_required
 from tierkv.pipeline.schedule import ahead
 from tierkv.probe import ComputeEstimate, LinkSpeeds, probe_links
-from tierkv.quantspec import WeightQuant, kv_chunk_bytes
+from tierkv.quantspec import CHANNEL, WeightQuant, kv_chunk_bytes
 from tierkv.model import ATTENTION_SCRATCH_BYTES, attention_pair_bytes
 
 MAX_PREFETCH_DEPTH = 4
@@ -116,6 +116,8 @@ class Plan:
         """"bfloat16" for 16-bit weights, else e.g. "int4 (groups of 64)"."""
         if self.weight_scheme == "none":
             return self.dtype
+        if self.weight_group_size == CHANNEL:
+            return f"{self.weight_scheme} (per output channel)"
         return f"{self.weight_scheme} (groups of {self.weight_group_size})"
 
     def _how_timed(self) -> str:

@@ -18,7 +18,7 @@ from tierkv.config import Budget, ModelConfig, Policy, format_size
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.plan import Plan, compute_estimate, make_plan, plan_device
 from tierkv.probe import LinkCache, LinkSpeeds, estimate_layer_compute
-from tierkv.quantspec import DEFAULT_GROUP_SIZE, SCHEMES, WeightQuant
+from tierkv.quantspec import CHANNEL, DEFAULT_GROUP_SIZE, SCHEMES, WeightQuant, group_size_name
 
 
 def compare_plans(config: ModelConfig, budget: Budget = Budget(), policy: Policy = Policy(),
@@ -35,7 +35,8 @@ def compare_plans(config: ModelConfig, budget: Budget = Budget(), policy: Policy
     kwargs = dict(data_path=data_path, context_tokens=context_tokens, config_only=config_only)
     plans = [make_plan(config, budget, replace(policy, weight_quant=None), links, **kwargs)]
     for scheme in SCHEMES:
-        quantized = replace(policy, weight_quant=WeightQuant(scheme, group, head))
+        scheme_group = DEFAULT_GROUP_SIZE if group == CHANNEL and scheme != "int8" else group   # int8 only
+        quantized = replace(policy, weight_quant=WeightQuant(scheme, scheme_group, head))
         scheme_links = links or _links_for(config, quantized, plans[0].links, budget, config_only)
         plans.append(make_plan(config, budget, quantized, scheme_links, **kwargs))
     return plans
@@ -60,7 +61,7 @@ COLUMNS = ("weights", "stored", "layer", "device", "host", "disk", "depth", "str
 def comparison_rows(plans: list[Plan]) -> list[tuple[str, ...]]:
     """One row of ``COLUMNS`` per plan, as text: the layer counts per tier, the prefetch depth, the
     weight bytes a decode step streams, one layer's compute and the predicted speed."""
-    return [(p.dtype if p.weight_scheme == "none" else f"{p.weight_scheme} g{p.weight_group_size}",
+    return [(p.dtype if p.weight_scheme == "none" else f"{p.weight_scheme} g{group_size_name(p.weight_group_size or 0)}",
              format_size(p.weight_bytes), format_size(p.layer_bytes), str(len(p.device_layers)),
              str(len(p.host_layers)), str(len(p.disk_layers)), str(p.prefetch_depth),
              format_size(p.streamed_bytes_per_token), f"{p.links.layer_compute_s * 1e3:.1f} ms",

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from tierkv.config import ModelConfig
-from tierkv.quantspec import CPU_PACK_ROWS, DEFAULT_GROUP_SIZE
+from tierkv.quantspec import CHANNEL, CPU_PACK_ROWS, DEFAULT_GROUP_SIZE
 from tierkv.io.buffers import ALIGN_BYTES, HostBuffer
 from tierkv.io.reader import evict_from_page_cache, measure_disk_read_gbps
 from tierkv.io.convert import check_offload_dir
@@ -295,39 +295,24 @@ def matvec_gbps(scheme: str | None, group_size: int, dtype: torch.dtype, device:
 
     16-bit: ``F.linear`` in ``dtype``. On the CPU, int4 is ``torch.ops.aten._weight_int4pack_mm_for_cpu``
     on a ``_convert_weight_to_int4pack_for_cpu`` pack and int8 two of them (the high and low nibble
-    planes), the fused ops the CPU quantized linear runs. On CUDA the quantized matvec is not timed:
+    planes), per channel (``group_size`` CHANNEL) ``torch.ops.aten._weight_int8pack_mm``: the fused ops
+    the CPU quantized linear runs. On CUDA the quantized matvec is not timed:
     its bytes are counted at the 16-bit matvec's rate (a fused dequantize-matmul streams its bytes
     like cuBLAS's bf16 matvec at best), so the estimate is optimistic there.
     """
     n, k = MATVEC_SHAPE
     cpu_quant = scheme is not None and device.type == "cpu"
-    planes = 2 if scheme == "int8" and cpu_quant else 1
-    per_row = k // 2 * planes + (k // group_size) * 4 if cpu_quant else k * _itemsize(dtype)
+    channel = cpu_quant and group_size == CHANNEL
+    planes = 2 if scheme == "int8" and cpu_quant and not channel else 1
+    if channel:
+        per_row = k + 4
+    else:
+        per_row = k // 2 * planes + (k // group_size) * 4 if cpu_quant else k * _itemsize(dtype)
     n = max(CPU_PACK_ROWS, min(n, nbytes // per_row // CPU_PACK_ROWS * CPU_PACK_ROWS))   # small models: fewer rows
     piece = n * per_row
     count = max(1, -(-nbytes // piece))
     x = torch.randn((1, k), dtype=torch.float32).to(device=device, dtype=dtype)              # (1, K)
-    gen = torch.Generator().manual_seed(0)
-    if cpu_quant:
-        assert n % CPU_PACK_ROWS == 0 and k % group_size == 0, (MATVEC_SHAPE, group_size)
-        pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-        sz = torch.rand((k // group_size, n, 2), generator=gen).to(dtype)                   # (G, N, 2)
-        base = pack(torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 1)
-        weights = [[base.clone() for _ in range(planes)] for _ in range(count)]     # distinct memory, one pack
-
-        def one_pass() -> None:
-            for ws in weights:
-                out = mm(x, ws[0], group_size, sz)
-                for w in ws[1:]:
-                    out = out + mm(x, w, group_size, sz)
-    else:
-        base = torch.randn((n, k), generator=gen).to(device=device, dtype=dtype)
-        weights = [base.clone() for _ in range(count)]
-
-        def one_pass() -> None:
-            for w in weights:
-                torch.nn.functional.linear(x, w)                                            # (1, N)
+    one_pass = _quant_pass(x, n, count, planes, group_size) if cpu_quant else _dense_pass(x, n, count)
     best = math.inf
     start = time.perf_counter()
     with torch.inference_mode():
@@ -341,6 +326,47 @@ def matvec_gbps(scheme: str | None, group_size: int, dtype: torch.dtype, device:
             if i >= MATVEC_MIN_PASSES and time.perf_counter() - start > MATVEC_TIME_S:
                 break
     return count * piece / best / 1e9
+
+
+def _dense_pass(x: torch.Tensor, n: int, count: int) -> Callable[[], None]:
+    """One pass of ``F.linear(x (1, K), w)`` over ``count`` distinct (n, K) weights in x's dtype."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn((n, x.shape[1]), generator=gen).to(device=x.device, dtype=x.dtype)
+    weights = [base.clone() for _ in range(count)]
+
+    def one_pass() -> None:
+        for w in weights:
+            torch.nn.functional.linear(x, w)                                                # (1, N)
+    return one_pass
+
+
+def _quant_pass(x: torch.Tensor, n: int, count: int, planes: int, group_size: int) -> Callable[[], None]:
+    """One pass of the CPU quantized op over ``count`` distinct (n, K) weights: int4 planes in groups of
+    ``group_size``, or per channel (CHANNEL) int8 ``_weight_int8pack_mm``."""
+    k = x.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    if group_size == CHANNEL:
+        scale = torch.rand((n,), generator=gen).to(x.dtype)
+        codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+        weights8 = [codes.clone() for _ in range(count)]
+
+        def channel_pass() -> None:
+            for w in weights8:
+                torch.ops.aten._weight_int8pack_mm(x, w, scale)
+        return channel_pass
+    assert n % CPU_PACK_ROWS == 0 and k % group_size == 0, (n, k, group_size)
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    sz = torch.rand((k // group_size, n, 2), generator=gen).to(x.dtype)                      # (G, N, 2)
+    base = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 1)
+    weights = [[base.clone() for _ in range(planes)] for _ in range(count)]     # distinct memory, one pack
+
+    def one_pass() -> None:
+        for ws in weights:
+            out = mm(x, ws[0], group_size, sz)
+            for w in ws[1:]:
+                out = out + mm(x, w, group_size, sz)
+    return one_pass
 
 
 def _itemsize(dtype: torch.dtype) -> int:

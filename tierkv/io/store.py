@@ -41,7 +41,8 @@ from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.mover import MoveRecord
 from tierkv.io.reader import DEFAULT_REQUEST_BYTES, AlignedReader
 from tierkv.kernels.quant_cpu import cpu_layout
-from tierkv.quantspec import GROUP_SIZES, QPARAMS_SUFFIX, SCHEMES, QuantWeight, TensorQuant, WeightQuant, tensor_quants
+from tierkv.quantspec import GROUP_SIZE_CHOICES, QPARAMS_SUFFIX, SCHEMES, QuantWeight, TensorQuant, WeightQuant, \
+    group_size_name, tensor_quants
 
 FORMAT_NAME = "tierkv-weight-store"
 FORMAT_VERSION = 1
@@ -324,13 +325,13 @@ class WeightStore:
                              f"(`tierkv convert {shlex.quote(self.source_dir) if self.source_dir else 'MODEL'} "
                              f"OTHER_DIR --device {device_type}` with the same --quant)")
         wanted = asked.describe() if asked is not None else "16-bit weights"
-        flags = (f"--quant {self.quant.scheme} --group-size {self.quant.group_size}"
+        flags = (f"--quant {self.quant.scheme} --group-size {group_size_name(self.quant.group_size)}"
                  + (" --quant-head" if self.quant.head else "")) if self.quant is not None else "--quant none"
         model = shlex.quote(self.source_dir) if self.source_dir else "MODEL"
         raise StoreError(f"the weight store {self.dir} holds {held}, not the {wanted} asked for; run it with "
                          f"{flags} (or leave --quant out to use what it holds), or convert again with "
                          f"`tierkv convert {model} OTHER_DIR` and the --quant you want (schemes: {', '.join(SCHEMES)}, none; "
-                         f"group sizes: {', '.join(map(str, GROUP_SIZES))})")
+                         f"group sizes: {GROUP_SIZE_CHOICES})")
 
     def layer(self, j: int) -> Extent:
         return self.extents[layer_extent_name(j)]

@@ -14,24 +14,33 @@ what the stored tensors are; ``quant_reference`` holds the torch references):
   buffer, so a large batch (prefill) can call cuBLAS on it: per-call scratch from torch's caching
   allocator, freed when the layer's call returns.
 - The ``cpu_int4`` pack runs PyTorch's fused CPU int4 matmul (``quant_cpu``); int8 is two of them.
+  The ``cpu_int8`` pack (int8 per channel) runs PyTorch's int8 matmul plus a rank-1 correction.
+- ``prepare(qw, dtype)`` derives the CPU ops' parameters once for weights that stay put (resident
+  and host-tier layers); streamed layers (views of ring slots) derive them per call.
+
+Per-channel weights (``quantspec.CHANNEL``, int8 only) in the plain pack have one group spanning
+K; the Triton kernels tile it as groups of the largest of 128, 64, 32 that divides K, reading the
+one (scale, minimum) through a stride-0 view of qparams (K divisible by none: the reference).
 
 ``quant_linear`` picks the path per call (``linear_path`` says which, for tests and traces):
 
-- cpu_int4, M < ``CPU_DEQUANT_MIN_M[x.dtype]``: "cpu_fused", the CPU op(s);
-- cpu_int4, larger M: "cpu_dequant", the weight unpacked into x's dtype, then ``F.linear``;
+- cpu_int4 / cpu_int8, M < ``CPU_DEQUANT_MIN_M[x.dtype]``: "cpu_fused", the CPU op(s);
+- cpu_int4 / cpu_int8, larger M: "cpu_dequant", the weight unpacked into x's dtype, then ``F.linear``;
 - plain, Triton picked (``_select.pick_backend``), M < ``DEQUANT_MIN_M``: "triton_fused";
 - plain, Triton picked, larger M: "triton_dequant", ``dequantize_fwd`` into scratch, then cuBLAS;
 - plain, torch picked (CPU without the interpreter, or forced): "torch", ``quant_linear_ref``,
   which rebuilds the weight every call (correct, slow: CPU stores should hold cpu_int4 packs).
 
 The ``TIERKV_KERNELS`` override (and ``backend=``) chooses between Triton and the reference for
-the ``plain`` pack only; the ``cpu_int4`` pack has one implementation, PyTorch's op.
+the ``plain`` pack only; the CPU packs have one implementation each, PyTorch's ops.
 
 Shapes: x (..., K) with any leading dims, M = their product; weight (N, K) in groups of
 ``group_size`` along K, G = K / group_size; qparams (G, N, 2) float16 [scale, minimum].
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +50,9 @@ from tierkv.kernels import quant_cpu
 from tierkv.kernels._select import cdiv, jit, pick_backend, tl
 from tierkv.kernels.quant_reference import dequantize_weight_plain, quant_linear_ref, quantize_weight_plain, \
     weight_codes_plain
-from tierkv.quantspec import QuantWeight, TensorQuant, WeightQuant, check_divides
+from tierkv.quantspec import CHANNEL, QuantWeight, TensorQuant, WeightQuant, check_divides, group_len
 
-__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_weight", "linear_path",
+__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_weight", "linear_path", "prepare", "prepare_layer",
            "quant_linear", "quant_matmul_fwd", "quantize_weight"]
 
 # Batches of at least this many rows take dequantize-then-cuBLAS instead of the fused Triton
@@ -58,6 +67,8 @@ DEQUANT_MIN_M = 64
 # M = 16-64 on most shapes, so bf16 switches at 32. Re-measure on a quiet machine.
 CPU_DEQUANT_MIN_M = {torch.bfloat16: 32, torch.float32: 2, torch.float16: 2}
 _DTYPES = quant_cpu.OP_DTYPES
+_TILE_GROUPS = (128, 64, 32)  # Triton K steps for a per-channel plain weight (powers of two)
+_CPU_PACKS = ("cpu_int4", "cpu_int8")
 _DEQUANT_ROWS = 256           # rows per step of the CPU dequantize (fp32 scratch of 256 x K: ~2 MB at K = 2048)
 
 
@@ -186,13 +197,17 @@ def quantize_weight(w: torch.Tensor, tq: TensorQuant) -> tuple[torch.Tensor, tor
 
     plain: ``quant_reference.quantize_weight_plain``. cpu_int4: the same codes in the tinygemm
     layout of this process (``quant_cpu.cpu_layout()``): int4 (N, K/2), int8 (2, N, K/2) as the
-    hi and lo nibble planes. qparams (G, N, 2) float16 [scale, minimum] for both.
+    hi and lo nibble planes. cpu_int8: (N, K), the bits of q - 128. qparams (G, N, 2) float16
+    [scale, minimum] for all (G = 1 per channel).
     """
     if w.dim() != 2 or not w.is_floating_point():
         raise ArgumentError(f"quantize_weight takes a 2-D float (N, K) weight, got {w.dtype} {tuple(w.shape)}")
     check_divides("weight", tuple(w.shape), WeightQuant(tq.scheme, tq.group_size))
-    data, qparams = quantize_weight_plain(w.detach().cpu() if tq.pack == "cpu_int4" else w, tq.bits, tq.group_size)
-    if tq.pack == "cpu_int4":
+    on_cpu = tq.pack in _CPU_PACKS
+    data, qparams = quantize_weight_plain(w.detach().cpu() if on_cpu else w, tq.bits, group_len(tq.group_size, w.shape[1]))
+    if tq.pack == "cpu_int8":
+        data = quant_cpu.int8_channel_codes(data)
+    elif tq.pack == "cpu_int4":
         codes = weight_codes_plain(data, tq.bits, w.shape[1])                  # (N, K) uint8
         data = quant_cpu.pack_codes(codes) if tq.bits == 4 else \
             torch.stack((quant_cpu.pack_codes(codes >> 4), quant_cpu.pack_codes(codes & 0x0F)))
@@ -205,16 +220,20 @@ def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.float32, backe
     """The (N, K) weight of ``qw`` in ``dtype`` (fp32 math): ``q * scale + minimum``.
 
     plain: the Triton ``_dequant_kernel`` where ``pick_backend`` picks Triton, else the reference.
-    cpu_int4: the codes unpacked from the tinygemm layout (``quant_cpu.unpack_codes``).
+    cpu_int4: the codes unpacked from the tinygemm layout (``quant_cpu.unpack_codes``); cpu_int8:
+    the codes are the stored bytes ^ 0x80.
     """
     n, k = qw.shape
     tq = qw.quant
     if tq.pack == "plain":
-        if pick_backend(_dequant_kernel, qw.data, qw.qparams, backend=backend) == "triton":
+        tiled = _triton_groups(qw)
+        if tiled is not None and pick_backend(_dequant_kernel, qw.data, qw.qparams, backend=backend) == "triton":
             out = torch.empty(n, k, dtype=dtype, device=qw.device)
-            dequantize_fwd(qw.data, qw.qparams, tq.bits, tq.group_size, out)
+            dequantize_fwd(qw.data, tiled[0], tq.bits, tiled[1], out)
             return out
         return dequantize_weight_plain(qw.data, qw.qparams, tq.bits, dtype)
+    if tq.pack == "cpu_int8":
+        return _dequantize_codes(quant_cpu.int8_channel_codes(qw.data), qw.qparams, k, dtype)
     if tq.bits == 4:
         codes = quant_cpu.unpack_codes(qw.data, n, k)
     else:
@@ -238,12 +257,42 @@ def _dequantize_codes(codes: torch.Tensor, qparams: torch.Tensor, group_size: in
     return out
 
 
+def _triton_groups(qw: QuantWeight) -> tuple[torch.Tensor, int] | None:
+    """(qparams, group) the Triton kernels read for a plain weight: its own, or for a per-channel one a
+    stride-0 (K/group, N, 2) view of its one group with group the largest of ``_TILE_GROUPS`` dividing K
+    (None when none does: the reference computes it)."""
+    if qw.quant.group_size != CHANNEL:
+        return qw.qparams, qw.quant.group_size
+    n, k = qw.shape
+    fits = [g for g in _TILE_GROUPS if k % g == 0]
+    return (qw.qparams.expand(k // fits[0], n, 2), fits[0]) if fits else None
+
+
+def prepare(qw: QuantWeight, dtype: torch.dtype) -> QuantWeight:
+    """``qw`` with its CPU op parameters derived once for compute ``dtype`` (``QuantWeight.prepared``), for
+    weights placed to stay (resident and host-tier layers); plain packs and other dtypes need none:
+    ``qw`` itself. ``quant_linear`` gives the same bits with or without (it derives the same way per call)."""
+    if qw.quant.pack not in _CPU_PACKS or dtype not in _DTYPES or qw.device.type != "cpu":
+        return qw
+    return QuantWeight(qw.data, qw.qparams, qw.quant, quant_cpu.op_params(qw.qparams, dtype, qw.quant.bits,
+                                                                          qw.quant.pack))
+
+
+def prepare_layer(tensors: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """A layer's (or the globals') weight dict with every ``QuantWeight`` ``prepare``d for ``dtype``, in place."""
+    for key, value in tensors.items():
+        if isinstance(value, QuantWeight):
+            tensors[key] = prepare(value, dtype)
+    return tensors
+
+
 def linear_path(x: torch.Tensor, qw: QuantWeight, backend: str | None = None) -> str:
     """Which implementation ``quant_linear(x, qw, backend=backend)`` runs (listed in the module docstring)."""
     m = x.numel() // max(1, x.shape[-1])
-    if qw.quant.pack == "cpu_int4":
+    if qw.quant.pack in _CPU_PACKS:
         return "cpu_dequant" if m >= CPU_DEQUANT_MIN_M.get(x.dtype, 1) else "cpu_fused"
-    if pick_backend(_quant_matmul_kernel, x, qw.data, qw.qparams, backend=backend) == "torch":
+    if _triton_groups(qw) is None or \
+            pick_backend(_quant_matmul_kernel, x, qw.data, qw.qparams, backend=backend) == "torch":
         return "torch"
     return "triton_dequant" if m >= DEQUANT_MIN_M else "triton_fused"
 
@@ -265,11 +314,15 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = N
     if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
     if path == "cpu_fused":
-        out = quant_cpu.cpu_quant_matmul(x2, qw.data, qw.qparams, qw.quant.bits, qw.quant.group_size)
+        out = quant_cpu.cpu_quant_matmul(x2, qw.data, qw.qparams, qw.quant.bits, qw.quant.group_size, qw.quant.pack,
+                                         qw.prepared)
         out = out if bias is None else out.add_(bias)
     elif path == "triton_fused":
         out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
-        quant_matmul_fwd(x2, qw.data, qw.qparams, qw.quant.bits, qw.quant.group_size, bias, out)
+        tiled = _triton_groups(qw)
+        assert tiled is not None
+        qparams, group = tiled
+        quant_matmul_fwd(x2, qw.data, qparams, qw.quant.bits, group, bias, out)
     elif path == "torch":
         out = quant_linear_ref(x2, qw.data, qw.qparams, qw.quant.bits, bias)
     else:  # "cpu_dequant" | "triton_dequant": a scratch (N, K) weight in x's dtype, then a dense GEMM
@@ -287,8 +340,8 @@ def _check_linear_args(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | No
         raise ArgumentError(f"quantized linear layers take float32, bfloat16 or float16 inputs, got {x.dtype}")
     if x.device != qw.device:
         raise ArgumentError(f"x is on {x.device} but the quantized weight on {qw.device}: move one of them")
-    if qw.quant.pack == "cpu_int4" and x.device.type != "cpu":
-        raise ArgumentError(f"the cpu_int4 pack computes on the CPU only, not on {x.device}; convert the model "
+    if qw.quant.pack in _CPU_PACKS and x.device.type != "cpu":
+        raise ArgumentError(f"the {qw.quant.pack} pack computes on the CPU only, not on {x.device}; convert the model "
                             "again for this device (it gets the plain pack)")
     if bias is None:
         return None

@@ -15,7 +15,7 @@ import torch
 
 from tierkv.config import ModelConfig
 from tierkv.io.checkpoint import Checkpoint
-from tierkv.kernels.quant import quantize_weight
+from tierkv.kernels.quant import prepare, quantize_weight
 from tierkv.quantspec import QuantWeight, TensorQuant, WeightQuant, tensor_quants
 
 LayerFn = Callable[[int, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
@@ -109,10 +109,12 @@ class ResidentWeights:
 
 def _placed(tensors: dict[str, torch.Tensor], quants: dict[str, TensorQuant], dtype: torch.dtype,
             device: torch.device) -> dict[str, Any]:
-    """Checkpoint tensors on ``device`` in ``dtype``; those in ``quants`` quantized (on the host) first."""
+    """Checkpoint tensors on ``device`` in ``dtype``; those in ``quants`` quantized (on the host) first, with
+    their CPU op parameters prepared once (``kernels.quant.prepare``: resident weights stay put)."""
     out: dict[str, Any] = {}
     for key in list(tensors):
         t = tensors.pop(key).to(dtype)
-        out[key] = (QuantWeight(*quantize_weight(t, quants[key]), quants[key]) if key in quants else t).to(device)
+        out[key] = prepare(QuantWeight(*quantize_weight(t, quants[key]), quants[key]).to(device), dtype) \
+            if key in quants else t.to(device)
         del t
     return out

@@ -28,6 +28,7 @@ from tierkv.io.buffers import Slot, SlotPool, aligned_host_tensor
 from tierkv.io.mover import DEVICE, DISK, HOST, MoveRecord, Mover, copy_handler
 from tierkv.io.store import StoreError, WeightStore, layer_extent_name, tensors_from_buffer
 from tierkv.io.tiers import DiskReadHandler, DiskTier, MemoryTier
+from tierkv.kernels.quant import prepare_layer
 
 if TYPE_CHECKING:
     from tierkv.plan import Plan
@@ -105,18 +106,19 @@ class StreamingWeights:
         return mover
 
     def _load_resident(self) -> None:
-        """Globals and device layers into the device tier; host layers into the host tier."""
+        """Globals and device layers into the device tier; host layers into the host tier. Their quantized
+        weights stay put, so the CPU ops' parameters are prepared once here (``kernels.quant.prepare``)."""
         names = [e.name for e in self.store.global_extents()]
         names += [layer_extent_name(j) for j, k in enumerate(self._kind) if k == "device"]
         for name in names:
-            tensors = self._load_into(DEVICE, name)
+            tensors = prepare_layer(self._load_into(DEVICE, name), self.store.dtype)
             if name.startswith("layer."):
                 self._resident[int(name.split(".")[1])] = tensors
             else:
                 self._globals.update(tensors)
         for j, kind in enumerate(self._kind):
             if kind == "host":
-                tensors = self._load_into(HOST, layer_extent_name(j))
+                tensors = prepare_layer(self._load_into(HOST, layer_extent_name(j)), self.store.dtype)
                 if not self.cuda:                       # CPU: host RAM is as close as it gets
                     self._resident[j] = tensors
 
