@@ -27,12 +27,13 @@ weights over tierkv bf16, measured in the same run on the ~0.85B random bf16 Lla
   to see whether it runs when accelerate really offloads. tierkv's speed-up is taken over the
   fastest peer that truly ran with layers on disk (none: said so).
 
-    python scripts/bench_quant.py [--parts resident,stream,peer] [--schemes bf16,int8,int4]
+    python scripts/bench_quant.py [--parts resident,stream,peer] [--schemes bf16,int8,int8:channel,int4]
         [--group-size 64] [--quant-head] [--cap 1280MiB] [--budget-mode both|same-layers|same-budget]
         [--peers accelerate,bnb4,bnb8,quanto4,quanto8] [--threads 2] [--new-tokens 8]
 
 Each contender runs as ``python scripts/bench_quant.py --worker KIND --opts JSON`` (under memcap
-for ``stream`` and ``peer``) and prints one JSON line. A full run takes ~10-15 minutes on 2 cores.
+for ``stream`` and ``peer``) and prints one JSON line. A full run took 4-5 minutes on the quiet
+2-core machine (``PYTHONPATH=OTHER_TREE`` measures another checkout's tierkv with this script).
 """
 
 from __future__ import annotations
