@@ -267,6 +267,12 @@ def test_cli_convert_quant_then_run_the_store(sixteen_bit, tmp_path):
     plain = runner.invoke(app, ["plan", str(ckpt), "--device", "cpu", "--json"])
     assert planned.exit_code == plain.exit_code == 0, planned.output + plain.output
     assert json.loads(planned.stdout)["layer_bytes"] < json.loads(plain.stdout)["layer_bytes"]
+    of_store = runner.invoke(app, ["plan", str(out), "--device", "cpu", "--json"])   # a store plans with its scheme
+    assert of_store.exit_code == 0, of_store.output
+    same = runner.invoke(app, ["plan", str(ckpt), "--quant", "int4", "--group-size", "32", "--device", "cpu", "--json"])
+    assert json.loads(of_store.stdout)["layer_bytes"] == json.loads(same.stdout)["layer_bytes"] < \
+        json.loads(plain.stdout)["layer_bytes"]
+    assert json.loads(of_store.stdout)["weight_scheme"] == "int4"
 
 
 def test_a_converted_store_runs_as_the_model_with_its_tokenizer_and_sessions(tmp_path):

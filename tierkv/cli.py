@@ -443,22 +443,8 @@ def plan_cmd(
     MODEL may hold only a config.json: the plan is then a what-if (budgets are not checked against
     this machine, and compute is estimated from a measured matmul rate)."""
     with _user_errors():
-        path = model_path(model)
-        config_only = not has_weights(path)
-        if config_only:
-            cfg = ModelConfig.from_dir(path)
-        else:
-            with Checkpoint(path) as ckpt:
-                cfg = ckpt.config
-        policy = Policy(dtype=str(resolve_dtype(options.dtype, cfg.dtype)).removeprefix("torch."),
-                        device=None if options.device is None else str(resolve_device(options.device)),
-                        kv_device_tokens=options.kv_device_tokens, prefill_chunk_tokens=options.prefill_chunk_tokens,
-                        weight_quant=parse_weight_quant(options.quant, options.group_size, options.quant_head),
-                        kv_quant=options.kv_quant)
         budget = Budget.parse(options.device_mem, options.host_mem, options.offload_dir)
-        store = None if config_only else find_cached_store(path, budget.offload_dir or default_offload_dir(),
-                                                           policy.dtype, policy.weight_quant, device_type_of(policy))
-        data_path = store.data_path if store is not None else None
+        cfg, policy, data_path, config_only = _plan_inputs(model_path(model), options, budget)
         if compare:
             plans = compare_plans(cfg, budget, policy, data_path=data_path, config_only=config_only)
         else:
@@ -474,6 +460,31 @@ def plan_cmd(
         console.print("\n".join(comparison_notes(plans)), highlight=False, soft_wrap=True)
     else:
         Console().print(plans[0].summary(), highlight=False, soft_wrap=True)
+
+
+def _plan_inputs(path: Path, options: LoadFlags, budget: Budget) -> tuple[ModelConfig, Policy, Path | None, bool]:
+    """(config, policy, data file to probe or None, config-only) for ``plan`` of ``path``: a checkpoint,
+    a directory with only a config.json, or a store made by ``tierkv convert`` (its config and scheme)."""
+    store_quant = None
+    if is_store_dir(path):
+        with contextlib.closing(WeightStore.open(path)) as opened:
+            cfg, store_quant, data_path = opened.config, opened.quant, opened.data_path
+    elif not has_weights(path):
+        cfg, data_path = ModelConfig.from_dir(path), None
+    else:
+        with Checkpoint(path) as ckpt:
+            cfg, data_path = ckpt.config, None
+    asked = parse_weight_quant(options.quant, options.group_size, options.quant_head)
+    policy = Policy(dtype=str(resolve_dtype(options.dtype, cfg.dtype)).removeprefix("torch."),
+                    device=None if options.device is None else str(resolve_device(options.device)),
+                    kv_device_tokens=options.kv_device_tokens, prefill_chunk_tokens=options.prefill_chunk_tokens,
+                    weight_quant=asked if options.quant is not None else store_quant, kv_quant=options.kv_quant)
+    config_only = data_path is None and not has_weights(path)
+    if data_path is None and not config_only:
+        store = find_cached_store(path, budget.offload_dir or default_offload_dir(), policy.dtype,
+                                  policy.weight_quant, device_type_of(policy))
+        data_path = store.data_path if store is not None else None
+    return cfg, policy, data_path, config_only
 
 
 @app.command()
