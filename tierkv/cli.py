@@ -430,8 +430,8 @@ def convert_cmd(
 @app.command("plan")
 @expand_flags
 def plan_cmd(
-    model: str = typer.Argument(..., help="a Hugging Face model directory, or one with only its config.json, or "
-                                          "'demo'"),
+    model: str = typer.Argument(..., help="a Hugging Face model directory, one with only its config.json, a "
+                                          "store made by tierkv convert, or 'demo'"),
     options: LoadFlags = flags(LoadFlags, only=("device_mem", "host_mem", "offload_dir", "dtype", "device",
                                                 "kv_device_tokens", "prefill_chunk_tokens", "quant", "group_size",
                                                 "quant_head", "kv_quant")),
