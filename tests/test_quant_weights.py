@@ -11,6 +11,7 @@ continuation (24 steps): int8 0.92-1.0, int4 0.54-0.83.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -364,3 +365,37 @@ def test_cli_convert_and_run_with_group_size_channel(sixteen_bit, tmp_path):
     planned = runner.invoke(app, ["plan", str(ckpt), "--quant", "int8", "--group-size", "channel", "--device", "cpu",
                                   "--json"])
     assert planned.exit_code == 0, planned.output
+
+
+@pytest.mark.parametrize("scheme,group", [("int4", 64), ("int8", 64), ("int8", CHANNEL)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prepared_parameters_are_what_the_planner_counts(scheme, group, dtype):
+    """The CPU op parameters ``prepare`` adds to a weight that stays put take exactly the bytes
+    ``TensorQuant.prepared_nbytes`` says, so the planner's device/host accounting holds them."""
+    from tierkv.kernels.quant import prepare, quantize_weight
+    from tierkv.quantspec import choose_pack
+    shape = (96, 256)
+    tq = TensorQuant(scheme, group, choose_pack(scheme, shape, "cpu", group))
+    qw = prepare(QuantWeight(*quantize_weight(torch.randn(shape), tq), tq), dtype)
+    assert qw.prepared, "a CPU pack is prepared on the CPU"
+    got = sum(t.numel() * t.element_size() for t in qw.prepared)
+    assert got == tq.prepared_nbytes(shape, torch.empty((), dtype=dtype).element_size()) > 0
+
+
+def test_plans_keep_room_for_prepared_parameters_of_resident_layers():
+    """Quantized resident layers on the CPU carry their prepared op parameters: the plan's device
+    layers, ring and globals with those parameters fit the device budget."""
+    from tierkv.config import Budget, ModelConfig
+    from tierkv.plan import layer_sizes, make_plan, prepared_sizes
+    from tierkv.probe import LinkSpeeds
+    cfg = ModelConfig.from_dir(Path(__file__).parent / "configs" / "llama-3.1-70b")
+    quant = WeightQuant("int4")
+    policy = Policy(device="cpu", dtype="bfloat16", weight_quant=quant)
+    layer, globals_ = layer_sizes(cfg, torch.bfloat16, quant, "cpu")
+    extra, globals_extra = prepared_sizes(cfg, torch.bfloat16, quant, "cpu")
+    assert extra > 0.05 * layer                      # int4 g64 in bf16: 4 of 36 bytes per 64 weights
+    links = LinkSpeeds(disk_read_gbps=2.0, h2d_gbps=math.inf, layer_compute_s=0.03)
+    plan = make_plan(cfg, Budget.parse("24GiB", "0", "/tmp/tierkv-prepared-test"), policy, links, config_only=True)
+    held = plan.reserve_bytes + globals_ + globals_extra + len(plan.device_layers) * (layer + extra) + plan.ring_bytes
+    assert plan.device_layers and plan.disk_layers and held <= plan.device_mem_bytes
+    assert plan.layer_bytes == layer                 # a ring slot is a stored extent

@@ -30,7 +30,7 @@ from tierkv.pipeline.chunking import ChunkRule
 from tierkv.pipeline.kv.sizing import element_bytes, kv_bytes_per_token, kv_device_minimum_bytes, sketch_required
 from tierkv.pipeline.schedule import ahead
 from tierkv.probe import ComputeEstimate, LinkSpeeds, probe_links
-from tierkv.quantspec import CHANNEL, WeightQuant, kv_chunk_bytes
+from tierkv.quantspec import CHANNEL, WeightQuant, kv_chunk_bytes, tensor_quants
 from tierkv.model import ATTENTION_SCRATCH_BYTES, attention_pair_bytes
 
 MAX_PREFETCH_DEPTH = 4
@@ -310,26 +310,29 @@ def _bound(kinds: tuple[str, ...], layer_bytes: int, links: LinkSpeeds, cuda: bo
 
 
 def _split(n_layers: int, layer_bytes: int, device_avail: int, host_avail: int, depth: int,
-           cuda: bool) -> tuple[int, int, int, int] | None:
-    """(n_device, n_host, ring_bytes, staging_bytes) for one prefetch depth, or None if it cannot fit."""
-    if device_avail >= n_layers * layer_bytes:
+           cuda: bool, placed: int | None = None) -> tuple[int, int, int, int] | None:
+    """(n_device, n_host, ring_bytes, staging_bytes) for one prefetch depth, or None if it cannot fit.
+    ``layer_bytes`` is a ring slot (a stored extent), ``placed`` what a layer that stays takes (default
+    the same; more with the CPU op parameters prepared for quantized weights)."""
+    placed = layer_bytes if placed is None else placed
+    if device_avail >= n_layers * placed:
         return n_layers, 0, 0, 0
     ring = (depth + 1) * layer_bytes
     if device_avail < ring:
         return None
-    n_dev = min(n_layers - 1, (device_avail - ring) // layer_bytes)
+    n_dev = min(n_layers - 1, (device_avail - ring) // placed)
     rest = n_layers - n_dev
     if cuda:
         # host layers need no staging; disk layers need a pinned staging ring of depth + 1 slots
-        n_host = min(rest, host_avail // layer_bytes)
+        n_host = min(rest, host_avail // placed)
         if n_host < rest:
             staging = ring
-            n_host = max(0, min(rest, (host_avail - staging) // layer_bytes))
+            n_host = max(0, min(rest, (host_avail - staging) // placed))
             if host_avail < staging:
                 return None
             return n_dev, n_host, ring, staging
         return n_dev, n_host, ring, 0
-    return n_dev, min(rest, host_avail // layer_bytes), ring, 0
+    return n_dev, min(rest, host_avail // placed), ring, 0
 
 
 def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = Policy(),
@@ -354,13 +357,16 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     device = plan_device(policy)
     dtype = resolve_dtype(policy.dtype, config.dtype)
     layer_bytes, globals_bytes = layer_sizes(config, dtype, policy.weight_quant, device.type)
+    layer_extra, globals_extra = prepared_sizes(config, dtype, policy.weight_quant, device.type)
+    placed = layer_bytes + layer_extra                  # a layer that stays put (device or host)
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     dev_mem, host_mem, offload_dir = detect_budgets(budget, device, check_machine=not config_only)
     piece, scratch, activations, reserve = _device_reserve(config, dtype, policy, context, batch, dev_mem,
                                                            globals_bytes, layer_bytes)
     cuda = device.type == "cuda"
-    device_avail, n = dev_mem - reserve - globals_bytes, config.num_layers
-    options = {d: _split(n, layer_bytes, device_avail, host_mem, d, cuda) for d in range(MAX_PREFETCH_DEPTH + 1)}
+    device_avail, n = dev_mem - reserve - globals_bytes - globals_extra, config.num_layers
+    options = {d: _split(n, layer_bytes, device_avail, host_mem, d, cuda, placed)
+               for d in range(MAX_PREFETCH_DEPTH + 1)}
     options = {d: o for d, o in options.items() if o is not None}
     if not options:
         raise PlanError(f"host budget {format_size(host_mem)} cannot hold the staging buffer for streaming "
@@ -374,7 +380,7 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     depth, (n_dev, n_host, ring, staging), step_s = best
     kinds = spread_layers(n, n_dev, n_host)
     if policy.prefill_chunk_tokens is None:       # device room no further layer fits: a larger piece, fewer passes
-        spare = dev_mem - reserve - globals_bytes - kinds.count("device") * layer_bytes - ring
+        spare = dev_mem - reserve - globals_bytes - globals_extra - kinds.count("device") * placed - ring
         piece, scratch, grown = _grow_piece(config, dtype, policy, context, batch, piece, activations, spare)
         reserve, activations = reserve + grown - activations, grown
     return Plan(
@@ -385,11 +391,11 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         host_weight_budget_bytes=host_mem, ring_bytes=ring, staging_bytes=staging, links=links,
         predicted_step_s=step_s, predicted_tok_s=batch / step_s if step_s > 0 else math.inf,
         bound=_bound(kinds, layer_bytes, links, cuda),
-        kv_device_bytes=max(0, dev_mem - globals_bytes - kinds.count("device") * layer_bytes - ring
+        kv_device_bytes=max(0, dev_mem - globals_bytes - globals_extra - kinds.count("device") * placed - ring
                             - activations),
         prefill_chunk_tokens=piece, attention_scratch_bytes=scratch, activation_bytes=activations,
         config_only=config_only, **_stored_sizes(config, dtype, policy, kinds, layer_bytes, globals_bytes,
-                                                 max(0, host_mem - kinds.count("host") * layer_bytes - staging), cuda),
+                                                 max(0, host_mem - kinds.count("host") * placed - staging), cuda),
     )
 
 
@@ -421,6 +427,20 @@ def layer_sizes(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | No
     extents = plan_layout(config, dtype, quant, device_type)
     layer_bytes = max(e.padded_nbytes for e in extents if e.name.startswith("layer."))
     return layer_bytes, sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
+
+
+def prepared_sizes(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | None = None,
+                   device_type: str = "cpu") -> tuple[int, int]:
+    """(per layer, globals) bytes that ``kernels.quant.prepare`` adds to weights placed to stay (device
+    and host layers, the globals): the CPU ops' ready parameters (``TensorQuant.prepared_nbytes``).
+    Streamed layers never hold them, so ring slots stay the stored extent's size."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def prepared(shapes: dict[str, tuple[int, ...]]) -> int:
+        return sum(tq.prepared_nbytes(tuple(shapes[key]), itemsize)
+                   for key, tq in tensor_quants(shapes, quant, device_type).items())
+
+    return prepared(config.layer_tensor_shapes()), prepared(config.global_tensor_shapes())
 
 
 def compute_estimate(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | None, device_type: str,

@@ -170,6 +170,17 @@ class TensorQuant:
         """Bytes of every stored tensor of a logical (N, K) weight."""
         return sum(_numel(s) * (1 if dt == "uint8" else 2) for dt, s in self.stored(shape).values())
 
+    def prepared_nbytes(self, shape: tuple[int, ...], dtype_bytes: int) -> int:
+        """Bytes ``kernels.quant.prepare`` adds to a (N, K) weight placed to stay on the CPU: the CPU
+        ops' ready parameters in the compute dtype (int4: one (G, N, 2) set, int8 in groups: two,
+        per channel: an (N,) scale and an (N,) fp32 center). 0 for the plain pack."""
+        n, k = shape
+        if self.pack == "cpu_int8":
+            return n * (dtype_bytes + 4)
+        if self.pack == "cpu_int4":
+            return (k // group_len(self.group_size, k)) * n * 2 * dtype_bytes * (2 if self.scheme == "int8" else 1)
+        return 0
+
     def to_json(self) -> dict[str, Any]:
         return {"scheme": self.scheme, "group_size": _group_json(self.group_size), "pack": self.pack}
 
