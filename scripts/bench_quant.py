@@ -53,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_weights as bw  # noqa: E402  (puts the checkout's tierkv on sys.path, after PYTHONPATH's)
-from bench_common import bench_model_dir, emit_json, group_size_arg, print_table  # noqa: E402
+from bench_common import bench_model_dir, emit_json, group_size_arg, matvec_gbps, print_table  # noqa: E402
 
 MEMCAP = Path("/work/shared/tools/memcap")
 SCHEMES = ("bf16", "int8", "int4")
@@ -260,6 +260,27 @@ def resident_part(args: argparse.Namespace, model_dir: Path, ids: list[int]) -> 
     return out
 
 
+def resident_ceilings(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    """The bandwidth ceiling of resident decode, measured now: this machine's bf16 matrix-vector rate
+    (``bench_common.matvec_gbps``, as bench_resident.py; weights in DRAM) over the bytes each scheme
+    reads per token (every layer and the LM head as stored: ``io.store.plan_layout``)."""
+    from tierkv.config import ModelConfig
+    from tierkv.io.store import plan_layout
+
+    torch.set_num_threads(args.threads)
+    cfg = ModelConfig.from_dir(model_dir)
+    read = {"head"} | ({"embed"} if cfg.tie_word_embeddings else set())
+    gbps = matvec_gbps()
+    out: dict[str, Any] = {"ceiling_matvec_gbps": round(gbps, 2)}
+    for label in args.schemes:
+        quant = policy_extra(label, args.group_size, args.quant_head).get("weight_quant")
+        per_token = sum(e.padded_nbytes for e in plan_layout(cfg, torch.bfloat16, quant, "cpu")
+                        if e.name.startswith("layer.") or e.name in read)
+        out[f"ceiling_{label}_bytes_per_token"] = per_token
+        out[f"ceiling_{label}_tok_s"] = round(gbps * 1e9 / per_token, 3)
+    return out
+
+
 def stream_budgets(args: argparse.Namespace, model_dir: Path, offload: Path,
                    links: Any) -> dict[str, dict[str, dict[str, int]]]:
     """{mode: {scheme: budget}}: bf16's searched budget, and per scheme one streaming as many layers."""
@@ -440,9 +461,14 @@ def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     for k in [k for k in s if k.startswith("resident_") and k.endswith("_tok_s")]:
         name = k.removeprefix("resident_").removesuffix("_tok_s")
         extra = "" if name in ("bf16", "hf") else f" = {_fmt(s.get(f'resident_{name}_vs_bf16'))}x tierkv bf16"
+        ceiling = s.get(f"ceiling_{name}_tok_s")
         rows.append((f"resident {'HF transformers bf16' if name == 'hf' else 'tierkv ' + name}",
                      f"{_fmt(s[k])} tok/s{extra}"
-                     + ("" if name == "hf" else f", {_fmt(s.get(f'resident_{name}_vs_hf'))}x HF")))
+                     + ("" if name == "hf" else f", {_fmt(s.get(f'resident_{name}_vs_hf'))}x HF")
+                     + ("" if not ceiling or s[k] is None else
+                        f", {s[k] / ceiling:.0%} of its bandwidth ceiling {ceiling:.2f} tok/s")))
+    if "ceiling_matvec_gbps" in s:
+        rows.append(("ceiling: bf16 matvec bandwidth", f"{s['ceiling_matvec_gbps']:.1f} GB/s (weights in DRAM)"))
     if "raw_odirect_gbps" in s:
         rows.append(("raw O_DIRECT read (bf16 store)", f"{s['raw_odirect_gbps']:.2f} GB/s "
                                                        f"(samples {s['raw_odirect_gbps_samples']})"))
@@ -538,6 +564,7 @@ def main() -> None:
     if "resident" in args.parts:
         part, goals = summarize_resident(resident_part(args, model_dir, ids))
         s.update(part), s["goals"].update(goals)
+        s.update(resident_ceilings(args, model_dir))
     if "stream" in args.parts:
         st = stream_part(args, model_dir, ids, offload)
         part, goals = summarize_stream(st)
