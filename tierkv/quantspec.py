@@ -266,7 +266,9 @@ def check_divides(key: str, shape: tuple[int, ...], quant: WeightQuant) -> None:
     if k % group_len(quant.group_size, k):
         fits = [group_size_name(g) for g in GROUP_SIZES
                 if k % group_len(g, k) == 0 and (g != CHANNEL or quant.scheme == "int8")]
-        hint = f"use --group-size {' or '.join(fits)}" if fits else "leave --quant out for this model"
+        hint = f"use --group-size {' or '.join(fits)}" if fits else "leave --quant out for this model" + (
+            ", or use --quant int8 --group-size channel (one scale per output row fits any width)"
+            if quant.scheme == "int4" else "")
         raise ArgumentError(f"group size {quant.group_size} does not divide the input dimension {k} of {key}; "
                             f"{hint}")
 
