@@ -399,3 +399,18 @@ def test_plans_keep_room_for_prepared_parameters_of_resident_layers():
     held = plan.reserve_bytes + globals_ + globals_extra + len(plan.device_layers) * (layer + extra) + plan.ring_bytes
     assert plan.device_layers and plan.disk_layers and held <= plan.device_mem_bytes
     assert plan.layer_bytes == layer                 # a ring slot is a stored extent
+
+
+def test_the_minimum_device_budget_holds_a_quantized_head_with_its_prepared_parameters():
+    """At ``minimum_device_bytes`` a plan streams every layer; the globals it holds include the quantized
+    head's prepared CPU parameters, so the minimum is enough (not refused for lack of a ring slot)."""
+    from tierkv.config import Budget, ModelConfig
+    from tierkv.plan import make_plan, prepared_sizes
+    from tierkv.probe import LinkSpeeds
+    cfg = ModelConfig.from_dir(Path(__file__).parent / "configs" / "llama-3.1-70b")
+    policy = Policy(device="cpu", dtype="bfloat16", weight_quant=WeightQuant("int4", 64, head=True))
+    assert prepared_sizes(cfg, torch.bfloat16, policy.weight_quant, "cpu")[1] > 0
+    links = LinkSpeeds(disk_read_gbps=2.0, h2d_gbps=math.inf, layer_compute_s=0.03)
+    budget = Budget.parse(minimum_device_bytes(cfg, policy), "0", "/tmp/tierkv-prepared-test")
+    plan = make_plan(cfg, budget, policy, links, config_only=True)
+    assert not plan.device_layers and len(plan.disk_layers) == cfg.num_layers

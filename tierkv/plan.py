@@ -219,7 +219,9 @@ def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context
     """The smallest device budget ``make_plan`` accepts (every layer streamed): globals, one layer slot
     and the reserve (KV room and one prefill piece) that this budget itself gets."""
     dtype = resolve_dtype(policy.dtype, config.dtype)
-    fixed = sum(layer_sizes(config, dtype, policy.weight_quant, plan_device(policy).type))
+    device_type = plan_device(policy).type
+    fixed = sum(layer_sizes(config, dtype, policy.weight_quant, device_type)) + \
+        prepared_sizes(config, dtype, policy.weight_quant, device_type)[1]     # globals as held; one streamed slot
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     policy = replace(policy, kv_sketch=False) if policy.kv_sketch else policy   # make_plan drops codes that do not fit
     reserve = reserve_bytes(config, dtype, policy, context, batch, 0)
@@ -359,12 +361,13 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     layer_bytes, globals_bytes = layer_sizes(config, dtype, policy.weight_quant, device.type)
     layer_extra, globals_extra = prepared_sizes(config, dtype, policy.weight_quant, device.type)
     placed = layer_bytes + layer_extra                  # a layer that stays put (device or host)
+    held_globals = globals_bytes + globals_extra        # the globals as the device holds them
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     dev_mem, host_mem, offload_dir = detect_budgets(budget, device, check_machine=not config_only)
     piece, scratch, activations, reserve = _device_reserve(config, dtype, policy, context, batch, dev_mem,
-                                                           globals_bytes, layer_bytes)
+                                                           held_globals, layer_bytes)
     cuda = device.type == "cuda"
-    device_avail, n = dev_mem - reserve - globals_bytes - globals_extra, config.num_layers
+    device_avail, n = dev_mem - reserve - held_globals, config.num_layers
     options = {d: _split(n, layer_bytes, device_avail, host_mem, d, cuda, placed)
                for d in range(MAX_PREFETCH_DEPTH + 1)}
     options = {d: o for d, o in options.items() if o is not None}
@@ -380,7 +383,7 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     depth, (n_dev, n_host, ring, staging), step_s = best
     kinds = spread_layers(n, n_dev, n_host)
     if policy.prefill_chunk_tokens is None:       # device room no further layer fits: a larger piece, fewer passes
-        spare = dev_mem - reserve - globals_bytes - globals_extra - kinds.count("device") * placed - ring
+        spare = dev_mem - reserve - held_globals - kinds.count("device") * placed - ring
         piece, scratch, grown = _grow_piece(config, dtype, policy, context, batch, piece, activations, spare)
         reserve, activations = reserve + grown - activations, grown
     return Plan(
@@ -391,7 +394,7 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         host_weight_budget_bytes=host_mem, ring_bytes=ring, staging_bytes=staging, links=links,
         predicted_step_s=step_s, predicted_tok_s=batch / step_s if step_s > 0 else math.inf,
         bound=_bound(kinds, layer_bytes, links, cuda),
-        kv_device_bytes=max(0, dev_mem - globals_bytes - globals_extra - kinds.count("device") * placed - ring
+        kv_device_bytes=max(0, dev_mem - held_globals - kinds.count("device") * placed - ring
                             - activations),
         prefill_chunk_tokens=piece, attention_scratch_bytes=scratch, activation_bytes=activations,
         config_only=config_only, **_stored_sizes(config, dtype, policy, kinds, layer_bytes, globals_bytes,
