@@ -110,12 +110,12 @@ def tensors_from_buffer(extent: Extent, buffer: torch.Tensor) -> dict[str, torch
     for key, entry in extent.tensors.items():
         raw = buffer[entry.offset:entry.offset + entry.nbytes]
         views[key] = raw.view(getattr(torch, entry.dtype)).view(entry.shape)
+    qparams = {key + QPARAMS_SUFFIX for key, entry in extent.tensors.items() if entry.quant is not None}
     out: dict[str, Any] = {}
     for key, entry in extent.tensors.items():
         if entry.quant is not None:
             out[key] = QuantWeight(views[key], views[key + QPARAMS_SUFFIX], entry.quant)
-        elif not (key.endswith(QPARAMS_SUFFIX) and extent.tensors.get(key.removesuffix(QPARAMS_SUFFIX)) is not None
-                  and extent.tensors[key.removesuffix(QPARAMS_SUFFIX)].quant is not None):
+        elif key not in qparams:                              # a quantized weight's qparams are inside it
             out[key] = views[key]
     return out
 
