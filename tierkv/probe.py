@@ -31,7 +31,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from tierkv.config import ModelConfig
-from tierkv.quantspec import CHANNEL, CPU_PACK_ROWS, DEFAULT_GROUP_SIZE
+from tierkv.kernels.quant import prepare, quant_linear, quantize_weight
+from tierkv.quantspec import CPU_PACK_ROWS, DEFAULT_GROUP_SIZE, QuantWeight, TensorQuant, choose_pack
 from tierkv.io.buffers import ALIGN_BYTES, HostBuffer
 from tierkv.io.reader import evict_from_page_cache, measure_disk_read_gbps
 from tierkv.io.convert import check_offload_dir
@@ -293,26 +294,22 @@ def matvec_gbps(scheme: str | None, group_size: int, dtype: torch.dtype, device:
     """Stored weight bytes per second (GB/s) of this device's batch-1 matvec in ``scheme``: the fastest
     of several passes over ``nbytes`` of weights in ``MATVEC_SHAPE`` pieces (more than the caches hold).
 
-    16-bit: ``F.linear`` in ``dtype``. On the CPU, int4 is ``torch.ops.aten._weight_int4pack_mm_for_cpu``
-    on a ``_convert_weight_to_int4pack_for_cpu`` pack and int8 two of them (the high and low nibble
-    planes), per channel (``group_size`` CHANNEL) ``torch.ops.aten._weight_int8pack_mm``: the fused ops
-    the CPU quantized linear runs. On CUDA the quantized matvec is not timed:
+    16-bit: ``F.linear`` in ``dtype``. On the CPU, a quantized scheme runs the engine's own
+    ``kernels.quant.quant_linear`` on weights stored as the converter stores them for the CPU (int4
+    and int8 in groups: PyTorch's fused int4 op, int8 as two nibble planes; int8 per channel: its int8
+    op), with the op parameters prepared as for resident layers. On CUDA the quantized matvec is not timed:
     its bytes are counted at the 16-bit matvec's rate (a fused dequantize-matmul streams its bytes
     like cuBLAS's bf16 matvec at best), so the estimate is optimistic there.
     """
     n, k = MATVEC_SHAPE
     cpu_quant = scheme is not None and device.type == "cpu"
-    channel = cpu_quant and group_size == CHANNEL
-    planes = 2 if scheme == "int8" and cpu_quant and not channel else 1
-    if channel:
-        per_row = k + 4
-    else:
-        per_row = k // 2 * planes + (k // group_size) * 4 if cpu_quant else k * _itemsize(dtype)
+    tq = TensorQuant(scheme, group_size, choose_pack(scheme, (n, k), "cpu", group_size)) if cpu_quant else None
+    per_row = tq.nbytes((CPU_PACK_ROWS, k)) // CPU_PACK_ROWS if tq is not None else k * _itemsize(dtype)
     n = max(CPU_PACK_ROWS, min(n, nbytes // per_row // CPU_PACK_ROWS * CPU_PACK_ROWS))   # small models: fewer rows
     piece = n * per_row
     count = max(1, -(-nbytes // piece))
     x = torch.randn((1, k), dtype=torch.float32).to(device=device, dtype=dtype)              # (1, K)
-    one_pass = _quant_pass(x, n, count, planes, group_size) if cpu_quant else _dense_pass(x, n, count)
+    one_pass = _quant_pass(x, n, count, tq) if tq is not None else _dense_pass(x, n, count)
     best = math.inf
     start = time.perf_counter()
     with torch.inference_mode():
@@ -340,32 +337,17 @@ def _dense_pass(x: torch.Tensor, n: int, count: int) -> Callable[[], None]:
     return one_pass
 
 
-def _quant_pass(x: torch.Tensor, n: int, count: int, planes: int, group_size: int) -> Callable[[], None]:
-    """One pass of the CPU quantized op over ``count`` distinct (n, K) weights: int4 planes in groups of
-    ``group_size``, or per channel (CHANNEL) int8 ``_weight_int8pack_mm``."""
-    k = x.shape[1]
+def _quant_pass(x: torch.Tensor, n: int, count: int, tq: TensorQuant) -> Callable[[], None]:
+    """One pass of the engine's own quantized linear (``kernels.quant.quant_linear`` with the CPU op
+    parameters prepared, as for resident layers) over ``count`` distinct (n, K) weights stored as ``tq``."""
     gen = torch.Generator().manual_seed(0)
-    if group_size == CHANNEL:
-        scale = torch.rand((n,), generator=gen).to(x.dtype)
-        codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
-        weights8 = [codes.clone() for _ in range(count)]
-
-        def channel_pass() -> None:
-            for w in weights8:
-                torch.ops.aten._weight_int8pack_mm(x, w, scale)
-        return channel_pass
-    assert n % CPU_PACK_ROWS == 0 and k % group_size == 0, (n, k, group_size)
-    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-    sz = torch.rand((k // group_size, n, 2), generator=gen).to(x.dtype)                      # (G, N, 2)
-    base = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-        torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 1)
-    weights = [[base.clone() for _ in range(planes)] for _ in range(count)]     # distinct memory, one pack
+    one = prepare(QuantWeight(*quantize_weight(torch.randn((n, x.shape[1]), generator=gen), tq), tq), x.dtype)
+    weights = [QuantWeight(one.data.clone(), one.qparams.clone(), tq, tuple(t.clone() for t in one.prepared))
+               for _ in range(count)]                                           # distinct memory, one weight
 
     def one_pass() -> None:
-        for ws in weights:
-            out = mm(x, ws[0], group_size, sz)
-            for w in ws[1:]:
-                out = out + mm(x, w, group_size, sz)
+        for w in weights:
+            quant_linear(x, w)                                                  # (1, N)
     return one_pass
 
 
