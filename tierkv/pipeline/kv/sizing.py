@@ -36,8 +36,9 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def slot_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk_tokens: int) -> int:
-    """K + V of one chunk of one sequence in one layer (a device slot, a host buffer, a disk record)."""
-    return 2 * cfg.num_kv_heads * chunk_tokens * cfg.head_dim * element_bytes(dtype)
+    """K + V of one chunk of one sequence in one layer, exact: a device slot (and a host buffer or disk
+    record when the cold tiers hold chunks exact; ``cold_chunk_bytes`` otherwise)."""
+    return cold_chunk_bytes(cfg, dtype, chunk_tokens, "none")
 
 
 def cold_chunk_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk_tokens: int, kv_quant: str = "none") -> int:
