@@ -465,22 +465,21 @@ def plan_cmd(
 def _plan_inputs(path: Path, options: LoadFlags, budget: Budget) -> tuple[ModelConfig, Policy, Path | None, bool]:
     """(config, policy, data file to probe or None, config-only) for ``plan`` of ``path``: a checkpoint,
     a directory with only a config.json, or a store made by ``tierkv convert`` (its config and scheme)."""
-    store_quant = None
+    store_quant, data_path, config_only = None, None, False
     if is_store_dir(path):
         with contextlib.closing(WeightStore.open(path)) as opened:
             cfg, store_quant, data_path = opened.config, opened.quant, opened.data_path
     elif not has_weights(path):
-        cfg, data_path = ModelConfig.from_dir(path), None
+        cfg, config_only = ModelConfig.from_dir(path), True
     else:
         with Checkpoint(path) as ckpt:
-            cfg, data_path = ckpt.config, None
+            cfg = ckpt.config
     asked = parse_weight_quant(options.quant, options.group_size, options.quant_head)
     policy = Policy(dtype=str(resolve_dtype(options.dtype, cfg.dtype)).removeprefix("torch."),
                     device=None if options.device is None else str(resolve_device(options.device)),
                     kv_device_tokens=options.kv_device_tokens, prefill_chunk_tokens=options.prefill_chunk_tokens,
                     weight_quant=asked if options.quant is not None else store_quant, kv_quant=options.kv_quant)
-    config_only = data_path is None and not has_weights(path)
-    if data_path is None and not config_only:
+    if data_path is None and not config_only:                   # a checkpoint: its cached store, if any
         store = find_cached_store(path, budget.offload_dir or default_offload_dir(), policy.dtype,
                                   policy.weight_quant, device_type_of(policy))
         data_path = store.data_path if store is not None else None
