@@ -237,13 +237,18 @@ def test_bad_quant_input_is_refused_with_the_choices(make_checkpoint, sixteen_bi
     assert not (tmp_path / "odd" / MANIFEST_FILE).exists()
 
 
+def _cli_convert(runner: CliRunner, ckpt: Path, out: Path, *quant_flags: str) -> dict:
+    """``tierkv convert CKPT OUT QUANT_FLAGS --json`` through the CLI; its JSON facts."""
+    res = runner.invoke(app, ["convert", str(ckpt), str(out), *quant_flags, "--json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
 def test_cli_convert_quant_then_run_the_store(sixteen_bit, tmp_path):
     ckpt, _, _ = sixteen_bit("llama")
     runner = CliRunner()
     out = tmp_path / "q"
-    res = runner.invoke(app, ["convert", str(ckpt), str(out), "--quant", "int4", "--group-size", "32", "--json"])
-    assert res.exit_code == 0, res.output
-    facts = json.loads(res.stdout)
+    facts = _cli_convert(runner, ckpt, out, "--quant", "int4", "--group-size", "32")
     assert facts["quant"] == {"scheme": "int4", "group_size": 32, "head": False}
     assert facts["pack_device"] == pack_device("cpu")
     assert facts["data_bytes"] == os.path.getsize(out / DATA_FILE)
@@ -347,9 +352,8 @@ def test_cli_convert_and_run_with_group_size_channel(sixteen_bit, tmp_path):
     ckpt, _, _ = sixteen_bit("llama")
     runner = CliRunner()
     out = tmp_path / "c"
-    res = runner.invoke(app, ["convert", str(ckpt), str(out), "--quant", "int8", "--group-size", "channel", "--json"])
-    assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["quant"] == {"scheme": "int8", "group_size": "channel", "head": False}
+    facts = _cli_convert(runner, ckpt, out, "--quant", "int8", "--group-size", "channel")
+    assert facts["quant"] == {"scheme": "int8", "group_size": "channel", "head": False}
     run = ["run", "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "6", "--device", "cpu", "--json"]
     from_store = runner.invoke(app, [run[0], str(out), *run[1:]])
     from_ckpt = runner.invoke(app, [run[0], str(ckpt), *run[1:], "--quant", "int8", "--group-size", "channel"])
