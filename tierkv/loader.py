@@ -69,7 +69,7 @@ def _streaming_source(model_dir: str | Path, plan: Plan, store: WeightStore | No
                       progress: ProgressFn | None, quant: WeightQuant | None) -> StreamingWeights:
     """StreamingWeights over the cached store; a checksum mismatch while loading its resident part
     is repaired (the bad extents re-converted) and the load tried once more."""
-    device_type = "cuda" if plan.device.startswith("cuda") else "cpu"
+    device_type = torch.device(plan.device).type
 
     def reopen() -> WeightStore:
         return WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype, progress=progress,

@@ -5,8 +5,8 @@ ships, ``torch.ops.aten._weight_int4pack_mm_for_cpu``, and it reads weights only
 ``torch.ops.aten._convert_weight_to_int4pack_for_cpu``. This module owns everything about that
 layout: packing plain codes into it (at convert time, so nothing is repacked per token), the
 op's scales-and-zeros tensor (``op_params``: derived from the stored qparams once when a weight is
-placed to stay, ``quant.prepare``, else per call: G*N*2 values, but ~0.3 ms per 5632x2048 call on
-2 cores, a third of the int4 matmul itself), the int8 scheme as two int4 planes, and unpacking
+placed to stay, ``quant.prepare``, else per call: G*N*2 values, one small matmul, still a sizeable
+share of a 5632x2048 int4 matvec on 2 cores), the int8 scheme as two int4 planes, and unpacking
 the layout back into codes.
 
 ``cpu_int8`` (int8 with one group per output row) runs ``torch.ops.aten._weight_int8pack_mm(x,
