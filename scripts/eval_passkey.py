@@ -308,16 +308,21 @@ def kv_summary(kv: dict[str, Any], layers: int) -> dict[str, Any]:
 
 
 def run_config(engine: tierkv.Engine, cfg: RunConfig, prompts: Sequence[Prompt], s: Settings,
-               refs: dict[tuple[int, str], Answer], log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Every prompt under every question mode on one engine; the first config seen fills ``refs``."""
+               answers: dict[tuple[RunConfig, int, str], Answer], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every prompt under every question mode on one engine. ``answers`` holds every run so far, keyed by
+    (setting, prompt, mode): the exact resident one is the reference; a spilled run is also compared
+    with the same setting resident (placement must not change the tokens)."""
     rooms, out = kv_rooms(engine), []
     for i, p in enumerate(prompts):
         for mode in s.questions:
-            got = ANSWER[mode](engine, p, s)
-            ref = refs.setdefault((i, mode), got)
-            rec = {"config": cfg.name, **asdict(cfg), "question": mode, "length": p.length, "depth": p.depth,
+            got = answers[cfg, i, mode] = ANSWER[mode](engine, p, s)
+            resident = answers.get((replace(cfg, placement="resident"), i, mode))
+            rec = {"config": cfg.name, "kv_mode": cfg.kv, "budget": cfg.budget, "estimator": cfg.estimator,
+                   "placement": cfg.placement, "question": mode, "length": p.length, "depth": p.depth,
                    "trial": p.trial, "key": p.key, "needle_start": p.needle_start, "text": got.text,
-                   "new_tokens": len(got.token_ids), **score(p, got, ref),
+                   "new_tokens": len(got.token_ids), **score(p, got, answers[RunConfig("exact"), i, mode]),
+                   "tokens_agree_resident": None if cfg.placement == "resident" or resident is None
+                   else got.token_ids == resident.token_ids,
                    "kv": kv_summary(got.kv, engine.config.num_layers), "rooms": rooms,
                    "prefill_s": round(got.prefill_s, 3), "question_s": round(got.question_s, 3),
                    "generate_s": round(got.generate_s, 3)}
@@ -331,15 +336,16 @@ def run_config(engine: tierkv.Engine, cfg: RunConfig, prompts: Sequence[Prompt],
 def evaluate(model: str | Path, configs: Sequence[RunConfig], lengths: Sequence[int], depths: Sequence[float],
              trials: int, seed: int, s: Settings, log: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
     """Load each setting once and run every prompt; the prompts come from the first engine's tokenizer.
-    ``configs[0]`` is the reference the others are compared with (exact, resident)."""
+    ``configs[0]`` must be the reference the others are compared with: exact, resident."""
+    assert configs and configs[0] == RunConfig("exact"), "the first setting is the exact resident reference"
     prompts: list[Prompt] | None = None
-    refs: dict[tuple[int, str], Answer] = {}
+    answers: dict[tuple[RunConfig, int, str], Answer] = {}
     records: list[dict[str, Any]] = []
     for cfg in configs:
         with tierkv.load(model, **engine_kwargs(model, cfg, s)) as engine:
             if prompts is None:
                 prompts = make_prompts(engine, lengths, depths, trials, seed, s.new_tokens)
-            records += run_config(engine, cfg, prompts, s, refs, log)
+            records += run_config(engine, cfg, prompts, s, answers, log)
     return records
 
 
@@ -367,9 +373,12 @@ def summarize(records: Sequence[dict[str, Any]], by: Sequence[str]) -> list[dict
     for key, rs in groups.items():
         share = [r["kv"]["sparse_step_share"] for r in rs if r["kv"].get("sparse_step_share") is not None]
         sel = [r["kv"]["selected_fraction"] for r in rs if r["kv"].get("selected_fraction") is not None]
+        placed = [r["tokens_agree_resident"] for r in rs if r["tokens_agree_resident"] is not None]
         rows.append({**dict(zip(by, key)), "runs": len(rs), "correct": sum(r["correct"] for r in rs),
                      "answer_agree": sum(r["answer_agree"] for r in rs),
                      "tokens_agree": sum(r["tokens_agree"] for r in rs),
+                     "tokens_agree_resident": sum(placed) if placed else None,
+                     "kv_off_device_runs": sum(bool(r["kv"].get("host_bytes") or r["kv"].get("disk_bytes")) for r in rs),
                      "selected_fraction": round(sum(sel) / len(sel), 4) if sel else None,
                      "sparse_step_share": round(sum(share) / len(share), 4) if share else None,
                      "rooms": rs[0]["rooms"]})
@@ -377,16 +386,21 @@ def summarize(records: Sequence[dict[str, Any]], by: Sequence[str]) -> list[dict
 
 
 def print_rows(title: str, rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
-    """The human table: counts as k/n, shares as percentages."""
-    head = "".join(f"{f:<8}" for f in fields) + f"{'config':<28}{'correct':>8}{'=exact':>8}{'=tokens':>8}" \
-        f"{'sel':>7}{'sparse':>7}"
+    """The human table: counts as k/n, shares as percentages, "-" where a column does not apply."""
+    def frac(k: int | None, n: int) -> str:
+        return "-" if k is None else f"{k}/{n}"
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.0%}"
+
+    head = "".join(f"{f:<8}" for f in fields) + f"{'config':<28}" + "".join(
+        f"{c:>9}" for c in ("correct", "=exact", "=tokens", "=resid", "sel", "sparse"))
     print(f"\n{title}\n{head}\n{'-' * len(head)}")
     for r in rows:
-        pct = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
-        cells = "".join(f"{r[f]:<8}" for f in fields)
         n = r["runs"]
-        print(f"{cells}{r['config']:<28}{r['correct']:>5}/{n:<2}{r['answer_agree']:>5}/{n:<2}{r['tokens_agree']:>5}/{n:<2}"
-              f"{pct(r['selected_fraction']):>7}{pct(r['sparse_step_share']):>7}")
+        cells = [frac(r["correct"], n), frac(r["answer_agree"], n), frac(r["tokens_agree"], n),
+                 frac(r["tokens_agree_resident"], n), pct(r["selected_fraction"]), pct(r["sparse_step_share"])]
+        print("".join(f"{r[f]:<8}" for f in fields) + f"{r['config']:<28}" + "".join(f"{c:>9}" for c in cells))
 
 
 def report(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
@@ -400,11 +414,12 @@ def report(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str,
                    [r for r in rows if r["question"] == mode], ("length", "depth"))
         print_rows("totals", [r for r in totals if r["question"] == mode], ())
     print("\ncorrect: the new text holds the key; =exact: same answer (first number) as exact resident; =tokens: "
-          "every new token equal; sel: share of tokens sparse steps selected; sparse: share of decode layer-steps "
-          "that ran sparse")
+          "every new token equal; =resid: every new token equal to the same setting with resident KV; sel: share of "
+          "tokens sparse steps selected; sparse: share of decode layer-steps that ran sparse")
     for r in totals:
         if r["placement"] != "resident" and r["question"] == totals[0]["question"]:
-            print(f"KV rooms of {r['config']} (tokens): {r['rooms']}")
+            print(f"{r['config']}: KV rooms (tokens) {r['rooms']}; KV on host or disk at the end in "
+                  f"{r['kv_off_device_runs']}/{r['runs']} runs")
     return {"bench": "eval_passkey", **meta, "totals": totals, "rows": rows, "runs": list(records)}
 
 
@@ -455,8 +470,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     placements = ("resident",) if args.device_kv_tokens is None else ("resident", "spilled")
     configs = configs_for(args.budgets, args.estimators, placements)
     t0 = time.perf_counter()
-    records = evaluate(args.model, configs, args.lengths, args.depths, args.trials, args.seed, s,
-                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        records = evaluate(args.model, configs, args.lengths, args.depths, args.trials, args.seed, s,
+                           log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (ValueError, tierkv.TierkvError) as exc:       # a setting this model or machine cannot run
+        raise SystemExit(f"eval_passkey: {exc}") from None
     meta = {"model": str(args.model), "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 1),
             "settings": {**asdict(replace(s, questions=list(s.questions))), "lengths": list(args.lengths),
                          "depths": list(args.depths), "budgets": list(args.budgets),
