@@ -173,7 +173,7 @@ class RunConfig:
 
 
 def budget_label(budget: float | int | None) -> str:
-    return f"{budget:.0%}" if isinstance(budget, float) and budget < 1 else f"{budget}tok"
+    return f"{budget:.0%}" if isinstance(budget, float) and budget <= 1 else f"{budget}tok"
 
 
 @dataclass(frozen=True)
@@ -379,6 +379,8 @@ def summarize(records: Sequence[dict[str, Any]], by: Sequence[str]) -> list[dict
                      "tokens_agree": sum(r["tokens_agree"] for r in rs),
                      "tokens_agree_resident": sum(placed) if placed else None,
                      "kv_off_device_runs": sum(bool(r["kv"].get("host_bytes") or r["kv"].get("disk_bytes")) for r in rs),
+                     # asked for key codes, ran without them (the cache's note says why)
+                     "sketch_off": sorted({r["kv"].get("sketch") for r in rs if r["estimator"] == "sketch"} - {"on"}),
                      "selected_fraction": round(sum(sel) / len(sel), 4) if sel else None,
                      "sparse_step_share": round(sum(share) / len(share), 4) if share else None,
                      "rooms": rs[0]["rooms"]})
@@ -417,6 +419,8 @@ def report(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str,
           "every new token equal; =resid: every new token equal to the same setting with resident KV; sel: share of "
           "tokens sparse steps selected; sparse: share of decode layer-steps that ran sparse")
     for r in totals:
+        for note in r["sketch_off"] if r["question"] == totals[0]["question"] else ():
+            print(f"{r['config']}: key sketch {note}")
         if r["placement"] != "resident" and r["question"] == totals[0]["question"]:
             print(f"{r['config']}: KV rooms (tokens) {r['rooms']}; KV on host or disk at the end in "
                   f"{r['kv_off_device_runs']}/{r['runs']} runs")

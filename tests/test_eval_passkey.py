@@ -188,3 +188,21 @@ def test_lengths_beyond_the_model_context_are_refused_with_the_longest_that_fits
         pk.main([str(tiny_dir), "--lengths", "200,600", "--device", "cpu", "--budgets", "0.1", "--estimators", "bound"])
     with pytest.raises(SystemExit):
         pk.parse_args([str(tiny_dir), "--estimators", "sketch,oracle"])
+
+
+def test_summaries_count_agreement_shares_and_a_sketch_that_ran_off(pk: ModuleType) -> None:
+    def rec(config: str, correct: bool, agree: bool, kv: dict[str, Any], estimator: str | None = "sketch",
+            resident: bool | None = None) -> dict[str, Any]:
+        return {"config": config, "question": "decode", "estimator": estimator, "correct": correct,
+                "answer_agree": agree, "tokens_agree": agree, "tokens_agree_resident": resident, "kv": kv, "rooms": {}}
+    on = {"sketch": "on", "selected_fraction": 0.1, "sparse_step_share": 1.0, "host_bytes": 0, "disk_bytes": 0}
+    off = dict(on, sketch="off: the key codes do not fit", selected_fraction=0.3, disk_bytes=4096)
+    rows = pk.summarize([rec("exact", True, True, {}, None), rec("s", True, False, on, resident=True),
+                         rec("s", False, True, off, resident=False), rec("exact", False, True, {}, None)],
+                        ("question", "config"))
+    assert [(r["config"], r["runs"], r["correct"], r["answer_agree"]) for r in rows] == [("exact", 2, 1, 2), ("s", 2, 1, 1)]
+    exact, sparse = rows
+    assert exact["selected_fraction"] is None and exact["tokens_agree_resident"] is None and exact["sketch_off"] == []
+    assert sparse["selected_fraction"] == 0.2 and sparse["sparse_step_share"] == 1.0
+    assert sparse["tokens_agree_resident"] == 1 and sparse["kv_off_device_runs"] == 1
+    assert sparse["sketch_off"] == ["off: the key codes do not fit"]
