@@ -412,9 +412,9 @@ def report(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str,
                   key=lambda r: (r["question"], r["length"], r["depth"], order[r["config"]]))
     totals = summarize(records, ("question", "config", "placement"))
     for mode in dict.fromkeys(r["question"] for r in records):
-        print_rows(f"question fed as {'decode steps (Quest)' if mode == 'decode' else 'prefill'}: per length and depth",
-                   [r for r in rows if r["question"] == mode], ("length", "depth"))
-        print_rows("totals", [r for r in totals if r["question"] == mode], ())
+        fed = f"question fed as {'decode steps (Quest)' if mode == 'decode' else 'prefill'}"
+        print_rows(f"{fed}: per length and depth", [r for r in rows if r["question"] == mode], ("length", "depth"))
+        print_rows(f"{fed}: totals", [r for r in totals if r["question"] == mode], ())
     print("\ncorrect: the new text holds the key; =exact: same answer (first number) as exact resident; =tokens: "
           "every new token equal; =resid: every new token equal to the same setting with resident KV; sel: share of "
           "tokens sparse steps selected; sparse: share of decode layer-steps that ran sparse")

@@ -152,7 +152,7 @@ def test_the_report_counts_every_setting_and_a_whole_context_budget_agrees_with_
             assert run["kv"]["decode_steps"] == q + 4 - 1 and run["kv"]["sparse_step_share"] == 1.0
         else:
             assert run["kv"] == {}         # the resident exact cache reports no KV stats
-    assert "totals" in printed and "sparse 10% bound" in printed
+    assert "question fed as decode steps (Quest): totals" in printed and "sparse 10% bound" in printed
 
 
 def test_the_spilled_placement_runs_every_setting_with_kv_off_the_device(
