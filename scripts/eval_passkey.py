@@ -24,8 +24,10 @@ disk): placement must not change the answer. One engine per setting; the same pr
 
 Per (length, depth, setting): correct (the generated text contains the key's digits), answers
 equal to exact (the first number in the text, else its first line), all new tokens equal to
-exact, the token share sparse steps selected and the share of decode layer-steps that ran sparse.
-A human table, then one JSON line (every run, with its text and KV stats).
+exact, for spilled runs all new tokens equal to the same setting resident, the token share sparse
+steps selected and the share of decode layer-steps that ran sparse (a setting whose key sketch ran
+off, and the spilled rooms, are named under the table). A human table per question mode, then one
+JSON line (totals, rows, and every run with its text, KV stats and times).
 
 Usage: python scripts/eval_passkey.py MODEL_DIR [--lengths 1024,2048,4096,7168] [--depths 0.1,0.5,0.9]
        [--budgets 0.05,0.1,0.2] [--estimators sketch,bound] [--trials 1] [--device cpu] [--json OUT]
