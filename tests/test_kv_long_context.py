@@ -22,7 +22,8 @@ import tierkv
 from conftest import build_hf_model, save_hf_model
 from tierkv.cli import app
 from tierkv.config import ModelConfig, Policy
-from tierkv.pipeline.kv import DenseKVCache, TieredKVCache, kv_bytes_per_token, kv_device_minimum_bytes
+from tierkv.pipeline.kv import (DenseKVCache, TieredKVCache, chunk_size_candidates, kv_bytes_per_token,
+                                kv_device_minimum_bytes)
 from tierkv.pipeline.kv.table import KVBudgetError
 from tierkv.plan import PlanError, kv_reserve_bytes, make_plan, minimum_device_bytes
 
@@ -69,7 +70,8 @@ def _minimum_device_mem(model: Path, policy: Policy) -> int:
                                         ("auto", None), ("auto", True)])
 def test_small_kv_room_runs_a_prompt_near_the_full_context(model: Path, prompt: list[int], dense_tokens: list[int],
                                                            tmp_path: Path, kv: str, sketch: bool | None) -> None:
-    options = dict(kv=kv, kv_sketch=sketch, kv_device_tokens=KV_TOKENS, kv_exact_max_tokens=512)
+    # a budget of 0.25: the default 0.05 of ~1K tokens holds < 8 chunks of 16 tokens, where auto stays exact
+    options = dict(kv=kv, kv_sketch=sketch, kv_device_tokens=KV_TOKENS, kv_exact_max_tokens=512, kv_budget=0.25)
     policy = Policy(dtype="float32", device="cpu", **options)  # type: ignore[arg-type]
     per_token = kv_bytes_per_token(ModelConfig.from_dict({**_config(model)}), torch.float32)
     with tierkv.load(model, device="cpu", device_mem=_small_device_mem(model, policy), host_mem=64 * per_token,
@@ -186,8 +188,10 @@ def test_the_minimum_room_holds_every_capacity_up_to_its_own(policy: Policy, tmp
         with TieredKVCache(cfg, policy, 1, capacity, torch.float32, "cpu", kv_device_bytes=room,
                            offload_dir=tmp_path) as cache:
             assert cache.stats()["sketch"] == ("on" if sketch else "off")
-            for wanted in (16, 32, 64, 128, 256):       # what chunk_tokens_for_entropy may ask for
-                geo = cache._st.shape.layer_geometry(policy.chunk_tokens or wanted, None)
+            shape = cache._st.shape
+            assert shape.sizes() == chunk_size_candidates(policy, capacity)
+            for size in shape.sizes():                  # every size the attention skew may choose
+                geo = shape.layer_geometry(size, None)
                 assert geo.resident_slots + geo.scratch_slots >= min(6, geo.max_chunks)
     dense = DenseKVCache(cfg, 1, full, torch.float32, torch.device("cpu"))
     with TieredKVCache(cfg, policy, 1, full, torch.float32, "cpu", kv_device_bytes=room, kv_host_bytes=0,

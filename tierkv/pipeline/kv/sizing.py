@@ -18,7 +18,7 @@ from tierkv.kernels.sketch import sketch_bytes_per_token
 from tierkv.pipeline.chunking import ChunkRule, chunk_tokens_for_entropy
 from tierkv.quantspec import kv_chunk_bytes
 
-__all__ = ["MIN_BUDGET_CHUNKS", "SCRATCH_SLOTS_PER_SEQ", "budget_holds_chunks", "chunk_cap_tokens",
+__all__ = ["MIN_BUDGET_CHUNKS", "MIN_CONTEXT_CHUNKS", "SCRATCH_SLOTS_PER_SEQ", "budget_holds_chunks", "chunk_cap_tokens",
            "chunk_size_candidates", "chunk_tokens_for", "cold_chunk_bytes", "dense_fits", "element_bytes",
            "keeps_sketch", "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
            "kv_host_want_bytes", "layer_device_bytes", "layer_index_bytes", "layer_minimum_bytes", "max_kv_batch",
@@ -26,6 +26,7 @@ __all__ = ["MIN_BUDGET_CHUNKS", "SCRATCH_SLOTS_PER_SEQ", "budget_holds_chunks", 
 
 SCRATCH_SLOTS_PER_SEQ = 2        # at least one streamed chunk per sequence in each half of the double buffer
 MIN_BUDGET_CHUNKS = 8            # a sparse budget holds at least this many of a layer's chunks, else it picks too coarsely
+MIN_CONTEXT_CHUNKS = 16          # a layer's capacity holds at least this many chunks (adaptive sizes), so a few can spill
 
 
 def element_bytes(dtype: torch.dtype) -> int:
@@ -110,13 +111,15 @@ def budget_holds_chunks(kv_budget: float | int, context_tokens: int, chunk_token
 
 
 def chunk_cap_tokens(policy: Policy, capacity_tokens: int, rule: ChunkRule = ChunkRule()) -> int:
-    """Largest chunk the adaptive rule may pick for a cache of ``capacity_tokens``: where a step may be
-    sparse, the largest power of two of which the sparse budget at that capacity holds
-    ``MIN_BUDGET_CHUNKS`` (at least the rule's smallest size); else the rule's largest. The device room
-    plays no part: chunk sizes (so the math) do not depend on where the KV lives."""
-    if not sparse_possible(policy, capacity_tokens):
-        return rule.max_chunk_tokens
-    per_chunk = min(rule.max_chunk_tokens, kv_budget_tokens(policy.kv_budget, capacity_tokens) // MIN_BUDGET_CHUNKS)
+    """Largest chunk the adaptive rule may pick for a cache of ``capacity_tokens``: the largest power
+    of two (at least the rule's smallest size, at most its largest) of which the capacity holds
+    ``MIN_CONTEXT_CHUNKS`` and, where a step may be sparse, the sparse budget at that capacity
+    ``MIN_BUDGET_CHUNKS``. The device room plays no part: chunk sizes (so the math) do not depend on
+    where the KV lives, and the capacity bound keeps the working set of the largest size (a few
+    whole chunks) a fraction of the context."""
+    per_chunk = min(rule.max_chunk_tokens, capacity_tokens // MIN_CONTEXT_CHUNKS)
+    if sparse_possible(policy, capacity_tokens):
+        per_chunk = min(per_chunk, kv_budget_tokens(policy.kv_budget, capacity_tokens) // MIN_BUDGET_CHUNKS)
     cap = rule.min_chunk_tokens
     while cap * 2 <= per_chunk:
         cap *= 2
