@@ -113,13 +113,16 @@ def budget_holds_chunks(kv_budget: float | int, context_tokens: int, chunk_token
 def chunk_cap_tokens(policy: Policy, capacity_tokens: int, rule: ChunkRule = ChunkRule()) -> int:
     """Largest chunk the adaptive rule may pick for a cache of ``capacity_tokens``: the largest power
     of two (at least the rule's smallest size, at most its largest) of which the capacity holds
-    ``MIN_CONTEXT_CHUNKS`` and, where a step may be sparse, the sparse budget at that capacity
-    ``MIN_BUDGET_CHUNKS``. The device room plays no part: chunk sizes (so the math) do not depend on
-    where the KV lives, and the capacity bound keeps the working set of the largest size (a few
-    whole chunks) a fraction of the context."""
+    ``MIN_CONTEXT_CHUNKS`` and the sparse budget ``MIN_BUDGET_CHUNKS``: the budget at the capacity
+    under "sparse", under "auto" at the capacity or the first context that decodes sparse, whichever
+    is longer (so the cap, like the device minimum, never falls as the capacity grows); exact mode
+    has no budget. The device room plays no part: chunk sizes (so the math) do not depend on where
+    the KV lives, and the capacity bound keeps the working set of the largest size (a few whole
+    chunks) a fraction of the context."""
     per_chunk = min(rule.max_chunk_tokens, capacity_tokens // MIN_CONTEXT_CHUNKS)
-    if sparse_possible(policy, capacity_tokens):
-        per_chunk = min(per_chunk, kv_budget_tokens(policy.kv_budget, capacity_tokens) // MIN_BUDGET_CHUNKS)
+    if policy.kv != "exact":
+        budgeted = capacity_tokens if policy.kv == "sparse" else max(capacity_tokens, policy.kv_exact_max_tokens + 1)
+        per_chunk = min(per_chunk, kv_budget_tokens(policy.kv_budget, budgeted) // MIN_BUDGET_CHUNKS)
     cap = rule.min_chunk_tokens
     while cap * 2 <= per_chunk:
         cap *= 2
