@@ -19,7 +19,8 @@ import torch
 from tierkv.config import ModelConfig, Policy
 from tierkv.pipeline.chunking import ChunkRule, chunk_tokens_for_entropy
 from tierkv.pipeline.kv import (MIN_BUDGET_CHUNKS, DenseKVCache, TieredKVCache, budget_holds_chunks,
-                                chunk_size_candidates, chunk_tokens_for, kv_budget_tokens, kv_bytes_per_token,
+                                chunk_size_candidates, chunk_tokens_for, keeps_sketch, kv_budget_tokens,
+                                kv_bytes_per_token,
                                 kv_device_minimum_bytes)
 from tierkv.pipeline.kv import sparse as sparse_mod
 from tierkv.pipeline.kv.sizing import chunk_cap_tokens, layer_minimum_bytes, sparse_possible
@@ -122,7 +123,7 @@ def _placements(cfg: ModelConfig, policy: Policy, tmp: Path) -> dict[str, Tiered
     """The same cache on three placements: every chunk on the device; the device at the minimum with
     the rest on the host; the device at the minimum, a host of 4 chunks, the rest on disk."""
     per_token = kv_bytes_per_token(cfg, torch.float32)
-    room = kv_device_minimum_bytes(cfg, policy, torch.float32, B, CAP, policy.kv_sketch is True)
+    room = kv_device_minimum_bytes(cfg, policy, torch.float32, B, CAP, keeps_sketch(policy, torch.device("cpu")))
     return {"device": TieredKVCache(cfg, policy, B, CAP, torch.float32, "cpu"),
             "host": TieredKVCache(cfg, policy, B, CAP, torch.float32, "cpu", kv_device_bytes=room),
             "disk": TieredKVCache(cfg, policy, B, CAP, torch.float32, "cpu", kv_device_bytes=room,
