@@ -243,8 +243,10 @@ def test_the_reported_case_8k_context_256_tokens_of_device_room(tmp_path: Path) 
                          offload_dir=tmp_path / kv,
                          **options) as eng:
             out = eng.generate(ids, max_new_tokens=NEW)
+            plan = eng.plan
         assert out.stats.kv["disk_bytes"] > 0
         if kv == "exact":
             assert out.token_ids == dense
-        else:                     # no device room for 8K tokens of key codes: they are dropped, not refused
-            assert len(out.token_ids) == NEW and out.stats.kv["sketch"].startswith("off: the key codes do not fit")
+        else:    # issue 12: the plan keeps the 8K tokens' key codes in the KV room (a layer streams instead)
+            assert plan.kv_sketch_bytes > 0 and plan.kv_sketch_note == "" and plan.disk_layers
+            assert len(out.token_ids) == NEW and out.stats.kv["sketch"] == "on"
