@@ -167,7 +167,8 @@ def _skewed(seed: int, t: int) -> list[tuple[torch.Tensor, ...]]:
 # adaptive: a budget of half the context (the default 0.05 of 700 tokens holds 8 chunks of no more than
 # 16 tokens, so every layer would take 16); at 0.5 a flat layer takes 32 and a skewed one 16
 @pytest.mark.parametrize("policy", [Policy(kv="sparse", chunk_tokens=CHUNK), Policy(kv="sparse", kv_budget=0.5),
-                                    Policy(kv="sparse", kv_budget=0.5, kv_sketch=True)], ids=["fixed", "adaptive", "codes"])
+                                    Policy(kv="sparse", kv_budget=0.5, kv_sketch=True)],
+                         ids=["fixed", "adaptive", "codes"])
 def test_device_want_bytes_bound_what_an_unbounded_cache_allocates_and_never_spill(policy: Policy,
                                                                                    tmp_path: Path) -> None:
     cfg, cap = _cfg(), 700

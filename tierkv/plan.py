@@ -412,8 +412,9 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         kv_device_bytes=max(0, dev_mem - held_globals - kinds.count("device") * placed - ring
                             - activations),
         prefill_chunk_tokens=piece, attention_scratch_bytes=scratch, activation_bytes=activations,
-        config_only=config_only, kv_sketch_bytes=codes, kv_sketch_note=codes_note, **_stored_sizes(config, dtype, policy, kinds, layer_bytes, globals_bytes,
-                                                 max(0, host_mem - kinds.count("host") * placed - staging), cuda),
+        config_only=config_only, kv_sketch_bytes=codes, kv_sketch_note=codes_note,
+        **_stored_sizes(config, dtype, policy, kinds, layer_bytes, globals_bytes,
+                        max(0, host_mem - kinds.count("host") * placed - staging), cuda),
     )
 
 

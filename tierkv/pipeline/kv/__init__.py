@@ -33,7 +33,7 @@ from tierkv.pipeline.kv.table import ChunkKey, KVBudgetError, KVChunkTable, Tier
 from tierkv.pipeline.kv.tiered import TieredKVCache
 from tierkv.pipeline.kv.workers import KVWorkers
 
-__all__ = ["ChunkKey", "DenseKVCache", "KVBudgetError", "KVChunkTable", "KVWorkers", "MIN_BUDGET_CHUNKS", "TieredKVCache",
-           "Tier", "budget_holds_chunks", "chunk_size_candidates", "chunk_tokens_for", "cold_chunk_bytes", "keeps_sketch",
-           "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
+__all__ = ["ChunkKey", "DenseKVCache", "KVBudgetError", "KVChunkTable", "KVWorkers", "MIN_BUDGET_CHUNKS",
+           "TieredKVCache", "Tier", "budget_holds_chunks", "chunk_size_candidates", "chunk_tokens_for",
+           "cold_chunk_bytes", "keeps_sketch", "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
            "kv_host_want_bytes", "layer_index_bytes", "make_kv_cache", "max_kv_batch", "min_chunk_slots"]

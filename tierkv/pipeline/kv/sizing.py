@@ -3,7 +3,9 @@
 Why this module exists: the planner, the CLI, the engine (one allotment per sequence) and the
 caches themselves must agree on how many bytes a KV cache takes. Every such number is computed
 here, from numbers only (no tensors are allocated), so there is one home for "bytes per token",
-"fewest device bytes that work" and "most device / host bytes a cache would take".
+"which chunk size a layer takes" (``chunk_tokens_for``: skew, policy and capacity, never the
+budgets, and ``chunk_size_candidates``: every size it may take), "fewest device bytes that work"
+(the worst case over those sizes) and "most device / host bytes a cache would take".
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ from tierkv.kernels.sketch import sketch_bytes_per_token
 from tierkv.pipeline.chunking import ChunkRule, chunk_tokens_for_entropy
 from tierkv.quantspec import kv_chunk_bytes
 
-__all__ = ["MIN_BUDGET_CHUNKS", "MIN_CONTEXT_CHUNKS", "SCRATCH_SLOTS_PER_SEQ", "budget_holds_chunks", "chunk_cap_tokens",
-           "chunk_size_candidates", "chunk_tokens_for", "cold_chunk_bytes", "dense_fits", "element_bytes",
+__all__ = ["MIN_BUDGET_CHUNKS", "MIN_CONTEXT_CHUNKS", "SCRATCH_SLOTS_PER_SEQ", "budget_holds_chunks",
+           "chunk_cap_tokens", "chunk_size_candidates", "chunk_tokens_for", "cold_chunk_bytes", "dense_fits", "element_bytes",
            "keeps_sketch", "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
            "kv_host_want_bytes", "layer_device_bytes", "layer_index_bytes", "layer_minimum_bytes", "max_kv_batch",
            "min_chunk_slots", "slot_bytes", "sparse_possible"]
 
 SCRATCH_SLOTS_PER_SEQ = 2        # at least one streamed chunk per sequence in each half of the double buffer
-MIN_BUDGET_CHUNKS = 8            # a sparse budget holds at least this many of a layer's chunks, else it picks too coarsely
-MIN_CONTEXT_CHUNKS = 16          # a layer's capacity holds at least this many chunks (adaptive sizes), so a few can spill
+MIN_BUDGET_CHUNKS = 8            # a sparse budget holds at least this many of a layer's chunks (else: too coarse)
+MIN_CONTEXT_CHUNKS = 16          # an adaptive layer's capacity holds at least this many chunks (so a few can spill)
 
 
 def element_bytes(dtype: torch.dtype) -> int:
