@@ -1,4 +1,4 @@
-"""Adaptive chunk sizes: the rule on numbers, the skew measure on tensors, fitting to a budget."""
+"""Adaptive chunk sizes: the rule on numbers and the skew measure on tensors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tierkv.pipeline.chunking import ChunkRule, attention_entropy, chunk_tokens_for_entropy, fit_chunk_tokens
+from tierkv.pipeline.chunking import ChunkRule, attention_entropy, chunk_tokens_for_entropy
 
 
 def test_rule_endpoints_steps_and_default() -> None:
@@ -60,22 +60,3 @@ def test_entropy_needs_enough_keys_and_honours_the_window() -> None:
     k = _keys(b, 2, s, d)
     assert attention_entropy(torch.zeros(b, 2, s, d), k, pos, pos, window_tokens=32) is None
     assert attention_entropy(torch.zeros(b, 2, s, d), k, pos, pos, window_tokens=100) == pytest.approx(1.0, abs=1e-5)
-
-
-def test_fit_chunk_tokens_halves_until_slots_suffice() -> None:
-    budget_tokens = 1000
-    slots = lambda size: budget_tokens // size  # noqa: E731
-    assert fit_chunk_tokens(256, slots, 6) == 128          # 1000 // 128 = 7 slots >= 6
-    assert fit_chunk_tokens(256, slots, 60) == 16
-    assert fit_chunk_tokens(256, slots, 6000, smallest_tokens=16) == 256  # nothing fits: unchanged, caller reports
-    assert fit_chunk_tokens(32, slots, 6) == 32
-
-
-def test_fit_chunk_tokens_grows_when_abstracts_fill_the_budget() -> None:
-    """At long contexts small chunks mean many abstracts: a larger size is the one that fits."""
-    def slots(size: int) -> int:                            # 1000 bytes, abstracts cost 16000 // size
-        return max(0, 1000 - 16000 // size) // size
-    assert slots(16) == 0 and fit_chunk_tokens(16, slots, 5, smallest_tokens=16, largest_tokens=256) == 32
-    assert fit_chunk_tokens(16, slots, 6, smallest_tokens=16, largest_tokens=256) == 32
-    assert fit_chunk_tokens(16, slots, 12, smallest_tokens=16, largest_tokens=256) == 32   # 15 slots
-    assert fit_chunk_tokens(16, slots, 16, smallest_tokens=16, largest_tokens=256) == 16   # none: unchanged

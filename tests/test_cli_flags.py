@@ -48,10 +48,12 @@ def test_chat_keeps_its_own_sampling_defaults() -> None:
 
 
 def test_plan_takes_the_placement_flags_only() -> None:
+    """The budgets and what the device reserve depends on, the KV flags included (the room for the
+    tiered cache at the full context follows --kv, --kv-budget, --chunk-tokens and --kv-sketch)."""
     params = _options("plan")
     assert {"device_mem", "host_mem", "offload_dir", "dtype", "device", "kv_device_tokens",
-            "prefill_chunk_tokens"} <= set(params)
-    assert "kv_sketch" not in params and "threads" not in params
+            "prefill_chunk_tokens", "kv", "kv_budget", "chunk_tokens", "kv_sketch"} <= set(params)
+    assert "threads" not in params and "verify" not in params and "max_new_tokens" not in params
     assert params["dtype"].help == _options("run")["dtype"].help
 
 

@@ -164,8 +164,11 @@ def _skewed(seed: int, t: int) -> list[tuple[torch.Tensor, ...]]:
     return out
 
 
-@pytest.mark.parametrize("policy", [Policy(kv="sparse", chunk_tokens=CHUNK), Policy(kv="sparse"),
-                                    Policy(kv="sparse", kv_sketch=True)], ids=["fixed", "adaptive", "codes"])
+# adaptive: a budget of half the context (the default 0.05 of 700 tokens holds 8 chunks of no more than
+# 16 tokens, so every layer would take 16); at 0.5 a flat layer takes 32 and a skewed one 16
+@pytest.mark.parametrize("policy", [Policy(kv="sparse", chunk_tokens=CHUNK), Policy(kv="sparse", kv_budget=0.5),
+                                    Policy(kv="sparse", kv_budget=0.5, kv_sketch=True)],
+                         ids=["fixed", "adaptive", "codes"])
 def test_device_want_bytes_bound_what_an_unbounded_cache_allocates_and_never_spill(policy: Policy,
                                                                                    tmp_path: Path) -> None:
     cfg, cap = _cfg(), 700
@@ -197,7 +200,8 @@ def test_dense_want_bytes_are_the_dense_cache(tmp_path: Path) -> None:
 def test_host_want_bytes_hold_every_chunk_without_a_disk(policy: Policy) -> None:
     cfg, cap = _cfg(), 1500
     host = kv_host_want_bytes(cfg, policy, torch.float32, cap)
-    small = LAYERS * (8 * _slot() + 2 * HKV * D * 4 * -(-cap // 16))      # 8 slots of 32 tokens per layer
+    # 8 slots of 64 tokens per layer (64: the largest adaptive size at 1500 tokens) beside 16-token abstracts
+    small = LAYERS * (16 * _slot() + 2 * HKV * D * 4 * -(-cap // 16))
     with TieredKVCache(cfg, policy, 1, cap, torch.float32, "cpu", kv_device_bytes=small,
                        kv_host_bytes=host) as cache:              # no offload dir: the host must hold the rest
         _run_solo(cache, [_skewed(2, 1000), _skewed(3, 499), _skewed(4, 1)])

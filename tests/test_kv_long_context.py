@@ -22,7 +22,8 @@ import tierkv
 from conftest import build_hf_model, save_hf_model
 from tierkv.cli import app
 from tierkv.config import ModelConfig, Policy
-from tierkv.pipeline.kv import DenseKVCache, TieredKVCache, kv_bytes_per_token, kv_device_minimum_bytes
+from tierkv.pipeline.kv import (DenseKVCache, TieredKVCache, chunk_size_candidates, keeps_sketch, kv_bytes_per_token,
+                                kv_device_minimum_bytes)
 from tierkv.pipeline.kv.table import KVBudgetError
 from tierkv.plan import PlanError, kv_reserve_bytes, make_plan, minimum_device_bytes
 
@@ -69,12 +70,13 @@ def _minimum_device_mem(model: Path, policy: Policy) -> int:
                                         ("auto", None), ("auto", True)])
 def test_small_kv_room_runs_a_prompt_near_the_full_context(model: Path, prompt: list[int], dense_tokens: list[int],
                                                            tmp_path: Path, kv: str, sketch: bool | None) -> None:
-    options = dict(kv=kv, kv_sketch=sketch, kv_device_tokens=KV_TOKENS, kv_exact_max_tokens=512)
+    # a budget of 0.25: the default 0.05 of ~1K tokens holds < 8 chunks of 16 tokens, where auto stays exact
+    options = dict(kv=kv, kv_sketch=sketch, kv_device_tokens=KV_TOKENS, kv_exact_max_tokens=512, kv_budget=0.25)
     policy = Policy(dtype="float32", device="cpu", **options)  # type: ignore[arg-type]
     per_token = kv_bytes_per_token(ModelConfig.from_dict({**_config(model)}), torch.float32)
     with tierkv.load(model, device="cpu", device_mem=_small_device_mem(model, policy), host_mem=64 * per_token,
                      offload_dir=tmp_path, **options) as eng:
-        coded = kv != "exact" and sketch is True
+        coded = keeps_sketch(policy, torch.device("cpu"))      # the plan keeps room for the codes the cache keeps
         floor = kv_device_minimum_bytes(eng.config, policy, torch.float32, 1, CONTEXT, sketch=coded)
         assert eng.plan.kv_device_bytes >= floor > KV_TOKENS * per_token
         out = eng.generate(prompt, max_new_tokens=NEW, ignore_eos=True)   # sparse tokens may differ: count steps
@@ -118,9 +120,9 @@ def test_key_codes_without_device_room_are_dropped_not_refused(model: Path, prom
     codes: load accepts it and the cache runs without the codes (its stats say why)."""
     options = dict(kv="sparse", kv_sketch=True, kv_device_tokens=KV_TOKENS)
     policy = Policy(dtype="float32", device="cpu", **options)  # type: ignore[arg-type]
-    plain = _minimum_device_mem(model, Policy(dtype="float32", device="cpu", kv="sparse", kv_device_tokens=KV_TOKENS))
+    plain_policy = Policy(dtype="float32", device="cpu", kv="sparse", kv_device_tokens=KV_TOKENS, kv_sketch=False)
+    plain = _minimum_device_mem(model, plain_policy)
     cfg = ModelConfig.from_dir(model)
-    plain_policy = Policy(dtype="float32", device="cpu", kv="sparse", kv_device_tokens=KV_TOKENS)
     assert kv_reserve_bytes(cfg, torch.float32, plain_policy, KV_TOKENS, 1) < kv_reserve_bytes(
         cfg, torch.float32, policy, KV_TOKENS, 1)           # the codes would need more
     with tierkv.load(model, device="cpu", device_mem=plain, host_mem=0, offload_dir=tmp_path, **options) as eng:
@@ -180,14 +182,16 @@ def test_the_minimum_room_holds_every_capacity_up_to_its_own(policy: Policy, tmp
     whatever chunk size a layer's attention skew asks for, and runs its full capacity (losslessly in
     exact mode); one byte less per layer is refused with the minimum, in one error."""
     cfg, full = _cache_cfg(), 2048
-    sketch = policy.kv_sketch is True
+    sketch = keeps_sketch(policy, torch.device("cpu"))
     room = kv_device_minimum_bytes(cfg, policy, torch.float32, 1, full, sketch)
     for capacity in (1, 15, 100, 1000, full):
         with TieredKVCache(cfg, policy, 1, capacity, torch.float32, "cpu", kv_device_bytes=room,
                            offload_dir=tmp_path) as cache:
             assert cache.stats()["sketch"] == ("on" if sketch else "off")
-            for wanted in (16, 32, 64, 128, 256):       # what chunk_tokens_for_entropy may ask for
-                geo = cache._st.shape.layer_geometry(policy.chunk_tokens or wanted, None)
+            shape = cache._st.shape
+            assert shape.sizes() == chunk_size_candidates(policy, capacity)
+            for size in shape.sizes():                  # every size the attention skew may choose
+                geo = shape.layer_geometry(size, None)
                 assert geo.resident_slots + geo.scratch_slots >= min(6, geo.max_chunks)
     dense = DenseKVCache(cfg, 1, full, torch.float32, torch.device("cpu"))
     with TieredKVCache(cfg, policy, 1, full, torch.float32, "cpu", kv_device_bytes=room, kv_host_bytes=0,
@@ -239,8 +243,10 @@ def test_the_reported_case_8k_context_256_tokens_of_device_room(tmp_path: Path) 
                          offload_dir=tmp_path / kv,
                          **options) as eng:
             out = eng.generate(ids, max_new_tokens=NEW)
+            plan = eng.plan
         assert out.stats.kv["disk_bytes"] > 0
         if kv == "exact":
             assert out.token_ids == dense
-        else:                     # no device room for 8K tokens of key codes: they are dropped, not refused
-            assert len(out.token_ids) == NEW and out.stats.kv["sketch"].startswith("off: the key codes do not fit")
+        else:    # issue 12: the plan keeps the 8K tokens' key codes in the KV room (a layer streams instead)
+            assert plan.kv_sketch_bytes > 0 and plan.kv_sketch_note == "" and plan.disk_layers
+            assert len(out.token_ids) == NEW and out.stats.kv["sketch"] == "on"

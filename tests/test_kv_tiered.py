@@ -9,6 +9,7 @@ engine-level cases swap ``tierkv.engine.DenseKVCache`` for a factory of the cach
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +23,7 @@ from tierkv.kvroom import KVRoom
 from tierkv.runner import Runner
 from tierkv.io.kvstore import KVStoreError
 from tierkv.pipeline.kv import (DenseKVCache, TieredKVCache, keeps_sketch, kv_budget_tokens, kv_bytes_per_token,
-                                layer_index_bytes, make_kv_cache)
+                                kv_device_minimum_bytes, layer_index_bytes, make_kv_cache)
 from tierkv.pipeline.kv.moves import poll_writes
 from tierkv.pipeline.kv.overflow import overflow_order
 from tierkv.pipeline.kv.sizing import slot_bytes
@@ -207,7 +208,7 @@ def test_overflow_keeps_resident_then_most_heads_then_disk_chunks(tmp_path: Path
 
 
 def test_adaptive_chunk_sizes_follow_attention_skew(tmp_path: Path, torch_kernels: None) -> None:
-    cfg, cap = _cfg(), 700
+    cfg, cap = _cfg(), 4096          # a capacity of 16 chunks of 256 tokens or more lets a flat layer take 256
 
     def skewed(layer: int, start: int, t: int) -> tuple[torch.Tensor, ...]:
         g = torch.Generator().manual_seed(start)
@@ -228,15 +229,23 @@ def test_adaptive_chunk_sizes_follow_attention_skew(tmp_path: Path, torch_kernel
     assert st["attention_entropy"][0] > 0.9 > 0.5 > st["attention_entropy"][1]
 
 
-def test_adaptive_size_shrinks_to_fit_the_device_budget(tmp_path: Path, torch_kernels: None) -> None:
-    cfg, cap = _cfg(), 2000
-    budget = _device_bytes(cfg, 64, 12, B, cap, Policy(kv="exact"))   # room for 12 slots of 64 tokens per layer
-    cache = TieredKVCache(cfg, Policy(kv="exact"), B, cap, torch.float32, "cpu", kv_device_bytes=budget,
+def test_adaptive_sizes_ignore_the_device_budget_and_a_budget_below_every_size_is_refused(tmp_path: Path,
+                                                                                           torch_kernels: None) -> None:
+    """Flat attention asks for large chunks; a device budget that would hold more slots of smaller ones
+    does not shrink them (sizes never follow the budget): the cache is refused when it is built,
+    naming the minimum at the largest size it may choose, and at that minimum it takes that size."""
+    cfg, cap = _cfg(), 2000                     # adaptive sizes here: 16..64 (2000 holds 16 chunks of 64 tokens)
+    budget = _device_bytes(cfg, 32, 12, B, cap, Policy(kv="exact"))   # 12 slots of 32 tokens, only 6 of 64
+    with pytest.raises(KVBudgetError, match="of 64 tokens .* the adaptive size that needs the most room") as err:
+        TieredKVCache(cfg, Policy(kv="exact"), B, cap, torch.float32, "cpu", kv_device_bytes=budget,
+                      offload_dir=tmp_path)
+    named = int(re.search(r"\((\d+) bytes\)", str(err.value)).group(1))  # type: ignore[union-attr]
+    cache = TieredKVCache(cfg, Policy(kv="exact"), B, cap, torch.float32, "cpu", kv_device_bytes=named,
                           offload_dir=tmp_path)
     with cache:
         _drive([cache], [300, 1], make=lambda j, s, t: (torch.zeros(B, HQ, t, D), torch.randn(B, HKV, t, D),
                                                         torch.randn(B, HKV, t, D)))
-        assert cache.stats()["chunk_tokens"] == [64, 64]   # flat wants 256; the budget allows 64
+        assert cache.stats()["chunk_tokens"] == [64, 64]   # flat attention: the largest size, not a fitted one
 
 
 def test_factory_picks_dense_or_tiered(tmp_path: Path) -> None:
@@ -412,7 +421,7 @@ def test_engine_exact_tiered_is_lossless(long_models: dict[str, Path], tmp_path:
     st = made[0]
     assert st["disk_bytes"] > st["host_bytes"] > 0 and st["device_bytes"] > 0
     if chunk_tokens is None:
-        assert all(size is not None and size <= 64 for size in st["chunk_tokens"])   # adaptive, fitted to the budget
+        assert all(size is not None and size <= 64 for size in st["chunk_tokens"])   # adaptive, within 1505 // 16
     sparse_policy = Policy(prefill_chunk_tokens=512, kv="sparse", kv_budget=1.0, chunk_tokens=chunk_tokens,
                            kv_quant=kv_quant)
     sparse, made = _generate(model, sparse_policy, prompts,
@@ -471,18 +480,27 @@ def test_budgets_through_load_spill_kv_and_stay_lossless(long_models: dict[str, 
                                               for r in kv["cold_chunk_ratio"]), kv   # fp32 cache: int8 ~0.27x
 
 
-def test_adaptive_chunks_fit_a_long_context_in_a_small_device_room(tmp_path: Path) -> None:
-    """32K-64K tokens with 2K tokens of device room: 16-token abstracts alone would fill it, so the
-    adaptive size must grow instead of failing (a regression found by scripts/bench_kv.py)."""
+def test_a_long_context_in_a_small_device_room_is_refused_with_the_minimum_or_runs_with_fixed_chunks(
+        tmp_path: Path) -> None:
+    """32K-64K tokens with 2K tokens of device room: 16-token chunks (which the skew may ask for)
+    need more for their abstracts alone, so the cache is refused naming that minimum, which then
+    works; a fixed --chunk-tokens 256 fits the 2K room. (Before, the adaptive size grew to fit the
+    room, so the budget changed the chunking and with it the sparse selection.)"""
     cfg = ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], hidden_size=512, num_hidden_layers=2,
                                      num_attention_heads=8, num_key_value_heads=4, intermediate_size=64,
                                      vocab_size=64, max_position_embeddings=131072))
     per_token = kv_bytes_per_token(cfg, torch.float32)
     for capacity in (32768, 65536):
-        cache = TieredKVCache(cfg, Policy(kv="sparse"), 1, capacity, torch.float32, "cpu",
-                              kv_device_bytes=2048 * per_token, kv_host_bytes=4096 * per_token,
-                              offload_dir=tmp_path / str(capacity))
-        cache.close()
+        dirs = tmp_path / str(capacity)
+        with pytest.raises(KVBudgetError, match="holds 0 chunks of 16 tokens") as err:
+            TieredKVCache(cfg, Policy(kv="sparse"), 1, capacity, torch.float32, "cpu",
+                          kv_device_bytes=2048 * per_token, kv_host_bytes=4096 * per_token, offload_dir=dirs)
+        named = int(re.search(r"\((\d+) bytes\)", str(err.value)).group(1))  # type: ignore[union-attr]
+        assert named == kv_device_minimum_bytes(cfg, Policy(kv="sparse"), torch.float32, 1, capacity, False)
+        TieredKVCache(cfg, Policy(kv="sparse"), 1, capacity, torch.float32, "cpu", kv_device_bytes=named,
+                      kv_host_bytes=4096 * per_token, offload_dir=dirs).close()
+        TieredKVCache(cfg, Policy(kv="sparse", chunk_tokens=256), 1, capacity, torch.float32, "cpu",
+                      kv_device_bytes=2048 * per_token, kv_host_bytes=4096 * per_token, offload_dir=dirs).close()
 
 
 def test_sparse_overflow_with_64_or_more_kv_heads_reads_each_heads_own_chunks(

@@ -26,7 +26,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from tierkv import __version__
-from tierkv.cli_flags import LoadFlags, SamplingFlags, expand_flags, flags
+from tierkv.cli_flags import LoadFlags, SamplingFlags, expand_flags, flags, kv_budget_value
 from tierkv.config import Budget, ConfigError, ModelConfig, Policy, format_size
 from tierkv.engine import (Engine, GenerationResult, Stream, context_limit_tokens, load, model_path,
                            resolve_device)
@@ -433,8 +433,9 @@ def plan_cmd(
     model: str = typer.Argument(..., help="a Hugging Face model directory, one with only its config.json, a "
                                           "store made by tierkv convert, or 'demo'"),
     options: LoadFlags = flags(LoadFlags, only=("device_mem", "host_mem", "offload_dir", "dtype", "device",
-                                                "kv_device_tokens", "prefill_chunk_tokens", "quant", "group_size",
-                                                "quant_head", "kv_quant")),
+                                                "kv", "kv_budget", "chunk_tokens", "kv_sketch", "kv_device_tokens",
+                                                "prefill_chunk_tokens", "quant", "group_size", "quant_head",
+                                                "kv_quant")),
     compare: bool = typer.Option(False, "--compare", help="one table: 16-bit, int8 and int4 weights side by side"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -477,6 +478,8 @@ def _plan_inputs(path: Path, options: LoadFlags, budget: Budget) -> tuple[ModelC
     asked = parse_weight_quant(options.quant, options.group_size, options.quant_head)
     policy = Policy(dtype=str(resolve_dtype(options.dtype, cfg.dtype)).removeprefix("torch."),
                     device=None if options.device is None else str(resolve_device(options.device)),
+                    kv=options.kv, kv_budget=kv_budget_value(options.kv_budget), chunk_tokens=options.chunk_tokens,
+                    kv_sketch=options.kv_sketch,     # the KV room the plan keeps depends on them
                     kv_device_tokens=options.kv_device_tokens, prefill_chunk_tokens=options.prefill_chunk_tokens,
                     weight_quant=asked if options.quant is not None else store_quant, kv_quant=options.kv_quant)
     if data_path is None and not config_only:                   # a checkpoint: its cached store, if any

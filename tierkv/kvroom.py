@@ -10,7 +10,9 @@ off its cache (to host tensors or to a session file on disk) and back, in bounde
 
 from __future__ import annotations
 
+import logging
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -22,6 +24,8 @@ from tierkv.plan import Plan
 from tierkv.scheduler import Admission
 
 __all__ = ["KVRoom", "pieces"]
+
+_log = logging.getLogger(__name__)
 
 COPY_PIECE_BYTES = 8 << 20          # K/V of one layer moved at a time when a cache is saved, parked or restored
 
@@ -35,7 +39,14 @@ class KVRoom:
                  plan: Plan | None, attention_scratch_bytes: int, head_rows: int,
                  write_parked: Callable[[Path, Any, ReadKV, int], Any]) -> None:
         """``write_parked(path, seq, read_kv, tokens)`` writes a parked session's KV to a file and returns
-        its handle (``session.ParkedFile``: the file format sits above this module)."""
+        its handle (``session.ParkedFile``: the file format sits above this module).
+
+        Where the plan found no device room for the key codes (``Plan.kv_sketch_note``), caches are
+        built without them, their stats say why, and a warning says so at load."""
+        self.sketch_note = plan.kv_sketch_note if plan is not None and plan.kv_sketch_note else None
+        if self.sketch_note is not None:
+            policy = replace(policy, kv_sketch=False)
+            _log.warning("sparse key codes: %s", self.sketch_note)
         self.cfg, self.policy, self.dtype, self.device = cfg, policy, dtype, device
         self.device_room_bytes = plan.kv_device_bytes if plan is not None else None
         self.host_room_bytes = plan.kv_host_bytes if plan is not None else None
@@ -47,7 +58,10 @@ class KVRoom:
 
     # -- sizes (the scheduler's KVSizer) -------------------------------------------------------
     def minimum_bytes(self, capacity_tokens: int) -> int:
-        tiered = kv.kv_device_minimum_bytes(self.cfg, self.policy, self.dtype, 1, capacity_tokens, sketch=False)
+        """The cache's own minimum at every chunk size it may choose, with the key codes it keeps (the
+        plan's room holds them at the full context, so each admitted sequence keeps them too)."""
+        codes = kv.keeps_sketch(self.policy, self.device)
+        tiered = kv.kv_device_minimum_bytes(self.cfg, self.policy, self.dtype, 1, capacity_tokens, sketch=codes)
         return min(tiered, kv.kv_device_want_bytes(self.cfg, self.policy, self.dtype, capacity_tokens, device=self.device))
 
     def want_bytes(self, capacity_tokens: int) -> int:
@@ -63,7 +77,8 @@ class KVRoom:
         return kv.make_kv_cache(self.cfg, self.policy, 1, capacity_tokens, self.dtype, self.device,
                              kv_device_bytes=device_bytes, kv_host_bytes=host_bytes,
                              offload_dir=self.offload_dir / "kv" if self.offload_dir is not None else None,
-                             attention_scratch_bytes=self.scratch_bytes, workers=self.workers, geometry=geometry)
+                             attention_scratch_bytes=self.scratch_bytes, workers=self.workers, geometry=geometry,
+                             sketch_note=self.sketch_note)
 
     def open(self, seq: Any, adm: Admission) -> None:
         """Give ``seq`` a cache with the admission's room; bring its kept KV back into it if it has any.

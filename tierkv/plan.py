@@ -27,7 +27,7 @@ from tierkv.errors import ArgumentError
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.store import plan_layout
 from tierkv.pipeline.chunking import ChunkRule
-from tierkv.pipeline.kv.sizing import element_bytes, kv_bytes_per_token, kv_device_minimum_bytes, sketch_required
+from tierkv.pipeline.kv.sizing import element_bytes, keeps_sketch, kv_bytes_per_token, kv_device_minimum_bytes
 from tierkv.pipeline.schedule import ahead
 from tierkv.probe import ComputeEstimate, LinkSpeeds, probe_links
 from tierkv.quantspec import CHANNEL, WeightQuant, kv_chunk_bytes, tensor_quants
@@ -80,6 +80,8 @@ class Plan:
     kv_host_bytes_per_token: int = 0   # the same on the host and disk tiers (compressed with kv_quant)
     kv_host_tokens: int = 0            # tokens of KV the host room holds (kv_host_bytes at the host rate)
     config_only: bool = False          # planned from a config alone: budgets not checked against this machine
+    kv_sketch_bytes: int = 0           # device room kept for sparse selection's 2-bit key codes at the full context
+    kv_sketch_note: str = ""           # why key codes the policy would keep are off (no device room); "" if not
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: an unmeasured (infinite) link speed becomes null."""
@@ -104,6 +106,7 @@ class Plan:
             f"{'16-bit' if self.kv_quant == 'none' else self.kv_quant}), the rest in {self.offload_dir}/kv",
             f"prefill: pieces of {self.prefill_chunk_tokens} tokens, activations {format_size(self.activation_bytes)} "
             f"(attention blocks up to {format_size(self.attention_scratch_bytes)})",
+            *self._key_codes_line(),
             f"predicted {self.predicted_tok_s:.2f} tok/s, bound by {self.bound}; "
             f"{format_size(self.streamed_bytes_per_token)} of weights streamed per token",
         ]
@@ -111,6 +114,15 @@ class Plan:
             lines.append("from config.json alone (no weights here): budgets are not checked against this machine; "
                          "links measured on this machine")
         return "\n".join(lines)
+
+    def _key_codes_line(self) -> list[str]:
+        """The summary's line on sparse selection's key codes, when the policy would keep them."""
+        if self.kv_sketch_note:
+            return [f"sparse key codes: {self.kv_sketch_note}"]
+        if self.kv_sketch_bytes:
+            return [f"sparse key codes: on, {format_size(self.kv_sketch_bytes)} of the KV room "
+                    "(the model's full context)"]
+        return []
 
     def weights_label(self) -> str:
         """"bfloat16" for 16-bit weights, else e.g. "int4 (groups of 64)"."""
@@ -148,12 +160,13 @@ def reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, conte
 
 def kv_reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int) -> int:
     """Device room kept for the KV cache: the resident KV of ``context_tokens``, and never less than
-    the tiered cache needs to run the model's full context (its per-chunk index, with key codes when
-    ``kv_sketch=True``, beside the fewest chunk slots), so that any prompt the model allows runs and
-    what the room does not hold spills to host memory, then disk."""
+    the tiered cache needs to run the model's full context at any chunk size it may choose (its
+    per-chunk index, with key codes when the cache keeps them (``keeps_sketch``), beside the fewest
+    chunk slots; ``kv_device_minimum_bytes``), so that any prompt the model allows runs and what the
+    room does not hold spills to host memory, then disk."""
     dense = kv_bytes_per_token(config, dtype) * context_tokens * batch
     tiered = kv_device_minimum_bytes(config, policy, dtype, batch, config.context_limit_tokens,
-                                     sketch_required(policy))
+                                     keeps_sketch(policy, plan_device(policy)))
     return max(dense, tiered)
 
 
@@ -215,15 +228,17 @@ def step_rows(policy: Policy) -> int:
 
 
 def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context_tokens: int | None = None,
-                         batch: int = 1) -> int:
+                         batch: int = 1, key_codes: bool = False) -> int:
     """The smallest device budget ``make_plan`` accepts (every layer streamed): globals, one layer slot
-    and the reserve (KV room and one prefill piece) that this budget itself gets."""
+    and the reserve (KV room and one prefill piece) that this budget itself gets. ``key_codes``: the
+    smallest at which the plan also keeps the key codes the policy asks for (else they are dropped)."""
     dtype = resolve_dtype(policy.dtype, config.dtype)
     device_type = plan_device(policy).type
     fixed = sum(layer_sizes(config, dtype, policy.weight_quant, device_type)) + \
         prepared_sizes(config, dtype, policy.weight_quant, device_type)[1]     # globals as held; one streamed slot
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
-    policy = replace(policy, kv_sketch=False) if policy.kv_sketch else policy   # make_plan drops codes that do not fit
+    if not key_codes:
+        policy = replace(policy, kv_sketch=False)       # make_plan drops codes that do not fit
     reserve = reserve_bytes(config, dtype, policy, context, batch, 0)
     return _shown_size_at_least(_minimum_reserve(config, dtype, policy, context, batch, fixed, reserve) + fixed)
 
@@ -364,8 +379,8 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     held_globals = globals_bytes + globals_extra        # the globals as the device holds them
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     dev_mem, host_mem, offload_dir = detect_budgets(budget, device, check_machine=not config_only)
-    piece, scratch, activations, reserve = _device_reserve(config, dtype, policy, context, batch, dev_mem,
-                                                           held_globals, layer_bytes)
+    piece, scratch, activations, reserve, codes, codes_note = _device_reserve(config, dtype, policy, context, batch,
+                                                                              dev_mem, held_globals, layer_bytes)
     cuda = device.type == "cuda"
     device_avail, n = dev_mem - reserve - held_globals, config.num_layers
     options = {d: _split(n, layer_bytes, device_avail, host_mem, d, cuda, placed)
@@ -397,8 +412,9 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         kv_device_bytes=max(0, dev_mem - held_globals - kinds.count("device") * placed - ring
                             - activations),
         prefill_chunk_tokens=piece, attention_scratch_bytes=scratch, activation_bytes=activations,
-        config_only=config_only, **_stored_sizes(config, dtype, policy, kinds, layer_bytes, globals_bytes,
-                                                 max(0, host_mem - kinds.count("host") * placed - staging), cuda),
+        config_only=config_only, kv_sketch_bytes=codes, kv_sketch_note=codes_note,
+        **_stored_sizes(config, dtype, policy, kinds, layer_bytes, globals_bytes,
+                        max(0, host_mem - kinds.count("host") * placed - staging), cuda),
     )
 
 
@@ -468,13 +484,19 @@ def kv_stored_bytes_per_token(config: ModelConfig, dtype: torch.dtype, policy: P
 
 
 def _device_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, context: int, batch: int,
-                    dev_mem: int, globals_bytes: int, layer_bytes: int) -> tuple[int, int, int, int]:
-    """(prefill piece, attention scratch, activation bytes, reserve) kept on the device for KV and
-    activations; raises PlanError naming the minimum when the budget cannot hold it beside the
-    globals and one layer. Key codes the budget cannot hold are left out (the cache runs without)."""
+                    dev_mem: int, globals_bytes: int, layer_bytes: int) -> tuple[int, int, int, int, int, str]:
+    """(prefill piece, attention scratch, activation bytes, reserve, key code bytes, key code note)
+    kept on the device for KV and activations; raises PlanError naming the minimum when the budget
+    cannot hold it beside the globals and one layer. Key codes come first after that minimum: they
+    are left out (the note says why) only when the budget cannot hold them beside it."""
     fixed = globals_bytes + layer_bytes
-    if dev_mem < reserve_bytes(config, dtype, policy, context, batch, dev_mem) + fixed:
-        policy = replace(policy, kv_sketch=False)     # no room for key codes: the cache runs without (stats say so)
+    codes, note = 0, ""
+    if keeps_sketch(policy, plan_device(policy)):
+        plain = replace(policy, kv_sketch=False)
+        codes = kv_reserve_bytes(config, dtype, policy, 0, batch) - kv_reserve_bytes(config, dtype, plain, 0, batch)
+        if dev_mem < reserve_bytes(config, dtype, policy, context, batch, dev_mem) + fixed:
+            note = _codes_off_note(config, policy, context, batch, dev_mem, codes)
+            policy, codes = plain, 0      # the cache runs without them (its stats say so too)
     piece, scratch = prefill_sizes(config, dtype, policy, context, batch, dev_mem)
     activations = activation_bytes(config, dtype, piece, scratch, context, batch, step_rows(policy))
     reserve = reserve_bytes(config, dtype, policy, context, batch, dev_mem)
@@ -484,7 +506,16 @@ def _device_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, con
     kv_floor = kv_reserve_bytes(config, dtype, policy, 0, batch)    # the full context's tiered minimum
     kv_at_floor = kv_reserve_bytes(config, dtype, policy, context, batch) <= kv_floor
     _check_minimum(dev_mem, reserve, globals_bytes, layer_bytes, config.num_layers, dtype, context, kv_at_floor)
-    return piece, scratch, activations, reserve
+    return piece, scratch, activations, reserve, codes, note
+
+
+def _codes_off_note(config: ModelConfig, policy: Policy, context: int, batch: int, dev_mem: int, codes: int) -> str:
+    """``Plan.kv_sketch_note`` (and the cache's ``stats()["sketch"]``) when the budget cannot hold the key codes."""
+    keep = format_size(minimum_device_bytes(config, policy, context, batch, key_codes=True))
+    return (f"off: the key codes do not fit the device budget {format_size(dev_mem)} beside its minimum working "
+            f"set (they take {format_size(codes)} for the model's full context of {config.context_limit_tokens} "
+            f"tokens); sparse selection uses the chunk bound only (raise --device-mem to at least {keep} to keep "
+            "them, or --no-kv-sketch to drop them quietly)")
 
 
 def _grow_piece(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int,

@@ -18,20 +18,21 @@ Rule (``chunk_tokens_for_entropy``, a pure function of numbers):
 - in between: geometric interpolation between the two sizes, rounded to a power of two
   (so 0.6 -> 32, 0.7 -> 64, 0.8 -> 128 with the defaults);
 - too few visible keys to measure (< ``min_keys``): ``default_chunk_tokens`` (64).
-``fit_chunk_tokens`` then halves the size while the device budget cannot hold enough slots.
+``pipeline.kv.sizing.chunk_tokens_for`` then caps the size so that the sparse budget holds a few
+chunks (``MIN_BUDGET_CHUNKS``). The device room never enters: a layer's chunks, so which tokens a
+sparse step can pick, are the same wherever its KV lives; a budget too small for the working set
+at any size the rule may pick is refused when the cache is built.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from tierkv.model import visibility_mask
 
-__all__ = ["ChunkRule", "chunk_tokens_for_entropy", "attention_entropy", "fit_chunk_tokens"]
+__all__ = ["ChunkRule", "chunk_tokens_for_entropy", "attention_entropy"]
 
 
 @dataclass(frozen=True)
@@ -83,26 +84,3 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_p
     plogp = torch.where(visible[:, None], logp.exp() * logp, torch.zeros_like(logp))
     entropy = -plogp.sum(-1)                                                # (B, Hq, n)
     return float((entropy / n_visible[:, None].float().log()).mean())
-
-
-def fit_chunk_tokens(chunk_tokens: int, slots_for: Callable[[int], int], min_slots: int,
-                     smallest_tokens: int = 1, largest_tokens: int | None = None) -> int:
-    """The size nearest ``chunk_tokens`` for which ``slots_for(size) >= min_slots``.
-
-    ``slots_for(size)`` is how many chunk slots of that size the device budget holds. Smaller
-    sizes are tried first (halving down to ``smallest_tokens``: smaller slots), then larger ones
-    (doubling up to ``largest_tokens``: fewer chunks, so fewer per-chunk abstracts, which is what
-    fills the budget at long contexts). Returns ``chunk_tokens`` when none fits: the caller reports
-    the budget error.
-    """
-    size = chunk_tokens
-    while slots_for(size) < min_slots and size > smallest_tokens:
-        size = max(smallest_tokens, size // 2)
-    if slots_for(size) >= min_slots:
-        return size
-    size = chunk_tokens
-    while largest_tokens is not None and size < largest_tokens:
-        size = min(largest_tokens, size * 2)
-        if slots_for(size) >= min_slots:
-            return size
-    return chunk_tokens

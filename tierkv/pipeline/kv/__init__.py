@@ -25,14 +25,15 @@ concern (see each module's docstring):
 
 from tierkv.pipeline.kv.dense import DenseKVCache
 from tierkv.pipeline.kv.factory import make_kv_cache
-from tierkv.pipeline.kv.sizing import (chunk_size_candidates, cold_chunk_bytes, keeps_sketch, kv_budget_tokens, kv_bytes_per_token,
+from tierkv.pipeline.kv.sizing import (MIN_BUDGET_CHUNKS, budget_holds_chunks, chunk_size_candidates, chunk_tokens_for,
+                                       cold_chunk_bytes, keeps_sketch, kv_budget_tokens, kv_bytes_per_token,
                                        kv_device_minimum_bytes, kv_device_want_bytes, kv_host_want_bytes,
-                                       layer_index_bytes, max_kv_batch, min_chunk_slots, sketch_required)
+                                       layer_index_bytes, max_kv_batch, min_chunk_slots)
 from tierkv.pipeline.kv.table import ChunkKey, KVBudgetError, KVChunkTable, Tier
 from tierkv.pipeline.kv.tiered import TieredKVCache
 from tierkv.pipeline.kv.workers import KVWorkers
 
-__all__ = ["ChunkKey", "DenseKVCache", "KVBudgetError", "KVChunkTable", "KVWorkers", "TieredKVCache", "Tier",
-           "chunk_size_candidates", "cold_chunk_bytes", "keeps_sketch", "kv_budget_tokens", "kv_bytes_per_token",
-           "kv_device_minimum_bytes", "kv_device_want_bytes", "kv_host_want_bytes", "layer_index_bytes",
-           "make_kv_cache", "max_kv_batch", "min_chunk_slots", "sketch_required"]
+__all__ = ["ChunkKey", "DenseKVCache", "KVBudgetError", "KVChunkTable", "KVWorkers", "MIN_BUDGET_CHUNKS",
+           "TieredKVCache", "Tier", "budget_holds_chunks", "chunk_size_candidates", "chunk_tokens_for",
+           "cold_chunk_bytes", "keeps_sketch", "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
+           "kv_host_want_bytes", "layer_index_bytes", "make_kv_cache", "max_kv_batch", "min_chunk_slots"]

@@ -27,7 +27,8 @@ def make_kv_cache(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens:
                   kv_host_bytes: int | None = None, offload_dir: str | Path | None = None,
                   offload_bytes: int | None = None, attention_scratch_bytes: int = ATTENTION_SCRATCH_BYTES,
                   workers: KVWorkers | None = None,
-                  geometry: Mapping[str, Any] | None = None) -> DenseKVCache | TieredKVCache:
+                  geometry: Mapping[str, Any] | None = None,
+                  sketch_note: str | None = None) -> DenseKVCache | TieredKVCache:
     """The KV cache for ``batch`` sequences of up to ``capacity_tokens`` tokens.
 
     Returns the resident ``DenseKVCache`` when every step attends exactly (``kv="exact"``, or
@@ -38,8 +39,10 @@ def make_kv_cache(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens:
     of one block of prefill (and streamed) attention (``Plan.attention_scratch_bytes``). ``workers``
     (the engine's, shared by its caches; None = the cache owns its own) run the tiered cache's copies.
     ``geometry`` (a cache's ``geometry()``) of a tiered cache builds a tiered cache with the same chunk
-    sizes (for copying K/V in with ``append_kv``); a dense one changes nothing. Raises KVBudgetError
-    when the budgets cannot work.
+    sizes (for copying K/V in with ``append_kv``); a dense one changes nothing. ``sketch_note`` says
+    why the key codes are off when the planner left no room for them (``Plan.kv_sketch_note``; the
+    caller passes ``policy`` with ``kv_sketch=False`` then). Raises KVBudgetError when the budgets
+    cannot work.
     """
     tiered = geometry is not None and geometry.get("kind") == "tiered"
     if not tiered and dense_fits(cfg, policy, batch, capacity_tokens, dtype, kv_device_bytes):
@@ -47,4 +50,4 @@ def make_kv_cache(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens:
     return TieredKVCache(cfg, policy, batch, capacity_tokens, dtype, device, kv_device_bytes=kv_device_bytes,
                          kv_host_bytes=kv_host_bytes, offload_dir=offload_dir, offload_bytes=offload_bytes,
                          attention_scratch_bytes=attention_scratch_bytes, workers=workers,
-                         geometry=geometry if tiered else None)
+                         geometry=geometry if tiered else None, sketch_note=sketch_note)

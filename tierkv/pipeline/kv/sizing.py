@@ -3,7 +3,9 @@
 Why this module exists: the planner, the CLI, the engine (one allotment per sequence) and the
 caches themselves must agree on how many bytes a KV cache takes. Every such number is computed
 here, from numbers only (no tensors are allocated), so there is one home for "bytes per token",
-"fewest device bytes that work" and "most device / host bytes a cache would take".
+"which chunk size a layer takes" (``chunk_tokens_for``: skew, policy and capacity, never the
+budgets, and ``chunk_size_candidates``: every size it may take), "fewest device bytes that work"
+(the worst case over those sizes) and "most device / host bytes a cache would take".
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ import torch
 from tierkv.config import ModelConfig, Policy
 from tierkv.io.buffers import ARENA_BYTES, round_up
 from tierkv.kernels.sketch import sketch_bytes_per_token
-from tierkv.pipeline.chunking import ChunkRule
+from tierkv.pipeline.chunking import ChunkRule, chunk_tokens_for_entropy
 from tierkv.quantspec import kv_chunk_bytes
 
-__all__ = ["SCRATCH_SLOTS_PER_SEQ", "chunk_size_candidates", "cold_chunk_bytes", "dense_fits", "element_bytes",
+__all__ = ["MIN_BUDGET_CHUNKS", "MIN_CONTEXT_CHUNKS", "SCRATCH_SLOTS_PER_SEQ", "budget_holds_chunks",
+           "chunk_cap_tokens", "chunk_size_candidates", "chunk_tokens_for", "cold_chunk_bytes", "dense_fits", "element_bytes",
            "keeps_sketch", "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
            "kv_host_want_bytes", "layer_device_bytes", "layer_index_bytes", "layer_minimum_bytes", "max_kv_batch",
-           "min_chunk_slots", "sketch_required", "slot_bytes"]
+           "min_chunk_slots", "slot_bytes", "sparse_possible"]
 
 SCRATCH_SLOTS_PER_SEQ = 2        # at least one streamed chunk per sequence in each half of the double buffer
+MIN_BUDGET_CHUNKS = 8            # a sparse budget holds at least this many of a layer's chunks (else: too coarse)
+MIN_CONTEXT_CHUNKS = 16          # an adaptive layer's capacity holds at least this many chunks (so a few can spill)
 
 
 def element_bytes(dtype: torch.dtype) -> int:
@@ -60,12 +65,6 @@ def keeps_sketch(policy: Policy, device: torch.device) -> bool:
     return policy.kv_sketch if policy.kv_sketch is not None else device.type == "cuda"
 
 
-def sketch_required(policy: Policy) -> bool:
-    """Whether the user asked for key codes (``kv_sketch=True`` outside exact mode): the planner then
-    keeps device room for them at the model's full context. The default keeps them only where they fit."""
-    return policy.kv != "exact" and policy.kv_sketch is True
-
-
 def layer_index_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capacity_tokens: int, chunk_tokens: int,
                       sketch: bool) -> int:
     """Device bytes of one layer's chunk index for a context: abstracts (min/max key per chunk) and,
@@ -93,15 +92,68 @@ def min_chunk_slots(batch: int, sink_chunks: int = 1) -> int:
     return batch * (sink_chunks + 3 + SCRATCH_SLOTS_PER_SEQ)
 
 
-def chunk_size_candidates(policy: Policy, rule: ChunkRule = ChunkRule()) -> tuple[int, ...]:
-    """Every chunk size a tiered cache under ``policy`` may choose (before capping at its capacity)."""
+def sparse_possible(policy: Policy, capacity_tokens: int) -> bool:
+    """Whether a cache of ``capacity_tokens`` under ``policy`` may run a sparse decode step."""
+    return policy.kv == "sparse" or (policy.kv == "auto" and capacity_tokens > policy.kv_exact_max_tokens)
+
+
+def kv_budget_tokens(kv_budget: float | int, context_tokens: int) -> int:
+    """Tokens a sparse step attends to: a float <= 1 is a fraction of the context, anything else a count."""
+    if isinstance(kv_budget, float) and kv_budget <= 1.0:
+        return max(1, math.ceil(kv_budget * context_tokens))
+    return int(kv_budget)
+
+
+def budget_holds_chunks(kv_budget: float | int, context_tokens: int, chunk_tokens: int) -> bool:
+    """Whether a sparse step's budget at ``context_tokens`` holds ``MIN_BUDGET_CHUNKS`` chunks of
+    ``chunk_tokens`` (or the whole context). Below that, selection picks among too few chunks to
+    follow attention: ``kv="auto"`` attends exactly in such a layer, and ``kv="sparse"`` says so
+    in ``stats()["kv_budget_note"]``."""
+    return kv_budget_tokens(kv_budget, context_tokens) >= min(MIN_BUDGET_CHUNKS * chunk_tokens, context_tokens)
+
+
+def chunk_cap_tokens(policy: Policy, capacity_tokens: int, rule: ChunkRule = ChunkRule()) -> int:
+    """Largest chunk the adaptive rule may pick for a cache of ``capacity_tokens``: the largest power
+    of two (at least the rule's smallest size, at most its largest) of which the capacity holds
+    ``MIN_CONTEXT_CHUNKS`` and the sparse budget ``MIN_BUDGET_CHUNKS``: the budget at the capacity
+    under "sparse", under "auto" at the capacity or the first context that decodes sparse, whichever
+    is longer (so the cap, like the device minimum, never falls as the capacity grows); exact mode
+    has no budget. The device room plays no part: chunk sizes (so the math) do not depend on where
+    the KV lives, and the capacity bound keeps the working set of the largest size (a few whole
+    chunks) a fraction of the context."""
+    per_chunk = min(rule.max_chunk_tokens, capacity_tokens // MIN_CONTEXT_CHUNKS)
+    if policy.kv != "exact":
+        budgeted = capacity_tokens if policy.kv == "sparse" else max(capacity_tokens, policy.kv_exact_max_tokens + 1)
+        per_chunk = min(per_chunk, kv_budget_tokens(policy.kv_budget, budgeted) // MIN_BUDGET_CHUNKS)
+    cap = rule.min_chunk_tokens
+    while cap * 2 <= per_chunk:
+        cap *= 2
+    return cap
+
+
+def chunk_tokens_for(policy: Policy, capacity_tokens: int, entropy: float | None,
+                     rule: ChunkRule = ChunkRule()) -> int:
+    """A layer's chunk size: ``policy.chunk_tokens``, else the adaptive rule's size for the layer's
+    measured attention entropy (None: unmeasured, the rule's default) within ``chunk_cap_tokens``;
+    never more than the capacity. The one place a tiered cache's chunk size is decided."""
     if policy.chunk_tokens is not None:
-        return (policy.chunk_tokens,)
-    sizes, size = [], rule.min_chunk_tokens
+        size = policy.chunk_tokens
+    else:
+        size = min(chunk_tokens_for_entropy(entropy, rule), chunk_cap_tokens(policy, capacity_tokens, rule))
+    return max(1, min(size, capacity_tokens))
+
+
+def chunk_size_candidates(policy: Policy, capacity_tokens: int, rule: ChunkRule = ChunkRule()) -> tuple[int, ...]:
+    """Every chunk size ``chunk_tokens_for`` may give a layer of a cache of ``capacity_tokens`` (the
+    entropy, so the adaptive size, is only known at prefill), smallest first."""
+    if policy.chunk_tokens is not None:
+        return (chunk_tokens_for(policy, capacity_tokens, None, rule),)
+    cap = min(chunk_cap_tokens(policy, capacity_tokens, rule), capacity_tokens)
+    sizes, size = {chunk_tokens_for(policy, capacity_tokens, None, rule)}, rule.min_chunk_tokens
     while size <= rule.max_chunk_tokens:
-        sizes.append(size)
+        sizes.add(max(1, min(size, cap)))
         size *= 2
-    return tuple(sizes)
+    return tuple(sorted(sizes))
 
 
 def layer_minimum_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capacity_tokens: int, chunk_tokens: int,
@@ -116,28 +168,21 @@ def layer_minimum_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capaci
 def kv_device_minimum_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, batch: int, capacity_tokens: int,
                             sketch: bool, rule: ChunkRule = ChunkRule(), sink_chunks: int = 1) -> int:
     """Fewest device KV bytes (all layers) with which a ``TieredKVCache`` of ``batch`` x
-    ``capacity_tokens`` runs: at the best chunk size, the per-chunk index (abstracts, and key codes
-    with ``sketch``) for the whole capacity plus the fewest slots; the rest spills to host and disk.
+    ``capacity_tokens`` runs whatever chunk sizes its layers choose: at the size of
+    ``chunk_size_candidates`` that needs the most, the per-chunk index (abstracts, and key codes with
+    ``sketch``) for the whole capacity plus the fewest slots; the rest spills to host and disk. The
+    cache refuses a smaller budget when it is built, so one this large never fails at prefill.
     Never decreases with the capacity, so the minimum at the model's full context covers any prompt."""
-    per_layer = min(layer_minimum_bytes(cfg, dtype, batch, capacity_tokens, min(size, capacity_tokens), sketch,
-                                        sink_chunks)
-                    for size in chunk_size_candidates(policy, rule))
+    per_layer = max(layer_minimum_bytes(cfg, dtype, batch, capacity_tokens, size, sketch, sink_chunks)
+                    for size in chunk_size_candidates(policy, capacity_tokens, rule))
     return cfg.num_layers * per_layer
-
-
-def kv_budget_tokens(kv_budget: float | int, context_tokens: int) -> int:
-    """Tokens a sparse step attends to: a float <= 1 is a fraction of the context, anything else a count."""
-    if isinstance(kv_budget, float) and kv_budget <= 1.0:
-        return max(1, math.ceil(kv_budget * context_tokens))
-    return int(kv_budget)
 
 
 def dense_fits(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: int, dtype: torch.dtype,
                kv_device_bytes: int | None) -> bool:
     """Whether ``make_kv_cache`` builds the resident cache: every step exact and all KV in the room."""
-    sparse_possible = policy.kv == "sparse" or (policy.kv == "auto" and capacity_tokens > policy.kv_exact_max_tokens)
     need = kv_bytes_per_token(cfg, dtype) * batch * capacity_tokens
-    return not sparse_possible and (kv_device_bytes is None or need <= kv_device_bytes)
+    return not sparse_possible(policy, capacity_tokens) and (kv_device_bytes is None or need <= kv_device_bytes)
 
 
 def max_kv_batch(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: int, dtype: torch.dtype,
@@ -152,10 +197,6 @@ def max_kv_batch(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: 
                 kv_device_minimum_bytes(cfg, policy, dtype, b, capacity_tokens, sketch=False) <= kv_device_bytes:
             return b
     return 1
-
-
-def _tiered_sizes(policy: Policy, capacity_tokens: int, rule: ChunkRule) -> list[int]:
-    return sorted({min(size, capacity_tokens) for size in chunk_size_candidates(policy, rule)})
 
 
 def kv_device_want_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, capacity_tokens: int,
@@ -176,7 +217,7 @@ def kv_device_want_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, c
         sketch = keeps_sketch(policy, torch.device(device))
     per_layer = max(layer_device_bytes(cfg, dtype, batch, capacity_tokens, size,
                                        batch * -(-capacity_tokens // size), sketch)
-                    for size in _tiered_sizes(policy, capacity_tokens, rule))
+                    for size in chunk_size_candidates(policy, capacity_tokens, rule))
     return cfg.num_layers * per_layer
 
 
@@ -187,7 +228,7 @@ def kv_host_want_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, cap
     ``policy.kv_quant``) in page-rounded arenas (``io.buffers.ChunkArenas``). A host allotment of
     this many bytes holds every chunk."""
     per_layer = 0
-    for size in _tiered_sizes(policy, capacity_tokens, rule):
+    for size in chunk_size_candidates(policy, capacity_tokens, rule):
         chunk = cold_chunk_bytes(cfg, dtype, size, policy.kv_quant)
         chunks = batch * -(-capacity_tokens // size)
         per_arena = max(1, ARENA_BYTES // chunk)

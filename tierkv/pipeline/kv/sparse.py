@@ -38,7 +38,7 @@ def join_words(words: Sequence[int]) -> int:
 def decode(st: CacheState, kv: LayerKV, q: torch.Tensor, positions: torch.Tensor,
            window_tokens: int | None) -> torch.Tensor:
     """One new token per sequence, already appended: sparse, or exact over every chunk."""
-    if window_tokens is None and st.sparse_now():
+    if window_tokens is None and st.sparse_now(kv):
         st.c.sparse_layer_steps += 1
         return _decode_sparse(st, kv, q)
     st.c.exact_layer_steps += 1

@@ -26,7 +26,7 @@ def speculate(st: CacheState, layer: int, sparse: bool) -> None:
         return
     poll_fetches(st, kv, wait=False)
     window = st.window(layer)
-    if sparse and window is None:
+    if sparse and window is None and st.sparse_now(kv):
         _speculate_sparse(st, kv)
     elif kv.prefetched is None and kv.scratch:
         off = [key for key in window_keys(st, kv, kv.tokens, window) if kv.slot_of(key) is None]

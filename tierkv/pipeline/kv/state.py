@@ -17,6 +17,7 @@ from tierkv.io.kvstore import KVStore
 from tierkv.io.mover import Mover
 from tierkv.pipeline.kv.geometry import CacheShape
 from tierkv.pipeline.kv.layer import LayerKV
+from tierkv.pipeline.kv.sizing import budget_holds_chunks
 from tierkv.pipeline.kv.table import ChunkKey
 from tierkv.pipeline.kv.workers import KVWorkers
 
@@ -101,7 +102,12 @@ class CacheState:
         windows = self.shape.cfg.sliding_window_tokens
         return windows[layer] if windows else None
 
-    def sparse_now(self) -> bool:
-        """Whether this decode step selects chunks (policy.kv, with auto switching on context length)."""
-        mode = self.policy.kv
-        return mode == "sparse" or (mode == "auto" and self.length + 1 > self.policy.kv_exact_max_tokens)
+    def sparse_now(self, kv: LayerKV | None = None) -> bool:
+        """Whether this decode step selects chunks: ``policy.kv``, with auto switching on context length;
+        given a layer, auto also stays exact there while the budget holds fewer than ``MIN_BUDGET_CHUNKS``
+        of its chunks (``sizing.budget_holds_chunks``; an explicit "sparse" still selects, and says so)."""
+        mode, tokens = self.policy.kv, self.length + 1
+        if mode != "auto":
+            return mode == "sparse"
+        return tokens > self.policy.kv_exact_max_tokens and (
+            kv is None or budget_holds_chunks(self.policy.kv_budget, tokens, kv.geo.chunk_tokens))

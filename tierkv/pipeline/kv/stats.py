@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from tierkv.pipeline.kv.layer import LayerKV
+from tierkv.pipeline.kv.sizing import MIN_BUDGET_CHUNKS, budget_holds_chunks, kv_budget_tokens
 from tierkv.pipeline.kv.state import CacheState
 from tierkv.pipeline.kv.table import Tier
 
-__all__ = ["check_invariants", "stats"]
+__all__ = ["budget_note", "check_invariants", "stats"]
 
 DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
 
@@ -50,6 +51,7 @@ def stats(st: CacheState, device_allocated_bytes: int) -> dict[str, Any]:
         "sketch_bytes": sum(kv.codes.numel() for kv in layers if kv.codes is not None),
         "selected_fraction": float(st.selected_tokens) / c.selectable_tokens if c.selectable_tokens else None,
         "sparse_layer_steps": c.sparse_layer_steps,
+        "kv_budget_note": budget_note(st),
         # sizing the device KV room for sparse decode: the union of the KV heads' selections (tokens
         # per sequence, mean over sparse layer-steps) must fit device_room_tokens, else the step
         # overflows and streams the rest (raise --kv-device-tokens / --device-mem)
@@ -60,6 +62,26 @@ def stats(st: CacheState, device_allocated_bytes: int) -> dict[str, Any]:
         "decode_steps": c.decode_steps,
         "moves": st.mover.stats(),     # per link ("host->device", ...): bytes, moves, busy_s, gbps, wait_s
     }
+
+
+def budget_note(st: CacheState) -> str | None:
+    """What the sparse budget at the current context does not hold (``sizing.budget_holds_chunks``):
+    the layers whose budget holds fewer than ``MIN_BUDGET_CHUNKS`` of their chunks, which attend
+    exactly under ``kv="auto"`` and select among too few chunks under ``kv="sparse"``; None when
+    every layer's budget holds enough (or no step is sparse)."""
+    policy, tokens = st.policy, max(1, st.length)
+    if policy.kv == "exact" or (policy.kv == "auto" and tokens <= policy.kv_exact_max_tokens):
+        return None
+    short = [(j, kv.geo.chunk_tokens) for j, kv in enumerate(st.layers)
+             if kv is not None and not budget_holds_chunks(policy.kv_budget, tokens, kv.geo.chunk_tokens)]
+    if not short:
+        return None
+    budget, sizes = kv_budget_tokens(policy.kv_budget, tokens), sorted({size for _, size in short})
+    need = MIN_BUDGET_CHUNKS * sizes[-1]
+    what = "so they attend exactly" if policy.kv == "auto" else "so sparse selection there is coarse"
+    return (f"budget {budget} tokens holds < {MIN_BUDGET_CHUNKS} chunks of {'/'.join(map(str, sizes))} tokens "
+            f"in layers {', '.join(str(j) for j, _ in short)}, {what}; raise kv_budget (--kv-budget) to at least "
+            f"{need} tokens ({need / tokens:.3g} of this {tokens}-token context)")
 
 
 def check_invariants(st: CacheState) -> int:

@@ -26,10 +26,10 @@ from typing import Any, Mapping
 
 import torch
 
-from tierkv.config import ModelConfig, Policy
+from tierkv.config import ModelConfig, Policy, format_size
 from tierkv.io.kvstore import KVStore, remove_abandoned
 from tierkv.model import ATTENTION_SCRATCH_BYTES
-from tierkv.pipeline.chunking import ChunkRule, attention_entropy, chunk_tokens_for_entropy
+from tierkv.pipeline.chunking import ChunkRule, attention_entropy
 import tierkv.pipeline.kv.stats as stats_mod
 from tierkv.pipeline.kv.append import append
 from tierkv.pipeline.kv.geometry import CacheShape
@@ -45,8 +45,9 @@ from tierkv.pipeline.kv.workers import KVWorkers, settle
 
 __all__ = ["TieredKVCache"]
 
-_CODES_OFF = ("off: the key codes do not fit the device KV budget beside the chunk slots; sparse selection "
-              "uses the chunk bound only (raise --device-mem or --kv-device-tokens to keep them)")
+_CODES_OFF = ("off: the key codes do not fit the device KV budget beside the chunk slots (with them the cache "
+              "needs {need} of device KV room); sparse selection uses the chunk bound only (raise --device-mem "
+              "or --kv-device-tokens to keep them)")
 
 
 class TieredKVCache:
@@ -56,6 +57,8 @@ class TieredKVCache:
     of a batch share positions (equal lengths); each has its own chunks and selection. ``workers``
     (shared by an engine's caches) runs the copies; without one the cache starts and closes its own.
     ``geometry`` (another cache's ``geometry()``) fixes every layer's chunk size before the first K/V.
+    ``sketch_note``: why key codes the policy would keep are off (the planner found no device room
+    for them and built ``policy`` without them); ``stats()["sketch"]`` reports it.
     """
 
     def __init__(self, cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: int, dtype: torch.dtype,
@@ -63,7 +66,7 @@ class TieredKVCache:
                  offload_dir: str | Path | None = None, offload_bytes: int | None = None,
                  chunk_rule: ChunkRule = ChunkRule(), sink_chunks: int = 1, durable: bool = True,
                  attention_scratch_bytes: int = ATTENTION_SCRATCH_BYTES, workers: KVWorkers | None = None,
-                 geometry: Mapping[str, Any] | None = None) -> None:
+                 geometry: Mapping[str, Any] | None = None, sketch_note: str | None = None) -> None:
         device = torch.device(device)
         n = cfg.num_layers
         self._fixed = _fixed_sizes(geometry, n)
@@ -71,7 +74,7 @@ class TieredKVCache:
         shape = CacheShape(cfg, policy, dtype, batch, capacity_tokens,
                            None if kv_device_bytes is None else kv_device_bytes // n,
                            None if kv_host_bytes is None else kv_host_bytes // n, sink_chunks, chunk_rule, sketch)
-        shape, note, spill = self._check_budgets(shape, offload_dir)
+        shape, note, spill = self._check_budgets(shape, offload_dir, sketch_note)
         store = None
         if spill:
             remove_abandoned(Path(offload_dir))  # type: ignore[arg-type]  # left by killed processes
@@ -185,20 +188,21 @@ class TieredKVCache:
 
     # -- setup -------------------------------------------------------------------------------
 
-    def _check_budgets(self, shape: CacheShape, offload_dir: str | Path | None) -> tuple[CacheShape, str, bool]:
-        """Fail early when the budgets cannot work. Returns the shape (key codes dropped when they leave
-        too little device room for the slots: the cache then runs on the chunk bound rather than refusing
-        the context), the ``stats()["sketch"]`` note, and whether chunks may go to disk (a store is needed)."""
-        starts = sorted({f for f in self._fixed if f is not None}) or \
-            [shape.policy.chunk_tokens or shape.rule.min_chunk_tokens]
-        forced = any(f is not None for f in self._fixed)
-        note = "on" if shape.sketch else "off"
-        if shape.sketch and not all(shape.pick_size(size, forced)[1] for size in starts):
-            shape, note = dataclasses.replace(shape, sketch=False), _CODES_OFF
-        spill = False
-        for size in starts:
-            spill |= shape.layer_geometry(size, None, forced).spill_expected
-        if spill and offload_dir is None:
+    def _check_budgets(self, shape: CacheShape, offload_dir: str | Path | None,
+                       sketch_note: str | None) -> tuple[CacheShape, str, bool]:
+        """Fail early when the budgets cannot work at some chunk size a layer may choose (its size
+        follows its attention skew, known only at prefill, so every such size must fit). Returns the
+        shape (key codes dropped when they leave too little device room for the slots: the cache then
+        runs on the chunk bound rather than refusing the context), the ``stats()["sketch"]`` note, and
+        whether chunks may go to disk (a store is needed)."""
+        sizes = shape.sizes(self._fixed)
+        note = "on" if shape.sketch else (sketch_note or "off")
+        if shape.sketch and not all(shape.fits(size) for size in sizes):
+            need = shape.cfg.num_layers * max(shape.layer_minimum(size) for size in sizes)
+            shape, note = dataclasses.replace(shape, sketch=False), _CODES_OFF.format(need=format_size(need))
+        if not all(shape.fits(size) for size in sizes):
+            raise shape.too_small_error(sizes)
+        if offload_dir is None and any(shape.layer_geometry(size, None).spill_expected for size in sizes):
             raise shape.no_offload_error()
         return shape, note, offload_dir is not None and shape.device_layer_bytes is not None
 
@@ -217,16 +221,15 @@ class TieredKVCache:
 
     def _init_layer(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, positions: torch.Tensor | None,
                     window_tokens: int | None) -> LayerKV:
-        """Choose the layer's chunk size (a given geometry, the policy, or adaptive from its first piece;
-        the rule's default without queries) and allocate it."""
+        """Choose the layer's chunk size (a given geometry, else ``CacheShape.chunk_tokens``: the policy's,
+        or adaptive from the attention skew of its first piece, the rule's default without queries) and
+        allocate it. The budgets never change the size; they were checked for every size at build."""
         st, shape = self._st, self._st.shape
-        entropy, wanted, forced = None, self._fixed[layer], self._fixed[layer] is not None
-        wanted = wanted or shape.policy.chunk_tokens
-        if wanted is None:
-            if q is not None and positions is not None:
-                entropy = attention_entropy(q, k, positions, positions, window_tokens, shape.rule)
-            wanted = chunk_tokens_for_entropy(entropy, shape.rule)
-        geo = shape.layer_geometry(wanted, entropy, forced)
+        entropy, size = None, self._fixed[layer]
+        if size is None and shape.policy.chunk_tokens is None and q is not None and positions is not None:
+            entropy = attention_entropy(q, k, positions, positions, window_tokens, shape.rule)
+        size = shape.chunk_tokens(entropy) if size is None else min(size, shape.capacity_tokens)
+        geo = shape.layer_geometry(size, entropy)
         if geo.spill_expected and st.store is None:
             raise shape.no_offload_error()
         kv = LayerKV(layer, geo, st.batch, st.kv_heads, st.head_dim, st.dtype, st.device, shape.host_layer_bytes,
