@@ -23,7 +23,7 @@ Which one runs depends only on sizes (context, piece, scratch), never on where t
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -139,14 +139,14 @@ def attend_streamed(st: CacheState, kv: LayerKV, q: torch.Tensor, positions: tor
 def _attend_gathered(st: CacheState, kv: LayerKV, q: torch.Tensor, positions: torch.Tensor, lo: int,
                      window_tokens: int | None, new_kv: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """Copy the visible chunks into one K/V in position order and call ``model.dense_attention``."""
-    s, b = kv.geo.chunk_tokens, st.batch
+    s, b, h, d = kv.geo.chunk_tokens, st.batch, st.kv_heads, st.head_dim
     c0, hi, t_new = lo // s, kv.tokens, 0 if new_kv is None else new_kv[0].shape[2]
     n = kv.n_chunks - c0
-    shape = (b, st.kv_heads, n * s + t_new, st.head_dim)
+    shape = (b, h, n * s + t_new, d)
     k, v = torch.empty(shape, dtype=st.dtype, device=st.device), torch.empty(shape, dtype=st.dtype, device=st.device)
-    dests = {kv.key(c, i): (k[i, :, (c - c0) * s:(c - c0 + 1) * s], v[i, :, (c - c0) * s:(c - c0 + 1) * s])
-             for c in range(c0, kv.n_chunks) for i in range(b)}
-    _fill(st, kv, dests)
+    chunks = Chunks(k[:, :, :n * s].view(b, h, n, s, d), v[:, :, :n * s].view(b, h, n, s, d),
+                    c0, [kv.key(c, i) for c in range(c0, kv.n_chunks) for i in range(b)])
+    _fill(st, kv, chunks)
     end = hi - c0 * s
     if new_kv is not None:                        # after the chunks: it overwrites the open chunk's unused rows
         k[:, :, end:end + t_new], v[:, :, end:end + t_new] = new_kv
@@ -174,7 +174,7 @@ def _attend_grouped(st: CacheState, kv: LayerKV, q: torch.Tensor, positions: tor
             submit()                                    # read group j+1 while group j is folded
             j, k, v, moves = pending.pop(0)
             complete(st.mover, moves)
-            _copy_resident(st, kv, _group_dests(st, kv, k, v, j * g, g, c0))
+            _copy_resident(st, kv, _group(st, kv, k, v, j * g, g, c0))
             ids = torch.arange(j * g, (j + 1) * g, device=st.device)
             lens = kv.chunk_sizes[ids.clamp(max=kv.chunk_sizes.shape[0] - 1)] * (ids < kv.n_chunks) * (ids >= c0)
             k_pos = (ids[:, None] * s + torch.arange(s, device=st.device)).reshape(1, g * s).expand(st.batch, -1)
@@ -189,11 +189,23 @@ def _attend_grouped(st: CacheState, kv: LayerKV, q: torch.Tensor, positions: tor
     return state.result()
 
 
-def _group_dests(st: CacheState, kv: LayerKV, k: torch.Tensor, v: torch.Tensor, first: int, g: int,
-                 c0: int) -> dict[ChunkKey, Dest]:
-    """Where each chunk of the group [first, first + g) that exists and is visible goes in (B, Hkv, g, S, D)."""
-    return {kv.key(c, i): (k[i, :, c - first], v[i, :, c - first])
-            for c in range(max(first, c0), min(first + g, kv.n_chunks)) for i in range(st.batch)}
+class Chunks(NamedTuple):
+    """Buffers k/v (B, Hkv, n, S, D) that hold chunk ids first .. first + n - 1 of every sequence, and
+    the chunks (``keys``) to copy there."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    first: int
+    keys: list[ChunkKey]
+
+    def dest(self, key: ChunkKey) -> Dest:
+        return self.k[key.seq, :, key.chunk - self.first], self.v[key.seq, :, key.chunk - self.first]
+
+
+def _group(st: CacheState, kv: LayerKV, k: torch.Tensor, v: torch.Tensor, first: int, g: int, c0: int) -> Chunks:
+    """Group [first, first + g): the chunks of it that exist and are visible (from ``c0``)."""
+    keys = [kv.key(c, i) for c in range(max(first, c0), min(first + g, kv.n_chunks)) for i in range(st.batch)]
+    return Chunks(k, v, first, keys)
 
 
 def _submit_group(st: CacheState, kv: LayerKV, first: int, g: int, c0: int
@@ -201,40 +213,46 @@ def _submit_group(st: CacheState, kv: LayerKV, first: int, g: int, c0: int
     """A zeroed group buffer (B, Hkv, g, S, D) and the reads of its chunks that are off the device."""
     shape = (st.batch, st.kv_heads, g, kv.geo.chunk_tokens, st.head_dim)
     k, v = torch.zeros(shape, dtype=st.dtype, device=st.device), torch.zeros(shape, dtype=st.dtype, device=st.device)
-    dests = _group_dests(st, kv, k, v, first, g, c0)
-    return k, v, _start_cold(st, kv, dests)
+    return k, v, _start_cold(st, kv, _group(st, kv, k, v, first, g, c0))
 
 
-def _fill(st: CacheState, kv: LayerKV, dests: dict[ChunkKey, Dest]) -> None:
-    """Copy every chunk of ``dests`` into its views, from whatever tier holds it."""
-    moves = _start_cold(st, kv, dests)
+def _fill(st: CacheState, kv: LayerKV, chunks: Chunks) -> None:
+    """Copy every chunk of ``chunks`` into its buffers, from whatever tier holds it."""
+    moves = _start_cold(st, kv, chunks)
     try:
-        _copy_resident(st, kv, dests)
+        _copy_resident(st, kv, chunks)
         complete(st.mover, moves)
     finally:
         settle(st.mover, moves)
     _release_prefetch(st, kv)
 
 
-def _start_cold(st: CacheState, kv: LayerKV, dests: dict[ChunkKey, Dest]) -> list[KVMove]:
-    """Start reading the chunks of ``dests`` that are neither resident nor in the prefetched wave."""
+def _start_cold(st: CacheState, kv: LayerKV, chunks: Chunks) -> list[KVMove]:
+    """Start reading the chunks that are neither resident nor in the prefetched wave."""
     pre = set(kv.prefetched.keys) if kv.prefetched is not None else set()
-    cold = [(key, d) for key, d in dests.items() if kv.slot_of(key) is None and key not in pre]
-    return read_cold(st, kv, cold)
+    return read_cold(st, kv, [(key, chunks.dest(key)) for key in chunks.keys
+                              if kv.slot_of(key) is None and key not in pre])
 
 
-def _copy_resident(st: CacheState, kv: LayerKV, dests: dict[ChunkKey, Dest]) -> None:
-    """Copy the chunks of ``dests`` held by a resident slot or by the prefetched wave's scratch slots."""
+def _copy_resident(st: CacheState, kv: LayerKV, chunks: Chunks) -> None:
+    """Copy the chunks held by a resident slot or by the prefetched wave's scratch slots: one
+    gather per sequence (not a copy per chunk: on a GPU each would be a kernel launch)."""
     pre = kv.prefetched
     wave = dict(zip(pre.keys, pre.slots)) if pre is not None else {}
-    if pre is not None and any(key in wave for key in dests):
+    if pre is not None and any(key in wave for key in chunks.keys):
         complete(st.mover, pre.records)
-    for key, (k, v) in dests.items():
+    per_seq: list[tuple[list[int], list[int]]] = [([], []) for _ in range(st.batch)]
+    for key in chunks.keys:
         slot = kv.slot_of(key)
         slot = wave.get(key) if slot is None else slot
         if slot is not None:
-            k.copy_(kv.k_pool[slot])
-            v.copy_(kv.v_pool[slot])
+            per_seq[key.seq][0].append(key.chunk - chunks.first)
+            per_seq[key.seq][1].append(slot)
+    for b, (at, slots) in enumerate(per_seq):
+        if slots:
+            at_t, slots_t = (torch.tensor(x, device=st.device) for x in (at, slots))
+            chunks.k[b][:, at_t] = kv.k_pool[slots_t].transpose(0, 1)                  # (Hkv, n, S, D)
+            chunks.v[b][:, at_t] = kv.v_pool[slots_t].transpose(0, 1)
 
 
 def read_cold(st: CacheState, kv: LayerKV, items: Sequence[tuple[ChunkKey, Dest]]) -> list[KVMove]:
