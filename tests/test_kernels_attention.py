@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tierkv.kernels import chunk_abstract, chunk_scores, select_chunks, sparse_decode_attention
+from tierkv.kernels import (chunk_abstract, chunk_scores, combine_partials, decode_partials, empty_partials,
+                            select_chunks, sparse_decode_attention)
 from tierkv.kernels._select import HAS_TRITON
-from tierkv.kernels.reference import sparse_decode_attention_ref
+from tierkv.kernels.reference import chunk_partials_ref, sparse_decode_attention_ref
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # max abs error, outputs are O(1)
@@ -109,3 +110,63 @@ def test_bad_arguments_raise():
         sparse_decode_attention(q, pool, pool, table.float(), counts, lens)
     with pytest.raises(ValueError, match="split_tokens"):
         sparse_decode_attention(q, pool, pool, table, counts, lens, split_tokens=0)
+
+
+# -- the placement-invariant reduction: per-chunk partials, one combine ------------------------------
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("G,S,D", [(1, 16, 16), (4, 64, 64), (3, 128, 128)])
+def test_a_chunk_partial_does_not_depend_on_the_chunks_computed_beside_it(threads, G, S, D):
+    """What the tiered cache's placement invariance rests on (CPU path): ``chunk_partials_ref`` gives
+    each chunk the same bits alone, in a batch of any size, at any position, with 1 or 2 threads."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(G * S + D)
+        N = 300
+        q, k, v = (torch.randn(N, *shape, generator=gen) for shape in ((G, D), (S, D), (S, D)))
+        lens = torch.randint(1, S + 1, (N,), generator=gen)
+        full = chunk_partials_ref(q, k.bfloat16(), v.bfloat16(), lens, 0.125)
+        perm = torch.randperm(N, generator=gen)
+        shuffled = chunk_partials_ref(q[perm], k.bfloat16()[perm], v.bfloat16()[perm], lens[perm], 0.125)
+        assert all(torch.equal(a[perm], b) for a, b in zip(full, shuffled))
+        for lo, n in ((0, 1), (5, 2), (17, 63), (100, 200)):
+            part = chunk_partials_ref(q[lo:lo + n], k[lo:lo + n].bfloat16(), v[lo:lo + n].bfloat16(),
+                                      lens[lo:lo + n], 0.125)
+            assert all(torch.equal(a[lo:lo + n], b) for a, b in zip(full, part)), (lo, n)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partials_from_two_pools_combine_to_the_one_pool_bits(backend, dtype):
+    """A step whose selection is split between the slot pool and a temporary pool of chunks read for
+    it (entries -1 in each call's table where the chunk is in the other pool) gives the bits of the
+    all-resident call with one chunk per split."""
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, N, S, D, M = 2, 6, 2, 20, 16, 24, 9
+    q = torch.randn(B, Hq, D, generator=gen).to(dtype)
+    k_pool, v_pool = (torch.randn(N, Hkv, S, D, generator=gen).to(dtype) for _ in range(2))
+    lens = torch.randint(1, S + 1, (N,), generator=gen, dtype=torch.int32)
+    table = torch.stack([torch.randperm(N, generator=gen)[:M] for _ in range(B * Hkv)]).view(B, Hkv, M).int()
+    counts = torch.randint(1, M + 1, (B, Hkv), generator=gen, dtype=torch.int32)
+    whole = sparse_decode_attention(q, k_pool, v_pool, table, counts, lens, split_tokens=1, backend=backend)
+    away = torch.arange(N) % 3 == 0                                   # these slots' chunks are "off the device"
+    moved = away.nonzero().view(-1)
+    temp_k = torch.full((len(moved) + 2, Hkv, S, D), float("nan"), dtype=dtype)   # another layout, NaN padding
+    temp_v = torch.full_like(temp_k, float("nan"))
+    temp_k[2:], temp_v[2:] = k_pool[moved], v_pool[moved]
+    temp_lens = torch.zeros(len(moved) + 2, dtype=torch.int32)
+    temp_lens[2:] = lens[moved]
+    where = torch.full((N,), -1, dtype=torch.int32)
+    where[moved] = torch.arange(2, len(moved) + 2, dtype=torch.int32)
+    parts = empty_partials(B, Hq, M, D, q.device)
+    decode_partials(q, k_pool, v_pool, torch.where(away[table.long()], -1, table), counts, lens, parts,
+                    backend=backend)
+    decode_partials(q, temp_k, temp_v, where[table.long()], counts, temp_lens, parts, backend=backend)
+    got = combine_partials(parts, dtype, backend=backend)
+    assert torch.equal(got, whole)
+    assert (got.float() - sparse_decode_attention_ref(q, k_pool, v_pool, table, counts, lens,
+                                                      1 / math.sqrt(D)).float()).abs().max() < TOL[dtype]

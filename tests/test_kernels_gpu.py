@@ -142,6 +142,9 @@ def kernels() -> SimpleNamespace:
         chunk_scores=mods["importance"].chunk_scores,
         select_chunks=mods["importance"].select_chunks,
         sparse_decode_attention=mods["attention"].sparse_decode_attention,
+        decode_partials=mods["attention"].decode_partials,
+        combine_partials=mods["attention"].combine_partials,
+        empty_partials=mods["attention"].empty_partials,
         KeySketch=mods["sketch"].KeySketch,
     )
 
@@ -494,7 +497,7 @@ def _table_width(case: Case, C: int) -> int:
     return C if case.variable else min(C, SINK_CHUNKS + 2 + _budget(case) // case.S)
 
 
-@pytest.mark.parametrize("split_tokens", [512, 64])
+@pytest.mark.parametrize("split_tokens", [512, 64, 1])   # 1: one chunk per split, the tiered cache's reduction
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("case", CASES)
 def test_sparse_decode_attention(kernels: SimpleNamespace, case: Case, dtype: torch.dtype, split_tokens: int) -> None:
@@ -525,6 +528,31 @@ def test_all_chunks_selected_equals_dense_sdpa(kernels: SimpleNamespace, case: C
                                        x.values[b:b + 1].float(), enable_gqa=True)[:, :, 0]
         for b in range(case.B)])
     assert _attention_error(got, dense) < 2 * ATTN_TOL[dtype]  # SDPA's own fp32 rounding on top
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case", LLAMA_CASES)
+def test_partials_from_a_temporary_pool_give_the_resident_bits(kernels: SimpleNamespace, case: Case,
+                                                               dtype: torch.dtype) -> None:
+    """Compiled: the selection's chunks split between the slot pool and a temporary pool in another
+    order (what an overflowing step reads from the host and disk) combine to the bits of the
+    all-resident call with one chunk per split (placement invariance on CUDA)."""
+    x = _attention_inputs(case, dtype, seed=12)
+    table, counts = _table(x.sel, x.slot_of, _table_width(case, x.C))
+    K = kernels
+    whole = K.sparse_decode_attention(x.q, x.k_pool, x.v_pool, table, counts, x.slot_lens, split_tokens=1,
+                                      backend="triton")
+    n = x.k_pool.shape[0]
+    away = torch.arange(n, device=DEVICE) % 3 == 1
+    moved = away.nonzero().view(-1).flip(0)                       # a different slot order in the temporary pool
+    where = torch.full((n,), -1, dtype=torch.int32, device=DEVICE)
+    where[moved] = torch.arange(len(moved), dtype=torch.int32, device=DEVICE)
+    parts = K.empty_partials(case.B, x.q.shape[1], table.shape[-1], case.D, x.q.device)
+    K.decode_partials(x.q, x.k_pool, x.v_pool, torch.where(away[table.long()], -1, table), counts, x.slot_lens,
+                      parts, backend="triton")
+    K.decode_partials(x.q, x.k_pool[moved].contiguous(), x.v_pool[moved].contiguous(), where[table.long()], counts,
+                      x.slot_lens[moved].contiguous(), parts, backend="triton")
+    assert torch.equal(K.combine_partials(parts, dtype, backend="triton"), whole)
 
 
 @pytest.mark.parametrize("case", [LLAMA_CASES[0]])

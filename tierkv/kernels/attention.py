@@ -19,6 +19,16 @@ Flash-decoding split: the table entries of one (sequence, KV head) are cut into 
 program handles all G query heads of its KV group at once (K/V read once per group) and keeps a
 running max and sum (online softmax) in log2 space; a second kernel combines the splits. Split
 count depends only on shapes, so nothing synchronises with the host.
+
+Placement-invariant reduction (what the tiered cache uses): with one chunk per split
+(``split_tokens <= S``, or ``decode_partials``) split p is table entry p, so its partial is that
+chunk's alone, computed the same way whichever pool the chunk sits in and however many others are
+computed beside it; ``combine_partials`` merges the entries in table order (selected chunk ids
+ascending). A step whose chunks are partly off the device computes the resident entries over the
+slot pool and the others over a temporary pool of the chunks read for that step, into one partials
+buffer, and combines once: the same bits as if every chunk were resident. Cost against 512-token
+splits: ~4x more (smaller) programs, better occupancy at short selections, and (B, Hq, M, D) fp32
+partials written and read once (M selected chunks: a few percent of the K/V the step reads).
 """
 
 from __future__ import annotations
@@ -28,9 +38,11 @@ import math
 import torch
 
 from tierkv.kernels._select import cdiv, jit, next_pow2, pick_backend, tl
-from tierkv.kernels.reference import sparse_decode_attention_ref
+from tierkv.kernels.reference import (Partials, combine_partials_ref, decode_partials_ref, empty_partials,
+                                      sparse_decode_attention_ref)
 
-__all__ = ["sparse_decode_attention", "sparse_decode_attention_fwd"]
+__all__ = ["Partials", "combine_partials", "decode_partials", "empty_partials", "sparse_decode_attention",
+           "sparse_decode_attention_fwd"]
 
 _LOG2E = 1.4426950408889634
 
@@ -96,13 +108,20 @@ def _sparse_attention_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp2(logit - m_i)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    attended = tl.full([], 0, tl.int32)  # entries of this split with a slot (table >= 0)
     for e in range(first, last):
         slot = tl.load(table_ptr + b.to(tl.int64) * s_tb + h * s_th + e * s_tm).to(tl.int64)
+        has_slot = slot >= 0  # -1: the entry's chunk is not in this pool (another call writes it)
+        slot = tl.maximum(slot, 0)
+        attended += has_slot.to(tl.int32)
         m_i, l_i, acc = _attend_slot(
-            q, k_ptr + slot * s_kn + h * s_kh, v_ptr + slot * s_vn + h * s_vh, tl.load(lens_ptr + slot),
+            q, k_ptr + slot * s_kn + h * s_kh, v_ptr + slot * s_vn + h * s_vh,
+            tl.where(has_slot, tl.load(lens_ptr + slot), 0),
             s_ks, s_kd, s_vs, s_vd, offs_d, d_ok, qk_scale, m_i, l_i, acc, BLOCK_S, DOT_PRECISION, UPCAST,
         )
-    g_ok = offs_g < G
+    keep = (offs_g * 0 + attended) > 0  # (BLOCK_G,): a split with no slot leaves its partial as it was
+    g_ok = (offs_g < G) & keep
+    gd_ok = gd_ok & keep[:, None]
     part = b.to(tl.int64) * s_pb + heads * s_ph + split * s_ps  # (BLOCK_G,)
     tl.store(m_ptr + part, m_i, mask=g_ok)
     tl.store(l_ptr + part, l_i, mask=g_ok)
@@ -148,6 +167,38 @@ def _sparse_attention_combine_kernel(
     tl.store(out_ptr + b.to(tl.int64) * s_ob + hq * s_oh + offs_d * s_od, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
+def decode_partials_fwd(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
+    counts: torch.Tensor, slot_lens: torch.Tensor, scale: float, per_split: int, parts: Partials,
+) -> None:
+    """Launch the split kernel: partial of split p (table entries [p * per_split, (p + 1) * per_split))
+    written at position p of ``parts`` (B, Hq, P[, D]); splits without a slot are left untouched."""
+    B, Hq, D = q.shape
+    _, Hkv, S, _ = k_pool.shape
+    m, l, acc = parts
+    upcast = q.device.type == "cpu" and q.dtype == torch.bfloat16
+    _sparse_attention_split_kernel[(B * Hkv, m.shape[-1])](
+        q, k_pool, v_pool, table, counts, slot_lens, m, l, acc,
+        scale * _LOG2E, Hkv, Hq // Hkv, D, per_split,
+        *q.stride(), *k_pool.stride(), *v_pool.stride(), *table.stride(), *counts.stride(),
+        *m.stride(), *acc.stride(),
+        BLOCK_G=max(16, next_pow2(Hq // Hkv)), BLOCK_S=min(64, max(16, next_pow2(S))), BLOCK_D=max(16, next_pow2(D)),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else None, UPCAST=upcast,  # fp32: no TF32
+    )
+
+
+def combine_partials_fwd(parts: Partials, out: torch.Tensor) -> None:
+    """Launch the combine kernel: (B, Hq, P[, D]) partials -> out (B, Hq, D)."""
+    m, l, acc = parts
+    B, Hq, P = m.shape
+    D = out.shape[-1]
+    _sparse_attention_combine_kernel[(B * Hq,)](
+        m, l, acc, out, Hq, D, P,
+        *m.stride(), *acc.stride(), *out.stride(),
+        BLOCK_P=16 if P <= 16 else 32, BLOCK_D=max(16, next_pow2(D)),
+    )
+
+
 def sparse_decode_attention_fwd(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
     counts: torch.Tensor, slot_lens: torch.Tensor, scale: float, split_tokens: int, out: torch.Tensor,
@@ -155,28 +206,11 @@ def sparse_decode_attention_fwd(
     """Launch the split and combine kernels: q (B, Hq, D), k_pool/v_pool (N, Hkv, S, D),
     table (B, Hkv, M), counts (B, Hkv), slot_lens (N,), out (B, Hq, D)."""
     B, Hq, D = q.shape
-    _, Hkv, S, _ = k_pool.shape
-    M = table.shape[-1]
+    S, M = k_pool.shape[2], table.shape[-1]
     per_split = max(1, cdiv(split_tokens, S))
-    n_splits = max(1, cdiv(M, per_split))
-    m = torch.empty(B, Hq, n_splits, dtype=torch.float32, device=q.device)  # (B, Hq, P)
-    l = torch.empty_like(m)
-    acc = torch.empty(B, Hq, n_splits, D, dtype=torch.float32, device=q.device)  # (B, Hq, P, D)
-    BLOCK_D = max(16, next_pow2(D))
-    upcast = q.device.type == "cpu" and q.dtype == torch.bfloat16
-    _sparse_attention_split_kernel[(B * Hkv, n_splits)](
-        q, k_pool, v_pool, table, counts, slot_lens, m, l, acc,
-        scale * _LOG2E, Hkv, Hq // Hkv, D, per_split,
-        *q.stride(), *k_pool.stride(), *v_pool.stride(), *table.stride(), *counts.stride(),
-        *m.stride(), *acc.stride(),
-        BLOCK_G=max(16, next_pow2(Hq // Hkv)), BLOCK_S=min(64, max(16, next_pow2(S))), BLOCK_D=BLOCK_D,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else None, UPCAST=upcast,  # fp32: no TF32
-    )
-    _sparse_attention_combine_kernel[(B * Hq,)](
-        m, l, acc, out, Hq, D, n_splits,
-        *m.stride(), *acc.stride(), *out.stride(),
-        BLOCK_P=16 if n_splits <= 16 else 32, BLOCK_D=BLOCK_D,
-    )
+    parts = empty_partials(B, Hq, max(1, cdiv(M, per_split)), D, q.device)
+    decode_partials_fwd(q, k_pool, v_pool, table, counts, slot_lens, scale, per_split, parts)
+    combine_partials_fwd(parts, out)
 
 
 def _check_attention_args(
@@ -250,3 +284,50 @@ def sparse_decode_attention(
     else:
         out.copy_(sparse_decode_attention_ref(q, k_pool, v_pool, table, counts, slot_lens, scale))
     return out
+
+
+def decode_partials(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    table: torch.Tensor,
+    counts: torch.Tensor,
+    slot_lens: torch.Tensor,
+    parts: Partials,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> None:
+    """Per-chunk softmax partials of decode attention, one per table entry, written into ``parts``.
+
+    Arguments as ``sparse_decode_attention``, except that a table entry may be -1 (its chunk is not
+    in this pool: another call, over another pool, writes it) and that the output is ``parts``
+    (``empty_partials(B, Hq, M, D)``: (B, Hq, M) m and l, (B, Hq, M, D) acc): entry (b, h, e) with
+    e < counts[b, h] and a slot is written at position e for the query heads of KV head h; other
+    positions keep what they hold. An entry's partial depends only on its chunk and its query, not
+    on the pool or the other entries, so partials of one step may come from several calls over
+    several pools (resident slots, chunks read from the host or disk for that step) and
+    ``combine_partials`` then gives the same bits wherever each chunk was.
+    """
+    _check_attention_args(q, k_pool, v_pool, table, counts, slot_lens)
+    B, Hq, D = q.shape
+    if parts.m.shape != (B, Hq, table.shape[-1]) or parts.acc.shape != (B, Hq, table.shape[-1], D):
+        raise ValueError(f"parts must be empty_partials({B}, {Hq}, {table.shape[-1]}, {D}), "
+                         f"got {tuple(parts.m.shape)}, {tuple(parts.acc.shape)}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    tensors = (q, k_pool, v_pool, table, counts, slot_lens)
+    if pick_backend(_sparse_attention_split_kernel, *tensors, backend=backend) == "triton":
+        decode_partials_fwd(q, k_pool, v_pool, table, counts, slot_lens, scale, 1, parts)
+    else:
+        decode_partials_ref(q, k_pool, v_pool, table, counts, slot_lens, scale, parts)
+
+
+def combine_partials(parts: Partials, dtype: torch.dtype, *, backend: str | None = None) -> torch.Tensor:
+    """Merge (B, Hq, P[, D]) partials over P in one fixed order -> (B, Hq, D) in ``dtype``; rows
+    without a token give zeros."""
+    B, Hq, P, D = parts.acc.shape
+    if pick_backend(_sparse_attention_combine_kernel, parts.m, parts.acc, backend=backend) == "triton":
+        out = torch.empty((B, Hq, D), dtype=dtype, device=parts.m.device)
+        combine_partials_fwd(parts, out)
+        return out
+    return combine_partials_ref(parts).to(dtype)

@@ -3,7 +3,8 @@
 Why this module exists: each Triton kernel in ``tierkv.kernels`` is checked against the function
 here, and these functions are also the production path where Triton cannot run (CPU-only
 machines, no triton installed). So they are vectorised (no Python loops over chunks or tokens),
-stay on the tensors' device, and never synchronise with the host. They import nothing from Triton.
+stay on the tensors' device, and never synchronise with the host (``decode_partials_ref``, which
+computes only the entries it writes, once). They import nothing from Triton.
 
 Shapes: B batch, Hq query heads, Hkv KV heads (G = Hq // Hkv query heads per KV head), T tokens,
 D head dim, C chunks, N pool slots, S slot capacity in tokens, M table width (max selected).
@@ -16,8 +17,13 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
+    "Partials",
     "Selection",
     "chunk_abstract_ref",
+    "chunk_partials_ref",
+    "combine_partials_ref",
+    "decode_partials_ref",
+    "empty_partials",
     "abstract_append_ref",
     "chunk_scores_ref",
     "select_chunks_ref",
@@ -175,6 +181,96 @@ def select_chunks_ref(
     return Selection(mask, ids, mask.sum(-1, dtype=torch.int32))
 
 
+class Partials(NamedTuple):
+    """Per-chunk softmax partials of decode attention, fp32, one entry per table position.
+
+    m:   (B, Hq, P) running max of the entry's logits (scaled; -inf: no token).
+    l:   (B, Hq, P) sum of exp(logit - m) over the entry's tokens.
+    acc: (B, Hq, P, D) sum of exp(logit - m) * v.
+    """
+
+    m: torch.Tensor
+    l: torch.Tensor
+    acc: torch.Tensor
+
+
+def empty_partials(B: int, Hq: int, P: int, D: int, device: torch.device) -> Partials:
+    """Partials of entries no token reached (-inf, 0, 0): what unwritten table positions hold."""
+    m = torch.full((B, Hq, P), float("-inf"), dtype=torch.float32, device=device)
+    return Partials(m, torch.zeros_like(m), torch.zeros((B, Hq, P, D), dtype=torch.float32, device=device))
+
+
+def chunk_partials_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The softmax partial of each chunk, alone: q (N, G, D), k/v (N, S, D), lens (N,) valid tokens.
+
+    Returns m, l (N, G) and acc (N, G, D) in fp32. Entry n depends only on q[n], k[n], v[n],
+    lens[n]: a batched fp32 matmul per entry (``torch.bmm``, each product of the same (G, D) x (D, S)
+    shape), never a product over several entries' keys, so an entry's bits do not depend on how
+    many chunks are computed at once or where they sit in the batch (``test_kernels_attention``
+    checks it). That is what makes the tiered cache's result independent of KV placement.
+    """
+    valid = torch.arange(k.shape[1], device=k.device) < lens.view(-1, 1)  # (N, S)
+    kf = k.float().masked_fill(~valid[..., None], 0.0)  # unused slot space may hold NaN
+    vf = v.float().masked_fill(~valid[..., None], 0.0)
+    logits = torch.bmm(q.float(), kf.transpose(1, 2)) * scale  # (N, G, S)
+    logits.masked_fill_(~valid[:, None], float("-inf"))
+    m = logits.amax(-1)  # (N, G)
+    peak = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = logits.sub_(peak[..., None]).exp_()  # masked tokens -> 0
+    return m, p.sum(-1), torch.bmm(p, vf)
+
+
+def combine_partials_ref(parts: Partials) -> torch.Tensor:
+    """One fixed reduction over the entry axis P: (B, Hq, P[, D]) partials -> (B, Hq, D) fp32.
+
+    Rows whose entries hold no token give zeros.
+    """
+    peak = parts.m.amax(-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    w = torch.exp(parts.m - peak)  # (B, Hq, P); empty entries -> 0
+    den = (w * parts.l).sum(-1)  # (B, Hq)
+    num = (w[..., None] * parts.acc).sum(-2)  # (B, Hq, D)
+    return num / den.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+
+
+def _entry_inputs(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_lens: torch.Tensor,
+    b: torch.Tensor, h: torch.Tensor, slots: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """Per-entry chunk_partials_ref inputs for entries (b[n], KV head h[n], pool slot slots[n])."""
+    B, Hq, D = q.shape
+    Hkv = k_pool.shape[1]
+    qg = q.view(B, Hkv, Hq // Hkv, D)[b, h]  # (N, G, D)
+    return qg, k_pool[slots, h], v_pool[slots, h], slot_lens[slots]
+
+
+def decode_partials_ref(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor, counts: torch.Tensor,
+    slot_lens: torch.Tensor, scale: float, parts: Partials,
+) -> None:
+    """Write the partial of each table entry (b, h, e) with e < counts[b, h] and table[b, h, e] >= 0
+    into ``parts`` at position e (query heads of KV head h); other positions are left as they are.
+
+    q (B, Hq, D); k_pool/v_pool (N, Hkv, S, D); table (B, Hkv, M) slot ids (-1: skip); counts (B, Hkv).
+    Only the written entries are computed (their indices are found with ``nonzero``: on CUDA this
+    synchronises once; the Triton kernel is used there).
+    """
+    B, Hq, _ = q.shape
+    Hkv, M = table.shape[1], table.shape[2]
+    G = Hq // Hkv
+    ok = (torch.arange(M, device=q.device) < counts.view(B, Hkv, 1)) & (table >= 0)  # (B, Hkv, M)
+    b, h, e = ok.nonzero(as_tuple=True)
+    if b.numel() == 0:
+        return
+    m, l, acc = chunk_partials_ref(*_entry_inputs(q, k_pool, v_pool, slot_lens, b, h, table[b, h, e].long()), scale)
+    heads = h[:, None] * G + torch.arange(G, device=q.device)  # (N, G) query heads
+    parts.m[b[:, None], heads, e[:, None]] = m
+    parts.l[b[:, None], heads, e[:, None]] = l
+    parts.acc[b[:, None], heads, e[:, None]] = acc
+
+
 def sparse_decode_attention_ref(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -189,25 +285,21 @@ def sparse_decode_attention_ref(
     q: (B, Hq, D); k_pool, v_pool: (N, Hkv, S, D); table: (B, Hkv, M) int slot ids, entries at
     or past counts[b, h] ignored; counts: (B, Hkv) int; slot_lens: (N,) int valid tokens per slot.
     Rows with no token at all give zeros. Returns (B, Hq, D) in the dtype of q.
+
+    Every entry's partial comes from ``chunk_partials_ref`` (all M entries at once, those past the
+    count as empty chunks: no host sync) and one ``combine_partials_ref`` merges them, so this
+    equals ``decode_partials_ref`` into ``empty_partials`` then ``combine_partials_ref``, bit for bit.
     """
     B, Hq, D = q.shape
-    _, Hkv, S, _ = k_pool.shape
-    M = table.shape[-1]
-    slots = table.clamp(min=0).long()  # (B, Hkv, M)
-    heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1)
-    k = k_pool[slots, heads].reshape(B, Hkv, M * S, D).float()  # (B, Hkv, M*S, D)
-    v = v_pool[slots, heads].reshape(B, Hkv, M * S, D).float()
-    in_table = torch.arange(M, device=q.device) < counts.view(B, Hkv, 1)  # (B, Hkv, M)
-    in_slot = torch.arange(S, device=q.device) < slot_lens[slots].unsqueeze(-1)  # (B, Hkv, M, S)
-    valid = (in_table.unsqueeze(-1) & in_slot).view(B, Hkv, 1, M * S)
-    k = k.masked_fill(~valid.view(B, Hkv, M * S, 1), 0.0)  # unused slot space may hold NaN
-    v = v.masked_fill(~valid.view(B, Hkv, M * S, 1), 0.0)
-    qg = q.float().view(B, Hkv, Hq // Hkv, D)  # (B, Hkv, G, D)
-    logits = torch.einsum("bhgd,bhtd->bhgt", qg, k) * scale  # (B, Hkv, G, M*S)
-    logits = logits.masked_fill(~valid, float("-inf"))
-    peak = logits.amax(-1, keepdim=True)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    p = torch.exp(logits - peak)  # masked entries -> 0
-    denom = p.sum(-1, keepdim=True)
-    out = torch.einsum("bhgt,bhtd->bhgd", p, v) / denom.clamp_min(torch.finfo(torch.float32).tiny)
-    return out.reshape(B, Hq, D).to(q.dtype)
+    Hkv, M = table.shape[1], table.shape[2]
+    G = Hq // Hkv
+    slots = table.clamp(min=0).long().reshape(-1)  # (B*Hkv*M,)
+    b = torch.arange(B, device=q.device).repeat_interleave(Hkv * M)
+    h = torch.arange(Hkv, device=q.device).repeat_interleave(M).repeat(B)
+    qg, k, v, lens = _entry_inputs(q, k_pool, v_pool, slot_lens, b, h, slots)
+    in_table = (torch.arange(M, device=q.device) < counts.view(B, Hkv, 1)).reshape(-1)
+    m, l, acc = chunk_partials_ref(qg, k, v, lens * in_table, scale)  # (B*Hkv*M, G[, D])
+    parts = Partials(m.view(B, Hkv, M, G).transpose(2, 3).reshape(B, Hq, M),
+                     l.view(B, Hkv, M, G).transpose(2, 3).reshape(B, Hq, M),
+                     acc.view(B, Hkv, M, G, D).transpose(2, 3).reshape(B, Hq, M, D))
+    return combine_partials_ref(parts).to(q.dtype)

@@ -2,8 +2,9 @@
 
 Why this module exists: a slot holds a chunk for every KV head, so the device must hold the union
 of the KV heads' selections. When it cannot, the slots keep as much of the union as they hold and
-the rest is read for that step only, in large groups on several reader threads, and combined
-exactly (over the selected (chunk, KV head) pairs) with the online softmax of ``streamed``.
+the rest is read for that step only, in large groups on several reader threads, and every selected
+(chunk, KV head) pair gets the per-chunk partial the all-resident kernel computes, combined the
+same way: the step's output does not depend on which chunks were on the device.
 """
 
 from __future__ import annotations
@@ -12,34 +13,38 @@ from typing import Mapping, Sequence
 
 import torch
 
+from tierkv.kernels import Partials, Selection, combine_partials, decode_partials, empty_partials
 from tierkv.pipeline.kv.layer import Fetch, LayerKV
-from tierkv.pipeline.kv.moves import evict, finish_fetch, load_into, poll_fetches, start_fetches
+from tierkv.pipeline.kv.moves import evict, finish_fetch, poll_fetches, start_fetches
 from tierkv.pipeline.kv.state import CacheState
-from tierkv.pipeline.kv.streamed import OnlineSoftmax
+from tierkv.pipeline.kv.streamed import read_cold
 from tierkv.pipeline.kv.table import ChunkKey, KVBudgetError, Tier
-from tierkv.pipeline.kv.workers import STREAM_THREADS, KVMove, complete, settle
+from tierkv.pipeline.kv.workers import KVMove, complete, settle
 
 __all__ = ["decode_overflow", "overflow_order"]
 
 STREAM_BYTES = 32 << 20          # cap on the K/V a sparse step that overflows the device streams at once
-Group = tuple[list[KVMove], torch.Tensor, torch.Tensor, torch.Tensor]   # moves, k, v, key_ok
+Group = tuple[list[KVMove], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]   # moves, k, v, lens, where
 
 
-def decode_overflow(st: CacheState, kv: LayerKV, q: torch.Tensor, picked: Mapping[ChunkKey, int]) -> torch.Tensor:
+def decode_overflow(st: CacheState, kv: LayerKV, q: torch.Tensor, picked: Mapping[ChunkKey, int],
+                    sel: Selection) -> torch.Tensor:
     """Sparse attention when the union of the KV heads' selections exceeds the resident slots.
 
-    ``picked`` maps each needed chunk to the KV heads that selected it (bit h = head h). As
-    many needed chunks as the resident slots hold become resident (``overflow_order`` says
-    which), evicting only chunks the step does not need; the rest, the remainder, is read from
-    the host or disk for this step only and never placed.
+    ``picked`` maps each needed chunk to the KV heads that selected it (bit h = head h); ``sel`` is
+    the step's selection (its ``ids`` table, as the attention kernel gets it). As many needed
+    chunks as the resident slots hold become resident (``overflow_order`` says which), evicting
+    only chunks the step does not need; the rest, the remainder, is read from the host or disk for
+    this step only and never placed.
 
-    An fp32 online softmax folds the needed chunks already resident (each KV head through a slot
-    table of the chunks it selected, as the attention kernel reads them) while reader threads
-    fetch the new resident chunks and read the remainder; then the fetched chunks; then the
-    remainder, one fold per group. A group is one K/V buffer (B, Hkv, n*S, D) of up to
-    ``STREAM_BYTES // 2`` that ``STREAM_THREADS`` jobs fill in parallel straight from host buffers
-    and disk records; the next group is read while one is folded. Groups bypass the scratch slots
-    (a couple of chunks each: every wave would cost a reader round trip and a fold of its own).
+    The output is the all-resident kernel's, bit for bit: each table entry's partial comes from
+    ``kernels.decode_partials`` (the needed chunks already resident, over the slot pool, while
+    reader threads fetch the new resident chunks and read the remainder; then the fetched chunks;
+    then the remainder, one call per group over the group's own pool) into one partials buffer,
+    merged once by ``combine_partials`` in table order. A group is one pool (B*n, Hkv, S, D) of up
+    to ``STREAM_BYTES // 2`` that ``STREAM_THREADS`` jobs fill in parallel straight from host
+    buffers and disk records; the next group is read while one is computed. Groups bypass the
+    scratch slots (a couple of chunks each: every wave would cost a reader round trip of its own).
     They are transient activations: two groups in flight stay within half the attention scratch.
     """
     st.c.overflow_steps += 1
@@ -49,34 +54,34 @@ def decode_overflow(st: CacheState, kv: LayerKV, q: torch.Tensor, picked: Mappin
     fetches = _fit_resident(st, kv, order)
     rest = sorted((key for key in order if kv.slot_of(key) is None),
                   key=lambda key: (kv.table.tier_of(key) is Tier.DISK, key.seq, key.chunk))
-    state = OnlineSoftmax(q, st.kv_heads, st.scratch_bytes)
+    b, hq, _, d = q.shape
+    parts = empty_partials(b, hq, sel.ids.shape[-1], d, st.device)
     todo = _stream_groups(st, kv, rest)
     inflight: list[Group] = []
 
     def submit() -> None:
         if todo:
-            inflight.append(_submit_group(st, kv, todo.pop(0), picked))
+            inflight.append(_submit_group(st, kv, todo.pop(0)))
 
     kv.table.pin(rest)
     try:
         submit()
-        submit()                                        # double-buffered: read group i+1 while folding i
+        submit()                                        # double-buffered: read group i+1 while computing i
         fetched = {key for f in fetches for key in f.keys}
-        _fold_slots(st, state, kv, [key for key in order if kv.slot_of(key) is not None and key not in fetched],
-                    picked)
+        _slot_partials(st, kv, q, sel, parts,
+                       [key for key in order if kv.slot_of(key) is not None and key not in fetched])
         for f in fetches:
             finish_fetch(st, kv, f)
-        _fold_slots(st, state, kv, [key for f in fetches for key in f.keys], picked)
+        _slot_partials(st, kv, q, sel, parts, [key for f in fetches for key in f.keys])
         while inflight:
-            moves, k, v, key_ok = inflight.pop(0)
+            moves, k, v, lens, where = inflight.pop(0)
             complete(st.mover, moves)
-            state.fold(k, v, key_ok)
+            _partials(q, sel, parts, k, v, lens, where)
             submit()
     finally:
         settle(st.mover, [m for group in inflight for m in group[0]])
         kv.table.unpin(rest)
-    st.c.streamed_chunks += len(rest)
-    return state.result()
+    return combine_partials(parts, q.dtype).unsqueeze(2)
 
 
 def overflow_order(kv: LayerKV, picked: Mapping[ChunkKey, int]) -> list[ChunkKey]:
@@ -111,28 +116,26 @@ def _fit_resident(st: CacheState, kv: LayerKV, order: Sequence[ChunkKey]) -> lis
     return []
 
 
-def _fold_slots(st: CacheState, state: OnlineSoftmax, kv: LayerKV, keys: Sequence[ChunkKey],
-                picked: Mapping[ChunkKey, int]) -> None:
-    """Fold resident chunks into ``state``; each KV head reads only the chunks it selected."""
+def _partials(q: torch.Tensor, sel: Selection, parts: Partials, k_pool: torch.Tensor, v_pool: torch.Tensor,
+              lens: torch.Tensor, where: torch.Tensor) -> None:
+    """Write the partials of the table entries whose chunk ``where`` (B, C) places in this pool (slot
+    id; -1: elsewhere). q (B, Hq, 1, D); k_pool/v_pool (N, Hkv, S, D); lens (N,)."""
+    b, h, m = sel.ids.shape
+    table = where.gather(1, sel.ids.clamp(min=0).long().reshape(b, h * m)).view(b, h, m)
+    decode_partials(q[:, :, 0], k_pool, v_pool, table, sel.counts, lens, parts)
+
+
+def _slot_partials(st: CacheState, kv: LayerKV, q: torch.Tensor, sel: Selection, parts: Partials,
+                   keys: Sequence[ChunkKey]) -> None:
+    """Partials of the entries of resident chunks ``keys``, read from their slots."""
     if not keys:
         return
-    b, h, s, d = st.batch, st.kv_heads, kv.geo.chunk_tokens, st.head_dim
-    rows: list[list[list[int]]] = [[[] for _ in range(h)] for _ in range(b)]
+    where = torch.full((st.batch, kv.n_chunks), -1, dtype=torch.int64)
     for key in keys:
-        slot, bits = kv.slot_of(key), picked[key]
+        slot = kv.slot_of(key)
         assert slot is not None, f"{key} is not resident"
-        for j in range(h):
-            if bits >> j & 1:
-                rows[key.seq][j].append(slot)
-    m = max(len(r) for row in rows for r in row)
-    table = torch.tensor([[r + [-1] * (m - len(r)) for r in row] for row in rows],
-                         device=st.device)                                          # (B, Hkv, m) slots
-    slots = table.clamp(min=0)
-    heads = torch.arange(h, device=st.device).view(1, h, 1)
-    k = kv.k_pool[slots, heads].view(b, h, m * s, d)                               # (B, Hkv, m*S, D)
-    v = kv.v_pool[slots, heads].view(b, h, m * s, d)
-    key_ok = (torch.arange(s, device=st.device) < kv.slot_lens[slots][..., None]) & (table >= 0)[..., None]
-    state.fold(k, v, key_ok.view(b, h, m * s))
+        where[key.seq, key.chunk] = slot
+    _partials(q, sel, parts, kv.k_pool, kv.v_pool, kv.slot_lens, where.to(st.device))
 
 
 def _stream_groups(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey]) -> list[list[list[ChunkKey]]]:
@@ -146,36 +149,23 @@ def _stream_groups(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey]) -> lis
     return [[row[lo:lo + n] for row in per_seq] for lo in range(0, longest, n)]
 
 
-def _submit_group(st: CacheState, kv: LayerKV, rows: Sequence[Sequence[ChunkKey]],
-                  picked: Mapping[ChunkKey, int]) -> Group:
-    """Start copying a group of host/disk chunks into one K/V (B, Hkv, n*S, D), split over the
-    stream threads (disk reads round-robin, so they run in parallel).
+def _submit_group(st: CacheState, kv: LayerKV, rows: Sequence[Sequence[ChunkKey]]) -> Group:
+    """Start copying a group of host/disk chunks into a pool of its own, split over the stream threads.
 
-    Returns (moves, k, v, key_ok (B, Hkv, n*S)): key_ok marks the tokens each KV head selected.
+    Returns (moves, k, v, lens, where): the pool k/v (B*n, Hkv, S, D) (row i's j-th chunk in slot
+    i*n + j), its slots' tokens (B*n,) and where (B, C) each chunk of the layer is in it (-1: not).
     """
     b, h, s, d = st.batch, st.kv_heads, kv.geo.chunk_tokens, st.head_dim
     n = max(len(row) for row in rows)
-    k = torch.empty((b, h, n, s, d), dtype=st.dtype, device=st.device)
+    k = torch.empty((b * n, h, s, d), dtype=st.dtype, device=st.device)
     v = torch.empty_like(k)
-    host, disk = [], []
+    lens = torch.zeros(b * n, dtype=torch.int32)
+    where = torch.full((b, kv.n_chunks), -1, dtype=torch.int64)
+    items = []
     for i, row in enumerate(rows):
         for j, key in enumerate(row):
-            (host if kv.table.tier_of(key) is Tier.HOST else disk).append((i, j, key))
-        v[i, :, len(row):].zero_()          # K there is masked; V must hold no NaN (0 * NaN)
-    assert all(kv.table.tier_of(key) is Tier.DISK for *_, key in disk), "only host and disk chunks stream"
-    st.c.host_read_bytes += len(host) * kv.geo.cold_bytes
-    st.c.disk_read_bytes += len(disk) * kv.geo.cold_bytes
-    st.c.decode_read_bytes += (len(host) + len(disk)) * kv.geo.cold_bytes
-    moves = load_into(st, kv, [(key, kv.host_buf(key)) for *_, key in host], [],
-                      [(k[i, :, j], v[i, :, j]) for i, j, _ in host], [])
-    parts = max(1, min(STREAM_THREADS, len(disk)))
-    for t in range(parts):                  # disk reads round-robin over the stream threads
-        part = disk[t::parts]
-        moves += load_into(st, kv, [], [key for *_, key in part], [],
-                           [(k[i, :, j], v[i, :, j]) for i, j, _ in part])
-    sel = [[[bool(picked[key] >> j & 1) for key in row] + [False] * (n - len(row)) for j in range(h)]
-           for row in rows]                                                                  # (B, Hkv, n)
-    lens = [[kv.table.tokens_of(key) for key in row] + [0] * (n - len(row)) for row in rows]  # (B, n)
-    key_ok = ((torch.arange(s, device=st.device) < torch.tensor(lens, device=st.device)[:, None, :, None])
-              & torch.tensor(sel, device=st.device)[..., None])                           # (B, Hkv, n, S)
-    return moves, k.view(b, h, n * s, d), v.view(b, h, n * s, d), key_ok.view(b, h, n * s)
+            items.append((key, (k[i * n + j], v[i * n + j])))
+            lens[i * n + j] = kv.table.tokens_of(key)
+            where[key.seq, key.chunk] = i * n + j
+    moves = read_cold(st, kv, items)
+    return moves, k, v, lens.to(st.device), where.to(st.device)

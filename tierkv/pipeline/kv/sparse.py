@@ -5,7 +5,9 @@ kept) against the query on the device, selects chunks within ``kv_budget`` token
 and recent chunks, makes the selection resident (evicting others) and runs the slot-pool attention
 kernel through a chunk table. Scoring and selection never synchronise with the host; reading the
 selection back to fetch misses does, once per layer, and only when a chunk is off the device. A
-selection the slots cannot hold goes to ``overflow``; exact decode reads every chunk.
+selection the slots cannot hold goes to ``overflow``, which computes the same per-chunk partials and
+the same combine (so the bits do not depend on placement); exact decode reads every chunk
+(``streamed``).
 """
 
 from __future__ import annotations
@@ -42,11 +44,6 @@ def decode(st: CacheState, kv: LayerKV, q: torch.Tensor, positions: torch.Tensor
         st.c.sparse_layer_steps += 1
         return _decode_sparse(st, kv, q)
     st.c.exact_layer_steps += 1
-    if window_tokens is None and kv.all_resident() and kv.prefetched is None:
-        c, h = kv.n_chunks, st.kv_heads
-        ids = torch.arange(c, dtype=torch.int32, device=st.device).expand(st.batch, h, c)
-        counts = torch.full((st.batch, h), c, dtype=torch.int32, device=st.device)
-        return _kernel(kv, q, ids, counts)
     return attend_streamed(st, kv, q, positions, kv.tokens - 1, window_tokens)
 
 
@@ -74,7 +71,7 @@ def _decode_sparse(st: CacheState, kv: LayerKV, q: torch.Tensor) -> torch.Tensor
     count_speculation(st, kv, needed)
     if len(needed) <= kv.geo.resident_slots and _make_resident(st, kv, needed):
         return _kernel(kv, q, sel.ids, sel.counts)
-    return decode_overflow(st, kv, q, picked)
+    return decode_overflow(st, kv, q, picked, sel)
 
 
 def head_words(mask: torch.Tensor) -> torch.Tensor:
@@ -113,10 +110,15 @@ def select(st: CacheState, kv: LayerKV, q0: torch.Tensor) -> Selection:
 
 
 def _kernel(kv: LayerKV, q: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Decode attention through the slot pool: ids (B, Hkv, M) chunk ids -> (B, Hq, 1, D)."""
+    """Decode attention through the slot pool: ids (B, Hkv, M) chunk ids -> (B, Hq, 1, D).
+
+    One chunk per split (``split_tokens=1``): per-chunk partials and one combine over the table,
+    the reduction ``overflow.decode_overflow`` reproduces when part of the selection is off the device.
+    """
     b, h, m = ids.shape
     table = kv.slot_map.gather(1, ids.clamp(min=0).long().reshape(b, h * m)).view(b, h, m)   # slot ids
-    return sparse_decode_attention(q[:, :, 0], kv.k_pool, kv.v_pool, table, counts, kv.slot_lens).unsqueeze(2)
+    return sparse_decode_attention(q[:, :, 0], kv.k_pool, kv.v_pool, table, counts, kv.slot_lens,
+                                   split_tokens=1).unsqueeze(2)
 
 
 def _make_resident(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey]) -> bool:
