@@ -13,7 +13,7 @@ package never requires Triton. Tests run the Triton kernels on the CPU by settin
 
 from tierkv.kernels.abstract import abstract_append, chunk_abstract
 from tierkv.kernels.attention import sparse_decode_attention
-from tierkv.kernels.importance import Selection, chunk_scores, select_chunks
+from tierkv.kernels.importance import Selection, chunk_scores, select_chunks, sketch_candidates
 from tierkv.kernels.sketch import KeySketch, encode_keys
 
 __all__ = [
@@ -24,5 +24,6 @@ __all__ = [
     "chunk_scores",
     "encode_keys",
     "select_chunks",
+    "sketch_candidates",
     "sparse_decode_attention",
 ]

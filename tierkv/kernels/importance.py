@@ -23,6 +23,15 @@ Selection rule (per sequence and KV head, all on the device, no host synchronisa
    their tokens stays within ``budget_tokens`` minus the forced tokens; selection stops at the
    first chunk that does not fit (a prefix of the ranking, so the result never exceeds the budget
    and is the same on every backend; it does not skip a big chunk to fit a smaller one after it).
+Two stages with the key sketch (``tierkv.kernels.sketch``): the min/max bound above is cheap (two
+small matmuls over the abstracts) and ranks every chunk; only the best ``candidates`` coded chunks
+per (sequence, KV head) are then scored by the sketch's token-level bound, and the other coded
+chunks score -inf: pruned, never selected over a sketched one. ``sketch_candidates`` sizes the
+pool: ``SKETCH_CANDIDATE_FACTOR`` times the chunks the budget holds, plus the forced chunks. The
+candidates are a ``topk`` on the device (no host sync). A pruned chunk's min/max bound is below
+that of every candidate, so it can only matter when the min/max bound mis-ranks it by more than
+the factor; the sketch pass then costs ~factor x the budget's share of a q.K pass, not a full one.
+
 The Triton kernel runs one program per (sequence, KV head) and computes each chunk's rank as a
 pairwise count (no sort): O(C^2) comparisons per row, about 4M at C = 2048, and writes mask,
 compact ids and counts in one launch. The torch reference sorts instead.
@@ -36,7 +45,20 @@ from tierkv.kernels._select import cdiv, jit, next_pow2, pick_backend, tl
 from tierkv.kernels.reference import Selection, chunk_scores_ref, select_chunks_ref
 from tierkv.kernels.sketch import KeySketch, sketch_scores
 
-__all__ = ["Selection", "chunk_scores", "chunk_scores_fwd", "select_chunks", "select_chunks_fwd"]
+__all__ = ["SKETCH_CANDIDATE_FACTOR", "Selection", "chunk_scores", "chunk_scores_fwd", "select_chunks",
+           "select_chunks_fwd", "sketch_candidates"]
+
+SKETCH_CANDIDATE_FACTOR = 4     # sketch-scored chunks per chunk the budget holds (the rest pruned by min/max)
+
+
+def sketch_candidates(budget_tokens: int, chunk_tokens: int, forced_chunks: int) -> int:
+    """Chunks per (sequence, KV head) the sketch scores: ``SKETCH_CANDIDATE_FACTOR`` x the chunks of
+    ``chunk_tokens`` that ``budget_tokens`` holds (at least one), plus the ``forced_chunks`` (sinks,
+    recent window) that may rank among them."""
+    if chunk_tokens < 1 or budget_tokens < 0 or forced_chunks < 0:
+        raise ValueError(f"need chunk_tokens >= 1 and budget_tokens, forced_chunks >= 0, "
+                         f"got {chunk_tokens}, {budget_tokens}, {forced_chunks}")
+    return SKETCH_CANDIDATE_FACTOR * max(1, -(-budget_tokens // chunk_tokens)) + forced_chunks
 
 
 @jit
@@ -99,6 +121,7 @@ def chunk_scores(
     kmax: torch.Tensor,
     *,
     sketch: KeySketch | None = None,
+    candidates: int | None = None,
     n_chunks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     backend: str | None = None,
@@ -111,6 +134,9 @@ def chunk_scores(
     sketch:     optional 2-bit key codes of the first ``sketch.coded`` chunks (``tierkv.kernels.sketch``):
                 those chunks get the tighter token-level bound (max over their keys), the rest
                 the min/max bound. None = the min/max bound everywhere.
+    candidates: with ``sketch``, how many coded chunks per (sequence, KV head) get the sketch bound:
+                those with the highest min/max bound (``sketch_candidates``); the other coded chunks
+                score -inf (pruned). None = every coded chunk is sketched (no pruning).
     n_chunks:   optional (B,) int, chunks per sequence (ragged batches); later chunks score -inf.
     out:        optional (B, Hkv, C) float32 buffer.
     Returns (B, Hkv, C) float32 scores.
@@ -138,10 +164,25 @@ def chunk_scores(
     else:
         out.copy_(chunk_scores_ref(q, kmin, kmax, n_chunks))
     if sketch is not None:
-        sketch_scores(q, kmin, kmax, sketch, out, backend=backend)
+        _sketch_stage(q, kmin, kmax, sketch, candidates, out, backend)
         if n_chunks is not None:  # chunks past a ragged sequence's end stay out of every selection
             out.masked_fill_(torch.arange(C, device=q.device) >= n_chunks.view(B, 1, 1), float("-inf"))
     return out
+
+
+def _sketch_stage(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sketch: KeySketch,
+                  candidates: int | None, out: torch.Tensor, backend: str | None) -> None:
+    """Second stage: the sketch bound for every coded chunk, or for the ``candidates`` best of them
+    by the min/max bound already in ``out`` (B, Hkv, C), the others set to -inf."""
+    if candidates is not None and candidates < 0:
+        raise ValueError(f"candidates must be >= 0 (or None for every coded chunk), got {candidates}")
+    coded = sketch.coded
+    if candidates is None or candidates >= coded:
+        sketch_scores(q, kmin, kmax, sketch, out, backend=backend)
+        return
+    ids = out[:, :, :coded].topk(candidates, dim=-1, sorted=False).indices      # (B, Hkv, K) int64
+    out[:, :, :coded] = float("-inf")
+    sketch_scores(q, kmin, kmax, sketch, out, ids=ids, backend=backend)
 
 
 @jit

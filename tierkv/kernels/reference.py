@@ -97,35 +97,55 @@ def chunk_scores_ref(
     return scores
 
 
+def _code_lut(device: torch.device) -> torch.Tensor:
+    """(256, 4) float32: the four 2-bit codes of each byte value, bit pair i in column i."""
+    byte = torch.arange(256, device=device, dtype=torch.int32).view(256, 1)
+    return ((byte >> (2 * torch.arange(4, device=device, dtype=torch.int32))) & 3).float()
+
+
+def _gathered(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """t (B, Hkv, C, *rest) at chunk ids (B, Hkv, K) -> (B, Hkv, K, *rest)."""
+    B, H, K = ids.shape
+    rest = t.shape[3:]
+    index = ids.long().view(B, H, K, *([1] * len(rest))).expand(B, H, K, *rest)
+    return t.gather(2, index)
+
+
 def sketch_scores_ref(
-    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor, sizes: torch.Tensor
+    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor, sizes: torch.Tensor,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token-level upper bound of q.k from 2-bit key codes, max over each chunk's keys and each KV group.
 
-    q: (B, Hq, D); kmin, kmax: (B, Hkv, n, D); codes: (B, Hkv, n, S, P) uint8 (channel d = i*P + j
-    in bits 2i..2i+1 of byte j, see ``tierkv.kernels.sketch``); sizes: (B, n) int, keys per chunk.
-    Returns (B, Hkv, n) float32: max over keys and query heads of q.kmin + relu(q).w + (q*w).code.
-    The codes are unpacked in blocks of chunks (~1M values each): the one loop in this module,
-    because a whole-context float copy of the codes costs more in page faults than the arithmetic.
+    q: (B, Hq, D); kmin, kmax: (B, Hkv, C, D); codes: (B, Hkv, C, S, P) uint8 (channel d = i*P + j
+    in bits 2i..2i+1 of byte j, see ``tierkv.kernels.sketch``); sizes: (B, C) int, keys per chunk.
+    ids: None scores chunks 0..C-1 (returns (B, Hkv, C)); (B, Hkv, K) int scores the chunks each KV
+    head lists (returns (B, Hkv, K), entry k for chunk ids[b, h, k]).
+    Value: max over keys and query heads of q.kmin + relu(q).w + (q*w).code, float32. Codes unpack
+    through one 256-entry table (a gather, not four shift/mask passes), in blocks of chunks (~1M
+    values each): a whole-context float copy of the codes costs more in page faults than the math.
     """
     B, Hq, D = q.shape
-    H, n, S, P = codes.shape[1], codes.shape[2], codes.shape[3], codes.shape[4]
+    H, S, P = codes.shape[1], codes.shape[3], codes.shape[4]
     G = Hq // H
+    sizes = sizes.to(q.device).view(B, 1, -1).expand(B, H, sizes.shape[-1])       # (B, Hkv, C)
+    if ids is not None:
+        kmin, kmax, codes, sizes = (_gathered(t, ids) for t in (kmin, kmax, codes, sizes))
+    n = codes.shape[2]
     qg = q.float().view(B, H, G, D)                                               # (B, Hkv, G, D)
-    lo = kmin.float()
-    w = (kmax.float() - lo) * 0.25                                                 # (B, Hkv, n, D)
-    base = torch.einsum("bhgd,bhnd->bhng", qg, lo) + torch.einsum("bhgd,bhnd->bhng", qg.clamp(min=0), w)
+    lo = kmin[:, :, :n].float()
+    w = (kmax[:, :, :n].float() - lo) * 0.25                                      # (B, Hkv, n, D)
+    base = torch.matmul(lo, qg.transpose(-1, -2)) + torch.matmul(w, qg.clamp(min=0).transpose(-1, -2))  # (.., n, G)
     qw = torch.nn.functional.pad(qg.unsqueeze(2) * w.unsqueeze(3), (0, 4 * P - D))  # (B, Hkv, n, G, 4P)
-    valid = torch.arange(S, device=q.device) < sizes.view(B, 1, n, 1, 1).to(q.device)  # (B, 1, n, 1, S)
+    qw = qw.view(B, H, n, G, 4, P).transpose(-1, -2).reshape(B, H, n, G, 4 * P)   # channel i*P+j at 4j+i
+    lut = _code_lut(q.device)
+    valid = torch.arange(S, device=q.device) < sizes[:, :, :n, None, None]         # (B, Hkv, n, 1, S)
     best = torch.empty(B, H, n, G, device=q.device)
     step = max(1, (1 << 20) // max(1, B * H * S * 4 * P))
-    unpacked = torch.empty(B, H, min(step, n), S, 4, P, device=q.device)          # (B, Hkv, blk, S, 4, P)
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
-        block, part = codes[:, :, c0:c1], unpacked[:, :, :c1 - c0]
-        for i in range(4):  # the four bit pairs: contiguous channel blocks i*P .. i*P + P - 1
-            part[..., i, :] = (block >> (2 * i)) & 3
-        tok = torch.matmul(qw[:, :, c0:c1], part.view(B, H, c1 - c0, S, 4 * P).transpose(-1, -2))  # (.., G, S)
+        vals = torch.nn.functional.embedding(codes[:, :, c0:c1].int(), lut)       # (B, Hkv, blk, S, P, 4)
+        tok = torch.matmul(qw[:, :, c0:c1], vals.view(B, H, c1 - c0, S, 4 * P).transpose(-1, -2))  # (.., G, S)
         best[:, :, c0:c1] = tok.masked_fill_(~valid[:, :, c0:c1], float("-inf")).amax(dim=-1)
     return (best + base).amax(dim=-1)
 

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from tierkv.kernels import KeySketch, Selection, chunk_scores, select_chunks, sparse_decode_attention
+from tierkv.kernels import KeySketch, Selection, chunk_scores, select_chunks, sketch_candidates, sparse_decode_attention
 from tierkv.pipeline.kv.layer import LayerKV
 from tierkv.pipeline.kv.moves import evict, finish_fetch, poll_fetches, start_fetches
 from tierkv.pipeline.kv.overflow import decode_overflow
@@ -91,15 +91,20 @@ def head_words(mask: torch.Tensor) -> torch.Tensor:
 
 
 def select(st: CacheState, kv: LayerKV, q0: torch.Tensor) -> Selection:
-    """Importance selection on the device: q0 (B, Hq, D) -> Selection over the layer's chunks."""
+    """Importance selection on the device: q0 (B, Hq, D) -> Selection over the layer's chunks.
+
+    With key codes, two stages (``kernels.importance``): the min/max bound ranks every chunk, the
+    sketch bounds the ``sketch_candidates`` best of them (a few times the budget's chunks plus the
+    sinks and the two recent chunks), the rest are pruned.
+    """
     c = kv.n_chunks
     t0 = time.perf_counter()
-    sketch = None if kv.codes is None else KeySketch(kv.codes, kv.chunk_sizes[:c], kv.n_coded)
-    scores = chunk_scores(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch=sketch)  # (B, Hkv, C)
     budget = kv_budget_tokens(st.policy.kv_budget, kv.tokens)
-    sink = st.shape.sink_chunks
-    sel = select_chunks(scores, kv.chunk_sizes[:c], budget_tokens=budget, sink_chunks=sink,
-                        recent_tokens=kv.geo.chunk_tokens)
+    sink, size = st.shape.sink_chunks, kv.geo.chunk_tokens
+    sketch = None if kv.codes is None else KeySketch(kv.codes, kv.chunk_sizes[:c], kv.n_coded)
+    scores = chunk_scores(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch=sketch,
+                          candidates=sketch_candidates(budget, size, sink + 2))               # (B, Hkv, C)
+    sel = select_chunks(scores, kv.chunk_sizes[:c], budget_tokens=budget, sink_chunks=sink, recent_tokens=size)
     st.c.estimator_s += time.perf_counter() - t0
     st.selected_tokens += (sel.mask * kv.chunk_sizes[:c]).sum()
     st.c.selectable_tokens += st.batch * st.kv_heads * kv.tokens
@@ -107,7 +112,7 @@ def select(st: CacheState, kv: LayerKV, q0: torch.Tensor) -> Selection:
     # every chunk but the open last one holds S tokens, so the budget admits at most budget // S
     # unforced chunks, beside the sinks and at most two recent chunks. The attention kernel's
     # cost grows with the table's width (the torch reference gathers all of it), not the counts.
-    width = min(c, sink + 2 + budget // kv.geo.chunk_tokens)
+    width = min(c, sink + 2 + budget // size)
     assert st.device.type != "cpu" or int(sel.counts.max()) <= width, "selection wider than its bound"
     return sel._replace(ids=sel.ids[..., :width])
 
