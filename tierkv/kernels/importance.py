@@ -23,14 +23,22 @@ Selection rule (per sequence and KV head, all on the device, no host synchronisa
    their tokens stays within ``budget_tokens`` minus the forced tokens; selection stops at the
    first chunk that does not fit (a prefix of the ranking, so the result never exceeds the budget
    and is the same on every backend; it does not skip a big chunk to fit a smaller one after it).
-Two stages with the key sketch (``tierkv.kernels.sketch``): the min/max bound above is cheap (two
-small matmuls over the abstracts) and ranks every chunk; only the best ``candidates`` coded chunks
-per (sequence, KV head) are then scored by the sketch's token-level bound, and the other coded
-chunks score -inf: pruned, never selected over a sketched one. ``sketch_candidates`` sizes the
-pool: ``SKETCH_CANDIDATE_FACTOR`` times the chunks the budget holds, plus the forced chunks. The
-candidates are a ``topk`` on the device (no host sync). A pruned chunk's min/max bound is below
-that of every candidate, so it can only matter when the min/max bound mis-ranks it by more than
-the factor; the sketch pass then costs ~factor x the budget's share of a q.K pass, not a full one.
+Two stages with the key sketch (``tierkv.kernels.sketch``), so that its token-level bound is on by
+default on every device without a full pass over the codes at every step:
+1. A coarse sketch bound ranks every coded chunk: per KV head, only the ``COARSE_SKETCH_FRACTION``
+   of each key's code bytes whose channels weigh most for this query (max over the group of |q_d|
+   times the mean cell width) are read; the other channels take their min/max bound. It is an
+   upper bound between the min/max bound and the full sketch bound
+   (``reference.coarse_sketch_scores_ref``; torch on every backend).
+2. The ``candidates`` best of them per (sequence, KV head) (``sketch_candidates``:
+   ``SKETCH_CANDIDATE_FACTOR`` x the chunks the budget holds, plus the forced chunks) get the full
+   sketch bound (the Triton kernel, a grid over the candidates, or its torch reference); the other
+   coded chunks score -inf: pruned, never selected over a sketched one.
+Candidates are a ``topk`` on the device (no host sync). Why not the min/max bound as the first
+stage: on the needle set of tests/test_kernels_sketch.py (one key holding half of a head's
+attention) it ranks the needle's chunk as low as 108th of 128, and a 4x pool lost the needle in
+5 of 12 contexts at a 5% budget; the coarse sketch ranks it within the first 12 (3/8 of the bytes)
+and the two stages found all 12 at 5% and 10%.
 
 The Triton kernel runs one program per (sequence, KV head) and computes each chunk's rank as a
 pairwise count (no sort): O(C^2) comparisons per row, about 4M at C = 2048, and writes mask,
@@ -39,16 +47,19 @@ compact ids and counts in one launch. The torch reference sorts instead.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tierkv.kernels._select import cdiv, jit, next_pow2, pick_backend, tl
-from tierkv.kernels.reference import Selection, chunk_scores_ref, select_chunks_ref
-from tierkv.kernels.sketch import KeySketch, sketch_scores
+from tierkv.kernels.reference import Selection, chunk_scores_ref, coarse_sketch_scores_ref, select_chunks_ref
+from tierkv.kernels.sketch import KeySketch, sketch_bytes_per_token, sketch_scores
 
-__all__ = ["SKETCH_CANDIDATE_FACTOR", "Selection", "chunk_scores", "chunk_scores_fwd", "select_chunks",
+__all__ = ["COARSE_SKETCH_FRACTION", "SKETCH_CANDIDATE_FACTOR", "Selection", "coarse_sketch_bytes", "chunk_scores", "chunk_scores_fwd", "select_chunks",
            "select_chunks_fwd", "sketch_candidates"]
 
-SKETCH_CANDIDATE_FACTOR = 4     # sketch-scored chunks per chunk the budget holds (the rest pruned by min/max)
+SKETCH_CANDIDATE_FACTOR = 4     # fully sketched chunks per chunk the budget holds (the rest are pruned)
+COARSE_SKETCH_FRACTION = 3 / 8  # share of each key's code bytes the first stage reads (those weighing most)
 
 
 def sketch_candidates(budget_tokens: int, chunk_tokens: int, forced_chunks: int) -> int:
@@ -170,19 +181,29 @@ def chunk_scores(
     return out
 
 
+def coarse_sketch_bytes(head_dim: int) -> int:
+    """Code bytes per key the first stage reads: ``COARSE_SKETCH_FRACTION`` of P = ceil(D / 4), at least 1."""
+    return max(1, math.ceil(COARSE_SKETCH_FRACTION * sketch_bytes_per_token(head_dim)))
+
+
 def _sketch_stage(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sketch: KeySketch,
                   candidates: int | None, out: torch.Tensor, backend: str | None) -> None:
-    """Second stage: the sketch bound for every coded chunk, or for the ``candidates`` best of them
-    by the min/max bound already in ``out`` (B, Hkv, C), the others set to -inf."""
+    """The sketch bound for every coded chunk, or two stages: the coarse sketch bound ranks the coded
+    chunks, the ``candidates`` best get the full sketch bound in ``out`` (B, Hkv, C), the rest -inf."""
     if candidates is not None and candidates < 0:
         raise ValueError(f"candidates must be >= 0 (or None for every coded chunk), got {candidates}")
     coded = sketch.coded
     if candidates is None or candidates >= coded:
         sketch_scores(q, kmin, kmax, sketch, out, backend=backend)
         return
-    ids = out[:, :, :coded].topk(candidates, dim=-1, sorted=False).indices      # (B, Hkv, K) int64
+    if candidates > 0:
+        sizes = sketch.chunk_tokens.to(q.device).expand(q.shape[0], kmin.shape[2])
+        rank = coarse_sketch_scores_ref(q, kmin[:, :, :coded], kmax[:, :, :coded], sketch.codes[:, :, :coded],
+                                        sizes, coarse_sketch_bytes(q.shape[-1]))       # (B, Hkv, coded)
+        ids = rank.topk(candidates, dim=-1, sorted=False).indices                    # (B, Hkv, K) int64
     out[:, :, :coded] = float("-inf")
-    sketch_scores(q, kmin, kmax, sketch, out, ids=ids, backend=backend)
+    if candidates > 0:
+        sketch_scores(q, kmin, kmax, sketch, out, ids=ids, backend=backend)
 
 
 @jit

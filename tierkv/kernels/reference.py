@@ -22,6 +22,7 @@ __all__ = [
     "chunk_scores_ref",
     "select_chunks_ref",
     "sketch_scores_ref",
+    "coarse_sketch_scores_ref",
     "sparse_decode_attention_ref",
 ]
 
@@ -97,12 +98,6 @@ def chunk_scores_ref(
     return scores
 
 
-def _code_lut(device: torch.device) -> torch.Tensor:
-    """(256, 4) float32: the four 2-bit codes of each byte value, bit pair i in column i."""
-    byte = torch.arange(256, device=device, dtype=torch.int32).view(256, 1)
-    return ((byte >> (2 * torch.arange(4, device=device, dtype=torch.int32))) & 3).float()
-
-
 def _gathered(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """t (B, Hkv, C, *rest) at chunk ids (B, Hkv, K) -> (B, Hkv, K, *rest)."""
     B, H, K = ids.shape
@@ -122,8 +117,8 @@ def sketch_scores_ref(
     ids: None scores chunks 0..C-1 (returns (B, Hkv, C)); (B, Hkv, K) int scores the chunks each KV
     head lists (returns (B, Hkv, K), entry k for chunk ids[b, h, k]).
     Value: max over keys and query heads of q.kmin + relu(q).w + (q*w).code, float32. Codes unpack
-    through one 256-entry table (a gather, not four shift/mask passes), in blocks of chunks (~1M
-    values each): a whole-context float copy of the codes costs more in page faults than the math.
+    by four shift/mask passes (measured faster on the CPU than a 256-entry table gather) in blocks of
+    chunks (~1M values each): a whole-context float copy costs more in page faults than the math.
     """
     B, Hq, D = q.shape
     H, S, P = codes.shape[1], codes.shape[3], codes.shape[4]
@@ -137,17 +132,52 @@ def sketch_scores_ref(
     w = (kmax[:, :, :n].float() - lo) * 0.25                                      # (B, Hkv, n, D)
     base = torch.matmul(lo, qg.transpose(-1, -2)) + torch.matmul(w, qg.clamp(min=0).transpose(-1, -2))  # (.., n, G)
     qw = torch.nn.functional.pad(qg.unsqueeze(2) * w.unsqueeze(3), (0, 4 * P - D))  # (B, Hkv, n, G, 4P)
-    qw = qw.view(B, H, n, G, 4, P).transpose(-1, -2).reshape(B, H, n, G, 4 * P)   # channel i*P+j at 4j+i
-    lut = _code_lut(q.device)
     valid = torch.arange(S, device=q.device) < sizes[:, :, :n, None, None]         # (B, Hkv, n, 1, S)
     best = torch.empty(B, H, n, G, device=q.device)
     step = max(1, (1 << 20) // max(1, B * H * S * 4 * P))
+    unpacked = torch.empty(B, H, min(step, n), S, 4, P, device=q.device)          # (B, Hkv, blk, S, 4, P)
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
-        vals = torch.nn.functional.embedding(codes[:, :, c0:c1].int(), lut)       # (B, Hkv, blk, S, P, 4)
-        tok = torch.matmul(qw[:, :, c0:c1], vals.view(B, H, c1 - c0, S, 4 * P).transpose(-1, -2))  # (.., G, S)
+        block, part = codes[:, :, c0:c1], unpacked[:, :, :c1 - c0]
+        for i in range(4):  # the four bit pairs: contiguous channel blocks i*P .. i*P + P - 1
+            part[..., i, :] = (block >> (2 * i)) & 3
+        tok = torch.matmul(qw[:, :, c0:c1], part.view(B, H, c1 - c0, S, 4 * P).transpose(-1, -2))  # (.., G, S)
         best[:, :, c0:c1] = tok.masked_fill_(~valid[:, :, c0:c1], float("-inf")).amax(dim=-1)
     return (best + base).amax(dim=-1)
+
+
+def coarse_sketch_scores_ref(
+    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor, sizes: torch.Tensor, n_bytes: int,
+) -> torch.Tensor:
+    """A cheaper token-level upper bound of q.k: the codes of ``n_bytes`` of the P code bytes per key.
+
+    Per KV head, the bytes whose four channels weigh most (max over the group of |q_d|, times the
+    mean cell width) are read; every other channel takes its cell-free bound max(q*kmin, q*kmax)
+    = q*kmin + relu(q)*4w, as in the min/max bound. Still >= q.k for every key of the chunk, and
+    between the min/max bound and the full sketch bound. Shapes as ``sketch_scores_ref`` (ids None);
+    returns (B, Hkv, n) float32. Reads 1 / (P / n_bytes) of the codes' values.
+    """
+    B, Hq, D = q.shape
+    H, n, S, P = codes.shape[1], codes.shape[2], codes.shape[3], codes.shape[4]
+    G, m = Hq // H, min(n_bytes, P)
+    qg = q.float().view(B, H, G, D)                                               # (B, Hkv, G, D)
+    lo = kmin[:, :, :n].float()
+    w = (kmax[:, :, :n].float() - lo) * 0.25                                      # (B, Hkv, n, D)
+    qw = torch.nn.functional.pad(qg.unsqueeze(2) * w.unsqueeze(3), (0, 4 * P - D))  # (B, Hkv, n, G, 4P)
+    weight = torch.nn.functional.pad(qg.abs().amax(2) * w.mean(2), (0, 4 * P - D))  # (B, Hkv, 4P)
+    picked = weight.view(B, H, 4, P).sum(2).topk(m, dim=-1).indices               # (B, Hkv, m) byte ids
+    chan = (picked.unsqueeze(-2) + P * torch.arange(4, device=q.device).view(4, 1)).view(B, H, 1, 1, 4 * m)  # (i, r)
+    qw_sel = qw.gather(-1, chan.expand(B, H, n, G, 4 * m))                         # (B, Hkv, n, G, 4m)
+    free = 3 * qw.clamp(min=0)                                                     # best cell of each channel
+    base = (torch.matmul(lo, qg.transpose(-1, -2)) + torch.matmul(w, qg.clamp(min=0).transpose(-1, -2))
+            + free.sum(-1) - free.gather(-1, chan.expand(B, H, n, G, 4 * m)).sum(-1))  # (B, Hkv, n, G)
+    bytes_ = codes.gather(-1, picked.view(B, H, 1, 1, m).expand(B, H, n, S, m))   # (B, Hkv, n, S, m)
+    vals = torch.empty(B, H, n, S, 4, m, device=q.device)
+    for i in range(4):  # bit pair i of byte r: channel i*P + picked[r], at 4*... -> column i*m + r
+        vals[..., i, :] = (bytes_ >> (2 * i)) & 3
+    tok = torch.matmul(qw_sel, vals.view(B, H, n, S, 4 * m).transpose(-1, -2))     # (B, Hkv, n, G, S)
+    valid = torch.arange(S, device=q.device) < sizes.to(q.device).view(B, 1, -1, 1, 1)[:, :, :n]
+    return (tok.masked_fill_(~valid, float("-inf")).amax(-1) + base).amax(-1)
 
 
 def _forced_chunks(
