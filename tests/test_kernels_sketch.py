@@ -11,7 +11,7 @@ import torch
 from tierkv.kernels import KeySketch, chunk_abstract, chunk_scores, encode_keys, select_chunks, sketch_candidates
 from tierkv.kernels._select import HAS_TRITON
 from tierkv.kernels.quality import plant_needle
-from tierkv.kernels.importance import coarse_sketch_bytes
+from tierkv.kernels.importance import coarse_sketch_channels
 from tierkv.kernels.reference import coarse_sketch_scores_ref
 from tierkv.kernels.sketch import sketch_bytes_per_token
 
@@ -186,7 +186,7 @@ def test_two_stages_sketch_the_best_chunks_by_the_coarse_bound_and_prune_the_res
     two = chunk_scores(q, kmin, kmax, sketch=sketch, candidates=K, backend=backend)
     ref = chunk_scores(q, kmin, kmax, sketch=sketch, candidates=K, backend="torch")
     rank = coarse_sketch_scores_ref(q, kmin[:, :, :coded], kmax[:, :, :coded], codes[:, :, :coded],
-                                    sizes.expand(B, C), coarse_sketch_bytes(D))
+                                    sizes.expand(B, C), coarse_sketch_channels(D))
     assert (rank >= full[..., :coded] - 1e-4).all() and (rank <= coarse[..., :coded] + 1e-4).all()
     best = rank.topk(K, dim=-1).indices                                # (B, Hkv, K): the candidates
     cand = torch.zeros(B, Hkv, coded, dtype=torch.bool).scatter_(-1, best, True)
@@ -217,16 +217,17 @@ def test_the_default_two_stage_estimator_finds_what_exact_attention_finds(budget
         sizes = torch.full((C,), S, dtype=torch.int32)
         sketch = KeySketch(encode_keys(k.view(1, 2, C, S, -1), kmin, kmax), sizes, C - 1)   # last chunk open
         scores = chunk_scores(q, kmin, kmax, sketch=sketch, backend="torch",
-                              candidates=sketch_candidates(budget_tokens, S, 3))
+                              candidates=sketch_candidates(budget_tokens - 2 * S, S, 2))
         sel = select_chunks(scores, sizes, budget_tokens=budget_tokens, recent_tokens=S, backend="torch")
         assert sel.mask[0, :, pos // S].all(), (seed, pos)
 
 
-def test_sketch_candidates_counts_the_budget_chunks_times_the_factor():
+def test_sketch_candidates_counts_the_chunks_that_fit_times_the_factor():
     from tierkv.kernels.importance import SKETCH_CANDIDATE_FACTOR as F
 
-    assert sketch_candidates(0, 64, 3) == F + 3          # at least one budget chunk
+    assert sketch_candidates(63, 64, 3) == 0             # nothing fits beside the forced chunks
+    assert sketch_candidates(-5, 64, 3) == 0
     assert sketch_candidates(64, 64, 0) == F
-    assert sketch_candidates(65, 64, 3) == 2 * F + 3
+    assert sketch_candidates(130, 64, 3) == 2 * F + 3
     with pytest.raises(ValueError, match="chunk_tokens >= 1"):
         sketch_candidates(10, 0, 0)

@@ -98,3 +98,17 @@ def test_stats_report_the_estimator_share_of_sparse_steps() -> None:
         st = cache.stats()
         assert st["sparse_layer_steps"] == 3 and st["estimator_s"] > 0
         assert 0 < st["estimator_share"] <= 1 and st["sparse_step_s"] >= st["estimator_s"]
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 65, 127, 128, 129, 640, 700])
+@pytest.mark.parametrize("sink", [0, 1, 2])
+def test_forced_tokens_match_the_forced_chunks_of_the_selection(tokens: int, sink: int) -> None:
+    from tierkv.kernels import select_chunks
+    from tierkv.pipeline.kv.sparse import forced_tokens
+
+    c = -(-tokens // S)
+    sizes = torch.full((c,), S, dtype=torch.int32)
+    sizes[-1] = tokens - (c - 1) * S
+    sel = select_chunks(torch.zeros(1, 1, c), sizes, budget_tokens=0, sink_chunks=sink, recent_tokens=S,
+                        backend="torch")                         # a zero budget keeps the forced chunks only
+    assert forced_tokens(c, S, tokens, sink) == (int((sel.mask[0, 0] * sizes).sum()), int(sel.counts[0, 0]))

@@ -53,23 +53,24 @@ import torch
 
 from tierkv.kernels._select import cdiv, jit, next_pow2, pick_backend, tl
 from tierkv.kernels.reference import Selection, chunk_scores_ref, coarse_sketch_scores_ref, select_chunks_ref
-from tierkv.kernels.sketch import KeySketch, sketch_bytes_per_token, sketch_scores
+from tierkv.kernels.sketch import KeySketch, sketch_scores
 
-__all__ = ["COARSE_SKETCH_FRACTION", "SKETCH_CANDIDATE_FACTOR", "Selection", "coarse_sketch_bytes", "chunk_scores", "chunk_scores_fwd", "select_chunks",
+__all__ = ["COARSE_SKETCH_FRACTION", "SKETCH_CANDIDATE_FACTOR", "Selection", "coarse_sketch_channels", "chunk_scores", "chunk_scores_fwd", "select_chunks",
            "select_chunks_fwd", "sketch_candidates"]
 
 SKETCH_CANDIDATE_FACTOR = 4     # fully sketched chunks per chunk the budget holds (the rest are pruned)
-COARSE_SKETCH_FRACTION = 3 / 8  # share of each key's code bytes the first stage reads (those weighing most)
+COARSE_SKETCH_FRACTION = 1 / 4  # share of each key's channels the first stage reads (those weighing most)
 
 
-def sketch_candidates(budget_tokens: int, chunk_tokens: int, forced_chunks: int) -> int:
-    """Chunks per (sequence, KV head) the sketch scores: ``SKETCH_CANDIDATE_FACTOR`` x the chunks of
-    ``chunk_tokens`` that ``budget_tokens`` holds (at least one), plus the ``forced_chunks`` (sinks,
-    recent window) that may rank among them."""
-    if chunk_tokens < 1 or budget_tokens < 0 or forced_chunks < 0:
-        raise ValueError(f"need chunk_tokens >= 1 and budget_tokens, forced_chunks >= 0, "
-                         f"got {chunk_tokens}, {budget_tokens}, {forced_chunks}")
-    return SKETCH_CANDIDATE_FACTOR * max(1, -(-budget_tokens // chunk_tokens)) + forced_chunks
+def sketch_candidates(free_tokens: int, chunk_tokens: int, forced_chunks: int) -> int:
+    """Chunks per (sequence, KV head) the full sketch scores: ``SKETCH_CANDIDATE_FACTOR`` x the chunks of
+    ``chunk_tokens`` that fit in ``free_tokens`` (the budget left after the forced chunks), plus the
+    ``forced_chunks`` (sinks, recent window) that may rank among them. 0 when no chunk fits: then
+    the selection is the forced chunks whatever the scores."""
+    if chunk_tokens < 1 or forced_chunks < 0:
+        raise ValueError(f"need chunk_tokens >= 1 and forced_chunks >= 0, got {chunk_tokens}, {forced_chunks}")
+    fit = max(0, free_tokens) // chunk_tokens
+    return SKETCH_CANDIDATE_FACTOR * fit + forced_chunks if fit else 0
 
 
 @jit
@@ -181,9 +182,9 @@ def chunk_scores(
     return out
 
 
-def coarse_sketch_bytes(head_dim: int) -> int:
-    """Code bytes per key the first stage reads: ``COARSE_SKETCH_FRACTION`` of P = ceil(D / 4), at least 1."""
-    return max(1, math.ceil(COARSE_SKETCH_FRACTION * sketch_bytes_per_token(head_dim)))
+def coarse_sketch_channels(head_dim: int) -> int:
+    """Channels per key the first stage reads from the codes: ``COARSE_SKETCH_FRACTION`` of D, at least 1."""
+    return max(1, math.ceil(COARSE_SKETCH_FRACTION * head_dim))
 
 
 def _sketch_stage(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sketch: KeySketch,
@@ -199,7 +200,7 @@ def _sketch_stage(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sketc
     if candidates > 0:
         sizes = sketch.chunk_tokens.to(q.device).expand(q.shape[0], kmin.shape[2])
         rank = coarse_sketch_scores_ref(q, kmin[:, :, :coded], kmax[:, :, :coded], sketch.codes[:, :, :coded],
-                                        sizes, coarse_sketch_bytes(q.shape[-1]))       # (B, Hkv, coded)
+                                        sizes, coarse_sketch_channels(q.shape[-1]))       # (B, Hkv, coded)
         ids = rank.topk(candidates, dim=-1, sorted=False).indices                    # (B, Hkv, K) int64
     out[:, :, :coded] = float("-inf")
     if candidates > 0:

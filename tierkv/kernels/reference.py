@@ -147,35 +147,32 @@ def sketch_scores_ref(
 
 
 def coarse_sketch_scores_ref(
-    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor, sizes: torch.Tensor, n_bytes: int,
+    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor, sizes: torch.Tensor, channels: int,
 ) -> torch.Tensor:
-    """A cheaper token-level upper bound of q.k: the codes of ``n_bytes`` of the P code bytes per key.
+    """A cheaper token-level upper bound of q.k: the codes of ``channels`` of the D channels per key.
 
-    Per KV head, the bytes whose four channels weigh most (max over the group of |q_d|, times the
-    mean cell width) are read; every other channel takes its cell-free bound max(q*kmin, q*kmax)
-    = q*kmin + relu(q)*4w, as in the min/max bound. Still >= q.k for every key of the chunk, and
-    between the min/max bound and the full sketch bound. Shapes as ``sketch_scores_ref`` (ids None);
-    returns (B, Hkv, n) float32. Reads 1 / (P / n_bytes) of the codes' values.
+    Per KV head, the channels that weigh most (max over the group of |q_d|, times the mean cell
+    width over the chunks) are read from the codes; every other channel takes its cell-free bound
+    max(q*kmin, q*kmax) = q*kmin + relu(q)*4w, as in the min/max bound. Still >= q.k for every key
+    of the chunk, and between the min/max bound and the full sketch bound. Shapes as
+    ``sketch_scores_ref`` (ids None); returns (B, Hkv, n) float32. Reads channels / D of the values.
     """
     B, Hq, D = q.shape
     H, n, S, P = codes.shape[1], codes.shape[2], codes.shape[3], codes.shape[4]
-    G, m = Hq // H, min(n_bytes, P)
+    G, m = Hq // H, min(channels, D)
     qg = q.float().view(B, H, G, D)                                               # (B, Hkv, G, D)
     lo = kmin[:, :, :n].float()
     w = (kmax[:, :, :n].float() - lo) * 0.25                                      # (B, Hkv, n, D)
-    qw = torch.nn.functional.pad(qg.unsqueeze(2) * w.unsqueeze(3), (0, 4 * P - D))  # (B, Hkv, n, G, 4P)
-    weight = torch.nn.functional.pad(qg.abs().amax(2) * w.mean(2), (0, 4 * P - D))  # (B, Hkv, 4P)
-    picked = weight.view(B, H, 4, P).sum(2).topk(m, dim=-1).indices               # (B, Hkv, m) byte ids
-    chan = (picked.unsqueeze(-2) + P * torch.arange(4, device=q.device).view(4, 1)).view(B, H, 1, 1, 4 * m)  # (i, r)
-    qw_sel = qw.gather(-1, chan.expand(B, H, n, G, 4 * m))                         # (B, Hkv, n, G, 4m)
-    free = 3 * qw.clamp(min=0)                                                     # best cell of each channel
+    qw = qg.unsqueeze(2) * w.unsqueeze(3)                                         # (B, Hkv, n, G, D)
+    chan = (qg.abs().amax(2) * w.mean(2)).topk(m, dim=-1).indices                 # (B, Hkv, m) channel ids
+    qw_sel = qw.gather(-1, chan.view(B, H, 1, 1, m).expand(B, H, n, G, m))         # (B, Hkv, n, G, m)
+    free = 3 * qw.clamp(min=0)                                                     # each channel's best cell
     base = (torch.matmul(lo, qg.transpose(-1, -2)) + torch.matmul(w, qg.clamp(min=0).transpose(-1, -2))
-            + free.sum(-1) - free.gather(-1, chan.expand(B, H, n, G, 4 * m)).sum(-1))  # (B, Hkv, n, G)
-    bytes_ = codes.gather(-1, picked.view(B, H, 1, 1, m).expand(B, H, n, S, m))   # (B, Hkv, n, S, m)
-    vals = torch.empty(B, H, n, S, 4, m, device=q.device)
-    for i in range(4):  # bit pair i of byte r: channel i*P + picked[r], at 4*... -> column i*m + r
-        vals[..., i, :] = (bytes_ >> (2 * i)) & 3
-    tok = torch.matmul(qw_sel, vals.view(B, H, n, S, 4 * m).transpose(-1, -2))     # (B, Hkv, n, G, S)
+            + free.sum(-1) - free.gather(-1, chan.view(B, H, 1, 1, m).expand(B, H, n, G, m)).sum(-1))  # (.., n, G)
+    byte = (chan % P).view(B, H, 1, 1, m).expand(B, H, n, S, m)                    # channel d = i*P + j: byte j,
+    shift = (2 * (chan // P)).to(torch.uint8).view(B, H, 1, 1, m)                  # bits 2i..2i+1
+    vals = ((codes.gather(-1, byte) >> shift) & 3).float()                         # (B, Hkv, n, S, m)
+    tok = torch.matmul(qw_sel, vals.transpose(-1, -2))                             # (B, Hkv, n, G, S)
     valid = torch.arange(S, device=q.device) < sizes.to(q.device).view(B, 1, -1, 1, 1)[:, :, :n]
     return (tok.masked_fill_(~valid, float("-inf")).amax(-1) + base).amax(-1)
 

@@ -25,7 +25,7 @@ from tierkv.pipeline.kv.state import CacheState
 from tierkv.pipeline.kv.streamed import attend_streamed, drain_prefetch
 from tierkv.pipeline.kv.table import ChunkKey, KVBudgetError
 
-__all__ = ["decode", "head_words", "join_words", "select"]
+__all__ = ["decode", "forced_tokens", "head_words", "join_words", "select"]
 
 HEAD_WORD_BITS = 63             # KV heads per int64 word of a chunk's "which heads picked it" bitmask
 
@@ -90,20 +90,35 @@ def head_words(mask: torch.Tensor) -> torch.Tensor:
     return (padded.view(b, n_words, HEAD_WORD_BITS, c) * bits[:, None]).sum(2)
 
 
+def forced_tokens(n_chunks: int, chunk_tokens: int, tokens: int, sink_chunks: int) -> tuple[int, int]:
+    """(tokens, chunks) the selection forces: the sinks and the recent window of ``chunk_tokens``, when
+    every chunk but the open last one holds ``chunk_tokens`` (host ints: no device read)."""
+    last = tokens - (n_chunks - 1) * chunk_tokens                                # the open chunk's tokens
+    recent = {n_chunks - 1} if last >= chunk_tokens else {n_chunks - 2, n_chunks - 1}
+    forced = set(range(min(sink_chunks, n_chunks))) | {i for i in recent if i >= 0}
+    return sum(last if i == n_chunks - 1 else chunk_tokens for i in forced), len(forced)
+
+
 def select(st: CacheState, kv: LayerKV, q0: torch.Tensor) -> Selection:
     """Importance selection on the device: q0 (B, Hq, D) -> Selection over the layer's chunks.
 
-    With key codes, two stages (``kernels.importance``): the min/max bound ranks every chunk, the
-    sketch bounds the ``sketch_candidates`` best of them (a few times the budget's chunks plus the
-    sinks and the two recent chunks), the rest are pruned.
+    With key codes, two stages (``kernels.importance``): a coarse sketch bound ranks every coded
+    chunk, the full sketch bounds the ``sketch_candidates`` best (a few times the chunks the budget
+    holds beside the forced ones), the rest are pruned. When the budget holds no chunk beside the
+    forced ones, nothing is scored: the selection is the forced chunks.
     """
     c = kv.n_chunks
     t0 = time.perf_counter()
     budget = kv_budget_tokens(st.policy.kv_budget, kv.tokens)
     sink, size = st.shape.sink_chunks, kv.geo.chunk_tokens
-    sketch = None if kv.codes is None else KeySketch(kv.codes, kv.chunk_sizes[:c], kv.n_coded)
-    scores = chunk_scores(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch=sketch,
-                          candidates=sketch_candidates(budget, size, sink + 2))               # (B, Hkv, C)
+    forced, n_forced = forced_tokens(c, size, kv.tokens, sink)
+    candidates = sketch_candidates(budget - forced, size, n_forced)
+    if candidates == 0:
+        scores = torch.zeros(st.batch, st.kv_heads, c, device=st.device)          # forced chunks only
+    else:
+        sketch = None if kv.codes is None else KeySketch(kv.codes, kv.chunk_sizes[:c], kv.n_coded)
+        scores = chunk_scores(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch=sketch,
+                              candidates=candidates)                                 # (B, Hkv, C)
     sel = select_chunks(scores, kv.chunk_sizes[:c], budget_tokens=budget, sink_chunks=sink, recent_tokens=size)
     st.c.estimator_s += time.perf_counter() - t0
     st.selected_tokens += (sel.mask * kv.chunk_sizes[:c]).sum()
