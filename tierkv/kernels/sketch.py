@@ -204,8 +204,6 @@ def sketch_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sketc
         out[:, :, :n] = sketch_scores_ref(q, kmin[:, :, :n], kmax[:, :, :n], sketch.codes[:, :, :n],
                                           sizes.expand(B, kmin.shape[2])[:, :n])
     else:
-        n = sketch.coded
-        got = sketch_scores_ref(q, kmin[:, :, :n], kmax[:, :, :n], sketch.codes[:, :, :n],
-                                sizes.expand(B, kmin.shape[2])[:, :n], ids)
+        got = sketch_scores_ref(q, kmin, kmax, sketch.codes[:, :, :kmin.shape[2]], sizes.expand(B, kmin.shape[2]), ids)
         out.scatter_(2, ids.long(), got)
     return out
