@@ -55,7 +55,13 @@ Ends with one JSON line (per-context numbers, ratios and a ``goals`` object, jud
     python scripts/bench_kv.py [--contexts 8192,32768] [--layers 4] [--new-tokens 8] [--kv-budget 0.05]
         [--chunk-tokens 256] [--device-kv-tokens 2048] [--host-kv-tokens 4096] [--device cpu|cuda]
         [--offload-dir DIR] [--threads 2] [--configs resident,exact_tiered,sparse_tiered] [--no-cold]
-        [--kv-quant none,int8,int4]
+        [--kv-quant none,int8,int4] [--kv-sketch default|on|off]
+
+Estimator share (goal <= 10% of the step): per phase, the select() wall time (scoring + selection)
+over the timed decode steps, and the cache's own ``stats()["estimator_share"]`` (over the decode
+steps that selected chunks, advance to advance). ``--kv-sketch`` compares the key sketch on/off
+against the policy default (on, two stages). 128K in minutes: ``--contexts 131072 --layers 1
+--configs sparse_tiered --no-cold --new-tokens 4`` (prefill dominates; it is not timed per step).
 
 On CPU the kernels' torch references run (the automatic choice; ``TIERKV_KERNELS=torch`` forces
 it); on CUDA the Triton kernels compile.
