@@ -26,10 +26,10 @@ Selection rule (per sequence and KV head, all on the device, no host synchronisa
 Two stages with the key sketch (``tierkv.kernels.sketch``), so that its token-level bound is on by
 default on every device without a full pass over the codes at every step:
 1. A coarse sketch bound ranks every coded chunk: per KV head, only the ``COARSE_SKETCH_FRACTION``
-   of each key's code bytes whose channels weigh most for this query (max over the group of |q_d|
-   times the mean cell width) are read; the other channels take their min/max bound. It is an
+   of the channels that weigh most for this query (max over the group of |q_d| times the mean
+   cell width) are read from the codes; the other channels take their min/max bound. It is an
    upper bound between the min/max bound and the full sketch bound
-   (``reference.coarse_sketch_scores_ref``; torch on every backend).
+   (``reference.coarse_sketch_scores_ref``; torch on every backend, no Triton kernel yet).
 2. The ``candidates`` best of them per (sequence, KV head) (``sketch_candidates``:
    ``SKETCH_CANDIDATE_FACTOR`` x the chunks the budget holds, plus the forced chunks) get the full
    sketch bound (the Triton kernel, a grid over the candidates, or its torch reference); the other
@@ -37,8 +37,10 @@ default on every device without a full pass over the codes at every step:
 Candidates are a ``topk`` on the device (no host sync). Why not the min/max bound as the first
 stage: on the needle set of tests/test_kernels_sketch.py (one key holding half of a head's
 attention) it ranks the needle's chunk as low as 108th of 128, and a 4x pool lost the needle in
-5 of 12 contexts at a 5% budget; the coarse sketch ranks it within the first 12 (3/8 of the bytes)
-and the two stages found all 12 at 5% and 10%.
+5 of 12 contexts at a 5% budget; the coarse sketch (a quarter of the channels) ranks it within the
+first 5, and the two stages found all 12 at 5% and 10%. Cost on the CPU: the coarse pass still
+reads every token (about a quarter of a full sketch pass, more in gathers), so the two stages are
+~1.1-1.6x cheaper than the full sketch, not the 10x a min/max first stage would give.
 
 The Triton kernel runs one program per (sequence, KV head) and computes each chunk's rank as a
 pairwise count (no sort): O(C^2) comparisons per row, about 4M at C = 2048, and writes mask,
