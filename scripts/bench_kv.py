@@ -55,7 +55,13 @@ Ends with one JSON line (per-context numbers, ratios and a ``goals`` object, jud
     python scripts/bench_kv.py [--contexts 8192,32768] [--layers 4] [--new-tokens 8] [--kv-budget 0.05]
         [--chunk-tokens 256] [--device-kv-tokens 2048] [--host-kv-tokens 4096] [--device cpu|cuda]
         [--offload-dir DIR] [--threads 2] [--configs resident,exact_tiered,sparse_tiered] [--no-cold]
-        [--kv-quant none,int8,int4]
+        [--kv-quant none,int8,int4] [--kv-sketch default|on|off]
+
+Estimator share (goal <= 10% of the step): per phase, the select() wall time (scoring + selection)
+over the timed decode steps, and the cache's own ``stats()["estimator_share"]`` (over the decode
+steps that selected chunks, advance to advance). ``--kv-sketch`` compares the key sketch on/off
+against the policy default (on, two stages). 128K in minutes: ``--contexts 131072 --layers 1
+--configs sparse_tiered --no-cold --new-tokens 4`` (prefill dominates; it is not timed per step).
 
 On CPU the kernels' torch references run (the automatic choice; ``TIERKV_KERNELS=torch`` forces
 it); on CUDA the Triton kernels compile.
@@ -103,6 +109,7 @@ class Setup:
     host_kv_tokens: int
     offload_root: Path
     cold: bool
+    kv_sketch: bool | None = None     # sparse runs: key codes on (True), off (False), the default (None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +263,8 @@ def run_config(setup: Setup, name: str, ids: list[int], kv_quant: str = "none") 
     kv = "sparse" if name == "sparse_tiered" else "exact"
     budgets = {} if name == "resident" else tiered_budgets(setup, kv)
     engine = tierkv.load(setup.model_dir, device=setup.device, dtype=setup.dtype, kv=kv, kv_budget=setup.kv_budget,
-                         chunk_tokens=setup.chunk_tokens, kv_quant=kv_quant, **budgets)
+                         chunk_tokens=setup.chunk_tokens, kv_quant=kv_quant,
+                         kv_sketch=setup.kv_sketch if kv == "sparse" else None, **budgets)
     logits: list[torch.Tensor] = []
     undo = _capture_logits(logits)
     try:
@@ -292,7 +300,7 @@ def _kv_report(kv: dict[str, Any]) -> dict[str, Any]:
     keys = ("chunk_tokens", "attention_entropy", "device_bytes", "host_bytes", "disk_bytes", "spec_hit_rate",
             "selected_fraction", "streamed_chunks", "evicted_chunks", "sparse_layer_steps", "exact_layer_steps",
             "sparse_union_tokens", "sparse_overflow_steps", "device_room_tokens", "kv_quant", "cold_chunk_ratio",
-            "bytes_read_host", "bytes_read_disk")
+            "bytes_read_host", "bytes_read_disk", "sketch", "estimator_s", "estimator_share")
     return {k: kv[k] for k in keys if k in kv}
 
 
@@ -485,6 +493,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     ap.add_argument("--key-scale", type=float, default=1.0, help="multiply k_proj weights (sharper attention)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--kv-sketch", default="default", choices=("default", "on", "off"),
+                    help="sparse runs: 2-bit key codes on, off, or the policy's default (kv_sketch)")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold (page cache evicted) steps")
     ap.add_argument("--kv-quant", default="none", help="comma-separated host/disk KV schemes: none,int8,int4")
     ap.add_argument("--goal-context", type=int, default=None, help="default: 32768 if run, else the largest")
@@ -510,7 +520,7 @@ def main() -> None:
     load_before = os.getloadavg()
     setup = Setup(kv_model_dir(args.model_root, args.layers, dtype, args.key_scale), args.device, dtype,
                   args.new_tokens, args.kv_budget, args.chunk_tokens, args.device_kv_tokens, args.host_kv_tokens,
-                  root, not args.no_cold)
+                  root, not args.no_cold, {"default": None, "on": True, "off": False}[args.kv_sketch])
     try:
         ceilings = [disk_ceiling_gbps(root)]
         results = [run_context(setup, c, configs, quants) for c in contexts]
@@ -530,6 +540,7 @@ def main() -> None:
         "model": {**MODEL_SHAPE, "num_hidden_layers": args.layers, "key_scale": args.key_scale,
                   "weights": "random (seed 0)"},
         "new_tokens": args.new_tokens, "kv_budget": args.kv_budget, "chunk_tokens": args.chunk_tokens,
+        "kv_sketch": args.kv_sketch,
         "kv_quant": quants,
         "device_kv_tokens": args.device_kv_tokens, "host_kv_tokens": args.host_kv_tokens,
         "disk_ceiling_gbps": ceilings, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),

@@ -436,6 +436,56 @@ def test_chunk_scores_with_sketch(kernels: SimpleNamespace, case: Case, dtype: t
     assert (got >= peak - SCORE_TOL * 2 * mag - 1e-4)[valid].all()  # still an upper bound on every logit
 
 
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case", CASES)
+def test_chunk_scores_two_stage_sketch(kernels: SimpleNamespace, case: Case, dtype: torch.dtype) -> None:
+    """The coarse bound ranks the coded chunks, the compiled sketch kernel (a grid over the candidates)
+    bounds the best K, the rest are -inf: the same as the torch path, and still upper bounds."""
+    keys, starts, sizes, kmin, kmax = _abstracts(case, dtype, seed=9)
+    C = starts.shape[0]
+    codes = encode_keys(_slotted(keys, starts, sizes, case.S, 0.0), kmin, kmax)  # (B, Hkv, C, S, P)
+    sketch = kernels.KeySketch(codes, sizes, C - 1)
+    q = _query(case, dtype, seed=10)
+    K = max(1, (C - 1) // 5)
+    got = kernels.chunk_scores(q, kmin, kmax, sketch=sketch, candidates=K, backend="triton")
+    ref = kernels.chunk_scores(q, kmin, kmax, sketch=sketch, candidates=K, backend="torch")
+    _assert_scores_close(got, ref, 2 * _magnitude(q, kmin, kmax))
+    kept = torch.isfinite(got[..., :C - 1])
+    assert (kept.sum(-1) == min(K, C - 1)).all()                                  # K candidates, the rest pruned
+    logits = torch.einsum("bhgd,bhtd->bhgt", q.float().view(case.B, case.Hkv, case.G, case.D), keys.float())
+    idx = torch.repeat_interleave(torch.arange(C, device=DEVICE), sizes.long())
+    peak = torch.full_like(got, float("-inf")).scatter_reduce_(2, idx.expand(case.B, case.Hkv, -1),
+                                                               logits.amax(2), "amax")
+    mag = _magnitude(q, kmin, kmax)
+    assert (got >= peak - SCORE_TOL * 2 * mag - 1e-4)[torch.isfinite(got)].all()
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.10])
+def test_the_two_stage_estimator_finds_the_needle_on_cuda(kernels: SimpleNamespace, budget: float) -> None:
+    """A key holding half of one query head's attention: the compiled default estimator selects its chunk."""
+    from tierkv.kernels.quality import plant_needle
+
+    T, S, H, G, D = 4096, 32, 2, 2, 64
+    C, budget_tokens = T // S, math.ceil(budget * T)
+    candidates = kernels.modules["importance"].sketch_candidates(budget_tokens - 2 * S, S, 2)
+    sizes = torch.full((C,), S, dtype=torch.int32, device=DEVICE)
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        k = torch.randn(1, H, T, D, generator=g)
+        k[..., :2] *= 3.0
+        q = torch.randn(1, H * G, D, generator=g)
+        q = q / q.norm(dim=-1, keepdim=True) * math.sqrt(D)
+        pos = int(torch.randint(2 * S, T - 2 * S, (1,), generator=g))
+        for h in range(H):
+            plant_needle(q[0, h * G], k[0, h], pos, 1, 0.5, D**-0.5)
+        q, k = q.to(DEVICE), k.to(DEVICE)
+        kmin, kmax = chunk_abstract_ref(k, torch.arange(0, T, S, device=DEVICE))
+        sketch = kernels.KeySketch(encode_keys(k.view(1, H, C, S, D), kmin, kmax), sizes, C - 1)
+        scores = kernels.chunk_scores(q, kmin, kmax, sketch=sketch, candidates=candidates, backend="triton")
+        sel = kernels.select_chunks(scores, sizes, budget_tokens=budget_tokens, recent_tokens=S, backend="triton")
+        assert bool(sel.mask[0, :, pos // S].all()), (seed, pos)
+
+
 # ---------------------------------------------------------------------------------------------
 # selection
 

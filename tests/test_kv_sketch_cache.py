@@ -60,3 +60,55 @@ def test_the_cache_codes_closed_chunks_and_its_selection_finds_the_needle() -> N
     without = [_needle_selected(seed, False) for seed in range(3)]
     assert all(with_codes)
     assert sum(without) <= 1
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.10])
+def test_the_default_estimator_finds_the_needle_at_small_budgets(budget: float) -> None:
+    """The default policy (no kv_sketch given) keeps key codes on the CPU too, and its two-stage
+    selection finds the key exact attention finds, at 5% and 10% of a 4K context in chunks of 32."""
+    g = torch.Generator().manual_seed(int(budget * 100))
+    T4, S4 = 4096, 32
+    for seed in range(4):
+        k = torch.randn(1, HKV, T4, D, generator=g)
+        k[..., :2] *= 3.0
+        q = torch.randn(1, HQ, D, generator=g)
+        q = q / q.norm(dim=-1, keepdim=True) * math.sqrt(D)
+        pos = int(torch.randint(2 * S4, T4 - 2 * S4, (1,), generator=g))
+        for h in range(HKV):
+            plant_needle(q[0, h * (HQ // HKV)], k[0, h], pos, 1, 0.5, D**-0.5)
+        policy = Policy(kv="sparse", kv_budget=budget, chunk_tokens=S4)
+        with TieredKVCache(_cfg(), policy, 1, T4 + 4, torch.float32, "cpu") as cache:
+            cache.attend(0, torch.randn(1, HQ, T4, D), k, torch.randn(1, HKV, T4, D), torch.arange(T4).view(1, T4), None)
+            cache.advance(T4)
+            kv = cache._st.layers[0]
+            assert cache.stats()["sketch"] == "on" and kv is not None and kv.n_coded == T4 // S4
+            assert bool(select(cache._st, kv, q).mask[0, :, pos // S4].all()), (seed, pos)
+
+
+def test_stats_report_the_estimator_share_of_sparse_steps() -> None:
+    policy = Policy(kv="sparse", kv_budget=0.1, chunk_tokens=S)
+    q, k, _ = _needle_context(0)
+    with TieredKVCache(_cfg(), policy, 1, T + 8, torch.float32, "cpu") as cache:
+        cache.attend(0, torch.randn(1, HQ, T, D), k, torch.randn(1, HKV, T, D), torch.arange(T).view(1, T), None)
+        cache.advance(T)
+        assert cache.stats()["estimator_share"] is None            # prefill only: no sparse step yet
+        for i in range(3):
+            cache.attend(0, q.unsqueeze(2), k[:, :, -1:], torch.randn(1, HKV, 1, D), torch.tensor([[T + i]]), None)
+            cache.advance(1)
+        st = cache.stats()
+        assert st["sparse_layer_steps"] == 3 and st["estimator_s"] > 0
+        assert 0 < st["estimator_share"] <= 1 and st["sparse_step_s"] >= st["estimator_s"]
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 65, 127, 128, 129, 640, 700])
+@pytest.mark.parametrize("sink", [0, 1, 2])
+def test_forced_tokens_match_the_forced_chunks_of_the_selection(tokens: int, sink: int) -> None:
+    from tierkv.kernels import select_chunks
+    from tierkv.pipeline.kv.sparse import forced_tokens
+
+    c = -(-tokens // S)
+    sizes = torch.full((c,), S, dtype=torch.int32)
+    sizes[-1] = tokens - (c - 1) * S
+    sel = select_chunks(torch.zeros(1, 1, c), sizes, budget_tokens=0, sink_chunks=sink, recent_tokens=S,
+                        backend="torch")                         # a zero budget keeps the forced chunks only
+    assert forced_tokens(c, S, tokens, sink) == (int((sel.mask[0, 0] * sizes).sum()), int(sel.counts[0, 0]))

@@ -276,8 +276,8 @@ def test_budget_errors_name_the_fix(tmp_path: Path) -> None:
                        kv_device_bytes=_device_bytes(cfg, 32, 12, B, 1000, coded), offload_dir=tmp_path) as cache:
         assert cache.stats()["sketch"] == "on"
     with TieredKVCache(cfg, Policy(chunk_tokens=32), B, 1000, torch.float32, "cpu",
-                       kv_device_bytes=_device_bytes(cfg, 32, 12, B, 1000, plain), offload_dir=tmp_path) as cache:
-        assert cache.stats()["sketch"] == "off" and cache.stats()["sketch_bytes"] == 0   # the CPU default
+                       kv_device_bytes=_device_bytes(cfg, 32, 12, B, 1000, coded), offload_dir=tmp_path) as cache:
+        assert cache.stats()["sketch"] == "on"   # the default, CPU included
     with pytest.raises(KVBudgetError, match="give an offload dir"):
         TieredKVCache(cfg, Policy(chunk_tokens=32), B, 1000, torch.float32, "cpu",
                       kv_device_bytes=_device_bytes(cfg, 32, 12, B, 1000, Policy()), kv_host_bytes=0)

@@ -54,7 +54,7 @@ class LoadFlags:
     kv_sketch: Optional[bool] = _flag(typer.Option(
         None, "--kv-sketch/--no-kv-sketch",
         help="sparse KV: score chunks with 2-bit key codes (finds single-token needles; "
-             "1/16 of the KV kept on the device); default: on with CUDA, off on CPU"))
+             "1/16 of the KV kept on the device); default: on"))
     kv_quant: str = _flag(typer.Option(
         "none", "--kv-quant", help="KV chunks on host/disk: none, int8 or int4 (device KV stays exact)"))
     prefill_chunk_tokens: Optional[int] = _flag(typer.Option(

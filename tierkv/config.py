@@ -405,7 +405,7 @@ class Policy:
     kv_device_tokens: int | None = None  # context whose KV the planner keeps room for on the device;
                                          # None = min(4096, the model's maximum); beyond it KV spills to host/disk
     kv_sketch: bool | None = None       # sparse mode: token-level chunk scores from 2-bit key codes on the device;
-                                        # None = on with CUDA (a bandwidth-cheap pass), off on CPU (costs ~dense attention)
+                                        # None = on (every device; sketches only the best few x budget chunks)
     max_sequences: int = 16             # sequences decoding together at most (more wait for a place)
     weight_quant: WeightQuant | None = None  # group-wise int8/int4 layer weights; None = 16-bit (the compute dtype)
     kv_quant: str = "none"              # KV chunks on the host and disk tiers: "none" (exact), "int8" or "int4"

@@ -13,7 +13,7 @@ package never requires Triton. Tests run the Triton kernels on the CPU by settin
 
 from tierkv.kernels.abstract import abstract_append, chunk_abstract
 from tierkv.kernels.attention import Partials, combine_partials, decode_partials, empty_partials, sparse_decode_attention
-from tierkv.kernels.importance import Selection, chunk_scores, select_chunks
+from tierkv.kernels.importance import Selection, chunk_scores, select_chunks, sketch_candidates
 from tierkv.kernels.sketch import KeySketch, encode_keys
 
 __all__ = [
@@ -28,5 +28,6 @@ __all__ = [
     "empty_partials",
     "encode_keys",
     "select_chunks",
+    "sketch_candidates",
     "sparse_decode_attention",
 ]

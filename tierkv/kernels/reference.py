@@ -28,6 +28,7 @@ __all__ = [
     "chunk_scores_ref",
     "select_chunks_ref",
     "sketch_scores_ref",
+    "coarse_sketch_scores_ref",
     "sparse_decode_attention_ref",
 ]
 
@@ -103,26 +104,49 @@ def chunk_scores_ref(
     return scores
 
 
+def _gathered(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """t (B, Hkv, C, *rest) at chunk ids (B, Hkv, K) -> (B, Hkv, K, *rest): whole rows by index_select
+    (a contiguous copy per chunk, measured ~3x faster on the CPU than an element-wise gather)."""
+    B, H, K = ids.shape
+    rest, (sb, sh, sc) = t.shape[3:], t.stride()[:3]
+    if sc > 0 and sb % sc == 0 and sh % sc == 0:     # rows of a (sliced) chunk-major tensor: view them in place
+        rows = (B - 1) * (sb // sc) + (H - 1) * (sh // sc) + t.shape[2]
+        base = t.as_strided((rows, *rest), (sc, *t.stride()[3:]))
+        start = torch.arange(B, device=ids.device).view(B, 1, 1) * (sb // sc) \
+            + torch.arange(H, device=ids.device).view(1, H, 1) * (sh // sc)
+    else:                                            # e.g. an expanded (broadcast) tensor: copy it once
+        base, start = t.reshape(B * H * t.shape[2], *rest), \
+            t.shape[2] * torch.arange(B * H, device=ids.device).view(B, H, 1)
+    return base.index_select(0, (ids.long() + start).view(-1)).view(B, H, K, *rest)
+
+
 def sketch_scores_ref(
-    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor, sizes: torch.Tensor
+    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor, sizes: torch.Tensor,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token-level upper bound of q.k from 2-bit key codes, max over each chunk's keys and each KV group.
 
-    q: (B, Hq, D); kmin, kmax: (B, Hkv, n, D); codes: (B, Hkv, n, S, P) uint8 (channel d = i*P + j
-    in bits 2i..2i+1 of byte j, see ``tierkv.kernels.sketch``); sizes: (B, n) int, keys per chunk.
-    Returns (B, Hkv, n) float32: max over keys and query heads of q.kmin + relu(q).w + (q*w).code.
-    The codes are unpacked in blocks of chunks (~1M values each): the one loop in this module,
-    because a whole-context float copy of the codes costs more in page faults than the arithmetic.
+    q: (B, Hq, D); kmin, kmax: (B, Hkv, C, D); codes: (B, Hkv, C, S, P) uint8 (channel d = i*P + j
+    in bits 2i..2i+1 of byte j, see ``tierkv.kernels.sketch``); sizes: (B, C) int, keys per chunk.
+    ids: None scores chunks 0..C-1 (returns (B, Hkv, C)); (B, Hkv, K) int scores the chunks each KV
+    head lists (returns (B, Hkv, K), entry k for chunk ids[b, h, k]).
+    Value: max over keys and query heads of q.kmin + relu(q).w + (q*w).code, float32. Codes unpack
+    by four shift/mask passes (measured faster on the CPU than a 256-entry table gather) in blocks of
+    chunks (~1M values each): a whole-context float copy costs more in page faults than the math.
     """
     B, Hq, D = q.shape
-    H, n, S, P = codes.shape[1], codes.shape[2], codes.shape[3], codes.shape[4]
+    H, S, P = codes.shape[1], codes.shape[3], codes.shape[4]
     G = Hq // H
+    sizes = sizes.to(q.device).view(B, 1, -1).expand(B, H, sizes.shape[-1])       # (B, Hkv, C)
+    if ids is not None:
+        kmin, kmax, codes, sizes = (_gathered(t, ids) for t in (kmin, kmax, codes, sizes))
+    n = codes.shape[2]
     qg = q.float().view(B, H, G, D)                                               # (B, Hkv, G, D)
-    lo = kmin.float()
-    w = (kmax.float() - lo) * 0.25                                                 # (B, Hkv, n, D)
-    base = torch.einsum("bhgd,bhnd->bhng", qg, lo) + torch.einsum("bhgd,bhnd->bhng", qg.clamp(min=0), w)
+    lo = kmin[:, :, :n].float()
+    w = (kmax[:, :, :n].float() - lo) * 0.25                                      # (B, Hkv, n, D)
+    base = torch.matmul(lo, qg.transpose(-1, -2)) + torch.matmul(w, qg.clamp(min=0).transpose(-1, -2))  # (.., n, G)
     qw = torch.nn.functional.pad(qg.unsqueeze(2) * w.unsqueeze(3), (0, 4 * P - D))  # (B, Hkv, n, G, 4P)
-    valid = torch.arange(S, device=q.device) < sizes.view(B, 1, n, 1, 1).to(q.device)  # (B, 1, n, 1, S)
+    valid = torch.arange(S, device=q.device) < sizes[:, :, :n, None, None]         # (B, Hkv, n, 1, S)
     best = torch.empty(B, H, n, G, device=q.device)
     step = max(1, (1 << 20) // max(1, B * H * S * 4 * P))
     unpacked = torch.empty(B, H, min(step, n), S, 4, P, device=q.device)          # (B, Hkv, blk, S, 4, P)
@@ -134,6 +158,37 @@ def sketch_scores_ref(
         tok = torch.matmul(qw[:, :, c0:c1], part.view(B, H, c1 - c0, S, 4 * P).transpose(-1, -2))  # (.., G, S)
         best[:, :, c0:c1] = tok.masked_fill_(~valid[:, :, c0:c1], float("-inf")).amax(dim=-1)
     return (best + base).amax(dim=-1)
+
+
+def coarse_sketch_scores_ref(
+    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, codes: torch.Tensor, sizes: torch.Tensor, channels: int,
+) -> torch.Tensor:
+    """A cheaper token-level upper bound of q.k: the codes of ``channels`` of the D channels per key.
+
+    Per KV head, the channels that weigh most (max over the group of |q_d|, times the mean cell
+    width over the chunks) are read from the codes; every other channel takes its cell-free bound
+    max(q*kmin, q*kmax) = q*kmin + relu(q)*4w, as in the min/max bound. Still >= q.k for every key
+    of the chunk, and between the min/max bound and the full sketch bound. Shapes as
+    ``sketch_scores_ref`` (ids None); returns (B, Hkv, n) float32. Reads channels / D of the values.
+    """
+    B, Hq, D = q.shape
+    H, n, S, P = codes.shape[1], codes.shape[2], codes.shape[3], codes.shape[4]
+    G, m = Hq // H, min(channels, D)
+    qg = q.float().view(B, H, G, D)                                               # (B, Hkv, G, D)
+    lo = kmin[:, :, :n].float()
+    w = (kmax[:, :, :n].float() - lo) * 0.25                                      # (B, Hkv, n, D)
+    qw = qg.unsqueeze(2) * w.unsqueeze(3)                                         # (B, Hkv, n, G, D)
+    chan = (qg.abs().amax(2) * w.mean(2)).topk(m, dim=-1).indices                 # (B, Hkv, m) channel ids
+    qw_sel = qw.gather(-1, chan.view(B, H, 1, 1, m).expand(B, H, n, G, m))         # (B, Hkv, n, G, m)
+    free = 3 * qw.clamp(min=0)                                                     # each channel's best cell
+    base = (torch.matmul(lo, qg.transpose(-1, -2)) + torch.matmul(w, qg.clamp(min=0).transpose(-1, -2))
+            + free.sum(-1) - free.gather(-1, chan.view(B, H, 1, 1, m).expand(B, H, n, G, m)).sum(-1))  # (.., n, G)
+    byte = (chan % P).view(B, H, 1, 1, m).expand(B, H, n, S, m)                    # channel d = i*P + j: byte j,
+    shift = (2 * (chan // P)).to(torch.uint8).view(B, H, 1, 1, m)                  # bits 2i..2i+1
+    vals = ((codes.gather(-1, byte) >> shift) & 3).float()                         # (B, Hkv, n, S, m)
+    tok = torch.matmul(qw_sel, vals.transpose(-1, -2))                             # (B, Hkv, n, G, S)
+    valid = torch.arange(S, device=q.device) < sizes.to(q.device).view(B, 1, -1, 1, 1)[:, :, :n]
+    return (tok.masked_fill_(~valid, float("-inf")).amax(-1) + base).amax(-1)
 
 
 def _forced_chunks(

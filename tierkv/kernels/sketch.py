@@ -95,24 +95,29 @@ def _channel_block(q_row, s_qd, kmin_row, kmax_row, s_ad, i, P, D, offs_p):
 
 @jit
 def _sketch_scores_kernel(
-    q_ptr, kmin_ptr, kmax_ptr, codes_ptr, size_ptr, out_ptr,
+    q_ptr, kmin_ptr, kmax_ptr, codes_ptr, size_ptr, ids_ptr, out_ptr,
     Hkv, G, D, P, S,
     s_qb, s_qh, s_qd,
     s_ab, s_ah, s_ac, s_ad,
     s_cb, s_ch, s_cc, s_cs, s_cp,
     s_zb, s_zc,
+    s_ib, s_ih, s_ik,
     s_ob, s_oh, s_oc,
-    BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_IDS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # grid (B * Hkv, coded): one program bounds every key of one chunk for one KV group.
+    # grid (B * Hkv, chunks or candidates): one program bounds every key of one chunk for one KV
+    # group; with HAS_IDS the chunk is the k-th candidate of that (sequence, KV head).
     pid_bh = tl.program_id(0)
-    c = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
+    if HAS_IDS:
+        c = tl.load(ids_ptr + b.to(tl.int64) * s_ib + h * s_ih + tl.program_id(1) * s_ik).to(tl.int64)
+    else:
+        c = tl.program_id(1).to(tl.int64)
     offs_p = tl.arange(0, BLOCK_P)
     offs_s = tl.arange(0, BLOCK_S)
-    a_base = b.to(tl.int64) * s_ab + h * s_ah + c.to(tl.int64) * s_ac
-    c_base = b.to(tl.int64) * s_cb + h * s_ch + c.to(tl.int64) * s_cc
+    a_base = b.to(tl.int64) * s_ab + h * s_ah + c * s_ac
+    c_base = b.to(tl.int64) * s_cb + h * s_ch + c * s_cc
     n_tok = tl.load(size_ptr + b.to(tl.int64) * s_zb + c * s_zc).to(tl.int32)
     best = tl.full([BLOCK_S], float("-inf"), tl.float32)
     for g in range(0, G):
@@ -138,19 +143,21 @@ def _sketch_scores_kernel(
 
 
 def sketch_scores_fwd(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sketch: KeySketch,
-                      out: torch.Tensor) -> None:
+                      out: torch.Tensor, ids: torch.Tensor | None = None) -> None:
     """Launch ``_sketch_scores_kernel``: q (B, Hq, D), kmin/kmax (B, Hkv, C, D), out (B, Hkv, C) float32;
-    writes the first ``sketch.coded`` chunks of ``out``."""
+    writes the first ``sketch.coded`` chunks of ``out``, or with ids (B, Hkv, K) int the chunks listed."""
     B, Hq, D = q.shape
     H = kmin.shape[1]
     codes, sizes = sketch.codes, sketch.chunk_tokens.expand(B, kmin.shape[2])
     S, P = codes.shape[3], codes.shape[4]
     assert kmin.stride() == kmax.stride() and sketch.coded > 0
-    _sketch_scores_kernel[(B * H, sketch.coded)](
-        q, kmin, kmax, codes, sizes, out,
+    n = sketch.coded if ids is None else ids.shape[2]
+    _sketch_scores_kernel[(B * H, n)](
+        q, kmin, kmax, codes, sizes, ids if ids is not None else out, out,
         H, Hq // H, D, P, S,
-        *q.stride(), *kmin.stride(), *codes.stride(), *sizes.stride(), *out.stride(),
-        BLOCK_S=min(64, max(16, next_pow2(S))), BLOCK_P=max(16, next_pow2(P)),
+        *q.stride(), *kmin.stride(), *codes.stride(), *sizes.stride(),
+        *(ids.stride() if ids is not None else (0, 0, 0)), *out.stride(),
+        HAS_IDS=ids is not None, BLOCK_S=min(64, max(16, next_pow2(S))), BLOCK_P=max(16, next_pow2(P)),
     )
 
 
@@ -171,22 +178,32 @@ def _check_sketch(sketch: KeySketch, kmin: torch.Tensor) -> None:
 
 
 def sketch_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sketch: KeySketch, out: torch.Tensor,
-                  *, backend: str | None = None) -> torch.Tensor:
-    """Overwrite the first ``sketch.coded`` chunks of ``out`` (B, Hkv, C) with their token-level bound.
+                  *, ids: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """Overwrite chunks of ``out`` (B, Hkv, C) with their token-level bound: the first ``sketch.coded``,
+    or with ``ids`` (B, Hkv, K) int (each < ``sketch.coded``) the chunks each KV head lists.
 
     q (B, Hq, D) post-RoPE unscaled; kmin/kmax (B, Hkv, C, D). Called by ``chunk_scores``, which
-    checks q against the abstracts; the other chunks of ``out`` are left as they are.
+    checks q against the abstracts and chooses the candidates; the other chunks of ``out`` are left
+    as they are.
     """
     _check_sketch(sketch, kmin)
-    if sketch.coded == 0:
+    B, H = kmin.shape[:2]
+    if ids is not None and (ids.dim() != 3 or tuple(ids.shape[:2]) != (B, H) or ids.is_floating_point()
+                            or ids.device != kmin.device):
+        raise ValueError(f"ids must be a (B={B}, Hkv={H}, K) int tensor on {kmin.device}, "
+                         f"got {tuple(ids.shape)} {ids.dtype} on {ids.device}")
+    if sketch.coded == 0 or (ids is not None and ids.shape[2] == 0):
         return out
     sizes = sketch.chunk_tokens.to(kmin.device)
     sketch = sketch._replace(chunk_tokens=sizes)
     if pick_backend(_sketch_scores_kernel, q, kmin, kmax, sketch.codes, backend=backend) == "triton" \
             and kmin.stride() == kmax.stride():
-        sketch_scores_fwd(q, kmin, kmax, sketch, out)
-    else:
+        sketch_scores_fwd(q, kmin, kmax, sketch, out, ids)
+    elif ids is None:
         n = sketch.coded
         out[:, :, :n] = sketch_scores_ref(q, kmin[:, :, :n], kmax[:, :, :n], sketch.codes[:, :, :n],
-                                          sizes.expand(q.shape[0], kmin.shape[2])[:, :n])
+                                          sizes.expand(B, kmin.shape[2])[:, :n])
+    else:
+        got = sketch_scores_ref(q, kmin, kmax, sketch.codes[:, :, :kmin.shape[2]], sizes.expand(B, kmin.shape[2]), ids)
+        out.scatter_(2, ids.long(), got)
     return out

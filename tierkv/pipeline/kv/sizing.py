@@ -55,14 +55,15 @@ def cold_chunk_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk_tokens: int, kv
 def keeps_sketch(policy: Policy, device: torch.device) -> bool:
     """Whether a tiered cache under ``policy`` keeps 2-bit key codes (only sparse selection reads them).
 
-    Default (``policy.kv_sketch`` None): on CUDA, where scoring the codes reads 1/8 of the bytes of
-    K and is a small part of a step; off on the CPU, where the same pass is as many multiply-adds
-    as q.K over the context (measured 0.65-1.13x dense decode attention) and would cancel the
-    sparse step's saving.
+    Default (``policy.kv_sketch`` None): on outside exact mode, on every device: the token-level
+    bound finds single-key needles the min/max bound misses, and the two-stage selection
+    (``kernels.importance``: the sketch scores only a few times the budget's chunks) keeps its cost
+    a small part of a decode step on the CPU too. ``kv_sketch=False`` turns it off. ``device`` is
+    kept for callers that ask per device; the answer no longer depends on it.
     """
     if policy.kv == "exact":
         return False
-    return policy.kv_sketch if policy.kv_sketch is not None else device.type == "cuda"
+    return policy.kv_sketch if policy.kv_sketch is not None else True
 
 
 def layer_index_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capacity_tokens: int, chunk_tokens: int,

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from tierkv.kernels import KeySketch, Selection, chunk_scores, select_chunks, sparse_decode_attention
+from tierkv.kernels import KeySketch, Selection, chunk_scores, select_chunks, sketch_candidates, sparse_decode_attention
 from tierkv.pipeline.kv.layer import LayerKV
 from tierkv.pipeline.kv.moves import evict, finish_fetch, poll_fetches, start_fetches
 from tierkv.pipeline.kv.overflow import decode_overflow
@@ -27,7 +27,7 @@ from tierkv.pipeline.kv.state import CacheState
 from tierkv.pipeline.kv.streamed import attend_streamed, drain_prefetch
 from tierkv.pipeline.kv.table import ChunkKey, KVBudgetError
 
-__all__ = ["decode", "head_words", "join_words", "select"]
+__all__ = ["decode", "forced_tokens", "head_words", "join_words", "select"]
 
 HEAD_WORD_BITS = 63             # KV heads per int64 word of a chunk's "which heads picked it" bitmask
 
@@ -87,16 +87,36 @@ def head_words(mask: torch.Tensor) -> torch.Tensor:
     return (padded.view(b, n_words, HEAD_WORD_BITS, c) * bits[:, None]).sum(2)
 
 
+def forced_tokens(n_chunks: int, chunk_tokens: int, tokens: int, sink_chunks: int) -> tuple[int, int]:
+    """(tokens, chunks) the selection forces: the sinks and the recent window of ``chunk_tokens``, when
+    every chunk but the open last one holds ``chunk_tokens`` (host ints: no device read)."""
+    last = tokens - (n_chunks - 1) * chunk_tokens                                # the open chunk's tokens
+    recent = {n_chunks - 1} if last >= chunk_tokens else {n_chunks - 2, n_chunks - 1}
+    forced = set(range(min(sink_chunks, n_chunks))) | {i for i in recent if i >= 0}
+    return sum(last if i == n_chunks - 1 else chunk_tokens for i in forced), len(forced)
+
+
 def select(st: CacheState, kv: LayerKV, q0: torch.Tensor) -> Selection:
-    """Importance selection on the device: q0 (B, Hq, D) -> Selection over the layer's chunks."""
+    """Importance selection on the device: q0 (B, Hq, D) -> Selection over the layer's chunks.
+
+    With key codes, two stages (``kernels.importance``): a coarse sketch bound ranks every coded
+    chunk, the full sketch bounds the ``sketch_candidates`` best (a few times the chunks the budget
+    holds beside the forced ones), the rest are pruned. When the budget holds no chunk beside the
+    forced ones, nothing is scored: the selection is the forced chunks.
+    """
     c = kv.n_chunks
     t0 = time.perf_counter()
-    sketch = None if kv.codes is None else KeySketch(kv.codes, kv.chunk_sizes[:c], kv.n_coded)
-    scores = chunk_scores(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch=sketch)  # (B, Hkv, C)
     budget = kv_budget_tokens(st.policy.kv_budget, kv.tokens)
-    sink = st.shape.sink_chunks
-    sel = select_chunks(scores, kv.chunk_sizes[:c], budget_tokens=budget, sink_chunks=sink,
-                        recent_tokens=kv.geo.chunk_tokens)
+    sink, size = st.shape.sink_chunks, kv.geo.chunk_tokens
+    forced, n_forced = forced_tokens(c, size, kv.tokens, sink)
+    candidates = sketch_candidates(budget - forced, size, n_forced)
+    if candidates == 0:
+        scores = torch.zeros(st.batch, st.kv_heads, c, device=st.device)          # forced chunks only
+    else:
+        sketch = None if kv.codes is None else KeySketch(kv.codes, kv.chunk_sizes[:c], kv.n_coded)
+        scores = chunk_scores(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch=sketch,
+                              candidates=candidates)                                 # (B, Hkv, C)
+    sel = select_chunks(scores, kv.chunk_sizes[:c], budget_tokens=budget, sink_chunks=sink, recent_tokens=size)
     st.c.estimator_s += time.perf_counter() - t0
     st.selected_tokens += (sel.mask * kv.chunk_sizes[:c]).sum()
     st.c.selectable_tokens += st.batch * st.kv_heads * kv.tokens
@@ -104,7 +124,7 @@ def select(st: CacheState, kv: LayerKV, q0: torch.Tensor) -> Selection:
     # every chunk but the open last one holds S tokens, so the budget admits at most budget // S
     # unforced chunks, beside the sinks and at most two recent chunks. The attention kernel's
     # cost grows with the table's width (the torch reference gathers all of it), not the counts.
-    width = min(c, sink + 2 + budget // kv.geo.chunk_tokens)
+    width = min(c, sink + 2 + budget // size)
     assert st.device.type != "cpu" or int(sel.counts.max()) <= width, "selection wider than its bound"
     return sel._replace(ids=sel.ids[..., :width])
 

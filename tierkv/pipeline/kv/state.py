@@ -46,6 +46,7 @@ class Counters:
     overflow_steps: int = 0       # sparse layer-steps whose selection (union over KV heads) exceeded the device slots
     exact_layer_steps: int = 0
     estimator_s: float = 0.0
+    sparse_step_s: float = 0.0    # wall time of the decode steps that selected chunks (advance to advance)
     selectable_tokens: int = 0
 
 
@@ -66,6 +67,7 @@ class CacheState:
     hint: tuple[int, list[ChunkKey]] | None = None   # (chunk tokens, keys) the last layer selected
     closed: bool = False
     c: Counters = field(default_factory=Counters)
+    step_mark: tuple[float, int] | None = None       # (perf_counter, sparse_layer_steps) at the last advance
     mover: Mover = field(init=False)                    # this cache's routes and link counters
     selected_tokens: torch.Tensor = field(init=False)   # () float64: sparse steps' selected tokens
     union_tokens: torch.Tensor = field(init=False)      # () float64: sparse steps' union sizes

@@ -7,6 +7,7 @@ table are views of the cache's state, kept apart from the code that changes it.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from tierkv.pipeline.kv.layer import LayerKV
@@ -14,9 +15,19 @@ from tierkv.pipeline.kv.sizing import MIN_BUDGET_CHUNKS, budget_holds_chunks, kv
 from tierkv.pipeline.kv.state import CacheState
 from tierkv.pipeline.kv.table import Tier
 
-__all__ = ["budget_note", "check_invariants", "stats"]
+__all__ = ["budget_note", "check_invariants", "note_step", "stats"]
 
 DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
+
+
+def note_step(st: CacheState) -> None:
+    """At each ``advance``: a decode step that selected chunks adds its wall time (since the previous
+    advance, so the whole step: sampling, every layer, the head) to ``sparse_step_s``, the
+    denominator of ``estimator_share``."""
+    now, sparse = time.perf_counter(), st.c.sparse_layer_steps
+    if st.decoding and st.step_mark is not None and sparse > st.step_mark[1]:
+        st.c.sparse_step_s += now - st.step_mark[0]
+    st.step_mark = (now, sparse)
 
 
 def stats(st: CacheState, device_allocated_bytes: int) -> dict[str, Any]:
@@ -47,6 +58,10 @@ def stats(st: CacheState, device_allocated_bytes: int) -> dict[str, Any]:
         "spec_fetched_chunks": c.spec_fetched_chunks,
         "spec_unused_chunks": c.spec_unused_chunks,
         "estimator_s": c.estimator_s,
+        # estimator (scoring + selection, host wall time: on CUDA the launches) over the wall time of
+        # the decode steps that selected chunks; None before such a step
+        "estimator_share": c.estimator_s / c.sparse_step_s if c.sparse_step_s else None,
+        "sparse_step_s": c.sparse_step_s,
         "sketch": st.sketch_note,
         "sketch_bytes": sum(kv.codes.numel() for kv in layers if kv.codes is not None),
         "selected_fraction": float(st.selected_tokens) / c.selectable_tokens if c.selectable_tokens else None,

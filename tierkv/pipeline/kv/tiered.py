@@ -128,6 +128,7 @@ class TieredKVCache:
         st.length += t
         st.c.forwards += 1
         st.c.decode_steps += st.decoding
+        stats_mod.note_step(st)
         assert all(layer.tokens == st.length for layer in st.live_layers()), "advance() before every layer attended"
 
     # -- copy-out / copy-in (sessions) -------------------------------------------------------
