@@ -85,7 +85,7 @@ def test_stats_and_plan_lines_are_never_wrapped(tiny_llama_dir, tmp_path) -> Non
     assert plan.exit_code == 0, plan.output
     lines = plan.stdout.strip().splitlines()
     assert [ln.split(" ")[0] for ln in lines] == ["weights:", "device", "host", "disk", "prefetch", "KV", "prefill:",
-                                                  "predicted"], lines
+                                                  "sparse", "predicted"], lines
     assert str(long_dir) in lines[3]
 
 
