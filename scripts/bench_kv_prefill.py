@@ -28,10 +28,12 @@ append part (sparse append_s - resident append_s) and the rest (attention and bo
 Ends with one JSON line.
 
     python scripts/bench_kv_prefill.py [--contexts 8192,32768] [--layers 4] [--repeats 1]
-        [--chunk-tokens N] [--device-kv-tokens 2048] [--host-kv-tokens 4096] [--threads 2]
+        [--chunk-tokens N] [--device-kv-tokens 2048] [--host-kv-tokens 4096] [--threads 1]
         [--configs resident,exact_tiered,sparse_tiered] [--baseline-tree DIR]
 
-On the 2-core CPU machine 8K takes about a minute per configuration and tree, 32K about ten.
+One intra-op thread by default: on a shared 2-core machine two threads made small torch ops up to
+100x slower (OpenMP barriers under contention; measured 54 ms against 0.3 ms for one chunk's
+``encode_keys``) and the same run varied 3x. 8K takes about 10 s per configuration and tree.
 """
 
 from __future__ import annotations
@@ -270,7 +272,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--chunk-tokens", type=int, default=None, help="fixed chunk size (default: adaptive)")
     ap.add_argument("--device-kv-tokens", type=int, default=2048, help="KV room on the device, tokens")
     ap.add_argument("--host-kv-tokens", type=int, default=4096, help="KV room in host memory, tokens")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads in each worker")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each worker")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--baseline-tree", type=Path, default=None, help="another checkout's root to measure too")
     ap.add_argument("--model-root", type=Path, default=Path(tempfile.gettempdir()) / "tierkv-bench-models")
