@@ -5,7 +5,10 @@ scores each chunk from a tiny per-chunk summary (two vectors of D values per KV 
 the device while the chunk itself may live on host memory or disk. The abstracts are built once at
 prefill (``chunk_abstract``) and then kept current as decode appends tokens to the open, last
 chunk (``abstract_append``). Chunks may have different sizes (adaptive chunking per layer) and the
-last one may be partial, so chunk boundaries are given as start offsets.
+last one may be partial, so chunk boundaries are given as start offsets. The tiered cache, whose
+chunks all hold S tokens, folds each appended piece (a prefill piece, a decode token) into every
+chunk it reaches with one call (``piece_abstract``): one launch on the GPU, at most three
+reductions in torch, however many chunks the piece closes.
 
 Keys are post-RoPE: the abstract bounds what the attention logits can be, so it must see the keys
 exactly as attention does. Min and max are exact, so the abstracts keep the dtype of the keys.
@@ -16,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from tierkv.kernels._select import jit, next_pow2, pick_backend, tl
-from tierkv.kernels.reference import abstract_append_ref, chunk_abstract_ref
+from tierkv.kernels.reference import abstract_append_ref, chunk_abstract_ref, piece_abstract_ref
 
-__all__ = ["chunk_abstract", "chunk_abstract_fwd", "abstract_append", "abstract_append_fwd"]
+__all__ = ["chunk_abstract", "chunk_abstract_fwd", "abstract_append", "abstract_append_fwd", "piece_abstract"]
 
 
 @jit
@@ -193,3 +196,48 @@ def abstract_append(
         abstract_append_fwd(kmin_c, kmax_c, new_keys, fresh)
     else:
         abstract_append_ref(kmin, kmax, new_keys, chunk, fresh)
+
+
+def piece_abstract(
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    keys: torch.Tensor,
+    first: int,
+    fill: int,
+    chunk_tokens: int,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Fold a piece of appended keys into the abstracts of every chunk of S tokens it reaches, in place.
+
+    kmin, kmax:   (B, Hkv, C, D) abstracts of chunks of ``chunk_tokens`` (S) tokens each.
+    keys:         (B, Hkv, T, D), T >= 1, post-RoPE keys in kmin's dtype, any strides: the tokens that
+                  follow the ``fill`` (0 <= fill < S) tokens already in chunk ``first``.
+    Chunk ``first`` takes the first S - fill keys (folded into its abstract when fill > 0, which is
+    overwritten when fill == 0), each next chunk the next S keys, the last one possibly fewer; the
+    chunks reached must exist in C. The same values as ``chunk_abstract`` over the whole sequence.
+    """
+    if kmin.dim() != 4 or kmin.shape != kmax.shape or kmin.dtype != kmax.dtype:
+        raise ValueError(f"kmin/kmax must be matching (B, Hkv, C, D), got {tuple(kmin.shape)}, {tuple(kmax.shape)}")
+    B, H, C, D = kmin.shape
+    if keys.dim() != 4 or keys.shape[:2] != (B, H) or keys.shape[3] != D or keys.shape[2] < 1:
+        raise ValueError(f"keys must be ({B}, {H}, T>=1, {D}), got {tuple(keys.shape)}")
+    T, s = keys.shape[2], chunk_tokens
+    if s < 1 or not 0 <= fill < s:
+        raise ValueError(f"need chunk_tokens >= 1 and 0 <= fill < chunk_tokens, got {chunk_tokens}, {fill}")
+    n = (fill + T - 1) // s + 1   # chunks the piece reaches
+    if first < 0 or first + n > C:
+        raise IndexError(f"a piece of {T} keys after {fill} in chunk {first} reaches chunk {first + n - 1}, "
+                         f"but there are {C} chunks")
+    use_triton = pick_backend(_chunk_abstract_kernel, kmin, keys, backend=backend) == "triton"
+    if not use_triton or kmin.stride() != kmax.stride():
+        piece_abstract_ref(kmin, kmax, keys, first, fill, s)
+    elif n == 1:
+        abstract_append_fwd(kmin[:, :, first], kmax[:, :, first], keys, fill == 0)
+    else:
+        old = (kmin[:, :, first].clone(), kmax[:, :, first].clone()) if fill else None   # (B, Hkv, D)
+        starts = torch.arange(-fill, T, s, device=keys.device).clamp_(min=0)              # (n,) on the device
+        chunk_abstract_fwd(keys, starts, kmin[:, :, first:first + n], kmax[:, :, first:first + n])
+        if old is not None:
+            kmin[:, :, first] = torch.minimum(kmin[:, :, first], old[0])
+            kmax[:, :, first] = torch.maximum(kmax[:, :, first], old[1])

@@ -25,6 +25,7 @@ __all__ = [
     "decode_partials_ref",
     "empty_partials",
     "abstract_append_ref",
+    "piece_abstract_ref",
     "chunk_scores_ref",
     "select_chunks_ref",
     "sketch_scores_ref",
@@ -81,6 +82,37 @@ def abstract_append_ref(
         hi = torch.maximum(hi, kmax[:, :, chunk])
     kmin[:, :, chunk] = lo
     kmax[:, :, chunk] = hi
+
+
+def piece_abstract_ref(
+    kmin: torch.Tensor, kmax: torch.Tensor, keys: torch.Tensor, first: int, fill: int, chunk_tokens: int
+) -> None:
+    """Fold a piece of appended keys into the abstracts of every chunk it reaches, in place.
+
+    kmin, kmax: (B, Hkv, C, D); keys: (B, Hkv, T, D), T >= 1, the tokens that follow the ``fill``
+    (0 <= fill < S) already in chunk ``first``, with chunks of S = chunk_tokens tokens: chunk
+    ``first`` takes the first S - fill keys (folded into its abstract when fill > 0, overwriting it
+    when fill == 0), each next chunk the next S, the last one possibly fewer. At most three
+    reductions (the open chunk's rest, the whole chunks, the partial last), whatever T is.
+    """
+    B, H, T, D = keys.shape
+    s = chunk_tokens
+    head = min(T, s - fill) if fill else 0
+    if head:
+        lo, hi = torch.aminmax(keys[:, :, :head], dim=2)  # (B, Hkv, D)
+        kmin[:, :, first] = torch.minimum(lo, kmin[:, :, first])
+        kmax[:, :, first] = torch.maximum(hi, kmax[:, :, first])
+    c = first + (1 if head else 0)
+    full, tail = divmod(T - head, s)
+    if full:
+        body = keys[:, :, head:head + full * s].reshape(B, H, full, s, D)
+        lo, hi = torch.aminmax(body, dim=3)  # (B, Hkv, full, D)
+        kmin[:, :, c:c + full] = lo
+        kmax[:, :, c:c + full] = hi
+    if tail:
+        lo, hi = torch.aminmax(keys[:, :, T - tail:], dim=2)
+        kmin[:, :, c + full] = lo
+        kmax[:, :, c + full] = hi
 
 
 def chunk_scores_ref(

@@ -62,10 +62,11 @@ def sketch_bytes_per_token(head_dim: int) -> int:
 def encode_keys(keys: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """Codes of the keys of some chunks against those chunks' abstracts.
 
-    keys: (B, Hkv, n, S, D) post-RoPE keys of n chunks; kmin, kmax: (B, Hkv, n, D) the same
-    chunks' abstracts as stored (the cache's dtype: scoring reads those values back).
+    keys: (B, Hkv, n, S, D) post-RoPE keys of n chunks, any strides; kmin, kmax: (B, Hkv, n, D) the
+    same chunks' abstracts as stored (the cache's dtype: scoring reads those values back).
     Returns (B, Hkv, n, S, P) uint8. Keys outside the abstract (padding) clamp to the end cells.
-    Runs once per closed chunk, not per step: plain torch on whatever device the tensors are.
+    Element-wise per chunk, so n chunks coded in one call get the codes n calls would: the cache
+    codes every chunk a prefill piece closes at once. Plain torch on whatever device the tensors are.
     """
     B, H, n, S, D = keys.shape
     P = sketch_bytes_per_token(D)
@@ -75,7 +76,7 @@ def encode_keys(keys: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> t
     code = cell.floor_().clamp_(0, LEVELS - 1).to(torch.uint8)        # (B, Hkv, n, S, D)
     if LEVELS * P != D:
         code = torch.nn.functional.pad(code, (0, LEVELS * P - D))
-    code = code.view(B, H, n, S, LEVELS, P)
+    code = code.reshape(B, H, n, S, LEVELS, P)                         # a copy only for strided keys
     packed = code[..., 0, :].clone()
     for i in range(1, LEVELS):
         packed |= code[..., i, :] << (2 * i)

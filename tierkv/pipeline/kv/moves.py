@@ -21,7 +21,7 @@ from tierkv.pipeline.kv.table import ChunkKey, KVBudgetError, Tier
 from tierkv.pipeline.kv.workers import STREAM_THREADS, KVMove, complete, settle
 
 __all__ = ["chunk_name", "chunk_record", "move", "evict", "eviction_moves", "finish_fetch", "load", "make_room",
-           "poll_fetches", "poll_writes", "start_fetches", "write_behind"]
+           "poll_fetches", "poll_writes", "snapshot_records", "start_fetches", "write_behind"]
 
 DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
 TierPair = tuple[Tier, Tier]
@@ -110,18 +110,35 @@ def write_now(st: CacheState, kv: LayerKV, keys: Sequence[ChunkKey]) -> None:
         st.c.disk_write_bytes += len(keys) * kv.geo.cold_bytes
 
 
-def write_behind(st: CacheState, kv: LayerKV, chunk: int) -> None:
-    """Persist a just-closed chunk from a host snapshot on the writer thread, if the KV may spill.
+def write_behind(st: CacheState, kv: LayerKV, chunks: range) -> None:
+    """Persist just-closed chunks (every sequence's) on the writer thread, if the KV may spill: from
+    host snapshots taken now, one write per group of chunks whose snapshots fit ``st.write_behind_bytes``.
 
-    The chunk itself stays free to move; evicting it to disk waits for this write first.
+    The chunks themselves stay free to move; evicting one to disk waits for its write first.
     """
-    if st.store is None or not kv.geo.spill_expected or chunk < st.shape.sink_chunks:
+    if st.store is None or not kv.geo.spill_expected:
         return
-    keys = tuple(kv.key(chunk, b) for b in range(st.batch))
-    _make_write_room(st, len(keys) * kv.geo.cold_bytes)
-    records = [chunk_record(kv, key, snapshot=True) for key in keys]
-    moves = move(st, HOST, DISK, keys, records, [st.store] * len(keys))
-    kv.writing.append(Write(keys, tuple(moves), len(keys) * kv.geo.cold_bytes))
+    keys = [kv.key(c, b) for c in chunks if c >= st.shape.sink_chunks for b in range(st.batch)]
+    group = max(st.batch, st.write_behind_bytes // kv.geo.cold_bytes // st.batch * st.batch)   # whole chunks
+    for lo in range(0, len(keys), group):
+        part = tuple(keys[lo:lo + group])
+        _make_write_room(st, len(part) * kv.geo.cold_bytes)
+        moves = move(st, HOST, DISK, part, snapshot_records(kv, part), [st.store] * len(part))
+        kv.writing.append(Write(part, tuple(moves), len(part) * kv.geo.cold_bytes))
+
+
+def snapshot_records(kv: LayerKV, keys: Sequence[ChunkKey]) -> list[KVChunk]:
+    """Store records of resident chunks copied to host memory (their slots may be reused before the
+    writer runs): exact chunks from one gather of their K, V and abstracts, quantized ones coded on
+    the device one by one (``chunk_record``)."""
+    if kv.codec.layout is not None:
+        return [chunk_record(kv, key, snapshot=True) for key in keys]
+    slots = torch.tensor([kv.slot_of(key) for key in keys], device=kv.k_pool.device)
+    seqs, chunks = [key.seq for key in keys], [key.chunk for key in keys]
+    k, v = kv.k_pool[slots].to("cpu"), kv.v_pool[slots].to("cpu")            # (n, Hkv, S, D), fresh copies
+    lo, hi = kv.kmin[seqs, :, chunks].to("cpu"), kv.kmax[seqs, :, chunks].to("cpu")   # (n, Hkv, D)
+    return [kv.codec.record(kv.layer, key.chunk, key.seq, (k[i], v[i], lo[i], hi[i]), kv.table.tokens_of(key),
+                            snapshot=False) for i, key in enumerate(keys)]
 
 
 def _make_write_room(st: CacheState, nbytes: int) -> None:
