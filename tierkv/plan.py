@@ -213,10 +213,13 @@ def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int,
     """Working memory of one step: a prefill piece of ``piece_tokens`` per sequence of ``batch`` and
     ``decode_rows`` other sequences' one-token rows packed beside it (the engine's steps), attending
     to up to ``context_tokens`` keys, counted from what the model math and the KV caches allocate.
-    Attention runs one sequence at a time, so its scratch is counted once."""
+    Attention runs one sequence at a time, so its scratch is counted once, plus once more for the K/V
+    the tiered cache's exact attention gathers (up to one scratch: ``streamed.gathered_fits``) and
+    holds beside that block."""
     per_token = _bytes_per_piece_token(config, dtype)
     # one attention block: the scratch cap, or a single query row over every key when that is larger
-    attention = max(scratch_bytes, attention_pair_bytes(batch, config.num_heads) * max(context_tokens, piece_tokens))
+    block = max(scratch_bytes, attention_pair_bytes(batch, config.num_heads) * max(context_tokens, piece_tokens))
+    attention = block + scratch_bytes
     logits = 2 * (batch + decode_rows) * config.vocab_size * 4             # each row's last position, fp32 and a copy
     return (piece_tokens * batch + decode_rows) * per_token + attention + logits
 
