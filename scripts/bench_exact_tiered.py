@@ -62,7 +62,7 @@ def run(model: Path, policy: Policy, placement: str, prompt: list[int], new: int
         dev = host = None
         if placement == "spilled":
             chunk, cfg, dt = policy.chunk_tokens or 64, room.cfg, room.dtype
-            index = layer_index_bytes(cfg, dt, 1, capacity, chunk, keeps_sketch(policy, room.device))
+            index = layer_index_bytes(cfg, dt, 1, capacity, chunk, keeps_sketch(policy))
             dev = cfg.num_layers * (slots * slot_bytes(cfg, dt, chunk) + index)
             host = cfg.num_layers * host_chunks * slot_bytes(cfg, dt, chunk)
         cache = TieredKVCache(room.cfg, room.policy, 1, capacity, room.dtype, room.device, kv_device_bytes=dev,

@@ -123,7 +123,7 @@ def _placements(cfg: ModelConfig, policy: Policy, tmp: Path) -> dict[str, Tiered
     """The same cache on three placements: every chunk on the device; the device at the minimum with
     the rest on the host; the device at the minimum, a host of 4 chunks, the rest on disk."""
     per_token = kv_bytes_per_token(cfg, torch.float32)
-    room = kv_device_minimum_bytes(cfg, policy, torch.float32, B, CAP, keeps_sketch(policy, torch.device("cpu")))
+    room = kv_device_minimum_bytes(cfg, policy, torch.float32, B, CAP, keeps_sketch(policy))
     return {"device": TieredKVCache(cfg, policy, B, CAP, torch.float32, "cpu"),
             "host": TieredKVCache(cfg, policy, B, CAP, torch.float32, "cpu", kv_device_bytes=room),
             "disk": TieredKVCache(cfg, policy, B, CAP, torch.float32, "cpu", kv_device_bytes=room,

@@ -172,7 +172,7 @@ def _skewed(seed: int, t: int) -> list[tuple[torch.Tensor, ...]]:
 def test_device_want_bytes_bound_what_an_unbounded_cache_allocates_and_never_spill(policy: Policy,
                                                                                    tmp_path: Path) -> None:
     cfg, cap = _cfg(), 700
-    want = kv_device_want_bytes(cfg, policy, torch.float32, cap, device="cpu")
+    want = kv_device_want_bytes(cfg, policy, torch.float32, cap)
     with TieredKVCache(cfg, policy, 1, cap, torch.float32, "cpu") as roomy:
         _run_solo(roomy, [_skewed(0, 600)])
         sizes = roomy.stats()["chunk_tokens"]

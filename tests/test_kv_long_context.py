@@ -76,7 +76,7 @@ def test_small_kv_room_runs_a_prompt_near_the_full_context(model: Path, prompt: 
     per_token = kv_bytes_per_token(ModelConfig.from_dict({**_config(model)}), torch.float32)
     with tierkv.load(model, device="cpu", device_mem=_small_device_mem(model, policy), host_mem=64 * per_token,
                      offload_dir=tmp_path, **options) as eng:
-        coded = keeps_sketch(policy, torch.device("cpu"))      # the plan keeps room for the codes the cache keeps
+        coded = keeps_sketch(policy)      # the plan keeps room for the codes the cache keeps
         floor = kv_device_minimum_bytes(eng.config, policy, torch.float32, 1, CONTEXT, sketch=coded)
         assert eng.plan.kv_device_bytes >= floor > KV_TOKENS * per_token
         out = eng.generate(prompt, max_new_tokens=NEW, ignore_eos=True)   # sparse tokens may differ: count steps
@@ -186,7 +186,7 @@ def test_the_minimum_room_holds_every_capacity_up_to_its_own(policy: Policy, tmp
     whatever chunk size a layer's attention skew asks for, and runs its full capacity (losslessly in
     exact mode); one byte less per layer is refused with the minimum, in one error."""
     cfg, full = _cache_cfg(), 2048
-    sketch = keeps_sketch(policy, torch.device("cpu"))
+    sketch = keeps_sketch(policy)
     room = kv_device_minimum_bytes(cfg, policy, torch.float32, 1, full, sketch)
     for capacity in (1, 15, 100, 1000, full):
         with TieredKVCache(cfg, policy, 1, capacity, torch.float32, "cpu", kv_device_bytes=room,

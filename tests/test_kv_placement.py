@@ -52,7 +52,7 @@ def _budgets(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, capacity: int
     """(device, host) KV bytes of one sequence's cache for ``placement`` (None = unbounded)."""
     if placement == "device":
         return None, None
-    index = layer_index_bytes(cfg, dtype, 1, capacity, chunk, keeps_sketch(policy, torch.device("cpu")))
+    index = layer_index_bytes(cfg, dtype, 1, capacity, chunk, keeps_sketch(policy))
     device = cfg.num_layers * (DEVICE_SLOTS * slot_bytes(cfg, dtype, chunk) + index)
     host = None if placement == "host" else cfg.num_layers * HOST_CHUNKS * slot_bytes(cfg, dtype, chunk)
     return device, host

@@ -56,7 +56,7 @@ def _cfg(layers: int = LAYERS) -> ModelConfig:
 def _device_bytes(cfg: ModelConfig, chunk: int, slots: int, batch: int, capacity: int, policy: Policy) -> int:
     """A device KV budget holding ``slots`` chunk slots per layer beside the abstracts (and key codes)."""
     slot = slot_bytes(cfg, torch.float32, chunk)
-    index = layer_index_bytes(cfg, torch.float32, batch, capacity, chunk, keeps_sketch(policy, torch.device("cpu")))
+    index = layer_index_bytes(cfg, torch.float32, batch, capacity, chunk, keeps_sketch(policy))
     return cfg.num_layers * (slots * slot + index)
 
 

@@ -60,12 +60,12 @@ class KVRoom:
     def minimum_bytes(self, capacity_tokens: int) -> int:
         """The cache's own minimum at every chunk size it may choose, with the key codes it keeps (the
         plan's room holds them at the full context, so each admitted sequence keeps them too)."""
-        codes = kv.keeps_sketch(self.policy, self.device)
+        codes = kv.keeps_sketch(self.policy)
         tiered = kv.kv_device_minimum_bytes(self.cfg, self.policy, self.dtype, 1, capacity_tokens, sketch=codes)
-        return min(tiered, kv.kv_device_want_bytes(self.cfg, self.policy, self.dtype, capacity_tokens, device=self.device))
+        return min(tiered, kv.kv_device_want_bytes(self.cfg, self.policy, self.dtype, capacity_tokens))
 
     def want_bytes(self, capacity_tokens: int) -> int:
-        return kv.kv_device_want_bytes(self.cfg, self.policy, self.dtype, capacity_tokens, device=self.device)
+        return kv.kv_device_want_bytes(self.cfg, self.policy, self.dtype, capacity_tokens)
 
     def host_bytes(self, tokens: int) -> int:
         return self._per_token * tokens

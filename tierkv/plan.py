@@ -166,7 +166,7 @@ def kv_reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, co
     room does not hold spills to host memory, then disk."""
     dense = kv_bytes_per_token(config, dtype) * context_tokens * batch
     tiered = kv_device_minimum_bytes(config, policy, dtype, batch, config.context_limit_tokens,
-                                     keeps_sketch(policy, plan_device(policy)))
+                                     keeps_sketch(policy))
     return max(dense, tiered)
 
 
@@ -494,7 +494,7 @@ def _device_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, con
     are left out (the note says why) only when the budget cannot hold them beside it."""
     fixed = globals_bytes + layer_bytes
     codes, note = 0, ""
-    if keeps_sketch(policy, plan_device(policy)):
+    if keeps_sketch(policy):
         plain = replace(policy, kv_sketch=False)
         codes = kv_reserve_bytes(config, dtype, policy, 0, batch) - kv_reserve_bytes(config, dtype, plain, 0, batch)
         if dev_mem < reserve_bytes(config, dtype, policy, context, batch, dev_mem) + fixed:

@@ -149,8 +149,8 @@ def chunk_scores(
                 those chunks get the tighter token-level bound (max over their keys), the rest
                 the min/max bound. None = the min/max bound everywhere.
     candidates: with ``sketch``, how many coded chunks per (sequence, KV head) get the sketch bound:
-                those with the highest min/max bound (``sketch_candidates``); the other coded chunks
-                score -inf (pruned). None = every coded chunk is sketched (no pruning).
+                those with the highest coarse sketch bound (stage 1 above; ``sketch_candidates``); the
+                other coded chunks score -inf (pruned). None = every coded chunk is sketched (no pruning).
     n_chunks:   optional (B,) int, chunks per sequence (ragged batches); later chunks score -inf.
     out:        optional (B, Hkv, C) float32 buffer.
     Returns (B, Hkv, C) float32 scores.

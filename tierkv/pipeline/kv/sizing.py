@@ -52,14 +52,13 @@ def cold_chunk_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk_tokens: int, kv
     return kv_chunk_bytes(kv_quant, cfg.num_kv_heads, chunk_tokens, cfg.head_dim, element_bytes(dtype))
 
 
-def keeps_sketch(policy: Policy, device: torch.device) -> bool:
+def keeps_sketch(policy: Policy) -> bool:
     """Whether a tiered cache under ``policy`` keeps 2-bit key codes (only sparse selection reads them).
 
     Default (``policy.kv_sketch`` None): on outside exact mode, on every device: the token-level
     bound finds single-key needles the min/max bound misses, and the two-stage selection
     (``kernels.importance``: the sketch scores only a few times the budget's chunks) keeps its cost
-    a small part of a decode step on the CPU too. ``kv_sketch=False`` turns it off. ``device`` is
-    kept for callers that ask per device; the answer no longer depends on it.
+    a small part of a decode step on the CPU too. ``kv_sketch=False`` turns it off.
     """
     if policy.kv == "exact":
         return False
@@ -201,21 +200,17 @@ def max_kv_batch(cfg: ModelConfig, policy: Policy, batch: int, capacity_tokens: 
 
 
 def kv_device_want_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, capacity_tokens: int,
-                         batch: int = 1, *, device: torch.device | str | None = None,
-                         rule: ChunkRule = ChunkRule()) -> int:
+                         batch: int = 1, *, rule: ChunkRule = ChunkRule()) -> int:
     """The most device bytes ``make_kv_cache`` allocates for ``batch`` x ``capacity_tokens`` with an
     unbounded device budget: the dense K/V when it builds the resident cache, else (all layers) the
     tiered chunk index with every chunk's slot resident, at the chunk size that costs the most.
 
-    ``device`` decides whether key codes are kept (``keeps_sketch``); None counts them whenever the
-    policy may keep them (the most). A device allotment of this many bytes never spills.
+    Key codes are counted when the policy keeps them (``keeps_sketch``). A device allotment of this
+    many bytes never spills.
     """
     if dense_fits(cfg, policy, batch, capacity_tokens, dtype, None):
         return kv_bytes_per_token(cfg, dtype) * batch * capacity_tokens
-    if device is None:
-        sketch = policy.kv != "exact" and policy.kv_sketch is not False
-    else:
-        sketch = keeps_sketch(policy, torch.device(device))
+    sketch = keeps_sketch(policy)
     per_layer = max(layer_device_bytes(cfg, dtype, batch, capacity_tokens, size,
                                        batch * -(-capacity_tokens // size), sketch)
                     for size in chunk_size_candidates(policy, capacity_tokens, rule))

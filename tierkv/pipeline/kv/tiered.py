@@ -70,7 +70,7 @@ class TieredKVCache:
         device = torch.device(device)
         n = cfg.num_layers
         self._fixed = _fixed_sizes(geometry, n)
-        sketch = bool(geometry["sketch"]) if geometry is not None else keeps_sketch(policy, device)
+        sketch = bool(geometry["sketch"]) if geometry is not None else keeps_sketch(policy)
         shape = CacheShape(cfg, policy, dtype, batch, capacity_tokens,
                            None if kv_device_bytes is None else kv_device_bytes // n,
                            None if kv_host_bytes is None else kv_host_bytes // n, sink_chunks, chunk_rule, sketch)
