@@ -1,0 +1,128 @@
+"""What a weight store is converted from: a HF safetensors directory or a GGUF model, behind one protocol.
+
+Why this module exists: ``io.convert`` writes a store from anything with ``io.checkpoint.Checkpoint``'s
+protocol; a GGUF file (``io.gguf.GGUFCheckpoint``) answers it too but differs in where its identity,
+its config and its tokenizer come from. Those differences live here, in one place, so the
+converter, the store cache and the engine ask ``open_source(path)`` and never test the kind again.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from tierkv.config import ModelConfig, read_json
+from tierkv.io.checkpoint import Checkpoint, resolve_dtype
+from tierkv.io.gguf import GGUFCheckpoint, gguf_parts, is_gguf_source
+from tierkv.io.store import Extent, write_json_atomic
+from tierkv.quantspec import QPARAMS_SUFFIX, TensorQuant, WeightQuant
+
+Source = Union[Checkpoint, GGUFCheckpoint]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
+
+
+def open_source(path: str | Path) -> Source:
+    """The model at ``path`` opened for conversion: a GGUF model (``is_gguf_source``) or a HF checkpoint dir."""
+    return GGUFCheckpoint(path) if is_gguf_source(path) else Checkpoint(path)
+
+
+def source_path(path: str | Path) -> Path:
+    """What stores record as their source (``source_dir`` in the manifest): the resolved checkpoint
+    directory, or a GGUF model's first file."""
+    return gguf_parts(path)[0].resolve() if is_gguf_source(path) else Path(path).resolve()
+
+
+def source_name(path: str | Path) -> str:
+    """A short name for the cached store's directory: the checkpoint directory's, or the GGUF file's stem."""
+    p = source_path(path)
+    return p.stem if p.suffix.lower() == ".gguf" else p.name
+
+
+def identity(path: str | Path, dtype: str | torch.dtype | None) -> tuple[list[list[Any]], torch.dtype]:
+    """(the files that make up the source as [name, size, mtime_ns], the target dtype ``dtype`` resolves
+    to against the source's own). HF: config.json, the safetensors files and their index."""
+    p = Path(path)
+    if is_gguf_source(p):
+        files = gguf_parts(p)
+        default = "float32" if dtype is not None else GGUFCheckpoint(p).config.dtype
+    else:
+        files = sorted(c for c in p.iterdir() if c.name == "config.json" or c.name.endswith(".safetensors")
+                       or c.name.endswith(".safetensors.index.json"))
+        default = ModelConfig.from_dir(p).dtype
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files], resolve_dtype(dtype, default)
+
+
+def layout_sources(ckpt: Source, keep_source: bool) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
+    """``store.plan_layout``'s (source_quants, source_types) for ``ckpt``: the weights a GGUF model keeps
+    in its own scheme (none unless ``keep_source``) and every tensor's GGML type; ({}, {}) for HF."""
+    if isinstance(ckpt, GGUFCheckpoint):
+        return (ckpt.source_quants() if keep_source else {}), ckpt.source_types()
+    return {}, {}
+
+
+def source_codes(ckpt: Source, name: str, tq: TensorQuant) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(codes, qparams) of weight ``name`` straight from a quantized source when it holds it in ``tq``'s
+    scheme and group size (``GGUFCheckpoint.quantized_codes``); None: quantize the dequantized values."""
+    if not isinstance(ckpt, GGUFCheckpoint) or ckpt.source_quants().get(name) != (tq.scheme, tq.group_size):
+        return None
+    return ckpt.quantized_codes(name)
+
+
+def held_quant(ckpt: Source, extents: list[Extent], asked: WeightQuant | None) -> WeightQuant | None:
+    """The weight quantization a store records (``WeightStore.quant``, what the planner sizes layers
+    with): ``asked`` for a HF checkpoint; for a GGUF model the scheme and group size holding most of
+    the layer linears' weights (None when they are all 16-bit), the head flag set when the head is
+    quantized. A GGUF store can mix schemes (Q4_K_M keeps some layers' weights int8): the manifest's
+    per-tensor entries are the exact record."""
+    if isinstance(ckpt, Checkpoint):
+        return asked
+    weights: Counter[tuple[str, int]] = Counter()
+    head = False
+    for e in extents:
+        for key, entry in e.tensors.items():
+            if entry.quant is None:
+                continue
+            if e.name == "head":
+                head = True
+            elif e.name.startswith("layer."):
+                groups, rows, _ = e.tensors[key + QPARAMS_SUFFIX].shape                  # (G, N, 2)
+                inputs = groups * entry.quant.group_size or entry.shape[-1]             # K (per channel: int8's K)
+                weights[(entry.quant.scheme, entry.quant.group_size)] += rows * inputs
+    if not weights:
+        return None
+    (scheme, group), _ = weights.most_common(1)[0]
+    return WeightQuant(scheme, group, head)
+
+
+def source_config(ckpt: Source) -> dict[str, Any]:
+    """The HF config dict the store's manifest records: config.json, or the one built from GGUF metadata."""
+    if isinstance(ckpt, GGUFCheckpoint):
+        return dict(ckpt.config_dict)
+    return dict(read_json(ckpt.dir / "config.json", what="model configuration"))
+
+
+def write_side_files(ckpt: Source, out: Path) -> None:
+    """The tokenizer and generation files beside the store, so the store opens as a model on its own
+    (``tierkv run OUT``); config.json stays in the manifest only (a config.json would make the store
+    directory look like a checkpoint). A HF checkpoint's files are copied; a GGUF model gets a
+    generation_config.json with its BOS/EOS ids (no tokenizer.json yet: text prompts are refused with
+    a message, token ids work)."""
+    if isinstance(ckpt, GGUFCheckpoint):
+        gen = {k: ckpt.config_dict[k] for k in ("bos_token_id", "eos_token_id") if k in ckpt.config_dict}
+        path = out / "generation_config.json"
+        if not path.is_file() or read_json(path, what="generation config") != gen:
+            write_json_atomic(path, gen)
+        return
+    for name in TOKENIZER_FILES:
+        src = ckpt.dir / name
+        if src.is_file() and (not (out / name).is_file() or (out / name).read_bytes() != src.read_bytes()):
+            shutil.copyfile(src, out / name)
+
+
+__all__ = ["Source", "TOKENIZER_FILES", "held_quant", "identity", "layout_sources", "open_source", "source_codes", "source_config", "source_name", "source_path",
+           "write_side_files"]
