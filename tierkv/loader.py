@@ -50,6 +50,16 @@ def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budge
     return _streaming_source(model_dir, plan, existing, progress, quant), plan
 
 
+def gguf_store(path: str | Path, budget: Budget, policy: Policy = Policy(), progress: ProgressFn | None = None,
+               keep_source: bool = True) -> Path:
+    """The cached store a GGUF model runs from (``io.convert.cached_store`` under the budget's offload dir,
+    converted on first use with a progress bar): at ``policy.dtype`` (default: the file's), its
+    quantized weights in their own schemes unless not ``keep_source``, its 16-bit and other-type
+    weights as ``policy.weight_quant`` asks, packed for the policy's device."""
+    return cached_store(path, budget.offload_dir or default_offload_dir(), dtype=policy.dtype, progress=progress,
+                        quant=policy.weight_quant, device_type=device_type_of(policy), keep_source=keep_source)
+
+
 def open_store_source(store: WeightStore, budget: Budget, policy: Policy = Policy(), *, links: LinkSpeeds | None = None,
                       context_tokens: int | None = None) -> tuple[StreamingWeights, Plan]:
     """A converted store opened as the model (``tierkv run OUT``): plan with its own layer sizes and
@@ -84,4 +94,4 @@ def _streaming_source(model_dir: str | Path, plan: Plan, store: WeightStore | No
     return StreamingWeights.from_plan(reopen(), plan)
 
 
-__all__ = ["device_type_of", "open_store_source", "open_weight_source"]
+__all__ = ["device_type_of", "gguf_store", "open_store_source", "open_weight_source"]
