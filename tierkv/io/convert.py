@@ -36,7 +36,7 @@ from tierkv.io.buffers import ALIGN_BYTES
 from tierkv.io.checkpoint import LAYER_PREFIX, Checkpoint, resolve_dtype
 from tierkv.io.gguf import is_gguf_source
 from tierkv.io.progress import ProgressFn, progress_or_bar
-from tierkv.io.source import Source, held_quant, identity, layout_sources, open_source, source_codes, source_config, \
+from tierkv.io.source import Source, held_quant, identity, open_source, planned_layout, source_codes, source_config, \
     source_name, source_path, write_side_files
 from tierkv.errors import TierkvError
 from tierkv.kernels.quant import pack_weight, quantize_weight
@@ -44,7 +44,7 @@ from tierkv.quantspec import QPARAMS_SUFFIX, WeightQuant
 from tierkv.io.store import (CRC_BLOCK_BYTES, DAMAGE_FILE, DATA_FILE, FORMAT_NAME, FORMAT_VERSION, LOCK_FILE,
                              MANIFEST_FILE, PARTIAL_SUFFIX, STATE_FILE, USE_LOCK_FILE, Extent, StoreError,
                              WeightStore, existing_manifest, extent_from_json, extent_to_json, fsync_dir,
-                             layout_digest, pack_device, plan_layout, read_damage, write_json_atomic)
+                             layout_digest, pack_device, read_damage, write_json_atomic)
 
 FREE_SPACE_MARGIN_BYTES = 4 << 20      # the manifest, the resume state and filesystem metadata
 
@@ -184,7 +184,7 @@ def _convert_locked(ckpt: Checkpoint, out: Path, want: _Target, progress: Progre
     """The body of ``convert`` while holding the directory lock."""
     target = resolve_dtype(want.dtype, ckpt.config.dtype)
     key = store_key(ckpt.source, target, want.quant, want.device_type, want.keep_source)
-    extents = plan_layout(ckpt.config, target, want.quant, want.device_type, *layout_sources(ckpt, want.keep_source))
+    extents = planned_layout(ckpt, target, want.quant, want.device_type, want.keep_source)
     total = extents[-1].offset + extents[-1].padded_nbytes
     if restart:
         _remove_store_files(out)

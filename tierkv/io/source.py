@@ -18,7 +18,7 @@ import torch
 from tierkv.config import ModelConfig, read_json
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.io.gguf import GGUFCheckpoint, gguf_parts, is_gguf_source
-from tierkv.io.store import Extent, write_json_atomic
+from tierkv.io.store import Extent, plan_layout, write_json_atomic
 from tierkv.quantspec import QPARAMS_SUFFIX, TensorQuant, WeightQuant
 
 Source = Union[Checkpoint, GGUFCheckpoint]
@@ -63,6 +63,14 @@ def layout_sources(ckpt: Source, keep_source: bool) -> tuple[dict[str, tuple[str
     if isinstance(ckpt, GGUFCheckpoint):
         return (ckpt.source_quants() if keep_source else {}), ckpt.source_types()
     return {}, {}
+
+
+def planned_layout(ckpt: Source, dtype: str | torch.dtype | None = None, quant: WeightQuant | None = None,
+                   device_type: str = "cpu", keep_source: bool = True) -> list[Extent]:
+    """The extents a store of ``ckpt`` gets (``store.plan_layout`` with the source's own schemes) at
+    ``dtype`` (default: the source's), ``quant`` for the rest, packed for ``device_type``."""
+    target = resolve_dtype(dtype, ckpt.config.dtype)
+    return plan_layout(ckpt.config, target, quant, device_type, *layout_sources(ckpt, keep_source))
 
 
 def source_codes(ckpt: Source, name: str, tq: TensorQuant) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -124,5 +132,5 @@ def write_side_files(ckpt: Source, out: Path) -> None:
             shutil.copyfile(src, out / name)
 
 
-__all__ = ["Source", "TOKENIZER_FILES", "held_quant", "identity", "layout_sources", "open_source", "source_codes", "source_config", "source_name", "source_path",
+__all__ = ["Source", "TOKENIZER_FILES", "held_quant", "identity", "layout_sources", "open_source", "planned_layout", "source_codes", "source_config", "source_name", "source_path",
            "write_side_files"]
