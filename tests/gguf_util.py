@@ -50,13 +50,17 @@ def llama_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarr
 
 def write_gguf(model: torch.nn.Module, path: Path, weight_type: str = "F32", embed_type: str | None = None,
                head_type: str | None = None, tokenizer: bool = True, skip_keys: tuple[str, ...] = (),
-               arch_name: str | None = None, extra: dict[str, Any] | None = None) -> Path:
+               arch_name: str | None = None, extra: dict[str, Any] | None = None, split_max_tensors: int = 0,
+               extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
     """Write ``model`` as a GGUF file: 2-D weights in ``weight_type`` (embedding ``embed_type``, head
     ``head_type``: default the same), norms and biases F32, metadata as llama.cpp writes it.
-    ``skip_keys`` leaves metadata keys out (bad-input tests); ``arch_name`` overrides general.architecture."""
+    ``skip_keys`` leaves metadata keys out (bad-input tests); ``arch_name`` overrides general.architecture;
+    ``extra_tensors`` are written as they are (F32 for float32 arrays, e.g. rope_freqs.weight);
+    ``split_max_tensors`` writes a split set ``STEM-0000i-of-0000N.gguf`` (returns its first part)."""
     cfg = model.config
     arch = cfg.model_type
-    writer = gguf.GGUFWriter(str(path), arch_name or gguf.MODEL_ARCH_NAMES[ARCH[arch]])
+    writer = gguf.GGUFWriter(str(path), arch_name or gguf.MODEL_ARCH_NAMES[ARCH[arch]],
+                             split_max_tensors=split_max_tensors)
     meta = _metadata(cfg, arch)
     meta.update(extra or {})
     for key, (kind, value) in meta.items():
@@ -81,10 +85,14 @@ def write_gguf(model: torch.nn.Module, path: Path, weight_type: str = "F32", emb
         if w.ndim == 1:
             kind = "F32"
         _add_tensor(writer, names.get_name(hf_name, try_suffixes=(".weight", ".bias")), w, kind)
+    for name, array in (extra_tensors or {}).items():
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    if split_max_tensors:
+        return sorted(path.parent.glob(f"{path.stem}-00001-of-*.gguf"))[0]
     return path
 
 
