@@ -133,6 +133,8 @@ def _add_tensor(writer: Any, name: str, w: np.ndarray, kind: str) -> None:
         writer.add_tensor(name, w.astype(np.float32))
     elif kind == "F16":
         writer.add_tensor(name, w.astype(np.float16))
+    elif kind == "F64":                                     # a type tierkv refuses
+        writer.add_tensor(name, w.astype(np.float64))
     else:
         writer.add_tensor(name, gguf.quants.quantize(w.astype(np.float32), qtype), raw_dtype=qtype)
 

@@ -248,8 +248,9 @@ def _summary(res: GenerationResult, engine: Engine) -> str:
 def _schemes(engine: Engine) -> str:
     """", int4 weights (groups of 64), int8 KV off the device" for the summary line ("" when 16-bit)."""
     quant, kv = engine.policy.weight_quant, engine.policy.kv_quant
+    notes = "".join(f"; {n}" for n in (engine.store.notes if engine.store is not None else ()))
     return (f", {quant.describe().replace(' (', ' weights (', 1)}" if quant else "") + \
-        (f", {kv} KV off the device" if kv != "none" else "")
+        (f", {kv} KV off the device" if kv != "none" else "") + notes
 
 
 @app.command()

@@ -36,7 +36,7 @@ from tierkv.io.buffers import ALIGN_BYTES
 from tierkv.io.checkpoint import LAYER_PREFIX, Checkpoint, resolve_dtype
 from tierkv.io.gguf import is_gguf_source
 from tierkv.io.progress import ProgressFn, progress_or_bar
-from tierkv.io.source import Source, held_quant, identity, open_source, planned_layout, source_codes, source_config, \
+from tierkv.io.source import Source, conversion_notes, held_quant, identity, open_source, planned_layout, source_codes, source_config, \
     source_name, source_path, write_side_files
 from tierkv.errors import TierkvError
 from tierkv.kernels.quant import pack_weight, quantize_weight
@@ -166,7 +166,7 @@ class _Target:
     device_type: str
     keep_source: bool = True
 
-    def facts(self, ckpt: Source, extents: list[Extent]) -> dict[str, Any]:
+    def facts(self, ckpt: Source, extents: list[Extent], dtype: torch.dtype) -> dict[str, Any]:
         """The manifest's and the resume state's record of the quantization: for a GGUF source, what its
         store holds (``held_quant``), what was asked and whether the file's schemes were kept."""
         held = held_quant(ckpt, extents, self.quant)
@@ -175,7 +175,8 @@ class _Target:
             facts = {"weight_quant": held.to_json(), "pack_device": pack_device(self.device_type)}
         if not isinstance(ckpt, Checkpoint):               # a GGUF store's key always names its pack device
             facts.update(pack_device=pack_device(self.device_type), source_format="gguf", source_quants="keep" if self.keep_source else "dequantize",
-                         asked_quant=self.quant.to_json() if self.quant is not None else None)
+                         asked_quant=self.quant.to_json() if self.quant is not None else None,
+                         notes=conversion_notes(ckpt, extents, dtype, self.keep_source))
         return facts
 
 
@@ -200,7 +201,7 @@ def _convert_locked(ckpt: Checkpoint, out: Path, want: _Target, progress: Progre
     done = {} if restart else _resume_state(out, key, extents, report)
     resume_at = max((e.offset + e.padded_nbytes for e in extents if e.name in done), default=0)
     check_offload_dir(out, need_bytes=total - resume_at, elsewhere=elsewhere)
-    facts = want.facts(ckpt, extents)
+    facts = want.facts(ckpt, extents, target)
     with progress_or_bar(progress, total, "converting") as bar:
         crcs = _write_extents(ckpt, target, out, extents, done, key, bar, facts)
     _finish(out, ckpt, target, key, [_with_crc(e, crcs[e.name]) for e in extents], facts)

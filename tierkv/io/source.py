@@ -17,7 +17,7 @@ import torch
 
 from tierkv.config import ModelConfig, read_json
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
-from tierkv.io.gguf import GGUFCheckpoint, gguf_parts, is_gguf_source
+from tierkv.io.gguf import OTHER_TYPES, GGUFCheckpoint, gguf_parts, is_gguf_source
 from tierkv.io.store import Extent, plan_layout, write_json_atomic
 from tierkv.quantspec import QPARAMS_SUFFIX, TensorQuant, WeightQuant
 
@@ -107,6 +107,32 @@ def held_quant(ckpt: Source, extents: list[Extent], asked: WeightQuant | None) -
     return WeightQuant(scheme, group, head)
 
 
+def conversion_notes(ckpt: Source, extents: list[Extent], dtype: torch.dtype, keep_source: bool) -> list[str]:
+    """What converting a GGUF model changed about its weights, one line each ([] for HF checkpoints and
+    for GGUF weights kept as they are): quantized weights dequantized because 16-bit was asked, and
+    weights of types tierkv keeps no int4/int8 form of, stored 16-bit or re-quantized."""
+    if not isinstance(ckpt, GGUFCheckpoint):
+        return []
+    name = str(dtype).removeprefix("torch.")
+    held = {_hf_name(e, key): entry for e in extents for key, entry in e.tensors.items() if entry.source_type}
+    notes = []
+    if not keep_source and ckpt.source_quants():
+        kinds = sorted({ckpt.source_types()[n] for n in ckpt.source_quants()})
+        notes.append(f"the file's {'/'.join(kinds)} weights were dequantized to {name}, as 16-bit weights were asked "
+                     "for (leave --quant out to keep them quantized)")
+    others = sorted({t for t in ckpt.source_types().values() if t in OTHER_TYPES})
+    if others:
+        requantized = any(e.quant is not None and e.source_type in OTHER_TYPES for e in held.values())
+        notes.append(f"{'/'.join(others)} weights have no exact int4/int8 form: "
+                     + ("re-quantized as --quant asked" if requantized else
+                        f"dequantized to {name} (--quant int4 or int8 re-quantizes them)"))
+    return notes
+
+
+def _hf_name(e: Extent, key: str) -> str:
+    return f"model.layers.{e.name.split('.', 1)[1]}.{key}" if e.name.startswith("layer.") else key
+
+
 def source_config(ckpt: Source) -> dict[str, Any]:
     """The HF config dict the store's manifest records: config.json, or the one built from GGUF metadata."""
     if isinstance(ckpt, GGUFCheckpoint):
@@ -132,5 +158,5 @@ def write_side_files(ckpt: Source, out: Path) -> None:
             shutil.copyfile(src, out / name)
 
 
-__all__ = ["Source", "TOKENIZER_FILES", "held_quant", "identity", "layout_sources", "open_source", "planned_layout", "source_codes", "source_config", "source_name", "source_path",
+__all__ = ["Source", "TOKENIZER_FILES", "conversion_notes", "held_quant", "identity", "layout_sources", "open_source", "planned_layout", "source_codes", "source_config", "source_name", "source_path",
            "write_side_files"]

@@ -267,6 +267,8 @@ class WeightStore:
     quant: WeightQuant | None = None   # the weight quantization it was converted with (None: 16-bit)
     pack_device: str = ""       # what its packs are made for (``pack_device``: "cpu:AVX512", "gpu"; "" in
                                 # 16-bit stores, which have no packs)
+    notes: tuple[str, ...] = () # what the conversion changed that a user should hear (a GGUF file's weights
+                                # dequantized, types without an int4/int8 form), shown in the CLI's summary
 
     @classmethod
     def open(cls, store_dir: str | Path) -> "WeightStore":
@@ -297,11 +299,12 @@ class WeightStore:
             block = int(raw["crc_block_bytes"])
             quant = WeightQuant.from_json(raw.get("weight_quant"))
             packs = str(raw.get("pack_device") or "")
+            notes = tuple(str(n) for n in raw.get("notes") or ())
         except (KeyError, TypeError, ValueError, AttributeError, ConfigError, TierkvError) as exc:
             raise StoreError(f"{store_dir / MANIFEST_FILE} is damaged ({exc!r}); "
                              f"{repair_hint(store_dir, source)}") from None
         store = cls(store_dir, data_path, dtype, config, extents, block, str(raw.get("source_key", "")), source,
-                    quant, packs)
+                    quant, packs, notes)
         store._check_files()
         damaged = read_damage(store_dir)
         if damaged:
