@@ -135,8 +135,20 @@ def _add_tensor(writer: Any, name: str, w: np.ndarray, kind: str) -> None:
         writer.add_tensor(name, w.astype(np.float16))
     elif kind == "F64":                                     # a type tierkv refuses
         writer.add_tensor(name, w.astype(np.float64))
+    elif kind == "Q2_K":                                    # gguf.quants cannot quantize it: random blocks
+        writer.add_tensor(name, random_q2_k(w.shape), raw_dtype=qtype)
     else:
         writer.add_tensor(name, gguf.quants.quantize(w.astype(np.float32), qtype), raw_dtype=qtype)
+
+
+def random_q2_k(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """(N, K/256*84) uint8 Q2_K blocks with random scales and codes and small super-block scales: a
+    weight of a type tierkv keeps no int4/int8 form of (block: 16 scales, 64 code bytes, fp16 d, dmin)."""
+    n, k = shape
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(n, k // 256, 84), dtype=np.uint8)
+    blocks[..., 80:84] = np.array([0.004, 0.002], dtype=np.float16).view(np.uint8)
+    return blocks.reshape(n, -1)
 
 
 def dequantized(path: Path, gguf_name: str) -> np.ndarray:

@@ -1,0 +1,120 @@
+"""A GGUF model's weight store: its quantized weights kept 4/8-bit (bits per weight on disk), what
+``--quant`` means for a GGUF file, the store cache keyed by the file, and the CLI on GGUF files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import gguf_util as gu
+import tierkv
+from tierkv.cli import app
+from tierkv.config import ConfigError
+from tierkv.io.convert import cached_store, cached_store_dir, convert
+from tierkv.io.store import WeightStore
+from tierkv.quantspec import QuantWeight, WeightQuant
+
+PROMPT = [1, 17, 42, 99, 5]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """type -> a llama GGUF file of that type (one HF model for all)."""
+    root = tmp_path_factory.mktemp("gguf")
+    model = gu.tiny_hf_model("llama")
+    out = {}
+    for kind in ("F16", "Q4_0", "Q8_0"):
+        (root / kind).mkdir()
+        out[kind] = gu.write_gguf(model, root / kind / "m.gguf", kind)
+    (root / "Q2_K").mkdir()                # a type without an int4/int8 form; K-quants need K % 256 == 0
+    out["Q2_K"] = gu.write_gguf(gu.tiny_hf_model("llama", hidden_size=256, intermediate_size=256, head_dim=64),
+                                root / "Q2_K" / "m.gguf", "Q2_K", embed_type="F16", head_type="F16")
+    return out
+
+
+def _layer_bits(store: WeightStore) -> float:
+    """Bits per weight of a decoder layer as stored (norms included)."""
+    return 8 * store.layer(0).nbytes / store.config.layer_param_count()
+
+
+def test_quantized_layers_stay_4_and_8_bit_on_disk(models, tmp_path):
+    bits = {}
+    for kind in ("F16", "Q4_0", "Q8_0"):
+        with contextlib.closing(WeightStore.open(convert(models[kind], tmp_path / kind))) as store:
+            bits[kind] = _layer_bits(store)
+            entry = store.layer(0).tensors["mlp.up_proj.weight"]
+            assert entry.source_type == kind
+            assert store.layer(0).tensors["input_layernorm.weight"].source_type == "F32"
+    assert bits["Q4_0"] < 5.2 and 8 < bits["Q8_0"] < 9.2 and bits["F16"] == pytest.approx(16, abs=0.1)
+
+
+def test_quant_asks_for_the_16_bit_and_other_type_weights(models, tmp_path):
+    with tierkv.load(models["F16"], device="cpu", quant="int4", offload_dir=tmp_path) as engine:
+        assert engine.store.quant == WeightQuant("int4")          # groups of 64: what was asked, F16 re-quantized
+        assert engine.store.dtype == torch.float16
+    with tierkv.load(models["Q8_0"], device="cpu", quant="int4", offload_dir=tmp_path) as engine:
+        qw = engine.store.load(["layer.0"])["layer.0"]["self_attn.q_proj.weight"]
+        assert isinstance(qw, QuantWeight) and qw.quant.scheme == "int8"     # the file's Q8_0 kept as int8 g32
+        head = engine.store.load(["head"])["head"]["lm_head.weight"]
+        assert isinstance(head, QuantWeight)
+    with tierkv.load(models["Q4_0"], device="cpu", quant="none", offload_dir=tmp_path) as engine:
+        assert engine.store.quant is None and not engine.store.layer(0).tensors["mlp.up_proj.weight"].quant
+        assert "Q4_0 weights were dequantized to bfloat16" in engine.store.notes[0]
+    with tierkv.load(models["Q2_K"], device="cpu", offload_dir=tmp_path) as engine:
+        assert engine.store.quant is None
+        assert "Q2_K weights have no exact int4/int8 form: dequantized to bfloat16" in engine.store.notes[0]
+        assert engine.generate(PROMPT, max_new_tokens=3, temperature=0).token_ids
+    with tierkv.load(models["Q2_K"], device="cpu", quant="int8", offload_dir=tmp_path) as engine:
+        assert engine.store.quant == WeightQuant("int8") and "re-quantized as --quant asked" in engine.store.notes[0]
+
+
+def test_the_cached_store_follows_the_file(models, tmp_path):
+    path = models["Q8_0"]
+    first = cached_store(path, tmp_path)
+    assert first == cached_store_dir(path, tmp_path) and first.name.startswith("m-")
+    stamp = (first / "weights.bin").stat().st_mtime_ns
+    assert cached_store(path, tmp_path) == first and (first / "weights.bin").stat().st_mtime_ns == stamp  # reused
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))    # the file changed
+    second = cached_store(path, tmp_path)
+    assert second != first and second.is_dir() and not first.exists()               # the stale store is gone
+    assert json.loads((second / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
+
+
+def test_a_gguf_store_without_tokenizer_files_runs_token_ids_and_refuses_text(models, tmp_path):
+    with tierkv.load(models["Q8_0"], device="cpu", offload_dir=tmp_path) as engine:
+        assert engine.tokenizer is None and 2 in engine.eos_token_ids
+        assert len(engine.generate(PROMPT, max_new_tokens=4, temperature=0, ignore_eos=True).token_ids) == 4
+        with pytest.raises(ConfigError, match="has no tokenizer.json, so text prompts cannot be encoded"):
+            engine.generate("hello")
+
+
+def test_cli_info_convert_run_and_plan(models, tmp_path):
+    runner = CliRunner()
+    path = str(models["Q4_0"])
+    info = runner.invoke(app, ["info", path, "--json"])
+    assert info.exit_code == 0, info.output
+    facts = json.loads(info.output)
+    assert facts["gguf_architecture"] == "llama" and facts["architecture"] == "LlamaForCausalLM"
+    assert facts["tensor_types"] == "5 F32, 16 Q4_0" and 4.5 < facts["bits_per_weight_file"] < 4.7
+    assert facts["weight_quant"] == {"scheme": "int4", "group_size": 32, "head": True}
+    shown = runner.invoke(app, ["info", path])
+    assert shown.exit_code == 0 and "bits per weight store" in shown.output
+    out = tmp_path / "store"
+    conv = runner.invoke(app, ["convert", path, str(out), "--json", "--device", "cpu"])
+    assert conv.exit_code == 0, conv.output
+    assert json.loads(conv.output)["quant"] == {"scheme": "int4", "group_size": 32, "head": True}
+    run = runner.invoke(app, ["run", str(out), "--prompt-ids", "1,2,3", "-n", "3", "--json", "--device", "cpu"])
+    assert run.exit_code == 0, run.output
+    direct = runner.invoke(app, ["run", path, "--prompt-ids", "1,2,3", "-n", "3", "--json", "--device", "cpu",
+                                 "--offload-dir", str(tmp_path / "off")])
+    assert direct.exit_code == 0, direct.output
+    assert json.loads(direct.output)["token_ids"] == json.loads(run.output)["token_ids"]
+    plan = runner.invoke(app, ["plan", path, "--device", "cpu", "--offload-dir", str(tmp_path / "off")])
+    assert plan.exit_code == 0 and "int4 (groups of 32" in plan.output, plan.output
+    bad = runner.invoke(app, ["info", str(tmp_path / "missing.gguf")])
+    assert bad.exit_code == 2 and "missing.gguf does not exist" in bad.output
