@@ -48,11 +48,11 @@ import torch.nn.functional as F
 from tierkv.errors import ArgumentError
 from tierkv.kernels import quant_cpu
 from tierkv.kernels._select import cdiv, jit, pick_backend, tl
-from tierkv.kernels.quant_reference import dequantize_weight_plain, pack_nibbles, quant_linear_ref, \
-    quantize_weight_plain, weight_codes_plain
+from tierkv.kernels.quant_reference import dequantize_weight_plain, quant_linear_ref, quantize_weight_plain, \
+    weight_codes_plain
 from tierkv.quantspec import CHANNEL, QuantWeight, TensorQuant, WeightQuant, check_divides, group_len
 
-__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_weight", "linear_path", "pack_weight", "prepare", "prepare_layer",
+__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_weight", "linear_path", "prepare", "prepare_layer",
            "quant_linear", "quant_matmul_fwd", "quantize_weight"]
 
 # Batches of at least this many rows take dequantize-then-cuBLAS instead of the fused Triton
@@ -205,26 +205,15 @@ def quantize_weight(w: torch.Tensor, tq: TensorQuant) -> tuple[torch.Tensor, tor
     check_divides("weight", tuple(w.shape), WeightQuant(tq.scheme, tq.group_size))
     on_cpu = tq.pack in _CPU_PACKS
     data, qparams = quantize_weight_plain(w.detach().cpu() if on_cpu else w, tq.bits, group_len(tq.group_size, w.shape[1]))
-    return pack_weight(weight_codes_plain(data, tq.bits, w.shape[1]), qparams, tq)
-
-
-def pack_weight(codes: torch.Tensor, qparams: torch.Tensor, tq: TensorQuant) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ready codes (N, K) uint8 (each < 2**bits) and their (G, N, 2) float16 qparams -> the stored
-    (data, qparams) of ``tq`` (``TensorQuant.stored``), for sources that come quantized (GGUF blocks):
-    plain int4 packs two codes per byte along K, cpu_int4 the tinygemm layout, cpu_int8 ``q ^ 0x80``."""
-    n, k = codes.shape
-    assert codes.dtype == torch.uint8 and qparams.shape == (k // group_len(tq.group_size, k), n, 2), \
-        (codes.dtype, codes.shape, qparams.shape, tq)
     if tq.pack == "cpu_int8":
-        data = quant_cpu.int8_channel_codes(codes)
+        data = quant_cpu.int8_channel_codes(data)
     elif tq.pack == "cpu_int4":
+        codes = weight_codes_plain(data, tq.bits, w.shape[1])                  # (N, K) uint8
         data = quant_cpu.pack_codes(codes) if tq.bits == 4 else \
             torch.stack((quant_cpu.pack_codes(codes >> 4), quant_cpu.pack_codes(codes & 0x0F)))
-    else:
-        data = pack_nibbles(codes) if tq.bits == 4 else codes
-    want = tq.stored((n, k))
+    want = tq.stored(tuple(w.shape))
     assert (str(data.dtype).removeprefix("torch."), tuple(data.shape)) == want[""], (data.dtype, data.shape, want)
-    return data.contiguous(), qparams.to(torch.float16).contiguous()
+    return data, qparams
 
 
 def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.float32, backend: str | None = None) -> torch.Tensor:
