@@ -219,3 +219,23 @@ def test_scales_that_fp16_cannot_hold_are_refused(name, value):
     raw[1, -1, off:off + 2] = np.array([value], np.float16).view(np.uint8)
     with pytest.raises(ArgumentError, match=f"{name} block scales of row 1, .*not finite as float16.*16-bit"):
         blocks_to_groups(name, raw.reshape(3, -1), k)
+
+
+def test_tensors_read_back_from_a_gguf_file(tmp_path):
+    """The reader's (N, row_bytes) memmap and its GGMLQuantizationType go in as they come."""
+    n, k = 48, 512
+    blocks = {"Q4_0": _gaussian_blocks("Q4_0", n, k, seed=4), "Q4_K": _random_blocks("Q4_K", n, k, seed=4),
+              "Q6_K": _random_blocks("Q6_K", n, k, seed=4)}
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    for name, raw in blocks.items():
+        writer.add_tensor(f"w.{name}", raw, raw_dtype=T[name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for t in gguf.GGUFReader(str(tmp_path / "t.gguf")).tensors:
+        assert [int(x) for x in t.shape] == [k, n] and t.data.shape == blocks[t.tensor_type.name].shape
+        codes, qparams = blocks_to_groups(t.tensor_type, t.data, int(t.shape[0]))
+        want = blocks_to_groups(t.tensor_type.name, blocks[t.tensor_type.name], k)
+        np.testing.assert_array_equal(codes, want[0])
+        np.testing.assert_array_equal(qparams, want[1])

@@ -6,9 +6,9 @@ a minimum per 32 inputs, and Q5/Q6/Q8 codes fit 8 bits, so a converter can keep 
 scheme, ``tierkv.quantspec``) instead of dequantizing to 16-bit and quantizing again. This module
 decodes the block layouts (those of llama.cpp's ``gguf-py`` ``gguf/quants.py``, written here again
 as whole-array numpy) into codes (N, K) uint8 and qparams (K/32, N, 2) float16, ready for
-``tierkv.kernels.quant.pack_weight``. It needs numpy only (the ``gguf`` package just for
-``conversion_error``'s reference); Q6_K's re-quantization uses tierkv's own int8 rule
-(``kernels.quant_reference``).
+``tierkv.kernels.quant.pack_weight``. It computes in numpy (Q6_K's re-quantization calls tierkv's
+own int8 rule, ``kernels.quant_reference``, on a zero-copy torch view) and needs the ``gguf``
+package only for ``conversion_error``'s reference.
 
 Per type (d, dmin: the block's fp16 scales; arithmetic of both sides in fp32):
 
@@ -19,18 +19,21 @@ Per type (d, dmin: the block's fp16 scales; arithmetic of both sides in fp32):
 - Q4_K ``(d*sc)*q - dmin*m`` per 32 of a 256 super-block (6-bit sc, m): int4, codes q; Q5_K the
   same with 5-bit q: int8. d*sc and dmin*m have up to 17 significant bits, fp16 holds 11, so the
   scale is rounded to fp16 and the minimum absorbs the scale's rounding at the middle code
-  (``minimum = fp16(-dmin*m + c*(d*sc - scale))``, c = 7.5 / 15.5): per weight the error is at most
-  ``|q - c| * |scale - d*sc| + |minimum - (-dmin*m + c*(d*sc - scale))|``, i.e. about 8 (16) half
-  units in the last place of the scale plus half of the minimum's: ~2.4e-4 of the group's range for
-  normal fp16 scales, below the bf16 rounding of the weights themselves (2e-3 relative).
+  (``minimum = fp16(-dmin*m + c*(d*sc - scale))``, c = 7.5 / 15.5; this halves the error of
+  rounding both on their own): per weight the error is at most ``|q - c| * |scale - d*sc|`` plus
+  half an fp16 step of the minimum, i.e. about one fp16 step of the group's largest |weight|
+  (measured on llama.cpp-made files: <= 1.44 steps, <= 5.1e-4 of the group's range), below the
+  bf16 rounding (4 fp16 steps) of the weights themselves. Scales below fp16's normal range (6.1e-5)
+  lose relative precision (fp16 subnormals).
 - Q6_K ``d*s_j*(q-32)`` with a signed 8-bit s_j per 16 values: one 32-group holds two scales, which
   one fp16 scale cannot hold exactly (d*s_j has up to 18 significant bits and s_a/s_b is arbitrary),
-  so each 32 is re-quantized from its exact fp32 values by tierkv's int8 rule: error at most half a
-  step of 1/255 of the group's range plus fp16 rounding of [scale, minimum], i.e. <= ~1/8 of Q6_K's
-  own largest step in that group (its own rounding error is up to 1/2 step).
+  so each 32 is re-quantized from its exact fp32 values by tierkv's int8 rule (the same codes as
+  dequantizing and quantizing with tierkv's int8 g32): error at most half a step of 1/255 of the
+  group's range (1/510 = 1.96e-3) plus fp16 rounding of [scale, minimum], i.e. <= ~1/8 of Q6_K's own
+  largest step in that group (its own rounding error is up to 1/2 step).
 
 ``GGUF_SCHEMES`` says which scheme and whether the conversion is bit-exact; ``conversion_error``
-measures it against ``gguf.quants.dequantize``; the module's tests state the numbers.
+measures it against ``gguf.quants.dequantize`` (``scripts/eval_gguf_blocks.py``: per type, on real files).
 Memory: rows are decoded ``_CHUNK_VALUES`` values at a time (whole rows, vectorized), so beyond the
 output codes (N*K bytes) and qparams the temporaries stay a few MB.
 """
