@@ -28,17 +28,16 @@ from tierkv.config import ConfigError, ModelConfig
 from tierkv.io.checkpoint import LAYER_PREFIX, CheckpointError, all_usable
 from tierkv.io.gguf_config import ARCHITECTURES, ROPE_FREQS_TENSOR, GGUFMetadataError, hf_config
 from tierkv.io.progress import ProgressFn, progress_or_bar
-from tierkv.kernels.quant_reference import quantize_weight_plain, weight_codes_plain
-from tierkv.quantspec import BITS, HEAD_WEIGHT, LAYER_LINEARS
+from tierkv.errors import ArgumentError
+from tierkv.io.gguf_blocks import GGUF_SCHEMES, blocks_to_groups
+from tierkv.quantspec import HEAD_WEIGHT, LAYER_LINEARS
 
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
-SOURCE_GROUP = 32           # every kept-quantized GGUF type has blocks (or sub-blocks) of 32 along K
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-# GGUF types kept quantized in the store: 4-bit values -> int4 groups of 32, 5/6/8-bit -> int8 groups of 32
-SOURCE_SCHEMES = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4",
-                  "Q5_0": "int8", "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8", "Q8_0": "int8"}
+# GGUF types kept quantized in the store (``io.gguf_blocks``): 4-bit values -> int4 groups of 32, 5/6/8-bit -> int8
+SOURCE_SCHEMES = {name: s.scheme for name, s in GGUF_SCHEMES.items()}
 # other types gguf.quants dequantizes: stored 16-bit, or re-quantized when --quant asks
 OTHER_TYPES = ("Q2_K", "Q3_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS",
                "TQ1_0", "TQ2_0", "MXFP4")
@@ -287,7 +286,7 @@ class GGUFCheckpoint:
         """HF name -> (scheme, group size) for the weights the store keeps quantized from the file: the
         layer linears and the head held in a type of ``SOURCE_SCHEMES``."""
         linears = {f"{n}.weight" for n in LAYER_LINEARS}
-        return {name: (SOURCE_SCHEMES[info.type_name], SOURCE_GROUP) for name, info in self._hf.items()
+        return {name: GGUF_SCHEMES[info.type_name][:2] for name, info in self._hf.items()
                 if info.type_name in SOURCE_SCHEMES and (name == HEAD_WEIGHT or name.split(".", 3)[-1] in linears)}
 
     def source_types(self) -> dict[str, str]:
@@ -296,13 +295,21 @@ class GGUFCheckpoint:
 
     def quantized_codes(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes (N, K) uint8, qparams (K/32, N, 2) float16) of a weight in ``source_quants``, rows in HF
-        order, ``w = codes * scale + minimum``. This path dequantizes the file's blocks and quantizes
-        them again with tierkv's own asymmetric groups of 32 (exact for Q4_1/Q4_0-style values up to
-        the scale's fp16 rounding)."""
-        scheme, group = self.source_quants()[name]
-        w = self.tensor(name, torch.float32)                                       # (N, K)
-        data, qparams = quantize_weight_plain(w, BITS[scheme], group)
-        return weight_codes_plain(data, BITS[scheme], w.shape[1]), qparams
+        order, ``w = codes * scale + minimum``: the file's blocks decoded straight into groups by
+        ``io.gguf_blocks.blocks_to_groups`` (bit-exact for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1; its docstring
+        states the K-quants' error), never through 16-bit."""
+        info = self.info(name)
+        if name not in self.source_quants():
+            raise KeyError(f"tensor {name} ({info.type_name}) is not kept quantized from {self.source}")
+        n, k = info.shape
+        try:
+            codes, qparams = blocks_to_groups(info.type_name, self._raw(info).reshape(n, -1), k)
+        except ArgumentError as exc:
+            raise GGUFError(f"tensor {info.gguf_name} in {info.file}: {exc}; the file is corrupt: download it "
+                            "again") from None
+        codes_t, qparams_t = torch.from_numpy(codes), torch.from_numpy(qparams)   # (N, K), (K/32, N, 2)
+        order = self.row_order(name)
+        return (codes_t, qparams_t) if order is None else (codes_t[order], qparams_t[:, order].contiguous())
 
     # -- values ------------------------------------------------------------------------------
     def check_finite(self, name: str, tensor: torch.Tensor) -> None:
@@ -364,5 +371,5 @@ def _field_value(field: Any) -> Any:
     return value
 
 
-__all__ = ["FLOAT_TYPES", "GGUFCheckpoint", "GGUFError", "GGUFTensor", "INSTALL_HINT", "OTHER_TYPES", "SOURCE_GROUP",
+__all__ = ["FLOAT_TYPES", "GGUFCheckpoint", "GGUFError", "GGUFTensor", "INSTALL_HINT", "OTHER_TYPES",
            "SOURCE_SCHEMES", "gguf_parts", "import_gguf", "is_gguf_source"]
