@@ -1,0 +1,253 @@
+"""The tokenizer files written from a GGUF file's metadata (tierkv/io/gguf_tokenizer.py).
+
+GGUF files are built at test time with gguf's writer (tests/gguf_tok_util.py) from tokenizers
+trained here or shipped in tierkv/demo_model. Two oracles: transformers' own GGUF tokenizer
+(``AutoTokenizer.from_pretrained(dir, gguf_file=...)``) on the same file, and the tokenizer the
+file was made from (what the model was trained with).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+from gguf_tok_util import add_tokenizer  # noqa: E402
+from tokenizer_fixtures import SENTENCES, byte_level_bpe  # noqa: E402
+from tokenizers import Tokenizer as RawTokenizer  # noqa: E402
+from tokenizers import models, pre_tokenizers, trainers  # noqa: E402
+
+from tierkv.config import ConfigError, ModelConfig  # noqa: E402
+from tierkv.io.gguf_tokenizer import UnsupportedTokenizer, write_tokenizer_files  # noqa: E402
+from tierkv.tokenizer import Tokenizer  # noqa: E402
+
+DEMO = Path(__file__).resolve().parent.parent / "tierkv" / "demo_model"
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world, hello tokenizer!",
+    "  leading spaces, trailing spaces   ",
+    "tabs\tand\nnew\n\nlines\r\n",
+    "digits 1234567890 and 3.14159, 42nd",
+    "unicode: héllo wörld naïve café — ½ ∑ 漢字 日本語",
+    "emoji 😀🚀👍🏽 and a family 👨‍👩‍👧",
+    "don't won't it's we're I'll",
+    "",
+    " ",
+]
+CHAT = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Hi there 😀"},
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Count: 1 2 3"}]
+QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}"
+                  "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+                  "{% if add_generation_prompt %}[ASSISTANT]{% endif %}")
+
+
+def _sp_source(vocab_size: int = 420):
+    """A Llama-2-style SentencePiece BPE: <unk> <s> </s>, the 256 <0xNN> byte tokens, then pieces."""
+    from transformers.models.llama.tokenization_llama import LlamaTokenizer
+
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    raw = RawTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    raw.train_from_iterator(SENTENCES * 3, trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False))
+    model = json.loads(raw.to_str())["model"]
+    tok = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+    tok.chat_template = LLAMA_TEMPLATE
+    return tok
+
+
+def _qwen_source(digits: bool = False):
+    """A Qwen2-style byte-level BPE: no BOS, <|endoftext|> as EOS/pad, chat control tokens, <think>."""
+    from transformers import PreTrainedTokenizerFast
+
+    raw = byte_level_bpe(vocab_size=400)
+    if digits:  # SmolLM's split: every digit alone, then GPT-2's regex
+        raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|endoftext|>"
+    tok.add_tokens(["<think>"])
+    tok.chat_template = QWEN_TEMPLATE
+    return tok
+
+
+def _demo_source():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(DEMO))
+
+
+def _write_gguf(path: Path, source, kind: str, pre: str | None, **kwargs) -> Path:
+    writer = gguf.GGUFWriter(str(path), arch="qwen2" if pre == "qwen2" else "llama")
+    writer.add_block_count(1)
+    add_tokenizer(writer, source, kind=kind, pre=pre, **kwargs)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _tierkv(gguf_path: Path, out: Path) -> Tokenizer:
+    write_tokenizer_files(gguf.GGUFReader(str(gguf_path)), out)
+    return Tokenizer(out)
+
+
+def _hf(gguf_path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+CASES = {  # name: (source, kind, pre, add_tokenizer kwargs, BOS prepended)
+    "llama-sp-scores": (_sp_source, "llama", None, {"add_bos": False}, False),
+    "llama-sp-merges": (_sp_source, "llama", None, {"merges": True, "add_bos": True}, True),
+    "gpt2-demo": (_demo_source, "gpt2", "gpt-2", {}, True),  # the demo's tokenizer_config says add_bos_token
+    "llama-bpe-demo": (_demo_source, "gpt2", "llama-bpe", {}, True),
+    "qwen2": (_qwen_source, "gpt2", "qwen2", {"add_bos": False}, False),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request, tmp_path_factory):
+    """(tierkv Tokenizer, HF's GGUF tokenizer, source tokenizer, case name) for one file."""
+    make, kind, pre, kwargs, _ = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    source = make()
+    path = _write_gguf(root / "model.gguf", source, kind, pre, **kwargs)
+    return _tierkv(path, root / "store"), _hf(path), source, request.param
+
+
+def _special_texts(hf) -> list[str]:
+    specials = [t for t in (hf.bos_token, hf.eos_token) if t]
+    extra = [t for t in ("<|im_start|>", "<|im_end|>", "<think>") if t in hf.get_vocab()]
+    return [f"{specials[-1]} between {' x '.join(extra or specials)} words{specials[0]}",
+            f"x{''.join(specials)}glued{specials[-1]}"]  # a text starting with BOS: tierkv adds no second one
+
+
+def test_ids_equal_transformers_gguf_tokenizer(pair) -> None:
+    tk, hf, _, _ = pair
+    for text in TEXTS + _special_texts(hf):
+        assert tk.encode(text) == hf(text).input_ids, text
+        assert tk.encode(text, add_special_tokens=False) == hf(text, add_special_tokens=False).input_ids, text
+
+
+def test_special_tokens_and_add_bos_equal_transformers(pair) -> None:
+    tk, hf, _, name = pair
+    assert (tk.bos_token, tk.eos_token) == (hf.bos_token, hf.eos_token)
+    assert (tk.bos_token_id, tk.eos_token_id) == (hf.bos_token_id, hf.eos_token_id)
+    assert tk.vocab_size == len(hf)
+    assert (tk.bos_token_id is not None and tk.encode("a")[:1] == [tk.bos_token_id]) == CASES[name][4]
+    assert bool(hf.add_bos_token) == CASES[name][4]
+
+
+def test_decode_round_trip(pair) -> None:
+    """Decoding equals transformers'; byte-level BPE gives every text back, SentencePiece decodes as
+    the source tokenizer does (its Metaspace decoder folds a run of leading spaces)."""
+    tk, hf, source, name = pair
+    for text in TEXTS + _special_texts(hf):
+        ids = tk.encode(text)
+        assert tk.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
+        assert tk.decode(ids, skip_special_tokens=False) == hf.decode(ids, skip_special_tokens=False), text
+    for text in TEXTS:
+        ids = tk.encode(text, add_special_tokens=False)
+        assert tk.decode(ids) == (source.decode(ids) if name.startswith("llama-sp") else text), text
+
+
+def test_chat_template_renders_as_transformers(pair) -> None:
+    tk, hf, _, _ = pair
+    for prompt in (True, False):
+        rendered = tk.render_chat(CHAT, add_generation_prompt=prompt)
+        assert rendered == hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=prompt)
+    expected = hf(hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True),
+                  add_special_tokens=False).input_ids
+    assert tk.encode_chat(CHAT) == expected
+
+
+def test_ids_equal_the_source_tokenizer(pair) -> None:
+    """Where the file was made from a tokenizer whose split the pre-tokenizer name describes, the
+    ids are the model's own (llama-bpe's split is Llama 3's, not the demo tokenizer's: skipped)."""
+    tk, _, source, name = pair
+    if name == "llama-bpe-demo":
+        pytest.skip("the demo tokenizer splits like GPT-2, not like the llama-bpe name this file claims")
+    for text in TEXTS:
+        assert tk.encode(text, add_special_tokens=False) == source(text, add_special_tokens=False).input_ids, text
+
+
+def test_smollm_splits_digits_one_by_one_like_its_source(tmp_path) -> None:
+    source = _qwen_source(digits=True)
+    tk = _tierkv(_write_gguf(tmp_path / "smol.gguf", source, "gpt2", "smollm"), tmp_path / "store")
+    for text in TEXTS:
+        assert tk.encode(text, add_special_tokens=False) == source(text, add_special_tokens=False).input_ids, text
+    pieces = [tk.decode([i]) for i in tk.encode("x 2024", add_special_tokens=False)]
+    assert pieces[-4:] == ["2", "0", "2", "4"]
+
+
+def test_generation_config_lists_every_end_of_generation_id(tmp_path) -> None:
+    source = _qwen_source()
+    im_end = source.convert_tokens_to_ids("<|im_end|>")
+    think = source.convert_tokens_to_ids("<think>")
+    path = _write_gguf(tmp_path / "q.gguf", source, "gpt2", "qwen2", eot_id=think)
+    write_tokenizer_files(gguf.GGUFReader(str(path)), tmp_path / "store")
+    gen = json.loads((tmp_path / "store" / "generation_config.json").read_text())
+    eos = ModelConfig.token_ids_field(gen, "eos_token_id", "generation_config.json")
+    assert list(eos) == [source.eos_token_id, think, im_end]
+    assert gen["pad_token_id"] == source.pad_token_id and "bos_token_id" not in gen
+    special = json.loads((tmp_path / "store" / "special_tokens_map.json").read_text())
+    assert special == {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+
+
+def test_sentencepiece_file_without_add_bos_flag_adds_bos(tmp_path) -> None:
+    """llama.cpp and transformers both prepend BOS to a SentencePiece vocabulary that does not say."""
+    source = _sp_source()
+    path = _write_gguf(tmp_path / "sp.gguf", source, "llama", None, add_bos=None, add_eos=None)
+    assert gguf.GGUFReader(str(path)).get_field("tokenizer.ggml.add_bos_token") is None
+    tk = _tierkv(path, tmp_path / "store")
+    assert tk.encode("hello")[0] == tk.bos_token_id == source.bos_token_id
+    assert tk.encode("hello") == _hf(path)("hello").input_ids
+
+
+def _raw_gguf(path: Path, **keys) -> Path:
+    """A GGUF with exactly the given tokenizer keys (values: str, int, bool or list of str)."""
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    for key, value in keys.items():
+        name = "tokenizer.ggml." + key
+        if isinstance(value, list):
+            writer.add_array(name, value)
+        elif isinstance(value, bool):
+            writer.add_bool(name, value)
+        elif isinstance(value, int):
+            writer.add_uint32(name, value)
+        else:
+            writer.add_string(name, value)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("keys, named", [
+    ({"model": "gpt2", "pre": "gpt-2", "merges": ["a b"]}, "tokenizer.ggml.tokens"),
+    ({"model": "rwkv", "tokens": ["a", "b"]}, "tokenizer.ggml.model = 'rwkv'"),
+    ({"tokens": ["a", "b"]}, "tokenizer.ggml.model = None"),
+    ({"model": "gpt2", "pre": "deepseek-llm", "tokens": ["a", "b", "ab"], "merges": ["a b"]},
+     "tokenizer.ggml.pre = 'deepseek-llm'"),
+    ({"model": "gpt2", "pre": "qwen2", "tokens": ["a", "b"]}, "tokenizer.ggml.merges"),
+])
+def test_bad_tokenizer_metadata_is_refused_with_the_key_named(tmp_path, keys, named) -> None:
+    path = _raw_gguf(tmp_path / "bad.gguf", **keys)
+    with pytest.raises(UnsupportedTokenizer, match=named.replace("(", r"\(")) as err:
+        write_tokenizer_files(gguf.GGUFReader(str(path)), tmp_path / "store")
+    assert isinstance(err.value, ConfigError) and str(path) in str(err.value)
+    assert not (tmp_path / "store" / "tokenizer.json").exists()

@@ -1,0 +1,167 @@
+"""The tokenizer and chat template a GGUF file carries, written out as the files a HF model dir holds.
+
+Why this module exists: a GGUF file has no ``tokenizer.json``; it stores the vocabulary, merges,
+scores, token types, special token ids, the add-BOS flag and the chat template as
+``tokenizer.ggml.*`` / ``tokenizer.chat_template`` metadata. tierkv's runtime reads a model
+directory (``tierkv.tokenizer.Tokenizer``), so a GGUF store gets tokenizer.json,
+tokenizer_config.json, special_tokens_map.json and generation_config.json written beside it.
+
+The vocabulary -> ``tokenizers`` pipeline is not re-derived here: it is Hugging Face transformers'
+own GGUF tokenizer converter (``transformers.integrations.gguf``: ``get_gguf_tokenizer`` reads the
+keys, ``convert_gguf_tokenizer`` builds the tokenizer per ``tokenizer.ggml.model`` and
+``tokenizer.ggml.pre``, and ``TokenizersBackend`` sets the BOS/EOS post-processor), so ids equal
+those of ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` by construction. What this module
+adds: refusing files that converter would silently get wrong (no token list, a tokenizer model or
+pre-tokenizer it does not know), the one pre-tokenizer it gets wrong that tierkv's architectures
+use (``smollm``: digits are split one by one, as llama.cpp and SmolLM's own tokenizer.json do),
+and the end-of-generation ids (EOS, EOT, EOM and the control tokens llama.cpp stops on).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tierkv.config import ConfigError
+
+INSTALL_HINT = "pip install 'tierkv[gguf]'"
+TOKENIZER_MODELS = ("gpt2", "llama")  # tokenizer.ggml.model values: byte-level BPE, SentencePiece
+# tokenizer.ggml.pre values byte-level BPE keeps GPT-2's own split for (transformers' default, llama.cpp's GPT2 type)
+GPT2_SPLIT_PRES = ("gpt-2",)
+# pre-tokenizers transformers' converter gets wrong, fixed here: llama.cpp's regexes "\p{N}" then GPT-2's
+DIGIT_SPLIT_PRES = ("smollm",)
+# control tokens llama.cpp ends generation on by their text (src/llama-vocab.cpp, the EOG list), the
+# subset the llama/qwen2/qwen3 families use; EOS, EOT and EOM ids from the file are always added
+EOG_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<|end_of_text|>",
+             "<end_of_turn>", "<EOT>")
+CONTROL = 3  # gguf.TokenType.CONTROL
+
+
+class UnsupportedTokenizer(ConfigError):
+    """The file's tokenizer cannot be reproduced; its weights may still be usable with token ids."""
+
+
+def _hf_gguf() -> Any:
+    try:
+        from transformers.integrations.gguf import gguf_tokenizer_mapping
+    except ImportError as exc:
+        raise ConfigError(f"reading a GGUF file's tokenizer needs transformers' GGUF converter ({exc}); "
+                          f"install it with: {INSTALL_HINT}") from None
+    return gguf_tokenizer_mapping
+
+
+def _field(reader: Any, key: str) -> Any:
+    """A metadata value as Python (str, int, float, bool or list), or None when the key is absent."""
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+
+
+def _reader_path(reader: Any) -> Path:
+    return Path(reader.data.filename)
+
+
+def check_tokenizer(reader: Any) -> None:
+    """Refuse a file whose tokenizer transformers' converter would build wrong or not at all."""
+    where = _reader_path(reader)
+    field = reader.get_field("tokenizer.ggml.tokens")
+    if field is None or not field.data:
+        raise UnsupportedTokenizer(f"{where} has no tokenizer.ggml.tokens (the vocabulary), so no tokenizer "
+                                   "can be built; prompts would have to be given as token ids")
+    model = _field(reader, "tokenizer.ggml.model")
+    if model not in TOKENIZER_MODELS:
+        raise UnsupportedTokenizer(f"{where}: tokenizer.ggml.model = {model!r} is not a tokenizer tierkv can "
+                                   f"build (supported: {', '.join(TOKENIZER_MODELS)})")
+    if model != "gpt2":
+        return
+    if reader.get_field("tokenizer.ggml.merges") is None:
+        raise UnsupportedTokenizer(f"{where}: a byte-level BPE vocabulary (tokenizer.ggml.model = 'gpt2') "
+                                   "without tokenizer.ggml.merges cannot be tokenized; re-convert the file")
+    pre = _field(reader, "tokenizer.ggml.pre")
+    known = supported_pre_tokenizers()
+    if pre is not None and pre != "default" and pre not in known:
+        raise UnsupportedTokenizer(f"{where}: tokenizer.ggml.pre = {pre!r} names a pre-tokenizer tierkv cannot "
+                                   f"reproduce (supported: {', '.join(sorted(known))})")
+
+
+def supported_pre_tokenizers() -> set[str]:
+    """``tokenizer.ggml.pre`` values a byte-level BPE file may name."""
+    return {*_hf_gguf().GGUF_PRE_TOKENIZER_SPLITS, *GPT2_SPLIT_PRES, *DIGIT_SPLIT_PRES}
+
+
+def build_tokenizer(reader: Any) -> tuple[Any, dict[str, Any]]:
+    """``(tokenizers.Tokenizer, tokenizer_config)`` exactly as transformers builds them from the file."""
+    from tokenizers import pre_tokenizers
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    check_tokenizer(reader)
+    hf = _hf_gguf()
+    architecture, tokenizer_dict, config = hf.get_gguf_tokenizer(str(_reader_path(reader)))
+    backend, extra = hf.convert_gguf_tokenizer(architecture, tokenizer_dict)
+    config = {**config, **extra}
+    # the post-processor transformers puts on from add_bos_token/add_eos_token (as from_pretrained does)
+    hf_tok = TokenizersBackend(tokenizer_object=backend, **config)
+    backend = hf_tok.backend_tokenizer
+    if tokenizer_dict.get("pre_tokenizer_type") in DIGIT_SPLIT_PRES:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return backend, config
+
+
+def eos_token_ids(reader: Any) -> list[int]:
+    """End-of-generation ids: EOS, EOT, EOM, then control tokens llama.cpp stops on (EOG_TEXTS)."""
+    ids = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    field = reader.get_field("tokenizer.ggml.token_type")
+    if field is not None:
+        types = field.contents()
+        for text in EOG_TEXTS:
+            index = _token_index(reader, text)
+            if index is not None and types[index] == CONTROL:
+                ids.append(index)
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def _token_index(reader: Any, text: str) -> int | None:
+    field = reader.get_field("tokenizer.ggml.tokens")
+    needle = text.encode("utf-8")
+    for n, part in enumerate(field.data):
+        if field.parts[part].tobytes() == needle:
+            return n
+    return None
+
+
+def write_tokenizer_files(reader: Any, out_dir: Path) -> None:
+    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and generation_config.json
+    for the tokenizer ``reader``'s file describes (a ``gguf.GGUFReader``; for a split set, part 1)."""
+    backend, config = build_tokenizer(reader)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backend.save(str(out_dir / "tokenizer.json"))
+    specials = {name: config.get(name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    tok_cfg: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "add_bos_token": bool(config.get("add_bos_token", False)),
+        "add_eos_token": bool(config.get("add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+    }
+    if config.get("chat_template"):
+        tok_cfg["chat_template"] = config["chat_template"]
+    gen_cfg: dict[str, Any] = {}
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    if bos is not None:
+        gen_cfg["bos_token_id"] = int(bos)
+    eos = eos_token_ids(reader)
+    if eos:
+        gen_cfg["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    pad = _field(reader, "tokenizer.ggml.padding_token_id")
+    if pad is not None:
+        gen_cfg["pad_token_id"] = int(pad)
+    _write_json(out_dir / "tokenizer_config.json", tok_cfg)
+    _write_json(out_dir / "special_tokens_map.json", {k: v for k, v in specials.items() if v is not None})
+    _write_json(out_dir / "generation_config.json", gen_cfg)
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
