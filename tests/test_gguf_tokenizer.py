@@ -9,6 +9,7 @@ file was made from (what the model was trained with).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,9 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 from gguf_tok_util import add_tokenizer  # noqa: E402
-from tokenizer_fixtures import SENTENCES, byte_level_bpe  # noqa: E402
+from tokenizer_fixtures import SENTENCES  # noqa: E402
 from tokenizers import Tokenizer as RawTokenizer  # noqa: E402
-from tokenizers import models, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from tierkv.config import ConfigError, ModelConfig  # noqa: E402
 from tierkv.io.gguf_tokenizer import UnsupportedTokenizer, write_tokenizer_files  # noqa: E402
@@ -55,7 +56,7 @@ def _sp_source(vocab_size: int = 420):
     specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
     raw = RawTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
-    raw.train_from_iterator(SENTENCES * 3, trainer=trainers.BpeTrainer(
+    raw.train_from_iterator(CORPUS, trainer=trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, show_progress=False))
     model = json.loads(raw.to_str())["model"]
     tok = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
@@ -63,18 +64,42 @@ def _sp_source(vocab_size: int = 420):
     return tok
 
 
-def _qwen_source(digits: bool = False):
-    """A Qwen2-style byte-level BPE: no BOS, <|endoftext|> as EOS/pad, chat control tokens, <think>."""
+# the splits of the models' own tokenizer.json files (Llama 3, Qwen2), written out here as the oracle
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+CORPUS = [*SENTENCES, *TEXTS, "In 2024 there were 365 days; 1000000 is a million.", "x  =  1\n\n\ty = 22\r\n"]
+
+
+def _split(kind: str):
+    """The pre-tokenizer of a byte-level BPE: GPT-2's regex, a model's regex, or SmolLM's digit split."""
+    if kind == "gpt-2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if kind == "smollm":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    regex = {"llama-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}[kind]
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _bpe_source(split: str = "qwen2", bos: str | None = None):
+    """A byte-level BPE trained with ``split`` (Qwen2-style by default: no BOS, <|endoftext|> as
+    EOS and pad, chat control tokens, <think> as a plain added token)."""
     from transformers import PreTrainedTokenizerFast
 
-    raw = byte_level_bpe(vocab_size=400)
-    if digits:  # SmolLM's split: every digit alone, then GPT-2's regex
-        raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.eos_token = "<|endoftext|>"
-    tok.add_tokens(["<think>"])
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = _split(split)
+    raw.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *([bos] if bos else [])]
+    raw.train_from_iterator(CORPUS, trainer=trainers.BpeTrainer(
+        vocab_size=520, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.add_tokens(["<think>"])
+    kwargs = {"bos_token": bos, "add_bos_token": True} if bos else {}
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"], **kwargs)
     tok.chat_template = QWEN_TEMPLATE
     return tok
 
@@ -112,19 +137,20 @@ CASES = {  # name: (source, kind, pre, add_tokenizer kwargs, BOS prepended)
     "llama-sp-scores": (_sp_source, "llama", None, {"add_bos": False}, False),
     "llama-sp-merges": (_sp_source, "llama", None, {"merges": True, "add_bos": True}, True),
     "gpt2-demo": (_demo_source, "gpt2", "gpt-2", {}, True),  # the demo's tokenizer_config says add_bos_token
-    "llama-bpe-demo": (_demo_source, "gpt2", "llama-bpe", {}, True),
-    "qwen2": (_qwen_source, "gpt2", "qwen2", {"add_bos": False}, False),
+    "gpt2-demo-no-pre": (_demo_source, "gpt2", None, {}, True),  # files older than tokenizer.ggml.pre
+    "llama-bpe": (partial(_bpe_source, "llama-bpe", bos="<|begin_of_text|>"), "gpt2", "llama-bpe", {}, True),
+    "qwen2": (_bpe_source, "gpt2", "qwen2", {"add_bos": False}, False),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def pair(request, tmp_path_factory):
-    """(tierkv Tokenizer, HF's GGUF tokenizer, source tokenizer, case name) for one file."""
+    """(tierkv Tokenizer, HF's GGUF tokenizer, source tokenizer, case name, written dir) for one file."""
     make, kind, pre, kwargs, _ = CASES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     source = make()
     path = _write_gguf(root / "model.gguf", source, kind, pre, **kwargs)
-    return _tierkv(path, root / "store"), _hf(path), source, request.param
+    return _tierkv(path, root / "store"), _hf(path), source, request.param, root / "store"
 
 
 def _special_texts(hf) -> list[str]:
@@ -134,15 +160,20 @@ def _special_texts(hf) -> list[str]:
             f"x{''.join(specials)}glued{specials[-1]}"]  # a text starting with BOS: tierkv adds no second one
 
 
-def test_ids_equal_transformers_gguf_tokenizer(pair) -> None:
-    tk, hf, _, _ = pair
-    for text in TEXTS + _special_texts(hf):
-        assert tk.encode(text) == hf(text).input_ids, text
+def test_ids_equal_transformers_gguf_tokenizer(pair, tmp_path) -> None:
+    """tierkv's ids equal transformers' GGUF tokenizer's; the written directory also loads in
+    transformers (AutoTokenizer) with the same ids."""
+    from transformers import AutoTokenizer
+
+    tk, hf, _, _, store = pair
+    written = AutoTokenizer.from_pretrained(str(store))
+    for text in TEXTS + CORPUS + _special_texts(hf):
+        assert tk.encode(text) == hf(text).input_ids == written(text).input_ids, text
         assert tk.encode(text, add_special_tokens=False) == hf(text, add_special_tokens=False).input_ids, text
 
 
 def test_special_tokens_and_add_bos_equal_transformers(pair) -> None:
-    tk, hf, _, name = pair
+    tk, hf, _, name, _ = pair
     assert (tk.bos_token, tk.eos_token) == (hf.bos_token, hf.eos_token)
     assert (tk.bos_token_id, tk.eos_token_id) == (hf.bos_token_id, hf.eos_token_id)
     assert tk.vocab_size == len(hf)
@@ -153,7 +184,7 @@ def test_special_tokens_and_add_bos_equal_transformers(pair) -> None:
 def test_decode_round_trip(pair) -> None:
     """Decoding equals transformers'; byte-level BPE gives every text back, SentencePiece decodes as
     the source tokenizer does (its Metaspace decoder folds a run of leading spaces)."""
-    tk, hf, source, name = pair
+    tk, hf, source, name, _ = pair
     for text in TEXTS + _special_texts(hf):
         ids = tk.encode(text)
         assert tk.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
@@ -164,7 +195,7 @@ def test_decode_round_trip(pair) -> None:
 
 
 def test_chat_template_renders_as_transformers(pair) -> None:
-    tk, hf, _, _ = pair
+    tk, hf, _, _, _ = pair
     for prompt in (True, False):
         rendered = tk.render_chat(CHAT, add_generation_prompt=prompt)
         assert rendered == hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=prompt)
@@ -174,26 +205,28 @@ def test_chat_template_renders_as_transformers(pair) -> None:
 
 
 def test_ids_equal_the_source_tokenizer(pair) -> None:
-    """Where the file was made from a tokenizer whose split the pre-tokenizer name describes, the
-    ids are the model's own (llama-bpe's split is Llama 3's, not the demo tokenizer's: skipped)."""
-    tk, _, source, name = pair
-    if name == "llama-bpe-demo":
-        pytest.skip("the demo tokenizer splits like GPT-2, not like the llama-bpe name this file claims")
-    for text in TEXTS:
+    """The ids are the ones of the tokenizer the file was made from (trained with the split its
+    tokenizer.ggml.pre names), i.e. the model's own."""
+    tk, _, source, _, _ = pair
+    for text in TEXTS + CORPUS:
         assert tk.encode(text, add_special_tokens=False) == source(text, add_special_tokens=False).input_ids, text
 
 
 def test_smollm_splits_digits_one_by_one_like_its_source(tmp_path) -> None:
-    source = _qwen_source(digits=True)
+    """SmolLM's split (each digit alone, then GPT-2's regex; llama.cpp's "smollm" regexes) keeps a
+    run of spaces before a digit whole: "x  1" is x, "  ", 1. transformers' GGUF tokenizer uses
+    GPT-2's regex alone there and gives x, " ", " ", 1; tierkv follows the model's own tokenizer."""
+    source = _bpe_source("smollm")
     tk = _tierkv(_write_gguf(tmp_path / "smol.gguf", source, "gpt2", "smollm"), tmp_path / "store")
-    for text in TEXTS:
+    assert [tk.decode([i]) for i in tk.encode("x  1", add_special_tokens=False)] == ["x", "  ", "1"]
+    for text in [*TEXTS, *CORPUS, "x  1", "a   22 b", "tabs\t\t3"]:
         assert tk.encode(text, add_special_tokens=False) == source(text, add_special_tokens=False).input_ids, text
     pieces = [tk.decode([i]) for i in tk.encode("x 2024", add_special_tokens=False)]
     assert pieces[-4:] == ["2", "0", "2", "4"]
 
 
 def test_generation_config_lists_every_end_of_generation_id(tmp_path) -> None:
-    source = _qwen_source()
+    source = _bpe_source()
     im_end = source.convert_tokens_to_ids("<|im_end|>")
     think = source.convert_tokens_to_ids("<think>")
     path = _write_gguf(tmp_path / "q.gguf", source, "gpt2", "qwen2", eot_id=think)

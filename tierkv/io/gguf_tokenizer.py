@@ -112,23 +112,15 @@ def build_tokenizer(reader: Any) -> tuple[Any, dict[str, Any]]:
 def eos_token_ids(reader: Any) -> list[int]:
     """End-of-generation ids: EOS, EOT, EOM, then control tokens llama.cpp stops on (EOG_TEXTS)."""
     ids = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    field = reader.get_field("tokenizer.ggml.token_type")
-    if field is not None:
-        types = field.contents()
-        for text in EOG_TEXTS:
-            index = _token_index(reader, text)
-            if index is not None and types[index] == CONTROL:
-                ids.append(index)
+    types = _field(reader, "tokenizer.ggml.token_type")
+    if types is not None:
+        tokens = _field(reader, "tokenizer.ggml.tokens")
+        found: dict[str, int] = {}
+        for index, text in enumerate(tokens):
+            if text in EOG_TEXTS and types[index] == CONTROL:
+                found.setdefault(text, index)
+        ids += [found[text] for text in EOG_TEXTS if text in found]
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
-
-
-def _token_index(reader: Any, text: str) -> int | None:
-    field = reader.get_field("tokenizer.ggml.tokens")
-    needle = text.encode("utf-8")
-    for n, part in enumerate(field.data):
-        if field.parts[part].tobytes() == needle:
-            return n
-    return None
 
 
 def write_tokenizer_files(reader: Any, out_dir: Path) -> None:
