@@ -138,6 +138,7 @@ CASES = {  # name: (source, kind, pre, add_tokenizer kwargs, BOS prepended)
     "llama-sp-merges": (_sp_source, "llama", None, {"merges": True, "add_bos": True}, True),
     "gpt2-demo": (_demo_source, "gpt2", "gpt-2", {}, True),  # the demo's tokenizer_config says add_bos_token
     "gpt2-demo-no-pre": (_demo_source, "gpt2", None, {}, True),  # files older than tokenizer.ggml.pre
+    "gpt2-demo-alias": (_demo_source, "gpt2", "gpt2", {}, True),  # a name llama.cpp lacks, written by converters for GPT-2's split
     "llama-bpe": (partial(_bpe_source, "llama-bpe", bos="<|begin_of_text|>"), "gpt2", "llama-bpe", {}, True),
     "qwen2": (_bpe_source, "gpt2", "qwen2", {"add_bos": False}, False),
 }
@@ -284,3 +285,12 @@ def test_bad_tokenizer_metadata_is_refused_with_the_key_named(tmp_path, keys, na
         write_tokenizer_files(gguf.GGUFReader(str(path)), tmp_path / "store")
     assert isinstance(err.value, ConfigError) and str(path) in str(err.value)
     assert not (tmp_path / "store" / "tokenizer.json").exists()
+
+
+def test_missing_transformers_converter_says_how_to_install(tmp_path, monkeypatch) -> None:
+    import sys
+
+    path = _write_gguf(tmp_path / "q.gguf", _bpe_source(), "gpt2", "qwen2")
+    monkeypatch.setitem(sys.modules, "transformers.integrations.gguf", None)  # import now raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'tierkv\[gguf\]'"):
+        write_tokenizer_files(gguf.GGUFReader(str(path)), tmp_path / "store")
