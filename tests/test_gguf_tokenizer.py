@@ -138,7 +138,7 @@ CASES = {  # name: (source, kind, pre, add_tokenizer kwargs, BOS prepended)
     "llama-sp-merges": (_sp_source, "llama", None, {"merges": True, "add_bos": True}, True),
     "gpt2-demo": (_demo_source, "gpt2", "gpt-2", {}, True),  # the demo's tokenizer_config says add_bos_token
     "gpt2-demo-no-pre": (_demo_source, "gpt2", None, {}, True),  # files older than tokenizer.ggml.pre
-    "gpt2-demo-alias": (_demo_source, "gpt2", "gpt2", {}, True),  # a name llama.cpp lacks, written by converters for GPT-2's split
+    "gpt2-demo-alias": (_demo_source, "gpt2", "gpt2", {}, True),  # not llama.cpp's name, but GPT-2's split
     "llama-bpe": (partial(_bpe_source, "llama-bpe", bos="<|begin_of_text|>"), "gpt2", "llama-bpe", {}, True),
     "qwen2": (_bpe_source, "gpt2", "qwen2", {"add_bos": False}, False),
 }
@@ -240,6 +240,25 @@ def test_generation_config_lists_every_end_of_generation_id(tmp_path) -> None:
     assert special == {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
 
 
+def test_named_chat_templates_are_kept_beside_the_default(tmp_path) -> None:
+    source = _bpe_source()
+    path = tmp_path / "named.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="qwen2")
+    add_tokenizer(writer, source, kind="gpt2", pre="qwen2", chat_template="")
+    writer.add_chat_template([{"name": "default", "template": QWEN_TEMPLATE},
+                              {"name": "tool_use", "template": "TOOLS {{ messages | length }}"}])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tk = _tierkv(path, tmp_path / "store")
+    cfg = json.loads((tmp_path / "store" / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == [{"name": "default", "template": QWEN_TEMPLATE},
+                                    {"name": "tool_use", "template": "TOOLS {{ messages | length }}"}]
+    assert tk.render_chat(CHAT) == _hf(path).apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+
+
 def test_sentencepiece_file_without_add_bos_flag_adds_bos(tmp_path) -> None:
     """llama.cpp and transformers both prepend BOS to a SentencePiece vocabulary that does not say."""
     source = _sp_source()
@@ -278,6 +297,7 @@ def _raw_gguf(path: Path, **keys) -> Path:
     ({"model": "gpt2", "pre": "deepseek-llm", "tokens": ["a", "b", "ab"], "merges": ["a b"]},
      "tokenizer.ggml.pre = 'deepseek-llm'"),
     ({"model": "gpt2", "pre": "qwen2", "tokens": ["a", "b"]}, "tokenizer.ggml.merges"),
+    ({"model": "llama", "tokens": ["a", "b"]}, "tokenizer.ggml.scores"),
 ])
 def test_bad_tokenizer_metadata_is_refused_with_the_key_named(tmp_path, keys, named) -> None:
     path = _raw_gguf(tmp_path / "bad.gguf", **keys)

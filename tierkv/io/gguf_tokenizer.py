@@ -20,10 +20,14 @@ and the end-of-generation ids (EOS, EOT, EOM and the control tokens llama.cpp st
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tierkv.config import ConfigError
+
+if TYPE_CHECKING:  # gguf is an optional extra; only its reader objects are passed in
+    from gguf import GGUFReader
 
 INSTALL_HINT = "pip install 'tierkv[gguf]'"
 TOKENIZER_MODELS = ("gpt2", "llama")  # tokenizer.ggml.model values: byte-level BPE, SentencePiece
@@ -52,18 +56,22 @@ def _hf_gguf() -> Any:
     return gguf_tokenizer_mapping
 
 
-def _field(reader: Any, key: str) -> Any:
+def _field(reader: GGUFReader, key: str) -> Any:
     """A metadata value as Python (str, int, float, bool or list), or None when the key is absent."""
     field = reader.get_field(key)
     return None if field is None else field.contents()
 
 
-def _reader_path(reader: Any) -> Path:
+def _reader_path(reader: GGUFReader) -> Path:
+    """The file a reader maps (transformers' converter reads the metadata by path)."""
     return Path(reader.data.filename)
 
 
-def check_tokenizer(reader: Any) -> None:
-    """Refuse a file whose tokenizer transformers' converter would build wrong or not at all."""
+def check_tokenizer(reader: GGUFReader) -> None:
+    """Refuse a file whose tokenizer transformers' converter would build wrong or not at all.
+
+    A byte-level file without tokenizer.ggml.pre (older than that key) or naming "default" gets
+    GPT-2's split, as in transformers (llama.cpp's "default" regexes differ slightly)."""
     where = _reader_path(reader)
     field = reader.get_field("tokenizer.ggml.tokens")
     if field is None or not field.data:
@@ -73,7 +81,10 @@ def check_tokenizer(reader: Any) -> None:
     if model not in TOKENIZER_MODELS:
         raise UnsupportedTokenizer(f"{where}: tokenizer.ggml.model = {model!r} is not a tokenizer tierkv can "
                                    f"build (supported: {', '.join(TOKENIZER_MODELS)})")
-    if model != "gpt2":
+    if model == "llama":
+        if reader.get_field("tokenizer.ggml.scores") is None and reader.get_field("tokenizer.ggml.merges") is None:
+            raise UnsupportedTokenizer(f"{where}: a SentencePiece vocabulary (tokenizer.ggml.model = 'llama') "
+                                       "needs tokenizer.ggml.scores or tokenizer.ggml.merges; the file has neither")
         return
     if reader.get_field("tokenizer.ggml.merges") is None:
         raise UnsupportedTokenizer(f"{where}: a byte-level BPE vocabulary (tokenizer.ggml.model = 'gpt2') "
@@ -90,7 +101,7 @@ def supported_pre_tokenizers() -> set[str]:
     return {*_hf_gguf().GGUF_PRE_TOKENIZER_SPLITS, *GPT2_SPLIT_PRES, *DIGIT_SPLIT_PRES}
 
 
-def build_tokenizer(reader: Any) -> tuple[Any, dict[str, Any]]:
+def build_tokenizer(reader: GGUFReader) -> tuple[Any, dict[str, Any]]:
     """``(tokenizers.Tokenizer, tokenizer_config)`` exactly as transformers builds them from the file."""
     from tokenizers import pre_tokenizers
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
@@ -110,7 +121,7 @@ def build_tokenizer(reader: Any) -> tuple[Any, dict[str, Any]]:
     return backend, config
 
 
-def eos_token_ids(reader: Any) -> list[int]:
+def eos_token_ids(reader: GGUFReader) -> list[int]:
     """End-of-generation ids: EOS, EOT, EOM, then control tokens llama.cpp stops on (EOG_TEXTS)."""
     ids = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     types = _field(reader, "tokenizer.ggml.token_type")
@@ -124,13 +135,13 @@ def eos_token_ids(reader: Any) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
-def write_tokenizer_files(reader: Any, out_dir: Path) -> None:
+def write_tokenizer_files(reader: GGUFReader, out_dir: Path) -> None:
     """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and generation_config.json
     for the tokenizer ``reader``'s file describes (a ``gguf.GGUFReader``; for a split set, part 1)."""
     backend, config = build_tokenizer(reader)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    backend.save(str(out_dir / "tokenizer.json"))
+    _write_text(out_dir / "tokenizer.json", backend.to_str(pretty=True))
     specials = {name: config.get(name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
     tok_cfg: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -139,8 +150,9 @@ def write_tokenizer_files(reader: Any, out_dir: Path) -> None:
         "add_eos_token": bool(config.get("add_eos_token", False)),
         "clean_up_tokenization_spaces": False,
     }
-    if config.get("chat_template"):
-        tok_cfg["chat_template"] = config["chat_template"]
+    template = _chat_templates(reader, config.get("chat_template"))
+    if template:
+        tok_cfg["chat_template"] = template
     gen_cfg: dict[str, Any] = {}
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     if bos is not None:
@@ -156,5 +168,22 @@ def write_tokenizer_files(reader: Any, out_dir: Path) -> None:
     _write_json(out_dir / "generation_config.json", gen_cfg)
 
 
+def _chat_templates(reader: GGUFReader, default: str | None) -> str | list[dict[str, str]] | None:
+    """The default template, or with named ones (tokenizer.chat_template.NAME) the list form
+    tokenizer_config.json uses, "default" first."""
+    names = _field(reader, "tokenizer.chat_templates") or []
+    if not names:
+        return default
+    named = [{"name": n, "template": _field(reader, f"tokenizer.chat_template.{n}")} for n in names]
+    return [*([{"name": "default", "template": default}] if default else []), *named]
+
+
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Whole or not at all: a crash mid-write leaves no half file under the final name."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
