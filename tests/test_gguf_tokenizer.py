@@ -110,10 +110,13 @@ def _demo_source():
     return AutoTokenizer.from_pretrained(str(DEMO))
 
 
-def _write_gguf(path: Path, source, kind: str, pre: str | None, **kwargs) -> Path:
+def _write_gguf(path: Path, source, kind: str, pre: str | None, more=None, **kwargs) -> Path:
+    """A GGUF holding ``source``'s tokenizer (``more(writer)`` adds keys) and one dummy tensor."""
     writer = gguf.GGUFWriter(str(path), arch="qwen2" if pre == "qwen2" else "llama")
     writer.add_block_count(1)
     add_tokenizer(writer, source, kind=kind, pre=pre, **kwargs)
+    if more is not None:
+        more(writer)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -241,21 +244,13 @@ def test_generation_config_lists_every_end_of_generation_id(tmp_path) -> None:
 
 
 def test_named_chat_templates_are_kept_beside_the_default(tmp_path) -> None:
-    source = _bpe_source()
-    path = tmp_path / "named.gguf"
-    writer = gguf.GGUFWriter(str(path), arch="qwen2")
-    add_tokenizer(writer, source, kind="gpt2", pre="qwen2", chat_template="")
-    writer.add_chat_template([{"name": "default", "template": QWEN_TEMPLATE},
-                              {"name": "tool_use", "template": "TOOLS {{ messages | length }}"}])
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    templates = [{"name": "default", "template": QWEN_TEMPLATE},
+                 {"name": "tool_use", "template": "TOOLS {{ messages | length }}"}]
+    path = _write_gguf(tmp_path / "named.gguf", _bpe_source(), "gpt2", "qwen2", chat_template="",
+                       more=lambda writer: writer.add_chat_template(templates))
     tk = _tierkv(path, tmp_path / "store")
     cfg = json.loads((tmp_path / "store" / "tokenizer_config.json").read_text())
-    assert cfg["chat_template"] == [{"name": "default", "template": QWEN_TEMPLATE},
-                                    {"name": "tool_use", "template": "TOOLS {{ messages | length }}"}]
+    assert cfg["chat_template"] == templates
     assert tk.render_chat(CHAT) == _hf(path).apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
 
 
