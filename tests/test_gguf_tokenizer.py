@@ -141,7 +141,6 @@ CASES = {  # name: (source, kind, pre, add_tokenizer kwargs, BOS prepended)
     "llama-sp-merges": (_sp_source, "llama", None, {"merges": True, "add_bos": True}, True),
     "gpt2-demo": (_demo_source, "gpt2", "gpt-2", {}, True),  # the demo's tokenizer_config says add_bos_token
     "gpt2-demo-no-pre": (_demo_source, "gpt2", None, {}, True),  # files older than tokenizer.ggml.pre
-    "gpt2-demo-alias": (_demo_source, "gpt2", "gpt2", {}, True),  # not llama.cpp's name, but GPT-2's split
     "llama-bpe": (partial(_bpe_source, "llama-bpe", bos="<|begin_of_text|>"), "gpt2", "llama-bpe", {}, True),
     "qwen2": (_bpe_source, "gpt2", "qwen2", {"add_bos": False}, False),
 }

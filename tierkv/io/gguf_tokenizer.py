@@ -31,9 +31,8 @@ if TYPE_CHECKING:  # gguf is an optional extra; only its reader objects are pass
 
 INSTALL_HINT = "pip install 'tierkv[gguf]'"
 TOKENIZER_MODELS = ("gpt2", "llama")  # tokenizer.ggml.model values: byte-level BPE, SentencePiece
-# tokenizer.ggml.pre values byte-level BPE keeps GPT-2's own split for (transformers' default): llama.cpp's
-# "gpt-2", and "gpt2", which llama.cpp does not know but a converter told to name GPT-2's split may write
-GPT2_SPLIT_PRES = ("gpt-2", "gpt2")
+# tokenizer.ggml.pre values byte-level BPE keeps GPT-2's own split for (transformers' default): llama.cpp's name
+GPT2_SPLIT_PRES = ("gpt-2",)
 # pre-tokenizers transformers' converter gets wrong, fixed here: llama.cpp's regexes "\p{N}" then GPT-2's
 DIGIT_SPLIT_PRES = ("smollm",)
 # control tokens llama.cpp ends generation on by their text (src/llama-vocab.cpp, the EOG list), the
