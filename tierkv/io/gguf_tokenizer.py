@@ -117,7 +117,20 @@ def build_tokenizer(reader: GGUFReader) -> tuple[Any, dict[str, Any]]:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    return backend, config
+    return _drop_tokens_past_vocab(backend, len(tokenizer_dict["tokens"])), config
+
+
+def _drop_tokens_past_vocab(backend: Any, n_tokens: int) -> Any:
+    """Without the added tokens transformers' classes bring that the file lacks (GPT2Tokenizer adds
+    "<|endoftext|>" to a vocabulary without it): their ids lie past the model's embedding rows."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(backend.to_str())
+    kept = [t for t in data.get("added_tokens") or [] if t["id"] < n_tokens]
+    if len(kept) == len(data.get("added_tokens") or []):
+        return backend
+    data["added_tokens"] = kept
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def eos_token_ids(reader: GGUFReader) -> list[int]:
