@@ -229,6 +229,23 @@ def test_smollm_splits_digits_one_by_one_like_its_source(tmp_path) -> None:
     assert pieces[-4:] == ["2", "0", "2", "4"]
 
 
+def test_llama3_style_bpe_takes_a_vocabulary_word_whole(tmp_path) -> None:
+    """Llama 3's tokenizer.json (and llama.cpp for "llama-bpe") take a pre-token found in the vocabulary
+    before merging: "abc" is one token although the merge order (b c first) never builds it."""
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(["<|begin_of_text|>", "<|end_of_text|>", *sorted(alphabet), "bc", "ab", "abc"])}
+    raw = RawTokenizer(models.BPE(vocab=vocab, merges=[("b", "c"), ("a", "b"), ("ab", "c")], ignore_merges=True))
+    raw.pre_tokenizer = _split("llama-bpe")
+    raw.decoder = decoders.ByteLevel()
+    raw.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    source = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    tk = _tierkv(_write_gguf(tmp_path / "l3.gguf", source, "gpt2", "llama-bpe", add_bos=True), tmp_path / "store")
+    assert tk.encode("abc xbc", add_special_tokens=False) == source("abc xbc").input_ids
+    assert tk.encode("abc", add_special_tokens=False) == [vocab["abc"]]
+
+
 def test_generation_config_lists_every_end_of_generation_id(tmp_path) -> None:
     source = _bpe_source()
     im_end = source.convert_tokens_to_ids("<|im_end|>")

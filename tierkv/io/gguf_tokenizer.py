@@ -12,9 +12,10 @@ keys, ``convert_gguf_tokenizer`` builds the tokenizer per ``tokenizer.ggml.model
 ``tokenizer.ggml.pre``, and ``TokenizersBackend`` sets the BOS/EOS post-processor), so ids equal
 those of ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` by construction. What this module
 adds: refusing files that converter would silently get wrong (no token list, a tokenizer model or
-pre-tokenizer it does not know), the one pre-tokenizer it gets wrong that tierkv's architectures
-use (``smollm``: digits are split one by one, as llama.cpp and SmolLM's own tokenizer.json do),
-and the end-of-generation ids (EOS, EOT, EOM and the control tokens llama.cpp stops on).
+pre-tokenizer it does not know), three fixes where it departs from the model's own tokenizer.json
+and llama.cpp (``smollm`` splits digits one by one; Llama 3-style BPE takes a word found whole in
+the vocabulary before merging; no token ids past the file's vocabulary), and the end-of-generation
+ids (EOS, EOT, EOM and the control tokens llama.cpp stops on).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ TOKENIZER_MODELS = ("gpt2", "llama")  # tokenizer.ggml.model values: byte-level 
 GPT2_SPLIT_PRES = ("gpt-2",)
 # pre-tokenizers transformers' converter gets wrong, fixed here: llama.cpp's regexes "\p{N}" then GPT-2's
 DIGIT_SPLIT_PRES = ("smollm",)
+# pre-tokenizers whose BPE takes a pre-token found whole in the vocabulary before any merge (Llama 3's
+# tokenizer.json "ignore_merges", llama.cpp's ignore_merges = true in src/llama-vocab.cpp); transformers'
+# converter leaves it off, which splits the few vocabulary words the merges cannot reach
+IGNORE_MERGES_PRES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                      "jina-v5-nano", "tekken")
 # control tokens llama.cpp ends generation on by their text (src/llama-vocab.cpp, the EOG list), the
 # subset the llama/qwen2/qwen3 families use; EOS, EOT and EOM ids from the file are always added
 EOG_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<|end_of_text|>",
@@ -113,10 +119,13 @@ def build_tokenizer(reader: GGUFReader) -> tuple[Any, dict[str, Any]]:
     # the post-processor transformers puts on from add_bos_token/add_eos_token (as from_pretrained does)
     hf_tok = TokenizersBackend(tokenizer_object=backend, **config)
     backend = hf_tok.backend_tokenizer
-    if tokenizer_dict.get("pre_tokenizer_type") in DIGIT_SPLIT_PRES:
+    pre = tokenizer_dict.get("pre_tokenizer_type")
+    if tokenizer_dict.get("tokenizer_type") == "gpt2" and pre in DIGIT_SPLIT_PRES:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if tokenizer_dict.get("tokenizer_type") == "gpt2" and pre in IGNORE_MERGES_PRES:
+        backend.model.ignore_merges = True
     return _drop_tokens_past_vocab(backend, len(tokenizer_dict["tokens"])), config
 
 
