@@ -10,8 +10,8 @@ The vocabulary -> ``tokenizers`` pipeline is not re-derived here: it is Hugging 
 own GGUF tokenizer converter (``transformers.integrations.gguf``: ``get_gguf_tokenizer`` reads the
 keys, ``convert_gguf_tokenizer`` builds the tokenizer per ``tokenizer.ggml.model`` and
 ``tokenizer.ggml.pre``, and ``TokenizersBackend`` sets the BOS/EOS post-processor), so ids equal
-those of ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` by construction. What this module
-adds: refusing files that converter would silently get wrong (no token list, a tokenizer model or
+those of ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` but for the fixes below. What this
+module adds: refusing files that converter would silently get wrong (no token list, a tokenizer model or
 pre-tokenizer it does not know), three fixes where it departs from the model's own tokenizer.json
 and llama.cpp (``smollm`` splits digits one by one; Llama 3-style BPE takes a word found whole in
 the vocabulary before merging; no token ids past the file's vocabulary), and the end-of-generation
