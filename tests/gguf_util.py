@@ -16,8 +16,11 @@ import torch
 
 gguf = __import__("pytest").importorskip("gguf")   # noqa: the tests skip without the gguf extra
 
+from gguf_tok_util import add_tokenizer  # noqa: E402  (ggtok's: tokenizer keys as llama.cpp writes them)
+
 ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
-VOCAB = 256
+DEMO_DIR = Path(__file__).resolve().parents[1] / "tierkv" / "demo_model"   # its byte-level BPE tokenizer
+VOCAB = 4096                # the demo tokenizer's; bos 0, eos 1
 
 
 def tiny_hf_model(arch: str = "llama", seed: int = 0, tied: bool = False, **overrides: Any) -> torch.nn.Module:
@@ -28,7 +31,7 @@ def tiny_hf_model(arch: str = "llama", seed: int = 0, tied: bool = False, **over
            "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
     fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1)
     fields.update(overrides)
     torch.manual_seed(seed)
     model = cls[1](cls[0](**fields)).eval()
@@ -116,15 +119,9 @@ def _metadata(cfg: Any, arch: str) -> dict[str, tuple[str, Any]]:
 
 
 def _tokenizer(writer: Any) -> None:
-    """A byte-level "gpt2" vocabulary of VOCAB tokens, no merges, bos 1 / eos 2 (enough metadata for HF)."""
-    chars = [gguf.bytes_to_unicode()[b] for b in range(VOCAB)]
-    writer.add_string("tokenizer.ggml.model", "gpt2")
-    writer.add_string("tokenizer.ggml.pre", "default")
-    writer.add_array("tokenizer.ggml.tokens", chars)
-    writer.add_array("tokenizer.ggml.token_type", [1] * VOCAB)
-    writer.add_array("tokenizer.ggml.merges", [])
-    writer.add_uint32("tokenizer.ggml.bos_token_id", 1)
-    writer.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    """The demo model's byte-level BPE tokenizer (VOCAB tokens, GPT-2's split) as llama.cpp's convert
+    writes it, like the project's llama.cpp-made files (tokenizer.ggml.pre = "gpt-2")."""
+    add_tokenizer(writer, DEMO_DIR, "gpt2", pre="gpt-2")
 
 
 def _add_tensor(writer: Any, name: str, w: np.ndarray, kind: str) -> None:

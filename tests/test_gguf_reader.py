@@ -31,7 +31,7 @@ def test_config_and_f32_tensors_match_the_hf_model(arch, tmp_path):
     assert cfg.rms_norm_eps == pytest.approx(hf.rms_norm_eps) and cfg.rope.theta == pytest.approx(10000.0)
     assert cfg.max_position_embeddings == 256 and not cfg.tie_word_embeddings and cfg.dtype == "float32"
     assert cfg.qkv_bias == (arch == "qwen2") and cfg.qk_norm == (arch == "qwen3")
-    assert (cfg.bos_token_id, cfg.eos_token_ids) == (1, (2,))
+    assert (cfg.bos_token_id, cfg.eos_token_ids) == (0, (1,))
     for name, want in model.state_dict().items():
         assert torch.equal(ckpt.tensor(name), want), name          # llama's q/k rows back in HF order
 

@@ -82,12 +82,17 @@ def test_the_cached_store_follows_the_file(models, tmp_path):
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))    # the file changed
     second = cached_store(path, tmp_path)
     assert second != first and second.is_dir() and not first.exists()               # the stale store is gone
-    assert json.loads((second / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
+    assert json.loads((second / "generation_config.json").read_text())["bos_token_id"] == 0
+    assert (second / "tokenizer.json").is_file() and (second / "tokenizer_config.json").is_file()
 
 
-def test_a_gguf_store_without_tokenizer_files_runs_token_ids_and_refuses_text(models, tmp_path):
-    with tierkv.load(models["Q8_0"], device="cpu", offload_dir=tmp_path) as engine:
-        assert engine.tokenizer is None and 2 in engine.eos_token_ids
+def test_a_gguf_store_without_tokenizer_files_runs_token_ids_and_refuses_text(tmp_path):
+    path = gu.write_gguf(gu.tiny_hf_model("qwen2"), tmp_path / "m.gguf", "Q8_0", tokenizer=False,
+                         extra={"tokenizer.ggml.eos_token_id": ("uint32", 1)})
+    with tierkv.load(path, device="cpu", offload_dir=tmp_path / "off") as engine:
+        assert engine.tokenizer is None and 1 in engine.eos_token_ids
+        assert not (engine.model_dir / "tokenizer.json").exists()
+        assert "no tokenizer files: " in engine.store.notes[0] and "has no tokenizer.ggml.tokens" in engine.store.notes[0]
         assert len(engine.generate(PROMPT, max_new_tokens=4, temperature=0, ignore_eos=True).token_ids) == 4
         with pytest.raises(ConfigError, match="has no tokenizer.json, so text prompts cannot be encoded"):
             engine.generate("hello")

@@ -18,6 +18,7 @@ import torch
 from tierkv.config import Budget, ModelConfig, Policy
 from tierkv.io.convert import cached_store, find_cached_store
 from tierkv.io.checkpoint import resolve_dtype
+from tierkv.io.gguf import GGUFCheckpoint
 from tierkv.io.progress import ProgressFn
 from tierkv.io.store import StoreError, WeightStore, read_damage
 from tierkv.pipeline.weights import StreamingWeights
@@ -56,7 +57,8 @@ def gguf_store(path: str | Path, budget: Budget, policy: Policy = Policy(), prog
     converted on first use with a progress bar): at ``policy.dtype`` (default: the file's), its
     quantized weights in their own schemes unless not ``keep_source``, its 16-bit and other-type
     weights as ``policy.weight_quant`` asks, packed for the policy's device."""
-    return cached_store(path, budget.offload_dir or default_offload_dir(), dtype=policy.dtype, progress=progress,
+    dtype = policy.dtype or GGUFCheckpoint(path).config.dtype     # resolved once: each parse of the file costs
+    return cached_store(path, budget.offload_dir or default_offload_dir(), dtype=dtype, progress=progress,
                         quant=policy.weight_quant, device_type=device_type_of(policy), keep_source=keep_source)
 
 

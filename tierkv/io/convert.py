@@ -194,7 +194,7 @@ def _convert_locked(ckpt: Checkpoint, out: Path, want: _Target, progress: Progre
             _refuse_other_checkpoint(out, ckpt.source)
         with progress_or_bar(progress, total, "converting") as bar:
             if _reuse_or_repair(ckpt, target, out, key, extents, bar, report, elsewhere):
-                write_side_files(ckpt, out)
+                write_side_files(ckpt, out, fresh=False)
                 return out
     for name in (MANIFEST_FILE, DAMAGE_FILE, DATA_FILE):    # from here on nothing looks valid
         (out / name).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ import torch
 from tierkv.config import ModelConfig, read_json
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.io.gguf import OTHER_TYPES, GGUFCheckpoint, gguf_parts, is_gguf_source
+from tierkv.io.gguf_tokenizer import UnsupportedTokenizer, check_tokenizer, write_tokenizer_files
 from tierkv.io.store import Extent, plan_layout, write_json_atomic
 from tierkv.quantspec import QPARAMS_SUFFIX, TensorQuant, WeightQuant
 
@@ -120,6 +121,9 @@ def conversion_notes(ckpt: Source, extents: list[Extent], dtype: torch.dtype, ke
         kinds = sorted({ckpt.source_types()[n] for n in ckpt.source_quants()})
         notes.append(f"the file's {'/'.join(kinds)} weights were dequantized to {name}, as 16-bit weights were asked "
                      "for (leave --quant out to keep them quantized)")
+    problem = tokenizer_problem(ckpt)
+    if problem is not None:
+        notes.append(f"no tokenizer files: {problem}")
     others = sorted({t for t in ckpt.source_types().values() if t in OTHER_TYPES})
     if others:
         requantized = any(e.quant is not None and e.source_type in OTHER_TYPES for e in held.values())
@@ -140,17 +144,16 @@ def source_config(ckpt: Source) -> dict[str, Any]:
     return dict(read_json(ckpt.dir / "config.json", what="model configuration"))
 
 
-def write_side_files(ckpt: Source, out: Path) -> None:
+def write_side_files(ckpt: Source, out: Path, fresh: bool = True) -> None:
     """The tokenizer and generation files beside the store, so the store opens as a model on its own
     (``tierkv run OUT``); config.json stays in the manifest only (a config.json would make the store
-    directory look like a checkpoint). A HF checkpoint's files are copied; a GGUF model gets a
-    generation_config.json with its BOS/EOS ids (no tokenizer.json yet: text prompts are refused with
-    a message, token ids work)."""
+    directory look like a checkpoint). A HF checkpoint's files are copied. A GGUF model's are built
+    from its metadata (``io.gguf_tokenizer``) when the store was just written (``fresh``) or lacks
+    them; a file whose tokenizer cannot be built gets a generation_config.json with its BOS/EOS ids
+    only (text prompts are then refused with a message; token ids work)."""
     if isinstance(ckpt, GGUFCheckpoint):
-        gen = {k: ckpt.config_dict[k] for k in ("bos_token_id", "eos_token_id") if k in ckpt.config_dict}
-        path = out / "generation_config.json"
-        if not path.is_file() or read_json(path, what="generation config") != gen:
-            write_json_atomic(path, gen)
+        if fresh or not (out / "generation_config.json").is_file():
+            _gguf_side_files(ckpt, out)
         return
     for name in TOKENIZER_FILES:
         src = ckpt.dir / name
@@ -158,5 +161,26 @@ def write_side_files(ckpt: Source, out: Path) -> None:
             shutil.copyfile(src, out / name)
 
 
+def _gguf_side_files(ckpt: GGUFCheckpoint, out: Path) -> None:
+    reader = ckpt.reader()
+    if tokenizer_problem(ckpt, reader) is None:
+        write_tokenizer_files(reader, out)
+        return
+    for name in TOKENIZER_FILES:                        # none left from another file converted here before
+        (out / name).unlink(missing_ok=True)
+    write_json_atomic(out / "generation_config.json",
+                      {k: ckpt.config_dict[k] for k in ("bos_token_id", "eos_token_id") if k in ckpt.config_dict})
+
+
+def tokenizer_problem(ckpt: GGUFCheckpoint, reader: Any = None) -> str | None:
+    """Why no tokenizer can be built from the GGUF model's metadata (``gguf_tokenizer.check_tokenizer``),
+    or None when one can."""
+    try:
+        check_tokenizer(reader if reader is not None else ckpt.reader())
+    except UnsupportedTokenizer as exc:
+        return str(exc)
+    return None
+
+
 __all__ = ["Source", "TOKENIZER_FILES", "conversion_notes", "held_quant", "identity", "layout_sources", "open_source", "planned_layout", "source_codes", "source_config", "source_name", "source_path",
-           "write_side_files"]
+           "tokenizer_problem", "write_side_files"]
