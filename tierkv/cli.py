@@ -37,7 +37,7 @@ from tierkv.io.convert import convert as convert_store, find_cached_store
 from tierkv.pipeline.kv.sizing import kv_bytes_per_token
 from tierkv.io.gguf import GGUFCheckpoint, is_gguf_source
 from tierkv.io.source import held_quant, planned_layout
-from tierkv.io.store import WeightStore, is_store_dir
+from tierkv.io.store import Extent, WeightStore, is_store_dir
 from tierkv.loader import device_type_of
 from tierkv.plan import default_offload_dir, make_plan
 from tierkv.plan_compare import COLUMNS, compare_plans, comparison_notes, comparison_rows
@@ -469,11 +469,11 @@ def plan_cmd(
     this machine, and compute is estimated from a measured matmul rate)."""
     with _user_errors():
         budget = Budget.parse(options.device_mem, options.host_mem, options.offload_dir)
-        cfg, policy, data_path, config_only = _plan_inputs(model_path(model), options, budget)
+        cfg, policy, data_path, config_only, layout = _plan_inputs(model_path(model), options, budget)
         if compare:
             plans = compare_plans(cfg, budget, policy, data_path=data_path, config_only=config_only)
         else:
-            plans = [make_plan(cfg, budget, policy, data_path=data_path, config_only=config_only)]
+            plans = [make_plan(cfg, budget, policy, data_path=data_path, config_only=config_only, layout=layout)]
     if as_json:
         print(json.dumps({"plans": [p.to_dict() for p in plans]} if compare else plans[0].to_dict()))
     elif compare:
@@ -487,17 +487,21 @@ def plan_cmd(
         Console().print(plans[0].summary(), highlight=False, soft_wrap=True)
 
 
-def _plan_inputs(path: Path, options: LoadFlags, budget: Budget) -> tuple[ModelConfig, Policy, Path | None, bool]:
-    """(config, policy, data file to probe or None, config-only) for ``plan`` of ``path``: a checkpoint,
-    a directory with only a config.json, a GGUF model, or a store made by ``tierkv convert`` (its
-    config and scheme)."""
-    store_quant, data_path, config_only = None, None, False
+PlanInputs = tuple[ModelConfig, Policy, Optional[Path], bool, Optional[list[Extent]]]
+
+
+def _plan_inputs(path: Path, options: LoadFlags, budget: Budget) -> PlanInputs:
+    """(config, policy, data file to probe or None, config-only, the store's own layout or None) for
+    ``plan`` of ``path``: a checkpoint, a directory with only a config.json, a GGUF model, or a store
+    made by ``tierkv convert`` (its config, scheme and layout)."""
+    store_quant, data_path, config_only, layout = None, None, False, None
     asked = parse_weight_quant(options.quant, options.group_size, options.quant_head)
     if is_gguf_source(path):
         return _gguf_plan_inputs(path, options, budget, asked)
     if is_store_dir(path):
         with contextlib.closing(WeightStore.open(path)) as opened:
             cfg, store_quant, data_path = opened.config, opened.quant, opened.data_path
+            layout = list(opened.extents.values()) if options.quant is None else None
     elif not has_weights(path):
         cfg, config_only = ModelConfig.from_dir(path), True
     else:
@@ -508,22 +512,21 @@ def _plan_inputs(path: Path, options: LoadFlags, budget: Budget) -> tuple[ModelC
         store = find_cached_store(path, budget.offload_dir or default_offload_dir(), policy.dtype,
                                   policy.weight_quant, device_type_of(policy))
         data_path = store.data_path if store is not None else None
-    return cfg, policy, data_path, config_only
+    return cfg, policy, data_path, config_only, layout
 
 
-def _gguf_plan_inputs(path: Path, options: LoadFlags, budget: Budget,
-                      asked: WeightQuant | None) -> tuple[ModelConfig, Policy, Path | None, bool]:
-    """``_plan_inputs`` of a GGUF model: planned with what its store holds (``held_quant``: the file's own
-    schemes, and ``asked`` for the rest), probing its cached store's data file when there is one."""
+def _gguf_plan_inputs(path: Path, options: LoadFlags, budget: Budget, asked: WeightQuant | None) -> PlanInputs:
+    """``_plan_inputs`` of a GGUF model: planned with the layout its store gets (the file's own schemes,
+    ``asked`` for the rest), probing its cached store's data file when there is one."""
     keep = options.quant is None or asked is not None
     with GGUFCheckpoint(path) as ckpt:
         cfg = ckpt.config
         device_type = device_type_of(_plan_policy(options, cfg, None))
-        held = held_quant(ckpt, planned_layout(ckpt, options.dtype, asked, device_type, keep), asked)
-    policy = _plan_policy(options, cfg, held)
+        layout = planned_layout(ckpt, options.dtype, asked, device_type, keep)
+        policy = _plan_policy(options, cfg, held_quant(ckpt, layout, asked))
     store = find_cached_store(path, budget.offload_dir or default_offload_dir(), policy.dtype, asked, device_type,
                               keep)
-    return cfg, policy, store.data_path if store is not None else None, False
+    return cfg, policy, store.data_path if store is not None else None, False, layout
 
 
 def _plan_policy(options: LoadFlags, cfg: ModelConfig, weight_quant: WeightQuant | None) -> Policy:

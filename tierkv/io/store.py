@@ -172,6 +172,21 @@ def plan_layout(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | No
     return extents
 
 
+def layout_prepared_bytes(extents: list[Extent], dtype_bytes: int) -> tuple[int, int]:
+    """(largest layer, all globals) bytes ``kernels.quant.prepare`` adds to an actual layout's quantized
+    weights placed to stay (``TensorQuant.prepared_nbytes`` of each, its logical (N, K) from its qparams)."""
+    def prepared(e: Extent) -> int:
+        total = 0
+        for key, entry in e.tensors.items():
+            if entry.quant is not None:
+                groups, n, _ = e.tensors[key + QPARAMS_SUFFIX].shape
+                k = groups * entry.quant.group_size or entry.shape[-1]         # per channel: int8's data is (N, K)
+                total += entry.quant.prepared_nbytes((n, k), dtype_bytes)
+        return total
+    layers = [prepared(e) for e in extents if e.name.startswith("layer.")]
+    return max(layers, default=0), sum(prepared(e) for e in extents if not e.name.startswith("layer."))
+
+
 def _group_quants(shapes: dict[str, tuple[int, ...]], prefix: str, quant: WeightQuant | None, device_type: str,
                   source_quants: dict[str, tuple[str, int]]) -> dict[str, TensorQuant]:
     """Key -> how it is stored for one extent's tensors: the source's own scheme where it has one,
@@ -554,6 +569,6 @@ def existing_manifest(out: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 __all__ = ["CRC_BLOCK_BYTES", "DATA_FILE", "DAMAGE_FILE", "Extent", "FORMAT_VERSION", "MANIFEST_FILE", "StoreError",
            "TensorEntry", "WeightStore", "block_crcs", "existing_manifest", "extent_from_json", "extent_to_json",
-           "fsync_dir", "is_store_dir", "layer_extent_name", "pack_device",
+           "fsync_dir", "is_store_dir", "layer_extent_name", "layout_prepared_bytes", "pack_device",
            "layout_digest", "mark_damaged", "plan_layout", "read_damage",
            "repair_hint", "tensors_from_buffer", "write_json_atomic"]
