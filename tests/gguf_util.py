@@ -54,11 +54,12 @@ def llama_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarr
 def write_gguf(model: torch.nn.Module, path: Path, weight_type: str = "F32", embed_type: str | None = None,
                head_type: str | None = None, tokenizer: bool = True, skip_keys: tuple[str, ...] = (),
                arch_name: str | None = None, extra: dict[str, Any] | None = None, split_max_tensors: int = 0,
-               extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
+               extra_tensors: dict[str, np.ndarray] | None = None, types: dict[str, str] | None = None) -> Path:
     """Write ``model`` as a GGUF file: 2-D weights in ``weight_type`` (embedding ``embed_type``, head
     ``head_type``: default the same), norms and biases F32, metadata as llama.cpp writes it.
     ``skip_keys`` leaves metadata keys out (bad-input tests); ``arch_name`` overrides general.architecture;
-    ``extra_tensors`` are written as they are (F32 for float32 arrays, e.g. rope_freqs.weight);
+    ``types`` sets the type of single tensors by HF name (llama-quantize's mixes: Q6_K
+    ffn_down, an F16 fallback for a width no block divides); ``extra_tensors`` are written as they are (F32 for float32 arrays, e.g. rope_freqs.weight);
     ``split_max_tensors`` writes a split set ``STEM-0000i-of-0000N.gguf`` (returns its first part)."""
     cfg = model.config
     arch = cfg.model_type
@@ -85,6 +86,7 @@ def write_gguf(model: torch.nn.Module, path: Path, weight_type: str = "F32", emb
             kind = embed_type or weight_type
         elif hf_name == "lm_head.weight":
             kind = head_type or weight_type
+        kind = (types or {}).get(hf_name, kind)
         if w.ndim == 1:
             kind = "F32"
         _add_tensor(writer, names.get_name(hf_name, try_suffixes=(".weight", ".bias")), w, kind)

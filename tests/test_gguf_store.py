@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 import gguf_util as gu
 import tierkv
 from tierkv.cli import app
-from tierkv.config import ConfigError
+from tierkv.config import Budget, ConfigError, Policy
 from tierkv.io.convert import cached_store, cached_store_dir, convert
 from tierkv.io.store import WeightStore
+from tierkv.plan import minimum_device_bytes
 from tierkv.quantspec import QuantWeight, WeightQuant
 
 PROMPT = [1, 17, 42, 99, 5]
@@ -123,3 +124,32 @@ def test_cli_info_convert_run_and_plan(models, tmp_path):
     assert plan.exit_code == 0 and "int4 (groups of 32" in plan.output, plan.output
     bad = runner.invoke(app, ["info", str(tmp_path / "missing.gguf")])
     assert bad.exit_code == 2 and "missing.gguf does not exist" in bad.output
+
+
+def test_mixed_schemes_per_tensor_plan_and_stream(tmp_path):
+    """A file mixing types per tensor as llama-quantize does (ffn_down of width 80, which no block of 32
+    divides, kept F16; one layer's ffn_down Q8_0) keeps each tensor's own scheme; the planner sizes the
+    layers from the store's layout, and streaming under a small budget gives the resident tokens."""
+    model = gu.tiny_hf_model("llama", intermediate_size=80)
+    path = gu.write_gguf(model, tmp_path / "m.gguf", "Q4_0", types={"model.layers.0.mlp.down_proj.weight": "F16",
+                                                                    "model.layers.1.mlp.down_proj.weight": "F16",
+                                                                    "model.layers.1.self_attn.v_proj.weight": "Q8_0"})
+    with tierkv.Engine(path, Policy(device="cpu"), Budget(offload_dir=tmp_path / "off")) as engine:
+        layers = [engine.store.layer(j).tensors for j in range(2)]
+        assert layers[0]["mlp.down_proj.weight"].quant is None and layers[0]["mlp.down_proj.weight"].dtype == "bfloat16"
+        assert layers[0]["self_attn.v_proj.weight"].quant.scheme == "int4"
+        assert layers[1]["self_attn.v_proj.weight"].quant.scheme == "int8"
+        assert engine.store.quant == WeightQuant("int4", 32, head=True)
+        expected = engine.generate(PROMPT, max_new_tokens=6, temperature=0, ignore_eos=True).token_ids
+        layer_bytes = engine.plan.layer_bytes
+        assert layer_bytes == max(engine.store.layer(j).padded_nbytes for j in range(2))
+    policy = Policy(device="cpu", kv="exact", kv_device_tokens=64, weight_quant=WeightQuant("int4", 32, head=True))
+    layout = list(WeightStore.open(engine.model_dir).extents.values())
+    budget = minimum_device_bytes(engine.config, policy, context_tokens=64, layout=layout) + layer_bytes // 2
+    with tierkv.load(path, device="cpu", device_mem=budget, host_mem=0, offload_dir=tmp_path / "off", kv="exact",
+                     kv_device_tokens=64) as streamed:
+        assert streamed.plan.disk_layers
+        assert streamed.generate(PROMPT, max_new_tokens=6, temperature=0, ignore_eos=True).token_ids == expected
+    runner = CliRunner()
+    plan = runner.invoke(app, ["plan", str(path), "--device", "cpu", "--offload-dir", str(tmp_path / "off")])
+    assert plan.exit_code == 0, plan.output
