@@ -59,7 +59,8 @@ def write_gguf(model: torch.nn.Module, path: Path, weight_type: str = "F32", emb
     ``head_type``: default the same), norms and biases F32, metadata as llama.cpp writes it.
     ``skip_keys`` leaves metadata keys out (bad-input tests); ``arch_name`` overrides general.architecture;
     ``types`` sets the type of single tensors by HF name (llama-quantize's mixes: Q6_K
-    ffn_down, an F16 fallback for a width no block divides); ``extra_tensors`` are written as they are (F32 for float32 arrays, e.g. rope_freqs.weight);
+    ffn_down, an F16 fallback for a width no block divides); ``extra_tensors`` are written as they
+    are (F32 for float32 arrays, e.g. rope_freqs.weight);
     ``split_max_tensors`` writes a split set ``STEM-0000i-of-0000N.gguf`` (returns its first part)."""
     cfg = model.config
     arch = cfg.model_type

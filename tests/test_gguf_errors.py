@@ -115,7 +115,8 @@ def test_nonfinite_weights_are_refused_naming_the_tensor(tmp_path):
     with __import__("torch").no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     path = gu.write_gguf(model, tmp_path / "m.gguf", "F32")
-    with pytest.raises(GGUFError, match=r"model\.layers\.1\.mlp\.up_proj\.weight \(blk\.1\.ffn_up\.weight in .*m\.gguf\)"):
+    named = r"model\.layers\.1\.mlp\.up_proj\.weight \(blk\.1\.ffn_up\.weight in .*m\.gguf\)"
+    with pytest.raises(GGUFError, match=named):
         convert(path, tmp_path / "store")
     assert not (tmp_path / "store" / MANIFEST_FILE).exists()
     assert np.isnan(gu.dequantized(path, "blk.1.ffn_up.weight")).sum() == 1

@@ -73,7 +73,7 @@ def open_store_source(store: WeightStore, budget: Budget, policy: Policy = Polic
         raise StoreError(f"the weight store {store.dir} holds {dtype} weights, not {policy.dtype}; run it with "
                          f"--dtype {dtype} (or leave --dtype out), or convert again with --dtype {policy.dtype}")
     plan = make_plan(store.config, budget, replace(policy, dtype=dtype), links, context_tokens=context_tokens,
-                     data_path=store.data_path, layout=list(store.extents.values()))   # its own sizes, scheme per tensor
+                     data_path=store.data_path, layout=list(store.extents.values()))   # its sizes: scheme per tensor
     return StreamingWeights.from_plan(store, plan), plan
 
 

@@ -36,8 +36,8 @@ from tierkv.io.buffers import ALIGN_BYTES
 from tierkv.io.checkpoint import LAYER_PREFIX, Checkpoint, resolve_dtype
 from tierkv.io.gguf import is_gguf_source
 from tierkv.io.progress import ProgressFn, progress_or_bar
-from tierkv.io.source import Source, conversion_notes, held_quant, identity, open_source, planned_layout, source_codes, source_config, \
-    source_name, source_path, write_side_files
+from tierkv.io.source import (Source, conversion_notes, held_quant, identity, open_source, planned_layout,
+                              source_codes, source_config, source_name, source_path, write_side_files)
 from tierkv.errors import TierkvError
 from tierkv.kernels.quant import pack_weight, quantize_weight
 from tierkv.quantspec import QPARAMS_SUFFIX, WeightQuant
@@ -174,8 +174,8 @@ class _Target:
         if held is not None:
             facts = {"weight_quant": held.to_json(), "pack_device": pack_device(self.device_type)}
         if not isinstance(ckpt, Checkpoint):               # a GGUF store's key always names its pack device
-            facts.update(pack_device=pack_device(self.device_type), source_format="gguf", source_quants="keep" if self.keep_source else "dequantize",
-                         asked_quant=self.quant.to_json() if self.quant is not None else None,
+            facts.update(pack_device=pack_device(self.device_type), source_format="gguf",
+                         source_quants="keep" if self.keep_source else "dequantize", asked_quant=self.quant.to_json() if self.quant is not None else None,
                          notes=conversion_notes(ckpt, extents, dtype, self.keep_source))
         return facts
 

@@ -244,7 +244,8 @@ class GGUFCheckpoint:
         """The tensor's bytes (nbytes,) uint8, read without a memory map."""
         raw = np.fromfile(info.file, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         if raw.size != info.nbytes:
-            raise GGUFError(f"{info.file} ends inside tensor {info.gguf_name}; the file is truncated: download it again")
+            raise GGUFError(f"{info.file} ends inside tensor {info.gguf_name}; the file is truncated: "
+                            "download it again")
         return raw
 
     def _dequantized(self, info: GGUFTensor) -> torch.Tensor:

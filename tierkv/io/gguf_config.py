@@ -69,9 +69,9 @@ def hf_config(meta: Callable[[str], Any], arch: str, vocab_size: int, tied: bool
         "max_position_embeddings": int(need("context_length")),
         "tie_word_embeddings": tied, "hidden_act": "silu", "dtype": file_dtype,
     }
-    for key, field in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
-        if meta(field) is not None:
-            config[key] = int(meta(field))
+    for key in ("bos_token_id", "eos_token_id"):
+        if meta(f"tokenizer.ggml.{key}") is not None:
+            config[key] = int(meta(f"tokenizer.ggml.{key}"))
     _sliding_window(config, meta, arch)
     scaling = _rope_scaling(meta, arch, config, rope_freqs)
     if scaling is not None:

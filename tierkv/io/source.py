@@ -182,5 +182,6 @@ def tokenizer_problem(ckpt: GGUFCheckpoint, reader: Any = None) -> str | None:
     return None
 
 
-__all__ = ["Source", "TOKENIZER_FILES", "conversion_notes", "held_quant", "identity", "layout_sources", "open_source", "planned_layout", "source_codes", "source_config", "source_name", "source_path",
-           "tokenizer_problem", "write_side_files"]
+__all__ = ["Source", "TOKENIZER_FILES", "conversion_notes", "held_quant", "identity", "layout_sources", "open_source",
+           "planned_layout", "source_codes", "source_config", "source_name", "source_path", "tokenizer_problem",
+           "write_side_files"]
