@@ -154,3 +154,26 @@ def test_mixed_schemes_per_tensor_plan_and_stream(tmp_path):
     runner = CliRunner()
     plan = runner.invoke(app, ["plan", str(path), "--device", "cpu", "--offload-dir", str(tmp_path / "off")])
     assert plan.exit_code == 0, plan.output
+
+
+def test_an_interrupted_gguf_conversion_resumes_and_a_damaged_extent_is_repaired(models, tmp_path):
+    out, path = tmp_path / "store", models["Q4_0"]
+    whole = convert(path, tmp_path / "whole")
+    first_layer = WeightStore.open(whole).layer(0)
+
+    def interrupt(done: int, total: int) -> None:
+        if done > first_layer.offset + first_layer.padded_nbytes:     # the embedding and layer 0 are on disk
+            raise KeyboardInterrupt("simulated ^C")
+    with pytest.raises(KeyboardInterrupt):
+        convert(path, out, progress=interrupt)
+    calls: list[int] = []
+    convert(path, out, progress=lambda done, total: calls.append(done))
+    assert calls[0] > first_layer.offset, "the second run resumes after the extents already on disk"
+    assert (out / "weights.bin").read_bytes() == (whole / "weights.bin").read_bytes()
+    with open(out / "weights.bin", "r+b") as f:                        # flip a byte of layer 1
+        f.seek(WeightStore.open(out).layer(1).offset + 100)
+        f.write(b"\xff" if f.read(1) != b"\xff" else b"\x00")
+    lines: list[str] = []
+    convert(path, out, report=lines.append)
+    assert any("layer 1 failed its checksum: re-converting it" in line for line in lines), lines
+    assert (out / "weights.bin").read_bytes() == (whole / "weights.bin").read_bytes()
