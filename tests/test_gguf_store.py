@@ -177,3 +177,15 @@ def test_an_interrupted_gguf_conversion_resumes_and_a_damaged_extent_is_repaired
     convert(path, out, report=lines.append)
     assert any("layer 1 failed its checksum: re-converting it" in line for line in lines), lines
     assert (out / "weights.bin").read_bytes() == (whole / "weights.bin").read_bytes()
+
+
+def test_a_cached_gguf_store_opens_without_parsing_the_file_again(models, tmp_path, monkeypatch):
+    with tierkv.load(models["Q8_0"], device="cpu", offload_dir=tmp_path) as first:
+        expected = first.generate(PROMPT, max_new_tokens=3, temperature=0, ignore_eos=True).token_ids
+
+    def parse(*args, **kwargs):
+        raise AssertionError("the cached store's dtype should come from its manifest")
+    monkeypatch.setattr(tierkv.loader, "GGUFCheckpoint", parse)
+    with tierkv.load(models["Q8_0"], device="cpu", offload_dir=tmp_path) as again:
+        assert again.model_dir == first.model_dir and again.dtype == torch.bfloat16
+        assert again.generate(PROMPT, max_new_tokens=3, temperature=0, ignore_eos=True).token_ids == expected

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from tierkv.config import Budget, ModelConfig, Policy
-from tierkv.io.convert import cached_store, find_cached_store
+from tierkv.io.convert import cached_store, cached_store_dir, find_cached_store
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.gguf import GGUFCheckpoint
 from tierkv.io.progress import ProgressFn
-from tierkv.io.store import StoreError, WeightStore, read_damage
+from tierkv.io.store import StoreError, WeightStore, existing_manifest, read_damage
 from tierkv.pipeline.weights import StreamingWeights
 from tierkv.plan import Plan, default_offload_dir, make_plan
 from tierkv.probe import LinkSpeeds
@@ -57,9 +57,23 @@ def gguf_store(path: str | Path, budget: Budget, policy: Policy = Policy(), prog
     converted on first use with a progress bar): at ``policy.dtype`` (default: the file's), its
     quantized weights in their own schemes unless not ``keep_source``, its 16-bit and other-type
     weights as ``policy.weight_quant`` asks, packed for the policy's device."""
-    dtype = policy.dtype or GGUFCheckpoint(path).config.dtype     # resolved once: each parse of the file costs
-    return cached_store(path, budget.offload_dir or default_offload_dir(), dtype=dtype, progress=progress,
-                        quant=policy.weight_quant, device_type=device_type_of(policy), keep_source=keep_source)
+    offload, quant = budget.offload_dir or default_offload_dir(), policy.weight_quant
+    device_type = device_type_of(policy)
+    dtype = policy.dtype or _cached_file_dtype(path, offload, quant, device_type, keep_source) or \
+        GGUFCheckpoint(path).config.dtype           # parsing the file's metadata takes seconds for a large vocabulary
+    return cached_store(path, offload, dtype=dtype, progress=progress, quant=quant, device_type=device_type,
+                        keep_source=keep_source)
+
+
+def _cached_file_dtype(path: str | Path, offload_dir: str | Path, quant: WeightQuant | None, device_type: str,
+                       keep_source: bool) -> str | None:
+    """The GGUF file's own dtype as the cached store converted from it at that dtype records it
+    (``source_dtype`` in its manifest), found without parsing the file; None when there is none."""
+    for name in ("bfloat16", "float16", "float32"):
+        raw, _ = existing_manifest(cached_store_dir(path, offload_dir, name, quant, device_type, keep_source))
+        if raw is not None and raw.get("source_dtype") == name:
+            return name
+    return None
 
 
 def open_store_source(store: WeightStore, budget: Budget, policy: Policy = Policy(), *, links: LinkSpeeds | None = None,
