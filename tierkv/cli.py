@@ -455,7 +455,7 @@ def convert_cmd(
 @expand_flags
 def plan_cmd(
     model: str = typer.Argument(..., help="a Hugging Face model directory, one with only its config.json, a "
-                                          "store made by tierkv convert, or 'demo'"),
+                                          "GGUF file, a store made by tierkv convert, or 'demo'"),
     options: LoadFlags = flags(LoadFlags, only=("device_mem", "host_mem", "offload_dir", "dtype", "device",
                                                 "kv", "kv_budget", "chunk_tokens", "kv_sketch", "kv_device_tokens",
                                                 "prefill_chunk_tokens", "quant", "group_size", "quant_head",
