@@ -35,7 +35,9 @@ from tierkv.session import Session
 from tierkv.io.checkpoint import Checkpoint, has_weights, resolve_dtype
 from tierkv.io.convert import convert as convert_store, find_cached_store
 from tierkv.pipeline.kv.sizing import kv_bytes_per_token
-from tierkv.io.store import WeightStore, is_store_dir
+from tierkv.io.gguf import GGUFCheckpoint, is_gguf_source
+from tierkv.io.source import held_quant, planned_layout
+from tierkv.io.store import Extent, WeightStore, is_store_dir
 from tierkv.loader import device_type_of
 from tierkv.plan import default_offload_dir, make_plan
 from tierkv.plan_compare import COLUMNS, compare_plans, comparison_notes, comparison_rows
@@ -81,10 +83,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_OneLineErrors
 
 app.add_typer(trace_app, name="trace", help="TKLQT tracer: is inference CPU-bound or GPU-bound, per batch size?")
 
-ModelArg = typer.Argument(..., help="Hugging Face model directory, a store made by `tierkv convert`, or 'demo' "
-                                    "for the bundled model")
+ModelArg = typer.Argument(..., help="Hugging Face model directory, a GGUF file (or a directory holding one, or a "
+                                    "part of a split set), a store made by `tierkv convert`, or 'demo' for the "
+                                    "bundled model")
 QuantArg = typer.Option(None, "--quant", help="store the linear weights group-wise quantized: int8 or int4 "
-                                              "(default: 16-bit)")
+                                              "(default: 16-bit; a GGUF file: its own schemes; none: dequantize)")
 GroupSizeArg = typer.Option(None, "--group-size", help="--quant: inputs per scale/minimum group: 32, 64 or 128 "
                                                        "(default 64), or channel (int8 only: one per output row)")
 QuantHeadArg = typer.Option(False, "--quant-head", help="--quant: quantize the LM head too")
@@ -245,8 +248,9 @@ def _summary(res: GenerationResult, engine: Engine) -> str:
 def _schemes(engine: Engine) -> str:
     """", int4 weights (groups of 64), int8 KV off the device" for the summary line ("" when 16-bit)."""
     quant, kv = engine.policy.weight_quant, engine.policy.kv_quant
+    notes = "".join(f"; {n}" for n in (engine.store.notes if engine.store is not None else ()))
     return (f", {quant.describe().replace(' (', ' weights (', 1)}" if quant else "") + \
-        (f", {kv} KV off the device" if kv != "none" else "")
+        (f", {kv} KV off the device" if kv != "none" else "") + notes
 
 
 @app.command()
@@ -343,6 +347,8 @@ def _chat_turn(engine: Engine, session: Session, rendered: list[int], sampling: 
 def _info_dict(model: Path) -> dict[str, Any]:
     """The facts ``info`` shows of a checkpoint, or of a store made by ``tierkv convert`` (then with
     its weight scheme, pack device and its own bytes per layer)."""
+    if is_gguf_source(model):
+        return _gguf_info(model)
     if is_store_dir(model):
         with contextlib.closing(WeightStore.open(model)) as store:
             return {**_shape_facts(store.config, model, [store.data_path.name]),
@@ -351,6 +357,23 @@ def _info_dict(model: Path) -> dict[str, Any]:
                     "pack_device": store.pack_device or None}
     with Checkpoint(model) as ckpt:
         return _shape_facts(ckpt.config, model, [p.name for p in ckpt.files()])
+
+
+def _gguf_info(model: Path) -> dict[str, Any]:
+    """``info`` of a GGUF model: its shape, tensor types, and bits per weight in the file and in the
+    store it converts into by default (its own schemes, packed for this machine's device)."""
+    with GGUFCheckpoint(model) as ckpt:
+        extents = planned_layout(ckpt, device_type=device_type_of(Policy()))
+        held = held_quant(ckpt, extents, None)
+        params = ckpt.config.param_count()
+        return {**_shape_facts(ckpt.config, model, [p.name for p in ckpt.files()]),
+                "bytes_per_layer": max(e.nbytes for e in extents if e.name.startswith("layer.")),
+                "gguf_architecture": ckpt.architecture,
+                "tensor_types": ", ".join(f"{n} {t}" for t, n in sorted(ckpt.type_counts().items())),
+                "file_bytes": sum(p.stat().st_size for p in ckpt.files()),
+                "bits_per_weight_file": round(ckpt.bits_per_weight(), 2),
+                "bits_per_weight_store": round(8 * sum(e.nbytes for e in extents) / params, 2),
+                "weight_quant": held.to_json() if held is not None else None}
 
 
 def _shape_facts(cfg: ModelConfig, path: Path, files: list[str]) -> dict[str, Any]:
@@ -380,7 +403,7 @@ def info(model: str = ModelArg, as_json: bool = typer.Option(False, "--json")) -
         return
     table = Table(show_header=False, box=None)
     for key, value in data.items():
-        shown = format_size(value) if key.endswith("bytes_per_layer") or key.endswith("per_token") else value
+        shown = format_size(value) if key.endswith(("bytes_per_layer", "per_token", "file_bytes")) else value
         if key == "weight_quant":
             shown = value and WeightQuant.from_json(value).describe() or "16-bit"
         table.add_row(key.replace("_", " "), f"{shown:,}" if isinstance(shown, int) and not isinstance(shown, bool)
@@ -409,11 +432,12 @@ def convert_cmd(
     err = Console(stderr=True)
     with _user_errors():
         quiet = not err.is_terminal or as_json
+        asked = parse_weight_quant(quant, group_size, quant_head)
         path = convert_store(model_path(model), _store_dir(out), dtype=dtype, restart=restart,
                              progress=(lambda done, total: None) if quiet else None,
                              report=lambda line: err.print(f"repair: {line}", highlight=False, soft_wrap=True, markup=False),
-                             quant=parse_weight_quant(quant, group_size, quant_head),
-                             device_type=_pack_device_type(device))
+                             quant=asked, device_type=_pack_device_type(device),
+                             keep_source=quant is None or asked is not None)   # GGUF: --quant none dequantizes
         with contextlib.closing(WeightStore.open(path)) as store:
             facts = {"path": str(path), "dtype": str(store.dtype).removeprefix("torch."),
                      "quant": store.quant.to_json() if store.quant is not None else None,
@@ -431,7 +455,7 @@ def convert_cmd(
 @expand_flags
 def plan_cmd(
     model: str = typer.Argument(..., help="a Hugging Face model directory, one with only its config.json, a "
-                                          "store made by tierkv convert, or 'demo'"),
+                                          "GGUF file, a store made by tierkv convert, or 'demo'"),
     options: LoadFlags = flags(LoadFlags, only=("device_mem", "host_mem", "offload_dir", "dtype", "device",
                                                 "kv", "kv_budget", "chunk_tokens", "kv_sketch", "kv_device_tokens",
                                                 "prefill_chunk_tokens", "quant", "group_size", "quant_head",
@@ -445,11 +469,11 @@ def plan_cmd(
     this machine, and compute is estimated from a measured matmul rate)."""
     with _user_errors():
         budget = Budget.parse(options.device_mem, options.host_mem, options.offload_dir)
-        cfg, policy, data_path, config_only = _plan_inputs(model_path(model), options, budget)
+        cfg, policy, data_path, config_only, layout = _plan_inputs(model_path(model), options, budget)
         if compare:
             plans = compare_plans(cfg, budget, policy, data_path=data_path, config_only=config_only)
         else:
-            plans = [make_plan(cfg, budget, policy, data_path=data_path, config_only=config_only)]
+            plans = [make_plan(cfg, budget, policy, data_path=data_path, config_only=config_only, layout=layout)]
     if as_json:
         print(json.dumps({"plans": [p.to_dict() for p in plans]} if compare else plans[0].to_dict()))
     elif compare:
@@ -463,30 +487,55 @@ def plan_cmd(
         Console().print(plans[0].summary(), highlight=False, soft_wrap=True)
 
 
-def _plan_inputs(path: Path, options: LoadFlags, budget: Budget) -> tuple[ModelConfig, Policy, Path | None, bool]:
-    """(config, policy, data file to probe or None, config-only) for ``plan`` of ``path``: a checkpoint,
-    a directory with only a config.json, or a store made by ``tierkv convert`` (its config and scheme)."""
-    store_quant, data_path, config_only = None, None, False
+PlanInputs = tuple[ModelConfig, Policy, Optional[Path], bool, Optional[list[Extent]]]
+
+
+def _plan_inputs(path: Path, options: LoadFlags, budget: Budget) -> PlanInputs:
+    """(config, policy, data file to probe or None, config-only, the store's own layout or None) for
+    ``plan`` of ``path``: a checkpoint, a directory with only a config.json, a GGUF model, or a store
+    made by ``tierkv convert`` (its config, scheme and layout)."""
+    store_quant, data_path, config_only, layout = None, None, False, None
+    asked = parse_weight_quant(options.quant, options.group_size, options.quant_head)
+    if is_gguf_source(path):
+        return _gguf_plan_inputs(path, options, budget, asked)
     if is_store_dir(path):
         with contextlib.closing(WeightStore.open(path)) as opened:
             cfg, store_quant, data_path = opened.config, opened.quant, opened.data_path
+            layout = list(opened.extents.values()) if options.quant is None else None
     elif not has_weights(path):
         cfg, config_only = ModelConfig.from_dir(path), True
     else:
         with Checkpoint(path) as ckpt:
             cfg = ckpt.config
-    asked = parse_weight_quant(options.quant, options.group_size, options.quant_head)
-    policy = Policy(dtype=str(resolve_dtype(options.dtype, cfg.dtype)).removeprefix("torch."),
-                    device=None if options.device is None else str(resolve_device(options.device)),
-                    kv=options.kv, kv_budget=kv_budget_value(options.kv_budget), chunk_tokens=options.chunk_tokens,
-                    kv_sketch=options.kv_sketch,     # the KV room the plan keeps depends on them
-                    kv_device_tokens=options.kv_device_tokens, prefill_chunk_tokens=options.prefill_chunk_tokens,
-                    weight_quant=asked if options.quant is not None else store_quant, kv_quant=options.kv_quant)
+    policy = _plan_policy(options, cfg, asked if options.quant is not None else store_quant)
     if data_path is None and not config_only:                   # a checkpoint: its cached store, if any
         store = find_cached_store(path, budget.offload_dir or default_offload_dir(), policy.dtype,
                                   policy.weight_quant, device_type_of(policy))
         data_path = store.data_path if store is not None else None
-    return cfg, policy, data_path, config_only
+    return cfg, policy, data_path, config_only, layout
+
+
+def _gguf_plan_inputs(path: Path, options: LoadFlags, budget: Budget, asked: WeightQuant | None) -> PlanInputs:
+    """``_plan_inputs`` of a GGUF model: planned with the layout its store gets (the file's own schemes,
+    ``asked`` for the rest), probing its cached store's data file when there is one."""
+    keep = options.quant is None or asked is not None
+    with GGUFCheckpoint(path) as ckpt:
+        cfg = ckpt.config
+        device_type = device_type_of(_plan_policy(options, cfg, None))
+        layout = planned_layout(ckpt, options.dtype, asked, device_type, keep)
+        policy = _plan_policy(options, cfg, held_quant(ckpt, layout, asked))
+    store = find_cached_store(path, budget.offload_dir or default_offload_dir(), policy.dtype, asked, device_type,
+                              keep)
+    return cfg, policy, store.data_path if store is not None else None, False, layout
+
+
+def _plan_policy(options: LoadFlags, cfg: ModelConfig, weight_quant: WeightQuant | None) -> Policy:
+    return Policy(dtype=str(resolve_dtype(options.dtype, cfg.dtype)).removeprefix("torch."),
+                  device=None if options.device is None else str(resolve_device(options.device)),
+                  kv=options.kv, kv_budget=kv_budget_value(options.kv_budget), chunk_tokens=options.chunk_tokens,
+                  kv_sketch=options.kv_sketch,     # the KV room the plan keeps depends on them
+                  kv_device_tokens=options.kv_device_tokens, prefill_chunk_tokens=options.prefill_chunk_tokens,
+                  weight_quant=weight_quant, kv_quant=options.kv_quant)
 
 
 @app.command()

@@ -27,7 +27,8 @@ from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.io.progress import ProgressFn
 from tierkv.kvroom import KVRoom
 from tierkv.io.store import WeightStore, existing_manifest, is_store_dir
-from tierkv.loader import open_store_source, open_weight_source
+from tierkv.io.gguf import is_gguf_source
+from tierkv.loader import gguf_store, open_store_source, open_weight_source
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource
 from tierkv.quantspec import WeightQuant, parse_weight_quant
 from tierkv.plan import DEFAULT_CONTEXT_TOKENS, Plan, activation_bytes, prefill_sizes, step_rows
@@ -102,6 +103,9 @@ class Engine:
         called after each prefill piece with the prompt tokens processed so far and the prompt length.
         """
         self.model_dir = model_path(model)
+        if is_gguf_source(self.model_dir):      # a GGUF model runs from its cached store, converted on first use
+            self.model_dir = gguf_store(self.model_dir, budget, policy, progress)
+            policy = replace(policy, weight_quant=None)         # the store holds the file's schemes, and what was asked
         # a converted store passed as the model (``tierkv run OUT``) serves its own config and weights
         self.store: WeightStore | None = WeightStore.open(self.model_dir) if is_store_dir(self.model_dir) else None
         self.checkpoint: Checkpoint | None = None
@@ -353,7 +357,9 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          verify: bool = False, max_sequences: int = 16, quant: str | None = None, group_size: int | str | None = None,
          quant_head: bool = False, kv_quant: str = "none") -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``, or a store made by ``tierkv convert``,
-    which brings its config, tokenizer and weight scheme) for generation.
+    which brings its config, tokenizer and weight scheme, or a GGUF model: a .gguf file, a directory
+    holding one, or a part of a split set) for generation. A GGUF model is converted on first use
+    into a cached store under offload_dir, which it then runs from (resident or streamed).
 
     device_mem / host_mem: budgets such as "6GiB" or a byte count; default: detected free memory
     less headroom. Layers that do not fit the device budget are held in host memory or streamed
@@ -386,6 +392,8 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     weights are quantized once at load (resident) or into the cached store (streamed), packed for
     the device. A converted store passed as ``model`` uses the scheme it was converted with; asking
     for another (quant="none" for 16-bit) is refused with what it holds and how to get the other.
+    A GGUF model keeps its Q4/Q5/Q6/Q8 weights in their own int4/int8 groups of 32 whatever quant
+    says; quant then covers its 16-bit and other-type weights; quant="none" dequantizes them all.
 
     max_sequences: most sequences that decode together (prompts of a batch, concurrent calls,
     sessions' turns); more wait for a place. The planner reserves one step's activations: a prefill
@@ -402,14 +410,21 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     cannot hold. Without it such weights are caught during generation: NaN/inf logits raise
     NonFiniteError naming the first bad layer.
     """
+    budget = Budget.parse(device_mem, host_mem, offload_dir)
     policy = Policy(dtype=None if dtype is None else str(dtype).removeprefix("torch."), device=device,
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,
                     kv_exact_max_tokens=kv_exact_max_tokens, chunk_tokens=chunk_tokens,
                     kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, max_sequences=max_sequences,
-                    weight_quant=_asked_quant(model_path(model), quant, group_size, quant_head, device),
                     kv_quant=kv_quant)
-    return Engine(model, policy, Budget.parse(device_mem, host_mem, offload_dir), progress=progress,
-                  prefill_progress=prefill_progress, verify=verify)
+    if is_gguf_source(model_path(model)):
+        # quant=None keeps the file's quantized weights as they are (16-bit ones stay 16-bit); "int4"/"int8"
+        # quantizes its 16-bit and other-type weights too; "none" dequantizes everything to 16-bit
+        asked = parse_weight_quant(quant, group_size, quant_head)
+        model = gguf_store(model_path(model), budget, replace(policy, weight_quant=asked), progress,
+                           keep_source=quant is None or asked is not None)
+    else:
+        policy = replace(policy, weight_quant=_asked_quant(model_path(model), quant, group_size, quant_head, device))
+    return Engine(model, policy, budget, progress=progress, prefill_progress=prefill_progress, verify=verify)
 
 
 def _asked_quant(model_dir: Path, scheme: str | None, group_size: int | str | None, head: bool,

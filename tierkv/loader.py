@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from tierkv.config import Budget, ModelConfig, Policy
-from tierkv.io.convert import cached_store, find_cached_store
+from tierkv.io.convert import cached_store, cached_store_dir, find_cached_store
 from tierkv.io.checkpoint import resolve_dtype
+from tierkv.io.gguf import GGUFCheckpoint
 from tierkv.io.progress import ProgressFn
-from tierkv.io.store import StoreError, WeightStore, read_damage
+from tierkv.io.store import StoreError, WeightStore, existing_manifest, read_damage
 from tierkv.pipeline.weights import StreamingWeights
 from tierkv.plan import Plan, default_offload_dir, make_plan
 from tierkv.probe import LinkSpeeds
@@ -50,6 +51,31 @@ def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budge
     return _streaming_source(model_dir, plan, existing, progress, quant), plan
 
 
+def gguf_store(path: str | Path, budget: Budget, policy: Policy = Policy(), progress: ProgressFn | None = None,
+               keep_source: bool = True) -> Path:
+    """The cached store a GGUF model runs from (``io.convert.cached_store`` under the budget's offload dir,
+    converted on first use with a progress bar): at ``policy.dtype`` (default: the file's), its
+    quantized weights in their own schemes unless not ``keep_source``, its 16-bit and other-type
+    weights as ``policy.weight_quant`` asks, packed for the policy's device."""
+    offload, quant = budget.offload_dir or default_offload_dir(), policy.weight_quant
+    device_type = device_type_of(policy)
+    dtype = policy.dtype or _cached_file_dtype(path, offload, quant, device_type, keep_source) or \
+        GGUFCheckpoint(path).config.dtype           # parsing the file's metadata takes seconds for a large vocabulary
+    return cached_store(path, offload, dtype=dtype, progress=progress, quant=quant, device_type=device_type,
+                        keep_source=keep_source)
+
+
+def _cached_file_dtype(path: str | Path, offload_dir: str | Path, quant: WeightQuant | None, device_type: str,
+                       keep_source: bool) -> str | None:
+    """The GGUF file's own dtype as the cached store converted from it at that dtype records it
+    (``source_dtype`` in its manifest), found without parsing the file; None when there is none."""
+    for name in ("bfloat16", "float16", "float32"):
+        raw, _ = existing_manifest(cached_store_dir(path, offload_dir, name, quant, device_type, keep_source))
+        if raw is not None and raw.get("source_dtype") == name:
+            return name
+    return None
+
+
 def open_store_source(store: WeightStore, budget: Budget, policy: Policy = Policy(), *, links: LinkSpeeds | None = None,
                       context_tokens: int | None = None) -> tuple[StreamingWeights, Plan]:
     """A converted store opened as the model (``tierkv run OUT``): plan with its own layer sizes and
@@ -61,7 +87,7 @@ def open_store_source(store: WeightStore, budget: Budget, policy: Policy = Polic
         raise StoreError(f"the weight store {store.dir} holds {dtype} weights, not {policy.dtype}; run it with "
                          f"--dtype {dtype} (or leave --dtype out), or convert again with --dtype {policy.dtype}")
     plan = make_plan(store.config, budget, replace(policy, dtype=dtype), links, context_tokens=context_tokens,
-                     data_path=store.data_path)
+                     data_path=store.data_path, layout=list(store.extents.values()))   # its sizes: scheme per tensor
     return StreamingWeights.from_plan(store, plan), plan
 
 
@@ -84,4 +110,4 @@ def _streaming_source(model_dir: str | Path, plan: Plan, store: WeightStore | No
     return StreamingWeights.from_plan(reopen(), plan)
 
 
-__all__ = ["device_type_of", "open_store_source", "open_weight_source"]
+__all__ = ["device_type_of", "gguf_store", "open_store_source", "open_weight_source"]

@@ -25,7 +25,7 @@ from tierkv.budgets import PlanError, default_offload_dir, detect_budgets
 from tierkv.config import Budget, ModelConfig, Policy, format_size, parse_size
 from tierkv.errors import ArgumentError
 from tierkv.io.checkpoint import resolve_dtype
-from tierkv.io.store import plan_layout
+from tierkv.io.store import Extent, layout_prepared_bytes, plan_layout
 from tierkv.pipeline.chunking import ChunkRule
 from tierkv.pipeline.kv.sizing import element_bytes, keeps_sketch, kv_bytes_per_token, kv_device_minimum_bytes
 from tierkv.pipeline.schedule import ahead
@@ -231,14 +231,15 @@ def step_rows(policy: Policy) -> int:
 
 
 def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context_tokens: int | None = None,
-                         batch: int = 1, key_codes: bool = False) -> int:
+                         batch: int = 1, key_codes: bool = False, layout: list[Extent] | None = None) -> int:
     """The smallest device budget ``make_plan`` accepts (every layer streamed): globals, one layer slot
     and the reserve (KV room and one prefill piece) that this budget itself gets. ``key_codes``: the
-    smallest at which the plan also keeps the key codes the policy asks for (else they are dropped)."""
+    smallest at which the plan also keeps the key codes the policy asks for (else they are dropped).
+    ``layout``: a store's own extents (``make_plan``'s)."""
     dtype = resolve_dtype(policy.dtype, config.dtype)
     device_type = plan_device(policy).type
-    fixed = sum(layer_sizes(config, dtype, policy.weight_quant, device_type)) + \
-        prepared_sizes(config, dtype, policy.weight_quant, device_type)[1]     # globals as held; one streamed slot
+    fixed = sum(layer_sizes(config, dtype, policy.weight_quant, device_type, layout)) + \
+        prepared_sizes(config, dtype, policy.weight_quant, device_type, layout)[1]   # globals as held; one slot
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     if not key_codes:
         policy = replace(policy, kv_sketch=False)       # make_plan drops codes that do not fit
@@ -357,7 +358,8 @@ def _split(n_layers: int, layer_bytes: int, device_avail: int, host_avail: int, 
 
 def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = Policy(),
               links: LinkSpeeds | None = None, *, data_path: Path | None = None,
-              context_tokens: int | None = None, batch: int = 1, config_only: bool = False) -> Plan:
+              context_tokens: int | None = None, batch: int = 1, config_only: bool = False,
+              layout: list[Extent] | None = None) -> Plan:
     """Place the layers of ``config`` within ``budget`` and predict the decode speed.
 
     Sizes are the stored ones on every tier: layers and globals as ``io.store.plan_layout`` lays
@@ -365,7 +367,9 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     size (device KV stays 16-bit). ``links``: measured speeds; None probes the links the placement
     uses (disk on ``data_path``, the store's data file, else a scratch file in the offload dir; a
     layer's compute as ``compute_estimate`` says). ``config_only``: planning from a config.json
-    alone (no weights here), a what-if: budgets are not checked against this machine.
+    alone (no weights here), a what-if: budgets are not checked against this machine. ``layout``: the
+    extents of the store the layers come from, sized as they are (a GGUF store mixes schemes per
+    tensor, which ``policy.weight_quant`` only summarizes); None: ``plan_layout``'s.
     ``context_tokens`` (default: ``policy.kv_device_tokens``, else min(4096, the model's maximum))
     sizes the device room kept for the KV cache and activations; the KV room is never less than the
     tiered cache needs at the model's full context (``kv_reserve_bytes``), so any prompt runs. The
@@ -376,14 +380,15 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     """
     device = plan_device(policy)
     dtype = resolve_dtype(policy.dtype, config.dtype)
-    layer_bytes, globals_bytes = layer_sizes(config, dtype, policy.weight_quant, device.type)
-    layer_extra, globals_extra = prepared_sizes(config, dtype, policy.weight_quant, device.type)
+    layer_bytes, globals_bytes = layer_sizes(config, dtype, policy.weight_quant, device.type, layout)
+    layer_extra, globals_extra = prepared_sizes(config, dtype, policy.weight_quant, device.type, layout)
     placed = layer_bytes + layer_extra                  # a layer that stays put (device or host)
     held_globals = globals_bytes + globals_extra        # the globals as the device holds them
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     dev_mem, host_mem, offload_dir = detect_budgets(budget, device, check_machine=not config_only)
     piece, scratch, activations, reserve, codes, codes_note = _device_reserve(config, dtype, policy, context, batch,
-                                                                              dev_mem, held_globals, layer_bytes)
+                                                                              dev_mem, held_globals, layer_bytes,
+                                                                              layout)
     cuda = device.type == "cuda"
     device_avail, n = dev_mem - reserve - held_globals, config.num_layers
     options = {d: _split(n, layer_bytes, device_avail, host_mem, d, cuda, placed)
@@ -396,7 +401,8 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         n_dev_max = max(o[0] for o in options.values())
         links = probe_links(config, dtype, device, data_path, offload_dir,
                             need_disk=n_dev_max + max(o[1] for o in options.values()) < n, need_h2d=n_dev_max < n,
-                            estimate=compute_estimate(config, dtype, policy.weight_quant, device.type, config_only))
+                            estimate=compute_estimate(config, dtype, policy.weight_quant, device.type, config_only,
+                                                      layout))
     best = _best_option(options, n, layer_bytes, links, cuda)
     depth, (n_dev, n_host, ring, staging), step_s = best
     kinds = spread_layers(n, n_dev, n_host)
@@ -443,20 +449,22 @@ def plan_device(policy: Policy) -> torch.device:
 
 
 def layer_sizes(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | None = None,
-                device_type: str = "cpu") -> tuple[int, int]:
+                device_type: str = "cpu", layout: list[Extent] | None = None) -> tuple[int, int]:
     """(largest layer extent, all globals) in stored (padded) bytes, compressed as ``quant`` stores
-    them for ``device_type`` (``io.store.plan_layout``)."""
-    extents = plan_layout(config, dtype, quant, device_type)
+    them for ``device_type`` (``io.store.plan_layout``), or as ``layout`` (a store's extents) holds them."""
+    extents = layout or plan_layout(config, dtype, quant, device_type)
     layer_bytes = max(e.padded_nbytes for e in extents if e.name.startswith("layer."))
     return layer_bytes, sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
 
 
 def prepared_sizes(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | None = None,
-                   device_type: str = "cpu") -> tuple[int, int]:
+                   device_type: str = "cpu", layout: list[Extent] | None = None) -> tuple[int, int]:
     """(per layer, globals) bytes that ``kernels.quant.prepare`` adds to weights placed to stay (device
     and host layers, the globals): the CPU ops' ready parameters (``TensorQuant.prepared_nbytes``).
     Streamed layers never hold them, so ring slots stay the stored extent's size."""
     itemsize = torch.empty((), dtype=dtype).element_size()
+    if layout is not None:
+        return layout_prepared_bytes(layout, itemsize)
 
     def prepared(shapes: dict[str, tuple[int, ...]]) -> int:
         return sum(tq.prepared_nbytes(tuple(shapes[key]), itemsize)
@@ -466,13 +474,13 @@ def prepared_sizes(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant |
 
 
 def compute_estimate(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | None, device_type: str,
-                     config_only: bool) -> ComputeEstimate | None:
+                     config_only: bool, layout: list[Extent] | None = None) -> ComputeEstimate | None:
     """What to estimate a layer's compute from (``probe.ComputeEstimate``), or None to time a layer:
     a config-only plan has no weights to time, and a quantized layer computes on another matvec
     than the 16-bit layer the probe builds."""
     if quant is None and not config_only:
         return None
-    layer_bytes, _ = layer_sizes(config, dtype, quant, device_type)
+    layer_bytes, _ = layer_sizes(config, dtype, quant, device_type, layout)
     return ComputeEstimate(layer_bytes, config.num_layers * layer_bytes, quant.scheme if quant else None,
                            quant.group_size if quant else ComputeEstimate.group_size)
 
@@ -486,8 +494,9 @@ def kv_stored_bytes_per_token(config: ModelConfig, dtype: torch.dtype, policy: P
     return config.num_layers * -(-per_chunk // chunk)
 
 
-def _device_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, context: int, batch: int,
-                    dev_mem: int, globals_bytes: int, layer_bytes: int) -> tuple[int, int, int, int, int, str]:
+def _device_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, context: int, batch: int, dev_mem: int,
+                    globals_bytes: int, layer_bytes: int, layout: list[Extent] | None
+                    ) -> tuple[int, int, int, int, int, str]:
     """(prefill piece, attention scratch, activation bytes, reserve, key code bytes, key code note)
     kept on the device for KV and activations; raises PlanError naming the minimum when the budget
     cannot hold it beside the globals and one layer. Key codes come first after that minimum: they
@@ -498,7 +507,7 @@ def _device_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, con
         plain = replace(policy, kv_sketch=False)
         codes = kv_reserve_bytes(config, dtype, policy, 0, batch) - kv_reserve_bytes(config, dtype, plain, 0, batch)
         if dev_mem < reserve_bytes(config, dtype, policy, context, batch, dev_mem) + fixed:
-            note = _codes_off_note(config, policy, context, batch, dev_mem, codes)
+            note = _codes_off_note(config, policy, context, batch, dev_mem, codes, layout)
             policy, codes = plain, 0      # the cache runs without them (its stats say so too)
     piece, scratch = prefill_sizes(config, dtype, policy, context, batch, dev_mem)
     activations = activation_bytes(config, dtype, piece, scratch, context, batch, step_rows(policy))
@@ -512,9 +521,10 @@ def _device_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, con
     return piece, scratch, activations, reserve, codes, note
 
 
-def _codes_off_note(config: ModelConfig, policy: Policy, context: int, batch: int, dev_mem: int, codes: int) -> str:
+def _codes_off_note(config: ModelConfig, policy: Policy, context: int, batch: int, dev_mem: int, codes: int,
+                    layout: list[Extent] | None) -> str:
     """``Plan.kv_sketch_note`` (and the cache's ``stats()["sketch"]``) when the budget cannot hold the key codes."""
-    keep = format_size(minimum_device_bytes(config, policy, context, batch, key_codes=True))
+    keep = format_size(minimum_device_bytes(config, policy, context, batch, key_codes=True, layout=layout))
     return (f"off: the key codes do not fit the device budget {format_size(dev_mem)} beside its minimum working "
             f"set (they take {format_size(codes)} for the model's full context of {config.context_limit_tokens} "
             f"tokens); sparse selection uses the chunk bound only (raise --device-mem to at least {keep} to keep "

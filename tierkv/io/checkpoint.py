@@ -198,7 +198,7 @@ class Checkpoint:
         """Raise CheckpointError naming ``name`` and its file unless every value of ``tensor`` (that
         checkpoint tensor, possibly cast to a compute dtype) is finite and within FINITE_LIMIT.
         Extra memory: one chunk of values."""
-        if not _all_usable(tensor):
+        if not all_usable(tensor):
             raise CheckpointError(self._value_problem(name, tensor.dtype))
 
     def verify(self, dtype: torch.dtype | None = None, progress: ProgressFn | None = None) -> None:
@@ -215,8 +215,8 @@ class Checkpoint:
             report(0, total)
             for name in self._nbytes:
                 for block in self._row_blocks(name, offsets[self._where[name]][name]):
-                    if not _all_usable(block) or (dtype is not None and _cast_can_overflow(block.dtype, dtype)
-                                                  and not _all_usable(block.to(dtype))):
+                    if not all_usable(block) or (dtype is not None and _cast_can_overflow(block.dtype, dtype)
+                                                  and not all_usable(block.to(dtype))):
                         raise CheckpointError(self._value_problem(name, dtype or block.dtype))
                 done += self._nbytes[name]
                 report(done, total)
@@ -256,6 +256,11 @@ class Checkpoint:
         return (f"tensor {name} in {path} has values up to {peak:.4g}, which overflow {name_of} "
                 f"(largest {torch.finfo(dtype).max:.4g}); use --dtype bfloat16 or --dtype float32 "
                 f'(dtype="bfloat16" in tierkv.load)')
+
+    @property
+    def source(self) -> Path:
+        """What a store converted from this checkpoint records as its source: the directory."""
+        return self.dir.resolve()
 
     def files(self) -> list[Path]:
         """The safetensors files of this checkpoint."""
@@ -303,7 +308,7 @@ def _cast_can_overflow(source: torch.dtype, target: torch.dtype) -> bool:
     return torch.finfo(target).max < FINITE_LIMIT and torch.finfo(source).max > torch.finfo(target).max
 
 
-def _all_usable(t: torch.Tensor) -> bool:
+def all_usable(t: torch.Tensor) -> bool:
     """Every value finite and of magnitude at most FINITE_LIMIT (NaN fails every comparison); one chunk at a time."""
     flat = t.reshape(-1)
     for start in range(0, flat.numel(), _CHECK_CHUNK_ELEMS):
@@ -333,6 +338,6 @@ def has_weights(model_dir: str | Path) -> bool:
     return (path / _SINGLE_FILE).is_file() or (path / _INDEX_FILE).is_file() or any(path.glob("*.safetensors"))
 
 
-__all__ = ["Checkpoint", "CheckpointError", "ConfigError", "FINITE_LIMIT", "FLOAT_DTYPES", "LAYER_PREFIX",
+__all__ = ["Checkpoint", "CheckpointError", "ConfigError", "FINITE_LIMIT", "FLOAT_DTYPES", "LAYER_PREFIX", "all_usable",
            "has_weights", "resolve_dtype", "safetensors_header"]
 

@@ -31,17 +31,20 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from tierkv.config import ModelConfig, format_size, read_json
+from tierkv.config import format_size
 from tierkv.io.buffers import ALIGN_BYTES
 from tierkv.io.checkpoint import LAYER_PREFIX, Checkpoint, resolve_dtype
+from tierkv.io.gguf import is_gguf_source
 from tierkv.io.progress import ProgressFn, progress_or_bar
+from tierkv.io.source import (Source, conversion_notes, held_quant, identity, open_source, planned_layout,
+                              source_codes, source_config, source_name, source_path, write_side_files)
 from tierkv.errors import TierkvError
-from tierkv.kernels.quant import quantize_weight
+from tierkv.kernels.quant import pack_weight, quantize_weight
 from tierkv.quantspec import QPARAMS_SUFFIX, WeightQuant
 from tierkv.io.store import (CRC_BLOCK_BYTES, DAMAGE_FILE, DATA_FILE, FORMAT_NAME, FORMAT_VERSION, LOCK_FILE,
                              MANIFEST_FILE, PARTIAL_SUFFIX, STATE_FILE, USE_LOCK_FILE, Extent, StoreError,
                              WeightStore, existing_manifest, extent_from_json, extent_to_json, fsync_dir,
-                             layout_digest, pack_device, plan_layout, read_damage, write_json_atomic)
+                             layout_digest, pack_device, read_damage, write_json_atomic)
 
 FREE_SPACE_MARGIN_BYTES = 4 << 20      # the manifest, the resume state and filesystem metadata
 
@@ -62,25 +65,25 @@ def _source_name(extent: Extent, key: str) -> str:
 
 
 def store_key(checkpoint_dir: str | Path, dtype: str | torch.dtype | None = None, quant: WeightQuant | None = None,
-              device_type: str = "cpu") -> str:
-    """Identity of (checkpoint files, target dtype, weight quantization): names, sizes and mtimes of
-    config.json, the safetensors files and their index, plus the dtype, the store format version
-    and, for a quantized store, its scheme, group size, head flag and pack device family (16-bit
-    stores keep the key they always had). 16 hex chars."""
-    return _key(Path(checkpoint_dir), dtype, quant, pack_device(device_type))
+              device_type: str = "cpu", keep_source: bool = True) -> str:
+    """Identity of (source files, target dtype, weight quantization): names, sizes and mtimes of
+    config.json, the safetensors files and their index (or of a GGUF model's files), plus the dtype,
+    the store format version and, for a quantized store, its scheme, group size, head flag and pack
+    device family (16-bit stores keep the key they always had); for a GGUF source also whether its
+    quantized weights keep their scheme (``keep_source``). 16 hex chars."""
+    return _key(Path(checkpoint_dir), dtype, quant, pack_device(device_type), keep_source)
 
 
-def _key(cdir: Path, dtype: str | torch.dtype | None, quant: WeightQuant | None, packs: str) -> str:
+def _key(cdir: Path, dtype: str | torch.dtype | None, quant: WeightQuant | None, packs: str,
+         keep_source: bool = True) -> str:
     """``store_key`` with the packs' target spelled as ``pack_device`` records it."""
-    config = ModelConfig.from_dir(cdir)
-    target = resolve_dtype(dtype, config.dtype)
-    files = sorted(p for p in cdir.iterdir() if p.name == "config.json" or p.name.endswith(".safetensors")
-                   or p.name.endswith(".safetensors.index.json"))
-    facts = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    identity: dict[str, Any] = {"files": facts, "dtype": str(target), "format": FORMAT_VERSION}
+    facts, target = identity(cdir, dtype)
+    ident: dict[str, Any] = {"files": facts, "dtype": str(target), "format": FORMAT_VERSION}
     if quant is not None:
-        identity.update(quant=quant.to_json(), pack_device=packs)
-    text = json.dumps(identity, sort_keys=True)
+        ident.update(quant=quant.to_json(), pack_device=packs)
+    if is_gguf_source(cdir):
+        ident.update(gguf_quants="keep" if keep_source else "dequantize", pack_device=packs)
+    text = json.dumps(ident, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -113,8 +116,13 @@ def check_offload_dir(path: str | Path, need_bytes: int = 0, elsewhere: str = OF
 def convert(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
             progress: ProgressFn | None = None, restart: bool = False, report: ReportFn | None = None,
             overwrite_other: bool = False, elsewhere: str = CONVERT_ELSEWHERE, quant: WeightQuant | None = None,
-            device_type: str = "cpu") -> Path:
-    """Rewrite a HF checkpoint into a weight store in ``out_dir`` and return ``out_dir``.
+            device_type: str = "cpu", keep_source: bool = True) -> Path:
+    """Rewrite a HF checkpoint (or a GGUF model: ``io.source``) into a weight store in ``out_dir`` and
+    return ``out_dir``.
+
+    A GGUF model's weights held in a type tierkv keeps quantized (``io.gguf.SOURCE_SCHEMES``) keep
+    that scheme when ``keep_source`` (the default) whatever ``quant`` says; ``quant`` then covers
+    its 16-bit and other-type weights; ``keep_source=False`` dequantizes everything first.
 
     ``quant`` stores the linear weights it covers group-wise quantized (``quantspec``), each
     quantized as it streams by and packed for computing on ``device_type`` ("cpu": PyTorch's fused
@@ -134,11 +142,11 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | torch.
     errors tell the user to pick another directory. A disk that fills up during the conversion
     raises StoreError; the conversion then resumes where it stopped when run again.
     """
-    with Checkpoint(checkpoint_dir) as ckpt:              # a broken checkpoint fails before anything is written
+    with open_source(checkpoint_dir) as ckpt:            # a broken checkpoint fails before anything is written
         out = check_offload_dir(out_dir, elsewhere=elsewhere)
         with _dir_lock(out):
             try:
-                return _convert_locked(ckpt, out, _Target(dtype, quant, device_type), progress, restart,
+                return _convert_locked(ckpt, out, _Target(dtype, quant, device_type, keep_source), progress, restart,
                                        report or _log.warning, overwrite_other, elsewhere)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -156,53 +164,49 @@ class _Target:
     dtype: str | torch.dtype | None
     quant: WeightQuant | None
     device_type: str
+    keep_source: bool = True
 
-    def facts(self) -> dict[str, Any]:
-        """The manifest's and the resume state's record of the quantization."""
-        if self.quant is None:
-            return {"weight_quant": None, "pack_device": None}      # 16-bit stores have no packs
-        return {"weight_quant": self.quant.to_json(), "pack_device": pack_device(self.device_type)}
+    def facts(self, ckpt: Source, extents: list[Extent], dtype: torch.dtype) -> dict[str, Any]:
+        """The manifest's and the resume state's record of the quantization: for a GGUF source, what its
+        store holds (``held_quant``), what was asked and whether the file's schemes were kept."""
+        held = held_quant(ckpt, extents, self.quant)
+        facts: dict[str, Any] = {"weight_quant": None, "pack_device": None}      # 16-bit stores have no packs
+        if held is not None:
+            facts = {"weight_quant": held.to_json(), "pack_device": pack_device(self.device_type)}
+        if not isinstance(ckpt, Checkpoint):               # a GGUF store's key always names its pack device
+            facts.update(pack_device=pack_device(self.device_type), source_format="gguf",
+                         source_quants="keep" if self.keep_source else "dequantize", asked_quant=self.quant.to_json() if self.quant is not None else None,
+                         notes=conversion_notes(ckpt, extents, dtype, self.keep_source))
+        return facts
 
 
 def _convert_locked(ckpt: Checkpoint, out: Path, want: _Target, progress: ProgressFn | None,
                     restart: bool, report: ReportFn, overwrite_other: bool, elsewhere: str) -> Path:
     """The body of ``convert`` while holding the directory lock."""
     target = resolve_dtype(want.dtype, ckpt.config.dtype)
-    key = store_key(ckpt.dir, target, want.quant, want.device_type)
-    extents = plan_layout(ckpt.config, target, want.quant, want.device_type)
+    key = store_key(ckpt.source, target, want.quant, want.device_type, want.keep_source)
+    extents = planned_layout(ckpt, target, want.quant, want.device_type, want.keep_source)
     total = extents[-1].offset + extents[-1].padded_nbytes
     if restart:
         _remove_store_files(out)
     else:
         if not overwrite_other:
-            _refuse_other_checkpoint(out, ckpt.dir)
+            _refuse_other_checkpoint(out, ckpt.source)
         with progress_or_bar(progress, total, "converting") as bar:
             if _reuse_or_repair(ckpt, target, out, key, extents, bar, report, elsewhere):
-                _copy_tokenizer_files(ckpt.dir, out)
+                write_side_files(ckpt, out, fresh=False)
                 return out
     for name in (MANIFEST_FILE, DAMAGE_FILE, DATA_FILE):    # from here on nothing looks valid
         (out / name).unlink(missing_ok=True)
     done = {} if restart else _resume_state(out, key, extents, report)
     resume_at = max((e.offset + e.padded_nbytes for e in extents if e.name in done), default=0)
     check_offload_dir(out, need_bytes=total - resume_at, elsewhere=elsewhere)
+    facts = want.facts(ckpt, extents, target)
     with progress_or_bar(progress, total, "converting") as bar:
-        crcs = _write_extents(ckpt, target, out, extents, done, key, bar, want.facts())
-    _finish(out, ckpt, target, key, [_with_crc(e, crcs[e.name]) for e in extents], want.facts())
-    _copy_tokenizer_files(ckpt.dir, out)
+        crcs = _write_extents(ckpt, target, out, extents, done, key, bar, facts)
+    _finish(out, ckpt, target, key, [_with_crc(e, crcs[e.name]) for e in extents], facts)
+    write_side_files(ckpt, out)
     return out
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja")
-
-
-def _copy_tokenizer_files(checkpoint_dir: Path, out: Path) -> None:
-    """The checkpoint's tokenizer and generation files beside the store, so the store opens as a
-    model on its own (``tierkv run OUT``); config.json stays in the manifest only."""
-    for name in TOKENIZER_FILES:
-        src = checkpoint_dir / name
-        if src.is_file() and (not (out / name).is_file() or (out / name).read_bytes() != src.read_bytes()):
-            shutil.copyfile(src, out / name)
 
 
 def _with_crc(e: Extent, crc: tuple[int, ...]) -> Extent:
@@ -229,7 +233,8 @@ def _read_state(out: Path) -> dict[str, Any]:
 
 
 def _refuse_other_checkpoint(out: Path, checkpoint_dir: Path) -> None:
-    """StoreError when ``out`` holds the store, or an unfinished conversion, of another checkpoint."""
+    """StoreError when ``out`` holds the store, or an unfinished conversion, of another checkpoint
+    (``checkpoint_dir``: the source as stores record it, ``source_path``)."""
     raw, _ = existing_manifest(out)
     recorded = (raw or {}).get("source_dir") or _read_state(out).get("source_dir")
     if recorded and str(recorded) != str(checkpoint_dir.resolve()):
@@ -239,7 +244,7 @@ def _refuse_other_checkpoint(out: Path, checkpoint_dir: Path) -> None:
                          "(restart=True) to replace it")
 
 
-def _reuse_or_repair(ckpt: Checkpoint, dtype: torch.dtype, out: Path, key: str, extents: list[Extent],
+def _reuse_or_repair(ckpt: Source, dtype: torch.dtype, out: Path, key: str, extents: list[Extent],
                      progress: ProgressFn, report: ReportFn, elsewhere: str) -> bool:
     """True when ``out`` now holds a verified store of this conversion: reused, or repaired in place."""
     raw, problem = existing_manifest(out)
@@ -312,7 +317,7 @@ def _bad_extents(data_path: Path, extents: list[Extent], block: int,
     return bad
 
 
-def _rewrite_extents(ckpt: Checkpoint, dtype: torch.dtype, data_path: Path, bad: list[Extent],
+def _rewrite_extents(ckpt: Source, dtype: torch.dtype, data_path: Path, bad: list[Extent],
                      extents: list[Extent], progress: ProgressFn, elsewhere: str) -> dict[str, tuple[int, ...]]:
     """Convert the ``bad`` extents again, in place in the data file; returns their new CRCs."""
     total = extents[-1].offset + extents[-1].padded_nbytes
@@ -361,7 +366,7 @@ def _resume_state(out: Path, key: str, extents: list[Extent], report: ReportFn) 
     return kept
 
 
-def _write_extents(ckpt: Checkpoint, dtype: torch.dtype, out: Path, extents: list[Extent],
+def _write_extents(ckpt: Source, dtype: torch.dtype, out: Path, extents: list[Extent],
                    done: dict[str, tuple[int, ...]], key: str, report: ProgressFn,
                    facts: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Write every extent not in ``done`` to the partial data file; returns all CRCs."""
@@ -383,13 +388,13 @@ def _write_extents(ckpt: Checkpoint, dtype: torch.dtype, out: Path, extents: lis
             os.posix_fadvise(f.fileno(), e.offset, e.padded_nbytes, os.POSIX_FADV_DONTNEED)
             _release_source_pages(ckpt)
             write_json_atomic(out / STATE_FILE, {"source_key": key, "layout": layout_digest(extents),
-                                                  "source_dir": str(ckpt.dir.resolve()),
+                                                  "source_dir": str(ckpt.source),
                                                   "dtype": str(dtype).removeprefix("torch."), **facts,
                                                   "done": {n: list(c) for n, c in crcs.items()}})
     return crcs
 
 
-def _release_source_pages(ckpt: Checkpoint) -> None:
+def _release_source_pages(ckpt: Source) -> None:
     """Unmap the checkpoint and drop its cached pages, so memory stays bounded by about one extent."""
     ckpt.close()    # safetensors tensors are views of its mmap; closing unmaps once they are gone
     for path in ckpt.files():
@@ -400,10 +405,11 @@ def _release_source_pages(ckpt: Checkpoint) -> None:
             os.close(fd)
 
 
-def _write_extent(f: Any, ckpt: Checkpoint, dtype: torch.dtype, e: Extent,
+def _write_extent(f: Any, ckpt: Source, dtype: torch.dtype, e: Extent,
                   report: Callable[[int], None]) -> tuple[int, ...]:
     """Stream the extent's tensors, one at a time, into ``f``; returns its block CRCs. A quantized
-    weight is read, checked, quantized, and written as its packed data then its qparams."""
+    weight is read, checked, quantized, and written as its packed data then its qparams; one a GGUF
+    source holds in that very scheme is packed from the source's codes (``source_codes``)."""
     crc = _BlockCrc(CRC_BLOCK_BYTES)
     pos = 0
     qparams: torch.Tensor | None = None       # of the quantized weight just written: the next entry
@@ -412,6 +418,9 @@ def _write_extent(f: Any, ckpt: Checkpoint, dtype: torch.dtype, e: Extent,
         if qparams is not None:
             assert key.endswith(QPARAMS_SUFFIX), (e.name, key)
             tensor, qparams = qparams, None
+        elif entry.quant is not None and (codes := source_codes(ckpt, _source_name(e, key), entry.quant)) is not None:
+            ckpt.check_finite(_source_name(e, key), codes[1])    # scales and minimums NaN, inf or overflowing
+            tensor, qparams = pack_weight(*codes, entry.quant)
         else:
             tensor = ckpt.tensor(_source_name(e, key), dtype).contiguous()
             ckpt.check_finite(_source_name(e, key), tensor)     # NaN, inf or overflow: refuse, naming it
@@ -451,20 +460,20 @@ class _BlockCrc:
         return tuple(self.crcs + ([self.current] if self.filled else []))
 
 
-def _finish(out: Path, ckpt: Checkpoint, dtype: torch.dtype, key: str, extents: list[Extent],
+def _finish(out: Path, ckpt: Source, dtype: torch.dtype, key: str, extents: list[Extent],
             facts: dict[str, Any]) -> None:
     """Publish the data file, then the manifest (the commit point), then drop the resume state."""
     partial = out / (DATA_FILE + PARTIAL_SUFFIX)
     with open(partial, "r+b") as f:
         os.fsync(f.fileno())
     os.replace(partial, out / DATA_FILE)
-    config = dict(read_json(ckpt.dir / "config.json", what="model configuration"))
+    config = source_config(ckpt)
     source_dtype = str(config.pop("torch_dtype", None) or config.get("dtype") or "float32")
     config["dtype"] = str(dtype).removeprefix("torch.")
     manifest = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "data_file": DATA_FILE,
         "architecture": ckpt.config.architecture, "dtype": config["dtype"], "source_dtype": source_dtype,
-        "source_key": key, "source_dir": str(ckpt.dir.resolve()), "alignment_bytes": ALIGN_BYTES,
+        "source_key": key, "source_dir": str(ckpt.source), "alignment_bytes": ALIGN_BYTES,
         "crc_block_bytes": CRC_BLOCK_BYTES, **facts,
         "data_bytes": extents[-1].offset + extents[-1].padded_nbytes,
         "config": config, "extents": {e.name: extent_to_json(e) for e in extents},
@@ -486,21 +495,22 @@ def _dir_lock(out: Path) -> Iterator[None]:
 
 
 def cached_store_dir(checkpoint_dir: str | Path, offload_dir: str | Path, dtype: str | torch.dtype | None = None,
-                     quant: WeightQuant | None = None, device_type: str = "cpu") -> Path:
-    """Where ``cached_store`` keeps the store of ``checkpoint_dir`` at ``dtype`` with ``quant``
-    packed for ``device_type`` (nothing is created)."""
+                     quant: WeightQuant | None = None, device_type: str = "cpu", keep_source: bool = True) -> Path:
+    """Where ``cached_store`` keeps the store of ``checkpoint_dir`` (or GGUF model) at ``dtype`` with
+    ``quant`` packed for ``device_type`` (nothing is created)."""
     cdir = Path(checkpoint_dir)
-    if not (cdir / "config.json").is_file():
+    if not is_gguf_source(cdir) and not (cdir / "config.json").is_file():
         Checkpoint(cdir)    # raises the checkpoint's own clear error
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in cdir.resolve().name) or "model"
-    return Path(offload_dir) / "stores" / f"{name}-{store_key(cdir, dtype, quant, device_type)}"
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in source_name(cdir)) or "model"
+    return Path(offload_dir) / "stores" / f"{name}-{store_key(cdir, dtype, quant, device_type, keep_source)}"
 
 
 def find_cached_store(checkpoint_dir: str | Path, offload_dir: str | Path, dtype: str | torch.dtype | None = None,
-                      quant: WeightQuant | None = None, device_type: str = "cpu") -> WeightStore | None:
+                      quant: WeightQuant | None = None, device_type: str = "cpu",
+                      keep_source: bool = True) -> WeightStore | None:
     """The cached store of ``checkpoint_dir`` (at ``dtype``, with ``quant`` packed for
     ``device_type``) when it exists and opens (read-only: nothing is written)."""
-    out = cached_store_dir(checkpoint_dir, offload_dir, dtype, quant, device_type)
+    out = cached_store_dir(checkpoint_dir, offload_dir, dtype, quant, device_type, keep_source)
     if not (out / MANIFEST_FILE).is_file():
         return None
     try:
@@ -512,9 +522,9 @@ def find_cached_store(checkpoint_dir: str | Path, offload_dir: str | Path, dtype
 
 def cached_store(checkpoint_dir: str | Path, offload_dir: str | Path, dtype: str | torch.dtype | None = None,
                  progress: ProgressFn | None = None, report: ReportFn | None = None,
-                 quant: WeightQuant | None = None, device_type: str = "cpu") -> Path:
-    """The store of ``checkpoint_dir`` at ``dtype`` (with ``quant``, packed for ``device_type``)
-    under ``offload_dir/stores``, converted on first use.
+                 quant: WeightQuant | None = None, device_type: str = "cpu", keep_source: bool = True) -> Path:
+    """The store of ``checkpoint_dir`` (or GGUF model) at ``dtype`` (with ``quant``, packed for
+    ``device_type``; ``keep_source``: see ``convert``) under ``offload_dir/stores``, converted on first use.
 
     The directory name carries ``store_key``, so a changed checkpoint (files, sizes, mtimes),
     another dtype or another quantization gets a fresh conversion instead of stale weights; the
@@ -524,11 +534,11 @@ def cached_store(checkpoint_dir: str | Path, offload_dir: str | Path, dtype: str
     repaired by ``convert``, which re-verifies it, instead of failing.
     """
     cdir = Path(checkpoint_dir)
-    out = check_offload_dir(cached_store_dir(cdir, offload_dir, dtype, quant, device_type))
-    if find_cached_store(cdir, offload_dir, dtype, quant, device_type) is not None:
+    out = check_offload_dir(cached_store_dir(cdir, offload_dir, dtype, quant, device_type, keep_source))
+    if find_cached_store(cdir, offload_dir, dtype, quant, device_type, keep_source) is not None:
         return out
     path = convert(cdir, out, dtype=dtype, progress=progress, report=report, overwrite_other=True,
-                   elsewhere=OFFLOAD_ELSEWHERE, quant=quant, device_type=device_type)
+                   elsewhere=OFFLOAD_ELSEWHERE, quant=quant, device_type=device_type, keep_source=keep_source)
     remove_stale_stores(cdir, out.parent, keep=out, report=report)
     return path
 
@@ -543,7 +553,7 @@ def remove_stale_stores(checkpoint_dir: str | Path, stores_dir: str | Path, keep
     open (shared use lock) or is converting into (convert lock) are left alone. Returns the
     removed directories.
     """
-    source = str(Path(checkpoint_dir).resolve())
+    source = str(source_path(checkpoint_dir))
     removed = []
     for d in sorted(p for p in Path(stores_dir).iterdir() if p.is_dir() and p != keep):
         manifest, _ = existing_manifest(d)
@@ -551,8 +561,9 @@ def remove_stale_stores(checkpoint_dir: str | Path, stores_dir: str | Path, keep
         if str(facts.get("source_dir") or "") != source or not facts.get("dtype"):
             continue
         try:
-            current = _key(Path(checkpoint_dir), str(facts["dtype"]), WeightQuant.from_json(facts.get("weight_quant")),
-                           str(facts.get("pack_device") or "cpu"))
+            asked = facts.get("asked_quant") if facts.get("source_format") == "gguf" else facts.get("weight_quant")
+            current = _key(Path(checkpoint_dir), str(facts["dtype"]), WeightQuant.from_json(asked),
+                           str(facts.get("pack_device") or "cpu"), facts.get("source_quants") != "dequantize")
         except (ValueError, TierkvError, KeyError, TypeError):   # a dtype or scheme this tierkv does not know
             continue
         if current == facts.get("source_key"):

@@ -42,7 +42,7 @@ from tierkv.io.mover import MoveRecord
 from tierkv.io.reader import DEFAULT_REQUEST_BYTES, AlignedReader
 from tierkv.kernels.quant_cpu import cpu_layout
 from tierkv.quantspec import GROUP_SIZE_CHOICES, QPARAMS_SUFFIX, SCHEMES, QuantWeight, TensorQuant, WeightQuant, \
-    group_size_name, tensor_quants
+    choose_pack, group_size_name, tensor_quants
 
 FORMAT_NAME = "tierkv-weight-store"
 FORMAT_VERSION = 1
@@ -72,6 +72,7 @@ class TensorEntry:
     nbytes: int
     quant: TensorQuant | None = None   # set on the packed data of a quantized weight (its qparams
                                        # follow as KEY + ".qparams"); None for plain tensors
+    source_type: str | None = None     # the GGML type the tensor had in its GGUF source ("Q4_K"), else None
 
 
 @dataclass(frozen=True)
@@ -131,12 +132,15 @@ def block_crcs(data: memoryview | bytes, block_bytes: int = CRC_BLOCK_BYTES) -> 
 
 
 def plan_layout(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | None = None,
-                device_type: str = "cpu") -> list[Extent]:
+                device_type: str = "cpu", source_quants: dict[str, tuple[str, int]] | None = None,
+                source_types: dict[str, str] | None = None) -> list[Extent]:
     """Extents (without checksums) in file order: embed, layer.0 .. layer.{L-1}, norm, head.
 
     With ``quant``, the weights it covers (``quantized_keys``) are stored packed for computing on
     ``device_type`` (``choose_pack``): their data entry carries the scheme, and their qparams
-    follow under KEY + ".qparams".
+    follow under KEY + ".qparams". ``source_quants`` (full HF name -> (scheme, group size)) are the
+    weights a quantized source (a GGUF file) keeps in its own scheme, whatever ``quant`` says;
+    ``source_types`` (full HF name -> GGML type) is recorded on each entry as ``gguf_type``.
     """
     dtype_name = str(dtype).removeprefix("torch.")
     globals_ = config.global_tensor_shapes()
@@ -148,8 +152,10 @@ def plan_layout(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | No
     extents, offset = [], 0
     for name, shapes in groups:
         tensors, pos = {}, 0
-        quantized = tensor_quants(shapes, quant, device_type)
+        prefix = f"model.layers.{name.split('.', 1)[1]}." if name.startswith("layer.") else ""
+        quantized = _group_quants(shapes, prefix, quant, device_type, source_quants or {})
         for key, shape in shapes.items():
+            kind = (source_types or {}).get(prefix + key)
             entries = [(key, dtype_name, tuple(shape), None)]
             if key in quantized:
                 tq = quantized[key]
@@ -158,11 +164,38 @@ def plan_layout(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | No
             for entry_key, entry_dtype, entry_shape, tq_or_none in entries:
                 pos = round_up(pos, TENSOR_ALIGN_BYTES)
                 nbytes = torch.empty((), dtype=getattr(torch, entry_dtype)).element_size() * _numel(entry_shape)
-                tensors[entry_key] = TensorEntry(entry_dtype, entry_shape, pos, nbytes, tq_or_none)
+                tensors[entry_key] = TensorEntry(entry_dtype, entry_shape, pos, nbytes, tq_or_none,
+                                                 kind if entry_key == key else None)
                 pos += nbytes
         extents.append(Extent(name, offset, pos, round_up(pos), tensors))
         offset += round_up(pos)
     return extents
+
+
+def layout_prepared_bytes(extents: list[Extent], dtype_bytes: int) -> tuple[int, int]:
+    """(largest layer, all globals) bytes ``kernels.quant.prepare`` adds to an actual layout's quantized
+    weights placed to stay (``TensorQuant.prepared_nbytes`` of each, its logical (N, K) from its qparams)."""
+    def prepared(e: Extent) -> int:
+        total = 0
+        for key, entry in e.tensors.items():
+            if entry.quant is not None:
+                groups, n, _ = e.tensors[key + QPARAMS_SUFFIX].shape
+                k = groups * entry.quant.group_size or entry.shape[-1]         # per channel: int8's data is (N, K)
+                total += entry.quant.prepared_nbytes((n, k), dtype_bytes)
+        return total
+    layers = [prepared(e) for e in extents if e.name.startswith("layer.")]
+    return max(layers, default=0), sum(prepared(e) for e in extents if not e.name.startswith("layer."))
+
+
+def _group_quants(shapes: dict[str, tuple[int, ...]], prefix: str, quant: WeightQuant | None, device_type: str,
+                  source_quants: dict[str, tuple[str, int]]) -> dict[str, TensorQuant]:
+    """Key -> how it is stored for one extent's tensors: the source's own scheme where it has one,
+    else what ``quant`` asks (``tensor_quants``)."""
+    own = {key: source_quants[prefix + key] for key in shapes if prefix + key in source_quants}
+    out = tensor_quants({k: s for k, s in shapes.items() if k not in own}, quant, device_type)
+    for key, (scheme, group) in own.items():
+        out[key] = TensorQuant(scheme, group, choose_pack(scheme, tuple(shapes[key]), device_type, group))
+    return out
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -185,6 +218,8 @@ def _entry_to_json(t: TensorEntry) -> dict[str, Any]:
     raw: dict[str, Any] = {"dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes}
     if t.quant is not None:
         raw["quant"] = t.quant.to_json()
+    if t.source_type is not None:
+        raw["gguf_type"] = t.source_type
     return raw
 
 
@@ -192,7 +227,8 @@ def extent_from_json(name: str, raw: dict[str, Any]) -> Extent:
     """Reads the keys it knows and ignores others (manifests from earlier tierkv versions carry an unused
     "scheme": "plain" per extent; they stay readable)."""
     tensors = {k: TensorEntry(t["dtype"], tuple(t["shape"]), int(t["offset"]), int(t["nbytes"]),
-                              TensorQuant.from_json(t["quant"]) if t.get("quant") else None)
+                              TensorQuant.from_json(t["quant"]) if t.get("quant") else None,
+                              str(t["gguf_type"]) if t.get("gguf_type") else None)
                for k, t in raw["tensors"].items()}
     return Extent(name, int(raw["offset"]), int(raw["nbytes"]), int(raw["padded_nbytes"]), tensors,
                   tuple(int(c) for c in raw["crc32"]))
@@ -246,6 +282,8 @@ class WeightStore:
     quant: WeightQuant | None = None   # the weight quantization it was converted with (None: 16-bit)
     pack_device: str = ""       # what its packs are made for (``pack_device``: "cpu:AVX512", "gpu"; "" in
                                 # 16-bit stores, which have no packs)
+    notes: tuple[str, ...] = () # what the conversion changed that a user should hear (a GGUF file's weights
+                                # dequantized, types without an int4/int8 form), shown in the CLI's summary
 
     @classmethod
     def open(cls, store_dir: str | Path) -> "WeightStore":
@@ -276,11 +314,12 @@ class WeightStore:
             block = int(raw["crc_block_bytes"])
             quant = WeightQuant.from_json(raw.get("weight_quant"))
             packs = str(raw.get("pack_device") or "")
+            notes = tuple(str(n) for n in raw.get("notes") or ())
         except (KeyError, TypeError, ValueError, AttributeError, ConfigError, TierkvError) as exc:
             raise StoreError(f"{store_dir / MANIFEST_FILE} is damaged ({exc!r}); "
                              f"{repair_hint(store_dir, source)}") from None
         store = cls(store_dir, data_path, dtype, config, extents, block, str(raw.get("source_key", "")), source,
-                    quant, packs)
+                    quant, packs, notes)
         store._check_files()
         damaged = read_damage(store_dir)
         if damaged:
@@ -530,6 +569,6 @@ def existing_manifest(out: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 __all__ = ["CRC_BLOCK_BYTES", "DATA_FILE", "DAMAGE_FILE", "Extent", "FORMAT_VERSION", "MANIFEST_FILE", "StoreError",
            "TensorEntry", "WeightStore", "block_crcs", "existing_manifest", "extent_from_json", "extent_to_json",
-           "fsync_dir", "is_store_dir", "layer_extent_name", "pack_device",
+           "fsync_dir", "is_store_dir", "layer_extent_name", "layout_prepared_bytes", "pack_device",
            "layout_digest", "mark_damaged", "plan_layout", "read_damage",
            "repair_hint", "tensors_from_buffer", "write_json_atomic"]

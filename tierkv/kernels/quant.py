@@ -48,12 +48,12 @@ import torch.nn.functional as F
 from tierkv.errors import ArgumentError
 from tierkv.kernels import quant_cpu
 from tierkv.kernels._select import cdiv, jit, pick_backend, tl
-from tierkv.kernels.quant_reference import dequantize_weight_plain, quant_linear_ref, quantize_weight_plain, \
-    weight_codes_plain
+from tierkv.kernels.quant_reference import dequantize_weight_plain, pack_nibbles, quant_linear_ref, \
+    quantize_weight_codes
 from tierkv.quantspec import CHANNEL, QuantWeight, TensorQuant, WeightQuant, check_divides, group_len
 
-__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_weight", "linear_path", "prepare", "prepare_layer",
-           "quant_linear", "quant_matmul_fwd", "quantize_weight"]
+__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_weight", "linear_path", "pack_weight", "prepare",
+           "prepare_layer", "quant_linear", "quant_matmul_fwd", "quantize_weight"]
 
 # Batches of at least this many rows take dequantize-then-cuBLAS instead of the fused Triton
 # matmul (prefill; decode is M = 1). UNMEASURED until a GPU run: scripts/bench_quant_kernels.py
@@ -195,25 +195,55 @@ def dequantize_fwd(data: torch.Tensor, qparams: torch.Tensor, bits: int, group_s
 def quantize_weight(w: torch.Tensor, tq: TensorQuant) -> tuple[torch.Tensor, torch.Tensor]:
     """w (N, K) float -> (data, qparams), the stored tensors of ``tq`` (``TensorQuant.stored``).
 
-    plain: ``quant_reference.quantize_weight_plain``. cpu_int4: the same codes in the tinygemm
-    layout of this process (``quant_cpu.cpu_layout()``): int4 (N, K/2), int8 (2, N, K/2) as the
-    hi and lo nibble planes. cpu_int8: (N, K), the bits of q - 128. qparams (G, N, 2) float16
-    [scale, minimum] for all (G = 1 per channel).
+    The codes and qparams of ``quant_reference.quantize_weight_codes`` (G = 1 per channel), packed
+    by ``pack_weight``.
     """
     if w.dim() != 2 or not w.is_floating_point():
         raise ArgumentError(f"quantize_weight takes a 2-D float (N, K) weight, got {w.dtype} {tuple(w.shape)}")
     check_divides("weight", tuple(w.shape), WeightQuant(tq.scheme, tq.group_size))
     on_cpu = tq.pack in _CPU_PACKS
-    data, qparams = quantize_weight_plain(w.detach().cpu() if on_cpu else w, tq.bits, group_len(tq.group_size, w.shape[1]))
+    codes, qparams = quantize_weight_codes(w.detach().cpu() if on_cpu else w, tq.bits,
+                                           group_len(tq.group_size, w.shape[1]))
+    return pack_weight(codes, qparams, tq)
+
+
+def pack_weight(codes: torch.Tensor, qparams: torch.Tensor, tq: TensorQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ready codes (N, K) uint8 < 2**bits and qparams (G, N, 2) float16 [scale, minimum] -> (data, qparams),
+    the stored tensors of ``tq`` (``TensorQuant.stored``), for codes that did not come from ``quantize_weight``
+    (a GGUF file's blocks, ``tierkv.io.gguf_blocks``).
+
+    plain: int4 two codes per byte (low nibble = even k), int8 the codes. cpu_int4: the tinygemm
+    layout of this process (``quant_cpu.cpu_layout()``): int4 (N, K/2), int8 (2, N, K/2) as the hi
+    and lo nibble planes. cpu_int8: (N, K), the bits of q - 128. The CPU packs are built on the CPU.
+    """
+    _check_codes(codes, qparams, tq)
+    if tq.pack in _CPU_PACKS:
+        codes, qparams = codes.cpu(), qparams.cpu()
     if tq.pack == "cpu_int8":
-        data = quant_cpu.int8_channel_codes(data)
+        data = quant_cpu.int8_channel_codes(codes)
     elif tq.pack == "cpu_int4":
-        codes = weight_codes_plain(data, tq.bits, w.shape[1])                  # (N, K) uint8
         data = quant_cpu.pack_codes(codes) if tq.bits == 4 else \
             torch.stack((quant_cpu.pack_codes(codes >> 4), quant_cpu.pack_codes(codes & 0x0F)))
-    want = tq.stored(tuple(w.shape))
+    else:
+        data = pack_nibbles(codes) if tq.bits == 4 else codes
+    want = tq.stored(tuple(codes.shape))
     assert (str(data.dtype).removeprefix("torch."), tuple(data.shape)) == want[""], (data.dtype, data.shape, want)
     return data, qparams
+
+
+def _check_codes(codes: torch.Tensor, qparams: torch.Tensor, tq: TensorQuant) -> None:
+    """ArgumentError unless codes (N, K) uint8 < 2**bits and qparams (G, N, 2) float16 fit ``tq``."""
+    if codes.dim() != 2 or codes.dtype != torch.uint8:
+        raise ArgumentError(f"pack_weight takes (N, K) uint8 codes, got {codes.dtype} {tuple(codes.shape)}")
+    n, k = codes.shape
+    check_divides("weight", (n, k), WeightQuant(tq.scheme, tq.group_size))
+    want = (k // group_len(tq.group_size, k), n, 2)
+    if tuple(qparams.shape) != want or qparams.dtype != torch.float16:
+        raise ArgumentError(f"qparams of a ({n}, {k}) {tq.scheme} weight in groups of {group_len(tq.group_size, k)} "
+                            f"must be {want} float16 [scale, minimum], got {qparams.dtype} {tuple(qparams.shape)}")
+    if tq.bits < 8 and codes.numel() and int(codes.max()) >= 1 << tq.bits:
+        raise ArgumentError(f"{tq.scheme} codes must be below {1 << tq.bits}, got {int(codes.max())}: "
+                            "pack them as int8, or quantize again")
 
 
 def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.float32, backend: str | None = None) -> torch.Tensor:

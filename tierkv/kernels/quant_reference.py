@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["asym_quantize", "asym_dequantize", "pack_nibbles", "unpack_nibbles",
-           "quantize_weight_plain", "weight_codes_plain", "dequantize_weight_plain", "quant_linear_ref"]
+           "quantize_weight_codes", "quantize_weight_plain", "weight_codes_plain", "dequantize_weight_plain", "quant_linear_ref"]
 
 
 def asym_quantize(x: torch.Tensor, bits: int, dim: int,
@@ -58,18 +58,22 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+def quantize_weight_codes(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> (codes (N, K) uint8 in [0, 2**bits-1], qparams (G, N, 2) float16 [scale, minimum])."""
+    n, k = w.shape
+    assert k % group_size == 0, (w.shape, group_size)
+    q, scale, minimum = asym_quantize(w.reshape(n, k // group_size, group_size), bits, dim=-1)
+    qparams = torch.stack((scale[..., 0], minimum[..., 0]), dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
+    return q.reshape(n, k), qparams
+
+
 def quantize_weight_plain(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w (N, K) float -> (data, qparams) in the ``plain`` pack.
 
     data: int4 (N, K/2) uint8 nibbles, int8 (N, K) uint8; qparams (G, N, 2) float16 [scale, minimum].
     """
-    n, k = w.shape
-    assert k % group_size == 0, (w.shape, group_size)
-    q, scale, minimum = asym_quantize(w.reshape(n, k // group_size, group_size), bits, dim=-1)
-    q = q.reshape(n, k)
-    data = pack_nibbles(q) if bits == 4 else q
-    qparams = torch.stack((scale[..., 0], minimum[..., 0]), dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
-    return data, qparams
+    q, qparams = quantize_weight_codes(w, bits, group_size)
+    return (pack_nibbles(q) if bits == 4 else q), qparams
 
 
 def weight_codes_plain(data: torch.Tensor, bits: int, k: int) -> torch.Tensor:
