@@ -160,7 +160,8 @@ def test_q6_k_is_tierkv_int8_of_the_exact_values():
     span = groups.max(-1, keepdims=True) - groups.min(-1, keepdims=True)
     err = np.abs(groups_to_weights(codes, qparams).reshape(groups.shape) - groups)
     # half a step of 1/255 of the range, the steps and minimum rounded to fp16
-    assert (err <= span / 510 * (1 + 2.0 ** -10) + _ulp16(span / 255) * 128 + _ulp16(groups.min(-1, keepdims=True))).all()
+    bound = span / 510 * (1 + 2.0 ** -10) + _ulp16(span / 255) * 128 + _ulp16(groups.min(-1, keepdims=True))
+    assert (err <= bound).all()
     assert conversion_error("Q6_K", raw, k).max_rel_group < 1 / 400
 
 
