@@ -73,7 +73,8 @@ def from_files(paths: list[str], acc: dict[str, dict[str, float]]) -> None:
                 continue
             k = int(t.shape[0])
             raw = np.asarray(t.data).reshape(int(t.shape[1]), -1)
-            _merge(acc, f"{name} ({Path(path).name.split('-')[0]})", _errors(name, raw, k, dequantize(raw, t.tensor_type)))
+            errors = _errors(name, raw, k, dequantize(raw, t.tensor_type))
+            _merge(acc, f"{name} ({Path(path).name.split('-')[0]})", errors)
 
 
 def random_blocks(acc: dict[str, dict[str, float]], n: int = 256, k: int = 2048) -> None:

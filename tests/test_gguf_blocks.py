@@ -160,7 +160,8 @@ def test_q6_k_is_tierkv_int8_of_the_exact_values():
     span = groups.max(-1, keepdims=True) - groups.min(-1, keepdims=True)
     err = np.abs(groups_to_weights(codes, qparams).reshape(groups.shape) - groups)
     # half a step of 1/255 of the range, the steps and minimum rounded to fp16
-    assert (err <= span / 510 * (1 + 2.0 ** -10) + _ulp16(span / 255) * 128 + _ulp16(groups.min(-1, keepdims=True))).all()
+    bound = span / 510 * (1 + 2.0 ** -10) + _ulp16(span / 255) * 128 + _ulp16(groups.min(-1, keepdims=True))
+    assert (err <= bound).all()
     assert conversion_error("Q6_K", raw, k).max_rel_group < 1 / 400
 
 
@@ -221,21 +222,42 @@ def test_scales_that_fp16_cannot_hold_are_refused(name, value):
         blocks_to_groups(name, raw.reshape(3, -1), k)
 
 
-def test_tensors_read_back_from_a_gguf_file(tmp_path):
-    """The reader's (N, row_bytes) memmap and its GGMLQuantizationType go in as they come."""
-    n, k = 48, 512
-    blocks = {"Q4_0": _gaussian_blocks("Q4_0", n, k, seed=4), "Q4_K": _random_blocks("Q4_K", n, k, seed=4),
-              "Q6_K": _random_blocks("Q6_K", n, k, seed=4)}
-    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+def _write_gguf(path, blocks: dict[str, np.ndarray]) -> None:
+    writer = gguf.GGUFWriter(str(path), "llama")
     for name, raw in blocks.items():
         writer.add_tensor(f"w.{name}", raw, raw_dtype=T[name])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def test_tensors_read_back_from_a_gguf_file(tmp_path):
+    """The reader's (N, row_bytes) memmap and its GGMLQuantizationType go in as they come."""
+    n, k = 48, 512
+    blocks = {"Q4_0": _gaussian_blocks("Q4_0", n, k, seed=4), "Q4_K": _random_blocks("Q4_K", n, k, seed=4),
+              "Q6_K": _random_blocks("Q6_K", n, k, seed=4)}
+    _write_gguf(tmp_path / "t.gguf", blocks)
     for t in gguf.GGUFReader(str(tmp_path / "t.gguf")).tensors:
         assert [int(x) for x in t.shape] == [k, n] and t.data.shape == blocks[t.tensor_type.name].shape
         codes, qparams = blocks_to_groups(t.tensor_type, t.data, int(t.shape[0]))
         want = blocks_to_groups(t.tensor_type.name, blocks[t.tensor_type.name], k)
         np.testing.assert_array_equal(codes, want[0])
         np.testing.assert_array_equal(qparams, want[1])
+
+
+def test_eval_script_measures_a_file(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "eval_gguf_blocks", Path(__file__).resolve().parents[1] / "scripts" / "eval_gguf_blocks.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    n, k = 32, 256
+    _write_gguf(tmp_path / "m-Q.gguf", {"Q4_0": _gaussian_blocks("Q4_0", n, k, seed=8),
+                                        "Q4_K": _random_blocks("Q4_K", n, k, seed=8)})
+    acc: dict = {}
+    script.from_files([str(tmp_path / "m-Q.gguf")], acc)
+    q40, q4k = acc["Q4_0 (m)"], acc["Q4_K (m)"]
+    assert (q40["max_abs"], q40["exact"], q40["n"]) == (0.0, 1.0, n * k) and q40["via16_rel_range"] > 0.01
+    assert 0 < q4k["rel_range"] < 1e-3 < q4k["via16_rel_range"] and q4k["exact"] < 1

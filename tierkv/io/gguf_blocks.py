@@ -21,10 +21,10 @@ Per type (d, dmin: the block's fp16 scales; arithmetic of both sides in fp32):
   scale is rounded to fp16 and the minimum absorbs the scale's rounding at the middle code
   (``minimum = fp16(-dmin*m + c*(d*sc - scale))``, c = 7.5 / 15.5; this halves the error of
   rounding both on their own): per weight the error is at most ``|q - c| * |scale - d*sc|`` plus
-  half an fp16 step of the minimum, i.e. about one fp16 step of the group's largest |weight|
-  (measured on llama.cpp-made files: <= 1.44 steps, <= 5.1e-4 of the group's range), below the
-  bf16 rounding (4 fp16 steps) of the weights themselves. Scales below fp16's normal range (6.1e-5)
-  lose relative precision (fp16 subnormals).
+  half an fp16 step of the minimum, i.e. at most about two fp16 steps of the group's largest
+  |weight| (measured on llama.cpp-made files: <= 1.94 steps, <= 5.7e-4 of the group's range),
+  below the bf16 rounding (up to 4 fp16 steps) of those largest weights themselves. Scales below
+  fp16's normal range (6.1e-5) lose relative precision (fp16 subnormals).
 - Q6_K ``d*s_j*(q-32)`` with a signed 8-bit s_j per 16 values: one 32-group holds two scales, which
   one fp16 scale cannot hold exactly (d*s_j has up to 18 significant bits and s_a/s_b is arbitrary),
   so each 32 is re-quantized from its exact fp32 values by tierkv's int8 rule (the same codes as

@@ -52,8 +52,8 @@ from tierkv.kernels.quant_reference import dequantize_weight_plain, pack_nibbles
     quantize_weight_codes
 from tierkv.quantspec import CHANNEL, QuantWeight, TensorQuant, WeightQuant, check_divides, group_len
 
-__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_weight", "linear_path", "pack_weight", "prepare",
-           "prepare_layer", "quant_linear", "quant_matmul_fwd", "quantize_weight"]
+__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_weight", "linear_path", "pack_weight",
+           "prepare", "prepare_layer", "quant_linear", "quant_matmul_fwd", "quantize_weight"]
 
 # Batches of at least this many rows take dequantize-then-cuBLAS instead of the fused Triton
 # matmul (prefill; decode is M = 1). UNMEASURED until a GPU run: scripts/bench_quant_kernels.py
