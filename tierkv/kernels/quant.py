@@ -32,7 +32,20 @@ one (scale, minimum) through a stride-0 view of qparams (K divisible by none: th
   which rebuilds the weight every call (correct, slow: CPU stores should hold cpu_int4 packs).
 
 The ``TIERKV_KERNELS`` override (and ``backend=``) chooses between Triton and the reference for
-the ``plain`` pack only; the CPU packs have one implementation each, PyTorch's ops.
+the ``plain`` pack only; the CPU packs have one weight-only implementation each, PyTorch's ops.
+
+Resident layers (``prepare_layer``, for weights placed to stay):
+
+- ``TIERKV_CPU_QLINEAR=dynamic_int8`` (``_select.pick_cpu_qlinear``; default ``weight_only``):
+  cpu_int8 weights become ``DynamicInt8Linear``, x rounded to 8 bits per call and an int8 GEMM
+  (``quant_cpu.int8_dynamic_mm``), path "cpu_dynamic" for M < ``DYNAMIC_MAX_M``; larger M (prefill)
+  runs each stored part as above ("cpu_dequant"), so prefill numerics stay weight-only. It costs the
+  engine's packed copy of each weight (N*K bytes) beside the stored one.
+- ``TIERKV_FUSE_LINEARS=1`` (default; ``_select.fuse_linears``): q/k/v and gate/up as one linear
+  each (``FUSED_LINEARS``) where that costs no copy: 16-bit weights that lie back to back in the
+  layer's buffer (the store writes them so) become one strided view; ``dynamic_int8`` groups are
+  packed together. Weight-only quantized packs stay separate (their data and qparams interleave in
+  the buffer: fusing them would copy the weights). The unfused entries stay in the dict.
 
 Shapes: x (..., K) with any leading dims, M = their product; weight (N, K) in groups of
 ``group_size`` along K, G = K / group_size; qparams (G, N, 2) float16 [scale, minimum].
@@ -40,6 +53,7 @@ Shapes: x (..., K) with any leading dims, M = their product; weight (N, K) in gr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,13 +61,14 @@ import torch.nn.functional as F
 
 from tierkv.errors import ArgumentError
 from tierkv.kernels import quant_cpu
-from tierkv.kernels._select import cdiv, jit, pick_backend, tl
+from tierkv.kernels._select import cdiv, fuse_linears, jit, pick_backend, pick_cpu_qlinear, tl
 from tierkv.kernels.quant_reference import dequantize_weight_plain, quant_linear_ref, quantize_weight_plain, \
     weight_codes_plain
 from tierkv.quantspec import CHANNEL, QuantWeight, TensorQuant, WeightQuant, check_divides, group_len
 
-__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_weight", "linear_path", "prepare", "prepare_layer",
-           "quant_linear", "quant_matmul_fwd", "quantize_weight"]
+__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "DYNAMIC_MAX_M", "FUSED_LINEARS", "DynamicInt8Linear", "dequantize_fwd",
+           "dequantize_weight", "linear_path", "prepare", "prepare_layer", "quant_linear", "quant_matmul_fwd",
+           "quantize_weight"]
 
 # Batches of at least this many rows take dequantize-then-cuBLAS instead of the fused Triton
 # matmul (prefill; decode is M = 1). UNMEASURED until a GPU run: scripts/bench_quant_kernels.py
@@ -70,6 +85,12 @@ _DTYPES = quant_cpu.OP_DTYPES
 _TILE_GROUPS = (128, 64, 32)  # Triton K steps for a per-channel plain weight (powers of two)
 _CPU_PACKS = ("cpu_int4", "cpu_int8")
 _DEQUANT_ROWS = 256           # rows per step of the CPU dequantize (fp32 scratch of 256 x K: ~2 MB at K = 2048)
+# DynamicInt8Linear: batches below this many rows round x to 8 bits (per tensor: one scale over the
+# rows, so a long prefill would share one); larger ones run the weight-only path of each part.
+DYNAMIC_MAX_M = 32
+# fused linear -> the layer linears it concatenates along N, in output order (keys without ".weight")
+FUSED_LINEARS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,17 +299,106 @@ def prepare(qw: QuantWeight, dtype: torch.dtype) -> QuantWeight:
                                                                           qw.quant.pack))
 
 
-def prepare_layer(tensors: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """A layer's (or the globals') weight dict with every ``QuantWeight`` ``prepare``d for ``dtype``, in place."""
+def prepare_layer(tensors: dict[str, Any], dtype: torch.dtype, qlinear: str | None = None,
+                  fuse: bool | None = None) -> dict[str, Any]:
+    """A layer's (or the globals') weight dict made ready to stay, in place: every ``QuantWeight``
+    ``prepare``d for ``dtype``; with ``fuse`` (default ``$TIERKV_FUSE_LINEARS``, on) the ``FUSED_LINEARS``
+    added where no copy is needed; with ``qlinear`` "dynamic_int8" (default ``$TIERKV_CPU_QLINEAR``)
+    cpu_int8 weights on the CPU as ``DynamicInt8Linear`` (fused groups packed together)."""
+    dynamic = pick_cpu_qlinear(qlinear) == "dynamic_int8" and quant_cpu.dynamic_int8_engine() is not None
     for key, value in tensors.items():
         if isinstance(value, QuantWeight):
             tensors[key] = prepare(value, dtype)
+    if fuse_linears(fuse):
+        for fused, parts in FUSED_LINEARS.items():
+            _fuse_group(tensors, fused, parts, dynamic)
+    if dynamic:                          # the rest one by one (a fused group's parts stay its exact path)
+        grouped = {f"{p}.weight" for fused, parts in FUSED_LINEARS.items()
+                   if isinstance(tensors.get(f"{fused}.weight"), DynamicInt8Linear) for p in parts}
+        for key, value in tensors.items():
+            if key not in grouped and _dynamic_ok(value):
+                tensors[key] = _dynamic_linear((value,))
     return tensors
 
 
-def linear_path(x: torch.Tensor, qw: QuantWeight, backend: str | None = None) -> str:
+@dataclass(frozen=True)
+class DynamicInt8Linear:
+    """cpu_int8 weights (one, or a fused group along N) prepacked for ``quant_cpu.int8_dynamic_mm``.
+
+    ``parts`` are the stored weights in output order (the exact path for large batches);
+    ``center`` (N,) float32 = minimum + 128 * scale of every output row (the rank-1 correction).
+    """
+
+    packed: Any                       # the engine's packed (N, K) int8 weight (its own copy)
+    center: torch.Tensor              # (N,) float32
+    parts: tuple[QuantWeight, ...]
+    reduce_range: bool                # 7-bit activations (the fbgemm engine)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical (N, K), N summed over the parts."""
+        return self.center.numel(), self.parts[0].shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.center.device
+
+
+def _dynamic_ok(value: Any) -> bool:
+    """A cpu_int8 (per channel) weight on the CPU: what ``DynamicInt8Linear`` packs."""
+    return isinstance(value, QuantWeight) and value.quant.pack == "cpu_int8" and value.device.type == "cpu"
+
+
+def _dynamic_linear(parts: tuple[QuantWeight, ...]) -> DynamicInt8Linear:
+    """Pack cpu_int8 ``parts`` (same K) concatenated along N; the temporaries of a group are one copy."""
+    data = parts[0].data if len(parts) == 1 else torch.cat([p.data for p in parts])          # (N, K) uint8
+    qparams = torch.cat([p.qparams[0] for p in parts]).float()                                 # (N, 2)
+    scale, center = qparams[:, 0], qparams[:, 1] + 128.0 * qparams[:, 0]
+    return DynamicInt8Linear(quant_cpu.pack_int8_dynamic(data, scale), center.contiguous(), parts,
+                             quant_cpu.dynamic_int8_engine() == "fbgemm")
+
+
+def _fuse_group(tensors: dict[str, Any], fused: str, parts: tuple[str, ...], dynamic: bool) -> None:
+    """Add ``fused``.weight (and .bias) to ``tensors`` when every part is there and fusing copies nothing
+    (16-bit weights back to back in memory: one view; cpu_int8 parts with ``dynamic``: packed together)."""
+    weights = [tensors.get(f"{p}.weight") for p in parts]
+    biases = [tensors.get(f"{p}.bias") for p in parts]
+    if any(w is None for w in weights) or (any(b is None for b in biases) and not all(b is None for b in biases)):
+        return
+    if dynamic and all(_dynamic_ok(w) for w in weights) and len({w.shape[1] for w in weights}) == 1:
+        tensors[f"{fused}.weight"] = _dynamic_linear(tuple(weights))
+    elif all(isinstance(w, torch.Tensor) for w in weights):
+        view = _adjacent_rows(weights)
+        if view is None:
+            return
+        tensors[f"{fused}.weight"] = view
+    else:
+        return
+    if biases[0] is not None:
+        tensors[f"{fused}.bias"] = torch.cat(biases)
+
+
+def _adjacent_rows(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """One (sum N, K) view over contiguous (N_i, K) tensors of one dtype that follow each other in memory,
+    else None."""
+    first = weights[0]
+    k = first.shape[1]
+    end = first.data_ptr()
+    for w in weights:
+        if w.dim() != 2 or w.shape[1] != k or w.dtype != first.dtype or not w.is_contiguous() or \
+                w.device != first.device or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or \
+                w.data_ptr() != end:
+            return None
+        end += w.numel() * w.element_size()
+    rows = sum(w.shape[0] for w in weights)
+    return first.as_strided((rows, k), (k, 1), first.storage_offset())
+
+
+def linear_path(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear, backend: str | None = None) -> str:
     """Which implementation ``quant_linear(x, qw, backend=backend)`` runs (listed in the module docstring)."""
     m = x.numel() // max(1, x.shape[-1])
+    if isinstance(qw, DynamicInt8Linear):
+        return "cpu_dynamic" if m < DYNAMIC_MAX_M else "cpu_dequant"
     if qw.quant.pack in _CPU_PACKS:
         return "cpu_dequant" if m >= CPU_DEQUANT_MIN_M.get(x.dtype, 1) else "cpu_fused"
     if _triton_groups(qw) is None or \
@@ -297,12 +407,12 @@ def linear_path(x: torch.Tensor, qw: QuantWeight, backend: str | None = None) ->
     return "triton_dequant" if m >= DEQUANT_MIN_M else "triton_fused"
 
 
-def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None,
+def quant_linear(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear, bias: torch.Tensor | None = None,
                  backend: str | None = None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for a quantized (N, K) weight, without a 16-bit copy of W where it can.
 
     x:       (..., K) float32, bfloat16 or float16, any leading dims (M = their product, 0 included).
-    qw:      the stored weight (``quantspec.QuantWeight``), on x's device.
+    qw:      the stored weight (``quantspec.QuantWeight``), on x's device, or a ``DynamicInt8Linear``.
     bias:    optional (N,), cast to x's dtype.
     backend: "torch" | "triton" | "auto" | None, for the plain pack (see the module docstring).
     Returns (..., N) in x's dtype.
@@ -313,7 +423,11 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = N
     path = linear_path(x2, qw, backend)
     if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
-    if path == "cpu_fused":
+    if isinstance(qw, DynamicInt8Linear):
+        out = quant_cpu.int8_dynamic_mm(x2, qw.packed, qw.center, qw.reduce_range) if path == "cpu_dynamic" else \
+            torch.cat([quant_linear(x2, part) for part in qw.parts], dim=-1)
+        out = out if bias is None else out.add_(bias)
+    elif path == "cpu_fused":
         out = quant_cpu.cpu_quant_matmul(x2, qw.data, qw.qparams, qw.quant.bits, qw.quant.group_size, qw.quant.pack,
                                          qw.prepared)
         out = out if bias is None else out.add_(bias)
@@ -331,7 +445,8 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = N
     return out.view(*x.shape[:-1], n)
 
 
-def _check_linear_args(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
+def _check_linear_args(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear,
+                       bias: torch.Tensor | None) -> torch.Tensor | None:
     """ArgumentError for inputs a caller got wrong; returns the bias in x's dtype."""
     n, k = qw.shape
     if x.dim() < 1 or x.shape[-1] != k:
@@ -340,8 +455,9 @@ def _check_linear_args(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | No
         raise ArgumentError(f"quantized linear layers take float32, bfloat16 or float16 inputs, got {x.dtype}")
     if x.device != qw.device:
         raise ArgumentError(f"x is on {x.device} but the quantized weight on {qw.device}: move one of them")
-    if qw.quant.pack in _CPU_PACKS and x.device.type != "cpu":
-        raise ArgumentError(f"the {qw.quant.pack} pack computes on the CPU only, not on {x.device}; convert the model "
+    pack = "cpu_int8" if isinstance(qw, DynamicInt8Linear) else qw.quant.pack
+    if pack in _CPU_PACKS and x.device.type != "cpu":
+        raise ArgumentError(f"the {pack} pack computes on the CPU only, not on {x.device}; convert the model "
                             "again for this device (it gets the plain pack)")
     if bias is None:
         return None
