@@ -67,7 +67,7 @@ from tierkv.kernels.quant_reference import dequantize_weight_plain, quant_linear
 from tierkv.quantspec import CHANNEL, QuantWeight, TensorQuant, WeightQuant, check_divides, group_len
 
 __all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "DYNAMIC_MAX_M", "FUSED_LINEARS", "DynamicInt8Linear", "dequantize_fwd",
-           "dequantize_weight", "linear_path", "prepare", "prepare_layer", "quant_linear", "quant_matmul_fwd",
+           "dequantize_weight", "layer_nbytes", "linear_path", "prepare", "prepare_layer", "quant_linear", "quant_matmul_fwd",
            "quantize_weight"]
 
 # Batches of at least this many rows take dequantize-then-cuBLAS instead of the fused Triton
@@ -300,21 +300,25 @@ def prepare(qw: QuantWeight, dtype: torch.dtype) -> QuantWeight:
 
 
 def prepare_layer(tensors: dict[str, Any], dtype: torch.dtype, qlinear: str | None = None,
-                  fuse: bool | None = None) -> dict[str, Any]:
+                  fuse: bool | None = None, owned: bool = False) -> dict[str, Any]:
     """A layer's (or the globals') weight dict made ready to stay, in place: every ``QuantWeight``
     ``prepare``d for ``dtype``; with ``fuse`` (default ``$TIERKV_FUSE_LINEARS``, on) the ``FUSED_LINEARS``
-    added where no copy is needed; with ``qlinear`` "dynamic_int8" (default ``$TIERKV_CPU_QLINEAR``)
-    cpu_int8 weights on the CPU as ``DynamicInt8Linear`` (fused groups packed together)."""
+    added where no second copy results; with ``qlinear`` "dynamic_int8" (default ``$TIERKV_CPU_QLINEAR``)
+    cpu_int8 weights on the CPU as ``DynamicInt8Linear`` (fused groups packed together).
+
+    owned: the dict's tensors are its own allocations (not views of a store buffer), so a fused weight
+    may be a new tensor whose row slices replace its parts (one copy in the end, any pack).
+    """
     dynamic = pick_cpu_qlinear(qlinear) == "dynamic_int8" and quant_cpu.dynamic_int8_engine() is not None
-    for key, value in tensors.items():
-        if isinstance(value, QuantWeight):
-            tensors[key] = prepare(value, dtype)
     if fuse_linears(fuse):
         for fused, parts in FUSED_LINEARS.items():
-            _fuse_group(tensors, fused, parts, dynamic)
-    if dynamic:                          # the rest one by one (a fused group's parts stay its exact path)
-        grouped = {f"{p}.weight" for fused, parts in FUSED_LINEARS.items()
-                   if isinstance(tensors.get(f"{fused}.weight"), DynamicInt8Linear) for p in parts}
+            _fuse_group(tensors, fused, parts, dynamic, owned)
+    grouped = {f"{p}.weight" for fused, parts in FUSED_LINEARS.items() if f"{fused}.weight" in tensors
+               for p in parts}
+    for key, value in tensors.items():
+        if isinstance(value, QuantWeight) and key not in grouped:     # a fused group's parts: per call if used
+            tensors[key] = prepare(value, dtype)
+    if dynamic:
         for key, value in tensors.items():
             if key not in grouped and _dynamic_ok(value):
                 tensors[key] = _dynamic_linear((value,))
@@ -343,6 +347,26 @@ class DynamicInt8Linear:
     def device(self) -> torch.device:
         return self.center.device
 
+    @property
+    def extra_nbytes(self) -> int:
+        """Bytes it holds beside its stored parts: the engine's int8 copy (N*K, padding not seen) and center."""
+        n, k = self.shape
+        return n * k + self.center.numel() * self.center.element_size()
+
+
+def layer_nbytes(tensors: dict[str, Any]) -> int:
+    """Bytes of a ``prepare_layer``d dict, each weight once: a fused 16-bit or weight-only entry shares its
+    parts' memory (not counted again); a ``DynamicInt8Linear`` adds its ``extra_nbytes`` (and its parts
+    when they are no longer in the dict). Prepared op parameters are not counted (``QuantWeight.nbytes``)."""
+    total = 0
+    for key, value in tensors.items():
+        fused = key.endswith(".weight") and key.removesuffix(".weight") in FUSED_LINEARS
+        if isinstance(value, DynamicInt8Linear):
+            total += value.extra_nbytes + (0 if fused else sum(p.nbytes for p in value.parts))
+        elif not fused:
+            total += value.nbytes
+    return total
+
 
 def _dynamic_ok(value: Any) -> bool:
     """A cpu_int8 (per channel) weight on the CPU: what ``DynamicInt8Linear`` packs."""
@@ -358,10 +382,12 @@ def _dynamic_linear(parts: tuple[QuantWeight, ...]) -> DynamicInt8Linear:
                              quant_cpu.dynamic_int8_engine() == "fbgemm")
 
 
-def _fuse_group(tensors: dict[str, Any], fused: str, parts: tuple[str, ...], dynamic: bool) -> None:
-    """Add ``fused``.weight (and .bias) to ``tensors`` when every part is there and fusing copies nothing
-    (16-bit weights back to back in memory: one view; cpu_int8 parts with ``dynamic``: packed together)."""
-    weights = [tensors.get(f"{p}.weight") for p in parts]
+def _fuse_group(tensors: dict[str, Any], fused: str, parts: tuple[str, ...], dynamic: bool, owned: bool) -> None:
+    """Add ``fused``.weight (and .bias) to ``tensors`` when every part is there and fusing leaves one copy:
+    16-bit weights back to back in memory (a view); cpu_int8 parts with ``dynamic`` (packed together);
+    with ``owned``, any parts of one kind (concatenated; the parts become row slices of it)."""
+    keys = [f"{p}.weight" for p in parts]
+    weights = [tensors.get(key) for key in keys]
     biases = [tensors.get(f"{p}.bias") for p in parts]
     if any(w is None for w in weights) or (any(b is None for b in biases) and not all(b is None for b in biases)):
         return
@@ -369,13 +395,51 @@ def _fuse_group(tensors: dict[str, Any], fused: str, parts: tuple[str, ...], dyn
         tensors[f"{fused}.weight"] = _dynamic_linear(tuple(weights))
     elif all(isinstance(w, torch.Tensor) for w in weights):
         view = _adjacent_rows(weights)
+        if view is None and owned and _same_kind(weights):
+            view = torch.cat(weights)                                           # (sum N, K)
+            rows = [0] + [w.shape[0] for w in weights]
+            for i, key in enumerate(keys):
+                tensors[key] = view[sum(rows[: i + 1]): sum(rows[: i + 2])]
         if view is None:
             return
         tensors[f"{fused}.weight"] = view
+    elif owned and all(isinstance(w, QuantWeight) for w in weights) and _quant_concatenates(weights):
+        tensors[f"{fused}.weight"], slices = _cat_quant(weights)
+        tensors.update(zip(keys, slices))
     else:
         return
     if biases[0] is not None:
         tensors[f"{fused}.bias"] = torch.cat(biases)
+
+
+def _same_kind(weights: list[torch.Tensor]) -> bool:
+    first = weights[0]
+    return all(w.dim() == 2 and w.shape[1] == first.shape[1] and w.dtype == first.dtype and w.device == first.device
+               for w in weights)
+
+
+def _quant_concatenates(weights: list[QuantWeight]) -> bool:
+    """Same scheme, pack, K and device, and (cpu_int4) a layout in which packed planes concatenate."""
+    first = weights[0]
+    if any(w.quant != first.quant or w.shape[1] != first.shape[1] or w.device != first.device for w in weights):
+        return False
+    return first.quant.pack != "cpu_int4" or quant_cpu.rows_concatenate([w.shape[0] for w in weights])
+
+
+def _cat_quant(weights: list[QuantWeight]) -> tuple[QuantWeight, list[QuantWeight]]:
+    """Quantized (N_i, K) weights -> the (sum N, K) one (data and qparams concatenated along N) and each
+    part as row slices of it (prepared: none, derived per call if ever used alone)."""
+    n_dim = 1 if weights[0].data.dim() == 3 else 0                          # cpu_int4 int8: (2, N, K/2) planes
+    data = torch.cat([w.data for w in weights], dim=n_dim)
+    qparams = torch.cat([w.qparams for w in weights], dim=1)                  # (G, sum N, 2)
+    fused = QuantWeight(data, qparams, weights[0].quant)
+    slices, start = [], 0
+    for w in weights:
+        n = w.shape[0]
+        part = data.narrow(n_dim, start, n)
+        slices.append(QuantWeight(part, qparams[:, start:start + n], w.quant))
+        start += n
+    return fused, slices
 
 
 def _adjacent_rows(weights: list[torch.Tensor]) -> torch.Tensor | None:

@@ -71,7 +71,7 @@ from tierkv.quantspec import CPU_INT8_K_MULTIPLE, CPU_PACK_ROWS
 
 __all__ = ["OP_GROUP_SIZES", "OP_DTYPES", "check_op_args", "cpu_layout", "pack_codes", "scales_and_zeros",
            "int4pack_mm", "int8_channel_codes", "int8_channel_mm", "cpu_quant_matmul", "op_params", "unpack_codes",
-           "dynamic_int8_engine", "pack_int8_dynamic", "int8_dynamic_mm"]
+           "dynamic_int8_engine", "pack_int8_dynamic", "int8_dynamic_mm", "rows_concatenate"]
 
 OP_GROUP_SIZES = (32, 64, 128, 256)
 OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -184,6 +184,13 @@ def cpu_quant_matmul(x2: torch.Tensor, data: torch.Tensor, qparams: torch.Tensor
         return int4pack_mm(x2, data, group_size, params[0])
     assert bits == 8 and data.dim() == 3 and data.shape[0] == 2, (bits, tuple(data.shape))
     return int4pack_mm(x2, data[0], group_size, params[0]).add_(int4pack_mm(x2, data[1], group_size, params[1]))
+
+
+def rows_concatenate(rows: list[int]) -> bool:
+    """Whether cpu_int4 planes of these row counts, packed one by one, concatenated along N are the packing
+    of the concatenated codes in this process's layout (every part but the last a whole number of blocks)."""
+    block = _BLOCK_N.get(cpu_layout())
+    return block is not None and all(n % block == 0 for n in rows[:-1])
 
 
 def unpack_codes(packed: torch.Tensor, n: int, k: int, layout: str | None = None) -> torch.Tensor:
