@@ -17,8 +17,8 @@ import tierkv
 from tierkv.errors import ArgumentError
 from tierkv.kernels import quant_cpu
 from tierkv.kernels._select import CPU_QLINEAR_VAR, FUSE_VAR, fuse_linears, pick_cpu_qlinear
-from tierkv.kernels.quant import DYNAMIC_MAX_M, DynamicInt8Linear, linear_path, prepare_layer, quant_linear, \
-    quantize_weight
+from tierkv.kernels.quant import DYNAMIC_MAX_M, DynamicInt8Linear, layer_nbytes, linear_path, prepare_layer, \
+    quant_linear, quantize_weight
 from tierkv.kernels.quant_reference import quant_linear_ref, quantize_weight_plain
 from tierkv.model import mlp
 from tierkv.quantspec import CHANNEL, QuantWeight, TensorQuant
@@ -159,3 +159,40 @@ def test_dynamic_int8_engine_tracks_16bit_and_the_weight_only_path(tiny, monkeyp
     assert float((steps - ref).norm() / ref.norm()) < 0.05
     assert (steps.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.85
     assert sum(a == b for a, b in zip(tokens, exact_tokens)) >= 9
+
+
+@pytest.mark.parametrize("tq", [INT4, TensorQuant("int8", 64, "cpu_int4"), INT8_CHANNEL])
+@pytest.mark.parametrize("rows", [(128, 64, 64), (48, 64)])
+def test_owned_quantized_parts_fuse_into_one_weight_with_the_same_output(tq, rows):
+    """Weights a dict owns (the in-memory resident model): concatenated along N, the parts re-pointed at
+    row slices of the fused weight; its output equals the separate ones' bit for bit. cpu_int4 planes
+    concatenate only in whole blocks of the layout's rows (48 rows before the last part: not fused)."""
+    names = [f"self_attn.{p}_proj.weight" for p in "qkv"][: len(rows)] if len(rows) == 3 else \
+        ["mlp.gate_proj.weight", "mlp.up_proj.weight"]
+    fused_key = "self_attn.qkv_proj.weight" if len(rows) == 3 else "mlp.gate_up_proj.weight"
+    layer = {key: _qw(n, 128, tq, seed=i)[0] for i, (key, n) in enumerate(zip(names, rows))}
+    x = torch.randn(1, 128).bfloat16()
+    separate = torch.cat([quant_linear(x, prepare_layer({"w": w}, torch.bfloat16)["w"]) for w in layer.values()], -1)
+    concatenates = tq.pack != "cpu_int4" or quant_cpu.rows_concatenate(list(rows))
+    before = layer_nbytes(layer)
+    prepare_layer(layer, torch.bfloat16, qlinear="weight_only", fuse=True, owned=True)
+    assert (fused_key in layer) == concatenates
+    if not concatenates:
+        return
+    fused = layer[fused_key]
+    assert fused.shape == (sum(rows), 128) and fused.prepared
+    assert torch.equal(quant_linear(x, fused), separate)
+    for i, key in enumerate(names):                   # the parts alone still compute right (derived per call)
+        start = sum(rows[:i])
+        assert torch.equal(quant_linear(x, layer[key]), separate[:, start:start + rows[i]])
+    assert layer_nbytes(layer) == before, "the fused weight is counted once"
+
+
+def test_owned_16bit_weights_fuse_by_copying_once_and_their_parts_become_slices():
+    layer = _dense_layer(adjacent=False)
+    x = torch.randn(1, 64)
+    separate = mlp(layer, x)
+    prepare_layer(layer, torch.float32, fuse=True, owned=True)
+    fused = layer["mlp.gate_up_proj.weight"]
+    assert layer["mlp.up_proj.weight"].data_ptr() == fused.data_ptr() + 96 * 64 * 4
+    torch.testing.assert_close(mlp(layer, x), separate, rtol=1e-6, atol=1e-6)
