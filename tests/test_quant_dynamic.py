@@ -196,3 +196,22 @@ def test_owned_16bit_weights_fuse_by_copying_once_and_their_parts_become_slices(
     fused = layer["mlp.gate_up_proj.weight"]
     assert layer["mlp.up_proj.weight"].data_ptr() == fused.data_ptr() + 96 * 64 * 4
     torch.testing.assert_close(mlp(layer, x), separate, rtol=1e-6, atol=1e-6)
+
+
+def test_an_owned_dynamic_layer_keeps_only_the_packed_copy_and_large_batches_stay_weight_only():
+    """owned=True (the in-memory resident model): the stored parts leave the dict, the fused or single
+    DynamicInt8Linear holds no parts, and M >= DYNAMIC_MAX_M dequantizes its packed codes: the weight-only
+    path's weight, so the same output to GEMM rounding."""
+    rows = {"self_attn.q_proj.weight": 64, "self_attn.k_proj.weight": 32, "self_attn.v_proj.weight": 32,
+            "self_attn.o_proj.weight": 128}
+    layer = {key: _qw(n, 128, seed=i)[0] for i, (key, n) in enumerate(rows.items())}
+    exact = dict(layer)
+    prepare_layer(layer, torch.bfloat16, qlinear="dynamic_int8", fuse=True, owned=True)
+    assert sorted(layer) == ["self_attn.o_proj.weight", "self_attn.qkv_proj.weight"]
+    qkv, o = layer["self_attn.qkv_proj.weight"], layer["self_attn.o_proj.weight"]
+    assert qkv.parts == () and o.parts == () and qkv.shape == (128, 128)
+    assert layer_nbytes(layer) == qkv.extra_nbytes + o.extra_nbytes
+    x = torch.randn(DYNAMIC_MAX_M + 3, 128).bfloat16()
+    want = torch.cat([quant_linear(x, exact[k]) for k in list(rows)[:3]], dim=-1)
+    torch.testing.assert_close(quant_linear(x, qkv), want, rtol=0, atol=float(want.abs().max()) * 1e-2)
+    torch.testing.assert_close(quant_linear(x, o), quant_linear(x, exact["self_attn.o_proj.weight"]), rtol=0, atol=0)

@@ -113,15 +113,14 @@ def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Ten
     return linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
-def _linears(x: torch.Tensor, w: dict[str, torch.Tensor], fused: str) -> tuple[torch.Tensor, ...]:
-    """The outputs of ``FUSED_LINEARS[fused]``'s linears on x: one call where the layer was prepared
-    with the fused weight (``kernels.quant.prepare_layer``), split along the last dim; else one each."""
-    parts = FUSED_LINEARS[fused]
+def _linears(x: torch.Tensor, w: dict[str, torch.Tensor], fused: str, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """The outputs (..., sizes[i]) of ``FUSED_LINEARS[fused]``'s linears on x: one call where the layer
+    was prepared with the fused weight (``kernels.quant.prepare_layer``), split along the last dim;
+    else one each (the parts)."""
     weight = w.get(f"{fused}.weight")
     if weight is None:
-        return tuple(_linear(x, w, p) for p in parts)
-    out = linear(x, weight, w.get(f"{fused}.bias"))                          # (..., sum N)
-    return out.split([w[f"{p}.weight"].shape[0] for p in parts], dim=-1)
+        return tuple(_linear(x, w, p) for p in FUSED_LINEARS[fused])
+    return linear(x, weight, w.get(f"{fused}.bias")).split(sizes, dim=-1)
 
 
 def attention(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tensor, step: StepInputs,
@@ -129,7 +128,7 @@ def attention(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tensor, ste
     """Self-attention block (without the residual). x (B, T, H) normed -> (B, T, H)."""
     b, t, _ = x.shape
     d = cfg.head_dim
-    q, k, v = _linears(x, w, "self_attn.qkv_proj")
+    q, k, v = _linears(x, w, "self_attn.qkv_proj", [cfg.q_size, cfg.kv_size, cfg.kv_size])
     q = q.view(b, t, cfg.num_heads, d)                                       # (B, T, Hq, D)
     k = k.view(b, t, cfg.num_kv_heads, d)                                    # (B, T, Hkv, D)
     v = v.view(b, t, cfg.num_kv_heads, d)
@@ -145,7 +144,7 @@ def attention(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tensor, ste
 
 def mlp(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """SwiGLU feed-forward. x (B, T, H) -> (B, T, H)."""
-    gate, up = _linears(x, w, "mlp.gate_up_proj")
+    gate, up = _linears(x, w, "mlp.gate_up_proj", [w["mlp.down_proj.weight"].shape[1]] * 2)
     return _linear(F.silu(gate) * up, w, "mlp.down_proj")
 
 

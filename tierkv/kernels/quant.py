@@ -39,15 +39,17 @@ Resident layers (``prepare_layer``, for weights placed to stay):
 - ``TIERKV_CPU_QLINEAR=dynamic_int8`` (``_select.pick_cpu_qlinear``; default ``weight_only``):
   cpu_int8 weights become ``DynamicInt8Linear``, x rounded to 8 bits per call and an int8 GEMM
   (``quant_cpu.int8_dynamic_mm``), path "cpu_dynamic" for M < ``DYNAMIC_MAX_M``; larger M (prefill)
-  runs each stored part as above ("cpu_dequant"), so prefill numerics stay weight-only. It costs the
-  engine's packed copy of each weight (N*K bytes) beside the stored one.
+  runs the weight-only math ("cpu_dequant"), so prefill numerics stay weight-only. The engine's
+  packed copy of each weight (N*K bytes) sits beside the stored one in a store buffer; a dict that
+  owns its tensors (``owned``) drops the stored one, and large batches dequantize the packed codes.
 - ``TIERKV_FUSE_LINEARS=1`` (default; ``_select.fuse_linears``): q/k/v and gate/up as one linear
   each (``FUSED_LINEARS``; ``model.attention``/``model.mlp`` split the output) where that leaves one
   copy: 16-bit weights back to back in a layer's store buffer become one strided view;
   ``dynamic_int8`` groups are packed together; in a dict that owns its tensors (``owned``: the
   in-memory resident model) any pack is concatenated and its parts become row slices of it.
   Weight-only packs in a store buffer stay separate (data and qparams interleave there: fusing
-  would copy the weights). The parts stay in the dict, unprepared (derived per call if used).
+  would copy the weights). The parts stay in the dict, unprepared (derived per call if used),
+  except owned ``dynamic_int8`` groups (dropped: the packed copy is the weight).
   Measured (bench_quant, 2 threads): a few percent at most, the calls' overhead; the op time per
   weight byte is the same at N = 3072 or 11264 as at the separate widths.
 
@@ -325,7 +327,7 @@ def prepare_layer(tensors: dict[str, Any], dtype: torch.dtype, qlinear: str | No
     if dynamic:
         for key, value in tensors.items():
             if key not in grouped and _dynamic_ok(value):
-                tensors[key] = _dynamic_linear((value,))
+                tensors[key] = _dynamic_linear((value,), keep=not owned)
     return tensors
 
 
@@ -333,19 +335,24 @@ def prepare_layer(tensors: dict[str, Any], dtype: torch.dtype, qlinear: str | No
 class DynamicInt8Linear:
     """cpu_int8 weights (one, or a fused group along N) prepacked for ``quant_cpu.int8_dynamic_mm``.
 
-    ``parts`` are the stored weights in output order (the exact path for large batches);
-    ``center`` (N,) float32 = minimum + 128 * scale of every output row (the rank-1 correction).
+    ``center`` (N,) float32 = minimum + 128 * scale of every output row (the rank-1 correction);
+    ``qparams`` (1, N, 2) float16 the parts' own, concatenated. Large batches run the weight-only math:
+    on ``parts``, the stored weights in output order, or, when the layer owned them and they were
+    dropped (``prepare_layer(owned=True)``: the packed copy is then the only one), on the codes
+    unpacked from ``packed``.
     """
 
     packed: Any                       # the engine's packed (N, K) int8 weight (its own copy)
     center: torch.Tensor              # (N,) float32
-    parts: tuple[QuantWeight, ...]
+    qparams: torch.Tensor             # (1, N, 2) float16 [scale, minimum]
+    k: int
+    parts: tuple[QuantWeight, ...]    # or () once dropped
     reduce_range: bool                # 7-bit activations (the fbgemm engine)
 
     @property
     def shape(self) -> tuple[int, int]:
         """The logical (N, K), N summed over the parts."""
-        return self.center.numel(), self.parts[0].shape[1]
+        return self.center.numel(), self.k
 
     @property
     def device(self) -> torch.device:
@@ -353,9 +360,9 @@ class DynamicInt8Linear:
 
     @property
     def extra_nbytes(self) -> int:
-        """Bytes it holds beside its stored parts: the engine's int8 copy (N*K, padding not seen) and center."""
+        """Bytes it holds beside its parts: the engine's int8 copy (N*K, padding not seen), center, qparams."""
         n, k = self.shape
-        return n * k + self.center.numel() * self.center.element_size()
+        return n * k + self.center.numel() * self.center.element_size() + self.qparams.numel() * 2
 
 
 def layer_nbytes(tensors: dict[str, Any]) -> int:
@@ -377,13 +384,22 @@ def _dynamic_ok(value: Any) -> bool:
     return isinstance(value, QuantWeight) and value.quant.pack == "cpu_int8" and value.device.type == "cpu"
 
 
-def _dynamic_linear(parts: tuple[QuantWeight, ...]) -> DynamicInt8Linear:
-    """Pack cpu_int8 ``parts`` (same K) concatenated along N; the temporaries of a group are one copy."""
+def _dynamic_linear(parts: tuple[QuantWeight, ...], keep: bool = True) -> DynamicInt8Linear:
+    """Pack cpu_int8 ``parts`` (same K) concatenated along N (a group's temporaries: one copy); ``keep``:
+    hold the parts for large batches, else the unpacked codes serve them."""
     data = parts[0].data if len(parts) == 1 else torch.cat([p.data for p in parts])          # (N, K) uint8
-    qparams = torch.cat([p.qparams[0] for p in parts]).float()                                 # (N, 2)
-    scale, center = qparams[:, 0], qparams[:, 1] + 128.0 * qparams[:, 0]
-    return DynamicInt8Linear(quant_cpu.pack_int8_dynamic(data, scale), center.contiguous(), parts,
+    qparams = torch.cat([p.qparams for p in parts], dim=1)                                     # (1, N, 2)
+    scale, minimum = qparams[0, :, 0].float(), qparams[0, :, 1].float()
+    return DynamicInt8Linear(quant_cpu.pack_int8_dynamic(data, scale), (minimum + 128.0 * scale).contiguous(),
+                             qparams.contiguous(), data.shape[1], parts if keep else (),
                              quant_cpu.dynamic_int8_engine() == "fbgemm")
+
+
+def _dynamic_dequantized(dyn: DynamicInt8Linear, dtype: torch.dtype) -> torch.Tensor:
+    """(N, K) weight in ``dtype`` from the packed copy: the weight-only path's codes and math."""
+    qint = torch.ops.quantized.linear_unpack(dyn.packed)[0]                     # (N, K) qint8 of q - 128
+    codes = quant_cpu.int8_channel_codes(qint.int_repr().view(torch.uint8))     # (N, K) uint8 q
+    return _dequantize_codes(codes, dyn.qparams, dyn.k, dtype)
 
 
 def _fuse_group(tensors: dict[str, Any], fused: str, parts: tuple[str, ...], dynamic: bool, owned: bool) -> None:
@@ -396,7 +412,9 @@ def _fuse_group(tensors: dict[str, Any], fused: str, parts: tuple[str, ...], dyn
     if any(w is None for w in weights) or (any(b is None for b in biases) and not all(b is None for b in biases)):
         return
     if dynamic and all(_dynamic_ok(w) for w in weights) and len({w.shape[1] for w in weights}) == 1:
-        tensors[f"{fused}.weight"] = _dynamic_linear(tuple(weights))
+        tensors[f"{fused}.weight"] = _dynamic_linear(tuple(weights), keep=not owned)
+        for key in keys if owned else ():             # the packed copy serves every batch: one copy held
+            del tensors[key]
     elif all(isinstance(w, torch.Tensor) for w in weights):
         view = _adjacent_rows(weights)
         if view is None and owned and _same_kind(weights):
@@ -492,8 +510,12 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear, bias: tor
     if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
     if isinstance(qw, DynamicInt8Linear):
-        out = quant_cpu.int8_dynamic_mm(x2, qw.packed, qw.center, qw.reduce_range) if path == "cpu_dynamic" else \
-            torch.cat([quant_linear(x2, part) for part in qw.parts], dim=-1)
+        if path == "cpu_dynamic":
+            out = quant_cpu.int8_dynamic_mm(x2, qw.packed, qw.center, qw.reduce_range)
+        elif qw.parts:
+            out = torch.cat([quant_linear(x2, part) for part in qw.parts], dim=-1)
+        else:
+            out = F.linear(x2, _dynamic_dequantized(qw, x.dtype))
         out = out if bias is None else out.add_(bias)
     elif path == "cpu_fused":
         out = quant_cpu.cpu_quant_matmul(x2, qw.data, qw.qparams, qw.quant.bits, qw.quant.group_size, qw.quant.pack,
