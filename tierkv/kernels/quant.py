@@ -42,6 +42,9 @@ Resident layers (``prepare_layer``, for weights placed to stay):
   runs the weight-only math ("cpu_dequant"), so prefill numerics stay weight-only. The engine's
   packed copy of each weight (N*K bytes) sits beside the stored one in a store buffer; a dict that
   owns its tensors (``owned``) drops the stored one, and large batches dequantize the packed codes.
+  Measured: the in-memory 0.85B int8 model's RSS 2937 MiB against 2441 weight-only (the engine keeps
+  more than its packed N*K: oneDNN holds the original weight for unpacking); the planner does not
+  count any of it (``quantspec.TensorQuant.prepared_nbytes`` has no dynamic term).
 - ``TIERKV_FUSE_LINEARS=1`` (default; ``_select.fuse_linears``): q/k/v and gate/up as one linear
   each (``FUSED_LINEARS``; ``model.attention``/``model.mlp`` split the output) where that leaves one
   copy: 16-bit weights back to back in a layer's store buffer become one strided view;
@@ -360,7 +363,8 @@ class DynamicInt8Linear:
 
     @property
     def extra_nbytes(self) -> int:
-        """Bytes it holds beside its parts: the engine's int8 copy (N*K, padding not seen), center, qparams."""
+        """Bytes it holds beside its parts: the engine's int8 copy (N*K; what the engine adds to it, such as
+        oneDNN's original kept for unpacking, is not visible here), center, qparams."""
         n, k = self.shape
         return n * k + self.center.numel() * self.center.element_size() + self.qparams.numel() * 2
 
