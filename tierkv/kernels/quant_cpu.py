@@ -51,8 +51,8 @@ the weight-only ops above are compute-bound on 2 cores (int8 per channel ran at 
 int4 at half its bytes' rate). ``torch.ops.quantized.linear_dynamic`` quantizes x to 8 bits per
 call (per tensor: over all M rows, asymmetric) and runs an int8 x int8 -> int32 GEMM (VNNI/AMX
 through oneDNN or fbgemm, the "x86" engine), then applies the scales: the way llama.cpp computes on
-CPUs. It needs the weight prepacked into the engine's own copy (N*K bytes beside the stored ones),
-so it is for weights placed to stay. The cpu_int8 bytes ``q - 128`` with per-channel scale ``s``
+CPUs. It needs the weight prepacked into the engine's own copy (N*K bytes or more: oneDNN also
+keeps the original for unpacking), so it is for weights placed to stay. The cpu_int8 bytes ``q - 128`` with per-channel scale ``s``
 are the symmetric weight it takes; the minimum is the same rank-1 correction as above. It changes
 numerics (x rounded to 8 bits): ~0.7% of max |out| on random data against ~0.5% for the bf16
 weight-only op (tests/test_quant_dynamic.py; model-level numbers: scripts/eval_quant_quality.py).
