@@ -60,6 +60,10 @@ SCHEMES = ("bf16", "int8", "int4")
 PEERS = ("accelerate", "bnb4", "bnb8", "quanto4", "quanto8")
 GOALS_STREAM = {"int8": {"bytes": 0.55, "tok_s": 1.7}, "int4": {"bytes": 0.30, "tok_s": 3.0}}
 GOALS_RESIDENT = {"int8": 1.5, "int4": 2.0}
+# "@VARIANT" after a --schemes entry (several joined by "+"): the environment its worker runs under
+# (kernels/_select.py): "dynamic" rounds activations to 8 bits for per-channel int8 linears,
+# "nofuse" keeps q/k/v and gate/up as separate linears (how tierkv computed before fusion).
+VARIANTS = {"dynamic": {"TIERKV_CPU_QLINEAR": "dynamic_int8"}, "nofuse": {"TIERKV_FUSE_LINEARS": "0"}}
 PEER_SPEEDUP_GOAL = 2.0
 
 
@@ -67,10 +71,21 @@ PEER_SPEEDUP_GOAL = 2.0
 # schemes as the library takes them (bf16 = no quantization)
 
 
+def split_variant(label: str) -> tuple[str, dict[str, str]]:
+    """A ``--schemes`` entry -> (the entry without "@...", the environment of its variants)."""
+    base, _, variants = label.partition("@")
+    env: dict[str, str] = {}
+    for name in filter(None, variants.split("+")):
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r} in {label!r}; variants: {', '.join(VARIANTS)}")
+        env.update(VARIANTS[name])
+    return base, env
+
+
 def split_scheme(label: str, group_size: int | str) -> tuple[str, int | str]:
     """A ``--schemes`` entry -> (scheme, group size): "int8" takes ``--group-size``, "int8:channel"
-    or "int4:32" name their own."""
-    scheme, _, group = label.partition(":")
+    or "int4:32" name their own (an "@variant" is ignored here)."""
+    scheme, _, group = split_variant(label)[0].partition(":")
     return scheme, group_size_arg(group) if group else group_size
 
 
@@ -96,6 +111,7 @@ def policy_extra(label: str, group_size: int | str, head: bool = False) -> dict[
 
 def worker_resident(o: dict[str, Any]) -> dict[str, Any]:
     """tierkv at one scheme, or HF transformers bf16 ("hf"), all in memory."""
+    os.environ.update(split_variant(o["scheme"])[1])
     args = dict(o["common"], load_kwargs=load_kwargs(o["scheme"], o["group_size"], o["common"]["quant_head"]))
     return bw.run_resident("hf" if o["scheme"] == "hf" else "tierkv", o["model_dir"], o["ids"], args)
 
@@ -108,6 +124,7 @@ def worker_stream(o: dict[str, Any]) -> dict[str, Any]:
     from tierkv.plan import make_plan
     from tierkv.probe import LinkSpeeds
 
+    os.environ.update(split_variant(o["scheme"])[1])
     links = LinkSpeeds(**o["links"])
     extra = policy_extra(o["scheme"], o["group_size"], o["common"]["quant_head"])
     args = dict(o["common"], policy_extra=extra, cold_only=True)
@@ -371,7 +388,7 @@ def summarize_resident(res: dict[str, Any]) -> tuple[dict[str, Any], dict[str, b
     for k in res:
         if k not in ("bf16", "hf"):
             out[f"resident_{k}_vs_bf16"] = _ratio(tok[k], tok.get("bf16"))
-            goal = GOALS_RESIDENT.get(k.partition(":")[0])
+            goal = GOALS_RESIDENT.get(split_variant(k)[0].partition(":")[0])
             if goal and out[f"resident_{k}_vs_bf16"] is not None:
                 goals[f"resident_{k}_ge_{goal}x_bf16"] = out[f"resident_{k}_vs_bf16"] >= goal
         if k != "hf":
@@ -506,7 +523,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default="resident,stream,peer", help="comma list of resident, stream, peer")
     ap.add_argument("--schemes", default=",".join(SCHEMES),
-                    help="comma list of bf16, int8, int4; int8:channel / int4:32 set that entry's group size")
+                    help="comma list of bf16, int8, int4; int8:channel / int4:32 set that entry's group size; "
+                         f"a suffix @VARIANT[+VARIANT] ({', '.join(VARIANTS)}) runs it under that environment")
     ap.add_argument("--group-size", type=group_size_arg, default=64, help="32, 64, 128 (or a word the library takes)")
     ap.add_argument("--quant-head", action="store_true", help="quantize the LM head too (int8/int4 runs)")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)}")
@@ -530,7 +548,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--opts", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.parts, args.schemes, args.peers = (args.parts.split(","), args.schemes.split(","), args.peers.split(","))
-    bad = [x for x in args.schemes if x.partition(":")[0] not in SCHEMES] + [x for x in args.peers if x not in PEERS]
+    bad = [x for x in args.schemes if split_variant(x)[0].partition(":")[0] not in SCHEMES] + [x for x in args.peers if x not in PEERS]
     if bad:
         ap.error(f"unknown scheme or peer {bad}; schemes: {', '.join(SCHEMES)}; peers: {', '.join(PEERS)}")
     return args

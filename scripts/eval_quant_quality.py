@@ -32,8 +32,13 @@ twin with MLP width 768 is trained, about 15 minutes on one core, with
 
     python scripts/train_demo_model.py --intermediate 768 --minutes 15 --threads 1 --out /tmp/qm/demo768
 
+Step rows (``--step-rows``): int8 per channel scored one token per forward (``prefill_chunk_tokens=1``,
+every position computed as a decode step computes it), with the weight-only CPU op and with dynamic
+int8 activations (``TIERKV_CPU_QLINEAR=dynamic_int8``, which only batches under
+``kernels.quant.DYNAMIC_MAX_M`` rows take): the quality of the faster resident decode path.
+
 Usage:  python scripts/eval_quant_quality.py [--model /tmp/qm/demo768] [--prompts 4] [--new-tokens 96]
-            [--no-tiny] [--no-sim] [--kv] [--threads 2]
+            [--no-tiny] [--no-sim] [--kv] [--step-rows] [--threads 2]
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import os
 import sys
 import tempfile
 import time
@@ -185,6 +191,16 @@ def eval_model(model: Path, args: argparse.Namespace) -> dict[str, Any]:
             row["sim"] = compare(sim_ref, sim_logits(model, seqs, None if scheme == "bf16" else scheme, group), seqs)
         out["rows"][key] = row
         print(f"  {key}: {_cell(row.get('engine'))} | sim {_cell(row.get('sim'))}", flush=True)
+    for mode in ("weight_only", "dynamic_int8") if args.step_rows else ():
+        key = f"int8/channel {mode}, 1 token/forward"
+        os.environ["TIERKV_CPU_QLINEAR"] = mode                  # read when the engine prepares its layers
+        try:
+            row = {"engine": compare(ref, engine_logits(model, seqs, "bfloat16", quant="int8", group_size="channel",
+                                                        prefill_chunk_tokens=1), seqs)}
+        finally:
+            del os.environ["TIERKV_CPU_QLINEAR"]
+        out["rows"][key] = row
+        print(f"  {key}: {_cell(row['engine'])}", flush=True)
     return out
 
 
@@ -314,6 +330,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.8, help="sampling of the reference text (0 = greedy)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--step-rows", action="store_true",
+                    help="also int8 per channel one token per forward, weight-only and dynamic int8 activations")
     ap.add_argument("--kv", action="store_true", help="also KV int8/int4 vs exact (needs kv_quant in tierkv.load)")
     ap.add_argument("--kv-context", type=int, default=400)
     ap.add_argument("--kv-decode-tokens", type=int, default=32)

@@ -108,3 +108,18 @@ def test_scheme_entries_may_name_their_group_size(bench: ModuleType) -> None:
     assert bench.split_scheme("int4:32", 64) == ("int4", 32)
     assert bench.load_kwargs("bf16", 64) == {}
     assert bench.load_kwargs("int4:128", 64, head=True) == {"quant": "int4", "group_size": 128, "quant_head": True}
+
+
+def test_scheme_variants_name_their_environment_and_keep_the_scheme(bench: ModuleType) -> None:
+    """"@dynamic" / "@nofuse" after a scheme entry: the worker's environment; scheme and group unchanged."""
+    assert bench.split_variant("int8:channel@dynamic+nofuse") == (
+        "int8:channel", {"TIERKV_CPU_QLINEAR": "dynamic_int8", "TIERKV_FUSE_LINEARS": "0"})
+    assert bench.split_variant("bf16") == ("bf16", {})
+    assert bench.split_scheme("int4:32@nofuse", 64) == ("int4", 32)
+    assert bench.split_scheme("int8@dynamic", 64) == ("int8", 64)
+    with pytest.raises(SystemExit, match="nofuse"):
+        bench.split_variant("int4@fast")
+    out, goals = bench.summarize_resident({"bf16": {"tok_s": 10.0}, "int8:channel@dynamic": {"tok_s": 16.0},
+                                           "hf": {"tok_s": 8.0}})
+    assert out["resident_int8:channel@dynamic_vs_bf16"] == 1.6
+    assert goals == {"resident_int8:channel@dynamic_ge_1.5x_bf16": True}

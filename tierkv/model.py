@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.config import ModelConfig, RopeConfig
-from tierkv.kernels.quant import quant_linear
+from tierkv.kernels.quant import FUSED_LINEARS, DynamicInt8Linear, quant_linear
 from tierkv.quantspec import QuantWeight
 
 
@@ -101,9 +101,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight | DynamicInt8Linear,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ weight (N, K)^T (+ bias) -> (..., N); a quantized weight is computed on as stored."""
-    if isinstance(weight, QuantWeight):
+    if isinstance(weight, (QuantWeight, DynamicInt8Linear)):
         return quant_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -112,14 +113,25 @@ def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Ten
     return linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
+def _linears(x: torch.Tensor, w: dict[str, torch.Tensor], fused: str, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """The outputs (..., sizes[i]) of ``FUSED_LINEARS[fused]``'s linears on x: one call where the layer
+    was prepared with the fused weight (``kernels.quant.prepare_layer``), split along the last dim;
+    else one each (the parts)."""
+    weight = w.get(f"{fused}.weight")
+    if weight is None:
+        return tuple(_linear(x, w, p) for p in FUSED_LINEARS[fused])
+    return linear(x, weight, w.get(f"{fused}.bias")).split(sizes, dim=-1)
+
+
 def attention(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tensor, step: StepInputs,
               kv: KVCache, layer: int) -> torch.Tensor:
     """Self-attention block (without the residual). x (B, T, H) normed -> (B, T, H)."""
     b, t, _ = x.shape
     d = cfg.head_dim
-    q = _linear(x, w, "self_attn.q_proj").view(b, t, cfg.num_heads, d)      # (B, T, Hq, D)
-    k = _linear(x, w, "self_attn.k_proj").view(b, t, cfg.num_kv_heads, d)   # (B, T, Hkv, D)
-    v = _linear(x, w, "self_attn.v_proj").view(b, t, cfg.num_kv_heads, d)
+    q, k, v = _linears(x, w, "self_attn.qkv_proj", [cfg.q_size, cfg.kv_size, cfg.kv_size])
+    q = q.view(b, t, cfg.num_heads, d)                                       # (B, T, Hq, D)
+    k = k.view(b, t, cfg.num_kv_heads, d)                                    # (B, T, Hkv, D)
+    v = v.view(b, t, cfg.num_kv_heads, d)
     if cfg.qk_norm:
         q = rms_norm(q, w["self_attn.q_norm.weight"], cfg.rms_norm_eps)
         k = rms_norm(k, w["self_attn.k_norm.weight"], cfg.rms_norm_eps)
@@ -132,7 +144,8 @@ def attention(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tensor, ste
 
 def mlp(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """SwiGLU feed-forward. x (B, T, H) -> (B, T, H)."""
-    return _linear(F.silu(_linear(x, w, "mlp.gate_proj")) * _linear(x, w, "mlp.up_proj"), w, "mlp.down_proj")
+    gate, up = _linears(x, w, "mlp.gate_up_proj", [w["mlp.down_proj.weight"].shape[1]] * 2)
+    return _linear(F.silu(gate) * up, w, "mlp.down_proj")
 
 
 def decoder_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, step: StepInputs,

@@ -35,7 +35,17 @@ Backend = Literal["torch", "triton"]
 ENV_VAR = "TIERKV_KERNELS"
 _CHOICES = ("torch", "triton", "auto")
 
-__all__ = ["HAS_TRITON", "Backend", "ENV_VAR", "jit", "tl", "triton", "pick_backend", "next_pow2", "cdiv"]
+__all__ = ["HAS_TRITON", "Backend", "ENV_VAR", "CPU_QLINEAR_VAR", "CPU_QLINEAR_CHOICES", "FUSE_VAR", "jit", "tl",
+           "triton", "pick_backend", "pick_cpu_qlinear", "fuse_linears", "next_pow2", "cdiv"]
+
+# How resident cpu_int8 (per channel) linears compute on the CPU, read when a layer is prepared:
+# "weight_only" (PyTorch's weight-only int8 op, exact up to its bf16 rounding; the default) or
+# "dynamic_int8" (x rounded to 8 bits per call, an int8 GEMM: faster, changes numerics, and holds
+# the engine's packed copy of the weight beside the stored one). kernels/quant.py says more.
+CPU_QLINEAR_VAR = "TIERKV_CPU_QLINEAR"
+CPU_QLINEAR_CHOICES = ("weight_only", "dynamic_int8")
+# Whether prepared resident layers get fused q/k/v and gate/up linears ("1", the default, or "0").
+FUSE_VAR = "TIERKV_FUSE_LINEARS"
 
 
 def jit(fn: Callable[..., Any]) -> Any:
@@ -82,3 +92,22 @@ def pick_backend(kernel: Any, *tensors: torch.Tensor, backend: str | None = None
             f"first imported to run on the CPU; got devices {sorted({str(t.device) for t in tensors})}"
         )
     return "triton"
+
+
+def pick_cpu_qlinear(choice: str | None = None) -> str:
+    """``choice`` (one of ``CPU_QLINEAR_CHOICES`` or None) else ``$TIERKV_CPU_QLINEAR`` else "weight_only"."""
+    value = choice if choice is not None else os.environ.get(CPU_QLINEAR_VAR, "").strip().lower() or "weight_only"
+    if value not in CPU_QLINEAR_CHOICES:
+        raise ArgumentError(f"the CPU quantized linear must be one of {CPU_QLINEAR_CHOICES}, got {value!r} "
+                            f"(argument or ${CPU_QLINEAR_VAR})")
+    return value
+
+
+def fuse_linears(choice: bool | None = None) -> bool:
+    """``choice`` else ``$TIERKV_FUSE_LINEARS`` ("1"/"0", default "1"): fuse q/k/v and gate/up when preparing."""
+    if choice is not None:
+        return choice
+    value = os.environ.get(FUSE_VAR, "").strip() or "1"
+    if value not in ("0", "1"):
+        raise ArgumentError(f"${FUSE_VAR} must be 0 or 1, got {value!r}")
+    return value == "1"

@@ -32,7 +32,29 @@ one (scale, minimum) through a stride-0 view of qparams (K divisible by none: th
   which rebuilds the weight every call (correct, slow: CPU stores should hold cpu_int4 packs).
 
 The ``TIERKV_KERNELS`` override (and ``backend=``) chooses between Triton and the reference for
-the ``plain`` pack only; the CPU packs have one implementation each, PyTorch's ops.
+the ``plain`` pack only; the CPU packs have one weight-only implementation each, PyTorch's ops.
+
+Resident layers (``prepare_layer``, for weights placed to stay):
+
+- ``TIERKV_CPU_QLINEAR=dynamic_int8`` (``_select.pick_cpu_qlinear``; default ``weight_only``):
+  cpu_int8 weights become ``DynamicInt8Linear``, x rounded to 8 bits per call and an int8 GEMM
+  (``quant_cpu.int8_dynamic_mm``), path "cpu_dynamic" for M < ``DYNAMIC_MAX_M``; larger M (prefill)
+  runs the weight-only math ("cpu_dequant"), so prefill numerics stay weight-only. The engine's
+  packed copy of each weight (N*K bytes) sits beside the stored one in a store buffer; a dict that
+  owns its tensors (``owned``) drops the stored one, and large batches dequantize the packed codes.
+  Measured: the in-memory 0.85B int8 model's RSS 2937 MiB against 2441 weight-only (the engine keeps
+  more than its packed N*K: oneDNN holds the original weight for unpacking); the planner does not
+  count any of it (``quantspec.TensorQuant.prepared_nbytes`` has no dynamic term).
+- ``TIERKV_FUSE_LINEARS=1`` (default; ``_select.fuse_linears``): q/k/v and gate/up as one linear
+  each (``FUSED_LINEARS``; ``model.attention``/``model.mlp`` split the output) where that leaves one
+  copy: 16-bit weights back to back in a layer's store buffer become one strided view;
+  ``dynamic_int8`` groups are packed together; in a dict that owns its tensors (``owned``: the
+  in-memory resident model) any pack is concatenated and its parts become row slices of it.
+  Weight-only packs in a store buffer stay separate (data and qparams interleave there: fusing
+  would copy the weights). The parts stay in the dict, unprepared (derived per call if used),
+  except owned ``dynamic_int8`` groups (dropped: the packed copy is the weight).
+  Measured (bench_quant, 2 threads): a few percent at most, the calls' overhead; the op time per
+  weight byte is the same at N = 3072 or 11264 as at the separate widths.
 
 Shapes: x (..., K) with any leading dims, M = their product; weight (N, K) in groups of
 ``group_size`` along K, G = K / group_size; qparams (G, N, 2) float16 [scale, minimum].
@@ -40,6 +62,7 @@ Shapes: x (..., K) with any leading dims, M = their product; weight (N, K) in gr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,13 +70,14 @@ import torch.nn.functional as F
 
 from tierkv.errors import ArgumentError
 from tierkv.kernels import quant_cpu
-from tierkv.kernels._select import cdiv, jit, pick_backend, tl
+from tierkv.kernels._select import cdiv, fuse_linears, jit, pick_backend, pick_cpu_qlinear, tl
 from tierkv.kernels.quant_reference import dequantize_weight_plain, pack_nibbles, quant_linear_ref, \
     quantize_weight_codes
 from tierkv.quantspec import CHANNEL, QuantWeight, TensorQuant, WeightQuant, check_divides, group_len
 
-__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "dequantize_fwd", "dequantize_weight", "linear_path", "pack_weight",
-           "prepare", "prepare_layer", "quant_linear", "quant_matmul_fwd", "quantize_weight"]
+__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "DYNAMIC_MAX_M", "FUSED_LINEARS", "DynamicInt8Linear", "dequantize_fwd",
+           "dequantize_weight", "layer_nbytes", "linear_path", "pack_weight", "prepare", "prepare_layer", "quant_linear",
+           "quant_matmul_fwd", "quantize_weight"]
 
 # Batches of at least this many rows take dequantize-then-cuBLAS instead of the fused Triton
 # matmul (prefill; decode is M = 1). UNMEASURED until a GPU run: scripts/bench_quant_kernels.py
@@ -70,6 +94,12 @@ _DTYPES = quant_cpu.OP_DTYPES
 _TILE_GROUPS = (128, 64, 32)  # Triton K steps for a per-channel plain weight (powers of two)
 _CPU_PACKS = ("cpu_int4", "cpu_int8")
 _DEQUANT_ROWS = 256           # rows per step of the CPU dequantize (fp32 scratch of 256 x K: ~2 MB at K = 2048)
+# DynamicInt8Linear: batches below this many rows round x to 8 bits (per tensor: one scale over the
+# rows, so a long prefill would share one); larger ones run the weight-only path of each part.
+DYNAMIC_MAX_M = 32
+# fused linear -> the layer linears it concatenates along N, in output order (keys without ".weight")
+FUSED_LINEARS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,17 +338,187 @@ def prepare(qw: QuantWeight, dtype: torch.dtype) -> QuantWeight:
                                                                           qw.quant.pack))
 
 
-def prepare_layer(tensors: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """A layer's (or the globals') weight dict with every ``QuantWeight`` ``prepare``d for ``dtype``, in place."""
+def prepare_layer(tensors: dict[str, Any], dtype: torch.dtype, qlinear: str | None = None,
+                  fuse: bool | None = None, owned: bool = False) -> dict[str, Any]:
+    """A layer's (or the globals') weight dict made ready to stay, in place: every ``QuantWeight``
+    ``prepare``d for ``dtype``; with ``fuse`` (default ``$TIERKV_FUSE_LINEARS``, on) the ``FUSED_LINEARS``
+    added where no second copy results; with ``qlinear`` "dynamic_int8" (default ``$TIERKV_CPU_QLINEAR``)
+    cpu_int8 weights on the CPU as ``DynamicInt8Linear`` (fused groups packed together).
+
+    owned: the dict's tensors are its own allocations (not views of a store buffer), so a fused weight
+    may be a new tensor whose row slices replace its parts (one copy in the end, any pack).
+    """
+    dynamic = pick_cpu_qlinear(qlinear) == "dynamic_int8" and quant_cpu.dynamic_int8_engine() is not None
+    if fuse_linears(fuse):
+        for fused, parts in FUSED_LINEARS.items():
+            _fuse_group(tensors, fused, parts, dynamic, owned)
+    grouped = {f"{p}.weight" for fused, parts in FUSED_LINEARS.items() if f"{fused}.weight" in tensors
+               for p in parts}
     for key, value in tensors.items():
-        if isinstance(value, QuantWeight):
+        if isinstance(value, QuantWeight) and key not in grouped:     # a fused group's parts: per call if used
             tensors[key] = prepare(value, dtype)
+    if dynamic:
+        for key, value in tensors.items():
+            if key not in grouped and _dynamic_ok(value):
+                tensors[key] = _dynamic_linear((value,), keep=not owned)
     return tensors
 
 
-def linear_path(x: torch.Tensor, qw: QuantWeight, backend: str | None = None) -> str:
+@dataclass(frozen=True)
+class DynamicInt8Linear:
+    """cpu_int8 weights (one, or a fused group along N) prepacked for ``quant_cpu.int8_dynamic_mm``.
+
+    ``center`` (N,) float32 = minimum + 128 * scale of every output row (the rank-1 correction);
+    ``qparams`` (1, N, 2) float16 the parts' own, concatenated. Large batches run the weight-only math:
+    on ``parts``, the stored weights in output order, or, when the layer owned them and they were
+    dropped (``prepare_layer(owned=True)``: the packed copy is then the only one), on the codes
+    unpacked from ``packed``.
+    """
+
+    packed: Any                       # the engine's packed (N, K) int8 weight (its own copy)
+    center: torch.Tensor              # (N,) float32
+    qparams: torch.Tensor             # (1, N, 2) float16 [scale, minimum]
+    k: int
+    parts: tuple[QuantWeight, ...]    # or () once dropped
+    reduce_range: bool                # 7-bit activations (the fbgemm engine)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical (N, K), N summed over the parts."""
+        return self.center.numel(), self.k
+
+    @property
+    def device(self) -> torch.device:
+        return self.center.device
+
+    @property
+    def extra_nbytes(self) -> int:
+        """Bytes it holds beside its parts: the engine's int8 copy (N*K; what the engine adds to it, such as
+        oneDNN's original kept for unpacking, is not visible here), center, qparams."""
+        n, k = self.shape
+        return n * k + self.center.numel() * self.center.element_size() + self.qparams.numel() * 2
+
+
+def layer_nbytes(tensors: dict[str, Any]) -> int:
+    """Bytes of a ``prepare_layer``d dict, each weight once: a fused 16-bit or weight-only entry shares its
+    parts' memory (not counted again); a ``DynamicInt8Linear`` adds its ``extra_nbytes`` (and its parts
+    when they are no longer in the dict). Prepared op parameters are not counted (``QuantWeight.nbytes``)."""
+    total = 0
+    for key, value in tensors.items():
+        fused = key.endswith(".weight") and key.removesuffix(".weight") in FUSED_LINEARS
+        if isinstance(value, DynamicInt8Linear):
+            total += value.extra_nbytes + (0 if fused else sum(p.nbytes for p in value.parts))
+        elif not fused:
+            total += value.nbytes
+    return total
+
+
+def _dynamic_ok(value: Any) -> bool:
+    """A cpu_int8 (per channel) weight on the CPU: what ``DynamicInt8Linear`` packs."""
+    return isinstance(value, QuantWeight) and value.quant.pack == "cpu_int8" and value.device.type == "cpu"
+
+
+def _dynamic_linear(parts: tuple[QuantWeight, ...], keep: bool = True) -> DynamicInt8Linear:
+    """Pack cpu_int8 ``parts`` (same K) concatenated along N (a group's temporaries: one copy); ``keep``:
+    hold the parts for large batches, else the unpacked codes serve them."""
+    data = parts[0].data if len(parts) == 1 else torch.cat([p.data for p in parts])          # (N, K) uint8
+    qparams = torch.cat([p.qparams for p in parts], dim=1)                                     # (1, N, 2)
+    scale, minimum = qparams[0, :, 0].float(), qparams[0, :, 1].float()
+    return DynamicInt8Linear(quant_cpu.pack_int8_dynamic(data, scale), (minimum + 128.0 * scale).contiguous(),
+                             qparams.contiguous(), data.shape[1], parts if keep else (),
+                             quant_cpu.dynamic_int8_engine() == "fbgemm")
+
+
+def _dynamic_dequantized(dyn: DynamicInt8Linear, dtype: torch.dtype) -> torch.Tensor:
+    """(N, K) weight in ``dtype`` from the packed copy: the weight-only path's codes and math."""
+    qint = torch.ops.quantized.linear_unpack(dyn.packed)[0]                     # (N, K) qint8 of q - 128
+    codes = quant_cpu.int8_channel_codes(qint.int_repr().view(torch.uint8))     # (N, K) uint8 q
+    return _dequantize_codes(codes, dyn.qparams, dyn.k, dtype)
+
+
+def _fuse_group(tensors: dict[str, Any], fused: str, parts: tuple[str, ...], dynamic: bool, owned: bool) -> None:
+    """Add ``fused``.weight (and .bias) to ``tensors`` when every part is there and fusing leaves one copy:
+    16-bit weights back to back in memory (a view); cpu_int8 parts with ``dynamic`` (packed together);
+    with ``owned``, any parts of one kind (concatenated; the parts become row slices of it)."""
+    keys = [f"{p}.weight" for p in parts]
+    weights = [tensors.get(key) for key in keys]
+    biases = [tensors.get(f"{p}.bias") for p in parts]
+    if any(w is None for w in weights) or (any(b is None for b in biases) and not all(b is None for b in biases)):
+        return
+    if dynamic and all(_dynamic_ok(w) for w in weights) and len({w.shape[1] for w in weights}) == 1:
+        tensors[f"{fused}.weight"] = _dynamic_linear(tuple(weights), keep=not owned)
+        for key in keys if owned else ():             # the packed copy serves every batch: one copy held
+            del tensors[key]
+    elif all(isinstance(w, torch.Tensor) for w in weights):
+        view = _adjacent_rows(weights)
+        if view is None and owned and _same_kind(weights):
+            view = torch.cat(weights)                                           # (sum N, K)
+            rows = [0] + [w.shape[0] for w in weights]
+            for i, key in enumerate(keys):
+                tensors[key] = view[sum(rows[: i + 1]): sum(rows[: i + 2])]
+        if view is None:
+            return
+        tensors[f"{fused}.weight"] = view
+    elif owned and all(isinstance(w, QuantWeight) for w in weights) and _quant_concatenates(weights):
+        tensors[f"{fused}.weight"], slices = _cat_quant(weights)
+        tensors.update(zip(keys, slices))
+    else:
+        return
+    if biases[0] is not None:
+        tensors[f"{fused}.bias"] = torch.cat(biases)
+
+
+def _same_kind(weights: list[torch.Tensor]) -> bool:
+    first = weights[0]
+    return all(w.dim() == 2 and w.shape[1] == first.shape[1] and w.dtype == first.dtype and w.device == first.device
+               for w in weights)
+
+
+def _quant_concatenates(weights: list[QuantWeight]) -> bool:
+    """Same scheme, pack, K and device, and (cpu_int4) a layout in which packed planes concatenate."""
+    first = weights[0]
+    if any(w.quant != first.quant or w.shape[1] != first.shape[1] or w.device != first.device for w in weights):
+        return False
+    return first.quant.pack != "cpu_int4" or quant_cpu.rows_concatenate([w.shape[0] for w in weights])
+
+
+def _cat_quant(weights: list[QuantWeight]) -> tuple[QuantWeight, list[QuantWeight]]:
+    """Quantized (N_i, K) weights -> the (sum N, K) one (data and qparams concatenated along N) and each
+    part as row slices of it (prepared: none, derived per call if ever used alone)."""
+    n_dim = 1 if weights[0].data.dim() == 3 else 0                          # cpu_int4 int8: (2, N, K/2) planes
+    data = torch.cat([w.data for w in weights], dim=n_dim)
+    qparams = torch.cat([w.qparams for w in weights], dim=1)                  # (G, sum N, 2)
+    fused = QuantWeight(data, qparams, weights[0].quant)
+    slices, start = [], 0
+    for w in weights:
+        n = w.shape[0]
+        part = data.narrow(n_dim, start, n)
+        slices.append(QuantWeight(part, qparams[:, start:start + n], w.quant))
+        start += n
+    return fused, slices
+
+
+def _adjacent_rows(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """One (sum N, K) view over contiguous (N_i, K) tensors of one dtype that follow each other in memory,
+    else None."""
+    first = weights[0]
+    k = first.shape[1]
+    end = first.data_ptr()
+    for w in weights:
+        if w.dim() != 2 or w.shape[1] != k or w.dtype != first.dtype or not w.is_contiguous() or \
+                w.device != first.device or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or \
+                w.data_ptr() != end:
+            return None
+        end += w.numel() * w.element_size()
+    rows = sum(w.shape[0] for w in weights)
+    return first.as_strided((rows, k), (k, 1), first.storage_offset())
+
+
+def linear_path(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear, backend: str | None = None) -> str:
     """Which implementation ``quant_linear(x, qw, backend=backend)`` runs (listed in the module docstring)."""
     m = x.numel() // max(1, x.shape[-1])
+    if isinstance(qw, DynamicInt8Linear):
+        return "cpu_dynamic" if m < DYNAMIC_MAX_M else "cpu_dequant"
     if qw.quant.pack in _CPU_PACKS:
         return "cpu_dequant" if m >= CPU_DEQUANT_MIN_M.get(x.dtype, 1) else "cpu_fused"
     if _triton_groups(qw) is None or \
@@ -327,12 +527,12 @@ def linear_path(x: torch.Tensor, qw: QuantWeight, backend: str | None = None) ->
     return "triton_dequant" if m >= DEQUANT_MIN_M else "triton_fused"
 
 
-def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None,
+def quant_linear(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear, bias: torch.Tensor | None = None,
                  backend: str | None = None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for a quantized (N, K) weight, without a 16-bit copy of W where it can.
 
     x:       (..., K) float32, bfloat16 or float16, any leading dims (M = their product, 0 included).
-    qw:      the stored weight (``quantspec.QuantWeight``), on x's device.
+    qw:      the stored weight (``quantspec.QuantWeight``), on x's device, or a ``DynamicInt8Linear``.
     bias:    optional (N,), cast to x's dtype.
     backend: "torch" | "triton" | "auto" | None, for the plain pack (see the module docstring).
     Returns (..., N) in x's dtype.
@@ -343,7 +543,15 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = N
     path = linear_path(x2, qw, backend)
     if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
-    if path == "cpu_fused":
+    if isinstance(qw, DynamicInt8Linear):
+        if path == "cpu_dynamic":
+            out = quant_cpu.int8_dynamic_mm(x2, qw.packed, qw.center, qw.reduce_range)
+        elif qw.parts:
+            out = torch.cat([quant_linear(x2, part) for part in qw.parts], dim=-1)
+        else:
+            out = F.linear(x2, _dynamic_dequantized(qw, x.dtype))
+        out = out if bias is None else out.add_(bias)
+    elif path == "cpu_fused":
         out = quant_cpu.cpu_quant_matmul(x2, qw.data, qw.qparams, qw.quant.bits, qw.quant.group_size, qw.quant.pack,
                                          qw.prepared)
         out = out if bias is None else out.add_(bias)
@@ -361,7 +569,8 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = N
     return out.view(*x.shape[:-1], n)
 
 
-def _check_linear_args(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
+def _check_linear_args(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear,
+                       bias: torch.Tensor | None) -> torch.Tensor | None:
     """ArgumentError for inputs a caller got wrong; returns the bias in x's dtype."""
     n, k = qw.shape
     if x.dim() < 1 or x.shape[-1] != k:
@@ -370,8 +579,9 @@ def _check_linear_args(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | No
         raise ArgumentError(f"quantized linear layers take float32, bfloat16 or float16 inputs, got {x.dtype}")
     if x.device != qw.device:
         raise ArgumentError(f"x is on {x.device} but the quantized weight on {qw.device}: move one of them")
-    if qw.quant.pack in _CPU_PACKS and x.device.type != "cpu":
-        raise ArgumentError(f"the {qw.quant.pack} pack computes on the CPU only, not on {x.device}; convert the model "
+    pack = "cpu_int8" if isinstance(qw, DynamicInt8Linear) else qw.quant.pack
+    if pack in _CPU_PACKS and x.device.type != "cpu":
+        raise ArgumentError(f"the {pack} pack computes on the CPU only, not on {x.device}; convert the model "
                             "again for this device (it gets the plain pack)")
     if bias is None:
         return None

@@ -45,9 +45,24 @@ under one capability is wrong under another; ``cpu_layout()`` names the current 
 can record it. ``unpack_codes`` knows the three layouts (tests check each against the converter
 in a subprocess per capability), so a plane packed under one can be repacked under another, and
 reads any other layout of this process through the op itself.
+
+Dynamic int8 activations (``pack_int8_dynamic``, ``int8_dynamic_mm``; opt-in, ``quant.prepare_layer``):
+the weight-only ops above are compute-bound on 2 cores (int8 per channel ran at bf16's time,
+int4 at half its bytes' rate). ``torch.ops.quantized.linear_dynamic`` quantizes x to 8 bits per
+call (per tensor: over all M rows, asymmetric) and runs an int8 x int8 -> int32 GEMM (VNNI/AMX
+through oneDNN or fbgemm, the "x86" engine), then applies the scales: the way llama.cpp computes on
+CPUs. It needs the weight prepacked into the engine's own copy (N*K bytes or more: oneDNN also
+keeps the original for unpacking), so it is for weights placed to stay. The cpu_int8 bytes ``q - 128`` with per-channel scale ``s``
+are the symmetric weight it takes; the minimum is the same rank-1 correction as above. It changes
+numerics (x rounded to 8 bits): ~0.7% of max |out| on random data against ~0.5% for the bf16
+weight-only op (tests/test_quant_dynamic.py; model-level numbers: scripts/eval_quant_quality.py).
+int4 and int8 in groups have no such op in PyTorch on x86 (per-group scales): weight-only only.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Any
 
 import torch
 
@@ -55,7 +70,8 @@ from tierkv.errors import ArgumentError
 from tierkv.quantspec import CPU_INT8_K_MULTIPLE, CPU_PACK_ROWS
 
 __all__ = ["OP_GROUP_SIZES", "OP_DTYPES", "check_op_args", "cpu_layout", "pack_codes", "scales_and_zeros",
-           "int4pack_mm", "int8_channel_codes", "int8_channel_mm", "cpu_quant_matmul", "op_params", "unpack_codes"]
+           "int4pack_mm", "int8_channel_codes", "int8_channel_mm", "cpu_quant_matmul", "op_params", "unpack_codes",
+           "dynamic_int8_engine", "pack_int8_dynamic", "int8_dynamic_mm", "rows_concatenate"]
 
 OP_GROUP_SIZES = (32, 64, 128, 256)
 OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -170,6 +186,13 @@ def cpu_quant_matmul(x2: torch.Tensor, data: torch.Tensor, qparams: torch.Tensor
     return int4pack_mm(x2, data[0], group_size, params[0]).add_(int4pack_mm(x2, data[1], group_size, params[1]))
 
 
+def rows_concatenate(rows: list[int]) -> bool:
+    """Whether cpu_int4 planes of these row counts, packed one by one, concatenated along N are the packing
+    of the concatenated codes in this process's layout (every part but the last a whole number of blocks)."""
+    block = _BLOCK_N.get(cpu_layout())
+    return block is not None and all(n % block == 0 for n in rows[:-1])
+
+
 def unpack_codes(packed: torch.Tensor, n: int, k: int, layout: str | None = None) -> torch.Tensor:
     """One packed plane (N, K/2) -> its (N, K) uint8 codes (< 16).
 
@@ -223,3 +246,43 @@ def _codes_through_op(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
         eye[torch.arange(rows), start + torch.arange(rows)] = 1.0
         out[:, start:start + rows] = int4pack_mm(eye, packed, 32, sz).t().to(torch.uint8)
     return out
+
+
+def dynamic_int8_engine() -> str | None:
+    """The quantized engine ``pack_int8_dynamic`` packs for ("x86", else "fbgemm" or "onednn"), or None
+    when this PyTorch has none (then only the weight-only ops run)."""
+    if not hasattr(torch.ops.quantized, "linear_dynamic") or not hasattr(torch, "_make_per_channel_quantized_tensor"):
+        return None
+    engines = torch.backends.quantized.supported_engines
+    return next((e for e in ("x86", "fbgemm", "onednn") if e in engines), None)
+
+
+def pack_int8_dynamic(data: torch.Tensor, scale: torch.Tensor) -> Any:
+    """(N, K) uint8 cpu_int8 bytes (the bits of q - 128) and (N,) per-channel scales -> the engine's packed
+    weight for ``int8_dynamic_mm`` (a copy: N*K bytes plus the engine's padding)."""
+    engine = dynamic_int8_engine()
+    if engine is None:
+        raise ArgumentError("this PyTorch has no quantized dynamic linear (torch.ops.quantized.linear_dynamic); "
+                            "use the weight-only CPU path (TIERKV_CPU_QLINEAR=weight_only)")
+    n, k = data.shape
+    assert data.dtype == torch.uint8 and scale.shape == (n,), (data.dtype, tuple(data.shape), tuple(scale.shape))
+    previous = torch.backends.quantized.engine
+    with warnings.catch_warnings():                     # quantized tensors are deprecated, the op is not replaced yet
+        warnings.simplefilter("ignore")
+        try:
+            torch.backends.quantized.engine = engine    # the packed object remembers its engine; restored below
+            qw = torch._make_per_channel_quantized_tensor(data.contiguous().view(torch.int8), scale.double(),
+                                                          torch.zeros(n, dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(qw, None)
+        finally:
+            torch.backends.quantized.engine = previous
+
+
+def int8_dynamic_mm(x2: torch.Tensor, packed: Any, center: torch.Tensor, reduce_range: bool = False) -> torch.Tensor:
+    """x2 (M, K) @ W^T with x rounded to 8 bits per call: ``linear_dynamic(x, q - 128, s) + rowsum(x) (outer)
+    center``, center (N,) float32 -> (M, N) in x2's dtype (fp32 inside: the op takes and returns fp32).
+    reduce_range: 7-bit activations, for the fbgemm engine (its 16-bit pair sums can saturate)."""
+    xf = x2.float()
+    out = torch.ops.quantized.linear_dynamic(xf, packed, reduce_range)           # (M, N) fp32
+    rowsum = xf.sum(dim=1, keepdim=True)                                          # (M, 1)
+    return out.addmm_(rowsum, center.view(1, -1)).to(x2.dtype)

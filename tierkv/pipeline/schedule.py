@@ -15,7 +15,7 @@ import torch
 
 from tierkv.config import ModelConfig
 from tierkv.io.checkpoint import Checkpoint
-from tierkv.kernels.quant import prepare, quantize_weight
+from tierkv.kernels.quant import layer_nbytes, prepare_layer, quantize_weight
 from tierkv.quantspec import QuantWeight, TensorQuant, WeightQuant, tensor_quants
 
 LayerFn = Callable[[int, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
@@ -85,7 +85,7 @@ class ResidentWeights:
         self._globals = _placed(ckpt.globals(), tensor_quants(cfg.global_tensor_shapes(), quant, device.type),
                                 dtype, device)
         self._layers = [_placed(ckpt.layer(j), layer_quants, dtype, device) for j in range(cfg.num_layers)]
-        self.nbytes = sum(t.nbytes for d in [self._globals, *self._layers] for t in d.values())
+        self.nbytes = sum(layer_nbytes(d) for d in [self._globals, *self._layers])
 
     def globals(self) -> dict[str, torch.Tensor]:
         return self._globals
@@ -110,11 +110,12 @@ class ResidentWeights:
 def _placed(tensors: dict[str, torch.Tensor], quants: dict[str, TensorQuant], dtype: torch.dtype,
             device: torch.device) -> dict[str, Any]:
     """Checkpoint tensors on ``device`` in ``dtype``; those in ``quants`` quantized (on the host) first, with
-    their CPU op parameters prepared once (``kernels.quant.prepare``: resident weights stay put)."""
+    their CPU op parameters prepared once and q/k/v, gate/up fused (``kernels.quant.prepare_layer``: resident
+    weights stay put)."""
     out: dict[str, Any] = {}
     for key in list(tensors):
         t = tensors.pop(key).to(dtype)
-        out[key] = prepare(QuantWeight(*quantize_weight(t, quants[key]), quants[key]).to(device), dtype) \
-            if key in quants else t.to(device)
+        out[key] = QuantWeight(*quantize_weight(t, quants[key]), quants[key]).to(device) if key in quants \
+            else t.to(device)
         del t
-    return out
+    return prepare_layer(out, dtype, owned=True)
