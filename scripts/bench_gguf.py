@@ -37,8 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -52,7 +52,8 @@ from bench_common import emit_json, print_table  # noqa: E402
 
 MEMCAP = Path("/work/shared/tools/memcap")
 GGUF_DIR = Path("/work/gguf-models")
-LLAMA_BIN = Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin")
+LLAMA_SRC = Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp")
+LLAMA_BINS = (LLAMA_SRC / "build" / "bin", LLAMA_SRC / "build-noamx" / "bin")
 PARTS = ("llama", "tierkv", "bf16", "own", "convert")
 RATIO_GOAL = 0.5             # tierkv GGUF decode >= 0.5x llama.cpp tg on the same file and threads
 
@@ -101,7 +102,7 @@ def store_facts(store_dir: Path) -> dict[str, Any]:
         extents = store.extents
         layers = sum(e.nbytes for name, e in extents.items() if name.startswith("layer."))
         total = sum(e.nbytes for e in extents.values())
-        step = total - (extents["embed"].nbytes if "head" in extents and "embed" in extents else 0)
+        step = step_bytes_of({name: e.nbytes for name, e in extents.items()})
         schemes: dict[str, int] = {}
         for e in extents.values():
             for t in e.tensors.values():
@@ -119,13 +120,14 @@ def store_facts(store_dir: Path) -> dict[str, Any]:
 # llama.cpp
 
 
-def llama_bench_cmd(binary: Path, gguf: Path, threads: int, tg: int, pp: int) -> list[str]:
-    return [str(binary), "-m", str(gguf), "-p", str(pp), "-n", str(tg), "-t", str(threads), "-o", "json"]
+def llama_bench_cmd(binary: Path, gguf: Path, threads: int, tg: int, pp: int, extra: list[str]) -> list[str]:
+    return [str(binary), "-m", str(gguf), "-p", str(pp), "-n", str(tg), "-t", str(threads), "-o", "json", *extra]
 
 
 def parse_llama_bench(text: str) -> dict[str, Any]:
-    """llama-bench's ``-o json`` list -> {"tg_tok_s", "tg_std", "pp_tok_s", "pp_std", "build"}: the
-    test with n_prompt 0 is token generation, the one with n_gen 0 prompt processing."""
+    """llama-bench's ``-o json`` list -> {"tg_tok_s" (mean), "tg_best" (its fastest repetition),
+    "tg_std", the same for "pp", "build", "cpu"}: the test with n_prompt 0 is token generation,
+    the one with n_gen 0 prompt processing."""
     start = text.find("[")
     rows = json.loads(text[start:]) if start >= 0 else []
     out: dict[str, Any] = {"tg_tok_s": None, "pp_tok_s": None}
@@ -133,19 +135,42 @@ def parse_llama_bench(text: str) -> dict[str, Any]:
         kind = "tg" if r.get("n_prompt") == 0 and r.get("n_gen") else "pp" if r.get("n_gen") == 0 else None
         if kind:
             out.update({f"{kind}_tok_s": r.get("avg_ts"), f"{kind}_std": r.get("stddev_ts"),
+                        f"{kind}_best": max(r.get("samples_ts") or [r.get("avg_ts")]),
                         f"{kind}_tokens": r.get("n_gen") if kind == "tg" else r.get("n_prompt")})
         out["build"] = f"{r.get('build_commit')} ({r.get('build_number')})"
         out["cpu"] = r.get("cpu_info")
     return out
 
 
-def run_llama(binary: Path, gguf: Path, threads: int, tg: int, pp: int) -> dict[str, Any]:
-    cmd = llama_bench_cmd(binary, gguf, threads, tg, pp)
-    load = os.getloadavg()[0]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
-    if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}", "cmd": " ".join(cmd)}
-    return dict(parse_llama_bench(proc.stdout), cmd=" ".join(cmd), load_avg=round(load, 2))
+def run_llama(binary: Path, gguf: Path, threads: int, tg: int, pp: int, extra: list[str]) -> dict[str, Any]:
+    """llama-bench's tg (``-p 0 -n tg``) and pp (``-p pp -n 0``), each its own process, so that a
+    crash of one (e.g. a SIGILL in a prompt kernel) keeps the other; a crash becomes "tg_error"/"pp_error"."""
+    out: dict[str, Any] = {"load_avg": round(os.getloadavg()[0], 2), "cmd": []}
+    for kind, (p, n) in (("tg", (0, tg)), ("pp", (pp, 0))):
+        cmd = llama_bench_cmd(binary, gguf, threads, n, p, extra)
+        out["cmd"].append(" ".join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
+        if proc.returncode != 0:
+            out[f"{kind}_error"] = f"{' '.join(cmd[1:])}: {exit_reason(proc.returncode, proc.stderr)}"
+            continue
+        got = parse_llama_bench(proc.stdout)
+        out.update({k: v for k, v in got.items() if k.startswith(kind) or k in ("build", "cpu")})
+    if "tg_error" in out and "pp_error" in out:
+        out["error"] = out["tg_error"]
+    return out
+
+
+def exit_reason(returncode: int, stderr: str) -> str:
+    """What ended a process: the signal that killed it, or its exit status and last stderr line."""
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    last = [ln for ln in stderr.splitlines() if ln.strip()][-1:] or [""]
+    return f"exit {returncode}: {last[0][-300:]}"
+
+
+def llama_label(bin_dir: Path) -> str:
+    """A llama.cpp build's name in results: its build directory ("build", "build-noamx")."""
+    return bin_dir.parent.name if bin_dir.name == "bin" else bin_dir.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,9 +193,32 @@ def worker_decode(o: dict[str, Any]) -> dict[str, Any]:
     first = gen(2)
     timing = bw.time_decode(gen, o["new_tokens"], o["repeats"])
     out = {"tok_s": timing.tok_s, "step_s": timing.step_s, "load_s": round(load_s, 2), "all_resident": resident,
-           "peak_rss_bytes": bw.peak_rss_bytes(), "first_tokens": list(getattr(first, "tokens", []) or [])[:2]}
+           "peak_rss_bytes": bw.peak_rss_bytes(), "tokens": list(getattr(first, "tokens", []) or [])[:2],
+           "step_bytes": _step_bytes(engine, o["load_kwargs"])}
     engine.close()
     return out
+
+
+def _step_bytes(engine: Any, load_kwargs: dict[str, Any]) -> int:
+    """Bytes of weights a decode step reads: the engine's store's (a converted GGUF file), or, for a
+    HF directory loaded resident, its layout as ``io.store.plan_layout`` would store it."""
+    import torch
+
+    from tierkv.io.store import plan_layout
+    from tierkv.quantspec import parse_weight_quant
+
+    if getattr(engine, "store", None) is not None:
+        return store_facts(engine.store.dir)["step_bytes"]
+    quant = parse_weight_quant(load_kwargs["quant"], load_kwargs["group_size"], False) if load_kwargs else None
+    extents = {e.name: e for e in plan_layout(engine.config, torch.bfloat16, quant, "cpu")}
+    return step_bytes_of({k: e.nbytes for k, e in extents.items()})
+
+
+def step_bytes_of(extent_bytes: dict[str, int]) -> int:
+    """A decode step reads every extent but the embedding (one row per token), unless the model has
+    no separate head and the embedding is the LM head too."""
+    total = sum(extent_bytes.values())
+    return total - (extent_bytes.get("embed", 0) if "head" in extent_bytes else 0)
 
 
 def worker_convert(o: dict[str, Any]) -> dict[str, Any]:
@@ -181,7 +229,9 @@ def worker_convert(o: dict[str, Any]) -> dict[str, Any]:
     from tierkv.cli import app
 
     t0 = time.perf_counter()
-    get_command(app).main(args=["convert", o["model"], o["out"], "--json", *o["extra"]], standalone_mode=False)
+    rc = get_command(app).main(args=["convert", o["model"], o["out"], "--json", *o["extra"]], standalone_mode=False)
+    if isinstance(rc, int) and rc != 0:                  # the CLI said why on stderr
+        raise SystemExit(rc)
     seconds = time.perf_counter() - t0
     peak = bw.peak_rss_bytes()
     return {"convert_s": round(seconds, 2), "peak_rss_bytes": peak, "store": store_facts(Path(o["out"]))}
@@ -252,18 +302,19 @@ def run_convert(args: argparse.Namespace, gguf: Path, cap: str | None) -> dict[s
 
 
 def collect(args: argparse.Namespace, ids: list[int], cap: str | None) -> dict[str, Any]:
-    """Every measurement, keyed "llama/FILE/tT", "tierkv/FILE/tT", "bf16/tT", "own/tT", "convert/FILE"."""
+    """Every measurement, keyed "llama[BUILD]/FILE/tT", "tierkv/FILE/tT", "bf16/tT", "own/tT", "convert/FILE"."""
     runs: dict[str, Any] = {}
 
     def note(key: str, value: dict[str, Any]) -> None:
         runs[key] = value
-        shown = value.get("tg_tok_s", value.get("tok_s", value.get("convert_s")))
+        shown = value.get("tg_best", value.get("tok_s", value.get("convert_s")))
         print(f"{key}: {shown if shown is not None else value.get('error')} (load {value.get('load_avg')})", flush=True)
 
     for t in args.threads:
         for g in args.ggufs:
-            if "llama" in args.parts:
-                note(f"llama/{g.name}/t{t}", run_llama(args.llama_bin / "llama-bench", g, t, args.llama_tokens, 128))
+            for bin_dir in args.llama_bins if "llama" in args.parts else []:
+                note(f"llama[{llama_label(bin_dir)}]/{g.name}/t{t}",
+                     run_llama(bin_dir / "llama-bench", g, t, args.llama_tokens, 128, args.llama_args))
             if "tierkv" in args.parts:
                 note(f"tierkv/{g.name}/t{t}", run_worker("decode", decode_opts(args, g, t, ids), None))
         if "bf16" in args.parts:
@@ -285,26 +336,45 @@ def _gbps(step_bytes: float | None, tok_s: float | None) -> float | None:
     return None if not step_bytes or not tok_s else round(step_bytes * tok_s / 1e9, 2)
 
 
+def best_llama(runs: dict[str, Any], name: str, t: int) -> dict[str, Any]:
+    """Of every llama.cpp build measured on ``name`` at ``t`` threads: the fastest tg (its best
+    repetition) and the fastest pp, with the builds they came from, and each build's errors."""
+    mine = {k.split("]", 1)[0].removeprefix("llama["): r for k, r in runs.items()
+            if k.startswith("llama[") and k.endswith(f"]/{name}/t{t}")}
+    out: dict[str, Any] = {"errors": {f"{b} {kind}": r[f"{kind}_error"] for b, r in mine.items()
+                                      for kind in ("tg", "pp") if r.get(f"{kind}_error")}}
+    for kind in ("tg", "pp"):
+        ok = {b: r for b, r in mine.items() if r.get(f"{kind}_best") is not None}
+        b = max(ok, key=lambda x: ok[x][f"{kind}_best"], default=None)
+        out.update({f"{kind}_build": b, f"{kind}_best": ok[b][f"{kind}_best"] if b else None,
+                    f"{kind}_mean": ok[b][f"{kind}_tok_s"] if b else None, f"{kind}_std": ok[b].get(f"{kind}_std") if b else None,
+                    f"{kind}_load_avg": ok[b].get("load_avg") if b else None})
+    return out
+
+
 def summarize(runs: dict[str, Any], files: dict[str, dict[str, Any]], threads: list[int]) -> dict[str, Any]:
-    """Per file and thread count: llama.cpp tg/pp, tierkv on the file, ratios over llama.cpp and
-    over tierkv bf16 / own quantization, achieved weight bandwidth; per file: the conversion."""
+    """Per file and thread count: llama.cpp's best tg/pp, tierkv on the file, ratios over llama.cpp
+    and over tierkv bf16 / own quantization, achieved weight bandwidth; per file: the conversion."""
     s: dict[str, Any] = {"rows": {}, "convert": {}, "goals": {}}
     for name, facts in files.items():
         for t in threads:
-            llama, tk = runs.get(f"llama/{name}/t{t}", {}), runs.get(f"tierkv/{name}/t{t}", {})
+            llama, tk = best_llama(runs, name, t), runs.get(f"tierkv/{name}/t{t}", {})
             bf16, own = runs.get(f"bf16/t{t}", {}), runs.get(f"own/t{t}", {})
-            row = {"llama_tg_tok_s": llama.get("tg_tok_s"), "llama_tg_std": llama.get("tg_std"),
-                   "llama_pp128_tok_s": llama.get("pp_tok_s"), "llama_load_avg": llama.get("load_avg"),
-                   "tierkv_tok_s": tk.get("tok_s"), "tierkv_load_avg": tk.get("load_avg"),
+            row = {"llama_tg_best": llama["tg_best"], "llama_tg_mean": llama["tg_mean"], "llama_tg_std": llama["tg_std"],
+                   "llama_tg_build": llama["tg_build"], "llama_pp128_best": llama["pp_best"],
+                   "llama_pp_build": llama["pp_build"], "llama_load_avg": llama["tg_load_avg"],
+                   "llama_errors": llama["errors"], "tierkv_tok_s": tk.get("tok_s"), "tierkv_load_avg": tk.get("load_avg"),
                    "tierkv_all_resident": tk.get("all_resident"), "tierkv_error": tk.get("error"),
-                   "llama_error": llama.get("error"), "bf16_tok_s": bf16.get("tok_s"), "own_tok_s": own.get("tok_s")}
-            row["tierkv_vs_llama"] = _ratio(row["tierkv_tok_s"], row["llama_tg_tok_s"])
+                   "bf16_tok_s": bf16.get("tok_s"), "bf16_load_avg": bf16.get("load_avg"), "own_tok_s": own.get("tok_s")}
+            row["tierkv_vs_llama"] = _ratio(row["tierkv_tok_s"], row["llama_tg_best"])
+            row["tierkv_vs_llama_mean"] = _ratio(row["tierkv_tok_s"], row["llama_tg_mean"])
             row["tierkv_vs_bf16"] = _ratio(row["tierkv_tok_s"], row["bf16_tok_s"])
             row["tierkv_vs_own"] = _ratio(row["tierkv_tok_s"], row["own_tok_s"])
-            row["llama_vs_bf16"] = _ratio(row["llama_tg_tok_s"], row["bf16_tok_s"])
-            row["llama_weight_gbps"] = _gbps(facts["step_bytes"], row["llama_tg_tok_s"])
-            store = runs.get(f"convert/{name}", {}).get("store", {})
-            row["tierkv_weight_gbps"] = _gbps(store.get("step_bytes"), row["tierkv_tok_s"])
+            row["llama_vs_bf16"] = _ratio(row["llama_tg_best"], row["bf16_tok_s"])
+            row["llama_weight_gbps"] = _gbps(facts["step_bytes"], row["llama_tg_best"])
+            row["tierkv_weight_gbps"] = _gbps(tk.get("step_bytes"), row["tierkv_tok_s"])
+            row["bf16_weight_gbps"] = _gbps(bf16.get("step_bytes"), row["bf16_tok_s"])
+            row["own_weight_gbps"] = _gbps(own.get("step_bytes"), row["own_tok_s"])
             s["rows"][f"{name}/t{t}"] = row
             if row["tierkv_vs_llama"] is not None:
                 s["goals"][f"{name}_t{t}_ge_{RATIO_GOAL}x_llama"] = row["tierkv_vs_llama"] >= RATIO_GOAL
@@ -339,21 +409,29 @@ def _mib(x: float | None) -> str:
 def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     for key, r in s["rows"].items():
-        if r["llama_tg_tok_s"] is not None or r["llama_error"]:
-            rows.append((f"{key} llama.cpp", r["llama_error"] or
-                         f"tg {_f(r['llama_tg_tok_s'])} +- {_f(r['llama_tg_std'])} tok/s, pp128 "
-                         f"{_f(r['llama_pp128_tok_s'], '.1f')} tok/s, {_f(r['llama_weight_gbps'])} GB/s of weights "
+        for build, err in r["llama_errors"].items():
+            rows.append((f"{key} llama.cpp {build}", f"FAILED: {err}"))
+        if r["llama_tg_best"] is not None:
+            rows.append((f"{key} llama.cpp", f"tg {_f(r['llama_tg_best'])} tok/s best (mean {_f(r['llama_tg_mean'])} "
+                         f"+- {_f(r['llama_tg_std'])}, {r['llama_tg_build']}), pp128 {_f(r['llama_pp128_best'], '.1f')} "
+                         f"tok/s ({r['llama_pp_build']}), {_f(r['llama_weight_gbps'])} GB/s of weights "
                          f"(load {_f(r['llama_load_avg'], '.1f')})"))
         if r["tierkv_tok_s"] is not None or r["tierkv_error"]:
-            rows.append((f"{key} tierkv", r["tierkv_error"] or
-                         f"{_f(r['tierkv_tok_s'])} tok/s = {_f(r['tierkv_vs_llama'])}x llama.cpp, "
-                         f"{_f(r['tierkv_vs_bf16'])}x tierkv bf16 ({_f(r['bf16_tok_s'])}), "
-                         f"{_f(r['tierkv_vs_own'])}x tierkv own quant ({_f(r['own_tok_s'])}), "
-                         f"{_f(r['tierkv_weight_gbps'])} GB/s of weights (load {_f(r['tierkv_load_avg'], '.1f')})"))
-        elif r["bf16_tok_s"] is not None:
-            rows.append((f"{key} tierkv bf16", f"{_f(r['bf16_tok_s'])} tok/s; llama.cpp = {_f(r['llama_vs_bf16'])}x it"))
+            rows.append((f"{key} tierkv", f"FAILED: {r['tierkv_error']}" if r["tierkv_error"] else
+                         f"{_f(r['tierkv_tok_s'])} tok/s = {_f(r['tierkv_vs_llama'])}x llama.cpp best "
+                         f"({_f(r['tierkv_vs_llama_mean'])}x its mean), {_f(r['tierkv_vs_bf16'])}x tierkv bf16, "
+                         f"{_f(r['tierkv_vs_own'])}x tierkv own quant, {_f(r['tierkv_weight_gbps'])} GB/s of weights "
+                         f"(load {_f(r['tierkv_load_avg'], '.1f')})"))
+    for t_key in sorted({k.rsplit("/", 1)[1] for k in s["rows"]}):
+        r = next(v for k, v in s["rows"].items() if k.endswith("/" + t_key))
+        if r["bf16_tok_s"] is not None:
+            rows.append((f"{t_key} tierkv bf16 (HF dir)", f"{_f(r['bf16_tok_s'])} tok/s, {_f(r['bf16_weight_gbps'])} GB/s "
+                         f"of weights (load {_f(r['bf16_load_avg'], '.1f')})"))
+        if r["own_tok_s"] is not None:
+            rows.append((f"{t_key} tierkv own quant (HF dir)", f"{_f(r['own_tok_s'])} tok/s, "
+                         f"{_f(r['own_weight_gbps'])} GB/s of weights"))
     for name, c in s["convert"].items():
-        rows.append((f"convert {name}", c["error"] or
+        rows.append((f"convert {name}", f"FAILED: {c['error']}" if c["error"] else
                      f"{_f(c['convert_s'], '.1f')} s, store {_f(c['store_bpw'])} bpw (layers {_f(c['store_layer_bpw'])}) "
                      f"vs file {_f(c['gguf_bpw'])} (layers {_f(c['gguf_layer_bpw'])}); memcap peak "
                      f"{_mib(c['memcap_peak_bytes'])} of {_mib(c['memcap_limit_bytes'])}, peak RSS "
@@ -370,7 +448,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="comma list of GGUF files (relative to --gguf-dir, or absolute)")
     ap.add_argument("--hf-dir", type=Path, default=None,
                     help="the HF checkpoint the files were made from (default GGUF_DIR/hf/llama-h2048-l16-bf16)")
-    ap.add_argument("--llama-bin", type=Path, default=LLAMA_BIN, help="llama.cpp's build/bin")
+    ap.add_argument("--llama-bins", default=",".join(map(str, LLAMA_BINS)),
+                    help="comma list of llama.cpp build/bin dirs (each measured; the fastest working one is compared)")
+    ap.add_argument("--llama-args", default="", help="extra llama-bench arguments, space separated (e.g. '--repack 0')")
     ap.add_argument("--threads", default="2,1", help="comma list of thread counts")
     ap.add_argument("--llama-tokens", type=int, default=32, help="llama-bench -n (tg) tokens")
     ap.add_argument("--prompt-len", type=int, default=16)
@@ -391,6 +471,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.ggufs = [p if p.is_absolute() else args.gguf_dir / p for p in map(Path, args.ggufs.split(","))]
     args.hf_dir = args.hf_dir or args.gguf_dir / "hf" / "llama-h2048-l16-bf16"
     args.convert_args = args.convert_args.split()
+    args.llama_args = args.llama_args.split()
+    args.llama_bins = [Path(p) for p in args.llama_bins.split(",") if p]
     return args
 
 
@@ -399,11 +481,11 @@ def check_inputs(args: argparse.Namespace) -> None:
     missing = [str(g) for g in args.ggufs if not g.is_file()]
     if {"bf16", "own"} & set(args.parts) and not (args.hf_dir / "config.json").is_file():
         missing.append(str(args.hf_dir))
-    if "llama" in args.parts and not (args.llama_bin / "llama-bench").is_file():
-        missing.append(str(args.llama_bin / "llama-bench"))
+    if "llama" in args.parts:
+        missing += [str(b / "llama-bench") for b in args.llama_bins if not (b / "llama-bench").is_file()]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: build llama.cpp and the files as {args.gguf_dir}/README.txt "
-                 f"says (or pass --ggufs / --hf-dir / --llama-bin; --parts without llama needs no build)")
+                 f"says (or pass --ggufs / --hf-dir / --llama-bins; --parts without llama needs no build)")
 
 
 def main() -> None:
@@ -424,13 +506,14 @@ def main() -> None:
     runs = collect(args, ids, cap)
     s = summarize(runs, files, args.threads)
     load_end = os.getloadavg()
-    build = next((r.get("build") for k, r in runs.items() if k.startswith("llama/") and r.get("build")), None)
+    build = next((r.get("build") for k, r in runs.items() if k.startswith("llama[") and r.get("build")), None)
     print_table(f"GGUF decode: llama.cpp {build or ''} vs tierkv, cpu, threads {args.threads}, tierkv prompt "
                 f"{args.prompt_len} + {args.new_tokens} new, load avg {load_start[0]:.1f} -> {load_end[0]:.1f} "
                 f"on {os.cpu_count()} cores", table_rows(s))
     emit_json(dict(s, bench="gguf", files=files, runs=runs, parts=args.parts, threads=args.threads,
                    hf_dir=str(args.hf_dir), cap=cap, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                   llama_tokens=args.llama_tokens, repeats=args.repeats, own_quant=args.own_quant,
+                   llama_tokens=args.llama_tokens, llama_args=args.llama_args,
+                   llama_bins=[str(b) for b in args.llama_bins], repeats=args.repeats, own_quant=args.own_quant,
                    llama_build=build, load_avg_start=list(load_start), load_avg_end=list(load_end),
                    cpu_count=os.cpu_count(), wall_s=round(time.perf_counter() - t0, 1)))
 
