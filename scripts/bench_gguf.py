@@ -7,8 +7,10 @@ weight with bounded conversion memory. All of it is measured in one invocation, 
 by llama.cpp itself (``convert_hf_to_gguf.py`` + ``llama-quantize``; see ``--gguf-dir``'s
 README.txt for how they were made), every engine in its own process:
 
-* ``llama``: ``llama-bench -m FILE -p 128 -n 32 -t T -o json`` (llama.cpp's tg32 and pp128, its
-  own repetitions and mean);
+* ``llama``: ``llama-bench -m FILE -p 0 -n 32 -t T -o json`` (tg32) and ``-p 128 -n 0`` (pp128),
+  each its own process, for every build in ``--llama-bins`` (default: the ``GGML_NATIVE`` build
+  and an AVX-512 build without AMX, whose kernels die with SIGILL on prompts here); the fastest
+  working build's best repetition is the reference (its mean is reported beside it);
 * ``tierkv``: ``tierkv.load(FILE, device="cpu")`` with T torch threads, greedy, EOS ignored,
   decode = (t(N) - t(1)) / (N - 1), best of ``--repeats`` (``bench_weights.time_decode``, as
   bench_quant.py); the first load converts the file into the cached store under
@@ -482,7 +484,11 @@ def check_inputs(args: argparse.Namespace) -> None:
     if {"bf16", "own"} & set(args.parts) and not (args.hf_dir / "config.json").is_file():
         missing.append(str(args.hf_dir))
     if "llama" in args.parts:
-        missing += [str(b / "llama-bench") for b in args.llama_bins if not (b / "llama-bench").is_file()]
+        built = [b for b in args.llama_bins if (b / "llama-bench").is_file()]
+        for b in sorted(set(args.llama_bins) - set(built)):
+            print(f"WARNING: no llama-bench in {b}: that build is skipped", flush=True)
+        args.llama_bins = built
+        missing += [] if built else ["llama-bench (in any of --llama-bins)"]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: build llama.cpp and the files as {args.gguf_dir}/README.txt "
                  f"says (or pass --ggufs / --hf-dir / --llama-bins; --parts without llama needs no build)")
