@@ -195,7 +195,7 @@ def worker_decode(o: dict[str, Any]) -> dict[str, Any]:
     first = gen(2)
     timing = bw.time_decode(gen, o["new_tokens"], o["repeats"])
     out = {"tok_s": timing.tok_s, "step_s": timing.step_s, "load_s": round(load_s, 2), "all_resident": resident,
-           "peak_rss_bytes": bw.peak_rss_bytes(), "tokens": list(getattr(first, "tokens", []) or [])[:2],
+           "peak_rss_bytes": bw.peak_rss_bytes(), "tokens": list(first.token_ids)[:4],
            "step_bytes": _step_bytes(engine, o["load_kwargs"])}
     engine.close()
     return out
