@@ -29,7 +29,7 @@ bandwidth, the number that says what bounds a memory-bound decode. The load aver
 next to every number (the machine is shared).
 
     python scripts/bench_gguf.py [--ggufs A.gguf,B.gguf] [--hf-dir DIR] [--threads 2,1]
-        [--parts llama,tierkv,bf16,own,convert] [--cap 768MiB] [--new-tokens 16] [--repeats 3]
+        [--parts llama,tierkv,bf16,own,convert] [--cap 896MiB] [--new-tokens 16] [--repeats 3]
 
 ``PYTHONPATH=OTHER_TREE python scripts/bench_gguf.py`` measures another checkout's tierkv.
 """
@@ -459,7 +459,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=16, help="tierkv decode tokens N in (t(N) - t(1)) / (N - 1)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--own-quant", default="int4:32", help="tierkv's own quantization of --hf-dir for 'own'")
-    ap.add_argument("--cap", default="768MiB", help="memcap limit for the conversion ('none': no cap)")
+    ap.add_argument("--cap", default="896MiB", help="memcap limit for the conversion ('none': no cap)")
     ap.add_argument("--convert-args", default="", help="extra `tierkv convert` arguments, space separated")
     ap.add_argument("--keep-stores", action="store_true", help="keep the converted stores (under --offload-dir)")
     ap.add_argument("--offload-dir", type=Path, default=Path(tempfile.gettempdir()) / "tierkv-bench-gguf")
