@@ -129,3 +129,14 @@ def test_a_dequantizing_conversion_keeps_a_16_bit_embedding(files, tmp_path):
     path, _ = files("Q4_0", True)
     with contextlib.closing(WeightStore.open(convert(path, tmp_path / "store", keep_source=False))) as store:
         assert store.extents["embed"].tensors[EMBED_WEIGHT].quant is None and "head" not in store.extents
+
+
+def test_a_tied_files_head_names_the_embeddings_codes(files):
+    from tierkv.io.gguf import GGUFCheckpoint
+    tied, untied = GGUFCheckpoint(files("Q4_0", True)[0]), GGUFCheckpoint(files("Q4_0", False)[0])
+    assert tied.tied_head() and not untied.tied_head()
+    assert tied.source_quants()[HEAD_WEIGHT] == tied.source_quants()[EMBED_WEIGHT] == ("int4", 32)
+    assert tied.source_types()[HEAD_WEIGHT] == "Q4_0"
+    for a, b in zip(tied.quantized_codes(HEAD_WEIGHT), tied.quantized_codes(EMBED_WEIGHT)):
+        assert torch.equal(a, b)
+    assert not GGUFCheckpoint(files("F16", True)[0]).tied_head()
