@@ -83,6 +83,7 @@ def test_the_embedding_is_stored_compressed_and_a_tied_head_gets_a_packed_copy(f
         shape = (cfg.vocab_size, cfg.hidden_size)
         assert head.quant == TensorQuant(SCHEME[kind], 32, choose_pack(SCHEME[kind], shape, "cpu", 32))
         assert head.source_type == kind
+        assert any("tied LM head is stored twice" in note for note in store.notes) == tied
         loaded = store.load(["embed", "head"])
         table = dequantize_weight(loaded["embed"][EMBED_WEIGHT], torch.float32)
         if tied:                          # the head is the embedding's own codes, in another pack
