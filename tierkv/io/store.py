@@ -146,7 +146,7 @@ def plan_layout(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | No
     ``source_types`` (full HF name -> GGML type) is recorded on each entry as ``gguf_type``.
     """
     dtype_name = str(dtype).removeprefix("torch.")
-    globals_ = config.global_tensor_shapes()
+    globals_ = dict(config.global_tensor_shapes())
     embed = _GLOBAL_EXTENTS["embed"]
     groups: list[tuple[str, dict[str, tuple[int, ...]]]] = [("embed", {embed: globals_[embed]})]
     groups += [(layer_extent_name(j), config.layer_tensor_shapes()) for j in range(config.num_layers)]

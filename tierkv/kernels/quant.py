@@ -76,8 +76,8 @@ from tierkv.kernels.quant_reference import dequantize_weight_plain, pack_nibbles
 from tierkv.quantspec import CHANNEL, QuantWeight, TensorQuant, WeightQuant, check_divides, group_len
 
 __all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "DYNAMIC_MAX_M", "FUSED_LINEARS", "DynamicInt8Linear", "dequantize_fwd",
-           "dequantize_rows", "dequantize_weight", "layer_nbytes", "linear_path", "pack_weight", "prepare", "prepare_layer", "quant_linear",
-           "quant_matmul_fwd", "quantize_weight"]
+           "dequantize_rows", "dequantize_weight", "layer_nbytes", "linear_path", "pack_weight", "prepare",
+           "prepare_layer", "quant_linear", "quant_matmul_fwd", "quantize_weight"]
 
 # Batches of at least this many rows take dequantize-then-cuBLAS instead of the fused Triton
 # matmul (prefill; decode is M = 1). UNMEASURED until a GPU run: scripts/bench_quant_kernels.py
@@ -302,10 +302,9 @@ def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.float32, backe
 
 
 def dequantize_rows(qw: QuantWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``ids`` (any shape, int64) of a ``plain`` (N, K) weight dequantized -> (*ids.shape, K) in ``dtype``:
-    an embedding lookup that touches only the looked-up rows (a gather of their codes and (scale,
-    minimum) pairs, then ``q * scale + minimum`` in fp32 like ``dequantize_weight``, cast to ``dtype``),
-    so the rows equal ``dequantize_weight(qw, dtype)[ids]`` bit for bit."""
+    """Rows ``ids`` (any shape, int64) of a ``plain`` (N, K) weight -> (*ids.shape, K) in ``dtype``: an embedding
+    lookup gathering only those rows' codes and (scale, minimum) pairs, then the reference's fp32 math, so
+    it equals ``dequantize_weight(qw, dtype)[ids]`` bit for bit."""
     if qw.quant.pack != "plain":
         raise ArgumentError(f"row lookups read the plain pack, not {qw.quant.pack}; store the embedding plain "
                             "(io.store.plan_layout does)")
