@@ -65,7 +65,7 @@ def test_quantized_tensors_dequantize_like_gguf(kind, tmp_path):
     sq = ckpt.source_quants()
     assert set(sq) == {f"model.layers.{j}.{n}.weight" for j in range(2) for n in
                        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")} | {"lm_head.weight"}
+                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")} | {"lm_head.weight", "model.embed_tokens.weight"}
     assert set(sq.values()) == {("int8" if kind == "Q8_0" else "int4", 32)}
     codes, qparams = ckpt.quantized_codes("model.layers.0.self_attn.k_proj.weight")
     assert codes.shape == (32, 64) and codes.dtype == torch.uint8 and qparams.shape == (2, 32, 2)

@@ -393,7 +393,8 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     the device. A converted store passed as ``model`` uses the scheme it was converted with; asking
     for another (quant="none" for 16-bit) is refused with what it holds and how to get the other.
     A GGUF model keeps its Q4/Q5/Q6/Q8 weights in their own int4/int8 groups of 32 whatever quant
-    says; quant then covers its 16-bit and other-type weights; quant="none" dequantizes them all.
+    says (its token embedding too, looked up row by row, and for a tied model a head packed from the
+    same codes); quant then covers its 16-bit and other-type weights; quant="none" dequantizes them all.
 
     max_sequences: most sequences that decode together (prompts of a batch, concurrent calls,
     sessions' turns); more wait for a place. The planner reserves one step's activations: a prefill

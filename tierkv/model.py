@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.config import ModelConfig, RopeConfig
-from tierkv.kernels.quant import FUSED_LINEARS, DynamicInt8Linear, quant_linear
-from tierkv.quantspec import QuantWeight
+from tierkv.kernels.quant import FUSED_LINEARS, DynamicInt8Linear, dequantize_rows, quant_linear
+from tierkv.quantspec import EMBED_WEIGHT, HEAD_WEIGHT, QuantWeight
 
 
 class KVCache(Protocol):
@@ -155,14 +155,20 @@ def decoder_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor,
     return h + mlp(w, rms_norm(h, w["post_attention_layernorm.weight"], cfg.rms_norm_eps))
 
 
-def embed(g: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-    """Token ids (B, T) -> hidden (B, T, H)."""
-    return F.embedding(ids, g["model.embed_tokens.weight"])
+def embed(g: dict[str, torch.Tensor], ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Token ids (B, T) -> hidden (B, T, H) in the compute ``dtype``; a quantized embedding (a GGUF
+    store's) dequantizes only the looked-up rows."""
+    weight = g[EMBED_WEIGHT]
+    if isinstance(weight, QuantWeight):
+        return dequantize_rows(weight, ids, dtype)
+    return F.embedding(ids, weight)
 
 
 def head(cfg: ModelConfig, g: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-    """Final norm and LM head. h (B, T, H) -> logits (B, T, V) fp32."""
-    weight = g["model.embed_tokens.weight"] if cfg.tie_word_embeddings else g["lm_head.weight"]
+    """Final norm and LM head. h (B, T, H) -> logits (B, T, V) fp32. A tied model uses its embedding,
+    unless its store holds the head as a tensor of its own (a quantized embedding's codes packed for
+    the quantized matmul: ``io.store.plan_layout``)."""
+    weight = g[HEAD_WEIGHT] if HEAD_WEIGHT in g or not cfg.tie_word_embeddings else g[EMBED_WEIGHT]
     return linear(rms_norm(h, g["model.norm.weight"], cfg.rms_norm_eps), weight).float()
 
 

@@ -58,7 +58,7 @@ def first_bad_stage(cfg: ModelConfig, weights: WeightSource, ids: list[int], dty
     kv = DenseKVCache(cfg, 1, len(ids), dtype, device)
     positions = torch.arange(len(ids), device=device)[None]                   # (1, T)
     step = step_inputs(cfg, positions, len(ids), dtype)
-    h = embed(g, torch.tensor([ids], device=device))                          # (1, T, H)
+    h = embed(g, torch.tensor([ids], device=device), dtype)                   # (1, T, H)
     if not hidden_usable(h):
         return "the embedding", None
     bad: list[int] = []

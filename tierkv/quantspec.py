@@ -57,6 +57,7 @@ BITS = {"int8": 8, "int4": 4}
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 HEAD_WEIGHT = "lm_head.weight"
+EMBED_WEIGHT = "model.embed_tokens.weight"     # quantized only when a GGUF source holds it so (row lookups: plain pack)
 
 
 def group_size_name(group_size: int) -> str:
@@ -89,7 +90,8 @@ def group_len(group_size: int, k: int) -> int:
 class WeightQuant:
     """What the user asked for: a scheme, its group size, and whether the LM head is quantized too.
 
-    The embedding and the norms always stay 16-bit; ``head=True`` quantizes ``lm_head.weight``
+    The embedding and the norms stay 16-bit (a GGUF file's quantized embedding keeps its own scheme:
+    ``io.store.plan_layout``); ``head=True`` quantizes ``lm_head.weight``
     (models with tied embeddings have no separate head, so it changes nothing for them).
     """
 
@@ -308,7 +310,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-__all__ = ["BITS", "CHANNEL", "CPU_INT8_K_MULTIPLE", "CHANNEL_WORD", "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "GROUP_SIZE_CHOICES", "HEAD_WEIGHT", "KV_SCHEMES", "LAYER_LINEARS", "PACKS",
+__all__ = ["BITS", "CHANNEL", "CPU_INT8_K_MULTIPLE", "CHANNEL_WORD", "DEFAULT_GROUP_SIZE", "EMBED_WEIGHT", "GROUP_SIZES", "GROUP_SIZE_CHOICES", "HEAD_WEIGHT", "KV_SCHEMES", "LAYER_LINEARS", "PACKS",
            "QPARAMS_DTYPE", "QuantWeight", "QPARAMS_SUFFIX", "SCHEMES", "TensorQuant", "WeightQuant", "check_divides",
            "check_kv_scheme", "choose_pack", "group_len", "group_size_name", "kv_chunk_bytes", "parse_group_size", "parse_weight_quant", "quantized_keys",
            "tensor_quants",

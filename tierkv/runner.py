@@ -97,7 +97,7 @@ class Runner:
         ids = [i for f in feeds for i in f.ids]
         kv = RaggedKV([f.cache for f in feeds], [len(f.ids) for f in feeds])
         step = self.step_inputs(feeds)
-        h = embed(self.weights.globals(), torch.tensor([ids], device=self.device))      # (1, N, H)
+        h = embed(self.weights.globals(), torch.tensor([ids], device=self.device), self.dtype)   # (1, N, H)
         h = run_layers(self.weights, h, lambda j, w, x: decoder_layer(self.cfg, w, x, step, kv, j))
         kv.advance(len(ids))
         return h

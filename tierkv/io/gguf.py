@@ -30,7 +30,7 @@ from tierkv.io.gguf_config import ARCHITECTURES, ROPE_FREQS_TENSOR, GGUFMetadata
 from tierkv.io.progress import ProgressFn, progress_or_bar
 from tierkv.errors import ArgumentError
 from tierkv.io.gguf_blocks import GGUF_SCHEMES, blocks_to_groups
-from tierkv.quantspec import HEAD_WEIGHT, LAYER_LINEARS
+from tierkv.quantspec import EMBED_WEIGHT, HEAD_WEIGHT, LAYER_LINEARS
 
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
@@ -288,23 +288,36 @@ class GGUFCheckpoint:
     # -- quantized weights -------------------------------------------------------------------
     def source_quants(self) -> dict[str, tuple[str, int]]:
         """HF name -> (scheme, group size) for the weights the store keeps quantized from the file: the
-        layer linears and the head held in a type of ``SOURCE_SCHEMES``."""
+        layer linears, the head and the embedding held in a type of ``SOURCE_SCHEMES``; for a tied model
+        whose embedding is so held, ``lm_head.weight`` too (the store packs the head from the embedding's
+        codes: ``tied_head``)."""
         linears = {f"{n}.weight" for n in LAYER_LINEARS}
-        return {name: GGUF_SCHEMES[info.type_name][:2] for name, info in self._hf.items()
-                if info.type_name in SOURCE_SCHEMES and (name == HEAD_WEIGHT or name.split(".", 3)[-1] in linears)}
+        out = {name: GGUF_SCHEMES[info.type_name][:2] for name, info in self._hf.items()
+               if info.type_name in SOURCE_SCHEMES and (name in (HEAD_WEIGHT, EMBED_WEIGHT)
+                                                        or name.split(".", 3)[-1] in linears)}
+        if self.tied_head():
+            out[HEAD_WEIGHT] = out[EMBED_WEIGHT]
+        return out
+
+    def tied_head(self) -> bool:
+        """Whether the model ties its head to an embedding the file holds in a type of ``SOURCE_SCHEMES``:
+        then ``lm_head.weight`` names the embedding's codes (``quantized_codes``, ``source_types``)."""
+        return self.config.tie_word_embeddings and self._hf[EMBED_WEIGHT].type_name in SOURCE_SCHEMES
 
     def source_types(self) -> dict[str, str]:
-        """HF name -> GGML type name of every tensor the model uses."""
-        return {name: info.type_name for name, info in self._hf.items()}
+        """HF name -> GGML type name of every tensor the model uses (a ``tied_head`` under both names)."""
+        types = {name: info.type_name for name, info in self._hf.items()}
+        return {**types, HEAD_WEIGHT: types[EMBED_WEIGHT]} if self.tied_head() else types
 
     def quantized_codes(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes (N, K) uint8, qparams (K/32, N, 2) float16) of a weight in ``source_quants``, rows in HF
         order, ``w = codes * scale + minimum``: the file's blocks decoded straight into groups by
         ``io.gguf_blocks.blocks_to_groups`` (bit-exact for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1; its docstring
-        states the K-quants' error), never through 16-bit."""
-        info = self.info(name)
+        states the K-quants' error), never through 16-bit. A ``tied_head``'s are the embedding's."""
         if name not in self.source_quants():
-            raise KeyError(f"tensor {name} ({info.type_name}) is not kept quantized from {self.source}")
+            raise KeyError(f"tensor {name} ({self.source_types().get(name)}) is not kept quantized from {self.source}")
+        name = EMBED_WEIGHT if name == HEAD_WEIGHT and self.tied_head() else name
+        info = self.info(name)
         n, k = info.shape
         try:
             codes, qparams = blocks_to_groups(info.type_name, self._raw(info).reshape(n, -1), k)

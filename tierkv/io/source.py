@@ -15,12 +15,12 @@ from typing import Any, Union
 
 import torch
 
-from tierkv.config import ModelConfig, read_json
+from tierkv.config import ModelConfig, format_size, read_json
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.io.gguf import OTHER_TYPES, GGUFCheckpoint, gguf_parts, is_gguf_source
 from tierkv.io.gguf_tokenizer import UnsupportedTokenizer, check_tokenizer, write_tokenizer_files
 from tierkv.io.store import Extent, plan_layout, write_json_atomic
-from tierkv.quantspec import QPARAMS_SUFFIX, TensorQuant, WeightQuant
+from tierkv.quantspec import EMBED_WEIGHT, QPARAMS_SUFFIX, TensorQuant, WeightQuant
 
 Source = Union[Checkpoint, GGUFCheckpoint]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -111,7 +111,8 @@ def held_quant(ckpt: Source, extents: list[Extent], asked: WeightQuant | None) -
 def conversion_notes(ckpt: Source, extents: list[Extent], dtype: torch.dtype, keep_source: bool) -> list[str]:
     """What converting a GGUF model changed about its weights, one line each ([] for HF checkpoints and
     for GGUF weights kept as they are): quantized weights dequantized because 16-bit was asked, and
-    weights of types tierkv keeps no int4/int8 form of, stored 16-bit or re-quantized."""
+    weights of types tierkv keeps no int4/int8 form of, stored 16-bit or re-quantized, and a tied
+    head stored as a second compressed copy of the embedding."""
     if not isinstance(ckpt, GGUFCheckpoint):
         return []
     name = str(dtype).removeprefix("torch.")
@@ -130,6 +131,10 @@ def conversion_notes(ckpt: Source, extents: list[Extent], dtype: torch.dtype, ke
         notes.append(f"{'/'.join(others)} weights have no exact int4/int8 form: "
                      + ("re-quantized as --quant asked" if requantized else
                         f"dequantized to {name} (--quant int4 or int8 re-quantizes them)"))
+    head = next((e for e in extents if e.name == "head"), None)
+    if ckpt.config.tie_word_embeddings and head is not None:
+        notes.append(f"the tied LM head is stored twice compressed: the {ckpt.source_types()[EMBED_WEIGHT]} embedding "
+                     f"for row lookups, and its codes packed for the quantized matmul ({format_size(head.nbytes)})")
     return notes
 
 

@@ -7,7 +7,8 @@ layout of extents, the manifest (read, validated, written atomically) and ``Weig
 opens a complete store, reads extents and verifies them. Writing a store from a checkpoint lives
 in ``io.convert``, which builds on this module (never the reverse). A store directory holds::
 
-    OUT/weights.bin     extents: embed, layer.0 .. layer.{L-1}, norm, head (absent when tied)
+    OUT/weights.bin     extents: embed, layer.0 .. layer.{L-1}, norm, head (absent when tied, unless a
+                        GGUF source's quantized embedding is tied: then the head is its packed copy)
     OUT/manifest.json   format/version, dtype, the checkpoint's config.json, and per extent its
                         offset, size, padded size, CRC-32 per 4 MiB block and tensor table
 
@@ -41,8 +42,8 @@ from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.mover import MoveRecord
 from tierkv.io.reader import DEFAULT_REQUEST_BYTES, AlignedReader
 from tierkv.kernels.quant_cpu import cpu_layout
-from tierkv.quantspec import GROUP_SIZE_CHOICES, QPARAMS_SUFFIX, SCHEMES, QuantWeight, TensorQuant, WeightQuant, \
-    choose_pack, group_size_name, tensor_quants
+from tierkv.quantspec import EMBED_WEIGHT, GROUP_SIZE_CHOICES, HEAD_WEIGHT, QPARAMS_SUFFIX, SCHEMES, QuantWeight, \
+    TensorQuant, WeightQuant, choose_pack, group_size_name, tensor_quants
 
 FORMAT_NAME = "tierkv-weight-store"
 FORMAT_VERSION = 1
@@ -55,7 +56,7 @@ USE_LOCK_FILE = ".in-use.lock"   # readers hold it shared; removing a stale stor
 DAMAGE_FILE = "damaged.json"     # extents found corrupt while streaming: the store needs a repair
 CRC_BLOCK_BYTES = 4 << 20       # one CRC-32 per block; the reader's request size is a multiple of it
 TENSOR_ALIGN_BYTES = 64         # tensors inside an extent start on 64-byte boundaries
-_GLOBAL_EXTENTS = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "head": "lm_head.weight"}
+_GLOBAL_EXTENTS = {"embed": EMBED_WEIGHT, "norm": "model.norm.weight", "head": HEAD_WEIGHT}
 
 
 class StoreError(TierkvError):
@@ -139,14 +140,18 @@ def plan_layout(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | No
     With ``quant``, the weights it covers (``quantized_keys``) are stored packed for computing on
     ``device_type`` (``choose_pack``): their data entry carries the scheme, and their qparams
     follow under KEY + ".qparams". ``source_quants`` (full HF name -> (scheme, group size)) are the
-    weights a quantized source (a GGUF file) keeps in its own scheme, whatever ``quant`` says;
+    weights a quantized source (a GGUF file) keeps in its own scheme, whatever ``quant`` says (the
+    embedding among them is stored plain, for row lookups; a tied model's ``lm_head.weight`` among them
+    gets a "head" extent of its own, the same codes packed for ``device_type``'s quantized matmul);
     ``source_types`` (full HF name -> GGML type) is recorded on each entry as ``gguf_type``.
     """
     dtype_name = str(dtype).removeprefix("torch.")
-    globals_ = config.global_tensor_shapes()
+    globals_ = dict(config.global_tensor_shapes())
     embed = _GLOBAL_EXTENTS["embed"]
     groups: list[tuple[str, dict[str, tuple[int, ...]]]] = [("embed", {embed: globals_[embed]})]
     groups += [(layer_extent_name(j), config.layer_tensor_shapes()) for j in range(config.num_layers)]
+    if HEAD_WEIGHT in (source_quants or {}) and HEAD_WEIGHT not in globals_:
+        globals_[HEAD_WEIGHT] = globals_[embed]        # a tied head kept quantized: its own copy, packed to compute
     groups += [(name, {hf: globals_[hf]}) for name, hf in _GLOBAL_EXTENTS.items()
                if name != "embed" and hf in globals_]
     extents, offset = [], 0
@@ -190,11 +195,13 @@ def layout_prepared_bytes(extents: list[Extent], dtype_bytes: int) -> tuple[int,
 def _group_quants(shapes: dict[str, tuple[int, ...]], prefix: str, quant: WeightQuant | None, device_type: str,
                   source_quants: dict[str, tuple[str, int]]) -> dict[str, TensorQuant]:
     """Key -> how it is stored for one extent's tensors: the source's own scheme where it has one,
-    else what ``quant`` asks (``tensor_quants``)."""
+    else what ``quant`` asks (``tensor_quants``). A quantized embedding is always the plain pack: the
+    lookup gathers rows of its codes (``kernels.quant.dequantize_rows``)."""
     own = {key: source_quants[prefix + key] for key in shapes if prefix + key in source_quants}
     out = tensor_quants({k: s for k, s in shapes.items() if k not in own}, quant, device_type)
     for key, (scheme, group) in own.items():
-        out[key] = TensorQuant(scheme, group, choose_pack(scheme, tuple(shapes[key]), device_type, group))
+        pack = "plain" if prefix + key == EMBED_WEIGHT else choose_pack(scheme, tuple(shapes[key]), device_type, group)
+        out[key] = TensorQuant(scheme, group, pack)
     return out
 
 

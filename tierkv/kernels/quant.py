@@ -76,8 +76,8 @@ from tierkv.kernels.quant_reference import dequantize_weight_plain, pack_nibbles
 from tierkv.quantspec import CHANNEL, QuantWeight, TensorQuant, WeightQuant, check_divides, group_len
 
 __all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "DYNAMIC_MAX_M", "FUSED_LINEARS", "DynamicInt8Linear", "dequantize_fwd",
-           "dequantize_weight", "layer_nbytes", "linear_path", "pack_weight", "prepare", "prepare_layer", "quant_linear",
-           "quant_matmul_fwd", "quantize_weight"]
+           "dequantize_rows", "dequantize_weight", "layer_nbytes", "linear_path", "pack_weight", "prepare",
+           "prepare_layer", "quant_linear", "quant_matmul_fwd", "quantize_weight"]
 
 # Batches of at least this many rows take dequantize-then-cuBLAS instead of the fused Triton
 # matmul (prefill; decode is M = 1). UNMEASURED until a GPU run: scripts/bench_quant_kernels.py
@@ -299,6 +299,19 @@ def dequantize_weight(qw: QuantWeight, dtype: torch.dtype = torch.float32, backe
     else:
         codes = quant_cpu.unpack_codes(qw.data[0], n, k) * 16 + quant_cpu.unpack_codes(qw.data[1], n, k)
     return _dequantize_codes(codes, qw.qparams, tq.group_size, dtype)
+
+
+def dequantize_rows(qw: QuantWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` (any shape, int64) of a ``plain`` (N, K) weight -> (*ids.shape, K) in ``dtype``: an embedding
+    lookup gathering only those rows' codes and (scale, minimum) pairs, then the reference's fp32 math, so
+    it equals ``dequantize_weight(qw, dtype)[ids]`` bit for bit."""
+    if qw.quant.pack != "plain":
+        raise ArgumentError(f"row lookups read the plain pack, not {qw.quant.pack}; store the embedding plain "
+                            "(io.store.plan_layout does)")
+    k = qw.shape[1]
+    flat = ids.reshape(-1)
+    rows = dequantize_weight_plain(qw.data[flat], qw.qparams[:, flat], qw.quant.bits, dtype)   # (M, K)
+    return rows.view(*ids.shape, k)
 
 
 def _dequantize_codes(codes: torch.Tensor, qparams: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
