@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -121,3 +122,39 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
 def emit_json(data: dict[str, Any]) -> None:
     """The one machine-readable line every benchmark ends with."""
     print(json.dumps(data, sort_keys=True))
+
+
+MEMCAP = Path("/work/shared/tools/memcap")      # runs a command under a real memory cap (page cache included)
+
+
+def run_worker_script(script: str | Path, kind: str, opts: dict[str, Any], cap: str | None,
+                      timeout_s: float) -> dict[str, Any]:
+    """``script --worker kind --opts JSON`` in a fresh interpreter (under ``memcap cap`` when given):
+    its last JSON line on stdout, plus memcap's peak and OOM kills, ``wall_s`` and ``rc``; a crash
+    or a timeout becomes {"error": ...} with the last lines of its stderr."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", kind, "--opts", json.dumps(opts)]
+    if cap is not None:
+        cmd = [str(MEMCAP), cap, "--", *cmd]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s", "wall_s": timeout_s}
+    out: dict[str, Any] = {"wall_s": round(time.perf_counter() - t0, 1), "rc": proc.returncode}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if lines:
+        out.update(json.loads(lines[-1]))
+    cap_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith('{"memcap_')]
+    if cap_lines:
+        out.update(json.loads(cap_lines[-1]))
+    if proc.returncode != 0 or not lines:
+        tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith('{"memcap_')][-3:]
+        out.setdefault("error", f"exit {proc.returncode}: " + " | ".join(tail)[-400:])
+    return out
+
+
+def memcap_usable() -> bool:
+    """Whether memcap can make a cgroup here (needs root and a memory controller)."""
+    if not MEMCAP.is_file():
+        return False
+    return subprocess.run([str(MEMCAP), "64MiB", "--", "true"], capture_output=True, check=False).returncode == 0

@@ -50,9 +50,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_weights as bw  # noqa: E402  (puts the checkout's tierkv on sys.path, after PYTHONPATH's)
-from bench_common import emit_json, print_table  # noqa: E402
+from bench_common import memcap_usable, run_worker_script, emit_json, print_table  # noqa: E402
 
-MEMCAP = Path("/work/shared/tools/memcap")
 GGUF_DIR = Path("/work/gguf-models")
 LLAMA_SRC = Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp")
 LLAMA_BINS = (LLAMA_SRC / "build" / "bin", LLAMA_SRC / "build-noamx" / "bin")
@@ -246,32 +245,8 @@ def run_worker(kind: str, opts: dict[str, Any], cap: str | None, timeout_s: floa
     """``--worker kind`` in a fresh interpreter (under ``memcap cap`` when given): its last JSON
     line, memcap's peak and OOM kills, and the load average at its start; a crash or a timeout
     becomes {"error": ...}."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--opts", json.dumps(opts)]
-    if cap is not None:
-        cmd = [str(MEMCAP), cap, "--", *cmd]
-    out: dict[str, Any] = {"load_avg": round(os.getloadavg()[0], 2)}
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        return dict(out, error=f"timed out after {timeout_s:.0f} s")
-    out.update(wall_s=round(time.perf_counter() - t0, 1), rc=proc.returncode)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if lines:
-        out.update(json.loads(lines[-1]))
-    cap_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith('{"memcap_')]
-    if cap_lines:
-        out.update(json.loads(cap_lines[-1]))
-    if proc.returncode != 0 or not lines:
-        tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith('{"memcap_')][-3:]
-        out.setdefault("error", f"exit {proc.returncode}: " + " | ".join(tail)[-400:])
-    return out
-
-
-def memcap_usable() -> bool:
-    if not MEMCAP.is_file():
-        return False
-    return subprocess.run([str(MEMCAP), "64MiB", "--", "true"], capture_output=True, check=False).returncode == 0
+    load = round(os.getloadavg()[0], 2)
+    return {"load_avg": load, **run_worker_script(__file__, kind, opts, cap, timeout_s)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,9 +52,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_weights as bw  # noqa: E402  (puts the checkout's tierkv on sys.path, after PYTHONPATH's)
-from bench_common import bench_model_dir, emit_json, group_size_arg, matvec_gbps, print_table  # noqa: E402
+from bench_common import memcap_usable, run_worker_script, bench_model_dir, emit_json, group_size_arg, matvec_gbps, print_table  # noqa: E402
 
-MEMCAP = Path("/work/shared/tools/memcap")
 SCHEMES = ("bf16", "int8", "int4")
 PEERS = ("accelerate", "bnb4", "bnb8", "quanto4", "quanto8")
 GOALS_STREAM = {"int8": {"bytes": 0.55, "tok_s": 1.7}, "int4": {"bytes": 0.30, "tok_s": 3.0}}
@@ -225,25 +223,7 @@ WORKERS = {"resident": worker_resident, "stream": worker_stream, "peer": worker_
 def run_worker(kind: str, opts: dict[str, Any], cap: str | None, timeout_s: float = 900) -> dict[str, Any]:
     """``--worker kind`` in a fresh interpreter (under ``memcap cap`` when given): its JSON line, plus
     memcap's peak and OOM kills; a crash or a timeout becomes {"error": ...}."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--opts", json.dumps(opts)]
-    if cap is not None:
-        cmd = [str(MEMCAP), cap, "--", *cmd]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s", "wall_s": timeout_s}
-    out: dict[str, Any] = {"wall_s": round(time.perf_counter() - t0, 1), "rc": proc.returncode}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if lines:
-        out.update(json.loads(lines[-1]))
-    cap_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith('{"memcap_')]
-    if cap_lines:
-        out.update(json.loads(cap_lines[-1]))
-    if proc.returncode != 0 or not lines:
-        tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith('{"memcap_')][-3:]
-        out.setdefault("error", f"exit {proc.returncode}: " + " | ".join(tail)[-400:])
-    return out
+    return run_worker_script(__file__, kind, opts, cap, timeout_s)
 
 
 def evict_inputs(model_dir: Path, offload: Path) -> None:
@@ -251,13 +231,6 @@ def evict_inputs(model_dir: Path, offload: Path) -> None:
     earlier process are charged to its cgroup, not the capped one, and would give a free warm start."""
     files = sorted(model_dir.glob("*.safetensors")) + sorted(p for p in (offload / "stores").rglob("*") if p.is_file())
     bw.evict_files(files)
-
-
-def memcap_usable() -> bool:
-    """Whether memcap can make a cgroup here (needs root and a memory controller)."""
-    if not MEMCAP.is_file():
-        return False
-    return subprocess.run([str(MEMCAP), "64MiB", "--", "true"], capture_output=True, check=False).returncode == 0
 
 
 def _common(args: argparse.Namespace) -> dict[str, Any]:
