@@ -324,5 +324,5 @@ def test_missing_transformers_converter_says_how_to_install(tmp_path, monkeypatc
 
     path = _write_gguf(tmp_path / "q.gguf", _bpe_source(), "gpt2", "qwen2")
     monkeypatch.setitem(sys.modules, "transformers.integrations.gguf", None)  # import now raises ImportError
-    with pytest.raises(ConfigError, match=r"pip install 'tierkv\[gguf\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'transformers>=5\.24' 'gguf>=0\.10'"):
         write_tokenizer_files(gguf.GGUFReader(str(path)), tmp_path / "store")

@@ -41,7 +41,8 @@ SOURCE_SCHEMES = {name: s.scheme for name, s in GGUF_SCHEMES.items()}
 # other types gguf.quants dequantizes: stored 16-bit, or re-quantized when --quant asks
 OTHER_TYPES = ("Q2_K", "Q3_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS",
                "TQ1_0", "TQ2_0", "MXFP4")
-INSTALL_HINT = "install the GGUF reader with `pip install 'tierkv[gguf]'` (the gguf package)"
+INSTALL_HINT = ("install the GGUF reader and tokenizer converter with `pip install 'gguf>=0.10' 'transformers>=5.24'` "
+                "(what the tierkv[gguf] extra installs; from a tierkv checkout: `pip install -e '.[gguf]'`)")
 
 
 class GGUFError(CheckpointError):

@@ -299,7 +299,7 @@ def conversion_error(ggml_type: str | Enum, raw: np.ndarray, k: int) -> Conversi
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
     except ImportError as e:            # pragma: no cover - the test extra installs it
-        raise ArgumentError("measuring the conversion error needs the gguf package: pip install 'tierkv[gguf]'") from e
+        raise ArgumentError("measuring the conversion error needs the gguf package: pip install 'gguf>=0.10'") from e
     name = type_name(ggml_type)
     codes, qparams = blocks_to_groups(name, raw, k)
     ours = groups_to_weights(codes, qparams)

@@ -30,7 +30,8 @@ from tierkv.config import ConfigError
 if TYPE_CHECKING:  # gguf is an optional extra; only its reader objects are passed in
     from gguf import GGUFReader
 
-INSTALL_HINT = "pip install 'tierkv[gguf]'"
+INSTALL_HINT = ("pip install 'transformers>=5.24' 'gguf>=0.10' (what the tierkv[gguf] extra installs; "
+                "from a tierkv checkout: pip install -e '.[gguf]')")
 TOKENIZER_MODELS = ("gpt2", "llama")  # tokenizer.ggml.model values: byte-level BPE, SentencePiece
 # tokenizer.ggml.pre values byte-level BPE keeps GPT-2's own split for (transformers' default): llama.cpp's name
 GPT2_SPLIT_PRES = ("gpt-2",)
