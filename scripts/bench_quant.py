@@ -61,7 +61,8 @@ GOALS_RESIDENT = {"int8": 1.5, "int4": 2.0}
 # "@VARIANT" after a --schemes entry (several joined by "+"): the environment its worker runs under
 # (kernels/_select.py): "dynamic" rounds activations to 8 bits for per-channel int8 linears,
 # "nofuse" keeps q/k/v and gate/up as separate linears (how tierkv computed before fusion).
-VARIANTS = {"dynamic": {"TIERKV_CPU_QLINEAR": "dynamic_int8"}, "nofuse": {"TIERKV_FUSE_LINEARS": "0"}}
+VARIANTS = {"dynamic": {"TIERKV_CPU_QLINEAR": "dynamic_int8"}, "nofuse": {"TIERKV_FUSE_LINEARS": "0"},
+            "fuse": {"TIERKV_FUSE_LINEARS": "1"}}
 PEER_SPEEDUP_GOAL = 2.0
 
 

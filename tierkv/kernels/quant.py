@@ -45,7 +45,8 @@ Resident layers (``prepare_layer``, for weights placed to stay):
   Measured: the in-memory 0.85B int8 model's RSS 2937 MiB against 2441 weight-only (the engine keeps
   more than its packed N*K: oneDNN holds the original weight for unpacking); the planner does not
   count any of it (``quantspec.TensorQuant.prepared_nbytes`` has no dynamic term).
-- ``TIERKV_FUSE_LINEARS=1`` (default; ``_select.fuse_linears``): q/k/v and gate/up as one linear
+- ``TIERKV_FUSE_LINEARS`` (``_select.fuse_linears``; default "quant": quantized weights only, "1" 16-bit
+  ones too, "0" none): q/k/v and gate/up as one linear
   each (``FUSED_LINEARS``; ``model.attention``/``model.mlp`` split the output) where that leaves one
   copy: 16-bit weights back to back in a layer's store buffer become one strided view;
   ``dynamic_int8`` groups are packed together; in a dict that owns its tensors (``owned``: the
@@ -354,7 +355,7 @@ def prepare(qw: QuantWeight, dtype: torch.dtype) -> QuantWeight:
 def prepare_layer(tensors: dict[str, Any], dtype: torch.dtype, qlinear: str | None = None,
                   fuse: bool | None = None, owned: bool = False) -> dict[str, Any]:
     """A layer's (or the globals') weight dict made ready to stay, in place: every ``QuantWeight``
-    ``prepare``d for ``dtype``; with ``fuse`` (default ``$TIERKV_FUSE_LINEARS``, on) the ``FUSED_LINEARS``
+    ``prepare``d for ``dtype``; with ``fuse`` (default ``$TIERKV_FUSE_LINEARS``: quantized weights) the ``FUSED_LINEARS``
     added where no second copy results; with ``qlinear`` "dynamic_int8" (default ``$TIERKV_CPU_QLINEAR``)
     cpu_int8 weights on the CPU as ``DynamicInt8Linear`` (fused groups packed together).
 
@@ -362,9 +363,10 @@ def prepare_layer(tensors: dict[str, Any], dtype: torch.dtype, qlinear: str | No
     may be a new tensor whose row slices replace its parts (one copy in the end, any pack).
     """
     dynamic = pick_cpu_qlinear(qlinear) == "dynamic_int8" and quant_cpu.dynamic_int8_engine() is not None
-    if fuse_linears(fuse):
+    mode = fuse_linears(fuse)
+    if mode != "none":
         for fused, parts in FUSED_LINEARS.items():
-            _fuse_group(tensors, fused, parts, dynamic, owned)
+            _fuse_group(tensors, fused, parts, dynamic, owned, sixteen=mode == "all")
     grouped = {f"{p}.weight" for fused, parts in FUSED_LINEARS.items() if f"{fused}.weight" in tensors
                for p in parts}
     for key, value in tensors.items():
@@ -449,10 +451,11 @@ def _dynamic_dequantized(dyn: DynamicInt8Linear, dtype: torch.dtype) -> torch.Te
     return _dequantize_codes(codes, dyn.qparams, dyn.k, dtype)
 
 
-def _fuse_group(tensors: dict[str, Any], fused: str, parts: tuple[str, ...], dynamic: bool, owned: bool) -> None:
+def _fuse_group(tensors: dict[str, Any], fused: str, parts: tuple[str, ...], dynamic: bool, owned: bool,
+                sixteen: bool = True) -> None:
     """Add ``fused``.weight (and .bias) to ``tensors`` when every part is there and fusing leaves one copy:
-    16-bit weights back to back in memory (a view); cpu_int8 parts with ``dynamic`` (packed together);
-    with ``owned``, any parts of one kind (concatenated; the parts become row slices of it)."""
+    16-bit weights back to back in memory (a view; only with ``sixteen``); cpu_int8 parts with ``dynamic``
+    (packed together); with ``owned``, any parts of one kind (concatenated; the parts become row slices)."""
     keys = [f"{p}.weight" for p in parts]
     weights = [tensors.get(key) for key in keys]
     biases = [tensors.get(f"{p}.bias") for p in parts]
@@ -463,6 +466,8 @@ def _fuse_group(tensors: dict[str, Any], fused: str, parts: tuple[str, ...], dyn
         for key in keys if owned else ():             # the packed copy serves every batch: one copy held
             del tensors[key]
     elif all(isinstance(w, torch.Tensor) for w in weights):
+        if not sixteen:
+            return
         view = _adjacent_rows(weights)
         if view is None and owned and _same_kind(weights):
             view = torch.cat(weights)                                           # (sum N, K)
