@@ -33,7 +33,7 @@ import torch
 
 from tierkv.config import format_size
 from tierkv.io.buffers import ALIGN_BYTES
-from tierkv.io.checkpoint import LAYER_PREFIX, Checkpoint, resolve_dtype
+from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.io.gguf import is_gguf_source
 from tierkv.io.progress import ProgressFn, progress_or_bar
 from tierkv.io.source import (Source, conversion_notes, held_quant, identity, open_source, planned_layout,
@@ -44,20 +44,13 @@ from tierkv.quantspec import QPARAMS_SUFFIX, WeightQuant
 from tierkv.io.store import (CRC_BLOCK_BYTES, DAMAGE_FILE, DATA_FILE, FORMAT_NAME, FORMAT_VERSION, LOCK_FILE,
                              MANIFEST_FILE, PARTIAL_SUFFIX, STATE_FILE, USE_LOCK_FILE, Extent, StoreError,
                              WeightStore, existing_manifest, extent_from_json, extent_to_json, fsync_dir,
-                             layout_digest, pack_device, read_damage, write_json_atomic)
+                             hf_name, layout_digest, pack_device, read_damage, write_json_atomic)
 
 FREE_SPACE_MARGIN_BYTES = 4 << 20      # the manifest, the resume state and filesystem metadata
 
 # report(line): one line per repair or rebuild convert makes ("layer 1 failed its checksum: re-converted")
 ReportFn = Callable[[str], None]
 _log = logging.getLogger(__name__)
-
-
-def _source_name(extent: Extent, key: str) -> str:
-    """HF checkpoint name of tensor ``key`` of ``extent``."""
-    if extent.name.startswith("layer."):
-        return f"{LAYER_PREFIX}{extent.name.split('.', 1)[1]}.{key}"
-    return key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,12 +411,12 @@ def _write_extent(f: Any, ckpt: Source, dtype: torch.dtype, e: Extent,
         if qparams is not None:
             assert key.endswith(QPARAMS_SUFFIX), (e.name, key)
             tensor, qparams = qparams, None
-        elif entry.quant is not None and (codes := source_codes(ckpt, _source_name(e, key), entry.quant)) is not None:
-            ckpt.check_finite(_source_name(e, key), codes[1])    # scales and minimums NaN, inf or overflowing
+        elif entry.quant is not None and (codes := source_codes(ckpt, hf_name(e.name, key), entry.quant)) is not None:
+            ckpt.check_finite(hf_name(e.name, key), codes[1])    # scales and minimums NaN, inf or overflowing
             tensor, qparams = pack_weight(*codes, entry.quant)
         else:
-            tensor = ckpt.tensor(_source_name(e, key), dtype).contiguous()
-            ckpt.check_finite(_source_name(e, key), tensor)     # NaN, inf or overflow: refuse, naming it
+            tensor = ckpt.tensor(hf_name(e.name, key), dtype).contiguous()
+            ckpt.check_finite(hf_name(e.name, key), tensor)     # NaN, inf or overflow: refuse, naming it
             if entry.quant is not None:
                 tensor, qparams = quantize_weight(tensor, entry.quant)
         tensor = tensor.contiguous()

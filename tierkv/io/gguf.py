@@ -10,7 +10,7 @@ directory holding one GGUF (or one split set), or any part of a split set. The f
 once with ``gguf.GGUFReader`` (memory-mapped, metadata only) and tensor data is then read with
 plain reads, one tensor at a time, so nothing stays mapped between tensors.
 
-Needs the ``gguf`` package (``pip install 'tierkv[gguf]'``); importing tierkv does not.
+Needs the ``gguf`` package (``INSTALL_HINT`` says how to get it); importing tierkv does not.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from tierkv.config import ModelConfig, format_size, read_json
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
 from tierkv.io.gguf import OTHER_TYPES, GGUFCheckpoint, gguf_parts, is_gguf_source
 from tierkv.io.gguf_tokenizer import UnsupportedTokenizer, check_tokenizer, write_tokenizer_files
-from tierkv.io.store import Extent, plan_layout, write_json_atomic
-from tierkv.quantspec import EMBED_WEIGHT, QPARAMS_SUFFIX, TensorQuant, WeightQuant
+from tierkv.io.store import Extent, hf_name, logical_shape, plan_layout, write_json_atomic
+from tierkv.quantspec import EMBED_WEIGHT, TensorQuant, WeightQuant
 
 Source = Union[Checkpoint, GGUFCheckpoint]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -99,8 +99,7 @@ def held_quant(ckpt: Source, extents: list[Extent], asked: WeightQuant | None) -
             if e.name == "head":
                 head = True
             elif e.name.startswith("layer."):
-                groups, rows, _ = e.tensors[key + QPARAMS_SUFFIX].shape                  # (G, N, 2)
-                inputs = groups * entry.quant.group_size or entry.shape[-1]             # K (per channel: int8's K)
+                rows, inputs = logical_shape(e, key)
                 weights[(entry.quant.scheme, entry.quant.group_size)] += rows * inputs
     if not weights:
         return None
@@ -116,7 +115,7 @@ def conversion_notes(ckpt: Source, extents: list[Extent], dtype: torch.dtype, ke
     if not isinstance(ckpt, GGUFCheckpoint):
         return []
     name = str(dtype).removeprefix("torch.")
-    held = {_hf_name(e, key): entry for e in extents for key, entry in e.tensors.items() if entry.source_type}
+    held = {hf_name(e.name, key): entry for e in extents for key, entry in e.tensors.items() if entry.source_type}
     notes = []
     if not keep_source and ckpt.source_quants():
         kinds = sorted({ckpt.source_types()[n] for n in ckpt.source_quants()})
@@ -136,10 +135,6 @@ def conversion_notes(ckpt: Source, extents: list[Extent], dtype: torch.dtype, ke
         notes.append(f"the tied LM head is stored twice compressed: the {ckpt.source_types()[EMBED_WEIGHT]} embedding "
                      f"for row lookups, and its codes packed for the quantized matmul ({format_size(head.nbytes)})")
     return notes
-
-
-def _hf_name(e: Extent, key: str) -> str:
-    return f"model.layers.{e.name.split('.', 1)[1]}.{key}" if e.name.startswith("layer.") else key
 
 
 def source_config(ckpt: Source) -> dict[str, Any]:

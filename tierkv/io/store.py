@@ -38,7 +38,7 @@ import torch
 from tierkv.config import ConfigError, ModelConfig
 from tierkv.errors import TierkvError
 from tierkv.io.buffers import aligned_host_tensor, round_up
-from tierkv.io.checkpoint import resolve_dtype
+from tierkv.io.checkpoint import LAYER_PREFIX, resolve_dtype
 from tierkv.io.mover import MoveRecord
 from tierkv.io.reader import DEFAULT_REQUEST_BYTES, AlignedReader
 from tierkv.kernels.quant_cpu import cpu_layout
@@ -96,6 +96,18 @@ class Extent:
 
 def layer_extent_name(j: int) -> str:
     return f"layer.{j}"
+
+
+def hf_name(extent_name: str, key: str) -> str:
+    """The source's (HF) name of tensor ``key`` of the extent named ``extent_name``."""
+    return f"{LAYER_PREFIX}{extent_name.split('.', 1)[1]}.{key}" if extent_name.startswith("layer.") else key
+
+
+def logical_shape(e: "Extent", key: str) -> tuple[int, int]:
+    """The (N, K) weight quantized entry ``key`` of ``e`` stores, from its (G, N, 2) qparams."""
+    entry = e.tensors[key]
+    groups, n, _ = e.tensors[key + QPARAMS_SUFFIX].shape
+    return n, groups * entry.quant.group_size or entry.shape[-1]        # per channel: int8's data is (N, K)
 
 
 def tensors_from_buffer(extent: Extent, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -157,7 +169,7 @@ def plan_layout(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | No
     extents, offset = [], 0
     for name, shapes in groups:
         tensors, pos = {}, 0
-        prefix = f"model.layers.{name.split('.', 1)[1]}." if name.startswith("layer.") else ""
+        prefix = hf_name(name, "")
         quantized = _group_quants(shapes, prefix, quant, device_type, source_quants or {})
         for key, shape in shapes.items():
             kind = (source_types or {}).get(prefix + key)
@@ -184,9 +196,7 @@ def layout_prepared_bytes(extents: list[Extent], dtype_bytes: int) -> tuple[int,
         total = 0
         for key, entry in e.tensors.items():
             if entry.quant is not None:
-                groups, n, _ = e.tensors[key + QPARAMS_SUFFIX].shape
-                k = groups * entry.quant.group_size or entry.shape[-1]         # per channel: int8's data is (N, K)
-                total += entry.quant.prepared_nbytes((n, k), dtype_bytes)
+                total += entry.quant.prepared_nbytes(logical_shape(e, key), dtype_bytes)
         return total
     layers = [prepared(e) for e in extents if e.name.startswith("layer.")]
     return max(layers, default=0), sum(prepared(e) for e in extents if not e.name.startswith("layer."))
@@ -576,6 +586,6 @@ def existing_manifest(out: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 __all__ = ["CRC_BLOCK_BYTES", "DATA_FILE", "DAMAGE_FILE", "Extent", "FORMAT_VERSION", "MANIFEST_FILE", "StoreError",
            "TensorEntry", "WeightStore", "block_crcs", "existing_manifest", "extent_from_json", "extent_to_json",
-           "fsync_dir", "is_store_dir", "layer_extent_name", "layout_prepared_bytes", "pack_device",
+           "fsync_dir", "hf_name", "is_store_dir", "layer_extent_name", "layout_prepared_bytes", "logical_shape", "pack_device",
            "layout_digest", "mark_damaged", "plan_layout", "read_damage",
            "repair_hint", "tensors_from_buffer", "write_json_atomic"]
