@@ -26,6 +26,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from tierkv import __version__
+from tierkv.cli_batch import batch_command
 from tierkv.cli_flags import LoadFlags, SamplingFlags, expand_flags, flags, kv_budget_value
 from tierkv.config import Budget, ConfigError, ModelConfig, Policy, format_size
 from tierkv.engine import (Engine, GenerationResult, Stream, context_limit_tokens, load, model_path,
@@ -82,6 +83,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_OneLineErrors
                   help="Run Llama-family models with memory-tiered offloading.")
 
 app.add_typer(trace_app, name="trace", help="TKLQT tracer: is inference CPU-bound or GPU-bound, per batch size?")
+app.command("batch")(batch_command)
 
 ModelArg = typer.Argument(..., help="Hugging Face model directory, a GGUF file (or a directory holding one, or a "
                                     "part of a split set), a store made by `tierkv convert`, or 'demo' for the "
