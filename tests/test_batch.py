@@ -8,6 +8,8 @@ The bundled demo model in fp32 (it has a tokenizer and a chat template), residen
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -153,6 +155,24 @@ def test_resume_skips_written_ids_and_redoes_a_half_line(engine: tierkv.Engine, 
     assert (again.skipped, again.ok, again.generated_tokens) == (5, 0, 0) and _read(crashed) == _read(crashed)
 
 
+def test_retry_errors_reruns_fixed_lines_and_keeps_input_order(engine: tierkv.Engine, tmp_path: Path) -> None:
+    rows = [{"id": "a", "prompt": [11, 12], "max_tokens": 3}, '{"prompt": [1, 2', {"id": "c", "prompt": "hot",
+            "temperature": "high"}, {"id": "d", "prompt": [13, 14], "max_tokens": 2}]
+    src, out = _write(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    run_batch(engine, src, out)
+    assert [("error" in r) for r in _read(out)] == [False, True, True, False]
+    rows[1], rows[2] = {"id": "b", "prompt": [1, 2], "max_tokens": 2}, {"id": "c", "prompt": [3, 4], "max_tokens": 2}
+    _write(src, rows)                        # line 2 fixed (now with an id), line 3 fixed
+    with pytest.raises(BatchError, match=r"\(e\.g\. 2\).*rerun with --retry-errors"):
+        run_batch(engine, src, out)
+    summary = run_batch(engine, src, out, retry_errors=True, progress=True)
+    got = _read(out)
+    assert [r["id"] for r in got] == ["a", "b", "c", "d"] and not any("error" in r for r in got)
+    assert (summary.skipped, summary.ok) == (2, 2) and len(got[1]["tokens"]) == 2
+    assert got[1]["tokens"] == engine.generate([1, 2], max_new_tokens=2).token_ids
+    assert not (tmp_path / "out.jsonl.tmp").exists()
+
+
 def test_an_output_of_another_input_is_refused(engine: tierkv.Engine, tmp_path: Path) -> None:
     out = _write(tmp_path / "out.jsonl", [{"id": "elsewhere", "tokens": [1], "text": ""}])
     before = out.read_bytes()
@@ -226,3 +246,28 @@ def test_cli_refusals_are_one_line_and_exit_2(case: str, tmp_path: Path) -> None
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in result.output, err
     assert {"missing-input": "does not exist", "unwritable-output": "give -o a path in a writable directory",
             "duplicates": "is on line 1 and on line 2", "summary-dir": "--summary"}[case] in err
+
+
+def test_the_readme_batch_example_runs_as_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's prompts.jsonl, its `tierkv batch` commands, the ids and errors of results.jsonl, and a resume."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Throughput mode: batch jobs"):text.index("## Long contexts")]
+    prompts = re.search(r"\$ cat prompts.jsonl\n(.*?)\n\n", section, re.S).group(1)
+    shown = [json.loads(line.replace("...", "0").replace("{0}", "{}"))
+             for line in re.search(r"\$ cat results.jsonl\n(.*?)\n```", section, re.S).group(1).splitlines()]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text(prompts + "\n")
+    command = next(line[2:] for line in section.splitlines() if line.startswith("$ tierkv batch demo prompts.jsonl"))
+    argv = [str(tmp_path / "tkv") if a.startswith("/tmp/") else a for a in shlex.split(command)[1:]]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("[batch: 5 requests: 4 ok, 1 errors, 0 done before |") and "disk->device" in \
+        result.stderr
+    got = _read(tmp_path / "results.jsonl")
+    assert [r["id"] for r in got] == [r["id"] for r in shown] and got[-1] == shown[-1]    # the error line as shown
+    assert [r.get("finish_reason") for r in got] == [r.get("finish_reason") for r in shown]
+    out = tmp_path / "results.jsonl"
+    out.write_bytes(b"".join(out.read_bytes().splitlines(keepends=True)[:3]) + b'{"id": "ids", "te')
+    again = CliRunner().invoke(app, argv)
+    assert again.exit_code == 0 and "1 ok, 1 errors, 3 done before" in again.stderr, again.output
+    assert _read(out)[:3] == got[:3] and [r["id"] for r in _read(out)] == [r["id"] for r in shown]

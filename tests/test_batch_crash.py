@@ -1,4 +1,4 @@
-"""A real ``tierkv batch`` process killed mid-job (SIGKILL) or interrupted (SIGINT) loses and duplicates
+"""A real ``tierkv batch`` process killed mid-job (SIGKILL) or interrupted (SIGINT, SIGTERM) loses and duplicates
 nothing: the rerun with the same output file completes the job, every id appears exactly once, and the
 results equal a clean run's (greedy, fp32: a sequence's tokens do not depend on what shared its batch).
 """
@@ -29,14 +29,20 @@ FLAGS = ["--batch", "2", "--dtype", "float32", "--kv", "exact", "--device", "cpu
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[dict[str, Any]]]]:
+def engine() -> Iterator[tierkv.Engine]:
+    """The engine the command builds from FLAGS, in this process."""
+    with tierkv.load("demo", dtype="float32", kv="exact", device="cpu", max_sequences=2) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def job(engine: tierkv.Engine, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     """(the input file, a clean in-process run's results without their timing)."""
     root = tmp_path_factory.mktemp("crash")
     src = root / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
-    with tierkv.load("demo", dtype="float32", kv="exact", device="cpu", max_sequences=2) as eng:
-        run_batch(eng, src, root / "clean.jsonl", batch=2)
-    yield src, _untimed(root / "clean.jsonl")
+    run_batch(engine, src, root / "clean.jsonl", batch=2)
+    return src, _untimed(root / "clean.jsonl")
 
 
 def _untimed(path: Path) -> list[dict[str, Any]]:
@@ -63,10 +69,14 @@ def _lines_soon(out: Path, proc: subprocess.Popen, lines: int, timeout_s: float 
     raise AssertionError("tierkv batch wrote nothing in time")
 
 
-def _resume_and_check(src: Path, out: Path, clean: list[dict[str, Any]]) -> None:
-    done = subprocess.run([sys.executable, "-m", "tierkv", "batch", "demo", str(src), "-o", str(out), *FLAGS],
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+def _resume_and_check(src: Path, out: Path, clean: list[dict[str, Any]], engine: tierkv.Engine | None = None) -> None:
+    """Finish the job (the command again, or ``run_batch`` on ``engine``) and compare with the clean run."""
+    if engine is None:
+        done = subprocess.run([sys.executable, "-m", "tierkv", "batch", "demo", str(src), "-o", str(out), *FLAGS],
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    else:
+        run_batch(engine, src, out, batch=2)
     got = _untimed(out)
     ids = [r["id"] for r in got]
     assert sorted(ids) == sorted(r["id"] for r in REQUESTS) and len(set(ids)) == N      # each exactly once
@@ -88,17 +98,19 @@ def test_sigkill_mid_job_then_resume(job: tuple[Path, list[dict[str, Any]]], tmp
     _resume_and_check(src, out, clean)
 
 
-def test_sigint_writes_what_is_complete_exits_130_then_resume(job: tuple[Path, list[dict[str, Any]]],
-                                                              tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_writes_what_is_complete_exits_130_then_resume(sig: int, job: tuple[Path, list[dict[str, Any]]],
+                                                              engine: tierkv.Engine, tmp_path: Path) -> None:
+    """Ctrl-C, or a job scheduler's SIGTERM."""
     src, clean = job
     out = tmp_path / "out.jsonl"
     proc = _start(src, out)
     _lines_soon(out, proc, 2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted: rerun to finish" in err and "Traceback" not in err
     written = _untimed(out)
     assert 2 <= len(written) < N and written == clean[:len(written)]
     assert out.read_bytes().endswith(b"\n")                                   # whole lines only
-    _resume_and_check(src, out, clean)
+    _resume_and_check(src, out, clean, engine)

@@ -184,31 +184,38 @@ def read_requests(path: str | Path, defaults: dict[str, Any] | None = None) -> l
 
 # -- output -----------------------------------------------------------------------------------------
 class ResultLog:
-    """The output file: results appended one whole line per write, each flushed and fsync'd."""
+    """The output file: results appended one whole line per write, each flushed and fsync'd. Whole-file
+    changes (dropping error results to retry them, putting the lines in input order) are atomic: a
+    new file written beside it, fsync'd, then renamed over it."""
 
     def __init__(self, path: Path, fd: int, done: set[str]) -> None:
         self.path, self._fd, self.done = path, fd, done
 
     @classmethod
-    def open(cls, path: str | Path, requests: list[BatchRequest], inputs: str) -> "ResultLog":
+    def open(cls, path: str | Path, requests: list[BatchRequest], inputs: str,
+             retry_errors: bool = False) -> "ResultLog":
         """Open (or create) ``path`` for appending; the ids it holds already are ``done``. A truncated
-        last line (a crash mid-write) is cut off. Raises BatchError when it holds ids ``requests`` lack."""
+        last line (a crash mid-write) is cut off; with ``retry_errors`` its error results are dropped (so
+        they run again). Raises BatchError when it holds ids ``requests`` lack."""
         path = Path(path)
-        done, keep = _read_done(path)
+        lines, keep = _read_lines(path)
+        if retry_errors:
+            kept = [line for line in lines if not line.error]
+            if len(kept) < len(lines):
+                _replace(path, [line.raw for line in kept])
+                lines, keep = kept, sum(len(line.raw) for line in kept)
         known = {r.key for r in requests}
-        strangers = [k for k in done if k not in known]
+        strangers = [line for line in lines if line.key not in known]
         if strangers:
-            raise BatchError(f"{path} holds results for ids that {inputs} does not have (e.g. {strangers[0]}): it was "
-                             "written for another input; give a new -o file, or delete it to start over")
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise BatchError(f"cannot write results to {path} ({exc.strerror}); give -o a path in a writable "
-                             "directory") from None
+            hint = " (or, if you changed the lines that failed, rerun with --retry-errors)" \
+                if all(line.error for line in strangers) else ""
+            raise BatchError(f"{path} holds results for ids that {inputs} does not have (e.g. {strangers[0].key}): it "
+                             f"was written for another input; give a new -o file, or delete it to start over{hint}")
+        fd = _open_append(path)
         if os.fstat(fd).st_size > keep:
             os.ftruncate(fd, keep)                   # O_APPEND: the next write lands at the new end
             os.fsync(fd)
-        return cls(path, fd, set(done))
+        return cls(path, fd, {line.key for line in lines})
 
     def write(self, record: dict[str, Any]) -> None:
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
@@ -218,23 +225,65 @@ class ResultLog:
         os.fsync(self._fd)
         self.done.add(json.dumps(record["id"]))
 
+    def put_in_order(self, keys: list[str]) -> None:
+        """Rewrite the file with its lines in the order of ``keys`` (every id it holds), if they are not."""
+        lines, _ = _read_lines(self.path)
+        rank = {k: i for i, k in enumerate(keys)}
+        ordered = sorted(lines, key=lambda line: rank[line.key])
+        if ordered != lines:
+            self.close()
+            _replace(self.path, [line.raw for line in ordered])
+            self._fd = _open_append(self.path)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
 
-def _read_done(path: Path) -> tuple[dict[str, int], int]:
-    """(the ids (as JSON) of the result lines in ``path`` -> their line numbers, the length of the file
-    up to its last whole result line: what follows is a line an earlier run's crash left half written)."""
+@dataclass(frozen=True)
+class _Line:
+    key: str                 # the id as JSON
+    error: bool              # an error result
+    raw: bytes               # the whole line, newline included
+
+
+def _open_append(path: Path) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise BatchError(f"cannot write results to {path} ({exc.strerror}); give -o a path in a writable "
+                         "directory") from None
+
+
+def _replace(path: Path, lines: list[bytes]) -> None:
+    """Atomically make ``path`` hold ``lines``: a crash leaves either the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(b"".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_lines(path: Path) -> tuple[list[_Line], int]:
+    """(the result lines of ``path``, the length of the file up to its last whole result line: what
+    follows is a line an earlier run's crash left half written)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return {}, 0
+        return [], 0
     except OSError as exc:
         raise BatchError(f"cannot read the output file {path} ({exc.strerror}); give -o a readable file or a "
                          "new path") from None
-    segments, offset, keep, done = data.split(b"\n"), 0, len(data), {}
+    segments, offset, keep = data.split(b"\n"), 0, len(data)
+    lines: list[_Line] = []
+    seen: dict[str, int] = {}
     for i, raw in enumerate(segments):
         number, start = i + 1, offset
         offset += len(raw) + 1
@@ -248,11 +297,12 @@ def _read_done(path: Path) -> tuple[dict[str, int], int]:
             keep = start
             break
         key = json.dumps(rec["id"])
-        if key in done:
-            raise BatchError(f"{path} holds id {key} twice (lines {done[key]} and {number}); it was not written "
+        if key in seen:
+            raise BatchError(f"{path} holds id {key} twice (lines {seen[key]} and {number}); it was not written "
                              "by one tierkv batch job: give a new -o file, or delete it to start over")
-        done[key] = number
-    return done, keep
+        seen[key] = number
+        lines.append(_Line(key, "error" in rec, raw + b"\n"))
+    return lines, keep
 
 
 def _result_of(raw: bytes) -> dict[str, Any] | None:
@@ -328,15 +378,16 @@ class BatchJob:
     """
 
     def __init__(self, requests_path: str | Path, output_path: str | Path,
-                 sampling: dict[str, Any] | None = None) -> None:
+                 sampling: dict[str, Any] | None = None, retry_errors: bool = False) -> None:
         """``sampling``: generate's keyword arguments (max_new_tokens, temperature, top_k, top_p, seed,
-        stop) for the fields a line leaves out."""
+        stop) for the fields a line leaves out; ``retry_errors``: run the requests whose result in the
+        output is an error again (their error lines are dropped first)."""
         self.requests_path, self.output_path = Path(requests_path), Path(output_path)
         if self.output_path.exists() and self.requests_path.exists() and \
                 self.output_path.resolve() == self.requests_path.resolve():
             raise BatchError(f"the output file {output_path} is the input file; give -o another path")
         self.requests = read_requests(self.requests_path, sampling)
-        self.log = ResultLog.open(self.output_path, self.requests, str(self.requests_path))
+        self.log = ResultLog.open(self.output_path, self.requests, str(self.requests_path), retry_errors)
 
     def todo(self) -> list[BatchRequest]:
         """The requests without a result in the output yet, in input order."""
@@ -364,6 +415,8 @@ class BatchJob:
         _finish_summary(summary, engine, before, ordered, time.perf_counter() - t0, len(todo))
         if summary.interrupted:
             raise BatchInterrupted(summary)
+        if summary.skipped and not summary.unfinished:   # retried lines were appended after later ones
+            self.log.put_in_order([r.key for r in self.requests])
         return summary
 
     def close(self) -> None:
@@ -488,14 +541,16 @@ class _Bar:
 
 
 def run_batch(engine: Engine, requests_path: str | Path, output_path: str | Path, *, progress: bool = False,
-              batch: int | None = None, sampling: dict[str, Any] | None = None) -> BatchSummary:
+              batch: int | None = None, sampling: dict[str, Any] | None = None,
+              retry_errors: bool = False) -> BatchSummary:
     """Run a JSONL batch job on ``engine``: every request of ``requests_path`` whose id the output file
     lacks, results appended to ``output_path`` in input order (see the module docstring for both
     formats). ``batch``: most sequences in flight (default: the engine's max_sequences); ``sampling``:
-    generate's keyword arguments for fields a line leaves out; ``progress``: a bar on stderr.
+    generate's keyword arguments for fields a line leaves out; ``progress``: a bar on stderr;
+    ``retry_errors``: run again the requests whose result there is an error.
 
     Raises BatchError before anything runs (a missing input, duplicate ids, an unwritable output, an
     output of another input) and BatchInterrupted (a KeyboardInterrupt with ``.summary``) on Ctrl-C,
     after writing what was complete; run it again with the same output file to finish the job."""
-    with BatchJob(requests_path, output_path, sampling) as job:
+    with BatchJob(requests_path, output_path, sampling, retry_errors) as job:
         return job.run(engine, batch=batch, progress=progress)

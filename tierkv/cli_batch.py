@@ -47,6 +47,8 @@ def batch_command(
     batch: int = typer.Option(DEFAULT_BATCH, "--batch", "-b", min=1,
                               help="most sequences in flight (each streamed layer pass serves them all)"),
     summary_file: Optional[str] = typer.Option(None, "--summary", help="also write the summary as JSON to FILE"),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="run again the requests whose result in the "
+                                                                    "output is an error (e.g. after fixing their lines)"),
     sampling: SamplingFlags = flags(SamplingFlags),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
     options: LoadFlags = flags(LoadFlags),
@@ -62,7 +64,7 @@ def batch_command(
     _set_threads(options.threads)
     with _user_errors():
         summary_path = _summary_path(summary_file)
-        job = BatchJob(requests, output, sampling.sampling_kwargs(stop))
+        job = BatchJob(requests, output, sampling.sampling_kwargs(stop), retry_errors)
         try:
             summary = _run(job, model, _with_batch(options, batch), batch, as_json, _load)
         finally:
