@@ -83,7 +83,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_OneLineErrors
                   help="Run Llama-family models with memory-tiered offloading.")
 
 app.add_typer(trace_app, name="trace", help="TKLQT tracer: is inference CPU-bound or GPU-bound, per batch size?")
-app.command("batch")(batch_command)
 
 ModelArg = typer.Argument(..., help="Hugging Face model directory, a GGUF file (or a directory holding one, or a "
                                     "part of a split set), a store made by `tierkv convert`, or 'demo' for the "
@@ -568,6 +567,9 @@ def demo(
             console.print(_summary(res, engine), style="dim", highlight=False, soft_wrap=True)
         finally:
             engine.close()
+
+
+app.command("batch")(batch_command)
 
 
 def _show_library_notes() -> None:
