@@ -111,8 +111,10 @@ def test_page_streams_a_reply_and_stop_cancels_the_generation(engine, browser, t
         set_field(browser, "max-tokens", "8")
         browser.execute_script(WATCH_STREAM)
 
-        send(browser, "Tell me about a cat.")
+        send(browser, "Tell me about a <b>cat</b>.")
         idle(browser)
+        assert browser.find_elements(By.CSS_SELECTOR, ".msg.user .text")[0].text == "Tell me about a <b>cat</b>."
+        assert not browser.find_elements(By.CSS_SELECTOR, "#conversation b"), "a message was put on the page as HTML"
         seen = browser.execute_script("return window.seenLengths")
         reply = replies(browser)[-1]
         assert reply, "the reply stayed empty"
