@@ -34,9 +34,16 @@ import tierkv  # noqa: E402
 from serving import running_server  # noqa: E402
 
 # Records the streaming reply's text length at every change the page makes, so the test sees
-# whether text arrived in several updates before the reply ended (selenium polling could miss them).
+# whether text arrived in several updates before the reply ended (selenium polling could miss them),
+# and the JSON body of every request the page sends.
 WATCH_STREAM = """
 window.seenLengths = [];
+window.sentBodies = [];
+const realFetch = window.fetch;
+window.fetch = (url, init) => {
+  if (init && init.body) window.sentBodies.push(JSON.parse(init.body));
+  return realFetch(url, init);
+};
 new MutationObserver(() => {
   const live = document.querySelector('.msg.assistant.streaming .text');
   if (live) window.seenLengths.push(live.textContent.length);
@@ -141,6 +148,11 @@ def test_page_streams_a_reply_and_stop_cancels_the_generation(engine, browser, t
         time.sleep(0.3)
         assert replies(browser)[-1] == stopped, "text kept arriving after stop"
         assert len(replies(browser)) == 2 and not element(browser, "error").is_displayed()
+        first, second = browser.execute_script("return window.sentBodies")
+        assert first["stream"] and first["stream_options"] == {"include_usage": True}
+        assert (first["model"], first["temperature"], first["max_tokens"]) == ("demo-chat", 0, 8)
+        assert [m["role"] for m in second["messages"]] == ["user", "assistant", "user"]
+        assert second["messages"][1]["content"].strip() == reply.strip() and second["max_tokens"] == 400
 
         shot = tmp_path / "chat_page.png"
         assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

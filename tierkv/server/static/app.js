@@ -143,26 +143,25 @@
     ui.rate.dataset.tokens = String(tokens);
   }
 
-  // One request: streams the reply into `out` and returns {text, usage, firstAt}.
-  async function streamReply(request, out, signal) {
+  // One request: streams the reply into `out`, filling `reply` ({text, usage, firstAt}) as it comes,
+  // so a stopped reply keeps what arrived.
+  async function streamReply(request, out, signal, reply) {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(true), body: JSON.stringify(request), signal,
     });
     if (!resp.ok) throw await errorOf(resp);
-    let text = "", usage = null, firstAt = 0;
     for await (const chunk of events(resp)) {
       if (chunk.error) throw new ServerError(chunk.error.message || JSON.stringify(chunk.error), resp.status);
-      if (chunk.usage) usage = chunk.usage;
+      if (chunk.usage) reply.usage = chunk.usage;
       const choice = chunk.choices && chunk.choices[0];
       const piece = choice && choice.delta && choice.delta.content;
       if (piece) {
-        if (!firstAt) firstAt = performance.now();
-        text += piece;
-        out.body.textContent = text;
+        if (!reply.firstAt) reply.firstAt = performance.now();
+        reply.text += piece;
+        out.body.textContent = reply.text.trimStart();   // shown without the leading blank lines; kept whole in history
         ui.conversation.scrollTop = ui.conversation.scrollHeight;
       }
     }
-    return { text, usage, firstAt };
   }
 
   async function send(content) {
@@ -183,20 +182,19 @@
     state.controller = new AbortController();
     setBusy(true);
     const started = performance.now();
-    let firstAt = 0;
+    const reply = { text: "", usage: null, firstAt: 0 };
     try {
-      const reply = await streamReply(request, out, state.controller.signal);
-      firstAt = reply.firstAt;
+      await streamReply(request, out, state.controller.signal, reply);
       state.messages.push({ role: "user", content }, { role: "assistant", content: reply.text });
-      reportRate(reply.usage, started, firstAt, performance.now());
+      reportRate(reply.usage, started, reply.firstAt, performance.now());
       return true;
     } catch (err) {
       if (err.name === "AbortError") {            // the user pressed Stop: keep what arrived
-        const text = out.body.textContent;
-        state.messages.push({ role: "user", content }, { role: "assistant", content: text });
+        if (!out.el.isConnected) return true;     // "New chat" aborted it: nothing to keep
+        state.messages.push({ role: "user", content }, { role: "assistant", content: reply.text });
         note(out.el, "stopped");
         out.el.classList.add("stopped");
-        reportRate(null, started, firstAt, performance.now());
+        reportRate(null, started, reply.firstAt, performance.now());
         return true;
       }
       user.el.remove();                           // not part of the conversation: the text goes back
