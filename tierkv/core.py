@@ -93,6 +93,7 @@ class Seq:
     unfed: list[int] = field(default_factory=list)     # a session's history tokens not in its KV yet
     parked: Any = None                                 # KV off the cache: host tensors or a session file
     geometry: dict[str, Any] | None = None             # the chunking of the cache the parked KV came from
+    prompt_cache: bool = False                         # its tokens and KV become a prompt cache entry at its end
 
 
 class EngineCore:
@@ -106,6 +107,7 @@ class EngineCore:
         self.stepper: int | None = None            # the thread running a step for it (the engine thread)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="tierkv-engine")
         self._next_id = 0
+        self.prompt_cache: Any = None              # prompt_cache.PromptCache, set by the engine
 
     # -- joining ----------------------------------------------------------------------------------
     def new_id(self) -> int:
@@ -202,9 +204,7 @@ class EngineCore:
             except (OSError, TierkvError) as exc:     # e.g. a full disk: the idle session's KV is dropped
                 warnings.warn(f"an idle session's KV could not be moved to {move.to} ({exc}); its next turn "
                               "prefills its history again", RuntimeWarning, stacklevel=2)
-                self.room.drop(seq)
-                seq.unfed = list(seq.history)
-                self.scheduler.close(move.seq_id)
+                self._drop_kv(seq)
                 continue
             self.scheduler.kept(move.seq_id, move.to)
         for seq_id, why in plan.refuse:
@@ -327,6 +327,8 @@ class EngineCore:
         if seq.session:
             seq.unfed = turn.pending
             self.scheduler.finish(seq.seq_id)
+            if seq.prompt_cache:
+                self.prompt_cache.keep(seq)
         else:
             self.release(seq)
 
@@ -338,11 +340,18 @@ class EngineCore:
             turn.client.items.append(exc)
             turn.client.open -= 1
         if seq.session:                     # the KV may hold half a step: the next turn prefills the history again
-            self.room.drop(seq)
-            seq.unfed = list(seq.history)
-            self.scheduler.close(seq_id)
+            self._drop_kv(seq)
         else:
             self.release(seq)
+
+    def _drop_kv(self, seq: Seq) -> None:
+        """A session's KV is gone (a failed step or move): its next turn prefills the history; a prompt
+        cache sequence is forgotten."""
+        self.room.drop(seq)
+        seq.unfed = list(seq.history)
+        self.scheduler.close(seq.seq_id)
+        if seq.prompt_cache:
+            self.prompt_cache.lost(seq)
 
     def release(self, seq: Seq) -> None:
         """Forget a sequence: its cache (every tier) and its room."""
@@ -381,6 +390,8 @@ class EngineCore:
         for seq in list(self.seqs.values()):
             if seq.turn is not None:
                 self.finish(seq, "cancelled")
+        if self.prompt_cache is not None:
+            self.prompt_cache.close()
         for seq in list(self.seqs.values()):
             self.release(seq)
         self.room.close()
@@ -425,10 +436,11 @@ def weight_stats_delta(before: dict[str, float], after: dict[str, float]) -> dic
 
 def new_turn(client: Client, index: int, params: SamplingParams, pending: list[int], out: SequenceOutput | None,
              weights_stats: Callable[[], dict[str, float]], device: torch.device, piece_tokens: int,
-             cached_tokens: int = 0, score_rows: int = 0, vocab: int = 0) -> Turn:
+             cached_tokens: int = 0, score_rows: int = 0, vocab: int = 0, cached_prompt_tokens: int = 0) -> Turn:
     """A Turn with its stats, its own seeded generator, and (when scoring) its (T, V) output."""
     stats = GenerationStats(prompt_tokens=len(out.prompt_ids) if out is not None else len(pending),
-                            prefill_tokens=len(pending), cached_tokens=cached_tokens, prefill_piece_tokens=piece_tokens)
+                            prefill_tokens=len(pending), cached_tokens=cached_tokens + cached_prompt_tokens,
+                            cached_prompt_tokens=cached_prompt_tokens, prefill_piece_tokens=piece_tokens)
     gen = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
     score = torch.empty((score_rows, vocab), dtype=torch.float32) if score_rows else None
     return Turn(client, index, params, pending, out, stats, weights_stats(), gen, score)
