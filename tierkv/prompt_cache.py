@@ -56,6 +56,7 @@ class Entry:
     tokens: list[int]               # prompt + reply; KV covers the first kv_tokens of them
     durable: Path | None
     last_used: int
+    in_use_kv: int | None = None    # moved into a running request: its KV positions from before (stable)
 
 
 def default_limit_tokens(engine: "Engine") -> int:
@@ -77,7 +78,7 @@ class PromptCache:
         self.limit_tokens = default_limit_tokens(engine) if limit_tokens is None else limit_tokens
         self.directory = Path(directory).expanduser() if directory is not None else None
         self.entries: dict[int, Entry] = {}          # seq_id -> entry (not in use)
-        self._taken: dict[int, Path | None] = {}     # seq_id of a moved entry in use -> its old durable file
+        self._taken: dict[int, Entry] = {}           # seq_id -> a moved entry in use (a source of copies)
         self._clock = 0
         self.hits = self.hit_tokens = self.misses = self.evictions = 0
         if self.directory is not None:
@@ -91,7 +92,7 @@ class PromptCache:
         The request feeds ``ids[cached:]`` (at least one token, to sample from)."""
         best, n = self._longest(ids)
         seq = None
-        if best is not None and n == self._kv_tokens(best.seq):
+        if best is not None and best.in_use_kv is None and n == self._kv_tokens(best.seq):
             seq = self._move(best)
         elif best is not None:
             try:
@@ -99,7 +100,8 @@ class PromptCache:
             except (SessionError, OSError) as exc:       # its file was damaged since: a miss, and gone
                 warnings.warn(f"a prompt cache entry could not be read ({exc}); it is dropped", RuntimeWarning,
                               stacklevel=2)
-                self._evict(best)
+                if best.in_use_kv is None:
+                    self._evict(best)
         if seq is None:
             self.misses += 1
             seq, n = Seq(self.core.new_id(), session=True, prompt_cache=True), 0
@@ -110,10 +112,13 @@ class PromptCache:
         return seq, n
 
     def _longest(self, ids: list[int]) -> tuple[Entry | None, int]:
-        """The entry sharing the longest usable prefix with ``ids`` (the newest on a tie), and its length."""
+        """The entry (idle, or in use: then only copied) sharing the longest usable prefix with ``ids``
+        (idle and newest first on a tie), and the length of that prefix."""
         best, best_n = None, 0
-        for entry in sorted(self.entries.values(), key=lambda e: -e.last_used):
-            n = min(len(os.path.commonprefix([entry.tokens, ids])), self._kv_tokens(entry.seq), len(ids) - 1)
+        idle = sorted(self.entries.values(), key=lambda e: -e.last_used)
+        for entry in idle + list(self._taken.values()):
+            kv = self._kv_tokens(entry.seq) if entry.in_use_kv is None else entry.in_use_kv
+            n = min(len(os.path.commonprefix([entry.tokens, ids])), kv, len(ids) - 1)
             if n > best_n:
                 best, best_n = entry, n
         return best, best_n
@@ -125,7 +130,8 @@ class PromptCache:
     def _move(self, entry: Entry) -> Seq:
         """The whole entry goes to the request: out of the index until the request ends."""
         del self.entries[entry.seq.seq_id]
-        self._taken[entry.seq.seq_id] = entry.durable
+        entry.in_use_kv = self._kv_tokens(entry.seq)
+        self._taken[entry.seq.seq_id] = entry
         return entry.seq
 
     def _copy(self, entry: Entry, tokens: int) -> Seq:
@@ -140,7 +146,8 @@ class PromptCache:
         return seq
 
     def _prefix(self, seq: Seq, tokens: int) -> HostKV:
-        """Host copies of the first ``tokens`` positions of ``seq``'s KV, wherever it is."""
+        """Host copies of the first ``tokens`` positions of ``seq``'s KV, wherever it is (between steps:
+        a running sequence's cache holds them unchanged, it only appends after them)."""
         room = self.core.room
         if seq.cache is not None or isinstance(seq.parked, list):
             return room.host_copy(room.reader(seq)[0], tokens)
@@ -157,7 +164,7 @@ class PromptCache:
     # -- the end of a request ---------------------------------------------------------------------
     def keep(self, seq: Seq) -> None:
         """A request's sequence ended (parked by the scheduler): it becomes an entry."""
-        old = self._taken.pop(seq.seq_id, None)
+        old = _durable(self._taken.pop(seq.seq_id, None))
         kv = self._kv_tokens(seq)
         if kv == 0 or kv > self.limit_tokens:
             self.core.release(seq)
@@ -177,7 +184,7 @@ class PromptCache:
     def lost(self, seq: Seq) -> None:
         """A cache sequence's KV was dropped (an error in a step, a failed move): forget it. A moved
         entry whose durable file still exists comes back from that file."""
-        old = self._taken.pop(seq.seq_id, None)
+        old = _durable(self._taken.pop(seq.seq_id, None))
         self.entries.pop(seq.seq_id, None)
         self.core.release(seq)
         if old is not None and old.is_file():
@@ -272,6 +279,10 @@ class PromptCache:
 
 def _geometry(seq: Seq) -> dict[str, Any] | None:
     return seq.cache.geometry() if seq.cache is not None else seq.geometry
+
+
+def _durable(entry: Entry | None) -> Path | None:
+    return entry.durable if entry is not None else None
 
 
 def _unlink(path: Path | None) -> None:
