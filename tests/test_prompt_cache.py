@@ -143,3 +143,31 @@ def test_another_models_cache_files_are_skipped(tiny_model_dir: Callable[..., Pa
     with foreign:
         assert foreign.prompt_cache_stats()["entries"] == 0
         assert len(list(cache_dir.glob("prompt-*.tkvs"))) == 1          # left for its own model
+
+
+def test_a_cache_file_deleted_under_the_engine_means_a_full_prefill(model: Path, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    prompt = random_prompt(24, seed=50)
+    with _load("resident", model, tmp_path, sessions_dir=cache_dir) as eng:
+        first = eng.generate(prompt, cache_prompt=True, **REPLY)
+    with _load("resident", model, tmp_path, sessions_dir=cache_dir) as later:
+        for path in cache_dir.glob("prompt-*.tkvs"):
+            path.unlink()                                                # the restored entry's KV is gone
+        chat = prompt + first.token_ids + [7, 8]
+        expected = later.generate(chat, **REPLY).token_ids
+        with pytest.warns(RuntimeWarning, match="prefilled instead"):
+            out = later.generate(chat, cache_prompt=True, **REPLY)
+        assert out.token_ids == expected and out.stats.cached_prompt_tokens == 0
+        assert out.stats.prefill_tokens == len(chat)
+        _check(later, chat + out.token_ids, len(chat) + len(out.token_ids) - 1)   # and it is cached again
+
+
+def test_a_cancelled_request_leaves_what_it_computed_in_the_cache(model: Path, tmp_path: Path) -> None:
+    prompt = random_prompt(20, seed=60)
+    with _load("resident", model, tmp_path) as eng:
+        stream = eng.stream(prompt, cache_prompt=True, max_new_tokens=20, ignore_eos=True)
+        got = [next(stream).token_id for _ in range(3)]
+        stream.cancel()
+        list(stream)
+        assert stream.result.finish_reason == "cancelled"
+        _check(eng, prompt + got + [9], len(prompt) + len(got) - 1)

@@ -191,7 +191,8 @@ class EngineCore:
             return False
         plan = self.scheduler.schedule()
         self._carry_out(plan)
-        rows = [r for r in plan.rows if r.seq_id in self.scheduler and self.seqs[r.seq_id].turn is not None]
+        rows = [r for r in plan.rows if r.seq_id in self.scheduler and self.seqs[r.seq_id].turn is not None
+                and self.seqs[r.seq_id].cache is not None]        # not one sent back to wait (prompt_cache.refill)
         if rows:
             self._run(rows)
         return bool(rows or plan.admit or plan.offload or plan.refuse)
@@ -214,7 +215,8 @@ class EngineCore:
             try:
                 self.room.open(seq, adm)
             except Exception as exc:    # noqa: BLE001 - a budget or disk error ends this sequence only
-                self.fail(adm.seq_id, exc)
+                if not (seq.prompt_cache and adm.restore != "none" and self.prompt_cache.refill(seq, exc)):
+                    self.fail(adm.seq_id, exc)
                 continue
             self.scheduler.kept(adm.seq_id, "cache")
 

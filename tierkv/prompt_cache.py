@@ -190,6 +190,26 @@ class PromptCache:
         if old is not None and old.is_file():
             self._restore(old, self._tick())
 
+    def refill(self, seq: Seq, exc: Exception) -> bool:
+        """The cached KV of a request that has not run yet could not be brought back (its file was
+        deleted or damaged since): the request prefills its whole prompt instead. False if it ran."""
+        turn = seq.turn
+        if turn is None or turn.out is None or turn.fed > 0:
+            return False
+        warnings.warn(f"a prompt cache entry could not be restored ({exc}); the prompt is prefilled instead",
+                      RuntimeWarning, stacklevel=2)
+        entry = self._taken.pop(seq.seq_id, None)
+        if entry is not None:
+            _unlink(entry.durable)
+        core, prompt = self.core, list(turn.out.prompt_ids)
+        core.room.drop(seq)
+        core.scheduler.close(seq.seq_id)
+        turn.pending, seq.history = list(prompt), list(prompt)
+        turn.stats.cached_prompt_tokens = turn.stats.cached_tokens = 0
+        turn.stats.prefill_tokens = len(prompt)
+        core.scheduler.add(seq.seq_id, len(prompt), len(prompt) + turn.params.max_new_tokens - 1, session=True)
+        return True
+
     def _evict_over_limit(self) -> None:
         while self.entries and self.tokens() > self.limit_tokens:
             self._evict(min(self.entries.values(), key=lambda e: e.last_used))
