@@ -191,8 +191,8 @@ class EngineCore:
             return False
         plan = self.scheduler.schedule()
         self._carry_out(plan)
-        rows = [r for r in plan.rows if r.seq_id in self.scheduler and self.seqs[r.seq_id].turn is not None
-                and self.seqs[r.seq_id].cache is not None]        # not one sent back to wait (prompt_cache.refill)
+        rows = [r for r in plan.rows if r.seq_id in self.scheduler and self.seqs[r.seq_id].cache is not None
+                and self.seqs[r.seq_id].turn is not None]
         if rows:
             self._run(rows)
         return bool(rows or plan.admit or plan.offload or plan.refuse)
@@ -347,8 +347,7 @@ class EngineCore:
             self.release(seq)
 
     def _drop_kv(self, seq: Seq) -> None:
-        """A session's KV is gone (a failed step or move): its next turn prefills the history; a prompt
-        cache sequence is forgotten."""
+        """A session's KV is gone (a failed step or move): its next turn prefills the history again."""
         self.room.drop(seq)
         seq.unfed = list(seq.history)
         self.scheduler.close(seq.seq_id)
@@ -392,8 +391,7 @@ class EngineCore:
         for seq in list(self.seqs.values()):
             if seq.turn is not None:
                 self.finish(seq, "cancelled")
-        if self.prompt_cache is not None:
-            self.prompt_cache.close()
+        self.prompt_cache.close()
         for seq in list(self.seqs.values()):
             self.release(seq)
         self.room.close()
