@@ -36,7 +36,7 @@ from tierkv.prompt_cache import PromptCache
 from tierkv.runner import Runner
 from tierkv.sampling import SamplingParams
 from tierkv.scheduler import Limits, Scheduler
-from tierkv.session import ParkedFile, Session
+from tierkv.session import ParkedFile, Session, grown_capacity
 from tierkv.tokenizer import Tokenizer
 
 __all__ = ["Engine", "GenerationResult", "GenerationStats", "Piece", "Stream", "context_limit_tokens", "load",
@@ -201,7 +201,7 @@ class Engine:
                 seq, cached = core.prompt_cache.take(ids) if cache_prompt else (Seq(core.new_id(), session=False), 0)
                 turn = new_turn(client, i, p, list(ids[cached:]), out, self._weights.stats, self.device,
                                 self.prefill_chunk_tokens, cached_prompt_tokens=cached)
-                core.start(seq, turn, len(ids) + budget - 1)
+                core.start(seq, turn, grown_capacity(seq, len(ids) + budget - 1, self.context_limit_tokens))
         return client
 
     def _stream_of(self, client: Client) -> Stream:
