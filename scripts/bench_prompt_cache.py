@@ -11,7 +11,8 @@ new ids) three ways, all in this process on one engine:
   tokens costs with no history at all, the ceiling the cached turn can approach.
 
 Prefill times are the engine's own ``stats.prefill_s`` (to the first sampled token); the table gives
-medians over ``--repeats`` and whether the cached turn's tokens equal the uncached ones.
+medians over ``--repeats`` and in how many repeats the cached turn's tokens equal the uncached ones
+(always, in fp32; in bf16 a near-tie can flip, as the prefix's KV was computed in other shapes).
 
     python scripts/bench_prompt_cache.py [--model demo | --random-model] [--prompt-tokens 200]
         [--new-tokens 16] [--turn-tokens 16] [--repeats 5] [--dtype float32] [--threads 2]
@@ -48,7 +49,7 @@ def measure(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
     one = dict(max_new_tokens=1, ignore_eos=True)
     engine.generate(_ids(args.prompt_tokens, 999, vocab), **one)            # warm-up
     rows: dict[str, list[float]] = {"uncached": [], "cached": [], "floor": []}
-    same, cached_tokens = True, 0
+    same, cached_tokens = 0, 0
     for r in range(args.repeats):
         first = _ids(args.prompt_tokens, r, vocab)
         out = engine.generate(first, cache_prompt=True, **reply)
@@ -56,7 +57,7 @@ def measure(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
         plain = engine.generate(second, **reply)
         hit = engine.generate(second, cache_prompt=True, **reply)
         floor = engine.generate(_ids(args.turn_tokens + 1, 2000 + r, vocab), **one)
-        same &= plain.token_ids == hit.token_ids
+        same += plain.token_ids == hit.token_ids
         cached_tokens = hit.stats.cached_prompt_tokens
         rows["uncached"].append(plain.stats.prefill_s)
         rows["cached"].append(hit.stats.prefill_s)
@@ -65,7 +66,7 @@ def measure(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
     return {"second_turn_tokens": len(second), "cached_prompt_tokens": cached_tokens,
             "prefilled_tokens_cached": len(second) - cached_tokens, "uncached_prefill_ms": round(med["uncached"], 2),
             "cached_prefill_ms": round(med["cached"], 2), "floor_prefill_ms": round(med["floor"], 2),
-            "speedup": round(med["uncached"] / med["cached"], 2), "same_tokens": same,
+            "speedup": round(med["uncached"] / med["cached"], 2), "same_tokens_repeats": same,
             "cache": engine.prompt_cache_stats()}
 
 
@@ -97,7 +98,8 @@ def main() -> None:
         ("cached (cache_prompt=True)", f"{got['cached_prefill_ms']:.1f} ms  ({got['prefilled_tokens_cached']} "
                                        f"tokens prefilled, {got['cached_prompt_tokens']} reused)"),
         ("floor (new tokens alone)", f"{got['floor_prefill_ms']:.1f} ms"),
-        ("speed-up", f"{got['speedup']:.2f}x"), ("same tokens", str(got["same_tokens"]))])
+        ("speed-up", f"{got['speedup']:.2f}x"),
+        ("same tokens as uncached", f"{got['same_tokens_repeats']} of {got['repeats']} repeats")])
     emit_json({"bench": "prompt_cache", **got})
 
 
