@@ -27,6 +27,7 @@ from typer.core import TyperGroup
 
 from tierkv import __version__
 from tierkv.cli_flags import LoadFlags, SamplingFlags, expand_flags, flags, kv_budget_value
+from tierkv.cli_serve import register as register_serve
 from tierkv.config import Budget, ConfigError, ModelConfig, Policy, format_size
 from tierkv.engine import (Engine, GenerationResult, Stream, context_limit_tokens, load, model_path,
                            resolve_device)
@@ -92,6 +93,7 @@ GroupSizeArg = typer.Option(None, "--group-size", help="--quant: inputs per scal
                                                        "(default 64), or channel (int8 only: one per output row)")
 QuantHeadArg = typer.Option(False, "--quant-head", help="--quant: quantize the LM head too")
 DEMO_PROMPT = "Return a list of"
+register_serve(app, ModelArg)       # tierkv serve (cli_serve.py)
 
 
 def _version(value: bool) -> None:
@@ -185,13 +187,14 @@ def _set_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(threads)
 
 
-def _load(model: str, options: LoadFlags, quiet: bool) -> Engine:
-    """Load with a spinner on a terminal (conversion, when needed, shows its own progress bar)."""
+def _load(model: str, options: LoadFlags, quiet: bool, **extra: Any) -> Engine:
+    """Load with a spinner on a terminal (conversion, when needed, shows its own progress bar);
+    ``extra``: more ``load`` keyword arguments."""
     err = Console(stderr=True)
     if quiet or not err.is_terminal:
-        return load(model, progress=lambda done, total: None, **options.load_kwargs())
+        return load(model, progress=lambda done, total: None, **options.load_kwargs(), **extra)
     with err.status(f"loading {model} ..."):
-        engine = load(model, **options.load_kwargs())
+        engine = load(model, **options.load_kwargs(), **extra)
     if engine.plan is not None and (engine.plan.host_layers or engine.plan.disk_layers):
         err.print(engine.plan.summary(), style="dim", highlight=False, soft_wrap=True)
     return engine

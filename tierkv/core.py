@@ -186,9 +186,9 @@ class EngineCore:
     def step(self) -> bool:
         """One step for every live sequence; False when there was nothing to do."""
         assert self.lock.locked(), "step() runs under the core lock"
-        self._reap_cancelled()
+        reaped = self._reap_cancelled()
         if not self.scheduler.has_work():
-            return False
+            return reaped           # a step whose only work was ending cancelled streams made progress
         plan = self.scheduler.schedule()
         self._carry_out(plan)
         rows = [r for r in plan.rows if r.seq_id in self.scheduler and self.seqs[r.seq_id].cache is not None
@@ -360,12 +360,15 @@ class EngineCore:
         self.scheduler.close(seq.seq_id)
         self.seqs.pop(seq.seq_id, None)
 
-    def _reap_cancelled(self) -> None:
-        for seq in [s for s in self.seqs.values() if s.turn is not None and s.turn.client.cancelled]:
+    def _reap_cancelled(self) -> bool:
+        """End every cancelled client's sequences (their KV freed); whether there were any."""
+        cancelled = [s for s in self.seqs.values() if s.turn is not None and s.turn.client.cancelled]
+        for seq in cancelled:
             if seq.turn.out is None:  # type: ignore[union-attr]
                 self.fail(seq.seq_id, RuntimeError("cancelled"))
             else:
                 self.finish(seq, "cancelled")
+        return bool(cancelled)
 
     def _finish_stats(self, seq: Seq, turn: Turn) -> None:
         stats, now = turn.stats, time.perf_counter()

@@ -10,6 +10,7 @@ threads: their sequences are served together, and a stream can be cancelled from
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from dataclasses import replace
 from importlib import resources
@@ -18,6 +19,7 @@ from typing import Any, Callable, Sequence, Union
 
 import torch
 
+from tierkv.aio import AsyncStream, agenerate as _agenerate, astream as _astream, close_bridge
 from tierkv.config import Budget, ConfigError, ModelConfig, Policy, read_json
 from tierkv.errors import ArgumentError
 from tierkv.core import Client, EngineCore, Seq, new_turn
@@ -151,6 +153,8 @@ class Engine:
                       lambda path, seq, read, n: ParkedFile.write(path, self, seq, read, n, owned=True))
         self._core = EngineCore(self, self.runner, room, Scheduler(limits, room))
         self._closed = False
+        self._bridge: Any = None                # aio.Bridge once an async request came; False once closed
+        self._bridge_lock = threading.Lock()
         self._core.prompt_cache = PromptCache(self, self._core, prompt_cache_tokens, sessions_dir)
 
     # -- prompts -----------------------------------------------------------------------------
@@ -241,6 +245,16 @@ class Engine:
         self._check_open()
         return self._stream_of(self._client([self.encode(prompt)], sampling_params(sampling), cache_prompt))
 
+    def astream(self, prompt: Prompt, **sampling: Any) -> AsyncStream:
+        """Like ``submit`` for asyncio: ``async for piece in engine.astream(prompt, ...)``, from a coroutine.
+        Async requests share steps with each other and with threaded callers; cancelling the task (or
+        ``stream.cancel()`` from any thread) stops the generation and frees its KV at the next step."""
+        return _astream(self, prompt, **sampling)
+
+    async def agenerate(self, prompt: Prompt, **sampling: Any) -> GenerationResult:
+        """Like ``generate`` for one prompt, awaited (see ``astream``)."""
+        return await _agenerate(self, prompt, **sampling)
+
     def step(self) -> int:
         """Run one step for every live sequence (a prefill piece or one new token each); returns how
         many sequences are still running or waiting."""
@@ -318,7 +332,9 @@ class Engine:
             raise RuntimeError("this Engine is closed; call tierkv.load() again")
 
     def close(self) -> None:
-        """Cancel live generations, free every KV cache, the weights, and close files. Further calls raise."""
+        """Cancel live generations (async streams end), free every KV cache, the weights, and close
+        files. Further calls raise."""
+        bridge = close_bridge(self)
         with self._core.held() as core:
             if self._closed:
                 return
@@ -329,6 +345,8 @@ class Engine:
                 self.checkpoint.close()
             if self.store is not None:
                 self.store.close()
+        if bridge is not None:
+            bridge.flush()
 
     def __enter__(self) -> "Engine":
         return self
