@@ -316,7 +316,7 @@ class EngineCore:
         turn = seq.turn
         assert turn is not None
         seq.turn = None
-        self._finish_stats(seq, turn)
+        _finish_stats(self.engine, seq, turn)
         if turn.out is None:
             turn.client.results[turn.index] = turn.score
         else:
@@ -370,25 +370,6 @@ class EngineCore:
                 self.finish(seq, "cancelled")
         return bool(cancelled)
 
-    def _finish_stats(self, seq: Seq, turn: Turn) -> None:
-        stats, now = turn.stats, time.perf_counter()
-        if turn.first_sample is None:
-            stats.prefill_s = now - turn.started
-        else:
-            stats.decode_s = now - turn.first_sample
-        new = len(turn.out.token_ids) if turn.out is not None else 0
-        stats.new_tokens = new
-        stats.decode_tok_s = (new - 1) / stats.decode_s if new > 1 and stats.decode_s > 0 else 0.0
-        stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        device = self.engine.device
-        if device.type == "cuda":
-            stats.peak_device_bytes = torch.cuda.max_memory_allocated(device)
-        stats.weights = weight_stats_delta(turn.weights_before, self.engine._weights.stats())
-        if seq.cache is not None and hasattr(seq.cache, "stats"):
-            stats.kv = seq.cache.stats()
-        busy = stats.prefill_s + stats.decode_s
-        stats.io_wait_fraction = stats.weights.get("wait_s", 0.0) / busy if busy > 0 else 0.0
-
     def close(self) -> None:
         """Cancel every live sequence and free every cache (sessions included)."""
         for seq in list(self.seqs.values()):
@@ -415,6 +396,27 @@ class _Held:
     def __exit__(self, *exc: object) -> None:
         self.core.owner = None
         self.core.lock.release()
+
+
+def _finish_stats(engine: Any, seq: Seq, turn: Turn) -> None:
+    """The turn's stats at its end: times, rates, memory peaks, weight and KV counters."""
+    stats, now = turn.stats, time.perf_counter()
+    if turn.first_sample is None:
+        stats.prefill_s = now - turn.started
+    else:
+        stats.decode_s = now - turn.first_sample
+    new = len(turn.out.token_ids) if turn.out is not None else 0
+    stats.new_tokens = new
+    stats.decode_tok_s = (new - 1) / stats.decode_s if new > 1 and stats.decode_s > 0 else 0.0
+    stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    device = engine.device
+    if device.type == "cuda":
+        stats.peak_device_bytes = torch.cuda.max_memory_allocated(device)
+    stats.weights = weight_stats_delta(turn.weights_before, engine._weights.stats())
+    if seq.cache is not None and hasattr(seq.cache, "stats"):
+        stats.kv = seq.cache.stats()
+    busy = stats.prefill_s + stats.decode_s
+    stats.io_wait_fraction = stats.weights.get("wait_s", 0.0) / busy if busy > 0 else 0.0
 
 
 def _profiling_here() -> bool:

@@ -245,15 +245,15 @@ class Engine:
         self._check_open()
         return self._stream_of(self._client([self.encode(prompt)], sampling_params(sampling), cache_prompt))
 
-    def astream(self, prompt: Prompt, **sampling: Any) -> AsyncStream:
+    def astream(self, prompt: Prompt, *, cache_prompt: bool = False, **sampling: Any) -> AsyncStream:
         """Like ``submit`` for asyncio: ``async for piece in engine.astream(prompt, ...)``, from a coroutine.
         Async requests share steps with each other and with threaded callers; cancelling the task (or
         ``stream.cancel()`` from any thread) stops the generation and frees its KV at the next step."""
-        return _astream(self, prompt, **sampling)
+        return _astream(self, prompt, cache_prompt=cache_prompt, **sampling)
 
-    async def agenerate(self, prompt: Prompt, **sampling: Any) -> GenerationResult:
+    async def agenerate(self, prompt: Prompt, *, cache_prompt: bool = False, **sampling: Any) -> GenerationResult:
         """Like ``generate`` for one prompt, awaited (see ``astream``)."""
-        return await _agenerate(self, prompt, **sampling)
+        return await _agenerate(self, prompt, cache_prompt=cache_prompt, **sampling)
 
     def step(self) -> int:
         """Run one step for every live sequence (a prefill piece or one new token each); returns how
