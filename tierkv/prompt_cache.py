@@ -171,15 +171,19 @@ class PromptCache:
             _unlink(old)
             return
         entry = Entry(seq, list(seq.history), None, self._tick())
-        for other in list(self.entries.values()):            # entries the new one extends are redundant
-            n = self._kv_tokens(other.seq)
-            if n <= kv and other.tokens[:n] == entry.tokens[:n]:
-                self._evict(other, counted=False)
+        redundant = [e for e in self.entries.values() if self._extends(entry, kv, e)]
         self.entries[seq.seq_id] = entry
         if self.directory is not None:
-            self._write(entry)
+            self._write(entry)                                  # the new file first: a crash keeps the old ones
+        for other in redundant:
+            self._evict(other, counted=False)
         _unlink(old)
         self._evict_over_limit()
+
+    def _extends(self, entry: Entry, kv: int, other: Entry) -> bool:
+        """Whether ``entry`` (``kv`` tokens of KV) holds all of ``other``'s KV prefix: ``other`` is redundant."""
+        n = self._kv_tokens(other.seq)
+        return n <= kv and other.tokens[:n] == entry.tokens[:n]
 
     def lost(self, seq: Seq) -> None:
         """A cache sequence's KV was dropped (an error in a step, a failed move): forget it. A moved
