@@ -40,8 +40,9 @@ class _Request:
     """One async request as the bridge sees it: its ids and sampling, its Client once started, its loop."""
 
     def __init__(self, ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
-                 queue: "asyncio.Queue[Any]") -> None:
+                 queue: "asyncio.Queue[Any]", cache_prompt: bool = False) -> None:
         self.ids, self.params, self.loop, self.queue = ids, params, loop, queue
+        self.cache_prompt = cache_prompt
         self.client: Client | None = None
         self.cancelled = False
         self.delivered = 0          # items posted to the loop (the bridge thread counts)
@@ -130,7 +131,7 @@ class Bridge:
 
     def _start(self, req: _Request) -> None:
         try:
-            req.client = self.engine._client([req.ids], req.params)
+            req.client = self.engine._client([req.ids], req.params, req.cache_prompt)
         except Exception as exc:        # noqa: BLE001 - e.g. the engine closed meanwhile: this request's error
             req.post(exc)
             req.post(_End(None))
@@ -174,10 +175,10 @@ class AsyncStream:
     KV is freed at the next step; the stream then ends (finish_reason "cancelled").
     """
 
-    def __init__(self, bridge: Bridge, ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, bridge: Bridge, ids: list[int], params: SamplingParams, cache_prompt: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._req = _Request(ids, params, loop, self._queue)
+        self._req = _Request(ids, params, loop, self._queue, cache_prompt)
         self._bridge = bridge
         self._result: GenerationResult | None = None
         self._ended = False
@@ -265,7 +266,7 @@ def close_bridge(engine: "Engine") -> Bridge | None:
     return None
 
 
-def astream(engine: "Engine", prompt: "Prompt", **sampling: Any) -> AsyncStream:
+def astream(engine: "Engine", prompt: "Prompt", *, cache_prompt: bool = False, **sampling: Any) -> AsyncStream:
     """``Engine.astream``: validate now (raising like ``Engine.stream``), generate on the bridge."""
     engine._check_open()
     ids, params = engine.encode(prompt), sampling_params(sampling)
@@ -274,12 +275,13 @@ def astream(engine: "Engine", prompt: "Prompt", **sampling: Any) -> AsyncStream:
     except RuntimeError:
         raise RuntimeError("Engine.astream() needs a running event loop: call it from a coroutine "
                            "(inside asyncio.run), or use Engine.stream() from plain code") from None
-    return AsyncStream(bridge_of(engine), ids, params)
+    return AsyncStream(bridge_of(engine), ids, params, cache_prompt)
 
 
-async def agenerate(engine: "Engine", prompt: "Prompt", **sampling: Any) -> GenerationResult:
+async def agenerate(engine: "Engine", prompt: "Prompt", *, cache_prompt: bool = False,
+                    **sampling: Any) -> GenerationResult:
     """``Engine.agenerate``: the whole result of one prompt, awaited."""
-    stream = astream(engine, prompt, **sampling)
+    stream = astream(engine, prompt, cache_prompt=cache_prompt, **sampling)
     async for _ in stream:
         pass
     assert stream.result is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -65,6 +66,12 @@ def register(app: typer.Typer, model_arg: Any) -> None:
             None, "--model-name", help="the model id clients send (default: the model directory's name)"),
         max_sequences: int = typer.Option(16, "--max-sequences", min=1,
                                           help="requests that decode together; more wait for a place"),
+        sessions_dir: Optional[Path] = typer.Option(
+            None, "--sessions-dir", help="keep the prompt cache in DIR: written as entries are made, restored "
+                                         "at start (the same model and dtype only)"),
+        prompt_cache_tokens: Optional[int] = typer.Option(
+            None, "--prompt-cache-tokens", min=0, help="most KV tokens of cached prompts kept, oldest evicted "
+                                                       "first (default: 4x the planned context; 0: none)"),
         options: LoadFlags = flags(LoadFlags),
     ) -> None:
         """Serve the model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) with a
@@ -78,8 +85,9 @@ def register(app: typer.Typer, model_arg: Any) -> None:
                 importlib.import_module("tierkv.server")     # before loading: the extra may be missing
             except ImportError as exc:
                 raise ConfigError(str(exc)) from None
-            run_server(_load(model, options, False, max_sequences=max_sequences), host, port, key, hosts,
-                       model_name or model_id(model))
+            engine = _load(model, options, False, max_sequences=max_sequences, sessions_dir=sessions_dir,
+                           prompt_cache_tokens=prompt_cache_tokens)
+            run_server(engine, host, port, key, hosts, model_name or model_id(model))
 
 
 def model_id(model: str) -> str:

@@ -93,6 +93,7 @@ class Seq:
     unfed: list[int] = field(default_factory=list)     # a session's history tokens not in its KV yet
     parked: Any = None                                 # KV off the cache: host tensors or a session file
     geometry: dict[str, Any] | None = None             # the chunking of the cache the parked KV came from
+    prompt_cache: bool = False                         # its tokens and KV become a prompt cache entry at its end
 
 
 class EngineCore:
@@ -106,6 +107,7 @@ class EngineCore:
         self.stepper: int | None = None            # the thread running a step for it (the engine thread)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="tierkv-engine")
         self._next_id = 0
+        self.prompt_cache: Any = None              # prompt_cache.PromptCache, set by the engine
 
     # -- joining ----------------------------------------------------------------------------------
     def new_id(self) -> int:
@@ -189,7 +191,8 @@ class EngineCore:
             return reaped           # a step whose only work was ending cancelled streams made progress
         plan = self.scheduler.schedule()
         self._carry_out(plan)
-        rows = [r for r in plan.rows if r.seq_id in self.scheduler and self.seqs[r.seq_id].turn is not None]
+        rows = [r for r in plan.rows if r.seq_id in self.scheduler and self.seqs[r.seq_id].cache is not None
+                and self.seqs[r.seq_id].turn is not None]
         if rows:
             self._run(rows)
         return bool(rows or plan.admit or plan.offload or plan.refuse)
@@ -202,9 +205,7 @@ class EngineCore:
             except (OSError, TierkvError) as exc:     # e.g. a full disk: the idle session's KV is dropped
                 warnings.warn(f"an idle session's KV could not be moved to {move.to} ({exc}); its next turn "
                               "prefills its history again", RuntimeWarning, stacklevel=2)
-                self.room.drop(seq)
-                seq.unfed = list(seq.history)
-                self.scheduler.close(move.seq_id)
+                self._drop_kv(seq)
                 continue
             self.scheduler.kept(move.seq_id, move.to)
         for seq_id, why in plan.refuse:
@@ -214,7 +215,8 @@ class EngineCore:
             try:
                 self.room.open(seq, adm)
             except Exception as exc:    # noqa: BLE001 - a budget or disk error ends this sequence only
-                self.fail(adm.seq_id, exc)
+                if not (seq.prompt_cache and adm.restore != "none" and self.prompt_cache.refill(seq, exc)):
+                    self.fail(adm.seq_id, exc)
                 continue
             self.scheduler.kept(adm.seq_id, "cache")
 
@@ -314,7 +316,7 @@ class EngineCore:
         turn = seq.turn
         assert turn is not None
         seq.turn = None
-        self._finish_stats(seq, turn)
+        _finish_stats(self.engine, seq, turn)
         if turn.out is None:
             turn.client.results[turn.index] = turn.score
         else:
@@ -327,6 +329,8 @@ class EngineCore:
         if seq.session:
             seq.unfed = turn.pending
             self.scheduler.finish(seq.seq_id)
+            if seq.prompt_cache:
+                self.prompt_cache.keep(seq)
         else:
             self.release(seq)
 
@@ -338,11 +342,17 @@ class EngineCore:
             turn.client.items.append(exc)
             turn.client.open -= 1
         if seq.session:                     # the KV may hold half a step: the next turn prefills the history again
-            self.room.drop(seq)
-            seq.unfed = list(seq.history)
-            self.scheduler.close(seq_id)
+            self._drop_kv(seq)
         else:
             self.release(seq)
+
+    def _drop_kv(self, seq: Seq) -> None:
+        """A session's KV is gone (a failed step or move): its next turn prefills the history again."""
+        self.room.drop(seq)
+        seq.unfed = list(seq.history)
+        self.scheduler.close(seq.seq_id)
+        if seq.prompt_cache:
+            self.prompt_cache.lost(seq)
 
     def release(self, seq: Seq) -> None:
         """Forget a sequence: its cache (every tier) and its room."""
@@ -360,30 +370,12 @@ class EngineCore:
                 self.finish(seq, "cancelled")
         return bool(cancelled)
 
-    def _finish_stats(self, seq: Seq, turn: Turn) -> None:
-        stats, now = turn.stats, time.perf_counter()
-        if turn.first_sample is None:
-            stats.prefill_s = now - turn.started
-        else:
-            stats.decode_s = now - turn.first_sample
-        new = len(turn.out.token_ids) if turn.out is not None else 0
-        stats.new_tokens = new
-        stats.decode_tok_s = (new - 1) / stats.decode_s if new > 1 and stats.decode_s > 0 else 0.0
-        stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        device = self.engine.device
-        if device.type == "cuda":
-            stats.peak_device_bytes = torch.cuda.max_memory_allocated(device)
-        stats.weights = weight_stats_delta(turn.weights_before, self.engine._weights.stats())
-        if seq.cache is not None and hasattr(seq.cache, "stats"):
-            stats.kv = seq.cache.stats()
-        busy = stats.prefill_s + stats.decode_s
-        stats.io_wait_fraction = stats.weights.get("wait_s", 0.0) / busy if busy > 0 else 0.0
-
     def close(self) -> None:
         """Cancel every live sequence and free every cache (sessions included)."""
         for seq in list(self.seqs.values()):
             if seq.turn is not None:
                 self.finish(seq, "cancelled")
+        self.prompt_cache.close()
         for seq in list(self.seqs.values()):
             self.release(seq)
         self.room.close()
@@ -404,6 +396,27 @@ class _Held:
     def __exit__(self, *exc: object) -> None:
         self.core.owner = None
         self.core.lock.release()
+
+
+def _finish_stats(engine: Any, seq: Seq, turn: Turn) -> None:
+    """The turn's stats at its end: times, rates, memory peaks, weight and KV counters."""
+    stats, now = turn.stats, time.perf_counter()
+    if turn.first_sample is None:
+        stats.prefill_s = now - turn.started
+    else:
+        stats.decode_s = now - turn.first_sample
+    new = len(turn.out.token_ids) if turn.out is not None else 0
+    stats.new_tokens = new
+    stats.decode_tok_s = (new - 1) / stats.decode_s if new > 1 and stats.decode_s > 0 else 0.0
+    stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    device = engine.device
+    if device.type == "cuda":
+        stats.peak_device_bytes = torch.cuda.max_memory_allocated(device)
+    stats.weights = weight_stats_delta(turn.weights_before, engine._weights.stats())
+    if seq.cache is not None and hasattr(seq.cache, "stats"):
+        stats.kv = seq.cache.stats()
+    busy = stats.prefill_s + stats.decode_s
+    stats.io_wait_fraction = stats.weights.get("wait_s", 0.0) / busy if busy > 0 else 0.0
 
 
 def _profiling_here() -> bool:
@@ -428,10 +441,11 @@ def weight_stats_delta(before: dict[str, float], after: dict[str, float]) -> dic
 
 def new_turn(client: Client, index: int, params: SamplingParams, pending: list[int], out: SequenceOutput | None,
              weights_stats: Callable[[], dict[str, float]], device: torch.device, piece_tokens: int,
-             cached_tokens: int = 0, score_rows: int = 0, vocab: int = 0) -> Turn:
+             cached_tokens: int = 0, score_rows: int = 0, vocab: int = 0, cached_prompt_tokens: int = 0) -> Turn:
     """A Turn with its stats, its own seeded generator, and (when scoring) its (T, V) output."""
     stats = GenerationStats(prompt_tokens=len(out.prompt_ids) if out is not None else len(pending),
-                            prefill_tokens=len(pending), cached_tokens=cached_tokens, prefill_piece_tokens=piece_tokens)
+                            prefill_tokens=len(pending), cached_tokens=cached_tokens + cached_prompt_tokens,
+                            cached_prompt_tokens=cached_prompt_tokens, prefill_piece_tokens=piece_tokens)
     gen = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
     score = torch.empty((score_rows, vocab), dtype=torch.float32) if score_rows else None
     return Turn(client, index, params, pending, out, stats, weights_stats(), gen, score)

@@ -34,10 +34,11 @@ from tierkv.loader import gguf_store, open_store_source, open_weight_source
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource
 from tierkv.quantspec import WeightQuant, parse_weight_quant
 from tierkv.plan import DEFAULT_CONTEXT_TOKENS, Plan, activation_bytes, prefill_sizes, step_rows
+from tierkv.prompt_cache import PromptCache
 from tierkv.runner import Runner
 from tierkv.sampling import SamplingParams
 from tierkv.scheduler import Limits, Scheduler
-from tierkv.session import ParkedFile, Session
+from tierkv.session import ParkedFile, Session, grown_capacity
 from tierkv.tokenizer import Tokenizer
 
 __all__ = ["Engine", "GenerationResult", "GenerationStats", "Piece", "Stream", "context_limit_tokens", "load",
@@ -96,13 +97,15 @@ class Engine:
 
     def __init__(self, model: str | Path, policy: Policy = Policy(), budget: Budget = Budget(),
                  progress: ProgressFn | None = None, weights: WeightSource | None = None,
-                 verify: bool = False, prefill_progress: ProgressFn | None = None, plan: Plan | None = None) -> None:
+                 verify: bool = False, prefill_progress: ProgressFn | None = None, plan: Plan | None = None,
+                 prompt_cache_tokens: int | None = None, sessions_dir: str | Path | None = None) -> None:
         """``weights`` injects a ready weight source (tests, custom placements) and skips planning;
         ``plan`` then says what that source's placement left for KV and activations (None: unbounded).
         ``verify`` first checks every checkpoint tensor is finite (``Checkpoint.verify``).
 
         ``prefill_progress(done, total)`` (also settable later as the attribute of that name) is
         called after each prefill piece with the prompt tokens processed so far and the prompt length.
+        ``prompt_cache_tokens`` and ``sessions_dir``: the prompt cache's size and directory (``load``).
         """
         self.model_dir = model_path(model)
         if is_gguf_source(self.model_dir):      # a GGUF model runs from its cached store, converted on first use
@@ -152,6 +155,7 @@ class Engine:
         self._closed = False
         self._bridge: Any = None                # aio.Bridge once an async request came; False once closed
         self._bridge_lock = threading.Lock()
+        self._core.prompt_cache = PromptCache(self, self._core, prompt_cache_tokens, sessions_dir)
 
     # -- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -185,8 +189,9 @@ class Engine:
         return max(0, min(params.max_new_tokens, self.context_limit_tokens - context_tokens + 1))
 
     # -- requests ----------------------------------------------------------------------------
-    def _client(self, batch: list[list[int]], params: SamplingParams) -> Client:
-        """Sequences for ``batch`` in the scheduler (they join at the next step)."""
+    def _client(self, batch: list[list[int]], params: SamplingParams, cache_prompt: bool = False) -> Client:
+        """Sequences for ``batch`` in the scheduler (they join at the next step); with ``cache_prompt``
+        each reuses the longest cached prefix of its prompt and is kept in the prompt cache at its end."""
         client, core = Client(len(batch)), self._core
         with core.held():
             self._check_open()
@@ -197,9 +202,10 @@ class Engine:
                     continue
                 p = replace(params, max_new_tokens=budget)
                 out = SequenceOutput(ids, self.tokenizer, self.eos_token_ids, p)
-                turn = new_turn(client, i, p, list(ids), out, self._weights.stats, self.device,
-                                self.prefill_chunk_tokens)
-                core.start(Seq(core.new_id(), session=False), turn, len(ids) + budget - 1)
+                seq, cached = core.prompt_cache.take(ids) if cache_prompt else (Seq(core.new_id(), session=False), 0)
+                turn = new_turn(client, i, p, list(ids[cached:]), out, self._weights.stats, self.device,
+                                self.prefill_chunk_tokens, cached_prompt_tokens=cached)
+                core.start(seq, turn, grown_capacity(seq, len(ids) + budget - 1, self.context_limit_tokens))
         return client
 
     def _stream_of(self, client: Client) -> Stream:
@@ -209,40 +215,45 @@ class Engine:
         weakref.finalize(stream, _flag_cancelled, client)      # an abandoned stream stops at the next step
         return stream
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], **sampling: Any) -> Any:
+    def generate(self, prompts: Prompt | Sequence[Prompt], *, cache_prompt: bool = False, **sampling: Any) -> Any:
         """Generate for one prompt (-> GenerationResult) or a list of prompts (-> list of them).
 
         Keyword arguments are ``SamplingParams`` fields: max_new_tokens, temperature, top_k,
         top_p, seed, stop (a string or a list of strings), ignore_eos. Prompts of any lengths share
         every layer pass; each gets exactly what it would alone (its own seed, stop rules, length).
+
+        ``cache_prompt=True`` (llama.cpp's option): reuse the KV of the longest prefix of the prompt that
+        an earlier cache_prompt request left in the prompt cache, prefilling only the rest
+        (``stats.cached_prompt_tokens`` says how many were reused); keep this request's tokens and KV
+        there when it ends. The tokens are the same as without it.
         """
         self._check_open()
         batch, is_batch = self._batch(prompts)
-        client = self._client(batch, sampling_params(sampling))
+        client = self._client(batch, sampling_params(sampling), cache_prompt)
         self._core.drain(client)
         return client.results if is_batch else client.results[0]
 
-    def stream(self, prompts: Prompt | Sequence[Prompt], **sampling: Any) -> Stream:
+    def stream(self, prompts: Prompt | Sequence[Prompt], *, cache_prompt: bool = False, **sampling: Any) -> Stream:
         """Like ``generate`` but returns a Stream of Pieces (``piece.index``: which prompt) as tokens come."""
         self._check_open()
         batch, _ = self._batch(prompts)
-        return self._stream_of(self._client(batch, sampling_params(sampling)))
+        return self._stream_of(self._client(batch, sampling_params(sampling), cache_prompt))
 
-    def submit(self, prompt: Prompt, **sampling: Any) -> Stream:
+    def submit(self, prompt: Prompt, *, cache_prompt: bool = False, **sampling: Any) -> Stream:
         """Add one request; it joins the live sequences at the next ``step()`` (or when any caller
         iterates a stream). Returns its Stream: ``.done``, ``.result``, ``.cancel()``, or iterate it."""
         self._check_open()
-        return self._stream_of(self._client([self.encode(prompt)], sampling_params(sampling)))
+        return self._stream_of(self._client([self.encode(prompt)], sampling_params(sampling), cache_prompt))
 
-    def astream(self, prompt: Prompt, **sampling: Any) -> AsyncStream:
+    def astream(self, prompt: Prompt, *, cache_prompt: bool = False, **sampling: Any) -> AsyncStream:
         """Like ``submit`` for asyncio: ``async for piece in engine.astream(prompt, ...)``, from a coroutine.
         Async requests share steps with each other and with threaded callers; cancelling the task (or
         ``stream.cancel()`` from any thread) stops the generation and frees its KV at the next step."""
-        return _astream(self, prompt, **sampling)
+        return _astream(self, prompt, cache_prompt=cache_prompt, **sampling)
 
-    async def agenerate(self, prompt: Prompt, **sampling: Any) -> GenerationResult:
+    async def agenerate(self, prompt: Prompt, *, cache_prompt: bool = False, **sampling: Any) -> GenerationResult:
         """Like ``generate`` for one prompt, awaited (see ``astream``)."""
-        return await _agenerate(self, prompt, **sampling)
+        return await _agenerate(self, prompt, cache_prompt=cache_prompt, **sampling)
 
     def step(self) -> int:
         """Run one step for every live sequence (a prefill piece or one new token each); returns how
@@ -295,12 +306,26 @@ class Engine:
             caches = [s.cache for s in core.seqs.values() if s.cache is not None]
             tiered = [c.stats() for c in caches if hasattr(c, "stats")]
             return {**counts, "live_sequences": counts["running_sequences"] + counts["waiting_sequences"],
-                    "sessions": sum(s.session for s in core.seqs.values()),
+                    "sessions": sum(s.session and not s.prompt_cache for s in core.seqs.values()),
+                    "prompt_cache_entries": len(core.prompt_cache.entries),
                     "kv_device_bytes": sum(c.nbytes for c in caches),
                     # chunks on the host and disk tiers, as held there (compressed under kv_quant)
                     "kv_quant": self.policy.kv_quant, "kv_host_bytes": sum(st["host_bytes"] for st in tiered),
                     "kv_disk_bytes": sum(st["disk_bytes"] for st in tiered),
                     "device_room_bytes": core.room.device_room_bytes, "host_room_bytes": core.room.host_room_bytes}
+
+    def prompt_cache_stats(self) -> dict[str, Any]:
+        """The prompt cache: entries, tokens (of KV they hold), hits, hit_tokens (reused), misses,
+        evictions, in_use (entries serving a request now), limit_tokens, directory."""
+        with self._core.held() as core:
+            return core.prompt_cache.stats()
+
+    def save_prompt_cache(self) -> int:
+        """Write the prompt cache entries not yet in ``sessions_dir`` (each is written when it is made,
+        and ``close()`` saves too); returns how many were written. ArgumentError without a sessions_dir."""
+        with self._core.held() as core:
+            self._check_open()
+            return core.prompt_cache.save()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -373,7 +398,8 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          kv_sketch: bool | None = None, prefill_chunk_tokens: int | None = None,
          progress: ProgressFn | None = None, prefill_progress: ProgressFn | None = None,
          verify: bool = False, max_sequences: int = 16, quant: str | None = None, group_size: int | str | None = None,
-         quant_head: bool = False, kv_quant: str = "none") -> Engine:
+         quant_head: bool = False, kv_quant: str = "none", prompt_cache_tokens: int | None = None,
+         sessions_dir: str | Path | None = None) -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``, or a store made by ``tierkv convert``,
     which brings its config, tokenizer and weight scheme, or a GGUF model: a .gguf file, a directory
     holding one, or a part of a split set) for generation. A GGUF model is converted on first use
@@ -423,6 +449,13 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     16-bit bytes moved and stored there, so more chunks fit the host budget. Chunks on the device,
     the recent window, the chunk abstracts and key codes stay exact; "none" (default) keeps all exact.
 
+    prompt_cache_tokens: most KV tokens the prompt cache keeps for ``cache_prompt=True`` requests
+    (default: four times the context the planner keeps device room for); the least recently used
+    entries are evicted first, and idle ones move to host memory and disk under the budgets like
+    idle sessions. sessions_dir: a directory where every entry is also written (atomically) when it
+    is made and on ``close()``, and from which a later engine of the same model and dtype restores
+    them (files of another model, or damaged ones, are skipped with a warning).
+
     verify=True first reads every checkpoint tensor once (bounded memory, a bar on a terminal, or
     ``progress(done_bytes, total_bytes)`` before any conversion's calls) and raises CheckpointError
     naming the first one holding NaN, inf or absurdly large values, or values the compute dtype
@@ -443,7 +476,8 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
                            keep_source=quant is None or asked is not None)
     else:
         policy = replace(policy, weight_quant=_asked_quant(model_path(model), quant, group_size, quant_head, device))
-    return Engine(model, policy, budget, progress=progress, prefill_progress=prefill_progress, verify=verify)
+    return Engine(model, policy, budget, progress=progress, prefill_progress=prefill_progress, verify=verify,
+                  prompt_cache_tokens=prompt_cache_tokens, sessions_dir=sessions_dir)
 
 
 def _asked_quant(model_dir: Path, scheme: str | None, group_size: int | str | None, head: bool,

@@ -27,7 +27,8 @@ class GenerationStats:
     new_tokens: int = 0
     batch_size: int = 1             # most sequences that shared one step (one layer pass) with this one
     prefill_tokens: int = 0         # tokens this call fed before its first sample (a session's new ones only)
-    cached_tokens: int = 0          # a session's earlier tokens whose KV was kept, not prefilled again
+    cached_tokens: int = 0          # earlier tokens whose KV was kept (a session's, the prompt cache's), not prefilled
+    cached_prompt_tokens: int = 0   # of prompt_tokens, those whose KV came from the prompt cache (cache_prompt=True)
     prefill_piece_tokens: int = 0   # prompt tokens per sequence in each prefill piece (fewer for larger batches)
     prefill_s: float = 0.0
     decode_s: float = 0.0

@@ -153,8 +153,10 @@ class Scheduler:
         self._seqs[seq_id] = _Seq(seq_id, pending_tokens, capacity_tokens, session, self._c.arrivals)
 
     def add_parked(self, seq_id: int, computed_tokens: int, place: str) -> None:
-        """A session restored from a file: ``computed_tokens`` of KV kept at ``place`` ("disk"), no room yet."""
-        assert seq_id not in self._seqs and place == "disk"
+        """A session restored from a file: ``computed_tokens`` of KV kept at ``place`` ("disk"), no room yet;
+        or ("host") a prompt cache prefix copied for a request that resumes it at once (its admission
+        takes its room)."""
+        assert seq_id not in self._seqs and place in ("host", "disk")
         self._c.arrivals += 1
         self._seqs[seq_id] = _Seq(seq_id, 0, max(1, computed_tokens), True, self._c.arrivals, SeqStatus.PARKED,
                                   computed_tokens, kv_place=place, last_used=self._c.steps)

@@ -28,7 +28,7 @@ from tierkv.session_file import SessionHeader, SessionReader, model_fingerprint,
 if TYPE_CHECKING:
     from tierkv.engine import Engine
 
-__all__ = ["ParkedFile", "Session"]
+__all__ = ["ParkedFile", "Session", "copy_durably", "grown_capacity"]
 
 ReadKV = Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -156,10 +156,7 @@ class Session:
             seq.parked = room.spill(seq)
 
     def _capacity(self, need: int) -> int:
-        """A turn's cache capacity: what it needs; a cache it outgrows is replaced by one twice as large."""
-        cache, limit = self._seq.cache, self._engine.context_limit_tokens
-        have = getattr(cache, "capacity_tokens", 0) if cache is not None else 0
-        return need if need <= have else min(limit, max(need, 2 * have))
+        return grown_capacity(self._seq, need, self._engine.context_limit_tokens)
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write the history and KV to ``path`` (default ``<offload_dir>/sessions/<id>.tkvs``), atomically."""
@@ -226,6 +223,13 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def grown_capacity(seq: Seq, need: int, limit: int) -> int:
+    """A resumed sequence's cache capacity: what it needs; a cache it outgrows is replaced by one twice
+    as large (within the model's ``limit``), so a growing conversation is rehoused rarely."""
+    have = getattr(seq.cache, "capacity_tokens", 0) if seq.cache is not None else 0
+    return need if need <= have else min(limit, max(need, 2 * have))
 
 
 def copy_durably(src: Path, dst: Path) -> None:

@@ -164,7 +164,10 @@ class _Routes:
 
     async def health(self, request: Request) -> Response:
         live = self.engine.kv_stats()["live_sequences"] if not self.engine._closed else 0
-        return JSONResponse({"status": "ok", "model": self.model, **asdict(self.stats), "live_sequences": live})
+        cache = self.engine.prompt_cache_stats() if not self.engine._closed else {}
+        return JSONResponse({"status": "ok", "model": self.model, **asdict(self.stats), "live_sequences": live,
+                             "prompt_cache": {k: cache[k] for k in ("entries", "tokens", "hits", "hit_tokens")
+                                              if k in cache}})
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
@@ -181,7 +184,7 @@ class _Routes:
         self.stats.requests += 1
         try:
             req = parse_request(await _json_body(request), kind, self.engine, self.model)
-            stream = self.engine.astream(req.prompt_ids, **req.sampling)
+            stream = self.engine.astream(req.prompt_ids, cache_prompt=req.cache_prompt, **req.sampling)
         except APIError as exc:
             self.stats.rejected += 1
             return _error(exc)
@@ -227,7 +230,8 @@ class _Routes:
         result = stream.result
         assert result is not None
         build = completion_response if req.kind == "completion" else chat_response
-        return JSONResponse(build(req, self.model, text, result.finish_reason, len(result.token_ids)))
+        return JSONResponse(build(req, self.model, text, result.finish_reason, len(result.token_ids),
+                                  result.stats.cached_prompt_tokens))
 
     async def _events(self, req: ParsedRequest, stream: AsyncStream) -> AsyncIterator[bytes]:
         chat = req.kind == "chat"
@@ -250,7 +254,7 @@ class _Routes:
             yield sse(chat_chunk(req, self.model, {}, result.finish_reason) if chat
                       else completion_chunk(req, self.model, "", result.finish_reason))
             if req.include_usage:
-                use = usage(len(req.prompt_ids), len(result.token_ids))
+                use = usage(len(req.prompt_ids), len(result.token_ids), result.stats.cached_prompt_tokens)
                 yield sse(chat_chunk(req, self.model, None, None, use) if chat
                           else completion_chunk(req, self.model, None, None, use))
             yield sse("[DONE]")

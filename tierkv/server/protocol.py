@@ -218,22 +218,26 @@ def finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens whose KV came from the prompt cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_response(req: ParsedRequest, model: str, text: str, reason: str, new_tokens: int) -> dict[str, Any]:
+def completion_response(req: ParsedRequest, model: str, text: str, reason: str, new_tokens: int,
+                        cached_tokens: int = 0) -> dict[str, Any]:
     return {"id": f"cmpl-{req.id}", "object": "text_completion", "created": req.created, "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": finish_reason(reason), "logprobs": None}],
-            "usage": usage(len(req.prompt_ids), new_tokens)}
+            "usage": usage(len(req.prompt_ids), new_tokens, cached_tokens)}
 
 
-def chat_response(req: ParsedRequest, model: str, text: str, reason: str, new_tokens: int) -> dict[str, Any]:
+def chat_response(req: ParsedRequest, model: str, text: str, reason: str, new_tokens: int,
+                  cached_tokens: int = 0) -> dict[str, Any]:
     return {"id": f"chatcmpl-{req.id}", "object": "chat.completion", "created": req.created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": finish_reason(reason), "logprobs": None}],
-            "usage": usage(len(req.prompt_ids), new_tokens)}
+            "usage": usage(len(req.prompt_ids), new_tokens, cached_tokens)}
 
 
 def completion_chunk(req: ParsedRequest, model: str, text: str | None, reason: str | None,
