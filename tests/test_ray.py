@@ -109,7 +109,7 @@ def test_cli_refusals(tmp_path: Path) -> None:
 # -- a real local Ray cluster -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A head and a second node, 1.5 CPUs each (one 1-CPU worker fits on each), the second with its
+    """A head and a second node, 1 CPU each (one 1-CPU worker fits on each), the second with its
     own TIERKV_* environment (budgets that stream the demo model's layers from its offload dir)."""
     if not HAS_RAY:
         pytest.skip(NO_RAY)
@@ -118,8 +118,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     offload = tmp_path_factory.mktemp("node2-offload")
     small = {"object_store_memory": 80 * 1024 ** 2, "include_dashboard": False}
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1.5, **small})
-    c.add_node(num_cpus=1.5, env_vars={"TIERKV_DEVICE_MEM": "12MiB", "TIERKV_HOST_MEM": "4MiB",
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **small})
+    c.add_node(num_cpus=1, env_vars={"TIERKV_DEVICE_MEM": "12MiB", "TIERKV_HOST_MEM": "4MiB",
                                         "TIERKV_OFFLOAD_DIR": str(offload), "TIERKV_KERNELS": "torch"}, **small)
     ray.init(address=c.address, logging_level="WARNING")
     c.offload = offload
@@ -147,7 +147,8 @@ def test_demo_job_on_two_nodes_equals_local(cluster: Any, tmp_path: Path) -> Non
     summary, out = _ray_job(lines, tmp_path, "demo", {"dtype": "float32", "kv": "exact", "device": "cpu"})
     assert _untimed(out) == want
     assert (summary.ok, summary.errors, summary.skipped, summary.unfinished) == (8, 2, 0, 0)
-    assert len(summary.workers) == 2 and sum(w.rows for w in summary.workers.values()) == 9   # bad JSON: driver
+    # both workers (one per node) took batches; the bad JSON line never left the driver
+    assert len(summary.workers) == 2 and sum(w.rows for w in summary.workers.values()) == 9
     assert summary.generated_tokens == sum(w.generated_tokens for w in summary.workers.values()) > 0
     assert any(cluster.offload.iterdir())           # the second node's worker streamed from its own offload dir
     again, _ = _ray_job(lines, tmp_path, "demo", DEMO)    # resumed: everything is there already
@@ -207,3 +208,19 @@ def test_a_killed_worker_loses_and_duplicates_no_row(cluster: Any, tmp_path: Pat
     summary, _ = result["run"]
     assert _untimed(out) == want and summary.unfinished == 0       # every row once, in order, as local
     assert killed not in _worker_pids(cluster)                     # a new process replaced it
+
+
+@pytest.mark.slow
+def test_a_cluster_without_room_for_the_workers_is_an_error(cluster: Any, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray.data
+
+    from tierkv.batch import BatchError
+    from tierkv.ray import run_ray_job
+
+    monkeypatch.setenv("RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S", "5")         # the user's own start timeout
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 5)
+    with BatchJob(_write(tmp_path / "in.jsonl", LINES[:2]), tmp_path / "out.jsonl") as job:
+        with pytest.raises(BatchError, match="did not start 3 workers of 1 CPUs each within 5 s: give fewer"):
+            run_ray_job(job, "demo", DEMO, workers=3)
+    assert (tmp_path / "out.jsonl").read_text() == ""

@@ -47,6 +47,9 @@ NODE_ENV = {"device": "TIERKV_DEVICE", "device_mem": "TIERKV_DEVICE_MEM", "host_
 THREADS_ENV = "TIERKV_THREADS"                   # a worker's torch threads when the job leaves them unset
 _INPUT_NAME = {generate: name for name, generate in SAMPLING_FIELDS.items()}   # generate keyword -> field
 _INSTALL = "pip install 'tierkv[ray]'"
+# every worker loaded before the first batch goes out (an even spread; a cluster too small fails here
+# instead of waiting forever): Ray Data's wait, unless its variable sets another
+_START_VAR, _START_S = "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S", 900
 
 
 def worker_load_kwargs(load_kwargs: dict[str, Any], environ: dict[str, str] | os._Environ) -> dict[str, Any]:
@@ -174,6 +177,11 @@ def run_ray_job(job: BatchJob, model: str, load_kwargs: dict[str, Any], *, addre
         with _connected(ray, address), \
                 closing(_results(ray, todo, model, load_kwargs, workers, batch, threads, progress)) as rows:
             _write_in_order(job, todo, rows, summary)
+    except ray.exceptions.GetTimeoutError:
+        waited = ray.data.DataContext.get_current().wait_for_min_actors_s
+        raise BatchError(f"the Ray cluster did not start {workers} workers of {threads or 1} CPUs each within "
+                         f"{waited} s: give fewer --workers (or --threads), add nodes, or wait longer with "
+                         f"{_START_VAR}=SECONDS") from None
     except KeyboardInterrupt:
         summary.interrupted = True
     _finish(summary, time.perf_counter() - t0, len(todo))
@@ -219,12 +227,14 @@ def _results(ray: Any, todo: list[BatchRequest], model: str, load_kwargs: dict[s
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True            # rows come back in input order
     ctx.enable_progress_bars = progress
+    if _START_VAR not in os.environ:
+        ctx.wait_for_min_actors_s = _START_S
     device = load_kwargs.get("device")
     gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
     per_call = max(1, min(batch, -(-len(items) // workers)))
     ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // per_call))
     out = ds.map_batches(TierkvPredictor, batch_size=per_call, concurrency=workers, num_cpus=threads or 1,
-                         num_gpus=gpus, max_restarts=-1, max_task_retries=-1,
+                         num_gpus=gpus,      # Ray Data restarts a dead actor and retries its batch (max_restarts=-1)
                          fn_constructor_kwargs={"model": model, "load_kwargs": load_kwargs, "batch": batch,
                                                 "threads": threads})
     yield from out.iter_rows()
