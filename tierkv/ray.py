@@ -233,7 +233,8 @@ def _results(ray: Any, todo: list[BatchRequest], model: str, load_kwargs: dict[s
     gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
     per_call = max(1, min(batch, -(-len(items) // workers)))
     ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // per_call))
-    out = ds.map_batches(TierkvPredictor, batch_size=per_call, concurrency=workers, num_cpus=threads or 1,
+    out = ds.map_batches(TierkvPredictor, batch_size=per_call, compute=ray.data.ActorPoolStrategy(size=workers),
+                         num_cpus=threads or 1,
                          num_gpus=gpus,      # Ray Data restarts a dead actor and retries its batch (max_restarts=-1)
                          fn_constructor_kwargs={"model": model, "load_kwargs": load_kwargs, "batch": batch,
                                                 "threads": threads})
