@@ -174,9 +174,12 @@ def run_ray_job(job: BatchJob, model: str, load_kwargs: dict[str, Any], *, addre
                          actors=workers, output=str(job.output_path))
     t0 = time.perf_counter()
     try:
-        with _connected(ray, address), \
-                closing(_results(ray, todo, model, load_kwargs, workers, batch, threads, progress)) as rows:
-            _write_in_order(job, todo, rows, summary)
+        if all(r.error is not None for r in todo):       # nothing to generate (done before, or bad lines only)
+            _write_in_order(job, todo, iter(()), summary)
+        else:
+            with _connected(ray, address), \
+                    closing(_results(ray, todo, model, load_kwargs, workers, batch, threads, progress)) as rows:
+                _write_in_order(job, todo, rows, summary)
     except ray.exceptions.GetTimeoutError:
         waited = ray.data.DataContext.get_current().wait_for_min_actors_s
         raise BatchError(f"the Ray cluster did not start {workers} workers of {threads or 1} CPUs each within "
@@ -222,8 +225,6 @@ def _results(ray: Any, todo: list[BatchRequest], model: str, load_kwargs: dict[s
     """The result rows of ``todo``'s valid requests, in their order, from ``workers`` actors. Each
     actor call gets up to ``batch`` rows, fewer when that leaves a worker idle (a short job)."""
     items = [{"line": r.line, "request": _as_line(r)} for r in todo if r.error is None]
-    if not items:
-        return
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True            # rows come back in input order
     ctx.enable_progress_bars = progress
