@@ -14,6 +14,8 @@ import importlib.util
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -164,11 +166,13 @@ def test_tiny_random_model_job_and_cli_equal_local(cluster: Any, tiny_llama_dir:
     want = _local(str(tiny_llama_dir), kwargs, lines, tmp_path)
     assert [r["id"] for r in want if "error" in r] == ["long", "text"]       # bad prompts: error rows
     out = tmp_path / "cli.jsonl"
-    res = CliRunner().invoke(app, ["batch", str(tiny_llama_dir), str(_write(tmp_path / "in.jsonl", lines)), "-o",
-                                   str(out), "--ray", cluster.address, "--workers", "2", "--batch", "2",
-                                   "--dtype", "float32", "--kv", "exact", "--device", "cpu", "--json"])
-    assert res.exit_code == 0, res.output
-    summary = json.loads(res.output.strip().splitlines()[-1])
+    cmd = [sys.executable, "-m", "tierkv", "batch", str(tiny_llama_dir), str(_write(tmp_path / "in.jsonl", lines)),
+           "-o", str(out), "--ray", cluster.address, "--workers", "2", "--batch", "2", "--dtype", "float32",
+           "--kv", "exact", "--device", "cpu", "--json"]                 # a process of its own joins the cluster
+    res = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert (summary["ok"], summary["errors"], summary["actors"]) == (7, 2, 2)
     assert _untimed(out) == want
 
