@@ -34,7 +34,7 @@ from tierkv.errors import TierkvError
 from tierkv.generation import GenerationResult, Stream, sampling_params, token_ids_of
 
 __all__ = ["BatchError", "BatchInterrupted", "BatchJob", "BatchRequest", "BatchSummary", "SAMPLING_FIELDS",
-           "read_requests", "run_batch"]
+           "parse_request", "read_requests", "run_batch", "run_requests"]
 
 # input field -> Engine.generate keyword
 SAMPLING_FIELDS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
@@ -109,8 +109,9 @@ class BatchSummary:
 
 
 # -- input ------------------------------------------------------------------------------------------
-def _parse_line(number: int, raw: bytes, defaults: dict[str, Any]) -> BatchRequest:
-    """One input line -> a request (its error set when the line is unusable)."""
+def parse_request(number: int, raw: bytes, defaults: dict[str, Any]) -> BatchRequest:
+    """Input line ``number`` (its bytes) -> a request (its error set when the line is unusable);
+    ``defaults``: generate's keyword arguments for the fields the line leaves out."""
     try:
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -173,7 +174,7 @@ def read_requests(path: str | Path, defaults: dict[str, Any] | None = None) -> l
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
-        req = _parse_line(number, raw, dict(defaults or {}))
+        req = parse_request(number, raw, dict(defaults or {}))
         if req.key in seen:
             raise BatchError(f"{path}: id {req.key} is on line {seen[req.key]} and on line {number}; "
                              "give every request its own id")
@@ -338,10 +339,20 @@ class _Flight:
     queued_s: float
 
 
+class _Records:
+    """Where ``run_requests`` collects the records (a ResultLog's ``write``, kept in memory)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+
 class _Ordered:
     """Finished results, written to the log in the job's order as soon as every earlier one is finished."""
 
-    def __init__(self, log: ResultLog, summary: BatchSummary) -> None:
+    def __init__(self, log: ResultLog | _Records, summary: BatchSummary) -> None:
         self.log, self.summary = log, summary
         self.ready: dict[int, tuple[dict[str, Any], GenerationResult | None]] = {}
         self.next = 0
@@ -538,6 +549,21 @@ class _Bar:
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+def run_requests(engine: Engine, requests: list[BatchRequest], *,
+                 batch: int | None = None) -> tuple[list[dict[str, Any]], BatchSummary]:
+    """The result records of ``requests`` (one each, in their order: what a job writes to its output
+    file) and the summary of the run, kept in memory; ``batch``: most sequences in flight (default:
+    the engine's max_sequences). What a Ray worker runs on its share of a job (tierkv.ray)."""
+    batch = batch or engine.policy.max_sequences
+    summary, sink = BatchSummary(requests=len(requests), batch=batch), _Records()
+    ordered = _Ordered(sink, summary)
+    before, t0 = _weight_counters(engine), time.perf_counter()
+    for _ in _drive(engine, requests, batch, ordered, t0):
+        pass
+    _finish_summary(summary, engine, before, ordered, time.perf_counter() - t0, len(requests))
+    return sink.records, summary
 
 
 def run_batch(engine: Engine, requests_path: str | Path, output_path: str | Path, *, progress: bool = False,

@@ -53,20 +53,34 @@ def batch_command(
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
     options: LoadFlags = flags(LoadFlags),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object on stdout"),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="spread the job over a Ray cluster: auto (the one started "
+                                                          "here, else a new local one) or its ADDRESS; needs "
+                                                          "pip install 'tierkv[ray]'"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="--ray: engines (Ray actors) to spread the "
+                                                                         "job over, each loads the model once "
+                                                                         "(default 1)"),
 ) -> None:
     """Run a JSONL file of requests as one continuously batched, resumable job.
 
     A line's own fields (max_tokens, temperature, top_p, top_k, seed, stop) override the sampling
     flags. A bad line gets an error result naming its line number and the job goes on. Ctrl-C writes
-    what is complete and exits 130; run the same command again to finish."""
+    what is complete and exits 130; run the same command again to finish. With --ray the job runs on
+    --workers Ray actors (budgets unset: each node's TIERKV_DEVICE_MEM, TIERKV_HOST_MEM, ...)."""
     from tierkv.cli import _load, _set_threads, _user_errors   # cli.py registers this command: import it late
 
     _set_threads(options.threads)
     with _user_errors():
         summary_path = _summary_path(summary_file)
+        if workers is not None and ray_address is None:
+            raise BatchError(f"--workers {workers} spreads the job over Ray actors: give --ray auto (or a cluster's "
+                             "address) too")
         job = BatchJob(requests, output, sampling.sampling_kwargs(stop), retry_errors)
         try:
-            summary = _run(job, model, _with_batch(options, batch), batch, as_json, _load)
+            if ray_address is None:
+                summary = _run(job, model, _with_batch(options, batch), batch, as_json, _load)
+            else:
+                summary = _run_on_ray(job, model, _with_batch(options, batch), ray_address,
+                                      workers or 1, not as_json)
         finally:
             job.close()
         _report(summary, summary_path, as_json)
@@ -92,6 +106,20 @@ def _run(job: BatchJob, model: str, options: _BatchLoadFlags, batch: int, quiet:
             return exc.summary
         finally:
             engine.close()
+
+
+def _run_on_ray(job: BatchJob, model: str, options: _BatchLoadFlags, address: str, workers: int,
+                progress: bool) -> BatchSummary:
+    """The job on ``workers`` Ray actors (tierkv.ray); Ctrl-C (or SIGTERM) -> the summary of what was written."""
+    from tierkv.ray import run_ray_job          # Ray is an optional extra: imported only for --ray
+
+    with _term_as_interrupt():
+        try:
+            return run_ray_job(job, model, options.load_kwargs(), address=address, workers=workers,
+                               batch=options.max_sequences, threads=options.threads,
+                               progress=progress and Console(stderr=True).is_terminal)
+        except BatchInterrupted as exc:
+            return exc.summary
 
 
 @contextmanager
