@@ -3,7 +3,10 @@ object) while other clients keep being served; the bind policy of ``tierkv serve
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import httpx
 import openai
@@ -161,3 +164,11 @@ def test_serve_refuses_a_keyless_public_bind(monkeypatch):
     monkeypatch.delenv("TIERKV_API_KEY", raising=False)
     result = CliRunner().invoke(app, ["serve", "demo", "--host", "0.0.0.0", "--port", "1"])
     assert result.exit_code == 2 and "--insecure-no-key" in result.output
+
+
+def test_without_the_extra_the_error_names_the_install():
+    code = ("import sys; sys.modules['uvicorn'] = None\n"
+            "try:\n    import tierkv.server\nexcept ImportError as e:\n    print(e)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                          env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin"})
+    assert "pip install starlette uvicorn" in done.stdout and "tierkv[serve]" in done.stdout, done.stderr
