@@ -167,7 +167,8 @@ def test_float16_overflow_suggests_bfloat16(tmp_path) -> None:
 # -- --verify and convert ------------------------------------------------------------------------
 def test_verify_passes_on_a_good_checkpoint_and_names_the_bad_tensor(dirs, monkeypatch) -> None:
     calls: list[tuple[int, int]] = []
-    with tierkv.load(dirs["good"], verify=True, progress=lambda done, total: calls.append((done, total))) as eng:
+    with tierkv.load(dirs["good"], verify=True,
+                     progress=lambda done, total, phase: phase == "verify" and calls.append((done, total))) as eng:
         assert len(eng.generate(PROMPT, max_new_tokens=2).token_ids) == 2
     total = calls[-1][1]
     assert calls[0] == (0, total) and calls[-1] == (total, total)

@@ -26,7 +26,7 @@ from tierkv.core import Client, EngineCore, Seq, new_turn
 from tierkv.generation import (GenerationResult, GenerationStats, Piece, SequenceOutput, Stream, sampling_params,
                                split_batch, token_ids_of)
 from tierkv.io.checkpoint import Checkpoint, resolve_dtype
-from tierkv.io.progress import ProgressFn
+from tierkv.io.progress import ProgressFn, phase_progress
 from tierkv.kvroom import KVRoom
 from tierkv.io.store import WeightStore, existing_manifest, is_store_dir
 from tierkv.io.gguf import is_gguf_source
@@ -124,7 +124,7 @@ class Engine:
         self.dtype = resolve_dtype(policy.dtype, default=self.config.dtype)
         self.device = resolve_device(policy.device)
         if verify and self.checkpoint is not None:      # a store verifies its checksums as it is read
-            self.checkpoint.verify(self.dtype, progress)
+            self.checkpoint.verify(self.dtype, phase_progress(progress, "verify"))
         tok_path = self.model_dir / "tokenizer.json"
         self.tokenizer: Tokenizer | None = Tokenizer(self.model_dir) if tok_path.is_file() else None
         self.eos_token_ids = _eos_ids(self.model_dir, self.config, self.tokenizer)
@@ -133,13 +133,14 @@ class Engine:
         if weights is None:
             resolved = replace(policy, dtype=str(self.dtype).removeprefix("torch."), device=str(self.device))
             if self.store is not None:
-                weights, self.plan = open_store_source(self.store, budget, resolved)
+                weights, self.plan = open_store_source(self.store, budget, resolved, progress=progress)
             else:
                 weights, self.plan = open_weight_source(self.model_dir, self.config, budget, resolved,
                                                         progress=progress)
         if weights is None:
             assert self.checkpoint is not None
-            weights = ResidentWeights(self.checkpoint, self.dtype, self.device, policy.weight_quant)
+            weights = ResidentWeights(self.checkpoint, self.dtype, self.device, policy.weight_quant,
+                                      phase_progress(progress, "load"))
         self._weights: WeightSource = weights
         self.prefill_progress = prefill_progress
         # prefill piece and attention scratch: the plan's (sized to the device budget), else the policy's
@@ -428,7 +429,10 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     prefilled in pieces of prefill_chunk_tokens (default: the largest power of two up to 2048 whose
     activations fit an eighth of the device budget, at least 16; ``engine.plan.prefill_chunk_tokens``
     says which); prefill_progress(done, total) is called after each piece. progress(done, total)
-    reports a first-use conversion.
+    reports loading in phases, each counting from 0 to its own total: a first-use conversion
+    ("convert", bytes), then the weights placed on the device or host ("load": bytes of a store's
+    resident extents, or the globals and layers of a checkpoint loaded whole, total = layers + 1);
+    a callback with a ``phase`` keyword parameter (``def progress(done, total, phase)``) is told which.
 
     quant: "int8" or "int4" stores and computes the linear weights of every layer group-wise
     quantized (groups of group_size = 32, 64 or 128 inputs, default 64, each with a 16-bit scale and

@@ -19,7 +19,7 @@ from tierkv.config import Budget, ModelConfig, Policy
 from tierkv.io.convert import cached_store, cached_store_dir, find_cached_store
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.gguf import GGUFCheckpoint
-from tierkv.io.progress import ProgressFn
+from tierkv.io.progress import ProgressFn, phase_progress
 from tierkv.io.store import StoreError, WeightStore, existing_manifest, read_damage
 from tierkv.pipeline.weights import StreamingWeights
 from tierkv.plan import Plan, default_offload_dir, make_plan
@@ -40,7 +40,8 @@ def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budge
     device (use ``ResidentWeights`` from the checkpoint; nothing is converted), otherwise a
     StreamingWeights over the cached store under ``plan.offload_dir`` (converted on first use,
     repaired when found damaged; with ``policy.weight_quant``, the store of that quantization
-    packed for the policy's device). An existing store's own data file is what the disk probe reads."""
+    packed for the policy's device). An existing store's own data file is what the disk probe reads.
+    ``progress``: the conversion (phase "convert"), then the resident extents' bytes loaded (phase "load")."""
     offload_dir = budget.offload_dir or default_offload_dir()
     quant, device_type = policy.weight_quant, device_type_of(policy)
     existing = find_cached_store(model_dir, offload_dir, policy.dtype, quant, device_type) if links is None else None
@@ -61,8 +62,8 @@ def gguf_store(path: str | Path, budget: Budget, policy: Policy = Policy(), prog
     device_type = device_type_of(policy)
     dtype = policy.dtype or _cached_file_dtype(path, offload, quant, device_type, keep_source) or \
         GGUFCheckpoint(path).config.dtype           # parsing the file's metadata takes seconds for a large vocabulary
-    return cached_store(path, offload, dtype=dtype, progress=progress, quant=quant, device_type=device_type,
-                        keep_source=keep_source)
+    return cached_store(path, offload, dtype=dtype, progress=phase_progress(progress, "convert"), quant=quant,
+                        device_type=device_type, keep_source=keep_source)
 
 
 def _cached_file_dtype(path: str | Path, offload_dir: str | Path, quant: WeightQuant | None, device_type: str,
@@ -77,10 +78,12 @@ def _cached_file_dtype(path: str | Path, offload_dir: str | Path, quant: WeightQ
 
 
 def open_store_source(store: WeightStore, budget: Budget, policy: Policy = Policy(), *, links: LinkSpeeds | None = None,
-                      context_tokens: int | None = None) -> tuple[StreamingWeights, Plan]:
+                      context_tokens: int | None = None,
+                      progress: ProgressFn | None = None) -> tuple[StreamingWeights, Plan]:
     """A converted store opened as the model (``tierkv run OUT``): plan with its own layer sizes and
     serve every layer from it (those that fit resident on the device). The store must hold what the
-    policy asks (``WeightStore.check_quant``) and the compute dtype must be the store's."""
+    policy asks (``WeightStore.check_quant``) and the compute dtype must be the store's. ``progress``:
+    the resident extents' bytes loaded (phase "load")."""
     store.check_quant(policy.weight_quant, device_type_of(policy))
     dtype = str(store.dtype).removeprefix("torch.")
     if policy.dtype is not None and str(resolve_dtype(policy.dtype)).removeprefix("torch.") != dtype:
@@ -88,7 +91,7 @@ def open_store_source(store: WeightStore, budget: Budget, policy: Policy = Polic
                          f"--dtype {dtype} (or leave --dtype out), or convert again with --dtype {policy.dtype}")
     plan = make_plan(store.config, budget, replace(policy, dtype=dtype), links, context_tokens=context_tokens,
                      data_path=store.data_path, layout=list(store.extents.values()))   # its sizes: scheme per tensor
-    return StreamingWeights.from_plan(store, plan), plan
+    return StreamingWeights.from_plan(store, plan, progress=phase_progress(progress, "load")), plan
 
 
 def _streaming_source(model_dir: str | Path, plan: Plan, store: WeightStore | None,
@@ -96,18 +99,19 @@ def _streaming_source(model_dir: str | Path, plan: Plan, store: WeightStore | No
     """StreamingWeights over the cached store; a checksum mismatch while loading its resident part
     is repaired (the bad extents re-converted) and the load tried once more."""
     device_type = torch.device(plan.device).type
+    converting, loading = phase_progress(progress, "convert"), phase_progress(progress, "load")
 
     def reopen() -> WeightStore:
-        return WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype, progress=progress,
+        return WeightStore.open(cached_store(model_dir, plan.offload_dir, dtype=plan.dtype, progress=converting,
                                              quant=quant, device_type=device_type))
     store = store or reopen()
     try:
-        return StreamingWeights.from_plan(store, plan)
+        return StreamingWeights.from_plan(store, plan, progress=loading)
     except StoreError:
         if not read_damage(store.dir):
             raise
     store.close()
-    return StreamingWeights.from_plan(reopen(), plan)
+    return StreamingWeights.from_plan(reopen(), plan, progress=loading)
 
 
 __all__ = ["device_type_of", "gguf_store", "open_store_source", "open_weight_source"]

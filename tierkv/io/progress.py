@@ -9,6 +9,7 @@ is the one helper, shared from below.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from typing import Callable, Iterator
 
@@ -31,4 +32,19 @@ def progress_or_bar(progress: ProgressFn | None, total: int, label: str) -> Iter
         yield lambda done, total: bar.update(task, completed=done)
 
 
-__all__ = ["ProgressFn", "progress_or_bar"]
+def phase_progress(progress: ProgressFn | None, phase: str) -> ProgressFn | None:
+    """``progress`` for one phase of a load ("verify", "convert", "load"): each phase counts from 0 to
+    its own total; a callback that takes a ``phase`` keyword is told which, ``progress(done, total)``
+    callbacks are called as before."""
+    if progress is None:
+        return None
+    try:
+        takes_phase = "phase" in inspect.signature(progress).parameters
+    except (TypeError, ValueError):         # a builtin without a signature
+        takes_phase = False
+    if not takes_phase:
+        return progress
+    return lambda done, total: progress(done, total, phase=phase)  # type: ignore[call-arg]
+
+
+__all__ = ["ProgressFn", "phase_progress", "progress_or_bar"]

@@ -78,13 +78,19 @@ class ResidentWeights:
     prefetch_depth = 0
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device,
-                 quant: WeightQuant | None = None) -> None:
+                 quant: WeightQuant | None = None, progress: Callable[[int, int], None] | None = None) -> None:
+        """``progress(done, total)`` after the globals and after each layer (total: layers + 1)."""
         cfg: ModelConfig = ckpt.config
         self.num_layers = cfg.num_layers
+        report = progress or (lambda done, total: None)
         layer_quants = tensor_quants(cfg.layer_tensor_shapes(), quant, device.type)
         self._globals = _placed(ckpt.globals(), tensor_quants(cfg.global_tensor_shapes(), quant, device.type),
                                 dtype, device)
-        self._layers = [_placed(ckpt.layer(j), layer_quants, dtype, device) for j in range(cfg.num_layers)]
+        report(1, cfg.num_layers + 1)
+        self._layers = []
+        for j in range(cfg.num_layers):
+            self._layers.append(_placed(ckpt.layer(j), layer_quants, dtype, device))
+            report(j + 2, cfg.num_layers + 1)
         self.nbytes = sum(layer_nbytes(d) for d in [self._globals, *self._layers])
 
     def globals(self) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ per-link counters, and each move shows as a ``tierkv::move`` span in a profiler 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -57,7 +57,7 @@ class StreamingWeights:
     def __init__(self, store: WeightStore, device: torch.device | str, device_layers: Sequence[int],
                  host_layers: Sequence[int], prefetch_depth: int, device_budget_bytes: int,
                  host_budget_bytes: int, reader_threads: int = 4, verify: str = "first",
-                 direct: bool | None = None) -> None:
+                 direct: bool | None = None, progress: Callable[[int, int], None] | None = None) -> None:
         assert prefetch_depth >= 0 and not set(device_layers) & set(host_layers)
         self.store, self.device = store, torch.device(device)
         self.num_layers, self.prefetch_depth = store.config.num_layers, prefetch_depth
@@ -82,14 +82,15 @@ class StreamingWeights:
         self._globals: dict[str, torch.Tensor] = {}
         try:
             self.ring, self.staging = self._make_rings()    # reserve the rings first: fail fast
-            self._load_resident()
+            self._load_resident(progress or (lambda done, total: None))
         except BaseException:
             self.mover.close()
             raise
 
     @classmethod
     def from_plan(cls, store: WeightStore, plan: "Plan", **options: object) -> "StreamingWeights":
-        """The source a Plan describes (options: reader_threads, verify, direct)."""
+        """The source a Plan describes (options: reader_threads, verify, direct, progress: bytes of the
+        resident extents loaded so far, and their total)."""
         return cls(store, plan.device, plan.device_layers, plan.host_layers, plan.prefetch_depth,
                    plan.device_weight_budget_bytes, plan.host_weight_budget_bytes, **options)  # type: ignore[arg-type]
 
@@ -105,22 +106,29 @@ class StreamingWeights:
         mover.register(HOST, DEVICE, copy_handler(self.device))
         return mover
 
-    def _load_resident(self) -> None:
+    def _load_resident(self, progress: Callable[[int, int], None]) -> None:
         """Globals and device layers into the device tier; host layers into the host tier. Their quantized
-        weights stay put, so the CPU ops' parameters are prepared once here (``kernels.quant.prepare``)."""
+        weights stay put, so the CPU ops' parameters are prepared once here (``kernels.quant.prepare``).
+        ``progress(done_bytes, total_bytes)`` after each extent."""
         names = [e.name for e in self.store.global_extents()]
         names += [layer_extent_name(j) for j, k in enumerate(self._kind) if k == "device"]
+        hosted = [j for j, kind in enumerate(self._kind) if kind == "host"]
+        total = sum(self.store.extents[n].padded_nbytes for n in names + [layer_extent_name(j) for j in hosted])
+        done = 0
         for name in names:
             tensors = prepare_layer(self._load_into(DEVICE, name), self.store.dtype)
             if name.startswith("layer."):
                 self._resident[int(name.split(".")[1])] = tensors
             else:
                 self._globals.update(tensors)
-        for j, kind in enumerate(self._kind):
-            if kind == "host":
-                tensors = prepare_layer(self._load_into(HOST, layer_extent_name(j)), self.store.dtype)
-                if not self.cuda:                       # CPU: host RAM is as close as it gets
-                    self._resident[j] = tensors
+            done += self.store.extents[name].padded_nbytes
+            progress(done, total)
+        for j in hosted:
+            tensors = prepare_layer(self._load_into(HOST, layer_extent_name(j)), self.store.dtype)
+            if not self.cuda:                       # CPU: host RAM is as close as it gets
+                self._resident[j] = tensors
+            done += self.store.extents[layer_extent_name(j)].padded_nbytes
+            progress(done, total)
 
     def _load_into(self, tier: str, name: str) -> dict[str, torch.Tensor]:
         """One extent into a new block of ``tier`` (CUDA device: through a temporary host buffer)."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 try:
     import starlette
     import uvicorn
-except ImportError as exc:          # pragma: no cover - the extra is installed in the test environment
-    raise ImportError(f"the tierkv server needs the serve extra ({exc.name} is missing): "
-                      "pip install 'tierkv[serve]' (in a checkout: pip install -e '.[serve]')") from exc
+except ImportError as exc:
+    raise ImportError(f"the tierkv server needs the serve extra ({exc.name} is missing): pip install starlette "
+                      "uvicorn, or pip install 'tierkv[serve]' (in a checkout: pip install -e '.[serve]')") from exc
 
 from tierkv.server.app import create_app  # noqa: E402
 
