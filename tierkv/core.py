@@ -226,7 +226,7 @@ class EngineCore:
         prefill = any(s.turn.first_sample is None for s in seqs)   # type: ignore[union-attr]
         try:       # the tracer's phases: a step that feeds any prompt piece counts as prefill
             with torch.profiler.record_function("tierkv::prefill" if prefill else "tierkv::decode"):
-                last, scored = self.runner.forward(feeds, self.room.head_rows)
+                last, scored = self.runner.forward(feeds, self.room.head_rows, [r.group for r in rows])
         except BaseException as exc:
             for r in rows:
                 self.fail(r.seq_id, exc)

@@ -226,8 +226,8 @@ def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int,
 
 def step_rows(policy: Policy) -> int:
     """Decode rows the planner keeps activation room for beside a prefill piece: the other sequences
-    the engine may run at once (``Policy.max_sequences``)."""
-    return policy.max_sequences - 1
+    of one micro-batch (``Policy.max_sequences`` over ``Policy.micro_batches``, rounded up)."""
+    return -(-policy.max_sequences // policy.micro_batches) - 1
 
 
 def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context_tokens: int | None = None,
