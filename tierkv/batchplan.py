@@ -274,7 +274,8 @@ def _predict(inputs: BatchInputs, job: _Job, batch: int, micro: int, plan: Plan)
     pieces = sum(-(-n // plan.prefill_chunk_tokens) for n in job.prompts)      # a prompt feeds one piece a pass
     prefill_passes = max(-(-pieces // batch), -(-total_prompt // step_tokens))
     per_seq = job.kv_tokens(batch) // batch
-    prefill_s, _ = pass_s(min(step_tokens, total_prompt), min(step_tokens, total_prompt) * per_seq // 2)
+    rows = -(-total_prompt // prefill_passes)                  # prompt tokens a prefill pass carries
+    prefill_s, _ = pass_s(rows, rows * per_seq // 2)
     decode_s, bound = pass_s(batch, batch * (per_seq - job.new_tokens // 2))
     passes = prefill_passes + waves * job.new_tokens
     total_s = prefill_passes * prefill_s + waves * job.new_tokens * decode_s
