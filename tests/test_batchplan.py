@@ -135,3 +135,32 @@ def test_micro_batches_and_a_shared_room_give_each_sequence_its_solo_tokens(
         assert engine.kv_stats()["running_sequences"] == 0
     assert got == want
     assert max(groups_seen) == 3
+
+
+def test_plan_batch_shows_the_choice_and_refuses_a_batch_that_does_not_fit(cfg: ModelConfig, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    import tierkv.batchplan as batchplan
+    from tierkv.cli import app
+
+    real = batchplan._with_links
+    monkeypatch.setattr(batchplan, "_with_links", lambda inputs: real(replace(inputs, links=SLOW_DISK, row_s=1e-6)))
+    cfg_dir = tmp_path / "cfg"
+    from transformers import LlamaConfig
+    LlamaConfig(**SHAPE, dtype="float32").save_pretrained(cfg_dir)
+    base = ["plan", str(cfg_dir), "--device-mem", str(_streaming_budget(cfg)), "--host-mem", "0", "--offload-dir",
+            str(tmp_path / "off"), "--dtype", "float32", "--device", "cpu", "--kv", "exact",
+            "--prefill-chunk-tokens", "256", "--prompts", "32", "--prompt-tokens", "64-512", "--new-tokens", "16"]
+    shown = CliRunner().invoke(app, base + ["--batch", "auto"])
+    assert shown.exit_code == 0, shown.output
+    assert "<- chosen" in shown.output and "predicted" in shown.output and "bound by disk" in shown.output
+    data = json.loads(CliRunner().invoke(app, base + ["--batch", "auto", "--json"]).output)
+    assert data["load_kwargs"]["max_sequences"] == data["batch"] > 1
+    refused = CliRunner().invoke(app, base + ["--batch", "32"])
+    largest = int(refused.output.split("the largest batch that fits is ")[1].split(":")[0])
+    assert refused.exit_code != 0 and 1 <= largest < 32
+    assert CliRunner().invoke(app, base + ["--batch", str(largest)]).exit_code == 0
+    assert "--batch" in CliRunner().invoke(app, base + ["--batch", "zero"]).output
