@@ -26,7 +26,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from tierkv import __version__
-from tierkv.batchplan import BatchInputs
+from tierkv.cli_batch import batch_command
 from tierkv.cli_batchplan import show_batch_plan
 from tierkv.cli_flags import LoadFlags, SamplingFlags, expand_flags, flags, kv_budget_value
 from tierkv.config import Budget, ConfigError, ModelConfig, Policy, format_size
@@ -84,6 +84,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_OneLineErrors
                   help="Run Llama-family models with memory-tiered offloading.")
 
 app.add_typer(trace_app, name="trace", help="TKLQT tracer: is inference CPU-bound or GPU-bound, per batch size?")
+app.command("batch")(batch_command)
 
 ModelArg = typer.Argument(..., help="Hugging Face model directory, a GGUF file (or a directory holding one, or a "
                                     "part of a split set), a store made by `tierkv convert`, or 'demo' for the "
@@ -478,8 +479,8 @@ def plan_cmd(
         budget = Budget.parse(options.device_mem, options.host_mem, options.offload_dir)
         cfg, policy, data_path, config_only, layout = _plan_inputs(model_path(model), options, budget)
         if batch is not None:
-            inputs = BatchInputs(cfg, budget, policy, data_path=data_path, config_only=config_only, layout=layout)
-            return show_batch_plan(inputs, batch, prompts, prompt_tokens, new_tokens, as_json)
+            return show_batch_plan((cfg, budget, policy, data_path, config_only, layout), batch, prompts,
+                                   prompt_tokens, new_tokens, as_json)
         if compare:
             plans = compare_plans(cfg, budget, policy, data_path=data_path, config_only=config_only)
         else:

@@ -8,6 +8,7 @@ those flags and printing the choice lives here so ``cli.py`` only hands its plan
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from rich.console import Console
 
@@ -46,9 +47,12 @@ def prompt_lengths(prompts: int, spec: str) -> list[int]:
     return [lo + (hi - lo) * i // (prompts - 1) for i in range(prompts)]
 
 
-def show_batch_plan(inputs: BatchInputs, batch: str, prompts: int, prompt_tokens: str, new_tokens: int,
+def show_batch_plan(plan_inputs: tuple[Any, ...], batch: str, prompts: int, prompt_tokens: str, new_tokens: int,
                     as_json: bool) -> None:
-    """Choose the batch for the job and print the choice (raises PlanError / ArgumentError)."""
+    """Choose the batch for the job and print the choice (raises PlanError / ArgumentError).
+    ``plan_inputs``: (config, budget, policy, data file, config-only, layout) as ``tierkv plan`` reads them."""
+    cfg, budget, policy, data_path, config_only, layout = plan_inputs
+    inputs = BatchInputs(cfg, budget, policy, data_path=data_path, config_only=config_only, layout=layout)
     if new_tokens < 1:
         raise ArgumentError(f"--new-tokens {new_tokens}: give at least 1")
     choice = choose_batch(inputs, prompt_lengths(prompts, prompt_tokens), new_tokens, parse_batch(batch))

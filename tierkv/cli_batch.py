@@ -1,0 +1,132 @@
+"""``tierkv batch MODEL prompts.jsonl -o results.jsonl``: the command line over ``tierkv.batch``.
+
+Why this module exists: the batch command has its own flags (the output, the batch size, a summary
+file) beside the shared load and sampling ones, and its own exit codes (130 after Ctrl-C, with what
+was complete written, so a rerun finishes the job); it lives apart from ``cli.py`` and joins the app
+with one registration line there. It opens the job (checking the input, the output and the ids)
+before loading the model, so a mistake there costs no load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+
+from tierkv.batch import BatchError, BatchInterrupted, BatchJob, BatchSummary
+from tierkv.cli_flags import LoadFlags, SamplingFlags, expand_flags, flags
+
+__all__ = ["batch_command"]
+
+DEFAULT_BATCH = 16
+
+
+@dataclass(frozen=True)
+class _BatchLoadFlags(LoadFlags):
+    """The load flags plus the scheduler's sequence count (``--batch``)."""
+
+    max_sequences: int = DEFAULT_BATCH
+
+
+@expand_flags
+def batch_command(
+    model: str = typer.Argument(..., help="Hugging Face model directory, a GGUF file, a store made by "
+                                          "`tierkv convert`, or 'demo'"),
+    requests: str = typer.Argument(..., help="JSONL file, one request per line: {\"prompt\": ...} or "
+                                             "{\"messages\": [...]}, optional id and sampling fields"),
+    output: str = typer.Option(..., "--output", "-o", help="JSONL results, in input order; rerun with the same "
+                                                           "file to resume (ids already there are skipped)"),
+    batch: int = typer.Option(DEFAULT_BATCH, "--batch", "-b", min=1,
+                              help="most sequences in flight (each streamed layer pass serves them all)"),
+    summary_file: Optional[str] = typer.Option(None, "--summary", help="also write the summary as JSON to FILE"),
+    sampling: SamplingFlags = flags(SamplingFlags),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
+    options: LoadFlags = flags(LoadFlags),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object on stdout"),
+) -> None:
+    """Run a JSONL file of requests as one continuously batched, resumable job.
+
+    A line's own fields (max_tokens, temperature, top_p, top_k, seed, stop) override the sampling
+    flags. A bad line gets an error result naming its line number and the job goes on. Ctrl-C writes
+    what is complete and exits 130; run the same command again to finish."""
+    from tierkv.cli import _load, _set_threads, _user_errors   # cli.py registers this command: import it late
+
+    _set_threads(options.threads)
+    with _user_errors():
+        summary_path = _summary_path(summary_file)
+        job = BatchJob(requests, output, sampling.sampling_kwargs(stop))
+        try:
+            summary = _run(job, model, _with_batch(options, batch), batch, as_json, _load)
+        finally:
+            job.close()
+        _report(summary, summary_path, as_json)
+    if summary.interrupted:
+        raise typer.Exit(130)
+
+
+def _with_batch(options: LoadFlags, batch: int) -> _BatchLoadFlags:
+    return _BatchLoadFlags(**{f.name: getattr(options, f.name) for f in fields(options)}, max_sequences=batch)
+
+
+def _run(job: BatchJob, model: str, options: _BatchLoadFlags, batch: int, quiet: bool, load: Any) -> BatchSummary:
+    """Load, run the job, close; Ctrl-C (or SIGTERM) -> the summary of what was written, marked interrupted."""
+    with _term_as_interrupt():
+        try:
+            engine = load(model, options, quiet)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        try:
+            progress = not quiet and Console(stderr=True).is_terminal and sys.stdout.isatty()
+            return job.run(engine, batch=batch, progress=progress)
+        except BatchInterrupted as exc:
+            return exc.summary
+        finally:
+            engine.close()
+
+
+@contextmanager
+def _term_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a job scheduler's stop) ends the job like Ctrl-C: what is complete stays written."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        before = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:                 # not the main thread (an embedding caller): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _summary_path(path: Optional[str]) -> Optional[Path]:
+    """``--summary FILE``: checked before the job runs (its directory must exist and be writable)."""
+    if path is None:
+        return None
+    out = Path(path).expanduser()
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise BatchError(f"--summary {path}: cannot write a file there; give a file path in a writable directory")
+    return out
+
+
+def _report(summary: BatchSummary, path: Optional[Path], as_json: bool) -> None:
+    data = summary.to_dict()
+    if path is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    if as_json:
+        print(json.dumps(data))
+    else:
+        Console(stderr=True).print(summary.line(), style="dim", highlight=False, soft_wrap=True, markup=False)
