@@ -164,3 +164,31 @@ def test_plan_batch_shows_the_choice_and_refuses_a_batch_that_does_not_fit(cfg: 
     assert refused.exit_code != 0 and 1 <= largest < 32
     assert CliRunner().invoke(app, base + ["--batch", str(largest)]).exit_code == 0
     assert "--batch" in CliRunner().invoke(app, base + ["--batch", "zero"]).output
+
+
+def test_tierkv_batch_runs_the_planners_batch_and_refuses_one_that_does_not_fit(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from tierkv.cli import app
+    from tierkv.engine import model_path
+
+    demo = ModelConfig.from_dir(model_path("demo"))
+    policy = Policy(dtype="float32", device="cpu")
+    device_mem = minimum_device_bytes(demo, policy) + 64 * 1024         # streams; KV room for a few sequences
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "prompt": list(range(3, 40 + i))}) + "\n" for i in range(40)))
+    flags = ["--device-mem", str(device_mem), "--host-mem", "0", "--offload-dir", str(tmp_path / "off"),
+             "--dtype", "float32", "--device", "cpu", "-n", "3"]
+    refused = CliRunner().invoke(app, ["batch", "demo", str(src), "-o", str(tmp_path / "a.jsonl"), "--batch", "40",
+                                       *flags])
+    assert refused.exit_code == 2, refused.output
+    largest = int(refused.output.split("the largest batch that fits is ")[1].split(":")[0])
+    assert 1 <= largest < 40 and not (tmp_path / "a.jsonl").read_text().strip()
+    out = tmp_path / "b.jsonl"
+    ran = CliRunner().invoke(app, ["batch", "demo", str(src), "-o", str(out), "--json", *flags])
+    assert ran.exit_code == 0, ran.output
+    summary = json.loads(ran.output.strip().splitlines()[-1])
+    assert 1 < summary["batch"] <= largest and summary["ok"] == 40
+    assert len(out.read_text().splitlines()) == 40

@@ -152,9 +152,9 @@ def choose_batch(engine_or_inputs: Any, prompt_tokens: list[int], new_tokens: in
         top = max(o.predicted_tok_s for o in fitting)     # the smallest batch within NEAR_BEST of the best
         best = min((o for o in fitting if o.predicted_tok_s >= top * (1 - NEAR_BEST)), key=lambda o: o.batch)
     else:
-        best = _option(inputs, job, asked)
+        best = _option(inputs, job, min(asked, len(prompt_tokens)))     # more than the prompts never run at once
         if not best.fits:
-            raise PlanError(_refusal(inputs, job, asked, best.why))
+            raise PlanError(_refusal(inputs, job, best.batch, best.why))
         options = [best]
     fitting = [o for o in options if o.fits]
     plan = _plan_for(inputs, job, best.batch, best.micro_batches)
