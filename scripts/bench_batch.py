@@ -117,7 +117,7 @@ def worker_tierkv(o: dict[str, Any]) -> dict[str, Any]:
     union = merge([(v[0], v[-1]) for v in stamps.values()])
     decode_s = sum(hi - lo for lo, hi in union)
     assert plan is not None
-    return {"fits": True, "job_tok_s": b * new / wall, "decode_tok_s": b * (new - 1) / decode_s, "wall_s": wall,
+    return {"fits": True, "job_tok_s": b * new / wall, "decode_tok_s": b * (new - 1) / decode_s, "generate_s": wall,
             "read_bytes_per_token": read / (b * new), "predicted_tok_s": choice.predicted_tok_s,
             "predicted_bound": choice.bound, "micro_batches": choice.micro_batches,
             "disk_layers": len(plan.disk_layers), "pass_bytes": plan.streamed_bytes_per_token,
@@ -145,7 +145,7 @@ def worker_peer(o: dict[str, Any]) -> dict[str, Any]:
         model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                        eos_token_id=None, pad_token_id=0)
     wall = time.perf_counter() - t0
-    return {"runs": True, "job_tok_s": o["batch"] * new / wall, "wall_s": wall,
+    return {"runs": True, "job_tok_s": o["batch"] * new / wall, "generate_s": wall,
             "disk_layers": bw.layers_on_disk(getattr(model, "hf_device_map", {}) or {}, model.config.num_hidden_layers),
             "peak_rss_bytes": bw.peak_rss_bytes()}
 
