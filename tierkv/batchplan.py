@@ -40,7 +40,7 @@ from tierkv.errors import ArgumentError
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.store import Extent
 from tierkv.kvroom import sequence_minimum_bytes
-from tierkv.plan import Plan, make_plan, plan_device, probe_links, simulate_step_s
+from tierkv.plan import Plan, make_plan, plan_device, probe_links, simulate_step_s, step_bound
 from tierkv.probe import LinkCache, LinkSpeeds, compute_key
 
 __all__ = ["BatchChoice", "BatchInputs", "BatchOption", "choose_batch", "row_compute_s"]
@@ -265,7 +265,7 @@ def _predict(inputs: BatchInputs, job: _Job, batch: int, micro: int, plan: Plan)
         layer = links.layer_compute_s + (rows - 1) * inputs.row_s + kv_layer * context_tokens / rate
         timed = replace(links, layer_compute_s=layer)
         return simulate_step_s(kinds, plan.prefetch_depth, plan.layer_bytes, timed, cuda), \
-            _bound(kinds, plan.layer_bytes, timed, cuda)
+            step_bound(kinds, plan.layer_bytes, timed, cuda)
 
     k, total_prompt = len(job.prompts), sum(job.prompts)
     group_tokens = plan.prefill_chunk_tokens + -(-batch // micro) - 1
@@ -282,16 +282,6 @@ def _predict(inputs: BatchInputs, job: _Job, batch: int, micro: int, plan: Plan)
     generated = k * job.new_tokens
     return BatchOption(batch, micro, True, generated / total_s, bound, decode_s, passes,
                        passes * plan.streamed_bytes_per_token / generated, -(-job.kv_tokens(batch) // micro))
-
-
-def _bound(kinds: tuple[str, ...], layer_bytes: int, links: LinkSpeeds, cuda: bool) -> str:
-    """The busiest resource of one pass: compute, disk reads, or host->device copies."""
-    n_disk = kinds.count("disk")
-    busy = {"compute": len(kinds) * links.layer_compute_s,
-            "disk": 0.0 if not n_disk else n_disk * layer_bytes / (links.disk_read_gbps * 1e9),
-            "h2d": 0.0 if not cuda or math.isinf(links.h2d_gbps)
-            else (n_disk + kinds.count("host")) * layer_bytes / (links.h2d_gbps * 1e9)}
-    return max(busy, key=lambda name: busy[name])
 
 
 def _refusal(inputs: BatchInputs, job: _Job, asked: int, why: str) -> str:
