@@ -25,8 +25,8 @@ batch size it can run", on the ~0.85B random bf16 Llama (``bench_common``: 1.6 G
 * compute takes over at the first b whose measured decode pass takes > 1.3x the pass's disk time at
   the raw read speed (the planner's own predicted bound is shown beside it).
 
-    python scripts/bench_batch.py [--batches 1,2,4,8,16,32,64] [--new-tokens 16] [--cap 1536MiB]
-        [--device-mem 1152MiB] [--host-mem 0] [--threads 2] [--skip-peer] [--peer-timeout 300]
+    python scripts/bench_batch.py [--batches 1,2,4,8,16,32,64] [--new-tokens 16] [--cap 1600MiB]
+        [--device-mem 1024MiB] [--host-mem 0] [--threads 2] [--skip-peer | --skip-tierkv] [--peer-timeout 300]
         [--time-limit 900] [--model-root DIR] [--offload-dir DIR]
 """
 
@@ -206,11 +206,12 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--cap", default="1536MiB", help="memcap limit for every contender ('none': no cap)")
-    ap.add_argument("--device-mem", default="1152MiB")
+    ap.add_argument("--cap", default="1600MiB", help="memcap limit for every contender ('none': no cap)")
+    ap.add_argument("--device-mem", default="1024MiB")
     ap.add_argument("--host-mem", default="0")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--skip-tierkv", action="store_true", help="only the peer (e.g. a second invocation)")
     ap.add_argument("--peer-timeout", type=float, default=300)
     ap.add_argument("--time-limit", type=float, default=900, help="seconds; later runs are skipped past it")
     ap.add_argument("--model-root", type=Path, default=Path(tempfile.gettempdir()) / "tierkv-bench")
@@ -249,7 +250,8 @@ def main() -> None:
         if time.perf_counter() - t0 > args.time_limit:
             tk[b] = {"fits": False, "why": f"skipped: past --time-limit {args.time_limit:.0f} s"}
             continue
-        tk[b] = run_worker_script(__file__, "tierkv", dict(base, batch=b), cap, 600)
+        tk[b] = {"fits": False, "why": "not run (--skip-tierkv)"} if args.skip_tierkv else \
+            run_worker_script(__file__, "tierkv", dict(base, batch=b), cap, 600)
         print(f"  tierkv batch {b}: {json.dumps({k: v for k, v in tk[b].items() if k != 'why'})[:300]}", flush=True)
         if not peer_failed and time.perf_counter() - t0 < args.time_limit:
             peer[b] = run_worker_script(__file__, "peer", dict(base, batch=b), cap, args.peer_timeout)
