@@ -63,9 +63,10 @@ def test_the_batch_with_the_best_predicted_throughput_is_chosen(cfg: ModelConfig
     one = choice.options[0]
     assert one.batch == 1 and choice.predicted_tok_s > 1.5 * one.predicted_tok_s
     assert next(o for o in choice.options if o.batch == choice.batch).read_bytes_per_token < one.read_bytes_per_token
-    assert choice.load_kwargs() == {"max_sequences": choice.batch, "micro_batches": 1,
+    assert choice.load_kwargs() == {"max_sequences": choice.batch, "micro_batches": choice.micro_batches,
                                     "kv_device_tokens": sum(sorted([100, 150, 200, 250] * 4)[-choice.batch:])
-                                    + 8 * choice.batch}
+                                    + 8 * choice.batch}         # the device holds the whole batch's KV
+    assert not choice.kv_split
     assert "<- chosen" in choice.summary()
 
 

@@ -265,3 +265,10 @@ def test_continuous_batching_keeps_the_batch_full_through_a_long_tail_of_short_p
         if s.counts()["waiting_sequences"]:
             sizes.append(s.counts()["running_sequences"] + len(done))
     assert sizes and min(sizes) == 4                      # while any wait, every place is taken
+
+
+def test_a_shared_room_that_holds_every_want_gives_each_its_want() -> None:
+    s = Scheduler(Limits(64, 16, 8, 100_000, None, micro_batches=2, share_room=True), Sizer())
+    for i, cap in enumerate((400, 50, 60)):              # ragged: one wants far more than an even share
+        s.add(i, 10, cap)
+    assert [a.device_bytes for a in s.schedule().admit] == [40_000, 5_000, 6_000]

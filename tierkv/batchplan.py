@@ -8,11 +8,13 @@ the device beside them, and the link speeds; ``choose_batch`` asks ``make_plan``
 each batch size gets (the plan the engine itself will make from ``BatchChoice.load_kwargs()``) and
 runs the planner's link model (``simulate_step_s``) with a layer's compute grown by the step's rows.
 
-Block schedule (FlexGen's zig-zag order): when the whole batch's KV does not fit the device room
-beside the weights, the batch runs as several micro-batches per layer pass: the device room is
-planned for one micro-batch's KV and one micro-batch's activations, each layer's weights stay loaded
-while the micro-batches run through it one after another, and each sequence's cold KV sits on the
-host (then disk) tier, gathered while its micro-batch computes. The fewest micro-batches that fit win.
+Block schedule (FlexGen's zig-zag order): a batch may run as several micro-batches per layer pass:
+each layer's weights stay loaded while the micro-batches run through it one after another, and the
+device keeps activation room for one micro-batch, so a pass carries several prefill pieces (fewer
+passes over the streamed layers for the same prompts). When the whole batch's KV does not fit the
+device room beside the weights, the room is planned for one micro-batch's KV and each sequence's
+cold KV sits on the host tier, gathered while its micro-batch computes. Of the micro-batch counts
+that fit, the fewest within ``NEAR_BEST`` of the best predicted throughput win.
 
 Throughput model for K prompts of the given lengths and ``new_tokens`` each: the job takes
 ``prefill passes + ceil(K / batch) * new_tokens`` decode passes over the layers (continuous
@@ -95,6 +97,7 @@ class BatchChoice:
     new_tokens: int = 0
     kv_device_tokens: int = 0
     compute_bound_from: int | None = None   # the smallest batch considered whose decode pass compute bounds
+    kv_split: bool = False                  # the device KV room holds one micro-batch's KV, not the batch's
 
     def load_kwargs(self) -> dict[str, int]:
         """Keyword arguments for ``tierkv.load`` (beside the same budgets) that run this choice."""
@@ -111,8 +114,8 @@ class BatchChoice:
             mark = "  <- chosen" if (o.batch, o.micro_batches) == (self.batch, self.micro_batches) else ""
             lines.append(f"{o.batch:>6} {o.micro_batches:>5} {o.predicted_tok_s:>9.2f} {o.bound:>8} "
                          f"{o.decode_step_s:>8.3f} {format_size(int(o.read_bytes_per_token)):>11}{mark}")
-        block = (f", {self.micro_batches} micro-batches per layer pass (the device room holds one micro-batch's "
-                 "KV; the rest waits on the host tier)" if self.micro_batches > 1 else "")
+        block = "" if self.micro_batches == 1 else f", {self.micro_batches} micro-batches per layer pass" + (
+            " (the device room holds one micro-batch's KV; the rest waits on the host tier)" if self.kv_split else "")
         over = (f"compute bounds the step from batch {self.compute_bound_from}" if self.compute_bound_from
                 else "the link bounds the step at every batch considered")
         lines += [f"chosen: batch {self.batch}{block}: predicted {self.predicted_tok_s:.2f} tok/s over "
@@ -157,10 +160,11 @@ def choose_batch(engine_or_inputs: Any, prompt_tokens: list[int], new_tokens: in
             raise PlanError(_refusal(inputs, job, best.batch, best.why))
         options = [best]
     fitting = [o for o in options if o.fits]
-    plan = _plan_for(inputs, job, best.batch, best.micro_batches)
+    plan = _plan_for(inputs, job, best.batch, best.micro_batches, best.kv_device_tokens)
     compute_from = next((o.batch for o in fitting if o.bound == "compute"), None)
     return BatchChoice(best.batch, best.micro_batches, best.predicted_tok_s, best.bound, plan, tuple(options),
-                       len(prompt_tokens), new_tokens, best.kv_device_tokens, compute_from)
+                       len(prompt_tokens), new_tokens, best.kv_device_tokens, compute_from,
+                       best.kv_device_tokens < job.kv_tokens(best.batch))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,30 +210,39 @@ def _with_links(inputs: BatchInputs) -> BatchInputs:
     return replace(inputs, links=links, row_s=row_s)
 
 
-def _plan_for(inputs: BatchInputs, job: _Job, batch: int, micro: int) -> Plan:
-    """The plan the engine makes for ``batch`` sequences in ``micro`` micro-batches (raises PlanError)."""
-    policy = replace(inputs.policy, max_sequences=batch, micro_batches=micro,
-                     kv_device_tokens=-(-job.kv_tokens(batch) // micro))
+def _plan_for(inputs: BatchInputs, job: _Job, batch: int, micro: int, kv_device_tokens: int) -> Plan:
+    """The plan the engine makes for ``batch`` sequences in ``micro`` micro-batches with device KV room
+    for ``kv_device_tokens`` (raises PlanError)."""
+    policy = replace(inputs.policy, max_sequences=batch, micro_batches=micro, kv_device_tokens=kv_device_tokens)
     return make_plan(inputs.config, inputs.budget, policy, inputs.links, data_path=inputs.data_path,
                      config_only=inputs.config_only, layout=inputs.layout)
 
 
 def _option(inputs: BatchInputs, job: _Job, batch: int) -> BatchOption:
-    """``batch``'s prediction at the fewest micro-batches whose plan holds it; or why none does."""
-    why, kv_why = "", ""
+    """``batch``'s best prediction over its micro-batch counts (1, 2, 4, ... up to the batch), each with
+    device KV room for the whole batch or, when that does not fit, for one micro-batch (the block
+    schedule: the rest on the host tier); or why none fits. More micro-batches carry more prompt
+    tokens per pass at the same activation room; the fewest within ``NEAR_BEST`` of the best win."""
+    why, kv_why, fitting = "", "", []
     micro = 1
     while micro <= batch:
-        try:
-            plan = _plan_for(inputs, job, batch, micro)
-        except PlanError as exc:
-            why = str(exc)
-        else:
+        whole = job.kv_tokens(batch)
+        for kv_tokens in ([whole] if micro == 1 else [whole, -(-whole // micro)]):
+            try:
+                plan = _plan_for(inputs, job, batch, micro, kv_tokens)
+            except PlanError as exc:
+                why = str(exc)
+                continue
             problem = _kv_problem(inputs, job, batch, plan)
             if problem is None:
-                return _predict(inputs, job, batch, micro, plan)
+                fitting.append(_predict(inputs, job, batch, micro, plan, kv_tokens))
+                break
             kv_why = kv_why or problem          # the first placement that held the weights says what is short
         micro = micro * 2 if micro * 2 <= batch or micro == batch else batch
-    return BatchOption(batch, 0, False, why=kv_why or why)
+    if not fitting:
+        return BatchOption(batch, 0, False, why=kv_why or why)
+    top = max(o.predicted_tok_s for o in fitting)
+    return min((o for o in fitting if o.predicted_tok_s >= top * (1 - NEAR_BEST)), key=lambda o: o.micro_batches)
 
 
 def _kv_problem(inputs: BatchInputs, job: _Job, batch: int, plan: Plan) -> str | None:
@@ -250,7 +263,7 @@ def _kv_problem(inputs: BatchInputs, job: _Job, batch: int, plan: Plan) -> str |
     return None
 
 
-def _predict(inputs: BatchInputs, job: _Job, batch: int, micro: int, plan: Plan) -> BatchOption:
+def _predict(inputs: BatchInputs, job: _Job, batch: int, micro: int, plan: Plan, kv_tokens: int) -> BatchOption:
     """The job's time at this batch: prefill passes (each up to the step's token budget of prompt
     tokens) plus a decode pass per new token per wave of ``batch`` sequences."""
     links = plan.links
@@ -281,7 +294,7 @@ def _predict(inputs: BatchInputs, job: _Job, batch: int, micro: int, plan: Plan)
     total_s = prefill_passes * prefill_s + waves * job.new_tokens * decode_s
     generated = k * job.new_tokens
     return BatchOption(batch, micro, True, generated / total_s, bound, decode_s, passes,
-                       passes * plan.streamed_bytes_per_token / generated, -(-job.kv_tokens(batch) // micro))
+                       passes * plan.streamed_bytes_per_token / generated, kv_tokens)
 
 
 def _refusal(inputs: BatchInputs, job: _Job, asked: int, why: str) -> str:

@@ -291,7 +291,7 @@ class Scheduler:
         for i, s in enumerate(waiting):
             if self._running() >= self.limits.max_running:
                 break
-            joining = min(len(waiting) - i, self.limits.max_running - self._running())   # s and those after it
+            joining = waiting[i:i + self.limits.max_running - self._running()]         # s and those after it
             need = self._sizer.minimum_bytes(s.capacity_tokens)
             room = self.limits.device_room_bytes
             if room is not None and self._device_free(s) < need:
@@ -302,7 +302,7 @@ class Scheduler:
                     self.close(s.seq_id)
                     continue
                 break                                  # first come, first served: wait for room
-            admit.append(self._allot(s, joining if self.limits.share_room else 1))
+            admit.append(self._allot(s, joining if self.limits.share_room else [s]))
         return offload, refuse, admit
 
     def _device_free(self, s: _Seq) -> int:
@@ -310,20 +310,26 @@ class Scheduler:
         assert self.limits.device_room_bytes is not None
         return self.limits.device_room_bytes - self._device_used + s.device_bytes
 
-    def _allot(self, s: _Seq, sharers: int = 1) -> Admission:
+    def _allot(self, s: _Seq, joining: list[_Seq]) -> Admission:
         """Room for ``s``'s new cache; what it held (an outgrown cache, KV parked on the host) comes back
-        first. ``sharers``: sequences joining now (``s`` first) that split the free room evenly."""
+        first. ``joining``: sequences joining now (``s`` first): when the free room holds what they all
+        want, each gets it, else they split it evenly (``s`` never below its minimum)."""
         self._give_back(s, device=True, host=True)
         room, host_room = self.limits.device_room_bytes, self.limits.host_room_bytes
-        want = self._sizer.want_bytes(s.capacity_tokens)
+        want, n = self._sizer.want_bytes(s.capacity_tokens), len(joining)
         if room is None:
             s.device_bytes = want
         else:
             free = room - self._device_used
-            s.device_bytes = min(want, free, max(self._sizer.minimum_bytes(s.capacity_tokens), free // sharers))
+            share = free if sum(self._sizer.want_bytes(j.capacity_tokens) for j in joining) <= free else free // n
+            s.device_bytes = min(want, free, max(self._sizer.minimum_bytes(s.capacity_tokens), share))
         host_want = self._sizer.host_bytes(s.capacity_tokens)
-        s.host_bytes = host_want if host_room is None else \
-            max(0, min(host_want, (host_room - self._host_used) // sharers))
+        if host_room is None:
+            s.host_bytes = host_want
+        else:
+            free = host_room - self._host_used
+            share = free if sum(self._sizer.host_bytes(j.capacity_tokens) for j in joining) <= free else free // n
+            s.host_bytes = max(0, min(host_want, share))
         self._device_used += s.device_bytes
         self._host_used += s.host_bytes
         restore = s.kv_place if s.kv_place in ("cache", "host", "disk") else "none"
