@@ -132,7 +132,7 @@ class Runner:
         order, or None; per row asking "all", its logits (q_len, V) fp32 on the CPU, computed
         ``head_rows`` positions at a time so the head's output stays within the activation reserve).
         ``groups``: each row's micro-batch (see ``hidden``)."""
-        h = self.hidden(feeds, groups)
+        h = self.hidden(feeds, groups) if groups and any(groups) else self.hidden(feeds)
         g, ends, all_rows = self.weights.globals(), [], []
         offset = 0
         for f in feeds:
