@@ -201,3 +201,74 @@ def test_truncating_a_parked_session_moves_its_kept_kv_off_the_cache() -> None:
     run(s, s.schedule(), finished=(2,))
     assert s.truncate(2, 30) == "disk"                 # 1500 bytes: more than the host room has left
     assert s.counts()["parked_on_disk"] == 1
+
+
+# -- throughput mode: micro-batches and a shared room ----------------------------------------------
+
+
+def test_micro_batches_pack_rows_first_fit_within_each_groups_budget() -> None:
+    s = Scheduler(Limits(20, 16, 8, None, None, micro_batches=3), Sizer())
+    for i in range(4):
+        s.add(i, pending_tokens=12, capacity_tokens=20)
+    plan = s.schedule()
+    # three groups of 20 tokens: one 12-token piece each; the fourth waits for the next step
+    assert [(r.seq_id, r.num_tokens, r.group) for r in plan.rows] == [(0, 12, 0), (1, 12, 1), (2, 12, 2)]
+    run(s, plan)
+    plan = s.schedule()
+    groups: dict[int, int] = {}
+    for r in plan.rows:
+        groups[r.group] = groups.get(r.group, 0) + r.num_tokens
+    assert sorted(r.seq_id for r in plan.rows) == [0, 1, 2, 3] and max(groups.values()) <= 20
+
+
+def test_one_group_is_the_default_and_a_step_never_exceeds_it() -> None:
+    s = make(token_budget=20, piece=16)
+    for i in range(4):
+        s.add(i, 12, 20)
+    assert [r.seq_id for r in s.schedule().rows] == [0] and all(r.group == 0 for r in s.schedule().rows)
+
+
+def test_a_shared_room_admits_the_whole_batch_each_at_least_its_minimum() -> None:
+    # want 100/token, minimum 10/token: 8 sequences of 50 tokens want 40000 bytes; the room holds 10000
+    unshared = Scheduler(Limits(64, 16, 8, 10_000, 8_000), Sizer())
+    shared = Scheduler(Limits(64, 16, 8, 10_000, 8_000, share_room=True), Sizer())
+    for s in (unshared, shared):
+        for i in range(8):
+            s.add(i, 10, 50)
+    assert len(unshared.schedule().admit) == 2          # the first two take the whole room
+    adm = shared.schedule().admit
+    assert len(adm) == 8 and all(a.device_bytes >= 500 for a in adm)
+    assert sum(a.device_bytes for a in adm) <= 10_000 and sum(a.host_bytes for a in adm) <= 8_000
+    assert max(a.device_bytes for a in adm) - min(a.device_bytes for a in adm) <= 1250 // 7 + 1
+
+
+def test_continuous_batching_keeps_the_batch_full_through_a_long_tail_of_short_prompts() -> None:
+    s = Scheduler(Limits(64, 16, 4, 100_000, None, micro_batches=2, share_room=True), Sizer())
+    s.add(0, 8, 200)                                      # one long generation
+    for i in range(1, 30):
+        s.add(i, 4, 8)                                    # a tail of short ones, 5 new tokens each
+    left = {i: 5 for i in range(1, 30)}
+    left[0] = 190
+    sizes = []
+    while s.has_work():
+        plan = s.schedule()
+        for a in plan.admit:
+            s.kept(a.seq_id, "cache")
+        done = []
+        for row in plan.rows:
+            s.fed(row)
+            if row.samples:
+                left[row.seq_id] -= 1
+                done.append(row.seq_id) if left[row.seq_id] == 0 else s.sampled(row.seq_id)
+        for i in done:
+            s.finish(i)
+        if s.counts()["waiting_sequences"]:
+            sizes.append(s.counts()["running_sequences"] + len(done))
+    assert sizes and min(sizes) == 4                      # while any wait, every place is taken
+
+
+def test_a_shared_room_that_holds_every_want_gives_each_its_want() -> None:
+    s = Scheduler(Limits(64, 16, 8, 100_000, None, micro_batches=2, share_room=True), Sizer())
+    for i, cap in enumerate((400, 50, 60)):              # ragged: one wants far more than an even share
+        s.add(i, 10, cap)
+    assert [a.device_bytes for a in s.schedule().admit] == [40_000, 5_000, 6_000]

@@ -27,6 +27,7 @@ from typer.core import TyperGroup
 
 from tierkv import __version__
 from tierkv.cli_batch import batch_command
+from tierkv.cli_batchplan import show_batch_plan
 from tierkv.cli_flags import LoadFlags, SamplingFlags, expand_flags, flags, kv_budget_value
 from tierkv.cli_serve import register as register_serve
 from tierkv.config import Budget, ConfigError, ModelConfig, Policy, format_size
@@ -466,14 +467,22 @@ def plan_cmd(
                                                 "kv_quant")),
     compare: bool = typer.Option(False, "--compare", help="one table: 16-bit, int8 and int4 weights side by side"),
     as_json: bool = typer.Option(False, "--json"),
+    batch: Optional[str] = typer.Option(None, help="plan a batch job: auto or N sequences per layer pass"),
+    prompts: int = typer.Option(64, help="--batch: prompts in the job"),
+    prompt_tokens: str = typer.Option("256", help="--batch: prompt length, or a ragged range such as 64-512"),
+    new_tokens: int = typer.Option(64, help="--batch: new tokens per prompt"),
 ) -> None:
-    """Show where each layer would live, the prefetch depth, and the predicted tokens/s.
+    """Show where each layer would live, the prefetch depth, and the predicted tokens/s
+    (with --batch: the batch size and micro-batches that maximise a job's throughput).
 
     MODEL may hold only a config.json: the plan is then a what-if (budgets are not checked against
     this machine, and compute is estimated from a measured matmul rate)."""
     with _user_errors():
         budget = Budget.parse(options.device_mem, options.host_mem, options.offload_dir)
         cfg, policy, data_path, config_only, layout = _plan_inputs(model_path(model), options, budget)
+        if batch is not None:
+            return show_batch_plan((cfg, budget, policy, data_path, config_only, layout), batch, prompts,
+                                   prompt_tokens, new_tokens, as_json)
         if compare:
             plans = compare_plans(cfg, budget, policy, data_path=data_path, config_only=config_only)
         else:

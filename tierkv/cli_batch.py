@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 
 from tierkv.batch import BatchError, BatchInterrupted, BatchJob, BatchSummary
+from tierkv.cli_batchplan import plan_job_batch
 from tierkv.cli_flags import LoadFlags, SamplingFlags, expand_flags, flags
 
 __all__ = ["batch_command"]
@@ -31,9 +32,10 @@ DEFAULT_BATCH = 16
 
 @dataclass(frozen=True)
 class _BatchLoadFlags(LoadFlags):
-    """The load flags plus the scheduler's sequence count (``--batch``)."""
+    """The load flags plus the planner's batch choice (``tierkv.batchplan.BatchChoice.load_kwargs``)."""
 
     max_sequences: int = DEFAULT_BATCH
+    micro_batches: int = 1
 
 
 @expand_flags
@@ -44,8 +46,10 @@ def batch_command(
                                              "{\"messages\": [...]}, optional id and sampling fields"),
     output: str = typer.Option(..., "--output", "-o", help="JSONL results, in input order; rerun with the same "
                                                            "file to resume (ids already there are skipped)"),
-    batch: int = typer.Option(DEFAULT_BATCH, "--batch", "-b", min=1,
-                              help="most sequences in flight (each streamed layer pass serves them all)"),
+    batch: str = typer.Option("auto", "--batch", "-b",
+                              help="sequences in flight (each streamed layer pass serves them all): auto = the "
+                                   "planner's choice for these requests and budgets, or N (refused, with the "
+                                   "largest that fits, when the budgets cannot hold N)"),
     summary_file: Optional[str] = typer.Option(None, "--summary", help="also write the summary as JSON to FILE"),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="run again the requests whose result in the "
                                                                     "output is an error (e.g. after fixing their lines)"),
@@ -76,11 +80,17 @@ def batch_command(
                              "address) too")
         job = BatchJob(requests, output, sampling.sampling_kwargs(stop), retry_errors)
         try:
+            choice = plan_job_batch(model, options, job.todo(), sampling.max_new_tokens, batch)
+            if not as_json:
+                Console(stderr=True).print(f"[batch: {choice.batch} sequences per layer pass"
+                                           + (f" in {choice.micro_batches} micro-batches" if choice.micro_batches > 1
+                                              else "") + f", predicted {choice.predicted_tok_s:.2f} tok/s, bound by "
+                                           f"{choice.bound}]", style="dim", highlight=False, markup=False)
+            load_options = _with_choice(options, choice.load_kwargs())
             if ray_address is None:
-                summary = _run(job, model, _with_batch(options, batch), batch, as_json, _load)
-            else:
-                summary = _run_on_ray(job, model, _with_batch(options, batch), ray_address,
-                                      workers or 1, not as_json)
+                summary = _run(job, model, load_options, choice.batch, as_json, _load)
+            else:                       # each worker runs the batch planned here, for the budgets given here
+                summary = _run_on_ray(job, model, load_options, ray_address, workers or 1, not as_json)
         finally:
             job.close()
         _report(summary, summary_path, as_json)
@@ -88,8 +98,9 @@ def batch_command(
         raise typer.Exit(130)
 
 
-def _with_batch(options: LoadFlags, batch: int) -> _BatchLoadFlags:
-    return _BatchLoadFlags(**{f.name: getattr(options, f.name) for f in fields(options)}, max_sequences=batch)
+def _with_choice(options: LoadFlags, load_kwargs: dict[str, int]) -> _BatchLoadFlags:
+    """The load flags with the batch choice's (max_sequences, micro_batches, kv_device_tokens)."""
+    return _BatchLoadFlags(**{**{f.name: getattr(options, f.name) for f in fields(options)}, **load_kwargs})
 
 
 def _run(job: BatchJob, model: str, options: _BatchLoadFlags, batch: int, quiet: bool, load: Any) -> BatchSummary:

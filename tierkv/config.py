@@ -407,6 +407,8 @@ class Policy:
     kv_sketch: bool | None = None       # sparse mode: token-level chunk scores from 2-bit key codes on the device;
                                         # None = on (every device; sketches only the best few x budget chunks)
     max_sequences: int = 16             # sequences decoding together at most (more wait for a place)
+    micro_batches: int = 1              # throughput mode: a step's rows run in this many groups per layer pass
+                                        # (the layer's weights stay loaded); activations are kept for one group
     weight_quant: WeightQuant | None = None  # group-wise int8/int4 layer weights; None = 16-bit (the compute dtype)
     kv_quant: str = "none"              # KV chunks on the host and disk tiers: "none" (exact), "int8" or "int4"
                                         # (KIVI-style codes; device chunks, abstracts and key codes stay exact)
@@ -419,11 +421,11 @@ class Policy:
                 or not math.isfinite(self.kv_budget) or self.kv_budget <= 0:
             raise ArgumentError(f"kv_budget={self.kv_budget!r} must be > 0 (a fraction like 0.05 or a token count)")
         for name in ("prefill_chunk_tokens", "kv_exact_max_tokens", "chunk_tokens", "kv_device_tokens",
-                     "max_sequences"):
+                     "max_sequences", "micro_batches"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ArgumentError(f"{name}={value!r} must be a whole number >= 1"
-                                    + ("" if name in ("prefill_chunk_tokens", "max_sequences")
+                                    + ("" if name in ("prefill_chunk_tokens", "max_sequences", "micro_batches")
                                        else " (or leave it out for the default)"))
         if self.dtype is not None and not isinstance(self.dtype, str):
             raise ArgumentError(f"dtype={self.dtype!r}: give a name such as 'bfloat16', 'float16' or 'float32'")

@@ -228,7 +228,8 @@ class EngineCore:
         prefill = any(s.turn.first_sample is None for s in seqs)   # type: ignore[union-attr]
         try:       # the tracer's phases: a step that feeds any prompt piece counts as prefill
             with torch.profiler.record_function("tierkv::prefill" if prefill else "tierkv::decode"):
-                last, scored = self.runner.forward(feeds, self.room.head_rows)
+                groups = [r.group for r in rows]          # micro-batches (throughput mode), else all 0
+                last, scored = self.runner.forward(feeds, self.room.head_rows, *([groups] if any(groups) else []))
         except BaseException as exc:
             for r in rows:
                 self.fail(r.seq_id, exc)

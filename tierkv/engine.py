@@ -368,6 +368,8 @@ def step_limits(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, plan: Plan
     one-token rows of up to ``max_sequences - 1`` other sequences packed beside it
     (``plan.activation_bytes(..., decode_rows=)``). The step's token budget is the piece plus as many
     rows as that reserve holds (an injected weight source without a plan gets the full count).
+    With ``policy.micro_batches`` > 1 that budget is one micro-batch's (``plan.step_rows``): a step
+    runs up to that many of them per layer pass, and sequences admitted together share the KV room.
     """
     context = policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, cfg.max_position_embeddings)
     rows = step_rows(policy)
@@ -381,7 +383,8 @@ def step_limits(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, plan: Plan
     head_rows = max(1, min(piece, reserve // (cfg.vocab_size * (item + 4))))
     room = plan.kv_device_bytes if plan is not None else None
     host = plan.kv_host_bytes if plan is not None else None
-    return Limits(piece + extra, piece, policy.max_sequences, room, host), head_rows
+    return Limits(piece + extra, piece, policy.max_sequences, room, host, policy.micro_batches,
+                  share_room=policy.micro_batches > 1), head_rows
 
 
 def _largest(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
@@ -400,7 +403,7 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          progress: ProgressFn | None = None, prefill_progress: ProgressFn | None = None,
          verify: bool = False, max_sequences: int = 16, quant: str | None = None, group_size: int | str | None = None,
          quant_head: bool = False, kv_quant: str = "none", prompt_cache_tokens: int | None = None,
-         sessions_dir: str | Path | None = None) -> Engine:
+         sessions_dir: str | Path | None = None, micro_batches: int = 1) -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``, or a store made by ``tierkv convert``,
     which brings its config, tokenizer and weight scheme, or a GGUF model: a .gguf file, a directory
     holding one, or a part of a split set) for generation. A GGUF model is converted on first use
@@ -446,7 +449,10 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
 
     max_sequences: most sequences that decode together (prompts of a batch, concurrent calls,
     sessions' turns); more wait for a place. The planner reserves one step's activations: a prefill
-    piece plus one token for each of the others.
+    piece plus one token for each of the others. micro_batches (throughput mode, usually from
+    ``tierkv.batchplan.choose_batch(...).load_kwargs()``): each step's rows run in up to this many
+    groups per layer pass while the layer's weights stay loaded, activations are reserved for one
+    group, and sequences admitted together share the KV room (their cold KV spills to host and disk).
 
     kv_quant: "int8" or "int4" holds the KV chunks on the host and disk tiers as KIVI-style codes
     (keys per channel within a chunk, values per token, 16-bit params): about 0.52x / 0.27x of the
@@ -471,7 +477,7 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,
                     kv_exact_max_tokens=kv_exact_max_tokens, chunk_tokens=chunk_tokens,
                     kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, max_sequences=max_sequences,
-                    kv_quant=kv_quant)
+                    kv_quant=kv_quant, micro_batches=micro_batches)
     if is_gguf_source(model_path(model)):
         # quant=None keeps the file's quantized weights as they are (16-bit ones stay 16-bit); "int4"/"int8"
         # quantizes its 16-bit and other-type weights too; "none" dequantizes everything to 16-bit

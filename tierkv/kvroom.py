@@ -23,7 +23,7 @@ from tierkv.pipeline import kv
 from tierkv.plan import Plan
 from tierkv.scheduler import Admission
 
-__all__ = ["KVRoom", "pieces"]
+__all__ = ["KVRoom", "pieces", "sequence_minimum_bytes"]
 
 _log = logging.getLogger(__name__)
 
@@ -58,11 +58,7 @@ class KVRoom:
 
     # -- sizes (the scheduler's KVSizer) -------------------------------------------------------
     def minimum_bytes(self, capacity_tokens: int) -> int:
-        """The cache's own minimum at every chunk size it may choose, with the key codes it keeps (the
-        plan's room holds them at the full context, so each admitted sequence keeps them too)."""
-        codes = kv.keeps_sketch(self.policy)
-        tiered = kv.kv_device_minimum_bytes(self.cfg, self.policy, self.dtype, 1, capacity_tokens, sketch=codes)
-        return min(tiered, kv.kv_device_want_bytes(self.cfg, self.policy, self.dtype, capacity_tokens))
+        return sequence_minimum_bytes(self.cfg, self.policy, self.dtype, capacity_tokens)
 
     def want_bytes(self, capacity_tokens: int) -> int:
         return kv.kv_device_want_bytes(self.cfg, self.policy, self.dtype, capacity_tokens)
@@ -162,6 +158,15 @@ class KVRoom:
 
     def close(self) -> None:
         self.workers.close()
+
+
+def sequence_minimum_bytes(cfg: ModelConfig, policy: Policy, dtype: torch.dtype, capacity_tokens: int) -> int:
+    """Fewest device bytes one sequence's cache for ``capacity_tokens`` runs with: the tiered cache's
+    minimum at every chunk size it may choose, with the key codes it keeps (the plan's room holds them
+    at the full context, so each admitted sequence keeps them too), or the dense cache's when smaller."""
+    codes = kv.keeps_sketch(policy)
+    tiered = kv.kv_device_minimum_bytes(cfg, policy, dtype, 1, capacity_tokens, sketch=codes)
+    return min(tiered, kv.kv_device_want_bytes(cfg, policy, dtype, capacity_tokens))
 
 
 def cache_close(cache: Any) -> None:

@@ -226,8 +226,8 @@ def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int,
 
 def step_rows(policy: Policy) -> int:
     """Decode rows the planner keeps activation room for beside a prefill piece: the other sequences
-    the engine may run at once (``Policy.max_sequences``)."""
-    return policy.max_sequences - 1
+    of one micro-batch (``Policy.max_sequences`` over ``Policy.micro_batches``, rounded up)."""
+    return -(-policy.max_sequences // policy.micro_batches) - 1
 
 
 def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context_tokens: int | None = None,
@@ -321,7 +321,8 @@ def _arrival(kind: str, issue_at: float, slot_free: float, t_read: float, t_copy
     return arrived
 
 
-def _bound(kinds: tuple[str, ...], layer_bytes: int, links: LinkSpeeds, cuda: bool) -> str:
+def step_bound(kinds: tuple[str, ...], layer_bytes: int, links: LinkSpeeds, cuda: bool) -> str:
+    """The busiest resource of one pass over ``kinds``: "compute", "disk" or "h2d" (``Plan.bound``)."""
     n_disk = kinds.count("disk")
     n_copy = n_disk + kinds.count("host") if cuda else 0
     busy = {"compute": len(kinds) * links.layer_compute_s,
@@ -417,7 +418,7 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         offload_dir=str(offload_dir), reserve_bytes=reserve, device_weight_budget_bytes=dev_mem - reserve,
         host_weight_budget_bytes=host_mem, ring_bytes=ring, staging_bytes=staging, links=links,
         predicted_step_s=step_s, predicted_tok_s=batch / step_s if step_s > 0 else math.inf,
-        bound=_bound(kinds, layer_bytes, links, cuda),
+        bound=step_bound(kinds, layer_bytes, links, cuda),
         kv_device_bytes=max(0, dev_mem - held_globals - kinds.count("device") * placed - ring
                             - activations),
         prefill_chunk_tokens=piece, attention_scratch_bytes=scratch, activation_bytes=activations,
@@ -604,4 +605,4 @@ def _check_minimum(dev_mem: int, reserve: int, globals_bytes: int, layer_bytes: 
 
 __all__ = ["LinkSpeeds", "Plan", "PlanError", "compute_estimate", "default_offload_dir", "detect_budgets",
            "kv_stored_bytes_per_token", "layer_sizes", "make_plan", "minimum_device_bytes", "plan_device",
-           "prefill_sizes", "probe_links", "reserve_bytes", "simulate_step_s", "spread_layers"]
+           "prefill_sizes", "probe_links", "reserve_bytes", "simulate_step_s", "spread_layers", "step_bound"]

@@ -9,6 +9,13 @@ row's own length sets its scaling) and attention stay per sequence: ``RaggedKV``
 slice of q/k/v to that sequence's own KV cache, at that sequence's positions, so each sequence
 computes what it computes alone.
 
+Micro-batches (throughput mode, FlexGen's block schedule): a step's rows may come in groups
+(``Scheduler`` packs them, ``Row.group``); each layer then runs group after group while its weights
+stay loaded, so a large batch reads every streamed layer once per step while only one group's
+activations (and the K/V its attention gathers) are live at a time. Rows never change what they
+compute: the projections of a row do not depend on the rows beside it beyond the matmul's own
+rounding, and attention is per sequence already.
+
 Shapes: N packed tokens, H hidden, Hq/Hkv heads, D head_dim, V vocab; row i holds tokens
 [offset_i, offset_i + q_len_i) of the packed axis at positions kv_len_i .. kv_len_i + q_len_i - 1.
 """
@@ -92,21 +99,40 @@ class Runner:
         return StepInputs(cos=torch.cat([p.cos for p in parts], dim=2), sin=torch.cat([p.sin for p in parts], dim=2),
                           positions=torch.cat([p.positions for p in parts], dim=1))
 
-    def hidden(self, feeds: Sequence[Feed]) -> torch.Tensor:
-        """Packed rows -> the last layer's hidden states (1, N, H); every row's cache has advanced."""
-        ids = [i for f in feeds for i in f.ids]
-        kv = RaggedKV([f.cache for f in feeds], [len(f.ids) for f in feeds])
-        step = self.step_inputs(feeds)
+    def hidden(self, feeds: Sequence[Feed], groups: Sequence[int] | None = None) -> torch.Tensor:
+        """Packed rows -> the last layer's hidden states (1, N, H) in row order; every row's cache has
+        advanced. ``groups`` (one per row, default all 0): micro-batches run one after another per layer."""
+        order = sorted(range(len(feeds)), key=lambda i: groups[i]) if groups else list(range(len(feeds)))
+        spans = _group_spans([groups[i] for i in order] if groups else [0] * len(feeds))
+        ordered = [feeds[i] for i in order]
+        parts = [ordered[a:b] for a, b in spans]
+        kvs = [RaggedKV([f.cache for f in part], [len(f.ids) for f in part]) for part in parts]
+        steps = [self.step_inputs(part) for part in parts]
+        cuts = [sum(len(f.ids) for f in part) for part in parts]
+        ids = [i for f in ordered for i in f.ids]
         h = embed(self.weights.globals(), torch.tensor([ids], device=self.device), self.dtype)   # (1, N, H)
-        h = run_layers(self.weights, h, lambda j, w, x: decoder_layer(self.cfg, w, x, step, kv, j))
-        kv.advance(len(ids))
-        return h
 
-    def forward(self, feeds: Sequence[Feed], head_rows: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        def layer(j: int, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            if len(parts) == 1:
+                return decoder_layer(self.cfg, w, x, steps[0], kvs[0], j)
+            return torch.cat([decoder_layer(self.cfg, w, xg, st, kv, j)          # one group at a time
+                              for xg, st, kv in zip(x.split(cuts, dim=1), steps, kvs)], dim=1)
+
+        h = run_layers(self.weights, h, layer)
+        for kv, n in zip(kvs, cuts):
+            kv.advance(n)
+        if order == sorted(order):
+            return h
+        pieces = dict(zip(order, h.split([len(f.ids) for f in ordered], dim=1)))
+        return torch.cat([pieces[i] for i in range(len(feeds))], dim=1)                    # back in row order
+
+    def forward(self, feeds: Sequence[Feed], head_rows: int, groups: Sequence[int] | None = None
+                ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """One step. -> (logits (n_last, V) fp32 on the device for the rows asking "last", in row
         order, or None; per row asking "all", its logits (q_len, V) fp32 on the CPU, computed
-        ``head_rows`` positions at a time so the head's output stays within the activation reserve)."""
-        h = self.hidden(feeds)
+        ``head_rows`` positions at a time so the head's output stays within the activation reserve).
+        ``groups``: each row's micro-batch (see ``hidden``)."""
+        h = self.hidden(feeds, groups) if groups and any(groups) else self.hidden(feeds)
         g, ends, all_rows = self.weights.globals(), [], []
         offset = 0
         for f in feeds:
@@ -125,3 +151,13 @@ class Runner:
         for lo in range(0, h.shape[1], rows):
             out[lo:lo + rows] = head(self.cfg, g, h[:, lo:lo + rows])[0].cpu()
         return out
+
+
+def _group_spans(groups: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) row ranges of each run of equal group numbers (rows sorted by group)."""
+    spans, start = [], 0
+    for i in range(1, len(groups) + 1):
+        if i == len(groups) or groups[i] != groups[start]:
+            spans.append((start, i))
+            start = i
+    return spans

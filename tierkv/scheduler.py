@@ -25,6 +25,13 @@ Model:
   a session on the host moves on to disk when the host room is needed. A resumed session whose KV
   was moved is restored when it is admitted again. Only a sequence that could not fit even with
   nothing else holding room is refused.
+- Throughput mode (``Limits.micro_batches`` > 1, FlexGen's block schedule): a step holds up to that
+  many groups of rows, each within ``token_budget`` (the activations the plan keeps room for are one
+  group's); the runner runs the groups one after another per layer while the layer's weights stay
+  loaded. Rows are packed first-fit into the groups (``Row.group``). With ``share_room``, sequences
+  admitted together split the free device and host room evenly (never below a sequence's minimum,
+  never above what it wants), so a batch larger than the room holds at full size runs at once, each
+  cache spilling its cold KV, instead of the first few taking the whole room.
 """
 
 from __future__ import annotations
@@ -61,10 +68,12 @@ class Limits:
     max_running: int
     device_room_bytes: int | None
     host_room_bytes: int | None
+    micro_batches: int = 1       # groups of rows per step, each within token_budget
+    share_room: bool = False     # sequences admitted together split the free room evenly
 
     def __post_init__(self) -> None:
         assert 1 <= self.piece_tokens <= self.token_budget, (self.piece_tokens, self.token_budget)
-        assert self.max_running >= 1
+        assert self.max_running >= 1 and self.micro_batches >= 1
 
 
 class SeqStatus(str, Enum):
@@ -96,6 +105,7 @@ class Row:
     start: int                   # position of the first token (= tokens already in its KV)
     num_tokens: int
     samples: bool                # this row feeds its last pending token: sample from its logits
+    group: int = 0               # the micro-batch it runs in (throughput mode)
 
 
 @dataclass(frozen=True)
@@ -260,17 +270,18 @@ class Scheduler:
         running = sorted((s for s in self._seqs.values() if s.status is SeqStatus.RUNNING), key=lambda s: s.arrival)
         decode = [s for s in running if s.pending_tokens == 1 and s.computed_tokens > 0]
         pieces = [s for s in running if s not in decode and s.pending_tokens > 0]
-        budget, rows = self.limits.token_budget, []
+        free, rows = [self.limits.token_budget] * self.limits.micro_batches, []
         order = (pieces, decode) if self._c.pieces_first else (decode, pieces)
         left_behind = False
         for group in order:
             for s in group:
                 n = min(self.limits.piece_tokens, s.pending_tokens)
-                if n > budget:
+                g = next((g for g, left in enumerate(free) if n <= left), None)     # first fit
+                if g is None:
                     left_behind |= group is pieces
                     continue
-                budget -= n
-                rows.append(Row(s.seq_id, s.computed_tokens, n, n == s.pending_tokens))
+                free[g] -= n
+                rows.append(Row(s.seq_id, s.computed_tokens, n, n == s.pending_tokens, g))
         self._c.pieces_first = left_behind and not self._c.pieces_first
         return sorted(rows, key=lambda r: self._seqs[r.seq_id].arrival)
 
@@ -279,9 +290,10 @@ class Scheduler:
         refuse: list[tuple[int, str]] = []
         admit: list[Admission] = []
         waiting = sorted((s for s in self._seqs.values() if s.status is SeqStatus.WAITING), key=lambda s: s.arrival)
-        for s in waiting:
+        for i, s in enumerate(waiting):
             if self._running() >= self.limits.max_running:
                 break
+            joining = waiting[i:i + self.limits.max_running - self._running()]         # s and those after it
             need = self._sizer.minimum_bytes(s.capacity_tokens)
             room = self.limits.device_room_bytes
             if room is not None and self._device_free(s) < need:
@@ -292,7 +304,7 @@ class Scheduler:
                     self.close(s.seq_id)
                     continue
                 break                                  # first come, first served: wait for room
-            admit.append(self._allot(s))
+            admit.append(self._allot(s, joining if self.limits.share_room else [s]))
         return offload, refuse, admit
 
     def _device_free(self, s: _Seq) -> int:
@@ -300,14 +312,26 @@ class Scheduler:
         assert self.limits.device_room_bytes is not None
         return self.limits.device_room_bytes - self._device_used + s.device_bytes
 
-    def _allot(self, s: _Seq) -> Admission:
-        """Room for ``s``'s new cache; what it held (an outgrown cache, KV parked on the host) comes back first."""
+    def _allot(self, s: _Seq, joining: list[_Seq]) -> Admission:
+        """Room for ``s``'s new cache; what it held (an outgrown cache, KV parked on the host) comes back
+        first. ``joining``: sequences joining now (``s`` first): when the free room holds what they all
+        want, each gets it, else they split it evenly (``s`` never below its minimum)."""
         self._give_back(s, device=True, host=True)
         room, host_room = self.limits.device_room_bytes, self.limits.host_room_bytes
-        want = self._sizer.want_bytes(s.capacity_tokens)
-        s.device_bytes = want if room is None else min(want, room - self._device_used)
+        want, n = self._sizer.want_bytes(s.capacity_tokens), len(joining)
+        if room is None:
+            s.device_bytes = want
+        else:
+            free = room - self._device_used
+            share = free if sum(self._sizer.want_bytes(j.capacity_tokens) for j in joining) <= free else free // n
+            s.device_bytes = min(want, free, max(self._sizer.minimum_bytes(s.capacity_tokens), share))
         host_want = self._sizer.host_bytes(s.capacity_tokens)
-        s.host_bytes = host_want if host_room is None else max(0, min(host_want, host_room - self._host_used))
+        if host_room is None:
+            s.host_bytes = host_want
+        else:
+            free = host_room - self._host_used
+            share = free if sum(self._sizer.host_bytes(j.capacity_tokens) for j in joining) <= free else free // n
+            s.host_bytes = max(0, min(host_want, share))
         self._device_used += s.device_bytes
         self._host_used += s.host_bytes
         restore = s.kv_place if s.kv_place in ("cache", "host", "disk") else "none"

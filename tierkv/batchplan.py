@@ -1,0 +1,349 @@
+"""The planner's batch choice: how many sequences share each layer pass, and in how many micro-batches.
+
+Why this module exists: when weights stream from disk or host memory a layer pass costs the same
+for one sequence or for many, so an offline job (``tierkv batch``, ``engine.generate(list)``) wants
+the largest batch the budgets hold, up to where compute, not the link, bounds the step. Which batch
+that is depends on the whole batch's KV (on each tier), the step's activations, the weights left on
+the device beside them, and the link speeds; ``choose_batch`` asks ``make_plan`` for the placement
+each batch size gets (the plan the engine itself will make from ``BatchChoice.load_kwargs()``) and
+runs the planner's link model (``simulate_step_s``) with a layer's compute grown by the step's rows.
+
+Block schedule (FlexGen's zig-zag order): a batch may run as several micro-batches per layer pass:
+each layer's weights stay loaded while the micro-batches run through it one after another, and the
+device keeps activation room for one micro-batch, so a pass carries several prefill pieces (fewer
+passes over the streamed layers for the same prompts). When the whole batch's KV does not fit the
+device room beside the weights, the room is planned for one micro-batch's KV and each sequence's
+cold KV sits on the host tier, gathered while its micro-batch computes. Of the micro-batch counts
+that fit, the fewest within ``NEAR_BEST`` of the best predicted throughput win.
+
+Throughput model for K prompts of the given lengths and ``new_tokens`` each: the job takes
+``prefill passes + ceil(K / batch) * new_tokens`` decode passes over the layers (continuous
+batching refills the batch as sequences finish); a prefill pass carries up to the step's token
+budget of prompt tokens. A pass of R rows costs ``simulate_step_s`` with a layer's compute at
+``layer_compute_s + (R - 1) * row_compute_s`` plus attention over each row's context at the layer's
+own streaming rate. ``row_compute_s`` is measured once per machine (``row_compute_s``, cached with
+the other link speeds).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tierkv.budgets import PlanError, default_offload_dir
+from tierkv.config import Budget, ModelConfig, Policy, format_size
+from tierkv.errors import ArgumentError
+from tierkv.io.checkpoint import resolve_dtype
+from tierkv.io.store import Extent
+from tierkv.kvroom import sequence_minimum_bytes
+from tierkv.plan import Plan, make_plan, plan_device, probe_links, simulate_step_s, step_bound
+from tierkv.probe import LinkCache, LinkSpeeds, compute_key
+
+__all__ = ["BatchChoice", "BatchInputs", "BatchOption", "choose_batch", "row_compute_s"]
+
+MAX_AUTO_BATCH = 256          # "auto" tries batch sizes up to this (and never more than the prompts)
+ROW_PROBE_ROWS = 129          # one-token rows of the row-cost probe (beside the batch-1 timing)
+ROW_PROBE_ROUNDS = 8
+NEAR_BEST = 0.02              # a larger batch must predict more than this much more throughput to be chosen
+
+
+@dataclass(frozen=True)
+class BatchInputs:
+    """What a batch choice is planned from when no engine is loaded yet (``tierkv plan``, ``tierkv batch``)."""
+
+    config: ModelConfig
+    budget: Budget = Budget()
+    policy: Policy = Policy()
+    links: LinkSpeeds | None = None         # None: probed (or this machine's cached measurements)
+    data_path: Path | None = None           # the store's data file the disk probe reads, if any
+    config_only: bool = False
+    layout: list[Extent] | None = None
+    row_s: float | None = None              # a layer's compute per extra one-token row; None: row_compute_s()
+
+
+@dataclass(frozen=True)
+class BatchOption:
+    """One batch size's prediction (or why it does not fit)."""
+
+    batch: int
+    micro_batches: int
+    fits: bool
+    predicted_tok_s: float = 0.0            # generated tokens per second over the whole job
+    bound: str = ""                         # "disk", "h2d" or "compute": the busiest resource of a decode pass
+    decode_step_s: float = 0.0              # one decode pass of the full batch
+    passes: int = 0                         # layer passes the job takes (prefill and decode)
+    read_bytes_per_token: float = 0.0       # streamed weight bytes per generated token
+    kv_device_tokens: int = 0               # KV tokens the plan keeps device room for (one micro-batch's)
+    why: str = ""                           # when it does not fit
+
+
+@dataclass(frozen=True)
+class BatchChoice:
+    """The chosen batch, its block schedule and prediction, and every size considered."""
+
+    batch: int
+    micro_batches: int
+    predicted_tok_s: float
+    bound: str
+    plan: Plan                              # the placement the engine gets from load_kwargs()
+    options: tuple[BatchOption, ...] = field(default=())
+    prompts: int = 0
+    new_tokens: int = 0
+    kv_device_tokens: int = 0
+    compute_bound_from: int | None = None   # the smallest batch considered whose decode pass compute bounds
+    kv_split: bool = False                  # the device KV room holds one micro-batch's KV, not the batch's
+
+    def load_kwargs(self) -> dict[str, int]:
+        """Keyword arguments for ``tierkv.load`` (beside the same budgets) that run this choice."""
+        return {"max_sequences": self.batch, "micro_batches": self.micro_batches,
+                "kv_device_tokens": self.kv_device_tokens}
+
+    def summary(self) -> str:
+        """A table of the sizes considered and the choice, for ``tierkv plan --batch``."""
+        lines = [f"{'batch':>6} {'micro':>5} {'tok/s':>9} {'bound':>8} {'step s':>8} {'read/token':>11}"]
+        for o in self.options:
+            if not o.fits:
+                lines.append(f"{o.batch:>6} {'-':>5} {'-':>9} {'-':>8} {'-':>8} {'-':>11}  {o.why}")
+                continue
+            mark = "  <- chosen" if (o.batch, o.micro_batches) == (self.batch, self.micro_batches) else ""
+            lines.append(f"{o.batch:>6} {o.micro_batches:>5} {o.predicted_tok_s:>9.2f} {o.bound:>8} "
+                         f"{o.decode_step_s:>8.3f} {format_size(int(o.read_bytes_per_token)):>11}{mark}")
+        block = "" if self.micro_batches == 1 else f", {self.micro_batches} micro-batches per layer pass" + (
+            " (the device room holds one micro-batch's KV; the rest waits on the host tier)" if self.kv_split else "")
+        over = (f"compute bounds the step from batch {self.compute_bound_from}" if self.compute_bound_from
+                else "the link bounds the step at every batch considered")
+        lines += [f"chosen: batch {self.batch}{block}: predicted {self.predicted_tok_s:.2f} tok/s over "
+                  f"{self.prompts} prompts x {self.new_tokens} new tokens, bound by {self.bound}; {over}",
+                  "load with: " + ", ".join(f"{k}={v}" for k, v in self.load_kwargs().items())]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch": self.batch, "micro_batches": self.micro_batches, "predicted_tok_s": self.predicted_tok_s,
+                "bound": self.bound, "load_kwargs": self.load_kwargs(), "prompts": self.prompts,
+                "new_tokens": self.new_tokens, "compute_bound_from": self.compute_bound_from,
+                "options": [o.__dict__ for o in self.options], "plan": self.plan.to_dict()}
+
+
+def choose_batch(engine_or_inputs: Any, prompt_tokens: list[int], new_tokens: int,
+                 asked: int | str = "auto") -> BatchChoice:
+    """The batch (and block schedule) that maximises predicted throughput for prompts of
+    ``prompt_tokens`` lengths with ``new_tokens`` each, within the budgets.
+
+    ``engine_or_inputs``: a loaded ``Engine`` (its config, policy, budgets and measured links) or
+    ``BatchInputs``. ``asked``: "auto" (the smallest batch within ``NEAR_BEST`` of the best predicted
+    throughput: once compute bounds the pass, more rows only cost memory), or a batch size to plan;
+    one that does not fit raises PlanError naming the largest that does."""
+    inputs = _inputs_of(engine_or_inputs)
+    if not prompt_tokens or min(prompt_tokens) < 1 or new_tokens < 1:
+        raise ArgumentError("choose_batch needs at least one prompt of >= 1 token and new_tokens >= 1")
+    if asked != "auto" and (isinstance(asked, bool) or not isinstance(asked, int) or asked < 1):
+        raise ArgumentError(f"batch {asked!r}: give a whole number >= 1 or 'auto'")
+    inputs = _with_links(inputs)
+    job = _Job(sorted(prompt_tokens, reverse=True), new_tokens)
+    if asked == "auto":
+        sizes = sorted({min(2 ** k, len(prompt_tokens)) for k in range(MAX_AUTO_BATCH.bit_length())})
+        options = [_option(inputs, job, b) for b in sizes]
+        fitting = [o for o in options if o.fits]
+        if not fitting:
+            raise PlanError(options[0].why)
+        top = max(o.predicted_tok_s for o in fitting)     # the smallest batch within NEAR_BEST of the best
+        best = min((o for o in fitting if o.predicted_tok_s >= top * (1 - NEAR_BEST)), key=lambda o: o.batch)
+    else:
+        best = _option(inputs, job, min(asked, len(prompt_tokens)))     # more than the prompts never run at once
+        if not best.fits:
+            raise PlanError(_refusal(inputs, job, best.batch, best.why))
+        options = [best]
+    fitting = [o for o in options if o.fits]
+    plan = _plan_for(inputs, job, best.batch, best.micro_batches, best.kv_device_tokens)
+    compute_from = next((o.batch for o in fitting if o.bound == "compute"), None)
+    return BatchChoice(best.batch, best.micro_batches, best.predicted_tok_s, best.bound, plan, tuple(options),
+                       len(prompt_tokens), new_tokens, best.kv_device_tokens, compute_from,
+                       best.kv_device_tokens < job.kv_tokens(best.batch))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    prompts: list[int]                      # prompt lengths, longest first
+    new_tokens: int
+
+    def kv_tokens(self, batch: int) -> int:
+        """KV tokens of the ``batch`` longest sequences at their end: what the rooms must hold at once."""
+        return sum(self.prompts[:batch]) + batch * self.new_tokens
+
+
+def _inputs_of(source: Any) -> BatchInputs:
+    if isinstance(source, BatchInputs):
+        return source
+    plan = getattr(source, "plan", None)
+    if plan is None or not hasattr(source, "policy"):
+        raise ArgumentError("choose_batch needs a tierkv Engine loaded with a plan (a model loaded by tierkv.load) "
+                            "or tierkv.batchplan.BatchInputs")
+    budget = Budget(plan.device_mem_bytes, plan.host_mem_bytes, Path(plan.offload_dir))
+    store = getattr(source, "store", None)
+    return BatchInputs(source.config, budget, source.policy, plan.links,
+                       store.data_path if store is not None else None, plan.config_only)
+
+
+def _with_links(inputs: BatchInputs) -> BatchInputs:
+    """Measured links (the planner's probe; cached per machine) and the row cost, once for every size."""
+    links, row_s = inputs.links, inputs.row_s
+    if links is None:
+        links = make_plan(inputs.config, inputs.budget, inputs.policy, data_path=inputs.data_path,
+                          config_only=inputs.config_only, layout=inputs.layout).links
+        if math.isinf(links.disk_read_gbps):            # batch 1 kept every layer: larger batches may stream
+            dtype = resolve_dtype(inputs.policy.dtype, inputs.config.dtype)
+            probed = probe_links(inputs.config, dtype, plan_device(inputs.policy), inputs.data_path,
+                                 inputs.budget.offload_dir or default_offload_dir())
+            links = replace(links, disk_read_gbps=probed.disk_read_gbps, h2d_gbps=probed.h2d_gbps)
+    if row_s is None:
+        dtype = resolve_dtype(inputs.policy.dtype, inputs.config.dtype)
+        row_s = row_compute_s(inputs.config, dtype, plan_device(inputs.policy), inputs.budget.offload_dir)
+    return replace(inputs, links=links, row_s=row_s)
+
+
+def _plan_for(inputs: BatchInputs, job: _Job, batch: int, micro: int, kv_device_tokens: int) -> Plan:
+    """The plan the engine makes for ``batch`` sequences in ``micro`` micro-batches with device KV room
+    for ``kv_device_tokens`` (raises PlanError)."""
+    policy = replace(inputs.policy, max_sequences=batch, micro_batches=micro, kv_device_tokens=kv_device_tokens)
+    return make_plan(inputs.config, inputs.budget, policy, inputs.links, data_path=inputs.data_path,
+                     config_only=inputs.config_only, layout=inputs.layout)
+
+
+def _option(inputs: BatchInputs, job: _Job, batch: int) -> BatchOption:
+    """``batch``'s best prediction over its micro-batch counts (1, 2, 4, ... up to the batch), each with
+    device KV room for the whole batch or, when that does not fit, for one micro-batch (the block
+    schedule: the rest on the host tier); or why none fits. More micro-batches carry more prompt
+    tokens per pass at the same activation room; the fewest within ``NEAR_BEST`` of the best win."""
+    why, kv_why, fitting = "", "", []
+    micro = 1
+    while micro <= batch:
+        whole = job.kv_tokens(batch)
+        for kv_tokens in ([whole] if micro == 1 else [whole, -(-whole // micro)]):
+            try:
+                plan = _plan_for(inputs, job, batch, micro, kv_tokens)
+            except PlanError as exc:
+                why = str(exc)
+                continue
+            problem = _kv_problem(inputs, job, batch, plan)
+            if problem is None:
+                fitting.append(_predict(inputs, job, batch, micro, plan, kv_tokens))
+                break
+            kv_why = kv_why or problem          # the first placement that held the weights says what is short
+        micro = micro * 2 if micro * 2 <= batch or micro == batch else batch
+    if not fitting:
+        return BatchOption(batch, 0, False, why=kv_why or why)
+    top = max(o.predicted_tok_s for o in fitting)
+    return min((o for o in fitting if o.predicted_tok_s >= top * (1 - NEAR_BEST)), key=lambda o: o.micro_batches)
+
+
+def _kv_problem(inputs: BatchInputs, job: _Job, batch: int, plan: Plan) -> str | None:
+    """Why the plan's KV rooms cannot hold the batch's KV (every sequence's device minimum, the rest on
+    the host tier), or None. KV is never planned onto disk: a step would read it back every pass."""
+    dtype = resolve_dtype(inputs.policy.dtype, inputs.config.dtype)
+    minimum = sum(sequence_minimum_bytes(inputs.config, inputs.policy, dtype, n + job.new_tokens)
+                  for n in job.prompts[:batch])
+    tokens = job.kv_tokens(batch)
+    on_device = min(tokens, plan.kv_device_bytes // max(1, plan.kv_device_bytes_per_token))
+    host_need = (tokens - on_device) * plan.kv_host_bytes_per_token
+    if minimum > plan.kv_device_bytes:
+        return (f"batch {batch}: its caches need {format_size(minimum)} of device KV room at least, the plan "
+                f"leaves {format_size(plan.kv_device_bytes)}")
+    if host_need > plan.kv_host_bytes:
+        return (f"batch {batch}: {tokens:,} tokens of KV need {format_size(host_need)} in host memory beside the "
+                f"device room, the plan leaves {format_size(plan.kv_host_bytes)}")
+    return None
+
+
+def _predict(inputs: BatchInputs, job: _Job, batch: int, micro: int, plan: Plan, kv_tokens: int) -> BatchOption:
+    """The job's time at this batch: prefill passes (each up to the step's token budget of prompt
+    tokens) plus a decode pass per new token per wave of ``batch`` sequences."""
+    links = plan.links
+    assert inputs.row_s is not None
+    kinds = tuple("device" if j in plan.device_layers else "host" if j in plan.host_layers else "disk"
+                  for j in range(plan.num_layers))
+    cuda = plan.device.startswith("cuda")
+    rate = plan.layer_bytes / links.layer_compute_s if links.layer_compute_s > 0 else math.inf   # bytes/s
+    kv_layer = plan.kv_device_bytes_per_token / plan.num_layers
+
+    def pass_s(rows: int, context_tokens: int) -> tuple[float, str]:
+        layer = links.layer_compute_s + (rows - 1) * inputs.row_s + kv_layer * context_tokens / rate
+        timed = replace(links, layer_compute_s=layer)
+        return simulate_step_s(kinds, plan.prefetch_depth, plan.layer_bytes, timed, cuda), \
+            step_bound(kinds, plan.layer_bytes, timed, cuda)
+
+    k, total_prompt = len(job.prompts), sum(job.prompts)
+    group_tokens = plan.prefill_chunk_tokens + -(-batch // micro) - 1
+    step_tokens = micro * group_tokens
+    waves = -(-k // batch)
+    pieces = sum(-(-n // plan.prefill_chunk_tokens) for n in job.prompts)      # a prompt feeds one piece a pass
+    prefill_passes = max(-(-pieces // batch), -(-total_prompt // step_tokens))
+    per_seq = job.kv_tokens(batch) // batch
+    rows = -(-total_prompt // prefill_passes)                  # prompt tokens a prefill pass carries
+    prefill_s, _ = pass_s(rows, rows * per_seq // 2)
+    decode_s, bound = pass_s(batch, batch * (per_seq - job.new_tokens // 2))
+    passes = prefill_passes + waves * job.new_tokens
+    total_s = prefill_passes * prefill_s + waves * job.new_tokens * decode_s
+    generated = k * job.new_tokens
+    return BatchOption(batch, micro, True, generated / total_s, bound, decode_s, passes,
+                       passes * plan.streamed_bytes_per_token / generated, kv_tokens)
+
+
+def _refusal(inputs: BatchInputs, job: _Job, asked: int, why: str) -> str:
+    """PlanError text for a batch that does not fit: the largest that does (fits is monotone in the batch)."""
+    lo, hi = 0, asked - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _option(inputs, job, mid).fits else (lo, mid - 1)
+    if lo == 0:
+        return f"batch {asked} does not fit the budgets, nor does batch 1: {why}"
+    return (f"batch {asked} does not fit the budgets ({why}); the largest batch that fits is {lo}: use --batch {lo} "
+            "(or --batch auto), or raise --device-mem / --host-mem")
+
+
+def row_compute_s(config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                  offload_dir: Path | None = None) -> float:
+    """Seconds one decoder layer's compute grows per extra one-token row of a step, measured on zero
+    weights of the model's shapes (the fastest of several runs at 1 and ``ROW_PROBE_ROWS`` rows, each
+    row its own sequence as in a decode step), cached per machine in ``offload_dir/links.json`` (the
+    median of the runs kept there: a slope of two timings is noisier than either)."""
+    key = "rows:" + compute_key(config, dtype, device)
+    return LinkCache(offload_dir).measure(key, lambda: _probe_row_s(config, dtype, device), statistics.median)
+
+
+def _probe_row_s(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> float:
+    from tierkv.model import decoder_layer, dense_attention, step_inputs
+
+    class _Rows:                 # each row attends to itself alone: a one-token sequence per row
+        def attend(self, layer, q, k, v, positions, window_tokens):   # q (1, Hq, R, D), k/v (1, Hkv, R, D)
+            return torch.cat([dense_attention(q[:, :, r:r + 1], k[:, :, r:r + 1], v[:, :, r:r + 1],
+                                              positions[:, r:r + 1], positions[:, r:r + 1], window_tokens)
+                              for r in range(q.shape[2])], dim=2)
+
+    weights = {k: torch.zeros(shape, dtype=dtype, device=device) for k, shape in config.layer_tensor_shapes().items()}
+
+    def timed(rows: int) -> float:
+        h = torch.zeros((1, rows, config.hidden_size), dtype=dtype, device=device)        # (1, R, H)
+        step = step_inputs(config, torch.zeros((1, rows), dtype=torch.int64, device=device), 1, dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        decoder_layer(config, weights, h, step, _Rows(), 0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    one, many = math.inf, math.inf
+    with torch.inference_mode():
+        timed(1), timed(ROW_PROBE_ROWS)                       # warm up
+        for _ in range(ROW_PROBE_ROUNDS):                     # interleaved: a busy moment hits both alike
+            one, many = min(one, timed(1)), min(many, timed(ROW_PROBE_ROWS))
+    return max(1e-9, (many - one) / (ROW_PROBE_ROWS - 1))
