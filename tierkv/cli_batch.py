@@ -85,7 +85,7 @@ def batch_command(
                 Console(stderr=True).print(f"[batch: {choice.batch} sequences per layer pass"
                                            + (f" in {choice.micro_batches} micro-batches" if choice.micro_batches > 1
                                               else "") + f", predicted {choice.predicted_tok_s:.2f} tok/s, bound by "
-                                           f"{choice.bound}]", style="dim", highlight=False, markup=False)
+                                           f"{choice.bound}]", style="dim", highlight=False, markup=False, soft_wrap=True)
             load_options = _with_choice(options, choice.load_kwargs())
             if ray_address is None:
                 summary = _run(job, model, load_options, choice.batch, as_json, _load)
