@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -61,8 +62,11 @@ GOALS_RESIDENT = {"int8": 1.5, "int4": 2.0}
 # "@VARIANT" after a --schemes entry (several joined by "+"): the environment its worker runs under
 # (kernels/_select.py): "dynamic" rounds activations to 8 bits for per-channel int8 linears,
 # "nofuse" keeps q/k/v and gate/up as separate linears (how tierkv computed before fusion).
+# "torchao" computes int4 linears with torchao's da8w4 kernel (8-bit activations), "wo" with the weight-only op
+# (the default "auto" picks torchao where its CPU kernel is installed).
 VARIANTS = {"dynamic": {"TIERKV_CPU_QLINEAR": "dynamic_int8"}, "nofuse": {"TIERKV_FUSE_LINEARS": "0"},
-            "fuse": {"TIERKV_FUSE_LINEARS": "1"}}
+            "fuse": {"TIERKV_FUSE_LINEARS": "1"}, "torchao": {"TIERKV_CPU_QLINEAR": "torchao"},
+            "wo": {"TIERKV_CPU_QLINEAR": "weight_only"}}
 PEER_SPEEDUP_GOAL = 2.0
 
 
@@ -241,13 +245,22 @@ def _common(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def resident_part(args: argparse.Namespace, model_dir: Path, ids: list[int]) -> dict[str, Any]:
-    """Resident decode of every scheme and of HF bf16, each in a fresh process (no cap: it all fits)."""
-    out = {}
-    for scheme in [*args.schemes, "hf"]:
-        opts = {"scheme": scheme, "group_size": args.group_size, "model_dir": str(model_dir), "ids": ids,
-                "common": _common(args)}
-        out[scheme] = run_worker("resident", opts, None)
-        print(f"resident {scheme}: {out[scheme].get('tok_s', out[scheme].get('error'))}", flush=True)
+    """Resident decode of every scheme and of HF bf16, each in a fresh process (no cap: it all fits), in
+    ``--resident-rounds`` rounds (the order rotated each round): tok/s is the median over the rounds, and
+    ``samples`` keeps every round's, so ratios can be taken within a round (a shared machine drifts)."""
+    names = [*args.schemes, "hf"]
+    out: dict[str, Any] = {}
+    for r in range(args.resident_rounds):
+        for scheme in names[r % len(names):] + names[: r % len(names)]:
+            opts = {"scheme": scheme, "group_size": args.group_size, "model_dir": str(model_dir), "ids": ids,
+                    "common": _common(args)}
+            res = run_worker("resident", opts, None)
+            prev = out.setdefault(scheme, dict(res, samples=[]))
+            prev["samples"].append(res.get("tok_s"))
+            print(f"resident round {r + 1} {scheme}: {res.get('tok_s', res.get('error'))}", flush=True)
+    for res in out.values():
+        good = [x for x in res["samples"] if x is not None]
+        res["tok_s"] = statistics.median(good) if good else None
     return out
 
 
@@ -354,9 +367,16 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def summarize_resident(res: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
-    """tok/s per scheme and HF, ratios over tierkv bf16 and HF; resident goals."""
+    """tok/s per scheme and HF (medians over the rounds), ratios over tierkv bf16 and HF (medians of the
+    ratios within each round, with their range); resident goals."""
     tok = {k: r.get("tok_s") for k, r in res.items()}
     out: dict[str, Any] = {f"resident_{k}_tok_s": None if v is None else round(v, 3) for k, v in tok.items()}
+    out.update({f"resident_{k}_tok_s_samples": r["samples"] for k, r in res.items() if len(r.get("samples", [])) > 1})
+    for k in [k for k in res if len(res[k].get("samples", [])) > 1 and k != "bf16" and "bf16" in res]:
+        ratios = [a / b for a, b in zip(res[k]["samples"], res["bf16"]["samples"]) if a and b]
+        if ratios and tok.get("bf16"):
+            out[f"resident_{k}_vs_bf16_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+            tok[k] = tok["bf16"] * statistics.median(ratios)    # so vs_bf16 below is the median ratio
     out.update({f"resident_{k}_error": r["error"] for k, r in res.items() if r.get("error")})
     goals = {}
     for k in res:
@@ -511,6 +531,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--resident-tokens", type=int, default=16)
     ap.add_argument("--resident-repeats", type=int, default=2)
+    ap.add_argument("--resident-rounds", type=int, default=1, help="rounds of fresh processes per contender")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kv-device-tokens", type=int, default=512,
                     help="KV context tierkv keeps device room for, inside its budget (accelerate keeps none)")

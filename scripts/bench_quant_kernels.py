@@ -6,8 +6,9 @@ Per weight shape of the ~0.85B benchmark model (N x K = 5632x2048 up/gate, 2048x
 2048x2048 attention) and batch rows M this script times, in the same run:
 
 * the peer: ``F.linear`` on the bf16 weight (cuBLAS on CUDA, oneDNN/MKL on the CPU);
-* on the CPU, the ``cpu_int4`` pack: PyTorch's fused int4 op (int8 = two of them, ``quant_cpu``)
-  and the dequantize path (``dequantize_weight`` into a bf16 scratch weight, then ``F.linear``),
+* on the CPU, the ``cpu_int4`` pack: PyTorch's fused int4 op (int8 = two of them, ``quant_cpu``),
+  torchao's da8w4 kernel where it is installed (``int4_da8w4``: x rounded to 8 bits, ``quant_torchao``;
+  bytes = its packed copy) and the dequantize path (``dequantize_weight`` into a bf16 scratch weight, then ``F.linear``),
   which is what ``quant_linear`` switches to from ``CPU_DEQUANT_MIN_M`` rows;
 * on CUDA, the ``plain`` pack: the Triton fused dequantize-matmul (``quant_matmul_fwd``) and the
   dequantize path (``dequantize_fwd`` + cuBLAS) at M = 1, 16, 64, 256 (``DEQUANT_MIN_M`` should be
@@ -76,6 +77,7 @@ def bench_shape(n: int, k: int, ms: list[int], args: argparse.Namespace, timer: 
     """Every path at one (N, K) for each M."""
     from tierkv.kernels import quant_cpu
     from tierkv.kernels.quant import dequantize_fwd, dequantize_weight, quant_matmul_fwd, quantize_weight
+    from tierkv.kernels.quant_torchao import da8w4_mm, da8w4_status, pack_da8w4
     from tierkv.quantspec import QuantWeight, TensorQuant
 
     dev, group = args.device, args.group_size
@@ -105,6 +107,10 @@ def bench_shape(n: int, k: int, ms: list[int], args: argparse.Namespace, timer: 
             deq = [lambda q=q: F.linear(x, dequantize_weight(q, torch.bfloat16)) for q in qws]
             rows[f"{scheme}_fused"] = _row(_timed(timer, fused), qws[0].nbytes, peer_s)
             rows[f"{scheme}_dequant_linear"] = _row(_timed(timer, deq), qws[0].nbytes, peer_s)
+            if pack == "cpu_int4" and scheme == "int4" and da8w4_status() is None:   # torchao's CPU kernel here
+                lins = [pack_da8w4((q,), keep=False) for q in qws]
+                rows["int4_da8w4"] = _row(_timed(timer, [lambda lin=lin: da8w4_mm(x, lin) for lin in lins]),
+                                          lins[0].extra_nbytes, peer_s)
             if pack == "plain":
                 fused[0]()
                 ref = F.linear(x.float(), dequantize_weight(qws[0], torch.bfloat16).float())

@@ -35,7 +35,9 @@ twin with MLP width 768 is trained, about 15 minutes on one core, with
 Step rows (``--step-rows``): int8 per channel scored one token per forward (``prefill_chunk_tokens=1``,
 every position computed as a decode step computes it), with the weight-only CPU op and with dynamic
 int8 activations (``TIERKV_CPU_QLINEAR=dynamic_int8``, which only batches under
-``kernels.quant.DYNAMIC_MAX_M`` rows take): the quality of the faster resident decode path.
+``kernels.quant.DYNAMIC_MAX_M`` rows take); int4 g64 the same way with the weight-only op and, where
+torchao's CPU kernel is installed, its da8w4 kernel (``TIERKV_CPU_QLINEAR=torchao``, 8-bit
+activations): the quality of the faster resident decode paths.
 
 Usage:  python scripts/eval_quant_quality.py [--model /tmp/qm/demo768] [--prompts 4] [--new-tokens 96]
             [--no-tiny] [--no-sim] [--kv] [--step-rows] [--threads 2]
@@ -191,11 +193,15 @@ def eval_model(model: Path, args: argparse.Namespace) -> dict[str, Any]:
             row["sim"] = compare(sim_ref, sim_logits(model, seqs, None if scheme == "bf16" else scheme, group), seqs)
         out["rows"][key] = row
         print(f"  {key}: {_cell(row.get('engine'))} | sim {_cell(row.get('sim'))}", flush=True)
-    for mode in ("weight_only", "dynamic_int8") if args.step_rows else ():
-        key = f"int8/channel {mode}, 1 token/forward"
+    from tierkv.kernels.quant_torchao import da8w4_status
+
+    steps = [("int8", "channel", "weight_only"), ("int8", "channel", "dynamic_int8"), ("int4", 64, "weight_only")]
+    steps += [("int4", 64, "torchao")] if da8w4_status() is None else []       # torchao's CPU kernel installed
+    for scheme, group, mode in steps if args.step_rows else ():
+        key = f"{scheme}/{group} {mode}, 1 token/forward"
         os.environ["TIERKV_CPU_QLINEAR"] = mode                  # read when the engine prepares its layers
         try:
-            row = {"engine": compare(ref, engine_logits(model, seqs, "bfloat16", quant="int8", group_size="channel",
+            row = {"engine": compare(ref, engine_logits(model, seqs, "bfloat16", quant=scheme, group_size=group,
                                                         prefill_chunk_tokens=1), seqs)}
         finally:
             del os.environ["TIERKV_CPU_QLINEAR"]

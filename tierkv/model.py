@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.config import ModelConfig, RopeConfig
-from tierkv.kernels.quant import FUSED_LINEARS, DynamicInt8Linear, dequantize_rows, quant_linear
+from tierkv.kernels.quant import FUSED_LINEARS, PACKED_LINEARS, Da8w4Linear, DynamicInt8Linear, dequantize_rows, \
+    quant_linear
 from tierkv.quantspec import EMBED_WEIGHT, HEAD_WEIGHT, QuantWeight
 
 
@@ -101,10 +102,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight | DynamicInt8Linear,
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight | DynamicInt8Linear | Da8w4Linear,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ weight (N, K)^T (+ bias) -> (..., N); a quantized weight is computed on as stored."""
-    if isinstance(weight, (QuantWeight, DynamicInt8Linear)):
+    if isinstance(weight, (QuantWeight, *PACKED_LINEARS)):
         return quant_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 

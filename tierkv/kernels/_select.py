@@ -38,12 +38,14 @@ _CHOICES = ("torch", "triton", "auto")
 __all__ = ["HAS_TRITON", "Backend", "ENV_VAR", "CPU_QLINEAR_VAR", "CPU_QLINEAR_CHOICES", "FUSE_VAR", "jit", "tl",
            "triton", "pick_backend", "pick_cpu_qlinear", "fuse_linears", "next_pow2", "cdiv"]
 
-# How resident cpu_int8 (per channel) linears compute on the CPU, read when a layer is prepared:
-# "weight_only" (PyTorch's weight-only int8 op, exact up to its bf16 rounding; the default) or
-# "dynamic_int8" (x rounded to 8 bits per call, an int8 GEMM: faster, changes numerics, and holds
-# the engine's packed copy of the weight beside the stored one). kernels/quant.py says more.
+# How resident quantized linears compute on the CPU, read when a layer is prepared (kernels/quant.py):
+# "weight_only" (PyTorch's weight-only int ops, exact up to their bf16 rounding); "dynamic_int8"
+# (cpu_int8 weights: x rounded to 8 bits per call, an int8 GEMM, the engine's packed copy beside the
+# stored one); "torchao" (int4 weights: x rounded to 8 bits per row, torchao's da8w4 kernel; refused
+# when torchao or its CPU kernel is missing); "auto", the default: "weight_only" (both 8-bit activation
+# paths are opt-in: they change the tokens, and streamed and resident layers must agree).
 CPU_QLINEAR_VAR = "TIERKV_CPU_QLINEAR"
-CPU_QLINEAR_CHOICES = ("weight_only", "dynamic_int8")
+CPU_QLINEAR_CHOICES = ("auto", "weight_only", "dynamic_int8", "torchao")
 # Whether prepared resident layers get fused q/k/v and gate/up linears ("1", the default, or "0").
 FUSE_VAR = "TIERKV_FUSE_LINEARS"
 
@@ -95,8 +97,8 @@ def pick_backend(kernel: Any, *tensors: torch.Tensor, backend: str | None = None
 
 
 def pick_cpu_qlinear(choice: str | None = None) -> str:
-    """``choice`` (one of ``CPU_QLINEAR_CHOICES`` or None) else ``$TIERKV_CPU_QLINEAR`` else "weight_only"."""
-    value = choice if choice is not None else os.environ.get(CPU_QLINEAR_VAR, "").strip().lower() or "weight_only"
+    """``choice`` (one of ``CPU_QLINEAR_CHOICES`` or None) else ``$TIERKV_CPU_QLINEAR`` else "auto"."""
+    value = choice if choice is not None else os.environ.get(CPU_QLINEAR_VAR, "").strip().lower() or "auto"
     if value not in CPU_QLINEAR_CHOICES:
         raise ArgumentError(f"the CPU quantized linear must be one of {CPU_QLINEAR_CHOICES}, got {value!r} "
                             f"(argument or ${CPU_QLINEAR_VAR})")

@@ -36,8 +36,10 @@ the ``plain`` pack only; the CPU packs have one weight-only implementation each,
 
 Resident layers (``prepare_layer``, for weights placed to stay):
 
-- ``TIERKV_CPU_QLINEAR=dynamic_int8`` (``_select.pick_cpu_qlinear``; default ``weight_only``):
-  cpu_int8 weights become ``DynamicInt8Linear``, x rounded to 8 bits per call and an int8 GEMM
+- ``TIERKV_CPU_QLINEAR`` (``_select.pick_cpu_qlinear``; default "auto"): with "auto" (torchao's kernel
+  here and self-checked, a dict that owns its tensors) or "torchao", int4 cpu_int4 weights become
+  ``quant_torchao.Da8w4Linear`` (x rounded to 8 bits per row, path "cpu_da8w4"; that module says more).
+  With "dynamic_int8", cpu_int8 weights become ``DynamicInt8Linear``, x rounded to 8 bits per call and an int8 GEMM
   (``quant_cpu.int8_dynamic_mm``), path "cpu_dynamic" for M < ``DYNAMIC_MAX_M``; larger M (prefill)
   runs the weight-only math ("cpu_dequant"), so prefill numerics stay weight-only. The engine's
   packed copy of each weight (N*K bytes) sits beside the stored one in a store buffer; a dict that
@@ -63,7 +65,6 @@ Shapes: x (..., K) with any leading dims, M = their product; weight (N, K) in gr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,12 +72,15 @@ import torch.nn.functional as F
 
 from tierkv.errors import ArgumentError
 from tierkv.kernels import quant_cpu
+from tierkv.kernels.quant_cpu import DynamicInt8Linear, dynamic_ok as _dynamic_ok, dynamic_linear as _dynamic_linear
 from tierkv.kernels._select import cdiv, fuse_linears, jit, pick_backend, pick_cpu_qlinear, tl
+from tierkv.kernels.quant_torchao import Da8w4Linear, da8w4_mm, da8w4_ok, pack_da8w4, require_da8w4
 from tierkv.kernels.quant_reference import dequantize_weight_plain, pack_nibbles, quant_linear_ref, \
     quantize_weight_codes
 from tierkv.quantspec import CHANNEL, QuantWeight, TensorQuant, WeightQuant, check_divides, group_len
 
-__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "DYNAMIC_MAX_M", "FUSED_LINEARS", "DynamicInt8Linear", "dequantize_fwd",
+__all__ = ["CPU_DEQUANT_MIN_M", "DEQUANT_MIN_M", "DYNAMIC_MAX_M", "FUSED_LINEARS", "PACKED_LINEARS", "DynamicInt8Linear",
+           "Da8w4Linear", "dequantize_fwd",
            "dequantize_rows", "dequantize_weight", "layer_nbytes", "linear_path", "pack_weight", "prepare",
            "prepare_layer", "quant_linear", "quant_matmul_fwd", "quantize_weight"]
 
@@ -356,92 +360,55 @@ def prepare_layer(tensors: dict[str, Any], dtype: torch.dtype, qlinear: str | No
                   fuse: bool | None = None, owned: bool = False) -> dict[str, Any]:
     """A layer's (or the globals') weight dict made ready to stay, in place: every ``QuantWeight``
     ``prepare``d for ``dtype``; with ``fuse`` (default ``$TIERKV_FUSE_LINEARS``: quantized weights) the ``FUSED_LINEARS``
-    added where no second copy results; with ``qlinear`` "dynamic_int8" (default ``$TIERKV_CPU_QLINEAR``)
-    cpu_int8 weights on the CPU as ``DynamicInt8Linear`` (fused groups packed together).
+    added where no second copy results; with ``qlinear`` (default ``$TIERKV_CPU_QLINEAR``) "dynamic_int8"
+    cpu_int8 weights on the CPU as ``DynamicInt8Linear``, "torchao" (or "auto", see ``_packed_kind``) int4
+    ones as ``Da8w4Linear`` (fused groups packed together).
 
     owned: the dict's tensors are its own allocations (not views of a store buffer), so a fused weight
     may be a new tensor whose row slices replace its parts (one copy in the end, any pack).
     """
-    dynamic = pick_cpu_qlinear(qlinear) == "dynamic_int8" and quant_cpu.dynamic_int8_engine() is not None
+    kind = _packed_kind(pick_cpu_qlinear(qlinear), tensors, owned)
     mode = fuse_linears(fuse)
     if mode != "none":
         for fused, parts in FUSED_LINEARS.items():
-            _fuse_group(tensors, fused, parts, dynamic, owned, sixteen=mode == "all")
+            _fuse_group(tensors, fused, parts, kind, owned, sixteen=mode == "all")
     grouped = {f"{p}.weight" for fused, parts in FUSED_LINEARS.items() if f"{fused}.weight" in tensors
                for p in parts}
     for key, value in tensors.items():
         if isinstance(value, QuantWeight) and key not in grouped:     # a fused group's parts: per call if used
             tensors[key] = prepare(value, dtype)
-    if dynamic:
+    if kind is not None:
+        ok, pack = _PACKERS[kind]
         for key, value in tensors.items():
-            if key not in grouped and _dynamic_ok(value):
-                tensors[key] = _dynamic_linear((value,), keep=not owned)
+            if key not in grouped and ok(value):
+                tensors[key] = pack((value,), keep=not owned)
     return tensors
 
 
-@dataclass(frozen=True)
-class DynamicInt8Linear:
-    """cpu_int8 weights (one, or a fused group along N) prepacked for ``quant_cpu.int8_dynamic_mm``.
-
-    ``center`` (N,) float32 = minimum + 128 * scale of every output row (the rank-1 correction);
-    ``qparams`` (1, N, 2) float16 the parts' own, concatenated. Large batches run the weight-only math:
-    on ``parts``, the stored weights in output order, or, when the layer owned them and they were
-    dropped (``prepare_layer(owned=True)``: the packed copy is then the only one), on the codes
-    unpacked from ``packed``.
-    """
-
-    packed: Any                       # the engine's packed (N, K) int8 weight (its own copy)
-    center: torch.Tensor              # (N,) float32
-    qparams: torch.Tensor             # (1, N, 2) float16 [scale, minimum]
-    k: int
-    parts: tuple[QuantWeight, ...]    # or () once dropped
-    reduce_range: bool                # 7-bit activations (the fbgemm engine)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """The logical (N, K), N summed over the parts."""
-        return self.center.numel(), self.k
-
-    @property
-    def device(self) -> torch.device:
-        return self.center.device
-
-    @property
-    def extra_nbytes(self) -> int:
-        """Bytes it holds beside its parts: the engine's int8 copy (N*K; what the engine adds to it, such as
-        oneDNN's original kept for unpacking, is not visible here), center, qparams."""
-        n, k = self.shape
-        return n * k + self.center.numel() * self.center.element_size() + self.qparams.numel() * 2
+def _packed_kind(choice: str, tensors: dict[str, Any], owned: bool) -> str | None:
+    """The packed linears ``prepare_layer`` makes: "dynamic_int8", "torchao" or None (weight-only, also
+    what "auto" means: resident layers then compute exactly as streamed ones). "torchao" asked for when
+    the kernel is missing or fails ``check_da8w4`` raises ArgumentError naming the fix."""
+    if choice == "dynamic_int8":
+        return choice if quant_cpu.dynamic_int8_engine() is not None else None
+    if choice != "torchao" or not any(da8w4_ok(v) for v in tensors.values()):
+        return None
+    require_da8w4()
+    return choice
 
 
 def layer_nbytes(tensors: dict[str, Any]) -> int:
     """Bytes of a ``prepare_layer``d dict, each weight once: a fused 16-bit or weight-only entry shares its
-    parts' memory (not counted again); a ``DynamicInt8Linear`` adds its ``extra_nbytes`` (and its parts
+    parts' memory (not counted again); a ``PACKED_LINEARS`` entry adds its ``extra_nbytes`` (and its parts
     when they are no longer in the dict). Prepared op parameters are not counted (``QuantWeight.nbytes``)."""
     total = 0
     for key, value in tensors.items():
         fused = key.endswith(".weight") and key.removesuffix(".weight") in FUSED_LINEARS
-        if isinstance(value, DynamicInt8Linear):
+        if isinstance(value, PACKED_LINEARS):
             total += value.extra_nbytes + (0 if fused else sum(p.nbytes for p in value.parts))
         elif not fused:
             total += value.nbytes
     return total
-
-
-def _dynamic_ok(value: Any) -> bool:
-    """A cpu_int8 (per channel) weight on the CPU: what ``DynamicInt8Linear`` packs."""
-    return isinstance(value, QuantWeight) and value.quant.pack == "cpu_int8" and value.device.type == "cpu"
-
-
-def _dynamic_linear(parts: tuple[QuantWeight, ...], keep: bool = True) -> DynamicInt8Linear:
-    """Pack cpu_int8 ``parts`` (same K) concatenated along N (a group's temporaries: one copy); ``keep``:
-    hold the parts for large batches, else the unpacked codes serve them."""
-    data = parts[0].data if len(parts) == 1 else torch.cat([p.data for p in parts])          # (N, K) uint8
-    qparams = torch.cat([p.qparams for p in parts], dim=1)                                     # (1, N, 2)
-    scale, minimum = qparams[0, :, 0].float(), qparams[0, :, 1].float()
-    return DynamicInt8Linear(quant_cpu.pack_int8_dynamic(data, scale), (minimum + 128.0 * scale).contiguous(),
-                             qparams.contiguous(), data.shape[1], parts if keep else (),
-                             quant_cpu.dynamic_int8_engine() == "fbgemm")
 
 
 def _dynamic_dequantized(dyn: DynamicInt8Linear, dtype: torch.dtype) -> torch.Tensor:
@@ -451,18 +418,23 @@ def _dynamic_dequantized(dyn: DynamicInt8Linear, dtype: torch.dtype) -> torch.Te
     return _dequantize_codes(codes, dyn.qparams, dyn.k, dtype)
 
 
-def _fuse_group(tensors: dict[str, Any], fused: str, parts: tuple[str, ...], dynamic: bool, owned: bool,
+PACKED_LINEARS = (DynamicInt8Linear, Da8w4Linear)    # prepared linears that hold a packed copy of their weights
+_PACKERS = {"dynamic_int8": (_dynamic_ok, _dynamic_linear), "torchao": (da8w4_ok, pack_da8w4)}  # (takes, packs)
+
+
+def _fuse_group(tensors: dict[str, Any], fused: str, parts: tuple[str, ...], kind: str | None, owned: bool,
                 sixteen: bool = True) -> None:
     """Add ``fused``.weight (and .bias) to ``tensors`` when every part is there and fusing leaves one copy:
-    16-bit weights back to back in memory (a view; only with ``sixteen``); cpu_int8 parts with ``dynamic``
-    (packed together); with ``owned``, any parts of one kind (concatenated; the parts become row slices)."""
+    16-bit weights back to back in memory (a view; only with ``sixteen``); parts that the packed ``kind``
+    takes (packed together); with ``owned``, any parts of one kind (concatenated; the parts become row slices)."""
     keys = [f"{p}.weight" for p in parts]
     weights = [tensors.get(key) for key in keys]
     biases = [tensors.get(f"{p}.bias") for p in parts]
     if any(w is None for w in weights) or (any(b is None for b in biases) and not all(b is None for b in biases)):
         return
-    if dynamic and all(_dynamic_ok(w) for w in weights) and len({w.shape[1] for w in weights}) == 1:
-        tensors[f"{fused}.weight"] = _dynamic_linear(tuple(weights), keep=not owned)
+    ok, pack = _PACKERS.get(kind or "", (None, None))
+    if ok and pack and all(ok(w) for w in weights) and len({(w.shape[1], w.quant) for w in weights}) == 1:
+        tensors[f"{fused}.weight"] = pack(tuple(weights), keep=not owned)
         for key in keys if owned else ():             # the packed copy serves every batch: one copy held
             del tensors[key]
     elif all(isinstance(w, torch.Tensor) for w in weights):
@@ -532,9 +504,11 @@ def _adjacent_rows(weights: list[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((rows, k), (k, 1), first.storage_offset())
 
 
-def linear_path(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear, backend: str | None = None) -> str:
+def linear_path(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear | Da8w4Linear, backend: str | None = None) -> str:
     """Which implementation ``quant_linear(x, qw, backend=backend)`` runs (listed in the module docstring)."""
     m = x.numel() // max(1, x.shape[-1])
+    if isinstance(qw, Da8w4Linear):
+        return "cpu_da8w4" if m < DYNAMIC_MAX_M or not qw.parts else "cpu_dequant"
     if isinstance(qw, DynamicInt8Linear):
         return "cpu_dynamic" if m < DYNAMIC_MAX_M else "cpu_dequant"
     if qw.quant.pack in _CPU_PACKS:
@@ -545,12 +519,12 @@ def linear_path(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear, backend: s
     return "triton_dequant" if m >= DEQUANT_MIN_M else "triton_fused"
 
 
-def quant_linear(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear, bias: torch.Tensor | None = None,
+def quant_linear(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear | Da8w4Linear, bias: torch.Tensor | None = None,
                  backend: str | None = None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for a quantized (N, K) weight, without a 16-bit copy of W where it can.
 
     x:       (..., K) float32, bfloat16 or float16, any leading dims (M = their product, 0 included).
-    qw:      the stored weight (``quantspec.QuantWeight``), on x's device, or a ``DynamicInt8Linear``.
+    qw:      the stored weight (``quantspec.QuantWeight``), on x's device, or one of ``PACKED_LINEARS``.
     bias:    optional (N,), cast to x's dtype.
     backend: "torch" | "triton" | "auto" | None, for the plain pack (see the module docstring).
     Returns (..., N) in x's dtype.
@@ -561,8 +535,10 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear, bias: tor
     path = linear_path(x2, qw, backend)
     if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
-    if isinstance(qw, DynamicInt8Linear):
-        if path == "cpu_dynamic":
+    if isinstance(qw, PACKED_LINEARS):
+        if path == "cpu_da8w4":
+            out = da8w4_mm(x2, qw)
+        elif path == "cpu_dynamic":
             out = quant_cpu.int8_dynamic_mm(x2, qw.packed, qw.center, qw.reduce_range)
         elif qw.parts:
             out = torch.cat([quant_linear(x2, part) for part in qw.parts], dim=-1)
@@ -587,7 +563,7 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear, bias: tor
     return out.view(*x.shape[:-1], n)
 
 
-def _check_linear_args(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear,
+def _check_linear_args(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear | Da8w4Linear,
                        bias: torch.Tensor | None) -> torch.Tensor | None:
     """ArgumentError for inputs a caller got wrong; returns the bias in x's dtype."""
     n, k = qw.shape
@@ -597,7 +573,8 @@ def _check_linear_args(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear,
         raise ArgumentError(f"quantized linear layers take float32, bfloat16 or float16 inputs, got {x.dtype}")
     if x.device != qw.device:
         raise ArgumentError(f"x is on {x.device} but the quantized weight on {qw.device}: move one of them")
-    pack = "cpu_int8" if isinstance(qw, DynamicInt8Linear) else qw.quant.pack
+    pack = "cpu_int8" if isinstance(qw, DynamicInt8Linear) else "cpu_int4" if isinstance(qw, Da8w4Linear) \
+        else qw.quant.pack
     if pack in _CPU_PACKS and x.device.type != "cpu":
         raise ArgumentError(f"the {pack} pack computes on the CPU only, not on {x.device}; convert the model "
                             "again for this device (it gets the plain pack)")

@@ -62,16 +62,18 @@ int4 and int8 in groups have no such op in PyTorch on x86 (per-group scales): we
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tierkv.errors import ArgumentError
-from tierkv.quantspec import CPU_INT8_K_MULTIPLE, CPU_PACK_ROWS
+from tierkv.quantspec import CPU_INT8_K_MULTIPLE, CPU_PACK_ROWS, QuantWeight
 
 __all__ = ["OP_GROUP_SIZES", "OP_DTYPES", "check_op_args", "cpu_layout", "pack_codes", "scales_and_zeros",
            "int4pack_mm", "int8_channel_codes", "int8_channel_mm", "cpu_quant_matmul", "op_params", "unpack_codes",
-           "dynamic_int8_engine", "pack_int8_dynamic", "int8_dynamic_mm", "rows_concatenate"]
+           "dynamic_int8_engine", "pack_int8_dynamic", "int8_dynamic_mm", "rows_concatenate",
+           "DynamicInt8Linear", "dynamic_ok", "dynamic_linear"]
 
 OP_GROUP_SIZES = (32, 64, 128, 256)
 OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -286,3 +288,54 @@ def int8_dynamic_mm(x2: torch.Tensor, packed: Any, center: torch.Tensor, reduce_
     out = torch.ops.quantized.linear_dynamic(xf, packed, reduce_range)           # (M, N) fp32
     rowsum = xf.sum(dim=1, keepdim=True)                                          # (M, 1)
     return out.addmm_(rowsum, center.view(1, -1)).to(x2.dtype)
+
+
+@dataclass(frozen=True)
+class DynamicInt8Linear:
+    """cpu_int8 weights (one, or a fused group along N) prepacked for ``int8_dynamic_mm``.
+
+    ``center`` (N,) float32 = minimum + 128 * scale of every output row (the rank-1 correction);
+    ``qparams`` (1, N, 2) float16 the parts' own, concatenated. Large batches run the weight-only math:
+    on ``parts``, the stored weights in output order, or, when the layer owned them and they were
+    dropped (``prepare_layer(owned=True)``: the packed copy is then the only one), on the codes
+    unpacked from ``packed``.
+    """
+
+    packed: Any                       # the engine's packed (N, K) int8 weight (its own copy)
+    center: torch.Tensor              # (N,) float32
+    qparams: torch.Tensor             # (1, N, 2) float16 [scale, minimum]
+    k: int
+    parts: tuple[QuantWeight, ...]    # or () once dropped
+    reduce_range: bool                # 7-bit activations (the fbgemm engine)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical (N, K), N summed over the parts."""
+        return self.center.numel(), self.k
+
+    @property
+    def device(self) -> torch.device:
+        return self.center.device
+
+    @property
+    def extra_nbytes(self) -> int:
+        """Bytes it holds beside its parts: the engine's int8 copy (N*K; what the engine adds to it, such as
+        oneDNN's original kept for unpacking, is not visible here), center, qparams."""
+        n, k = self.shape
+        return n * k + self.center.numel() * self.center.element_size() + self.qparams.numel() * 2
+
+
+def dynamic_ok(value: Any) -> bool:
+    """A cpu_int8 (per channel) weight on the CPU: what ``DynamicInt8Linear`` packs."""
+    return isinstance(value, QuantWeight) and value.quant.pack == "cpu_int8" and value.device.type == "cpu"
+
+
+def dynamic_linear(parts: tuple[QuantWeight, ...], keep: bool = True) -> DynamicInt8Linear:
+    """Pack cpu_int8 ``parts`` (same K) concatenated along N (a group's temporaries: one copy); ``keep``:
+    hold the parts for large batches, else the unpacked codes serve them."""
+    data = parts[0].data if len(parts) == 1 else torch.cat([p.data for p in parts])          # (N, K) uint8
+    qparams = torch.cat([p.qparams for p in parts], dim=1)                                     # (1, N, 2)
+    scale, minimum = qparams[0, :, 0].float(), qparams[0, :, 1].float()
+    return DynamicInt8Linear(pack_int8_dynamic(data, scale), (minimum + 128.0 * scale).contiguous(),
+                             qparams.contiguous(), data.shape[1], parts if keep else (),
+                             dynamic_int8_engine() == "fbgemm")
