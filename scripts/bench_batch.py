@@ -101,9 +101,12 @@ def worker_tierkv(o: dict[str, Any]) -> dict[str, Any]:
         choice = choose_batch(inputs, [len(p) for p in prompts], new, asked=b)
     except PlanError as exc:
         return {"fits": False, "why": str(exc)}
+    load_kwargs = choice.load_kwargs()
+    if o.get("micro_batches"):
+        load_kwargs["micro_batches"] = o["micro_batches"]
     bw.evict_files([Path(o["data_path"])])
     with tierkv.load(o["model_dir"], device_mem=o["device_mem"], host_mem=o["host_mem"], offload_dir=o["offload"],
-                     dtype="bfloat16", device="cpu", **choice.load_kwargs()) as engine:
+                     dtype="bfloat16", device="cpu", **load_kwargs) as engine:
         plan = engine.plan
         engine.generate([prompts[0][:8]], max_new_tokens=2, ignore_eos=True)      # warm-up (verifies CRCs)
         read0, t0 = storage_read_bytes(), time.perf_counter()
@@ -119,7 +122,7 @@ def worker_tierkv(o: dict[str, Any]) -> dict[str, Any]:
     assert plan is not None
     return {"fits": True, "job_tok_s": b * new / wall, "decode_tok_s": b * (new - 1) / decode_s, "generate_s": wall,
             "read_bytes_per_token": read / (b * new), "predicted_tok_s": choice.predicted_tok_s,
-            "predicted_bound": choice.bound, "micro_batches": choice.micro_batches,
+            "predicted_bound": choice.bound, "micro_batches": load_kwargs.get("micro_batches", 1),
             "disk_layers": len(plan.disk_layers), "pass_bytes": plan.streamed_bytes_per_token,
             "batch_seen": batch_seen, "plan_matches": plan.disk_layers == choice.plan.disk_layers,
             "peak_rss_bytes": bw.peak_rss_bytes()}
@@ -210,6 +213,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--device-mem", default="1024MiB")
     ap.add_argument("--host-mem", default="0")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--micro-batches", type=int, default=None,
+                    help="run every batch with this many micro-batches instead of the planner's choice (to compare)")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--skip-tierkv", action="store_true", help="only the peer (e.g. a second invocation)")
     ap.add_argument("--peer-timeout", type=float, default=300)
@@ -237,7 +242,8 @@ def main() -> None:
     if cap is None and args.cap != "none":
         print("WARNING: memcap cannot cap memory here; runs are NOT capped", flush=True)
     base = {"model_dir": str(model_dir), "offload": str(offload), "device_mem": parse_size(args.device_mem),
-            "host_mem": parse_size(args.host_mem), "threads": args.threads, "new_tokens": args.new_tokens}
+            "host_mem": parse_size(args.host_mem), "threads": args.threads, "new_tokens": args.new_tokens,
+            "micro_batches": args.micro_batches}
     prep = run_worker_script(__file__, "prepare", base, cap, 900)
     if "error" in prep:
         raise SystemExit(f"prepare failed: {prep['error']}")
