@@ -32,6 +32,7 @@ from tierkv.core import weight_stats_delta
 from tierkv.engine import Engine
 from tierkv.errors import TierkvError
 from tierkv.generation import GenerationResult, Stream, sampling_params, token_ids_of
+from tierkv.io.store import write_bytes_atomic
 
 __all__ = ["BatchError", "BatchInterrupted", "BatchJob", "BatchRequest", "BatchSummary", "SAMPLING_FIELDS",
            "parse_request", "read_requests", "run_batch", "run_requests"]
@@ -203,7 +204,7 @@ class ResultLog:
         if retry_errors:
             kept = [line for line in lines if not line.error]
             if len(kept) < len(lines):
-                _replace(path, [line.raw for line in kept])
+                write_bytes_atomic(path, b"".join(line.raw for line in kept))
                 lines, keep = kept, sum(len(line.raw) for line in kept)
         known = {r.key for r in requests}
         strangers = [line for line in lines if line.key not in known]
@@ -233,7 +234,7 @@ class ResultLog:
         ordered = sorted(lines, key=lambda line: rank[line.key])
         if ordered != lines:
             self.close()
-            _replace(self.path, [line.raw for line in ordered])
+            write_bytes_atomic(self.path, b"".join(line.raw for line in ordered))
             self._fd = _open_append(self.path)
 
     def close(self) -> None:
@@ -255,21 +256,6 @@ def _open_append(path: Path) -> int:
     except OSError as exc:
         raise BatchError(f"cannot write results to {path} ({exc.strerror}); give -o a path in a writable "
                          "directory") from None
-
-
-def _replace(path: Path, lines: list[bytes]) -> None:
-    """Atomically make ``path`` hold ``lines``: a crash leaves either the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(b"".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _read_lines(path: Path) -> tuple[list[_Line], int]:

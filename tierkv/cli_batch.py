@@ -24,6 +24,7 @@ from rich.console import Console
 from tierkv.batch import BatchError, BatchInterrupted, BatchJob, BatchSummary
 from tierkv.cli_batchplan import plan_job_batch
 from tierkv.cli_flags import LoadFlags, SamplingFlags, expand_flags, flags
+from tierkv.io.store import write_bytes_atomic
 
 __all__ = ["batch_command"]
 
@@ -164,9 +165,7 @@ def _summary_path(path: Optional[str]) -> Optional[Path]:
 def _report(summary: BatchSummary, path: Optional[Path], as_json: bool) -> None:
     data = summary.to_dict()
     if path is not None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_bytes_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
     if as_json:
         print(json.dumps(data))
     else:

@@ -256,15 +256,20 @@ def layout_digest(extents: list[Extent]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``path`` so that a crash leaves either the old file or the complete new one."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")   # writers never share one
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """``write_bytes_atomic`` of ``data`` as indented JSON."""
+    write_bytes_atomic(path, json.dumps(data, indent=1).encode("utf-8"))
 
 
 def fsync_dir(path: Path) -> None:

@@ -240,28 +240,29 @@ def chat_response(req: ParsedRequest, model: str, text: str, reason: str, new_to
             "usage": usage(len(req.prompt_ids), new_tokens, cached_tokens)}
 
 
-def completion_chunk(req: ParsedRequest, model: str, text: str | None, reason: str | None,
-                     use: dict[str, int] | None = None) -> dict[str, Any]:
-    """One SSE chunk of a streamed completion; ``text=None`` is the usage chunk (no choices)."""
-    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None,
-                                        "finish_reason": None if reason is None else finish_reason(reason)}]
-    out: dict[str, Any] = {"id": f"cmpl-{req.id}", "object": "text_completion", "created": req.created,
+def _chunk(req: ParsedRequest, model: str, obj: str, id_prefix: str, choice: dict[str, Any] | None,
+           reason: str | None, use: dict[str, int] | None) -> dict[str, Any]:
+    """One SSE chunk: ``choice`` holds the piece ({"text": ...} or {"delta": ...}); None is the usage chunk."""
+    choices = [] if choice is None else [{"index": 0, **choice, "logprobs": None,
+                                          "finish_reason": None if reason is None else finish_reason(reason)}]
+    out: dict[str, Any] = {"id": f"{id_prefix}-{req.id}", "object": obj, "created": req.created,
                            "model": model, "choices": choices}
     if req.include_usage:
         out["usage"] = use
     return out
+
+
+def completion_chunk(req: ParsedRequest, model: str, text: str | None, reason: str | None,
+                     use: dict[str, int] | None = None) -> dict[str, Any]:
+    """One SSE chunk of a streamed completion; ``text=None`` is the usage chunk (no choices)."""
+    return _chunk(req, model, "text_completion", "cmpl", None if text is None else {"text": text}, reason, use)
 
 
 def chat_chunk(req: ParsedRequest, model: str, delta: dict[str, str] | None, reason: str | None,
                use: dict[str, int] | None = None) -> dict[str, Any]:
     """One SSE chunk of a streamed chat completion; ``delta=None`` is the usage chunk (no choices)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
-                                         "finish_reason": None if reason is None else finish_reason(reason)}]
-    out: dict[str, Any] = {"id": f"chatcmpl-{req.id}", "object": "chat.completion.chunk", "created": req.created,
-                           "model": model, "choices": choices}
-    if req.include_usage:
-        out["usage"] = use
-    return out
+    return _chunk(req, model, "chat.completion.chunk", "chatcmpl", None if delta is None else {"delta": delta},
+                  reason, use)
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
