@@ -1,8 +1,9 @@
 """Memory-efficient prefill attention: query blocks bounded by a scratch cap equal the reference.
 
-Covers ``model.dense_attention`` (the resident cache and the planner probe) and the tiered cache's
-online softmax (``pipeline.kv._OnlineSoftmax``) on odd shapes, sliding windows, pieces starting
-mid-context and GQA, and checks that no mask or score tensor spans the whole (T, S) piece.
+Covers ``model.dense_attention`` (the resident cache and the planner probe: its query blocks, and
+its fused path for pieces that end the context, ``model.causal_tail_attention``) and the tiered
+cache's online softmax (``pipeline.kv._OnlineSoftmax``) on odd shapes, sliding windows, pieces
+starting mid-context and GQA, and checks that no mask or score tensor spans the whole (T, S) piece.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ CASES = [
     (1, 8, 8, 5, 101, 24, None, 1 << 14),    # MHA, short piece at the end of a long context
     (1, 4, 1, 64, 64, 16, 5, 512),           # GQA 4, window shorter than a block, one-row blocks
     (1, 3, 1, 1, 40, 16, 9, 1 << 20),        # a decode query with a window narrower than the context
+    (2, 6, 2, 29, 80, 8, 80, 1024),          # a window as long as the context: the fused path, batch of two
 ]
 
 
@@ -66,15 +68,49 @@ def test_blocked_online_softmax_equals_the_reference(b, hq, hkv, t, s, d, window
 
 def test_bfloat16_blocks_agree_with_one_call():
     q, k, v, q_pos, k_pos = (x.bfloat16() if x.is_floating_point() else x for x in _inputs(1, 4, 2, 96, 160, 32))
-    small = dense_attention(q, k, v, q_pos, k_pos, None, scratch_bytes=2048)
-    whole = dense_attention(q, k, v, q_pos, k_pos, None, scratch_bytes=1 << 30)
+    small = dense_attention(q, k, v, q_pos, k_pos, 150, scratch_bytes=2048)
+    whole = dense_attention(q, k, v, q_pos, k_pos, 150, scratch_bytes=1 << 30)
     assert (small.float() - whole.float()).abs().max() < 3e-2
+    fused = dense_attention(q, k, v, q_pos, k_pos, None)
+    assert (fused.double() - _reference(q, k, v, q_pos, k_pos, None)).abs().max() < 3e-2
+
+
+@pytest.mark.parametrize("q_offset", [0, 3])
+def test_the_fused_path_serves_exactly_the_pieces_that_end_the_context(q_offset):
+    """Queries at the last T key positions (no window cutting the span) take the fused path; queries
+    elsewhere (here: positions shifted off the keys') or under a narrower window do not."""
+    q, k, v, q_pos, k_pos = _inputs(1, 4, 2, 20, 50, 16)
+    q_pos = q_pos - q_offset
+    assert model_mod.tail_queries_see_all(q, q_pos, k_pos, None) == (q_offset == 0)
+    assert not model_mod.tail_queries_see_all(q, q_pos, k_pos, 49)
+    assert not model_mod.tail_queries_see_all(q.double(), q_pos, k_pos, None)
+    out = dense_attention(q, k, v, q_pos, k_pos, None)
+    assert (out.double() - _reference(q, k, v, q_pos, k_pos, None)).abs().max() < 2e-5
+
+
+def test_the_fused_path_holds_no_score_tensor(monkeypatch):
+    """A prefill piece after a cached prefix runs the fused kernel only: no SDPA call (whose math
+    fallback would build scores) and no allocation as large as one head's (T, S) fp32 scores."""
+    from torch.profiler import ProfilerActivity, profile
+
+    b, hq, hkv, t, s, d = 1, 4, 2, 300, 500, 16
+    q, k, v, q_pos, k_pos = _inputs(b, hq, hkv, t, s, d)
+
+    def no_sdpa(*args, **kw):
+        raise AssertionError("the fused path called scaled_dot_product_attention")
+
+    monkeypatch.setattr(model_mod.F, "scaled_dot_product_attention", no_sdpa)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = dense_attention(q, k, v, q_pos, k_pos, None, scratch_bytes=64 << 10)
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < biggest < t * s * 4
+    assert (out.double() - _reference(q, k, v, q_pos, k_pos, None)).abs().max() < 2e-5
 
 
 def test_no_mask_or_score_tensor_spans_the_whole_piece(monkeypatch):
-    """Every SDPA call of a long prefill piece sees at most a block of queries, and a block's mask
-    fits the scratch cap; the tiered path's score blocks fit it too."""
-    b, hq, hkv, t, s, d, scratch = 1, 4, 2, 300, 300, 16, 64 << 10
+    """Every SDPA call of a long prefill piece under a sliding window (the blocked path) sees at most
+    a block of queries, and a block's mask fits the scratch cap; the tiered path's score blocks fit it too."""
+    b, hq, hkv, t, s, d, scratch, window = 1, 4, 2, 300, 300, 16, 64 << 10, 280
     q, k, v, q_pos, k_pos = _inputs(b, hq, hkv, t, s, d)
     seen = []
     real_sdpa = F.scaled_dot_product_attention
@@ -84,7 +120,7 @@ def test_no_mask_or_score_tensor_spans_the_whole_piece(monkeypatch):
         return real_sdpa(q_, k_, v_, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(model_mod.F, "scaled_dot_product_attention", spy)
-    dense_attention(q, k, v, q_pos, k_pos, None, scratch_bytes=scratch)
+    dense_attention(q, k, v, q_pos, k_pos, window, scratch_bytes=scratch)
     rows = attention_block_rows(b, hq, s, scratch)
     assert len(seen) > 1 and all(r <= rows for r, _, _ in seen)
     assert all(n is not None and n * attention_pair_bytes(b, hq) <= scratch for *_, n in seen)

@@ -210,12 +210,17 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: to
     along T and S (caches store keys in position order). Decode (T = 1, every key visible) is one
     unmasked SDPA call. Otherwise queries go in blocks whose mask and scores stay within
     ``scratch_bytes`` (``attention_block_rows``; at least one query row), each block attending only
-    to the key range it can see: no (T, S) score or mask tensor exists at once.
+    to the key range it can see: no (T, S) score or mask tensor exists at once. When the queries
+    are the last T keys and no window cuts the context (a prefill piece over a resident cache) and a
+    fused kernel with its log-sum-exp serves the device and dtype, the piece is two fused calls
+    instead (``causal_tail_attention``), which hold no score tensor beyond the kernel's tiles.
     """
     t, s = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if t == 1 and (window_tokens is None or s <= window_tokens):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)       # decode: every key is visible
+    if tail_queries_see_all(q, q_pos, k_pos, window_tokens):
+        return causal_tail_attention(q, k, v)
     rows = attention_block_rows(q.shape[0], q.shape[1], s, scratch_bytes)
     starts = list(range(0, t, rows))
     ends = [min(t, a + rows) for a in starts]
@@ -233,3 +238,36 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: to
         out[:, :, a:e] = F.scaled_dot_product_attention(q[:, :, a:e], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi],
                                                         attn_mask=mask, enable_gqa=gqa)
     return out
+
+
+FUSED_TAIL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # what the CPU flash kernel computes in
+
+
+def tail_queries_see_all(q: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window_tokens: int | None) -> bool:
+    """Whether ``causal_tail_attention`` computes ``dense_attention``'s result: q (B, Hq, T, D) on the
+    CPU in a dtype of ``FUSED_TAIL_DTYPES``, the query positions (B, T) those of the last T keys
+    (B, S) (so with ascending positions query i sees exactly keys 0 .. S - T + i), and no window
+    shorter than the span. One host sync."""
+    t, s = q_pos.shape[1], k_pos.shape[1]
+    if q.device.type != "cpu" or q.dtype not in FUSED_TAIL_DTYPES or t > s:
+        return False
+    if window_tokens is not None and int((q_pos[:, -1] - k_pos[:, 0]).max()) >= window_tokens:
+        return False
+    return torch.equal(q_pos, k_pos[:, s - t:])
+
+
+def causal_tail_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention of the last T of S positions. q (B, Hq, T, D), k/v (B, Hkv, S, D) ->
+    (B, Hq, T, D); query i sees keys 0 .. S - T + i.
+
+    The CPU flash kernel (tiles of queries x keys, never a (T, S) tensor; GQA without copying K/V)
+    runs twice: causal over the square of the piece's own keys, unmasked over the P = S - T keys
+    before them; the two softmaxes merge by their log-sum-exps (B, Hq, T) fp32:
+    out = prefix + (own - prefix) * sigmoid(lse_own - lse_prefix)."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    p = k.shape[2] - q.shape[2]
+    own, own_lse = flash(q, k[:, :, p:], v[:, :, p:], 0.0, True)           # (B, Hq, T, D), (B, Hq, T)
+    if p == 0:
+        return own
+    prefix, prefix_lse = flash(q, k[:, :, :p], v[:, :, :p], 0.0, False)
+    return prefix.lerp_(own, torch.sigmoid(own_lse - prefix_lse).unsqueeze(-1).to(own.dtype))
