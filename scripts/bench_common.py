@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -54,6 +55,7 @@ def bench_model_dir(root: Path, layers: int | None = None, shape: dict[str, int]
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model.tie_weights()                      # to_empty unties a tied head: tie it again before filling
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
@@ -158,3 +160,79 @@ def memcap_usable() -> bool:
     if not MEMCAP.is_file():
         return False
     return subprocess.run([str(MEMCAP), "64MiB", "--", "true"], capture_output=True, check=False).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's llama-bench: the peer of the decode and prefill benchmarks
+
+# where llama.cpp is built (from the llama-cpp-python 0.3.36 source package: /work/shared/FACTS.md)
+LLAMA_SRC = Path("/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp")
+
+
+def llama_bench_cmd(binary: Path, gguf: Path, threads: int, tg: int, pp: int | Sequence[int], extra: list[str],
+                    repeats: int | None = None) -> list[str]:
+    """``llama-bench`` for ``tg`` generated tokens and ``pp`` prompt tokens (a list: one test each)."""
+    prompts = ",".join(map(str, pp)) if isinstance(pp, Sequence) else str(pp)
+    reps = ["-r", str(repeats)] if repeats else []
+    return [str(binary), "-m", str(gguf), "-p", prompts, "-n", str(tg), "-t", str(threads), *reps, "-o", "json", *extra]
+
+
+def parse_llama_bench(text: str) -> dict[str, Any]:
+    """llama-bench's ``-o json`` list -> {"tg_tok_s" (mean), "tg_best" (its fastest repetition),
+    "tg_std", the same for "pp" (the last prompt test), "build", "cpu"}: the test with n_prompt 0 is
+    token generation, the one with n_gen 0 prompt processing; with several prompt tests also
+    "pp_best_by_tokens" / "pp_mean_by_tokens" ({n_prompt: tok/s})."""
+    start = text.find("[")
+    rows = json.loads(text[start:]) if start >= 0 else []
+    out: dict[str, Any] = {"tg_tok_s": None, "pp_tok_s": None}
+    for r in rows:
+        kind = "tg" if r.get("n_prompt") == 0 and r.get("n_gen") else "pp" if r.get("n_gen") == 0 else None
+        if kind:
+            best = max(r.get("samples_ts") or [r.get("avg_ts")])
+            out.update({f"{kind}_tok_s": r.get("avg_ts"), f"{kind}_std": r.get("stddev_ts"), f"{kind}_best": best,
+                        f"{kind}_tokens": r.get("n_gen") if kind == "tg" else r.get("n_prompt")})
+        if kind == "pp":
+            out.setdefault("pp_best_by_tokens", {})[r.get("n_prompt")] = best
+            out.setdefault("pp_mean_by_tokens", {})[r.get("n_prompt")] = r.get("avg_ts")
+        out["build"] = f"{r.get('build_commit')} ({r.get('build_number')})"
+        out["cpu"] = r.get("cpu_info")
+    return out
+
+
+def run_llama(binary: Path, gguf: Path, threads: int, tg: int, pp: int | Sequence[int], extra: list[str],
+              repeats: int | None = None, timeout_s: float = 1200) -> dict[str, Any]:
+    """llama-bench's tg (``-p 0 -n tg``) and pp (``-p pp -n 0``), each its own process, so that a
+    crash of one (e.g. a SIGILL in a prompt kernel) keeps the other; a crash or a timeout becomes
+    "tg_error"/"pp_error". A kind given 0 tokens (or no prompt lengths) is not run."""
+    out: dict[str, Any] = {"load_avg": round(os.getloadavg()[0], 2), "cmd": []}
+    for kind, (p, n) in (("tg", (0, tg)), ("pp", (pp, 0))):
+        if not (n if kind == "tg" else p):
+            continue
+        cmd = llama_bench_cmd(binary, gguf, threads, n, p, extra, repeats)
+        out["cmd"].append(" ".join(cmd))
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            out[f"{kind}_error"] = f"{' '.join(cmd[1:])}: timed out after {timeout_s:.0f} s"
+            continue
+        if proc.returncode != 0:
+            out[f"{kind}_error"] = f"{' '.join(cmd[1:])}: {exit_reason(proc.returncode, proc.stderr)}"
+            continue
+        got = parse_llama_bench(proc.stdout)
+        out.update({k: v for k, v in got.items() if k.startswith(kind) or k in ("build", "cpu")})
+    if "tg_error" in out and "pp_error" in out:
+        out["error"] = out["tg_error"]
+    return out
+
+
+def exit_reason(returncode: int, stderr: str) -> str:
+    """What ended a process: the signal that killed it, or its exit status and last stderr line."""
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    last = [ln for ln in stderr.splitlines() if ln.strip()][-1:] or [""]
+    return f"exit {returncode}: {last[0][-300:]}"
+
+
+def llama_label(bin_dir: Path) -> str:
+    """A llama.cpp build's name in results: its build directory ("build", "build-noamx")."""
+    return bin_dir.parent.name if bin_dir.name == "bin" else bin_dir.name

@@ -40,8 +40,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,10 +48,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_weights as bw  # noqa: E402  (puts the checkout's tierkv on sys.path, after PYTHONPATH's)
-from bench_common import memcap_usable, run_worker_script, emit_json, print_table  # noqa: E402
+from bench_common import LLAMA_SRC, llama_label, memcap_usable, run_llama, run_worker_script, emit_json, \
+    print_table  # noqa: E402
 
 GGUF_DIR = Path("/work/gguf-models")
-LLAMA_SRC = Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp")
 LLAMA_BINS = (LLAMA_SRC / "build" / "bin", LLAMA_SRC / "build-noamx" / "bin")
 PARTS = ("llama", "tierkv", "bf16", "own", "convert")
 RATIO_GOAL = 0.5             # tierkv GGUF decode >= 0.5x llama.cpp tg on the same file and threads
@@ -115,63 +113,6 @@ def store_facts(store_dir: Path) -> dict[str, Any]:
                 "pack_device": store.pack_device}
     finally:
         store.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# llama.cpp
-
-
-def llama_bench_cmd(binary: Path, gguf: Path, threads: int, tg: int, pp: int, extra: list[str]) -> list[str]:
-    return [str(binary), "-m", str(gguf), "-p", str(pp), "-n", str(tg), "-t", str(threads), "-o", "json", *extra]
-
-
-def parse_llama_bench(text: str) -> dict[str, Any]:
-    """llama-bench's ``-o json`` list -> {"tg_tok_s" (mean), "tg_best" (its fastest repetition),
-    "tg_std", the same for "pp", "build", "cpu"}: the test with n_prompt 0 is token generation,
-    the one with n_gen 0 prompt processing."""
-    start = text.find("[")
-    rows = json.loads(text[start:]) if start >= 0 else []
-    out: dict[str, Any] = {"tg_tok_s": None, "pp_tok_s": None}
-    for r in rows:
-        kind = "tg" if r.get("n_prompt") == 0 and r.get("n_gen") else "pp" if r.get("n_gen") == 0 else None
-        if kind:
-            out.update({f"{kind}_tok_s": r.get("avg_ts"), f"{kind}_std": r.get("stddev_ts"),
-                        f"{kind}_best": max(r.get("samples_ts") or [r.get("avg_ts")]),
-                        f"{kind}_tokens": r.get("n_gen") if kind == "tg" else r.get("n_prompt")})
-        out["build"] = f"{r.get('build_commit')} ({r.get('build_number')})"
-        out["cpu"] = r.get("cpu_info")
-    return out
-
-
-def run_llama(binary: Path, gguf: Path, threads: int, tg: int, pp: int, extra: list[str]) -> dict[str, Any]:
-    """llama-bench's tg (``-p 0 -n tg``) and pp (``-p pp -n 0``), each its own process, so that a
-    crash of one (e.g. a SIGILL in a prompt kernel) keeps the other; a crash becomes "tg_error"/"pp_error"."""
-    out: dict[str, Any] = {"load_avg": round(os.getloadavg()[0], 2), "cmd": []}
-    for kind, (p, n) in (("tg", (0, tg)), ("pp", (pp, 0))):
-        cmd = llama_bench_cmd(binary, gguf, threads, n, p, extra)
-        out["cmd"].append(" ".join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
-        if proc.returncode != 0:
-            out[f"{kind}_error"] = f"{' '.join(cmd[1:])}: {exit_reason(proc.returncode, proc.stderr)}"
-            continue
-        got = parse_llama_bench(proc.stdout)
-        out.update({k: v for k, v in got.items() if k.startswith(kind) or k in ("build", "cpu")})
-    if "tg_error" in out and "pp_error" in out:
-        out["error"] = out["tg_error"]
-    return out
-
-
-def exit_reason(returncode: int, stderr: str) -> str:
-    """What ended a process: the signal that killed it, or its exit status and last stderr line."""
-    if returncode < 0:
-        return f"killed by {signal.Signals(-returncode).name}"
-    last = [ln for ln in stderr.splitlines() if ln.strip()][-1:] or [""]
-    return f"exit {returncode}: {last[0][-300:]}"
-
-
-def llama_label(bin_dir: Path) -> str:
-    """A llama.cpp build's name in results: its build directory ("build", "build-noamx")."""
-    return bin_dir.parent.name if bin_dir.name == "bin" else bin_dir.name
 
 
 # ---------------------------------------------------------------------------------------------

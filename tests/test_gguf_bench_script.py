@@ -28,23 +28,39 @@ def bench() -> ModuleType:
     return module
 
 
+@pytest.fixture(scope="module")
+def common(bench: ModuleType) -> ModuleType:
+    """The shared benchmark module (the llama-bench runner lives there), as bench_gguf imported it."""
+    return sys.modules["bench_common"]
+
+
 def _llama_row(n_prompt: int, n_gen: int, samples: list[float]) -> dict:
     return {"build_commit": "0c1e570", "build_number": 1, "cpu_info": "Xeon", "n_prompt": n_prompt, "n_gen": n_gen,
             "avg_ts": sum(samples) / len(samples), "stddev_ts": 0.5, "samples_ts": samples}
 
 
-def test_llama_bench_json_gives_tg_and_pp_means_and_best_repetitions(bench: ModuleType) -> None:
+def test_llama_bench_json_gives_tg_and_pp_means_and_best_repetitions(common: ModuleType) -> None:
     text = "some log line\n" + json.dumps([_llama_row(0, 32, [20.0, 22.0, 21.0]), _llama_row(128, 0, [90.0, 110.0])])
-    got = bench.parse_llama_bench(text)
+    got = common.parse_llama_bench(text)
     assert got["tg_tok_s"] == pytest.approx(21.0) and got["tg_best"] == 22.0 and got["tg_tokens"] == 32
     assert got["pp_tok_s"] == pytest.approx(100.0) and got["pp_best"] == 110.0 and got["pp_tokens"] == 128
     assert got["build"] == "0c1e570 (1)"
-    assert bench.parse_llama_bench("no json at all") == {"tg_tok_s": None, "pp_tok_s": None}
+    assert got["pp_best_by_tokens"] == {128: 110.0}
+    assert common.parse_llama_bench("no json at all") == {"tg_tok_s": None, "pp_tok_s": None}
 
 
-def test_a_crashed_process_is_named_by_its_signal(bench: ModuleType) -> None:
-    assert bench.exit_reason(-11, "") == "killed by SIGSEGV"
-    assert bench.exit_reason(1, "loading\nerror: no such file\n\n") == "exit 1: error: no such file"
+def test_several_prompt_lengths_keep_one_number_each(common: ModuleType) -> None:
+    text = json.dumps([_llama_row(512, 0, [800.0]), _llama_row(4096, 0, [500.0, 520.0])])
+    got = common.parse_llama_bench(text)
+    assert got["pp_best_by_tokens"] == {512: 800.0, 4096: 520.0}
+    assert got["pp_mean_by_tokens"] == {512: 800.0, 4096: 510.0}
+    cmd = common.llama_bench_cmd(Path("llama-bench"), Path("m.gguf"), 2, 0, [512, 4096], [], repeats=1)
+    assert cmd[cmd.index("-p") + 1] == "512,4096" and cmd[cmd.index("-r") + 1] == "1"
+
+
+def test_a_crashed_process_is_named_by_its_signal(common: ModuleType) -> None:
+    assert common.exit_reason(-11, "") == "killed by SIGSEGV"
+    assert common.exit_reason(1, "loading\nerror: no such file\n\n") == "exit 1: error: no such file"
 
 
 def _write_gguf(path: Path, tied: bool) -> None:
