@@ -88,15 +88,15 @@ class Runner:
         self.cfg, self.weights, self.dtype, self.device = cfg, weights, dtype, device
 
     def step_inputs(self, feeds: Sequence[Feed]) -> StepInputs:
-        """Positions (1, N) and RoPE tables (1, 1, N, D) for the packed rows; dynamic RoPE is scaled
-        per row by that sequence's length after this step."""
+        """Positions (1, N) and RoPE tables (1, N, 1, D) for the packed rows, once per step (every layer
+        shares them); dynamic RoPE is scaled per row by that sequence's length after this step."""
         starts = [f.cache.length_tokens for f in feeds]
         spans = [torch.arange(s, s + len(f.ids), device=self.device) for s, f in zip(starts, feeds)]
         if self.cfg.rope.rope_type != "dynamic" or len(feeds) == 1:
             positions = torch.cat(spans)[None]                                           # (1, N)
             return step_inputs(self.cfg, positions, max(s + len(f.ids) for s, f in zip(starts, feeds)), self.dtype)
         parts = [step_inputs(self.cfg, p[None], s + len(f.ids), self.dtype) for p, s, f in zip(spans, starts, feeds)]
-        return StepInputs(cos=torch.cat([p.cos for p in parts], dim=2), sin=torch.cat([p.sin for p in parts], dim=2),
+        return StepInputs(cos=torch.cat([p.cos for p in parts], dim=1), sin=torch.cat([p.sin for p in parts], dim=1),
                           positions=torch.cat([p.positions for p in parts], dim=1))
 
     def hidden(self, feeds: Sequence[Feed], groups: Sequence[int] | None = None) -> torch.Tensor:
