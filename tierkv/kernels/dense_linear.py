@@ -81,6 +81,6 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         row = x2[0]
         out = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)   # (N,)
     else:
-        out = torch.mm(weight, x2.t()).t()                                    # (M, N), column-major
-        out = out.contiguous() if bias is None else out + bias
+        out = torch.mm(weight, x2.t()).t().contiguous()                      # (N, M) -> (M, N)
+        out = out if bias is None else out.add_(bias)
     return out.view(*x.shape[:-1], n)
