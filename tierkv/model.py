@@ -92,11 +92,20 @@ def _llama3_inv_freq(inv: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def step_inputs(cfg: ModelConfig, positions: torch.Tensor, seq_len: int, dtype: torch.dtype) -> StepInputs:
+def rope_varies_with_length(rope: RopeConfig, seq_len: int, max_positions: int) -> bool:
+    """Whether ``rope_inv_freq`` depends on ``seq_len`` (dynamic NTK RoPE past the trained length); when
+    not, one table of inverse frequencies serves every step (``runner.Runner`` keeps it)."""
+    return rope.rope_type == "dynamic" and seq_len > max_positions
+
+
+def step_inputs(cfg: ModelConfig, positions: torch.Tensor, seq_len: int, dtype: torch.dtype,
+                inv_freq: torch.Tensor | None = None) -> StepInputs:
     """RoPE cos and signed sin (B, T, 1, D) for positions (B, T) of a sequence now ``seq_len`` long; fp32
-    math then cast, as HF does. Built once per step: every layer reads the same tables."""
-    inv = rope_inv_freq(cfg.rope, cfg.head_dim, seq_len, cfg.max_position_embeddings).to(positions.device)
-    freqs = positions[..., None, None].float() * inv               # (B, T, 1, D/2)
+    math then cast, as HF does. Built once per step: every layer reads the same tables. ``inv_freq``
+    (D/2,) on the positions' device: ``rope_inv_freq``'s result for this length, if the caller holds it."""
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, seq_len, cfg.max_position_embeddings).to(positions.device)
+    freqs = positions[..., None, None].float() * inv_freq          # (B, T, 1, D/2)
     sin = freqs.sin()
     return StepInputs(cos=torch.cat((freqs, freqs), dim=-1).cos().to(dtype),
                       sin=torch.cat((-sin, sin), dim=-1).to(dtype), positions=positions)

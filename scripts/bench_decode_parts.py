@@ -11,7 +11,7 @@ counts the aten ops per token and their summed self time, so "wall - aten" is th
 dispatch time between ops. The peer is HF transformers' decode of the same checkpoint in the same
 run; the ceiling is the weight bytes over the bf16 matrix-vector bandwidth measured in the run.
 
-    python scripts/bench_step.py [--shape small|bench] [--prompt-len 128] [--new-tokens 16] [--threads 2]
+    python scripts/bench_decode_parts.py [--shape small|bench] [--prompt-len 128] [--new-tokens 16] [--threads 2]
 
 ``--shape small`` is a SmolLM-135M-shaped Llama (hidden 576, 30 layers, 9/3 heads, vocab 49152,
 tied); ``bench`` the ~0.85B ``BENCH_MODEL``. Set ``TIERKV_*`` variables to compare paths.
@@ -57,10 +57,11 @@ class Timers:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.stack: list[list[Any]] = []          # [row, start, child seconds]
+        self.enabled = False
 
     def wrap(self, fn: Callable[..., Any], row: str) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            if self.stack and self.stack[-1][0] in STICKY:
+            if not self.enabled or (self.stack and self.stack[-1][0] in STICKY):
                 return fn(*args, **kwargs)
             frame = [row, time.perf_counter(), 0.0]
             self.stack.append(frame)
@@ -90,29 +91,53 @@ class Timers:
         self.calls.clear()
 
 
-def _decode_s(gen: Callable[[int], Any], new_tokens: int, repeats: int) -> float:
-    """Seconds per decoded token: best of (generate n) - best of (generate 1)."""
-    def best(n: int) -> float:
-        out = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            gen(n)
-            out.append(time.perf_counter() - t)
-        return min(out)
-    return (best(new_tokens) - best(1)) / (new_tokens - 1)
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+class _Clock:
+    """Timestamps of the tokens of one generation (an HF streamer gets ``put`` per token; tierkv's stream
+    yields a piece per token): the decode steps are the gaps after the first token."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def steps(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]
+
+
+def _tierkv_steps(engine: Any, ids: list[int], new_tokens: int, on_step: Callable[[], None] | None = None
+                  ) -> list[float]:
+    """Seconds of each decode step of one greedy generation (``on_step`` runs after each token)."""
+    clock = _Clock()
+    for _ in engine.stream(ids, max_new_tokens=new_tokens, ignore_eos=True):
+        clock.put(None)
+        if on_step is not None:
+            on_step()
+    return clock.steps()
 
 
 def _hf_tok_s(model_dir: Path, ids: list[int], new_tokens: int, repeats: int) -> float:
+    """HF transformers greedy decode, 1 / the median step (prompt token first, as its streamer sees it)."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     x = torch.tensor([ids])
-
-    def gen(n: int) -> None:
+    steps: list[float] = []
+    for r in range(repeats + 1):
+        clock = _Clock()
         with torch.inference_mode():
-            model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    gen(2)
-    return 1.0 / _decode_s(gen, new_tokens, repeats)
+            model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           eos_token_id=None, pad_token_id=0, streamer=clock)
+        steps += clock.steps()[1:] if r else []                  # put #1 is the prompt, #2 the prefill's token
+    return 1.0 / _median(steps)
 
 
 def _aten_profile(gen: Callable[[int], Any], new_tokens: int) -> tuple[float, float, int]:
@@ -125,11 +150,20 @@ def _aten_profile(gen: Callable[[int], Any], new_tokens: int) -> tuple[float, fl
             t = time.perf_counter()
             gen(n)
             wall = time.perf_counter() - t
-        top = [e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+        top = [e for e in prof.events() if e.name.startswith("aten::") and not _under_aten(e)]
         return wall, sum(e.cpu_time_total for e in top) / 1e6, len(top)
 
     a, b = one(1), one(new_tokens)
     return tuple((y - x) / (new_tokens - 1) for x, y in zip(a, b))  # type: ignore[return-value]
+
+
+def _under_aten(event: Any) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def main() -> None:
@@ -150,21 +184,28 @@ def main() -> None:
     engine = tierkv.load(model_dir, dtype="bfloat16")
     gen = lambda n: engine.generate(ids, max_new_tokens=n, ignore_eos=True)  # noqa: E731
     gen(2)
-    step_s = _decode_s(gen, args.new_tokens, args.repeats)
     wall_s, aten_s, aten_ops = _aten_profile(gen, args.new_tokens)
     timers = Timers()
     timers.install()
-    gen(1)
-    timers.reset()
-    t = time.perf_counter()
-    gen(1)
-    one_s, one = time.perf_counter() - t, (dict(timers.seconds), dict(timers.calls))
-    timers.reset()
-    t = time.perf_counter()
-    gen(args.new_tokens)
-    timed_s = (time.perf_counter() - t - one_s) / (args.new_tokens - 1)          # per token, timers on
-    rows = {k: (v - one[0].get(k, 0.0)) / (args.new_tokens - 1) for k, v in timers.seconds.items()}
-    calls = {k: (v - one[1].get(k, 0)) / (args.new_tokens - 1) for k, v in timers.calls.items()}
+    snaps: list[tuple[dict[str, float], dict[str, int]]] = []
+    timed: list[float] = []
+    untimed: list[float] = []
+    deltas: list[tuple[dict[str, float], dict[str, int]]] = []   # per decode step: (seconds, calls) per row
+    for _ in range(args.repeats):                                 # untimed and timed runs alternate
+        timers.enabled = False
+        untimed += _tierkv_steps(engine, ids, args.new_tokens)
+        timers.enabled = True
+        timers.reset()
+        snaps.clear()
+        timed += _tierkv_steps(engine, ids, args.new_tokens,
+                               lambda: snaps.append((dict(timers.seconds), dict(timers.calls))))
+        deltas += [({k: v - a[0].get(k, 0.0) for k, v in b[0].items()}, {k: v - a[1].get(k, 0) for k, v in b[1].items()})
+                   for a, b in zip(snaps, snaps[1:])]
+    step_s = _median(untimed)
+    timed_s = _median(timed)
+    names = {k for d, _ in deltas for k in d}
+    rows = {k: _median([d.get(k, 0.0) for d, _ in deltas]) for k in names}          # median step, per row
+    calls = {k: _median([c.get(k, 0) for _, c in deltas]) for k in names}
     rows["outside the layers (engine, sampling)"] = timed_s - sum(rows.values())
     calls["outside the layers (engine, sampling)"] = 1
     weight_bytes = engine.config.param_count() * 2
@@ -183,7 +224,7 @@ def main() -> None:
                     ("ceiling: weights / matvec bandwidth", f"{bw:.1f} GB/s -> {bw * 1e9 / weight_bytes:.1f} tok/s"),
                     ("HF transformers decode", "skipped" if hf is None else f"{hf:.1f} tok/s -> tierkv/HF "
                                                                            f"{1 / step_s / hf:.2f}x")])
-    emit_json({"bench": "step", "shape": args.shape, "threads": args.threads, "prompt_len": args.prompt_len,
+    emit_json({"bench": "decode_parts", "shape": args.shape, "threads": args.threads, "prompt_len": args.prompt_len,
                "weight_bytes": weight_bytes, "tierkv_decode_tok_s": round(1 / step_s, 2),
                "hf_decode_tok_s": None if hf is None else round(hf, 2),
                "ratio_vs_hf": None if hf is None else round(1 / step_s / hf, 3),
