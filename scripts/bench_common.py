@@ -20,6 +20,10 @@ import torch
 
 BENCH_MODEL = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632, num_attention_heads=16,
                    num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
+# A SmolLM-135M-shaped Llama (tied embeddings), the small model of the per-step benchmarks (issue 14).
+SMALL_MODEL = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                   vocab_size=49152, num_hidden_layers=30, tie_word_embeddings=True, max_position_embeddings=8192)
+SHAPES = {"bench": {}, "small": SMALL_MODEL}   # --shape NAME -> bench_model_dir(shape=...)
 
 
 def prefer_checkout(checkout: Path) -> None:

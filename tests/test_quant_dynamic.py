@@ -95,16 +95,18 @@ def test_only_per_channel_int8_on_the_cpu_goes_dynamic_and_weight_only_is_the_de
     with pytest.raises(ArgumentError, match="0, 1, quant"):
         fuse_linears()
     monkeypatch.delenv(FUSE_VAR)
-    assert fuse_linears() == "quant"                    # 16-bit weights are not fused unless asked
+    assert fuse_linears() == "all"                      # 16-bit weights fuse by default (kernels.dense_linear)
+    monkeypatch.setenv(FUSE_VAR, "quant")
+    assert fuse_linears() == "quant"
     monkeypatch.setenv(FUSE_VAR, "1")
     assert (fuse_linears(), fuse_linears(False)) == ("all", "none")
 
 
-def test_16bit_weights_fuse_only_when_asked(monkeypatch):
+def test_16bit_weights_fuse_unless_asked_not_to(monkeypatch):
     monkeypatch.delenv(FUSE_VAR, raising=False)
-    assert "mlp.gate_up_proj.weight" not in prepare_layer(_dense_layer(adjacent=True), torch.float32)
-    monkeypatch.setenv(FUSE_VAR, "1")
     assert "mlp.gate_up_proj.weight" in prepare_layer(_dense_layer(adjacent=True), torch.float32)
+    monkeypatch.setenv(FUSE_VAR, "quant")
+    assert "mlp.gate_up_proj.weight" not in prepare_layer(_dense_layer(adjacent=True), torch.float32)
 
 
 def _dense_layer(adjacent: bool, bias: str = "none") -> dict[str, torch.Tensor]:

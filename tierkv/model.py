@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.config import ModelConfig, RopeConfig
+from tierkv.kernels import norm_rope
+from tierkv.kernels.dense_linear import dense_linear
 from tierkv.kernels.quant import FUSED_LINEARS, PACKED_LINEARS, Da8w4Linear, DynamicInt8Linear, dequantize_rows, \
     quant_linear
 from tierkv.quantspec import EMBED_WEIGHT, HEAD_WEIGHT, QuantWeight
@@ -44,18 +46,21 @@ class KVCache(Protocol):
 
 @dataclass(frozen=True)
 class StepInputs:
-    """Per-forward values shared by every layer: RoPE tables and token positions."""
+    """Per-forward values shared by every layer, built once per step: RoPE tables and token positions.
 
-    cos: torch.Tensor        # (B, 1, T, D) compute dtype
-    sin: torch.Tensor        # (B, 1, T, D)
+    ``sin`` is the signed table of ``kernels.norm_rope.rope`` (first half negated), laid out per token
+    so that it broadcasts over the heads of a (B, T, heads, D) projection output.
+    """
+
+    cos: torch.Tensor        # (B, T, 1, D) compute dtype
+    sin: torch.Tensor        # (B, T, 1, D) signed sine table
     positions: torch.Tensor  # (B, T) int64
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS norm computed in fp32 and cast back, as HF does. x (..., H), weight (H,)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """RMS norm computed in fp32 and cast back, as HF does. x (..., H), weight (H,).
+    One Triton kernel on CUDA, ``torch.rms_norm`` on the CPU (``kernels.norm_rope``)."""
+    return norm_rope.rms_norm(x, weight, eps)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, seq_len: int, max_positions: int) -> torch.Tensor:
@@ -87,27 +92,38 @@ def _llama3_inv_freq(inv: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def step_inputs(cfg: ModelConfig, positions: torch.Tensor, seq_len: int, dtype: torch.dtype) -> StepInputs:
-    """RoPE cos/sin for positions (B, T) of a sequence now ``seq_len`` long; fp32 math then cast, as HF does."""
-    inv = rope_inv_freq(cfg.rope, cfg.head_dim, seq_len, cfg.max_position_embeddings).to(positions.device)
-    freqs = positions[..., None].float() * inv                     # (B, T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]                # (B, 1, T, D)
-    return StepInputs(cos=emb.cos().to(dtype), sin=emb.sin().to(dtype), positions=positions)
+def rope_varies_with_length(rope: RopeConfig, seq_len: int, max_positions: int) -> bool:
+    """Whether ``rope_inv_freq`` depends on ``seq_len`` (dynamic NTK RoPE past the trained length); when
+    not, one table of inverse frequencies serves every step (``runner.Runner`` keeps it)."""
+    return rope.rope_type == "dynamic" and seq_len > max_positions
+
+
+def step_inputs(cfg: ModelConfig, positions: torch.Tensor, seq_len: int, dtype: torch.dtype,
+                inv_freq: torch.Tensor | None = None) -> StepInputs:
+    """RoPE cos and signed sin (B, T, 1, D) for positions (B, T) of a sequence now ``seq_len`` long; fp32
+    math then cast, as HF does. Built once per step: every layer reads the same tables. ``inv_freq``
+    (D/2,) on the positions' device: ``rope_inv_freq``'s result for this length, if the caller holds it."""
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, seq_len, cfg.max_position_embeddings).to(positions.device)
+    freqs = positions[..., None, None].float() * inv_freq          # (B, T, 1, D/2)
+    sin = freqs.sin()
+    return StepInputs(cos=torch.cat((freqs, freqs), dim=-1).cos().to(dtype),
+                      sin=torch.cat((-sin, sin), dim=-1).to(dtype), positions=positions)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) rotated by the (B, 1, T, D) tables (rotate-half convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x (B, T, H, D) rotated by the (B, T, 1, D) tables of ``step_inputs`` (rotate-half convention):
+    one Triton kernel on CUDA, four torch ops on the CPU (``kernels.norm_rope.rope``)."""
+    return norm_rope.rope(x, cos, sin)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight | DynamicInt8Linear | Da8w4Linear,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ weight (N, K)^T (+ bias) -> (..., N); a quantized weight is computed on as stored."""
+    """x (..., K) @ weight (N, K)^T (+ bias) -> (..., N); a quantized weight is computed on as stored, a
+    16-bit one through the op that is fastest for few rows on the CPU (``kernels.dense_linear``)."""
     if isinstance(weight, (QuantWeight, *PACKED_LINEARS)):
         return quant_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+    return dense_linear(x, weight, bias)
 
 
 def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -128,17 +144,24 @@ def attention(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tensor, ste
               kv: KVCache, layer: int) -> torch.Tensor:
     """Self-attention block (without the residual). x (B, T, H) normed -> (B, T, H)."""
     b, t, _ = x.shape
-    d = cfg.head_dim
-    q, k, v = _linears(x, w, "self_attn.qkv_proj", [cfg.q_size, cfg.kv_size, cfg.kv_size])
-    q = q.view(b, t, cfg.num_heads, d)                                       # (B, T, Hq, D)
-    k = k.view(b, t, cfg.num_kv_heads, d)                                    # (B, T, Hkv, D)
-    v = v.view(b, t, cfg.num_kv_heads, d)
-    if cfg.qk_norm:
-        q = rms_norm(q, w["self_attn.q_norm.weight"], cfg.rms_norm_eps)
-        k = rms_norm(k, w["self_attn.k_norm.weight"], cfg.rms_norm_eps)
-    q = apply_rope(q.transpose(1, 2), step.cos, step.sin)                    # (B, Hq, T, D)
-    k = apply_rope(k.transpose(1, 2), step.cos, step.sin)                    # (B, Hkv, T, D)
-    out = kv.attend(layer, q, k, v.transpose(1, 2), step.positions, cfg.sliding_window_tokens[layer])
+    d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    fused = w.get("self_attn.qkv_proj.weight")
+    if fused is not None and not cfg.qk_norm:                                # q and k heads side by side: one RoPE
+        qkv = linear(x, fused, w.get("self_attn.qkv_proj.bias")).view(b, t, hq + 2 * hkv, d)
+        qk = apply_rope(qkv[:, :, :hq + hkv], step.cos, step.sin)            # (B, T, Hq+Hkv, D)
+        q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hkv:]
+    else:
+        q, k, v = _linears(x, w, "self_attn.qkv_proj", [cfg.q_size, cfg.kv_size, cfg.kv_size])
+        q = q.view(b, t, hq, d)                                              # (B, T, Hq, D)
+        k = k.view(b, t, hkv, d)                                             # (B, T, Hkv, D)
+        v = v.view(b, t, hkv, d)
+        if cfg.qk_norm:
+            q = rms_norm(q, w["self_attn.q_norm.weight"], cfg.rms_norm_eps)
+            k = rms_norm(k, w["self_attn.k_norm.weight"], cfg.rms_norm_eps)
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+    # (B, Hq, T, D) and (B, Hkv, T, D) views
+    out = kv.attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), step.positions,
+                    cfg.sliding_window_tokens[layer])
     out = out.transpose(1, 2).reshape(b, t, cfg.q_size)                      # (B, T, Hq*D)
     return _linear(out, w, "self_attn.o_proj")
 

@@ -28,7 +28,8 @@ from typing import Sequence
 import torch
 
 from tierkv.config import ModelConfig
-from tierkv.model import KVCache, StepInputs, decoder_layer, embed, head, step_inputs
+from tierkv.model import KVCache, StepInputs, decoder_layer, embed, head, rope_inv_freq, rope_varies_with_length, \
+    step_inputs
 from tierkv.pipeline.schedule import WeightSource, run_layers
 
 __all__ = ["Feed", "RaggedKV", "Runner"]
@@ -86,17 +87,27 @@ class Runner:
 
     def __init__(self, cfg: ModelConfig, weights: WeightSource, dtype: torch.dtype, device: torch.device) -> None:
         self.cfg, self.weights, self.dtype, self.device = cfg, weights, dtype, device
+        # RoPE inverse frequencies (D/2,) on the device, built once: every step's tables start from them
+        # (a dynamic RoPE past its trained length rescales per length: ``step_inputs`` builds those per step)
+        self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, 1, cfg.max_position_embeddings).to(device)
+
+    def _inv_for(self, seq_len: int) -> torch.Tensor | None:
+        """The engine's inverse frequencies when they serve a sequence ``seq_len`` long, else None."""
+        return None if rope_varies_with_length(self.cfg.rope, seq_len, self.cfg.max_position_embeddings) \
+            else self._inv_freq
 
     def step_inputs(self, feeds: Sequence[Feed]) -> StepInputs:
-        """Positions (1, N) and RoPE tables (1, 1, N, D) for the packed rows; dynamic RoPE is scaled
-        per row by that sequence's length after this step."""
+        """Positions (1, N) and RoPE tables (1, N, 1, D) for the packed rows, once per step (every layer
+        shares them); dynamic RoPE is scaled per row by that sequence's length after this step."""
         starts = [f.cache.length_tokens for f in feeds]
-        spans = [torch.arange(s, s + len(f.ids), device=self.device) for s, f in zip(starts, feeds)]
+        ends = [s + len(f.ids) for s, f in zip(starts, feeds)]
         if self.cfg.rope.rope_type != "dynamic" or len(feeds) == 1:
-            positions = torch.cat(spans)[None]                                           # (1, N)
-            return step_inputs(self.cfg, positions, max(s + len(f.ids) for s, f in zip(starts, feeds)), self.dtype)
-        parts = [step_inputs(self.cfg, p[None], s + len(f.ids), self.dtype) for p, s, f in zip(spans, starts, feeds)]
-        return StepInputs(cos=torch.cat([p.cos for p in parts], dim=2), sin=torch.cat([p.sin for p in parts], dim=2),
+            positions = torch.arange(starts[0], ends[0], device=self.device)[None] if len(feeds) == 1 else \
+                torch.tensor([[p for s, e in zip(starts, ends) for p in range(s, e)]], device=self.device)  # (1, N)
+            return step_inputs(self.cfg, positions, max(ends), self.dtype, self._inv_for(max(ends)))
+        spans = [torch.arange(s, e, device=self.device) for s, e in zip(starts, ends)]
+        parts = [step_inputs(self.cfg, p[None], e, self.dtype, self._inv_for(e)) for p, e in zip(spans, ends)]
+        return StepInputs(cos=torch.cat([p.cos for p in parts], dim=1), sin=torch.cat([p.sin for p in parts], dim=1),
                           positions=torch.cat([p.positions for p in parts], dim=1))
 
     def hidden(self, feeds: Sequence[Feed], groups: Sequence[int] | None = None) -> torch.Tensor:

@@ -46,7 +46,7 @@ __all__ = ["HAS_TRITON", "Backend", "ENV_VAR", "CPU_QLINEAR_VAR", "CPU_QLINEAR_C
 # paths are opt-in: they change the tokens, and streamed and resident layers must agree).
 CPU_QLINEAR_VAR = "TIERKV_CPU_QLINEAR"
 CPU_QLINEAR_CHOICES = ("auto", "weight_only", "dynamic_int8", "torchao")
-# Whether prepared resident layers get fused q/k/v and gate/up linears ("1", the default, or "0").
+# Whether prepared resident layers get fused q/k/v and gate/up linears ("1", the default, "0" or "quant").
 FUSE_VAR = "TIERKV_FUSE_LINEARS"
 
 
@@ -111,12 +111,13 @@ FUSE_CHOICES = ("0", "1", "quant")
 def fuse_linears(choice: bool | None = None) -> str:
     """Which weights ``prepare_layer`` fuses into one q/k/v and one gate/up linear: "all", "quant"
     (quantized and dynamic-int8 weights only) or "none". ``choice`` True/False is "all"/"none";
-    otherwise ``$TIERKV_FUSE_LINEARS``: "1" all, "0" none, "quant" (the default). 16-bit weights are
-    not fused by default: measured slower (0.91-0.93x bf16 decode of the 0.85B model, separate
-    processes, quiet machine), while int4 fused runs 1.09x."""
+    otherwise ``$TIERKV_FUSE_LINEARS``: "1" all (the default), "0" none, "quant". 16-bit weights fuse by
+    default since the CPU matrix-vector path (``kernels.dense_linear``, torch.mv) gains from larger
+    matrices: bf16 decode 1.24x (0.85B) and 1.33x (135M) with fused weights and mv against neither
+    (docs/benchmarks.md, "Decode per-step overhead"); with F.linear alone fusing measured 0.91-0.93x."""
     if choice is not None:
         return "all" if choice else "none"
-    value = os.environ.get(FUSE_VAR, "").strip() or "quant"
+    value = os.environ.get(FUSE_VAR, "").strip() or "1"
     if value not in FUSE_CHOICES:
         raise ArgumentError(f"${FUSE_VAR} must be one of {', '.join(FUSE_CHOICES)}, got {value!r}")
     return {"1": "all", "0": "none", "quant": "quant"}[value]

@@ -47,8 +47,8 @@ Resident layers (``prepare_layer``, for weights placed to stay):
   Measured: the in-memory 0.85B int8 model's RSS 2937 MiB against 2441 weight-only (the engine keeps
   more than its packed N*K: oneDNN holds the original weight for unpacking); the planner does not
   count any of it (``quantspec.TensorQuant.prepared_nbytes`` has no dynamic term).
-- ``TIERKV_FUSE_LINEARS`` (``_select.fuse_linears``; default "quant": quantized weights only, "1" 16-bit
-  ones too, "0" none): q/k/v and gate/up as one linear
+- ``TIERKV_FUSE_LINEARS`` (``_select.fuse_linears``; default "1": 16-bit and quantized weights, "quant"
+  quantized weights only, "0" none): q/k/v and gate/up as one linear
   each (``FUSED_LINEARS``; ``model.attention``/``model.mlp`` split the output) where that leaves one
   copy: 16-bit weights back to back in a layer's store buffer become one strided view;
   ``dynamic_int8`` groups are packed together; in a dict that owns its tensors (``owned``: the
@@ -359,7 +359,7 @@ def prepare(qw: QuantWeight, dtype: torch.dtype) -> QuantWeight:
 def prepare_layer(tensors: dict[str, Any], dtype: torch.dtype, qlinear: str | None = None,
                   fuse: bool | None = None, owned: bool = False) -> dict[str, Any]:
     """A layer's (or the globals') weight dict made ready to stay, in place: every ``QuantWeight``
-    ``prepare``d for ``dtype``; with ``fuse`` (default ``$TIERKV_FUSE_LINEARS``: quantized weights) the ``FUSED_LINEARS``
+    ``prepare``d for ``dtype``; with ``fuse`` (default ``$TIERKV_FUSE_LINEARS``: every kind) the ``FUSED_LINEARS``
     added where no second copy results; with ``qlinear`` (default ``$TIERKV_CPU_QLINEAR``) "dynamic_int8"
     cpu_int8 weights on the CPU as ``DynamicInt8Linear``, "torchao" (or "auto", see ``_packed_kind``) int4
     ones as ``Da8w4Linear`` (fused groups packed together).

@@ -1,0 +1,107 @@
+"""The decode step's op choices leave the tokens as they were: the CPU matrix-vector paths
+(kernels/dense_linear.py, ``TIERKV_CPU_MATVEC``) and fused 16-bit q/k/v and gate/up linears
+(``TIERKV_FUSE_LINEARS``), on and off, on every supported architecture, alone and in a ragged batch
+(decode rows M = 3: the "mm_t" path), resident and with layers kept in a store buffer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tierkv
+from conftest import ARCH_VARIANTS
+from placements import random_prompt
+from tierkv.config import Policy
+from tierkv.engine import Engine
+from tierkv.errors import ArgumentError
+from tierkv.io.convert import convert
+from tierkv.io.store import WeightStore
+from tierkv.kernels.dense_linear import CPU_MATVEC_VAR, MM_T_MAX_M, dense_linear, linear_path
+from tierkv.pipeline.weights import StreamingWeights
+
+pytestmark = pytest.mark.usefixtures("torch_kernels_one_thread")
+
+PROMPTS = [random_prompt(n, seed=40 + n) for n in (9, 21, 5)]
+NEW = 8
+MODES = {"off": {CPU_MATVEC_VAR: "off", "TIERKV_FUSE_LINEARS": "0"},
+         "on": {CPU_MATVEC_VAR: "on", "TIERKV_FUSE_LINEARS": "1"}}
+
+
+def _tokens(engine: Engine) -> tuple[list[int], list[list[int]]]:
+    solo = engine.generate(PROMPTS[0], max_new_tokens=NEW, ignore_eos=True).token_ids
+    batch = [o.token_ids for o in engine.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True)]
+    return solo, batch
+
+
+@pytest.mark.parametrize("variant", list(ARCH_VARIANTS))
+def test_fp32_tokens_are_the_same_with_every_decode_path(tiny_model_dir: Callable[..., Path],
+                                                         monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
+    path = tiny_model_dir(variant)
+    got = {}
+    for name, env in MODES.items():
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        with tierkv.load(path, device="cpu", dtype="float32", kv="exact") as engine:
+            layer = engine._weights.wait(0)
+            assert ("mlp.gate_up_proj.weight" in layer) == (name == "on")
+            got[name] = _tokens(engine)
+    assert got["on"] == got["off"]
+    assert got["on"][1][0] == got["on"][0]                          # the batch's first row is its solo run
+
+
+def test_fused_store_buffer_layers_are_views_and_give_the_same_tokens(tiny_model_dir: Callable[..., Path],
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers kept in store buffers (device and host tiers) fuse as strided views: no copy, same tokens."""
+    ckpt = tiny_model_dir("llama")
+    store = WeightStore.open(convert(ckpt, tmp_path / "store"))
+    got = {}
+    for name, env in MODES.items():
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        weights = StreamingWeights(store, "cpu", (0,), (1,), 1, 64 << 20, 64 << 20)
+        with Engine(ckpt, Policy(device="cpu"), weights=weights) as engine:
+            for j in (0, 1):
+                layer = engine._weights.wait(j)
+                fused = layer.get("self_attn.qkv_proj.weight")
+                assert (fused is not None) == (name == "on")
+                if fused is not None:
+                    assert fused.data_ptr() == layer["self_attn.q_proj.weight"].data_ptr()
+                    assert fused.untyped_storage().data_ptr() == layer["self_attn.v_proj.weight"].untyped_storage().data_ptr()
+            got[name] = _tokens(engine)
+    assert got["on"] == got["off"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 3, MM_T_MAX_M, MM_T_MAX_M + 1, 40])
+def test_dense_linear_matches_f_linear(dtype: torch.dtype, rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    buf = torch.randn(3 * 37, 29, generator=gen).to(dtype)
+    weight = buf[37:2 * 37 + 30]                                      # (67, 29), a view into a larger buffer
+    bias = torch.randn(67, generator=gen).to(dtype)
+    x = torch.randn(1, rows, 29, generator=gen).to(dtype)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for b in (None, bias):
+        want = F.linear(x.float(), weight.float(), None if b is None else b.float())
+        got = dense_linear(x, weight, b, choice="on")
+        assert got.shape == (1, rows, 67) and got.dtype == dtype and got.is_contiguous()
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+        assert torch.equal(dense_linear(x, weight, b, choice="off"), F.linear(x, weight, b))
+
+
+def test_linear_path_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    w16, w32 = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4, 8)
+    one, few, many = torch.zeros(1, 1, 8), torch.zeros(1, 3, 8), torch.zeros(2, MM_T_MAX_M, 8)
+    assert [linear_path(x, w16) for x in (one, few, many)] == ["mv", "mm_t", "linear"]
+    assert linear_path(one, w32) == "linear" and linear_path(one, w32, "on") == "mv"
+    assert linear_path(one, w16, "off") == "linear"
+    assert linear_path(one, torch.zeros(4, 8, dtype=torch.bfloat16, device="meta")) == "linear"   # off the CPU
+    monkeypatch.setenv(CPU_MATVEC_VAR, "off")
+    assert linear_path(one, w16) == "linear"
+    monkeypatch.setenv(CPU_MATVEC_VAR, "fastest")
+    with pytest.raises(ArgumentError, match=CPU_MATVEC_VAR):
+        linear_path(one, w16)

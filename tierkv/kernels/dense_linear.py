@@ -1,0 +1,86 @@
+"""16-bit (and fp32) dense linear layers on the CPU at decode: the fastest aten op for a few rows.
+
+Why this module exists: a decode step multiplies each weight by one row (or a few: one per live
+sequence), a memory-bound matrix-vector product, and which aten op computes it decides how much of
+the memory bandwidth it reaches. For bf16 on this project's CPU, ``F.linear(x, w)`` (oneDNN's GEMM
+with M = 1) reaches 9-21 GB/s while ``torch.mv(w, x)`` (PyTorch's reduced-precision gemv: one fp32
+dot product per output row) is 1.2-1.5x faster on the same weight (docs/benchmarks.md,
+"Decode per-step overhead"). Both accumulate in fp32; fp32 weights gain nothing (both reach the
+fp32 bandwidth), so fp32 keeps ``F.linear`` unless asked. Weights are used as stored (a resident
+tensor, a fused strided view, a view of a streamed ring slot): no repacking, no copy.
+
+Paths (``linear_path`` says which; ``dense_linear`` runs it):
+
+- "mv": one row (M = 1): ``torch.mv(w, x)`` (``torch.addmv`` with a bias);
+- "mm_t": 2 <= M <= ``MM_T_MAX_M``: ``torch.mm(w, x^T)^T``, the weight as the left operand;
+- "linear": anything else, and every tensor off the CPU (cuBLAS stays on CUDA), ``F.linear``.
+
+``TIERKV_CPU_MATVEC`` (read per call; ``pick_cpu_matvec``): "auto" (default: "mv"/"mm_t" for bf16
+and fp16 weights on the CPU, ``F.linear`` for fp32), "on" (also for fp32: the tests' way to compare
+the paths on tokens), "off" (``F.linear`` always, the previous behaviour).
+
+Shapes: x (..., K) with M = the product of the leading dims, weight (N, K), bias (N,).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from tierkv.errors import ArgumentError
+
+__all__ = ["CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "MM_T_MAX_M", "dense_linear", "linear_path", "pick_cpu_matvec"]
+
+CPU_MATVEC_VAR = "TIERKV_CPU_MATVEC"
+CPU_MATVEC_CHOICES = ("auto", "on", "off")
+_AUTO_DTYPES = (torch.bfloat16, torch.float16)    # where the gemv paths measured faster than F.linear
+# Rows up to which mm(w, x^T) beats F.linear for bf16 (decode batches); larger M is a GEMM (prefill).
+MM_T_MAX_M = 8
+
+
+def pick_cpu_matvec(choice: str | None = None) -> str:
+    """``choice`` (one of ``CPU_MATVEC_CHOICES`` or None) else ``$TIERKV_CPU_MATVEC`` else "auto"."""
+    value = choice if choice is not None else os.environ.get(CPU_MATVEC_VAR, "").strip().lower() or "auto"
+    if value not in CPU_MATVEC_CHOICES:
+        raise ArgumentError(f"the CPU matrix-vector path must be one of {CPU_MATVEC_CHOICES}, got {value!r} "
+                            f"(argument or ${CPU_MATVEC_VAR})")
+    return value
+
+
+def linear_path(x: torch.Tensor, weight: torch.Tensor, choice: str | None = None) -> str:
+    """Which op ``dense_linear(x, weight, choice=choice)`` runs: "mv", "mm_t" or "linear"."""
+    if weight.device.type != "cpu" or weight.dim() != 2:
+        return "linear"
+    mode = pick_cpu_matvec(choice)
+    if mode == "off" or (mode == "auto" and weight.dtype not in _AUTO_DTYPES):
+        return "linear"
+    m = x.numel() // max(1, x.shape[-1])
+    if m == 1:
+        return "mv"
+    return "mm_t" if 2 <= m <= MM_T_MAX_M else "linear"
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 choice: str | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` through the op ``linear_path`` picks.
+
+    x:      (..., K) in the weight's dtype.
+    weight: (N, K), any strides (a view of a store buffer included).
+    bias:   optional (N,).
+    choice: "auto" | "on" | "off" | None (``pick_cpu_matvec``).
+    Returns (..., N) in x's dtype.
+    """
+    path = linear_path(x, weight, choice)
+    if path == "linear":
+        return F.linear(x, weight, bias)
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)                                                     # (M, K)
+    if path == "mv":
+        row = x2[0]
+        out = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)   # (N,)
+    else:
+        out = torch.mm(weight, x2.t()).t().contiguous()                      # (N, M) -> (M, N)
+        out = out if bias is None else out.add_(bias)
+    return out.view(*x.shape[:-1], n)
