@@ -43,7 +43,8 @@ from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.store import Extent
 from tierkv.kvroom import sequence_minimum_bytes
 from tierkv.plan import Plan, make_plan, plan_device, probe_links, simulate_step_s, step_bound
-from tierkv.probe import LinkCache, LinkSpeeds, compute_key
+from tierkv.calibrate import engine_figures, row_key
+from tierkv.probe import LinkCache, LinkSpeeds, machine_busy
 
 __all__ = ["BatchChoice", "BatchInputs", "BatchOption", "choose_batch", "row_compute_s"]
 
@@ -135,7 +136,8 @@ def choose_batch(engine_or_inputs: Any, prompt_tokens: list[int], new_tokens: in
     """The batch (and block schedule) that maximises predicted throughput for prompts of
     ``prompt_tokens`` lengths with ``new_tokens`` each, within the budgets.
 
-    ``engine_or_inputs``: a loaded ``Engine`` (its config, policy, budgets and measured links) or
+    ``engine_or_inputs``: a loaded ``Engine`` (its config, policy, budgets and measured links, with the
+    compute figures fitted to the steps it has run: ``tierkv.calibrate``) or
     ``BatchInputs``. ``asked``: "auto" (the smallest batch within ``NEAR_BEST`` of the best predicted
     throughput: once compute bounds the pass, more rows only cost memory), or a batch size to plan;
     one that does not fit raises PlanError naming the largest that does."""
@@ -189,8 +191,10 @@ def _inputs_of(source: Any) -> BatchInputs:
                             "or tierkv.batchplan.BatchInputs")
     budget = Budget(plan.device_mem_bytes, plan.host_mem_bytes, Path(plan.offload_dir))
     store = getattr(source, "store", None)
-    return BatchInputs(source.config, budget, source.policy, plan.links,
-                       store.data_path if store is not None else None, plan.config_only)
+    figures = engine_figures(source)          # its own step times, once it ran some (tierkv.calibrate)
+    links, row_s = (figures[0], figures[1]) if figures is not None else (plan.links, None)
+    return BatchInputs(source.config, budget, source.policy, links,
+                       store.data_path if store is not None else None, plan.config_only, row_s=row_s)
 
 
 def _with_links(inputs: BatchInputs) -> BatchInputs:
@@ -314,9 +318,10 @@ def row_compute_s(config: ModelConfig, dtype: torch.dtype, device: torch.device,
     """Seconds one decoder layer's compute grows per extra one-token row of a step, measured on zero
     weights of the model's shapes (the fastest of several runs at 1 and ``ROW_PROBE_ROWS`` rows, each
     row its own sequence as in a decode step), cached per machine in ``offload_dir/links.json`` (the
-    median of the runs kept there: a slope of two timings is noisier than either)."""
-    key = "rows:" + compute_key(config, dtype, device)
-    return LinkCache(offload_dir).measure(key, lambda: _probe_row_s(config, dtype, device), statistics.median)
+    median of the runs kept there: a slope of two timings is noisier than either; not cached while the
+    machine is busy; the engine's observations count instead once it has run: ``tierkv.calibrate``)."""
+    return LinkCache(offload_dir).measure(row_key(config, dtype, device), lambda: _probe_row_s(config, dtype, device),
+                                          statistics.median, keep=lambda: device.type != "cpu" or not machine_busy())
 
 
 def _probe_row_s(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> float:

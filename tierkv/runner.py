@@ -22,11 +22,13 @@ Shapes: N packed tokens, H hidden, Hq/Hkv heads, D head_dim, V vocab; row i hold
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from tierkv.calibrate import StepLog
 from tierkv.config import ModelConfig
 from tierkv.model import KVCache, StepInputs, decoder_layer, embed, head, step_inputs
 from tierkv.pipeline.schedule import WeightSource, run_layers
@@ -86,6 +88,8 @@ class Runner:
 
     def __init__(self, cfg: ModelConfig, weights: WeightSource, dtype: torch.dtype, device: torch.device) -> None:
         self.cfg, self.weights, self.dtype, self.device = cfg, weights, dtype, device
+        # every step's layer compute, for the planner's calibration (CPU: a step's wall time is its compute)
+        self.log: StepLog | None = StepLog(cfg.num_layers) if torch.device(device).type == "cpu" else None
 
     def step_inputs(self, feeds: Sequence[Feed]) -> StepInputs:
         """Positions (1, N) and RoPE tables (1, 1, N, D) for the packed rows; dynamic RoPE is scaled
@@ -132,7 +136,11 @@ class Runner:
         order, or None; per row asking "all", its logits (q_len, V) fp32 on the CPU, computed
         ``head_rows`` positions at a time so the head's output stays within the activation reserve).
         ``groups``: each row's micro-batch (see ``hidden``)."""
+        t0, waited = time.perf_counter(), self.weights.stats().get("wait_s", 0.0) if self.log is not None else 0.0
         h = self.hidden(feeds, groups) if groups and any(groups) else self.hidden(feeds)
+        if self.log is not None:
+            self.log.record(len(feeds), sum(len(f.ids) for f in feeds), time.perf_counter() - t0,
+                            self.weights.stats().get("wait_s", 0.0) - waited)
         g, ends, all_rows = self.weights.globals(), [], []
         offset = 0
         for f in feeds:
