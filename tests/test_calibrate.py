@@ -17,7 +17,7 @@ import tierkv
 from placements import random_prompt
 from tierkv import probe as probe_mod
 from tierkv.batchplan import choose_batch
-from tierkv.calibrate import MIN_STEPS, StepLog, calibrated, row_key
+from tierkv.calibrate import MIN_STEPS, StepLog, calibrated, engine_figures, prompt_token_s, row_key, token_key
 from tierkv.config import ModelConfig
 from tierkv.probe import LINKS_FILE, LinkCache, LinkSpeeds, compute_key
 
@@ -72,6 +72,7 @@ def test_choose_batch_on_a_running_engine_plans_with_its_measured_steps(tiny_mod
     device = torch.device("cpu")
     _inject(tmp_path, compute_key(config, torch.float32, device), FAKE_S)
     _inject(tmp_path, row_key(config, torch.float32, device), FAKE_S / 10)
+    _inject(tmp_path, token_key(config, torch.float32, device), FAKE_S / 100)
     prompts = [random_prompt(n, seed=20 + n) for n in (5, 9, 14, 20)]
     lengths = [len(p) for p in prompts]
     with tierkv.load(model, device="cpu", dtype="float32", offload_dir=tmp_path, max_sequences=4) as engine:
@@ -79,10 +80,15 @@ def test_choose_batch_on_a_running_engine_plans_with_its_measured_steps(tiny_mod
         engine.generate(prompts, max_new_tokens=8, ignore_eos=True)
         after = choose_batch(engine, lengths, 8, asked=4)
         measured = _measured_layer_s(engine, 4) * config.num_layers
+        figures = engine_figures(engine)
+        assert figures is not None and figures.token_s is not None and figures.token_s < FAKE_S / 1000, \
+            "the prefill step (44 prompt tokens beyond its rows) fits the prompt token cost"
     assert before.options[0].decode_step_s > 50 * measured, "planned with the fake probe"
     assert measured / 5 < after.options[0].decode_step_s < measured * 5, (after.options[0].decode_step_s, measured)
     raw = json.loads((tmp_path / LINKS_FILE).read_text())["links"]
     assert "observed" in raw[row_key(config, torch.float32, device)], "wider steps calibrate the row cost too"
+    assert "observed" in raw[token_key(config, torch.float32, device)], "and prefill steps the prompt token cost"
+    assert after.predicted_tok_s > 20 * before.predicted_tok_s
 
 
 def test_a_compute_probe_on_a_busy_machine_counts_once_and_is_not_cached(tmp_path: Path,
@@ -137,3 +143,12 @@ def test_the_fit_from_batch_one_and_wider_steps() -> None:
     assert links.layer_compute_s == pytest.approx(0.05) and b == pytest.approx(0.05)
     assert calibrated(LINKS, None, {3: 0.15}) == (LINKS, None, False)
     assert calibrated(LINKS, 0.5, {}) == (LINKS, 0.5, False)
+
+
+def test_the_prompt_token_cost_comes_from_prefill_steps_on_the_fitted_layer_and_row_costs() -> None:
+    log = StepLog(num_layers=1)
+    log.record(2, 2, wall_s=0.012, wait_s=0.0)           # a decode step: no prompt tokens
+    log.record(3, 3 + 8, wall_s=9.0, wait_s=0.0)         # 8 extra tokens: too few to fit on
+    assert prompt_token_s(log, 0.010, 0.001) is None
+    log.record(3, 3 + 100, wall_s=0.112 + 0.5, wait_s=0.5)   # 10 ms + 2 rows x 1 ms + 100 tokens x 1 ms
+    assert prompt_token_s(log, 0.010, 0.001) == pytest.approx(0.001)
