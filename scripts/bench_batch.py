@@ -23,7 +23,13 @@ batch size it can run", on the ~0.85B random bf16 Llama (``bench_common``: 1.6 G
   (tierkv reads with O_DIRECT: cold too); job tok/s. It runs at growing b until it fails (OOM under
   the cap, an error, or ``--peer-timeout``);
 * compute takes over at the first b whose measured decode pass takes > 1.3x the pass's disk time at
-  the raw read speed (the planner's own predicted bound is shown beside it).
+  the raw read speed (the planner's own predicted bound is shown beside it);
+* where the time goes (tierkv): the engine's own step log (``tierkv.calibrate.StepLog``): prefill
+  passes (count, seconds, of which waiting for the disk) and decode passes (mean seconds, waiting,
+  computing), and the planner's prediction again from the engine after the run, fitted to its steps
+  (``choose_batch(engine)``) beside the probe's one from before it;
+* both sides run with ``OMP_WAIT_POLICY=PASSIVE`` (unless set): on a shared 2-core machine libgomp's
+  spinning barriers make 2-thread ops 10-100x slower whenever another process holds a core.
 
     python scripts/bench_batch.py [--batches 1,2,4,8,16,32,64] [--new-tokens 16] [--cap 1600MiB]
         [--device-mem 1024MiB] [--host-mem 0] [--threads 2] [--skip-peer | --skip-tierkv] [--peer-timeout 300]
@@ -41,7 +47,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+OMP_WAIT_POLICY = os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # before torch loads libgomp
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))   # the checkout's tierkv
@@ -109,7 +117,7 @@ def worker_tierkv(o: dict[str, Any]) -> dict[str, Any]:
                      dtype="bfloat16", device="cpu", **load_kwargs) as engine:
         plan = engine.plan
         engine.generate([prompts[0][:8]], max_new_tokens=2, ignore_eos=True)      # warm-up (verifies CRCs)
-        read0, t0 = storage_read_bytes(), time.perf_counter()
+        read0, t0, logged = storage_read_bytes(), time.perf_counter(), len(engine.runner.log.steps)
         stamps: dict[int, list[float]] = {i: [] for i in range(b)}
         stream = engine.stream(prompts, max_new_tokens=new, ignore_eos=True)
         for piece in stream:
@@ -117,6 +125,8 @@ def worker_tierkv(o: dict[str, Any]) -> dict[str, Any]:
                 stamps[piece.index].append(time.perf_counter())
         wall, read = time.perf_counter() - t0, storage_read_bytes() - read0
         batch_seen = max(r.stats.batch_size for r in stream.results)
+        profile = step_profile(list(engine.runner.log.steps)[logged:])
+        fitted = choose_batch(engine, [len(p) for p in prompts], new, asked=b)
     union = merge([(v[0], v[-1]) for v in stamps.values()])
     decode_s = sum(hi - lo for lo, hi in union)
     assert plan is not None
@@ -125,7 +135,21 @@ def worker_tierkv(o: dict[str, Any]) -> dict[str, Any]:
             "predicted_bound": choice.bound, "micro_batches": load_kwargs.get("micro_batches", 1),
             "disk_layers": len(plan.disk_layers), "pass_bytes": plan.streamed_bytes_per_token,
             "batch_seen": batch_seen, "plan_matches": plan.disk_layers == choice.plan.disk_layers,
-            "peak_rss_bytes": bw.peak_rss_bytes()}
+            "peak_rss_bytes": bw.peak_rss_bytes(), "profile": profile, "fitted_tok_s": fitted.predicted_tok_s,
+            "fitted_decode_step_s": fitted.options[0].decode_step_s, "fitted_bound": fitted.bound,
+            "probe_decode_step_s": choice.options[0].decode_step_s}
+
+
+def step_profile(steps: list[Any]) -> dict[str, Any]:
+    """Prefill passes (more tokens than rows) and decode passes of one run, from the engine's step log."""
+    pre = [s for s in steps if s.tokens > s.rows]
+    dec = [s for s in steps if s.tokens == s.rows]
+    n = max(1, len(dec))
+    return {"prefill_passes": len(pre), "prefill_s": sum(s.wall_s for s in pre),
+            "prefill_wait_s": sum(s.wait_s for s in pre), "prefill_tokens": sum(s.tokens - s.rows for s in pre),
+            "decode_passes": len(dec), "decode_pass_s": sum(s.wall_s for s in dec) / n,
+            "decode_wait_s": sum(s.wait_s for s in dec) / n,
+            "decode_compute_s": sum(s.wall_s - s.wait_s for s in dec) / n}
 
 
 def worker_peer(o: dict[str, Any]) -> dict[str, Any]:
@@ -186,6 +210,22 @@ def summarize(args: argparse.Namespace, prep: dict[str, Any], tk: dict[int, dict
                                                            if r["measured_bound"] == "compute"), None),
             "compute_from_predicted": next((b for b, r in sorted(ok.items()) if r["predicted_bound"] == "compute"),
                                            None)}
+
+
+def profile_rows(tk: dict[int, dict[str, Any]], raw_gbps: float) -> list[tuple[str, str]]:
+    """Where tierkv's time went, per batch: prefill and decode passes, disk waits, compute, predictions."""
+    rows = [("batch", "prefill passes: n, s (waiting for disk), prompt tokens | decode passes: n, mean s "
+                      "(waiting / computing) vs disk at raw speed | predicted decode pass s: probe / fitted")]
+    for b, r in sorted(tk.items()):
+        pr = r.get("profile")
+        if not pr:
+            continue
+        disk = r["pass_bytes"] / (raw_gbps * 1e9)
+        rows.append((str(b), f"{pr['prefill_passes']}, {pr['prefill_s']:.2f} ({pr['prefill_wait_s']:.2f}), "
+                             f"{pr['prefill_tokens']} | {pr['decode_passes']}, {pr['decode_pass_s']:.3f} "
+                             f"({pr['decode_wait_s']:.3f} / {pr['decode_compute_s']:.3f}) vs {disk:.3f} | "
+                             f"{r['probe_decode_step_s']:.3f} / {r['fitted_decode_step_s']:.3f}"))
+    return rows
 
 
 def table_rows(tk: dict[int, dict[str, Any]], peer: dict[int, dict[str, Any]]) -> list[tuple[str, str]]:
@@ -267,14 +307,15 @@ def main() -> None:
     load_end = os.getloadavg()
     print_table(f"throughput mode: ~0.85B bf16 Llama ({model_bytes / 2**20:.0f} MiB) streamed from disk, cap "
                 f"{cap or 'none'}, device_mem {args.device_mem}, host_mem {args.host_mem}, {args.new_tokens} new "
-                f"tokens, prompts 64-512 ragged, {args.threads} threads, raw disk {prep['raw_disk_gbps']:.2f} GB/s, "
+                f"tokens, prompts 64-512 ragged, {args.threads} threads, OMP_WAIT_POLICY={OMP_WAIT_POLICY}, raw disk {prep['raw_disk_gbps']:.2f} GB/s, "
                 f"load avg {load_start[0]:.1f} -> {load_end[0]:.1f}", table_rows(tk, peer))
+    print_table("where tierkv's time went (the engine's step log)", profile_rows(tk, prep["raw_disk_gbps"]))
     print(f"goals: {json.dumps(s['goals'])}; compute takes over at batch {s['compute_from_measured']} (measured), "
           f"{s['compute_from_predicted']} (predicted)")
     emit_json(dict(s, bench="batch", tierkv={str(k): v for k, v in tk.items()}, accelerate={str(k): v for k, v in
                                                                                          peer.items()},
                    cap=cap, model_bytes=model_bytes, device_mem=args.device_mem, host_mem=args.host_mem,
-                   new_tokens=args.new_tokens, threads=args.threads, raw_disk_gbps=prep["raw_disk_gbps"],
+                   new_tokens=args.new_tokens, threads=args.threads, omp_wait_policy=OMP_WAIT_POLICY, raw_disk_gbps=prep["raw_disk_gbps"],
                    load_avg_start=list(load_start), load_avg_end=list(load_end), wall_s=round(time.perf_counter() - t0, 1)))
 
 

@@ -43,7 +43,8 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> ModelConfig:
 
 def _inputs(cfg: ModelConfig, tmp_path: Path, device_mem: int, host_mem: int = 0, row_s: float = 1e-6,
             links: LinkSpeeds = SLOW_DISK) -> BatchInputs:
-    return BatchInputs(cfg, Budget(device_mem, host_mem, tmp_path), POLICY, links, config_only=True, row_s=row_s)
+    return BatchInputs(cfg, Budget(device_mem, host_mem, tmp_path), POLICY, links, config_only=True, row_s=row_s,
+                       token_s=row_s / 10)
 
 
 def _layer_bytes(cfg: ModelConfig) -> int:
@@ -148,7 +149,8 @@ def test_plan_batch_shows_the_choice_and_refuses_a_batch_that_does_not_fit(cfg: 
     from tierkv.cli import app
 
     real = batchplan._with_links
-    monkeypatch.setattr(batchplan, "_with_links", lambda inputs: real(replace(inputs, links=SLOW_DISK, row_s=1e-6)))
+    monkeypatch.setattr(batchplan, "_with_links", lambda inputs: real(replace(inputs, links=SLOW_DISK, row_s=1e-6,
+                                                                                     token_s=1e-7)))
     cfg_dir = tmp_path / "cfg"
     from transformers import LlamaConfig
     LlamaConfig(**SHAPE, dtype="float32").save_pretrained(cfg_dir)

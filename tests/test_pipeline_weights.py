@@ -61,6 +61,20 @@ def test_streamed_tokens_equal_resident(model_and_store, placement, depth):
     assert 0.0 <= out.stats.io_wait_fraction <= 1.0
 
 
+def test_while_resident_layers_compute_every_ring_slot_reads(model_and_store):
+    _, store, _ = model_and_store
+    weights = StreamingWeights(store, "cpu", (0, 1), (), 1, BIG, BIG)     # layers 2, 3, 4 stream; 2 ring slots
+    try:
+        weights.prefetch(0)                   # resident layer 0: the window's layer 2, and 3 in the free slot
+        assert sorted(weights._flights) == [2, 3] and weights.ring.n_free == 0
+        weights.wait(2)
+        weights.release(2)
+        weights.prefetch(4)                   # layer 3 computes next; its successor 4 takes the freed slot
+        assert sorted(weights._flights) == [3, 4]
+    finally:
+        weights.close()
+
+
 def test_memory_stays_within_budgets(model_and_store):
     ckpt, store, reference = model_and_store
     layer, depth = store.layer(0).padded_nbytes, 2

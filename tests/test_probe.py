@@ -23,6 +23,12 @@ RAW = dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size
            num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
 
 
+@pytest.fixture
+def quiet_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load average is not above the cores (else compute probes are not cached: test_calibrate.py)."""
+    monkeypatch.setattr(probe_mod, "machine_busy", lambda: False)
+
+
 def _count(monkeypatch: pytest.MonkeyPatch, name: str, module=probe_mod) -> list[int]:
     calls: list[int] = []
     real = getattr(module, name)
@@ -30,6 +36,7 @@ def _count(monkeypatch: pytest.MonkeyPatch, name: str, module=probe_mod) -> list
     return calls
 
 
+@pytest.mark.usefixtures("quiet_machine")
 def test_links_are_cached_per_machine_and_measured_again_when_stale(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = ModelConfig.from_dict(RAW)
@@ -86,6 +93,7 @@ def test_disk_probe_reads_the_store_and_needs_no_free_space(make_checkpoint, tmp
         probe_mod.disk_read_gbps(None, tmp_path / "off")
 
 
+@pytest.mark.usefixtures("quiet_machine")
 def test_tierkv_plan_shows_the_same_links_and_verdict_run_after_run(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -221,6 +221,25 @@ def test_micro_batches_pack_rows_first_fit_within_each_groups_budget() -> None:
     assert sorted(r.seq_id for r in plan.rows) == [0, 1, 2, 3] and max(groups.values()) <= 20
 
 
+def test_throughput_mode_packs_the_largest_pieces_first_and_fills_its_groups() -> None:
+    # ragged prompts arriving shortest first (as bench_batch sends them): in arrival order three
+    # 10-17-token pieces would fill two of the three 20-token groups and leave the third short
+    s = Scheduler(Limits(20, 16, 8, None, None, micro_batches=3), Sizer())
+    for i, n in enumerate([4, 6, 9, 30, 40, 50]):
+        s.add(i, pending_tokens=n, capacity_tokens=n + 4)
+    plan = s.schedule()
+    assert sorted(r.seq_id for r in plan.rows if r.num_tokens == 16) == [3, 4, 5], \
+        "the longest prompts' full pieces go first"
+    per_group: dict[int, int] = {}
+    for r in plan.rows:
+        per_group[r.group] = per_group.get(r.group, 0) + r.num_tokens
+    assert max(per_group.values()) <= 20 and sum(per_group.values()) == 16 * 3 + 4, "the 4-token piece fills a gap"
+    single = make(token_budget=20, piece=16)
+    for i, n in enumerate([4, 6, 9, 30]):
+        single.add(i, n, n + 4)
+    assert [r.seq_id for r in single.schedule().rows] == [0, 1, 2], "one group (serving): arrival order"
+
+
 def test_one_group_is_the_default_and_a_step_never_exceeds_it() -> None:
     s = make(token_budget=20, piece=16)
     for i in range(4):

@@ -19,10 +19,12 @@ that fit, the fewest within ``NEAR_BEST`` of the best predicted throughput win.
 Throughput model for K prompts of the given lengths and ``new_tokens`` each: the job takes
 ``prefill passes + ceil(K / batch) * new_tokens`` decode passes over the layers (continuous
 batching refills the batch as sequences finish); a prefill pass carries up to the step's token
-budget of prompt tokens. A pass of R rows costs ``simulate_step_s`` with a layer's compute at
-``layer_compute_s + (R - 1) * row_compute_s`` plus attention over each row's context at the layer's
-own streaming rate. ``row_compute_s`` is measured once per machine (``row_compute_s``, cached with
-the other link speeds).
+budget of prompt tokens. A pass of R rows carrying N tokens costs ``simulate_step_s`` with a layer's
+compute at ``layer_compute_s + (R - 1) * row_s + (N - R) * token_s`` plus attention over each row's
+context at the layer's own streaming rate: ``row_s`` what another sequence's row adds (its own
+attention, RoPE), ``token_s`` what another prompt token of a row adds (the projections' share: far
+less). Both are probed once per machine (``row_compute_s``, cached with the other link speeds) and,
+on a running engine, fitted to the steps it ran (``tierkv.calibrate``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.store import Extent
 from tierkv.kvroom import sequence_minimum_bytes
 from tierkv.plan import Plan, make_plan, plan_device, probe_links, simulate_step_s, step_bound
-from tierkv.probe import LinkCache, LinkSpeeds, compute_key
+from tierkv.calibrate import engine_figures, row_key, token_key
+from tierkv.probe import LinkCache, LinkSpeeds, machine_busy
 
 __all__ = ["BatchChoice", "BatchInputs", "BatchOption", "choose_batch", "row_compute_s"]
 
@@ -65,6 +68,7 @@ class BatchInputs:
     config_only: bool = False
     layout: list[Extent] | None = None
     row_s: float | None = None              # a layer's compute per extra one-token row; None: row_compute_s()
+    token_s: float | None = None            # ... per extra prompt token of a row (prefill); None: token_compute_s()
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,8 @@ def choose_batch(engine_or_inputs: Any, prompt_tokens: list[int], new_tokens: in
     """The batch (and block schedule) that maximises predicted throughput for prompts of
     ``prompt_tokens`` lengths with ``new_tokens`` each, within the budgets.
 
-    ``engine_or_inputs``: a loaded ``Engine`` (its config, policy, budgets and measured links) or
+    ``engine_or_inputs``: a loaded ``Engine`` (its config, policy, budgets and measured links, with the
+    compute figures fitted to the steps it has run: ``tierkv.calibrate``) or
     ``BatchInputs``. ``asked``: "auto" (the smallest batch within ``NEAR_BEST`` of the best predicted
     throughput: once compute bounds the pass, more rows only cost memory), or a batch size to plan;
     one that does not fit raises PlanError naming the largest that does."""
@@ -189,13 +194,16 @@ def _inputs_of(source: Any) -> BatchInputs:
                             "or tierkv.batchplan.BatchInputs")
     budget = Budget(plan.device_mem_bytes, plan.host_mem_bytes, Path(plan.offload_dir))
     store = getattr(source, "store", None)
-    return BatchInputs(source.config, budget, source.policy, plan.links,
-                       store.data_path if store is not None else None, plan.config_only)
+    figures = engine_figures(source)          # its own step times, once it ran some (tierkv.calibrate)
+    links, row_s, token_s = (figures.links, figures.row_s, figures.token_s) if figures is not None else (
+        plan.links, None, None)
+    return BatchInputs(source.config, budget, source.policy, links, store.data_path if store is not None else None,
+                       plan.config_only, row_s=row_s, token_s=token_s)
 
 
 def _with_links(inputs: BatchInputs) -> BatchInputs:
     """Measured links (the planner's probe; cached per machine) and the row cost, once for every size."""
-    links, row_s = inputs.links, inputs.row_s
+    links, row_s, token_s = inputs.links, inputs.row_s, inputs.token_s
     if links is None:
         links = make_plan(inputs.config, inputs.budget, inputs.policy, data_path=inputs.data_path,
                           config_only=inputs.config_only, layout=inputs.layout).links
@@ -204,10 +212,13 @@ def _with_links(inputs: BatchInputs) -> BatchInputs:
             probed = probe_links(inputs.config, dtype, plan_device(inputs.policy), inputs.data_path,
                                  inputs.budget.offload_dir or default_offload_dir())
             links = replace(links, disk_read_gbps=probed.disk_read_gbps, h2d_gbps=probed.h2d_gbps)
+    dtype = resolve_dtype(inputs.policy.dtype, inputs.config.dtype)
     if row_s is None:
-        dtype = resolve_dtype(inputs.policy.dtype, inputs.config.dtype)
         row_s = row_compute_s(inputs.config, dtype, plan_device(inputs.policy), inputs.budget.offload_dir)
-    return replace(inputs, links=links, row_s=row_s)
+    if token_s is None:
+        token_s = row_compute_s(inputs.config, dtype, plan_device(inputs.policy), inputs.budget.offload_dir,
+                                one_sequence=True)
+    return replace(inputs, links=links, row_s=row_s, token_s=token_s)
 
 
 def _plan_for(inputs: BatchInputs, job: _Job, batch: int, micro: int, kv_device_tokens: int) -> Plan:
@@ -267,15 +278,18 @@ def _predict(inputs: BatchInputs, job: _Job, batch: int, micro: int, plan: Plan,
     """The job's time at this batch: prefill passes (each up to the step's token budget of prompt
     tokens) plus a decode pass per new token per wave of ``batch`` sequences."""
     links = plan.links
-    assert inputs.row_s is not None
+    assert inputs.row_s is not None and inputs.token_s is not None
+    row_s, token_s = inputs.row_s, inputs.token_s
     kinds = tuple("device" if j in plan.device_layers else "host" if j in plan.host_layers else "disk"
                   for j in range(plan.num_layers))
     cuda = plan.device.startswith("cuda")
     rate = plan.layer_bytes / links.layer_compute_s if links.layer_compute_s > 0 else math.inf   # bytes/s
     kv_layer = plan.kv_device_bytes_per_token / plan.num_layers
 
-    def pass_s(rows: int, context_tokens: int) -> tuple[float, str]:
-        layer = links.layer_compute_s + (rows - 1) * inputs.row_s + kv_layer * context_tokens / rate
+    def pass_s(rows: int, context_tokens: int, tokens: int = 0) -> tuple[float, str]:
+        """A pass of ``rows`` sequences carrying ``tokens`` tokens in all (default one each)."""
+        extra = max(0, tokens - rows) * token_s
+        layer = links.layer_compute_s + (rows - 1) * row_s + extra + kv_layer * context_tokens / rate
         timed = replace(links, layer_compute_s=layer)
         return simulate_step_s(kinds, plan.prefetch_depth, plan.layer_bytes, timed, cuda), \
             step_bound(kinds, plan.layer_bytes, timed, cuda)
@@ -287,8 +301,8 @@ def _predict(inputs: BatchInputs, job: _Job, batch: int, micro: int, plan: Plan,
     pieces = sum(-(-n // plan.prefill_chunk_tokens) for n in job.prompts)      # a prompt feeds one piece a pass
     prefill_passes = max(-(-pieces // batch), -(-total_prompt // step_tokens))
     per_seq = job.kv_tokens(batch) // batch
-    rows = -(-total_prompt // prefill_passes)                  # prompt tokens a prefill pass carries
-    prefill_s, _ = pass_s(rows, rows * per_seq // 2)
+    tokens = -(-total_prompt // prefill_passes)                # prompt tokens a prefill pass carries
+    prefill_s, _ = pass_s(min(batch, tokens), tokens * per_seq // 2, tokens)
     decode_s, bound = pass_s(batch, batch * (per_seq - job.new_tokens // 2))
     passes = prefill_passes + waves * job.new_tokens
     total_s = prefill_passes * prefill_s + waves * job.new_tokens * decode_s
@@ -310,20 +324,25 @@ def _refusal(inputs: BatchInputs, job: _Job, asked: int, why: str) -> str:
 
 
 def row_compute_s(config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                  offload_dir: Path | None = None) -> float:
+                  offload_dir: Path | None = None, one_sequence: bool = False) -> float:
     """Seconds one decoder layer's compute grows per extra one-token row of a step, measured on zero
     weights of the model's shapes (the fastest of several runs at 1 and ``ROW_PROBE_ROWS`` rows, each
-    row its own sequence as in a decode step), cached per machine in ``offload_dir/links.json`` (the
-    median of the runs kept there: a slope of two timings is noisier than either)."""
-    key = "rows:" + compute_key(config, dtype, device)
-    return LinkCache(offload_dir).measure(key, lambda: _probe_row_s(config, dtype, device), statistics.median)
+    row its own sequence as in a decode step; ``one_sequence``: per extra prompt token, the rows one
+    sequence's prefill piece), cached per machine in ``offload_dir/links.json`` (the
+    median of the runs kept there: a slope of two timings is noisier than either; not cached while the
+    machine is busy; the engine's observations count instead once it has run: ``tierkv.calibrate``)."""
+    key = (token_key if one_sequence else row_key)(config, dtype, device)
+    return LinkCache(offload_dir).measure(key, lambda: _probe_row_s(config, dtype, device, one_sequence),
+                                          statistics.median, keep=lambda: device.type != "cpu" or not machine_busy())
 
 
-def _probe_row_s(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> float:
+def _probe_row_s(config: ModelConfig, dtype: torch.dtype, device: torch.device, one_sequence: bool) -> float:
     from tierkv.model import decoder_layer, dense_attention, step_inputs
 
-    class _Rows:                 # each row attends to itself alone: a one-token sequence per row
+    class _Rows:                 # each row attends to itself alone (a one-token sequence per row), or causally
         def attend(self, layer, q, k, v, positions, window_tokens):   # q (1, Hq, R, D), k/v (1, Hkv, R, D)
+            if one_sequence:
+                return dense_attention(q, k, v, positions, positions, window_tokens)
             return torch.cat([dense_attention(q[:, :, r:r + 1], k[:, :, r:r + 1], v[:, :, r:r + 1],
                                               positions[:, r:r + 1], positions[:, r:r + 1], window_tokens)
                               for r in range(q.shape[2])], dim=2)
@@ -332,7 +351,9 @@ def _probe_row_s(config: ModelConfig, dtype: torch.dtype, device: torch.device) 
 
     def timed(rows: int) -> float:
         h = torch.zeros((1, rows, config.hidden_size), dtype=dtype, device=device)        # (1, R, H)
-        step = step_inputs(config, torch.zeros((1, rows), dtype=torch.int64, device=device), 1, dtype)
+        positions = (torch.arange(rows, device=device) if one_sequence else torch.zeros(rows, dtype=torch.int64,
+                                                                                       device=device))[None]
+        step = step_inputs(config, positions, rows if one_sequence else 1, dtype)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()

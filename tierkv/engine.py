@@ -33,6 +33,7 @@ from tierkv.io.gguf import is_gguf_source
 from tierkv.loader import gguf_store, open_store_source, open_weight_source
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource
 from tierkv.quantspec import WeightQuant, parse_weight_quant
+from tierkv.calibrate import remember as remember_links
 from tierkv.plan import DEFAULT_CONTEXT_TOKENS, Plan, activation_bytes, prefill_sizes, step_rows
 from tierkv.prompt_cache import PromptCache
 from tierkv.runner import Runner
@@ -340,6 +341,7 @@ class Engine:
             if self._closed:
                 return
             self._closed = True
+            remember_links(self)        # its measured step times calibrate the next plans (tierkv.calibrate)
             core.close()
             self._weights.close()
             if self.checkpoint is not None:

@@ -276,7 +276,9 @@ def simulate_step_s(kinds: tuple[str, ...], depth: int, layer_bytes: int, links:
     streamed layers proceed while resident layers compute, and at most ``depth`` of them are in
     flight beside the one computing. A streamed layer holds a ring slot from its prefetch until its
     compute ends; a read (CPU: straight into the slot) or a copy (CUDA: from pinned staging or a host
-    layer) into a slot waits until the slot is free. Host layers on a CPU-only machine are used in
+    layer) into a slot waits until the slot is free. On the CPU, slots free when the window is issued
+    take the streamed layers after it (``StreamingWeights._fill_ring``: while resident layers compute
+    the whole ring reads). Host layers on a CPU-only machine are used in
     place, like device layers. The pinned staging ring (depth + 1 slots, CUDA disk layers) never binds
     before the device ring does, so it is not modelled.
     """
@@ -295,10 +297,17 @@ def simulate_step_s(kinds: tuple[str, ...], depth: int, layer_bytes: int, links:
     for _ in range(4):
         for j in range(n):
             issue_at = comp_start if cuda else comp_end  # the host runs ahead of the GPU by a layer
-            for s in ([j] if streamed[j] else []) + [first[x] for x in ahead(j, depth, n)]:
+            window = [first[x] for x in ahead(j, depth, n)]
+            for s in ([j] if streamed[j] else []) + window:
                 if s not in ready:
                     assert ring, "the prefetch window holds more layers than the ring has slots"
                     ready[s] = _arrival(kinds[s], issue_at, heapq.heappop(ring), t_read, t_copy, queues, cuda)
+            s = window[-1] if window else j
+            while not cuda and streamed[s] and ring and ring[0] <= issue_at:   # CPU: free slots are filled too
+                s = first[(s + 1) % n]
+                if s in ready:
+                    break
+                ready[s] = _arrival(kinds[s], issue_at, heapq.heappop(ring), t_read, t_copy, queues, cuda)
             comp_start = max(comp_end, ready.pop(j, 0.0))
             comp_end = comp_start + links.layer_compute_s
             if streamed[j]:

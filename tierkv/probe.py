@@ -11,6 +11,12 @@ filesystem or compute device, and (for compute) the model's layer shape and dtyp
 ``SAMPLES`` runs each add a sample and the best one counts (a run disturbed by other work is
 outvoted); after that the cached value is used until it is older than ``MAX_AGE_S``. Deleting the
 file forces a fresh probe.
+
+A burst is outvoted, a loaded hour is not: every sample of it is slow. So a compute probe taken
+while the machine's load average exceeds its cores is used for that run only, never cached
+(``machine_busy``); and the engine's own step timings (``tierkv.calibrate``) are written back as
+observations (``LinkCache.observe``), which count instead of the probe while fresh and drop a
+cached probe they disagree with by more than ``DISAGREE`` (so the next probe is a fresh one).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ MATVEC_BYTES = 256 << 20            # stored weight bytes one matvec pass reads:
 MATVEC_MIN_PASSES = 4               # timed passes at least (the fastest counts) ...
 MATVEC_MAX_PASSES = 50              # ... and at most, within
 MATVEC_TIME_S = 1.5
+OBSERVED_KEPT = 5                   # the engine's newest observations of a link kept beside the probe's samples
+DISAGREE = 1.5                      # an observation this many times off the cached probe drops the probe
 
 
 class LinkCache:
@@ -89,28 +97,77 @@ class LinkCache:
         ok = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
         return ok if len(ok) == len(values) else []
 
+    def observed(self, key: str) -> list[float]:
+        """The engine's fresh observations of ``key`` (``observe``), oldest first ([] when none)."""
+        entry = self._load().get(key)
+        seen = entry.get("observed") if isinstance(entry, dict) else None
+        if not isinstance(seen, list):
+            return []
+        now = time.time()
+        return [float(o["value"]) for o in seen if isinstance(o, dict) and isinstance(o.get("value"), (int, float))
+                and isinstance(o.get("at"), (int, float)) and 0 <= now - o["at"] <= self.max_age_s
+                and math.isfinite(o["value"]) and o["value"] > 0]
+
+    def observe(self, key: str, value: float, best: Callable[[list[float]], float]) -> None:
+        """Record what the engine measured of ``key`` while running (``tierkv.calibrate``). While fresh,
+        ``best`` of the newest ``OBSERVED_KEPT`` observations counts instead of the probe's samples; samples
+        that disagree with ``value`` by more than ``DISAGREE`` times are dropped (probed again later)."""
+        if not math.isfinite(value) or value <= 0:
+            return
+        entry = self._load().get(key)
+        entry = dict(entry) if isinstance(entry, dict) else {}
+        samples = self.samples(key)
+        if samples and max(best(samples) / value, value / best(samples)) > DISAGREE:
+            entry.pop("samples", None)
+            entry.pop("measured_at", None)
+        seen = [o for o in entry.get("observed", []) if isinstance(o, dict)] if isinstance(
+            entry.get("observed"), list) else []
+        entry["observed"] = (seen + [{"value": value, "at": time.time()}])[-OBSERVED_KEPT:]
+        self._write(key, entry)
+
     def _store(self, key: str, values: list[float], measured_at: float) -> None:
+        entry = self._load().get(key)
+        entry = dict(entry) if isinstance(entry, dict) else {}
+        entry.update({"samples": values, "measured_at": measured_at})
+        self._write(key, entry)
+
+    def _write(self, key: str, entry: dict[str, Any]) -> None:
         if self.path is None:
             return
         links = self._load()
-        links[key] = {"samples": values, "measured_at": measured_at}
+        links[key] = entry
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps({"version": 2, "links": links}, indent=1, sort_keys=True), encoding="utf-8")
+            tmp.write_text(json.dumps({"version": 3, "links": links}, indent=1, sort_keys=True), encoding="utf-8")
             os.replace(tmp, self.path)
         except OSError:                    # an unwritable offload dir: no cache, the measurement still counts
             tmp.unlink(missing_ok=True)
 
-    def measure(self, key: str, fn: Callable[[], float], best: Callable[[list[float]], float]) -> float:
+    def measure(self, key: str, fn: Callable[[], float], best: Callable[[list[float]], float],
+                keep: Callable[[], bool] = lambda: True) -> float:
+        """``best`` of the fresh observations, else of the samples (measuring one more while fewer than
+        ``SAMPLES`` are stored). ``keep()`` False after ``fn`` ran: its value counts for this run only."""
+        seen = self.observed(key)
+        if seen:
+            return best(seen)
         values = self.samples(key)
         if len(values) >= SAMPLES:
             return best(values)
         value = fn()
-        if not math.isfinite(value) or value <= 0:
+        if not math.isfinite(value) or value <= 0 or not keep():
             return value
         first_at = self._load().get(key, {}).get("measured_at") if values else None
         self._store(key, values + [value], first_at if isinstance(first_at, (int, float)) else time.time())
         return best(values + [value])
+
+
+def machine_busy() -> bool:
+    """Whether other work loads this machine now: its 1-minute load average is above its cores (then a
+    compute probe measures the load, not the machine, and is not cached)."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:                 # no load average on this platform: trust the probe
+        return False
 
 
 def machine_id() -> str:
@@ -218,7 +275,8 @@ def probe_links(config: ModelConfig, dtype: torch.dtype, device: torch.device, d
         compute_s, rate = estimate_layer_compute(estimate, dtype, device, cache)
         return LinkSpeeds(disk_read_gbps=disk, h2d_gbps=h2d, layer_compute_s=compute_s, compute_estimated_gbps=rate)
     compute = cache.measure(compute_key(config, dtype, device),
-                            lambda: _probe_layer_compute_s(config, dtype, device), min)
+                            lambda: _probe_layer_compute_s(config, dtype, device), min,
+                            keep=lambda: device.type != "cpu" or not machine_busy())
     return LinkSpeeds(disk_read_gbps=disk, h2d_gbps=h2d, layer_compute_s=compute)
 
 
@@ -360,6 +418,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["LINKS_FILE", "ComputeEstimate", "LinkCache", "LinkSpeeds", "MAX_AGE_S", "SAMPLES", "SCRATCH_BYTES",
-           "compute_key", "disk_key", "disk_read_gbps", "estimate_layer_compute", "h2d_key", "machine_id",
-           "matvec_bytes", "matvec_gbps", "matvec_key", "median_cold_read_gbps", "probe_links", "scratch_file"]
+__all__ = ["DISAGREE", "LINKS_FILE", "ComputeEstimate", "LinkCache", "LinkSpeeds", "MAX_AGE_S", "OBSERVED_KEPT",
+           "SAMPLES", "SCRATCH_BYTES", "compute_key", "disk_key", "disk_read_gbps", "estimate_layer_compute", "h2d_key",
+           "machine_busy", "machine_id", "matvec_bytes", "matvec_gbps", "matvec_key", "median_cold_read_gbps", "probe_links", "scratch_file"]

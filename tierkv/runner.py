@@ -22,11 +22,13 @@ Shapes: N packed tokens, H hidden, Hq/Hkv heads, D head_dim, V vocab; row i hold
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from tierkv.calibrate import StepLog
 from tierkv.config import ModelConfig
 from tierkv.model import KVCache, StepInputs, decoder_layer, embed, head, rope_inv_freq, rope_varies_with_length, \
     step_inputs
@@ -90,6 +92,8 @@ class Runner:
         # RoPE inverse frequencies (D/2,) on the device, built once: every step's tables start from them
         # (a dynamic RoPE past its trained length rescales per length: ``step_inputs`` builds those per step)
         self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, 1, cfg.max_position_embeddings).to(device)
+        # every step's layer compute, for the planner's calibration (CPU: a step's wall time is its compute)
+        self.log: StepLog | None = StepLog(cfg.num_layers) if torch.device(device).type == "cpu" else None
 
     def _inv_for(self, seq_len: int) -> torch.Tensor | None:
         """The engine's inverse frequencies when they serve a sequence ``seq_len`` long, else None."""
@@ -143,7 +147,11 @@ class Runner:
         order, or None; per row asking "all", its logits (q_len, V) fp32 on the CPU, computed
         ``head_rows`` positions at a time so the head's output stays within the activation reserve).
         ``groups``: each row's micro-batch (see ``hidden``)."""
+        t0, waited = time.perf_counter(), self.weights.stats().get("wait_s", 0.0) if self.log is not None else 0.0
         h = self.hidden(feeds, groups) if groups and any(groups) else self.hidden(feeds)
+        if self.log is not None:
+            self.log.record(len(feeds), sum(len(f.ids) for f in feeds), time.perf_counter() - t0,
+                            self.weights.stats().get("wait_s", 0.0) - waited)
         g, ends, all_rows = self.weights.globals(), [], []
         offset = 0
         for f in feeds:
