@@ -125,6 +125,11 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
         print(f"{key.ljust(width)}  {value}")
 
 
+def goals_row(goals: dict[str, bool], empty: str = "none") -> tuple[str, str]:
+    """The table's last row: each goal met or NOT met (``empty`` when there are none)."""
+    return ("goals", ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in goals.items()) or empty)
+
+
 def emit_json(data: dict[str, Any]) -> None:
     """The one machine-readable line every benchmark ends with."""
     print(json.dumps(data, sort_keys=True))

@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_weights as bw  # noqa: E402  (puts the checkout's tierkv on sys.path, after PYTHONPATH's)
-from bench_common import LLAMA_SRC, llama_label, memcap_usable, run_llama, run_worker_script, emit_json, \
+from bench_common import goals_row, LLAMA_SRC, llama_label, memcap_usable, run_llama, run_worker_script, emit_json, \
     print_table  # noqa: E402
 
 GGUF_DIR = Path("/work/gguf-models")
@@ -354,7 +354,7 @@ def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
                      f"vs file {_f(c['gguf_bpw'])} (layers {_f(c['gguf_layer_bpw'])}); memcap peak "
                      f"{_mib(c['memcap_peak_bytes'])} of {_mib(c['memcap_limit_bytes'])}, peak RSS "
                      f"{_mib(c['peak_rss_bytes'])}, OOM kills {c['memcap_oom_kills']} (load {_f(c['load_avg'], '.1f')})"))
-    rows.append(("goals", ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in s["goals"].items()) or "none"))
+    rows.append(goals_row(s["goals"]))
     return rows
 
 

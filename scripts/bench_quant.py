@@ -53,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_weights as bw  # noqa: E402  (puts the checkout's tierkv on sys.path, after PYTHONPATH's)
-from bench_common import memcap_usable, run_worker_script, bench_model_dir, emit_json, group_size_arg, matvec_gbps, print_table  # noqa: E402
+from bench_common import goals_row, memcap_usable, run_worker_script, bench_model_dir, emit_json, group_size_arg, matvec_gbps, print_table  # noqa: E402
 
 SCHEMES = ("bf16", "int8", "int4")
 PEERS = ("accelerate", "bnb4", "bnb8", "quanto4", "quanto8")
@@ -509,7 +509,7 @@ def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((k.replace("_", " "), f"{_fmt(s[k])}x"))
     if "best_offloaded_quant_peer" in s and s["best_offloaded_quant_peer"] is None:
         rows.append(("quantized peer offloaded", "none runs with layers on disk (see the rows above)"))
-    rows.append(("goals", ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in s["goals"].items()) or "none"))
+    rows.append(goals_row(s["goals"]))
     return rows
 
 

@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))   # the checkout's tierkv
-from bench_common import bench_model_dir, emit_json, print_table  # noqa: E402
+from bench_common import goals_row, bench_model_dir, emit_json, print_table  # noqa: E402
 from bench_weights import measure_links, raw_disk_gbps  # noqa: E402
 
 SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
@@ -292,7 +292,7 @@ def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
                  f"{s['ratio_4_vs_1']:.2f}x (goal >= 3x)"))
     rows.append(("stops scaling", "not within the sweep" if s["stops_scaling_at"] is None else
                  f"at batch {s['stops_scaling_at']}: {s['stops_scaling_why']}"))
-    rows.append(("goals", ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in s["goals"].items()) or "n/a"))
+    rows.append(goals_row(s["goals"], "n/a"))
     return rows
 
 

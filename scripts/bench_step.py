@@ -50,7 +50,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_weights as bw  # noqa: E402  (puts the checkout's tierkv on sys.path, after PYTHONPATH's)
-from bench_common import LLAMA_SRC, bench_model_dir, best_of, emit_json, gemm_tflops, matvec_gbps, print_table, \
+from bench_common import goals_row, LLAMA_SRC, bench_model_dir, best_of, emit_json, gemm_tflops, matvec_gbps, print_table, \
     run_llama, run_worker_script  # noqa: E402
 
 SMALL_SHAPE = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -307,7 +307,7 @@ def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((f"{name} prefill {n}", f"tierkv {_f(p['tierkv'])} tok/s, HF {_f(p['hf'])}, llama.cpp pp "
                      f"{_f(p['llama'])}: {_f(p['tierkv_vs_hf'], '.2f')}x HF, {_f(p['tierkv_vs_llama'], '.2f')}x "
                      f"llama.cpp (load {p['load_avg']})"))
-    rows.append(("goals", ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in s["goals"].items()) or "none"))
+    rows.append(goals_row(s["goals"]))
     return rows
 
 

@@ -52,7 +52,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import bench_model_dir, emit_json, prefer_checkout, print_table  # noqa: E402
+from bench_common import goals_row, bench_model_dir, emit_json, prefer_checkout, print_table  # noqa: E402
 
 prefer_checkout(Path(__file__).resolve().parent.parent)          # the checkout's tierkv, also in workers
 
@@ -559,7 +559,7 @@ def table_rows(s: dict[str, Any], tk: dict[str, Any], n_layers: int) -> list[tup
     if not s["timing_consistent"]:
         rows.append(("WARNING", "disk busy > step time or wait > step time: the load changed between "
                                 "t(1) and t(N); rerun on a quieter machine (or with --threads 1)"))
-    rows.append(("goals", ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in s["goals"].items())))
+    rows.append(goals_row(s["goals"], ""))
     return rows
 
 

@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))                 # bench_common
-from bench_common import emit_json, group_size_arg, prefer_checkout, print_table  # noqa: E402
+from bench_common import goals_row, emit_json, group_size_arg, prefer_checkout, print_table  # noqa: E402
 
 prefer_checkout(Path(__file__).resolve().parents[1])                     # tierkv from this checkout
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))      # conftest: the tests' tiny models
@@ -374,8 +374,7 @@ def main() -> None:
     results["goals"] = goals_of(results)
     print_table(f"quantization quality, bf16 compute on cpu, {args.prompts} x {args.new_tokens} tokens of bf16 text "
                 f"(temperature {args.temperature})", table_rows(results) +
-                [("goals", ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in results["goals"].items())
-                  or "none")])
+                [goals_row(results["goals"])])
     emit_json(dict(results, bench="quant_quality", groups=args.groups, prompts=args.prompts,
                    new_tokens=args.new_tokens, temperature=args.temperature, seed=args.seed,
                    models_paths={k: str(v) for k, v in models.items()}, wall_s=round(time.perf_counter() - t0, 1)))

@@ -5,10 +5,8 @@ not the tests'; what is checked here is that the measurement is what it says it 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -19,8 +17,8 @@ import tierkv
 from conftest import build_hf_model, save_hf_model
 from tierkv.engine import model_path
 from tierkv.tokenizer import Tokenizer
+from scripts_util import load_script
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 DEMO = model_path("demo")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 needs_demo = pytest.mark.skipif(not (DEMO / "model.safetensors").is_file(), reason="the demo model is not bundled")
@@ -28,11 +26,7 @@ needs_demo = pytest.mark.skipif(not (DEMO / "model.safetensors").is_file(), reas
 
 @pytest.fixture(scope="module")
 def pk() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("eval_passkey", SCRIPTS / "eval_passkey.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["eval_passkey"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval_passkey")
 
 
 @pytest.fixture(scope="module")

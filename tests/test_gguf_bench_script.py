@@ -7,7 +7,6 @@ measurements themselves are the script's job, not the tests'."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,17 +14,13 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from scripts_util import load_script
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_gguf", SCRIPTS / "bench_gguf.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gguf"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_gguf")
 
 
 @pytest.fixture(scope="module")

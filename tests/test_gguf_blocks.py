@@ -25,6 +25,7 @@ from tierkv.io.gguf_blocks import (BLOCK_SIZES, GGUF_SCHEMES, blocks_to_groups, 
 from tierkv.kernels.quant import dequantize_weight, pack_weight  # noqa: E402
 from tierkv.kernels.quant_reference import quantize_weight_codes  # noqa: E402
 from tierkv.quantspec import QuantWeight, TensorQuant  # noqa: E402
+from scripts_util import load_script  # noqa: E402
 
 SIMPLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
@@ -247,12 +248,7 @@ def test_tensors_read_back_from_a_gguf_file(tmp_path):
 
 
 def test_eval_script_measures_a_file(tmp_path):
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(
-        "eval_gguf_blocks", Path(__file__).resolve().parents[1] / "scripts" / "eval_gguf_blocks.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("eval_gguf_blocks")
     n, k = 32, 256
     _write_gguf(tmp_path / "m-Q.gguf", {"Q4_0": _gaussian_blocks("Q4_0", n, k, seed=8),
                                         "Q4_K": _random_blocks("Q4_K", n, k, seed=8)})

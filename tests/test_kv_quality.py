@@ -11,10 +11,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +19,7 @@ import torch
 from tierkv.kernels import chunk_abstract, chunk_scores, select_chunks, sparse_decode_attention
 from tierkv.kernels._select import HAS_TRITON
 from tierkv.kernels.quality import attention_recall, chunk_mask_to_tokens, relative_output_error
+from scripts_util import load_script
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
 LN3 = math.log(3.0)
@@ -30,12 +28,7 @@ LN3 = math.log(3.0)
 @pytest.fixture(scope="module")
 def evalmod():
     """scripts/eval_kv_selection.py as a module (scripts/ is not a package)."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_kv_selection.py"
-    spec = importlib.util.spec_from_file_location("eval_kv_selection", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval_kv_selection")
 
 
 # -- quality.py on hand-worked cases -------------------------------------------------------------

@@ -36,7 +36,7 @@ ENV_VAR = "TIERKV_KERNELS"
 _CHOICES = ("torch", "triton", "auto")
 
 __all__ = ["HAS_TRITON", "Backend", "ENV_VAR", "CPU_QLINEAR_VAR", "CPU_QLINEAR_CHOICES", "FUSE_VAR", "jit", "tl",
-           "triton", "pick_backend", "pick_cpu_qlinear", "fuse_linears", "next_pow2", "cdiv"]
+           "triton", "env_choice", "pick_backend", "pick_cpu_qlinear", "fuse_linears", "next_pow2", "cdiv"]
 
 # How resident quantized linears compute on the CPU, read when a layer is prepared (kernels/quant.py):
 # "weight_only" (PyTorch's weight-only int ops, exact up to their bf16 rounding); "dynamic_int8"
@@ -70,6 +70,15 @@ def _interpreted(kernel: Any) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+def env_choice(choice: str | None, var: str, choices: tuple[str, ...], what: str) -> str:
+    """``choice`` if given, else ``$var`` (trimmed, lower case), else "auto"; refused unless in ``choices``
+    (``what`` names the setting in the error)."""
+    value = choice if choice is not None else os.environ.get(var, "").strip().lower() or "auto"
+    if value not in choices:
+        raise ArgumentError(f"{what} must be one of {choices}, got {value!r} (argument or ${var})")
+    return value
+
+
 def pick_backend(kernel: Any, *tensors: torch.Tensor, backend: str | None = None) -> Backend:
     """Choose ``"torch"`` or ``"triton"`` for one launch of ``kernel`` over ``tensors``.
 
@@ -77,9 +86,7 @@ def pick_backend(kernel: Any, *tensors: torch.Tensor, backend: str | None = None
     environment variable; both default to auto. Raises ValueError for an unknown choice and
     RuntimeError when Triton is forced but cannot run on these tensors.
     """
-    choice = backend if backend is not None else os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if choice not in _CHOICES:
-        raise ArgumentError(f"kernel backend must be one of {_CHOICES}, got {choice!r} (argument or ${ENV_VAR})")
+    choice = env_choice(backend, ENV_VAR, _CHOICES, "kernel backend")
     if choice == "torch":
         return "torch"
     on_cuda = all(t.is_cuda for t in tensors)
@@ -98,11 +105,7 @@ def pick_backend(kernel: Any, *tensors: torch.Tensor, backend: str | None = None
 
 def pick_cpu_qlinear(choice: str | None = None) -> str:
     """``choice`` (one of ``CPU_QLINEAR_CHOICES`` or None) else ``$TIERKV_CPU_QLINEAR`` else "auto"."""
-    value = choice if choice is not None else os.environ.get(CPU_QLINEAR_VAR, "").strip().lower() or "auto"
-    if value not in CPU_QLINEAR_CHOICES:
-        raise ArgumentError(f"the CPU quantized linear must be one of {CPU_QLINEAR_CHOICES}, got {value!r} "
-                            f"(argument or ${CPU_QLINEAR_VAR})")
-    return value
+    return env_choice(choice, CPU_QLINEAR_VAR, CPU_QLINEAR_CHOICES, "the CPU quantized linear")
 
 
 FUSE_CHOICES = ("0", "1", "quant")

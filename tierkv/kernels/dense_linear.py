@@ -24,12 +24,11 @@ Shapes: x (..., K) with M = the product of the leading dims, weight (N, K), bias
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 
-from tierkv.errors import ArgumentError
+from tierkv.kernels._select import env_choice
 
 __all__ = ["CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "MM_T_MAX_M", "dense_linear", "linear_path", "pick_cpu_matvec"]
 
@@ -42,11 +41,7 @@ MM_T_MAX_M = 8
 
 def pick_cpu_matvec(choice: str | None = None) -> str:
     """``choice`` (one of ``CPU_MATVEC_CHOICES`` or None) else ``$TIERKV_CPU_MATVEC`` else "auto"."""
-    value = choice if choice is not None else os.environ.get(CPU_MATVEC_VAR, "").strip().lower() or "auto"
-    if value not in CPU_MATVEC_CHOICES:
-        raise ArgumentError(f"the CPU matrix-vector path must be one of {CPU_MATVEC_CHOICES}, got {value!r} "
-                            f"(argument or ${CPU_MATVEC_VAR})")
-    return value
+    return env_choice(choice, CPU_MATVEC_VAR, CPU_MATVEC_CHOICES, "the CPU matrix-vector path")
 
 
 def linear_path(x: torch.Tensor, weight: torch.Tensor, choice: str | None = None) -> str:
