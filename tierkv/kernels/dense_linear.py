@@ -11,13 +11,16 @@ tensor, a fused strided view, a view of a streamed ring slot): no repacking, no 
 
 Paths (``linear_path`` says which; ``dense_linear`` runs it):
 
-- "mv": one row (M = 1): ``torch.mv(w, x)`` (``torch.addmv`` with a bias);
+- "gemv": one row (M = 1) of a 16-bit weight of at least ``GEMV_MIN_ELEMENTS``: the compiled loop of
+  ``kernels.cpu_gemv`` (22-30 GB/s here, 1.2-3x ``torch.mv``), where it builds; else "mv";
+- "mv": one row: ``torch.mv(w, x)`` (``torch.addmv`` with a bias);
 - "mm_t": 2 <= M <= ``MM_T_MAX_M``: ``torch.mm(w, x^T)^T``, the weight as the left operand;
 - "linear": anything else, and every tensor off the CPU (cuBLAS stays on CUDA), ``F.linear``.
 
-``TIERKV_CPU_MATVEC`` (read per call; ``pick_cpu_matvec``): "auto" (default: "mv"/"mm_t" for bf16
-and fp16 weights on the CPU, ``F.linear`` for fp32), "on" (also for fp32: the tests' way to compare
-the paths on tokens), "off" (``F.linear`` always, the previous behaviour).
+``TIERKV_CPU_MATVEC`` (read per call; ``pick_cpu_matvec``): "auto" (default: "gemv"/"mv"/"mm_t" for
+bf16 and fp16 weights on the CPU, ``F.linear`` for fp32), "compiled" ("gemv" for every dtype and
+size: the tests' way to compare it on fp32 tokens), "on" ("mv"/"mm_t", also for fp32, never the
+compiled kernel), "off" (``F.linear`` always).
 
 Shapes: x (..., K) with M = the product of the leading dims, weight (N, K), bias (N,).
 """
@@ -29,11 +32,16 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.kernels._select import env_choice
+from tierkv.kernels.cpu_gemv import gemv, gemv_kernel
 
-__all__ = ["CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "MM_T_MAX_M", "dense_linear", "linear_path", "pick_cpu_matvec"]
+__all__ = ["CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "GEMV_MIN_ELEMENTS", "MM_T_MAX_M", "dense_linear", "linear_path",
+           "pick_cpu_matvec"]
 
 CPU_MATVEC_VAR = "TIERKV_CPU_MATVEC"
-CPU_MATVEC_CHOICES = ("auto", "on", "off")
+CPU_MATVEC_CHOICES = ("auto", "compiled", "on", "off")
+# Weights below this many elements keep torch.mv under "auto": a kernel build (1-3 s once) for a
+# matrix that takes microseconds does not pay, and tiny test models never build one.
+GEMV_MIN_ELEMENTS = 1 << 18
 _AUTO_DTYPES = (torch.bfloat16, torch.float16)    # where the gemv paths measured faster than F.linear
 # Rows up to which mm(w, x^T) beats F.linear for bf16 (decode batches); larger M is a GEMM (prefill).
 MM_T_MAX_M = 8
@@ -45,7 +53,8 @@ def pick_cpu_matvec(choice: str | None = None) -> str:
 
 
 def linear_path(x: torch.Tensor, weight: torch.Tensor, choice: str | None = None) -> str:
-    """Which op ``dense_linear(x, weight, choice=choice)`` runs: "mv", "mm_t" or "linear"."""
+    """Which op ``dense_linear(x, weight, choice=choice)`` runs: "gemv", "mv", "mm_t" or "linear"
+    (a "gemv" whose kernel does not build runs as "mv")."""
     if weight.device.type != "cpu" or weight.dim() != 2:
         return "linear"
     mode = pick_cpu_matvec(choice)
@@ -53,7 +62,8 @@ def linear_path(x: torch.Tensor, weight: torch.Tensor, choice: str | None = None
         return "linear"
     m = x.numel() // max(1, x.shape[-1])
     if m == 1:
-        return "mv"
+        wants = mode == "compiled" or (mode == "auto" and weight.numel() >= GEMV_MIN_ELEMENTS)
+        return "gemv" if wants and gemv_kernel(weight).fn is not None else "mv"
     return "mm_t" if 2 <= m <= MM_T_MAX_M else "linear"
 
 
@@ -64,7 +74,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     x:      (..., K) in the weight's dtype.
     weight: (N, K), any strides (a view of a store buffer included).
     bias:   optional (N,).
-    choice: "auto" | "on" | "off" | None (``pick_cpu_matvec``).
+    choice: "auto" | "compiled" | "on" | "off" | None (``pick_cpu_matvec``).
     Returns (..., N) in x's dtype.
     """
     path = linear_path(x, weight, choice)
@@ -72,7 +82,10 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         return F.linear(x, weight, bias)
     n, k = weight.shape
     x2 = x.reshape(-1, k)                                                     # (M, K)
-    if path == "mv":
+    if path == "gemv":
+        out = gemv(weight, x2[0])                                             # (N,)
+        out = out if bias is None else out.add_(bias)
+    elif path == "mv":
         row = x2[0]
         out = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)   # (N,)
     else:

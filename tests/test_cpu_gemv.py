@@ -1,0 +1,81 @@
+"""The compiled CPU matrix-vector kernel (kernels/cpu_gemv.py) computes what ``torch.mv`` computes, on
+every layout a weight comes in (contiguous, a strided view, odd sizes, fp16/bf16/fp32, with a bias),
+is the default for one decode row of a large 16-bit weight, and falls back to ``torch.mv`` with one
+warning naming the fix when it cannot be built."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tierkv.kernels import cpu_gemv
+from tierkv.kernels.dense_linear import GEMV_MIN_ELEMENTS, dense_linear, linear_path
+
+
+def _reference(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.mv(w.double(), x.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (96, 64), (130, 1000)])
+def test_gemv_matches_the_reference(dtype: torch.dtype, n: int, k: int) -> None:
+    torch.manual_seed(n * k)
+    w, x = torch.randn(n, k).to(dtype), torch.randn(k).to(dtype)
+    got = cpu_gemv.gemv(w, x)
+    assert got.shape == (n,) and got.dtype == dtype
+    assert cpu_gemv.gemv_kernel(w).fn is not None, cpu_gemv.gemv_kernel(w).error
+    ref = _reference(w, x)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_gemv_reads_strided_views_in_place() -> None:
+    """A view into a larger buffer (a fused q/k/v weight's part, a transposed weight) gets its own kernel."""
+    torch.manual_seed(1)
+    buf = torch.randn(64, 80, dtype=torch.bfloat16)
+    x = torch.randn(48, dtype=torch.bfloat16)
+    for w in (buf[8:40, 16:64], buf[:48, :32].t()):                       # (32, 48) row stride 80; (32, 48) transposed
+        assert not w.is_contiguous()
+        assert cpu_gemv.gemv_kernel(w).fn is not None, cpu_gemv.gemv_kernel(w).error
+        torch.testing.assert_close(cpu_gemv.gemv(w, x).double(), _reference(w, x), rtol=1e-2, atol=0.05)
+
+
+def test_dense_linear_picks_the_compiled_kernel_for_one_row_of_a_large_16_bit_weight() -> None:
+    k = 512
+    big = torch.randn(GEMV_MIN_ELEMENTS // k, k, dtype=torch.bfloat16)
+    small = torch.randn(8, k, dtype=torch.bfloat16)
+    one, few = torch.randn(1, 1, k, dtype=torch.bfloat16), torch.randn(1, 3, k, dtype=torch.bfloat16)
+    assert linear_path(one, big) == "gemv" and linear_path(one, small) == "mv"
+    assert linear_path(few, big) == "mm_t"
+    assert linear_path(one, big.float()) == "linear" and linear_path(one, small.float(), "compiled") == "gemv"
+    assert linear_path(one, big, "on") == "mv" and linear_path(one, big, "off") == "linear"
+    bias = torch.randn(big.shape[0], dtype=torch.bfloat16)
+    got = dense_linear(one, big, bias)
+    assert got.shape == (1, 1, big.shape[0])
+    ref = F.linear(one.double(), big.double(), bias.double())
+    torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=0.05)
+
+
+def test_a_kernel_that_cannot_be_built_falls_back_to_mv_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch._inductor, "compile", fail)
+    cpu_gemv._build.cache_clear()
+    try:
+        w, x = torch.randn(11, 13, dtype=torch.bfloat16), torch.randn(13, dtype=torch.bfloat16)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            kernel = cpu_gemv.gemv_kernel(w)
+            got = cpu_gemv.gemv(w, x)                                    # the failure is kept: no second build
+        assert kernel.fn is None and "no C++ compiler" in (kernel.error or "")
+        assert len([c for c in caught if "TIERKV_CPU_MATVEC=on" in str(c.message)]) == 1
+        assert torch.equal(got, torch.mv(w, x))
+        assert linear_path(x[None], w, "compiled") == "mv"
+    finally:
+        cpu_gemv._build.cache_clear()                                     # later tests build real kernels again
