@@ -79,3 +79,13 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_mv_with_one_warning(monkeyp
         assert linear_path(x[None], w, "compiled") == "mv"
     finally:
         cpu_gemv._build.cache_clear()                                     # later tests build real kernels again
+
+
+def test_inside_torch_compile_the_formula_is_traced_without_a_graph_break() -> None:
+    """A layer function that ``torch.compile`` traces (``tierkv.compiled``) gets the formula, not the
+    prebuilt kernel (an opaque call dynamo would break the graph on)."""
+    torch.manual_seed(2)
+    w = torch.randn(GEMV_MIN_ELEMENTS // 256, 256, dtype=torch.bfloat16)
+    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    compiled = torch.compile(lambda a: dense_linear(a, w) * 2, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x), dense_linear(x, w) * 2, rtol=1e-2, atol=1e-2)

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["GemvKernel", "gemv", "gemv_kernel"]
+__all__ = ["GemvKernel", "gemv", "gemv_graph", "gemv_kernel"]
 
 
 @dataclass(frozen=True)
@@ -41,20 +41,20 @@ class GemvKernel:
     error: str | None = None
 
 
-def _gemv_graph(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def gemv_graph(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """What the kernel computes: fp32 products summed along K, cast back. w (N, K), x (K,) -> (N,)."""
     return (w.float() * x.float()).sum(-1).to(w.dtype)
 
 
 @functools.lru_cache(maxsize=256)
 def _build(shape: tuple[int, int], stride: tuple[int, int], dtype: torch.dtype, threads: int) -> GemvKernel:
-    """Compile ``_gemv_graph`` for one weight layout (example tensors of that layout, never the weight)."""
+    """Compile ``gemv_graph`` for one weight layout (example tensors of that layout, never the weight)."""
     t0 = time.perf_counter()
     try:
         from torch._inductor import compile as inductor_compile
         from torch._inductor import config as inductor_config
 
-        graph = torch.fx.symbolic_trace(_gemv_graph)
+        graph = torch.fx.symbolic_trace(gemv_graph)
         w = torch.empty_strided(shape, stride, dtype=dtype).zero_()
         x = torch.zeros(shape[1], dtype=dtype)
         with inductor_config.patch(compile_threads=1):     # in this process: no pool of compile workers
@@ -75,7 +75,10 @@ def gemv_kernel(weight: torch.Tensor) -> GemvKernel:
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight (N, K) @ x (K,) -> (N,) through the compiled kernel, else ``torch.mv``."""
+    """weight (N, K) @ x (K,) -> (N,) through the compiled kernel, else ``torch.mv``. Inside a function
+    that ``torch.compile`` traces (``tierkv.compiled``), the formula itself, for inductor to fuse."""
+    if torch.compiler.is_compiling():
+        return gemv_graph(weight, x)
     kernel = gemv_kernel(weight)
     if kernel.fn is None:
         return torch.mv(weight, x)

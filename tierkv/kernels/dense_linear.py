@@ -63,7 +63,7 @@ def linear_path(x: torch.Tensor, weight: torch.Tensor, choice: str | None = None
     m = x.numel() // max(1, x.shape[-1])
     if m == 1:
         wants = mode == "compiled" or (mode == "auto" and weight.numel() >= GEMV_MIN_ELEMENTS)
-        return "gemv" if wants and gemv_kernel(weight).fn is not None else "mv"
+        return "gemv" if wants and (torch.compiler.is_compiling() or gemv_kernel(weight).fn is not None) else "mv"
     return "mm_t" if 2 <= m <= MM_T_MAX_M else "linear"
 
 
