@@ -89,3 +89,72 @@ def test_inside_torch_compile_the_formula_is_traced_without_a_graph_break() -> N
     x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
     compiled = torch.compile(lambda a: dense_linear(a, w) * 2, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(x), dense_linear(x, w) * 2, rtol=1e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantized packs: the compiled loop reads cpu_int8 and cpu_int4 bytes as stored
+
+
+def _quant(w: torch.Tensor, scheme: str, group: int, pack: str) -> "QuantWeight":
+    from tierkv.kernels.quant import quantize_weight
+    from tierkv.quantspec import QuantWeight, TensorQuant
+
+    tq = TensorQuant(scheme, group, pack)
+    return QuantWeight(*quantize_weight(w, tq), tq)
+
+
+QUANT_CASES = [("int4", 32, "cpu_int4"), ("int4", 64, "cpu_int4"), ("int4", 128, "cpu_int4"),
+               ("int8", 64, "cpu_int4"), ("int8", "channel", "cpu_int8")]
+
+
+@pytest.mark.parametrize("scheme,group,pack,n,dtype",
+                         [(*case, 192, torch.bfloat16) for case in QUANT_CASES]
+                         + [("int4", 64, "cpu_int4", 64, torch.float16), ("int8", "channel", "cpu_int8", 64, torch.float16)])
+def test_quant_gemv_matches_the_dequantized_weight(scheme: str, group: int | str, pack: str, n: int,
+                                                   dtype: torch.dtype) -> None:
+    from tierkv.kernels.quant import dequantize_weight
+    from tierkv.quantspec import CHANNEL
+
+    torch.manual_seed(n)
+    k = 256
+    w = torch.randn(n, k)
+    w[:, : k // 8] *= 3.0                                          # groups with different scales
+    qw = _quant(w, scheme, CHANNEL if group == "channel" else group, pack)
+    x = torch.randn(k).to(dtype)
+    assert cpu_gemv.quant_gemv_supported(qw, dtype)
+    got = cpu_gemv.quant_gemv(qw, x)
+    ref = dequantize_weight(qw, torch.float32) @ x.float()         # the stored weight, exactly, in fp32
+    assert got.shape == (n,) and got.dtype == dtype
+    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert ((got.float() - ref).abs().max() / ref.abs().max()).item() < tol
+
+
+def test_quant_gemv_applies_only_where_it_reads_the_pack() -> None:
+    from tierkv.quantspec import CHANNEL
+
+    w = torch.randn(64, 128)
+    assert not cpu_gemv.quant_gemv_supported(_quant(w, "int4", 32, "cpu_int4"), torch.float32)   # fp32 x: the op
+    assert not cpu_gemv.quant_gemv_supported(_quant(w, "int4", 32, "plain"), torch.bfloat16)
+    assert not cpu_gemv.quant_gemv_supported(_quant(torch.randn(48, 128), "int4", 32, "cpu_int4"), torch.bfloat16)
+    assert cpu_gemv.quant_gemv_supported(_quant(w, "int8", CHANNEL, "cpu_int8"), torch.bfloat16)
+
+
+def test_quant_linear_takes_the_compiled_loop_for_one_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierkv.kernels.dense_linear import CPU_MATVEC_VAR
+    from tierkv.kernels.quant import linear_path as quant_path, quant_linear
+
+    torch.manual_seed(3)
+    small = _quant(torch.randn(64, 256), "int4", 64, "cpu_int4")
+    big = _quant(torch.randn(GEMV_MIN_ELEMENTS // 256, 256), "int4", 64, "cpu_int4")
+    one, few = torch.randn(1, 1, 256).bfloat16(), torch.randn(1, 3, 256).bfloat16()
+    bias = torch.randn(64).bfloat16()
+    assert quant_path(one, big) == "cpu_gemv" and quant_path(one, small) == "cpu_fused"
+    assert quant_path(few, big) == "cpu_fused"
+    monkeypatch.setenv(CPU_MATVEC_VAR, "compiled")
+    assert quant_path(one, small) == "cpu_gemv"
+    got = quant_linear(one, small, bias)
+    monkeypatch.setenv(CPU_MATVEC_VAR, "on")
+    assert quant_path(one, small) == "cpu_fused"
+    ref = quant_linear(one, small, bias)
+    assert got.shape == ref.shape == (1, 1, 64)
+    assert ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item() < 1e-2

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from tierkv.kernels._select import env_choice
 from tierkv.kernels.cpu_gemv import gemv, gemv_kernel
 
-__all__ = ["CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "GEMV_MIN_ELEMENTS", "MM_T_MAX_M", "dense_linear", "linear_path",
-           "pick_cpu_matvec"]
+__all__ = ["CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "GEMV_MIN_ELEMENTS", "MM_T_MAX_M", "compiled_gemv_wanted",
+           "dense_linear", "linear_path", "pick_cpu_matvec"]
 
 CPU_MATVEC_VAR = "TIERKV_CPU_MATVEC"
 CPU_MATVEC_CHOICES = ("auto", "compiled", "on", "off")
@@ -52,6 +52,14 @@ def pick_cpu_matvec(choice: str | None = None) -> str:
     return env_choice(choice, CPU_MATVEC_VAR, CPU_MATVEC_CHOICES, "the CPU matrix-vector path")
 
 
+def compiled_gemv_wanted(elements: int, choice: str | None = None) -> bool:
+    """Whether a one-row product with a weight of ``elements`` values should take a compiled kernel of
+    ``kernels.cpu_gemv`` (16-bit or quantized; the caller checks the dtype): "compiled" always, "auto"
+    from ``GEMV_MIN_ELEMENTS`` up, "on"/"off" never."""
+    mode = pick_cpu_matvec(choice)
+    return mode == "compiled" or (mode == "auto" and elements >= GEMV_MIN_ELEMENTS)
+
+
 def linear_path(x: torch.Tensor, weight: torch.Tensor, choice: str | None = None) -> str:
     """Which op ``dense_linear(x, weight, choice=choice)`` runs: "gemv", "mv", "mm_t" or "linear"
     (a "gemv" whose kernel does not build runs as "mv")."""
@@ -62,7 +70,7 @@ def linear_path(x: torch.Tensor, weight: torch.Tensor, choice: str | None = None
         return "linear"
     m = x.numel() // max(1, x.shape[-1])
     if m == 1:
-        wants = mode == "compiled" or (mode == "auto" and weight.numel() >= GEMV_MIN_ELEMENTS)
+        wants = compiled_gemv_wanted(weight.numel(), mode)
         return "gemv" if wants and (torch.compiler.is_compiling() or gemv_kernel(weight).fn is not None) else "mv"
     return "mm_t" if 2 <= m <= MM_T_MAX_M else "linear"
 

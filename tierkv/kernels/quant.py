@@ -24,6 +24,9 @@ one (scale, minimum) through a stride-0 view of qparams (K divisible by none: th
 
 ``quant_linear`` picks the path per call (``linear_path`` says which, for tests and traces):
 
+- cpu_int4 / cpu_int8, M = 1, 16-bit x: "cpu_gemv", the compiled loop over the packed bytes
+  (``cpu_gemv.quant_gemv``) where it reads the pack and builds, for weights as large as
+  ``dense_linear.compiled_gemv_wanted`` says (``TIERKV_CPU_MATVEC``: "compiled" always, "on"/"off" never);
 - cpu_int4 / cpu_int8, M < ``CPU_DEQUANT_MIN_M[x.dtype]``: "cpu_fused", the CPU op(s);
 - cpu_int4 / cpu_int8, larger M: "cpu_dequant", the weight unpacked into x's dtype, then ``F.linear``;
 - plain, Triton picked (``_select.pick_backend``), M < ``DEQUANT_MIN_M``: "triton_fused";
@@ -72,6 +75,8 @@ import torch.nn.functional as F
 
 from tierkv.errors import ArgumentError
 from tierkv.kernels import quant_cpu
+from tierkv.kernels.cpu_gemv import quant_gemv, quant_gemv_supported
+from tierkv.kernels.dense_linear import compiled_gemv_wanted
 from tierkv.kernels.quant_cpu import DynamicInt8Linear, dynamic_ok as _dynamic_ok, dynamic_linear as _dynamic_linear
 from tierkv.kernels._select import cdiv, fuse_linears, jit, pick_backend, pick_cpu_qlinear, tl
 from tierkv.kernels.quant_torchao import Da8w4Linear, da8w4_mm, da8w4_ok, pack_da8w4, require_da8w4
@@ -512,6 +517,9 @@ def linear_path(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear | Da8w4Line
     if isinstance(qw, DynamicInt8Linear):
         return "cpu_dynamic" if m < DYNAMIC_MAX_M else "cpu_dequant"
     if qw.quant.pack in _CPU_PACKS:
+        n, k = qw.shape
+        if m == 1 and compiled_gemv_wanted(n * k) and quant_gemv_supported(qw, x.dtype):
+            return "cpu_gemv"
         return "cpu_dequant" if m >= CPU_DEQUANT_MIN_M.get(x.dtype, 1) else "cpu_fused"
     if _triton_groups(qw) is None or \
             pick_backend(_quant_matmul_kernel, x, qw.data, qw.qparams, backend=backend) == "torch":
@@ -544,6 +552,9 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear | Da8w4Lin
             out = torch.cat([quant_linear(x2, part) for part in qw.parts], dim=-1)
         else:
             out = F.linear(x2, _dynamic_dequantized(qw, x.dtype))
+        out = out if bias is None else out.add_(bias)
+    elif path == "cpu_gemv":
+        out = quant_gemv(qw, x2[0]).view(1, n)
         out = out if bias is None else out.add_(bias)
     elif path == "cpu_fused":
         out = quant_cpu.cpu_quant_matmul(x2, qw.data, qw.qparams, qw.quant.bits, qw.quant.group_size, qw.quant.pack,
