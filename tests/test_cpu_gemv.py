@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tierkv.kernels import cpu_gemv
 from tierkv.kernels.dense_linear import GEMV_MIN_ELEMENTS, dense_linear, linear_path
+from tierkv.quantspec import QuantWeight
 
 
 def _reference(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -95,9 +96,9 @@ def test_inside_torch_compile_the_formula_is_traced_without_a_graph_break() -> N
 # quantized packs: the compiled loop reads cpu_int8 and cpu_int4 bytes as stored
 
 
-def _quant(w: torch.Tensor, scheme: str, group: int, pack: str) -> "QuantWeight":
+def _quant(w: torch.Tensor, scheme: str, group: int, pack: str) -> QuantWeight:
     from tierkv.kernels.quant import quantize_weight
-    from tierkv.quantspec import QuantWeight, TensorQuant
+    from tierkv.quantspec import TensorQuant
 
     tq = TensorQuant(scheme, group, pack)
     return QuantWeight(*quantize_weight(w, tq), tq)
