@@ -16,12 +16,13 @@ the first time on this machine and ~0.1 s once inductor's on-disk cache holds it
 fails (no C++ compiler, an inductor error) the caller falls back to ``torch.mv``; ``GemvKernel.error``
 says why and one warning names the fix.
 
-The same loop serves the CPU packs of quantized weights (``quantspec``: ``cpu_int8`` per channel,
-``cpu_int4`` int4 and two-plane int8 in PyTorch's tinygemm layout), where PyTorch's weight-only ops
-are compute-bound on 2 cores (int4 at ~12 GB/s of its bytes, int8 per channel at bf16's time): the
-graph reads the packed bytes as stored, unpacks nibbles and dequantizes in registers (w = q * scale
-+ minimum, fp32, the (G, N, 2) float16 qparams read as stored), and never writes a dequantized
-weight. ``quant_gemv`` takes a ``QuantWeight``; ``quant_gemv_supported`` says where it applies.
+The same loop serves the ``cpu_int8`` pack (int8 per channel, ``quantspec``), where PyTorch's
+weight-only ``_weight_int8pack_mm`` runs at about bf16's time on 2 cores (compute-bound): the graph
+reads the int8 bytes as stored and applies the scale and minimum per row after the sum, never
+writing a dequantized weight (1.4x the bf16 kernel per 5632x2048 matvec, docs/benchmarks.md).
+``quant_gemv`` takes a ``QuantWeight``; ``quant_gemv_supported`` says where it applies. The
+tinygemm int4 layout was tried the same way and left to PyTorch's op: inductor gathers its
+interleaved per-row scales element by element, and the graph ran at half the op's speed.
 
 Shapes: weight (N, K) (any strides; packed as its pack says), x (K,) 16-bit -> (N,) in x's dtype.
 """
@@ -36,13 +37,10 @@ from typing import Callable
 
 import torch
 
-from tierkv.quantspec import CHANNEL, QuantWeight
+from tierkv.quantspec import QuantWeight
 
 __all__ = ["GemvKernel", "gemv", "gemv_graph", "gemv_kernel", "quant_gemv", "quant_gemv_supported"]
 
-# the tinygemm layout's full blocks per CPU capability: (rows per block, pair stride = rows / 2);
-# byte j of a block's K-th column holds rows j (low nibble) and j + stride (high): kernels/quant_cpu.py
-_TINYGEMM_BLOCKS = {"AVX512": 64, "AVX2": 32}
 Spec = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]     # an input's (shape, strides, dtype)
 
 
@@ -60,49 +58,23 @@ def gemv_graph(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (w.float() * x.float()).sum(-1).to(w.dtype)
 
 
-def _int8_channel_graph(data: torch.Tensor, qparams: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """cpu_int8: data (N, K) int8 (q - 128), qparams (1, N, 2) -> (N,): with w = s*(q - 128) + (m + 128 s),
-    y = s * sum(x * (q - 128)) + (m + 128 s) * sum(x), in fp32."""
-    xf = x.float()
+def _int8_channel_graph(data: torch.Tensor, qparams: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
+    """cpu_int8: data (N, K) int8 (q - 128), qparams (1, N, 2), xf (K,) fp32 -> (N,) fp32: with
+    w = s*(q - 128) + (m + 128 s), y = s * sum(x * (q - 128)) + (m + 128 s) * sum(x). x comes in fp32
+    (converted once per call, not once per row: 1.4x faster than a 16-bit x here)."""
     scale, minimum = qparams[0, :, 0].float(), qparams[0, :, 1].float()
-    return ((data.float() * xf).sum(-1) * scale + (minimum + 128.0 * scale) * xf.sum()).to(x.dtype)
+    return (data.float() * xf).sum(-1) * scale + (minimum + 128.0 * scale) * xf.sum()
 
 
-def _tinygemm_graph(bits: int, blocks: int, groups: int, group_size: int, half: int) -> Callable[..., torch.Tensor]:
-    """cpu_int4 (full blocks of 2 * ``half`` rows): data (N, K/2) uint8 for int4, (2, N, K/2) (hi, lo
-    planes, q = 16 hi + lo) for int8; qparams (G, N, 2) -> (N,). Rows j and j + half of a block share
-    byte j of each K column (NB, K, half); w = q * scale + minimum per (group, row)."""
-
-    def graph(data: torch.Tensor, qparams: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        shape = (blocks, groups, group_size, half)                              # (NB, G, GS, half)
-        if bits == 4:
-            b = data.view(shape)
-            low, high = (b & 15).float(), (b >> 4).float()
-        else:
-            hi, lo = data[0].view(shape), data[1].view(shape)
-            low, high = ((hi & 15) * 16 + (lo & 15)).float(), ((hi >> 4) * 16 + (lo >> 4)).float()
-        per_row = (groups, blocks, 2, half)
-        scale = qparams[..., 0].float().view(per_row).permute(1, 0, 2, 3)[:, :, None]    # (NB, G, 1, 2, half)
-        minimum = qparams[..., 1].float().view(per_row).permute(1, 0, 2, 3)[:, :, None]
-        xg = x.float().view(1, groups, group_size, 1)
-        y_low = ((low * scale[..., 0, :] + minimum[..., 0, :]) * xg).sum((1, 2))            # (NB, half)
-        y_high = ((high * scale[..., 1, :] + minimum[..., 1, :]) * xg).sum((1, 2))
-        return torch.stack((y_low, y_high), 1).reshape(-1).to(x.dtype)
-
-    return graph
-
-
-def _graph(kind: str, consts: tuple[int, ...]) -> Callable[..., torch.Tensor]:
+def _graph(kind: str) -> Callable[..., torch.Tensor]:
     if kind == "dense":
         return gemv_graph
-    if kind == "int8_channel":
-        return _int8_channel_graph
-    assert kind == "tinygemm", kind
-    return _tinygemm_graph(*consts)
+    assert kind == "int8_channel", kind
+    return _int8_channel_graph
 
 
 @functools.lru_cache(maxsize=256)
-def _build(kind: str, specs: tuple[Spec, ...], consts: tuple[int, ...], threads: int) -> GemvKernel:
+def _build(kind: str, specs: tuple[Spec, ...], threads: int) -> GemvKernel:
     """Compile the ``kind`` graph for inputs of these layouts (example tensors, never the weights).
     ``threads`` is in the key only: inductor writes the current thread count into the loop."""
     t0 = time.perf_counter()
@@ -110,7 +82,7 @@ def _build(kind: str, specs: tuple[Spec, ...], consts: tuple[int, ...], threads:
         from torch._inductor import compile as inductor_compile
         from torch._inductor import config as inductor_config
 
-        graph = torch.fx.symbolic_trace(_graph(kind, consts))
+        graph = torch.fx.symbolic_trace(_graph(kind))
         examples = [torch.empty_strided(shape, stride, dtype=dtype).zero_() for shape, stride, dtype in specs]
         with inductor_config.patch(compile_threads=1), warnings.catch_warnings():   # in this process: no
             warnings.simplefilter("ignore", UserWarning)     # pool of workers; inductor's notes (mixed 16-bit
@@ -138,7 +110,7 @@ def _run(kernel: GemvKernel, *args: torch.Tensor) -> torch.Tensor:
 def gemv_kernel(weight: torch.Tensor) -> GemvKernel:
     """The compiled kernel for a 16-bit ``weight``'s layout at the current thread count (built on first use)."""
     x = (weight.shape[1],), (1,), weight.dtype
-    return _build("dense", (_spec(weight), x), (), torch.get_num_threads())
+    return _build("dense", (_spec(weight), x), torch.get_num_threads())
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -152,33 +124,25 @@ def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _run(kernel, weight, x.contiguous())
 
 
-def _quant_case(qw: QuantWeight, x_dtype: torch.dtype) -> tuple[str, tuple[torch.Tensor, torch.Tensor],
-                                                                tuple[int, ...]] | None:
-    """(graph kind, its weight inputs, constants) for ``qw``, or None where no graph reads its pack."""
-    if x_dtype not in (torch.bfloat16, torch.float16) or qw.device.type != "cpu":
+def _quant_case(qw: QuantWeight, x_dtype: torch.dtype) -> tuple[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """(graph kind, its weight inputs) for ``qw``, or None where no graph reads its pack."""
+    if x_dtype not in (torch.bfloat16, torch.float16) or qw.device.type != "cpu" or qw.quant.pack != "cpu_int8":
         return None
-    n, k = qw.shape
-    tq = qw.quant
-    if tq.pack == "cpu_int8":
-        return "int8_channel", (qw.data.view(torch.int8), qw.qparams), ()
-    block = _TINYGEMM_BLOCKS.get(torch.backends.cpu.get_cpu_capability())
-    if tq.pack != "cpu_int4" or block is None or n % block or tq.group_size == CHANNEL or tq.bits not in (4, 8):
-        return None
-    return "tinygemm", (qw.data, qw.qparams), (tq.bits, n // block, k // tq.group_size, tq.group_size, block // 2)
+    return "int8_channel", (qw.data.view(torch.int8), qw.qparams)
 
 
 def _quant_kernel(qw: QuantWeight, x_dtype: torch.dtype) -> tuple[GemvKernel, tuple[torch.Tensor, ...]] | None:
     case = _quant_case(qw, x_dtype)
     if case is None:
         return None
-    kind, inputs, consts = case
-    x = (qw.shape[1],), (1,), x_dtype
-    return _build(kind, (*map(_spec, inputs), x), consts, torch.get_num_threads()), inputs
+    kind, inputs = case
+    xf = (qw.shape[1],), (1,), torch.float32
+    return _build(kind, (*map(_spec, inputs), xf), torch.get_num_threads()), inputs
 
 
 def quant_gemv_supported(qw: QuantWeight, x_dtype: torch.dtype) -> bool:
-    """Whether ``quant_gemv`` computes ``qw`` for an x of ``x_dtype``: a CPU pack it reads (cpu_int8;
-    cpu_int4 int4/int8 whose rows fill whole blocks of this CPU's layout), 16-bit x, a kernel that built."""
+    """Whether ``quant_gemv`` computes ``qw`` for an x of ``x_dtype``: the cpu_int8 pack, 16-bit x, a kernel
+    that built."""
     found = _quant_kernel(qw, x_dtype)
     return found is not None and found[0].fn is not None
 
@@ -188,4 +152,4 @@ def quant_gemv(qw: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     found = _quant_kernel(qw, x.dtype)
     assert found is not None, "quant_gemv_supported(qw, x.dtype) is False: use quant.quant_linear"
     kernel, inputs = found
-    return _run(kernel, *inputs, x.contiguous())
+    return _run(kernel, *inputs, x.float().contiguous()).to(x.dtype)

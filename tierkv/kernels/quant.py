@@ -24,7 +24,7 @@ one (scale, minimum) through a stride-0 view of qparams (K divisible by none: th
 
 ``quant_linear`` picks the path per call (``linear_path`` says which, for tests and traces):
 
-- cpu_int4 / cpu_int8, M = 1, 16-bit x: "cpu_gemv", the compiled loop over the packed bytes
+- cpu_int8, M = 1, 16-bit x: "cpu_gemv", the compiled loop over the stored int8 bytes
   (``cpu_gemv.quant_gemv``) where it reads the pack and builds, for weights as large as
   ``dense_linear.compiled_gemv_wanted`` says (``TIERKV_CPU_MATVEC``: "compiled" always, "on"/"off" never);
 - cpu_int4 / cpu_int8, M < ``CPU_DEQUANT_MIN_M[x.dtype]``: "cpu_fused", the CPU op(s);
