@@ -6,6 +6,9 @@ Per weight shape of the ~0.85B benchmark model (N x K = 5632x2048 up/gate, 2048x
 2048x2048 attention) and batch rows M this script times, in the same run:
 
 * the peer: ``F.linear`` on the bf16 weight (cuBLAS on CUDA, oneDNN/MKL on the CPU);
+* on the CPU at M = 1, the compiled matrix-vector loops decode runs by default (``kernels.cpu_gemv``:
+  ``bf16_compiled_gemv``; ``int8ch_compiled_gemv`` on a ``cpu_int8`` per-channel weight, beside PyTorch's
+  op on the same bytes, ``int8ch_op``);
 * on the CPU, the ``cpu_int4`` pack: PyTorch's fused int4 op (int8 = two of them, ``quant_cpu``),
   torchao's da8w4 kernel where it is installed (``int4_da8w4``: x rounded to 8 bits, ``quant_torchao``;
   bytes = its packed copy) and the dequantize path (``dequantize_weight`` into a bf16 scratch weight, then ``F.linear``),
@@ -73,6 +76,29 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
+def _compiled_rows(w: torch.Tensor, peers: list[torch.Tensor], x: torch.Tensor, peer_s: float,
+                   timer: Timer) -> dict[str, Any]:
+    """M = 1 on the CPU: the compiled matrix-vector loops of ``kernels.cpu_gemv`` (bf16, and int8 per
+    channel against PyTorch's int8 op on the same cpu_int8 bytes), what decode runs by default."""
+    from tierkv.kernels import quant_cpu
+    from tierkv.kernels.cpu_gemv import gemv, quant_gemv, quant_gemv_supported
+    from tierkv.kernels.quant import quantize_weight
+    from tierkv.quantspec import CHANNEL, QuantWeight, TensorQuant
+
+    n, k = w.shape
+    rows = {"bf16_compiled_gemv": _row(_timed(timer, [lambda p=p: gemv(p, x[0]) for p in peers]), n * k * 2, peer_s)}
+    tq = TensorQuant("int8", CHANNEL, "cpu_int8")
+    one = QuantWeight(*quantize_weight(w, tq), tq)
+    qws = [QuantWeight(one.data.clone(), one.qparams.clone(), tq) for _ in range(_copies("cpu", one.nbytes))]
+    if quant_gemv_supported(one, x.dtype):
+        rows["int8ch_compiled_gemv"] = _row(_timed(timer, [lambda q=q: quant_gemv(q, x[0]) for q in qws]),
+                                            one.nbytes, peer_s)
+    rows["int8ch_op"] = _row(_timed(timer, [lambda q=q: quant_cpu.cpu_quant_matmul(x, q.data, q.qparams, 8, CHANNEL,
+                                                                                  "cpu_int8") for q in qws]),
+                             one.nbytes, peer_s)
+    return rows
+
+
 def bench_shape(n: int, k: int, ms: list[int], args: argparse.Namespace, timer: Timer) -> dict[str, Any]:
     """Every path at one (N, K) for each M."""
     from tierkv.kernels import quant_cpu
@@ -115,6 +141,8 @@ def bench_shape(n: int, k: int, ms: list[int], args: argparse.Namespace, timer: 
                 fused[0]()
                 ref = F.linear(x.float(), dequantize_weight(qws[0], torch.bfloat16).float())
                 rows[f"{scheme}_fused"]["max_rel_err_vs_fp32"] = _rel_err(y, ref)
+        if m == 1 and dev == "cpu":
+            rows.update(_compiled_rows(w, peers, x, peer_s, timer))
         out["by_m"][m] = rows
     if pack == "plain":
         out["dequant_kernel"] = {}

@@ -156,3 +156,18 @@ def test_quant_linear_takes_the_compiled_loop_for_one_row(monkeypatch: pytest.Mo
     ref = quant_linear(one, small, bias)
     assert got.shape == ref.shape == (1, 1, 64)
     assert ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item() < 1e-2
+
+
+def test_small_models_keep_torch_mv_under_auto(tiny_llama_dir) -> None:
+    """The Runner of a model below COMPILED_GEMV_MIN_PARAMS turns the compiled kernels off for its forwards
+    (their one-time build would cost more than its replies); "compiled" still forces them."""
+    import tierkv
+    from tierkv.kernels.dense_linear import COMPILED_GEMV_MIN_PARAMS, compiled_gemv_allowed
+
+    big = torch.randn(GEMV_MIN_ELEMENTS // 256, 256, dtype=torch.bfloat16)
+    one = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    with compiled_gemv_allowed(False):
+        assert linear_path(one, big) == "mv" and linear_path(one, big, "compiled") == "gemv"
+    assert linear_path(one, big) == "gemv"
+    with tierkv.load(tiny_llama_dir, device="cpu", dtype="bfloat16") as engine:
+        assert engine.config.param_count() < COMPILED_GEMV_MIN_PARAMS and not engine.runner.compiled_gemv

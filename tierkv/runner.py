@@ -30,6 +30,7 @@ import torch
 
 from tierkv.calibrate import StepLog
 from tierkv.config import ModelConfig
+from tierkv.kernels.dense_linear import COMPILED_GEMV_MIN_PARAMS, compiled_gemv_allowed
 from tierkv.model import KVCache, StepInputs, decoder_layer, embed, head, rope_inv_freq, rope_varies_with_length, \
     step_inputs
 from tierkv.pipeline.schedule import WeightSource, run_layers
@@ -94,6 +95,8 @@ class Runner:
         self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, 1, cfg.max_position_embeddings).to(device)
         # every step's layer compute, for the planner's calibration (CPU: a step's wall time is its compute)
         self.log: StepLog | None = StepLog(cfg.num_layers) if torch.device(device).type == "cpu" else None
+        # compiled CPU matrix-vector kernels pay for their one-time build on models this large (kernels.dense_linear)
+        self.compiled_gemv = cfg.param_count() >= COMPILED_GEMV_MIN_PARAMS
 
     def _inv_for(self, seq_len: int) -> torch.Tensor | None:
         """The engine's inverse frequencies when they serve a sequence ``seq_len`` long, else None."""
@@ -147,6 +150,11 @@ class Runner:
         order, or None; per row asking "all", its logits (q_len, V) fp32 on the CPU, computed
         ``head_rows`` positions at a time so the head's output stays within the activation reserve).
         ``groups``: each row's micro-batch (see ``hidden``)."""
+        with compiled_gemv_allowed(self.compiled_gemv):
+            return self._forward(feeds, head_rows, groups)
+
+    def _forward(self, feeds: Sequence[Feed], head_rows: int, groups: Sequence[int] | None
+                 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         t0, waited = time.perf_counter(), self.weights.stats().get("wait_s", 0.0) if self.log is not None else 0.0
         h = self.hidden(feeds, groups) if groups and any(groups) else self.hidden(feeds)
         if self.log is not None:

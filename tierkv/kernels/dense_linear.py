@@ -11,8 +11,9 @@ tensor, a fused strided view, a view of a streamed ring slot): no repacking, no 
 
 Paths (``linear_path`` says which; ``dense_linear`` runs it):
 
-- "gemv": one row (M = 1) of a 16-bit weight of at least ``GEMV_MIN_ELEMENTS``: the compiled loop of
-  ``kernels.cpu_gemv`` (22-30 GB/s here, 1.2-3x ``torch.mv``), where it builds; else "mv";
+- "gemv": one row (M = 1) of a 16-bit weight of at least ``GEMV_MIN_ELEMENTS`` in a model of at least
+  ``COMPILED_GEMV_MIN_PARAMS``: the compiled loop of ``kernels.cpu_gemv`` (22-30 GB/s here, 1.2-3x
+  ``torch.mv``), where it builds; else "mv";
 - "mv": one row: ``torch.mv(w, x)`` (``torch.addmv`` with a bias);
 - "mm_t": 2 <= M <= ``MM_T_MAX_M``: ``torch.mm(w, x^T)^T``, the weight as the left operand;
 - "linear": anything else, and every tensor off the CPU (cuBLAS stays on CUDA), ``F.linear``.
@@ -27,6 +28,9 @@ Shapes: x (..., K) with M = the product of the leading dims, weight (N, K), bias
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +38,31 @@ import torch.nn.functional as F
 from tierkv.kernels._select import env_choice
 from tierkv.kernels.cpu_gemv import gemv, gemv_kernel
 
-__all__ = ["CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "GEMV_MIN_ELEMENTS", "MM_T_MAX_M", "compiled_gemv_wanted",
-           "dense_linear", "linear_path", "pick_cpu_matvec"]
+__all__ = ["COMPILED_GEMV_MIN_PARAMS", "CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "GEMV_MIN_ELEMENTS", "MM_T_MAX_M",
+           "compiled_gemv_allowed", "compiled_gemv_wanted", "dense_linear", "linear_path", "pick_cpu_matvec"]
 
 CPU_MATVEC_VAR = "TIERKV_CPU_MATVEC"
 CPU_MATVEC_CHOICES = ("auto", "compiled", "on", "off")
-# Weights below this many elements keep torch.mv under "auto": a kernel build (1-3 s once) for a
-# matrix that takes microseconds does not pay, and tiny test models never build one.
+# Weights below this many elements keep torch.mv under "auto": a kernel build for a matrix that
+# takes microseconds does not pay.
 GEMV_MIN_ELEMENTS = 1 << 18
+# Models below this many parameters keep torch.mv under "auto" (``Runner`` says so per forward): the
+# first build of the kernels costs seconds (~20 s cold for the first, ~1.6 s each after, ~0.3 s each
+# from inductor's disk cache, plus ~3 s to import inductor), more than a small model's whole reply.
+COMPILED_GEMV_MIN_PARAMS = 50_000_000
+# Whether "auto" may use compiled kernels in this context (True unless a ``Runner`` of a small model
+# says not; a ContextVar so that each thread's forward sees its own engine's choice).
+_COMPILED_ALLOWED: ContextVar[bool] = ContextVar("tierkv_compiled_gemv_allowed", default=True)
+
+
+@contextmanager
+def compiled_gemv_allowed(allowed: bool) -> Iterator[None]:
+    """Within the block, "auto" takes the compiled kernels only if ``allowed`` (a forward of one model)."""
+    token = _COMPILED_ALLOWED.set(allowed)
+    try:
+        yield
+    finally:
+        _COMPILED_ALLOWED.reset(token)
 _AUTO_DTYPES = (torch.bfloat16, torch.float16)    # where the gemv paths measured faster than F.linear
 # Rows up to which mm(w, x^T) beats F.linear for bf16 (decode batches); larger M is a GEMM (prefill).
 MM_T_MAX_M = 8
@@ -55,9 +76,9 @@ def pick_cpu_matvec(choice: str | None = None) -> str:
 def compiled_gemv_wanted(elements: int, choice: str | None = None) -> bool:
     """Whether a one-row product with a weight of ``elements`` values should take a compiled kernel of
     ``kernels.cpu_gemv`` (16-bit or quantized; the caller checks the dtype): "compiled" always, "auto"
-    from ``GEMV_MIN_ELEMENTS`` up, "on"/"off" never."""
+    from ``GEMV_MIN_ELEMENTS`` up unless ``compiled_gemv_allowed(False)`` is in force, "on"/"off" never."""
     mode = pick_cpu_matvec(choice)
-    return mode == "compiled" or (mode == "auto" and elements >= GEMV_MIN_ELEMENTS)
+    return mode == "compiled" or (mode == "auto" and elements >= GEMV_MIN_ELEMENTS and _COMPILED_ALLOWED.get())
 
 
 def linear_path(x: torch.Tensor, weight: torch.Tensor, choice: str | None = None) -> str:
