@@ -78,7 +78,12 @@ def compiled_gemv_wanted(elements: int, choice: str | None = None) -> bool:
     ``kernels.cpu_gemv`` (16-bit or quantized; the caller checks the dtype): "compiled" always, "auto"
     from ``GEMV_MIN_ELEMENTS`` up unless ``compiled_gemv_allowed(False)`` is in force, "on"/"off" never."""
     mode = pick_cpu_matvec(choice)
-    return mode == "compiled" or (mode == "auto" and elements >= GEMV_MIN_ELEMENTS and _COMPILED_ALLOWED.get())
+    if mode == "compiled":
+        return True
+    # inside a graph torch.compile traces (tierkv.compiled) the formula is part of that graph: no build of
+    # its own, so no size rule (and dynamo cannot trace ContextVar.get)
+    allowed = torch.compiler.is_compiling() or _COMPILED_ALLOWED.get()
+    return mode == "auto" and elements >= GEMV_MIN_ELEMENTS and allowed
 
 
 def linear_path(x: torch.Tensor, weight: torch.Tensor, choice: str | None = None) -> str:
