@@ -71,6 +71,13 @@ class LoadFlags:
         False, "--quant-head", help="--quant: quantize the LM head too (embeddings and norms stay 16-bit)"))
     threads: Optional[int] = _flag(typer.Option(
         None, "--threads", "-t", help="CPU threads for compute (default: torch's choice)"))
+    compile: bool = _flag(typer.Option(
+        False, "--compile", help="torch.compile the layers' math around the KV attention (same tokens; pays for "
+                                 "prefill on the CPU, not for decode; the first run compiles, later ones use "
+                                 "the cache under --offload-dir)"))
+    cuda_graph: bool = _flag(typer.Option(
+        False, "--cuda-graph", help="CUDA: replay each resident layer's decode math from CUDA graphs "
+                                    "(off elsewhere, and the stats say why)"))
     verify: bool = _flag(typer.Option(
         False, "--verify", help="first check every checkpoint tensor is finite (reads the whole checkpoint "
                                 "once; names a corrupt tensor)"))
