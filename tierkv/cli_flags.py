@@ -72,9 +72,9 @@ class LoadFlags:
     threads: Optional[int] = _flag(typer.Option(
         None, "--threads", "-t", help="CPU threads for compute (default: torch's choice)"))
     compile: bool = _flag(typer.Option(
-        False, "--compile", help="torch.compile the layers' math around the KV attention (same tokens; pays for "
-                                 "prefill on the CPU, not for decode; the first run compiles, later ones use "
-                                 "the cache under --offload-dir)"))
+        False, "--compile", help="torch.compile the layers' math around the KV attention (fewer ops per step; "
+                                 "the same tokens in fp32, bf16 rounds slightly differently); the first run "
+                                 "compiles for tens of seconds, later ones reuse the cache under --offload-dir"))
     cuda_graph: bool = _flag(typer.Option(
         False, "--cuda-graph", help="CUDA: replay each resident layer's decode math from CUDA graphs "
                                     "(off elsewhere, and the stats say why)"))

@@ -59,14 +59,15 @@ class GraphStats:
 
 def cuda_capture(fn: Callable[[], Any]) -> tuple[Replay, Any]:
     """Capture ``fn`` (reading and writing only static tensors) into a CUDA graph: one warm-up run on a
-    side stream, then the capture. -> (replay, the captured outputs: tensors the replays overwrite)."""
+    side stream, then the capture. -> (replay, the captured outputs: tensors the replays overwrite).
+    "thread_local" capture: the weight streamer's I/O threads may issue copies meanwhile."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn()
     return graph.replay, out
 

@@ -493,11 +493,13 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
 
     compile=True runs each layer's math around its KV attention (norms, q/k/v, RoPE; o projection,
     MLP, residuals) through ``torch.compile`` (inductor; graphs cached under offload_dir/inductor, so
-    later runs skip most of the compile time): the same tokens, fewer ops per step. On this
-    project's 2-core CPU it paid for prefill (about 1.1-1.4x) and not for decode (0.8-1.0x), so it
-    is off by default. A compile failure (no C++ compiler, an unsupported op) runs the layers
-    eagerly, with one warning; ``engine.compile_stats()`` (and every result's ``stats.compile``) says
-    what compiling cost, how many graphs and recompiles, and any fallback's reason.
+    later runs skip part of the compile time): fewer ops per step, the same tokens in fp32 (in 16
+    bits the fused kernels round less often, so tokens may differ as between two BLAS builds). The
+    compile costs tens of seconds per process (less with the cache), so it is off by default; it
+    pays for long generations and prompts (docs/benchmarks.md, "Compiled steps"). A compile failure
+    (no C++ compiler, an unsupported op) runs the layers eagerly, with one warning;
+    ``engine.compile_stats()`` (and every result's ``stats.compile``) says what compiling cost, how
+    many graphs and recompiles, and any fallback's reason.
     cuda_graph=True (CUDA only) replays those halves of each resident layer from CUDA graphs at
     decode, one per batch size seen (a few kept); elsewhere it is off and the stats say why.
 
