@@ -71,7 +71,8 @@ class CompileStats:
 
 def inductor_cache_dir(offload_dir: Path) -> str:
     """The directory inductor caches its graphs in, from now on in this process: $TORCHINDUCTOR_CACHE_DIR
-    when the user set it, else ``offload_dir/inductor`` (importing dynamo fills the variable with
+    when it is set (by the user, or by an earlier compiled engine of this process: inductor reads one
+    directory per process), else ``offload_dir/inductor`` (importing dynamo fills the variable with
     inductor's default under /tmp, which is replaced: the offload directory outlives a reboot)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
