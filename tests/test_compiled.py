@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -86,10 +86,11 @@ def test_traced_halves_give_the_eager_tokens_on_every_architecture(tiny_model_di
 
 
 @pytest.fixture
-def fresh_inductor(monkeypatch: pytest.MonkeyPatch) -> None:
+def fresh_inductor(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No inductor cache directory chosen yet; compile in this process (no worker pool to start)."""
     monkeypatch.delenv(CACHE_DIR_VAR, raising=False)
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
+    with torch._inductor.config.patch(compile_threads=1):
+        yield
 
 
 @pytest.mark.usefixtures("fresh_inductor")
