@@ -4,8 +4,8 @@ Why this script exists: a decode step of a small model is hundreds of small torc
 cure (fewer, larger ops; host work hoisted out of the layer loop) must be measured part by part,
 before and after. The script times a resident bf16 decode with every part of ``tierkv.model``
 wrapped in a wall-clock timer (exclusive time: a part's children are counted in their own rows),
-so the rows add up to the step; "layer other" is what ``decoder_layer``/``attention``/``mlp`` do
-between their calls (residual adds, SiLU x up, views and splits, Python), "outside the layers" is
+so the rows add up to the step; "layer other" is what ``decoder_layer``, ``pre_attention``,
+``post_attention`` and ``mlp`` do between their calls (residual adds, SiLU x up, views and splits, Python), "outside the layers" is
 the engine around them (embedding, sampling, the loop). A second pass under ``torch.profiler``
 counts the aten ops per token and their summed self time, so "wall - aten" is the Python and
 dispatch time between ops. The peer is HF transformers' decode of the same checkpoint in the same
@@ -41,7 +41,9 @@ PARTS = [("tierkv.model", "linear", "matmul (q/k/v/o, gate/up/down)"),
          ("tierkv.model", "apply_rope", "RoPE"),
          ("tierkv.model", "step_inputs", "step inputs (RoPE tables, positions)"),
          ("tierkv.runner", "RaggedKV.attend", "attention (KV append + SDPA)"),
-         ("tierkv.model", "attention", "layer other (views, splits, adds, SiLU, Python)"),
+         ("tierkv.model", "attention_inputs", "layer other (views, splits, adds, SiLU, Python)"),
+         ("tierkv.model", "pre_attention", "layer other (views, splits, adds, SiLU, Python)"),
+         ("tierkv.model", "post_attention", "layer other (views, splits, adds, SiLU, Python)"),
          ("tierkv.model", "mlp", "layer other (views, splits, adds, SiLU, Python)"),
          ("tierkv.model", "decoder_layer", "layer other (views, splits, adds, SiLU, Python)"),
          ("tierkv.runner", "decoder_layer", "layer other (views, splits, adds, SiLU, Python)"),

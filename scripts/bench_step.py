@@ -25,8 +25,12 @@ Ceilings in the same run: the bf16 matrix-vector stream (GB/s, decode) and the b
 (TFLOP/s, prefill) of ``bench_common``; each engine's decode is also given as the weight bytes it
 streams per second. The load average is recorded next to every number (the machine is shared).
 
+``--compile`` adds ``tierkv-compiled``: the same tierkv run with ``tierkv.load(..., compile=True)`` in its
+own process (its warm-ups compile, so the timed calls run the compiled graphs), with its ratio to
+eager tierkv and what compiling cost (seconds, graphs, recompiles).
+
     python scripts/bench_step.py [--models 135m,0.85b] [--parts decode,prefill]
-        [--engines tierkv,hf,llama] [--prefill-lengths 512,4096,16384] [--threads 2]
+        [--engines tierkv,hf,llama] [--compile] [--prefill-lengths 512,4096,16384] [--threads 2]
         [--llama-bench PATH] [--convert-script PATH] [--model-root DIR]
 
 ``PYTHONPATH=OTHER_TREE python scripts/bench_step.py --engines tierkv`` measures another checkout
@@ -166,17 +170,20 @@ def worker_tierkv(o: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(o["threads"])
     longest = max(o["lengths"] or [o["prompt_len"] + o["new_tokens"]])
-    engine = tierkv.load(o["model"], device="cpu", dtype="bfloat16", kv="exact", kv_device_tokens=longest + 8)
+    engine = tierkv.load(o["model"], device="cpu", dtype="bfloat16", kv="exact", kv_device_tokens=longest + 8,
+                         compile=bool(o.get("compile")))
     out: dict[str, Any] = {"load_avg": round(os.getloadavg()[0], 2), "prefill_chunk_tokens": engine.prefill_chunk_tokens}
     if o["decode"]:
         ids = prompt_ids(o["prompt_len"])
         gen = lambda n: engine.generate(ids, max_new_tokens=n, ignore_eos=True)  # noqa: E731
-        gen(2)                                                              # warm-up
+        gen(2)                                                              # warm-up (and, compiled, the compile)
+        out["warm_compile"] = engine.compile_stats()["compile"]
         timing = bw.time_decode(gen, o["new_tokens"], o["repeats"])
         out.update(tok_s=round(timing.tok_s, 2), tokens=list(timing.last.token_ids)[:8])
     if o["lengths"]:
         out.update(_timed_prefills(lambda ids: engine.generate(ids, max_new_tokens=1, ignore_eos=True),
                                    o["lengths"], o["prefill_repeats"]))
+    out["compile"] = engine.compile_stats()["compile"]          # graphs, recompiles, seconds, cache directory
     engine.close()
     return out
 
@@ -200,6 +207,7 @@ def worker_hf(o: dict[str, Any]) -> dict[str, Any]:
 
 
 WORKERS = {"tierkv": worker_tierkv, "hf": worker_hf}
+COMPILED = "tierkv-compiled"        # --compile: tierkv.load(..., compile=True) in its own process beside tierkv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +231,7 @@ def collect(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
                 print(f"WARNING: {name}: {e}; its llama.cpp column is skipped", flush=True)
         for part in args.parts:
             lengths = args.prefill_lengths if part == "prefill" else []
-            for engine in args.engines:
+            for engine in [*args.engines, *([COMPILED] if args.compile else [])]:
                 key = f"{name}/{part}/{engine}"
                 if engine == "llama":
                     if gguf is None:
@@ -234,8 +242,10 @@ def collect(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
                 else:
                     opts = {"model": str(model), "threads": args.threads, "decode": part == "decode",
                             "lengths": lengths, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                            "repeats": args.repeats, "prefill_repeats": args.prefill_repeats}
-                    runs[key] = run_worker_script(__file__, engine, opts, None, args.timeout_s)
+                            "repeats": args.repeats, "prefill_repeats": args.prefill_repeats,
+                            "compile": engine == COMPILED}
+                    runs[key] = run_worker_script(__file__, "tierkv" if engine == COMPILED else engine, opts, None,
+                                                  args.timeout_s)
                 shown = runs[key].get("tok_s", runs[key].get("tg_best", runs[key].get("prefill_tok_s",
                                       runs[key].get("pp_best_by_tokens"))))
                 print(f"{key}: {shown if shown is not None else runs[key].get('error')} "
@@ -260,6 +270,7 @@ def summarize(runs: dict[str, Any], facts: dict[str, Any], models: list[str], le
         step = facts.get(name, {}).get("step_bytes")
         row["weight_gbps"] = {e: round(step * row[e] / 1e9, 2) for e in ENGINES if step and row[e]}
         row["load_avg"] = {e: r.get("load_avg") for e, r in zip(ENGINES, (tk, hf, ll)) if r}
+        _compiled_ratio(row, runs.get(f"{name}/decode/{COMPILED}"), "tok_s", None)
         if any(runs.get(f"{name}/decode/{e}") for e in ENGINES):
             s["decode"][name] = row
         if row["tierkv_vs_llama"] is not None:
@@ -274,6 +285,7 @@ def summarize(runs: dict[str, Any], facts: dict[str, Any], models: list[str], le
                  "load_avg": {e: r.get("prefill_load_avg", {}).get(str(n), r.get("load_avg"))
                               for e, r in zip(ENGINES, (tk, hf, ll)) if r}}
             p["tierkv_vs_hf"], p["tierkv_vs_llama"] = _ratio(p["tierkv"], p["hf"]), _ratio(p["tierkv"], p["llama"])
+            _compiled_ratio(p, runs.get(f"{name}/prefill/{COMPILED}"), "prefill_tok_s", str(n))
             if any((tk, hf, ll)):
                 s["prefill"][f"{name}/{n}"] = p
             if p["tierkv_vs_hf"] is not None:
@@ -283,6 +295,18 @@ def summarize(runs: dict[str, Any], facts: dict[str, Any], models: list[str], le
         if errors:
             s["prefill"][f"{name}/errors"] = errors
     return s
+
+
+def _compiled_ratio(row: dict[str, Any], run: dict[str, Any] | None, field: str, length: str | None) -> None:
+    """--compile: the compiled engine's tok/s beside tierkv's (``row["tierkv"]``), its ratio to it and
+    what compiling cost (seconds, graphs, recompiles); nothing when it did not run."""
+    if run is None:
+        return
+    value = run.get(field) if length is None else run.get(field, {}).get(length)
+    row["tierkv_compiled"], row["compiled_vs_eager"] = value, _ratio(value, row["tierkv"])
+    row["compile"] = {k: run.get("compile", {}).get(k) for k in ("compile_s", "graphs", "recompiles", "fallback_reason")}
+    if run.get("error"):
+        row.setdefault("errors", {})[COMPILED] = run["error"]
 
 
 def _f(x: float | None, spec: str = ".1f") -> str:
@@ -299,6 +323,8 @@ def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
                      f"{gbps or 'n/a'} (load {r['load_avg']})"))
         for e, err in r["errors"].items():
             rows.append((f"{name} decode {e}", f"FAILED: {err}"))
+        if "compiled_vs_eager" in r:
+            rows.append((f"{name} decode compiled", _compiled_text(r, ".2f")))
     for key, p in s["prefill"].items():
         if key.endswith("/errors"):
             rows.extend((f"{key.split('/')[0]} prefill {e}", f"FAILED: {err}") for e, err in p.items())
@@ -307,8 +333,17 @@ def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((f"{name} prefill {n}", f"tierkv {_f(p['tierkv'])} tok/s, HF {_f(p['hf'])}, llama.cpp pp "
                      f"{_f(p['llama'])}: {_f(p['tierkv_vs_hf'], '.2f')}x HF, {_f(p['tierkv_vs_llama'], '.2f')}x "
                      f"llama.cpp (load {p['load_avg']})"))
+        if "compiled_vs_eager" in p:
+            rows.append((f"{name} prefill {n} compiled", _compiled_text(p, ".1f")))
     rows.append(goals_row(s["goals"]))
     return rows
+
+
+def _compiled_text(r: dict[str, Any], spec: str) -> str:
+    c = r["compile"]
+    return (f"tierkv compile=True {_f(r['tierkv_compiled'], spec)} tok/s vs eager {_f(r['tierkv'], spec)}: "
+            f"{_f(r['compiled_vs_eager'], '.2f')}x (its process compiled {c['graphs']} graphs in "
+            f"{_f(c['compile_s'])} s, {c['recompiles']} recompiles{'; ' + c['fallback_reason'] if c['fallback_reason'] else ''})")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -318,6 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
     ap.add_argument("--prefill-lengths", default="512,4096,16384", help="comma list of prompt lengths")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true",
+                    help="also run tierkv with compile=True (its own process, warmed up first) beside tierkv")
     ap.add_argument("--prompt-len", type=int, default=16, help="decode: prompt tokens before the timed tokens")
     ap.add_argument("--new-tokens", type=int, default=16, help="decode tokens N in (N - 1) / (t(N) - t(1))")
     ap.add_argument("--repeats", type=int, default=3, help="decode: best of this many")

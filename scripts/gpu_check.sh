@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine: the `gpu`-marked tests, the GPU benchmarks, then the TKLQT
-# sweep on compiled kernels (`tierkv trace run` on the demo model, batch sizes 1..16).
+# sweep on compiled kernels (`tierkv trace run` on the demo model, batch sizes 1..32), and the same
+# at batch 1, 8, 32 with the layers compiled (--compile) and replayed from CUDA graphs (--cuda-graph).
 #
 #   scripts/gpu_check.sh [OUT_DIR]        (default: out/gpu-check)
 #
 # Each step prints to stdout and to OUT_DIR/<step>.log (each benchmark ends with one JSON line);
 # the sweep writes OUT_DIR/trace/ (report.json, tklqt.png, one chrome trace per batch size);
 # OUT_DIR/summary.txt has one line per step: ok or FAILED, and its seconds.
-# It is sized to about 8.5 minutes on an H100: each step has a share of that time and is stopped,
+# It is sized to about 9.5 minutes on an H100: each step has a share of that time and is stopped,
 # failing the check, when it runs past it (GPU_CHECK_TIME_SCALE=2 doubles every share).
 # Exit status: 0 when every step passed; 1 when a step failed or this is no CUDA machine; 2 when a
 # file it needs is missing (checked first, so nothing runs).
@@ -60,14 +61,18 @@ python -c "import accelerate" 2>/dev/null ||
   { peer=(--skip-peer); echo "gpu_check.sh: accelerate is not installed: bench_weights.py runs without its peer" |
       tee -a "$out/summary.txt"; }
 
-# shares in seconds: 120 + 60 + 100 + 60 + 45 + 40 + 45 = 470, plus start-up, about 8 minutes
+# shares in seconds: 120 + 60 + 100 + 60 + 45 + 40 + 45 + 35 + 35 = 540, plus start-up, about 9.5 minutes
 step gpu-tests      120 python -m pytest -q -m gpu -p no:cacheprovider -rs
 step bench_resident  60 python scripts/bench_resident.py --device cuda
 step bench_weights  100 python scripts/bench_weights.py --device cuda ${peer[@]+"${peer[@]}"}
 step bench_kv        60 python scripts/bench_kv.py --device cuda
 step bench_kernels   45 python scripts/bench_kernels.py --device cuda
 step bench_quant_kernels 40 python scripts/bench_quant_kernels.py --device cuda
-step trace-sweep     45 python -m tierkv trace run demo --device cuda --batch-sizes 1,2,4,8,16 --out "$out/trace"
+step trace-sweep     45 python -m tierkv trace run demo --device cuda --batch-sizes 1,2,4,8,16,32 --out "$out/trace"
+# the same decode step compiled (torch.compile of the layer halves), then replayed from CUDA graphs:
+# TKLQT and tok/s at batch 1, 8, 32 beside the eager sweep above
+step trace-compiled  35 python -m tierkv trace run demo --device cuda --batch-sizes 1,8,32 --compile --out "$out/trace-compiled"
+step trace-graphs    35 python -m tierkv trace run demo --device cuda --batch-sizes 1,8,32 --cuda-graph --out "$out/trace-graphs"
 echo "== summary ($out/summary.txt)"
 cat "$out/summary.txt"
 exit $status

@@ -61,10 +61,13 @@ def test_it_runs_the_tests_the_benchmarks_and_the_trace_sweep_and_reports_a_fail
                    "scripts/bench_kv.py --device cuda",
                    "scripts/bench_kernels.py --device cuda",
                    "scripts/bench_quant_kernels.py --device cuda",
-                   f"-m tierkv trace run demo --device cuda --batch-sizes 1,2,4,8,16 --out {out}/trace"]
+                   f"-m tierkv trace run demo --device cuda --batch-sizes 1,2,4,8,16,32 --out {out}/trace",
+                   f"-m tierkv trace run demo --device cuda --batch-sizes 1,8,32 --compile --out {out}/trace-compiled",
+                   f"-m tierkv trace run demo --device cuda --batch-sizes 1,8,32 --cuda-graph --out {out}/trace-graphs"]
     summary = (out / "summary.txt").read_text().splitlines()
     assert [line.split()[:2] for line in summary] == [
         ["ok", "gpu-tests"], ["ok", "bench_resident"], ["ok", "bench_weights"], ["FAILED", "bench_kv"],
-        ["ok", "bench_kernels"], ["ok", "bench_quant_kernels"], ["ok", "trace-sweep"]]
+        ["ok", "bench_kernels"], ["ok", "bench_quant_kernels"], ["ok", "trace-sweep"], ["ok", "trace-compiled"],
+        ["ok", "trace-graphs"]]
     assert "exit status 3 after" in summary[3] and f"see {out}/bench_kv.log" in summary[3]
     assert (out / "bench_kv.log").read_text() == "kv went wrong\n"

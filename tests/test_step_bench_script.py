@@ -60,3 +60,17 @@ def test_a_missing_llama_bench_skips_its_column_with_the_fix(bench: ModuleType, 
     assert why is not None and "--llama-bench" in why and "skipped" in why
     with pytest.raises(SystemExit):
         bench.parse_args(["--engines", "tierkv,vllm"])
+
+
+def test_compile_adds_the_compiled_engine_beside_eager_tierkv(bench: ModuleType) -> None:
+    cost = {"compile_s": 12.5, "graphs": 4, "recompiles": 2, "fallback_reason": ""}
+    runs = {"135m/decode/tierkv": {"tok_s": 20.0}, "135m/decode/tierkv-compiled": {"tok_s": 18.0, "compile": cost},
+            "135m/prefill/tierkv": {"prefill_tok_s": {"512": 100.0}},
+            "135m/prefill/tierkv-compiled": {"prefill_tok_s": {"512": 130.0}, "compile": cost}}
+    s = bench.summarize(runs, {"135m": {}}, ["135m"], [512])
+    assert s["decode"]["135m"]["compiled_vs_eager"] == 0.9 and s["decode"]["135m"]["compile"] == cost
+    assert s["prefill"]["135m/512"]["tierkv_compiled"] == 130.0 and s["prefill"]["135m/512"]["compiled_vs_eager"] == 1.3
+    rows = dict(bench.table_rows(s))
+    assert "0.90x" in rows["135m decode compiled"] and "4 graphs in 12.5 s" in rows["135m prefill 512 compiled"]
+    assert bench.parse_args(["--compile"]).compile and not bench.parse_args([]).compile
+    assert "tierkv-compiled" not in bench.summarize({"135m/decode/tierkv": {"tok_s": 1.0}}, {}, ["135m"], [])["decode"]["135m"]

@@ -247,7 +247,21 @@ def _summary(res: GenerationResult, engine: Engine) -> str:
     return (f"[{s.new_tokens} tokens ({res.finish_reason}) | prompt {s.prompt_tokens} tokens, "
             f"prefill {s.prefill_s:.3f} s | decode {s.decode_tok_s:.1f} tok/s | "
             f"peak RSS {format_size(s.peak_rss_bytes)} | {engine.device.type} {str(engine.dtype).removeprefix('torch.')}"
-            f"{_schemes(engine)}]")
+            f"{_schemes(engine)}{_compiled(s.compile)}]")
+
+
+def _compiled(state: dict[str, Any]) -> str:
+    """"; compiled: 4 graphs in 31.2 s (2 recompiles)" for the summary line when --compile or --cuda-graph
+    was asked ("" otherwise), or why the engine runs without them."""
+    comp, graph = state.get("compile", {}), state.get("cuda_graph", {})
+    out = ""
+    if comp.get("asked"):
+        out += (f"; compiled: {comp['graphs']} graphs in {comp['compile_s']:.1f} s ({comp['recompiles']} recompiles)"
+                if comp["active"] else f"; compile failed, ran eager: {comp['fallback_reason']}")
+    if graph.get("asked"):
+        out += (f"; CUDA graphs: {graph['captures']} captured, {graph['replays']} replays" if graph["active"]
+                else f"; CUDA graphs {graph['reason']}")
+    return out
 
 
 def _schemes(engine: Engine) -> str:

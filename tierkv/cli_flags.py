@@ -71,6 +71,13 @@ class LoadFlags:
         False, "--quant-head", help="--quant: quantize the LM head too (embeddings and norms stay 16-bit)"))
     threads: Optional[int] = _flag(typer.Option(
         None, "--threads", "-t", help="CPU threads for compute (default: torch's choice)"))
+    compile: bool = _flag(typer.Option(
+        False, "--compile", help="torch.compile the layers' math around the KV attention (fewer ops per step; "
+                                 "the same tokens in fp32, bf16 rounds slightly differently); the first run "
+                                 "compiles for tens of seconds, later ones reuse the cache under --offload-dir"))
+    cuda_graph: bool = _flag(typer.Option(
+        False, "--cuda-graph", help="CUDA: replay each resident layer's decode math from CUDA graphs "
+                                    "(off elsewhere, and the stats say why)"))
     verify: bool = _flag(typer.Option(
         False, "--verify", help="first check every checkpoint tensor is finite (reads the whole checkpoint "
                                 "once; names a corrupt tensor)"))

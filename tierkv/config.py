@@ -412,6 +412,8 @@ class Policy:
     weight_quant: WeightQuant | None = None  # group-wise int8/int4 layer weights; None = 16-bit (the compute dtype)
     kv_quant: str = "none"              # KV chunks on the host and disk tiers: "none" (exact), "int8" or "int4"
                                         # (KIVI-style codes; device chunks, abstracts and key codes stay exact)
+    compile: bool = False               # torch.compile the layers' math around the KV attention (``compiled``)
+    cuda_graph: bool = False            # CUDA: replay the decode step's layer halves from graphs (``cuda_graphs``)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_quant", check_kv_scheme(self.kv_quant))
@@ -434,5 +436,8 @@ class Policy:
         if self.weight_quant is not None and not isinstance(self.weight_quant, WeightQuant):
             raise ArgumentError(f"weight_quant={self.weight_quant!r}: give a tierkv.quantspec.WeightQuant "
                                 "(tierkv.load takes quant='int8'|'int4', group_size=, quant_head=)")
+        for name in ("compile", "cuda_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise ArgumentError(f"{name}={getattr(self, name)!r}: give True or False")
         if self.kv_sketch is not None and not isinstance(self.kv_sketch, bool):
             raise ArgumentError(f"kv_sketch={self.kv_sketch!r}: give True, False or None (the default)")

@@ -414,6 +414,7 @@ def _finish_stats(engine: Any, seq: Seq, turn: Turn) -> None:
     if device.type == "cuda":
         stats.peak_device_bytes = torch.cuda.max_memory_allocated(device)
     stats.weights = weight_stats_delta(turn.weights_before, engine._weights.stats())
+    stats.compile = engine.compile_stats()
     if seq.cache is not None and hasattr(seq.cache, "stats"):
         stats.kv = seq.cache.stats()
     busy = stats.prefill_s + stats.decode_s

@@ -33,7 +33,11 @@ from tierkv.io.gguf import is_gguf_source
 from tierkv.loader import gguf_store, open_store_source, open_weight_source
 from tierkv.pipeline.schedule import ResidentWeights, WeightSource
 from tierkv.quantspec import WeightQuant, parse_weight_quant
+from tierkv.budgets import default_offload_dir
 from tierkv.calibrate import remember as remember_links
+from tierkv.compiled import CompileStats, CompiledHalves
+from tierkv.cuda_graphs import GraphStats, graph_halves
+from tierkv.model import EAGER_HALVES, LayerHalves
 from tierkv.plan import DEFAULT_CONTEXT_TOKENS, Plan, activation_bytes, prefill_sizes, step_rows
 from tierkv.prompt_cache import PromptCache
 from tierkv.runner import Runner
@@ -148,7 +152,8 @@ class Engine:
         self.prefill_chunk_tokens, self.attention_scratch_bytes = (
             (self.plan.prefill_chunk_tokens, self.plan.attention_scratch_bytes) if self.plan is not None
             else prefill_sizes(self.config, self.dtype, policy, 0, 1))
-        self.runner = Runner(self.config, self._weights, self.dtype, self.device)
+        self.compiled, self.graph_stats, halves = step_halves(policy, budget, self.device)
+        self.runner = Runner(self.config, self._weights, self.dtype, self.device, halves)
         limits, head_rows = step_limits(self.config, self.dtype, policy, self.plan, self.prefill_chunk_tokens,
                                         self.attention_scratch_bytes)
         room = KVRoom(self.config, policy, self.dtype, self.device, self.plan, self.attention_scratch_bytes, head_rows,
@@ -316,6 +321,13 @@ class Engine:
                     "kv_disk_bytes": sum(st["disk_bytes"] for st in tiered),
                     "device_room_bytes": core.room.device_room_bytes, "host_room_bytes": core.room.host_room_bytes}
 
+    def compile_stats(self) -> dict[str, Any]:
+        """How the layers' math runs: ``compile`` (``compiled.CompileStats``: asked, active, compile
+        seconds, graphs, recompiles, cache directory, fallback reason) and ``cuda_graph``
+        (``cuda_graphs.GraphStats``: asked, active, why not, captures, replays)."""
+        compiled = self.compiled.stats if self.compiled is not None else CompileStats()
+        return {"compile": compiled.to_dict(), "cuda_graph": self.graph_stats.to_dict()}
+
     def prompt_cache_stats(self) -> dict[str, Any]:
         """The prompt cache: entries, tokens (of KV they hold), hits, hit_tokens (reused), misses,
         evictions, in_use (entries serving a request now), limit_tokens, directory."""
@@ -356,6 +368,16 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def step_halves(policy: Policy, budget: Budget, device: torch.device
+                ) -> tuple[CompiledHalves | None, GraphStats, LayerHalves]:
+    """How each layer's math around its KV attention runs: eager, compiled (``policy.compile``; inductor
+    caches under the offload directory), replayed from CUDA graphs (``policy.cuda_graph``), or both."""
+    compiled = CompiledHalves(budget.offload_dir or default_offload_dir()) if policy.compile else None
+    halves, graphs = graph_halves(compiled.halves if compiled is not None else EAGER_HALVES, device,
+                                  policy.cuda_graph)
+    return compiled, graphs, halves
 
 
 def _flag_cancelled(client: Client) -> None:
@@ -405,7 +427,8 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          progress: ProgressFn | None = None, prefill_progress: ProgressFn | None = None,
          verify: bool = False, max_sequences: int = 16, quant: str | None = None, group_size: int | str | None = None,
          quant_head: bool = False, kv_quant: str = "none", prompt_cache_tokens: int | None = None,
-         sessions_dir: str | Path | None = None, micro_batches: int = 1) -> Engine:
+         sessions_dir: str | Path | None = None, micro_batches: int = 1, compile: bool = False,
+         cuda_graph: bool = False) -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``, or a store made by ``tierkv convert``,
     which brings its config, tokenizer and weight scheme, or a GGUF model: a .gguf file, a directory
     holding one, or a part of a split set) for generation. A GGUF model is converted on first use
@@ -468,6 +491,18 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     is made and on ``close()``, and from which a later engine of the same model and dtype restores
     them (files of another model, or damaged ones, are skipped with a warning).
 
+    compile=True runs each layer's math around its KV attention (norms, q/k/v, RoPE; o projection,
+    MLP, residuals) through ``torch.compile`` (inductor; graphs cached under offload_dir/inductor, so
+    later runs skip part of the compile time): fewer ops per step, the same tokens in fp32 (in 16
+    bits the fused kernels round less often, so tokens may differ as between two BLAS builds). The
+    compile costs tens of seconds per process (less with the cache), so it is off by default; it
+    pays for long generations and prompts (docs/benchmarks.md, "Compiled steps"). A compile failure
+    (no C++ compiler, an unsupported op) runs the layers eagerly, with one warning;
+    ``engine.compile_stats()`` (and every result's ``stats.compile``) says what compiling cost, how
+    many graphs and recompiles, and any fallback's reason.
+    cuda_graph=True (CUDA only) replays those halves of each resident layer from CUDA graphs at
+    decode, one per batch size seen (a few kept); elsewhere it is off and the stats say why.
+
     verify=True first reads every checkpoint tensor once (bounded memory, a bar on a terminal, or
     ``progress(done_bytes, total_bytes)`` before any conversion's calls) and raises CheckpointError
     naming the first one holding NaN, inf or absurdly large values, or values the compute dtype
@@ -479,7 +514,7 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,
                     kv_exact_max_tokens=kv_exact_max_tokens, chunk_tokens=chunk_tokens,
                     kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, max_sequences=max_sequences,
-                    kv_quant=kv_quant, micro_batches=micro_batches)
+                    kv_quant=kv_quant, micro_batches=micro_batches, compile=compile, cuda_graph=cuda_graph)
     if is_gguf_source(model_path(model)):
         # quant=None keeps the file's quantized weights as they are (16-bit ones stay 16-bit); "int4"/"int8"
         # quantizes its 16-bit and other-type weights too; "none" dequantizes everything to 16-bit

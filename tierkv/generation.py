@@ -38,6 +38,7 @@ class GenerationStats:
     io_wait_fraction: float = 0.0   # share of prefill+decode time spent waiting for weights to arrive
     kv: dict[str, Any] = field(default_factory=dict)  # tiered KV cache: chunk sizes, bytes per tier, hit rate
     weights: dict[str, float] = field(default_factory=dict)  # bytes per tier; bytes, GB/s, wait per link
+    compile: dict[str, Any] = field(default_factory=dict)   # the engine's compile and CUDA graph state (compile_stats)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -140,30 +140,25 @@ def _linears(x: torch.Tensor, w: dict[str, torch.Tensor], fused: str, sizes: lis
     return linear(x, weight, w.get(f"{fused}.bias")).split(sizes, dim=-1)
 
 
-def attention(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tensor, step: StepInputs,
-              kv: KVCache, layer: int) -> torch.Tensor:
-    """Self-attention block (without the residual). x (B, T, H) normed -> (B, T, H)."""
+def attention_inputs(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q/k/v of the normed x (B, T, H), post-RoPE with the (B, T, 1, D) tables of ``step_inputs``:
+    q (B, T, Hq, D), k and v (B, T, Hkv, D) (views of the projections where they can be)."""
     b, t, _ = x.shape
     d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     fused = w.get("self_attn.qkv_proj.weight")
     if fused is not None and not cfg.qk_norm:                                # q and k heads side by side: one RoPE
         qkv = linear(x, fused, w.get("self_attn.qkv_proj.bias")).view(b, t, hq + 2 * hkv, d)
-        qk = apply_rope(qkv[:, :, :hq + hkv], step.cos, step.sin)            # (B, T, Hq+Hkv, D)
-        q, k, v = qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hkv:]
-    else:
-        q, k, v = _linears(x, w, "self_attn.qkv_proj", [cfg.q_size, cfg.kv_size, cfg.kv_size])
-        q = q.view(b, t, hq, d)                                              # (B, T, Hq, D)
-        k = k.view(b, t, hkv, d)                                             # (B, T, Hkv, D)
-        v = v.view(b, t, hkv, d)
-        if cfg.qk_norm:
-            q = rms_norm(q, w["self_attn.q_norm.weight"], cfg.rms_norm_eps)
-            k = rms_norm(k, w["self_attn.k_norm.weight"], cfg.rms_norm_eps)
-        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
-    # (B, Hq, T, D) and (B, Hkv, T, D) views
-    out = kv.attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), step.positions,
-                    cfg.sliding_window_tokens[layer])
-    out = out.transpose(1, 2).reshape(b, t, cfg.q_size)                      # (B, T, Hq*D)
-    return _linear(out, w, "self_attn.o_proj")
+        qk = apply_rope(qkv[:, :, :hq + hkv], cos, sin)                      # (B, T, Hq+Hkv, D)
+        return qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hkv:]
+    q, k, v = _linears(x, w, "self_attn.qkv_proj", [cfg.q_size, cfg.kv_size, cfg.kv_size])
+    q = q.view(b, t, hq, d)                                                  # (B, T, Hq, D)
+    k = k.view(b, t, hkv, d)                                                 # (B, T, Hkv, D)
+    v = v.view(b, t, hkv, d)
+    if cfg.qk_norm:
+        q = rms_norm(q, w["self_attn.q_norm.weight"], cfg.rms_norm_eps)
+        k = rms_norm(k, w["self_attn.k_norm.weight"], cfg.rms_norm_eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def mlp(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -172,11 +167,54 @@ def mlp(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return _linear(F.silu(gate) * up, w, "mlp.down_proj")
 
 
-def decoder_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, step: StepInputs,
-                  kv: KVCache, layer: int) -> torch.Tensor:
-    """One pre-norm decoder layer with residuals. h (B, T, H) -> (B, T, H)."""
-    h = h + attention(cfg, w, rms_norm(h, w["input_layernorm.weight"], cfg.rms_norm_eps), step, kv, layer)
+def pre_attention(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's half before its KV attention: input norm, q/k/v projection, RoPE. h (B, T, H) ->
+    q (B, T, Hq, D), k/v (B, T, Hkv, D). Pure tensor math (``compiled`` traces it)."""
+    return attention_inputs(cfg, w, rms_norm(h, w["input_layernorm.weight"], cfg.rms_norm_eps), cos, sin)
+
+
+def post_attention(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor,
+                   attn: torch.Tensor) -> torch.Tensor:
+    """A layer's half after its KV attention: o projection, residual, post-attention norm, MLP, residual.
+    h (B, T, H) the layer's input, attn (B, T, Hq*D) the attention output -> (B, T, H). Pure tensor math."""
+    h = h + _linear(attn, w, "self_attn.o_proj")
     return h + mlp(w, rms_norm(h, w["post_attention_layernorm.weight"], cfg.rms_norm_eps))
+
+
+@dataclass(frozen=True)
+class LayerHalves:
+    """The two halves of a decoder layer around its KV attention, with ``pre_attention``'s and
+    ``post_attention``'s signatures: eager (``EAGER_HALVES``), compiled (``compiled.CompiledHalves``)
+    or CUDA-graphed (``cuda_graphs``). ``layer`` says which layer they run (graphs keep one per layer)."""
+
+    pre: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    post: Callable[..., torch.Tensor]
+
+
+def _eager_pre(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return pre_attention(cfg, w, h, cos, sin)
+
+
+def _eager_post(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, attn: torch.Tensor,
+                layer: int) -> torch.Tensor:
+    return post_attention(cfg, w, h, attn)
+
+
+EAGER_HALVES = LayerHalves(_eager_pre, _eager_post)
+
+
+def decoder_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, step: StepInputs,
+                  kv: KVCache, layer: int, halves: LayerHalves = EAGER_HALVES) -> torch.Tensor:
+    """One pre-norm decoder layer with residuals. h (B, T, H) -> (B, T, H): ``halves.pre``, the KV
+    cache's attention (Python bookkeeping: never traced or captured), ``halves.post``."""
+    b, t, _ = h.shape
+    q, k, v = halves.pre(cfg, w, h, step.cos, step.sin, layer)
+    # (B, Hq, T, D) and (B, Hkv, T, D) views
+    out = kv.attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), step.positions,
+                    cfg.sliding_window_tokens[layer])
+    return halves.post(cfg, w, h, out.transpose(1, 2).reshape(b, t, cfg.q_size), layer)   # attn (B, T, Hq*D)
 
 
 def embed(g: dict[str, torch.Tensor], ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

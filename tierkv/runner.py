@@ -31,8 +31,8 @@ import torch
 from tierkv.calibrate import StepLog
 from tierkv.config import ModelConfig
 from tierkv.kernels.dense_linear import COMPILED_GEMV_MIN_PARAMS, compiled_gemv_allowed
-from tierkv.model import KVCache, StepInputs, decoder_layer, embed, head, rope_inv_freq, rope_varies_with_length, \
-    step_inputs
+from tierkv.model import EAGER_HALVES, KVCache, LayerHalves, StepInputs, decoder_layer, embed, head, rope_inv_freq, \
+    rope_varies_with_length, step_inputs
 from tierkv.pipeline.schedule import WeightSource, run_layers
 
 __all__ = ["Feed", "RaggedKV", "Runner"]
@@ -86,10 +86,14 @@ class RaggedKV:
 
 
 class Runner:
-    """Runs packed steps through a weight source: embed, every layer (``run_layers``), the LM head."""
+    """Runs packed steps through a weight source: embed, every layer (``run_layers``), the LM head.
 
-    def __init__(self, cfg: ModelConfig, weights: WeightSource, dtype: torch.dtype, device: torch.device) -> None:
-        self.cfg, self.weights, self.dtype, self.device = cfg, weights, dtype, device
+    ``halves``: how each layer's math around its KV attention runs (``model.LayerHalves``: eager by
+    default; ``compiled.CompiledHalves`` or ``cuda_graphs.GraphedHalves`` when the engine asks)."""
+
+    def __init__(self, cfg: ModelConfig, weights: WeightSource, dtype: torch.dtype, device: torch.device,
+                 halves: LayerHalves = EAGER_HALVES) -> None:
+        self.cfg, self.weights, self.dtype, self.device, self.halves = cfg, weights, dtype, device, halves
         # RoPE inverse frequencies (D/2,) on the device, built once: every step's tables start from them
         # (a dynamic RoPE past its trained length rescales per length: ``step_inputs`` builds those per step)
         self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, 1, cfg.max_position_embeddings).to(device)
@@ -130,10 +134,12 @@ class Runner:
         ids = [i for f in ordered for i in f.ids]
         h = embed(self.weights.globals(), torch.tensor([ids], device=self.device), self.dtype)   # (1, N, H)
 
+        halves = self.halves
+
         def layer(j: int, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             if len(parts) == 1:
-                return decoder_layer(self.cfg, w, x, steps[0], kvs[0], j)
-            return torch.cat([decoder_layer(self.cfg, w, xg, st, kv, j)          # one group at a time
+                return decoder_layer(self.cfg, w, x, steps[0], kvs[0], j, halves)
+            return torch.cat([decoder_layer(self.cfg, w, xg, st, kv, j, halves)  # one group at a time
                               for xg, st, kv in zip(x.split(cuts, dim=1), steps, kvs)], dim=1)
 
         h = run_layers(self.weights, h, layer)

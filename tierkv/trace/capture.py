@@ -159,8 +159,9 @@ def run_sweep(model: str, batch_sizes: list[int], prompt_len: int, new_tokens: i
 
     Writes ``out_dir/trace_b{B}.json`` per batch size, ``report.json`` and ``tklqt.png``; each
     batch size gets one unprofiled warm-up generation first. ``on_run`` is called after each
-    batch size (for progress output). ``budgets`` (device_mem, host_mem, offload_dir) go to
-    ``tierkv.load``, so a streaming placement can be profiled too.
+    batch size (for progress output). ``budgets`` (device_mem, host_mem, offload_dir, and the
+    step options compile, cuda_graph) go to ``tierkv.load``, so a streaming placement, or compiled
+    or graphed layers, can be profiled too.
     """
     import torch
 

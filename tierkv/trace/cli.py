@@ -61,6 +61,10 @@ def run_command(
     threads: Annotated[int | None, typer.Option("--threads", "-t", min=1,
                                                 help="CPU threads for torch (default: torch's choice).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print report.json's content instead of tables.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the layers (tierkv.load(compile=True)); "
+                                                            "the warm-up generation compiles")] = False,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="CUDA: replay the layers' decode math from "
+                                                                  "CUDA graphs (captured during the warm-up)")] = False,
 ) -> None:
     """Profile generation at each batch size and find the CPU-bound -> GPU-bound transition."""
     import torch
@@ -78,7 +82,8 @@ def run_command(
 
     try:
         result = run_sweep(model, sizes, prompt_len, new_tokens, out, device=device, dtype=dtype, on_run=on_run,
-                           device_mem=device_mem, host_mem=host_mem, offload_dir=offload_dir)
+                           device_mem=device_mem, host_mem=host_mem, offload_dir=offload_dir,
+                           **({"compile": True} if compile else {}), **({"cuda_graph": True} if cuda_graph else {}))
     except (TierkvError, OSError) as exc:     # TraceError, bad budgets, a missing model ...
         _fail(str(exc))
         return
