@@ -5,7 +5,9 @@ warning naming the fix when it cannot be built."""
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +173,22 @@ def test_small_models_keep_torch_mv_under_auto(tiny_llama_dir) -> None:
     assert linear_path(one, big) == "gemv"
     with tierkv.load(tiny_llama_dir, device="cpu", dtype="bfloat16") as engine:
         assert engine.config.param_count() < COMPILED_GEMV_MIN_PARAMS and not engine.runner.compiled_gemv
+
+
+def test_a_large_model_keeps_its_kernels_in_the_offload_dir(tiny_llama_dir, tmp_path, monkeypatch) -> None:
+    """Engines of models that take the compiled kernels point inductor's cache at the offload directory
+    (it outlives a reboot, /tmp does not), unless the user chose a directory."""
+    import tierkv
+    import tierkv.runner
+    from tierkv.compiled import CACHE_DIR_VAR
+
+    monkeypatch.setattr(tierkv.runner, "COMPILED_GEMV_MIN_PARAMS", 0)      # the tiny model counts as large
+    monkeypatch.setenv("TIERKV_CPU_MATVEC", "on")                            # no kernel build in this test
+    monkeypatch.setenv(CACHE_DIR_VAR, "")
+    with tierkv.load(tiny_llama_dir, device="cpu", dtype="bfloat16", offload_dir=tmp_path) as engine:
+        assert engine.runner.compiled_gemv
+    assert Path(os.environ[CACHE_DIR_VAR]) == (tmp_path / "inductor").resolve()
+    monkeypatch.setenv(CACHE_DIR_VAR, str(tmp_path / "mine"))
+    with tierkv.load(tiny_llama_dir, device="cpu", dtype="bfloat16", offload_dir=tmp_path):
+        pass
+    assert os.environ[CACHE_DIR_VAR] == str(tmp_path / "mine")

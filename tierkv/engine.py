@@ -35,7 +35,7 @@ from tierkv.pipeline.schedule import ResidentWeights, WeightSource
 from tierkv.quantspec import WeightQuant, parse_weight_quant
 from tierkv.budgets import default_offload_dir
 from tierkv.calibrate import remember as remember_links
-from tierkv.compiled import CompileStats, CompiledHalves
+from tierkv.compiled import CompileStats, CompiledHalves, inductor_cache_dir
 from tierkv.cuda_graphs import GraphStats, graph_halves
 from tierkv.model import EAGER_HALVES, LayerHalves
 from tierkv.plan import DEFAULT_CONTEXT_TOKENS, Plan, activation_bytes, prefill_sizes, step_rows
@@ -154,6 +154,8 @@ class Engine:
             else prefill_sizes(self.config, self.dtype, policy, 0, 1))
         self.compiled, self.graph_stats, halves = step_halves(policy, budget, self.device)
         self.runner = Runner(self.config, self._weights, self.dtype, self.device, halves)
+        if self.runner.compiled_gemv and self.device.type == "cpu":   # its kernels' builds outlive a reboot too
+            inductor_cache_dir(budget.offload_dir or default_offload_dir())
         limits, head_rows = step_limits(self.config, self.dtype, policy, self.plan, self.prefill_chunk_tokens,
                                         self.attention_scratch_bytes)
         room = KVRoom(self.config, policy, self.dtype, self.device, self.plan, self.attention_scratch_bytes, head_rows,
