@@ -85,8 +85,8 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_mv_with_one_warning(monkeyp
 
 
 def test_inside_torch_compile_the_formula_is_traced_without_a_graph_break() -> None:
-    """A layer function that ``torch.compile`` traces (``tierkv.compiled``) gets the formula, not the
-    prebuilt kernel (an opaque call dynamo would break the graph on)."""
+    """A layer function that ``torch.compile`` traces (``tierkv.compiled``) calls the kernel as the opaque
+    op ``tierkv::gemv`` (a plain call into the prebuilt kernel would break the graph)."""
     torch.manual_seed(2)
     w = torch.randn(GEMV_MIN_ELEMENTS // 256, 256, dtype=torch.bfloat16)
     x = torch.randn(1, 1, 256, dtype=torch.bfloat16)

@@ -32,16 +32,37 @@ from __future__ import annotations
 import functools
 import time
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from tierkv.quantspec import QuantWeight
 
-__all__ = ["GemvKernel", "gemv", "gemv_graph", "gemv_kernel", "quant_gemv", "quant_gemv_supported"]
+__all__ = ["GemvKernel", "compiled_gemv_allowed", "gemv", "gemv_graph", "gemv_kernel", "kernels_allowed", "quant_gemv",
+           "quant_gemv_supported"]
 
 Spec = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]     # an input's (shape, strides, dtype)
+# Whether the model being run may use the kernels (True unless a ``Runner`` of a small model says not:
+# ``dense_linear.COMPILED_GEMV_MIN_PARAMS``); a ContextVar so that each thread's forward sees its own.
+_ALLOWED: ContextVar[bool] = ContextVar("tierkv_compiled_gemv_allowed", default=True)
+
+
+@contextmanager
+def compiled_gemv_allowed(allowed: bool) -> Iterator[None]:
+    """Within the block, "auto" takes the compiled kernels only if ``allowed`` (a forward of one model)."""
+    token = _ALLOWED.set(allowed)
+    try:
+        yield
+    finally:
+        _ALLOWED.reset(token)
+
+
+def kernels_allowed() -> bool:
+    """Whether the kernels are allowed in this context (``compiled_gemv_allowed``)."""
+    return _ALLOWED.get()
 
 
 @dataclass(frozen=True)
@@ -113,15 +134,32 @@ def gemv_kernel(weight: torch.Tensor) -> GemvKernel:
     return _build("dense", (_spec(weight), x), torch.get_num_threads())
 
 
-def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight (N, K) @ x (K,) -> (N,) through the compiled kernel, else ``torch.mv``. Inside a function
-    that ``torch.compile`` traces (``tierkv.compiled``), the formula itself, for inductor to fuse."""
-    if torch.compiler.is_compiling():
-        return gemv_graph(weight, x)
+def _eager_gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     kernel = gemv_kernel(weight)
     if kernel.fn is None:
         return torch.mv(weight, x)
     return _run(kernel, weight, x.contiguous())
+
+
+@torch.library.custom_op("tierkv::gemv", mutates_args=())
+def _gemv_op(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The kernel as an op ``torch.compile`` keeps opaque: traced as the formula, inductor fused it with
+    the ops that make x (RMSNorm) and recomputed them per output row, at 0.4-0.75x the kernel's speed.
+    The model-size rule is asked here, at run time (a small model's graph gets ``torch.mv``)."""
+    return _eager_gemv(weight, x) if kernels_allowed() else torch.mv(weight, x)
+
+
+@_gemv_op.register_fake
+def _gemv_op_shape(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return weight.new_empty(weight.shape[0])
+
+
+def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight (N, K) @ x (K,) -> (N,) through the compiled kernel, else ``torch.mv``; inside a function
+    that ``torch.compile`` traces (``tierkv.compiled``), as the opaque op ``tierkv::gemv``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.tierkv.gemv(weight, x)
+    return _eager_gemv(weight, x)
 
 
 def _quant_case(qw: QuantWeight, x_dtype: torch.dtype) -> tuple[str, tuple[torch.Tensor, torch.Tensor]] | None:

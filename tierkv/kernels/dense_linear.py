@@ -28,15 +28,11 @@ Shapes: x (..., K) with M = the product of the leading dims, weight (N, K), bias
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 
 from tierkv.kernels._select import env_choice
-from tierkv.kernels.cpu_gemv import gemv, gemv_kernel
+from tierkv.kernels.cpu_gemv import compiled_gemv_allowed, gemv, gemv_kernel, kernels_allowed
 
 __all__ = ["COMPILED_GEMV_MIN_PARAMS", "CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "GEMV_MIN_ELEMENTS", "MM_T_MAX_M",
            "compiled_gemv_allowed", "compiled_gemv_wanted", "dense_linear", "linear_path", "pick_cpu_matvec"]
@@ -50,19 +46,6 @@ GEMV_MIN_ELEMENTS = 1 << 18
 # first build of the kernels costs seconds (~20 s cold for the first, ~1.6 s each after, ~0.3 s each
 # from inductor's disk cache, plus ~3 s to import inductor), more than a small model's whole reply.
 COMPILED_GEMV_MIN_PARAMS = 50_000_000
-# Whether "auto" may use compiled kernels in this context (True unless a ``Runner`` of a small model
-# says not; a ContextVar so that each thread's forward sees its own engine's choice).
-_COMPILED_ALLOWED: ContextVar[bool] = ContextVar("tierkv_compiled_gemv_allowed", default=True)
-
-
-@contextmanager
-def compiled_gemv_allowed(allowed: bool) -> Iterator[None]:
-    """Within the block, "auto" takes the compiled kernels only if ``allowed`` (a forward of one model)."""
-    token = _COMPILED_ALLOWED.set(allowed)
-    try:
-        yield
-    finally:
-        _COMPILED_ALLOWED.reset(token)
 _AUTO_DTYPES = (torch.bfloat16, torch.float16)    # where the gemv paths measured faster than F.linear
 # Rows up to which mm(w, x^T) beats F.linear for bf16 (decode batches); larger M is a GEMM (prefill).
 MM_T_MAX_M = 8
@@ -80,9 +63,9 @@ def compiled_gemv_wanted(elements: int, choice: str | None = None) -> bool:
     mode = pick_cpu_matvec(choice)
     if mode == "compiled":
         return True
-    # inside a graph torch.compile traces (tierkv.compiled) the formula is part of that graph: no build of
-    # its own, so no size rule (and dynamo cannot trace ContextVar.get)
-    allowed = torch.compiler.is_compiling() or _COMPILED_ALLOWED.get()
+    # inside a graph torch.compile traces (tierkv.compiled) the op tierkv::gemv is traced and asks at run
+    # time (dynamo cannot trace ContextVar.get)
+    allowed = torch.compiler.is_compiling() or kernels_allowed()
     return mode == "auto" and elements >= GEMV_MIN_ELEMENTS and allowed
 
 
