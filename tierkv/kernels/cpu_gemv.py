@@ -4,22 +4,24 @@ Why this module exists: a decode step at batch 1 multiplies every weight by one 
 the rate at which the weight's bytes are read. On this project's CPU, PyTorch's reduced-precision
 ``torch.mv`` reads bf16 weights at 7-10 GB/s and oneDNN's M = 1 GEMM (``F.linear``) at 9-21 GB/s,
 while one plain loop (bf16 rows loaded in vector registers, widened to fp32, multiplied and summed,
-parallel over output rows) reads them at 22-30 GB/s, what llama.cpp reaches (docs/benchmarks.md,
-"Decode per-step overhead"). PyTorch's inductor writes exactly that C++ loop for
+parallel over output rows) reads them at 22-30 GB/s, near what llama.cpp reaches (docs/benchmarks.md,
+"Decode: compiled matrix-vector kernels"). PyTorch's inductor writes exactly that C++ loop for
 ``(w.float() * x.float()).sum(-1)``. This module compiles it once per weight layout straight from an
 FX graph (``torch._inductor.compile``: no dynamo, so no guards to check per call) and keeps the
 compiled kernels for the process, as Triton keeps its JIT kernels.
 
 A kernel is specific to the weight's shape, strides and dtype and to the thread count (inductor
-writes the OpenMP thread count into the loop), so those are its key. Building one takes about 1-3 s
-the first time on this machine and ~0.1 s once inductor's on-disk cache holds it. When the build
+writes the OpenMP thread count into the loop), so those are its key. Building one took ~20 s for the
+first kernel of a process with a cold cache on this machine (inductor's headers), 1-2 s for each
+other one, ~0.3 s from inductor's on-disk cache. Inside a graph that ``torch.compile`` traces
+(``tierkv.compiled``) the kernel is the opaque op ``tierkv::gemv``. When the build
 fails (no C++ compiler, an inductor error) the caller falls back to ``torch.mv``; ``GemvKernel.error``
 says why and one warning names the fix.
 
 The same loop serves the ``cpu_int8`` pack (int8 per channel, ``quantspec``), where PyTorch's
 weight-only ``_weight_int8pack_mm`` runs at about bf16's time on 2 cores (compute-bound): the graph
 reads the int8 bytes as stored and applies the scale and minimum per row after the sum, never
-writing a dequantized weight (1.4x the bf16 kernel per 5632x2048 matvec, docs/benchmarks.md).
+writing a dequantized weight (1.4x the bf16 kernel per 5632x2048 matvec, x given in fp32).
 ``quant_gemv`` takes a ``QuantWeight``; ``quant_gemv_supported`` says where it applies. The
 tinygemm int4 layout was tried the same way and left to PyTorch's op: inductor gathers its
 interleaved per-row scales element by element, and the graph ran at half the op's speed.
