@@ -68,11 +68,14 @@ def keeps_sketch(policy: Policy) -> bool:
 def layer_index_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capacity_tokens: int, chunk_tokens: int,
                       sketch: bool) -> int:
     """Device bytes of one layer's chunk index for a context: abstracts (min/max key per chunk) and,
-    with ``sketch``, the 2-bit key codes (``kernels.sketch``). Always resident, beside the slot pool."""
+    with ``sketch``, the 2-bit key codes (``kernels.sketch``) and the key ellipsoids that rank chunks for
+    them (``kernels.ellipsoid``: centre and squared semi-axes, D values each in ``dtype``, like the
+    abstracts). Always resident, beside the slot pool."""
     chunks = -(-capacity_tokens // chunk_tokens)
-    per_chunk = 2 * cfg.num_kv_heads * cfg.head_dim * element_bytes(dtype)
+    summary = 2 * cfg.num_kv_heads * cfg.head_dim * element_bytes(dtype)     # two (D,) vectors per KV head
+    per_chunk = summary
     if sketch:
-        per_chunk += cfg.num_kv_heads * chunk_tokens * sketch_bytes_per_token(cfg.head_dim)
+        per_chunk += cfg.num_kv_heads * chunk_tokens * sketch_bytes_per_token(cfg.head_dim) + summary
     return batch * chunks * per_chunk
 
 
