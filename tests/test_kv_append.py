@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tierkv.config import ModelConfig, Policy
-from tierkv.kernels import chunk_abstract, encode_keys
+from tierkv.kernels import chunk_abstract, encode_keys, key_ellipsoids
 from tierkv.kernels._select import HAS_TRITON
 from tierkv.kernels.abstract import piece_abstract
 from tierkv.kernels.reference import chunk_abstract_ref
@@ -134,7 +134,8 @@ def _index(cache: TieredKVCache, layer: int) -> dict[str, Any]:
     kv = cache._st.layers[layer]
     assert kv is not None
     table = kv.table
-    return {"kmin": kv.kmin, "kmax": kv.kmax, "codes": kv.codes, "sizes": kv.chunk_sizes, "coded": kv.n_coded,
+    return {"kmin": kv.kmin, "kmax": kv.kmax, "codes": kv.codes, "centre": kv.centre, "axes2": kv.axes2,
+            "sizes": kv.chunk_sizes, "coded": kv.n_coded,
             "chunks": kv.n_chunks, "tiers": {key: table.tier_of(key) for key in table.keys()}}
 
 
@@ -173,10 +174,12 @@ def test_any_split_into_pieces_gives_the_same_index_kv_and_placement(tmp_path: P
         codes = torch.cat([encode_keys(keys[:, :, c:c + 1], ref_min[:, :, c:c + 1], ref_max[:, :, c:c + 1])
                            for c in range(closed)], dim=2)
         assert ref["coded"] == closed and torch.equal(ref["codes"][:, :, :closed], codes)
+        ell = key_ellipsoids(keys, torch.float32)                   # the closed chunks' ellipsoids, all at once
+        assert torch.equal(ref["centre"][:, :, :closed], ell.centre) and torch.equal(ref["axes2"][:, :, :closed], ell.axes2)
         assert ref["sizes"][:C].tolist() == [S] * closed + [T % S]
         for name in SPLITS:
             got = seen[name][layer]
-            for key in ("kmin", "kmax", "codes", "sizes"):
+            for key in ("kmin", "kmax", "codes", "centre", "axes2", "sizes"):
                 assert torch.equal(got[key], ref[key]), (name, key)
             assert (got["coded"], got["chunks"]) == (ref["coded"], ref["chunks"]), name
             if name == "chunk by chunk" or name == "one pass":   # whole waves evict what one chunk at a time did

@@ -53,12 +53,13 @@ def cold_chunk_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk_tokens: int, kv
 
 
 def keeps_sketch(policy: Policy) -> bool:
-    """Whether a tiered cache under ``policy`` keeps 2-bit key codes (only sparse selection reads them).
+    """Whether a tiered cache under ``policy`` keeps 2-bit key codes and key ellipsoids (only sparse
+    selection reads them).
 
     Default (``policy.kv_sketch`` None): on outside exact mode, on every device: the token-level
     bound finds single-key needles the min/max bound misses, and the two-stage selection
-    (``kernels.importance``: the sketch scores only a few times the budget's chunks) keeps its cost
-    a small part of a decode step on the CPU too. ``kv_sketch=False`` turns it off.
+    (``kernels.importance``: the ellipsoids rank every chunk, the sketch scores only 2x the budget's
+    chunks) keeps its cost a small part of a decode step on the CPU too. ``kv_sketch=False`` turns it off.
     """
     if policy.kv == "exact":
         return False
