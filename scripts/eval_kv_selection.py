@@ -56,6 +56,7 @@ from bench_common import best_of, emit_json  # noqa: E402
 
 from tierkv.kernels import (KeySketch, chunk_abstract, chunk_scores, encode_keys, key_ellipsoids,  # noqa: E402
                             select_chunks, sketch_candidates, sparse_decode_attention)
+from tierkv.kernels.ellipsoid import causal_variances, no_moments  # noqa: E402
 from tierkv.kernels.quality import (attention_recall, chunk_mask_to_tokens, plant_needle,  # noqa: E402
                                    relative_output_error)
 
@@ -210,7 +211,8 @@ def key_sketch(case: Case, chunk: int, kmin: torch.Tensor, kmax: torch.Tensor, s
     B, H, T, D = case.k.shape
     C = sizes.numel()
     padded = torch.nn.functional.pad(case.k, (0, 0, 0, C * chunk - T)).view(B, H, C, chunk, D)
-    return KeySketch(encode_keys(padded, kmin, kmax), sizes, C, key_ellipsoids(padded, case.k.dtype))
+    variance = causal_variances(padded, no_moments(B, H, D, padded.device))[0]   # as the cache's, up to each chunk
+    return KeySketch(encode_keys(padded, kmin, kmax), sizes, C, key_ellipsoids(padded, case.k.dtype, variance))
 
 
 def default_scores(case: Case, sketch: KeySketch, kmin: torch.Tensor, kmax: torch.Tensor, budget_tokens: int,

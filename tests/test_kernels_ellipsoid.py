@@ -12,7 +12,7 @@ import torch
 from tierkv.kernels import Ellipsoid, KeySketch, chunk_abstract, chunk_scores, encode_keys, key_ellipsoids, select_chunks
 from tierkv.kernels import sketch_candidates
 from tierkv.kernels._select import HAS_TRITON
-from tierkv.kernels.ellipsoid import ellipsoid_rank, ellipsoid_scores
+from tierkv.kernels.ellipsoid import KeyMoments, causal_variances, ellipsoid_rank, ellipsoid_scores, no_moments
 from tierkv.kernels.quality import plant_needle
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))]
@@ -80,6 +80,26 @@ def test_the_bound_is_above_every_logit_of_its_chunk(backend, dtype, kind, D):
     if kind == "identical":                                                # a point: the bound is its logit
         assert torch.allclose(got.double(), peak, rtol=1e-2, atol=1e-2 * float(mag.max()) if dtype != torch.float32
                               else 1e-3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causal_weights_keep_every_key_inside_and_do_not_depend_on_the_split(kind):
+    q, k = _keys(kind, 1, 2, 2, 6, 8, 16, seed=7)
+    whole, after = causal_variances(k, no_moments(1, 2, 16, "cpu"))
+    head, mid = causal_variances(k[:, :, :2], no_moments(1, 2, 16, "cpu"))
+    tail, end = causal_variances(k[:, :, 2:], mid)
+    assert torch.equal(torch.cat([head, tail], 2), whole) and after.count == end.count == 48
+    assert torch.equal(after.s1, end.s1) and torch.equal(after.s2, end.s2)
+    flat = k.reshape(1, 2, 48, 16).double()
+    assert torch.allclose(whole[:, :, -1].double(), flat.var(2, correction=0), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(whole[:, :, 0].double(), flat[:, :, :8].var(2, correction=0), rtol=1e-5, atol=1e-6)
+    ell = key_ellipsoids(k, torch.float32, whole)
+    dev2 = (k.double() - ell.centre.double().unsqueeze(3)) ** 2
+    axes2 = ell.axes2.double().unsqueeze(3)
+    assert (torch.where(axes2 > 0, dev2 / axes2, torch.zeros_like(dev2)).sum(-1) <= 1.0).all()
+    peak = _peak(q, k)
+    assert (ellipsoid_scores(q, ell).double() >= peak - 1e-5 * (peak.abs() + 1)).all()
+    assert isinstance(after, KeyMoments)
 
 
 def test_bad_ellipsoids_raise():
@@ -160,7 +180,8 @@ def test_the_ellipsoid_estimator_finds_what_exact_attention_finds(budget, T):
         assert (logits.softmax(-1)[:, pos] > 0.45).all()                       # exact attention finds it
         kmin, kmax = chunk_abstract(k, torch.arange(0, T, S), backend="torch")
         chunked = k.view(1, 2, C, S, -1)
-        sketch = KeySketch(encode_keys(chunked, kmin, kmax), sizes, C - 1, key_ellipsoids(chunked, k.dtype))
+        variance = causal_variances(chunked, no_moments(1, 2, chunked.shape[-1], "cpu"))[0]   # as the cache does
+        sketch = KeySketch(encode_keys(chunked, kmin, kmax), sizes, C - 1, key_ellipsoids(chunked, k.dtype, variance))
         scores = chunk_scores(q, kmin, kmax, sketch=sketch, backend="torch",
                               candidates=sketch_candidates(budget_tokens - 2 * S, S, 2))
         sel = select_chunks(scores, sizes, budget_tokens=budget_tokens, recent_tokens=S, backend="torch")

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.kernels import encode_keys
+from tierkv.kernels.ellipsoid import causal_variances, no_moments
 from tierkv.kernels.reference import (
     Selection,
     abstract_append_ref,
@@ -502,7 +503,9 @@ def test_the_two_stage_estimator_finds_the_needle_on_cuda(kernels: SimpleNamespa
         q, k = q.to(DEVICE), k.to(DEVICE)
         kmin, kmax = chunk_abstract_ref(k, torch.arange(0, T, S, device=DEVICE))
         chunked = k.view(1, H, C, S, D)
-        sketch = kernels.KeySketch(encode_keys(chunked, kmin, kmax), sizes, C - 1, kernels.key_ellipsoids(chunked, k.dtype))
+        variance = causal_variances(chunked, no_moments(1, H, D, DEVICE))[0]
+        sketch = kernels.KeySketch(encode_keys(chunked, kmin, kmax), sizes, C - 1,
+                                   kernels.key_ellipsoids(chunked, k.dtype, variance))
         scores = kernels.chunk_scores(q, kmin, kmax, sketch=sketch, candidates=candidates, backend="triton")
         sel = kernels.select_chunks(scores, sizes, budget_tokens=budget_tokens, recent_tokens=S, backend="triton")
         assert bool(sel.mask[0, :, pos // S].all()), (seed, pos)

@@ -10,7 +10,8 @@ every channel's extreme from a different key, so one needle key barely moves it)
 Per closed chunk and KV head we keep the centre c (the mean key, as stored) and squared semi-axes
 a^2 of an axis-aligned ellipsoid that holds every key of the chunk:
 
-    a_d^2 = r^2 * v_d,   v_d = the keys' variance in channel d (floored, so no axis is 0),
+    a_d^2 = r^2 * v_d,   v_d > 0 the axis weights of channel d (any positive weights give a valid
+                         ellipsoid; see below which),
     r^2   = max over the chunk's keys of sum_d (k_d - c_d)^2 / v_d     (the farthest key's radius).
 
 Every key k satisfies sum_d (k_d - c_d)^2 / a_d^2 <= 1, so by Cauchy-Schwarz
@@ -22,6 +23,14 @@ for every key of the chunk: an upper bound on the chunk's largest logit, from tw
 so its bound rises in the direction of q, where the min/max bound would not see it. ``a^2`` is
 computed against the centre as stored (rounded to the cache's dtype) and stored rounded up, so
 the bound holds for the stored values; fp32 rounding of the score itself is ~1e-6 of |q| |c|.
+
+Axis weights: the variance of channel d over the context's keys so far (``causal_variances``: all
+keys of the sequence and KV head up to the chunk's end, floored so no axis is 0), not the chunk's
+own variance. With the chunk's own, a chunk whose keys vary little in a channel gets a thin axis
+there, and any key off that axis (the needle) is charged as if far out in every direction; on the
+eval's needle set (outlier channels, per-channel offsets) the chunk's own variance ranked a needle's
+chunk 41st of 256 where the context's variance ranks it within the first 11 (24 contexts x 4 KV
+heads). Causal, so a chunk's ellipsoid does not depend on how the prompt was split into pieces.
 
 Ranking (``ellipsoid_rank``): each query head's bounds are standardized over the chunks (minus
 the mean, over the standard deviation) before the max over the KV group, so a head whose logits
@@ -41,7 +50,8 @@ import torch
 from tierkv.kernels._select import cdiv, jit, next_pow2, pick_backend, tl
 from tierkv.kernels.reference import ellipsoid_scores_ref
 
-__all__ = ["Ellipsoid", "ellipsoid_rank", "ellipsoid_scores", "ellipsoid_scores_fwd", "key_ellipsoids"]
+__all__ = ["Ellipsoid", "KeyMoments", "causal_variances", "ellipsoid_rank", "ellipsoid_scores", "ellipsoid_scores_fwd",
+           "key_ellipsoids", "no_moments"]
 
 VARIANCE_FLOOR = 2.0**-20   # smallest axis weight, relative to the chunk's largest variance plus its centre's size
 RADIUS_MARGIN = 2.0**-12    # relative slack on a^2 beside the storage dtype's rounding (fp32 sums of D terms)
@@ -54,13 +64,43 @@ class Ellipsoid(NamedTuple):
     axes2: torch.Tensor
 
 
-def key_ellipsoids(keys: torch.Tensor, dtype: torch.dtype) -> Ellipsoid:
+class KeyMoments(NamedTuple):
+    """Running sums of the keys seen so far per (sequence, KV head): s1, s2 (B, Hkv, D) float64, count."""
+
+    s1: torch.Tensor
+    s2: torch.Tensor
+    count: int
+
+
+def no_moments(batch: int, kv_heads: int, head_dim: int, device: torch.device | str) -> KeyMoments:
+    """The moments before the first key."""
+    zero = torch.zeros(batch, kv_heads, head_dim, dtype=torch.float64, device=device)
+    return KeyMoments(zero, zero.clone(), 0)
+
+
+def causal_variances(keys: torch.Tensor, before: KeyMoments) -> tuple[torch.Tensor, KeyMoments]:
+    """Per chunk, each channel's variance over every key up to the chunk's end: keys (B, Hkv, n, S, D)
+    of n consecutive full chunks after the keys summed in ``before`` -> (B, Hkv, n, D) float32 and the
+    moments after them. Chunk sums, then a running sum in chunk order (float64): the same values
+    whether the chunks come in one call or several."""
+    k = keys.double()
+    S = k.shape[3]
+    s1 = torch.cat([before.s1.unsqueeze(2), k.sum(3)], 2).cumsum(2)[:, :, 1:]       # (B, Hkv, n, D)
+    s2 = torch.cat([before.s2.unsqueeze(2), k.square().sum(3)], 2).cumsum(2)[:, :, 1:]
+    count = before.count + S * torch.arange(1, k.shape[2] + 1, dtype=torch.float64, device=k.device).view(1, 1, -1, 1)
+    mean = s1 / count
+    var = (s2 / count - mean.square()).clamp_min_(0.0)
+    return var.float(), KeyMoments(s1[:, :, -1], s2[:, :, -1], before.count + S * k.shape[2])
+
+
+def key_ellipsoids(keys: torch.Tensor, dtype: torch.dtype, variance: torch.Tensor | None = None) -> Ellipsoid:
     """The ellipsoid of each chunk's keys: keys (B, Hkv, n, S, D), every key valid -> centre, axes2
-    (B, Hkv, n, D) in ``dtype``. Element-wise per chunk (n chunks in one call = n calls)."""
+    (B, Hkv, n, D) in ``dtype``. ``variance`` (B, Hkv, n, D): the axis weights (``causal_variances``);
+    None = each chunk's own variance. Element-wise per chunk (n chunks in one call = n calls)."""
     k = keys.float()
     centre = k.mean(3).to(dtype)                                             # (B, Hkv, n, D) as stored
     dev2 = (k - centre.float().unsqueeze(3)).square_()                       # (B, Hkv, n, S, D)
-    var = dev2.mean(3)                                                       # (B, Hkv, n, D)
+    var = dev2.mean(3) if variance is None else variance.float()            # (B, Hkv, n, D)
     size = var.amax(-1, keepdim=True) + centre.float().square().amax(-1, keepdim=True)
     var = torch.maximum(var, VARIANCE_FLOOR * size + torch.finfo(torch.float32).tiny)
     r2 = (dev2 / var.unsqueeze(3)).sum(-1).amax(3, keepdim=True)             # (B, Hkv, n, 1) farthest key

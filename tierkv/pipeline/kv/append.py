@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from tierkv.kernels.abstract import piece_abstract
-from tierkv.kernels.ellipsoid import key_ellipsoids
+from tierkv.kernels.ellipsoid import causal_variances, key_ellipsoids
 from tierkv.kernels.sketch import encode_keys
 from tierkv.pipeline.kv.layer import LayerKV
 from tierkv.pipeline.kv.moves import make_room, write_behind
@@ -126,5 +126,6 @@ def _encode(kv: LayerKV, slots: torch.Tensor, c0: int, c1: int) -> None:
     if kv.codes is not None and kv.centre is not None and kv.axes2 is not None:
         keys = kv.k_pool[slots].transpose(1, 2)                                  # (B, Hkv, n, S, D)
         kv.codes[:, :, c0:c1] = encode_keys(keys, kv.kmin[:, :, c0:c1], kv.kmax[:, :, c0:c1])
-        kv.centre[:, :, c0:c1], kv.axes2[:, :, c0:c1] = key_ellipsoids(keys, kv.centre.dtype)
+        variance, kv.moments = causal_variances(keys, kv.moments)                # the context's, up to each chunk
+        kv.centre[:, :, c0:c1], kv.axes2[:, :, c0:c1] = key_ellipsoids(keys, kv.centre.dtype, variance)
         kv.n_coded = c1

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tierkv.io.buffers import ChunkArenas, pinning_available
+from tierkv.kernels.ellipsoid import no_moments
 from tierkv.kernels.sketch import sketch_bytes_per_token
 from tierkv.pipeline.kv.codec import ChunkCodec
 from tierkv.pipeline.kv.geometry import LayerGeometry
@@ -84,6 +85,7 @@ class LayerKV:
                                  device=device) if sketch else None                          # (B, Hkv, C_max, S, P)
         self.centre = torch.zeros_like(self.kmin) if sketch else None                       # (B, Hkv, C_max, D)
         self.axes2 = torch.zeros_like(self.kmin) if sketch else None                        # key ellipsoids
+        self.moments = no_moments(batch, kv_heads, head_dim, device)                        # of the coded keys
         self.n_coded = 0                                                                     # chunks with codes
         self.free = list(range(geo.resident_slots))[::-1]     # resident slots no chunk holds
         self.scratch = list(range(geo.resident_slots, n))
