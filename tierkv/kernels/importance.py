@@ -39,9 +39,9 @@ default on every device without a full pass over the codes at every step:
 Candidates are a ``topk`` on the device (no host sync). Why not the min/max bound as the first
 stage: on the needle set of tests/test_kernels_sketch.py (one key holding half of a head's
 attention) it ranks the needle's chunk as low as 108th of 128, and a 4x pool lost the needle in
-5 of 12 contexts at a 5% budget. The ellipsoid ranks it within the first 18 at 4K tokens (chunks
-of 32) and first at 8K (24 contexts each), so a 2x pool (at least 16) found all 24 at 5% and
-10%, as the 4x pool did. Cost on the CPU: the first stage is O(C D) per KV head instead of the
+5 of 12 contexts at a 5% budget. The ellipsoid ranks it first or second at 4K tokens (chunks of
+32) and first at 8K (24 contexts each), and on the eval's needle set (outlier channels) within
+the first 11 of 256, so a 2x pool (at least 16) found every needle at 5% and 10%. Cost on the CPU: the first stage is O(C D) per KV head instead of the
 coarse sketch's pass over every token; the sketch reads 2x the budget's tokens (docs/benchmarks.md).
 
 The Triton kernel runs one program per (sequence, KV head) and computes each chunk's rank as a
