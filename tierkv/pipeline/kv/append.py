@@ -123,9 +123,10 @@ def _store(pool: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, before: int
 def _encode(kv: LayerKV, slots: torch.Tensor, c0: int, c1: int) -> None:
     """Chunks c0..c1-1 (in ``slots`` (B, n)) just closed and their abstracts are final: write their
     keys' 2-bit codes and their ellipsoids, all in one call each, if the layer keeps them."""
-    if kv.codes is not None and kv.centre is not None and kv.axes2 is not None:
+    if kv.codes is not None:
         keys = kv.k_pool[slots].transpose(1, 2)                                  # (B, Hkv, n, S, D)
         kv.codes[:, :, c0:c1] = encode_keys(keys, kv.kmin[:, :, c0:c1], kv.kmax[:, :, c0:c1])
-        variance, kv.moments = causal_variances(keys, kv.moments)                # the context's, up to each chunk
-        kv.centre[:, :, c0:c1], kv.axes2[:, :, c0:c1] = key_ellipsoids(keys, kv.centre.dtype, variance)
+        if kv.centre is not None and kv.axes2 is not None:
+            variance, kv.moments = causal_variances(keys, kv.moments)            # the context's, up to each chunk
+            kv.centre[:, :, c0:c1], kv.axes2[:, :, c0:c1] = key_ellipsoids(keys, kv.centre.dtype, variance)
         kv.n_coded = c1

@@ -18,6 +18,7 @@ from tierkv.kernels.ellipsoid import no_moments
 from tierkv.kernels.sketch import sketch_bytes_per_token
 from tierkv.pipeline.kv.codec import ChunkCodec
 from tierkv.pipeline.kv.geometry import LayerGeometry
+from tierkv.pipeline.kv.sizing import keeps_ellipsoids
 from tierkv.pipeline.kv.table import ChunkKey, KVChunkTable, Tier
 from tierkv.pipeline.kv.workers import KVMove
 
@@ -83,8 +84,9 @@ class LayerKV:
         self.chunk_sizes = torch.zeros(c, dtype=torch.int32, device=device)                  # (C_max,)
         self.codes = torch.zeros((batch, kv_heads, c, s, sketch_bytes_per_token(head_dim)), dtype=torch.uint8,
                                  device=device) if sketch else None                          # (B, Hkv, C_max, S, P)
-        self.centre = torch.zeros_like(self.kmin) if sketch else None                       # (B, Hkv, C_max, D)
-        self.axes2 = torch.zeros_like(self.kmin) if sketch else None                        # key ellipsoids
+        ellipsoids = sketch and keeps_ellipsoids(s)
+        self.centre = torch.zeros_like(self.kmin) if ellipsoids else None                   # (B, Hkv, C_max, D)
+        self.axes2 = torch.zeros_like(self.kmin) if ellipsoids else None                    # key ellipsoids
         self.moments = no_moments(batch, kv_heads, head_dim, device)                        # of the coded keys
         self.n_coded = 0                                                                     # chunks with codes
         self.free = list(range(geo.resident_slots))[::-1]     # resident slots no chunk holds

@@ -22,11 +22,12 @@ from tierkv.quantspec import kv_chunk_bytes
 
 __all__ = ["MIN_BUDGET_CHUNKS", "MIN_CONTEXT_CHUNKS", "SCRATCH_SLOTS_PER_SEQ", "budget_holds_chunks",
            "chunk_cap_tokens", "chunk_size_candidates", "chunk_tokens_for", "cold_chunk_bytes", "dense_fits", "element_bytes",
-           "keeps_sketch", "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
+           "keeps_ellipsoids", "keeps_sketch", "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
            "kv_host_want_bytes", "layer_device_bytes", "layer_index_bytes", "layer_minimum_bytes", "max_kv_batch",
            "min_chunk_slots", "slot_bytes", "sparse_possible"]
 
 SCRATCH_SLOTS_PER_SEQ = 2        # at least one streamed chunk per sequence in each half of the double buffer
+MIN_ELLIPSOID_CHUNK_TOKENS = 32  # smallest chunks that keep key ellipsoids (``keeps_ellipsoids``)
 MIN_BUDGET_CHUNKS = 8            # a sparse budget holds at least this many of a layer's chunks (else: too coarse)
 MIN_CONTEXT_CHUNKS = 16          # an adaptive layer's capacity holds at least this many chunks (so a few can spill)
 
@@ -66,6 +67,17 @@ def keeps_sketch(policy: Policy) -> bool:
     return policy.kv_sketch if policy.kv_sketch is not None else True
 
 
+def keeps_ellipsoids(chunk_tokens: int) -> bool:
+    """Whether a layer with key codes also keeps key ellipsoids (``kernels.ellipsoid``): for chunks of
+    at least ``MIN_ELLIPSOID_CHUNK_TOKENS``. Why not smaller: an ellipsoid costs as much as the
+    abstracts whatever the chunk size, so at 16-token chunks it would grow the index (abstracts +
+    codes) by half and with it the device room the planner reserves for the full context (a 70B
+    int8 model on 24 GiB + 64 GiB then streamed 3 layers from disk); at 32 tokens and up the index
+    with ellipsoids is no larger than at 16 without. Layers of smaller chunks rank for the sketch
+    with the coarse sketch bound (``kernels.importance``)."""
+    return chunk_tokens >= MIN_ELLIPSOID_CHUNK_TOKENS
+
+
 def layer_index_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capacity_tokens: int, chunk_tokens: int,
                       sketch: bool) -> int:
     """Device bytes of one layer's chunk index for a context: abstracts (min/max key per chunk) and,
@@ -76,7 +88,8 @@ def layer_index_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capacity
     summary = 2 * cfg.num_kv_heads * cfg.head_dim * element_bytes(dtype)     # two (D,) vectors per KV head
     per_chunk = summary
     if sketch:
-        per_chunk += cfg.num_kv_heads * chunk_tokens * sketch_bytes_per_token(cfg.head_dim) + summary
+        per_chunk += cfg.num_kv_heads * chunk_tokens * sketch_bytes_per_token(cfg.head_dim)
+        per_chunk += summary if keeps_ellipsoids(chunk_tokens) else 0
     return batch * chunks * per_chunk
 
 
