@@ -1,8 +1,10 @@
 """Quality of the KV chunk importance estimator: attention recall and output error vs dense attention.
 
 Why this script exists: sparse decode reads only the chunks that ``chunk_scores`` (an upper bound
-of q.k per chunk: from the min/max-key abstract alone, ``minmax``, or per key from the 2-bit key
-codes of ``kernels.sketch``, ``sketch``, the runtime's default) and ``select_chunks`` (top chunks
+of q.k per chunk: from the min/max-key abstract alone, ``minmax``; per key from the 2-bit key
+codes of ``kernels.sketch`` for every chunk, ``sketch``; or the runtime's default, ``default``: the
+chunks' key ellipsoids rank them and only ``sketch_candidates`` of them per budget get the sketch
+bound, ``kernels.importance``) and ``select_chunks`` (top chunks
 within a token budget, plus forced sink and recent chunks) pick. That is only worth doing if the
 picked chunks hold the attention mass. This script measures it, per estimator, for budgets and
 chunk sizes, on:
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import math
 import sys
 import sysconfig
@@ -51,8 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tierkv from this checkout, installed or not
 from bench_common import best_of, emit_json  # noqa: E402
 
-from tierkv.kernels import (KeySketch, chunk_abstract, chunk_scores, encode_keys, select_chunks,  # noqa: E402
-                            sparse_decode_attention)
+from tierkv.kernels import (KeySketch, chunk_abstract, chunk_scores, encode_keys, key_ellipsoids,  # noqa: E402
+                            select_chunks, sketch_candidates, sparse_decode_attention)
+from tierkv.kernels.ellipsoid import causal_variances, no_moments  # noqa: E402
 from tierkv.kernels.quality import (attention_recall, chunk_mask_to_tokens, plant_needle,  # noqa: E402
                                    relative_output_error)
 
@@ -87,7 +91,7 @@ class Settings:
     sink_chunks: int = 1
     recent_tokens: int = 1  # 1 = only the open (last) chunk is forced
     backend: str = "torch"
-    estimators: tuple[str, ...] = ("sketch", "minmax")  # token-level bound from 2-bit codes; chunk bound only
+    estimators: tuple[str, ...] = ("default", "sketch", "minmax")  # two stages; sketch everywhere; chunk bound
 
 
 # -- synthetic data ------------------------------------------------------------------------------
@@ -202,11 +206,25 @@ def true_chunk_mass(case: Case, starts: torch.Tensor) -> torch.Tensor:
 
 
 def key_sketch(case: Case, chunk: int, kmin: torch.Tensor, kmax: torch.Tensor, sizes: torch.Tensor) -> KeySketch:
-    """2-bit codes of every chunk of the case (the last one padded with zero keys, masked by its size)."""
+    """2-bit codes and key ellipsoids of every chunk of the case (the last one padded with zero keys,
+    masked by its size in the codes; inside its ellipsoid, which still holds every real key)."""
     B, H, T, D = case.k.shape
     C = sizes.numel()
     padded = torch.nn.functional.pad(case.k, (0, 0, 0, C * chunk - T)).view(B, H, C, chunk, D)
-    return KeySketch(encode_keys(padded, kmin, kmax), sizes, C)
+    variance = causal_variances(padded, no_moments(B, H, D, padded.device))[0]   # as the cache's, up to each chunk
+    return KeySketch(encode_keys(padded, kmin, kmax), sizes, C, key_ellipsoids(padded, case.k.dtype, variance))
+
+
+def default_scores(case: Case, sketch: KeySketch, kmin: torch.Tensor, kmax: torch.Tensor, budget_tokens: int,
+                   settings: Settings, backend: str) -> torch.Tensor:
+    """The runtime's two stages at one budget: ellipsoids rank, ``sketch_candidates`` get the sketch."""
+    sizes = sketch.chunk_tokens
+    forced = select_chunks(torch.zeros(1, 1, sizes.numel()), sizes, budget_tokens=0, sink_chunks=settings.sink_chunks,
+                           recent_tokens=settings.recent_tokens, backend="torch")   # the forced chunks alone
+    forced_tokens, n_forced = int((forced.mask[0, 0] * sizes).sum()), int(forced.counts[0, 0])
+    size = int(sizes.max())
+    return chunk_scores(case.q, kmin, kmax, sketch=sketch, backend=backend,
+                        candidates=sketch_candidates(budget_tokens - forced_tokens, size, n_forced))
 
 
 def evaluate(case: Case, chunk: int, settings: Settings) -> Iterator[dict[str, Any]]:
@@ -217,7 +235,14 @@ def evaluate(case: Case, chunk: int, settings: Settings) -> Iterator[dict[str, A
     kmin, kmax = chunk_abstract(case.k, starts, backend=settings.backend)  # (B, Hkv, C, D)
     oracle_scores = true_chunk_mass(case, starts)
     for est in settings.estimators:
-        sketch = key_sketch(case, chunk, kmin, kmax, sizes) if est == "sketch" else None
+        sketch = key_sketch(case, chunk, kmin, kmax, sizes) if est in ("sketch", "default") else None
+        if est == "default":           # the candidates depend on the budget: score per budget
+            for frac in settings.budgets:
+                scores = default_scores(case, sketch, kmin, kmax, max(1, round(frac * T)), settings, settings.backend)
+                one = dataclasses.replace(settings, budgets=(frac,))
+                for rec in evaluate_scores(case, scores, oracle_scores, starts, sizes, one):
+                    yield {"estimator": est, **rec}
+            continue
         scores = chunk_scores(case.q, kmin, kmax, sketch=sketch, backend=settings.backend)  # (B, Hkv, C)
         for rec in evaluate_scores(case, scores, oracle_scores, starts, sizes, settings):
             yield {"estimator": est, **rec}
@@ -403,6 +428,10 @@ def time_step(T: int, chunk: int, frac: float, repeats: int, shape: Shape = Shap
         scores = chunk_scores(case.q, kmin, kmax, sketch=sketch if with_sketch else None, backend="torch")
         return select_chunks(scores, sizes, budget_tokens=budget, backend="torch")
 
+    def estimate_default() -> Any:
+        scores = default_scores(case, sketch, kmin, kmax, budget, Settings(), "torch")
+        return select_chunks(scores, sizes, budget_tokens=budget, backend="torch")
+
     sel = estimate()
     C, hkv, D = starts.numel(), shape.kv_heads, shape.head_dim
     pool_k = case.k[0, :, :C * chunk].reshape(hkv, C, chunk, D).transpose(0, 1).contiguous()  # (C, Hkv, S, D)
@@ -414,6 +443,7 @@ def time_step(T: int, chunk: int, frac: float, repeats: int, shape: Shape = Shap
         "abstract_s": best_of(lambda: chunk_abstract(case.k, starts, backend="torch"), repeats),
         "estimator_s": best_of(estimate, repeats),
         "estimator_minmax_s": best_of(lambda: estimate(False), repeats),
+        "estimator_default_s": best_of(estimate_default, repeats),
         "encode_s": best_of(lambda: key_sketch(case, chunk, kmin, kmax, sizes), repeats),
         "sparse_attention_s": best_of(lambda: sparse_decode_attention(
             case.q, pool_k, pool_v, table, sel.counts, sizes, backend="torch"), repeats),
@@ -430,13 +460,13 @@ def time_step(T: int, chunk: int, frac: float, repeats: int, shape: Shape = Shap
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
     """The human table: one line per (set, chunk size, budget)."""
-    head = f"{'set':<32} {'est':<6} {'chunk':>5} {'budget':>6} {'sel':>6} {'recall':>7} {'min':>7} {'oracle':>7} " \
+    head = f"{'set':<32} {'est':<7} {'chunk':>5} {'budget':>6} {'sel':>6} {'recall':>7} {'min':>7} {'oracle':>7} " \
            f"{'relerr':>7} {'needle':>7}"
     print(head)
     print("-" * len(head))
     for r in rows:
         needle = "" if r["needle_found"] is None else f"{r['needle_found']:.3f}"
-        print(f"{r['set']:<32} {r['estimator']:<6} {r['chunk_tokens']:>5} {r['budget']:>6.0%} {r['selected']:>6.1%} "
+        print(f"{r['set']:<32} {r['estimator']:<7} {r['chunk_tokens']:>5} {r['budget']:>6.0%} {r['selected']:>6.1%} "
               f"{r['recall_mean']:>7.4f} {r['recall_min']:>7.4f} {r['oracle_recall_mean']:>7.4f} "
               f"{r['rel_error_mean']:>7.4f} {needle:>7}")
 
@@ -481,8 +511,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-tokens", type=ints, default=(8192, 32768))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--estimators", type=lambda s: tuple(s.split(",")), default=("sketch", "minmax"),
-                   help="sketch (token-level bound from 2-bit key codes, the default) and/or minmax (chunk bound)")
+    p.add_argument("--estimators", type=lambda s: tuple(s.split(",")), default=("default", "sketch", "minmax"),
+                   help="default (the runtime's two stages: ellipsoids rank, the sketch bounds the candidates), "
+                        "sketch (the token-level bound from 2-bit key codes on every chunk), minmax (chunk bound)")
     p.add_argument("--backend", choices=("torch", "triton"), default="torch",
                    help="estimator kernels (triton needs CUDA or TRITON_INTERPRET=1; slow on CPU)")
     return p.parse_args(argv)
@@ -527,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.repeats}):")
     for t in timing:
         print(f"  T={t['tokens']:>6} chunk={t['chunk_tokens']:>3}: estimator {t['estimator_s'] * 1e3:7.3f} ms "
-              f"(minmax only {t['estimator_minmax_s'] * 1e3:6.3f}), "
+              f"(default two stages {t['estimator_default_s'] * 1e3:6.3f}, minmax only {t['estimator_minmax_s'] * 1e3:6.3f}), "
               f"sparse attn {t['sparse_attention_s'] * 1e3:7.3f} ms, dense attn {t['dense_attention_s'] * 1e3:7.3f} ms "
               f"(estimator/dense {t['estimator_over_dense']:.2f}); abstracts once {t['abstract_s'] * 1e3:.1f} ms")
     by_est = {est: goals(rows, estimator=est) for est in args.estimators}

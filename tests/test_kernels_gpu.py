@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.kernels import encode_keys
+from tierkv.kernels.ellipsoid import causal_variances, no_moments
 from tierkv.kernels.reference import (
     Selection,
     abstract_append_ref,
@@ -48,8 +49,9 @@ from tierkv.kernels.reference import (
 
 pytestmark = pytest.mark.gpu
 
-KERNEL_MODULES = ("tierkv.kernels.sketch", "tierkv.kernels.abstract", "tierkv.kernels.importance",
-                  "tierkv.kernels.attention", "tierkv.kernels.kvquant")  # sketch first: importance imports it
+KERNEL_MODULES = ("tierkv.kernels.ellipsoid", "tierkv.kernels.sketch", "tierkv.kernels.abstract",
+                  "tierkv.kernels.importance", "tierkv.kernels.attention",
+                  "tierkv.kernels.kvquant")  # ellipsoid, sketch first: importance imports them
 DTYPES = [torch.float32, torch.bfloat16]
 SCORE_TOL = 2e-5                                           # x sum_d |q_d| (|kmin_d| + |kmax_d|)
 ATTN_TOL = {torch.float32: 5e-5, torch.bfloat16: 1e-2}    # relative L2 error per (sequence, query head)
@@ -146,6 +148,8 @@ def kernels() -> SimpleNamespace:
         combine_partials=mods["attention"].combine_partials,
         empty_partials=mods["attention"].empty_partials,
         KeySketch=mods["sketch"].KeySketch,
+        key_ellipsoids=mods["ellipsoid"].key_ellipsoids,
+        ellipsoid_scores=mods["ellipsoid"].ellipsoid_scores,
     )
 
 
@@ -460,6 +464,24 @@ def test_chunk_scores_two_stage_sketch(kernels: SimpleNamespace, case: Case, dty
     assert (got >= peak - SCORE_TOL * 2 * mag - 1e-4)[torch.isfinite(got)].all()
 
 
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case", LLAMA_CASES)
+def test_ellipsoid_scores(kernels: SimpleNamespace, case: Case, dtype: torch.dtype) -> None:
+    """The compiled ellipsoid bound equals the torch reference and bounds every key of its chunk."""
+    keys, starts, sizes, kmin, kmax = _abstracts(case, dtype, seed=11)
+    C = starts.shape[0] - 1                                                       # the closed chunks: full
+    full = keys[:, :, :C * case.S].reshape(case.B, case.Hkv, C, case.S, case.D)
+    ell = kernels.key_ellipsoids(full, dtype)
+    q = _query(case, dtype, seed=12)
+    got = kernels.ellipsoid_scores(q, ell, backend="triton")                     # (B, Hkv, G, C)
+    ref = kernels.ellipsoid_scores(q, ell, backend="torch")
+    mag = (q.float().abs().view(case.B, case.Hkv, case.G, 1, case.D) * ell.centre.float().abs().unsqueeze(2)).sum(-1) \
+        + ref.abs()
+    assert ((got - ref).abs() <= SCORE_TOL * mag + 1e-5).all()
+    logits = torch.einsum("bhgd,bhcsd->bhgcs", q.float().view(case.B, case.Hkv, case.G, case.D), full.float())
+    assert (got >= logits.amax(-1) - SCORE_TOL * mag - 1e-4).all()
+
+
 @pytest.mark.parametrize("budget", [0.05, 0.10])
 def test_the_two_stage_estimator_finds_the_needle_on_cuda(kernels: SimpleNamespace, budget: float) -> None:
     """A key holding half of one query head's attention: the compiled default estimator selects its chunk."""
@@ -480,7 +502,10 @@ def test_the_two_stage_estimator_finds_the_needle_on_cuda(kernels: SimpleNamespa
             plant_needle(q[0, h * G], k[0, h], pos, 1, 0.5, D**-0.5)
         q, k = q.to(DEVICE), k.to(DEVICE)
         kmin, kmax = chunk_abstract_ref(k, torch.arange(0, T, S, device=DEVICE))
-        sketch = kernels.KeySketch(encode_keys(k.view(1, H, C, S, D), kmin, kmax), sizes, C - 1)
+        chunked = k.view(1, H, C, S, D)
+        variance = causal_variances(chunked, no_moments(1, H, D, DEVICE))[0]
+        sketch = kernels.KeySketch(encode_keys(chunked, kmin, kmax), sizes, C - 1,
+                                   kernels.key_ellipsoids(chunked, k.dtype, variance))
         scores = kernels.chunk_scores(q, kmin, kmax, sketch=sketch, candidates=candidates, backend="triton")
         sel = kernels.select_chunks(scores, sizes, budget_tokens=budget_tokens, recent_tokens=S, backend="triton")
         assert bool(sel.mask[0, :, pos // S].all()), (seed, pos)

@@ -203,8 +203,9 @@ def test_two_stages_sketch_the_best_chunks_by_the_coarse_bound_and_prune_the_res
 
 @pytest.mark.parametrize("budget", [0.05, 0.10])
 def test_the_default_two_stage_estimator_finds_what_exact_attention_finds(budget):
-    """The needle holds half of one query head's attention (exact attention's top key): the default
-    estimator (the coarse sketch prunes to sketch_candidates, the sketch ranks them) selects its chunk.
+    """The needle holds half of one query head's attention (exact attention's top key): two stages
+    without ellipsoids (the coarse sketch prunes to sketch_candidates, the sketch ranks them; the
+    default, with ellipsoids, is in tests/test_kernels_ellipsoid.py) select its chunk.
     Chunks of 32 at 4K tokens: a 5% budget (205 tokens) holds four chunks beside the forced two."""
     S, T = 32, 4096
     budget_tokens = math.ceil(budget * T)
@@ -223,11 +224,14 @@ def test_the_default_two_stage_estimator_finds_what_exact_attention_finds(budget
 
 
 def test_sketch_candidates_counts_the_chunks_that_fit_times_the_factor():
+    from tierkv.kernels.importance import MIN_SKETCH_CANDIDATES as M
     from tierkv.kernels.importance import SKETCH_CANDIDATE_FACTOR as F
 
     assert sketch_candidates(63, 64, 3) == 0             # nothing fits beside the forced chunks
     assert sketch_candidates(-5, 64, 3) == 0
-    assert sketch_candidates(64, 64, 0) == F
-    assert sketch_candidates(130, 64, 3) == 2 * F + 3
+    assert sketch_candidates(64, 64, 0) == max(F, M)     # small budgets: at least M candidates
+    assert sketch_candidates(130, 64, 3) == max(2 * F, M) + 3
+    big = 4 * M * 64
+    assert sketch_candidates(big, 64, 2) == F * 4 * M + 2
     with pytest.raises(ValueError, match="chunk_tokens >= 1"):
         sketch_candidates(10, 0, 0)

@@ -134,7 +134,8 @@ def _index(cache: TieredKVCache, layer: int) -> dict[str, Any]:
     kv = cache._st.layers[layer]
     assert kv is not None
     table = kv.table
-    return {"kmin": kv.kmin, "kmax": kv.kmax, "codes": kv.codes, "sizes": kv.chunk_sizes, "coded": kv.n_coded,
+    return {"kmin": kv.kmin, "kmax": kv.kmax, "codes": kv.codes, "centre": kv.centre, "axes2": kv.axes2,
+            "sizes": kv.chunk_sizes, "coded": kv.n_coded,
             "chunks": kv.n_chunks, "tiers": {key: table.tier_of(key) for key in table.keys()}}
 
 
@@ -173,6 +174,7 @@ def test_any_split_into_pieces_gives_the_same_index_kv_and_placement(tmp_path: P
         codes = torch.cat([encode_keys(keys[:, :, c:c + 1], ref_min[:, :, c:c + 1], ref_max[:, :, c:c + 1])
                            for c in range(closed)], dim=2)
         assert ref["coded"] == closed and torch.equal(ref["codes"][:, :, :closed], codes)
+        assert ref["centre"] is None and ref["axes2"] is None       # 16-token chunks keep no key ellipsoids
         assert ref["sizes"][:C].tolist() == [S] * closed + [T % S]
         for name in SPLITS:
             got = seen[name][layer]

@@ -139,3 +139,34 @@ def test_dominant_needle_is_always_selected(evalmod):
                 missed.append((seed, start, found.tolist()))
     assert not missed, f"needles missed: {missed}"
     assert random_missed >= 8  # random scores lose most of the 16 needles
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.10])
+def test_the_default_estimator_finds_the_needles_exact_attention_finds(evalmod, budget):
+    """Needles taking half of one query head's attention per KV group (exact attention's top key), at
+    8K tokens in chunks of 32: the runtime's two stages (``default_scores``: ellipsoids rank, the
+    sketch bounds the candidates) select their chunk for every KV head; the min/max bound alone does not."""
+    settings, T, S = evalmod.Settings(), 8192, 32
+    starts, sizes = torch.arange(0, T, S), torch.full((T // S,), S)
+    minmax_missed = 0
+    for seed in range(4):
+        case = evalmod.make_needle_case(T, 50 + seed, span=1, share=0.5)
+        start, end = case.needle
+        B, Hq, D = case.q.shape
+        hkv = case.k.shape[1]
+        logits = torch.einsum("bhgd,bhtd->bhgt", case.q.view(B, hkv, Hq // hkv, D), case.k) * case.scale
+        assert (logits.softmax(-1)[..., start].amax(-1) > 0.45).all()          # exact attention finds it
+        kmin, kmax = chunk_abstract(case.k, starts, backend="torch")
+        sketch = evalmod.key_sketch(case, S, kmin, kmax, sizes)
+        budget_tokens = round(budget * T)
+        scores = evalmod.default_scores(case, sketch, kmin, kmax, budget_tokens, settings, "torch")
+        assert torch.isinf(scores).sum() > 0                                   # two stages: most chunks pruned
+        for s, want in ((scores, True), (chunk_scores(case.q, kmin, kmax, backend="torch"), False)):
+            sel = select_chunks(s, sizes, budget_tokens=budget_tokens, sink_chunks=settings.sink_chunks,
+                                recent_tokens=settings.recent_tokens, backend="torch")
+            found = bool(chunk_mask_to_tokens(sel.mask, starts, T)[..., start:end].all())
+            if want:
+                assert found, (seed, start)
+            else:
+                minmax_missed += int(not found)
+    assert minmax_missed >= 1                                                  # the data does not pass by itself

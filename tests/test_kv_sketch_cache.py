@@ -112,3 +112,38 @@ def test_forced_tokens_match_the_forced_chunks_of_the_selection(tokens: int, sin
     sel = select_chunks(torch.zeros(1, 1, c), sizes, budget_tokens=0, sink_chunks=sink, recent_tokens=S,
                         backend="torch")                         # a zero budget keeps the forced chunks only
     assert forced_tokens(c, S, tokens, sink) == (int((sel.mask[0, 0] * sizes).sum()), int(sel.counts[0, 0]))
+
+
+def test_the_cache_keeps_key_ellipsoids_from_32_token_chunks_the_same_under_any_prefill_split() -> None:
+    """Chunks of 32+ tokens keep ellipsoids (the context's causal variances as axis weights), equal
+    to ``key_ellipsoids`` of the closed chunks and bit-identical whatever pieces the prompt came in;
+    16-token chunks keep none (``sizing.keeps_ellipsoids``: the index would grow by half)."""
+    from tierkv.kernels import key_ellipsoids
+    from tierkv.kernels.ellipsoid import causal_variances, no_moments
+
+    q, k, _ = _needle_context(1)
+    got = []
+    for pieces in ((T,), (700, 300, T - 1000)):
+        with TieredKVCache(_cfg(), Policy(kv="sparse", kv_budget=0.1, chunk_tokens=S), 1, T + 4, torch.float32,
+                           "cpu") as cache:
+            a = 0
+            for n in pieces:
+                cache.attend(0, torch.randn(1, HQ, n, D), k[:, :, a:a + n], torch.randn(1, HKV, n, D),
+                             torch.arange(a, a + n).view(1, n), None)
+                cache.advance(n)
+                a += n
+            kv = cache._st.layers[0]
+            assert kv is not None and kv.centre is not None and kv.axes2 is not None
+            got.append((kv.centre.clone(), kv.axes2.clone()))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    chunks = k.view(1, HKV, T // S, S, D)
+    want = key_ellipsoids(chunks, torch.float32, causal_variances(chunks, no_moments(1, HKV, D, "cpu"))[0])
+    assert torch.allclose(got[0][0][:, :, :T // S], want.centre) and torch.allclose(got[0][1][:, :, :T // S], want.axes2)
+    with TieredKVCache(_cfg(), Policy(kv="sparse", kv_budget=0.1, chunk_tokens=16), 1, 256, torch.float32,
+                       "cpu") as small:
+        small.attend(0, torch.randn(1, HQ, 64, D), k[:, :, :64], torch.randn(1, HKV, 64, D),
+                     torch.arange(64).view(1, 64), None)
+        small.advance(64)
+        kv = small._st.layers[0]
+        assert kv is not None and kv.codes is not None and kv.centre is None
+        assert bool(select(small._st, kv, q).mask.any())                  # the coarse sketch ranks instead

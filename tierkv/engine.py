@@ -453,9 +453,10 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     offload_dir. Equal-length prompts share a batch as large as that room holds at their context.
     kv_sketch: sparse selection scores each chunk by a token-level bound from 2-bit key codes kept
     on the device (D/4 bytes per token and KV head) instead of the chunk's min/max alone (default:
-    on, every device; a coarse bound from a quarter of the channels ranks every coded chunk, and
-    only the 4x the budget's chunks that rank best get the full token-level bound); False saves that
-    memory and time but can miss a single strongly attended token. Long prompts are
+    on, every device; each closed chunk's key ellipsoid, 2D values per KV head, ranks every chunk
+    without reading the codes, and only the 2x the budget's chunks (at least 16) that rank best get
+    the full token-level bound); False saves that memory and time but can miss a single strongly
+    attended token. Long prompts are
     prefilled in pieces of prefill_chunk_tokens (default: the largest power of two up to 2048 whose
     activations fit an eighth of the device budget, at least 16; ``engine.plan.prefill_chunk_tokens``
     says which); prefill_progress(done, total) is called after each piece. progress(done, total)

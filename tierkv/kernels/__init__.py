@@ -1,4 +1,4 @@
-"""Kernels of the tiered KV cache: chunk abstracts, 2-bit key sketches, chunk importance and selection, sparse decode attention.
+"""Kernels of the tiered KV cache: chunk abstracts, 2-bit key sketches, key ellipsoids, chunk importance and selection, sparse decode attention.
 
 (``kvquant`` dequantizes int8/int4 KV chunks coming back from the host and disk tiers; the
 pipeline imports it directly, like the weight quantization references in ``quant_reference``.)
@@ -12,11 +12,13 @@ package never requires Triton. Tests run the Triton kernels on the CPU by settin
 """
 
 from tierkv.kernels.abstract import abstract_append, chunk_abstract
+from tierkv.kernels.ellipsoid import Ellipsoid, key_ellipsoids
 from tierkv.kernels.attention import Partials, combine_partials, decode_partials, empty_partials, sparse_decode_attention
 from tierkv.kernels.importance import Selection, chunk_scores, select_chunks, sketch_candidates
 from tierkv.kernels.sketch import KeySketch, encode_keys
 
 __all__ = [
+    "Ellipsoid",
     "KeySketch",
     "Partials",
     "Selection",
@@ -27,6 +29,7 @@ __all__ = [
     "decode_partials",
     "empty_partials",
     "encode_keys",
+    "key_ellipsoids",
     "select_chunks",
     "sketch_candidates",
     "sparse_decode_attention",

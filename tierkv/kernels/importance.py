@@ -25,22 +25,24 @@ Selection rule (per sequence and KV head, all on the device, no host synchronisa
    and is the same on every backend; it does not skip a big chunk to fit a smaller one after it).
 Two stages with the key sketch (``tierkv.kernels.sketch``), so that its token-level bound is on by
 default on every device without a full pass over the codes at every step:
-1. A coarse sketch bound ranks every coded chunk: per KV head, only the ``COARSE_SKETCH_FRACTION``
-   of the channels that weigh most for this query (max over the group of |q_d| times the mean
-   cell width) are read from the codes; the other channels take their min/max bound. It is an
-   upper bound between the min/max bound and the full sketch bound
-   (``reference.coarse_sketch_scores_ref``; torch on every backend, no Triton kernel yet).
+1. Every coded chunk is ranked without reading its codes: by its key ellipsoid
+   (``tierkv.kernels.ellipsoid``: mean key and squared semi-axes per chunk, an upper bound
+   q.c + sqrt(q^2.a^2) on the chunk's logits, standardized per query head, max over the group),
+   two matmuls over the chunks' (D,) summaries. Without ellipsoids (``KeySketch.ellipsoid`` None)
+   a coarse sketch bound ranks them instead: per KV head the ``COARSE_SKETCH_FRACTION`` of the
+   channels that weigh most are read from every key's codes (``reference.coarse_sketch_scores_ref``).
 2. The ``candidates`` best of them per (sequence, KV head) (``sketch_candidates``:
-   ``SKETCH_CANDIDATE_FACTOR`` x the chunks the budget holds, plus the forced chunks) get the full
-   sketch bound (the Triton kernel, a grid over the candidates, or its torch reference); the other
-   coded chunks score -inf: pruned, never selected over a sketched one.
+   ``SKETCH_CANDIDATE_FACTOR`` x the chunks the budget holds, at least ``MIN_SKETCH_CANDIDATES``,
+   plus the forced chunks) get the full sketch bound (the Triton kernel, a grid over the
+   candidates, or its torch reference); the other coded chunks score -inf: pruned, never selected
+   over a sketched one.
 Candidates are a ``topk`` on the device (no host sync). Why not the min/max bound as the first
 stage: on the needle set of tests/test_kernels_sketch.py (one key holding half of a head's
 attention) it ranks the needle's chunk as low as 108th of 128, and a 4x pool lost the needle in
-5 of 12 contexts at a 5% budget; the coarse sketch (a quarter of the channels) ranks it within the
-first 5, and the two stages found all 12 at 5% and 10%. Cost on the CPU: the coarse pass still
-reads every token (about a quarter of a full sketch pass, more in gathers), so the two stages are
-~1.1-1.6x cheaper than the full sketch, not the 10x a min/max first stage would give.
+5 of 12 contexts at a 5% budget. The ellipsoid ranks it first or second at 4K tokens (chunks of
+32) and first at 8K (24 contexts each), and on the eval's needle set (outlier channels) within
+the first 11 of 256, so a 2x pool (at least 16) found every needle at 5% and 10%. Cost on the CPU: the first stage is O(C D) per KV head instead of the
+coarse sketch's pass over every token; the sketch reads 2x the budget's tokens (docs/benchmarks.md).
 
 The Triton kernel runs one program per (sequence, KV head) and computes each chunk's rank as a
 pairwise count (no sort): O(C^2) comparisons per row, about 4M at C = 2048, and writes mask,
@@ -55,24 +57,26 @@ import torch
 
 from tierkv.kernels._select import cdiv, jit, next_pow2, pick_backend, tl
 from tierkv.kernels.reference import Selection, chunk_scores_ref, coarse_sketch_scores_ref, select_chunks_ref
+from tierkv.kernels.ellipsoid import Ellipsoid, ellipsoid_rank
 from tierkv.kernels.sketch import KeySketch, sketch_scores
 
-__all__ = ["COARSE_SKETCH_FRACTION", "SKETCH_CANDIDATE_FACTOR", "Selection", "coarse_sketch_channels", "chunk_scores", "chunk_scores_fwd", "select_chunks",
+__all__ = ["COARSE_SKETCH_FRACTION", "MIN_SKETCH_CANDIDATES", "SKETCH_CANDIDATE_FACTOR", "Selection", "coarse_sketch_channels", "chunk_scores", "chunk_scores_fwd", "select_chunks",
            "select_chunks_fwd", "sketch_candidates"]
 
-SKETCH_CANDIDATE_FACTOR = 4     # fully sketched chunks per chunk the budget holds (the rest are pruned)
+SKETCH_CANDIDATE_FACTOR = 2     # fully sketched chunks per chunk the budget holds (the rest are pruned)
+MIN_SKETCH_CANDIDATES = 16      # ... and at least this many (small budgets: the ranking's margin)
 COARSE_SKETCH_FRACTION = 1 / 4  # share of each key's channels the first stage reads (those weighing most)
 
 
 def sketch_candidates(free_tokens: int, chunk_tokens: int, forced_chunks: int) -> int:
     """Chunks per (sequence, KV head) the full sketch scores: ``SKETCH_CANDIDATE_FACTOR`` x the chunks of
-    ``chunk_tokens`` that fit in ``free_tokens`` (the budget left after the forced chunks), plus the
-    ``forced_chunks`` (sinks, recent window) that may rank among them. 0 when no chunk fits: then
-    the selection is the forced chunks whatever the scores."""
+    ``chunk_tokens`` that fit in ``free_tokens`` (the budget left after the forced chunks), at least
+    ``MIN_SKETCH_CANDIDATES``, plus the ``forced_chunks`` (sinks, recent window) that may rank among
+    them. 0 when no chunk fits: then the selection is the forced chunks whatever the scores."""
     if chunk_tokens < 1 or forced_chunks < 0:
         raise ValueError(f"need chunk_tokens >= 1 and forced_chunks >= 0, got {chunk_tokens}, {forced_chunks}")
     fit = max(0, free_tokens) // chunk_tokens
-    return SKETCH_CANDIDATE_FACTOR * fit + forced_chunks if fit else 0
+    return max(SKETCH_CANDIDATE_FACTOR * fit, MIN_SKETCH_CANDIDATES) + forced_chunks if fit else 0
 
 
 @jit
@@ -172,16 +176,26 @@ def chunk_scores(
         out = torch.empty(B, H, C, dtype=torch.float32, device=q.device)
     elif out.shape != (B, H, C) or out.dtype != torch.float32:
         raise ValueError(f"out must be ({B}, {H}, {C}) float32, got {tuple(out.shape)} {out.dtype}")
-    use_triton = pick_backend(_chunk_scores_kernel, q, kmin, kmax, backend=backend) == "triton"
-    if use_triton and kmin.stride() == kmax.stride():
-        chunk_scores_fwd(q, kmin, kmax, n_chunks, out)
-    else:
-        out.copy_(chunk_scores_ref(q, kmin, kmax, n_chunks))
+    # Two stages overwrite every coded chunk (sketched or pruned): the min/max bound is only needed past them.
+    first = sketch.coded if sketch is not None and candidates is not None and 0 <= candidates < sketch.coded else 0
+    if first < C:
+        _min_max_scores(q, kmin[:, :, first:], kmax[:, :, first:], None if first else n_chunks, out[:, :, first:],
+                        backend)
     if sketch is not None:
         _sketch_stage(q, kmin, kmax, sketch, candidates, out, backend)
         if n_chunks is not None:  # chunks past a ragged sequence's end stay out of every selection
             out.masked_fill_(torch.arange(C, device=q.device) >= n_chunks.view(B, 1, 1), float("-inf"))
     return out
+
+
+def _min_max_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, n_chunks: torch.Tensor | None,
+                    out: torch.Tensor, backend: str | None) -> None:
+    """The min/max bound of chunks kmin/kmax (B, Hkv, C', D) into out (B, Hkv, C'), Triton or torch."""
+    use_triton = pick_backend(_chunk_scores_kernel, q, kmin, kmax, backend=backend) == "triton"
+    if use_triton and kmin.stride() == kmax.stride():
+        chunk_scores_fwd(q, kmin, kmax, n_chunks, out)
+    else:
+        out.copy_(chunk_scores_ref(q, kmin, kmax, n_chunks))
 
 
 def coarse_sketch_channels(head_dim: int) -> int:
@@ -191,8 +205,9 @@ def coarse_sketch_channels(head_dim: int) -> int:
 
 def _sketch_stage(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sketch: KeySketch,
                   candidates: int | None, out: torch.Tensor, backend: str | None) -> None:
-    """The sketch bound for every coded chunk, or two stages: the coarse sketch bound ranks the coded
-    chunks, the ``candidates`` best get the full sketch bound in ``out`` (B, Hkv, C), the rest -inf."""
+    """The sketch bound for every coded chunk, or two stages: the ellipsoids (or the coarse sketch)
+    rank the coded chunks, the ``candidates`` best get the full sketch bound in ``out`` (B, Hkv, C),
+    the rest -inf."""
     if candidates is not None and candidates < 0:
         raise ValueError(f"candidates must be >= 0 (or None for every coded chunk), got {candidates}")
     coded = sketch.coded
@@ -200,13 +215,24 @@ def _sketch_stage(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sketc
         sketch_scores(q, kmin, kmax, sketch, out, backend=backend)
         return
     if candidates > 0:
-        sizes = sketch.chunk_tokens.to(q.device).expand(q.shape[0], kmin.shape[2])
-        rank = coarse_sketch_scores_ref(q, kmin[:, :, :coded], kmax[:, :, :coded], sketch.codes[:, :, :coded],
-                                        sizes, coarse_sketch_channels(q.shape[-1]))       # (B, Hkv, coded)
+        rank = _first_stage(q, kmin, kmax, sketch, backend)                          # (B, Hkv, coded)
         ids = rank.topk(candidates, dim=-1, sorted=False).indices                    # (B, Hkv, K) int64
     out[:, :, :coded] = float("-inf")
     if candidates > 0:
         sketch_scores(q, kmin, kmax, sketch, out, ids=ids, backend=backend)
+
+
+def _first_stage(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sketch: KeySketch,
+                 backend: str | None) -> torch.Tensor:
+    """The ranking of the coded chunks (B, Hkv, coded): by their ellipsoids, else by the coarse sketch."""
+    coded, ell = sketch.coded, sketch.ellipsoid
+    if ell is not None:
+        if ell.centre.shape[2] < coded:
+            raise ValueError(f"sketch.ellipsoid holds {ell.centre.shape[2]} chunks, fewer than coded={coded}")
+        return ellipsoid_rank(q, Ellipsoid(ell.centre[:, :, :coded], ell.axes2[:, :, :coded]), backend=backend)
+    sizes = sketch.chunk_tokens.to(q.device).expand(q.shape[0], kmin.shape[2])
+    return coarse_sketch_scores_ref(q, kmin[:, :, :coded], kmax[:, :, :coded], sketch.codes[:, :, :coded],
+                                    sizes, coarse_sketch_channels(q.shape[-1]))
 
 
 @jit

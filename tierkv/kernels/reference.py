@@ -30,6 +30,7 @@ __all__ = [
     "select_chunks_ref",
     "sketch_scores_ref",
     "coarse_sketch_scores_ref",
+    "ellipsoid_scores_ref",
     "sparse_decode_attention_ref",
 ]
 
@@ -136,20 +137,39 @@ def chunk_scores_ref(
     return scores
 
 
-def _gathered(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """t (B, Hkv, C, *rest) at chunk ids (B, Hkv, K) -> (B, Hkv, K, *rest): whole rows by index_select
-    (a contiguous copy per chunk, measured ~3x faster on the CPU than an element-wise gather)."""
-    B, H, K = ids.shape
+def _row_starts(t: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """t (B, Hkv, C, *rest) as rows (R, *rest) viewed in place, and each (b, h)'s first row (B, Hkv, 1);
+    None when t is not a (sliced) chunk-major tensor (e.g. expanded)."""
+    B, H = ids.shape[:2]
     rest, (sb, sh, sc) = t.shape[3:], t.stride()[:3]
-    if sc > 0 and sb % sc == 0 and sh % sc == 0:     # rows of a (sliced) chunk-major tensor: view them in place
-        rows = (B - 1) * (sb // sc) + (H - 1) * (sh // sc) + t.shape[2]
-        base = t.as_strided((rows, *rest), (sc, *t.stride()[3:]))
-        start = torch.arange(B, device=ids.device).view(B, 1, 1) * (sb // sc) \
-            + torch.arange(H, device=ids.device).view(1, H, 1) * (sh // sc)
-    else:                                            # e.g. an expanded (broadcast) tensor: copy it once
-        base, start = t.reshape(B * H * t.shape[2], *rest), \
-            t.shape[2] * torch.arange(B * H, device=ids.device).view(B, H, 1)
-    return base.index_select(0, (ids.long() + start).view(-1)).view(B, H, K, *rest)
+    if not (sc > 0 and sb % sc == 0 and sh % sc == 0):
+        return None
+    rows = (B - 1) * (sb // sc) + (H - 1) * (sh // sc) + t.shape[2]
+    start = torch.arange(0, B * (sb // sc), sb // sc, device=ids.device).view(B, 1, 1) \
+        + torch.arange(0, H * (sh // sc), sh // sc, device=ids.device).view(1, H, 1) if B > 1 \
+        else torch.arange(0, H * (sh // sc), sh // sc, device=ids.device).view(1, H, 1)
+    return t.as_strided((rows, *rest), (sc, *t.stride()[3:])), start
+
+
+def _gathered(ts: tuple[torch.Tensor, ...], ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each t (B, Hkv, C, *rest) at chunk ids (B, Hkv, K) -> (B, Hkv, K, *rest): whole rows by index_select
+    (a contiguous copy per chunk, measured ~3x faster on the CPU than an element-wise gather). Tensors
+    with the same chunk strides (a layer's abstracts and codes) share one row index."""
+    B, H, K = ids.shape
+    out, index = [], {}
+    for t in ts:
+        viewed = _row_starts(t, ids)
+        if viewed is None:                           # e.g. an expanded (broadcast) tensor: copy it once
+            base = t.reshape(B * H * t.shape[2], *t.shape[3:])
+            rows = (ids.long() + t.shape[2] * torch.arange(B * H, device=ids.device).view(B, H, 1)).view(-1)
+        else:
+            base, start = viewed
+            key = (t.stride(0) // t.stride(2), t.stride(1) // t.stride(2))
+            if key not in index:
+                index[key] = (ids.long() + start).view(-1)
+            rows = index[key]
+        out.append(base.index_select(0, rows).view(B, H, K, *t.shape[3:]))
+    return out
 
 
 def sketch_scores_ref(
@@ -163,33 +183,40 @@ def sketch_scores_ref(
     ids: None scores chunks 0..C-1 (returns (B, Hkv, C)); (B, Hkv, K) int scores the chunks each KV
     head lists (returns (B, Hkv, K), entry k for chunk ids[b, h, k]).
     Value: max over keys and query heads of q.kmin + relu(q).w + (q*w).code, float32. Codes unpack
-    by four shift/mask passes (measured faster on the CPU than a 256-entry table gather) in blocks of
-    chunks (~1M values each): a whole-context float copy costs more in page faults than the math.
+    by four shift/mask passes (measured faster on the CPU than a 256-entry table gather or one
+    broadcast shift) in blocks of chunks (~1M values each): a whole-context float copy costs more in
+    page faults than the math. Few ops (a decode step calls it per layer on a few dozen candidates,
+    where the per-op overhead is most of the time).
     """
     B, Hq, D = q.shape
     H, S, P = codes.shape[1], codes.shape[3], codes.shape[4]
     G = Hq // H
-    sizes = sizes.to(q.device).view(B, 1, -1).expand(B, H, sizes.shape[-1])       # (B, Hkv, C)
     if ids is not None:
-        kmin, kmax, codes, sizes = (_gathered(t, ids) for t in (kmin, kmax, codes, sizes))
+        kmin, kmax, codes = _gathered((kmin, kmax, codes), ids)
+        sizes = sizes.to(q.device).gather(1, ids.view(B, -1).long()).view(ids.shape)   # (B, Hkv, K)
+    else:
+        sizes = sizes.to(q.device).view(B, 1, -1)[:, :, :codes.shape[2]]              # (B, 1, C)
     n = codes.shape[2]
     qg = q.float().view(B, H, G, D)                                               # (B, Hkv, G, D)
     lo = kmin[:, :, :n].float()
-    w = (kmax[:, :, :n].float() - lo) * 0.25                                      # (B, Hkv, n, D)
-    base = torch.matmul(lo, qg.transpose(-1, -2)) + torch.matmul(w, qg.clamp(min=0).transpose(-1, -2))  # (.., n, G)
-    qw = torch.nn.functional.pad(qg.unsqueeze(2) * w.unsqueeze(3), (0, 4 * P - D))  # (B, Hkv, n, G, 4P)
-    valid = torch.arange(S, device=q.device) < sizes[:, :, :n, None, None]         # (B, Hkv, n, 1, S)
-    best = torch.empty(B, H, n, G, device=q.device)
+    w = (kmax[:, :, :n].float() - lo).mul_(0.25)                                  # (B, Hkv, n, D)
+    base = torch.matmul(lo, qg.transpose(-1, -2)).add_(torch.matmul(w, qg.clamp(min=0).transpose(-1, -2)))
+    qw = qg.unsqueeze(2) * w.unsqueeze(3)                                         # (B, Hkv, n, G, D)
+    if 4 * P != D:
+        qw = torch.nn.functional.pad(qw, (0, 4 * P - D))                          # (B, Hkv, n, G, 4P)
+    invalid = torch.arange(S, device=q.device) >= sizes.unsqueeze(-1)              # (B, Hkv|1, n, S)
     step = max(1, (1 << 20) // max(1, B * H * S * 4 * P))
     unpacked = torch.empty(B, H, min(step, n), S, 4, P, device=q.device)          # (B, Hkv, blk, S, 4, P)
+    blocks = []
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
         block, part = codes[:, :, c0:c1], unpacked[:, :, :c1 - c0]
         for i in range(4):  # the four bit pairs: contiguous channel blocks i*P .. i*P + P - 1
             part[..., i, :] = (block >> (2 * i)) & 3
         tok = torch.matmul(qw[:, :, c0:c1], part.view(B, H, c1 - c0, S, 4 * P).transpose(-1, -2))  # (.., G, S)
-        best[:, :, c0:c1] = tok.masked_fill_(~valid[:, :, c0:c1], float("-inf")).amax(dim=-1)
-    return (best + base).amax(dim=-1)
+        blocks.append(tok.masked_fill_(invalid[:, :, c0:c1, None], float("-inf")).amax(dim=-1))
+    best = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)           # (B, Hkv, n, G)
+    return best.add_(base).amax(dim=-1)
 
 
 def coarse_sketch_scores_ref(
@@ -221,6 +248,19 @@ def coarse_sketch_scores_ref(
     tok = torch.matmul(qw_sel, vals.transpose(-1, -2))                             # (B, Hkv, n, G, S)
     valid = torch.arange(S, device=q.device) < sizes.to(q.device).view(B, 1, -1, 1, 1)[:, :, :n]
     return (tok.masked_fill_(~valid, float("-inf")).amax(-1) + base).amax(-1)
+
+
+def ellipsoid_scores_ref(q: torch.Tensor, centre: torch.Tensor, axes2: torch.Tensor) -> torch.Tensor:
+    """Per query head bound q.c + sqrt(q^2 . a^2) of each chunk's ellipsoid (``tierkv.kernels.ellipsoid``).
+
+    q: (B, Hq, D); centre, axes2: (B, Hkv, N, D). Returns (B, Hkv, G, N) float32: all query heads
+    of all KV heads in two batched matmuls.
+    """
+    B, Hq, D = q.shape
+    H = centre.shape[1]
+    qg = q.float().view(B, H, Hq // H, D)                                         # (B, Hkv, G, D)
+    spread = torch.matmul(qg * qg, axes2.float().transpose(-1, -2)).clamp_min_(0).sqrt_()  # (B, Hkv, G, N)
+    return torch.matmul(qg, centre.float().transpose(-1, -2)).add_(spread)
 
 
 def _forced_chunks(

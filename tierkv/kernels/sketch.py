@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from tierkv.kernels._select import cdiv, jit, next_pow2, pick_backend, tl
+from tierkv.kernels.ellipsoid import Ellipsoid
 from tierkv.kernels.reference import sketch_scores_ref
 
 __all__ = ["KeySketch", "encode_keys", "sketch_bytes_per_token", "sketch_scores", "sketch_scores_fwd"]
@@ -47,11 +48,15 @@ class KeySketch(NamedTuple):
     codes:        (B, Hkv, C, S, P) uint8 from ``encode_keys`` (chunk slots past ``coded`` unused).
     chunk_tokens: (C,) or (B, C) int, tokens per chunk (keys past it in a slot are ignored).
     coded:        chunks 0..coded-1 have codes; later chunks keep the plain min/max bound.
+    ellipsoid:    the coded chunks' key ellipsoids ((B, Hkv, >= coded, D), ``tierkv.kernels.ellipsoid``),
+                  which rank them for the two-stage estimator without reading the codes; None:
+                  the coarse sketch ranks them (it reads a quarter of every key's codes).
     """
 
     codes: torch.Tensor
     chunk_tokens: torch.Tensor
     coded: int
+    ellipsoid: Ellipsoid | None = None
 
 
 def sketch_bytes_per_token(head_dim: int) -> int:

@@ -2,7 +2,7 @@
 
 Why this module exists: every new token (a prefill piece, a decode step, a session's copy-in) goes
 through one path that keeps the chunk index right: the chunks' min/max-key abstracts and sizes are
-updated before the K/V land in their slots, chunks that fill up get their 2-bit key codes and (when
+updated before the K/V land in their slots, chunks that fill up get their 2-bit key codes and key ellipsoids and (when
 the KV may spill) are written behind to disk, and new chunks are born on the device, evicting the
 least recently selected chunks when the slots are full.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from tierkv.kernels.abstract import piece_abstract
+from tierkv.kernels.ellipsoid import causal_variances, key_ellipsoids
 from tierkv.kernels.sketch import encode_keys
 from tierkv.pipeline.kv.layer import LayerKV
 from tierkv.pipeline.kv.moves import make_room, write_behind
@@ -121,8 +122,11 @@ def _store(pool: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, before: int
 
 def _encode(kv: LayerKV, slots: torch.Tensor, c0: int, c1: int) -> None:
     """Chunks c0..c1-1 (in ``slots`` (B, n)) just closed and their abstracts are final: write their
-    keys' 2-bit codes, all in one call, if the layer keeps them."""
+    keys' 2-bit codes and their ellipsoids, all in one call each, if the layer keeps them."""
     if kv.codes is not None:
         keys = kv.k_pool[slots].transpose(1, 2)                                  # (B, Hkv, n, S, D)
         kv.codes[:, :, c0:c1] = encode_keys(keys, kv.kmin[:, :, c0:c1], kv.kmax[:, :, c0:c1])
+        if kv.centre is not None and kv.axes2 is not None:
+            variance, kv.moments = causal_variances(keys, kv.moments)            # the context's, up to each chunk
+            kv.centre[:, :, c0:c1], kv.axes2[:, :, c0:c1] = key_ellipsoids(keys, kv.centre.dtype, variance)
         kv.n_coded = c1

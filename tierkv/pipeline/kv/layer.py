@@ -1,7 +1,7 @@
 """One layer of a tiered KV cache: its tensors and the records of its moves in flight.
 
 Why this module exists: each layer owns a device slot pool, host buffers, the always-resident chunk
-index (abstracts, key codes) and a chunk table. The table (``kv.table``) is the one record of
+index (abstracts, key codes and ellipsoids) and a chunk table. The table (``kv.table``) is the one record of
 which tier holds each chunk and in which device slot / host buffer; the tensors here are storage,
 and the device-side ``slot_map`` (what the attention kernel reads) is a mirror of the table.
 """
@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from tierkv.io.buffers import ChunkArenas, pinning_available
+from tierkv.kernels.ellipsoid import no_moments
 from tierkv.kernels.sketch import sketch_bytes_per_token
 from tierkv.pipeline.kv.codec import ChunkCodec
 from tierkv.pipeline.kv.geometry import LayerGeometry
+from tierkv.pipeline.kv.sizing import keeps_ellipsoids
 from tierkv.pipeline.kv.table import ChunkKey, KVChunkTable, Tier
 from tierkv.pipeline.kv.workers import KVMove
 
@@ -82,6 +84,10 @@ class LayerKV:
         self.chunk_sizes = torch.zeros(c, dtype=torch.int32, device=device)                  # (C_max,)
         self.codes = torch.zeros((batch, kv_heads, c, s, sketch_bytes_per_token(head_dim)), dtype=torch.uint8,
                                  device=device) if sketch else None                          # (B, Hkv, C_max, S, P)
+        ellipsoids = sketch and keeps_ellipsoids(s)
+        self.centre = torch.zeros_like(self.kmin) if ellipsoids else None                   # (B, Hkv, C_max, D)
+        self.axes2 = torch.zeros_like(self.kmin) if ellipsoids else None                    # key ellipsoids
+        self.moments = no_moments(batch, kv_heads, head_dim, device)                        # of the coded keys
         self.n_coded = 0                                                                     # chunks with codes
         self.free = list(range(geo.resident_slots))[::-1]     # resident slots no chunk holds
         self.scratch = list(range(geo.resident_slots, n))
@@ -107,7 +113,7 @@ class LayerKV:
     @property
     def nbytes(self) -> int:
         tensors = (self.k_pool, self.v_pool, self.slot_lens, self.slot_map, self.kmin, self.kmax, self.chunk_sizes,
-                   self.codes)
+                   self.codes, self.centre, self.axes2)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # -- residency, as the table records it --------------------------------------------------

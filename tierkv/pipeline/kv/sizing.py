@@ -22,11 +22,12 @@ from tierkv.quantspec import kv_chunk_bytes
 
 __all__ = ["MIN_BUDGET_CHUNKS", "MIN_CONTEXT_CHUNKS", "SCRATCH_SLOTS_PER_SEQ", "budget_holds_chunks",
            "chunk_cap_tokens", "chunk_size_candidates", "chunk_tokens_for", "cold_chunk_bytes", "dense_fits", "element_bytes",
-           "keeps_sketch", "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
+           "keeps_ellipsoids", "keeps_sketch", "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
            "kv_host_want_bytes", "layer_device_bytes", "layer_index_bytes", "layer_minimum_bytes", "max_kv_batch",
            "min_chunk_slots", "slot_bytes", "sparse_possible"]
 
 SCRATCH_SLOTS_PER_SEQ = 2        # at least one streamed chunk per sequence in each half of the double buffer
+MIN_ELLIPSOID_CHUNK_TOKENS = 32  # smallest chunks that keep key ellipsoids (``keeps_ellipsoids``)
 MIN_BUDGET_CHUNKS = 8            # a sparse budget holds at least this many of a layer's chunks (else: too coarse)
 MIN_CONTEXT_CHUNKS = 16          # an adaptive layer's capacity holds at least this many chunks (so a few can spill)
 
@@ -53,26 +54,42 @@ def cold_chunk_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk_tokens: int, kv
 
 
 def keeps_sketch(policy: Policy) -> bool:
-    """Whether a tiered cache under ``policy`` keeps 2-bit key codes (only sparse selection reads them).
+    """Whether a tiered cache under ``policy`` keeps 2-bit key codes and key ellipsoids (only sparse
+    selection reads them).
 
     Default (``policy.kv_sketch`` None): on outside exact mode, on every device: the token-level
     bound finds single-key needles the min/max bound misses, and the two-stage selection
-    (``kernels.importance``: the sketch scores only a few times the budget's chunks) keeps its cost
-    a small part of a decode step on the CPU too. ``kv_sketch=False`` turns it off.
+    (``kernels.importance``: the ellipsoids rank every chunk, the sketch scores only 2x the budget's
+    chunks) keeps its cost a small part of a decode step on the CPU too. ``kv_sketch=False`` turns it off.
     """
     if policy.kv == "exact":
         return False
     return policy.kv_sketch if policy.kv_sketch is not None else True
 
 
+def keeps_ellipsoids(chunk_tokens: int) -> bool:
+    """Whether a layer with key codes also keeps key ellipsoids (``kernels.ellipsoid``): for chunks of
+    at least ``MIN_ELLIPSOID_CHUNK_TOKENS``. Why not smaller: an ellipsoid costs as much as the
+    abstracts whatever the chunk size, so at 16-token chunks it would grow the index (abstracts +
+    codes) by half and with it the device room the planner reserves for the full context (a 70B
+    int8 model on 24 GiB + 64 GiB then streamed 3 layers from disk); at 32 tokens and up the index
+    with ellipsoids is no larger than at 16 without. Layers of smaller chunks rank for the sketch
+    with the coarse sketch bound (``kernels.importance``)."""
+    return chunk_tokens >= MIN_ELLIPSOID_CHUNK_TOKENS
+
+
 def layer_index_bytes(cfg: ModelConfig, dtype: torch.dtype, batch: int, capacity_tokens: int, chunk_tokens: int,
                       sketch: bool) -> int:
     """Device bytes of one layer's chunk index for a context: abstracts (min/max key per chunk) and,
-    with ``sketch``, the 2-bit key codes (``kernels.sketch``). Always resident, beside the slot pool."""
+    with ``sketch``, the 2-bit key codes (``kernels.sketch``) and the key ellipsoids that rank chunks for
+    them (``kernels.ellipsoid``: centre and squared semi-axes, D values each in ``dtype``, like the
+    abstracts). Always resident, beside the slot pool."""
     chunks = -(-capacity_tokens // chunk_tokens)
-    per_chunk = 2 * cfg.num_kv_heads * cfg.head_dim * element_bytes(dtype)
+    summary = 2 * cfg.num_kv_heads * cfg.head_dim * element_bytes(dtype)     # two (D,) vectors per KV head
+    per_chunk = summary
     if sketch:
         per_chunk += cfg.num_kv_heads * chunk_tokens * sketch_bytes_per_token(cfg.head_dim)
+        per_chunk += summary if keeps_ellipsoids(chunk_tokens) else 0
     return batch * chunks * per_chunk
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from tierkv.kernels import KeySketch, Selection, chunk_scores, select_chunks, sketch_candidates, sparse_decode_attention
+from tierkv.kernels import Ellipsoid, KeySketch, Selection, chunk_scores, select_chunks, sketch_candidates, sparse_decode_attention
 from tierkv.pipeline.kv.layer import LayerKV
 from tierkv.pipeline.kv.moves import evict, finish_fetch, poll_fetches, start_fetches
 from tierkv.pipeline.kv.overflow import decode_overflow
@@ -99,8 +99,8 @@ def forced_tokens(n_chunks: int, chunk_tokens: int, tokens: int, sink_chunks: in
 def select(st: CacheState, kv: LayerKV, q0: torch.Tensor) -> Selection:
     """Importance selection on the device: q0 (B, Hq, D) -> Selection over the layer's chunks.
 
-    With key codes, two stages (``kernels.importance``): a coarse sketch bound ranks every coded
-    chunk, the full sketch bounds the ``sketch_candidates`` best (a few times the chunks the budget
+    With key codes, two stages (``kernels.importance``): the key ellipsoids (chunks of 32 tokens and
+    up, ``sizing.keeps_ellipsoids``; the coarse sketch below that) rank every coded chunk, the full sketch bounds the ``sketch_candidates`` best (a few times the chunks the budget
     holds beside the forced ones), the rest are pruned. When the budget holds no chunk beside the
     forced ones, nothing is scored: the selection is the forced chunks.
     """
@@ -113,7 +113,8 @@ def select(st: CacheState, kv: LayerKV, q0: torch.Tensor) -> Selection:
     if candidates == 0:
         scores = torch.zeros(st.batch, st.kv_heads, c, device=st.device)          # forced chunks only
     else:
-        sketch = None if kv.codes is None else KeySketch(kv.codes, kv.chunk_sizes[:c], kv.n_coded)
+        ell = None if kv.centre is None or kv.axes2 is None else Ellipsoid(kv.centre, kv.axes2)
+        sketch = None if kv.codes is None else KeySketch(kv.codes, kv.chunk_sizes[:c], kv.n_coded, ell)
         scores = chunk_scores(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch=sketch,
                               candidates=candidates)                                 # (B, Hkv, C)
     sel = select_chunks(scores, kv.chunk_sizes[:c], budget_tokens=budget, sink_chunks=sink, recent_tokens=size)

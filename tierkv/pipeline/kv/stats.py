@@ -63,7 +63,8 @@ def stats(st: CacheState, device_allocated_bytes: int) -> dict[str, Any]:
         "estimator_share": c.estimator_s / c.sparse_step_s if c.sparse_step_s else None,
         "sparse_step_s": c.sparse_step_s,
         "sketch": st.sketch_note,
-        "sketch_bytes": sum(kv.codes.numel() for kv in layers if kv.codes is not None),
+        "sketch_bytes": sum(t.numel() * t.element_size() for kv in layers
+                            for t in (kv.codes, kv.centre, kv.axes2) if t is not None),   # codes + ellipsoids
         "selected_fraction": float(st.selected_tokens) / c.selectable_tokens if c.selectable_tokens else None,
         "sparse_layer_steps": c.sparse_layer_steps,
         "kv_budget_note": budget_note(st),
