@@ -243,8 +243,12 @@ def test_the_reported_case_8k_context_256_tokens_of_device_room(tmp_path: Path) 
     for kv, sketch in (("exact", None), ("auto", True)):
         options = dict(kv=kv, kv_sketch=sketch, kv_device_tokens=256)
         policy = Policy(dtype="float32", device="cpu", **options)  # type: ignore[arg-type]
-        with tierkv.load(model, device="cpu", device_mem=_small_device_mem(model, policy, 256), host_mem="64KiB",
-                         offload_dir=tmp_path / kv,
+        device_mem = _small_device_mem(model, policy, 256)
+        if sketch:   # the key codes and ellipsoids of the full context (176 KiB) outweigh a layer (124 KiB):
+            cfg = ModelConfig.from_dir(model)       # a budget half a layer short of keeping every layer too
+            layer = make_plan(cfg, tierkv.Budget(), policy).layer_bytes
+            device_mem = minimum_device_bytes(cfg, policy, 256, key_codes=True) + (cfg.num_layers - 1) * layer - layer // 2
+        with tierkv.load(model, device="cpu", device_mem=device_mem, host_mem="64KiB", offload_dir=tmp_path / kv,
                          **options) as eng:
             out = eng.generate(ids, max_new_tokens=NEW)
             plan = eng.plan
