@@ -44,7 +44,7 @@ import torch
 from tierkv.quantspec import QuantWeight
 
 __all__ = ["GemvKernel", "compiled_gemv_allowed", "gemv", "gemv_graph", "gemv_kernel", "kernels_allowed", "quant_gemv",
-           "quant_gemv_supported"]
+           "quant_gemv_supported", "run_gemv"]
 
 Spec = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]     # an input's (shape, strides, dtype)
 # Whether the model being run may use the kernels (True unless a ``Runner`` of a small model says not:
@@ -136,11 +136,15 @@ def gemv_kernel(weight: torch.Tensor) -> GemvKernel:
     return _build("dense", (_spec(weight), x), torch.get_num_threads())
 
 
+def run_gemv(kernel: GemvKernel, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight (N, K) @ x (K,) -> (N,) through ``kernel``, a built ``gemv_kernel(weight)`` (a caller that
+    has looked it up already: ``dense_linear``)."""
+    return _run(kernel, weight, x.contiguous())
+
+
 def _eager_gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     kernel = gemv_kernel(weight)
-    if kernel.fn is None:
-        return torch.mv(weight, x)
-    return _run(kernel, weight, x.contiguous())
+    return torch.mv(weight, x) if kernel.fn is None else run_gemv(kernel, weight, x)
 
 
 @torch.library.custom_op("tierkv::gemv", mutates_args=())

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.kernels._select import env_choice
-from tierkv.kernels.cpu_gemv import compiled_gemv_allowed, gemv, gemv_kernel, kernels_allowed
+from tierkv.kernels.cpu_gemv import GemvKernel, compiled_gemv_allowed, gemv, gemv_kernel, kernels_allowed, run_gemv
 
 __all__ = ["COMPILED_GEMV_MIN_PARAMS", "CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "GEMV_MIN_ELEMENTS", "MM_T_MAX_M",
            "compiled_gemv_allowed", "compiled_gemv_wanted", "dense_linear", "linear_path", "pick_cpu_matvec"]
@@ -72,16 +72,25 @@ def compiled_gemv_wanted(elements: int, choice: str | None = None) -> bool:
 def linear_path(x: torch.Tensor, weight: torch.Tensor, choice: str | None = None) -> str:
     """Which op ``dense_linear(x, weight, choice=choice)`` runs: "gemv", "mv", "mm_t" or "linear"
     (a "gemv" whose kernel does not build runs as "mv")."""
+    return _choose(x, weight, choice)[0]
+
+
+def _choose(x: torch.Tensor, weight: torch.Tensor, choice: str | None) -> tuple[str, GemvKernel | None]:
+    """(``linear_path``'s answer, the built kernel of a "gemv" outside a ``torch.compile`` trace, else None)."""
     if weight.device.type != "cpu" or weight.dim() != 2:
-        return "linear"
+        return "linear", None
     mode = pick_cpu_matvec(choice)
     if mode == "off" or (mode == "auto" and weight.dtype not in _AUTO_DTYPES):
-        return "linear"
+        return "linear", None
     m = x.numel() // max(1, x.shape[-1])
     if m == 1:
-        wants = compiled_gemv_wanted(weight.numel(), mode)
-        return "gemv" if wants and (torch.compiler.is_compiling() or gemv_kernel(weight).fn is not None) else "mv"
-    return "mm_t" if 2 <= m <= MM_T_MAX_M else "linear"
+        if not compiled_gemv_wanted(weight.numel(), mode):
+            return "mv", None
+        if torch.compiler.is_compiling():
+            return "gemv", None
+        kernel = gemv_kernel(weight)
+        return ("gemv", kernel) if kernel.fn is not None else ("mv", None)
+    return ("mm_t" if 2 <= m <= MM_T_MAX_M else "linear"), None
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -94,13 +103,13 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     choice: "auto" | "compiled" | "on" | "off" | None (``pick_cpu_matvec``).
     Returns (..., N) in x's dtype.
     """
-    path = linear_path(x, weight, choice)
+    path, kernel = _choose(x, weight, choice)
     if path == "linear":
         return F.linear(x, weight, bias)
     n, k = weight.shape
     x2 = x.reshape(-1, k)                                                     # (M, K)
     if path == "gemv":
-        out = gemv(weight, x2[0])                                             # (N,)
+        out = gemv(weight, x2[0]) if kernel is None else run_gemv(kernel, weight, x2[0])   # (N,)
         out = out if bias is None else out.add_(bias)
     elif path == "mv":
         row = x2[0]
