@@ -175,6 +175,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quant", default=None, help="int8, int4 or int8:channel / int4:32 (SCHEME[:GROUP]): the "
+                    "engine's weights in that scheme (default: bf16)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
     ap.add_argument("--model-root", type=Path, default=Path(tempfile.gettempdir()) / "tierkv-bench")
     args = ap.parse_args()
@@ -183,7 +185,8 @@ def main() -> None:
     ids = torch.randint(3, 32000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     import tierkv
 
-    engine = tierkv.load(model_dir, dtype="bfloat16")
+    scheme, _, group = (args.quant or "").partition(":")
+    engine = tierkv.load(model_dir, dtype="bfloat16", quant=scheme or None, group_size=group or None)
     gen = lambda n: engine.generate(ids, max_new_tokens=n, ignore_eos=True)  # noqa: E731
     gen(2)
     wall_s, aten_s, aten_ops = _aten_profile(gen, args.new_tokens)
