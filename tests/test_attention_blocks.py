@@ -75,6 +75,25 @@ def test_bfloat16_blocks_agree_with_one_call():
     assert (fused.double() - _reference(q, k, v, q_pos, k_pos, None)).abs().max() < 3e-2
 
 
+@pytest.mark.parametrize("b,hq,hkv,s,d", [(1, 16, 4, 300, 32), (2, 9, 3, 77, 16), (1, 6, 6, 50, 8), (3, 8, 1, 129, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_groups_query_heads_per_kv_head(b, hq, hkv, s, d, dtype):
+    """A decode query (T = 1) attends through ``decode_attention``: GQA's query heads of one KV head go
+    in as rows of one call (MHA as it is), with the reference's result for a query given as the model
+    gives it (a transposed view) and keys sliced out of a longer cache."""
+    q, k, v, q_pos, k_pos = _inputs(b, hq, hkv, 1, s, d, seed=2)
+    cache_k = torch.zeros(b, hkv, s + 40, d).to(dtype)
+    cache_v = torch.zeros(b, hkv, s + 40, d).to(dtype)
+    cache_k[:, :, :s], cache_v[:, :, :s] = k, v
+    q_view = q.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)              # (B, Hq, 1, D), strided as in the model
+    out = dense_attention(q_view, cache_k[:, :, :s], cache_v[:, :, :s], q_pos, k_pos, None)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref = _reference(q.to(dtype), cache_k[:, :, :s], cache_v[:, :, :s], q_pos, k_pos, None)
+    assert (out.double() - ref).abs().max() < (2e-5 if dtype == torch.float32 else 2e-2)
+    gqa = F.scaled_dot_product_attention(q_view, cache_k[:, :, :s], cache_v[:, :, :s], enable_gqa=hq != hkv)
+    assert (out.double() - gqa.double()).abs().max() < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("q_offset", [0, 3])
 def test_the_fused_path_serves_exactly_the_pieces_that_end_the_context(q_offset):
     """Queries at the last T key positions (no window cutting the span) take the fused path; queries
