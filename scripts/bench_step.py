@@ -15,7 +15,8 @@ Every contender runs in its own process, with the same ``--threads``:
   ``--prefill-repeats``, after a short warm-up;
 * ``hf``: ``AutoModelForCausalLM.from_pretrained(DIR, dtype=torch.bfloat16)`` (its default SDPA
   attention), timed the same way through ``generate``;
-* ``llama``: ``llama-bench -p 0 -n 32`` (tg32, best repetition) and ``-p 512,4096,16384 -n 0
+* ``llama``: ``llama-bench -p 0 -n 32 -d P`` (tg32 after a P = ``--prompt-len`` token context, as
+  tierkv and HF decode; best repetition) and ``-p 512,4096,16384 -n 0
   -r R`` on the same checkpoint converted to a bf16 GGUF by llama.cpp's own
   ``convert_hf_to_gguf.py`` (cached beside the checkpoint; the random model gets a small
   SentencePiece vocabulary, which the converter pads to the model's, so ``sentencepiece`` must be
@@ -237,7 +238,8 @@ def collect(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
                     if gguf is None:
                         continue
                     tg, pp = (LLAMA_TG_TOKENS, 0) if part == "decode" else (0, lengths)
-                    runs[key] = run_llama(args.llama_bench, gguf, args.threads, tg, pp, args.llama_args,
+                    depth = ["-d", str(args.prompt_len)] if part == "decode" and args.prompt_len else []
+                    runs[key] = run_llama(args.llama_bench, gguf, args.threads, tg, pp, args.llama_args + depth,
                                           None if part == "decode" else args.prefill_repeats, args.timeout_s)
                 else:
                     opts = {"model": str(model), "threads": args.threads, "decode": part == "decode",
@@ -355,7 +357,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true",
                     help="also run tierkv with compile=True (its own process, warmed up first) beside tierkv")
-    ap.add_argument("--prompt-len", type=int, default=16, help="decode: prompt tokens before the timed tokens")
+    ap.add_argument("--prompt-len", type=int, default=16, help="decode: context tokens before the timed tokens (llama-bench -d)")
     ap.add_argument("--new-tokens", type=int, default=16, help="decode tokens N in (N - 1) / (t(N) - t(1))")
     ap.add_argument("--repeats", type=int, default=3, help="decode: best of this many")
     ap.add_argument("--prefill-repeats", type=int, default=1, help="prefill: best of this many (llama-bench -r)")
