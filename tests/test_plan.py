@@ -109,6 +109,7 @@ def test_cuda_placement_uses_host_tier_and_staging(monkeypatch):
 def test_budgets_are_detected_when_not_given(monkeypatch, tmp_path):
     mem = namedtuple("mem", "available total")
     monkeypatch.setattr(budgets_mod.psutil, "virtual_memory", lambda: mem(8 << 30, 16 << 30))
+    monkeypatch.setattr(budgets_mod, "cgroup_memory", lambda: None)      # not in a container (tests/test_cgroup.py)
     monkeypatch.setenv("TIERKV_OFFLOAD_DIR", str(tmp_path))
     p = make_plan(CONFIG, Budget(), Policy(device="cpu"), CPU_LINKS, context_tokens=1024)
     assert p.device_mem_bytes == int((8 << 30) * 0.8) - (1 << 30) and p.host_mem_bytes == 0

@@ -82,6 +82,7 @@ class Plan:
     config_only: bool = False          # planned from a config alone: budgets not checked against this machine
     kv_sketch_bytes: int = 0           # device room kept for sparse selection's 2-bit key codes at the full context
     kv_sketch_note: str = ""           # why key codes the policy would keep are off (no device room); "" if not
+    ram_note: str = ""                 # the cgroup memory limit that bounds RAM (a container, a cap); "" if none
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: an unmeasured (infinite) link speed becomes null."""
@@ -110,6 +111,8 @@ class Plan:
             f"predicted {self.predicted_tok_s:.2f} tok/s, bound by {self.bound}; "
             f"{format_size(self.streamed_bytes_per_token)} of weights streamed per token",
         ]
+        if self.ram_note:
+            lines.append(self.ram_note)
         if self.config_only:
             lines.append("from config.json alone (no weights here): budgets are not checked against this machine; "
                          "links measured on this machine")
@@ -395,7 +398,7 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     placed = layer_bytes + layer_extra                  # a layer that stays put (device or host)
     held_globals = globals_bytes + globals_extra        # the globals as the device holds them
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
-    dev_mem, host_mem, offload_dir = detect_budgets(budget, device, check_machine=not config_only)
+    dev_mem, host_mem, offload_dir, ram_note = detect_budgets(budget, device, check_machine=not config_only)
     piece, scratch, activations, reserve, codes, codes_note = _device_reserve(config, dtype, policy, context, batch,
                                                                               dev_mem, held_globals, layer_bytes,
                                                                               layout)
@@ -431,7 +434,7 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         kv_device_bytes=max(0, dev_mem - held_globals - kinds.count("device") * placed - ring
                             - activations),
         prefill_chunk_tokens=piece, attention_scratch_bytes=scratch, activation_bytes=activations,
-        config_only=config_only, kv_sketch_bytes=codes, kv_sketch_note=codes_note,
+        config_only=config_only, kv_sketch_bytes=codes, kv_sketch_note=codes_note, ram_note=ram_note,
         **_stored_sizes(config, dtype, policy, kinds, layer_bytes, globals_bytes,
                         max(0, host_mem - kinds.count("host") * placed - staging), cuda),
     )
