@@ -69,12 +69,11 @@ class MappedEmbedding:
             self._map.madvise(flag, start, length or len(self._map) - start)
 
     def close(self) -> None:
-        """Unmap (once no tensor views the table any more; until then the mapping stays)."""
+        """Drop this object's hold on the mapping; it is unmapped when the last tensor viewing the table
+        goes (``torch.frombuffer`` keeps the map alive but not exported, so closing it here under a live
+        view would unmap memory still in use)."""
         self.table = torch.empty(0)
-        try:
-            self._map.close()
-        except BufferError:         # a caller still holds a view: the mapping goes with the last one
-            pass
+        del self._map
 
 
 __all__ = ["MappedEmbedding", "lookup_embedding_bytes"]
