@@ -88,3 +88,15 @@ def test_load_under_a_tight_budget_leaves_the_table_and_matches(untied):
     with tierkv.load(ckpt, device="cpu", device_mem=budget, host_mem=0, offload_dir=str(ckpt.parent / "off")) as e:
         assert e.plan.disk_layers and e.plan.embedding_lookup_bytes > 0
         assert [r.token_ids for r in e.generate(PROMPTS, max_new_tokens=8)] == reference
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_rows_are_gathered_on_the_host_and_copied(untied):
+    ckpt, store, _ = untied
+    reference = [r.token_ids for r in Engine(ckpt, Policy(device="cuda")).generate(PROMPTS, max_new_tokens=8)]
+    for device_layers in [(), (1, 2)]:
+        weights = StreamingWeights(store, "cuda", device_layers, (), 1, BIG, BIG, lookup_embedding=True)
+        assert weights.globals()[EMBED_WEIGHT].device.type == "cpu"
+        with Engine(ckpt, Policy(device="cuda"), weights=weights) as engine:
+            assert [r.token_ids for r in engine.generate(PROMPTS, max_new_tokens=8)] == reference
