@@ -13,6 +13,7 @@ rows are gathered on the host and copied (``model.embed``). Which models qualify
 from __future__ import annotations
 
 import mmap
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,9 +48,11 @@ class MappedEmbedding:
         entry = extent.tensors[EMBED_WEIGHT]
         with open(store.data_path, "rb") as f:           # the mapping keeps the file open
             self._map = mmap.mmap(f.fileno(), extent.padded_nbytes, access=mmap.ACCESS_COPY, offset=extent.offset)
-        self._advise(getattr(mmap, "MADV_RANDOM", None))  # a row is 1-2 pages: no read-ahead around it
-        if verify:
-            self._verify(store, extent)
+            self._advise(getattr(mmap, "MADV_RANDOM", None))  # a row is 1-2 pages: no read-ahead around it
+            if verify:
+                self._verify(store, extent)
+                if hasattr(os, "posix_fadvise"):         # the check read it all: leave the page cache as it was
+                    os.posix_fadvise(f.fileno(), extent.offset, extent.padded_nbytes, os.POSIX_FADV_DONTNEED)
         raw = torch.frombuffer(self._map, dtype=torch.uint8)[entry.offset:entry.offset + entry.nbytes]
         self.table = raw.view(getattr(torch, entry.dtype)).view(entry.shape)        # (V, H)
         self.nbytes = extent.padded_nbytes
