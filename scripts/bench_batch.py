@@ -28,8 +28,9 @@ batch size it can run", on the ~0.85B random bf16 Llama (``bench_common``: 1.6 G
   passes (count, seconds, of which waiting for the disk) and decode passes (mean seconds, waiting,
   computing), and the planner's prediction again from the engine after the run, fitted to its steps
   (``choose_batch(engine)``) beside the probe's one from before it;
-* both sides run with ``OMP_WAIT_POLICY=PASSIVE`` (unless set): on a shared 2-core machine libgomp's
-  spinning barriers make 2-thread ops 10-100x slower whenever another process holds a core.
+* both sides run under the environment's ``OMP_WAIT_POLICY`` (libgomp's default unless set; reported):
+  ``OMP_WAIT_POLICY=PASSIVE`` (opt in from the environment) keeps a shared machine's other work from
+  stalling 2-thread ops at spinning barriers, but costs torch 1.2-1.5x on a quiet machine.
 
     python scripts/bench_batch.py [--batches 1,2,4,8,16,32,64] [--new-tokens 16] [--cap 1600MiB]
         [--device-mem 1024MiB] [--host-mem 0] [--threads 2] [--skip-peer | --skip-tierkv] [--peer-timeout 300]
@@ -47,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-OMP_WAIT_POLICY = os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # before torch loads libgomp
+OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "default")      # libgomp reads it when torch loads
 
 import torch  # noqa: E402
 

@@ -13,11 +13,12 @@ p50/p90/p99; the ratios are server / in-process. A human table, then one JSON li
 Both sides reuse the prompt's cached KV (``cache_prompt``, the server's default) and run under
 the same CPU settings: the same torch thread count (``--threads``, default
 torch's choice here, passed to the server as ``--threads``) and the same ``OMP_WAIT_POLICY``
-(PASSIVE unless the environment sets one; the server inherits it). With libgomp's default
-(ACTIVE: threads spin at every barrier), any other busy process on a small machine's cores makes a
-2-thread decode step 10-20x slower, on whichever side happens to run at that moment, which is
-what made an earlier in-process peer look 3-20x slower than the server (docs/benchmarks.md,
-"Serving overhead"). The 1-minute load average at each round's start is reported per side.
+(the environment's, libgomp's default unless set; the server inherits it). With the default
+(threads spin at barriers), another busy process on a small machine's cores can make a 2-thread
+decode step 10-20x slower, on whichever side happens to run at that moment, which is what made an
+earlier in-process peer look 3-20x slower than the server (docs/benchmarks.md, "Serving overhead");
+``OMP_WAIT_POLICY=PASSIVE`` in the environment avoids that on a busy machine but costs torch 1.2-1.5x
+on a quiet one, so it is opt-in. The 1-minute load average at each round's start is reported per side.
 
     python scripts/bench_serve.py --model demo --clients 8 --requests 32 --rounds 3 --max-tokens 32
     python scripts/bench_serve.py --model bench-150m --clients 8 --requests 16 --rounds 3 --max-tokens 32
@@ -40,8 +41,8 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-# before torch is imported (bench_common imports it): libgomp reads it once; the server inherits it
-OMP_WAIT_POLICY = os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# libgomp reads it once, when torch loads; the server inherits the environment
+OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "default")
 CHECKOUT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(CHECKOUT / "scripts"))
 from bench_common import bench_model_dir, emit_json, prefer_checkout, print_table  # noqa: E402

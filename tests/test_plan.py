@@ -58,13 +58,29 @@ def test_budget_below_one_layer_is_refused_naming_the_minimum():
     assert plan_mod.minimum_device_bytes(CONFIG, Policy(device="cpu"), 1024) == minimum   # typed back as shown, it runs
 
 
-@pytest.mark.parametrize("device_mem", ["900MiB", "1.2GiB", "1.5GiB", "1.65GiB"])
+@pytest.mark.parametrize("device_mem", ["900MiB", "1.2GiB", "1.5GiB", "1.6GiB"])
 def test_partial_placements_stay_within_budget(device_mem):
     p = _plan(device_mem)
     _check_invariants(p)
     assert p.disk_layers and p.bound == "disk"
     fewer = _plan(f"{parse_size(device_mem) - (200 << 20)}")
     assert len(fewer.disk_layers) >= len(p.disk_layers) and fewer.predicted_tok_s <= p.predicted_tok_s
+
+
+def test_the_embedding_stays_in_the_store_once_layers_stream():
+    table = CONFIG.vocab_size * CONFIG.hidden_size * 2                  # bf16 (V, H): 125 MiB, a 4 KiB multiple
+    p = _plan("1.2GiB")
+    assert p.disk_layers and p.embedding_lookup_bytes == table and "stays in the store" in p.summary()
+    assert p.weight_bytes == 16 * p.layer_bytes + p.globals_bytes + table   # still stored, just not held
+    tied = make_plan(ModelConfig.from_dict({**RAW, "tie_word_embeddings": True}),
+                     Budget.parse(device_mem="1.2GiB", host_mem="0", offload_dir="/tmp/tierkv-plan-test"),
+                     Policy(device="cpu"), CPU_LINKS, context_tokens=1024)
+    assert tied.embedding_lookup_bytes == 0 and tied.globals_bytes == table + 4096   # + the norm; no head
+    held = p.globals_bytes + len(p.device_layers) * p.layer_bytes + p.ring_bytes
+    assert held + table > p.device_weight_budget_bytes >= held         # holding the table would cost a layer
+    assert _plan("1.8GiB").embedding_lookup_bytes == 0                  # everything fits: resident, the table too
+    only_without = _plan("1.65GiB")                                     # every layer fits only without the table
+    assert len(only_without.device_layers) == 16 and only_without.embedding_lookup_bytes == table
 
 
 def test_disk_layers_are_spread_out():
@@ -109,6 +125,7 @@ def test_cuda_placement_uses_host_tier_and_staging(monkeypatch):
 def test_budgets_are_detected_when_not_given(monkeypatch, tmp_path):
     mem = namedtuple("mem", "available total")
     monkeypatch.setattr(budgets_mod.psutil, "virtual_memory", lambda: mem(8 << 30, 16 << 30))
+    monkeypatch.setattr(budgets_mod, "cgroup_memory", lambda: None)      # not in a container (tests/test_cgroup.py)
     monkeypatch.setenv("TIERKV_OFFLOAD_DIR", str(tmp_path))
     p = make_plan(CONFIG, Budget(), Policy(device="cpu"), CPU_LINKS, context_tokens=1024)
     assert p.device_mem_bytes == int((8 << 30) * 0.8) - (1 << 30) and p.host_mem_bytes == 0

@@ -77,7 +77,7 @@ def test_stored_bytes_follow_weight_bytes_per_param():
         assert plan.layer_bytes / bf16.layer_bytes == pytest.approx(weight_bytes_per_param(scheme) / 2, rel=2e-3)
         # the globals (embedding, norm, head) stay 16-bit unless asked
         assert plan.globals_bytes == bf16.globals_bytes
-        assert plan.weight_bytes == 80 * plan.layer_bytes + plan.globals_bytes
+        assert plan.weight_bytes == 80 * plan.layer_bytes + plan.globals_bytes + plan.embedding_lookup_bytes
     assert int4.weight_bytes / bf16.weight_bytes < 0.31 and int8.weight_bytes / bf16.weight_bytes < 0.56
 
 

@@ -47,7 +47,7 @@ def open_weight_source(model_dir: str | Path, config: ModelConfig, budget: Budge
     existing = find_cached_store(model_dir, offload_dir, policy.dtype, quant, device_type) if links is None else None
     plan = make_plan(config, budget, policy, links, context_tokens=context_tokens,
                      data_path=existing.data_path if existing is not None else None)
-    if not plan.host_layers and not plan.disk_layers:
+    if not plan.host_layers and not plan.disk_layers and not plan.embedding_lookup_bytes:
         return None, plan
     return _streaming_source(model_dir, plan, existing, progress, quant), plan
 

@@ -219,10 +219,13 @@ def decoder_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor,
 
 def embed(g: dict[str, torch.Tensor], ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Token ids (B, T) -> hidden (B, T, H) in the compute ``dtype``; a quantized embedding (a GGUF
-    store's) dequantizes only the looked-up rows."""
+    store's) dequantizes only the looked-up rows. A table left in host memory (``io.rows``: mapped from
+    the store) while ``ids`` are on a GPU is gathered on the host and only the rows are copied."""
     weight = g[EMBED_WEIGHT]
     if isinstance(weight, QuantWeight):
         return dequantize_rows(weight, ids, dtype)
+    if weight.device != ids.device:
+        return F.embedding(ids.to(weight.device), weight).to(ids.device)      # (B, T, H) rows only
     return F.embedding(ids, weight)
 
 

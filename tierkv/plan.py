@@ -8,7 +8,8 @@ depth that a small simulation of the layer loop predicts to be fastest. The Plan
 bounds the speed, so ``tierkv plan`` can tell users what to buy or which budget to raise.
 
 Placement rules: globals (embedding, norm, head) and a KV/activation reserve always take device
-memory first. Streamed layers are spread evenly over the depth of the model, so reads for them
+memory first; once a layer streams, an embedding no head reuses stays in the store instead (a step
+reads only the rows it embeds: ``io.rows``), so its room holds layers. Streamed layers are spread evenly over the depth of the model, so reads for them
 overlap with the compute of resident layers instead of bunching up at the end.
 """
 
@@ -25,6 +26,7 @@ from tierkv.budgets import PlanError, default_offload_dir, detect_budgets
 from tierkv.config import Budget, ModelConfig, Policy, format_size, parse_size
 from tierkv.errors import ArgumentError
 from tierkv.io.checkpoint import resolve_dtype
+from tierkv.io.rows import lookup_embedding_bytes
 from tierkv.io.store import Extent, layout_prepared_bytes, plan_layout
 from tierkv.pipeline.chunking import ChunkRule
 from tierkv.pipeline.kv.sizing import element_bytes, keeps_sketch, kv_bytes_per_token, kv_device_minimum_bytes
@@ -49,7 +51,7 @@ class Plan:
     dtype: str                         # compute dtype (16-bit weights are stored in it)
     num_layers: int
     layer_bytes: int                   # largest layer extent (padded): one ring slot
-    globals_bytes: int                 # embedding + norm + head, always on the device
+    globals_bytes: int                 # embedding + norm + head on the device (less embedding_lookup_bytes)
     device_layers: tuple[int, ...]
     host_layers: tuple[int, ...]
     disk_layers: tuple[int, ...]
@@ -82,6 +84,8 @@ class Plan:
     config_only: bool = False          # planned from a config alone: budgets not checked against this machine
     kv_sketch_bytes: int = 0           # device room kept for sparse selection's 2-bit key codes at the full context
     kv_sketch_note: str = ""           # why key codes the policy would keep are off (no device room); "" if not
+    ram_note: str = ""                 # the cgroup memory limit that bounds RAM (a container, a cap); "" if none
+    embedding_lookup_bytes: int = 0    # the embedding left in the store, rows read per step (io.rows); 0: on the device
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: an unmeasured (infinite) link speed becomes null."""
@@ -96,7 +100,9 @@ class Plan:
             f"(layer {format_size(self.layer_bytes)}); compute in {self.dtype}",
             f"device {self.device} ({format_size(self.device_mem_bytes)} budget, "
             f"{format_size(self.reserve_bytes)} kept for KV/activations): "
-            f"{len(self.device_layers)} of {self.num_layers} layers + globals ({format_size(self.globals_bytes)})",
+            f"{len(self.device_layers)} of {self.num_layers} layers + globals ({format_size(self.globals_bytes)})"
+            + (f"; the embedding ({format_size(self.embedding_lookup_bytes)}) stays in the store, each step reads "
+               "the rows it embeds" if self.embedding_lookup_bytes else ""),
             f"host ({format_size(self.host_mem_bytes)} budget): {len(self.host_layers)} layers",
             f"disk ({self.offload_dir}): {len(self.disk_layers)} layers",
             f"prefetch depth {self.prefetch_depth}; links: disk {_link(self.links.disk_read_gbps)}, host->device "
@@ -110,6 +116,8 @@ class Plan:
             f"predicted {self.predicted_tok_s:.2f} tok/s, bound by {self.bound}; "
             f"{format_size(self.streamed_bytes_per_token)} of weights streamed per token",
         ]
+        if self.ram_note:
+            lines.append(self.ram_note)
         if self.config_only:
             lines.append("from config.json alone (no weights here): budgets are not checked against this machine; "
                          "links measured on this machine")
@@ -239,7 +247,8 @@ def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context
     dtype = resolve_dtype(policy.dtype, config.dtype)
     device_type = plan_device(policy).type
     fixed = sum(layer_sizes(config, dtype, policy.weight_quant, device_type, layout)) + \
-        prepared_sizes(config, dtype, policy.weight_quant, device_type, layout)[1]   # globals as held; one slot
+        prepared_sizes(config, dtype, policy.weight_quant, device_type, layout)[1] - \
+        embedding_lookup(config, dtype, policy, device_type, layout)     # globals as held while layers stream; one slot
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
     if not key_codes:
         policy = replace(policy, kv_sketch=False)       # make_plan drops codes that do not fit
@@ -394,13 +403,17 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     layer_extra, globals_extra = prepared_sizes(config, dtype, policy.weight_quant, device.type, layout)
     placed = layer_bytes + layer_extra                  # a layer that stays put (device or host)
     held_globals = globals_bytes + globals_extra        # the globals as the device holds them
+    lookup = embedding_lookup(config, dtype, policy, device.type, layout)
     context = context_tokens or policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, config.max_position_embeddings)
-    dev_mem, host_mem, offload_dir = detect_budgets(budget, device, check_machine=not config_only)
+    dev_mem, host_mem, offload_dir, ram_note = detect_budgets(budget, device, check_machine=not config_only)
     piece, scratch, activations, reserve, codes, codes_note = _device_reserve(config, dtype, policy, context, batch,
-                                                                              dev_mem, held_globals, layer_bytes,
-                                                                              layout)
-    cuda = device.type == "cuda"
-    device_avail, n = dev_mem - reserve - held_globals, config.num_layers
+                                                                              dev_mem, held_globals - lookup,
+                                                                              layer_bytes, layout)
+    cuda, n = device.type == "cuda", config.num_layers
+    if dev_mem - reserve - held_globals >= n * placed:
+        lookup = 0                                      # all of it fits: resident, the table too
+    held_globals, globals_bytes = held_globals - lookup, globals_bytes - lookup
+    device_avail = dev_mem - reserve - held_globals
     options = {d: _split(n, layer_bytes, device_avail, host_mem, d, cuda, placed)
                for d in range(MAX_PREFETCH_DEPTH + 1)}
     options = {d: o for d, o in options.items() if o is not None}
@@ -431,8 +444,9 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
         kv_device_bytes=max(0, dev_mem - held_globals - kinds.count("device") * placed - ring
                             - activations),
         prefill_chunk_tokens=piece, attention_scratch_bytes=scratch, activation_bytes=activations,
-        config_only=config_only, kv_sketch_bytes=codes, kv_sketch_note=codes_note,
-        **_stored_sizes(config, dtype, policy, kinds, layer_bytes, globals_bytes,
+        config_only=config_only, kv_sketch_bytes=codes, kv_sketch_note=codes_note, ram_note=ram_note,
+        embedding_lookup_bytes=lookup,
+        **_stored_sizes(config, dtype, policy, kinds, layer_bytes, globals_bytes + lookup,
                         max(0, host_mem - kinds.count("host") * placed - staging), cuda),
     )
 
@@ -465,6 +479,14 @@ def layer_sizes(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | No
     extents = layout or plan_layout(config, dtype, quant, device_type)
     layer_bytes = max(e.padded_nbytes for e in extents if e.name.startswith("layer."))
     return layer_bytes, sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
+
+
+def embedding_lookup(config: ModelConfig, dtype: torch.dtype, policy: Policy, device_type: str,
+                     layout: list[Extent] | None = None) -> int:
+    """Device bytes a plan that streams layers saves by leaving the embedding in the store
+    (``io.rows.lookup_embedding_bytes`` of the layout: an untied, 16-bit table), else 0."""
+    extents = layout or plan_layout(config, dtype, policy.weight_quant, device_type)
+    return lookup_embedding_bytes(extents, config.tie_word_embeddings)
 
 
 def prepared_sizes(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | None = None,
@@ -607,7 +629,7 @@ def _check_minimum(dev_mem: int, reserve: int, globals_bytes: int, layer_bytes: 
             f"reserve KV room for fewer tokens (--kv-device-tokens, now {context_tokens}), or ")
         raise PlanError(
             f"device budget {format_size(dev_mem)} is below the minimum working set {shown} "
-            f"(embedding/norm/head {format_size(globals_bytes)} + KV and activations {format_size(reserve)}{kv_note} "
+            f"(globals {format_size(globals_bytes)} + KV and activations {format_size(reserve)}{kv_note} "
             f"+ one layer {format_size(layer_bytes)} of {num_layers}, {str(dtype).removeprefix('torch.')}); raise "
             f"--device-mem to at least {shown}, or {fewer}use a smaller dtype")
 

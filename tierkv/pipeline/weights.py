@@ -5,7 +5,8 @@ must pull the missing layers through the links while earlier layers compute. Thi
 placement (which layers are resident, which live in host memory, which stream from the store)
 into the ``prefetch / wait / release`` protocol of ``pipeline.schedule``:
 
-* device layers and the globals are read once into the device tier and returned as views;
+* device layers and the globals are read once into the device tier and returned as views, except an
+  embedding the plan leaves in the store (``io.rows``: a step reads only the rows it embeds);
 * host layers live in the host tier (pinned on CUDA) and are copied into a device ring slot on the
   copy stream; on a CPU-only machine they are used in place (host and "device" are the same RAM);
 * disk layers are read by the store's reader threads into a ring of ``prefetch_depth + 1`` slots
@@ -26,9 +27,11 @@ import torch
 
 from tierkv.io.buffers import Slot, SlotPool, aligned_host_tensor
 from tierkv.io.mover import DEVICE, DISK, HOST, MoveRecord, Mover, copy_handler
+from tierkv.io.rows import MappedEmbedding
 from tierkv.io.store import StoreError, WeightStore, layer_extent_name, tensors_from_buffer
 from tierkv.io.tiers import DiskReadHandler, DiskTier, MemoryTier
 from tierkv.kernels.quant import prepare_layer
+from tierkv.quantspec import EMBED_WEIGHT
 
 if TYPE_CHECKING:
     from tierkv.plan import Plan
@@ -52,12 +55,15 @@ class StreamingWeights:
     ``device_budget_bytes`` bounds globals + resident layers + the device ring;
     ``host_budget_bytes`` bounds host layers + the staging ring (CUDA). ``verify``: "first"
     checks each extent's CRCs the first time it is read in this process, "always" on every read.
+    ``lookup_embedding``: the embedding stays in the store, mapped (``io.rows``), outside both budgets
+    (its CRCs checked once, at construction, unless ``verify`` is "never").
     """
 
     def __init__(self, store: WeightStore, device: torch.device | str, device_layers: Sequence[int],
                  host_layers: Sequence[int], prefetch_depth: int, device_budget_bytes: int,
                  host_budget_bytes: int, reader_threads: int = 4, verify: str = "first",
-                 direct: bool | None = None, progress: Callable[[int, int], None] | None = None) -> None:
+                 direct: bool | None = None, progress: Callable[[int, int], None] | None = None,
+                 lookup_embedding: bool = False) -> None:
         assert prefetch_depth >= 0 and not set(device_layers) & set(host_layers)
         self.store, self.device = store, torch.device(device)
         self.num_layers, self.prefetch_depth = store.config.num_layers, prefetch_depth
@@ -80,11 +86,17 @@ class StreamingWeights:
         self._next_streamed = [min(streamed, key=lambda s: (s - j) % self.num_layers) if streamed else -1
                                for j in range(self.num_layers)]
         self._globals: dict[str, torch.Tensor] = {}
+        self._embedding: MappedEmbedding | None = None
         try:
             self.ring, self.staging = self._make_rings()    # reserve the rings first: fail fast
+            if lookup_embedding:
+                self._embedding = MappedEmbedding(store, verify=verify != "never")
+                self._globals[EMBED_WEIGHT] = self._embedding.table
             self._load_resident(progress or (lambda done, total: None))
         except BaseException:
             self.mover.close()
+            if self._embedding is not None:
+                self._embedding.close()
             raise
 
     @classmethod
@@ -92,7 +104,8 @@ class StreamingWeights:
         """The source a Plan describes (options: reader_threads, verify, direct, progress: bytes of the
         resident extents loaded so far, and their total)."""
         return cls(store, plan.device, plan.device_layers, plan.host_layers, plan.prefetch_depth,
-                   plan.device_weight_budget_bytes, plan.host_weight_budget_bytes, **options)  # type: ignore[arg-type]
+                   plan.device_weight_budget_bytes, plan.host_weight_budget_bytes,
+                   lookup_embedding=plan.embedding_lookup_bytes > 0, **options)  # type: ignore[arg-type]
 
     # -- construction ------------------------------------------------------------------------
     def _make_mover(self) -> Mover:
@@ -110,7 +123,7 @@ class StreamingWeights:
         """Globals and device layers into the device tier; host layers into the host tier. Their quantized
         weights stay put, so the CPU ops' parameters are prepared once here (``kernels.quant.prepare``).
         ``progress(done_bytes, total_bytes)`` after each extent."""
-        names = [e.name for e in self.store.global_extents()]
+        names = [e.name for e in self.store.global_extents() if not (e.name == "embed" and self._embedding)]
         names += [layer_extent_name(j) for j, k in enumerate(self._kind) if k == "device"]
         hosted = [j for j, kind in enumerate(self._kind) if kind == "host"]
         total = sum(self.store.extents[n].padded_nbytes for n in names + [layer_extent_name(j) for j in hosted])
@@ -325,3 +338,5 @@ class StreamingWeights:
             self.mover.close()
             self._resident.clear()
             self._globals.clear()
+            if self._embedding is not None:
+                self._embedding.close()
