@@ -40,7 +40,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from tierkv.kernels.cpu_qgemv import QGemvKernel, int8_channel_kernel, run_int8_channel
+from tierkv.kernels.quant_cpu import cpu_layout
+from tierkv.kernels.cpu_qgemv import QGemvKernel, int4_tinygemm_kernel, int8_channel_kernel, run_kernel
 from tierkv.quantspec import QuantWeight
 
 __all__ = ["GemvKernel", "compiled_gemv_allowed", "gemv", "gemv_graph", "gemv_kernel", "kernels_allowed", "quant_gemv",
@@ -159,10 +160,14 @@ def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _quant_kernel(qw: QuantWeight, x_dtype: torch.dtype) -> QGemvKernel | None:
-    """The cpu_int8 kernel for ``qw`` and an x of ``x_dtype``, or None where none reads its pack."""
-    if qw.device.type != "cpu" or qw.quant.pack != "cpu_int8":
+    """The ``cpu_qgemv`` kernel for ``qw`` and an x of ``x_dtype``, or None where none reads its pack."""
+    if qw.device.type != "cpu":
         return None
-    return int8_channel_kernel(qw.data, qw.qparams, x_dtype)
+    if qw.quant.pack == "cpu_int8":
+        return int8_channel_kernel(qw.data, qw.qparams, x_dtype)
+    if qw.quant.pack == "cpu_int4" and qw.quant.bits == 4:
+        return int4_tinygemm_kernel(qw.data, qw.qparams, qw.quant.group_size, x_dtype, cpu_layout())
+    return None
 
 
 def quant_gemv_supported(qw: QuantWeight, x_dtype: torch.dtype) -> bool:
@@ -176,4 +181,5 @@ def quant_gemv(qw: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     """The quantized (N, K) weight ``qw`` @ x (K,) -> (N,) in x's dtype (``quant_gemv_supported`` first)."""
     kernel = _quant_kernel(qw, x.dtype)
     assert kernel is not None and kernel.fn is not None, "quant_gemv_supported(qw, x.dtype) is False: use quant_linear"
-    return run_int8_channel(kernel, qw.data.view(torch.int8), qw.qparams, x)
+    data = qw.data.view(torch.int8) if qw.quant.pack == "cpu_int8" else qw.data
+    return run_kernel(kernel, data, qw.qparams, x)

@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["QGemvKernel", "int8_channel_kernel", "run_int8_channel"]
+__all__ = ["INT4_BLOCK_ROWS", "QGemvKernel", "int4_tinygemm_kernel", "int8_channel_kernel", "run_kernel"]
 
 _CTYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half"}
 
@@ -75,6 +75,74 @@ extern "C" void kernel(const %(T)s* x, const int8_t* w, const at::Half* qp, %(T)
 }
 """
 
+# cpu_int4 (int4, tinygemm layout of an AVX512 process): blocks of 64 rows, each K x 32 bytes; byte j at
+# column k holds row j's code (low nibble) and row j + 32's (high nibble). One block per step of the
+# thread loop; per pair of columns (k, k+1: 64 contiguous bytes), one byte permute puts each row's two
+# codes into a 32-bit lane, one ternary-logic op makes them the bf16 pair (128 + q_k, 128 + q_k+1)
+# (exact: 0x4300 | q), and one AVX512-BF16 dot product multiplies them with x's (x_k, x_k+1) pair in fp32:
+# 4 dot products feed the block's 64 rows. Per group, the rows' (scale, minimum) pairs (qparams
+# (G, N, 2) fp16) are widened and split: y = sum_g s_g * D_g + (m_g - 128 s_g) * X_g, with D_g the
+# group's dot product of (128 + q) and x, X_g = sum of x over the group (fp32, once per call).
+_INT4_TINYGEMM = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <immintrin.h>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16")))
+static void run(const at::BFloat16* x, const uint8_t* w, const at::Half* qp, at::BFloat16* out)
+{
+    constexpr int64_t N = %(N)d, K = %(K)d, GS = %(GS)d, G = K / GS;
+    alignas(64) float xs[G];
+    for (int64_t g = 0; g < G; ++g) {
+        float sum = 0.f;
+        for (int64_t k = g * GS; k < (g + 1) * GS; ++k) sum += static_cast<float>(x[k]);
+        xs[g] = sum;
+    }
+    const uint32_t* xpairs = reinterpret_cast<const uint32_t*>(x);       // (x_2i, x_2i+1) as one 32-bit word
+    #pragma omp parallel for num_threads(%(THREADS)d) schedule(static)
+    for (int64_t nb = 0; nb < N / 64; ++nb) {
+        alignas(64) uint8_t pick[2][64];     // byte 4j (2): row j's (16 + j's) code byte of column k (k + 1)
+        for (int h = 0; h < 2; ++h)
+            for (int j = 0; j < 16; ++j) {
+                pick[h][4 * j] = 16 * h + j; pick[h][4 * j + 1] = 0;
+                pick[h][4 * j + 2] = 32 + 16 * h + j; pick[h][4 * j + 3] = 0;
+            }
+        const __m512i pick0 = _mm512_load_si512(pick[0]), pick1 = _mm512_load_si512(pick[1]);
+        const __mmask64 keep = 0x5555555555555555ULL;
+        const __m512i nibbles = _mm512_set1_epi32(0x000F000F), bias = _mm512_set1_epi32(0x43004300);
+        const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+        const uint8_t* blk = w + nb * K * 32;
+        __m512 t[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t g = 0; g < G; ++g) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t k = g * GS; k < (g + 1) * GS; k += 2) {
+                const __m512i z = _mm512_loadu_si512(blk + k * 32);
+                const __m512bh xk = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpairs[k / 2]));
+                const __m512i p0 = _mm512_maskz_permutexvar_epi8(keep, pick0, z);     // rows 0-15 | 32-47
+                const __m512i p1 = _mm512_maskz_permutexvar_epi8(keep, pick1, z);     // rows 16-31 | 48-63
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_ternarylogic_epi32(p0, nibbles, bias, 0xEA), xk);
+                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_ternarylogic_epi32(p1, nibbles, bias, 0xEA), xk);
+                a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(p0, 4), nibbles, bias, 0xEA), xk);
+                a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(p1, 4), nibbles, bias, 0xEA), xk);
+            }
+            const __m512 acc[4] = {a0, a1, a2, a3};
+            const uint16_t* pairs = reinterpret_cast<const uint16_t*>(qp) + (g * N + nb * 64) * 2;
+            const __m512 xg = _mm512_set1_ps(xs[g]), c128 = _mm512_set1_ps(128.0f);
+            for (int i = 0; i < 4; ++i) {              // rows 16 i .. 16 i + 15: 16 (scale, minimum) pairs
+                const __m512 q0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + 32 * i)));
+                const __m512 q1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + 32 * i + 16)));
+                const __m512 s = _mm512_permutex2var_ps(q0, even, q1), m = _mm512_permutex2var_ps(q0, odd, q1);
+                t[i] = _mm512_fmadd_ps(acc[i], s, _mm512_fmadd_ps(_mm512_fnmadd_ps(s, c128, m), xg, t[i]));
+            }
+        }
+        alignas(64) float o[64];
+        for (int i = 0; i < 4; ++i) _mm512_store_ps(o + 16 * i, t[i]);
+        for (int i = 0; i < 64; ++i) out[nb * 64 + i] = static_cast<at::BFloat16>(o[i]);
+    }
+}
+extern "C" void kernel(const at::BFloat16* x, const uint8_t* w, const at::Half* qp, at::BFloat16* out) { run(x, w, qp, out); }
+"""
+INT4_BLOCK_ROWS = 64            # rows per block of the AVX512 tinygemm layout that the int4 kernel reads
+
 
 @dataclass(frozen=True)
 class QGemvKernel:
@@ -83,6 +151,22 @@ class QGemvKernel:
     fn: Callable[..., None] | None
     compile_s: float
     error: str | None = None
+
+
+_INT4_CPU_FLAGS = ("avx512_bf16", "avx512vbmi")     # /proc/cpuinfo names of what the int4 kernel uses
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere, so the int4 kernel is not built)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def _vector_width() -> int:
@@ -107,12 +191,56 @@ def _build_int8_channel(n: int, k: int, dtype: torch.dtype, threads: int) -> QGe
         fn = CppPythonBindingsCodeCache.load_pybinding([f"const {ctype}*", "const int8_t*", "const at::Half*",
                                                         f"{ctype}*"], source, needs_vec_isa=True)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the aten op instead
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        warnings.warn(f"tierkv: the C++ int8 matrix-vector kernel could not be built ({reason}); decode uses "
-                      "PyTorch's int8 op instead. Install a C++ compiler (g++) for inductor, or set "
-                      "TIERKV_CPU_MATVEC=on to use the aten ops without trying.", RuntimeWarning, stacklevel=3)
-        return QGemvKernel(None, time.perf_counter() - t0, reason)
+        return _failed("int8", exc, t0)
     return QGemvKernel(fn, time.perf_counter() - t0)
+
+
+@functools.lru_cache(maxsize=256)
+def _build_int4_tinygemm(n: int, k: int, group: int, threads: int) -> QGemvKernel:
+    t0 = time.perf_counter()
+    try:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+        missing = [flag for flag in _INT4_CPU_FLAGS if flag not in _cpu_flags()]
+        if _vector_width() != 16 or missing:
+            raise RuntimeError(f"the int4 kernel needs AVX-512 with {', '.join(_INT4_CPU_FLAGS)}; this CPU lacks "
+                               f"{', '.join(missing) or 'AVX-512'}")
+        source = _INT4_TINYGEMM % {"N": n, "K": k, "GS": group, "THREADS": threads}
+        fn = CppPythonBindingsCodeCache.load_pybinding(["const at::BFloat16*", "const uint8_t*", "const at::Half*",
+                                                        "at::BFloat16*"], source, needs_vec_isa=True)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use the aten op instead
+        return _failed("int4", exc, t0)
+    return QGemvKernel(fn, time.perf_counter() - t0)
+
+
+def int4_tinygemm_kernel(data: torch.Tensor, qparams: torch.Tensor, group: int, dtype: torch.dtype,
+                         layout: str) -> QGemvKernel | None:
+    """The kernel for a cpu_int4 int4 weight (data (N, K/2) in the tinygemm ``layout``, qparams (G, N, 2)) and
+    an x of ``dtype``, or None where it does not apply (a layout other than "AVX512", N not a multiple of
+    ``INT4_BLOCK_ROWS``, x not bf16 (its pairs feed the bf16 dot products as they are), non-contiguous
+    tensors): the caller then uses PyTorch's op."""
+    n = qparams.shape[1]
+    if layout != "AVX512" or n % INT4_BLOCK_ROWS or dtype != torch.bfloat16 or data.device.type != "cpu" or \
+            data.dim() != 2 or not (data.is_contiguous() and qparams.is_contiguous()):
+        return None
+    return _build_int4_tinygemm(n, data.shape[1] * 2, group, torch.get_num_threads())
+
+
+def run_kernel(kernel: QGemvKernel, data: torch.Tensor, qparams: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A built kernel of this module on its weight (data, qparams as its builder took them) @ x (K,) -> (N,) in
+    x's dtype."""
+    assert kernel.fn is not None
+    out = torch.empty(qparams.shape[1], dtype=x.dtype)
+    kernel.fn(x.contiguous(), data, qparams, out)
+    return out
+
+
+def _failed(what: str, exc: Exception, t0: float) -> QGemvKernel:
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    warnings.warn(f"tierkv: the C++ {what} matrix-vector kernel could not be built ({reason}); decode uses "
+                  "PyTorch's op instead. Install a C++ compiler (g++) for inductor, or set "
+                  "TIERKV_CPU_MATVEC=on to use the aten ops without trying.", RuntimeWarning, stacklevel=4)
+    return QGemvKernel(None, time.perf_counter() - t0, reason)
 
 
 def int8_channel_kernel(data: torch.Tensor, qparams: torch.Tensor, dtype: torch.dtype) -> QGemvKernel | None:
@@ -123,11 +251,3 @@ def int8_channel_kernel(data: torch.Tensor, qparams: torch.Tensor, dtype: torch.
         return None
     n, k = data.shape
     return _build_int8_channel(n, k, dtype, torch.get_num_threads())
-
-
-def run_int8_channel(kernel: QGemvKernel, data: torch.Tensor, qparams: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """data (N, K) int8 view @ x (K,) -> (N,) in x's dtype through a built ``int8_channel_kernel``."""
-    assert kernel.fn is not None
-    out = torch.empty(data.shape[0], dtype=x.dtype)
-    kernel.fn(x.contiguous(), data, qparams, out)
-    return out
