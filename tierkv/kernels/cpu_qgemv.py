@@ -37,7 +37,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["INT4_BLOCK_ROWS", "QGemvKernel", "int4_tinygemm_kernel", "int8_channel_kernel", "run_kernel"]
+__all__ = ["INT4_BLOCK_ROWS", "QGemvKernel", "int4_kernel_cpu", "int4_tinygemm_kernel", "int8_channel_kernel",
+           "run_kernel"]
 
 _CTYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half"}
 
@@ -169,6 +170,11 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def int4_kernel_cpu() -> bool:
+    """Whether this CPU has what the int4 kernel uses (AVX-512 with BF16 dot products and byte permutes)."""
+    return _vector_width() == 16 and all(flag in _cpu_flags() for flag in _INT4_CPU_FLAGS)
+
+
 def _vector_width() -> int:
     """fp32 lanes of inductor's vector ISA here (16 with AVX-512, 8 with AVX2), 0 without one."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
@@ -201,10 +207,6 @@ def _build_int4_tinygemm(n: int, k: int, group: int, threads: int) -> QGemvKerne
     try:
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-        missing = [flag for flag in _INT4_CPU_FLAGS if flag not in _cpu_flags()]
-        if _vector_width() != 16 or missing:
-            raise RuntimeError(f"the int4 kernel needs AVX-512 with {', '.join(_INT4_CPU_FLAGS)}; this CPU lacks "
-                               f"{', '.join(missing) or 'AVX-512'}")
         source = _INT4_TINYGEMM % {"N": n, "K": k, "GS": group, "THREADS": threads}
         fn = CppPythonBindingsCodeCache.load_pybinding(["const at::BFloat16*", "const uint8_t*", "const at::Half*",
                                                         "at::BFloat16*"], source, needs_vec_isa=True)
@@ -218,19 +220,21 @@ def int4_tinygemm_kernel(data: torch.Tensor, qparams: torch.Tensor, group: int, 
     """The kernel for a cpu_int4 int4 weight (data (N, K/2) in the tinygemm ``layout``, qparams (G, N, 2)) and
     an x of ``dtype``, or None where it does not apply (a layout other than "AVX512", N not a multiple of
     ``INT4_BLOCK_ROWS``, x not bf16 (its pairs feed the bf16 dot products as they are), non-contiguous
-    tensors): the caller then uses PyTorch's op."""
+    tensors, a CPU without ``int4_kernel_cpu``): the caller then uses PyTorch's op."""
     n = qparams.shape[1]
-    if layout != "AVX512" or n % INT4_BLOCK_ROWS or dtype != torch.bfloat16 or data.device.type != "cpu" or \
+    if not int4_kernel_cpu() or layout != "AVX512" or n % INT4_BLOCK_ROWS or dtype != torch.bfloat16 or data.device.type != "cpu" or \
             data.dim() != 2 or not (data.is_contiguous() and qparams.is_contiguous()):
         return None
     return _build_int4_tinygemm(n, data.shape[1] * 2, group, torch.get_num_threads())
 
 
-def run_kernel(kernel: QGemvKernel, data: torch.Tensor, qparams: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def run_kernel(kernel: QGemvKernel, data: torch.Tensor, qparams: torch.Tensor, x: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """A built kernel of this module on its weight (data, qparams as its builder took them) @ x (K,) -> (N,) in
-    x's dtype."""
+    x's dtype, written into ``out`` ((N,) contiguous in x's dtype) when given."""
     assert kernel.fn is not None
-    out = torch.empty(qparams.shape[1], dtype=x.dtype)
+    out = torch.empty(qparams.shape[1], dtype=x.dtype) if out is None else out
+    assert out.shape == (qparams.shape[1],) and out.dtype == x.dtype and out.is_contiguous(), (out.shape, out.dtype)
     kernel.fn(x.contiguous(), data, qparams, out)
     return out
 
