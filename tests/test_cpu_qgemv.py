@@ -97,3 +97,25 @@ def test_layouts_the_int4_kernel_does_not_read_keep_the_op() -> None:
     assert cpu_qgemv.int4_tinygemm_kernel(qw.data, qw.qparams, 32, torch.float16, "AVX512") is None
     odd = _quant(_weight(80, 128, 9), "int4", 32, "cpu_int4")     # a partial block of 16 rows
     assert cpu_qgemv.int4_tinygemm_kernel(odd.data, odd.qparams, 32, torch.bfloat16, "AVX512") is None
+
+
+@pytest.mark.parametrize("scheme,group", [("int4", 32), ("int8", "channel")])
+def test_quantized_engines_decode_through_the_kernels_deterministically(tiny_llama_dir, monkeypatch, scheme, group) -> None:
+    """A resident quantized engine takes the kernels for its decode rows when forced ("compiled": the tiny
+    model's q_proj, o_proj and down_proj have N = 64) and gives the same greedy tokens on every run."""
+    import tierkv
+    import tierkv.kernels.quant as quant_module
+
+    if scheme == "int4" and not INT4_HERE:
+        pytest.skip("the int4 kernel needs AVX-512 BF16/VBMI and the AVX512 layout")
+    calls = []
+    real = quant_module.quant_gemv
+    monkeypatch.setattr(quant_module, "quant_gemv", lambda qw, x: calls.append(qw.quant.pack) or real(qw, x))
+    monkeypatch.setenv("TIERKV_CPU_MATVEC", "compiled")
+    prompt = [5, 17, 42, 9, 101, 3]
+    runs = []
+    for _ in range(2):
+        with tierkv.load(tiny_llama_dir, device="cpu", dtype="bfloat16", quant=scheme, group_size=group) as engine:
+            runs.append(engine.generate(prompt, max_new_tokens=8, ignore_eos=True).token_ids)
+    assert calls and set(calls) == {"cpu_int4" if scheme == "int4" else "cpu_int8"}
+    assert runs[0] == runs[1] and len(runs[0]) == 8
