@@ -82,7 +82,8 @@ def test_quant_linear_runs_the_kernels_for_one_bf16_row(monkeypatch: pytest.Monk
         one = torch.randn(1, 1, 256).bfloat16()
         bias = torch.randn(128).bfloat16()
         assert linear_path(one, qw) == "cpu_gemv"
-        assert linear_path(one.float(), qw) != "cpu_gemv" and linear_path(torch.randn(2, 256).bfloat16(), qw) != "cpu_gemv"
+        assert linear_path(one.float(), qw) != "cpu_gemv"
+        assert linear_path(torch.randn(2, 256).bfloat16(), qw) != "cpu_gemv"
         got = quant_linear(one, qw, bias)
         ref = dequantize_weight(qw, torch.float32) @ one[0, 0].float() + bias.float()
         assert got.shape == (1, 1, 128) and got.dtype == torch.bfloat16
@@ -100,7 +101,8 @@ def test_layouts_the_int4_kernel_does_not_read_keep_the_op() -> None:
 
 
 @pytest.mark.parametrize("scheme,group", [("int4", 32), ("int8", "channel")])
-def test_quantized_engines_decode_through_the_kernels_deterministically(tiny_llama_dir, monkeypatch, scheme, group) -> None:
+def test_quantized_engines_decode_through_the_kernels_deterministically(tiny_llama_dir, monkeypatch, scheme,
+                                                                       group) -> None:
     """A resident quantized engine takes the kernels for its decode rows when forced ("compiled": the tiny
     model's q_proj, o_proj and down_proj have N = 64) and gives the same greedy tokens on every run."""
     import tierkv

@@ -1,30 +1,35 @@
-"""A hand-written C++ matrix-vector product for the ``cpu_int8`` pack (int8 per channel) at decode.
+"""Hand-written C++ matrix-vector products for the CPU quantized packs at decode (M = 1).
 
-Why this module exists: one decode row of a per-channel int8 weight reads 1 byte per weight, half of
-bf16, so it should take about half of bf16's time. Inductor's loop over the same bytes
-(``(q.float() * x).sum(-1) * s + ...``, which ``cpu_gemv`` used before) ran at ~23-28 GB/s alone
-but at about bf16's time inside the model's step: each call was two OpenMP regions (one for
-``sum(x)``), plus an fp32 copy of x and a cast of the output as separate ops around it. This
-kernel is one OpenMP region per call: x (bf16 or fp16) is widened into an fp32 buffer and summed once
-on the calling thread, then the rows are split over the threads; each row is one sequential
-stream of its int8 bytes, 32 at a time with two fp32 accumulators, and its output is written
-in x's dtype. No dequantized weight, no temporaries.
+Why this module exists: one decode row of a quantized weight reads 1 byte (int8) or half a byte
+(int4) per weight against bf16's 2, so it should take half or a quarter of bf16's time; on this
+project's 2-core Zen 4 CPU PyTorch's weight-only ops are compute-bound at M = 1 (int8 per channel
+at about bf16's time, int4 at ~12 GB/s), and so was inductor's graph over the int8 bytes inside the
+model's step (two OpenMP regions per call, one for ``sum(x)``, plus an fp32 copy of x and a cast of
+the output as separate ops). These kernels stream the stored bytes as they are (no repacking, no
+dequantized weight, no temporaries), one OpenMP region per call, output written in x's dtype:
 
-Its shape was measured, not guessed (docs/benchmarks.md, "Resident quantized decode, session 12"):
-on this project's 2-core Zen 4 machine a row loop reading 16-32 bytes per step with one or two
-accumulators streams at the memory's rate (~18 GB/s per core, a plain byte sum's rate), while
-four accumulators over 64 bytes per step, or two rows at once, ran 1.5-2x slower.
+- ``cpu_int8`` (per channel), bf16 or fp16 x: x widened into an fp32 buffer and summed once on the
+  calling thread; each row one sequential stream of its int8 bytes, 32 per step, two accumulators.
+- ``cpu_int4`` (int4, the AVX512 tinygemm layout), bf16 x, N a multiple of 64, CPUs with AVX512-BF16
+  and VBMI: codes turned into exact bf16 values by a byte permute and one logic op, multiplied with
+  x's bf16 pairs by bf16 dot products into fp32 (layout and math at ``_INT4_TINYGEMM``).
 
-The kernel is C++ built by inductor's own loader (``CppPythonBindingsCodeCache``: the same
+The loops' shape was measured, not guessed (docs/benchmarks.md, "Resident quantized decode: C++
+matrix-vector kernels"): here a row loop reading 16-32 bytes per step with one or two accumulators
+streams at the memory's rate (~18 GB/s per core, a plain byte sum's rate), while four accumulators
+over 64 bytes per step, or two rows at once, ran 1.5-2x slower.
+
+The kernels are C++ built by inductor's own loader (``CppPythonBindingsCodeCache``: the same
 compiler, flags, vector headers and on-disk cache as ``cpu_gemv``'s compiled loops), once per
-(N, K, x dtype, thread count), as inductor specialises its loops. A build that fails leaves
-``QGemvKernel.fn`` None with the reason, and the caller uses PyTorch's op instead.
+weight shape, x dtype and thread count, as inductor specialises its loops. A build that fails leaves
+``QGemvKernel.fn`` None with the reason (one warning), and the caller uses PyTorch's op instead.
 
-Numerics: y = s * sum(x * (q - 128)) + (minimum + 128 s) * sum(x), all in fp32 from the stored fp16
-(scale, minimum), x's 16-bit values exactly; one rounding to x's dtype at the end.
+Numerics (both): fp32 sums of exact products of x's 16-bit values and the codes, scales and minimums
+from the stored fp16 qparams in fp32, one rounding to x's dtype at the end. int8:
+y = s * sum(x * (q - 128)) + (minimum + 128 s) * sum(x).
 
-Shapes: data (N, K) int8 (the bits of q - 128, contiguous), qparams (1, N, 2) float16 (contiguous),
-x (K,) bf16/fp16 -> (N,) in x's dtype.
+Shapes: int8 data (N, K) int8 (the bits of q - 128), qparams (1, N, 2) float16; int4 data (N, K/2)
+uint8 (tinygemm), qparams (G, N, 2) float16; all contiguous; x (K,) -> (N,) in x's dtype.
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ extern "C" void kernel(const %(T)s* x, const int8_t* w, const at::Half* qp, %(T)
         V a0(0), a1(0);
         for (int64_t k = 0; k < K2; k += 2 * L) {
             a0 = a0 + at::vec::convert<float>(at::vec::Vectorized<int8_t>::loadu(row + k, L)) * V::loadu(xf + k);
-            a1 = a1 + at::vec::convert<float>(at::vec::Vectorized<int8_t>::loadu(row + k + L, L)) * V::loadu(xf + k + L);
+            a1 = a1 + at::vec::convert<float>(at::vec::Vectorized<int8_t>::loadu(row + k + L, L))
+                      * V::loadu(xf + k + L);
         }
         for (int64_t k = K2; k < K; k += L)
             a0 = a0 + at::vec::convert<float>(at::vec::Vectorized<int8_t>::loadu(row + k, L)) * V::loadu(xf + k);
@@ -122,15 +128,17 @@ static void run(const at::BFloat16* x, const uint8_t* w, const at::Half* qp, at:
                 const __m512i p1 = _mm512_maskz_permutexvar_epi8(keep, pick1, z);     // rows 16-31 | 48-63
                 a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_ternarylogic_epi32(p0, nibbles, bias, 0xEA), xk);
                 a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_ternarylogic_epi32(p1, nibbles, bias, 0xEA), xk);
-                a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(p0, 4), nibbles, bias, 0xEA), xk);
-                a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(p1, 4), nibbles, bias, 0xEA), xk);
+                const __m512i h0 = _mm512_srli_epi32(p0, 4), h1 = _mm512_srli_epi32(p1, 4);   // the high nibbles
+                a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_ternarylogic_epi32(h0, nibbles, bias, 0xEA), xk);
+                a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_ternarylogic_epi32(h1, nibbles, bias, 0xEA), xk);
             }
             const __m512 acc[4] = {a0, a1, a2, a3};
             const uint16_t* pairs = reinterpret_cast<const uint16_t*>(qp) + (g * N + nb * 64) * 2;
             const __m512 xg = _mm512_set1_ps(xs[g]), c128 = _mm512_set1_ps(128.0f);
             for (int i = 0; i < 4; ++i) {              // rows 16 i .. 16 i + 15: 16 (scale, minimum) pairs
-                const __m512 q0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + 32 * i)));
-                const __m512 q1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + 32 * i + 16)));
+                const __m256i* src = reinterpret_cast<const __m256i*>(pairs + 32 * i);
+                const __m512 q0 = _mm512_cvtph_ps(_mm256_loadu_si256(src));
+                const __m512 q1 = _mm512_cvtph_ps(_mm256_loadu_si256(src + 1));
                 const __m512 s = _mm512_permutex2var_ps(q0, even, q1), m = _mm512_permutex2var_ps(q0, odd, q1);
                 t[i] = _mm512_fmadd_ps(acc[i], s, _mm512_fmadd_ps(_mm512_fnmadd_ps(s, c128, m), xg, t[i]));
             }
@@ -140,7 +148,10 @@ static void run(const at::BFloat16* x, const uint8_t* w, const at::Half* qp, at:
         for (int i = 0; i < 64; ++i) out[nb * 64 + i] = static_cast<at::BFloat16>(o[i]);
     }
 }
-extern "C" void kernel(const at::BFloat16* x, const uint8_t* w, const at::Half* qp, at::BFloat16* out) { run(x, w, qp, out); }
+extern "C" void kernel(const at::BFloat16* x, const uint8_t* w, const at::Half* qp, at::BFloat16* out)
+{
+    run(x, w, qp, out);
+}
 """
 INT4_BLOCK_ROWS = 64            # rows per block of the AVX512 tinygemm layout that the int4 kernel reads
 
@@ -222,8 +233,8 @@ def int4_tinygemm_kernel(data: torch.Tensor, qparams: torch.Tensor, group: int, 
     ``INT4_BLOCK_ROWS``, x not bf16 (its pairs feed the bf16 dot products as they are), non-contiguous
     tensors, a CPU without ``int4_kernel_cpu``): the caller then uses PyTorch's op."""
     n = qparams.shape[1]
-    if not int4_kernel_cpu() or layout != "AVX512" or n % INT4_BLOCK_ROWS or dtype != torch.bfloat16 or data.device.type != "cpu" or \
-            data.dim() != 2 or not (data.is_contiguous() and qparams.is_contiguous()):
+    if not int4_kernel_cpu() or layout != "AVX512" or n % INT4_BLOCK_ROWS or dtype != torch.bfloat16 or \
+            data.device.type != "cpu" or data.dim() != 2 or not (data.is_contiguous() and qparams.is_contiguous()):
         return None
     return _build_int4_tinygemm(n, data.shape[1] * 2, group, torch.get_num_threads())
 
