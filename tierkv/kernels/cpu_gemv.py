@@ -18,12 +18,12 @@ other one, ~0.3 s from inductor's on-disk cache. Inside a graph that ``torch.com
 fails (no C++ compiler, an inductor error) the caller falls back to ``torch.mv``; ``GemvKernel.error``
 says why and one warning names the fix.
 
-The ``cpu_int8`` pack (int8 per channel, ``quantspec``) has its own kernel, hand-written C++ built
-by the same inductor loader (``kernels.cpu_qgemv``: an inductor graph over its bytes took two OpenMP
-regions and two extra ops per call and ran at about bf16's time in the model); ``quant_gemv`` takes a
-``QuantWeight`` and ``quant_gemv_supported`` says where it applies. The tinygemm int4 layout was
-tried as an inductor graph and left to PyTorch's op: inductor gathers its interleaved per-row scales
-element by element, and the graph ran at half the op's speed.
+Quantized packs have their own kernels, hand-written C++ built by the same inductor loader
+(``kernels.cpu_qgemv``): ``cpu_int8`` (an inductor graph over its bytes took two OpenMP regions and
+two extra ops per call and ran at about bf16's time in the model) and ``cpu_int4`` int4 (an inductor
+graph over the tinygemm layout gathered the interleaved per-row scales element by element and ran
+at half PyTorch's op; the C++ kernel uses bf16 dot products). ``quant_gemv`` takes a ``QuantWeight``
+and ``quant_gemv_supported`` says where a kernel applies.
 
 Shapes: weight (N, K) (any strides; packed as its pack says), x (K,) 16-bit -> (N,) in x's dtype.
 """
