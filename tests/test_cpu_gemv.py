@@ -128,13 +128,18 @@ def test_quant_gemv_matches_the_dequantized_weight(scheme: str, group: int | str
 
 
 def test_quant_gemv_applies_only_where_it_reads_the_pack() -> None:
+    from tierkv.kernels import cpu_qgemv, quant_cpu
     from tierkv.quantspec import CHANNEL
 
     w = torch.randn(64, 128)
     assert cpu_gemv.quant_gemv_supported(_quant(w, "int8", CHANNEL, "cpu_int8"), torch.bfloat16)
     assert not cpu_gemv.quant_gemv_supported(_quant(w, "int8", CHANNEL, "cpu_int8"), torch.float32)   # fp32 x: the op
     assert not cpu_gemv.quant_gemv_supported(_quant(w, "int8", CHANNEL, "plain"), torch.bfloat16)
-    assert not cpu_gemv.quant_gemv_supported(_quant(w, "int4", 32, "cpu_int4"), torch.bfloat16)     # the op is faster
+    int4 = _quant(w, "int4", 32, "cpu_int4")
+    assert cpu_gemv.quant_gemv_supported(int4, torch.bfloat16) == (quant_cpu.cpu_layout() == "AVX512" and
+                                                                   cpu_qgemv.int4_kernel_cpu())
+    assert not cpu_gemv.quant_gemv_supported(int4, torch.float16)        # its x pairs feed bf16 dot products
+    assert not cpu_gemv.quant_gemv_supported(_quant(torch.randn(80, 128), "int4", 32, "cpu_int4"), torch.bfloat16)
 
 
 def test_quant_linear_takes_the_compiled_loop_for_one_row(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,13 +18,12 @@ other one, ~0.3 s from inductor's on-disk cache. Inside a graph that ``torch.com
 fails (no C++ compiler, an inductor error) the caller falls back to ``torch.mv``; ``GemvKernel.error``
 says why and one warning names the fix.
 
-The same loop serves the ``cpu_int8`` pack (int8 per channel, ``quantspec``), where PyTorch's
-weight-only ``_weight_int8pack_mm`` runs at about bf16's time on 2 cores (compute-bound): the graph
-reads the int8 bytes as stored and applies the scale and minimum per row after the sum, never
-writing a dequantized weight (1.4x the bf16 kernel per 5632x2048 matvec, x given in fp32).
-``quant_gemv`` takes a ``QuantWeight``; ``quant_gemv_supported`` says where it applies. The
-tinygemm int4 layout was tried the same way and left to PyTorch's op: inductor gathers its
-interleaved per-row scales element by element, and the graph ran at half the op's speed.
+Quantized packs have their own kernels, hand-written C++ built by the same inductor loader
+(``kernels.cpu_qgemv``): ``cpu_int8`` (an inductor graph over its bytes took two OpenMP regions and
+two extra ops per call and ran at about bf16's time in the model) and ``cpu_int4`` int4 (an inductor
+graph over the tinygemm layout gathered the interleaved per-row scales element by element and ran
+at half PyTorch's op; the C++ kernel uses bf16 dot products). ``quant_gemv`` takes a ``QuantWeight``
+and ``quant_gemv_supported`` says where a kernel applies.
 
 Shapes: weight (N, K) (any strides; packed as its pack says), x (K,) 16-bit -> (N,) in x's dtype.
 """
@@ -41,6 +40,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from tierkv.kernels.quant_cpu import cpu_layout
+from tierkv.kernels.cpu_qgemv import QGemvKernel, int4_tinygemm_kernel, int8_channel_kernel, run_kernel
 from tierkv.quantspec import QuantWeight
 
 __all__ = ["GemvKernel", "compiled_gemv_allowed", "gemv", "gemv_graph", "gemv_kernel", "kernels_allowed", "quant_gemv",
@@ -81,19 +82,9 @@ def gemv_graph(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (w.float() * x.float()).sum(-1).to(w.dtype)
 
 
-def _int8_channel_graph(data: torch.Tensor, qparams: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
-    """cpu_int8: data (N, K) int8 (q - 128), qparams (1, N, 2), xf (K,) fp32 -> (N,) fp32: with
-    w = s*(q - 128) + (m + 128 s), y = s * sum(x * (q - 128)) + (m + 128 s) * sum(x). x comes in fp32
-    (converted once per call, not once per row: 1.4x faster than a 16-bit x here)."""
-    scale, minimum = qparams[0, :, 0].float(), qparams[0, :, 1].float()
-    return (data.float() * xf).sum(-1) * scale + (minimum + 128.0 * scale) * xf.sum()
-
-
 def _graph(kind: str) -> Callable[..., torch.Tensor]:
-    if kind == "dense":
-        return gemv_graph
-    assert kind == "int8_channel", kind
-    return _int8_channel_graph
+    assert kind == "dense", kind
+    return gemv_graph
 
 
 @functools.lru_cache(maxsize=256)
@@ -168,32 +159,27 @@ def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _eager_gemv(weight, x)
 
 
-def _quant_case(qw: QuantWeight, x_dtype: torch.dtype) -> tuple[str, tuple[torch.Tensor, torch.Tensor]] | None:
-    """(graph kind, its weight inputs) for ``qw``, or None where no graph reads its pack."""
-    if x_dtype not in (torch.bfloat16, torch.float16) or qw.device.type != "cpu" or qw.quant.pack != "cpu_int8":
+def _quant_kernel(qw: QuantWeight, x_dtype: torch.dtype) -> QGemvKernel | None:
+    """The ``cpu_qgemv`` kernel for ``qw`` and an x of ``x_dtype``, or None where none reads its pack."""
+    if qw.device.type != "cpu":
         return None
-    return "int8_channel", (qw.data.view(torch.int8), qw.qparams)
-
-
-def _quant_kernel(qw: QuantWeight, x_dtype: torch.dtype) -> tuple[GemvKernel, tuple[torch.Tensor, ...]] | None:
-    case = _quant_case(qw, x_dtype)
-    if case is None:
-        return None
-    kind, inputs = case
-    xf = (qw.shape[1],), (1,), torch.float32
-    return _build(kind, (*map(_spec, inputs), xf), torch.get_num_threads()), inputs
+    if qw.quant.pack == "cpu_int8":
+        return int8_channel_kernel(qw.data, qw.qparams, x_dtype)
+    if qw.quant.pack == "cpu_int4" and qw.quant.bits == 4:
+        return int4_tinygemm_kernel(qw.data, qw.qparams, qw.quant.group_size, x_dtype, cpu_layout())
+    return None
 
 
 def quant_gemv_supported(qw: QuantWeight, x_dtype: torch.dtype) -> bool:
-    """Whether ``quant_gemv`` computes ``qw`` for an x of ``x_dtype``: the cpu_int8 pack, 16-bit x, a kernel
-    that built."""
-    found = _quant_kernel(qw, x_dtype)
-    return found is not None and found[0].fn is not None
+    """Whether ``quant_gemv`` computes ``qw`` for an x of ``x_dtype``: the cpu_int8 pack (contiguous), 16-bit x,
+    a kernel that built."""
+    kernel = _quant_kernel(qw, x_dtype)
+    return kernel is not None and kernel.fn is not None
 
 
 def quant_gemv(qw: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     """The quantized (N, K) weight ``qw`` @ x (K,) -> (N,) in x's dtype (``quant_gemv_supported`` first)."""
-    found = _quant_kernel(qw, x.dtype)
-    assert found is not None, "quant_gemv_supported(qw, x.dtype) is False: use quant.quant_linear"
-    kernel, inputs = found
-    return _run(kernel, *inputs, x.float().contiguous()).to(x.dtype)
+    kernel = _quant_kernel(qw, x.dtype)
+    assert kernel is not None and kernel.fn is not None, "quant_gemv_supported(qw, x.dtype) is False: use quant_linear"
+    data = qw.data.view(torch.int8) if qw.quant.pack == "cpu_int8" else qw.data
+    return run_kernel(kernel, data, qw.qparams, x)

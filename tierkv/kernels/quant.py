@@ -15,6 +15,8 @@ what the stored tensors are; ``quant_reference`` holds the torch references):
   allocator, freed when the layer's call returns.
 - The ``cpu_int4`` pack runs PyTorch's fused CPU int4 matmul (``quant_cpu``); int8 is two of them.
   The ``cpu_int8`` pack (int8 per channel) runs PyTorch's int8 matmul plus a rank-1 correction.
+  One decode row (M = 1) of either runs ``kernels.cpu_qgemv``'s C++ kernels where they apply (below):
+  PyTorch's ops are compute-bound at M = 1 on this project's 2-core CPU, the kernels stream the bytes.
 - ``prepare(qw, dtype)`` derives the CPU ops' parameters once for weights that stay put (resident
   and host-tier layers); streamed layers (views of ring slots) derive them per call.
 
@@ -24,9 +26,10 @@ one (scale, minimum) through a stride-0 view of qparams (K divisible by none: th
 
 ``quant_linear`` picks the path per call (``linear_path`` says which, for tests and traces):
 
-- cpu_int8, M = 1, 16-bit x: "cpu_gemv", the compiled loop over the stored int8 bytes
-  (``cpu_gemv.quant_gemv``) where it reads the pack and builds, for weights as large as
-  ``dense_linear.compiled_gemv_wanted`` says (``TIERKV_CPU_MATVEC``: "compiled" always, "on"/"off" never);
+- cpu_int8 with a 16-bit x, or cpu_int4 int4 (AVX512 tinygemm layout, N a multiple of 64) with a bf16
+  x, M = 1: "cpu_gemv", a C++ loop over the stored bytes (``cpu_gemv.quant_gemv``, ``kernels.cpu_qgemv``)
+  where it reads the pack and builds, for weights as large as ``dense_linear.compiled_gemv_wanted``
+  says (``TIERKV_CPU_MATVEC``: "compiled" always, "on"/"off" never);
 - cpu_int4 / cpu_int8, M < ``CPU_DEQUANT_MIN_M[x.dtype]``: "cpu_fused", the CPU op(s);
 - cpu_int4 / cpu_int8, larger M: "cpu_dequant", the weight unpacked into x's dtype, then ``F.linear``;
 - plain, Triton picked (``_select.pick_backend``), M < ``DEQUANT_MIN_M``: "triton_fused";
