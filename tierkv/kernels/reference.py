@@ -28,6 +28,7 @@ __all__ = [
     "piece_abstract_ref",
     "chunk_scores_ref",
     "select_chunks_ref",
+    "forced_chunks_ref",
     "sketch_scores_ref",
     "coarse_sketch_scores_ref",
     "ellipsoid_scores_ref",
@@ -263,15 +264,19 @@ def ellipsoid_scores_ref(q: torch.Tensor, centre: torch.Tensor, axes2: torch.Ten
     return torch.matmul(qg, centre.float().transpose(-1, -2)).add_(spread)
 
 
-def _forced_chunks(
-    sizes: torch.Tensor, valid: torch.Tensor, sink_chunks: int, recent_tokens: int
+def forced_chunks_ref(
+    sizes: torch.Tensor, sink_chunks: int, recent_tokens: int, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(B, C) bool: the sink chunks plus the shortest suffix of chunks holding recent_tokens."""
+    """(B, C) bool: the sink chunks plus the shortest suffix of chunks holding recent_tokens.
+
+    sizes: (B, C) int tokens per chunk (0 past a ragged sequence's end); valid: (B, C) bool or None (all).
+    """
     C = sizes.shape[-1]
     total = sizes.sum(-1, keepdim=True)  # (B, 1)
     after = total - sizes.cumsum(-1)  # (B, C) tokens in later chunks
     sink = torch.arange(C, device=sizes.device) < sink_chunks
-    return valid & (sink | (after < recent_tokens))
+    forced = sink | (after < recent_tokens)
+    return forced if valid is None else valid & forced
 
 
 def select_chunks_ref(
@@ -293,7 +298,7 @@ def select_chunks_ref(
     if n_chunks is not None:
         valid = torch.arange(C, device=dev) < n_chunks.view(B, 1)
     sizes = (chunk_tokens.to(torch.int64).expand(B, C) * valid).view(B, 1, C)  # (B, 1, C)
-    forced = _forced_chunks(sizes.view(B, C), valid, sink_chunks, recent_tokens).view(B, 1, C)
+    forced = forced_chunks_ref(sizes.view(B, C), sink_chunks, recent_tokens, valid).view(B, 1, C)
     cand = valid.view(B, 1, C) & ~forced  # (B, 1, C)
     remaining = budget_tokens - (sizes * forced).sum(-1, keepdim=True)  # (B, 1, 1)
     key = torch.where(cand, scores.float(), float("-inf"))  # (B, H, C)
