@@ -138,18 +138,24 @@ def chunk_scores_ref(
     return scores
 
 
-def _row_starts(t: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """t (B, Hkv, C, *rest) as rows (R, *rest) viewed in place, and each (b, h)'s first row (B, Hkv, 1);
+def _rows(t: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """t (B, Hkv, C, *rest) as rows (R, *rest) viewed in place, and its (batch, head) strides in rows;
     None when t is not a (sliced) chunk-major tensor (e.g. expanded)."""
     B, H = ids.shape[:2]
     rest, (sb, sh, sc) = t.shape[3:], t.stride()[:3]
     if not (sc > 0 and sb % sc == 0 and sh % sc == 0):
         return None
     rows = (B - 1) * (sb // sc) + (H - 1) * (sh // sc) + t.shape[2]
-    start = torch.arange(0, B * (sb // sc), sb // sc, device=ids.device).view(B, 1, 1) \
-        + torch.arange(0, H * (sh // sc), sh // sc, device=ids.device).view(1, H, 1) if B > 1 \
-        else torch.arange(0, H * (sh // sc), sh // sc, device=ids.device).view(1, H, 1)
-    return t.as_strided((rows, *rest), (sc, *t.stride()[3:])), start
+    return t.as_strided((rows, *rest), (sc, *t.stride()[3:])), (sb // sc, sh // sc)
+
+
+def _row_index(ids: torch.Tensor, row_b: int, row_h: int) -> torch.Tensor:
+    """Chunk ids (B, Hkv, K) -> row numbers (B * Hkv * K,) of a ``_rows`` view with these strides."""
+    B, H = ids.shape[:2]
+    start = torch.arange(0, H * row_h, row_h, device=ids.device).view(1, H, 1)
+    if B > 1:
+        start = start + torch.arange(0, B * row_b, row_b, device=ids.device).view(B, 1, 1)
+    return (ids.long() + start).view(-1)
 
 
 def _gathered(ts: tuple[torch.Tensor, ...], ids: torch.Tensor) -> list[torch.Tensor]:
@@ -159,15 +165,14 @@ def _gathered(ts: tuple[torch.Tensor, ...], ids: torch.Tensor) -> list[torch.Ten
     B, H, K = ids.shape
     out, index = [], {}
     for t in ts:
-        viewed = _row_starts(t, ids)
+        viewed = _rows(t, ids)
         if viewed is None:                           # e.g. an expanded (broadcast) tensor: copy it once
             base = t.reshape(B * H * t.shape[2], *t.shape[3:])
-            rows = (ids.long() + t.shape[2] * torch.arange(B * H, device=ids.device).view(B, H, 1)).view(-1)
+            rows = _row_index(ids, H * t.shape[2], t.shape[2])
         else:
-            base, start = viewed
-            key = (t.stride(0) // t.stride(2), t.stride(1) // t.stride(2))
+            base, key = viewed
             if key not in index:
-                index[key] = (ids.long() + start).view(-1)
+                index[key] = _row_index(ids, *key)
             rows = index[key]
         out.append(base.index_select(0, rows).view(B, H, K, *t.shape[3:]))
     return out
