@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from tierkv.kernels import KeySketch, chunk_scores, encode_keys, key_ellipsoids, select_chunks
-from tierkv.kernels.estimate import fused_applies, select_two_stage
+from tierkv.kernels.estimate import full_chunk_sketch, fused_applies, select_two_stage
 from tierkv.kernels.importance import sketch_candidates
+from tierkv.kernels.reference import sketch_scores_ref
 
 pytestmark = pytest.mark.usefixtures("torch_kernels_one_thread")
 
@@ -25,11 +26,12 @@ def _case(seed: int, B: int, C: int, uncoded: int, S: int = 16, D: int = 32, H: 
 
 
 def _both(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sketch: KeySketch, candidates: int,
-          budget: int, sink: int, recent: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+          budget: int, sink: int, recent: int, full_coded: bool = False
+          ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     scores = chunk_scores(q, kmin, kmax, sketch=sketch, candidates=candidates)
     want = select_chunks(scores, sketch.chunk_tokens, budget_tokens=budget, sink_chunks=sink, recent_tokens=recent)
     got = select_two_stage(q, kmin, kmax, sketch, candidates, budget_tokens=budget, sink_chunks=sink,
-                           recent_tokens=recent)
+                           recent_tokens=recent, full_coded=full_coded)
     return tuple(want), tuple(got)
 
 
@@ -43,9 +45,11 @@ def test_the_fused_selection_equals_scores_then_select(B: int, C: int, uncoded: 
         budget = S * (4 + seed) + seed
         candidates = sketch_candidates(budget - 2 * S, S, 3)
         assert 0 < candidates < sketch.coded
-        want, got = _both(q, kmin, kmax, sketch, candidates, budget, sink, S)
-        for a, b in zip(want, got):
-            assert a.dtype == b.dtype and torch.equal(a, b)
+        full = uncoded > 0 or last in (None, S)          # every coded chunk holds S keys
+        for full_coded in {False, full}:
+            want, got = _both(q, kmin, kmax, sketch, candidates, budget, sink, S, full_coded)
+            for a, b in zip(want, got):
+                assert a.dtype == b.dtype and torch.equal(a, b)
         assert int(got[2].min()) >= 1
 
 
@@ -57,6 +61,16 @@ def test_when_every_candidate_fits_it_takes_the_pruned_chunks_as_select_chunks_d
     for a, b in zip(want, got):
         assert torch.equal(a, b)
     assert int(got[2].min()) > 4 + 2            # more than the candidates and the forced chunks
+
+
+@pytest.mark.parametrize("D", [64, 128, 40])
+def test_the_full_chunk_sketch_is_the_reference_bound(D: int) -> None:
+    """Codes unpacked a word at a time (D = 64, 128: P divisible by 4) or by the reference (40: P = 10)."""
+    q, kmin, kmax, sketch = _case(3, 2, 24, 0, D=D)
+    ids = torch.randperm(24, generator=torch.Generator().manual_seed(D))[:9].view(1, 1, 9).repeat(2, 2, 1)
+    sizes = sketch.chunk_tokens.expand(2, 24)
+    want = sketch_scores_ref(q, kmin, kmax, sketch.codes, sizes, ids)
+    assert torch.equal(full_chunk_sketch(q, kmin, kmax, sketch.codes, ids), want)
 
 
 def test_it_applies_to_two_stages_on_the_torch_path_only() -> None:

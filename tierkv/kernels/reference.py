@@ -29,6 +29,7 @@ __all__ = [
     "chunk_scores_ref",
     "select_chunks_ref",
     "forced_chunks_ref",
+    "gathered_rows",
     "sketch_scores_ref",
     "coarse_sketch_scores_ref",
     "ellipsoid_scores_ref",
@@ -158,7 +159,7 @@ def _row_index(ids: torch.Tensor, row_b: int, row_h: int) -> torch.Tensor:
     return (ids.long() + start).view(-1)
 
 
-def _gathered(ts: tuple[torch.Tensor, ...], ids: torch.Tensor) -> list[torch.Tensor]:
+def gathered_rows(ts: tuple[torch.Tensor, ...], ids: torch.Tensor) -> list[torch.Tensor]:
     """Each t (B, Hkv, C, *rest) at chunk ids (B, Hkv, K) -> (B, Hkv, K, *rest): whole rows by index_select
     (a contiguous copy per chunk, measured ~3x faster on the CPU than an element-wise gather). Tensors
     with the same chunk strides (a layer's abstracts and codes) share one row index."""
@@ -198,7 +199,7 @@ def sketch_scores_ref(
     H, S, P = codes.shape[1], codes.shape[3], codes.shape[4]
     G = Hq // H
     if ids is not None:
-        kmin, kmax, codes = _gathered((kmin, kmax, codes), ids)
+        kmin, kmax, codes = gathered_rows((kmin, kmax, codes), ids)
         sizes = sizes.to(q.device).gather(1, ids.view(B, -1).long()).view(ids.shape)   # (B, Hkv, K)
     else:
         sizes = sizes.to(q.device).view(B, 1, -1)[:, :, :codes.shape[2]]              # (B, 1, C)

@@ -115,7 +115,7 @@ def select(st: CacheState, kv: LayerKV, q0: torch.Tensor) -> Selection:
     if fused_applies(q0, sketch, candidates):                                      # the torch path: few ops
         assert sketch is not None
         sel = select_two_stage(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch, candidates, budget_tokens=budget,
-                               sink_chunks=sink, recent_tokens=size)
+                               sink_chunks=sink, recent_tokens=size, full_coded=True)   # coded = closed: S keys
     else:
         scores = chunk_scores(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch=sketch, candidates=candidates) \
             if candidates else torch.zeros(st.batch, st.kv_heads, c, device=st.device)  # 0: forced chunks only
