@@ -66,7 +66,7 @@ def test_when_every_candidate_fits_it_takes_the_pruned_chunks_as_select_chunks_d
 @pytest.mark.parametrize("D", [64, 128, 40])
 def test_the_full_chunk_sketch_is_the_reference_bound(D: int) -> None:
     """Codes unpacked a word at a time (D = 64, 128: P divisible by 4) or by the reference (40: P = 10)."""
-    q, kmin, kmax, sketch = _case(3, 2, 24, 0, D=D)
+    q, kmin, kmax, sketch = _case(3, 2, 24, 0, D=D)   # 2 x 2 x 9 x 16 x D values: unblocked
     ids = torch.randperm(24, generator=torch.Generator().manual_seed(D))[:9].view(1, 1, 9).repeat(2, 2, 1)
     sizes = sketch.chunk_tokens.expand(2, 24)
     want = sketch_scores_ref(q, kmin, kmax, sketch.codes, sizes, ids)
