@@ -90,7 +90,8 @@ def full_chunk_sketch(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, c
                       ids: torch.Tensor) -> torch.Tensor:
     """``sketch_scores_ref`` at chunk ids (B, Hkv, K) whose S keys are all valid, in fewer ops: no size
     mask, and the codes unpacked four bytes at a time (an int32 word shifted by each bit pair and masked:
-    (B, Hkv, K, S, 4, P) from one shift and one and); up to ``UNBLOCKED_VALUES`` values, else the reference. q (B, Hq, D); kmin, kmax (B, Hkv, C, D); codes
+    (B, Hkv, K, S, 4, P) from one shift and one and); up to ``UNBLOCKED_VALUES`` values, else the
+    reference. q (B, Hq, D); kmin, kmax (B, Hkv, C, D); codes
     (B, Hkv, >= C, S, P) uint8 -> (B, Hkv, K) float32, the same values as the reference's."""
     B, Hq, D = q.shape
     H, S, P = codes.shape[1], codes.shape[3], codes.shape[4]
