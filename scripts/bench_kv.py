@@ -87,8 +87,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))       # bench_common
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the checkout's tierkv, installed or not
 from bench_common import emit_json, print_table  # noqa: E402
 
+# 128K of context plus room for the new tokens (with exactly 131072 positions, --contexts 131072 left no
+# position for a new token and the first decode step raised StopIteration)
+POSITIONS = 131072 + 4096
 MODEL_SHAPE = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=4,
-                   head_dim=64, vocab_size=4096, max_position_embeddings=131072, rope_theta=500000.0)
+                   head_dim=64, vocab_size=4096, max_position_embeddings=POSITIONS, rope_theta=500000.0)
 CONFIGS = ("resident", "exact_tiered", "sparse_tiered")
 PROBE_BYTES = 256 << 20
 GOALS = dict(sparse_speedup_vs_exact_tiered=3.0, sparse_vs_resident_ratio=2.0,
@@ -120,7 +123,7 @@ def kv_model_dir(root: Path, layers: int, dtype: str, key_scale: float) -> Path:
     """Build (once) and return the random Llama checkpoint of ``MODEL_SHAPE``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = root / f"llama-h512-l{layers}-kv4-{dtype}-k{key_scale:g}"
+    path = root / f"llama-h512-l{layers}-kv4-{dtype}-k{key_scale:g}-p{POSITIONS}"
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return path
     torch.manual_seed(0)
@@ -512,6 +515,11 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     configs = [c for c in args.configs.split(",") if c]
     assert set(configs) <= set(CONFIGS), f"--configs: choose from {CONFIGS}"
+    room = POSITIONS - max(contexts) - 2 * args.new_tokens          # warm and cold phases
+    if room < 0:
+        raise SystemExit(f"--contexts {max(contexts)} with --new-tokens {args.new_tokens} needs "
+                         f"{max(contexts) + 2 * args.new_tokens} positions; the bench model has {POSITIONS}: "
+                         f"use a context of at most {POSITIONS - 2 * args.new_tokens}")
     quants = tuple(dict.fromkeys(["none", *(q.strip() for q in args.kv_quant.split(",") if q.strip())]))
     assert set(quants) <= {"none", "int8", "int4"}, "--kv-quant: choose from none, int8, int4"
     owned = args.offload_dir is None

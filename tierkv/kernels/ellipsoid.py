@@ -48,6 +48,7 @@ from typing import NamedTuple
 import torch
 
 from tierkv.kernels._select import cdiv, jit, next_pow2, pick_backend, tl
+from tierkv.kernels._tiles import chunk_tile_pair
 from tierkv.kernels.reference import ellipsoid_scores_ref
 
 __all__ = ["Ellipsoid", "KeyMoments", "causal_variances", "ellipsoid_rank", "ellipsoid_scores", "ellipsoid_scores_fwd",
@@ -118,16 +119,8 @@ def _ellipsoid_scores_kernel(
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid (B * Hkv, cdiv(N, BLOCK_C)): one program bounds BLOCK_C chunks for every query head of a KV group.
-    pid_bh = tl.program_id(0)
-    b = pid_bh // Hkv
-    h = pid_bh % Hkv
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_d = tl.arange(0, BLOCK_D)
-    c_ok = offs_c < N
-    ok = c_ok[:, None] & (offs_d < D)[None, :]
-    e_off = b.to(tl.int64) * s_eb + h * s_eh + offs_c[:, None] * s_ec + offs_d[None, :] * s_ed
-    cen = tl.load(c_ptr + e_off, mask=ok, other=0.0).to(tl.float32)     # (BLOCK_C, BLOCK_D)
-    ax2 = tl.load(a_ptr + e_off, mask=ok, other=0.0).to(tl.float32)
+    b, h, offs_c, offs_d, c_ok, cen, ax2 = chunk_tile_pair(c_ptr, a_ptr, N, Hkv, D, s_eb, s_eh, s_ec, s_ed,
+                                                           BLOCK_C, BLOCK_D)   # (BLOCK_C, BLOCK_D) each
     for g in range(0, G):
         q_off = b.to(tl.int64) * s_qb + (h * G + g) * s_qh + offs_d * s_qd
         q = tl.load(q_ptr + q_off, mask=offs_d < D, other=0.0).to(tl.float32)[None, :]

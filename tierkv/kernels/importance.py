@@ -56,6 +56,7 @@ import math
 import torch
 
 from tierkv.kernels._select import cdiv, jit, next_pow2, pick_backend, tl
+from tierkv.kernels._tiles import chunk_tile_pair
 from tierkv.kernels.reference import Selection, chunk_scores_ref, coarse_sketch_scores_ref, select_chunks_ref
 from tierkv.kernels.ellipsoid import Ellipsoid, ellipsoid_rank
 from tierkv.kernels.sketch import KeySketch, sketch_scores
@@ -89,16 +90,8 @@ def _chunk_scores_kernel(
     HAS_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid (B * Hkv, cdiv(C, BLOCK_C)): one program scores BLOCK_C chunks for one KV group.
-    pid_bh = tl.program_id(0)
-    b = pid_bh // Hkv
-    h = pid_bh % Hkv
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_d = tl.arange(0, BLOCK_D)
-    c_ok = offs_c < C
-    ok = c_ok[:, None] & (offs_d < D)[None, :]
-    a_off = b.to(tl.int64) * s_ab + h * s_ah + offs_c[:, None] * s_ac + offs_d[None, :] * s_ad
-    lo = tl.load(kmin_ptr + a_off, mask=ok, other=0.0).to(tl.float32)  # (BLOCK_C, BLOCK_D)
-    hi = tl.load(kmax_ptr + a_off, mask=ok, other=0.0).to(tl.float32)
+    b, h, offs_c, offs_d, c_ok, lo, hi = chunk_tile_pair(kmin_ptr, kmax_ptr, C, Hkv, D, s_ab, s_ah, s_ac, s_ad,
+                                                         BLOCK_C, BLOCK_D)   # (BLOCK_C, BLOCK_D) each
     best = tl.full([BLOCK_C], float("-inf"), tl.float32)
     for g in range(0, G):
         q_off = b.to(tl.int64) * s_qb + (h * G + g) * s_qh + offs_d * s_qd

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from tierkv.kernels import Ellipsoid, KeySketch, Selection, chunk_scores, select_chunks, sketch_candidates, sparse_decode_attention
+from tierkv.kernels.estimate import fused_applies, select_two_stage
 from tierkv.pipeline.kv.layer import LayerKV
 from tierkv.pipeline.kv.moves import evict, finish_fetch, poll_fetches, start_fetches
 from tierkv.pipeline.kv.overflow import decode_overflow
@@ -110,14 +111,15 @@ def select(st: CacheState, kv: LayerKV, q0: torch.Tensor) -> Selection:
     sink, size = st.shape.sink_chunks, kv.geo.chunk_tokens
     forced, n_forced = forced_tokens(c, size, kv.tokens, sink)
     candidates = sketch_candidates(budget - forced, size, n_forced)
-    if candidates == 0:
-        scores = torch.zeros(st.batch, st.kv_heads, c, device=st.device)          # forced chunks only
+    sketch = _sketch_of(kv) if candidates else None
+    if fused_applies(q0, sketch, candidates):                                      # the torch path: few ops
+        assert sketch is not None
+        sel = select_two_stage(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch, candidates, budget_tokens=budget,
+                               sink_chunks=sink, recent_tokens=size, full_coded=True)   # coded = closed: S keys
     else:
-        ell = None if kv.centre is None or kv.axes2 is None else Ellipsoid(kv.centre, kv.axes2)
-        sketch = None if kv.codes is None else KeySketch(kv.codes, kv.chunk_sizes[:c], kv.n_coded, ell)
-        scores = chunk_scores(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch=sketch,
-                              candidates=candidates)                                 # (B, Hkv, C)
-    sel = select_chunks(scores, kv.chunk_sizes[:c], budget_tokens=budget, sink_chunks=sink, recent_tokens=size)
+        scores = chunk_scores(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch=sketch, candidates=candidates) \
+            if candidates else torch.zeros(st.batch, st.kv_heads, c, device=st.device)  # 0: forced chunks only
+        sel = select_chunks(scores, kv.chunk_sizes[:c], budget_tokens=budget, sink_chunks=sink, recent_tokens=size)
     st.c.estimator_s += time.perf_counter() - t0
     st.selected_tokens += (sel.mask * kv.chunk_sizes[:c]).sum()
     st.c.selectable_tokens += st.batch * st.kv_heads * kv.tokens
@@ -128,6 +130,14 @@ def select(st: CacheState, kv: LayerKV, q0: torch.Tensor) -> Selection:
     width = min(c, sink + 2 + budget // size)
     assert st.device.type != "cpu" or int(sel.counts.max()) <= width, "selection wider than its bound"
     return sel._replace(ids=sel.ids[..., :width])
+
+
+def _sketch_of(kv: LayerKV) -> KeySketch | None:
+    """The layer's key codes (and ellipsoids, where kept) as ``chunk_scores`` reads them; None without codes."""
+    if kv.codes is None:
+        return None
+    ell = None if kv.centre is None or kv.axes2 is None else Ellipsoid(kv.centre, kv.axes2)
+    return KeySketch(kv.codes, kv.chunk_sizes[:kv.n_chunks], kv.n_coded, ell)
 
 
 def _kernel(kv: LayerKV, q: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
