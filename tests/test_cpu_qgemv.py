@@ -111,8 +111,9 @@ def test_quantized_engines_decode_through_the_kernels_deterministically(tiny_lla
     if scheme == "int4" and not INT4_HERE:
         pytest.skip("the int4 kernel needs AVX-512 BF16/VBMI and the AVX512 layout")
     calls = []
-    real = quant_module.quant_gemv
-    monkeypatch.setattr(quant_module, "quant_gemv", lambda qw, x: calls.append(qw.quant.pack) or real(qw, x))
+    real = quant_module.run_quant_gemv
+    monkeypatch.setattr(quant_module, "run_quant_gemv",
+                        lambda kernel, qw, x: calls.append(qw.quant.pack) or real(kernel, qw, x))
     monkeypatch.setenv("TIERKV_CPU_MATVEC", "compiled")
     prompt = [5, 17, 42, 9, 101, 3]
     runs = []

@@ -45,7 +45,7 @@ from tierkv.kernels.cpu_qgemv import QGemvKernel, int4_tinygemm_kernel, int8_cha
 from tierkv.quantspec import QuantWeight
 
 __all__ = ["GemvKernel", "compiled_gemv_allowed", "gemv", "gemv_graph", "gemv_kernel", "kernels_allowed", "quant_gemv",
-           "quant_gemv_supported", "run_gemv"]
+           "quant_gemv_kernel", "quant_gemv_supported", "run_gemv", "run_quant_gemv"]
 
 Spec = tuple[tuple[int, ...], tuple[int, ...], torch.dtype]     # an input's (shape, strides, dtype)
 # Whether the model being run may use the kernels (True unless a ``Runner`` of a small model says not:
@@ -159,27 +159,33 @@ def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _eager_gemv(weight, x)
 
 
-def _quant_kernel(qw: QuantWeight, x_dtype: torch.dtype) -> QGemvKernel | None:
-    """The ``cpu_qgemv`` kernel for ``qw`` and an x of ``x_dtype``, or None where none reads its pack."""
+def quant_gemv_kernel(qw: QuantWeight, x_dtype: torch.dtype) -> QGemvKernel | None:
+    """The built ``cpu_qgemv`` kernel for ``qw`` and an x of ``x_dtype``, or None where none reads its pack
+    or it did not build (one lookup: ``quant.quant_linear`` keeps it for ``run_quant_gemv``)."""
     if qw.device.type != "cpu":
         return None
+    kernel = None
     if qw.quant.pack == "cpu_int8":
-        return int8_channel_kernel(qw.data, qw.qparams, x_dtype)
-    if qw.quant.pack == "cpu_int4" and qw.quant.bits == 4:
-        return int4_tinygemm_kernel(qw.data, qw.qparams, qw.quant.group_size, x_dtype, cpu_layout())
-    return None
+        kernel = int8_channel_kernel(qw.data, qw.qparams, x_dtype)
+    elif qw.quant.pack == "cpu_int4" and qw.quant.bits == 4:
+        kernel = int4_tinygemm_kernel(qw.data, qw.qparams, qw.quant.group_size, x_dtype, cpu_layout())
+    return kernel if kernel is not None and kernel.fn is not None else None
+
+
+def run_quant_gemv(kernel: QGemvKernel, qw: QuantWeight, x: torch.Tensor) -> torch.Tensor:
+    """``qw`` @ x (K,) -> (N,) in x's dtype through ``kernel``, a built ``quant_gemv_kernel(qw, x.dtype)``."""
+    data = qw.data.view(torch.int8) if qw.quant.pack == "cpu_int8" else qw.data
+    return run_kernel(kernel, data, qw.qparams, x)
 
 
 def quant_gemv_supported(qw: QuantWeight, x_dtype: torch.dtype) -> bool:
     """Whether ``quant_gemv`` computes ``qw`` for an x of ``x_dtype``: the cpu_int8 pack (contiguous), 16-bit x,
     a kernel that built."""
-    kernel = _quant_kernel(qw, x_dtype)
-    return kernel is not None and kernel.fn is not None
+    return quant_gemv_kernel(qw, x_dtype) is not None
 
 
 def quant_gemv(qw: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     """The quantized (N, K) weight ``qw`` @ x (K,) -> (N,) in x's dtype (``quant_gemv_supported`` first)."""
-    kernel = _quant_kernel(qw, x.dtype)
-    assert kernel is not None and kernel.fn is not None, "quant_gemv_supported(qw, x.dtype) is False: use quant_linear"
-    data = qw.data.view(torch.int8) if qw.quant.pack == "cpu_int8" else qw.data
-    return run_kernel(kernel, data, qw.qparams, x)
+    kernel = quant_gemv_kernel(qw, x.dtype)
+    assert kernel is not None, "quant_gemv_supported(qw, x.dtype) is False: use quant_linear"
+    return run_quant_gemv(kernel, qw, x)

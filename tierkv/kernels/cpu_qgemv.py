@@ -181,11 +181,13 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.lru_cache(maxsize=1)
 def int4_kernel_cpu() -> bool:
     """Whether this CPU has what the int4 kernel uses (AVX-512 with BF16 dot products and byte permutes)."""
     return _vector_width() == 16 and all(flag in _cpu_flags() for flag in _INT4_CPU_FLAGS)
 
 
+@functools.lru_cache(maxsize=1)
 def _vector_width() -> int:
     """fp32 lanes of inductor's vector ISA here (16 with AVX-512, 8 with AVX2), 0 without one."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
@@ -200,9 +202,6 @@ def _build_int8_channel(n: int, k: int, dtype: torch.dtype, threads: int) -> QGe
     try:
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-        lanes = _vector_width()
-        if not lanes or k % lanes:
-            raise RuntimeError(f"K = {k} is not a multiple of the vector width {lanes or 'none'}")
         ctype = _CTYPES[dtype]
         source = _INT8_CHANNEL % {"T": ctype, "N": n, "K": k, "THREADS": threads}
         fn = CppPythonBindingsCodeCache.load_pybinding([f"const {ctype}*", "const int8_t*", "const at::Half*",
@@ -261,8 +260,11 @@ def _failed(what: str, exc: Exception, t0: float) -> QGemvKernel:
 def int8_channel_kernel(data: torch.Tensor, qparams: torch.Tensor, dtype: torch.dtype) -> QGemvKernel | None:
     """The kernel for a cpu_int8 weight (data (N, K), qparams (1, N, 2)) and an x of ``dtype`` at the current
     thread count (built on first use), or None where it does not apply (another dtype, a non-contiguous
-    weight): the caller then uses PyTorch's op."""
+    weight, no vector ISA for inductor or K not a multiple of its width): the caller then uses PyTorch's op."""
     if dtype not in _CTYPES or not (data.is_contiguous() and qparams.is_contiguous()) or data.device.type != "cpu":
         return None
     n, k = data.shape
+    lanes = _vector_width()
+    if not lanes or k % lanes:             # the loop steps over K a vector at a time
+        return None
     return _build_int8_channel(n, k, dtype, torch.get_num_threads())

@@ -78,7 +78,8 @@ import torch.nn.functional as F
 
 from tierkv.errors import ArgumentError
 from tierkv.kernels import quant_cpu
-from tierkv.kernels.cpu_gemv import quant_gemv, quant_gemv_supported
+from tierkv.kernels.cpu_gemv import quant_gemv_kernel, run_quant_gemv
+from tierkv.kernels.cpu_qgemv import QGemvKernel
 from tierkv.kernels.dense_linear import compiled_gemv_wanted
 from tierkv.kernels.quant_cpu import DynamicInt8Linear, dynamic_ok as _dynamic_ok, dynamic_linear as _dynamic_linear
 from tierkv.kernels._select import cdiv, fuse_linears, jit, pick_backend, pick_cpu_qlinear, tl
@@ -514,20 +515,27 @@ def _adjacent_rows(weights: list[torch.Tensor]) -> torch.Tensor | None:
 
 def linear_path(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear | Da8w4Linear, backend: str | None = None) -> str:
     """Which implementation ``quant_linear(x, qw, backend=backend)`` runs (listed in the module docstring)."""
+    return _choose(x, qw, backend)[0]
+
+
+def _choose(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear | Da8w4Linear, backend: str | None
+            ) -> tuple[str, QGemvKernel | None]:
+    """(``linear_path``'s answer, the built C++ kernel of a "cpu_gemv", else None)."""
     m = x.numel() // max(1, x.shape[-1])
     if isinstance(qw, Da8w4Linear):
-        return "cpu_da8w4" if m < DYNAMIC_MAX_M or not qw.parts else "cpu_dequant"
+        return ("cpu_da8w4" if m < DYNAMIC_MAX_M or not qw.parts else "cpu_dequant"), None
     if isinstance(qw, DynamicInt8Linear):
-        return "cpu_dynamic" if m < DYNAMIC_MAX_M else "cpu_dequant"
+        return ("cpu_dynamic" if m < DYNAMIC_MAX_M else "cpu_dequant"), None
     if qw.quant.pack in _CPU_PACKS:
         n, k = qw.shape
-        if m == 1 and compiled_gemv_wanted(n * k) and quant_gemv_supported(qw, x.dtype):
-            return "cpu_gemv"
-        return "cpu_dequant" if m >= CPU_DEQUANT_MIN_M.get(x.dtype, 1) else "cpu_fused"
+        kernel = quant_gemv_kernel(qw, x.dtype) if m == 1 and compiled_gemv_wanted(n * k) else None
+        if kernel is not None:
+            return "cpu_gemv", kernel
+        return ("cpu_dequant" if m >= CPU_DEQUANT_MIN_M.get(x.dtype, 1) else "cpu_fused"), None
     if _triton_groups(qw) is None or \
             pick_backend(_quant_matmul_kernel, x, qw.data, qw.qparams, backend=backend) == "torch":
-        return "torch"
-    return "triton_dequant" if m >= DEQUANT_MIN_M else "triton_fused"
+        return "torch", None
+    return ("triton_dequant" if m >= DEQUANT_MIN_M else "triton_fused"), None
 
 
 def quant_linear(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear | Da8w4Linear, bias: torch.Tensor | None = None,
@@ -543,7 +551,7 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear | Da8w4Lin
     n, k = qw.shape
     bias = _check_linear_args(x, qw, bias)
     x2 = x.reshape(-1, k).contiguous()                                          # (M, K)
-    path = linear_path(x2, qw, backend)
+    path, kernel = _choose(x2, qw, backend)
     if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
     if isinstance(qw, PACKED_LINEARS):
@@ -557,7 +565,8 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight | DynamicInt8Linear | Da8w4Lin
             out = F.linear(x2, _dynamic_dequantized(qw, x.dtype))
         out = out if bias is None else out.add_(bias)
     elif path == "cpu_gemv":
-        out = quant_gemv(qw, x2[0]).view(1, n)
+        assert kernel is not None
+        out = run_quant_gemv(kernel, qw, x2[0]).view(1, n)
         out = out if bias is None else out.add_(bias)
     elif path == "cpu_fused":
         out = quant_cpu.cpu_quant_matmul(x2, qw.data, qw.qparams, qw.quant.bits, qw.quant.group_size, qw.quant.pack,
