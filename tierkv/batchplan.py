@@ -44,9 +44,10 @@ from tierkv.errors import ArgumentError
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.store import Extent
 from tierkv.kvroom import sequence_minimum_bytes
-from tierkv.plan import Plan, make_plan, plan_device, probe_links, simulate_step_s, step_bound
+from tierkv.plan import DEFAULT_PREFILL_TOKENS, Plan, make_plan, plan_device, probe_links, simulate_step_s, step_bound
 from tierkv.calibrate import engine_figures, row_key, token_key
 from tierkv.probe import LinkCache, LinkSpeeds, machine_busy
+from tierkv.scheduler import Limits, Scheduler
 
 __all__ = ["BatchChoice", "BatchInputs", "BatchOption", "choose_batch", "row_compute_s"]
 
@@ -85,6 +86,8 @@ class BatchOption:
     read_bytes_per_token: float = 0.0       # streamed weight bytes per generated token
     kv_device_tokens: int = 0               # KV tokens the plan keeps device room for (one micro-batch's)
     why: str = ""                           # when it does not fit
+    prefill_tokens: int = 0                 # the plan's prefill piece (tokens per sequence per pass)
+    piece_asked: int | None = None          # the piece this option asks the planner for; None: the planner's own
 
 
 @dataclass(frozen=True)
@@ -103,26 +106,34 @@ class BatchChoice:
     compute_bound_from: int | None = None   # the smallest batch considered whose decode pass compute bounds
     kv_split: bool = False                  # the device KV room holds one micro-batch's KV, not the batch's
 
+    piece_asked: int | None = None          # the prefill piece chosen for these prompts; None: the planner's own
+
     def load_kwargs(self) -> dict[str, int]:
         """Keyword arguments for ``tierkv.load`` (beside the same budgets) that run this choice."""
-        return {"max_sequences": self.batch, "micro_batches": self.micro_batches,
-                "kv_device_tokens": self.kv_device_tokens}
+        kwargs = {"max_sequences": self.batch, "micro_batches": self.micro_batches,
+                  "kv_device_tokens": self.kv_device_tokens}
+        return kwargs if self.piece_asked is None else dict(kwargs, prefill_chunk_tokens=self.piece_asked)
 
     def summary(self) -> str:
         """A table of the sizes considered and the choice, for ``tierkv plan --batch``."""
-        lines = [f"{'batch':>6} {'micro':>5} {'tok/s':>9} {'bound':>8} {'step s':>8} {'read/token':>11}"]
+        lines = [f"{'batch':>6} {'micro':>5} {'piece':>6} {'passes':>6} {'tok/s':>9} {'bound':>8} {'step s':>8} "
+                 f"{'read/token':>11}"]
+        chosen = (self.batch, self.micro_batches, self.piece_asked)
         for o in self.options:
             if not o.fits:
-                lines.append(f"{o.batch:>6} {'-':>5} {'-':>9} {'-':>8} {'-':>8} {'-':>11}  {o.why}")
+                lines.append(f"{o.batch:>6} {'-':>5} {'-':>6} {'-':>6} {'-':>9} {'-':>8} {'-':>8} {'-':>11}  {o.why}")
                 continue
-            mark = "  <- chosen" if (o.batch, o.micro_batches) == (self.batch, self.micro_batches) else ""
-            lines.append(f"{o.batch:>6} {o.micro_batches:>5} {o.predicted_tok_s:>9.2f} {o.bound:>8} "
-                         f"{o.decode_step_s:>8.3f} {format_size(int(o.read_bytes_per_token)):>11}{mark}")
+            mark = "  <- chosen" if (o.batch, o.micro_batches, o.piece_asked) == chosen else ""
+            lines.append(f"{o.batch:>6} {o.micro_batches:>5} {o.prefill_tokens:>6} {o.passes:>6} "
+                         f"{o.predicted_tok_s:>9.2f} {o.bound:>8} {o.decode_step_s:>8.3f} "
+                         f"{format_size(int(o.read_bytes_per_token)):>11}{mark}")
         block = "" if self.micro_batches == 1 else f", {self.micro_batches} micro-batches per layer pass" + (
             " (the device room holds one micro-batch's KV; the rest waits on the host tier)" if self.kv_split else "")
         over = (f"compute bounds the step from batch {self.compute_bound_from}" if self.compute_bound_from
                 else "the link bounds the step at every batch considered")
-        lines += [f"chosen: batch {self.batch}{block}: predicted {self.predicted_tok_s:.2f} tok/s over "
+        piece = (f"; prefill pieces of {self.plan.prefill_chunk_tokens} tokens"
+                 + (" (sized to these prompts)" if self.piece_asked is not None else ""))
+        lines += [f"chosen: batch {self.batch}{block}{piece}: predicted {self.predicted_tok_s:.2f} tok/s over "
                   f"{self.prompts} prompts x {self.new_tokens} new tokens, bound by {self.bound}; {over}",
                   "load with: " + ", ".join(f"{k}={v}" for k, v in self.load_kwargs().items())]
         return "\n".join(lines)
@@ -165,11 +176,11 @@ def choose_batch(engine_or_inputs: Any, prompt_tokens: list[int], new_tokens: in
             raise PlanError(_refusal(inputs, job, best.batch, best.why))
         options = [best]
     fitting = [o for o in options if o.fits]
-    plan = _plan_for(inputs, job, best.batch, best.micro_batches, best.kv_device_tokens)
+    plan = _plan_for(inputs, job, best.batch, best.micro_batches, best.kv_device_tokens, best.piece_asked)
     compute_from = next((o.batch for o in fitting if o.bound == "compute"), None)
     return BatchChoice(best.batch, best.micro_batches, best.predicted_tok_s, best.bound, plan, tuple(options),
                        len(prompt_tokens), new_tokens, best.kv_device_tokens, compute_from,
-                       best.kv_device_tokens < job.kv_tokens(best.batch))
+                       best.kv_device_tokens < job.kv_tokens(best.batch), best.piece_asked)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,10 +232,12 @@ def _with_links(inputs: BatchInputs) -> BatchInputs:
     return replace(inputs, links=links, row_s=row_s, token_s=token_s)
 
 
-def _plan_for(inputs: BatchInputs, job: _Job, batch: int, micro: int, kv_device_tokens: int) -> Plan:
+def _plan_for(inputs: BatchInputs, job: _Job, batch: int, micro: int, kv_device_tokens: int,
+              piece: int | None = None) -> Plan:
     """The plan the engine makes for ``batch`` sequences in ``micro`` micro-batches with device KV room
-    for ``kv_device_tokens`` (raises PlanError)."""
-    policy = replace(inputs.policy, max_sequences=batch, micro_batches=micro, kv_device_tokens=kv_device_tokens)
+    for ``kv_device_tokens`` and prefill pieces of ``piece`` tokens (None: the policy's; raises PlanError)."""
+    policy = replace(inputs.policy, max_sequences=batch, micro_batches=micro, kv_device_tokens=kv_device_tokens,
+                     prefill_chunk_tokens=piece or inputs.policy.prefill_chunk_tokens)
     return make_plan(inputs.config, inputs.budget, policy, inputs.links, data_path=inputs.data_path,
                      config_only=inputs.config_only, layout=inputs.layout)
 
@@ -232,28 +245,59 @@ def _plan_for(inputs: BatchInputs, job: _Job, batch: int, micro: int, kv_device_
 def _option(inputs: BatchInputs, job: _Job, batch: int) -> BatchOption:
     """``batch``'s best prediction over its micro-batch counts (1, 2, 4, ... up to the batch), each with
     device KV room for the whole batch or, when that does not fit, for one micro-batch (the block
-    schedule: the rest on the host tier); or why none fits. More micro-batches carry more prompt
-    tokens per pass at the same activation room; the fewest within ``NEAR_BEST`` of the best win."""
-    why, kv_why, fitting = "", "", []
+    schedule: the rest on the host tier), and each with the planner's own prefill piece or a larger
+    one sized to the prompts (``_pieces``: fewer prefill passes over the streamed layers, weighed
+    against the resident layers its activations may displace); or why none fits. More micro-batches
+    carry more prompt tokens per pass at the same activation room; the fewest within ``NEAR_BEST`` of
+    the best win, each with its best piece."""
+    why, kv_why, best_per_micro = "", "", []
     micro = 1
     while micro <= batch:
         whole = job.kv_tokens(batch)
         for kv_tokens in ([whole] if micro == 1 else [whole, -(-whole // micro)]):
-            try:
-                plan = _plan_for(inputs, job, batch, micro, kv_tokens)
-            except PlanError as exc:
-                why = str(exc)
-                continue
-            problem = _kv_problem(inputs, job, batch, plan)
-            if problem is None:
-                fitting.append(_predict(inputs, job, batch, micro, plan, kv_tokens))
-                break
-            kv_why = kv_why or problem          # the first placement that held the weights says what is short
+            found, refused, short = _placed(inputs, job, batch, micro, kv_tokens, None)
+            if found is None:
+                why, kv_why = refused or why, kv_why or short    # the first placement that held the weights
+                continue                                         # says what the KV is short of
+            options = [found] + [o for o in (_placed(inputs, job, batch, micro, kv_tokens, p)[0]
+                                             for p in _pieces(inputs, job, batch, micro, found.prefill_tokens))
+                                 if o is not None]
+            best_per_micro.append(max(options, key=lambda o: (round(o.predicted_tok_s, 9), -o.prefill_tokens)))
+            break
         micro = micro * 2 if micro * 2 <= batch or micro == batch else batch
-    if not fitting:
+    if not best_per_micro:
         return BatchOption(batch, 0, False, why=kv_why or why)
-    top = max(o.predicted_tok_s for o in fitting)
-    return min((o for o in fitting if o.predicted_tok_s >= top * (1 - NEAR_BEST)), key=lambda o: o.micro_batches)
+    top = max(o.predicted_tok_s for o in best_per_micro)
+    return min((o for o in best_per_micro if o.predicted_tok_s >= top * (1 - NEAR_BEST)),
+               key=lambda o: o.micro_batches)
+
+
+def _placed(inputs: BatchInputs, job: _Job, batch: int, micro: int, kv_tokens: int,
+            piece: int | None) -> tuple[BatchOption | None, str, str]:
+    """(the prediction, "", "") for one placement, or (None, the planner's refusal, "") when the weights
+    do not fit, or (None, "", what the KV rooms are short of)."""
+    try:
+        plan = _plan_for(inputs, job, batch, micro, kv_tokens, piece)
+    except PlanError as exc:
+        return None, str(exc), ""
+    problem = _kv_problem(inputs, job, batch, plan)
+    if problem is not None:
+        return None, "", problem
+    return replace(_predict(inputs, job, batch, micro, plan, kv_tokens), piece_asked=piece), "", ""
+
+
+def _pieces(inputs: BatchInputs, job: _Job, batch: int, micro: int, planned: int) -> list[int]:
+    """Prefill pieces larger than the planner's own (``planned``) worth planning for this job: the
+    longest prompt of a wave (every prompt in one piece), the wave's prompt tokens over the
+    micro-batches (the whole wave in one pass), and the powers of two between, up to
+    ``DEFAULT_PREFILL_TOKENS``; none when the policy fixes the piece (the user's or a loaded engine's)."""
+    if inputs.policy.prefill_chunk_tokens is not None:
+        return []
+    wave = job.prompts[:batch]                  # the longest prompts: the first wave's
+    targets = {wave[0], -(-sum(wave) // micro)}
+    top = min(DEFAULT_PREFILL_TOKENS, max(targets))
+    powers = {planned << k for k in range(1, DEFAULT_PREFILL_TOKENS.bit_length()) if planned << k < top}
+    return sorted(p for p in targets | powers if planned < p <= DEFAULT_PREFILL_TOKENS)
 
 
 def _kv_problem(inputs: BatchInputs, job: _Job, batch: int, plan: Plan) -> str | None:
@@ -296,10 +340,9 @@ def _predict(inputs: BatchInputs, job: _Job, batch: int, micro: int, plan: Plan,
 
     k, total_prompt = len(job.prompts), sum(job.prompts)
     group_tokens = plan.prefill_chunk_tokens + -(-batch // micro) - 1
-    step_tokens = micro * group_tokens
     waves = -(-k // batch)
-    pieces = sum(-(-n // plan.prefill_chunk_tokens) for n in job.prompts)      # a prompt feeds one piece a pass
-    prefill_passes = max(-(-pieces // batch), -(-total_prompt // step_tokens))
+    prefill_passes = sum(prefill_passes_of(job.prompts[w:w + batch], plan.prefill_chunk_tokens, group_tokens, micro)
+                         for w in range(0, k, batch))
     per_seq = job.kv_tokens(batch) // batch
     tokens = -(-total_prompt // prefill_passes)                # prompt tokens a prefill pass carries
     prefill_s, _ = pass_s(min(batch, tokens), tokens * per_seq // 2, tokens)
@@ -308,7 +351,41 @@ def _predict(inputs: BatchInputs, job: _Job, batch: int, micro: int, plan: Plan,
     total_s = prefill_passes * prefill_s + waves * job.new_tokens * decode_s
     generated = k * job.new_tokens
     return BatchOption(batch, micro, True, generated / total_s, bound, decode_s, passes,
-                       passes * plan.streamed_bytes_per_token / generated, kv_tokens)
+                       passes * plan.streamed_bytes_per_token / generated, kv_tokens,
+                       prefill_tokens=plan.prefill_chunk_tokens)
+
+
+def prefill_passes_of(prompts: list[int], piece_tokens: int, group_tokens: int, micro_batches: int) -> int:
+    """Layer passes until every one of ``prompts`` (admitted together) has sampled its first token, as
+    the engine's own scheduler packs them (``tierkv.scheduler.Scheduler``: a prompt feeds one piece of
+    up to ``piece_tokens`` a pass, into ``micro_batches`` groups of ``group_tokens``, beside the
+    decode rows of the prompts already done)."""
+    scheduler = Scheduler(Limits(group_tokens, piece_tokens, len(prompts), None, None, micro_batches,
+                                 share_room=micro_batches > 1), _NoRoom())
+    for i, n in enumerate(prompts):
+        scheduler.add(i, n, n + 1)
+    prefilling, passes = set(range(len(prompts))), 0
+    while prefilling:
+        passes += 1
+        for row in scheduler.schedule().rows:
+            scheduler.fed(row)
+            if row.samples:
+                prefilling.discard(row.seq_id)
+                scheduler.sampled(row.seq_id)
+    return passes
+
+
+class _NoRoom:
+    """A KV sizer for the pass count alone: the rooms are checked apart (``_kv_problem``)."""
+
+    def minimum_bytes(self, capacity_tokens: int) -> int:
+        return 0
+
+    def want_bytes(self, capacity_tokens: int) -> int:
+        return 0
+
+    def host_bytes(self, tokens: int) -> int:
+        return 0
 
 
 def _refusal(inputs: BatchInputs, job: _Job, asked: int, why: str) -> str:
