@@ -17,7 +17,7 @@ import pytest
 
 import tierkv
 from placements import random_prompt
-from tierkv.batchplan import BatchInputs, choose_batch
+from tierkv.batchplan import BatchInputs, choose_batch, prefill_passes_of
 from tierkv.budgets import PlanError
 from tierkv.config import Budget, ModelConfig, Policy
 from tierkv.plan import make_plan, minimum_device_bytes
@@ -109,6 +109,49 @@ def test_bad_requests_say_what_to_give(cfg: ModelConfig, tmp_path: Path) -> None
     for prompts, new, asked in (([], 8, "auto"), ([10], 0, "auto"), ([10], 8, 0), ([10], 8, "many")):
         with pytest.raises(tierkv.errors.ArgumentError):
             choose_batch(inputs, prompts, new, asked)
+
+
+AUTO_PIECE = replace(POLICY, prefill_chunk_tokens=None)
+
+
+def test_the_prefill_piece_grows_to_the_prompt_when_a_short_job_gains_by_it(cfg: ModelConfig, tmp_path: Path) -> None:
+    budget = Budget(minimum_device_bytes(cfg, AUTO_PIECE) + 3 * _layer_bytes(cfg), 0, tmp_path)
+    inputs = replace(_inputs(cfg, tmp_path, 0), budget=budget, policy=AUTO_PIECE)
+    own = make_plan(cfg, budget, replace(AUTO_PIECE, max_sequences=1, kv_device_tokens=304), SLOW_DISK,
+                    config_only=True).prefill_chunk_tokens
+    assert own < 300                                   # the planner's own piece takes a 300-token prompt in 2+ passes
+    short = choose_batch(inputs, [300], 4, asked=1)
+    assert short.load_kwargs()["prefill_chunk_tokens"] == short.plan.prefill_chunk_tokens == 300
+    assert short.options[0].passes == 1 + 4            # one prefill pass, then a decode pass per token
+    engine_plan = make_plan(cfg, budget, replace(AUTO_PIECE, **short.load_kwargs()), SLOW_DISK, config_only=True)
+    assert (engine_plan.disk_layers, engine_plan.prefill_chunk_tokens) == (short.plan.disk_layers, 300)
+    kept = choose_batch(replace(inputs, policy=replace(AUTO_PIECE, prefill_chunk_tokens=own)), [300], 4, asked=1)
+    assert short.predicted_tok_s > kept.predicted_tok_s
+    assert "piece" in short.summary() and "sized to these prompts" in short.summary()
+    # 500 new tokens: a layer the larger piece's activations would displace costs every decode pass
+    long = choose_batch(inputs, [300], 500, asked=1)
+    assert "prefill_chunk_tokens" not in long.load_kwargs() and long.plan.prefill_chunk_tokens < 300
+    assert len(long.plan.disk_layers) < len(short.plan.disk_layers)
+    # a piece the policy fixes (the user's, or a loaded engine's) is never resized
+    fixed = choose_batch(_inputs(cfg, tmp_path, _streaming_budget(cfg)), [300], 4, asked=1)
+    assert "prefill_chunk_tokens" not in fixed.load_kwargs() and fixed.plan.prefill_chunk_tokens == 256
+
+
+def test_predicted_prefill_passes_are_the_engines(tiny_model_dir: Callable[..., Path], tmp_path: Path) -> None:
+    model = tiny_model_dir("llama")          # 2 layers, max 128 positions
+    lengths = (7, 70, 23, 41, 5, 30, 64)     # no piece of a single token: every prefill step has tokens > rows
+    prompts = [random_prompt(n, seed=400 + i) for i, n in enumerate(lengths)]
+    for micro, piece in ((1, 16), (3, 16), (2, 48)):
+        with tierkv.load(model, device="cpu", dtype="float32", kv="exact", offload_dir=tmp_path, chunk_tokens=8,
+                         prefill_chunk_tokens=piece, max_sequences=len(prompts), micro_batches=micro) as engine:
+            assert engine.runner.log is not None
+            limits = engine._core.scheduler.limits
+            engine.generate(prompts, max_new_tokens=2, ignore_eos=True)
+            ran = sum(1 for s in engine.runner.log.steps if s.tokens > s.rows)
+        assert ran == prefill_passes_of([len(p) for p in prompts], limits.piece_tokens, limits.token_budget, micro)
+    assert prefill_passes_of([288], 256, 256, 1) == 2 and prefill_passes_of([288], 288, 288, 1) == 1
+    assert prefill_passes_of([512, 362, 213, 64], 512, 513, 2) == 2     # 213 fits beside neither 512 nor 362 + 64
+    assert prefill_passes_of([512, 362, 213, 64], 576, 577, 2) == 1
 
 
 LENGTHS = (7, 70, 23, 41, 5, 33)

@@ -16,10 +16,17 @@ device room beside the weights, the room is planned for one micro-batch's KV and
 cold KV sits on the host tier, gathered while its micro-batch computes. Of the micro-batch counts
 that fit, the fewest within ``NEAR_BEST`` of the best predicted throughput win.
 
+Prefill piece: the planner's own piece (``plan.prefill_sizes``) follows the device budget alone, so
+a prompt a little longer than it takes two passes over the streamed layers. Each batch size is
+also planned with larger pieces sized to its prompts (``_pieces``: the longest prompt, the wave's
+prompt tokens over the micro-batches); the larger activations may displace a resident layer,
+which every decode pass then reads from disk, so the throughput model decides (a short job
+gains a pass, a long one keeps the layer). A piece the policy fixes is never resized.
+
 Throughput model for K prompts of the given lengths and ``new_tokens`` each: the job takes
 ``prefill passes + ceil(K / batch) * new_tokens`` decode passes over the layers (continuous
-batching refills the batch as sequences finish); a prefill pass carries up to the step's token
-budget of prompt tokens. A pass of R rows carrying N tokens costs ``simulate_step_s`` with a layer's
+batching refills the batch as sequences finish); the prefill passes are counted by running the
+engine's own scheduler over each wave's prompts (``prefill_passes_of``). A pass of R rows carrying N tokens costs ``simulate_step_s`` with a layer's
 compute at ``layer_compute_s + (R - 1) * row_s + (N - R) * token_s`` plus attention over each row's
 context at the layer's own streaming rate: ``row_s`` what another sequence's row adds (its own
 attention, RoPE), ``token_s`` what another prompt token of a row adds (the projections' share: far
@@ -319,8 +326,8 @@ def _kv_problem(inputs: BatchInputs, job: _Job, batch: int, plan: Plan) -> str |
 
 
 def _predict(inputs: BatchInputs, job: _Job, batch: int, micro: int, plan: Plan, kv_tokens: int) -> BatchOption:
-    """The job's time at this batch: prefill passes (each up to the step's token budget of prompt
-    tokens) plus a decode pass per new token per wave of ``batch`` sequences."""
+    """The job's time at this batch: prefill passes (as the scheduler packs each wave's prompts into
+    the plan's pieces) plus a decode pass per new token per wave of ``batch`` sequences."""
     links = plan.links
     assert inputs.row_s is not None and inputs.token_s is not None
     row_s, token_s = inputs.row_s, inputs.token_s
