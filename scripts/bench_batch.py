@@ -134,7 +134,7 @@ def worker_tierkv(o: dict[str, Any]) -> dict[str, Any]:
     return {"fits": True, "job_tok_s": b * new / wall, "decode_tok_s": b * (new - 1) / decode_s, "generate_s": wall,
             "read_bytes_per_token": read / (b * new), "predicted_tok_s": choice.predicted_tok_s,
             "predicted_bound": choice.bound, "micro_batches": load_kwargs.get("micro_batches", 1),
-            "disk_layers": len(plan.disk_layers), "pass_bytes": plan.streamed_bytes_per_token,
+            "disk_layers": len(plan.disk_layers), "prefill_piece": plan.prefill_chunk_tokens, "pass_bytes": plan.streamed_bytes_per_token,
             "batch_seen": batch_seen, "plan_matches": plan.disk_layers == choice.plan.disk_layers,
             "peak_rss_bytes": bw.peak_rss_bytes(), "profile": profile, "fitted_tok_s": fitted.predicted_tok_s,
             "fitted_decode_step_s": fitted.options[0].decode_step_s, "fitted_bound": fitted.bound,
@@ -231,7 +231,7 @@ def profile_rows(tk: dict[int, dict[str, Any]], raw_gbps: float) -> list[tuple[s
 
 def table_rows(tk: dict[int, dict[str, Any]], peer: dict[int, dict[str, Any]]) -> list[tuple[str, str]]:
     rows = [("batch", "tierkv job tok/s (predicted) | decode tok/s (ceiling) | read MiB/token | disk layers, "
-                      "micro | bound measured/predicted | accelerate job tok/s | tierkv/accelerate")]
+                      "micro, prefill piece | bound measured/predicted | accelerate job tok/s | tierkv/accelerate")]
     for b, r in sorted(tk.items()):
         p = peer.get(b, {})
         acc = f"{p['job_tok_s']:.3f}" if p.get("runs") else (p.get("error", "not run")[:60])
@@ -241,7 +241,7 @@ def table_rows(tk: dict[int, dict[str, Any]], peer: dict[int, dict[str, Any]]) -
         ceiling = f"{r['ceiling_decode_tok_s']:.2f}" if r.get("ceiling_decode_tok_s") else "-"
         rows.append((str(b), f"{r['job_tok_s']:.2f} ({r['predicted_tok_s']:.2f}) | {r['decode_tok_s']:.2f} "
                              f"({ceiling}) | {r['read_bytes_per_token'] / 2**20:.1f} | {r['disk_layers']}, "
-                             f"{r['micro_batches']} | {r['measured_bound']}/{r['predicted_bound']} | {acc} | "
+                             f"{r['micro_batches']}, {r['prefill_piece']} | {r['measured_bound']}/{r['predicted_bound']} | {acc} | "
                              + (f"{r['vs_accelerate']:.1f}x" if "vs_accelerate" in r else "-")))
     return rows
 
