@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from tierkv.config import ModelConfig, RopeConfig
 from tierkv.kernels import norm_rope
-from tierkv.kernels.decode_fusion import fused_head, fused_post_attention, fused_pre_attention
+from tierkv.kernels.cpu_decode_attention import attend_kernel, run_attend_kernel
+from tierkv.kernels.decode_fusion import fused_decode_wanted, fused_head, fused_post_attention, fused_pre_attention
 from tierkv.kernels.dense_linear import dense_linear
 from tierkv.kernels.quant import FUSED_LINEARS, PACKED_LINEARS, Da8w4Linear, DynamicInt8Linear, dequantize_rows, \
     quant_linear
@@ -234,11 +235,40 @@ def decoder_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor,
     """One pre-norm decoder layer with residuals. h (B, T, H) -> (B, T, H): ``halves.pre``, the KV
     cache's attention (Python bookkeeping: never traced or captured), ``halves.post``."""
     b, t, _ = h.shape
+    if halves is EAGER_HALVES:
+        out = fused_decode_layer(cfg, w, h, step, kv, layer)
+        if out is not None:
+            return out
     q, k, v = halves.pre(cfg, w, h, step.cos, step.sin, layer)
     # (B, Hq, T, D) and (B, Hkv, T, D) views
     out = kv.attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), step.positions,
                     cfg.sliding_window_tokens[layer])
     return halves.post(cfg, w, h, out.transpose(1, 2).reshape(b, t, cfg.q_size), layer)   # attn (B, T, Hq*D)
+
+
+def fused_decode_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, step: StepInputs, kv: KVCache,
+                       layer: int) -> torch.Tensor | None:
+    """``decoder_layer``'s result for one token of one sequence over a dense resident cache on the CPU in
+    five C++ calls (norm + q/k/v; RoPE + KV append + attention; o + residual; norm + gate/up; SiLU x up +
+    down + residual: ``kernels.decode_fusion``, ``kernels.cpu_decode_attention``), or None where they do
+    not apply (q/k norms, a window cutting the context, a cache without ``decode_buffers``)."""
+    buffers = getattr(kv, "decode_buffers", None)
+    if cfg.qk_norm or buffers is None or h.device.type != "cpu" or h.numel() != h.shape[-1]:
+        return None
+    slots = buffers(layer, cfg.sliding_window_tokens[layer])
+    if slots is None or slots[0].dtype != h.dtype or step.cos.dtype != h.dtype or \
+            not fused_decode_wanted(h, [w.get("self_attn.qkv_proj.weight")]):     # before any kernel build
+        return None
+    k_cache, v_cache, pos = slots
+    kernel = attend_kernel(cfg.num_heads, k_cache)
+    if kernel is None:
+        return None
+    qkv = fused_pre_attention(w, h, cfg.rms_norm_eps)
+    if qkv is None:
+        return None
+    attn = run_attend_kernel(kernel, qkv.view(-1), step.cos.reshape(-1).contiguous(), step.sin.reshape(-1).contiguous(),
+                             k_cache, v_cache, pos, cfg.num_heads).view(1, 1, -1)          # (1, 1, Hq*D)
+    return post_attention(cfg, w, h, attn)
 
 
 def embed(g: dict[str, torch.Tensor], ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

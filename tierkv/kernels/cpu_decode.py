@@ -38,11 +38,11 @@ from typing import Callable, Literal
 
 import torch
 
-__all__ = ["DecodeKernel", "PROLOGUES", "Prologue", "decode_kernel", "decode_kernel_supported", "run_decode_kernel"]
+__all__ = ["CTYPES", "DecodeKernel", "PROLOGUES", "Prologue", "compile_kernel", "decode_kernel", "decode_kernel_supported", "run_decode_kernel"]
 
 Prologue = Literal["none", "rmsnorm", "swiglu"]
 PROLOGUES: tuple[Prologue, ...] = ("none", "rmsnorm", "swiglu")
-_CTYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float32: "float"}
+CTYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float32: "float"}
 
 # %(...)s: T the C++ element type, ARGS the extra parameters, PROLOGUE and EPILOGUE the folded ops.
 _SOURCE = r"""
@@ -109,7 +109,7 @@ class DecodeKernel:
 def _source(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prologue, bias: bool, residual: bool,
             threads: int) -> tuple[str, list[str]]:
     """The C++ source of one kernel and its parameters' C types (x, w, then the extras, out last)."""
-    ctype = _CTYPES[dtype]
+    ctype = CTYPES[dtype]
     params = []                      # (C type, name) of the parameters between w and out
     if prologue == "rmsnorm":
         params += [(f"const {ctype}*", "nw"), ("float", "eps")]
@@ -125,27 +125,34 @@ def _source(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prolo
     return source, [f"const {ctype}*", f"const {ctype}*", *(t for t, _ in params), f"{ctype}*"]
 
 
-@functools.lru_cache(maxsize=256)
-def _build(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prologue, bias: bool, residual: bool,
-           threads: int) -> DecodeKernel:
+def compile_kernel(argtypes: list[str], source: str, what: str) -> tuple[Callable[..., None] | None, float, str | None]:
+    """(the built C++ function ``kernel`` of ``source``, seconds, None) or (None, seconds, why) after one warning
+    naming ``what`` and the fix: inductor's C++ loader (``CppPythonBindingsCodeCache``), its compiler and cache."""
     t0 = time.perf_counter()
     try:
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-        source, argtypes = _source(n, k, row_stride, dtype, prologue, bias, residual, threads)
         fn = CppPythonBindingsCodeCache.load_pybinding(argtypes, source, needs_vec_isa=True)
     except Exception as exc:  # noqa: BLE001 - any build failure means: keep the aten ops
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        warnings.warn(f"tierkv: a C++ decode matrix-vector kernel could not be built ({reason}); decode uses "
+        warnings.warn(f"tierkv: a C++ decode {what} kernel could not be built ({reason}); decode uses "
                       "the aten ops instead. Install a C++ compiler (g++) for inductor, or set "
-                      "TIERKV_CPU_MATVEC=on to use the aten ops without trying.", RuntimeWarning, stacklevel=3)
-        return DecodeKernel(None, time.perf_counter() - t0, prologue, bias, residual, reason)
-    return DecodeKernel(fn, time.perf_counter() - t0, prologue, bias, residual)
+                      "TIERKV_CPU_FUSED_DECODE=off to use the aten ops without trying.", RuntimeWarning, stacklevel=4)
+        return None, time.perf_counter() - t0, reason
+    return fn, time.perf_counter() - t0, None
+
+
+@functools.lru_cache(maxsize=256)
+def _build(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prologue, bias: bool, residual: bool,
+           threads: int) -> DecodeKernel:
+    source, argtypes = _source(n, k, row_stride, dtype, prologue, bias, residual, threads)
+    fn, seconds, error = compile_kernel(argtypes, source, "matrix-vector")
+    return DecodeKernel(fn, seconds, prologue, bias, residual, error)
 
 
 def decode_kernel_supported(weight: torch.Tensor) -> bool:
     """Whether ``decode_kernel`` takes this weight: a 2-D CPU tensor of a supported dtype, unit stride along K."""
-    return weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in _CTYPES and \
+    return weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in CTYPES and \
         weight.stride(1) == 1 and weight.stride(0) >= weight.shape[1]
 
 
