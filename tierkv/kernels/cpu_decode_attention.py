@@ -28,13 +28,19 @@ from typing import Callable
 import torch
 
 from tierkv.kernels.cpu_decode import CTYPES, compile_kernel
+from tierkv.kernels.cpu_qgemv import vector_width
 
 __all__ = ["AttendKernel", "attend_kernel", "run_attend_kernel"]
 
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
 #include <cmath>
+#include <algorithm>
 static inline float round_t(float v) { return static_cast<float>(static_cast<%(T)s>(v)); }
+static inline at::vec::Vectorized<float> load_f(const float* p) { return at::vec::Vectorized<float>::loadu(p); }
+template <typename U> static inline at::vec::Vectorized<float> load_f(const U* p) {
+    return at::vec::convert<float>(at::vec::Vectorized<U>::loadu(p, at::vec::Vectorized<float>::size()));
+}
 extern "C" void kernel(const %(T)s* qkv, const %(T)s* cs, const %(T)s* sn, %(T)s* kc, %(T)s* vc, %(T)s* out,
                        int64_t pos)
 {
@@ -54,31 +60,44 @@ extern "C" void kernel(const %(T)s* qkv, const %(T)s* cs, const %(T)s* sn, %(T)s
     for (int64_t h = 0; h < HKV; ++h)
         for (int64_t d = 0; d < D; ++d) vc[(h * CAP + pos) * D + d] = qkv[(HQ + HKV + h) * D + d];
     const int64_t S = pos + 1;
+    using V = at::vec::Vectorized<float>;
+    constexpr int64_t L = V::size(), DV = D / L, BK = 64;
     #pragma omp parallel for num_threads(%(THREADS)d) schedule(static)
     for (int64_t h = 0; h < HQ; ++h) {
         const float* q = qf + h * D;
         const %(T)s* kh = kc + (h / G) * CAP * D;
         const %(T)s* vh = vc + (h / G) * CAP * D;
-        float acc[D];
-        for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+        V qv[DV], acc[DV];
+        for (int64_t j = 0; j < DV; ++j) { qv[j] = V::loadu(q + j * L) * V(scale); acc[j] = V(0); }
         float m = -INFINITY, l = 0.f;
-        for (int64_t s = 0; s < S; ++s) {
-            const %(T)s* kr = kh + s * D;
-            float dot = 0.f;
-            for (int64_t d = 0; d < D; ++d) dot += q[d] * static_cast<float>(kr[d]);
-            dot *= scale;
-            if (dot > m) {                      // a new maximum: rescale what was summed so far
-                const float f = std::exp(m - dot);
-                l *= f;
-                for (int64_t d = 0; d < D; ++d) acc[d] *= f;
-                m = dot;
+        alignas(64) float sc[BK];
+        for (int64_t s0 = 0; s0 < S; s0 += BK) {       // a block of keys: scores, one rescale, the weighted values
+            const int64_t nb = std::min(BK, S - s0);
+            float bm = -INFINITY;
+            for (int64_t i = 0; i < nb; ++i) {
+                const %(T)s* kr = kh + (s0 + i) * D;
+                V a = qv[0] * load_f(kr);
+                for (int64_t j = 1; j < DV; ++j) a = at::vec::fmadd(qv[j], load_f(kr + j * L), a);
+                sc[i] = at::vec::vec_reduce_all<float>([](V& x, V& y) { return x + y; }, a);
+                bm = std::max(bm, sc[i]);
             }
-            const float p = std::exp(dot - m);
-            l += p;
-            const %(T)s* vr = vh + s * D;
-            for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(vr[d]);
+            if (bm > m) {
+                const float f = std::exp(m - bm);
+                l *= f;
+                for (int64_t j = 0; j < DV; ++j) acc[j] = acc[j] * V(f);
+                m = bm;
+            }
+            for (int64_t i = 0; i < nb; ++i) {
+                const float p = std::exp(sc[i] - m);
+                l += p;
+                const V pv(p);
+                const %(T)s* vr = vh + (s0 + i) * D;
+                for (int64_t j = 0; j < DV; ++j) acc[j] = at::vec::fmadd(pv, load_f(vr + j * L), acc[j]);
+            }
         }
-        for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<%(T)s>(acc[d] / l);
+        alignas(64) float o[D];
+        for (int64_t j = 0; j < DV; ++j) (acc[j] / V(l)).store(o + j * L);
+        for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<%(T)s>(o[d]);
     }
 }
 """
@@ -103,9 +122,11 @@ def _build(hq: int, hkv: int, d: int, capacity: int, dtype: torch.dtype, threads
 
 def attend_kernel(hq: int, k_cache: torch.Tensor) -> AttendKernel | None:
     """The built kernel for ``hq`` query heads over one layer's K (or V) cache (Hkv, CAP, D), or None where it
-    does not apply (not a contiguous CPU tensor of a supported dtype, Hq not a multiple of Hkv)."""
+    does not apply (not a contiguous CPU tensor of a supported dtype, Hq not a multiple of Hkv, D not a
+    multiple of the CPU's fp32 vector width, or no vector ISA)."""
     if k_cache.device.type != "cpu" or k_cache.dim() != 3 or k_cache.dtype not in CTYPES or \
-            not k_cache.is_contiguous() or hq % k_cache.shape[0]:
+            not k_cache.is_contiguous() or hq % k_cache.shape[0] or \
+            not vector_width() or k_cache.shape[2] % vector_width():
         return None
     hkv, capacity, d = k_cache.shape
     kernel = _build(hq, hkv, d, capacity, k_cache.dtype, torch.get_num_threads())
