@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import tierkv
+import tierkv.model
 from conftest import ARCH_VARIANTS
 from placements import random_prompt
 from tierkv.config import Policy
@@ -49,10 +50,14 @@ def test_fp32_tokens_are_the_same_with_every_decode_path(tiny_model_dir: Callabl
     fused_calls: list[int] = []
     run = decode_fusion.run_decode_kernel
     monkeypatch.setattr(decode_fusion, "run_decode_kernel", lambda *a, **k: fused_calls.append(1) or run(*a, **k))
+    attend_calls: list[int] = []
+    attend = tierkv.model.run_attend_kernel
+    monkeypatch.setattr(tierkv.model, "run_attend_kernel", lambda *a, **k: attend_calls.append(1) or attend(*a, **k))
     for name, env in MODES.items():
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         fused_calls.clear()
+        attend_calls.clear()
         with tierkv.load(path, device="cpu", dtype="float32", kv="exact") as engine:
             layer = engine._weights.wait(0)
             assert ("mlp.gate_up_proj.weight" in layer) == (name != "off")
@@ -61,6 +66,9 @@ def test_fp32_tokens_are_the_same_with_every_decode_path(tiny_model_dir: Callabl
         # fused decode: 4 calls per layer and 1 for the head for each of the solo run's decode steps (and a
         # head call for a prefill's last row), none otherwise
         assert (len(fused_calls) >= (4 * layers + 1) * (NEW - 1)) if name == "fused_decode" else not fused_calls, name
+        # and RoPE + KV append + attention in one call per layer, except with q/k norms (Qwen3: the eager ops)
+        attends = name == "fused_decode" and variant != "qwen3-qknorm"
+        assert len(attend_calls) == (layers * (NEW - 1) if attends else 0), (name, len(attend_calls))
     assert got["on"] == got["off"] == got["compiled"] == got["fused_decode"]
     assert got["on"][1][0] == got["on"][0]                          # the batch's first row is its solo run
 
