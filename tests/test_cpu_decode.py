@@ -148,3 +148,19 @@ def test_a_kernel_that_cannot_be_built_leaves_the_eager_ops_with_one_warning(mon
         cpu_decode._build.cache_clear()                                          # later tests build real kernels
         cpu_decode_attention._build.cache_clear()
     assert decode_fusion.pick_fused_decode() == "auto"
+
+
+def test_the_dense_cache_offers_its_buffers_only_where_one_token_sees_every_key() -> None:
+    from types import SimpleNamespace
+
+    from tierkv.pipeline.kv.dense import DenseKVCache
+
+    cfg = SimpleNamespace(num_kv_heads=2, head_dim=16, num_layers=2)      # what the cache reads of a config
+    one = DenseKVCache(cfg, 1, 16, torch.float32, torch.device("cpu"))
+    one.advance(9)
+    k, v, pos = one.decode_buffers(0, None)
+    assert pos == 9 and k.shape == (cfg.num_kv_heads, 16, cfg.head_dim) and k.data_ptr() == one.k[0].data_ptr()
+    assert one.decode_buffers(0, 10) is not None and one.decode_buffers(0, 9) is None   # the window cuts key 0
+    assert DenseKVCache(cfg, 2, 16, torch.float32, torch.device("cpu")).decode_buffers(0, None) is None
+    one.advance(7)
+    assert one.decode_buffers(0, None) is None                                          # full
