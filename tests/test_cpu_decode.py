@@ -59,10 +59,12 @@ def test_fused_product_reads_a_row_strided_view_and_refuses_a_transposed_one() -
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hq,hkv,pos", [(4, 2, 0), (4, 2, 70), (3, 3, 129), (6, 2, 200)])
+@pytest.mark.parametrize("hq,hkv,pos", [(4, 2, 0), (4, 2, 70), (3, 3, 129), (6, 2, 200), (4, 2, 1100)])
 def test_attention_kernel_rotates_appends_and_attends(dtype: torch.dtype, hq: int, hkv: int, pos: int) -> None:
+    """Short contexts on the calling thread, the last case (4 x 1101 scores) over the threads."""
     torch.manual_seed(pos + hq)
-    d, cap = 32, 256
+    assert 4 * 1101 >= cpu_decode_attention.PARALLEL_MIN_SCORES > 6 * 201
+    d, cap = 32, 1200
     qkv = torch.randn((hq + 2 * hkv) * d).to(dtype)
     angles = torch.rand(d // 2) * 6.28
     cos = torch.cat((angles, angles)).cos().to(dtype)

@@ -10,7 +10,8 @@ activations folded in"). This kernel takes the fused projection's output and doe
    roundings: round(round(x * cos) + round(roll(x) * sin)) in the compute dtype;
 2. the rotated k and the v written into the layer's cache at the token's position;
 3. per query head (GQA: head h reads KV head h // (Hq / Hkv)), softmax(q k^T / sqrt(D)) v over the
-   positions 0 .. pos, an online softmax in fp32, the rows split over the threads.
+   positions 0 .. pos, an online softmax in fp32, the heads split over the threads once the context
+   is long enough to pay for the OpenMP region (``PARALLEL_MIN_SCORES``).
 
 It applies only to one token of one sequence over a dense cache (``pipeline.kv.dense``) with no
 window cutting its context, models without q/k norms (``kernels.decode_fusion`` decides).
@@ -30,7 +31,7 @@ import torch
 from tierkv.kernels.cpu_decode import CTYPES, compile_kernel
 from tierkv.kernels.cpu_qgemv import vector_width
 
-__all__ = ["AttendKernel", "attend_kernel", "run_attend_kernel"]
+__all__ = ["PARALLEL_MIN_SCORES", "AttendKernel", "attend_kernel", "run_attend_kernel"]
 
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
@@ -62,7 +63,7 @@ extern "C" void kernel(const %(T)s* qkv, const %(T)s* cs, const %(T)s* sn, %(T)s
     const int64_t S = pos + 1;
     using V = at::vec::Vectorized<float>;
     constexpr int64_t L = V::size(), DV = D / L, BK = 64;
-    #pragma omp parallel for num_threads(%(THREADS)d) schedule(static)
+    #pragma omp parallel for num_threads(%(THREADS)d) schedule(static) if(HQ * S >= %(PAR_MIN)d)
     for (int64_t h = 0; h < HQ; ++h) {
         const float* q = qf + h * D;
         const %(T)s* kh = kc + (h / G) * CAP * D;
@@ -103,6 +104,12 @@ extern "C" void kernel(const %(T)s* qkv, const %(T)s* cs, const %(T)s* sn, %(T)s
 """
 
 
+# Query heads x keys below which the attention runs on the calling thread alone (no OpenMP region): at a
+# 135M model's 9 heads, 16-128 keys took 7.6-19 us on one thread against 9.5-40 us on two, and on a busy
+# machine the two-thread region's barrier waited milliseconds for a core (scratch script, 22:45 UTC, load 5).
+PARALLEL_MIN_SCORES = 4096
+
+
 @dataclass(frozen=True)
 class AttendKernel:
     """A built kernel for one (heads, head dim, cache capacity, dtype, threads), or why there is none."""
@@ -115,7 +122,8 @@ class AttendKernel:
 @functools.lru_cache(maxsize=64)
 def _build(hq: int, hkv: int, d: int, capacity: int, dtype: torch.dtype, threads: int) -> AttendKernel:
     ctype = CTYPES[dtype]
-    source = _SOURCE % {"T": ctype, "HQ": hq, "HKV": hkv, "D": d, "CAP": capacity, "THREADS": threads}
+    source = _SOURCE % {"T": ctype, "HQ": hq, "HKV": hkv, "D": d, "CAP": capacity, "THREADS": threads,
+                        "PAR_MIN": PARALLEL_MIN_SCORES}
     argtypes = [f"const {ctype}*"] * 3 + [f"{ctype}*"] * 3 + ["int64_t"]
     return AttendKernel(*compile_kernel(argtypes, source, "attention"))
 
