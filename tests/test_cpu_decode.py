@@ -58,7 +58,7 @@ def test_fused_product_reads_a_row_strided_view_and_refuses_a_transposed_one() -
     assert decode_kernel(buf[:64, :36].t()) is None       # unit stride along N, not K: the caller keeps aten
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,pos", [(4, 2, 0), (4, 2, 70), (3, 3, 129), (6, 2, 200), (4, 2, 1100)])
 def test_attention_kernel_rotates_appends_and_attends(dtype: torch.dtype, hq: int, hkv: int, pos: int) -> None:
     """Short contexts on the calling thread, the last case (4 x 1101 scores) over the threads."""
