@@ -47,6 +47,9 @@ PARTS = [("tierkv.model", "linear", "matmul (q/k/v/o, gate/up/down)"),
          ("tierkv.model", "mlp", "layer other (views, splits, adds, SiLU, Python)"),
          ("tierkv.model", "decoder_layer", "layer other (views, splits, adds, SiLU, Python)"),
          ("tierkv.runner", "decoder_layer", "layer other (views, splits, adds, SiLU, Python)"),
+         ("tierkv.model", "fused_pre_attention", "fused C++ (norm + q/k/v)"),
+         ("tierkv.model", "fused_post_attention", "fused C++ (o + residual, norm + gate/up, SiLU + down + residual)"),
+         ("tierkv.model", "run_attend_kernel", "fused C++ (RoPE + KV append + attention)"),
          ("tierkv.runner", "head", "lm head (norm + matmul)"),
          ("tierkv.runner", "embed", "embedding")]
 STICKY = {"attention (KV append + SDPA)", "lm head (norm + matmul)", "step inputs (RoPE tables, positions)"}

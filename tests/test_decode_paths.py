@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import tierkv
+import tierkv.model
 from conftest import ARCH_VARIANTS
 from placements import random_prompt
 from tierkv.config import Policy
@@ -20,6 +21,8 @@ from tierkv.engine import Engine
 from tierkv.errors import ArgumentError
 from tierkv.io.convert import convert
 from tierkv.io.store import WeightStore
+from tierkv.kernels import decode_fusion
+from tierkv.kernels.decode_fusion import FUSED_DECODE_VAR
 from tierkv.kernels.dense_linear import CPU_MATVEC_VAR, MM_T_MAX_M, dense_linear, linear_path
 from tierkv.pipeline.weights import StreamingWeights
 
@@ -29,7 +32,8 @@ PROMPTS = [random_prompt(n, seed=40 + n) for n in (9, 21, 5)]
 NEW = 8
 MODES = {"off": {CPU_MATVEC_VAR: "off", "TIERKV_FUSE_LINEARS": "0"},
          "on": {CPU_MATVEC_VAR: "on", "TIERKV_FUSE_LINEARS": "1"},
-         "compiled": {CPU_MATVEC_VAR: "compiled", "TIERKV_FUSE_LINEARS": "1"}}
+         "compiled": {CPU_MATVEC_VAR: "compiled", "TIERKV_FUSE_LINEARS": "1", FUSED_DECODE_VAR: "off"},
+         "fused_decode": {CPU_MATVEC_VAR: "compiled", "TIERKV_FUSE_LINEARS": "1", FUSED_DECODE_VAR: "auto"}}
 
 
 def _tokens(engine: Engine) -> tuple[list[int], list[list[int]]]:
@@ -43,14 +47,29 @@ def test_fp32_tokens_are_the_same_with_every_decode_path(tiny_model_dir: Callabl
                                                          monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
     path = tiny_model_dir(variant)
     got = {}
+    fused_calls: list[int] = []
+    run = decode_fusion.run_decode_kernel
+    monkeypatch.setattr(decode_fusion, "run_decode_kernel", lambda *a, **k: fused_calls.append(1) or run(*a, **k))
+    attend_calls: list[int] = []
+    attend = tierkv.model.run_attend_kernel
+    monkeypatch.setattr(tierkv.model, "run_attend_kernel", lambda *a, **k: attend_calls.append(1) or attend(*a, **k))
     for name, env in MODES.items():
         for key, value in env.items():
             monkeypatch.setenv(key, value)
+        fused_calls.clear()
+        attend_calls.clear()
         with tierkv.load(path, device="cpu", dtype="float32", kv="exact") as engine:
             layer = engine._weights.wait(0)
             assert ("mlp.gate_up_proj.weight" in layer) == (name != "off")
             got[name] = _tokens(engine)
-    assert got["on"] == got["off"] == got["compiled"]
+            layers = engine.config.num_layers
+        # fused decode: 4 calls per layer and 1 for the head for each of the solo run's decode steps (and a
+        # head call for a prefill's last row), none otherwise
+        assert (len(fused_calls) >= (4 * layers + 1) * (NEW - 1)) if name == "fused_decode" else not fused_calls, name
+        # and RoPE + KV append + attention in one call per layer, except with q/k norms (Qwen3: the eager ops)
+        attends = name == "fused_decode" and variant != "qwen3-qknorm"
+        assert len(attend_calls) == (layers * (NEW - 1) if attends else 0), (name, len(attend_calls))
+    assert got["on"] == got["off"] == got["compiled"] == got["fused_decode"]
     assert got["on"][1][0] == got["on"][0]                          # the batch's first row is its solo run
 
 

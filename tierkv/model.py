@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from tierkv.config import ModelConfig, RopeConfig
 from tierkv.kernels import norm_rope
+from tierkv.kernels.cpu_decode_attention import attend_kernel, run_attend_kernel
+from tierkv.kernels.decode_fusion import fused_decode_wanted, fused_head, fused_post_attention, fused_pre_attention
 from tierkv.kernels.dense_linear import dense_linear
 from tierkv.kernels.quant import FUSED_LINEARS, PACKED_LINEARS, Da8w4Linear, DynamicInt8Linear, dequantize_rows, \
     quant_linear
@@ -144,14 +146,29 @@ def attention_inputs(cfg: ModelConfig, w: dict[str, torch.Tensor], x: torch.Tens
                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q/k/v of the normed x (B, T, H), post-RoPE with the (B, T, 1, D) tables of ``step_inputs``:
     q (B, T, Hq, D), k and v (B, T, Hkv, D) (views of the projections where they can be)."""
-    b, t, _ = x.shape
-    d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     fused = w.get("self_attn.qkv_proj.weight")
-    if fused is not None and not cfg.qk_norm:                                # q and k heads side by side: one RoPE
-        qkv = linear(x, fused, w.get("self_attn.qkv_proj.bias")).view(b, t, hq + 2 * hkv, d)
+    if fused is not None:
+        return qkv_heads(cfg, w, linear(x, fused, w.get("self_attn.qkv_proj.bias")), cos, sin)
+    return _heads(cfg, w, *_linears(x, w, "self_attn.qkv_proj", [cfg.q_size, cfg.kv_size, cfg.kv_size]), cos, sin)
+
+
+def qkv_heads(cfg: ModelConfig, w: dict[str, torch.Tensor], qkv: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``attention_inputs``' q/k/v from the fused projection's output qkv (B, T, (Hq + 2 Hkv) D)."""
+    b, t, _ = qkv.shape
+    d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    if not cfg.qk_norm:                                                      # q and k heads side by side: one RoPE
+        qkv = qkv.view(b, t, hq + 2 * hkv, d)
         qk = apply_rope(qkv[:, :, :hq + hkv], cos, sin)                      # (B, T, Hq+Hkv, D)
         return qk[:, :, :hq], qk[:, :, hq:], qkv[:, :, hq + hkv:]
-    q, k, v = _linears(x, w, "self_attn.qkv_proj", [cfg.q_size, cfg.kv_size, cfg.kv_size])
+    return _heads(cfg, w, *qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1), cos, sin)
+
+
+def _heads(cfg: ModelConfig, w: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, T, Hq D), k/v (B, T, Hkv D) as heads, q/k normed (Qwen3) and rotated."""
+    b, t, _ = q.shape
+    d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     q = q.view(b, t, hq, d)                                                  # (B, T, Hq, D)
     k = k.view(b, t, hkv, d)                                                 # (B, T, Hkv, D)
     v = v.view(b, t, hkv, d)
@@ -170,14 +187,22 @@ def mlp(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 def pre_attention(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A layer's half before its KV attention: input norm, q/k/v projection, RoPE. h (B, T, H) ->
-    q (B, T, Hq, D), k/v (B, T, Hkv, D). Pure tensor math (``compiled`` traces it)."""
+    q (B, T, Hq, D), k/v (B, T, Hkv, D). Pure tensor math (``compiled`` traces it). One row on the CPU:
+    the norm and the projection in one C++ call where ``kernels.decode_fusion`` applies."""
+    qkv = fused_pre_attention(w, h, cfg.rms_norm_eps)
+    if qkv is not None:
+        return qkv_heads(cfg, w, qkv, cos, sin)
     return attention_inputs(cfg, w, rms_norm(h, w["input_layernorm.weight"], cfg.rms_norm_eps), cos, sin)
 
 
 def post_attention(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor,
                    attn: torch.Tensor) -> torch.Tensor:
     """A layer's half after its KV attention: o projection, residual, post-attention norm, MLP, residual.
-    h (B, T, H) the layer's input, attn (B, T, Hq*D) the attention output -> (B, T, H). Pure tensor math."""
+    h (B, T, H) the layer's input, attn (B, T, Hq*D) the attention output -> (B, T, H). Pure tensor math.
+    One row on the CPU: three C++ calls where ``kernels.decode_fusion`` applies."""
+    out = fused_post_attention(w, h, attn, cfg.rms_norm_eps)
+    if out is not None:
+        return out
     h = h + _linear(attn, w, "self_attn.o_proj")
     return h + mlp(w, rms_norm(h, w["post_attention_layernorm.weight"], cfg.rms_norm_eps))
 
@@ -210,11 +235,40 @@ def decoder_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor,
     """One pre-norm decoder layer with residuals. h (B, T, H) -> (B, T, H): ``halves.pre``, the KV
     cache's attention (Python bookkeeping: never traced or captured), ``halves.post``."""
     b, t, _ = h.shape
+    if halves is EAGER_HALVES:
+        out = fused_decode_layer(cfg, w, h, step, kv, layer)
+        if out is not None:
+            return out
     q, k, v = halves.pre(cfg, w, h, step.cos, step.sin, layer)
     # (B, Hq, T, D) and (B, Hkv, T, D) views
     out = kv.attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), step.positions,
                     cfg.sliding_window_tokens[layer])
     return halves.post(cfg, w, h, out.transpose(1, 2).reshape(b, t, cfg.q_size), layer)   # attn (B, T, Hq*D)
+
+
+def fused_decode_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, step: StepInputs, kv: KVCache,
+                       layer: int) -> torch.Tensor | None:
+    """``decoder_layer``'s result for one token of one sequence over a dense resident cache on the CPU in
+    five C++ calls (norm + q/k/v; RoPE + KV append + attention; o + residual; norm + gate/up; SiLU x up +
+    down + residual: ``kernels.decode_fusion``, ``kernels.cpu_decode_attention``), or None where they do
+    not apply (q/k norms, a window cutting the context, a cache without ``decode_buffers``)."""
+    buffers = getattr(kv, "decode_buffers", None)
+    if cfg.qk_norm or buffers is None or h.device.type != "cpu" or h.numel() != h.shape[-1]:
+        return None
+    slots = buffers(layer, cfg.sliding_window_tokens[layer])
+    if slots is None or slots[0].dtype != h.dtype or step.cos.dtype != h.dtype or \
+            not fused_decode_wanted(h, [w.get("self_attn.qkv_proj.weight")]):     # before any kernel build
+        return None
+    k_cache, v_cache, pos = slots
+    kernel = attend_kernel(cfg.num_heads, k_cache)
+    if kernel is None:
+        return None
+    qkv = fused_pre_attention(w, h, cfg.rms_norm_eps)
+    if qkv is None:
+        return None
+    attn = run_attend_kernel(kernel, qkv.view(-1), step.cos.reshape(-1).contiguous(), step.sin.reshape(-1).contiguous(),
+                             k_cache, v_cache, pos, cfg.num_heads).view(1, 1, -1)          # (1, 1, Hq*D)
+    return post_attention(cfg, w, h, attn)
 
 
 def embed(g: dict[str, torch.Tensor], ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -234,6 +288,9 @@ def head(cfg: ModelConfig, g: dict[str, torch.Tensor], h: torch.Tensor) -> torch
     unless its store holds the head as a tensor of its own (a quantized embedding's codes packed for
     the quantized matmul: ``io.store.plan_layout``)."""
     weight = g[HEAD_WEIGHT] if HEAD_WEIGHT in g or not cfg.tie_word_embeddings else g[EMBED_WEIGHT]
+    logits = fused_head(weight, g["model.norm.weight"], h, cfg.rms_norm_eps)   # one row on the CPU: one call
+    if logits is not None:
+        return logits.float()
     return linear(rms_norm(h, g["model.norm.weight"], cfg.rms_norm_eps), weight).float()
 
 

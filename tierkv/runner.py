@@ -78,6 +78,13 @@ class RaggedKV:
                 for cache, (a, b) in zip(self.caches, self._bounds)]
         return torch.cat(outs, dim=2)
 
+    def decode_buffers(self, layer: int, window_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """One sequence's one new row: its cache's ``decode_buffers`` where it has them, else None."""
+        buffers = getattr(self.caches[0], "decode_buffers", None)
+        if len(self.caches) != 1 or self.q_lens != [1] or buffers is None:
+            return None
+        return buffers(layer, window_tokens)
+
     def advance(self, t: int) -> None:
         """After the last layer: every sequence's cache moves on by its own row length."""
         assert t == sum(self.q_lens), (t, self.q_lens)

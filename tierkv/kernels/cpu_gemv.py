@@ -18,6 +18,12 @@ other one, ~0.3 s from inductor's on-disk cache. Inside a graph that ``torch.com
 fails (no C++ compiler, an inductor error) the caller falls back to ``torch.mv``; ``GemvKernel.error``
 says why and one warning names the fix.
 
+Where a whole batch-1 decoder layer runs on the CPU with fused q/k/v and gate/up weights,
+``kernels.decode_fusion`` takes over from this loop: hand-written C++ (``kernels.cpu_decode``) called
+through inductor's plain C++ binding costs ~1 us per call against this graph's ~15-40 us of Python
+wrapper, and folds the norms, the activation and the residual adds in. This loop serves the other
+one-row products (unfused layers, ``torch.compile``'s opaque op, transposed weights).
+
 Quantized packs have their own kernels, hand-written C++ built by the same inductor loader
 (``kernels.cpu_qgemv``): ``cpu_int8`` (an inductor graph over its bytes took two OpenMP regions and
 two extra ops per call and ran at about bf16's time in the model) and ``cpu_int4`` int4 (an inductor

@@ -42,7 +42,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["INT4_BLOCK_ROWS", "QGemvKernel", "int4_kernel_cpu", "int4_tinygemm_kernel", "int8_channel_kernel",
+__all__ = ["INT4_BLOCK_ROWS", "QGemvKernel", "int4_kernel_cpu", "int4_tinygemm_kernel", "int8_channel_kernel", "vector_width",
            "run_kernel"]
 
 _CTYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half"}
@@ -184,11 +184,11 @@ def _cpu_flags() -> frozenset[str]:
 @functools.lru_cache(maxsize=1)
 def int4_kernel_cpu() -> bool:
     """Whether this CPU has what the int4 kernel uses (AVX-512 with BF16 dot products and byte permutes)."""
-    return _vector_width() == 16 and all(flag in _cpu_flags() for flag in _INT4_CPU_FLAGS)
+    return vector_width() == 16 and all(flag in _cpu_flags() for flag in _INT4_CPU_FLAGS)
 
 
 @functools.lru_cache(maxsize=1)
-def _vector_width() -> int:
+def vector_width() -> int:
     """fp32 lanes of inductor's vector ISA here (16 with AVX-512, 8 with AVX2), 0 without one."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
@@ -264,7 +264,7 @@ def int8_channel_kernel(data: torch.Tensor, qparams: torch.Tensor, dtype: torch.
     if dtype not in _CTYPES or not (data.is_contiguous() and qparams.is_contiguous()) or data.device.type != "cpu":
         return None
     n, k = data.shape
-    lanes = _vector_width()
+    lanes = vector_width()
     if not lanes or k % lanes:             # the loop steps over K a vector at a time
         return None
     return _build_int8_channel(n, k, dtype, torch.get_num_threads())

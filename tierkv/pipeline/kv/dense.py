@@ -57,6 +57,15 @@ class DenseKVCache:
         return dense_attention(q, self.k[layer][:, :, lo:end], self.v[layer][:, :, lo:end],
                                positions, self._key_pos[:, lo:end], window_tokens, self.attention_scratch_bytes)
 
+    def decode_buffers(self, layer: int, window_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """For one new token of a batch of one that sees every stored key: the layer's K and V storage
+        (Hkv, capacity, D) and the position to write it at (a fused decode kernel appends and attends
+        itself: ``model.fused_decode_layer``), else None."""
+        pos = self.length_tokens
+        if self.batch != 1 or pos >= self.capacity_tokens or (window_tokens is not None and pos + 1 > window_tokens):
+            return None
+        return self.k[layer][0], self.v[layer][0], pos
+
     def advance(self, t: int) -> None:
         """Mark ``t`` more tokens as stored (called once per forward, after the last layer)."""
         self.length_tokens += t

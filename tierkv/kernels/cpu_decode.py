@@ -1,0 +1,188 @@
+"""Hand-written C++ matrix-vector products for one decode row, with the ops around them folded in.
+
+Why this module exists: a resident decode step of a small model (the 135M: 30 layers of ~7 MB) is
+~120 small products and ~1500 small ops per token, and per-call overhead, not bytes, set its speed
+(docs/benchmarks.md, "Decode: one C++ call per product, norms and activations folded in"). Measured
+here, one call of ``cpu_gemv``'s inductor-compiled loop costs 15-40 us more than the same loop
+called through inductor's plain C++ binding (~1 us: ``CppPythonBindingsCodeCache``, as
+``cpu_qgemv`` does), and each RMSNorm, SiLU x up and residual add between the products is a few
+more aten ops of ~10-45 us each. So this module writes one loop in C++ per product, with:
+
+- a prologue on the calling thread, before the one OpenMP region: none; "rmsnorm" (x normalised in
+  fp32, rounded to x's dtype, times the norm weight: ``norm_rope.rms_norm_ref``'s values; the input
+  norm folded into q/k/v, the post-attention norm into gate/up); "swiglu" (x = (gate, up) of 2K
+  values, SiLU(gate) * up with eager's roundings: the MLP's activation folded into down);
+- the rows split over the threads, each row one sequential stream of the weight (two fp32
+  accumulators: the loop shape ``cpu_qgemv`` measured at the memory's rate);
+- an epilogue per row: the product rounded to x's dtype, then + bias, then + residual, each rounded
+  as the eager ops round (the o and down products' residual adds folded in).
+
+Numerics: fp32 accumulation as ``torch.mv``'s reduced-precision path and the compiled loop; the
+sums' order differs from aten's, so fp32 results differ by rounding only (tests compare tokens).
+
+A kernel is specific to (N, K, the weight's row stride, dtype, prologue, bias, residual, threads),
+built once per process (~1-2 s with g++, ~0.3 s from inductor's disk cache). A build that fails
+leaves ``DecodeKernel.fn`` None with the reason (one warning) and callers keep their aten ops.
+
+Shapes: weight (N, K) with unit stride along K; x (K,) (swiglu: (2K,)); norm weight (K,); bias,
+residual and the output (N,); all in one dtype (bf16, fp16 or fp32), contiguous vectors.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+__all__ = ["CTYPES", "DecodeKernel", "PROLOGUES", "Prologue", "compile_kernel", "decode_kernel", "decode_kernel_supported", "run_decode_kernel"]
+
+Prologue = Literal["none", "rmsnorm", "swiglu"]
+PROLOGUES: tuple[Prologue, ...] = ("none", "rmsnorm", "swiglu")
+CTYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float32: "float"}
+
+# %(...)s: T the C++ element type, ARGS the extra parameters, PROLOGUE and EPILOGUE the folded ops.
+_SOURCE = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <cmath>
+using V = at::vec::Vectorized<float>;
+constexpr int64_t L = V::size();
+static inline V load_f(const float* p) { return V::loadu(p); }
+template <typename U> static inline V load_f(const U* p) {
+    return at::vec::convert<float>(at::vec::Vectorized<U>::loadu(p, L));
+}
+static inline float round_t(float v) { return static_cast<float>(static_cast<%(T)s>(v)); }
+extern "C" void kernel(const %(T)s* x, const %(T)s* w%(ARGS)s, %(T)s* out)
+{
+    constexpr int64_t N = %(N)d, K = %(K)d, RS = %(RS)d, K2 = K - K %% (2 * L), K1 = K - K %% L;
+    alignas(64) float xf[K];
+%(PROLOGUE)s
+    #pragma omp parallel for num_threads(%(THREADS)d) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const %(T)s* row = w + n * RS;
+        V a0(0), a1(0);
+        for (int64_t k = 0; k < K2; k += 2 * L) {
+            a0 = at::vec::fmadd(load_f(row + k), V::loadu(xf + k), a0);
+            a1 = at::vec::fmadd(load_f(row + k + L), V::loadu(xf + k + L), a1);
+        }
+        for (int64_t k = K2; k < K1; k += L) a0 = at::vec::fmadd(load_f(row + k), V::loadu(xf + k), a0);
+        V a = a0 + a1;
+        float y = at::vec::vec_reduce_all<float>([](V& p, V& q) { return p + q; }, a);
+        for (int64_t k = K1; k < K; ++k) y += static_cast<float>(row[k]) * xf[k];
+        y = round_t(y);
+%(EPILOGUE)s
+        out[n] = static_cast<%(T)s>(y);
+    }
+}
+"""
+
+_PROLOGUE = {
+    "none": "    for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(x[k]);",
+    # HF's RMSNorm: fp32 mean square, the normalised value rounded to T, times the weight, rounded
+    "rmsnorm": """    float ss = 0.f;
+    for (int64_t k = 0; k < K; ++k) { const float v = static_cast<float>(x[k]); ss += v * v; }
+    const float r = 1.0f / std::sqrt(ss / K + eps);
+    for (int64_t k = 0; k < K; ++k) xf[k] = round_t(static_cast<float>(nw[k]) * round_t(static_cast<float>(x[k]) * r));""",
+    # eager's F.silu(gate) * up: SiLU rounded to T, the product rounded to T
+    "swiglu": """    for (int64_t k = 0; k < K; ++k) {
+        const float g = static_cast<float>(x[k]);
+        xf[k] = round_t(round_t(g / (1.0f + std::exp(-g))) * static_cast<float>(x[K + k]));
+    }""",
+}
+
+
+@dataclass(frozen=True)
+class DecodeKernel:
+    """A built kernel for one layout and set of folded ops, or why there is none (``fn`` None)."""
+
+    fn: Callable[..., None] | None
+    compile_s: float
+    prologue: Prologue = "none"
+    bias: bool = False
+    residual: bool = False
+    error: str | None = None
+
+
+def _source(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prologue, bias: bool, residual: bool,
+            threads: int) -> tuple[str, list[str]]:
+    """The C++ source of one kernel and its parameters' C types (x, w, then the extras, out last)."""
+    ctype = CTYPES[dtype]
+    params = []                      # (C type, name) of the parameters between w and out
+    if prologue == "rmsnorm":
+        params += [(f"const {ctype}*", "nw"), ("float", "eps")]
+    if bias:
+        params.append((f"const {ctype}*", "b"))
+    if residual:
+        params.append((f"const {ctype}*", "res"))
+    epilogue = ["        y = round_t(y + static_cast<float>(b[n]));"] if bias else []
+    epilogue += ["        y = round_t(static_cast<float>(res[n]) + y);"] if residual else []
+    source = _SOURCE % {"T": ctype, "N": n, "K": k, "RS": row_stride, "THREADS": threads,
+                        "ARGS": "".join(f", {t} {name}" for t, name in params),
+                        "PROLOGUE": _PROLOGUE[prologue], "EPILOGUE": "\n".join(epilogue)}
+    return source, [f"const {ctype}*", f"const {ctype}*", *(t for t, _ in params), f"{ctype}*"]
+
+
+def compile_kernel(argtypes: list[str], source: str, what: str) -> tuple[Callable[..., None] | None, float, str | None]:
+    """(the built C++ function ``kernel`` of ``source``, seconds, None) or (None, seconds, why) after one warning
+    naming ``what`` and the fix: inductor's C++ loader (``CppPythonBindingsCodeCache``), its compiler and cache."""
+    t0 = time.perf_counter()
+    try:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+        fn = CppPythonBindingsCodeCache.load_pybinding(argtypes, source, needs_vec_isa=True)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: keep the aten ops
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warnings.warn(f"tierkv: a C++ decode {what} kernel could not be built ({reason}); decode uses "
+                      "the aten ops instead. Install a C++ compiler (g++) for inductor, or set "
+                      "TIERKV_CPU_FUSED_DECODE=off to use the aten ops without trying.", RuntimeWarning, stacklevel=4)
+        return None, time.perf_counter() - t0, reason
+    return fn, time.perf_counter() - t0, None
+
+
+@functools.lru_cache(maxsize=256)
+def _build(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prologue, bias: bool, residual: bool,
+           threads: int) -> DecodeKernel:
+    source, argtypes = _source(n, k, row_stride, dtype, prologue, bias, residual, threads)
+    fn, seconds, error = compile_kernel(argtypes, source, "matrix-vector")
+    return DecodeKernel(fn, seconds, prologue, bias, residual, error)
+
+
+def decode_kernel_supported(weight: torch.Tensor) -> bool:
+    """Whether ``decode_kernel`` takes this weight: a 2-D CPU tensor of a supported dtype, unit stride along K."""
+    return weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in CTYPES and \
+        weight.stride(1) == 1 and weight.stride(0) >= weight.shape[1]
+
+
+def decode_kernel(weight: torch.Tensor, prologue: Prologue = "none", bias: bool = False,
+                  residual: bool = False) -> DecodeKernel | None:
+    """The built kernel for ``weight`` (N, K) with these folded ops at the current thread count (built on
+    first use), or None where ``decode_kernel_supported`` says no."""
+    if not decode_kernel_supported(weight):
+        return None
+    n, k = weight.shape
+    return _build(n, k, weight.stride(0), weight.dtype, prologue, bias, residual, torch.get_num_threads())
+
+
+def run_decode_kernel(kernel: DecodeKernel, weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                      eps: float = 0.0, bias: torch.Tensor | None = None,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
+    """weight (N, K) @ prologue(x) (+ bias) (+ residual) -> (N,) in the weight's dtype through ``kernel``
+    (a built ``decode_kernel(weight, ...)``; the tensors it folds in must be given, contiguous, in its
+    dtype). x (K,), or (2K,) = (gate, up) for "swiglu"; norm_weight (K,) and eps for "rmsnorm"."""
+    assert kernel.fn is not None
+    extras: list[object] = []
+    if kernel.prologue == "rmsnorm":
+        assert norm_weight is not None
+        extras += [norm_weight, float(eps)]
+    if kernel.bias:
+        assert bias is not None
+        extras.append(bias)
+    if kernel.residual:
+        assert residual is not None
+        extras.append(residual)
+    out = torch.empty(weight.shape[0], dtype=weight.dtype)
+    kernel.fn(x, weight, *extras, out)
+    return out
