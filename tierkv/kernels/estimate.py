@@ -24,6 +24,7 @@ import torch
 
 from tierkv.kernels._select import pick_backend
 from tierkv.kernels.ellipsoid import Ellipsoid, ellipsoid_rank
+from tierkv.kernels.estimate_cpu import kernel_applies, select_two_stage_cpu
 from tierkv.kernels.importance import _select_chunks_kernel, chunk_scores, select_chunks
 from tierkv.kernels.reference import Selection, chunk_scores_ref, forced_chunks_ref, gathered_rows, sketch_scores_ref
 from tierkv.kernels.sketch import KeySketch
@@ -55,8 +56,12 @@ def select_two_stage(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sk
     ``full_coded``: the caller knows every coded chunk holds all S keys of its slot (the cache's closed
     chunks): then ``full_chunk_sketch`` bounds them without reading their sizes.
     Returns Selection(mask (B, Hkv, C), ids (B, Hkv, C) ascending then -1, counts (B, Hkv)), equal to
-    ``select_chunks`` over ``chunk_scores`` (module docstring).
+    ``select_chunks`` over ``chunk_scores`` (module docstring). On CPU tensors the whole selection is one
+    C++ call (``estimate_cpu``, ``TIERKV_CPU_ESTIMATOR``) where it builds; the torch ops below otherwise.
     """
+    if kernel_applies(q, kmin, kmax, sketch):
+        return select_two_stage_cpu(q, kmin, kmax, sketch, candidates, budget_tokens=budget_tokens,
+                                    sink_chunks=sink_chunks, recent_tokens=recent_tokens)
     B, H, C, _ = kmin.shape
     N, ell = sketch.coded, sketch.ellipsoid
     assert ell is not None and 0 < candidates < N <= C, (candidates, N, C)
