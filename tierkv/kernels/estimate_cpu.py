@@ -69,6 +69,7 @@ struct Args {
     const int32_t* sizes;
     bool* mask;
     int32_t *ids, *counts;
+    float* scores;
     int64_t B, H, G, D, P, S, C, N, K, budget, sink, recent;
     int64_t q_sb, q_sh, a_sb, a_sh, a_sc, e_sb, e_sh, e_sc, c_sb, c_sh, c_sc, z_sb;
 };
@@ -218,6 +219,8 @@ void choose(const Args& a, const int32_t* sz, int64_t remaining, int64_t b, int6
         if (run > remaining) break;
         s.taken[s.order[i]] = 1;
     }
+    float* out = a.scores + (b * a.H + h) * C;
+    for (int64_t c = 0; c < C; ++c) out[c] = s.live[c] ? s.score[c] : -INFINITY;
     bool* mask = a.mask + (b * a.H + h) * C;
     int32_t* ids = a.ids + (b * a.H + h) * C;
     int32_t count = 0;
@@ -283,12 +286,12 @@ void run_q(const Args& a, int64_t tk) {
 
 extern "C" void kernel(const void* q, const void* kmin, const void* kmax, const void* centre, const void* axes2,
                        const uint8_t* codes, const int32_t* sizes, bool* mask, int32_t* ids, int32_t* counts,
-                       int64_t dtypes, int64_t B, int64_t H, int64_t G, int64_t D, int64_t P, int64_t S, int64_t C,
+                       float* scores, int64_t dtypes, int64_t B, int64_t H, int64_t G, int64_t D, int64_t P, int64_t S, int64_t C,
                        int64_t N, int64_t K, int64_t budget, int64_t sink, int64_t recent, int64_t q_sb, int64_t q_sh,
                        int64_t a_sb, int64_t a_sh, int64_t a_sc, int64_t e_sb, int64_t e_sh, int64_t e_sc,
                        int64_t c_sb, int64_t c_sh, int64_t c_sc, int64_t z_sb)
 {
-    const Args a{q, kmin, kmax, centre, axes2, codes, sizes, mask, ids, counts, B, H, G, D, P, S, C, N, K, budget,
+    const Args a{q, kmin, kmax, centre, axes2, codes, sizes, mask, ids, counts, scores, B, H, G, D, P, S, C, N, K, budget,
                  sink, recent, q_sb, q_sh, a_sb, a_sh, a_sc, e_sb, e_sh, e_sc, c_sb, c_sh, c_sc, z_sb};
     const int64_t tq = dtypes / 3, tk = dtypes % 3;
     if (tq == 0) run_q<float>(a, tk);
@@ -296,7 +299,7 @@ extern "C" void kernel(const void* q, const void* kmin, const void* kmax, const 
     else run_q<at::Half>(a, tk);
 }
 """
-_TENSOR_ARGS = ("const void*",) * 5 + ("const uint8_t*", "const int32_t*", "bool*", "int32_t*", "int32_t*")
+_TENSOR_ARGS = ("const void*",) * 5 + ("const uint8_t*", "const int32_t*", "bool*", "int32_t*", "int32_t*", "float*")
 _INT_ARGS = 25
 
 
@@ -350,10 +353,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def select_two_stage_cpu(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sketch: KeySketch,
-                         candidates: int, *, budget_tokens: int, sink_chunks: int, recent_tokens: int) -> Selection:
+                         candidates: int, *, budget_tokens: int, sink_chunks: int, recent_tokens: int,
+                         scores: torch.Tensor | None = None) -> Selection:
     """``estimate.select_two_stage`` in the C++ kernel (``kernel_applies`` first; shapes as there):
     q (B, Hq, D); kmin, kmax (B, Hkv, C, D); sketch with codes (B, Hkv, >= coded, S, P) and ellipsoids
-    (B, Hkv, >= coded, D); 0 < candidates < coded -> Selection(mask, ids, counts) (B, Hkv, C)."""
+    (B, Hkv, >= coded, D); 0 < candidates < coded -> Selection(mask, ids, counts) (B, Hkv, C).
+    ``scores``: a contiguous (B, Hkv, C) float32 buffer that gets what ``chunk_scores`` would return (the
+    candidates' sketch bound, the uncoded chunks' min/max bound, -inf for the pruned ones)."""
     fn = estimator_kernel().fn
     assert fn is not None and sketch.ellipsoid is not None
     B, Hq, D = q.shape
@@ -373,10 +379,13 @@ def select_two_stage_cpu(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
     sizes = sketch.chunk_tokens.to(torch.int32)
     sizes = sizes.view(1, C) if sizes.dim() == 1 else sizes.contiguous()
     z_sb = sizes.stride(0) if sizes.shape[0] > 1 else 0
+    if scores is None:
+        scores = torch.empty(B, H, C, dtype=torch.float32)
+    assert scores.shape == (B, H, C) and scores.dtype == torch.float32 and scores.is_contiguous()
     mask = torch.empty(B, H, C, dtype=torch.bool)
     table = torch.empty(B * H * (C + 1), dtype=torch.int32)         # ids (B, Hkv, C), then counts (B, Hkv)
     ids, counts = table[:B * H * C].view(B, H, C), table[B * H * C:].view(B, H)
-    fn(q, kmin, kmax, centre, axes2, codes, sizes, mask, ids, counts,
+    fn(q, kmin, kmax, centre, axes2, codes, sizes, mask, ids, counts, scores,
        _DTYPES.index(q.dtype) * 3 + _DTYPES.index(kmin.dtype), B, H, Hq // H, D, P, S, C, N, candidates,
        budget_tokens, sink_chunks, recent_tokens, q.stride(0), q.stride(1), *kmin.stride()[:3], *centre.stride()[:3],
        *codes.stride()[:3], z_sb)
