@@ -165,3 +165,18 @@ def test_a_failed_build_warns_once_and_the_torch_path_runs(monkeypatch: pytest.M
     finally:
         monkeypatch.undo()
         mod.estimator_kernel.cache_clear()
+
+
+def test_a_sparse_cpu_cache_builds_the_kernel_when_it_is_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare_estimator (called by TieredKVCache when it keeps codes): the build belongs to loading, not
+    to the first decode step; never under TIERKV_CPU_ESTIMATOR=torch."""
+    import tierkv.kernels.estimate as est
+
+    calls: list[int] = []
+    monkeypatch.setattr(est, "estimator_kernel", lambda: calls.append(1))
+    monkeypatch.setenv(CPU_ESTIMATOR_VAR, "torch")
+    est.prepare_estimator(torch.device("cpu"))
+    assert calls == []
+    monkeypatch.setenv(CPU_ESTIMATOR_VAR, "auto")
+    est.prepare_estimator(torch.device("cpu"))
+    assert calls == [1]
