@@ -286,13 +286,14 @@ void run_q(const Args& a, int64_t tk) {
 
 extern "C" void kernel(const void* q, const void* kmin, const void* kmax, const void* centre, const void* axes2,
                        const uint8_t* codes, const int32_t* sizes, bool* mask, int32_t* ids, int32_t* counts,
-                       float* scores, int64_t dtypes, int64_t B, int64_t H, int64_t G, int64_t D, int64_t P, int64_t S, int64_t C,
-                       int64_t N, int64_t K, int64_t budget, int64_t sink, int64_t recent, int64_t q_sb, int64_t q_sh,
+                       float* scores, int64_t dtypes, int64_t B, int64_t H, int64_t G, int64_t D, int64_t P,
+                       int64_t S, int64_t C, int64_t N, int64_t K, int64_t budget, int64_t sink, int64_t recent,
+                       int64_t q_sb, int64_t q_sh,
                        int64_t a_sb, int64_t a_sh, int64_t a_sc, int64_t e_sb, int64_t e_sh, int64_t e_sc,
                        int64_t c_sb, int64_t c_sh, int64_t c_sc, int64_t z_sb)
 {
-    const Args a{q, kmin, kmax, centre, axes2, codes, sizes, mask, ids, counts, scores, B, H, G, D, P, S, C, N, K, budget,
-                 sink, recent, q_sb, q_sh, a_sb, a_sh, a_sc, e_sb, e_sh, e_sc, c_sb, c_sh, c_sc, z_sb};
+    const Args a{q, kmin, kmax, centre, axes2, codes, sizes, mask, ids, counts, scores, B, H, G, D, P, S, C, N, K,
+                 budget, sink, recent, q_sb, q_sh, a_sb, a_sh, a_sc, e_sb, e_sh, e_sc, c_sb, c_sh, c_sc, z_sb};
     const int64_t tq = dtypes / 3, tk = dtypes % 3;
     if (tq == 0) run_q<float>(a, tk);
     else if (tq == 1) run_q<at::BFloat16>(a, tk);
