@@ -16,6 +16,10 @@ only when every live chunk fits. That is checked here (one host read, free on th
 general pair runs instead; it cannot happen when ``candidates`` comes from ``sketch_candidates``
 (twice the chunks the budget holds). The live chunks keep their order by id before the stable sort,
 so ties break as there.
+
+On CPU tensors those ~116 ops are one C++ call where it builds (``estimate_cpu``: the same selection,
+0.27 vs 1.36 ms per layer-step at 8K and 0.35 vs 2.49 ms at 32K in one interleaved run,
+docs/benchmarks.md); ``TIERKV_CPU_ESTIMATOR=torch`` keeps the ops below.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ import torch
 
 from tierkv.kernels._select import pick_backend
 from tierkv.kernels.ellipsoid import Ellipsoid, ellipsoid_rank
+from tierkv.kernels.estimate_cpu import estimator_kernel, kernel_applies, pick_cpu_estimator, select_two_stage_cpu
 from tierkv.kernels.importance import _select_chunks_kernel, chunk_scores, select_chunks
 from tierkv.kernels.reference import Selection, chunk_scores_ref, forced_chunks_ref, gathered_rows, sketch_scores_ref
 from tierkv.kernels.sketch import KeySketch
 
-__all__ = ["full_chunk_sketch", "fused_applies", "select_two_stage"]
+__all__ = ["full_chunk_sketch", "fused_applies", "prepare_estimator", "select_two_stage"]
 
 _SHIFTS = (0, 2, 4, 6)       # the four bit pairs of a code byte
 _PAIR_MASK = 0x03030303      # the low bit pair of each byte of an int32 word
@@ -45,6 +50,14 @@ def fused_applies(q: torch.Tensor, sketch: KeySketch | None, candidates: int, ba
             and pick_backend(_select_chunks_kernel, q, backend=backend) == "torch")
 
 
+def prepare_estimator(device: torch.device) -> None:
+    """Build the C++ kernel now where ``select_two_stage`` will use it on ``device`` (a CPU cache that keeps
+    codes and ellipsoids, the torch path): its first build (~2-7 s) belongs to loading, not to a decode step."""
+    if device.type == "cpu" and pick_cpu_estimator() == "auto" and \
+            pick_backend(_select_chunks_kernel, torch.empty(0, device=device)) == "torch":
+        estimator_kernel()
+
+
 def select_two_stage(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sketch: KeySketch, candidates: int, *,
                      budget_tokens: int, sink_chunks: int, recent_tokens: int, full_coded: bool = False) -> Selection:
     """The selection of the two-stage estimator with every chunk valid (no ragged batch).
@@ -55,8 +68,12 @@ def select_two_stage(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sk
     ``full_coded``: the caller knows every coded chunk holds all S keys of its slot (the cache's closed
     chunks): then ``full_chunk_sketch`` bounds them without reading their sizes.
     Returns Selection(mask (B, Hkv, C), ids (B, Hkv, C) ascending then -1, counts (B, Hkv)), equal to
-    ``select_chunks`` over ``chunk_scores`` (module docstring).
+    ``select_chunks`` over ``chunk_scores`` (module docstring). On CPU tensors the whole selection is one
+    C++ call (``estimate_cpu``, ``TIERKV_CPU_ESTIMATOR``) where it builds; the torch ops below otherwise.
     """
+    if kernel_applies(q, kmin, kmax, sketch):
+        return select_two_stage_cpu(q, kmin, kmax, sketch, candidates, budget_tokens=budget_tokens,
+                                    sink_chunks=sink_chunks, recent_tokens=recent_tokens)
     B, H, C, _ = kmin.shape
     N, ell = sketch.coded, sketch.ellipsoid
     assert ell is not None and 0 < candidates < N <= C, (candidates, N, C)

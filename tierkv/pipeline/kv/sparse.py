@@ -112,7 +112,7 @@ def select(st: CacheState, kv: LayerKV, q0: torch.Tensor) -> Selection:
     forced, n_forced = forced_tokens(c, size, kv.tokens, sink)
     candidates = sketch_candidates(budget - forced, size, n_forced)
     sketch = _sketch_of(kv) if candidates else None
-    if fused_applies(q0, sketch, candidates):                                      # the torch path: few ops
+    if fused_applies(q0, sketch, candidates):                 # the torch path: one C++ call on the CPU, else few ops
         assert sketch is not None
         sel = select_two_stage(q0, kv.kmin[:, :, :c], kv.kmax[:, :, :c], sketch, candidates, budget_tokens=budget,
                                sink_chunks=sink, recent_tokens=size, full_coded=True)   # coded = closed: S keys

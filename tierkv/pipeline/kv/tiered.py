@@ -28,6 +28,7 @@ import torch
 
 from tierkv.config import ModelConfig, Policy, format_size
 from tierkv.io.kvstore import KVStore, remove_abandoned
+from tierkv.kernels.estimate import prepare_estimator
 from tierkv.model import ATTENTION_SCRATCH_BYTES
 from tierkv.pipeline.chunking import ChunkRule, attention_entropy
 import tierkv.pipeline.kv.stats as stats_mod
@@ -75,6 +76,8 @@ class TieredKVCache:
                            None if kv_device_bytes is None else kv_device_bytes // n,
                            None if kv_host_bytes is None else kv_host_bytes // n, sink_chunks, chunk_rule, sketch)
         shape, note, spill = self._check_budgets(shape, offload_dir, sketch_note)
+        if shape.sketch:
+            prepare_estimator(device)          # the CPU estimator kernel's build: here, not in the first decode step
         store = None
         if spill:
             remove_abandoned(Path(offload_dir))  # type: ignore[arg-type]  # left by killed processes
