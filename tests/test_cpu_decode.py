@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.kernels import cpu_decode, cpu_decode_attention, decode_fusion
-from tierkv.kernels.cpu_decode import decode_kernel, run_decode_kernel
+from tierkv.errors import ArgumentError
+from tierkv.kernels.cpu_decode import BF16_DOT_VAR, decode_kernel, run_decode_kernel
+from tierkv.kernels.cpu_qgemv import bf16_dot_cpu
 from tierkv.kernels.cpu_decode_attention import attend_kernel, run_attend_kernel
 from tierkv.kernels.decode_fusion import FUSED_DECODE_VAR, fused_post_attention, fused_pre_attention
 from tierkv.kernels.dense_linear import CPU_MATVEC_VAR
@@ -56,6 +58,73 @@ def test_fused_product_reads_a_row_strided_view_and_refuses_a_transposed_one() -
     assert kernel is not None
     _close(run_decode_kernel(kernel, w, x), torch.mv(w, x), torch.float32)
     assert decode_kernel(buf[:64, :36].t()) is None       # unit stride along N, not K: the caller keeps aten
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    """fp64 values rounded through bf16, as eager rounds each op's result."""
+    return t.to(torch.bfloat16).double()
+
+
+LOOPS = ["fma", pytest.param("dot", marks=pytest.mark.skipif(not bf16_dot_cpu(), reason="no AVX512-BF16 here"))]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("n,k,stride", [(37, 72, 72), (13, 31, 31), (41, 100, 130), (8, 32, 40), (66, 576, 600),
+                                        (5, 1, 3), (3, 95, 96)])
+@pytest.mark.parametrize("prologue,bias,residual", [("none", False, False), ("rmsnorm", True, False),
+                                                    ("swiglu", False, True), ("none", True, True)])
+def test_bf16_loops_match_an_fp64_reference_on_odd_shapes(loop: str, n: int, k: int, stride: int, prologue: str,
+                                                          bias: bool, residual: bool) -> None:
+    """K not a multiple of 32 (masked tails), N not a multiple of the rows per step, rows strided past K;
+    every output written over NaN; each rounding to bf16 where eager rounds, within one bf16 step of each."""
+    torch.manual_seed(n * k + stride)
+    w = torch.randn(n, stride).bfloat16()[:, :k]
+    x = torch.randn(2 * k if prologue == "swiglu" else k).bfloat16()
+    nw, b, r = torch.rand(k).add(0.5).bfloat16(), torch.randn(n).bfloat16(), torch.randn(n).bfloat16()
+    kernel = decode_kernel(w, prologue, bias, residual, loop=loop)
+    assert kernel is not None and kernel.fn is not None and kernel.loop == loop, kernel
+    out = torch.full((n,), float("nan"), dtype=torch.bfloat16)
+    got = run_decode_kernel(kernel, w, x, nw if prologue == "rmsnorm" else None, 1e-5, b if bias else None,
+                            r if residual else None, out=out)
+    assert got.data_ptr() == out.data_ptr() and not got.isnan().any()
+    xin = {"none": lambda: x, "rmsnorm": lambda: rms_norm_ref(x, nw, 1e-5),
+           "swiglu": lambda: F.silu(x[:k]) * x[k:]}[prologue]()                 # bf16, eager's roundings
+    exact = w.double() @ xin.double()                                             # (N,)
+    ref, slack = _bf16(exact), exact.abs()
+    if bias:
+        ref, slack = _bf16(ref + b.double()), slack + b.double().abs()
+    if residual:
+        ref, slack = _bf16(r.double() + ref), slack + r.double().abs()
+    # each of the (up to 3) roundings may land one bf16 step (2^-7 relative) away from eager's
+    assert ((got.double() - ref).abs() <= 2.0 ** -7 * 3 * slack + 1e-30).all(), (got, ref)
+
+
+def test_the_loop_follows_the_dtype_the_cpu_and_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    w16, w32 = torch.randn(8, 64).bfloat16(), torch.randn(8, 64)
+    monkeypatch.delenv(BF16_DOT_VAR, raising=False)
+    assert cpu_decode.pick_loop(torch.bfloat16) == ("dot" if bf16_dot_cpu() else "fma")
+    assert cpu_decode.pick_loop(torch.float16) == cpu_decode.pick_loop(torch.float32) == "fma"
+    assert decode_kernel(w16).loop == cpu_decode.pick_loop(torch.bfloat16)      # type: ignore[union-attr]
+    monkeypatch.setenv(BF16_DOT_VAR, "off")
+    assert cpu_decode.pick_loop(torch.bfloat16) == "fma" and decode_kernel(w16).loop == "fma"  # type: ignore[union-attr]
+    with pytest.raises(ArgumentError, match="bf16 weights"):
+        decode_kernel(w32, loop="dot")
+    with pytest.raises(ArgumentError, match="1-16"):
+        decode_kernel(w16, loop="fma", rows=0)
+    monkeypatch.setenv(BF16_DOT_VAR, "fast")
+    with pytest.raises(ArgumentError, match="TIERKV_CPU_BF16_DOT"):
+        cpu_decode.pick_loop(torch.bfloat16)
+
+
+@pytest.mark.skipif(not bf16_dot_cpu(), reason="no AVX512-BF16 here")
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_every_rows_per_step_gives_the_fma_loops_values(rows: int) -> None:
+    torch.manual_seed(rows)
+    w, x = torch.randn(45, 200).bfloat16(), torch.randn(200).bfloat16()
+    fma, dot = decode_kernel(w, loop="fma"), decode_kernel(w, loop="dot", rows=rows)
+    assert fma is not None and dot is not None
+    a, b = run_decode_kernel(fma, w, x).double(), run_decode_kernel(dot, w, x).double()
+    assert ((a - b).abs() <= 2.0 ** -7 * a.abs() + 1e-30).all()          # one bf16 step at most: sums' order
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -12,15 +12,26 @@ more aten ops of ~10-45 us each. So this module writes one loop in C++ per produ
   fp32, rounded to x's dtype, times the norm weight: ``norm_rope.rms_norm_ref``'s values; the input
   norm folded into q/k/v, the post-attention norm into gate/up); "swiglu" (x = (gate, up) of 2K
   values, SiLU(gate) * up with eager's roundings: the MLP's activation folded into down);
-- the rows split over the threads, each row one sequential stream of the weight (two fp32
-  accumulators: the loop shape ``cpu_qgemv`` measured at the memory's rate);
+- the rows split over the threads, in one of two loops (``Loop``, ``pick_loop``):
+  "dot", for bf16 weights on a CPU with AVX512-BF16 (``cpu_qgemv.bf16_dot_cpu``: Zen 4, Sapphire
+  Rapids) unless ``TIERKV_CPU_BF16_DOT=off``: x (already rounded to bf16 by the prologue) kept as a
+  bf16 vector, ``DOT_ROWS`` weight rows per step sharing each load of 32 x values, one fp32
+  accumulator per row fed by ``_mm512_dpbf16_ps`` (VDPBF16PS), the last K % 32 values by masked
+  loads; no widening of the weight, 1.3-1.6x the FMA loop's rate on the Sapphire Rapids machine
+  (docs/benchmarks.md, "Decode: AVX512-BF16 dot products");
+  "fma", every other case (fp16, fp32, CPUs without AVX512-BF16, or switched off): each row one
+  sequential stream widened to fp32, two fp32 FMA accumulators (the loop shape ``cpu_qgemv``
+  measured at the memory's rate on Zen 4);
 - an epilogue per row: the product rounded to x's dtype, then + bias, then + residual, each rounded
   as the eager ops round (the o and down products' residual adds folded in).
 
 Numerics: fp32 accumulation as ``torch.mv``'s reduced-precision path and the compiled loop; the
-sums' order differs from aten's, so fp32 results differ by rounding only (tests compare tokens).
+sums' order differs from aten's, so fp32 results differ by rounding only (tests compare tokens). In
+the dot loop each bf16 x bf16 product is exact in fp32 and summed in fp32 (two per lane per
+instruction, RNE), but VDPBF16PS treats denormal inputs as zero and flushes denormal results to zero
+whatever MXCSR says: products or partial sums below ~1.2e-38 are lost, which the FMA loop keeps.
 
-A kernel is specific to (N, K, the weight's row stride, dtype, prologue, bias, residual, threads),
+A kernel is specific to (N, K, the weight's row stride, dtype, prologue, bias, residual, threads, loop),
 built once per process (~1-2 s with g++, ~0.3 s from inductor's disk cache). A build that fails
 leaves ``DecodeKernel.fn`` None with the reason (one warning) and callers keep their aten ops.
 
@@ -38,28 +49,48 @@ from typing import Callable, Literal
 
 import torch
 
-__all__ = ["CTYPES", "DecodeKernel", "PROLOGUES", "Prologue", "compile_kernel", "decode_kernel", "decode_kernel_supported", "run_decode_kernel"]
+from tierkv.errors import ArgumentError
+from tierkv.kernels._select import env_choice
+from tierkv.kernels.cpu_qgemv import bf16_dot_cpu
+
+__all__ = ["BF16_DOT_CHOICES", "BF16_DOT_VAR", "CTYPES", "DOT_ROWS", "DecodeKernel", "Loop", "PROLOGUES", "Prologue",
+           "compile_kernel", "decode_kernel", "decode_kernel_supported", "pick_bf16_dot", "pick_loop", "run_decode_kernel"]
 
 Prologue = Literal["none", "rmsnorm", "swiglu"]
 PROLOGUES: tuple[Prologue, ...] = ("none", "rmsnorm", "swiglu")
+Loop = Literal["dot", "fma"]                       # the rows' loop: bf16 dot products or fp32 FMAs
+# Whether bf16 kernels use the dot-product loop where the CPU has it ("auto", the default) or the fp32
+# FMA loop ("off"); read when a kernel is looked up, so a change takes effect at the next call.
+BF16_DOT_VAR = "TIERKV_CPU_BF16_DOT"
+BF16_DOT_CHOICES = ("auto", "off")
+DOT_ROWS = 4                                       # weight rows per step of the dot-product loop (measured)
 CTYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float32: "float"}
 
-# %(...)s: T the C++ element type, ARGS the extra parameters, PROLOGUE and EPILOGUE the folded ops.
+# %(...)s: T the C++ element type, ARGS the extra parameters, PROLOGUE and EPILOGUE the folded ops, BODY
+# the rows' loop (``_FMA_BODY`` or ``_DOT_BODY``), DOT the bf16 dot-product helper (empty for the FMA loop).
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
+#include <immintrin.h>
 #include <cmath>
 using V = at::vec::Vectorized<float>;
 constexpr int64_t L = V::size();
+constexpr int64_t N = %(N)d, K = %(K)d, RS = %(RS)d;
 static inline V load_f(const float* p) { return V::loadu(p); }
 template <typename U> static inline V load_f(const U* p) {
     return at::vec::convert<float>(at::vec::Vectorized<U>::loadu(p, L));
 }
 static inline float round_t(float v) { return static_cast<float>(static_cast<%(T)s>(v)); }
+%(DOT)s
 extern "C" void kernel(const %(T)s* x, const %(T)s* w%(ARGS)s, %(T)s* out)
 {
-    constexpr int64_t N = %(N)d, K = %(K)d, RS = %(RS)d, K2 = K - K %% (2 * L), K1 = K - K %% L;
     alignas(64) float xf[K];
 %(PROLOGUE)s
+%(BODY)s
+}
+"""
+
+# fp32 FMAs: bf16/fp16 rows widened to fp32, two accumulators per row (any dtype, any AVX level).
+_FMA_BODY = r"""    constexpr int64_t K2 = K - K %% (2 * L), K1 = K - K %% L;
     #pragma omp parallel for num_threads(%(THREADS)d) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const %(T)s* row = w + n * RS;
@@ -75,9 +106,45 @@ extern "C" void kernel(const %(T)s* x, const %(T)s* w%(ARGS)s, %(T)s* out)
         y = round_t(y);
 %(EPILOGUE)s
         out[n] = static_cast<%(T)s>(y);
+    }"""
+
+# AVX512-BF16: R rows per step share each load of x's 32 bf16 values, one fp32 accumulator per row; the
+# last K % 32 values by masked loads (zeros beyond K, so nothing past a row is read).
+_DOT = r"""constexpr int64_t R = %(ROWS)d, KV = K - K %% 32;
+constexpr __mmask32 TAIL = static_cast<__mmask32>((1ull << (K %% 32)) - 1);
+template <int64_t RR>
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+static void dot_rows(const at::BFloat16* rows, const at::BFloat16* xb, float* y) {
+    __m512 a[RR];
+    for (int64_t r = 0; r < RR; ++r) a[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < KV; k += 32) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + k);
+        for (int64_t r = 0; r < RR; ++r)
+            a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(rows + r * RS + k), xv);
     }
-}
-"""
+    if constexpr (K %% 32 != 0) {
+        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(TAIL, xb + KV);
+        for (int64_t r = 0; r < RR; ++r)
+            a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_maskz_loadu_epi16(TAIL, rows + r * RS + KV), xv);
+    }
+    for (int64_t r = 0; r < RR; ++r) y[r] = _mm512_reduce_add_ps(a[r]);
+}"""
+
+_DOT_BODY = r"""    alignas(64) at::BFloat16 xb[K];
+    for (int64_t k = 0; k < K; ++k) xb[k] = static_cast<at::BFloat16>(xf[k]);   // exact: xf holds bf16 values
+    #pragma omp parallel for num_threads(%(THREADS)d) schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += R) {
+        const int64_t rows = N - n0 < R ? N - n0 : R;
+        float ys[R];
+        if (rows == R) dot_rows<R>(w + n0 * RS, xb, ys);
+        else for (int64_t i = 0; i < rows; ++i) dot_rows<1>(w + (n0 + i) * RS, xb, ys + i);
+        for (int64_t i = 0; i < rows; ++i) {
+            const int64_t n = n0 + i;
+            float y = round_t(ys[i]);
+%(EPILOGUE)s
+            out[n] = static_cast<%(T)s>(y);
+        }
+    }"""
 
 _PROLOGUE = {
     "none": "    for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(x[k]);",
@@ -104,10 +171,22 @@ class DecodeKernel:
     bias: bool = False
     residual: bool = False
     error: str | None = None
+    loop: Loop = "fma"
+
+
+def pick_bf16_dot(choice: str | None = None) -> str:
+    """``choice`` (one of ``BF16_DOT_CHOICES`` or None) else ``$TIERKV_CPU_BF16_DOT`` else "auto"."""
+    return env_choice(choice, BF16_DOT_VAR, BF16_DOT_CHOICES, "the CPU decode kernels' bf16 dot-product loop")
+
+
+def pick_loop(dtype: torch.dtype) -> Loop:
+    """The rows' loop a kernel for ``dtype`` gets now: "dot" for bf16 on a CPU with AVX512-BF16 unless
+    ``TIERKV_CPU_BF16_DOT`` is "off", else "fma"."""
+    return "dot" if dtype == torch.bfloat16 and bf16_dot_cpu() and pick_bf16_dot() == "auto" else "fma"
 
 
 def _source(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prologue, bias: bool, residual: bool,
-            threads: int) -> tuple[str, list[str]]:
+            threads: int, loop: Loop, rows: int) -> tuple[str, list[str]]:
     """The C++ source of one kernel and its parameters' C types (x, w, then the extras, out last)."""
     ctype = CTYPES[dtype]
     params = []                      # (C type, name) of the parameters between w and out
@@ -117,11 +196,14 @@ def _source(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prolo
         params.append((f"const {ctype}*", "b"))
     if residual:
         params.append((f"const {ctype}*", "res"))
-    epilogue = ["        y = round_t(y + static_cast<float>(b[n]));"] if bias else []
-    epilogue += ["        y = round_t(static_cast<float>(res[n]) + y);"] if residual else []
-    source = _SOURCE % {"T": ctype, "N": n, "K": k, "RS": row_stride, "THREADS": threads,
-                        "ARGS": "".join(f", {t} {name}" for t, name in params),
-                        "PROLOGUE": _PROLOGUE[prologue], "EPILOGUE": "\n".join(epilogue)}
+    pad = " " * (12 if loop == "dot" else 8)
+    epilogue = [f"{pad}y = round_t(y + static_cast<float>(b[n]));"] if bias else []
+    epilogue += [f"{pad}y = round_t(static_cast<float>(res[n]) + y);"] if residual else []
+    fields = {"T": ctype, "THREADS": threads, "EPILOGUE": "\n".join(epilogue), "ROWS": rows}
+    body = (_DOT_BODY if loop == "dot" else _FMA_BODY) % fields
+    source = _SOURCE % {"T": ctype, "N": n, "K": k, "RS": row_stride, "BODY": body,
+                        "DOT": _DOT % fields if loop == "dot" else "",
+                        "ARGS": "".join(f", {t} {name}" for t, name in params), "PROLOGUE": _PROLOGUE[prologue]}
     return source, [f"const {ctype}*", f"const {ctype}*", *(t for t, _ in params), f"{ctype}*"]
 
 
@@ -144,10 +226,10 @@ def compile_kernel(argtypes: list[str], source: str, what: str) -> tuple[Callabl
 
 @functools.lru_cache(maxsize=256)
 def _build(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prologue, bias: bool, residual: bool,
-           threads: int) -> DecodeKernel:
-    source, argtypes = _source(n, k, row_stride, dtype, prologue, bias, residual, threads)
+           threads: int, loop: Loop, rows: int) -> DecodeKernel:
+    source, argtypes = _source(n, k, row_stride, dtype, prologue, bias, residual, threads, loop, rows)
     fn, seconds, error = compile_kernel(argtypes, source, "matrix-vector")
-    return DecodeKernel(fn, seconds, prologue, bias, residual, error)
+    return DecodeKernel(fn, seconds, prologue, bias, residual, error, loop)
 
 
 def decode_kernel_supported(weight: torch.Tensor) -> bool:
@@ -157,21 +239,31 @@ def decode_kernel_supported(weight: torch.Tensor) -> bool:
 
 
 def decode_kernel(weight: torch.Tensor, prologue: Prologue = "none", bias: bool = False,
-                  residual: bool = False) -> DecodeKernel | None:
+                  residual: bool = False, loop: Loop | None = None, rows: int = DOT_ROWS) -> DecodeKernel | None:
     """The built kernel for ``weight`` (N, K) with these folded ops at the current thread count (built on
-    first use), or None where ``decode_kernel_supported`` says no."""
+    first use), or None where ``decode_kernel_supported`` says no. ``loop`` None: ``pick_loop``'s; "dot"
+    is refused (ArgumentError) unless the weight is bf16 and the CPU has AVX512-BF16; ``rows``: the dot
+    loop's weight rows per step (1-16)."""
     if not decode_kernel_supported(weight):
         return None
+    loop = pick_loop(weight.dtype) if loop is None else loop
+    if loop == "dot" and (weight.dtype != torch.bfloat16 or not bf16_dot_cpu()):
+        raise ArgumentError(f"the bf16 dot-product loop needs bf16 weights (got {weight.dtype}) on a CPU with "
+                            "AVX512-BF16; pass loop=None or \"fma\"")
+    if not 1 <= rows <= 16:
+        raise ArgumentError(f"rows per step of the dot-product loop must be 1-16, got {rows}")
     n, k = weight.shape
-    return _build(n, k, weight.stride(0), weight.dtype, prologue, bias, residual, torch.get_num_threads())
+    return _build(n, k, weight.stride(0), weight.dtype, prologue, bias, residual, torch.get_num_threads(), loop,
+                  rows if loop == "dot" else 0)
 
 
 def run_decode_kernel(kernel: DecodeKernel, weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None = None,
                       eps: float = 0.0, bias: torch.Tensor | None = None,
-                      residual: torch.Tensor | None = None) -> torch.Tensor:
+                      residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """weight (N, K) @ prologue(x) (+ bias) (+ residual) -> (N,) in the weight's dtype through ``kernel``
     (a built ``decode_kernel(weight, ...)``; the tensors it folds in must be given, contiguous, in its
-    dtype). x (K,), or (2K,) = (gate, up) for "swiglu"; norm_weight (K,) and eps for "rmsnorm"."""
+    dtype). x (K,), or (2K,) = (gate, up) for "swiglu"; norm_weight (K,) and eps for "rmsnorm"; ``out``
+    (N,) contiguous in that dtype to write into (a new tensor if None)."""
     assert kernel.fn is not None
     extras: list[object] = []
     if kernel.prologue == "rmsnorm":
@@ -183,6 +275,8 @@ def run_decode_kernel(kernel: DecodeKernel, weight: torch.Tensor, x: torch.Tenso
     if kernel.residual:
         assert residual is not None
         extras.append(residual)
-    out = torch.empty(weight.shape[0], dtype=weight.dtype)
+    if out is None:
+        out = torch.empty(weight.shape[0], dtype=weight.dtype)
+    assert out.shape == (weight.shape[0],) and out.dtype == weight.dtype and out.is_contiguous()
     kernel.fn(x, weight, *extras, out)
     return out

@@ -42,7 +42,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["INT4_BLOCK_ROWS", "QGemvKernel", "int4_kernel_cpu", "int4_tinygemm_kernel", "int8_channel_kernel", "vector_width",
+__all__ = ["INT4_BLOCK_ROWS", "QGemvKernel", "bf16_dot_cpu", "int4_kernel_cpu", "int4_tinygemm_kernel", "int8_channel_kernel", "vector_width",
            "run_kernel"]
 
 _CTYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half"}
@@ -165,7 +165,8 @@ class QGemvKernel:
     error: str | None = None
 
 
-_INT4_CPU_FLAGS = ("avx512_bf16", "avx512vbmi")     # /proc/cpuinfo names of what the int4 kernel uses
+BF16_DOT_CPU_FLAG = "avx512_bf16"                    # /proc/cpuinfo name of AVX512-BF16 (VDPBF16PS)
+_INT4_CPU_FLAGS = (BF16_DOT_CPU_FLAG, "avx512vbmi")  # what the int4 kernel uses
 
 
 @functools.lru_cache(maxsize=1)
@@ -179,6 +180,12 @@ def _cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_dot_cpu() -> bool:
+    """Whether this CPU has AVX-512 with BF16 dot products (``_mm512_dpbf16_ps``: Zen 4, Sapphire Rapids+)."""
+    return vector_width() == 16 and BF16_DOT_CPU_FLAG in _cpu_flags()
 
 
 @functools.lru_cache(maxsize=1)
