@@ -22,6 +22,8 @@ from tierkv.errors import ArgumentError
 from tierkv.io.convert import convert
 from tierkv.io.store import WeightStore
 from tierkv.kernels import decode_fusion
+from tierkv.kernels.cpu_decode import BF16_DOT_VAR
+from tierkv.kernels.cpu_qgemv import bf16_dot_cpu
 from tierkv.kernels.decode_fusion import FUSED_DECODE_VAR
 from tierkv.kernels.dense_linear import CPU_MATVEC_VAR, MM_T_MAX_M, dense_linear, linear_path
 from tierkv.pipeline.weights import StreamingWeights
@@ -125,3 +127,18 @@ def test_linear_path_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(CPU_MATVEC_VAR, "fastest")
     with pytest.raises(ArgumentError, match=CPU_MATVEC_VAR):
         linear_path(one, w16)
+
+
+@pytest.mark.parametrize("switch", ["auto", "off"])
+def test_bf16_fused_decode_runs_the_cpus_rows_loop(tiny_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+                                                   switch: str) -> None:
+    """bf16 weights: the dot-product loop where the CPU has AVX512-BF16, the FMA loop with the switch off."""
+    loops: list[str] = []
+    run = decode_fusion.run_decode_kernel
+    monkeypatch.setattr(decode_fusion, "run_decode_kernel", lambda kern, *a, **k: loops.append(kern.loop) or run(kern, *a, **k))
+    for key, value in dict(MODES["fused_decode"], **{BF16_DOT_VAR: switch}).items():
+        monkeypatch.setenv(key, value)
+    with tierkv.load(tiny_model_dir("llama"), device="cpu", dtype="bfloat16", kv="exact") as engine:
+        out = engine.generate(PROMPTS[0], max_new_tokens=NEW, ignore_eos=True).token_ids
+    assert len(out) == NEW and loops
+    assert set(loops) == {"dot" if switch == "auto" and bf16_dot_cpu() else "fma"}
