@@ -83,8 +83,7 @@ static inline float round_t(float v) { return static_cast<float>(static_cast<%(T
 %(DOT)s
 extern "C" void kernel(const %(T)s* x, const %(T)s* w%(ARGS)s, %(T)s* out)
 {
-    alignas(64) float xf[K];
-%(PROLOGUE)s
+%(XF)s%(PROLOGUE)s
 %(BODY)s
 }
 """
@@ -128,10 +127,16 @@ static void dot_rows(const at::BFloat16* rows, const at::BFloat16* xb, float* y)
             a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_maskz_loadu_epi16(TAIL, rows + r * RS + KV), xv);
     }
     for (int64_t r = 0; r < RR; ++r) y[r] = _mm512_reduce_add_ps(a[r]);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+static void to_bf16(const float* xf, at::BFloat16* xb) {    // exact: the prologue left bf16 values in xf
+    constexpr int64_t K16 = K - K %% 16;
+    for (int64_t k = 0; k < K16; k += 16)
+        _mm256_storeu_si256((__m256i*)(xb + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xf + k)));
+    for (int64_t k = K16; k < K; ++k) xb[k] = static_cast<at::BFloat16>(xf[k]);
 }"""
 
-_DOT_BODY = r"""    alignas(64) at::BFloat16 xb[K];
-    for (int64_t k = 0; k < K; ++k) xb[k] = static_cast<at::BFloat16>(xf[k]);   // exact: xf holds bf16 values
+_DOT_BODY = r"""%(XB)s
     #pragma omp parallel for num_threads(%(THREADS)d) schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += R) {
         const int64_t rows = N - n0 < R ? N - n0 : R;
@@ -145,6 +150,10 @@ _DOT_BODY = r"""    alignas(64) at::BFloat16 xb[K];
             out[n] = static_cast<%(T)s>(y);
         }
     }"""
+
+_XF = "    alignas(64) float xf[K];\n"
+_XB_AS_IS = "    const at::BFloat16* xb = x;"
+_XB_FROM_XF = "    alignas(64) at::BFloat16 xb[K];\n    to_bf16(xf, xb);"
 
 _PROLOGUE = {
     "none": "    for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(x[k]);",
@@ -199,11 +208,14 @@ def _source(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prolo
     pad = " " * (12 if loop == "dot" else 8)
     epilogue = [f"{pad}y = round_t(y + static_cast<float>(b[n]));"] if bias else []
     epilogue += [f"{pad}y = round_t(static_cast<float>(res[n]) + y);"] if residual else []
-    fields = {"T": ctype, "THREADS": threads, "EPILOGUE": "\n".join(epilogue), "ROWS": rows}
+    fields = {"T": ctype, "THREADS": threads, "EPILOGUE": "\n".join(epilogue), "ROWS": rows,
+              "XB": _XB_AS_IS if prologue == "none" else _XB_FROM_XF}
     body = (_DOT_BODY if loop == "dot" else _FMA_BODY) % fields
+    direct = loop == "dot" and prologue == "none"      # the dot loop reads a plain x as it is: no fp32 copy
     source = _SOURCE % {"T": ctype, "N": n, "K": k, "RS": row_stride, "BODY": body,
-                        "DOT": _DOT % fields if loop == "dot" else "",
-                        "ARGS": "".join(f", {t} {name}" for t, name in params), "PROLOGUE": _PROLOGUE[prologue]}
+                        "DOT": _DOT % fields if loop == "dot" else "", "XF": "" if direct else _XF,
+                        "ARGS": "".join(f", {t} {name}" for t, name in params),
+                        "PROLOGUE": "" if direct else _PROLOGUE[prologue]}
     return source, [f"const {ctype}*", f"const {ctype}*", *(t for t, _ in params), f"{ctype}*"]
 
 
