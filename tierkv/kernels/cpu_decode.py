@@ -17,8 +17,8 @@ more aten ops of ~10-45 us each. So this module writes one loop in C++ per produ
   Rapids) unless ``TIERKV_CPU_BF16_DOT=off``: x (already rounded to bf16 by the prologue) kept as a
   bf16 vector, ``DOT_ROWS`` weight rows per step sharing each load of 32 x values, one fp32
   accumulator per row fed by ``_mm512_dpbf16_ps`` (VDPBF16PS), the last K % 32 values by masked
-  loads; no widening of the weight, 1.3-1.6x the FMA loop's rate on the Sapphire Rapids machine
-  (docs/benchmarks.md, "Decode: AVX512-BF16 dot products");
+  loads; no widening of the weight: ~1.5x the FMA loop's rate on a quiet 2-core Sapphire Rapids,
+  1.1-1.2x on a contended one (docs/benchmarks.md, "Decode: AVX512-BF16 dot products");
   "fma", every other case (fp16, fp32, CPUs without AVX512-BF16, or switched off): each row one
   sequential stream widened to fp32, two fp32 FMA accumulators (the loop shape ``cpu_qgemv``
   measured at the memory's rate on Zen 4);
