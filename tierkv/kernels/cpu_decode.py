@@ -70,7 +70,6 @@ CTYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float
 # the rows' loop (``_FMA_BODY`` or ``_DOT_BODY``), DOT the bf16 dot-product helper (empty for the FMA loop).
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
-#include <immintrin.h>
 #include <cmath>
 using V = at::vec::Vectorized<float>;
 constexpr int64_t L = V::size();
@@ -109,7 +108,8 @@ _FMA_BODY = r"""    constexpr int64_t K2 = K - K %% (2 * L), K1 = K - K %% L;
 
 # AVX512-BF16: R rows per step share each load of x's 32 bf16 values, one fp32 accumulator per row; the
 # last K % 32 values by masked loads (zeros beyond K, so nothing past a row is read).
-_DOT = r"""constexpr int64_t R = %(ROWS)d, KV = K - K %% 32;
+_DOT = r"""#include <immintrin.h>
+constexpr int64_t R = %(ROWS)d, KV = K - K %% 32;
 constexpr __mmask32 TAIL = static_cast<__mmask32>((1ull << (K %% 32)) - 1);
 template <int64_t RR>
 __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
