@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from tierkv.config import ModelConfig, RopeConfig
 from tierkv.kernels import norm_rope
+from tierkv.kernels.cpu_rows import silu_mul_rows
 from tierkv.kernels.cpu_decode_attention import attend_kernel, run_attend_kernel
 from tierkv.kernels.decode_fusion import fused_decode_wanted, fused_head, fused_post_attention, fused_pre_attention
 from tierkv.kernels.dense_linear import dense_linear
@@ -61,7 +62,7 @@ class StepInputs:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS norm computed in fp32 and cast back, as HF does. x (..., H), weight (H,).
-    One Triton kernel on CUDA, ``torch.rms_norm`` on the CPU (``kernels.norm_rope``)."""
+    One Triton kernel on CUDA; on the CPU one C++ pass or ``torch.rms_norm`` (``kernels.norm_rope``)."""
     return norm_rope.rms_norm(x, weight, eps)
 
 
@@ -115,7 +116,7 @@ def step_inputs(cfg: ModelConfig, positions: torch.Tensor, seq_len: int, dtype: 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, T, H, D) rotated by the (B, T, 1, D) tables of ``step_inputs`` (rotate-half convention):
-    one Triton kernel on CUDA, four torch ops on the CPU (``kernels.norm_rope.rope``)."""
+    one Triton kernel on CUDA; on the CPU one C++ pass or four torch ops (``kernels.norm_rope.rope``)."""
     return norm_rope.rope(x, cos, sin)
 
 
@@ -181,7 +182,8 @@ def _heads(cfg: ModelConfig, w: dict[str, torch.Tensor], q: torch.Tensor, k: tor
 def mlp(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """SwiGLU feed-forward. x (B, T, H) -> (B, T, H)."""
     gate, up = _linears(x, w, "mlp.gate_up_proj", [w["mlp.down_proj.weight"].shape[1]] * 2)
-    return _linear(F.silu(gate) * up, w, "mlp.down_proj")
+    act = silu_mul_rows(gate, up)                                            # one C++ pass on the CPU
+    return _linear(act if act is not None else F.silu(gate) * up, w, "mlp.down_proj")
 
 
 def pre_attention(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, cos: torch.Tensor,

@@ -1,4 +1,4 @@
-"""RMSNorm and RoPE in as few ops as each device runs fastest: one Triton kernel each on CUDA, a few torch ops on the CPU.
+"""RMSNorm and RoPE in as few ops as each device runs fastest: one Triton kernel each on CUDA, one C++ pass on the CPU.
 
 Why this module exists: at decode a layer's norms and rotary embedding touch a few kilobytes, so
 their cost is the number of ops (kernel launches on a GPU, dispatches and Python on the CPU), not
@@ -18,7 +18,9 @@ bytes. HF's formulation is ~8 ops per norm and ~7 per RoPE of q and of k. Here:
 
 Backend (``_select.pick_backend`` with one difference): "auto" takes Triton on CUDA tensors only.
 On the CPU the torch paths are the fast ones (the Triton interpreter is for tests, which ask for it
-with ``backend="triton"`` or ``TIERKV_KERNELS=triton``).
+with ``backend="triton"`` or ``TIERKV_KERNELS=triton``), and faster still, where they apply, the C++
+row kernels of ``kernels.cpu_rows`` (same values; ``TIERKV_CPU_ROW_KERNELS``): a call without an
+explicit ``backend`` that resolves to torch takes them first; ``backend="torch"`` keeps the torch ops.
 
 Shapes: x (..., N) rows for the norm; x (R, T, H, D) for RoPE with tables (R, T, 1, D), D even.
 """
@@ -30,6 +32,7 @@ import os
 import torch
 
 from tierkv.kernels._select import ENV_VAR, jit, next_pow2, pick_backend, tl
+from tierkv.kernels.cpu_rows import rms_norm_rows, rope_rows
 
 __all__ = ["rms_norm", "rms_norm_ref", "rms_norm_torch", "rms_norm_fwd", "rope", "rope_ref", "rope_torch",
            "rope_fwd", "signed_sin"]
@@ -155,7 +158,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str | N
     Returns (..., N) in the promotion of x's and the weight's dtypes.
     """
     if _backend(_rms_norm_kernel, backend, x, weight) == "torch":
-        return rms_norm_torch(x, weight, eps)
+        out = rms_norm_rows(x, weight, eps) if backend is None else None      # one C++ pass on the CPU
+        return out if out is not None else rms_norm_torch(x, weight, eps)
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
@@ -176,7 +180,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, backend: 
     Returns a new (R, T, H, D) tensor in x's dtype.
     """
     if _backend(_rope_kernel, backend, x, cos, sin_signed) == "torch":
-        return rope_torch(x, cos, sin_signed)
+        out = rope_rows(x, cos, sin_signed) if backend is None else None      # one C++ pass on the CPU
+        return out if out is not None else rope_torch(x, cos, sin_signed)
     xs = x if x.stride(-1) == 1 else x.contiguous()
     tables = [c if c.stride(-1) == 1 else c.contiguous() for c in (cos, sin_signed)]
     if tables[0].stride() != tables[1].stride():
