@@ -152,3 +152,22 @@ def test_fp32_tokens_are_the_same_with_the_row_kernels_on_and_off(tiny_model_dir
         assert ({"rms_norm", "silu_mul", "rope"} <= set(calls)) == (mode == "on"), (mode, set(calls))
     assert got["on"] == got["off"]
     assert got["on"][1][0] == got["on"][0]
+
+
+def test_a_failed_build_warns_once_naming_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no compiler here")
+
+    cpu_rows._build.cache_clear()
+    monkeypatch.setattr(CppPythonBindingsCodeCache, "load_pybinding", fail)
+    try:
+        x, w = torch.randn(5, 40).bfloat16(), torch.randn(40).bfloat16()
+        with pytest.warns(RuntimeWarning, match=f"{ROW_KERNELS_VAR}=off"):
+            assert rms_norm_rows(x, w, 1e-6) is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert rms_norm_rows(x, w, 1e-6) is None                          # built once: no second warning
+    finally:
+        cpu_rows._build.cache_clear()

@@ -219,9 +219,11 @@ def _source(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prolo
     return source, [f"const {ctype}*", f"const {ctype}*", *(t for t, _ in params), f"{ctype}*"]
 
 
-def compile_kernel(argtypes: list[str], source: str, what: str) -> tuple[Callable[..., None] | None, float, str | None]:
+def compile_kernel(argtypes: list[str], source: str, what: str,
+                   switch: str = "TIERKV_CPU_FUSED_DECODE") -> tuple[Callable[..., None] | None, float, str | None]:
     """(the built C++ function ``kernel`` of ``source``, seconds, None) or (None, seconds, why) after one warning
-    naming ``what`` and the fix: inductor's C++ loader (``CppPythonBindingsCodeCache``), its compiler and cache."""
+    naming ``what`` and the fixes (a compiler; ``switch``=off): inductor's C++ loader
+    (``CppPythonBindingsCodeCache``), its compiler and cache."""
     t0 = time.perf_counter()
     try:
         from torch._inductor.codecache import CppPythonBindingsCodeCache
@@ -229,9 +231,9 @@ def compile_kernel(argtypes: list[str], source: str, what: str) -> tuple[Callabl
         fn = CppPythonBindingsCodeCache.load_pybinding(argtypes, source, needs_vec_isa=True)
     except Exception as exc:  # noqa: BLE001 - any build failure means: keep the aten ops
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        warnings.warn(f"tierkv: a C++ decode {what} kernel could not be built ({reason}); decode uses "
+        warnings.warn(f"tierkv: a C++ {what} kernel could not be built ({reason}); tierkv uses "
                       "the aten ops instead. Install a C++ compiler (g++) for inductor, or set "
-                      "TIERKV_CPU_FUSED_DECODE=off to use the aten ops without trying.", RuntimeWarning, stacklevel=4)
+                      f"{switch}=off to use the aten ops without trying.", RuntimeWarning, stacklevel=4)
         return None, time.perf_counter() - t0, reason
     return fn, time.perf_counter() - t0, None
 
@@ -240,7 +242,7 @@ def compile_kernel(argtypes: list[str], source: str, what: str) -> tuple[Callabl
 def _build(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prologue, bias: bool, residual: bool,
            threads: int, loop: Loop, rows: int) -> DecodeKernel:
     source, argtypes = _source(n, k, row_stride, dtype, prologue, bias, residual, threads, loop, rows)
-    fn, seconds, error = compile_kernel(argtypes, source, "matrix-vector")
+    fn, seconds, error = compile_kernel(argtypes, source, "decode matrix-vector")
     return DecodeKernel(fn, seconds, prologue, bias, residual, error, loop)
 
 

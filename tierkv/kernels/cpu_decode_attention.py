@@ -125,7 +125,7 @@ def _build(hq: int, hkv: int, d: int, capacity: int, dtype: torch.dtype, threads
     source = _SOURCE % {"T": ctype, "HQ": hq, "HKV": hkv, "D": d, "CAP": capacity, "THREADS": threads,
                         "PAR_MIN": PARALLEL_MIN_SCORES}
     argtypes = [f"const {ctype}*"] * 3 + [f"{ctype}*"] * 3 + ["int64_t"]
-    return AttendKernel(*compile_kernel(argtypes, source, "attention"))
+    return AttendKernel(*compile_kernel(argtypes, source, "decode attention"))
 
 
 def attend_kernel(hq: int, k_cache: torch.Tensor) -> AttendKernel | None:

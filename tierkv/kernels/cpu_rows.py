@@ -191,7 +191,7 @@ def _build(kind: str, dtype: torch.dtype, threads: int, shape: tuple[int, ...]) 
         params = [f"const {ctype}*"] * 2
         extra = ["int64_t", "int64_t", "float"] if kind == "rms_norm" else ["int64_t"] * 3
     source = _PREFIX % {"T": ctype, "THREADS": threads, "WORK": work, "PAR_MIN": PARALLEL_MIN_ELEMENTS} + body
-    fn, _, _ = compile_kernel([*params, f"{ctype}*", *extra], source, f"row ({kind})")
+    fn, _, _ = compile_kernel([*params, f"{ctype}*", *extra], source, f"row ({kind})", ROW_KERNELS_VAR)
     return fn
 
 
