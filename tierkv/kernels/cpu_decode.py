@@ -42,8 +42,6 @@ residual and the output (N,); all in one dtype (bf16, fp16 or fp32), contiguous 
 from __future__ import annotations
 
 import functools
-import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -51,10 +49,11 @@ import torch
 
 from tierkv.errors import ArgumentError
 from tierkv.kernels._select import env_choice
+from tierkv.kernels.cpu_cpp import CTYPES, compile_kernel, cpp_prelude
 from tierkv.kernels.cpu_qgemv import bf16_dot_cpu
 
-__all__ = ["BF16_DOT_CHOICES", "BF16_DOT_VAR", "CTYPES", "DOT_ROWS", "DecodeKernel", "Loop", "PROLOGUES", "Prologue",
-           "compile_kernel", "decode_kernel", "decode_kernel_supported", "pick_bf16_dot", "pick_loop", "run_decode_kernel"]
+__all__ = ["BF16_DOT_CHOICES", "BF16_DOT_VAR", "DOT_ROWS", "DecodeKernel", "FUSED_DECODE_VAR", "Loop", "PROLOGUES", "Prologue",
+           "decode_kernel", "decode_kernel_supported", "pick_bf16_dot", "pick_loop", "run_decode_kernel"]
 
 Prologue = Literal["none", "rmsnorm", "swiglu"]
 PROLOGUES: tuple[Prologue, ...] = ("none", "rmsnorm", "swiglu")
@@ -62,23 +61,14 @@ Loop = Literal["dot", "fma"]                       # the rows' loop: bf16 dot pr
 # Whether bf16 kernels use the dot-product loop where the CPU has it ("auto", the default) or the fp32
 # FMA loop ("off"); read when a kernel is looked up, so a change takes effect at the next call.
 BF16_DOT_VAR = "TIERKV_CPU_BF16_DOT"
+FUSED_DECODE_VAR = "TIERKV_CPU_FUSED_DECODE"        # the fused decode path's switch (``decode_fusion``), named by a failed build
 BF16_DOT_CHOICES = ("auto", "off")
 DOT_ROWS = 4                                       # weight rows per step of the dot-product loop (measured)
-CTYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float32: "float"}
 
 # %(...)s: T the C++ element type, ARGS the extra parameters, PROLOGUE and EPILOGUE the folded ops, BODY
 # the rows' loop (``_FMA_BODY`` or ``_DOT_BODY``), DOT the bf16 dot-product helper (empty for the FMA loop).
-_SOURCE = r"""
-#include <torch/csrc/inductor/cpp_prefix.h>
-#include <cmath>
-using V = at::vec::Vectorized<float>;
-constexpr int64_t L = V::size();
+_SOURCE = r"""%(PRELUDE)s
 constexpr int64_t N = %(N)d, K = %(K)d, RS = %(RS)d;
-static inline V load_f(const float* p) { return V::loadu(p); }
-template <typename U> static inline V load_f(const U* p) {
-    return at::vec::convert<float>(at::vec::Vectorized<U>::loadu(p, L));
-}
-static inline float round_t(float v) { return static_cast<float>(static_cast<%(T)s>(v)); }
 %(DOT)s
 extern "C" void kernel(const %(T)s* x, const %(T)s* w%(ARGS)s, %(T)s* out)
 {
@@ -157,16 +147,9 @@ _XB_FROM_XF = "    alignas(64) at::BFloat16 xb[K];\n    to_bf16(xf, xb);"
 
 _PROLOGUE = {
     "none": "    for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(x[k]);",
-    # HF's RMSNorm: fp32 mean square, the normalised value rounded to T, times the weight, rounded
-    "rmsnorm": """    float ss = 0.f;
-    for (int64_t k = 0; k < K; ++k) { const float v = static_cast<float>(x[k]); ss += v * v; }
-    const float r = 1.0f / std::sqrt(ss / K + eps);
-    for (int64_t k = 0; k < K; ++k) xf[k] = round_t(static_cast<float>(nw[k]) * round_t(static_cast<float>(x[k]) * r));""",
-    # eager's F.silu(gate) * up: SiLU rounded to T, the product rounded to T
-    "swiglu": """    for (int64_t k = 0; k < K; ++k) {
-        const float g = static_cast<float>(x[k]);
-        xf[k] = round_t(round_t(g / (1.0f + std::exp(-g))) * static_cast<float>(x[K + k]));
-    }""",
+    # HF's RMSNorm and eager's SiLU(gate) * up, each rounded where eager rounds (``cpu_cpp.cpp_prelude``)
+    "rmsnorm": "    norm_row(x, nw, xf, K, eps);",
+    "swiglu": "    silu_mul_row(x, x + K, xf, K);",
 }
 
 
@@ -212,37 +195,18 @@ def _source(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prolo
               "XB": _XB_AS_IS if prologue == "none" else _XB_FROM_XF}
     body = (_DOT_BODY if loop == "dot" else _FMA_BODY) % fields
     direct = loop == "dot" and prologue == "none"      # the dot loop reads a plain x as it is: no fp32 copy
-    source = _SOURCE % {"T": ctype, "N": n, "K": k, "RS": row_stride, "BODY": body,
+    source = _SOURCE % {"PRELUDE": cpp_prelude(dtype), "T": ctype, "N": n, "K": k, "RS": row_stride, "BODY": body,
                         "DOT": _DOT % fields if loop == "dot" else "", "XF": "" if direct else _XF,
                         "ARGS": "".join(f", {t} {name}" for t, name in params),
                         "PROLOGUE": "" if direct else _PROLOGUE[prologue]}
     return source, [f"const {ctype}*", f"const {ctype}*", *(t for t, _ in params), f"{ctype}*"]
 
 
-def compile_kernel(argtypes: list[str], source: str, what: str,
-                   switch: str = "TIERKV_CPU_FUSED_DECODE") -> tuple[Callable[..., None] | None, float, str | None]:
-    """(the built C++ function ``kernel`` of ``source``, seconds, None) or (None, seconds, why) after one warning
-    naming ``what`` and the fixes (a compiler; ``switch``=off): inductor's C++ loader
-    (``CppPythonBindingsCodeCache``), its compiler and cache."""
-    t0 = time.perf_counter()
-    try:
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-        fn = CppPythonBindingsCodeCache.load_pybinding(argtypes, source, needs_vec_isa=True)
-    except Exception as exc:  # noqa: BLE001 - any build failure means: keep the aten ops
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        warnings.warn(f"tierkv: a C++ {what} kernel could not be built ({reason}); tierkv uses "
-                      "the aten ops instead. Install a C++ compiler (g++) for inductor, or set "
-                      f"{switch}=off to use the aten ops without trying.", RuntimeWarning, stacklevel=4)
-        return None, time.perf_counter() - t0, reason
-    return fn, time.perf_counter() - t0, None
-
-
 @functools.lru_cache(maxsize=256)
 def _build(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prologue, bias: bool, residual: bool,
            threads: int, loop: Loop, rows: int) -> DecodeKernel:
     source, argtypes = _source(n, k, row_stride, dtype, prologue, bias, residual, threads, loop, rows)
-    fn, seconds, error = compile_kernel(argtypes, source, "decode matrix-vector")
+    fn, seconds, error = compile_kernel(argtypes, source, "decode matrix-vector", FUSED_DECODE_VAR)
     return DecodeKernel(fn, seconds, prologue, bias, residual, error, loop)
 
 

@@ -28,7 +28,8 @@ from typing import Callable
 
 import torch
 
-from tierkv.kernels.cpu_decode import CTYPES, compile_kernel
+from tierkv.kernels.cpu_cpp import CTYPES, compile_kernel
+from tierkv.kernels.cpu_decode import FUSED_DECODE_VAR
 from tierkv.kernels.cpu_qgemv import vector_width
 
 __all__ = ["PARALLEL_MIN_SCORES", "AttendKernel", "attend_kernel", "run_attend_kernel"]
@@ -125,7 +126,7 @@ def _build(hq: int, hkv: int, d: int, capacity: int, dtype: torch.dtype, threads
     source = _SOURCE % {"T": ctype, "HQ": hq, "HKV": hkv, "D": d, "CAP": capacity, "THREADS": threads,
                         "PAR_MIN": PARALLEL_MIN_SCORES}
     argtypes = [f"const {ctype}*"] * 3 + [f"{ctype}*"] * 3 + ["int64_t"]
-    return AttendKernel(*compile_kernel(argtypes, source, "decode attention"))
+    return AttendKernel(*compile_kernel(argtypes, source, "decode attention", FUSED_DECODE_VAR))
 
 
 def attend_kernel(hq: int, k_cache: torch.Tensor) -> AttendKernel | None:

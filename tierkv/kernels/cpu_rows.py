@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from tierkv.kernels._select import env_choice
-from tierkv.kernels.cpu_decode import CTYPES, compile_kernel
+from tierkv.kernels.cpu_cpp import CTYPES, compile_kernel, cpp_prelude
 
 __all__ = ["ROW_KERNELS_CHOICES", "ROW_KERNELS_VAR", "pick_row_kernels", "rms_norm_rows", "rope_rows",
            "rows_wanted", "silu_mul_rows"]
@@ -46,24 +46,8 @@ _AUTO_DTYPES = (torch.bfloat16, torch.float16)
 # busy machine): a decode row of a small model is a few hundred to a few thousand values.
 PARALLEL_MIN_ELEMENTS = 1 << 15
 
-_PREFIX = r"""
-#include <torch/csrc/inductor/cpp_prefix.h>
-#include <algorithm>
-#include <cmath>
-using T = %(T)s;
-using V = at::vec::Vectorized<float>;
-constexpr int64_t L = V::size();
-static inline float round_t(float v) { return static_cast<float>(static_cast<T>(v)); }
-static inline V load_f(const float* p, int64_t n = L) { return V::loadu(p, n); }
-template <typename U> static inline V load_f(const U* p, int64_t n = L) {
-    return at::vec::convert<float>(at::vec::Vectorized<U>::loadu(p, n));
-}
-static inline void store_t(float* p, V v, int64_t n = L) { v.store(p, n); }
-template <typename U> static inline void store_t(U* p, V v, int64_t n = L) { at::vec::convert<U>(v).store(p, n); }
-static inline V round_v(V v) {
-    if constexpr (std::is_same_v<T, float>) return v;
-    else return at::vec::convert<float>(at::vec::convert<T>(v));
-}
+# after ``cpu_cpp.cpp_prelude``: the rows of a call split over the threads when there is enough work
+_PARALLEL = r"""
 #define PARALLEL _Pragma("omp parallel for num_threads(%(THREADS)d) schedule(static) if(M * %(WORK)d >= %(PAR_MIN)d)")
 """
 
@@ -71,21 +55,9 @@ static inline V round_v(V v) {
 _RMS_NORM = r"""
 extern "C" void kernel(const T* x, const T* w, T* out, int64_t M, int64_t RS, float eps)
 {
-    constexpr int64_t K = %(K)d, K1 = K - K %% L;
+    constexpr int64_t K = %(K)d;
     PARALLEL
-    for (int64_t m = 0; m < M; ++m) {
-        const T* r = x + m * RS;
-        T* o = out + m * K;
-        V a(0);
-        for (int64_t k = 0; k < K1; k += L) { const V v = load_f(r + k); a = at::vec::fmadd(v, v, a); }
-        float ss = at::vec::vec_reduce_all<float>([](V& p, V& q) { return p + q; }, a);
-        for (int64_t k = K1; k < K; ++k) { const float v = static_cast<float>(r[k]); ss += v * v; }
-        const float inv = 1.0f / std::sqrt(ss / K + eps);
-        const V iv(inv);
-        for (int64_t k = 0; k < K1; k += L) store_t(o + k, round_v(load_f(w + k) * round_v(load_f(r + k) * iv)));
-        for (int64_t k = K1; k < K; ++k)
-            o[k] = static_cast<T>(static_cast<float>(w[k]) * round_t(static_cast<float>(r[k]) * inv));
-    }
+    for (int64_t m = 0; m < M; ++m) norm_row(x + m * RS, w, out + m * K, K, eps);
 }
 """
 
@@ -93,19 +65,9 @@ extern "C" void kernel(const T* x, const T* w, T* out, int64_t M, int64_t RS, fl
 _SILU_MUL = r"""
 extern "C" void kernel(const T* g, const T* u, T* out, int64_t M, int64_t GS, int64_t US)
 {
-    constexpr int64_t K = %(K)d, K1 = K - K %% L;
+    constexpr int64_t K = %(K)d;
     PARALLEL
-    for (int64_t m = 0; m < M; ++m) {
-        const T* gr = g + m * GS;
-        const T* ur = u + m * US;
-        T* o = out + m * K;
-        for (int64_t k = 0; k < K; k += L) {           // the tail with partial loads: the same vector exp
-            const int64_t n = std::min(L, K - k);
-            const V gv = load_f(gr + k, n);
-            const V s = round_v(gv / (V(1.0f) + gv.neg().exp()));
-            store_t(o + k, round_v(s * load_f(ur + k, n)), n);
-        }
-    }
+    for (int64_t m = 0; m < M; ++m) silu_mul_row(g + m * GS, u + m * US, out + m * K, K);
 }
 """
 
@@ -190,7 +152,7 @@ def _build(kind: str, dtype: torch.dtype, threads: int, shape: tuple[int, ...]) 
         body, work = (_RMS_NORM if kind == "rms_norm" else _SILU_MUL) % {"K": k}, k
         params = [f"const {ctype}*"] * 2
         extra = ["int64_t", "int64_t", "float"] if kind == "rms_norm" else ["int64_t"] * 3
-    source = _PREFIX % {"T": ctype, "THREADS": threads, "WORK": work, "PAR_MIN": PARALLEL_MIN_ELEMENTS} + body
+    source = cpp_prelude(dtype) + _PARALLEL % {"THREADS": threads, "WORK": work, "PAR_MIN": PARALLEL_MIN_ELEMENTS} + body
     fn, _, _ = compile_kernel([*params, f"{ctype}*", *extra], source, f"row ({kind})", ROW_KERNELS_VAR)
     return fn
 

@@ -30,13 +30,12 @@ from __future__ import annotations
 import torch
 
 from tierkv.kernels._select import env_choice
-from tierkv.kernels.cpu_decode import DecodeKernel, Prologue, decode_kernel, run_decode_kernel
+from tierkv.kernels.cpu_decode import FUSED_DECODE_VAR, DecodeKernel, Prologue, decode_kernel, run_decode_kernel
 from tierkv.kernels.dense_linear import compiled_gemv_wanted, pick_cpu_matvec
 
 __all__ = ["FUSED_DECODE_CHOICES", "FUSED_DECODE_VAR", "fused_decode_wanted", "fused_head", "fused_post_attention",
            "fused_pre_attention", "pick_fused_decode"]
 
-FUSED_DECODE_VAR = "TIERKV_CPU_FUSED_DECODE"
 FUSED_DECODE_CHOICES = ("auto", "off")
 _AUTO_DTYPES = (torch.bfloat16, torch.float16)
 
