@@ -15,13 +15,18 @@ Paths (``linear_path`` says which; ``dense_linear`` runs it):
   ``COMPILED_GEMV_MIN_PARAMS``: the compiled loop of ``kernels.cpu_gemv`` (22-30 GB/s here, 1.2-3x
   ``torch.mv``), where it builds; else "mv";
 - "mv": one row: ``torch.mv(w, x)`` (``torch.addmv`` with a bias);
+- "mgemv": a few rows (a decode batch: M in ``MGEMV_AUTO_ROWS[dtype]`` under "auto", every M from 2
+  to ``cpu_mgemv.MGEMV_MAX_M`` under "compiled") of a weight where "gemv" would run: the C++ kernel of
+  ``kernels.cpu_mgemv`` (each weight row read once and dotted with all M rows), where it builds and
+  the weight's columns are contiguous; else the path below;
 - "mm_t": 2 <= M <= ``MM_T_MAX_M``: ``torch.mm(w, x^T)^T``, the weight as the left operand;
 - "linear": anything else, and every tensor off the CPU (cuBLAS stays on CUDA), ``F.linear``.
 
-``TIERKV_CPU_MATVEC`` (read per call; ``pick_cpu_matvec``): "auto" (default: "gemv"/"mv"/"mm_t" for
-bf16 and fp16 weights on the CPU, ``F.linear`` for fp32), "compiled" ("gemv" for every dtype and
-size: the tests' way to compare it on fp32 tokens), "on" ("mv"/"mm_t", also for fp32, never the
-compiled kernel), "off" (``F.linear`` always).
+``TIERKV_CPU_MATVEC`` (read per call; ``pick_cpu_matvec``): "auto" (default: "gemv"/"mgemv"/"mv"/"mm_t"
+for bf16 and fp16 weights on the CPU, ``F.linear`` for fp32), "compiled" ("gemv"/"mgemv" for every
+dtype and size: the tests' way to compare them on fp32 tokens), "on" ("mv"/"mm_t", also for fp32,
+never a compiled kernel), "off" (``F.linear`` always). Inside a ``torch.compile`` trace a few rows
+take "mm_t" (the few-row kernel is no traced op).
 
 Shapes: x (..., K) with M = the product of the leading dims, weight (N, K), bias (N,).
 """
@@ -33,8 +38,10 @@ import torch.nn.functional as F
 
 from tierkv.kernels._select import env_choice
 from tierkv.kernels.cpu_gemv import GemvKernel, compiled_gemv_allowed, gemv, gemv_kernel, kernels_allowed, run_gemv
+from tierkv.kernels.cpu_mgemv import MGEMV_MAX_M, MGemvKernel, bf16_dot_cpu, mgemv_kernel, run_mgemv
 
-__all__ = ["COMPILED_GEMV_MIN_PARAMS", "CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "GEMV_MIN_ELEMENTS", "MM_T_MAX_M",
+__all__ = ["COMPILED_GEMV_MIN_PARAMS", "CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "GEMV_MIN_ELEMENTS", "MGEMV_AUTO_ROWS",
+           "MM_T_MAX_M",
            "compiled_gemv_allowed", "compiled_gemv_wanted", "dense_linear", "linear_path", "pick_cpu_matvec"]
 
 CPU_MATVEC_VAR = "TIERKV_CPU_MATVEC"
@@ -49,6 +56,11 @@ COMPILED_GEMV_MIN_PARAMS = 50_000_000
 _AUTO_DTYPES = (torch.bfloat16, torch.float16)    # where the gemv paths measured faster than F.linear
 # Rows up to which mm(w, x^T) beats F.linear for bf16 (decode batches); larger M is a GEMM (prefill).
 MM_T_MAX_M = 8
+# Rows (first, last) for which the few-row kernel (kernels.cpu_mgemv) beat both mm_t and F.linear here
+# under "auto" (docs/benchmarks.md, "Batched decode: the few-row kernel"): bf16 with AVX512-BF16 dot
+# products up to M = 3 (it is compute-bound from M = 4 on, oneDNN's GEMM less so), fp16 (fp32 FMAs)
+# from M = 3 to 8. bf16 without the dot products (the fp32 FMA kernel) lost to F.linear at every M.
+MGEMV_AUTO_ROWS = {torch.bfloat16: (2, 3), torch.float16: (3, 8)}
 
 
 def pick_cpu_matvec(choice: str | None = None) -> str:
@@ -70,13 +82,15 @@ def compiled_gemv_wanted(elements: int, choice: str | None = None) -> bool:
 
 
 def linear_path(x: torch.Tensor, weight: torch.Tensor, choice: str | None = None) -> str:
-    """Which op ``dense_linear(x, weight, choice=choice)`` runs: "gemv", "mv", "mm_t" or "linear"
-    (a "gemv" whose kernel does not build runs as "mv")."""
+    """Which op ``dense_linear(x, weight, choice=choice)`` runs: "gemv", "mgemv", "mv", "mm_t" or "linear"
+    (a "gemv" whose kernel does not build runs as "mv", an "mgemv" as "mm_t" or "linear")."""
     return _choose(x, weight, choice)[0]
 
 
-def _choose(x: torch.Tensor, weight: torch.Tensor, choice: str | None) -> tuple[str, GemvKernel | None]:
-    """(``linear_path``'s answer, the built kernel of a "gemv" outside a ``torch.compile`` trace, else None)."""
+def _choose(x: torch.Tensor, weight: torch.Tensor,
+            choice: str | None) -> tuple[str, GemvKernel | MGemvKernel | None]:
+    """(``linear_path``'s answer, the built kernel of a "gemv" or "mgemv" outside a ``torch.compile``
+    trace, else None)."""
     if weight.device.type != "cpu" or weight.dim() != 2:
         return "linear", None
     mode = pick_cpu_matvec(choice)
@@ -90,7 +104,22 @@ def _choose(x: torch.Tensor, weight: torch.Tensor, choice: str | None) -> tuple[
             return "gemv", None
         kernel = gemv_kernel(weight)
         return ("gemv", kernel) if kernel.fn is not None else ("mv", None)
-    return ("mm_t" if 2 <= m <= MM_T_MAX_M else "linear"), None
+    aten = "mm_t" if 2 <= m <= MM_T_MAX_M else "linear"
+    if not _mgemv_rows(m, weight.dtype, mode) or x.dtype != weight.dtype or torch.compiler.is_compiling() or \
+            not compiled_gemv_wanted(weight.numel(), mode):
+        return aten, None
+    kernel = mgemv_kernel(weight)
+    return ("mgemv", kernel) if kernel is not None and kernel.fn is not None else (aten, None)
+
+
+def _mgemv_rows(m: int, dtype: torch.dtype, mode: str) -> bool:
+    """Whether M = ``m`` rows of a ``dtype`` weight are the few-row kernel's under ``mode``."""
+    if mode == "compiled":
+        return 2 <= m <= MGEMV_MAX_M
+    if dtype == torch.bfloat16 and not bf16_dot_cpu():
+        return False
+    first, last = MGEMV_AUTO_ROWS.get(dtype, (0, -1))
+    return first <= m <= last
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -110,6 +139,10 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     x2 = x.reshape(-1, k)                                                     # (M, K)
     if path == "gemv":
         out = gemv(weight, x2[0]) if kernel is None else run_gemv(kernel, weight, x2[0])   # (N,)
+        out = out if bias is None else out.add_(bias)
+    elif path == "mgemv":
+        assert isinstance(kernel, MGemvKernel)
+        out = run_mgemv(kernel, weight, x2)                                   # (M, N)
         out = out if bias is None else out.add_(bias)
     elif path == "mv":
         row = x2[0]
