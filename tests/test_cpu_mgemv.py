@@ -15,13 +15,17 @@ import torch.nn.functional as F
 
 import tierkv
 from placements import random_prompt
+from tierkv.errors import ArgumentError
 from tierkv.kernels import cpu_mgemv
 from tierkv.kernels.cpu_gemv import compiled_gemv_allowed
-from tierkv.kernels.dense_linear import CPU_MATVEC_VAR, GEMV_MIN_ELEMENTS, MGEMV_AUTO_ROWS, dense_linear, linear_path
+from tierkv.kernels.dense_linear import (CPU_MATVEC_VAR, CPU_MGEMV_VAR, GEMV_MIN_ELEMENTS, MGEMV_AUTO_ROWS, dense_linear,
+                                         linear_path)
 
 VARIANTS = [(torch.bfloat16, "fma"), (torch.float16, "fma"), (torch.float32, "fma")]
 if cpu_mgemv.bf16_dot_cpu():
     VARIANTS.append((torch.bfloat16, "bf16_dot"))
+if cpu_mgemv.amx_cpu():
+    VARIANTS.append((torch.bfloat16, "amx"))
 _BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}      # significand bits
 
 
@@ -37,7 +41,7 @@ def _check(got: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("dtype,variant", VARIANTS)
-@pytest.mark.parametrize("n,k", [(1, 1), (37, 99), (70, 64), (19, 300)])
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 99), (70, 64), (19, 300), (64, 77), (100, 32), (33, 130)])
 def test_every_m_matches_the_fp64_reference_on_a_strided_weight(dtype: torch.dtype, variant: str, n: int,
                                                                  k: int) -> None:
     torch.manual_seed(n * k)
@@ -51,6 +55,27 @@ def test_every_m_matches_the_fp64_reference_on_a_strided_weight(dtype: torch.dty
         got = cpu_mgemv.run_mgemv(kernel, w, x, out)
         assert got.data_ptr() == out.data_ptr()
         _check(got, w, x)
+
+
+def test_a_variant_this_cpu_lacks_is_none_and_the_default_is_the_best_it_has() -> None:
+    w = torch.randn(8, 64, dtype=torch.bfloat16)
+    assert (cpu_mgemv.mgemv_kernel(w, "amx") is None) == (not cpu_mgemv.amx_cpu())
+    assert cpu_mgemv.mgemv_kernel(w.half(), "amx") is None and cpu_mgemv.mgemv_kernel(w.half(), "bf16_dot") is None
+    want = "amx" if cpu_mgemv.amx_cpu() else "bf16_dot" if cpu_mgemv.bf16_dot_cpu() else "fma"
+    assert cpu_mgemv.default_variant(torch.bfloat16) == want and cpu_mgemv.default_variant(torch.float16) == "fma"
+    assert not cpu_mgemv.amx_cpu() or cpu_mgemv.bf16_dot_cpu()                 # AMX's kernel uses AVX512-BF16 too
+
+
+def test_the_switch_keeps_batches_on_the_aten_ops_and_one_row_on_its_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = torch.randn(GEMV_MIN_ELEMENTS // 256, 256, dtype=torch.bfloat16)
+    few, one = torch.randn(4, 256, dtype=torch.bfloat16), torch.randn(1, 256, dtype=torch.bfloat16)
+    assert linear_path(few, w, "compiled") == "mgemv"
+    monkeypatch.setenv(CPU_MGEMV_VAR, "off")
+    assert linear_path(few, w, "compiled") == "mm_t" and linear_path(few, w) == "mm_t"
+    assert linear_path(one, w, "compiled") == "gemv" and linear_path(one, w) == "gemv"
+    monkeypatch.setenv(CPU_MGEMV_VAR, "sometimes")
+    with pytest.raises(ArgumentError, match=CPU_MGEMV_VAR):
+        linear_path(few, w)
 
 
 def test_a_transposed_weight_is_not_the_kernels() -> None:
@@ -67,10 +92,12 @@ def test_dense_linear_takes_the_kernel_for_a_decode_batch_of_a_large_16_bit_weig
     buf = torch.randn(3 * GEMV_MIN_ELEMENTS // k, k, dtype=torch.bfloat16)
     big = buf[GEMV_MIN_ELEMENTS // k: 2 * GEMV_MIN_ELEMENTS // k + 5]         # a fused part: a view in a buffer
     bias = torch.randn(big.shape[0], dtype=torch.bfloat16)
-    for dtype, (first, last) in MGEMV_AUTO_ROWS.items():
+    for dtype in (torch.bfloat16, torch.float16):
         w = big.to(dtype)
-        on = dtype == torch.float16 or cpu_mgemv.bf16_dot_cpu()
-        for m in range(2, last + 2):
+        rows = MGEMV_AUTO_ROWS.get((dtype, cpu_mgemv.default_variant(dtype)))
+        on = rows is not None
+        first, last = rows or (0, -1)
+        for m in range(2, min(last + 2, cpu_mgemv.MGEMV_MAX_M) + 1):
             x = torch.randn(2, m, k).to(dtype)[:1]                         # (1, M, K)
             want = "mgemv" if on and first <= m <= last else ("mm_t" if m <= 8 else "linear")
             assert linear_path(x, w) == want, (dtype, m)
@@ -120,3 +147,31 @@ def test_16_bit_batch_rows_decode_their_solo_tokens(tiny_model_dir: Callable[...
         solo = [engine.generate(p, max_new_tokens=8, ignore_eos=True).token_ids for p in prompts]
         batch = [o.token_ids for o in engine.generate(prompts, max_new_tokens=8, ignore_eos=True)]
     assert batch == solo
+
+
+@pytest.mark.usefixtures("torch_kernels_one_thread")
+@pytest.mark.parametrize("variant", ["llama", "qwen2-bias"])
+def test_fp32_ragged_batches_through_the_kernel_decode_the_aten_tokens(tiny_model_dir: Callable[..., Path],
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       variant: str) -> None:
+    """fp32, "compiled": ragged batches of 2 and 5 (prompts of different lengths) take the few-row kernel for
+    every projection and decode the tokens of F.linear ("off") and of each prompt's solo run."""
+    from tierkv.kernels import dense_linear as dl
+
+    calls: list[int] = []
+    run = dl.run_mgemv
+    monkeypatch.setattr(dl, "run_mgemv", lambda kernel, w, x, *a: calls.append(x.shape[0]) or run(kernel, w, x, *a))
+    monkeypatch.setenv("TIERKV_CPU_FUSED_DECODE", "off")
+    prompts = [random_prompt(n, seed=90 + n) for n in (13, 4, 30, 7, 18)]
+    got = {}
+    for mode in ("off", "compiled"):
+        monkeypatch.setenv(CPU_MATVEC_VAR, mode)
+        calls.clear()
+        with tierkv.load(tiny_model_dir(variant), device="cpu", dtype="float32", kv="exact") as engine:
+            solo = [engine.generate(p, max_new_tokens=6, ignore_eos=True).token_ids for p in prompts]
+            batches = [[o.token_ids for o in engine.generate(group, max_new_tokens=6, ignore_eos=True)]
+                       for group in (prompts[:2], prompts)]
+        got[mode] = (solo, batches)
+        assert (2 in calls and 5 in calls) == (mode == "compiled"), (mode, sorted(set(calls)))
+    assert got["compiled"] == got["off"]
+    assert got["off"][1] == [got["off"][0][:2], got["off"][0]]

@@ -42,7 +42,8 @@ import torch
 
 from tierkv.kernels.cpu_qgemv import _cpu_flags
 
-__all__ = ["MGEMV_MAX_M", "MGemvKernel", "bf16_dot_cpu", "mgemv", "mgemv_kernel", "run_mgemv"]
+__all__ = ["MGEMV_MAX_M", "VARIANTS", "MGemvKernel", "amx_cpu", "bf16_dot_cpu", "default_variant", "kernel_cpu_flags",
+           "mgemv", "mgemv_kernel", "run_mgemv"]
 
 MGEMV_MAX_M = 32              # rows of x the kernel takes (measured against F.linear: docs/benchmarks.md)
 _CTYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float32: "float"}
@@ -165,11 +166,160 @@ extern "C" void kernel(const at::BFloat16* xb, const at::BFloat16* wb, at::BFloa
 }
 """
 
+# bf16 with AMX (Intel Sapphire Rapids+): the weight read as stored into tiles of 16 rows x 32 columns
+# (A, one tile load per 16 rows: no repacking), x packed once per call into bf16 pairs (B: 16 pairs of
+# columns x M rows, xp (KB, 16, M, 2), zero-padded), one tile product (16 x M fp32 sums) per 16 weight
+# rows and 32 columns. Blocks of 32 weight rows (two A tiles) share each B tile; M > 16 takes a second B
+# tile. The last partial block of rows, and each block's last partial 32 columns, are copied into
+# zero-padded buffers first (a few KiB), so every tile is full.
+_AMX = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <immintrin.h>
+#include <cstring>
+#include <memory>
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+constexpr int64_t L = 32, NB = 32;                     // columns per tile step, weight rows per block
+
+struct alignas(64) TileConfig {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+// tiles 0-1: C of x rows [0, m0) for weight rows [0, 16) and [16, 32); 2-3: x rows [m0, M); 4-5: A; 6-7: B
+TARGET static void configure(int m0, int m1) {
+    TileConfig c;
+    std::memset(&c, 0, sizeof(c));
+    c.palette = 1;
+    const int mb[2] = {m0, m1};
+    for (int t = 0; t < 2; ++t) {
+        if (!mb[t]) continue;
+        c.rows[2 * t] = c.rows[2 * t + 1] = 16;
+        c.colsb[2 * t] = c.colsb[2 * t + 1] = mb[t] * 4;
+        c.rows[6 + t] = 16;
+        c.colsb[6 + t] = mb[t] * 4;
+    }
+    c.rows[4] = c.rows[5] = 16;
+    c.colsb[4] = c.colsb[5] = 64;
+    _tile_loadconfig(&c);
+}
+
+TARGET static void release() { _tile_release(); }
+
+// 32 weight rows (row stride ldw) x all M rows: out[m * N + r] for r < rows. tail: the rows' last partial
+// 32 columns, zero-padded (NB x L), or null when K is a multiple of L.
+template <bool TWO>
+TARGET static void block(const uint16_t* w, int64_t ldw, const uint16_t* xp, int64_t M, int64_t m0, int64_t K,
+                         const uint16_t* tail, at::BFloat16* out, int64_t N, int64_t rows)
+{
+    _tile_zero(0); _tile_zero(1);
+    if constexpr (TWO) { _tile_zero(2); _tile_zero(3); }
+    const int64_t KB = (K + L - 1) / L, K1 = K / L, xstep = 16 * M * 2;
+    for (int64_t kb = 0; kb < KB; ++kb) {
+        const uint16_t* a = kb < K1 ? w + kb * L : tail;
+        const int64_t lda = (kb < K1 ? ldw : L) * 2;
+        _tile_loadd(4, a, lda);
+        _tile_loadd(5, a + 16 * (lda / 2), lda);
+        _tile_loadd(6, xp + kb * xstep, M * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 5, 6);
+        if constexpr (TWO) {
+            _tile_loadd(7, xp + kb * xstep + m0 * 2, M * 4);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    float c[4][16][16];                                 // [tile][weight row][x row]
+    _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
+    if constexpr (TWO) { _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64); }
+    for (int64_t m = 0; m < M; ++m) {
+        const int t = m < m0 ? 0 : 2, j = m < m0 ? m : m - m0;
+        for (int64_t r = 0; r < rows; ++r)
+            out[m * N + r] = static_cast<at::BFloat16>(c[t + r / 16][r %% 16][j]);
+    }
+}
+
+extern "C" void kernel(const at::BFloat16* xb, const at::BFloat16* wb, at::BFloat16* out, int64_t M, int64_t N,
+                       int64_t K, int64_t ldw)
+{
+    const uint16_t* x = reinterpret_cast<const uint16_t*>(xb);
+    const uint16_t* w = reinterpret_cast<const uint16_t*>(wb);
+    const int64_t KB = (K + L - 1) / L, K1 = K / L * L, m0 = M < 16 ? M : 16, blocks = (N + NB - 1) / NB;
+    std::unique_ptr<uint16_t[]> xp(new uint16_t[KB * 16 * M * 2]);         // (KB, 16, M, 2), zero-padded
+    #pragma omp parallel num_threads(%(THREADS)d)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t kb = 0; kb < KB; ++kb)
+            for (int64_t r = 0; r < 16; ++r)
+                for (int64_t m = 0; m < M; ++m)
+                    for (int64_t j = 0; j < 2; ++j) {
+                        const int64_t k = kb * L + 2 * r + j;
+                        xp[((kb * 16 + r) * M + m) * 2 + j] = k < K ? x[m * K + k] : 0;
+                    }
+        configure(m0, M - m0);
+        alignas(64) uint16_t tail[NB * L];
+        std::unique_ptr<uint16_t[]> last;               // the last partial block of rows, (NB, KB * L) zero-padded
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; ++b) {
+            const int64_t n0 = b * NB, rows = N - n0 < NB ? N - n0 : NB;
+            const uint16_t* wr = w + n0 * ldw;
+            int64_t ld = ldw;
+            if (rows < NB) {
+                last.reset(new uint16_t[NB * KB * L]());
+                for (int64_t r = 0; r < rows; ++r) std::memcpy(last.get() + r * KB * L, wr + r * ldw, K * 2);
+                wr = last.get();
+                ld = KB * L;
+            }
+            const bool partial = K1 < K && rows == NB;
+            if (partial) {
+                std::memset(tail, 0, sizeof(tail));
+                for (int64_t r = 0; r < NB; ++r) std::memcpy(tail + r * L, wr + r * ld + K1, (K - K1) * 2);
+            }
+            const int64_t kk = rows < NB ? KB * L : K;  // the padded copy has no partial columns
+            if (M > 16) block<true>(wr, ld, xp.get(), M, m0, kk, partial ? tail : nullptr, out + n0, N, rows);
+            else block<false>(wr, ld, xp.get(), M, m0, kk, partial ? tail : nullptr, out + n0, N, rows);
+        }
+        release();
+    }
+}
+"""
+
+
+_BF16_DOT_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
+_AMX_FLAGS = frozenset({"amx_tile", "amx_bf16"})
+
 
 @functools.lru_cache(maxsize=1)
 def bf16_dot_cpu() -> bool:
     """Whether this CPU has the AVX-512 bf16 dot products the bf16 kernel uses (Linux /proc/cpuinfo)."""
-    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= _cpu_flags()
+    return _BF16_DOT_FLAGS <= _cpu_flags()
+
+
+@functools.lru_cache(maxsize=1)
+def amx_cpu() -> bool:
+    """Whether the AMX bf16 kernel runs here: the CPU has AMX tiles and bf16 tile products (and AVX512-BF16)
+    and Linux lets this process use the tile registers (PyTorch's ``_init_amx``: the arch_prctl request)."""
+    if not (_AMX_FLAGS | _BF16_DOT_FLAGS) <= _cpu_flags():
+        return False
+    init = getattr(torch._C._cpu, "_init_amx", None)
+    return bool(init is not None and init())
+
+
+def kernel_cpu_flags() -> frozenset[str]:
+    """The /proc/cpuinfo flags this module's kernels look for that this CPU has (for benchmark records)."""
+    return (_AMX_FLAGS | _BF16_DOT_FLAGS) & _cpu_flags()
+
+
+def default_variant(dtype: torch.dtype) -> str:
+    """The variant a ``dtype`` weight takes here: "amx" for bf16 where ``amx_cpu()``, else "bf16_dot" for bf16
+    where ``bf16_dot_cpu()``, else "fma"."""
+    if dtype != torch.bfloat16:
+        return "fma"
+    return "amx" if amx_cpu() else ("bf16_dot" if bf16_dot_cpu() else "fma")
+
+
+_SOURCES = {"amx": _AMX, "bf16_dot": _BF16_DOT, "fma": _FMA}
+VARIANTS = tuple(_SOURCES)
 
 
 @dataclass(frozen=True)
@@ -189,7 +339,7 @@ def _build(dtype: torch.dtype, variant: str, threads: int) -> MGemvKernel:
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
         ctype = _CTYPES[dtype]
-        source = (_BF16_DOT if variant == "bf16_dot" else _FMA) % {"T": ctype, "THREADS": threads}
+        source = _SOURCES[variant] % {"T": ctype, "THREADS": threads}
         fn = CppPythonBindingsCodeCache.load_pybinding([f"const {ctype}*", f"const {ctype}*", f"{ctype}*", "int64_t",
                                                         "int64_t", "int64_t", "int64_t"], source, needs_vec_isa=True)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the aten op instead
@@ -209,9 +359,8 @@ def mgemv_kernel(weight: torch.Tensor, variant: str | None = None) -> MGemvKerne
     if weight.device.type != "cpu" or weight.dim() != 2 or weight.dtype not in _CTYPES or \
             (weight.stride(1) != 1 and weight.shape[1] > 1):
         return None
-    dot = weight.dtype == torch.bfloat16 and bf16_dot_cpu()
-    variant = variant or ("bf16_dot" if dot else "fma")
-    if variant == "bf16_dot" and not dot:
+    variant = variant or default_variant(weight.dtype)
+    if variant != "fma" and (weight.dtype != torch.bfloat16 or not (amx_cpu() if variant == "amx" else bf16_dot_cpu())):
         return None
     return _build(weight.dtype, variant, torch.get_num_threads())
 

@@ -15,7 +15,7 @@ Paths (``linear_path`` says which; ``dense_linear`` runs it):
   ``COMPILED_GEMV_MIN_PARAMS``: the compiled loop of ``kernels.cpu_gemv`` (22-30 GB/s here, 1.2-3x
   ``torch.mv``), where it builds; else "mv";
 - "mv": one row: ``torch.mv(w, x)`` (``torch.addmv`` with a bias);
-- "mgemv": a few rows (a decode batch: M in ``MGEMV_AUTO_ROWS[dtype]`` under "auto", every M from 2
+- "mgemv": a few rows (a decode batch: M in ``MGEMV_AUTO_ROWS[dtype, variant]`` under "auto", every M from 2
   to ``cpu_mgemv.MGEMV_MAX_M`` under "compiled") of a weight where "gemv" would run: the C++ kernel of
   ``kernels.cpu_mgemv`` (each weight row read once and dotted with all M rows), where it builds and
   the weight's columns are contiguous; else the path below;
@@ -25,7 +25,8 @@ Paths (``linear_path`` says which; ``dense_linear`` runs it):
 ``TIERKV_CPU_MATVEC`` (read per call; ``pick_cpu_matvec``): "auto" (default: "gemv"/"mgemv"/"mv"/"mm_t"
 for bf16 and fp16 weights on the CPU, ``F.linear`` for fp32), "compiled" ("gemv"/"mgemv" for every
 dtype and size: the tests' way to compare them on fp32 tokens), "on" ("mv"/"mm_t", also for fp32,
-never a compiled kernel), "off" (``F.linear`` always). Inside a ``torch.compile`` trace a few rows
+never a compiled kernel), "off" (``F.linear`` always). ``TIERKV_CPU_MGEMV=off`` keeps decode batches off
+the few-row kernel (their aten op instead) and leaves one-row products as they are. Inside a ``torch.compile`` trace a few rows
 take "mm_t" (the few-row kernel is no traced op).
 
 Shapes: x (..., K) with M = the product of the leading dims, weight (N, K), bias (N,).
@@ -38,14 +39,17 @@ import torch.nn.functional as F
 
 from tierkv.kernels._select import env_choice
 from tierkv.kernels.cpu_gemv import GemvKernel, compiled_gemv_allowed, gemv, gemv_kernel, kernels_allowed, run_gemv
-from tierkv.kernels.cpu_mgemv import MGEMV_MAX_M, MGemvKernel, bf16_dot_cpu, mgemv_kernel, run_mgemv
+from tierkv.kernels.cpu_mgemv import MGEMV_MAX_M, MGemvKernel, default_variant, mgemv_kernel, run_mgemv
 
-__all__ = ["COMPILED_GEMV_MIN_PARAMS", "CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "GEMV_MIN_ELEMENTS", "MGEMV_AUTO_ROWS",
-           "MM_T_MAX_M",
+__all__ = ["COMPILED_GEMV_MIN_PARAMS", "CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "CPU_MGEMV_VAR", "GEMV_MIN_ELEMENTS",
+           "MGEMV_AUTO_ROWS", "MM_T_MAX_M",
            "compiled_gemv_allowed", "compiled_gemv_wanted", "dense_linear", "linear_path", "pick_cpu_matvec"]
 
 CPU_MATVEC_VAR = "TIERKV_CPU_MATVEC"
 CPU_MATVEC_CHOICES = ("auto", "compiled", "on", "off")
+# "off" keeps a decode batch (M >= 2) on the aten ops whatever TIERKV_CPU_MATVEC says (an A/B of the
+# few-row kernel alone: one-row products keep their path); "auto": as TIERKV_CPU_MATVEC picks.
+CPU_MGEMV_VAR = "TIERKV_CPU_MGEMV"
 # Weights below this many elements keep torch.mv under "auto": a kernel build for a matrix that
 # takes microseconds does not pay.
 GEMV_MIN_ELEMENTS = 1 << 18
@@ -56,11 +60,14 @@ COMPILED_GEMV_MIN_PARAMS = 50_000_000
 _AUTO_DTYPES = (torch.bfloat16, torch.float16)    # where the gemv paths measured faster than F.linear
 # Rows up to which mm(w, x^T) beats F.linear for bf16 (decode batches); larger M is a GEMM (prefill).
 MM_T_MAX_M = 8
-# Rows (first, last) for which the few-row kernel (kernels.cpu_mgemv) beat both mm_t and F.linear here
-# under "auto" (docs/benchmarks.md, "Batched decode: the few-row kernel"): bf16 with AVX512-BF16 dot
-# products up to M = 3 (it is compute-bound from M = 4 on, oneDNN's GEMM less so), fp16 (fp32 FMAs)
-# from M = 3 to 8. bf16 without the dot products (the fp32 FMA kernel) lost to F.linear at every M.
-MGEMV_AUTO_ROWS = {torch.bfloat16: (2, 3), torch.float16: (3, 8)}
+# Rows (first, last) for which the few-row kernel (kernels.cpu_mgemv) beat both mm_t and F.linear under
+# "auto", per (weight dtype, the kernel variant this CPU runs: ``cpu_mgemv.default_variant``)
+# (docs/benchmarks.md, "Batched decode: the few-row kernel"). AMX tiles (Intel Sapphire Rapids, 2
+# cores): memory-bound at every M to 32, ahead of oneDNN's AMX GEMM. AVX512-BF16 dot products (AMD Zen
+# 4): up to M = 3 (compute-bound from M = 4 on, oneDNN's GEMM less so). fp16 (fp32 FMAs): M 3-8 on
+# Zen 4. bf16 on neither (the fp32 FMA kernel) lost to F.linear at every M: F.linear it is.
+MGEMV_AUTO_ROWS = {(torch.bfloat16, "amx"): (2, MGEMV_MAX_M), (torch.bfloat16, "bf16_dot"): (2, 3),
+                   (torch.float16, "fma"): (3, 8)}
 
 
 def pick_cpu_matvec(choice: str | None = None) -> str:
@@ -114,11 +121,11 @@ def _choose(x: torch.Tensor, weight: torch.Tensor,
 
 def _mgemv_rows(m: int, dtype: torch.dtype, mode: str) -> bool:
     """Whether M = ``m`` rows of a ``dtype`` weight are the few-row kernel's under ``mode``."""
+    if env_choice(None, CPU_MGEMV_VAR, ("auto", "off"), "the few-row kernel switch") == "off":
+        return False
     if mode == "compiled":
         return 2 <= m <= MGEMV_MAX_M
-    if dtype == torch.bfloat16 and not bf16_dot_cpu():
-        return False
-    first, last = MGEMV_AUTO_ROWS.get(dtype, (0, -1))
+    first, last = MGEMV_AUTO_ROWS.get((dtype, default_variant(dtype)), (0, -1))
     return first <= m <= last
 
 
