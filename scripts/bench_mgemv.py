@@ -10,12 +10,16 @@ ops interleaved round by round in one process (the machine is noisy). Per (dtype
 * one row per variant of ``kernels.cpu_mgemv`` that builds here ("bf16_dot", "amx", "fma").
 
 Each timing cycles through enough distinct weights to total ``--mbytes`` MB (default 640), so every call reads
-its weight from memory; the median over ``--rounds`` rounds of the mean time per call, as GB/s of weight bytes.
+its weight from memory; the best and the median over ``--rounds`` rounds of the mean time per call, as GB/s of
+weight bytes (on a shared 2-core machine another process's burst stalls a 2-thread op at its barrier: the best
+round is the op's own speed, the median what a busy machine gives).
 
     python scripts/bench_mgemv.py [--threads 2] [--rows 1,2,3,4,6,8,12,16,24,32] [--dtypes bfloat16,float16]
         [--shapes 5632x2048,2048x5632,2048x2048] [--mbytes 640] [--rounds 5]
 
-Prints a table per dtype (GB/s; the best op per M marked), then exactly one JSON line.
+        [--pick best|median]
+
+Prints a table per dtype and shape (GB/s; the fastest op per M marked), then exactly one JSON line.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ def _time(op: Callable[[torch.Tensor, torch.Tensor], object], weights: list[torc
 
 
 def measure(dtype: torch.dtype, shape: tuple[int, int], rows: list[int], mbytes: float,
-            rounds: int) -> dict[int, dict[str, float]]:
-    """{M: {op: GB/s of weight bytes}} for ``dtype`` weights of ``shape`` (N, K)."""
+            rounds: int, pick: Callable[[list[float]], float]) -> dict[int, dict[str, float]]:
+    """{M: {op: GB/s of weight bytes}} for ``dtype`` weights of ``shape`` (N, K), ``pick`` choosing each op's
+    time per call from its rounds'."""
     n, k = shape
     count = max(4, int(mbytes * 1e6 / (n * k * 2)) + 1)
     weights = [torch.randn(n, k).to(dtype) for _ in range(count)]                    # count x (N, K)
@@ -65,8 +70,7 @@ def measure(dtype: torch.dtype, shape: tuple[int, int], rows: list[int], mbytes:
             x = torch.randn(m, k).to(dtype)                                             # (M, K)
             for name, op in _ops(dtype, m, weights[0]).items():
                 samples[m].setdefault(name, []).append(_time(op, weights, x))
-    return {m: {name: n * k * 2 / statistics.median(ts) / 1e9 for name, ts in ops.items()}
-            for m, ops in samples.items()}
+    return {m: {name: n * k * 2 / pick(ts) / 1e9 for name, ts in ops.items()} for m, ops in samples.items()}
 
 
 def main() -> None:
@@ -77,6 +81,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="5632x2048,2048x5632,2048x2048")
     parser.add_argument("--mbytes", type=float, default=640.0)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pick", choices=("best", "median"), default="best")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
@@ -86,9 +91,10 @@ def main() -> None:
         dtype = getattr(torch, name)
         result[name] = {}
         for shape in shapes:
-            table = measure(dtype, shape, rows, args.mbytes, args.rounds)
+            pick = min if args.pick == "best" else statistics.median
+            table = measure(dtype, shape, rows, args.mbytes, args.rounds, pick)
             result[name][f"{shape[0]}x{shape[1]}"] = table
-            print(f"\n{name} {shape[0]}x{shape[1]}: GB/s of weight bytes (median of {args.rounds} rounds)")
+            print(f"\n{name} {shape[0]}x{shape[1]}: GB/s of weight bytes ({args.pick} of {args.rounds} rounds)")
             names = sorted({op for ops in table.values() for op in ops})
             print("    M " + "".join(f"{op:>10}" for op in names))
             for m, ops in table.items():
@@ -96,7 +102,7 @@ def main() -> None:
                 cells = "".join(f"{ops[op]:9.1f}{'*' if op == best else ' '}" if op in ops else f"{'-':>10}"
                                 for op in names)
                 print(f"{m:5d} {cells}")
-    print(json.dumps({"bench": "mgemv", "threads": args.threads, "gbps": result,
+    print(json.dumps({"bench": "mgemv", "threads": args.threads, "pick": args.pick, "gbps": result,
                       "cpu_flags": sorted(cpu_mgemv.kernel_cpu_flags())}))
 
 

@@ -18,8 +18,8 @@ from placements import random_prompt
 from tierkv.errors import ArgumentError
 from tierkv.kernels import cpu_mgemv
 from tierkv.kernels.cpu_gemv import compiled_gemv_allowed
-from tierkv.kernels.dense_linear import (CPU_MATVEC_VAR, CPU_MGEMV_VAR, GEMV_MIN_ELEMENTS, MGEMV_AUTO_ROWS, dense_linear,
-                                         linear_path)
+from tierkv.kernels.dense_linear import (CPU_MATVEC_VAR, CPU_MGEMV_VAR, GEMV_MIN_ELEMENTS, MGEMV_AUTO_ROWS,
+                                         dense_linear, linear_path)
 
 VARIANTS = [(torch.bfloat16, "fma"), (torch.float16, "fma"), (torch.float32, "fma")]
 if cpu_mgemv.bf16_dot_cpu():

@@ -8,23 +8,31 @@ M = 16 on this project's CPU (docs/benchmarks.md). This kernel reads each weight
 (any row stride: a fused strided view, a streamed ring slot), and dots it with all M rows of x, which
 stay in the cache:
 
-- bf16 on CPUs with AVX512-BF16: x's bf16 pairs as stored, 32 weights a step into one bf16 dot
-  product (``vdpbf16ps``: exact products, fp32 sums) per x row;
-- every other case (fp16, fp32, bf16 without AVX512-BF16): x widened to fp32 once per call into a
-  buffer, the weight widened a vector at a time, one fp32 fused multiply-add per x row.
+Variants (``default_variant`` picks by the CPU's features; ``VARIANTS`` lists them):
 
-Up to 16 x rows share each weight vector in registers; larger M runs in equal chunks of up to 16 over
-the same weight row (the row is in the L1 cache by then). One OpenMP region per call, parallel over
-output rows with the thread count the kernel was built for. M, N, K and the weight's row stride are
-arguments, so one kernel per (dtype, thread count) serves every batch size and weight.
+- "amx", bf16 on CPUs with AMX tiles (Intel Sapphire Rapids+): the weight loaded into tiles of 16 rows x
+  32 columns straight from where it is stored, x packed once per call into bf16 pairs, one tile product
+  (16 weight rows x M x rows, fp32 sums) per 16 x 32 weight block; M up to 32 stays at the memory's
+  rate (the tile unit has ~10x the work it needs), where the vector dot products below are
+  compute-bound from M = 2-4 on;
+- "bf16_dot", bf16 on CPUs with AVX512-BF16 (AMD Zen 4): x's bf16 pairs as stored, 32 weights a step
+  into one bf16 dot product (``vdpbf16ps``: exact products, fp32 sums) per x row;
+- "fma", every other case (fp16, fp32, bf16 on neither): x widened to fp32 once per call into a buffer,
+  the weight widened a vector at a time, one fp32 fused multiply-add per x row.
+
+In the vector variants up to 16 x rows share each weight vector in registers; larger M runs in equal
+chunks of up to 16 over the same weight row (the row is in the L1 cache by then). One OpenMP region per
+call, parallel over output rows with the thread count the kernel was built for. M, N, K and the
+weight's row stride are arguments, so one kernel per (dtype, variant, thread count) serves every batch
+size and weight.
 
 Built like ``cpu_qgemv``'s kernels: inductor's ``CppPythonBindingsCodeCache`` (its compiler, flags,
 vector headers and on-disk cache). A build that fails leaves ``MGemvKernel.fn`` None with the reason
 (one warning) and the caller uses PyTorch's op.
 
 Numerics: fp32 sums of exact products of the 16-bit values (fp32: fused multiply-adds), one rounding
-to x's dtype at the end. The bf16 dot product treats denormal inputs as zero and flushes denormal
-sums (the instruction's fixed behaviour), far below bf16 decode's precision.
+to x's dtype at the end. The bf16 dot products (vector and tile) treat denormal inputs as zero and
+flush denormal sums (the instructions' fixed behaviour), far below bf16 decode's precision.
 
 Shapes: weight (N, K) with unit column stride, any row stride; x (M, K) contiguous in the weight's
 dtype -> (M, N) contiguous in x's dtype.

@@ -25,9 +25,9 @@ Paths (``linear_path`` says which; ``dense_linear`` runs it):
 ``TIERKV_CPU_MATVEC`` (read per call; ``pick_cpu_matvec``): "auto" (default: "gemv"/"mgemv"/"mv"/"mm_t"
 for bf16 and fp16 weights on the CPU, ``F.linear`` for fp32), "compiled" ("gemv"/"mgemv" for every
 dtype and size: the tests' way to compare them on fp32 tokens), "on" ("mv"/"mm_t", also for fp32,
-never a compiled kernel), "off" (``F.linear`` always). ``TIERKV_CPU_MGEMV=off`` keeps decode batches off
-the few-row kernel (their aten op instead) and leaves one-row products as they are. Inside a ``torch.compile`` trace a few rows
-take "mm_t" (the few-row kernel is no traced op).
+never a compiled kernel), "off" (``F.linear`` always). ``TIERKV_CPU_MGEMV=off`` keeps decode batches
+off the few-row kernel (their aten op instead) and leaves one-row products as they are. Inside a
+``torch.compile`` trace a few rows take "mm_t" (the few-row kernel is no traced op).
 
 Shapes: x (..., K) with M = the product of the leading dims, weight (N, K), bias (N,).
 """
