@@ -60,6 +60,19 @@ _CTYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.floa
 # each other: xp (ceil(K / L), M, L), zero-padded. A step over K then reads M consecutive vectors of x,
 # one sequential stream, where x's own rows (K apart: 4 KiB at K = 2048) fell into the same L1 sets.
 
+# The vector kernels' loop over output rows, after x is packed into xp: equal chunks of up to 16 x rows per
+# weight row (ROWS[mb], the kernel's own row function).
+_ROW_CHUNKS = r"""
+    const int64_t chunks = (M + 15) / 16, size = (M + chunks - 1) / chunks;
+    #pragma omp parallel for num_threads(%(THREADS)d) schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t m0 = 0; m0 < M; m0 += size) {
+            const int64_t mb = M - m0 < size ? M - m0 : size;
+            ROWS[mb](xp.get() + m0 * L, M * L, K, w + n * ldw, out + m0 * N + n, N);
+        }
+}
+"""
+
 # The portable kernel (inductor's at::vec): x widened to fp32 into xp, each weight vector widened once
 # and fused-multiply-added into MB accumulators (one per x row of the chunk).
 _FMA = r"""
@@ -108,15 +121,7 @@ extern "C" void kernel(const T* x, const T* w, T* out, int64_t M, int64_t N, int
             const int64_t c = K - kb * L < L ? K - kb * L : L;
             wload(x + m * K + kb * L, c).store(xp.get() + (kb * M + m) * L, c);
         }
-    const int64_t chunks = (M + 15) / 16, size = (M + chunks - 1) / chunks;
-    #pragma omp parallel for num_threads(%(THREADS)d) schedule(static)
-    for (int64_t n = 0; n < N; ++n)
-        for (int64_t m0 = 0; m0 < M; m0 += size) {
-            const int64_t mb = M - m0 < size ? M - m0 : size;
-            ROWS[mb](xp.get() + m0 * L, M * L, K, w + n * ldw, out + m0 * N + n, N);
-        }
-}
-"""
+""" + _ROW_CHUNKS
 
 # bf16 with AVX512-BF16: x's bf16 values as stored (copied into xp, L = 32), 32 weights per step, one
 # vdpbf16ps per x row.
@@ -164,15 +169,7 @@ extern "C" void kernel(const at::BFloat16* xb, const at::BFloat16* wb, at::BFloa
             const int64_t c = K - kb * L < L ? K - kb * L : L;
             std::memcpy(xp.get() + (kb * M + m) * L, x + m * K + kb * L, c * sizeof(uint16_t));
         }
-    const int64_t chunks = (M + 15) / 16, size = (M + chunks - 1) / chunks;
-    #pragma omp parallel for num_threads(%(THREADS)d) schedule(static)
-    for (int64_t n = 0; n < N; ++n)
-        for (int64_t m0 = 0; m0 < M; m0 += size) {
-            const int64_t mb = M - m0 < size ? M - m0 : size;
-            ROWS[mb](xp.get() + m0 * L, M * L, K, w + n * ldw, out + m0 * N + n, N);
-        }
-}
-"""
+""" + _ROW_CHUNKS
 
 # bf16 with AMX (Intel Sapphire Rapids+): the weight read as stored into tiles of 16 rows x 32 columns
 # (A, one tile load per 16 rows: no repacking), x packed once per call into bf16 pairs (B: 16 pairs of
