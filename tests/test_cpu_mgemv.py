@@ -18,8 +18,8 @@ from placements import random_prompt
 from tierkv.errors import ArgumentError
 from tierkv.kernels import cpu_mgemv
 from tierkv.kernels.cpu_gemv import compiled_gemv_allowed
-from tierkv.kernels.dense_linear import (CPU_MATVEC_VAR, CPU_MGEMV_VAR, GEMV_MIN_ELEMENTS, MGEMV_AUTO_ROWS,
-                                         dense_linear, linear_path)
+from tierkv.kernels.dense_linear import (CPU_MATVEC_VAR, CPU_MGEMV_VAR, GEMV_MIN_ELEMENTS, LINEAR_FEW_ROWS,
+                                         MGEMV_AUTO_ROWS, MM_T_MAX_M, dense_linear, linear_path)
 
 VARIANTS = [(torch.bfloat16, "fma"), (torch.float16, "fma"), (torch.float32, "fma")]
 if cpu_mgemv.bf16_dot_cpu():
@@ -63,6 +63,7 @@ def test_a_variant_this_cpu_lacks_is_none_and_the_default_is_the_best_it_has() -
     assert cpu_mgemv.mgemv_kernel(w.half(), "amx") is None and cpu_mgemv.mgemv_kernel(w.half(), "bf16_dot") is None
     want = "amx" if cpu_mgemv.amx_cpu() else "bf16_dot" if cpu_mgemv.bf16_dot_cpu() else "fma"
     assert cpu_mgemv.default_variant(torch.bfloat16) == want and cpu_mgemv.default_variant(torch.float16) == "fma"
+    assert cpu_mgemv.cpu_class() == {"amx": "amx", "bf16_dot": "avx512_bf16", "fma": "other"}[want]
     assert not cpu_mgemv.amx_cpu() or cpu_mgemv.bf16_dot_cpu()                 # AMX's kernel uses AVX512-BF16 too
 
 
@@ -94,12 +95,13 @@ def test_dense_linear_takes_the_kernel_for_a_decode_batch_of_a_large_16_bit_weig
     bias = torch.randn(big.shape[0], dtype=torch.bfloat16)
     for dtype in (torch.bfloat16, torch.float16):
         w = big.to(dtype)
-        rows = MGEMV_AUTO_ROWS.get((dtype, cpu_mgemv.default_variant(dtype)))
+        rows = MGEMV_AUTO_ROWS.get((dtype, cpu_mgemv.cpu_class()))
         on = rows is not None
         first, last = rows or (0, -1)
         for m in range(2, min(last + 2, cpu_mgemv.MGEMV_MAX_M) + 1):
             x = torch.randn(2, m, k).to(dtype)[:1]                         # (1, M, K)
-            want = "mgemv" if on and first <= m <= last else ("mm_t" if m <= 8 else "linear")
+            mm_t = m <= MM_T_MAX_M and (dtype, cpu_mgemv.cpu_class()) not in LINEAR_FEW_ROWS
+            want = "mgemv" if on and first <= m <= last else ("mm_t" if mm_t else "linear")
             assert linear_path(x, w) == want, (dtype, m)
             assert linear_path(x, w, "compiled") == "mgemv" and linear_path(x, w, "on") != "mgemv"
             got = dense_linear(x, w, bias.to(dtype), choice="compiled")

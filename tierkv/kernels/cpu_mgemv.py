@@ -50,7 +50,7 @@ import torch
 
 from tierkv.kernels.cpu_qgemv import _cpu_flags
 
-__all__ = ["MGEMV_MAX_M", "VARIANTS", "MGemvKernel", "amx_cpu", "bf16_dot_cpu", "default_variant", "kernel_cpu_flags",
+__all__ = ["MGEMV_MAX_M", "VARIANTS", "MGemvKernel", "amx_cpu", "bf16_dot_cpu", "cpu_class", "default_variant", "kernel_cpu_flags",
            "mgemv", "mgemv_kernel", "run_mgemv"]
 
 MGEMV_MAX_M = 32              # rows of x the kernel takes (measured against F.linear: docs/benchmarks.md)
@@ -315,12 +315,18 @@ def kernel_cpu_flags() -> frozenset[str]:
     return (_AMX_FLAGS | _BF16_DOT_FLAGS) & _cpu_flags()
 
 
+def cpu_class() -> str:
+    """Which of the measured CPU kinds this is, by features: "amx" (AMX bf16 tiles: Intel Sapphire Rapids+),
+    "avx512_bf16" (AVX512-BF16 dot products, no AMX: AMD Zen 4+), else "other"."""
+    return "amx" if amx_cpu() else ("avx512_bf16" if bf16_dot_cpu() else "other")
+
+
 def default_variant(dtype: torch.dtype) -> str:
-    """The variant a ``dtype`` weight takes here: "amx" for bf16 where ``amx_cpu()``, else "bf16_dot" for bf16
-    where ``bf16_dot_cpu()``, else "fma"."""
+    """The variant a ``dtype`` weight takes here: for bf16 "amx" on an "amx" ``cpu_class``, "bf16_dot" on an
+    "avx512_bf16" one; "fma" otherwise."""
     if dtype != torch.bfloat16:
         return "fma"
-    return "amx" if amx_cpu() else ("bf16_dot" if bf16_dot_cpu() else "fma")
+    return {"amx": "amx", "avx512_bf16": "bf16_dot"}.get(cpu_class(), "fma")
 
 
 _SOURCES = {"amx": _AMX, "bf16_dot": _BF16_DOT, "fma": _FMA}

@@ -15,11 +15,12 @@ Paths (``linear_path`` says which; ``dense_linear`` runs it):
   ``COMPILED_GEMV_MIN_PARAMS``: the compiled loop of ``kernels.cpu_gemv`` (22-30 GB/s here, 1.2-3x
   ``torch.mv``), where it builds; else "mv";
 - "mv": one row: ``torch.mv(w, x)`` (``torch.addmv`` with a bias);
-- "mgemv": a few rows (a decode batch: M in ``MGEMV_AUTO_ROWS[dtype, variant]`` under "auto", every M from 2
-  to ``cpu_mgemv.MGEMV_MAX_M`` under "compiled") of a weight where "gemv" would run: the C++ kernel of
+- "mgemv": a few rows (a decode batch: M in ``MGEMV_AUTO_ROWS[dtype, cpu_class]`` under "auto", every M
+  from 2 to ``cpu_mgemv.MGEMV_MAX_M`` under "compiled") of a weight where "gemv" would run: the C++ kernel of
   ``kernels.cpu_mgemv`` (each weight row read once and dotted with all M rows), where it builds and
   the weight's columns are contiguous; else the path below;
-- "mm_t": 2 <= M <= ``MM_T_MAX_M``: ``torch.mm(w, x^T)^T``, the weight as the left operand;
+- "mm_t": 2 <= M <= ``MM_T_MAX_M`` (not for the ``LINEAR_FEW_ROWS`` pairs): ``torch.mm(w, x^T)^T``, the
+  weight as the left operand;
 - "linear": anything else, and every tensor off the CPU (cuBLAS stays on CUDA), ``F.linear``.
 
 ``TIERKV_CPU_MATVEC`` (read per call; ``pick_cpu_matvec``): "auto" (default: "gemv"/"mgemv"/"mv"/"mm_t"
@@ -39,10 +40,10 @@ import torch.nn.functional as F
 
 from tierkv.kernels._select import env_choice
 from tierkv.kernels.cpu_gemv import GemvKernel, compiled_gemv_allowed, gemv, gemv_kernel, kernels_allowed, run_gemv
-from tierkv.kernels.cpu_mgemv import MGEMV_MAX_M, MGemvKernel, default_variant, mgemv_kernel, run_mgemv
+from tierkv.kernels.cpu_mgemv import MGEMV_MAX_M, MGemvKernel, cpu_class, mgemv_kernel, run_mgemv
 
 __all__ = ["COMPILED_GEMV_MIN_PARAMS", "CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "CPU_MGEMV_VAR", "GEMV_MIN_ELEMENTS",
-           "MGEMV_AUTO_ROWS", "MM_T_MAX_M",
+           "LINEAR_FEW_ROWS", "MGEMV_AUTO_ROWS", "MM_T_MAX_M",
            "compiled_gemv_allowed", "compiled_gemv_wanted", "dense_linear", "linear_path", "pick_cpu_matvec"]
 
 CPU_MATVEC_VAR = "TIERKV_CPU_MATVEC"
@@ -60,14 +61,18 @@ COMPILED_GEMV_MIN_PARAMS = 50_000_000
 _AUTO_DTYPES = (torch.bfloat16, torch.float16)    # where the gemv paths measured faster than F.linear
 # Rows up to which mm(w, x^T) beats F.linear for bf16 (decode batches); larger M is a GEMM (prefill).
 MM_T_MAX_M = 8
+# (dtype, ``cpu_mgemv.cpu_class()``) where F.linear beat mm_t at every few-row M: fp16 on the AMX CPU
+# (oneDNN's AVX512-FP16 GEMM: 8.5-10.7 GB/s at M 2-8 against mm_t's 7.4; docs/benchmarks.md).
+LINEAR_FEW_ROWS = frozenset({(torch.float16, "amx")})
 # Rows (first, last) for which the few-row kernel (kernels.cpu_mgemv) beat both mm_t and F.linear under
-# "auto", per (weight dtype, the kernel variant this CPU runs: ``cpu_mgemv.default_variant``)
-# (docs/benchmarks.md, "Batched decode: the few-row kernel"). AMX tiles (Intel Sapphire Rapids, 2
-# cores): memory-bound at every M to 32, ahead of oneDNN's AMX GEMM. AVX512-BF16 dot products (AMD Zen
-# 4): up to M = 3 (compute-bound from M = 4 on, oneDNN's GEMM less so). fp16 (fp32 FMAs): M 3-8 on
-# Zen 4. bf16 on neither (the fp32 FMA kernel) lost to F.linear at every M: F.linear it is.
-MGEMV_AUTO_ROWS = {(torch.bfloat16, "amx"): (2, MGEMV_MAX_M), (torch.bfloat16, "bf16_dot"): (2, 3),
-                   (torch.float16, "fma"): (3, 8)}
+# "auto", per (weight dtype, ``cpu_mgemv.cpu_class()``) (docs/benchmarks.md, "Batched decode: the
+# few-row kernel"); a pair not here keeps the aten ops. "amx" (Intel Sapphire Rapids, 2 cores): bf16 AMX
+# tiles memory-bound at every M to 32, ahead of oneDNN's AMX GEMM; fp16 (fp32 FMAs) ahead of oneDNN's
+# AVX512-FP16 GEMM up to M = 4 only. "avx512_bf16" (AMD Zen 4): bf16 dot products up to M = 3
+# (compute-bound from 4 on, oneDNN's GEMM less so); fp16 M 3-8. bf16 on other CPUs (the fp32 FMA
+# kernel) lost to F.linear at every M on both.
+MGEMV_AUTO_ROWS = {(torch.bfloat16, "amx"): (2, MGEMV_MAX_M), (torch.float16, "amx"): (2, 4),
+                   (torch.bfloat16, "avx512_bf16"): (2, 3), (torch.float16, "avx512_bf16"): (3, 8)}
 
 
 def pick_cpu_matvec(choice: str | None = None) -> str:
@@ -111,7 +116,8 @@ def _choose(x: torch.Tensor, weight: torch.Tensor,
             return "gemv", None
         kernel = gemv_kernel(weight)
         return ("gemv", kernel) if kernel.fn is not None else ("mv", None)
-    aten = "mm_t" if 2 <= m <= MM_T_MAX_M else "linear"
+    few = 2 <= m <= MM_T_MAX_M and (weight.dtype, cpu_class()) not in LINEAR_FEW_ROWS
+    aten = "mm_t" if few else "linear"
     if not _mgemv_rows(m, weight.dtype, mode) or x.dtype != weight.dtype or torch.compiler.is_compiling() or \
             not compiled_gemv_wanted(weight.numel(), mode):
         return aten, None
@@ -125,7 +131,7 @@ def _mgemv_rows(m: int, dtype: torch.dtype, mode: str) -> bool:
         return False
     if mode == "compiled":
         return 2 <= m <= MGEMV_MAX_M
-    first, last = MGEMV_AUTO_ROWS.get((dtype, default_variant(dtype)), (0, -1))
+    first, last = MGEMV_AUTO_ROWS.get((dtype, cpu_class()), (0, -1))
     return first <= m <= last
 
 
