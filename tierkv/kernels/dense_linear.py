@@ -116,9 +116,10 @@ def _choose(x: torch.Tensor, weight: torch.Tensor,
             return "gemv", None
         kernel = gemv_kernel(weight)
         return ("gemv", kernel) if kernel.fn is not None else ("mv", None)
-    few = 2 <= m <= MM_T_MAX_M and (weight.dtype, cpu_class()) not in LINEAR_FEW_ROWS
+    compiling = torch.compiler.is_compiling()      # a traced graph: aten ops only, no CPU probing
+    few = 2 <= m <= MM_T_MAX_M and (compiling or (weight.dtype, cpu_class()) not in LINEAR_FEW_ROWS)
     aten = "mm_t" if few else "linear"
-    if not _mgemv_rows(m, weight.dtype, mode) or x.dtype != weight.dtype or torch.compiler.is_compiling() or \
+    if compiling or not _mgemv_rows(m, weight.dtype, mode) or x.dtype != weight.dtype or \
             not compiled_gemv_wanted(weight.numel(), mode):
         return aten, None
     kernel = mgemv_kernel(weight)
