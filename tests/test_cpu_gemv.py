@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.kernels import cpu_gemv
-from tierkv.kernels.dense_linear import GEMV_MIN_ELEMENTS, dense_linear, linear_path
+from tierkv.kernels.cpu_mgemv import cpu_class
+from tierkv.kernels.dense_linear import GEMV_MIN_ELEMENTS, MGEMV_AUTO_ROWS, dense_linear, linear_path
 from tierkv.quantspec import QuantWeight
 
 
@@ -52,7 +53,8 @@ def test_dense_linear_picks_the_compiled_kernel_for_one_row_of_a_large_16_bit_we
     small = torch.randn(8, k, dtype=torch.bfloat16)
     one, few = torch.randn(1, 1, k, dtype=torch.bfloat16), torch.randn(1, 3, k, dtype=torch.bfloat16)
     assert linear_path(one, big) == "gemv" and linear_path(one, small) == "mv"
-    assert linear_path(few, big) == "mm_t"
+    batch_kernel = (torch.bfloat16, cpu_class()) in MGEMV_AUTO_ROWS       # kernels/cpu_mgemv.py
+    assert linear_path(few, big) == ("mgemv" if batch_kernel else "mm_t")
     assert linear_path(one, big.float()) == "linear" and linear_path(one, small.float(), "compiled") == "gemv"
     assert linear_path(one, big, "on") == "mv" and linear_path(one, big, "off") == "linear"
     bias = torch.randn(big.shape[0], dtype=torch.bfloat16)

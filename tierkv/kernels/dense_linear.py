@@ -15,13 +15,20 @@ Paths (``linear_path`` says which; ``dense_linear`` runs it):
   ``COMPILED_GEMV_MIN_PARAMS``: the compiled loop of ``kernels.cpu_gemv`` (22-30 GB/s here, 1.2-3x
   ``torch.mv``), where it builds; else "mv";
 - "mv": one row: ``torch.mv(w, x)`` (``torch.addmv`` with a bias);
-- "mm_t": 2 <= M <= ``MM_T_MAX_M``: ``torch.mm(w, x^T)^T``, the weight as the left operand;
+- "mgemv": a few rows (a decode batch: M in ``MGEMV_AUTO_ROWS[dtype, cpu_class]`` under "auto", every M
+  from 2 to ``cpu_mgemv.MGEMV_MAX_M`` under "compiled") of a weight where "gemv" would run: the C++ kernel of
+  ``kernels.cpu_mgemv`` (each weight row read once and dotted with all M rows), where it builds and
+  the weight's columns are contiguous; else the path below;
+- "mm_t": 2 <= M <= ``MM_T_MAX_M`` (not for the ``LINEAR_FEW_ROWS`` pairs): ``torch.mm(w, x^T)^T``, the
+  weight as the left operand;
 - "linear": anything else, and every tensor off the CPU (cuBLAS stays on CUDA), ``F.linear``.
 
-``TIERKV_CPU_MATVEC`` (read per call; ``pick_cpu_matvec``): "auto" (default: "gemv"/"mv"/"mm_t" for
-bf16 and fp16 weights on the CPU, ``F.linear`` for fp32), "compiled" ("gemv" for every dtype and
-size: the tests' way to compare it on fp32 tokens), "on" ("mv"/"mm_t", also for fp32, never the
-compiled kernel), "off" (``F.linear`` always).
+``TIERKV_CPU_MATVEC`` (read per call; ``pick_cpu_matvec``): "auto" (default: "gemv"/"mgemv"/"mv"/"mm_t"
+for bf16 and fp16 weights on the CPU, ``F.linear`` for fp32), "compiled" ("gemv"/"mgemv" for every
+dtype and size: the tests' way to compare them on fp32 tokens), "on" ("mv"/"mm_t", also for fp32,
+never a compiled kernel), "off" (``F.linear`` always). ``TIERKV_CPU_MGEMV=off`` keeps decode batches
+off the few-row kernel (their aten op instead) and leaves one-row products as they are. Inside a
+``torch.compile`` trace a few rows take "mm_t" (the few-row kernel is no traced op).
 
 Shapes: x (..., K) with M = the product of the leading dims, weight (N, K), bias (N,).
 """
@@ -33,12 +40,17 @@ import torch.nn.functional as F
 
 from tierkv.kernels._select import env_choice
 from tierkv.kernels.cpu_gemv import GemvKernel, compiled_gemv_allowed, gemv, gemv_kernel, kernels_allowed, run_gemv
+from tierkv.kernels.cpu_mgemv import MGEMV_MAX_M, MGemvKernel, cpu_class, mgemv_kernel, run_mgemv
 
-__all__ = ["COMPILED_GEMV_MIN_PARAMS", "CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "GEMV_MIN_ELEMENTS", "MM_T_MAX_M",
+__all__ = ["COMPILED_GEMV_MIN_PARAMS", "CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "CPU_MGEMV_VAR", "GEMV_MIN_ELEMENTS",
+           "LINEAR_FEW_ROWS", "MGEMV_AUTO_ROWS", "MM_T_MAX_M",
            "compiled_gemv_allowed", "compiled_gemv_wanted", "dense_linear", "linear_path", "pick_cpu_matvec"]
 
 CPU_MATVEC_VAR = "TIERKV_CPU_MATVEC"
 CPU_MATVEC_CHOICES = ("auto", "compiled", "on", "off")
+# "off" keeps a decode batch (M >= 2) on the aten ops whatever TIERKV_CPU_MATVEC says (an A/B of the
+# few-row kernel alone: one-row products keep their path); "auto": as TIERKV_CPU_MATVEC picks.
+CPU_MGEMV_VAR = "TIERKV_CPU_MGEMV"
 # Weights below this many elements keep torch.mv under "auto": a kernel build for a matrix that
 # takes microseconds does not pay.
 GEMV_MIN_ELEMENTS = 1 << 18
@@ -49,6 +61,18 @@ COMPILED_GEMV_MIN_PARAMS = 50_000_000
 _AUTO_DTYPES = (torch.bfloat16, torch.float16)    # where the gemv paths measured faster than F.linear
 # Rows up to which mm(w, x^T) beats F.linear for bf16 (decode batches); larger M is a GEMM (prefill).
 MM_T_MAX_M = 8
+# (dtype, ``cpu_mgemv.cpu_class()``) where F.linear beat mm_t at every few-row M: fp16 on the AMX CPU
+# (oneDNN's AVX512-FP16 GEMM: 8.5-10.7 GB/s at M 2-8 against mm_t's 7.4; docs/benchmarks.md).
+LINEAR_FEW_ROWS = frozenset({(torch.float16, "amx")})
+# Rows (first, last) for which the few-row kernel (kernels.cpu_mgemv) beat both mm_t and F.linear under
+# "auto", per (weight dtype, ``cpu_mgemv.cpu_class()``) (docs/benchmarks.md, "Batched decode: the
+# few-row kernel"); a pair not here keeps the aten ops. "amx" (Intel Sapphire Rapids, 2 cores): bf16 AMX
+# tiles memory-bound at every M to 32, ahead of oneDNN's AMX GEMM; fp16 (fp32 FMAs) ahead of oneDNN's
+# AVX512-FP16 GEMM up to M = 4 only. "avx512_bf16" (AMD Zen 4): bf16 dot products up to M = 3
+# (compute-bound from 4 on, oneDNN's GEMM less so); fp16 M 3-8. bf16 on other CPUs (the fp32 FMA
+# kernel) lost to F.linear at every M on both.
+MGEMV_AUTO_ROWS = {(torch.bfloat16, "amx"): (2, MGEMV_MAX_M), (torch.float16, "amx"): (2, 4),
+                   (torch.bfloat16, "avx512_bf16"): (2, 3), (torch.float16, "avx512_bf16"): (3, 8)}
 
 
 def pick_cpu_matvec(choice: str | None = None) -> str:
@@ -70,13 +94,15 @@ def compiled_gemv_wanted(elements: int, choice: str | None = None) -> bool:
 
 
 def linear_path(x: torch.Tensor, weight: torch.Tensor, choice: str | None = None) -> str:
-    """Which op ``dense_linear(x, weight, choice=choice)`` runs: "gemv", "mv", "mm_t" or "linear"
-    (a "gemv" whose kernel does not build runs as "mv")."""
+    """Which op ``dense_linear(x, weight, choice=choice)`` runs: "gemv", "mgemv", "mv", "mm_t" or "linear"
+    (a "gemv" whose kernel does not build runs as "mv", an "mgemv" as "mm_t" or "linear")."""
     return _choose(x, weight, choice)[0]
 
 
-def _choose(x: torch.Tensor, weight: torch.Tensor, choice: str | None) -> tuple[str, GemvKernel | None]:
-    """(``linear_path``'s answer, the built kernel of a "gemv" outside a ``torch.compile`` trace, else None)."""
+def _choose(x: torch.Tensor, weight: torch.Tensor,
+            choice: str | None) -> tuple[str, GemvKernel | MGemvKernel | None]:
+    """(``linear_path``'s answer, the built kernel of a "gemv" or "mgemv" outside a ``torch.compile``
+    trace, else None)."""
     if weight.device.type != "cpu" or weight.dim() != 2:
         return "linear", None
     mode = pick_cpu_matvec(choice)
@@ -90,7 +116,24 @@ def _choose(x: torch.Tensor, weight: torch.Tensor, choice: str | None) -> tuple[
             return "gemv", None
         kernel = gemv_kernel(weight)
         return ("gemv", kernel) if kernel.fn is not None else ("mv", None)
-    return ("mm_t" if 2 <= m <= MM_T_MAX_M else "linear"), None
+    compiling = torch.compiler.is_compiling()      # a traced graph: aten ops only, no CPU probing
+    few = 2 <= m <= MM_T_MAX_M and (compiling or (weight.dtype, cpu_class()) not in LINEAR_FEW_ROWS)
+    aten = "mm_t" if few else "linear"
+    if compiling or not _mgemv_rows(m, weight.dtype, mode) or x.dtype != weight.dtype or \
+            not compiled_gemv_wanted(weight.numel(), mode):
+        return aten, None
+    kernel = mgemv_kernel(weight)
+    return ("mgemv", kernel) if kernel is not None and kernel.fn is not None else (aten, None)
+
+
+def _mgemv_rows(m: int, dtype: torch.dtype, mode: str) -> bool:
+    """Whether M = ``m`` rows of a ``dtype`` weight are the few-row kernel's under ``mode``."""
+    if env_choice(None, CPU_MGEMV_VAR, ("auto", "off"), "the few-row kernel switch") == "off":
+        return False
+    if mode == "compiled":
+        return 2 <= m <= MGEMV_MAX_M
+    first, last = MGEMV_AUTO_ROWS.get((dtype, cpu_class()), (0, -1))
+    return first <= m <= last
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -110,6 +153,10 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     x2 = x.reshape(-1, k)                                                     # (M, K)
     if path == "gemv":
         out = gemv(weight, x2[0]) if kernel is None else run_gemv(kernel, weight, x2[0])   # (N,)
+        out = out if bias is None else out.add_(bias)
+    elif path == "mgemv":
+        assert isinstance(kernel, MGemvKernel)
+        out = run_mgemv(kernel, weight, x2)                                   # (M, N)
         out = out if bias is None else out.add_(bias)
     elif path == "mv":
         row = x2[0]
