@@ -26,9 +26,10 @@ call, parallel over output rows with the thread count the kernel was built for. 
 weight's row stride are arguments, so one kernel per (dtype, variant, thread count) serves every batch
 size and weight.
 
-Built like ``cpu_qgemv``'s kernels: inductor's ``CppPythonBindingsCodeCache`` (its compiler, flags,
-vector headers and on-disk cache). A build that fails leaves ``MGemvKernel.fn`` None with the reason
-(one warning) and the caller uses PyTorch's op.
+Built like the other hand-written kernels (``cpu_cpp.compile_kernel``): inductor's
+``CppPythonBindingsCodeCache`` (its compiler, flags, vector headers and on-disk cache). A build that
+fails leaves ``MGemvKernel.fn`` None with the reason (one warning naming ``TIERKV_CPU_MGEMV=off``) and
+the caller uses PyTorch's op.
 
 Numerics: fp32 sums of exact products of the 16-bit values (fp32: fused multiply-adds), one rounding
 to x's dtype at the end. The bf16 dot products (vector and tile) treat denormal inputs as zero and
@@ -41,20 +42,19 @@ dtype -> (M, N) contiguous in x's dtype.
 from __future__ import annotations
 
 import functools
-import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from tierkv.kernels.cpu_qgemv import _cpu_flags
+from tierkv.kernels.cpu_cpp import CTYPES, compile_kernel
+from tierkv.kernels.cpu_qgemv import _cpu_flags, bf16_dot_cpu
 
-__all__ = ["MGEMV_MAX_M", "VARIANTS", "MGemvKernel", "amx_cpu", "bf16_dot_cpu", "cpu_class", "default_variant", "kernel_cpu_flags",
+__all__ = ["CPU_MGEMV_VAR", "MGEMV_MAX_M", "VARIANTS", "MGemvKernel", "amx_cpu", "bf16_dot_cpu", "cpu_class", "default_variant", "kernel_cpu_flags",
            "mgemv", "mgemv_kernel", "run_mgemv"]
 
 MGEMV_MAX_M = 32              # rows of x the kernel takes (measured against F.linear: docs/benchmarks.md)
-_CTYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float32: "float"}
+CPU_MGEMV_VAR = "TIERKV_CPU_MGEMV"   # "off" keeps decode batches on the aten ops (``dense_linear``)
 
 # Both kernels first copy x into xp, blocks of L columns (one vector) with the M rows' pieces next to
 # each other: xp (ceil(K / L), M, L), zero-padded. A step over K then reads M consecutive vectors of x,
@@ -295,12 +295,6 @@ _AMX_FLAGS = frozenset({"amx_tile", "amx_bf16"})
 
 
 @functools.lru_cache(maxsize=1)
-def bf16_dot_cpu() -> bool:
-    """Whether this CPU has the AVX-512 bf16 dot products the bf16 kernel uses (Linux /proc/cpuinfo)."""
-    return _BF16_DOT_FLAGS <= _cpu_flags()
-
-
-@functools.lru_cache(maxsize=1)
 def amx_cpu() -> bool:
     """Whether the AMX bf16 kernel runs here: the CPU has AMX tiles and bf16 tile products (and AVX512-BF16)
     and Linux lets this process use the tile registers (PyTorch's ``_init_amx``: the arch_prctl request)."""
@@ -345,21 +339,11 @@ class MGemvKernel:
 
 @functools.lru_cache(maxsize=32)
 def _build(dtype: torch.dtype, variant: str, threads: int) -> MGemvKernel:
-    t0 = time.perf_counter()
-    try:
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-        ctype = _CTYPES[dtype]
-        source = _SOURCES[variant] % {"T": ctype, "THREADS": threads}
-        fn = CppPythonBindingsCodeCache.load_pybinding([f"const {ctype}*", f"const {ctype}*", f"{ctype}*", "int64_t",
-                                                        "int64_t", "int64_t", "int64_t"], source, needs_vec_isa=True)
-    except Exception as exc:  # noqa: BLE001 - any build failure means: use the aten op instead
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        warnings.warn(f"tierkv: the C++ few-row matrix kernel could not be built ({reason}); batched decode uses "
-                      "PyTorch's op instead. Install a C++ compiler (g++) for inductor, or set "
-                      "TIERKV_CPU_MATVEC=on to use the aten ops without trying.", RuntimeWarning, stacklevel=4)
-        return MGemvKernel(None, time.perf_counter() - t0, variant, reason)
-    return MGemvKernel(fn, time.perf_counter() - t0, variant)
+    ctype = CTYPES[dtype]
+    source = _SOURCES[variant] % {"T": ctype, "THREADS": threads}
+    argtypes = [f"const {ctype}*", f"const {ctype}*", f"{ctype}*", "int64_t", "int64_t", "int64_t", "int64_t"]
+    fn, seconds, error = compile_kernel(argtypes, source, "few-row matrix", CPU_MGEMV_VAR)
+    return MGemvKernel(fn, seconds, variant, error)
 
 
 def mgemv_kernel(weight: torch.Tensor, variant: str | None = None) -> MGemvKernel | None:
@@ -367,7 +351,7 @@ def mgemv_kernel(weight: torch.Tensor, variant: str | None = None) -> MGemvKerne
     None where it does not apply (off the CPU, a dtype other than bf16/fp16/fp32, a column stride other
     than 1): the caller then uses PyTorch's op. ``variant``: "bf16_dot" or "fma" (a test's or a benchmark's
     choice; default: "bf16_dot" for bf16 on CPUs with AVX512-BF16, else "fma")."""
-    if weight.device.type != "cpu" or weight.dim() != 2 or weight.dtype not in _CTYPES or \
+    if weight.device.type != "cpu" or weight.dim() != 2 or weight.dtype not in CTYPES or \
             (weight.stride(1) != 1 and weight.shape[1] > 1):
         return None
     variant = variant or default_variant(weight.dtype)

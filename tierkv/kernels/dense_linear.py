@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from tierkv.kernels._select import env_choice
 from tierkv.kernels.cpu_gemv import GemvKernel, compiled_gemv_allowed, gemv, gemv_kernel, kernels_allowed, run_gemv
-from tierkv.kernels.cpu_mgemv import MGEMV_MAX_M, MGemvKernel, cpu_class, mgemv_kernel, run_mgemv
+from tierkv.kernels.cpu_mgemv import CPU_MGEMV_VAR, MGEMV_MAX_M, MGemvKernel, cpu_class, mgemv_kernel, run_mgemv
 
 __all__ = ["COMPILED_GEMV_MIN_PARAMS", "CPU_MATVEC_CHOICES", "CPU_MATVEC_VAR", "CPU_MGEMV_VAR", "GEMV_MIN_ELEMENTS",
            "LINEAR_FEW_ROWS", "MGEMV_AUTO_ROWS", "MM_T_MAX_M",
@@ -50,7 +50,6 @@ CPU_MATVEC_VAR = "TIERKV_CPU_MATVEC"
 CPU_MATVEC_CHOICES = ("auto", "compiled", "on", "off")
 # "off" keeps a decode batch (M >= 2) on the aten ops whatever TIERKV_CPU_MATVEC says (an A/B of the
 # few-row kernel alone: one-row products keep their path); "auto": as TIERKV_CPU_MATVEC picks.
-CPU_MGEMV_VAR = "TIERKV_CPU_MGEMV"
 # Weights below this many elements keep torch.mv under "auto": a kernel build for a matrix that
 # takes microseconds does not pay.
 GEMV_MIN_ELEMENTS = 1 << 18
