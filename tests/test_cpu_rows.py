@@ -16,6 +16,7 @@ import tierkv
 from conftest import ARCH_VARIANTS
 from placements import random_prompt
 from tierkv.kernels import cpu_rows, norm_rope
+from tierkv.kernels.cpu_gemv import compiled_gemv_allowed
 from tierkv.kernels.cpu_rows import ROW_KERNELS_VAR, rms_norm_rows, rope_rows, silu_mul_rows
 from tierkv.kernels.norm_rope import rms_norm_ref, rope_torch
 
@@ -99,6 +100,11 @@ def test_the_switch_decides_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rms_norm_rows(x32, w32, 1e-6) is not None                          # "on": every dtype
     monkeypatch.setenv(ROW_KERNELS_VAR, "auto")
     assert rms_norm_rows(x32, w32, 1e-6) is None and rms_norm_rows(x16, w16, 1e-6) is not None
+    with compiled_gemv_allowed(False):                                        # a small model's forward
+        assert rms_norm_rows(x16, w16, 1e-6) is None
+        monkeypatch.setenv(ROW_KERNELS_VAR, "on")
+        assert rms_norm_rows(x16, w16, 1e-6) is not None
+    monkeypatch.setenv(ROW_KERNELS_VAR, "auto")
     monkeypatch.setenv(ROW_KERNELS_VAR, "off")
     assert rms_norm_rows(x16, w16, 1e-6) is None
     monkeypatch.setenv(ROW_KERNELS_VAR, "sometimes")

@@ -17,10 +17,12 @@ every rounding eager's ops make:
 
 When they apply (``rows_wanted``; otherwise the callers in ``tierkv.model`` run the torch ops): CPU
 tensors outside a ``torch.compile`` trace, unit stride along the row and one stride between rows,
-``TIERKV_CPU_ROW_KERNELS`` (read per call) "auto" (the default: bf16 and fp16) or "on" (every dtype,
+``TIERKV_CPU_ROW_KERNELS`` (read per call) "auto" (the default: bf16 and fp16 in models of 50M+
+parameters, where the other C++ decode kernels are built too) or "on" (every dtype and model size,
 fp32 too: the tests' way to compare tokens), not "off", and the kernel built (a failed build warns
-once and the torch ops run). Kernels are specific to (row length, dtype, threads), built once per
-process through inductor's C++ loader like ``kernels.cpu_decode``'s (~0.3 s from its disk cache).
+once and the torch ops run). The three are one C++ library per (dtype, thread count), shapes and
+strides passed per call, built on first use through inductor's C++ loader (``kernels.cpu_cpp``: a few
+seconds once per machine, ~0.3 s from inductor's disk cache after).
 
 Shapes: rows (M, K) as views of (..., K) tensors; the outputs are new contiguous tensors of the
 input's shape; RoPE's x (..., H, D) with heads D apart and its tables (..., 1, D), one row per token.
@@ -35,6 +37,7 @@ import torch
 
 from tierkv.kernels._select import env_choice
 from tierkv.kernels.cpu_cpp import CTYPES, compile_kernel, cpp_prelude
+from tierkv.kernels.cpu_gemv import kernels_allowed
 
 __all__ = ["ROW_KERNELS_CHOICES", "ROW_KERNELS_VAR", "pick_row_kernels", "rms_norm_rows", "rope_rows",
            "rows_wanted", "silu_mul_rows"]
@@ -46,61 +49,45 @@ _AUTO_DTYPES = (torch.bfloat16, torch.float16)
 # busy machine): a decode row of a small model is a few hundred to a few thousand values.
 PARALLEL_MIN_ELEMENTS = 1 << 15
 
-# after ``cpu_cpp.cpp_prelude``: the rows of a call split over the threads when there is enough work
-_PARALLEL = r"""
-#define PARALLEL _Pragma("omp parallel for num_threads(%(THREADS)d) schedule(static) if(M * %(WORK)d >= %(PAR_MIN)d)")
-"""
-
-# x (M rows, RS apart) of K values, w (K,), out (M, K) contiguous
-_RMS_NORM = r"""
-extern "C" void kernel(const T* x, const T* w, T* out, int64_t M, int64_t RS, float eps)
-{
-    constexpr int64_t K = %(K)d;
-    PARALLEL
-    for (int64_t m = 0; m < M; ++m) norm_row(x + m * RS, w, out + m * K, K, eps);
-}
-"""
-
-# g and u (M rows, GS and US apart) of K values, out (M, K) contiguous
-_SILU_MUL = r"""
-extern "C" void kernel(const T* g, const T* u, T* out, int64_t M, int64_t GS, int64_t US)
-{
-    constexpr int64_t K = %(K)d;
-    PARALLEL
-    for (int64_t m = 0; m < M; ++m) silu_mul_row(g + m * GS, u + m * US, out + m * K, K);
-}
-"""
-
-# x (M tokens, XS apart) of H heads of D values (heads D apart), cos/sin (M, D) (CS apart), out (M, H, D)
-_ROPE = r"""
-extern "C" void kernel(const T* x, const T* cs, const T* sn, T* out, int64_t M, int64_t XS, int64_t CS)
-{
-    constexpr int64_t H = %(H)d, D = %(D)d, HALF = D / 2;
-    constexpr bool VEC = HALF %% L == 0;
-    PARALLEL
-    for (int64_t m = 0; m < M; ++m) {
-        const T* c = cs + m * CS;
-        const T* s = sn + m * CS;
-        for (int64_t h = 0; h < H; ++h) {
-            const T* xr = x + m * XS + h * D;
-            T* o = out + (m * H + h) * D;
-            if constexpr (VEC) {
-                for (int64_t j = 0; j < D; j += L) {
-                    const V a = round_v(load_f(xr + j) * load_f(c + j));
-                    const V b = round_v(load_f(xr + (j + HALF) %% D) * load_f(s + j));
-                    store_t(o + j, round_v(a + b));
-                }
-            } else {
-                for (int64_t j = 0; j < D; ++j) {
-                    const float a = round_t(static_cast<float>(xr[j]) * static_cast<float>(c[j]));
-                    const float b = round_t(static_cast<float>(xr[(j + HALF) %% D]) * static_cast<float>(s[j]));
-                    o[j] = static_cast<T>(a + b);
-                }
+# After ``cpu_cpp.cpp_prelude``: the three ops in one library (one build per dtype and thread count: the
+# prelude's headers are most of a build's ~2-5 s), shapes and strides as arguments. ``op``: ``_OPS``.
+# rms_norm: a = x (M rows, SA apart) of K values, b = w (K,); silu_mul: a = g, b = u (M rows, SA and SB
+# apart) of K values; rope: a = x (M tokens, SA apart) of H heads of K = D values (heads D apart), b = cos,
+# c = sin (M, D) (SB apart). out (M, K) or (M, H, D) contiguous.
+_SOURCE = r"""
+static void rope_token(const T* xr0, const T* c, const T* s, T* o0, int64_t H, int64_t D) {
+    const int64_t HALF = D / 2;
+    for (int64_t h = 0; h < H; ++h) {
+        const T* xr = xr0 + h * D;
+        T* o = o0 + h * D;
+        if (HALF %% L == 0) {
+            for (int64_t j = 0; j < D; j += L) {
+                const V a = round_v(load_f(xr + j) * load_f(c + j));
+                const V b = round_v(load_f(xr + (j + HALF) %% D) * load_f(s + j));
+                store_t(o + j, round_v(a + b));
+            }
+        } else {
+            for (int64_t j = 0; j < D; ++j) {
+                const float a = round_t(static_cast<float>(xr[j]) * static_cast<float>(c[j]));
+                const float b = round_t(static_cast<float>(xr[(j + HALF) %% D]) * static_cast<float>(s[j]));
+                o[j] = static_cast<T>(a + b);
             }
         }
     }
 }
+extern "C" void kernel(const T* a, const T* b, const T* c, T* out, int64_t op, int64_t M, int64_t K, int64_t H,
+                       int64_t SA, int64_t SB, float eps)
+{
+    const int64_t work = op == 2 ? H * K : K;
+    #pragma omp parallel for num_threads(%(THREADS)d) schedule(static) if(M * work >= %(PAR_MIN)d)
+    for (int64_t m = 0; m < M; ++m) {
+        if (op == 0) norm_row(a + m * SA, b, out + m * K, K, eps);
+        else if (op == 1) silu_mul_row(a + m * SA, b + m * SB, out + m * K, K);
+        else rope_token(a + m * SA, b + m * SB, c + m * SB, out + m * H * K, H, K);
+    }
+}
 """
+_OPS = {"rms_norm": 0, "silu_mul": 1, "rope": 2}
 
 
 def pick_row_kernels(choice: str | None = None) -> str:
@@ -110,14 +97,17 @@ def pick_row_kernels(choice: str | None = None) -> str:
 
 def rows_wanted(*tensors: torch.Tensor) -> bool:
     """Whether the row kernels should compute on these tensors (the switch, the device, the dtype: one
-    of ``CTYPES``, all alike; "auto" only for 16-bit ones), outside a ``torch.compile`` trace."""
+    of ``CTYPES``, all alike), outside a ``torch.compile`` trace. "auto" takes them for 16-bit tensors in
+    the forwards that may build C++ kernels (``cpu_gemv.kernels_allowed``: models of 50M+ parameters,
+    as the compiled matrix-vector path): the library's one build (~10 s once per machine, ~2 s per
+    process from inductor's cache with its ISA check) would cost a tiny model more than it saves."""
     mode = pick_row_kernels()
     if mode == "off" or torch.compiler.is_compiling():
         return False
     dtype = tensors[0].dtype
     if any(t.device.type != "cpu" or t.dtype != dtype for t in tensors) or dtype not in CTYPES:
         return False
-    return mode == "on" or dtype in _AUTO_DTYPES
+    return mode == "on" or (dtype in _AUTO_DTYPES and kernels_allowed())
 
 
 def _rows(x: torch.Tensor, tail: int = 1) -> tuple[int, int] | None:
@@ -140,25 +130,19 @@ def _rows(x: torch.Tensor, tail: int = 1) -> tuple[int, int] | None:
     return m, (stride if stride is not None else 0)
 
 
-@functools.lru_cache(maxsize=128)
-def _build(kind: str, dtype: torch.dtype, threads: int, shape: tuple[int, ...]) -> Callable[..., None] | None:
+@functools.lru_cache(maxsize=16)
+def _build(dtype: torch.dtype, threads: int) -> Callable[..., None] | None:
     ctype = CTYPES[dtype]
-    if kind == "rope":
-        h, d = shape
-        body, work, params = _ROPE % {"H": h, "D": d}, h * d, [f"const {ctype}*"] * 3
-        extra = ["int64_t"] * 3
-    else:
-        (k,) = shape
-        body, work = (_RMS_NORM if kind == "rms_norm" else _SILU_MUL) % {"K": k}, k
-        params = [f"const {ctype}*"] * 2
-        extra = ["int64_t", "int64_t", "float"] if kind == "rms_norm" else ["int64_t"] * 3
-    source = cpp_prelude(dtype) + _PARALLEL % {"THREADS": threads, "WORK": work, "PAR_MIN": PARALLEL_MIN_ELEMENTS} + body
-    fn, _, _ = compile_kernel([*params, f"{ctype}*", *extra], source, f"row ({kind})", ROW_KERNELS_VAR)
+    source = cpp_prelude(dtype) + _SOURCE % {"THREADS": threads, "PAR_MIN": PARALLEL_MIN_ELEMENTS}
+    argtypes = [f"const {ctype}*"] * 3 + [f"{ctype}*"] + ["int64_t"] * 6 + ["float"]
+    fn, _, _ = compile_kernel(argtypes, source, "row (RMSNorm, SiLU x up, RoPE)", ROW_KERNELS_VAR)
     return fn
 
 
-def _kernel(kind: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Callable[..., None] | None:
-    return _build(kind, dtype, torch.get_num_threads(), shape)
+def _kernel(kind: str, dtype: torch.dtype) -> Callable[..., None] | None:
+    """The library's entry point for op ``kind`` (one of ``_OPS``), built on first use, or None."""
+    assert kind in _OPS
+    return _build(dtype, torch.get_num_threads())
 
 
 def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -167,11 +151,11 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     rows = _rows(x)
     if rows is None or not rows_wanted(x, weight) or weight.dim() != 1 or not weight.is_contiguous():
         return None
-    fn = _kernel("rms_norm", x.dtype, (x.shape[-1],))
+    fn = _kernel("rms_norm", x.dtype)
     if fn is None:
         return None
     out = torch.empty(x.shape, dtype=x.dtype)
-    fn(x, weight, out, rows[0], rows[1], float(eps))
+    fn(x, weight, weight, out, _OPS["rms_norm"], rows[0], x.shape[-1], 1, rows[1], 0, float(eps))
     return out
 
 
@@ -181,11 +165,11 @@ def silu_mul_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     g, u = _rows(gate), _rows(up)
     if g is None or u is None or gate.shape != up.shape or not rows_wanted(gate, up):
         return None
-    fn = _kernel("silu_mul", gate.dtype, (gate.shape[-1],))
+    fn = _kernel("silu_mul", gate.dtype)
     if fn is None:
         return None
     out = torch.empty(gate.shape, dtype=gate.dtype)
-    fn(gate, up, out, g[0], g[1], u[1])
+    fn(gate, up, up, out, _OPS["silu_mul"], g[0], gate.shape[-1], 1, g[1], u[1], 0.0)
     return out
 
 
@@ -198,9 +182,9 @@ def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> t
             cos.shape[:-2] != x.shape[:-2] or cos.shape[-1] != d or sin_signed.stride() != cos.stride() or \
             sin_signed.shape != cos.shape or d % 2 or not rows_wanted(x, cos, sin_signed):
         return None
-    fn = _kernel("rope", x.dtype, (x.shape[-2], d))
+    fn = _kernel("rope", x.dtype)
     if fn is None:
         return None
     out = torch.empty(x.shape, dtype=x.dtype)
-    fn(x, cos, sin_signed, out, rows[0], rows[1], tables[1])
+    fn(x, cos, sin_signed, out, _OPS["rope"], rows[0], d, x.shape[-2], rows[1], tables[1], 0.0)
     return out
