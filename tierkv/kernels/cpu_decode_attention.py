@@ -28,21 +28,14 @@ from typing import Callable
 
 import torch
 
-from tierkv.kernels.cpu_cpp import CTYPES, compile_kernel
+from tierkv.kernels.cpu_cpp import CTYPES, compile_kernel, cpp_prelude
 from tierkv.kernels.cpu_decode import FUSED_DECODE_VAR
 from tierkv.kernels.cpu_qgemv import vector_width
 
 __all__ = ["PARALLEL_MIN_SCORES", "AttendKernel", "attend_kernel", "run_attend_kernel"]
 
-_SOURCE = r"""
-#include <torch/csrc/inductor/cpp_prefix.h>
-#include <cmath>
-#include <algorithm>
-static inline float round_t(float v) { return static_cast<float>(static_cast<%(T)s>(v)); }
-static inline at::vec::Vectorized<float> load_f(const float* p) { return at::vec::Vectorized<float>::loadu(p); }
-template <typename U> static inline at::vec::Vectorized<float> load_f(const U* p) {
-    return at::vec::convert<float>(at::vec::Vectorized<U>::loadu(p, at::vec::Vectorized<float>::size()));
-}
+# after ``cpu_cpp.cpp_prelude`` (PRELUDE: includes, ``round_t``, ``load_f``)
+_SOURCE = r"""%(PRELUDE)s
 extern "C" void kernel(const %(T)s* qkv, const %(T)s* cs, const %(T)s* sn, %(T)s* kc, %(T)s* vc, %(T)s* out,
                        int64_t pos)
 {
@@ -123,7 +116,7 @@ class AttendKernel:
 @functools.lru_cache(maxsize=64)
 def _build(hq: int, hkv: int, d: int, capacity: int, dtype: torch.dtype, threads: int) -> AttendKernel:
     ctype = CTYPES[dtype]
-    source = _SOURCE % {"T": ctype, "HQ": hq, "HKV": hkv, "D": d, "CAP": capacity, "THREADS": threads,
+    source = _SOURCE % {"PRELUDE": cpp_prelude(dtype), "T": ctype, "HQ": hq, "HKV": hkv, "D": d, "CAP": capacity, "THREADS": threads,
                         "PAR_MIN": PARALLEL_MIN_SCORES}
     argtypes = [f"const {ctype}*"] * 3 + [f"{ctype}*"] * 3 + ["int64_t"]
     return AttendKernel(*compile_kernel(argtypes, source, "decode attention", FUSED_DECODE_VAR))

@@ -101,11 +101,11 @@ def rows_wanted(*tensors: torch.Tensor) -> bool:
     the forwards that may build C++ kernels (``cpu_gemv.kernels_allowed``: models of 50M+ parameters,
     as the compiled matrix-vector path): the library's one build (~10 s once per machine, ~2 s per
     process from inductor's cache with its ISA check) would cost a tiny model more than it saves."""
-    mode = pick_row_kernels()
-    if mode == "off" or torch.compiler.is_compiling():
-        return False
     dtype = tensors[0].dtype
     if any(t.device.type != "cpu" or t.dtype != dtype for t in tensors) or dtype not in CTYPES:
+        return False                                  # (CUDA's calls stop here, before the switch is read)
+    mode = pick_row_kernels()
+    if mode == "off" or torch.compiler.is_compiling():
         return False
     return mode == "on" or (dtype in _AUTO_DTYPES and kernels_allowed())
 
@@ -148,8 +148,10 @@ def _kernel(kind: str, dtype: torch.dtype) -> Callable[..., None] | None:
 def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMSNorm of x (..., K) with weight (K,) as ``norm_rope.rms_norm_ref`` computes it, or None where the
     row kernels do not apply (the caller runs the torch ops)."""
+    if not rows_wanted(x, weight) or weight.dim() != 1 or not weight.is_contiguous():
+        return None
     rows = _rows(x)
-    if rows is None or not rows_wanted(x, weight) or weight.dim() != 1 or not weight.is_contiguous():
+    if rows is None:
         return None
     fn = _kernel("rms_norm", x.dtype)
     if fn is None:
@@ -162,8 +164,10 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 def silu_mul_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     """``F.silu(gate) * up`` for gate and up (..., K) of one shape (e.g. the two halves of a fused
     gate/up output), or None where the row kernels do not apply."""
+    if gate.shape != up.shape or not rows_wanted(gate, up):
+        return None
     g, u = _rows(gate), _rows(up)
-    if g is None or u is None or gate.shape != up.shape or not rows_wanted(gate, up):
+    if g is None or u is None:
         return None
     fn = _kernel("silu_mul", gate.dtype)
     if fn is None:
@@ -177,10 +181,12 @@ def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> t
     """``norm_rope.rope_torch(x, cos, sin_signed)`` for x (..., H, D) with its heads D apart and the
     tables (..., 1, D) of one row per token of x, or None where the row kernels do not apply."""
     d = x.shape[-1]
-    rows, tables = _rows(x, tail=2), _rows(cos, tail=2)
-    if rows is None or tables is None or x.dim() < 2 or x.stride(-2) != d or cos.shape[-2] != 1 or \
+    if not rows_wanted(x, cos, sin_signed) or x.dim() < 2 or x.stride(-2) != d or cos.shape[-2] != 1 or \
             cos.shape[:-2] != x.shape[:-2] or cos.shape[-1] != d or sin_signed.stride() != cos.stride() or \
-            sin_signed.shape != cos.shape or d % 2 or not rows_wanted(x, cos, sin_signed):
+            sin_signed.shape != cos.shape or d % 2:
+        return None
+    rows, tables = _rows(x, tail=2), _rows(cos, tail=2)
+    if rows is None or tables is None:
         return None
     fn = _kernel("rope", x.dtype)
     if fn is None:
