@@ -22,7 +22,7 @@ from tierkv.batch import run_batch
 pytestmark = pytest.mark.usefixtures("torch_kernels_one_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
-N = 40
+N = 120                 # enough work that a signal sent after the first lines lands mid-job on a fast CPU
 REQUESTS = [{"id": f"r{i}", "prompt": [(37 * i + 11 * k) % 4000 + 10 for k in range(3 + i % 9)], "max_tokens": 20}
             for i in range(N)]
 FLAGS = ["--batch", "2", "--dtype", "float32", "--kv", "exact", "--device", "cpu", "--threads", "1"]
