@@ -33,6 +33,7 @@ from tierkv.errors import TierkvError
 from tierkv.generation import GenerationResult, GenerationStats, Piece, SequenceOutput
 from tierkv.kvroom import KVRoom
 from tierkv.numerics import non_finite_error
+from tierkv.openmp import release_pool
 from tierkv.pipeline.kv import KVBudgetError
 from tierkv.runner import Feed, Runner
 from tierkv.sampling import SamplingParams, pick
@@ -163,11 +164,13 @@ class EngineCore:
     def run_step(self) -> bool:
         """``step()`` on the engine thread, for the caller holding the lock: every forward of every caller
         allocates in one thread (one malloc arena, so RSS does not grow with the number of calling
-        threads). Under a torch profiler active in the caller's thread, the step runs right here, so
-        the trace sees it (profilers record their own thread only)."""
+        threads), and the calling thread's OpenMP pool is freed first (``tierkv.openmp``). Under a torch
+        profiler active in the caller's thread, the step runs right here, so the trace sees it (profilers
+        record their own thread only)."""
         assert self.owner == threading.get_ident(), "run_step() runs under the core lock"
         if _profiling_here():
             return self.step()
+        release_pool()              # this thread's idle OpenMP workers would slow the engine thread's (tierkv.openmp)
         job = self._thread.submit(self._step_job)
         try:
             return job.result()

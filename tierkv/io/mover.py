@@ -60,6 +60,7 @@ from typing import Any, Protocol
 import torch
 
 from tierkv.trace.moves import check_tier_name, move_span_name
+from tierkv.openmp import serial_thread  # no OpenMP pool of its own: the engine thread keeps its spin
 
 DEVICE, HOST, DISK = "device", "host", "disk"
 WAIT_SPAN = "tierkv::wait"
@@ -350,7 +351,7 @@ class ThreadHandler:
     def __init__(self, run: Callable[[Any, Any], None], size: Callable[[Any, Any], int] = tensor_nbytes,
                  threads: int = 1, name: str = "move", device: torch.device | None = None) -> None:
         self.run, self.size = run, size
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"tierkv-{name}")
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"tierkv-{name}", initializer=serial_thread)
         self._device = device if device is not None and device.type == "cuda" else None
         self._local = threading.local()      # .stream: this worker thread's CUDA stream
 

@@ -22,6 +22,7 @@ import torch
 
 from tierkv.io.buffers import ALIGN_BYTES, aligned_host_tensor
 from tierkv.io.mover import DISK, HOST, MoveRecord
+from tierkv.openmp import serial_thread  # no OpenMP pool of its own: the engine thread keeps its spin
 
 DEFAULT_REQUEST_BYTES = 4 << 20
 # verify(start_in_read, view): called on the I/O thread after each request landed;
@@ -68,7 +69,7 @@ class AlignedReader:
         if direct is True and self._direct_fd is None:
             os.close(self._fd)
             raise ReadError(errno.EINVAL, f"the filesystem holding {self.path} does not support O_DIRECT")
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tierkv-read")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tierkv-read", initializer=serial_thread)
         self._closed = False
 
     @property

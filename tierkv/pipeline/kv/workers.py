@@ -35,6 +35,7 @@ import torch
 from tierkv.io.kvstore import KVChunk
 from tierkv.io.mover import DEVICE, DISK, HOST, MoveRecord, Mover, thread_stream
 from tierkv.pipeline.kv.codec import ChunkCodec, decode_record
+from tierkv.openmp import serial_thread  # no OpenMP pool of its own: the engine thread keeps its spin
 
 __all__ = ["KVMove", "KVWorkers", "STREAM_THREADS", "complete", "settle"]
 
@@ -89,7 +90,8 @@ class _BatchHandler:
     def __init__(self, run: Run, size: Callable[[Any, Any], int], threads: int, name: str,
                  device: torch.device) -> None:
         self.run, self.size = run, size
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"tierkv-kv-{name}") if threads else None
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"tierkv-kv-{name}",
+                                        initializer=serial_thread) if threads else None
         self._cuda = device if device.type == "cuda" else None
         self._local = threading.local()   # .stream: the calling pool thread's CUDA stream
 
