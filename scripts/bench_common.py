@@ -110,6 +110,56 @@ def matvec_gbps(dtype: torch.dtype = torch.bfloat16, rows: int = 5632, cols: int
     return n * rows * cols * torch.finfo(dtype).bits / 8 / best / 1e9
 
 
+_READ_SOURCE = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <immintrin.h>
+extern "C" void kernel(const float* a, const int64_t* n, float* out)
+{
+    // each thread sums its contiguous share, 4 cache lines a step, prefetching 4 KB ahead: a plain
+    // stream read, the most a decode product that reads each weight byte once could reach
+    float total = 0;
+    #pragma omp parallel reduction(+:total)
+    {
+        const int64_t lines = n[0] / 16, nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t lo = lines * id / nt * 16, hi = lines * (id + 1) / nt * 16;
+        at::vec::Vectorized<float> s0(0), s1(0), s2(0), s3(0);
+        constexpr int64_t L = at::vec::Vectorized<float>::size();
+        for (int64_t i = lo; i + 64 <= hi; i += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(a + i + 1024), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(a + i + 1040), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(a + i + 1056), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(a + i + 1072), _MM_HINT_T0);
+            for (int64_t j = 0; j < 16; j += L) {
+                s0 += at::vec::Vectorized<float>::loadu(a + i + j);
+                s1 += at::vec::Vectorized<float>::loadu(a + i + 16 + j);
+                s2 += at::vec::Vectorized<float>::loadu(a + i + 32 + j);
+                s3 += at::vec::Vectorized<float>::loadu(a + i + 48 + j);
+            }
+        }
+        total += at::vec::vec_reduce_all<float>([](auto& p, auto& q) { return p + q; }, s0 + s1 + s2 + s3);
+    }
+    out[0] = total;
+}
+"""
+
+
+def memory_read_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float | None:
+    """The link's ceiling for a CPU decode: GB/s of a plain multi-threaded stream read of ``nbytes`` (more
+    than the caches hold; the thread count of torch), the best of ``repeats``; None where the C++ loop
+    cannot be built. A decode step that reads its weights once cannot beat it."""
+    from tierkv.kernels.cpu_cpp import compile_kernel
+
+    fn, _, error = compile_kernel(["const float*", "const int64_t*", "float*"], _READ_SOURCE, "memory read",
+                                  "(none: a benchmark)")
+    if fn is None:
+        print(f"WARNING: no memory-read ceiling: {error}", flush=True)
+        return None
+    a = torch.ones(nbytes // 4)
+    n, out = torch.tensor([a.numel()], dtype=torch.int64), torch.zeros(1)
+    fn(a, n, out)
+    return nbytes / best_of(lambda: fn(a, n, out), repeats) / 1e9
+
+
 def gemm_tflops(dtype: torch.dtype = torch.bfloat16, m: int = 128, k: int = 2048, n: int = 5632,
                 device: str = "cpu") -> float:
     """Prefill ceiling: TFLOP/s of (m x k) @ (k x n) products, the prefill shape for a 128-token prompt."""

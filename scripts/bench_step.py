@@ -55,7 +55,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_weights as bw  # noqa: E402  (puts the checkout's tierkv on sys.path, after PYTHONPATH's)
-from bench_common import goals_row, LLAMA_SRC, bench_model_dir, best_of, emit_json, gemm_tflops, matvec_gbps, print_table, \
+from bench_common import goals_row, LLAMA_SRC, bench_model_dir, best_of, emit_json, gemm_tflops, matvec_gbps, memory_read_gbps, print_table, \
     run_llama, run_worker_script  # noqa: E402
 
 SMALL_SHAPE = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -259,9 +259,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else round(a / b, 3)
 
 
-def summarize(runs: dict[str, Any], facts: dict[str, Any], models: list[str], lengths: list[int]) -> dict[str, Any]:
-    """Per model: decode tok/s of each engine with tierkv's ratios, weight GB/s, and per prompt
-    length the prefill tok/s and ratios; the goals that could be judged, met or not."""
+def summarize(runs: dict[str, Any], facts: dict[str, Any], models: list[str], lengths: list[int],
+              read_gbps: float | None = None) -> dict[str, Any]:
+    """Per model: decode tok/s of each engine with tierkv's ratios, weight GB/s (and its share of the
+    memory-read ceiling ``read_gbps``), and per prompt length the prefill tok/s and ratios; the goals
+    that could be judged, met or not."""
     s: dict[str, Any] = {"decode": {}, "prefill": {}, "goals": {}}
     for name in models:
         tk, hf, ll = (runs.get(f"{name}/decode/{e}", {}) for e in ENGINES)
@@ -271,6 +273,7 @@ def summarize(runs: dict[str, Any], facts: dict[str, Any], models: list[str], le
         row["tierkv_vs_llama"], row["tierkv_vs_hf"] = _ratio(row["tierkv"], row["llama"]), _ratio(row["tierkv"], row["hf"])
         step = facts.get(name, {}).get("step_bytes")
         row["weight_gbps"] = {e: round(step * row[e] / 1e9, 2) for e in ENGINES if step and row[e]}
+        row["of_read_ceiling"] = {e: round(v / read_gbps, 3) for e, v in row["weight_gbps"].items()} if read_gbps else {}
         row["load_avg"] = {e: r.get("load_avg") for e, r in zip(ENGINES, (tk, hf, ll)) if r}
         _compiled_ratio(row, runs.get(f"{name}/decode/{COMPILED}"), "tok_s", None)
         if any(runs.get(f"{name}/decode/{e}") for e in ENGINES):
@@ -318,7 +321,8 @@ def _f(x: float | None, spec: str = ".1f") -> str:
 def table_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     for name, r in s["decode"].items():
-        gbps = ", ".join(f"{e} {v}" for e, v in r["weight_gbps"].items())
+        gbps = ", ".join(f"{e} {v}" + (f" ({r['of_read_ceiling'][e]:.0%} of the read ceiling)" if e in r.get("of_read_ceiling", {})
+                                       else "") for e, v in r["weight_gbps"].items())
         rows.append((f"{name} decode", f"tierkv {_f(r['tierkv'], '.2f')} tok/s, llama.cpp tg{LLAMA_TG_TOKENS} "
                      f"{_f(r['llama'], '.2f')} (mean {_f(r['llama_mean'], '.2f')}), HF {_f(r['hf'], '.2f')}: "
                      f"{_f(r['tierkv_vs_llama'], '.2f')}x llama.cpp, {_f(r['tierkv_vs_hf'], '.2f')}x HF; weight GB/s "
@@ -391,14 +395,17 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    ceilings = {"matvec_bf16_gbps": round(matvec_gbps(), 2), "gemm_bf16_tflops": round(gemm_tflops(), 3)}
+    read = memory_read_gbps()
+    ceilings = {"memory_read_gbps": round(read, 2) if read else None, "matvec_bf16_gbps": round(matvec_gbps(), 2),
+                "gemm_bf16_tflops": round(gemm_tflops(), 3)}
     print(f"ceilings: {ceilings} (load {os.getloadavg()[0]:.1f})", flush=True)
     runs, facts = collect(args)
-    s = summarize(runs, facts, args.models, args.prefill_lengths)
+    s = summarize(runs, facts, args.models, args.prefill_lengths, ceilings["memory_read_gbps"])
     load_end = os.getloadavg()
     build = next((r.get("build") for r in runs.values() if r.get("build")), None)
     print_table(f"Resident bf16 decode and prefill, cpu, {args.threads} threads: tierkv vs llama.cpp {build or ''} "
-                f"vs HF; ceilings {ceilings['matvec_bf16_gbps']} GB/s matvec, {ceilings['gemm_bf16_tflops']} TFLOP/s "
+                f"vs HF; ceilings {ceilings['memory_read_gbps']} GB/s memory read, {ceilings['matvec_bf16_gbps']} GB/s "
+                f"torch matvec, {ceilings['gemm_bf16_tflops']} TFLOP/s "
                 f"GEMM; load avg {load_start[0]:.1f} -> {load_end[0]:.1f} on {os.cpu_count()} cores", table_rows(s))
     emit_json(dict(s, bench="step", runs=runs, facts=facts, ceilings=ceilings, models=args.models, parts=args.parts,
                    engines=args.engines, threads=args.threads, prefill_lengths=args.prefill_lengths,

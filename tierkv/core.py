@@ -34,6 +34,7 @@ from tierkv.generation import GenerationResult, GenerationStats, Piece, Sequence
 from tierkv.kvroom import KVRoom
 from tierkv.numerics import non_finite_error
 from tierkv.openmp import release_pool
+from tierkv.pipeline.schedule import profiling_here
 from tierkv.pipeline.kv import KVBudgetError
 from tierkv.runner import Feed, Runner
 from tierkv.sampling import SamplingParams, pick
@@ -168,7 +169,7 @@ class EngineCore:
         profiler active in the caller's thread, the step runs right here, so the trace sees it (profilers
         record their own thread only)."""
         assert self.owner == threading.get_ident(), "run_step() runs under the core lock"
-        if _profiling_here():
+        if profiling_here():
             return self.step()
         release_pool()              # this thread's idle OpenMP workers would slow the engine thread's (tierkv.openmp)
         job = self._thread.submit(self._step_job)
@@ -422,12 +423,6 @@ def _finish_stats(engine: Any, seq: Seq, turn: Turn) -> None:
         stats.kv = seq.cache.stats()
     busy = stats.prefill_s + stats.decode_s
     stats.io_wait_fraction = stats.weights.get("wait_s", 0.0) / busy if busy > 0 else 0.0
-
-
-def _profiling_here() -> bool:
-    """Whether a torch profiler records this thread (profilers are per thread)."""
-    enabled = getattr(torch._C._autograd, "_profiler_enabled", None)
-    return bool(enabled()) if enabled is not None else False
 
 
 def weight_stats_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
