@@ -146,6 +146,7 @@ class Engine:
             assert self.checkpoint is not None
             weights = ResidentWeights(self.checkpoint, self.dtype, self.device, policy.weight_quant,
                                       phase_progress(progress, "load"))
+            self.checkpoint.close()       # its file mappings go once no resident tensor views them (CPU: copies)
         self._weights: WeightSource = weights
         self.prefill_progress = prefill_progress
         # prefill piece and attention scratch: the plan's (sized to the device budget), else the policy's

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import threading
+from typing import Any
 
 import torch
 
@@ -30,16 +31,74 @@ def pinning_available() -> bool:
     return torch.cuda.is_available()
 
 
+HUGE_PAGE_BYTES = 2 << 20     # x86-64 and arm64 transparent huge pages: buffers this large ask for them
+
+
 def aligned_host_tensor(n_bytes: int) -> torch.Tensor:
-    """A (round_up(n_bytes),) uint8 CPU tensor on fresh page-aligned memory (an anonymous mmap).
+    """A (round_up(n_bytes),) uint8 CPU tensor on fresh page-aligned memory (a private anonymous mmap).
 
     ``torch.frombuffer`` holds a reference to the mmap, so the tensor (or any view of it) alone
-    keeps the memory alive. Not pinned: use ``HostBuffer(n, pinned=True)`` for that.
+    keeps the memory alive. Not pinned: use ``HostBuffer(n, pinned=True)`` for that. From 2 MiB on the
+    mapping asks for transparent huge pages (``MADV_HUGEPAGE``; Linux gives them where THP is
+    "madvise" or "always"): a CPU decode that streams weights through 4 KiB pages misses the TLB and
+    restarts the hardware prefetcher every page (measured: the 0.85B's products 1.05x, the 135M's
+    1.16x faster on huge pages).
     """
     n_bytes = round_up(max(n_bytes, 1))
-    tensor = torch.frombuffer(mmap.mmap(-1, n_bytes), dtype=torch.uint8)
+    private = getattr(mmap, "MAP_PRIVATE", None)
+    mem = mmap.mmap(-1, n_bytes, flags=private | mmap.MAP_ANONYMOUS) if private is not None else mmap.mmap(-1, n_bytes)
+    if n_bytes >= HUGE_PAGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mem.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:                          # a kernel without THP: 4 KiB pages, as before
+            pass
+    tensor = torch.frombuffer(mem, dtype=torch.uint8)
     assert tensor.data_ptr() % ALIGN_BYTES == 0 and tensor.numel() == n_bytes
     return tensor
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[start, end) bytes of its storage that tensor ``t`` can address."""
+    start = t.storage_offset() * t.element_size()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else -1
+    return start, start + (last + 1) * t.element_size()
+
+
+def into_huge_pages(tensors: dict[str, Any]) -> dict[str, Any]:
+    """``tensors`` with its CPU tensors copied into one ``aligned_host_tensor`` (huge pages from 2 MiB),
+    each storage's used bytes at a 64-byte boundary; tensors sharing a storage (a fused weight and its
+    row slices, a tied head) stay views of one copy. Other values are kept as they are; so is
+    everything when the tensors hold less than ``HUGE_PAGE_BYTES``.
+
+    Why: resident weights that come from a checkpoint sit wherever their reads and fusions put them,
+    on 4 KiB pages and, from a safetensors buffer, at 8-byte offsets (vector loads then straddle cache
+    lines); the decode products read them once a token.
+    """
+    plain = {k: v for k, v in tensors.items() if type(v) is torch.Tensor and v.device.type == "cpu" and v.numel()}
+    spans: dict[int, list[Any]] = {}                       # storage data_ptr -> [storage, lo, hi]
+    for t in plain.values():
+        lo, hi = _byte_span(t)
+        entry = spans.setdefault(t.untyped_storage().data_ptr(), [t.untyped_storage(), lo, hi])
+        entry[1], entry[2] = min(entry[1], lo), max(entry[2], hi)
+    total, where = 0, {}
+    for ptr, (_, lo, hi) in spans.items():
+        where[ptr] = total
+        total += -(-(hi - lo) // 64) * 64
+    if total < HUGE_PAGE_BYTES:
+        return tensors
+    arena = aligned_host_tensor(total)
+    out = dict(tensors)
+    for ptr, (storage, lo, hi) in spans.items():
+        src = torch.empty(0, dtype=torch.uint8).set_(storage, lo, (hi - lo,), (1,))
+        arena[where[ptr]:where[ptr] + hi - lo].copy_(src)
+    for key, t in plain.items():
+        _, lo, _ = spans[t.untyped_storage().data_ptr()]
+        start = where[t.untyped_storage().data_ptr()] + t.storage_offset() * t.element_size() - lo
+        size = t.element_size()
+        if start % size:                                   # mixed element types in one storage: keep as is
+            continue
+        out[key] = arena.view(t.dtype).as_strided(t.shape, t.stride(), start // size)   # numel: a page multiple
+    return out
 
 
 class PinningError(TierkvError, MemoryError):
@@ -242,4 +301,4 @@ class ChunkArenas:
 
 
 __all__ = ["ALIGN_BYTES", "ARENA_BYTES", "ChunkArenas", "HostBuffer", "PinningError", "Slot", "SlotPool",
-           "aligned_host_tensor", "arena_capacity", "pinning_available", "round_up"]
+           "HUGE_PAGE_BYTES", "aligned_host_tensor", "arena_capacity", "into_huge_pages", "pinning_available", "round_up"]

@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from tierkv.config import ModelConfig
+from tierkv.io.buffers import into_huge_pages
 from tierkv.io.checkpoint import Checkpoint
 from tierkv.kernels.quant import layer_nbytes, prepare_layer, quantize_weight
 from tierkv.quantspec import QuantWeight, TensorQuant, WeightQuant, tensor_quants
@@ -135,4 +136,5 @@ def _placed(tensors: dict[str, torch.Tensor], quants: dict[str, TensorQuant], dt
         out[key] = QuantWeight(*quantize_weight(t, quants[key]), quants[key]).to(device) if key in quants \
             else t.to(device)
         del t
-    return prepare_layer(out, dtype, owned=True)
+    out = prepare_layer(out, dtype, owned=True)
+    return into_huge_pages(out) if device.type == "cpu" else out     # the decode products read them every token
