@@ -5,9 +5,11 @@ over widened rows, and AVX512-BF16 dot products over R rows per step. This times
 of a model shape as the fused decode path calls them (q/k/v with the input norm, o with the residual,
 gate/up with the norm, down with SiLU x up and the residual, then the head with the final norm) over
 distinct weights per layer, each variant (loop, rows per step) in turn, round by round; the median
-per variant and its rate over the weights' bytes.
+per variant and its rate over the weights' bytes. A variant ending in ``@huge`` reads a copy of the
+weights on transparent huge pages (``io.buffers.into_huge_pages``, as a resident CPU model holds them);
+the others read them where ``torch.randn`` put them (4 KiB pages where THP is "madvise").
 
-    python scripts/bench_decode_dot.py [--shape 135m|0.85b] [--variants fma,dot4,dot2,dot8] [--rounds 7]
+    python scripts/bench_decode_dot.py [--shape 135m|0.85b] [--variants fma,dot8-nopf,dot8,dot8@huge] [--rounds 7]
         [--reps 5] [--no-head] [--threads 2]
 """
 
@@ -37,15 +39,19 @@ def _products(shape: dict[str, int], head: bool) -> list[tuple[int, int, str, bo
     return layer * shape["num_hidden_layers"] + ([(shape["vocab_size"], h, "rmsnorm", False)] if head else [])
 
 
-def _variant(name: str) -> tuple[str, int]:
-    """"fma" -> ("fma", 1); "dotR" -> ("dot", R)."""
-    return ("fma", 1) if name == "fma" else ("dot", int(name[3:] or 4))
+def _variant(name: str) -> tuple[str, int, bool]:
+    """"fma" -> ("fma", 1, False); "dotR" -> ("dot", R, True); "dotR-nopf" -> ("dot", R, False): no software
+    prefetch (an "@huge" suffix names the weights' memory, not the loop)."""
+    name = name.removesuffix("@huge")
+    if name == "fma":
+        return "fma", 1, False
+    return "dot", int(name[3:].removesuffix("-nopf") or 8), not name.endswith("-nopf")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="135m")
-    ap.add_argument("--variants", default="fma,dot4")
+    ap.add_argument("--variants", default="fma,dot8-nopf,dot8,dot8@huge")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=5, help="tokens per variant per round")
     ap.add_argument("--no-head", action="store_true")
@@ -62,13 +68,19 @@ def main() -> None:
     norms = {k: torch.rand(k).add_(0.5).bfloat16() for _, k, _, _ in products}
     res = {n: torch.randn(n).bfloat16() for n, _, _, r in products if r}
     names = args.variants.split(",")
-    kernels = {v: [decode_kernel(w, p, False, r, *_variant(v)) for w, (_, _, p, r) in zip(weights, products)] for v in names}
+    if any(v.endswith("@huge") for v in names):
+        from tierkv.io.buffers import into_huge_pages
+        huge = into_huge_pages({str(i): w for i, w in enumerate(weights)})
+        huge_weights = [huge[str(i)] for i in range(len(weights))]
+    memory = {v: huge_weights if v.endswith("@huge") else weights for v in names}
+    kernels = {v: [decode_kernel(w, p, False, r, *_variant(v)) for w, (_, _, p, r) in zip(memory[v], products)]
+               for v in names}
     outs: dict[str, list[torch.Tensor]] = {}
 
     def token(v: str) -> None:
         outs[v] = [run_decode_kernel(kern, w, gates[k] if p == "swiglu" else vecs[k], norms[k] if p == "rmsnorm" else None,
                                      1e-5, None, res[n] if r else None)
-                   for kern, w, (n, k, p, r) in zip(kernels[v], weights, products)]
+                   for kern, w, (n, k, p, r) in zip(kernels[v], memory[v], products)]
 
     times: dict[str, list[float]] = {v: [] for v in names}
     for v in names:

@@ -127,6 +127,18 @@ def test_every_rows_per_step_gives_the_fma_loops_values(rows: int) -> None:
     assert ((a - b).abs() <= 2.0 ** -7 * a.abs() + 1e-30).all()          # one bf16 step at most: sums' order
 
 
+@pytest.mark.skipif(not bf16_dot_cpu(), reason="no AVX512-BF16 here")
+@pytest.mark.parametrize("rows", [3, 8])
+def test_prefetching_changes_no_value(rows: int) -> None:
+    """The software prefetch (of rows past the last one too: prefetches never fault) only moves cache lines."""
+    torch.manual_seed(rows)
+    w, x, res = torch.randn(61, 300).bfloat16(), torch.randn(300).bfloat16(), torch.randn(61).bfloat16()
+    on = decode_kernel(w, residual=True, loop="dot", rows=rows)
+    off = decode_kernel(w, residual=True, loop="dot", rows=rows, prefetch=False)
+    assert on is not None and off is not None and on.fn is not off.fn
+    assert torch.equal(run_decode_kernel(on, w, x, residual=res), run_decode_kernel(off, w, x, residual=res))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,pos", [(4, 2, 0), (4, 2, 70), (3, 3, 129), (6, 2, 200), (4, 2, 1100)])
 def test_attention_kernel_rotates_appends_and_attends(dtype: torch.dtype, hq: int, hkv: int, pos: int) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import pytest
 import torch
 
 import tierkv
-from tierkv.io.buffers import HUGE_PAGE_BYTES, aligned_host_tensor, into_huge_pages
+from tierkv.io.buffers import HUGE_PAGE_BYTES, aligned_host_tensor, into_huge_pages, page_out_file_pages
 
 
 def _thp_mode() -> str:
@@ -58,6 +60,38 @@ def test_into_huge_pages_keeps_values_views_and_sharing() -> None:
         assert out[key].data_ptr() % 64 == 0, key           # every storage's bytes start on a cache line
     out["q"][0, 0] = 7.0                                    # still a view of the fused weight
     assert out["qkv"][0, 0] == 7.0 and torch.equal(fused, want["qkv"])   # the original is untouched
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        got = tuple(int(p) for p in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return got >= (major, minor)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or not _kernel_at_least(5, 4),
+                    reason="MADV_PAGEOUT needs Linux 5.4")
+def test_page_out_drops_read_file_pages_keeps_their_bytes_and_leaves_anonymous_memory(tmp_path: Path) -> None:
+    data = os.urandom(32 << 20)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data)
+    mapped = torch.from_file(str(path), shared=False, size=len(data), dtype=torch.uint8)
+    anon = torch.full((8 << 20,), 7, dtype=torch.uint8)
+    assert int(mapped[:: 4096].sum()) >= 0                  # read every page once
+    before = _rss_kb("RssFile")
+    page_out_file_pages([(mapped.data_ptr(), mapped.data_ptr() + mapped.numel()),
+                         (anon.data_ptr(), anon.data_ptr() + anon.numel())])
+    assert before - _rss_kb("RssFile") >= 16 << 10, "most of the 32 MiB left RSS"
+    assert mapped.numpy().tobytes() == data                 # faulted back in from the file
+    assert bool((anon == 7).all())
 
 
 def test_small_layers_are_left_where_they_are() -> None:

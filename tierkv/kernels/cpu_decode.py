@@ -15,7 +15,8 @@ more aten ops of ~10-45 us each. So this module writes one loop in C++ per produ
 - the rows split over the threads, in one of two loops (``Loop``, ``pick_loop``):
   "dot", for bf16 weights on a CPU with AVX512-BF16 (``cpu_qgemv.bf16_dot_cpu``: Zen 4, Sapphire
   Rapids) unless ``TIERKV_CPU_BF16_DOT=off``: x (already rounded to bf16 by the prologue) kept as a
-  bf16 vector, ``DOT_ROWS`` weight rows per step sharing each load of 32 x values, one fp32
+  bf16 vector, ``DOT_ROWS`` weight rows per step sharing each load of 32 x values (the next step's rows'
+  cache lines prefetched as the step reads its own: 1.15-1.35x over the hardware prefetchers alone), one fp32
   accumulator per row fed by ``_mm512_dpbf16_ps`` (VDPBF16PS), the last K % 32 values by masked
   loads; no widening of the weight: ~1.5x the FMA loop's rate on a quiet 2-core Sapphire Rapids,
   1.1-1.2x on a contended one (docs/benchmarks.md, "Decode: AVX512-BF16 dot products");
@@ -100,6 +101,7 @@ _FMA_BODY = r"""    constexpr int64_t K2 = K - K %% (2 * L), K1 = K - K %% L;
 # last K % 32 values by masked loads (zeros beyond K, so nothing past a row is read).
 _DOT = r"""#include <immintrin.h>
 constexpr int64_t R = %(ROWS)d, KV = K - K %% 32;
+constexpr bool PREFETCH = %(PREFETCH)s;
 constexpr __mmask32 TAIL = static_cast<__mmask32>((1ull << (K %% 32)) - 1);
 template <int64_t RR>
 __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
@@ -112,7 +114,8 @@ static void dot_rows(const at::BFloat16* rows, const at::BFloat16* xb, float* y)
             a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(rows + r * RS + k), xv);
         // the same cache lines of the next RR rows (this thread's next step): the hardware prefetchers alone
         // keep too few lines in flight for RR interleaved streams (~1.15-1.35x measured)
-        for (int64_t r = RR; r < 2 * RR; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows + r * RS + k), _MM_HINT_T0);
+        if constexpr (PREFETCH)
+            for (int64_t r = RR; r < 2 * RR; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows + r * RS + k), _MM_HINT_T0);
     }
     if constexpr (K %% 32 != 0) {
         const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(TAIL, xb + KV);
@@ -181,7 +184,7 @@ def pick_loop(dtype: torch.dtype) -> Loop:
 
 
 def _source(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prologue, bias: bool, residual: bool,
-            threads: int, loop: Loop, rows: int) -> tuple[str, list[str]]:
+            threads: int, loop: Loop, rows: int, prefetch: bool = True) -> tuple[str, list[str]]:
     """The C++ source of one kernel and its parameters' C types (x, w, then the extras, out last)."""
     ctype = CTYPES[dtype]
     params = []                      # (C type, name) of the parameters between w and out
@@ -195,6 +198,7 @@ def _source(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prolo
     epilogue = [f"{pad}y = round_t(y + static_cast<float>(b[n]));"] if bias else []
     epilogue += [f"{pad}y = round_t(static_cast<float>(res[n]) + y);"] if residual else []
     fields = {"T": ctype, "THREADS": threads, "EPILOGUE": "\n".join(epilogue), "ROWS": rows,
+              "PREFETCH": "true" if prefetch else "false",
               "XB": _XB_AS_IS if prologue == "none" else _XB_FROM_XF}
     body = (_DOT_BODY if loop == "dot" else _FMA_BODY) % fields
     direct = loop == "dot" and prologue == "none"      # the dot loop reads a plain x as it is: no fp32 copy
@@ -207,8 +211,8 @@ def _source(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prolo
 
 @functools.lru_cache(maxsize=256)
 def _build(n: int, k: int, row_stride: int, dtype: torch.dtype, prologue: Prologue, bias: bool, residual: bool,
-           threads: int, loop: Loop, rows: int) -> DecodeKernel:
-    source, argtypes = _source(n, k, row_stride, dtype, prologue, bias, residual, threads, loop, rows)
+           threads: int, loop: Loop, rows: int, prefetch: bool) -> DecodeKernel:
+    source, argtypes = _source(n, k, row_stride, dtype, prologue, bias, residual, threads, loop, rows, prefetch)
     fn, seconds, error = compile_kernel(argtypes, source, "decode matrix-vector", FUSED_DECODE_VAR)
     return DecodeKernel(fn, seconds, prologue, bias, residual, error, loop)
 
@@ -220,11 +224,13 @@ def decode_kernel_supported(weight: torch.Tensor) -> bool:
 
 
 def decode_kernel(weight: torch.Tensor, prologue: Prologue = "none", bias: bool = False,
-                  residual: bool = False, loop: Loop | None = None, rows: int = DOT_ROWS) -> DecodeKernel | None:
+                  residual: bool = False, loop: Loop | None = None, rows: int = DOT_ROWS,
+                  prefetch: bool = True) -> DecodeKernel | None:
     """The built kernel for ``weight`` (N, K) with these folded ops at the current thread count (built on
     first use), or None where ``decode_kernel_supported`` says no. ``loop`` None: ``pick_loop``'s; "dot"
     is refused (ArgumentError) unless the weight is bf16 and the CPU has AVX512-BF16; ``rows``: the dot
-    loop's weight rows per step (1-16)."""
+    loop's weight rows per step (1-16); ``prefetch``: the dot loop prefetches the next step's rows (False:
+    the hardware prefetchers alone, an A/B of it)."""
     if not decode_kernel_supported(weight):
         return None
     loop = pick_loop(weight.dtype) if loop is None else loop
@@ -235,7 +241,7 @@ def decode_kernel(weight: torch.Tensor, prologue: Prologue = "none", bias: bool 
         raise ArgumentError(f"rows per step of the dot-product loop must be 1-16, got {rows}")
     n, k = weight.shape
     return _build(n, k, weight.stride(0), weight.dtype, prologue, bias, residual, torch.get_num_threads(), loop,
-                  rows if loop == "dot" else 0)
+                  rows if loop == "dot" else 0, prefetch and loop == "dot")
 
 
 def run_decode_kernel(kernel: DecodeKernel, weight: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor | None = None,

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from tierkv.config import ModelConfig
-from tierkv.io.buffers import into_huge_pages
+from tierkv.io.buffers import into_huge_pages, page_out_file_pages
 from tierkv.io.checkpoint import Checkpoint
 from tierkv.kernels.quant import layer_nbytes, prepare_layer, quantize_weight
 from tierkv.quantspec import QuantWeight, TensorQuant, WeightQuant, tensor_quants
@@ -131,10 +131,15 @@ def _placed(tensors: dict[str, torch.Tensor], quants: dict[str, TensorQuant], dt
     their CPU op parameters prepared once and q/k/v, gate/up fused (``kernels.quant.prepare_layer``: resident
     weights stay put)."""
     out: dict[str, Any] = {}
+    read = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors.values() if t.device.type == "cpu"]
     for key in list(tensors):
         t = tensors.pop(key).to(dtype)
         out[key] = QuantWeight(*quantize_weight(t, quants[key]), quants[key]).to(device) if key in quants \
             else t.to(device)
         del t
     out = prepare_layer(out, dtype, owned=True)
-    return into_huge_pages(out) if device.type == "cpu" else out     # the decode products read them every token
+    if device.type != "cpu":
+        return out
+    out = into_huge_pages(out)          # the decode products read them every token
+    page_out_file_pages(read)           # what the layer read of a mapped checkpoint leaves RSS now, not at close
+    return out
