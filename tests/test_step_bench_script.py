@@ -74,3 +74,13 @@ def test_compile_adds_the_compiled_engine_beside_eager_tierkv(bench: ModuleType)
     assert "0.90x" in rows["135m decode compiled"] and "4 graphs in 12.5 s" in rows["135m prefill 512 compiled"]
     assert bench.parse_args(["--compile"]).compile and not bench.parse_args([]).compile
     assert "tierkv-compiled" not in bench.summarize({"135m/decode/tierkv": {"tok_s": 1.0}}, {}, ["135m"], [])["decode"]["135m"]
+
+
+def test_weight_rates_as_a_share_of_the_memory_read_ceiling(bench: ModuleType) -> None:
+    runs = {"135m/decode/tierkv": {"tok_s": 60.0}, "135m/decode/hf": {"tok_s": 30.0}}
+    s = bench.summarize(runs, {"135m": {"step_bytes": 2e8}}, ["135m"], [], read_gbps=24.0)
+    assert s["decode"]["135m"]["of_read_ceiling"] == {"tierkv": 0.5, "hf": 0.25}
+    assert "tierkv 12.0 (50% of the read ceiling)" in dict(bench.table_rows(s))["135m decode"]
+    unmeasured = bench.summarize(runs, {"135m": {"step_bytes": 2e8}}, ["135m"], [])      # no C++ compiler: no ceiling
+    assert unmeasured["decode"]["135m"]["of_read_ceiling"] == {}
+    assert "read ceiling" not in dict(bench.table_rows(unmeasured))["135m decode"]
