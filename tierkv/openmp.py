@@ -4,9 +4,9 @@ Why this module exists: PyTorch's CPU build (and every hand-written kernel here,
 against the same runtime) uses GNU OpenMP, and libgomp keeps one pool of worker threads per thread
 that ever started a parallel region: the main thread that loaded the model, the engine thread that
 runs the steps, a helper thread that once copied a large tensor. Their sleeping workers all count as
-"managed threads", and once there are more of those than CPUs, libgomp cuts its spin-wait at the start
-and end of each region from ~300,000 iterations to 100: the engine thread's workers fall asleep between
-two products and every region then starts with a futex wake. Measured on a 2-core VM (2026-12-07): a
+"managed threads", and once there are more of those than CPUs, libgomp throttles the spin-wait of its
+barriers to a few iterations (its oversubscription rule): the engine thread's workers fall asleep
+between two products and every region then starts with a futex wake. Measured on a 2-core VM (2026-12-07): a
 576x576 bf16 decode product took 14.7 us on the main thread and 64-68 us on a second thread once the
 main thread had a pool; releasing the main thread's pool brought it back to 14.5-14.9 us.
 
@@ -20,7 +20,8 @@ So:
   it never starts a pool; for a ``ThreadPoolExecutor``'s ``initializer``. Their work is reads, copies
   and small conversions beside the engine's compute on the same cores.
 
-Both are no-ops where the process has no libgomp (macOS's libomp has one pool for the process).
+Both are no-ops where the process has no libgomp (another runtime, e.g. LLVM's libomp on macOS, is left
+as it is).
 """
 
 from __future__ import annotations
