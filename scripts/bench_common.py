@@ -149,8 +149,7 @@ def memory_read_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float | None:
     cannot be built. A decode step that reads its weights once cannot beat it."""
     from tierkv.kernels.cpu_cpp import compile_kernel
 
-    fn, _, error = compile_kernel(["const float*", "const int64_t*", "float*"], _READ_SOURCE, "memory read",
-                                  "(none: a benchmark)")
+    fn, _, error = compile_kernel(["const float*", "const int64_t*", "float*"], _READ_SOURCE, "memory read", None)
     if fn is None:
         print(f"WARNING: no memory-read ceiling: {error}", flush=True)
         return None

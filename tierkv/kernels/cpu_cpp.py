@@ -77,9 +77,9 @@ def cpp_prelude(dtype: torch.dtype) -> str:
 
 
 def compile_kernel(argtypes: list[str], source: str, what: str,
-                   switch: str) -> tuple[Callable[..., None] | None, float, str | None]:
+                   switch: str | None) -> tuple[Callable[..., None] | None, float, str | None]:
     """(the built C++ function ``kernel`` of ``source``, seconds, None) or (None, seconds, why) after one warning
-    naming ``what`` and the fixes (a compiler; ``switch``=off): inductor's C++ loader
+    naming ``what`` and the fixes (a compiler; ``switch``=off, unless None: nothing to switch): inductor's C++ loader
     (``CppPythonBindingsCodeCache``), its compiler and cache. ``argtypes``: the C types of ``kernel``'s
     parameters, in order."""
     t0 = time.perf_counter()
@@ -89,8 +89,9 @@ def compile_kernel(argtypes: list[str], source: str, what: str,
         fn = CppPythonBindingsCodeCache.load_pybinding(argtypes, source, needs_vec_isa=True)
     except Exception as exc:  # noqa: BLE001 - any build failure means: keep the aten ops
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        off = f", or set {switch}=off to use the aten ops without trying" if switch else ""
         warnings.warn(f"tierkv: a C++ {what} kernel could not be built ({reason}); tierkv uses "
-                      "the aten ops instead. Install a C++ compiler (g++) for inductor, or set "
-                      f"{switch}=off to use the aten ops without trying.", RuntimeWarning, stacklevel=4)
+                      f"the aten ops instead. Install a C++ compiler (g++) for inductor{off}.", RuntimeWarning,
+                      stacklevel=4)
         return None, time.perf_counter() - t0, reason
     return fn, time.perf_counter() - t0, None

@@ -9,6 +9,7 @@ layers lives in one helper.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable, Protocol
 
 import torch
@@ -70,10 +71,7 @@ def run_layers(source: WeightSource, h: torch.Tensor, layer_fn: LayerFn) -> torc
     for j in range(source.num_layers):
         for nxt in ahead(j, source.prefetch_depth, source.num_layers):
             source.prefetch(nxt)
-        if spans:
-            with torch.profiler.record_function(f"tierkv::layer_{j}"):
-                h = layer_fn(j, source.wait(j), h)
-        else:
+        with torch.profiler.record_function(f"tierkv::layer_{j}") if spans else nullcontext():
             h = layer_fn(j, source.wait(j), h)
         source.release(j)
     return h
