@@ -125,3 +125,61 @@ def test_package_works_without_triton():
     env.pop("TIERKV_KERNELS", None)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch imports Triton (it may launch)")
+def test_cpu_only_torch_leaves_triton_unimported():
+    """A CPU-only torch build without TRITON_INTERPRET never launches a Triton kernel: tierkv runs without
+    importing Triton (its ~73 MB would come out of what a cgroup-detected budget gets), the kernels take
+    the torch path, a forced Triton backend names the fix, and TRITON_INTERPRET brings Triton back."""
+    pytest.importorskip("triton")
+    code = (
+        "import sys, torch, tierkv, tierkv.kernels as k\n"
+        "from tierkv.kernels import _select\n"
+        "assert not _select.HAS_TRITON and 'triton' not in sys.modules, sorted(m for m in sys.modules if 'triton' in m)\n"
+        "lo, hi = k.chunk_abstract(torch.randn(1, 1, 9, 4), torch.tensor([0, 4]))\n"
+        "assert lo.shape == (1, 1, 2, 4)\n"
+        "try:\n    k.chunk_abstract(torch.randn(1, 1, 9, 4), torch.tensor([0]), backend='triton')\n"
+        "except RuntimeError as e:\n    assert 'TRITON_INTERPRET=1' in str(e), e\nelse:\n    raise SystemExit('no error')\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("TIERKV_KERNELS", None)
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr
+    back = "import tierkv.kernels._select as s, sys; assert s.HAS_TRITON and 'triton' in sys.modules\n"
+    for extra in ({"TRITON_INTERPRET": "1"}, {"TIERKV_KERNELS": "triton"}):
+        run = subprocess.run([sys.executable, "-c", back], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 0, (extra, run.stderr)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch imports Triton (it may launch)")
+def test_cpu_engine_builds_its_kernels_and_compiles_without_triton(tiny_llama_dir):
+    """The C++ kernels (inductor's loader) and torch.compile'd layer halves build in a CPU-only process
+    without Triton in it (dynamo's and the flop counter's `import triton` probes answered 'missing'), give
+    the same tokens, and the program's own `import triton` still works afterwards."""
+    pytest.importorskip("triton")
+    code = f"""
+import sys, torch, tierkv
+torch.manual_seed(0)
+with tierkv.load({str(tiny_llama_dir)!r}, dtype="bfloat16") as eng:
+    eager = eng.generate([1, 2, 3, 4], max_new_tokens=4).token_ids
+assert 'triton' not in sys.modules, 'eager engine imported triton'
+with tierkv.load({str(tiny_llama_dir)!r}, dtype="bfloat16", compile=True) as eng:
+    compiled = eng.generate([1, 2, 3, 4], max_new_tokens=4).token_ids
+    stats = eng.compile_stats()["compile"]
+    assert stats["active"] and stats["graphs"] > 0, stats
+assert 'triton' not in sys.modules, 'compiling imported triton'
+assert compiled == eager, (compiled, eager)
+import triton
+print('ok')
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for var in ("TIERKV_KERNELS", "TRITON_INTERPRET"):
+        env.pop(var, None)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 
 from tierkv.config import ModelConfig
+from tierkv.kernels._select import inductor_imports
 from tierkv.model import LayerHalves, post_attention, pre_attention
 
 __all__ = ["CACHE_DIR_VAR", "CompileStats", "CompiledHalves", "compile_errors", "inductor_cache_dir"]
@@ -74,7 +75,8 @@ def inductor_cache_dir(offload_dir: Path) -> str:
     when it is set (by the user, or by an earlier compiled engine of this process: inductor reads one
     directory per process), else ``offload_dir/inductor`` (importing dynamo fills the variable with
     inductor's default under /tmp, which is replaced: the offload directory outlives a reboot)."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    with inductor_imports():        # inductor and dynamo, without Triton where it cannot launch
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     current = os.environ.get(CACHE_DIR_VAR)
     if current and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
@@ -114,6 +116,9 @@ class CompiledHalves:
     """
 
     def __init__(self, offload_dir: Path, backend: str | Callable[..., Any] = "inductor") -> None:
+        with inductor_imports():        # what compiling imports, without Triton where it cannot launch
+            import torch._dynamo
+            import torch._inductor.compile_fx  # noqa: F401
         self._counter = _Counter(backend)
         self.stats = CompileStats(asked=True, active=True, backend=backend if isinstance(backend, str)
                                   else getattr(backend, "__name__", type(backend).__name__))

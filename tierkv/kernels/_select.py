@@ -3,7 +3,9 @@
 Why this module exists: every kernel in ``tierkv.kernels`` is a triplet (Triton kernel, launcher,
 torch reference) and the public wrapper must pick one the same way everywhere. Triton is optional
 (CPU-only installs, macOS), so its import is wrapped here and the kernel modules decorate with
-``jit`` from this module, which returns the plain function when Triton is missing.
+``jit`` from this module, which returns the plain function when Triton is missing. Where no Triton
+kernel could launch (a CPU-only torch build without ``TRITON_INTERPRET``) it is not imported at all
+(``triton_can_run``): its ~73 MB would only shrink the memory budgets can take.
 
 Rule, read at call time (no cached mutable state): an explicit ``backend=`` argument wins, then
 the environment variable ``TIERKV_KERNELS=torch|triton``, then auto: Triton when every tensor is on
@@ -14,26 +16,75 @@ Triton interpreter (``TRITON_INTERPRET=1`` set before the first import of a kern
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
 from tierkv.errors import ArgumentError
 
-try:
+Backend = Literal["torch", "triton"]
+ENV_VAR = "TIERKV_KERNELS"
+_CHOICES = ("torch", "triton", "auto")
+
+
+
+def triton_can_run() -> bool:
+    """Whether a Triton kernel could launch in this process: torch was built with CUDA, or the Triton
+    interpreter was asked for (``TRITON_INTERPRET``), or ``TIERKV_KERNELS=triton`` forces it (so that its
+    error is the real one). A CPU-only torch build otherwise never launches one, so Triton is not
+    imported there: its compiler library alone adds ~73 MB of RSS (measured on the CPU machine: 225 ->
+    298 MB), memory a budget detected under a cgroup limit would otherwise lose."""
+    interpret = os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0")
+    forced = os.environ.get(ENV_VAR, "").strip().lower() == "triton"
+    return torch.version.cuda is not None or interpret or forced
+
+
+def _import_triton() -> tuple[Any, Any]:
+    """(triton, triton.language), or ImportError when it is missing or cannot run here."""
+    if not triton_can_run():
+        raise ImportError("no CUDA build of torch and no TRITON_INTERPRET: Triton kernels cannot launch here")
     import triton
     import triton.language as tl
 
+    return triton, tl
+
+
+@contextmanager
+def inductor_imports() -> Iterator[None]:
+    """Import torch's inductor, dynamo or functorch inside this block: where no Triton kernel can launch
+    (``triton_can_run``), their ``import triton`` probes (``torch.utils._triton.has_triton_package``, cached
+    for the process; the flop counter's) are answered "missing", so a CPU-only process builds its C++
+    kernels and ``torch.compile`` graphs without Triton's ~73 MB (inductor's loader measured 147 MB
+    with it, 76 MB without). A program's own ``import triton`` after the block works as before."""
+    if "triton" in sys.modules or triton_can_run():
+        yield
+        return
+    sys.modules["triton"] = None            # type: ignore[assignment]  # `import triton(.x)` raises ImportError
+    try:
+        yield
+    finally:
+        if sys.modules.get("triton", ...) is None:
+            del sys.modules["triton"]
+
+
+def cpp_loader() -> Any:
+    """Inductor's C++ loader (``CppPythonBindingsCodeCache``), imported through ``inductor_imports``."""
+    with inductor_imports():
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+    return CppPythonBindingsCodeCache
+
+
+try:
+    triton, tl = _import_triton()
     HAS_TRITON = True
-except ImportError:  # triton is optional: the torch references take over
+except ImportError:  # triton is optional (or of no use here): the torch references take over
     triton = None
     tl = SimpleNamespace(constexpr=Any)  # lets kernel signatures parse; never launched
     HAS_TRITON = False
 
-Backend = Literal["torch", "triton"]
-ENV_VAR = "TIERKV_KERNELS"
-_CHOICES = ("torch", "triton", "auto")
 
 __all__ = ["HAS_TRITON", "Backend", "ENV_VAR", "CPU_QLINEAR_VAR", "CPU_QLINEAR_CHOICES", "FUSE_VAR", "jit", "tl",
            "triton", "env_choice", "pick_backend", "pick_cpu_qlinear", "fuse_linears", "next_pow2", "cdiv"]
@@ -93,6 +144,10 @@ def pick_backend(kernel: Any, *tensors: torch.Tensor, backend: str | None = None
     runnable = HAS_TRITON and (on_cuda or (_interpreted(kernel) and not any(t.is_cuda for t in tensors)))
     if choice == "auto":
         return "triton" if runnable else "torch"
+    if not HAS_TRITON and not triton_can_run():
+        raise RuntimeError(f"{ENV_VAR}=triton, but this torch has no CUDA and TRITON_INTERPRET is not set: set "
+                           "TRITON_INTERPRET=1 before tierkv is first imported to run Triton kernels on the CPU, "
+                           "or use the torch kernels")
     if not HAS_TRITON:
         raise RuntimeError(f"{ENV_VAR}=triton but triton is not installed; pip install triton or use torch")
     if not runnable:

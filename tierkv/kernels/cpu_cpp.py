@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from tierkv.kernels._select import cpp_loader
+
 __all__ = ["CTYPES", "compile_kernel", "cpp_prelude"]
 
 CTYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float32: "float"}
@@ -84,9 +86,7 @@ def compile_kernel(argtypes: list[str], source: str, what: str,
     parameters, in order."""
     t0 = time.perf_counter()
     try:
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-        fn = CppPythonBindingsCodeCache.load_pybinding(argtypes, source, needs_vec_isa=True)
+        fn = cpp_loader().load_pybinding(argtypes, source, needs_vec_isa=True)
     except Exception as exc:  # noqa: BLE001 - any build failure means: keep the aten ops
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         off = f", or set {switch}=off to use the aten ops without trying" if switch else ""

@@ -46,6 +46,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from tierkv.kernels._select import inductor_imports
 from tierkv.kernels.quant_cpu import cpu_layout
 from tierkv.kernels.cpu_qgemv import QGemvKernel, int4_tinygemm_kernel, int8_channel_kernel, run_kernel
 from tierkv.quantspec import QuantWeight
@@ -99,15 +100,16 @@ def _build(kind: str, specs: tuple[Spec, ...], threads: int) -> GemvKernel:
     ``threads`` is in the key only: inductor writes the current thread count into the loop."""
     t0 = time.perf_counter()
     try:
-        from torch._inductor import compile as inductor_compile
-        from torch._inductor import config as inductor_config
+        with inductor_imports():    # without Triton where it cannot launch (the build imports more)
+            from torch._inductor import compile as inductor_compile
+            from torch._inductor import config as inductor_config
 
-        graph = torch.fx.symbolic_trace(_graph(kind))
-        examples = [torch.empty_strided(shape, stride, dtype=dtype).zero_() for shape, stride, dtype in specs]
-        with inductor_config.patch(compile_threads=1), warnings.catch_warnings():   # in this process: no
-            warnings.simplefilter("ignore", UserWarning)     # pool of workers; inductor's notes (mixed 16-bit
-            fn = inductor_compile(graph, examples)             # inputs) are not the user's business
-        fn(*examples)                                       # the first call loads the built library
+            graph = torch.fx.symbolic_trace(_graph(kind))
+            examples = [torch.empty_strided(shape, stride, dtype=dtype).zero_() for shape, stride, dtype in specs]
+            with inductor_config.patch(compile_threads=1), warnings.catch_warnings():   # in this process: no
+                warnings.simplefilter("ignore", UserWarning)     # pool of workers; inductor's notes (mixed
+                fn = inductor_compile(graph, examples)             # 16-bit inputs) are not the user's business
+            fn(*examples)                                       # the first call loads the built library
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the aten op instead
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         warnings.warn(f"tierkv: a compiled CPU matrix-vector kernel could not be built ({reason}); decode uses "

@@ -42,6 +42,8 @@ from typing import Callable
 
 import torch
 
+from tierkv.kernels._select import cpp_loader, inductor_imports
+
 __all__ = ["INT4_BLOCK_ROWS", "QGemvKernel", "bf16_dot_cpu", "int4_kernel_cpu", "int4_tinygemm_kernel", "int8_channel_kernel", "vector_width",
            "run_kernel"]
 
@@ -197,7 +199,8 @@ def int4_kernel_cpu() -> bool:
 @functools.lru_cache(maxsize=1)
 def vector_width() -> int:
     """fp32 lanes of inductor's vector ISA here (16 with AVX-512, 8 with AVX2), 0 without one."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    with inductor_imports():        # without Triton where it cannot launch
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     isa = pick_vec_isa()
     return isa.nelements(torch.float32) if isa else 0
@@ -207,11 +210,9 @@ def vector_width() -> int:
 def _build_int8_channel(n: int, k: int, dtype: torch.dtype, threads: int) -> QGemvKernel:
     t0 = time.perf_counter()
     try:
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-
         ctype = _CTYPES[dtype]
         source = _INT8_CHANNEL % {"T": ctype, "N": n, "K": k, "THREADS": threads}
-        fn = CppPythonBindingsCodeCache.load_pybinding([f"const {ctype}*", "const int8_t*", "const at::Half*",
+        fn = cpp_loader().load_pybinding([f"const {ctype}*", "const int8_t*", "const at::Half*",
                                                         f"{ctype}*"], source, needs_vec_isa=True)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the aten op instead
         return _failed("int8", exc, t0)
@@ -222,10 +223,8 @@ def _build_int8_channel(n: int, k: int, dtype: torch.dtype, threads: int) -> QGe
 def _build_int4_tinygemm(n: int, k: int, group: int, threads: int) -> QGemvKernel:
     t0 = time.perf_counter()
     try:
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-
         source = _INT4_TINYGEMM % {"N": n, "K": k, "GS": group, "THREADS": threads}
-        fn = CppPythonBindingsCodeCache.load_pybinding(["const at::BFloat16*", "const uint8_t*", "const at::Half*",
+        fn = cpp_loader().load_pybinding(["const at::BFloat16*", "const uint8_t*", "const at::Half*",
                                                         "at::BFloat16*"], source, needs_vec_isa=True)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the aten op instead
         return _failed("int4", exc, t0)

@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from tierkv.kernels._select import env_choice
+from tierkv.kernels._select import cpp_loader, env_choice
 from tierkv.kernels.reference import Selection
 from tierkv.kernels.sketch import KeySketch
 
@@ -323,9 +323,7 @@ def estimator_kernel() -> EstimatorKernel:
     """The kernel, built on first use (one warning and ``fn`` None when it cannot be built)."""
     t0 = time.perf_counter()
     try:
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-        fn = CppPythonBindingsCodeCache.load_pybinding([*_TENSOR_ARGS, *("int64_t",) * _INT_ARGS], _SOURCE,
+        fn = cpp_loader().load_pybinding([*_TENSOR_ARGS, *("int64_t",) * _INT_ARGS], _SOURCE,
                                                        needs_vec_isa=True)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path instead
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
