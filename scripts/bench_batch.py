@@ -11,17 +11,22 @@ batch size it can run", on the ~0.85B random bf16 Llama (``bench_common``: 1.6 G
 * for each batch size b (``--batches``, default 1..64): b prompts of ragged lengths spread evenly over
   64-512 tokens (b = 1: one of 288), random ids, ``--new-tokens`` each, greedy, EOS ignored. tierkv
   plans it with ``tierkv.batchplan.choose_batch(asked=b)`` inside the budgets (``--device-mem``,
-  ``--host-mem``; a b that does not fit is reported with the largest that does) and loads with
+  ``--host-mem``; ``--device-mem auto``: what tierkv detects under the cap, as a user who gives no
+  budget gets it, detected once at the worker's start; a b that does not fit is reported with the
+  largest that does) and loads with
   ``choice.load_kwargs()``; job tok/s = b x new tokens over the whole ``generate`` (prefill included),
   decode tok/s = tokens after each sequence's first over the union of the sequences' decode
   intervals (as ``bench_ragged``), storage bytes read per generated token (``/proc/self/io``), the
   planner's prediction and bound, and the link ceiling of a decode pass (b x raw disk / bytes a pass
   streams);
-* peer: HF transformers + accelerate, ``device_map="auto"``, ``max_memory={"cpu": device_mem +
-  host_mem}`` (tierkv's budgets), an offload folder, the same prompts left-padded into one batched
-  ``generate``, the checkpoint and offload files evicted from the page cache before every forward
-  (tierkv reads with O_DIRECT: cold too); job tok/s. It runs at growing b until it fails (OOM under
-  the cap, an error, or ``--peer-timeout``);
+* peer: HF transformers + accelerate, ``device_map="auto"``, ``max_memory={"cpu": M}``, an offload
+  folder, the same prompts left-padded into one batched ``generate``, the checkpoint and offload files
+  evicted from the page cache before every forward (tierkv reads with O_DIRECT: cold too); job tok/s.
+  M is tierkv's ``device_mem + host_mem`` when those are given; with ``--device-mem auto`` each b
+  sweeps ``--peer-max-memory`` upwards (each value in its own process under the cap; the sweep stops
+  at the first that fails) and keeps accelerate's fastest: each engine at its best under the same
+  cap (accelerate's max_memory counts its CPU weights only, tierkv's budget its whole working set).
+  It runs at growing b until it fails (OOM under the cap, an error, or ``--peer-timeout``);
 * compute takes over at the first b whose measured decode pass takes > 1.3x the pass's disk time at
   the raw read speed (the planner's own predicted bound is shown beside it);
 * where the time goes (tierkv): the engine's own step log (``tierkv.calibrate.StepLog``): prefill
@@ -33,7 +38,8 @@ batch size it can run", on the ~0.85B random bf16 Llama (``bench_common``: 1.6 G
   stalling 2-thread ops at spinning barriers, but costs torch 1.2-1.5x on a quiet machine.
 
     python scripts/bench_batch.py [--batches 1,2,4,8,16,32,64] [--new-tokens 16] [--cap 1600MiB]
-        [--device-mem 1024MiB] [--host-mem 0] [--threads 2] [--skip-peer | --skip-tierkv] [--peer-timeout 300]
+        [--device-mem 1024MiB|auto] [--host-mem 0] [--peer-max-memory 1024MiB,1152MiB] [--threads 2]
+        [--skip-peer | --skip-tierkv] [--peer-timeout 300]
         [--time-limit 900] [--model-root DIR] [--offload-dir DIR]
 """
 
@@ -58,6 +64,7 @@ from bench_common import bench_model_dir, emit_json, memcap_usable, print_table,
 import bench_weights as bw  # noqa: E402
 from bench_ragged import merge, storage_read_bytes  # noqa: E402
 
+AUTO_PEER_MAX_MEMORY = "896MiB,1024MiB,1152MiB,1280MiB"   # accelerate's sweep beside tierkv's detected budget
 COMPUTE_OVER_DISK = 1.3          # a decode pass this much slower than its disk reads is compute-bound
 
 
@@ -76,7 +83,13 @@ def prompts_for(batch: int) -> list[list[int]]:
 
 
 def _budget(o: dict[str, Any]) -> Any:
+    """tierkv's budgets; a ``device_mem`` of None (``--device-mem auto``) detected here, once (under the cap:
+    what the cgroup limit leaves less tierkv's headroom) and written back into ``o``."""
+    from tierkv.budgets import detect_budgets
     from tierkv.config import Budget
+
+    if o["device_mem"] is None:
+        o["device_mem"] = detect_budgets(Budget(None, o["host_mem"], Path(o["offload"])), torch.device("cpu"))[0]
     return Budget(o["device_mem"], o["host_mem"], Path(o["offload"]))
 
 
@@ -87,12 +100,14 @@ def worker_prepare(o: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(o["threads"])
     from tierkv.io.convert import find_cached_store
 
+    _budget(o)
     with tierkv.load(o["model_dir"], device_mem=o["device_mem"], host_mem=o["host_mem"], offload_dir=o["offload"],
                      dtype="bfloat16", device="cpu") as engine:
         plan = engine.plan.summary() if engine.plan is not None else ""
     store = find_cached_store(Path(o["model_dir"]), Path(o["offload"]), "bfloat16", None, "cpu")
     assert store is not None, "the budgets keep every layer resident: lower --device-mem so that layers stream"
-    return {"data_path": str(store.data_path), "raw_disk_gbps": bw.raw_disk_gbps(store.data_path), "plan": plan}
+    return {"data_path": str(store.data_path), "raw_disk_gbps": bw.raw_disk_gbps(store.data_path), "plan": plan,
+            "device_mem_used": o["device_mem"]}
 
 
 def worker_tierkv(o: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +153,7 @@ def worker_tierkv(o: dict[str, Any]) -> dict[str, Any]:
             "batch_seen": batch_seen, "plan_matches": plan.disk_layers == choice.plan.disk_layers,
             "peak_rss_bytes": bw.peak_rss_bytes(), "profile": profile, "fitted_tok_s": fitted.predicted_tok_s,
             "fitted_decode_step_s": fitted.options[0].decode_step_s, "fitted_bound": fitted.bound,
-            "probe_decode_step_s": choice.options[0].decode_step_s}
+            "probe_decode_step_s": choice.options[0].decode_step_s, "device_mem_used": o["device_mem"]}
 
 
 def step_profile(steps: list[Any]) -> dict[str, Any]:
@@ -160,7 +175,7 @@ def worker_peer(o: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(o["threads"])
     folder = Path(o["offload"]) / "accelerate"
     model = AutoModelForCausalLM.from_pretrained(o["model_dir"], dtype=torch.bfloat16, device_map="auto",
-                                                 max_memory={"cpu": o["device_mem"] + o["host_mem"]},
+                                                 max_memory={"cpu": o["max_memory"]},
                                                  offload_folder=str(folder)).eval()
     files = sorted(Path(o["model_dir"]).glob("*.safetensors")) + sorted(p for p in folder.rglob("*") if p.is_file())
     model.register_forward_pre_hook(lambda *_: bw.evict_files(files))
@@ -175,7 +190,24 @@ def worker_peer(o: dict[str, Any]) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     return {"runs": True, "job_tok_s": o["batch"] * new / wall, "generate_s": wall,
             "disk_layers": bw.layers_on_disk(getattr(model, "hf_device_map", {}) or {}, model.config.num_hidden_layers),
-            "peak_rss_bytes": bw.peak_rss_bytes()}
+            "peak_rss_bytes": bw.peak_rss_bytes(), "max_memory": o["max_memory"]}
+
+
+def peer_best(base: dict[str, Any], batch: int, max_memories: list[int], cap: str | None,
+              timeout_s: float) -> dict[str, Any]:
+    """accelerate at ``batch`` for each max_memory, smallest first, until one fails (a larger one would
+    fail too): the fastest run, with every attempt under ``sweep``; the first failure when none ran."""
+    sweep: dict[str, Any] = {}
+    best: dict[str, Any] | None = None
+    for m in sorted(max_memories):
+        run = run_worker_script(__file__, "peer", dict(base, batch=batch, max_memory=m), cap, timeout_s)
+        sweep[str(m)] = run.get("job_tok_s") if run.get("runs") else run.get("error", "failed")
+        if not run.get("runs"):
+            best = best or run
+            break
+        best = run if best is None or run["job_tok_s"] > best["job_tok_s"] else best
+    assert best is not None, "no max_memory to try"
+    return dict(best, sweep=sweep) if len(max_memories) > 1 else best
 
 
 WORKERS = {"prepare": worker_prepare, "tierkv": worker_tierkv, "peer": worker_peer}
@@ -234,7 +266,8 @@ def table_rows(tk: dict[int, dict[str, Any]], peer: dict[int, dict[str, Any]]) -
                       "micro, prefill piece | bound measured/predicted | accelerate job tok/s | tierkv/accelerate")]
     for b, r in sorted(tk.items()):
         p = peer.get(b, {})
-        acc = f"{p['job_tok_s']:.3f}" if p.get("runs") else (p.get("error", "not run")[:60])
+        acc = (f"{p['job_tok_s']:.3f}" + (f" (max_memory {p['max_memory'] / 2**20:.0f} MiB)" if "sweep" in p else "")
+               if p.get("runs") else (p.get("error", "not run")[:60]))
         if not r.get("fits") or "decode_tok_s" not in r:
             rows.append((str(b), (r.get("why") or r.get("error", ""))[:160] + f" | accelerate {acc}"))
             continue
@@ -253,6 +286,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--cap", default="1600MiB", help="memcap limit for every contender ('none': no cap)")
     ap.add_argument("--device-mem", default="1024MiB")
     ap.add_argument("--host-mem", default="0")
+    ap.add_argument("--peer-max-memory", default=None,
+                    help="accelerate's max_memory values to sweep, comma-separated (default: device_mem + host_mem; "
+                         "with --device-mem auto: 896MiB,1024MiB,1152MiB,1280MiB)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--micro-batches", type=int, default=None,
                     help="run every batch with this many micro-batches instead of the planner's choice (to compare)")
@@ -282,7 +318,10 @@ def main() -> None:
     cap = args.cap if args.cap != "none" and memcap_usable() else None
     if cap is None and args.cap != "none":
         print("WARNING: memcap cannot cap memory here; runs are NOT capped", flush=True)
-    base = {"model_dir": str(model_dir), "offload": str(offload), "device_mem": parse_size(args.device_mem),
+    auto = args.device_mem == "auto"
+    peer_mems = [parse_size(v) for v in (args.peer_max_memory or (AUTO_PEER_MAX_MEMORY if auto else "")).split(",")
+                 if v] or [parse_size(args.device_mem) + parse_size(args.host_mem)]
+    base = {"model_dir": str(model_dir), "offload": str(offload), "device_mem": None if auto else parse_size(args.device_mem),
             "host_mem": parse_size(args.host_mem), "threads": args.threads, "new_tokens": args.new_tokens,
             "micro_batches": args.micro_batches}
     prep = run_worker_script(__file__, "prepare", base, cap, 900)
@@ -301,13 +340,14 @@ def main() -> None:
             run_worker_script(__file__, "tierkv", dict(base, batch=b), cap, 600)
         print(f"  tierkv batch {b}: {json.dumps({k: v for k, v in tk[b].items() if k != 'why'})[:300]}", flush=True)
         if not peer_failed and time.perf_counter() - t0 < args.time_limit:
-            peer[b] = run_worker_script(__file__, "peer", dict(base, batch=b), cap, args.peer_timeout)
+            peer[b] = peer_best(base, b, peer_mems, cap, args.peer_timeout)
             peer_failed = not peer[b].get("runs")
             print(f"  accelerate batch {b}: {json.dumps(peer[b])[:300]}", flush=True)
     s = summarize(args, prep, tk, peer)
+    detected = f" (detected: {prep['device_mem_used'] / 2**20:.0f} MiB)" if auto else ""
     load_end = os.getloadavg()
     print_table(f"throughput mode: ~0.85B bf16 Llama ({model_bytes / 2**20:.0f} MiB) streamed from disk, cap "
-                f"{cap or 'none'}, device_mem {args.device_mem}, host_mem {args.host_mem}, {args.new_tokens} new "
+                f"{cap or 'none'}, device_mem {args.device_mem}{detected}, host_mem {args.host_mem}, {args.new_tokens} new "
                 f"tokens, prompts 64-512 ragged, {args.threads} threads, OMP_WAIT_POLICY={OMP_WAIT_POLICY}, raw disk {prep['raw_disk_gbps']:.2f} GB/s, "
                 f"load avg {load_start[0]:.1f} -> {load_end[0]:.1f}", table_rows(tk, peer))
     print_table("where tierkv's time went (the engine's step log)", profile_rows(tk, prep["raw_disk_gbps"]))

@@ -321,8 +321,10 @@ print("compiled")
 def test_kernels_compile_to_a_cubin_for_a_gpu_target():
     """What the interpreter cannot show: the compiler takes the kernels (nibble shifts on uint8, 16-bit dots).
 
-    In a fresh process: Triton's interpreter state of this session cannot be switched off in place."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": str(ROOT)}
+    In a fresh process: Triton's interpreter state of this session cannot be switched off in place.
+    ``TIERKV_KERNELS=triton`` asks for the Triton kernels: a CPU-only torch does not import Triton otherwise."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": str(ROOT),
+           "TIERKV_KERNELS": "triton"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, timeout=300,
                          cwd=ROOT, env=env)
     if run.returncode and ("ptxas" in run.stderr or "No module named 'triton.backends.nvidia'" in run.stderr):
