@@ -104,10 +104,12 @@ def worker_prepare(o: dict[str, Any]) -> dict[str, Any]:
     with tierkv.load(o["model_dir"], device_mem=o["device_mem"], host_mem=o["host_mem"], offload_dir=o["offload"],
                      dtype="bfloat16", device="cpu") as engine:
         plan = engine.plan.summary() if engine.plan is not None else ""
+        ring = (engine.plan.prefetch_depth + 1) * engine.plan.layer_bytes if engine.plan is not None else 0
     store = find_cached_store(Path(o["model_dir"]), Path(o["offload"]), "bfloat16", None, "cpu")
     assert store is not None, "the budgets keep every layer resident: lower --device-mem so that layers stream"
     return {"data_path": str(store.data_path), "raw_disk_gbps": bw.raw_disk_gbps(store.data_path), "plan": plan,
-            "device_mem_used": o["device_mem"]}
+            "device_mem_used": o["device_mem"], "ring_bytes": ring,
+            "raw_ring_gbps": bw.raw_disk_gbps(store.data_path, window_bytes=ring)}
 
 
 def worker_tierkv(o: dict[str, Any]) -> dict[str, Any]:
@@ -224,6 +226,7 @@ def summarize(args: argparse.Namespace, prep: dict[str, Any], tk: dict[int, dict
         if r.get("fits") and r.get("decode_tok_s"):
             r["pass_s"] = b / r["decode_tok_s"]
             r["pass_disk_s"] = r["pass_bytes"] / raw
+            r["pass_ring_disk_s"] = r["pass_bytes"] / (prep["raw_ring_gbps"] * 1e9)
             r["ceiling_decode_tok_s"] = b / r["pass_disk_s"] if r["pass_bytes"] else None
             r["measured_bound"] = "compute" if r["pass_s"] > COMPUTE_OVER_DISK * r["pass_disk_s"] else "disk"
             if peer.get(b, {}).get("runs"):
@@ -245,18 +248,19 @@ def summarize(args: argparse.Namespace, prep: dict[str, Any], tk: dict[int, dict
                                            None)}
 
 
-def profile_rows(tk: dict[int, dict[str, Any]], raw_gbps: float) -> list[tuple[str, str]]:
+def profile_rows(tk: dict[int, dict[str, Any]], raw_gbps: float, ring_gbps: float) -> list[tuple[str, str]]:
     """Where tierkv's time went, per batch: prefill and decode passes, disk waits, compute, predictions."""
     rows = [("batch", "prefill passes: n, s (waiting for disk), prompt tokens | decode passes: n, mean s "
-                      "(waiting / computing) vs disk at raw speed | predicted decode pass s: probe / fitted")]
+                      "(waiting / computing) vs disk at raw speed (16 MiB window / ring-sized) | predicted decode "
+                      "pass s: probe / fitted")]
     for b, r in sorted(tk.items()):
         pr = r.get("profile")
         if not pr:
             continue
-        disk = r["pass_bytes"] / (raw_gbps * 1e9)
+        disk, ring = r["pass_bytes"] / (raw_gbps * 1e9), r["pass_bytes"] / (ring_gbps * 1e9)
         rows.append((str(b), f"{pr['prefill_passes']}, {pr['prefill_s']:.2f} ({pr['prefill_wait_s']:.2f}), "
                              f"{pr['prefill_tokens']} | {pr['decode_passes']}, {pr['decode_pass_s']:.3f} "
-                             f"({pr['decode_wait_s']:.3f} / {pr['decode_compute_s']:.3f}) vs {disk:.3f} | "
+                             f"({pr['decode_wait_s']:.3f} / {pr['decode_compute_s']:.3f}) vs {disk:.3f} / {ring:.3f} | "
                              f"{r['probe_decode_step_s']:.3f} / {r['fitted_decode_step_s']:.3f}"))
     return rows
 
@@ -348,15 +352,18 @@ def main() -> None:
     load_end = os.getloadavg()
     print_table(f"throughput mode: ~0.85B bf16 Llama ({model_bytes / 2**20:.0f} MiB) streamed from disk, cap "
                 f"{cap or 'none'}, device_mem {args.device_mem}{detected}, host_mem {args.host_mem}, {args.new_tokens} new "
-                f"tokens, prompts 64-512 ragged, {args.threads} threads, OMP_WAIT_POLICY={OMP_WAIT_POLICY}, raw disk {prep['raw_disk_gbps']:.2f} GB/s, "
+                f"tokens, prompts 64-512 ragged, {args.threads} threads, OMP_WAIT_POLICY={OMP_WAIT_POLICY}, raw disk {prep['raw_disk_gbps']:.2f} GB/s "
+                f"(16 MiB window; {prep['raw_ring_gbps']:.2f} into a ring-sized {prep['ring_bytes'] / 2**20:.0f} MiB buffer), "
                 f"load avg {load_start[0]:.1f} -> {load_end[0]:.1f}", table_rows(tk, peer))
-    print_table("where tierkv's time went (the engine's step log)", profile_rows(tk, prep["raw_disk_gbps"]))
+    print_table("where tierkv's time went (the engine's step log)",
+                profile_rows(tk, prep["raw_disk_gbps"], prep["raw_ring_gbps"]))
     print(f"goals: {json.dumps(s['goals'])}; compute takes over at batch {s['compute_from_measured']} (measured), "
           f"{s['compute_from_predicted']} (predicted)")
     emit_json(dict(s, bench="batch", tierkv={str(k): v for k, v in tk.items()}, accelerate={str(k): v for k, v in
                                                                                          peer.items()},
                    cap=cap, model_bytes=model_bytes, device_mem=args.device_mem, host_mem=args.host_mem,
                    new_tokens=args.new_tokens, threads=args.threads, omp_wait_policy=OMP_WAIT_POLICY, raw_disk_gbps=prep["raw_disk_gbps"],
+                   raw_ring_gbps=prep["raw_ring_gbps"], ring_bytes=prep["ring_bytes"],
                    load_avg_start=list(load_start), load_avg_end=list(load_end), wall_s=round(time.perf_counter() - t0, 1)))
 
 

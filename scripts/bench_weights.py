@@ -163,12 +163,14 @@ def pinned_h2d_gbps(nbytes: int, device: str, reps: int = 10) -> float:
 # links measured in this run, and budgets searched so that ~fraction of the layers live on disk
 
 
-def raw_disk_gbps(data_path: Path, nbytes: int = 1 << 30, repeats: int = 3) -> float:
+def raw_disk_gbps(data_path: Path, nbytes: int = 1 << 30, repeats: int = 3, window_bytes: int | None = None) -> float:
     """Cold O_DIRECT sequential read of the store's data file (same reader settings as tierkv:
-    4 threads, 4 MiB requests), best of ``repeats``: the ceiling of the disk link."""
-    from tierkv.io.reader import measure_disk_read_gbps
+    4 threads, 4 MiB requests), best of ``repeats``: the ceiling of the disk link. ``window_bytes``: the
+    buffer the reads land in (default: the planner probe's 16 MiB)."""
+    from tierkv.io.reader import PROBE_WINDOW_BYTES, measure_disk_read_gbps
 
-    return max(measure_disk_read_gbps(data_path, nbytes) for _ in range(repeats))
+    window = window_bytes or PROBE_WINDOW_BYTES
+    return max(measure_disk_read_gbps(data_path, nbytes, window_bytes=window) for _ in range(repeats))
 
 
 def layer_compute_s(model_dir: Path, device: str, iters: int = 20) -> float:

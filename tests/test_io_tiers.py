@@ -100,6 +100,23 @@ def test_measure_disk_read_gbps(data_file):
     assert measure_disk_read_gbps(path, nbytes=2 << 20) > 0.0
 
 
+def test_the_disk_probe_reads_through_a_window_of_the_size_asked(data_file, monkeypatch):
+    """window_bytes sets the one buffer every read lands in (rounded up to 4 KiB); the reads cover the bytes asked."""
+    path, _ = data_file
+    seen: list[tuple[int, int, int]] = []
+    real = AlignedReader.read
+
+    def spy(self, offset, nbytes, dest, verify=None):
+        seen.append((offset, nbytes, dest.untyped_storage().nbytes()))
+        return real(self, offset, nbytes, dest, verify)
+
+    monkeypatch.setattr(AlignedReader, "read", spy)
+    assert measure_disk_read_gbps(path, nbytes=2 << 20, window_bytes=(768 << 10) + 100) > 0.0
+    window = (768 << 10) + 4096
+    assert [(o, n) for o, n, _ in seen] == [(0, window), (window, window), (2 * window, (2 << 20) - 2 * window)]
+    assert {size for _, _, size in seen} == {window}
+
+
 def test_slot_pool_alignment_and_misuse():
     pool = SlotPool(2, 10_000)
     assert pool.slot_bytes == 12288 and pool.n_free == 2
