@@ -110,6 +110,20 @@ def test_backend_choice(monkeypatch):
         pick_backend(_chunk_abstract_kernel, x)
 
 
+NO_TRITON_ASKED = ("TIERKV_KERNELS", "TRITON_INTERPRET")     # neither asks for Triton: as a CPU user's shell
+
+
+def _fresh_python(code: str, drop: tuple[str, ...], extra: dict[str, str] | None = None,
+                  timeout_s: float = 60) -> subprocess.CompletedProcess:
+    """``python -c code`` in a new interpreter on this checkout, without the ``drop`` variables, with ``extra``."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for var in drop:
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-c", code], env={**env, **(extra or {})}, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
 def test_package_works_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
@@ -120,10 +134,7 @@ def test_package_works_without_triton():
         "try:\n    k.chunk_abstract(torch.randn(1, 1, 9, 4), torch.tensor([0]), backend='triton')\n"
         "except RuntimeError as e:\n    assert 'not installed' in str(e)\nelse:\n    raise SystemExit('no error')\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("TIERKV_KERNELS", None)
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    run = _fresh_python(code, drop=("TIERKV_KERNELS",))
     assert run.returncode == 0, run.stderr
 
 
@@ -143,16 +154,11 @@ def test_cpu_only_torch_leaves_triton_unimported():
         "except RuntimeError as e:\n    assert 'TRITON_INTERPRET=1' in str(e), e\nelse:\n    raise SystemExit('no error')\n"
         "print('ok')\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("TIERKV_KERNELS", None)
-    env.pop("TRITON_INTERPRET", None)
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    run = _fresh_python(code, drop=NO_TRITON_ASKED)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr
     back = "import tierkv.kernels._select as s, sys; assert s.HAS_TRITON and 'triton' in sys.modules\n"
     for extra in ({"TRITON_INTERPRET": "1"}, {"TIERKV_KERNELS": "triton"}):
-        run = subprocess.run([sys.executable, "-c", back], env={**env, **extra}, capture_output=True, text=True,
-                             timeout=60)
+        run = _fresh_python(back, drop=NO_TRITON_ASKED, extra=extra)
         assert run.returncode == 0, (extra, run.stderr)
 
 
@@ -177,9 +183,5 @@ assert compiled == eager, (compiled, eager)
 import triton
 print('ok')
 """
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    for var in ("TIERKV_KERNELS", "TRITON_INTERPRET"):
-        env.pop(var, None)
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    run = _fresh_python(code, drop=NO_TRITON_ASKED, timeout_s=300)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]

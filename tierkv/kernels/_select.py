@@ -30,7 +30,6 @@ ENV_VAR = "TIERKV_KERNELS"
 _CHOICES = ("torch", "triton", "auto")
 
 
-
 def triton_can_run() -> bool:
     """Whether a Triton kernel could launch in this process: torch was built with CUDA, or the Triton
     interpreter was asked for (``TRITON_INTERPRET``), or ``TIERKV_KERNELS=triton`` forces it (so that its
