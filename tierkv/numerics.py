@@ -16,7 +16,9 @@ import torch
 from tierkv.config import ModelConfig
 from tierkv.errors import TierkvError
 from tierkv.model import decoder_layer, embed, head, step_inputs
+from tierkv.model_pieces import piece_decoder_layers
 from tierkv.pipeline.kv import DenseKVCache
+from tierkv.pipeline.pieces import PieceLayer
 from tierkv.pipeline.schedule import WeightSource, run_layers
 from tierkv.sampling import logits_healthy
 
@@ -63,8 +65,9 @@ def first_bad_stage(cfg: ModelConfig, weights: WeightSource, ids: list[int], dty
         return "the embedding", None
     bad: list[int] = []
 
-    def layer(j: int, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        out = decoder_layer(cfg, w, x, step, kv, j)
+    def layer(j: int, w: dict[str, torch.Tensor] | PieceLayer, x: torch.Tensor) -> torch.Tensor:
+        out = piece_decoder_layers(cfg, w, [x], [step], [kv], j)[0] if isinstance(w, PieceLayer) else \
+            decoder_layer(cfg, w, x, step, kv, j)
         if not bad and not hidden_usable(out):
             bad.append(j)
         return out

@@ -33,6 +33,8 @@ from tierkv.config import ModelConfig
 from tierkv.kernels.dense_linear import COMPILED_GEMV_MIN_PARAMS, compiled_gemv_allowed
 from tierkv.model import EAGER_HALVES, KVCache, LayerHalves, StepInputs, decoder_layer, embed, head, rope_inv_freq, \
     rope_varies_with_length, step_inputs
+from tierkv.model_pieces import piece_decoder_layers
+from tierkv.pipeline.pieces import PieceLayer
 from tierkv.pipeline.schedule import WeightSource, run_layers
 
 __all__ = ["Feed", "RaggedKV", "Runner"]
@@ -143,7 +145,10 @@ class Runner:
 
         halves = self.halves
 
-        def layer(j: int, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        def layer(j: int, w: dict[str, torch.Tensor] | PieceLayer, x: torch.Tensor) -> torch.Tensor:
+            if isinstance(w, PieceLayer):         # streamed in pieces: every group uses a block before the next
+                xs = x.split(cuts, dim=1) if len(parts) > 1 else [x]
+                return torch.cat(piece_decoder_layers(self.cfg, w, xs, steps, kvs, j), dim=1)
             if len(parts) == 1:
                 return decoder_layer(self.cfg, w, x, steps[0], kvs[0], j, halves)
             return torch.cat([decoder_layer(self.cfg, w, xg, st, kv, j, halves)  # one group at a time

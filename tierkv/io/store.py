@@ -98,6 +98,14 @@ def layer_extent_name(j: int) -> str:
     return f"layer.{j}"
 
 
+PIECE_SEP = "#"                 # "layer.3#2": CRC block 2 of extent layer.3 (``pipeline.pieces`` streams those)
+
+
+def piece_name(extent_name: str, index: int) -> str:
+    """The name of CRC block ``index`` of an extent, as a move's ``what`` (``WeightStore.piece_range``)."""
+    return f"{extent_name}{PIECE_SEP}{index}"
+
+
 def hf_name(extent_name: str, key: str) -> str:
     """The source's (HF) name of tensor ``key`` of the extent named ``extent_name``."""
     return f"{LAYER_PREFIX}{extent_name.split('.', 1)[1]}.{key}" if extent_name.startswith("layer.") else key
@@ -412,18 +420,30 @@ class WeightStore:
         """Verify extent ``name`` held in ``buffer`` (uint8 CPU); raise StoreError on a mismatch."""
         self.verifier(name)(0, memoryview(buffer[: self.extents[name].nbytes].numpy()).cast("B"))
 
+    def piece_range(self, name: str) -> tuple[Extent, int, int]:
+        """(extent, start, nbytes) of ``name``: a whole extent (0, its padded size), or one CRC block of it
+        (``piece_name``: its bytes within the padded size, the last block's short tail included)."""
+        extent_name, sep, index = name.partition(PIECE_SEP)
+        e = self.extents[extent_name]
+        if not sep:
+            return e, 0, e.padded_nbytes
+        start = int(index) * self.crc_block_bytes
+        assert 0 <= start < e.padded_nbytes, (name, e.padded_nbytes)
+        return e, start, min(self.crc_block_bytes, e.padded_nbytes - start)
+
     def read_extent(self, reader: AlignedReader, name: str, dest: torch.Tensor, verify: bool = True,
                     record: MoveRecord | None = None) -> MoveRecord:
-        """Start reading extent ``name`` (its padded size) into ``dest``, filling ``record`` if given.
+        """Start reading extent ``name`` (its padded size; or one CRC block of it, named by ``piece_name``) into
+        ``dest``, filling ``record`` if given.
 
         With ``verify`` each CRC block is checked on the reader thread that read it; a mismatch
         raises StoreError from ``wait()``.
         """
-        e = self.extents[name]
+        e, start, nbytes = self.piece_range(name)
         assert reader.path == self.data_path, (reader.path, self.data_path)
         assert reader.request_bytes % self.crc_block_bytes == 0, "a CRC block must not straddle two requests"
-        check = self.verifier(name) if verify else None
-        return reader.submit(e.offset, e.padded_nbytes, dest, verify=check, label=name, record=record)
+        check = _BlockVerifier(self, e, start) if verify else None
+        return reader.submit(e.offset + start, nbytes, dest, verify=check, label=name, record=record)
 
     def open_reader(self, threads: int = 4, request_bytes: int = DEFAULT_REQUEST_BYTES,
                     direct: bool | None = None) -> AlignedReader:
@@ -452,11 +472,12 @@ class WeightStore:
 class _BlockVerifier:
     """Checks the CRC blocks of one extent that fall inside each landed request."""
 
-    def __init__(self, store: WeightStore, extent: Extent) -> None:
-        self.store, self.extent = store, extent
+    def __init__(self, store: WeightStore, extent: Extent, base: int = 0) -> None:
+        self.store, self.extent, self.base = store, extent, base     # base: where the read starts in the extent
 
     def __call__(self, start: int, view: memoryview) -> None:
         e, block = self.extent, self.store.crc_block_bytes
+        start += self.base
         assert start % block == 0, (start, block)
         end = min(start + len(view), e.nbytes)
         for lo in range(start, end, block):
@@ -589,7 +610,7 @@ def existing_manifest(out: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 
 
-__all__ = ["CRC_BLOCK_BYTES", "DATA_FILE", "DAMAGE_FILE", "Extent", "FORMAT_VERSION", "MANIFEST_FILE", "StoreError",
+__all__ = ["CRC_BLOCK_BYTES", "PIECE_SEP", "piece_name", "DATA_FILE", "DAMAGE_FILE", "Extent", "FORMAT_VERSION", "MANIFEST_FILE", "StoreError",
            "TensorEntry", "WeightStore", "block_crcs", "existing_manifest", "extent_from_json", "extent_to_json",
            "fsync_dir", "hf_name", "is_store_dir", "layer_extent_name", "layout_prepared_bytes", "logical_shape", "pack_device",
            "layout_digest", "mark_damaged", "plan_layout", "read_damage",

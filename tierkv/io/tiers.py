@@ -114,10 +114,11 @@ class MemoryTier:
 
 
 class DiskTier:
-    """The weight store on disk (read-only); ids are extent names (``layer.3``, ``embed``, ...).
+    """The weight store on disk (read-only); ids are extent names (``layer.3``, ``embed``, ...) or pieces
+    of them (``layer.3#2``).
 
     ``verify``: "always" checks the CRCs on every read; "first" only on the first read of each
-    extent by this tier (later reads of a verified extent skip the CPU cost); "never" skips them.
+    extent (or piece) by this tier (later reads of a verified extent skip the CPU cost); "never" skips them.
     """
 
     name = DISK
@@ -150,8 +151,8 @@ class DiskTier:
 class DiskReadHandler:
     """disk -> host and disk -> device (CPU-only): weight-store extents into memory buffers.
 
-    ``whats`` are extent names, ``sources`` is None (the disk tier resolves the names), ``dests``
-    are uint8 CPU buffers of at least each extent's padded size. The reads run on the disk tier's
+    ``whats`` are extent names or pieces of them (``io.store.piece_name``: one CRC block), ``sources`` is
+    None (the disk tier resolves the names), ``dests`` are uint8 CPU buffers of at least each one's size. The reads run on the disk tier's
     reader threads, one ``tierkv::move`` span per request; checksums are checked there as the
     tier's ``verify`` setting says, and a mismatch or I/O error is raised by the record's ``wait()``.
     """
@@ -165,7 +166,7 @@ class DiskReadHandler:
         store, records = self.disk.store, []
         for name, dest in zip(whats, dests):
             assert dest.device.type == "cpu", (name, dest.device)
-            record = MoveRecord(src, dst, name, store.extents[name].padded_nbytes)
+            record = MoveRecord(src, dst, name, store.piece_range(name)[2])
             store.read_extent(self.disk.reader, name, dest, verify=self.disk.should_verify(name), record=record)
             records.append(record)
         return records

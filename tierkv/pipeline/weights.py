@@ -10,7 +10,10 @@ into the ``prefetch / wait / release`` protocol of ``pipeline.schedule``:
 * host layers live in the host tier (pinned on CUDA) and are copied into a device ring slot on the
   copy stream; on a CPU-only machine they are used in place (host and "device" are the same RAM);
 * disk layers are read by the store's reader threads into a ring of ``prefetch_depth + 1`` slots
-  (on CUDA: pinned staging slots, then a copy into a device slot ordered by CUDA events).
+  (on CUDA: pinned staging slots, then a copy into a device slot ordered by CUDA events); or, on a
+  CPU-only machine with ``stream_pieces``, one CRC block at a time through a ring of that many
+  4 MiB slots, the layer computed from row blocks as they land (``pipeline.pieces``: ``wait``
+  returns a ``PieceLayer`` for those layers).
 
 Every buffer is carved from a tier at construction, so memory stays within the budgets for the
 whole run. Every move goes through one ``io.mover.Mover`` (disk->host and, on CPU, disk->device:
@@ -27,6 +30,7 @@ import torch
 
 from tierkv.io.buffers import Slot, SlotPool, aligned_host_tensor
 from tierkv.io.mover import DEVICE, DISK, HOST, MoveRecord, Mover, copy_handler
+from tierkv.pipeline.pieces import PieceLayer, PieceRing, layer_pieces
 from tierkv.io.rows import MappedEmbedding
 from tierkv.io.store import StoreError, WeightStore, layer_extent_name, tensors_from_buffer
 from tierkv.io.tiers import DiskReadHandler, DiskTier, MemoryTier
@@ -56,14 +60,16 @@ class StreamingWeights:
     ``host_budget_bytes`` bounds host layers + the staging ring (CUDA). ``verify``: "first"
     checks each extent's CRCs the first time it is read in this process, "always" on every read.
     ``lookup_embedding``: the embedding stays in the store, mapped (``io.rows``), outside both budgets
-    (its CRCs checked once, at construction, unless ``verify`` is "never").
+    (its CRCs checked once, at construction, unless ``verify`` is "never"). ``stream_pieces`` (CPU only, every
+    disk layer 16-bit or fp32 as ``pipeline.pieces.piece_layout`` needs): disk layers stream in CRC blocks
+    through a ring of that many slots instead of the layer ring.
     """
 
     def __init__(self, store: WeightStore, device: torch.device | str, device_layers: Sequence[int],
                  host_layers: Sequence[int], prefetch_depth: int, device_budget_bytes: int,
                  host_budget_bytes: int, reader_threads: int = 4, verify: str = "first",
                  direct: bool | None = None, progress: Callable[[int, int], None] | None = None,
-                 lookup_embedding: bool = False) -> None:
+                 lookup_embedding: bool = False, stream_pieces: int = 0) -> None:
         assert prefetch_depth >= 0 and not set(device_layers) & set(host_layers)
         self.store, self.device = store, torch.device(device)
         self.num_layers, self.prefetch_depth = store.config.num_layers, prefetch_depth
@@ -73,10 +79,15 @@ class StreamingWeights:
             self._kind[j] = "host"
         for j in device_layers:
             self._kind[j] = "device"
+        self._piece_layers = self._pieces_of(stream_pieces)
+        for j in self._piece_layers:
+            self._kind[j] = "pieces"
         self.tiers = {DEVICE: MemoryTier(DEVICE, self.device, device_budget_bytes),
                       HOST: MemoryTier(HOST, "cpu", host_budget_bytes, pinned=self.cuda),
                       DISK: DiskTier(store, threads=reader_threads, direct=direct, verify=verify)}
         self.mover = self._make_mover()
+        self.pieces: PieceRing | None = None
+        self._open_pieces: PieceLayer | None = None
         self._flights: dict[int, _Flight] = {}
         self._copies: list[tuple[MoveRecord, Slot | None]] = []     # CUDA copies not yet reaped
         self._slot_free_event: dict[int, torch.cuda.Event] = {}   # device slot -> its last reader is done
@@ -89,11 +100,17 @@ class StreamingWeights:
         self._embedding: MappedEmbedding | None = None
         try:
             self.ring, self.staging = self._make_rings()    # reserve the rings first: fail fast
+            if self._piece_layers:
+                self.pieces = PieceRing(store, self.mover, self.tiers[DEVICE], self._piece_layers, stream_pieces)
             if lookup_embedding:
                 self._embedding = MappedEmbedding(store, verify=verify != "never")
                 self._globals[EMBED_WEIGHT] = self._embedding.table
             self._load_resident(progress or (lambda done, total: None))
+            if self.pieces is not None:
+                self.pieces.start()
         except BaseException:
+            if self.pieces is not None:
+                self.pieces.close()
             self.mover.close()
             if self._embedding is not None:
                 self._embedding.close()
@@ -105,7 +122,19 @@ class StreamingWeights:
         resident extents loaded so far, and their total)."""
         return cls(store, plan.device, plan.device_layers, plan.host_layers, plan.prefetch_depth,
                    plan.device_weight_budget_bytes, plan.host_weight_budget_bytes,
-                   lookup_embedding=plan.embedding_lookup_bytes > 0, **options)  # type: ignore[arg-type]
+                   lookup_embedding=plan.embedding_lookup_bytes > 0, stream_pieces=plan.stream_pieces,
+                   **options)  # type: ignore[arg-type]
+
+    def _pieces_of(self, slots: int) -> dict:
+        """The disk layers' ``LayerPieces`` when they stream in pieces (``slots`` > 0), else {}."""
+        disk = [j for j, k in enumerate(self._kind) if k == "disk"]
+        if slots <= 0 or not disk:
+            return {}
+        pieces = layer_pieces(self.store, disk)
+        if self.cuda or pieces is None:
+            raise ValueError("streaming in pieces needs a CPU device and 16-bit or fp32 layers stored in their "
+                             "math's order; plan with TIERKV_STREAM_UNIT=layer (or let the planner choose)")
+        return pieces
 
     # -- construction ------------------------------------------------------------------------
     def _make_mover(self) -> Mover:
@@ -220,9 +249,13 @@ class StreamingWeights:
             flight.read = self._read(name, flight.slot.tensor, DEVICE)
         self._flights[j] = flight
 
-    def wait(self, j: int) -> dict[str, torch.Tensor]:
+    def wait(self, j: int) -> dict[str, torch.Tensor] | PieceLayer:  # type: ignore[override]
         if j in self._resident:
             return self._resident[j]
+        if j in self._piece_layers:
+            assert self.pieces is not None
+            self._open_pieces = self.pieces.open(j)
+            return self._open_pieces
         if j not in self._flights:                # prefetch_depth 0: nothing was started early
             self.prefetch(j)
         flight = self._flights[j]
@@ -236,6 +269,11 @@ class StreamingWeights:
         return tensors_from_buffer(self.store.layer(j), flight.slot.tensor)
 
     def release(self, j: int) -> None:
+        if j in self._piece_layers:
+            assert self._open_pieces is not None and self._open_pieces.layer == j, f"release({j}) without wait({j})"
+            self._open_pieces.close()
+            self._open_pieces = None
+            return
         flight = self._flights.pop(j, None)
         if flight is None:
             assert j in self._resident, f"release({j}) without wait({j})"
@@ -308,7 +346,7 @@ class StreamingWeights:
         out = {f"{name}_weight_bytes": float(tier.used_bytes) for name, tier in self.tiers.items()}
         out["layers_device"] = float(self._kind.count("device"))
         out["layers_host"] = float(self._kind.count("host"))
-        out["layers_disk"] = float(self._kind.count("disk"))
+        out["layers_disk"] = float(self._kind.count("disk") + self._kind.count("pieces"))
         wait_s = 0.0
         for link, s in self.mover.stats().items():
             key = link.replace("->", "_to_")
@@ -333,6 +371,8 @@ class StreamingWeights:
                     # again here would hide the error the caller is handling. Other exceptions are bugs.
                     continue
         finally:
+            if self.pieces is not None:
+                self.pieces.close()
             self._flights.clear()
             self._copies.clear()
             self.mover.close()
