@@ -342,7 +342,7 @@ def _predict(inputs: BatchInputs, job: _Job, batch: int, micro: int, plan: Plan,
         extra = max(0, tokens - rows) * token_s
         layer = links.layer_compute_s + (rows - 1) * row_s + extra + kv_layer * context_tokens / rate
         timed = replace(links, layer_compute_s=layer)
-        return simulate_step_s(kinds, plan.prefetch_depth, plan.layer_bytes, timed, cuda), \
+        return simulate_step_s(kinds, plan.prefetch_depth, plan.layer_bytes, timed, cuda, plan.stream_pieces), \
             step_bound(kinds, plan.layer_bytes, timed, cuda)
 
     k, total_prompt = len(job.prompts), sum(job.prompts)

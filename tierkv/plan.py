@@ -26,8 +26,10 @@ from tierkv.config import Budget, ModelConfig, Policy, format_size, parse_size
 from tierkv.errors import ArgumentError
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.rows import lookup_embedding_bytes
-from tierkv.io.store import Extent, layout_prepared_bytes, plan_layout
+from tierkv.io.store import CRC_BLOCK_BYTES, Extent, layout_prepared_bytes, plan_layout
+from tierkv.kernels._select import env_choice
 from tierkv.pipeline.chunking import ChunkRule
+from tierkv.pipeline.pieces import PIECE_SLOTS, piece_layout, piece_ring_bytes, small_tensor_bytes
 from tierkv.pipeline.kv.sizing import element_bytes, keeps_sketch, kv_bytes_per_token, kv_device_minimum_bytes
 from tierkv.plan_sim import simulate_step_s, spread_layers, step_bound
 from tierkv.probe import ComputeEstimate, LinkSpeeds, probe_links
@@ -35,6 +37,8 @@ from tierkv.quantspec import CHANNEL, WeightQuant, kv_chunk_bytes, tensor_quants
 from tierkv.model import ATTENTION_SCRATCH_BYTES, attention_pair_bytes
 
 MAX_PREFETCH_DEPTH = 4
+PIECES = -1                            # the option key of streaming disk layers in pieces (``pipeline.pieces``)
+STREAM_UNIT_VAR = "TIERKV_STREAM_UNIT"  # "auto" (the faster by simulation), "layer" or "piece" (where it applies)
 DEFAULT_CONTEXT_TOKENS = 4096
 DEFAULT_PREFILL_TOKENS = 2048          # the largest prefill piece the planner picks
 MIN_PREFILL_TOKENS = 16                # the smallest (below it every piece re-reads the streamed layers for little work)
@@ -61,7 +65,7 @@ class Plan:
     reserve_bytes: int                 # device memory kept for KV cache and activations
     device_weight_budget_bytes: int    # device_mem_bytes - reserve_bytes: the weights' device tier
     host_weight_budget_bytes: int      # the weights' host tier
-    ring_bytes: int                    # device ring of prefetch_depth + 1 slots (0 when nothing streams)
+    ring_bytes: int                    # device ring of prefetch_depth + 1 slots, or the piece ring (0: nothing streams)
     staging_bytes: int                 # pinned staging ring for disk layers (CUDA only)
     links: LinkSpeeds
     predicted_step_s: float            # one decode step at batch 1
@@ -85,6 +89,7 @@ class Plan:
     kv_sketch_note: str = ""           # why key codes the policy would keep are off (no device room); "" if not
     ram_note: str = ""                 # the cgroup memory limit that bounds RAM (a container, a cap); "" if none
     embedding_lookup_bytes: int = 0    # the embedding left in the store, rows read per step (io.rows); 0: on the device
+    stream_pieces: int = 0             # disk layers stream in CRC-block pieces through this many slots; 0: layer ring
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: an unmeasured (infinite) link speed becomes null."""
@@ -104,7 +109,7 @@ class Plan:
                "the rows it embeds" if self.embedding_lookup_bytes else ""),
             f"host ({format_size(self.host_mem_bytes)} budget): {len(self.host_layers)} layers",
             f"disk ({self.offload_dir}): {len(self.disk_layers)} layers",
-            f"prefetch depth {self.prefetch_depth}; links: disk {_link(self.links.disk_read_gbps)}, host->device "
+            f"{self._streaming()}; links: disk {_link(self.links.disk_read_gbps)}, host->device "
             f"{_link(self.links.h2d_gbps)}, compute {self.links.layer_compute_s * 1e3:.2f} ms/layer{self._how_timed()}",
             f"KV cache room: {format_size(self.kv_device_bytes)} on the device (16-bit), "
             f"{format_size(self.kv_host_bytes)} in host memory ({self.kv_host_tokens:,} tokens "
@@ -121,6 +126,13 @@ class Plan:
             lines.append("from config.json alone (no weights here): budgets are not checked against this machine; "
                          "links measured on this machine")
         return "\n".join(lines)
+
+    def _streaming(self) -> str:
+        """How disk layers stream: the layer ring's prefetch depth, or pieces through a small ring."""
+        if not self.stream_pieces:
+            return f"prefetch depth {self.prefetch_depth}"
+        return (f"disk layers stream {format_size(CRC_BLOCK_BYTES)} at a time ({self.stream_pieces}-slot ring, "
+                f"{format_size(self.ring_bytes)}), computed as they land")
 
     def _key_codes_line(self) -> list[str]:
         """The summary's line on sparse selection's key codes, when the policy would keep them."""
@@ -260,14 +272,15 @@ def minimum_device_bytes(config: ModelConfig, policy: Policy = Policy(), context
 
 
 def _split(n_layers: int, layer_bytes: int, device_avail: int, host_avail: int, depth: int,
-           cuda: bool, placed: int | None = None) -> tuple[int, int, int, int] | None:
+           cuda: bool, placed: int | None = None, ring: int | None = None) -> tuple[int, int, int, int] | None:
     """(n_device, n_host, ring_bytes, staging_bytes) for one prefetch depth, or None if it cannot fit.
     ``layer_bytes`` is a ring slot (a stored extent), ``placed`` what a layer that stays takes (default
-    the same; more with the CPU op parameters prepared for quantized weights)."""
+    the same; more with the CPU op parameters prepared for quantized weights); ``ring``: the streaming
+    ring's bytes when it is not ``depth + 1`` layer slots (the piece ring, CPU only)."""
     placed = layer_bytes if placed is None else placed
     if device_avail >= n_layers * placed:
         return n_layers, 0, 0, 0
-    ring = (depth + 1) * layer_bytes
+    ring = (depth + 1) * layer_bytes if ring is None else ring
     if device_avail < ring:
         return None
     n_dev = min(n_layers - 1, (device_avail - ring) // placed)
@@ -326,6 +339,11 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     device_avail = dev_mem - reserve - held_globals
     options = {d: _split(n, layer_bytes, device_avail, host_mem, d, cuda, placed)
                for d in range(MAX_PREFETCH_DEPTH + 1)}
+    piece_ring = pieces_ring_bytes(config, dtype, policy, device.type, layout)
+    if piece_ring:
+        options[PIECES] = _split(n, layer_bytes, device_avail, host_mem, 0, cuda, placed, piece_ring)
+        if env_choice(None, STREAM_UNIT_VAR, ("auto", "layer", "piece"), "the streaming unit") == "piece":
+            options = {d: o for d, o in options.items() if d == PIECES or (o is not None and o[0] == n)}
     options = {d: o for d, o in options.items() if o is not None}
     if not options:
         raise PlanError(f"host budget {format_size(host_mem)} cannot hold the staging buffer for streaming "
@@ -338,6 +356,8 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
                                                       layout))
     best = _best_option(options, n, layer_bytes, links, cuda)
     depth, (n_dev, n_host, ring, staging), step_s = best
+    pieces = PIECE_SLOTS if depth == PIECES else 0
+    depth = max(depth, 0)
     kinds = spread_layers(n, n_dev, n_host)
     if policy.prefill_chunk_tokens is None:       # device room no further layer fits: a larger piece, fewer passes
         spare = dev_mem - reserve - held_globals - kinds.count("device") * placed - ring
@@ -355,7 +375,7 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
                             - activations),
         prefill_chunk_tokens=piece, attention_scratch_bytes=scratch, activation_bytes=activations,
         config_only=config_only, kv_sketch_bytes=codes, kv_sketch_note=codes_note, ram_note=ram_note,
-        embedding_lookup_bytes=lookup,
+        embedding_lookup_bytes=lookup, stream_pieces=pieces,
         **_stored_sizes(config, dtype, policy, kinds, layer_bytes, globals_bytes + lookup,
                         max(0, host_mem - kinds.count("host") * placed - staging), cuda),
     )
@@ -389,6 +409,23 @@ def layer_sizes(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | No
     extents = layout or plan_layout(config, dtype, quant, device_type)
     layer_bytes = max(e.padded_nbytes for e in extents if e.name.startswith("layer."))
     return layer_bytes, sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
+
+
+def pieces_ring_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, device_type: str,
+                      layout: list[Extent] | None = None) -> int:
+    """The device bytes streaming disk layers in pieces takes (the ring of ``pipeline.pieces`` and every
+    layer's small tensors, kept), or 0 where it does not apply: off the CPU, a layer that cannot stream in
+    pieces (quantized), or ``$TIERKV_STREAM_UNIT`` = "layer"."""
+    if device_type != "cpu" or env_choice(None, STREAM_UNIT_VAR, ("auto", "layer", "piece"),
+                                          "the streaming unit") == "layer":
+        return 0
+    extents = [e for e in (layout or plan_layout(config, dtype, policy.weight_quant, device_type))
+               if e.name.startswith("layer.")]
+    pieces = [piece_layout(e, int(e.name.split(".")[1]), CRC_BLOCK_BYTES) for e in extents]
+    if not extents or any(p is None for p in pieces):
+        return 0
+    return piece_ring_bytes(CRC_BLOCK_BYTES) + sum(small_tensor_bytes(e, p.small) for e, p in zip(extents, pieces)
+                                                    if p is not None)
 
 
 def embedding_lookup(config: ModelConfig, dtype: torch.dtype, policy: Policy, device_type: str,
@@ -493,14 +530,16 @@ def _of(kinds: tuple[str, ...], kind: str) -> tuple[int, ...]:
 
 def _best_option(options: dict[int, tuple[int, int, int, int]], n: int, layer_bytes: int, links: LinkSpeeds,
                  cuda: bool) -> tuple[int, tuple[int, int, int, int], float]:
-    """The depth whose placement simulates fastest (ties: the shallower, which holds more layers)."""
+    """The depth (or ``PIECES``) whose placement simulates fastest (ties: pieces, then the shallower: they
+    hold more layers)."""
     scored = []
     for depth, split in sorted(options.items()):
         kinds = spread_layers(n, split[0], split[1])
         if all(k == "device" for k in kinds) or (not cuda and "disk" not in kinds):
             depth = 0                                   # nothing streams: no ring, no prefetch
             split = (split[0], split[1], 0, 0)
-        scored.append((simulate_step_s(kinds, depth, layer_bytes, links, cuda), depth, split))
+        pieces = PIECE_SLOTS if depth == PIECES else 0
+        scored.append((simulate_step_s(kinds, max(depth, 0), layer_bytes, links, cuda, pieces), depth, split))
     step_s, depth, split = min(scored, key=lambda s: (round(s[0], 9), s[1]))
     return depth, split, step_s
 

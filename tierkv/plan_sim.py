@@ -12,10 +12,11 @@ from __future__ import annotations
 import heapq
 import math
 
+from tierkv.io.store import CRC_BLOCK_BYTES
 from tierkv.pipeline.schedule import ahead
 from tierkv.probe import LinkSpeeds
 
-__all__ = ["simulate_step_s", "spread_layers", "step_bound"]
+__all__ = ["simulate_pieces_step_s", "simulate_step_s", "spread_layers", "step_bound"]
 
 
 def spread_layers(num_layers: int, n_device: int, n_host: int) -> tuple[str, ...]:
@@ -33,7 +34,8 @@ def spread_layers(num_layers: int, n_device: int, n_host: int) -> tuple[str, ...
     return tuple(kinds)
 
 
-def simulate_step_s(kinds: tuple[str, ...], depth: int, layer_bytes: int, links: LinkSpeeds, cuda: bool) -> float:
+def simulate_step_s(kinds: tuple[str, ...], depth: int, layer_bytes: int, links: LinkSpeeds, cuda: bool,
+                    pieces: int = 0, piece_bytes: int = CRC_BLOCK_BYTES) -> float:
     """Steady-state time of one decode step of the layer loop as ``pipeline.weights.StreamingWeights``
     runs it, with three resources: one disk queue, one host->device copy queue (CUDA) and the device
     ring of ``depth + 1`` slots.
@@ -47,8 +49,11 @@ def simulate_step_s(kinds: tuple[str, ...], depth: int, layer_bytes: int, links:
     take the streamed layers after it (``StreamingWeights._fill_ring``: while resident layers compute
     the whole ring reads). Host layers on a CPU-only machine are used in
     place, like device layers. The pinned staging ring (depth + 1 slots, CUDA disk layers) never binds
-    before the device ring does, so it is not modelled.
+    before the device ring does, so it is not modelled. ``pieces`` > 0 (CPU): disk layers stream in
+    ``piece_bytes`` pieces through that many slots instead (``simulate_pieces_step_s``).
     """
+    if pieces and not cuda:
+        return simulate_pieces_step_s(kinds, layer_bytes, links, pieces, piece_bytes)
     n = len(kinds)
     streamed = [k == "disk" or (k == "host" and cuda) for k in kinds]
     if not any(streamed):
@@ -80,6 +85,31 @@ def simulate_step_s(kinds: tuple[str, ...], depth: int, layer_bytes: int, links:
             if streamed[j]:
                 heapq.heappush(ring, comp_end)
         step_ends.append(comp_end)
+    return step_ends[-1] - step_ends[-2]
+
+
+def simulate_pieces_step_s(kinds: tuple[str, ...], layer_bytes: int, links: LinkSpeeds, slots: int,
+                           piece_bytes: int) -> float:
+    """Steady-state step time of ``pipeline.pieces`` on the CPU: the disk reads the disk layers' pieces in
+    order, each into the ring slot the piece ``slots - 1`` before it frees (a row block spans two pieces,
+    so one slot is held beside the piece computing); a disk layer's compute advances piece by piece as they
+    land (its share of the layer's compute per piece), resident layers compute in place."""
+    per_layer = max(1, -(-layer_bytes // piece_bytes))
+    t_read = layer_bytes / per_layer / (links.disk_read_gbps * 1e9)
+    t_piece = links.layer_compute_s / per_layer
+    frees = [0.0] * max(1, slots - 1)                    # when the slots next take a read, oldest first
+    disk = comp = 0.0
+    step_ends = []
+    for _ in range(4):
+        for kind in kinds:
+            if kind != "disk":
+                comp += links.layer_compute_s
+                continue
+            for _p in range(per_layer):
+                disk = max(disk, frees.pop(0)) + t_read
+                comp = max(comp, disk) + t_piece
+                frees.append(comp)
+        step_ends.append(comp)
     return step_ends[-1] - step_ends[-2]
 
 
