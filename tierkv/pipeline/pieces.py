@@ -41,7 +41,7 @@ __all__ = ["MATRIX_ORDER", "PIECE_SLOTS", "LayerPieces", "MatrixSpan", "PieceLay
 MATRIX_ORDER = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 PIECE_DTYPES = ("bfloat16", "float16", "float32")
-PIECE_SLOTS = 4               # ring slots: a block's two pieces and two reads ahead (16 MiB of 4 MiB pieces)
+PIECE_SLOTS = 8               # ring slots of 4 MiB: measured best on the 0.85B bench (4: 3.7, 8: 4.2-4.4, 16: 3.3-3.6 tok/s)
 
 
 @dataclass(frozen=True)
