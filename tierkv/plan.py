@@ -342,7 +342,7 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     piece_ring = pieces_ring_bytes(config, dtype, policy, device.type, layout)
     if piece_ring:
         options[PIECES] = _split(n, layer_bytes, device_avail, host_mem, 0, cuda, placed, piece_ring)
-        if env_choice(None, STREAM_UNIT_VAR, ("auto", "layer", "piece"), "the streaming unit") == "piece":
+        if options[PIECES] is not None and stream_unit() == "piece":
             options = {d: o for d, o in options.items() if d == PIECES or (o is not None and o[0] == n)}
     options = {d: o for d, o in options.items() if o is not None}
     if not options:
@@ -411,13 +411,18 @@ def layer_sizes(config: ModelConfig, dtype: torch.dtype, quant: WeightQuant | No
     return layer_bytes, sum(e.padded_nbytes for e in extents if not e.name.startswith("layer."))
 
 
+def stream_unit() -> str:
+    """``$TIERKV_STREAM_UNIT``: "auto" (default: pieces or the layer ring, whichever simulates faster; on a tie
+    pieces, which leave more room for layers), "layer" (never pieces) or "piece" (pieces wherever their ring fits)."""
+    return env_choice(None, STREAM_UNIT_VAR, ("auto", "layer", "piece"), "the streaming unit")
+
+
 def pieces_ring_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, device_type: str,
                       layout: list[Extent] | None = None) -> int:
     """The device bytes streaming disk layers in pieces takes (the ring of ``pipeline.pieces`` and every
     layer's small tensors, kept), or 0 where it does not apply: off the CPU, a layer that cannot stream in
     pieces (quantized), or ``$TIERKV_STREAM_UNIT`` = "layer"."""
-    if device_type != "cpu" or env_choice(None, STREAM_UNIT_VAR, ("auto", "layer", "piece"),
-                                          "the streaming unit") == "layer":
+    if device_type != "cpu" or stream_unit() == "layer":
         return 0
     extents = [e for e in (layout or plan_layout(config, dtype, policy.weight_quant, device_type))
                if e.name.startswith("layer.")]
