@@ -104,7 +104,7 @@ def worker_prepare(o: dict[str, Any]) -> dict[str, Any]:
     with tierkv.load(o["model_dir"], device_mem=o["device_mem"], host_mem=o["host_mem"], offload_dir=o["offload"],
                      dtype="bfloat16", device="cpu") as engine:
         plan = engine.plan.summary() if engine.plan is not None else ""
-        ring = (engine.plan.prefetch_depth + 1) * engine.plan.layer_bytes if engine.plan is not None else 0
+        ring = engine.plan.ring_bytes if engine.plan is not None else 0     # the layer ring, or the piece ring
     store = find_cached_store(Path(o["model_dir"]), Path(o["offload"]), "bfloat16", None, "cpu")
     assert store is not None, "the budgets keep every layer resident: lower --device-mem so that layers stream"
     return {"data_path": str(store.data_path), "raw_disk_gbps": bw.raw_disk_gbps(store.data_path), "plan": plan,

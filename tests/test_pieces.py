@@ -7,13 +7,12 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 import tierkv.io.convert as convert_mod
 from tierkv.config import Budget, Policy
 from tierkv.engine import Engine
 from tierkv.io.convert import convert
-from tierkv.io.store import DAMAGE_FILE, StoreError, WeightStore, plan_layout
+from tierkv.io.store import DAMAGE_FILE, StoreError, WeightStore
 from tierkv.pipeline.pieces import MATRIX_ORDER, PIECE_SLOTS, PieceLayer, piece_layout, piece_ring_bytes, \
     small_tensor_bytes
 from tierkv.pipeline.weights import StreamingWeights
@@ -196,7 +195,6 @@ def test_an_engine_planned_to_stream_in_pieces_gives_the_resident_tokens(tmp_pat
         solo = engine.generate(PROMPTS[0], max_new_tokens=6).token_ids
     cfg = ModelConfig.from_dir(ckpt)
     policy = Policy(device="cpu", kv_device_tokens=64)
-    layer = max(e.padded_nbytes for e in plan_layout(cfg, torch.float32) if e.name.startswith("layer."))
     budget = Budget(device_mem_bytes=minimum_device_bytes(cfg, policy, 64) + piece_ring_bytes(4 << 20),
                     host_mem_bytes=0, offload_dir=tmp_path / "off")
     monkeypatch.setenv(STREAM_UNIT_VAR, "piece")

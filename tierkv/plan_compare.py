@@ -59,11 +59,13 @@ COLUMNS = ("weights", "stored", "layer", "device", "host", "disk", "depth", "str
 
 
 def comparison_rows(plans: list[Plan]) -> list[tuple[str, ...]]:
-    """One row of ``COLUMNS`` per plan, as text: the layer counts per tier, the prefetch depth, the
-    weight bytes a decode step streams, one layer's compute and the predicted speed."""
+    """One row of ``COLUMNS`` per plan, as text: the layer counts per tier, the prefetch depth ("pieces" where
+    disk layers stream in pieces), the weight bytes a decode step streams, one layer's compute and the
+    predicted speed."""
     return [(p.dtype if p.weight_scheme == "none" else f"{p.weight_scheme} g{group_size_name(p.weight_group_size or 0)}",
              format_size(p.weight_bytes), format_size(p.layer_bytes), str(len(p.device_layers)),
-             str(len(p.host_layers)), str(len(p.disk_layers)), str(p.prefetch_depth),
+             str(len(p.host_layers)), str(len(p.disk_layers)),
+             "pieces" if p.stream_pieces else str(p.prefetch_depth),
              format_size(p.streamed_bytes_per_token), f"{p.links.layer_compute_s * 1e3:.1f} ms",
              f"{p.predicted_tok_s:.3g}", p.bound) for p in plans]
 

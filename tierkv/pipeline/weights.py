@@ -30,7 +30,7 @@ import torch
 
 from tierkv.io.buffers import Slot, SlotPool, aligned_host_tensor
 from tierkv.io.mover import DEVICE, DISK, HOST, MoveRecord, Mover, copy_handler
-from tierkv.pipeline.pieces import PieceLayer, PieceRing, layer_pieces
+from tierkv.pipeline.pieces import LayerPieces, PieceLayer, PieceRing, layer_pieces
 from tierkv.io.rows import MappedEmbedding
 from tierkv.io.store import StoreError, WeightStore, layer_extent_name, tensors_from_buffer
 from tierkv.io.tiers import DiskReadHandler, DiskTier, MemoryTier
@@ -39,6 +39,44 @@ from tierkv.quantspec import EMBED_WEIGHT
 
 if TYPE_CHECKING:
     from tierkv.plan import Plan
+
+
+def _piece_layers(store: WeightStore, kinds: list[str], slots: int, cuda: bool) -> dict[int, LayerPieces]:
+    """The disk layers' ``LayerPieces`` when they stream in pieces (``slots`` > 0), else {}."""
+    disk = [j for j, k in enumerate(kinds) if k == "disk"]
+    if slots <= 0 or not disk:
+        return {}
+    pieces = layer_pieces(store, disk)
+    if cuda or pieces is None:
+        raise ValueError("streaming in pieces needs a CPU device and 16-bit or fp32 layers stored in their "
+                         "math's order; plan with TIERKV_STREAM_UNIT=layer (or let the planner choose)")
+    return pieces
+
+
+def _make_mover(disk: DiskTier, device: torch.device) -> Mover:
+    """The links weights use: disk reads into host (and, on CPU, device) RAM; host -> device copies."""
+    mover, read = Mover(), DiskReadHandler(disk)
+    mover.register(DISK, HOST, read)
+    if device.type != "cuda":
+        mover.register(DISK, DEVICE, read)      # the device tier is RAM: reads land in it directly
+    mover.register(HOST, DEVICE, copy_handler(device))
+    return mover
+
+
+def weight_stats(tiers: dict[str, MemoryTier | DiskTier], kinds: list[str], mover: Mover) -> dict[str, float]:
+    """Weight bytes per tier, layers per kind, then bytes / GB/s / busy and wait seconds per link."""
+    out = {f"{name}_weight_bytes": float(tier.used_bytes) for name, tier in tiers.items()}
+    out["layers_device"] = float(kinds.count("device"))
+    out["layers_host"] = float(kinds.count("host"))
+    out["layers_disk"] = float(kinds.count("disk") + kinds.count("pieces"))
+    wait_s = 0.0
+    for link, s in mover.stats().items():
+        key = link.replace("->", "_to_")
+        out.update({f"{key}_bytes": float(s["bytes"]), f"{key}_gbps": s["gbps"], f"{key}_busy_s": s["busy_s"],
+                    f"{key}_wait_s": s["wait_s"]})
+        wait_s += s["wait_s"]
+    out["wait_s"] = wait_s
+    return out
 
 
 @dataclass
@@ -79,13 +117,13 @@ class StreamingWeights:
             self._kind[j] = "host"
         for j in device_layers:
             self._kind[j] = "device"
-        self._piece_layers = self._pieces_of(stream_pieces)
+        self._piece_layers = _piece_layers(store, self._kind, stream_pieces, self.cuda)
         for j in self._piece_layers:
             self._kind[j] = "pieces"
         self.tiers = {DEVICE: MemoryTier(DEVICE, self.device, device_budget_bytes),
                       HOST: MemoryTier(HOST, "cpu", host_budget_bytes, pinned=self.cuda),
                       DISK: DiskTier(store, threads=reader_threads, direct=direct, verify=verify)}
-        self.mover = self._make_mover()
+        self.mover = _make_mover(self.tiers[DISK], self.device)
         self.pieces: PieceRing | None = None
         self._open_pieces: PieceLayer | None = None
         self._flights: dict[int, _Flight] = {}
@@ -125,29 +163,7 @@ class StreamingWeights:
                    lookup_embedding=plan.embedding_lookup_bytes > 0, stream_pieces=plan.stream_pieces,
                    **options)  # type: ignore[arg-type]
 
-    def _pieces_of(self, slots: int) -> dict:
-        """The disk layers' ``LayerPieces`` when they stream in pieces (``slots`` > 0), else {}."""
-        disk = [j for j, k in enumerate(self._kind) if k == "disk"]
-        if slots <= 0 or not disk:
-            return {}
-        pieces = layer_pieces(self.store, disk)
-        if self.cuda or pieces is None:
-            raise ValueError("streaming in pieces needs a CPU device and 16-bit or fp32 layers stored in their "
-                             "math's order; plan with TIERKV_STREAM_UNIT=layer (or let the planner choose)")
-        return pieces
-
     # -- construction ------------------------------------------------------------------------
-    def _make_mover(self) -> Mover:
-        """The links weights use: disk reads into host (and, on CPU, device) RAM; host -> device copies."""
-        mover, disk = Mover(), self.tiers[DISK]
-        assert isinstance(disk, DiskTier)
-        read = DiskReadHandler(disk)
-        mover.register(DISK, HOST, read)
-        if not self.cuda:
-            mover.register(DISK, DEVICE, read)      # the device tier is RAM: reads land in it directly
-        mover.register(HOST, DEVICE, copy_handler(self.device))
-        return mover
-
     def _load_resident(self, progress: Callable[[int, int], None]) -> None:
         """Globals and device layers into the device tier; host layers into the host tier. Their quantized
         weights stay put, so the CPU ops' parameters are prepared once here (``kernels.quant.prepare``).
@@ -342,19 +358,8 @@ class StreamingWeights:
 
     # -- reporting and teardown ----------------------------------------------------------------
     def stats(self) -> dict[str, float]:
-        """Weight bytes per tier, then bytes / GB/s / busy and wait seconds per link."""
-        out = {f"{name}_weight_bytes": float(tier.used_bytes) for name, tier in self.tiers.items()}
-        out["layers_device"] = float(self._kind.count("device"))
-        out["layers_host"] = float(self._kind.count("host"))
-        out["layers_disk"] = float(self._kind.count("disk") + self._kind.count("pieces"))
-        wait_s = 0.0
-        for link, s in self.mover.stats().items():
-            key = link.replace("->", "_to_")
-            out.update({f"{key}_bytes": float(s["bytes"]), f"{key}_gbps": s["gbps"], f"{key}_busy_s": s["busy_s"],
-                        f"{key}_wait_s": s["wait_s"]})
-            wait_s += s["wait_s"]
-        out["wait_s"] = wait_s
-        return out
+        """Weight bytes per tier, then bytes / GB/s / busy and wait seconds per link (``weight_stats``)."""
+        return weight_stats(self.tiers, self._kind, self.mover)
 
     def close(self) -> None:
         """Let in-flight moves finish, then drop every buffer and close the reader."""
