@@ -293,24 +293,18 @@ def _placed(inputs: BatchInputs, job: _Job, batch: int, micro: int, kv_tokens: i
     return replace(_predict(inputs, job, batch, micro, plan, kv_tokens), piece_asked=piece), "", ""
 
 
-SMALLEST_PIECE_ASKED = 64      # prefill pieces below this re-read the streamed layers for too little work
-
-
 def _pieces(inputs: BatchInputs, job: _Job, batch: int, micro: int, planned: int) -> list[int]:
-    """Prefill pieces other than the planner's own (``planned``) worth planning for this job: the
+    """Prefill pieces larger than the planner's own (``planned``) worth planning for this job: the
     longest prompt of a wave (every prompt in one piece), the wave's prompt tokens over the
     micro-batches (the whole wave in one pass), and the powers of two between, up to
-    ``DEFAULT_PREFILL_TOKENS``; and a half and a quarter of it (down to ``SMALLEST_PIECE_ASKED``): more
-    passes, but activations that may leave room for a layer more, which every decode pass reads less
-    for. None when the policy fixes the piece (the user's or a loaded engine's)."""
+    ``DEFAULT_PREFILL_TOKENS``; none when the policy fixes the piece (the user's or a loaded engine's)."""
     if inputs.policy.prefill_chunk_tokens is not None:
         return []
     wave = job.prompts[:batch]                  # the longest prompts: the first wave's
     targets = {wave[0], -(-sum(wave) // micro)}
     top = min(DEFAULT_PREFILL_TOKENS, max(targets))
     powers = {planned << k for k in range(1, DEFAULT_PREFILL_TOKENS.bit_length()) if planned << k < top}
-    smaller = {planned >> k for k in (1, 2) if planned >> k >= SMALLEST_PIECE_ASKED}
-    return sorted(smaller | {p for p in targets | powers if planned < p <= DEFAULT_PREFILL_TOKENS})
+    return sorted(p for p in targets | powers if planned < p <= DEFAULT_PREFILL_TOKENS)
 
 
 def _kv_problem(inputs: BatchInputs, job: _Job, batch: int, plan: Plan) -> str | None:
