@@ -228,3 +228,20 @@ def test_the_piece_simulation_is_bound_by_the_disk_or_the_compute():
     balanced = LinkSpeeds(disk_read_gbps=2.0, h2d_gbps=math.inf, layer_compute_s=0.02)
     assert simulate_pieces_step_s(kinds, layer, balanced, 2, 4 << 20) > \
         simulate_pieces_step_s(kinds, layer, balanced, 16, 4 << 20)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+def test_biases_and_qk_norms_stored_after_the_matrices_are_read_once_and_kept(arch, tmp_path, monkeypatch):
+    """Qwen2's q/k/v biases and Qwen3's q/k norms sit after down_proj in the extent: read at construction."""
+    from conftest import build_hf_model, save_hf_model
+
+    ckpt = save_hf_model(build_hf_model(arch, num_hidden_layers=3), tmp_path / "model")
+    monkeypatch.setattr(convert_mod, "CRC_BLOCK_BYTES", PIECE)
+    store = WeightStore.open(convert(ckpt, tmp_path / "store"))
+    monkeypatch.undo()
+    with Engine(ckpt, Policy(device="cpu")) as engine:
+        solo = [engine.generate(p, max_new_tokens=6).token_ids for p in PROMPTS]
+    weights = _weights(store, (1,), 3)
+    assert weights.pieces is not None and all(weights.pieces.small[j] for j in (0, 2))
+    with Engine(ckpt, Policy(device="cpu", micro_batches=2), weights=weights) as engine:
+        assert [o.token_ids for o in engine.generate(PROMPTS, max_new_tokens=6)] == solo
