@@ -137,8 +137,14 @@ def test_a_layer_that_cannot_stream_in_pieces_is_refused_with_the_fix(tmp_path):
     ckpt = save_hf_model(build_hf_model("llama", num_hidden_layers=2), tmp_path / "model")
     store = WeightStore.open(convert(ckpt, tmp_path / "q", quant=WeightQuant("int8", 32)))
     assert piece_layout(store.layer(0), 0, store.crc_block_bytes) is None
-    with pytest.raises(ValueError, match="TIERKV_STREAM_UNIT=layer"):
+    with pytest.raises(ValueError, match="pass stream_pieces=0, or build the source from a plan"):
         StreamingWeights(store, "cpu", (), (), 0, BIG, BIG, stream_pieces=3)
+    plan = make_plan(store.config, Budget(device_mem_bytes=BIG, host_mem_bytes=0, offload_dir=tmp_path / "off"),
+                     Policy(device="cpu", weight_quant=WeightQuant("int8", 32), kv_device_tokens=64), CPU_LINKS,
+                     context_tokens=64, layout=list(store.extents.values()))
+    assert plan.stream_pieces == 0
+    StreamingWeights(store, "cpu", (), (), 0, BIG, BIG, stream_pieces=0).close()    # the fix named works
+    StreamingWeights.from_plan(store, plan).close()
 
 
 # -- the planner ---------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ def _piece_layers(store: WeightStore, kinds: list[str], slots: int, cuda: bool) 
     pieces = layer_pieces(store, disk)
     if cuda or pieces is None:
         raise ValueError("streaming in pieces needs a CPU device and 16-bit or fp32 layers stored in their "
-                         "math's order; plan with TIERKV_STREAM_UNIT=layer (or let the planner choose)")
+                         "math's order; pass stream_pieces=0, or build the source from a plan "
+                         "(StreamingWeights.from_plan), which streams such layers a layer at a time")
     return pieces
 
 
