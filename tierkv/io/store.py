@@ -610,8 +610,9 @@ def existing_manifest(out: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 
 
-__all__ = ["CRC_BLOCK_BYTES", "PIECE_SEP", "piece_name", "DATA_FILE", "DAMAGE_FILE", "Extent", "FORMAT_VERSION", "MANIFEST_FILE", "StoreError",
+__all__ = ["CRC_BLOCK_BYTES", "DATA_FILE", "DAMAGE_FILE", "Extent", "FORMAT_VERSION", "MANIFEST_FILE", "PIECE_SEP",
+           "StoreError",
            "TensorEntry", "WeightStore", "block_crcs", "existing_manifest", "extent_from_json", "extent_to_json",
            "fsync_dir", "hf_name", "is_store_dir", "layer_extent_name", "layout_prepared_bytes", "logical_shape", "pack_device",
-           "layout_digest", "mark_damaged", "plan_layout", "read_damage",
+           "layout_digest", "mark_damaged", "piece_name", "plan_layout", "read_damage",
            "repair_hint", "tensors_from_buffer", "write_json_atomic"]

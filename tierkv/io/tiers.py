@@ -118,7 +118,7 @@ class DiskTier:
     of them (``layer.3#2``).
 
     ``verify``: "always" checks the CRCs on every read; "first" only on the first read of each
-    extent (or piece) by this tier (later reads of a verified extent skip the CPU cost); "never" skips them.
+    extent (or piece) by this tier (later reads of a verified one skip the CPU cost); "never" skips them.
     """
 
     name = DISK
@@ -151,10 +151,11 @@ class DiskTier:
 class DiskReadHandler:
     """disk -> host and disk -> device (CPU-only): weight-store extents into memory buffers.
 
-    ``whats`` are extent names or pieces of them (``io.store.piece_name``: one CRC block), ``sources`` is
-    None (the disk tier resolves the names), ``dests`` are uint8 CPU buffers of at least each one's size. The reads run on the disk tier's
-    reader threads, one ``tierkv::move`` span per request; checksums are checked there as the
-    tier's ``verify`` setting says, and a mismatch or I/O error is raised by the record's ``wait()``.
+    ``whats`` are extent names or pieces of them (``io.store.piece_name``: one CRC block), ``sources``
+    is None (the disk tier resolves the names), ``dests`` are uint8 CPU buffers of at least each one's
+    size. The reads run on the disk tier's reader threads, one ``tierkv::move`` span per request;
+    checksums are checked there as the tier's ``verify`` setting says, and a mismatch or I/O error is
+    raised by the record's ``wait()``.
     """
 
     def __init__(self, disk: DiskTier) -> None:

@@ -150,7 +150,8 @@ class PieceRing:
             for p in range(lo, hi + 1):
                 if p not in pieces:
                     pieces[p] = self._read_now(lp.extent, p)
-            raw = torch.cat([pieces[p] for p in range(lo, hi + 1)])[entry.offset - lo * self.piece_bytes:][:entry.nbytes]
+            held = pieces[lo] if lo == hi else torch.cat([pieces[p] for p in range(lo, hi + 1)])   # rarely two
+            raw = held[entry.offset - lo * self.piece_bytes:][:entry.nbytes]
             dest = block[pos:pos + entry.nbytes]
             dest.copy_(raw)
             out[key] = dest.view(getattr(torch, entry.dtype)).view(entry.shape)

@@ -30,11 +30,11 @@ import torch
 
 from tierkv.io.buffers import Slot, SlotPool, aligned_host_tensor
 from tierkv.io.mover import DEVICE, DISK, HOST, MoveRecord, Mover, copy_handler
-from tierkv.pipeline.pieces import LayerPieces, PieceLayer, PieceRing, layer_pieces
 from tierkv.io.rows import MappedEmbedding
 from tierkv.io.store import StoreError, WeightStore, layer_extent_name, tensors_from_buffer
 from tierkv.io.tiers import DiskReadHandler, DiskTier, MemoryTier
 from tierkv.kernels.quant import prepare_layer
+from tierkv.pipeline.pieces import LayerPieces, PieceLayer, PieceRing, layer_pieces
 from tierkv.quantspec import EMBED_WEIGHT
 
 if TYPE_CHECKING:
