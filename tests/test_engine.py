@@ -404,10 +404,11 @@ def test_every_step_stays_within_the_activation_reserve(engine, monkeypatch) -> 
     eng = tierkv.load(engine.model_dir, dtype="float32", device="cpu", prefill_chunk_tokens=piece)
     limits, _ = step_limits(eng.config, eng.dtype, eng.policy, eng.plan, piece, eng.attention_scratch_bytes)
     context = min(4096, eng.config.max_position_embeddings)
-    cost = activation_bytes(eng.config, eng.dtype, limits.token_budget, eng.attention_scratch_bytes, context, 1)
+    cost = activation_bytes(eng.config, eng.dtype, limits.token_budget, eng.attention_scratch_bytes, context, 1,
+                            device_type="cpu")
     assert limits.token_budget == piece or cost + 8 * eng.config.vocab_size * (limits.max_running - 1) <= \
         max(eng.plan.activation_bytes, activation_bytes(eng.config, eng.dtype, piece, eng.attention_scratch_bytes,
-                                                        context, 1))
+                                                        context, 1, device_type="cpu"))
     steps: list[list[int]] = []
     forward = Runner.forward
 

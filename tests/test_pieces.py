@@ -13,7 +13,7 @@ from tierkv.config import Budget, Policy
 from tierkv.engine import Engine
 from tierkv.io.convert import convert
 from tierkv.io.store import DAMAGE_FILE, StoreError, WeightStore
-from tierkv.pipeline.pieces import MATRIX_ORDER, PIECE_SLOTS, PieceLayer, piece_layout, piece_ring_bytes, \
+from tierkv.pipeline.pieces import MATRIX_ORDER, PIECE_SLOTS, PieceLayer, block_rows, piece_layout, piece_ring_bytes, \
     small_tensor_bytes
 from tierkv.pipeline.weights import StreamingWeights
 from tierkv.plan import STREAM_UNIT_VAR, LinkSpeeds, make_plan
@@ -56,6 +56,14 @@ def test_a_store_with_small_crc_blocks_has_matrices_over_many_pieces(small_piece
     spans = [lp.matrices[k] for k in MATRIX_ORDER]
     assert all(m.block_rows * m.row_bytes <= PIECE for m in spans)
     assert any(m.rows > m.block_rows for m in spans)          # a matrix is cut into several row blocks
+    assert all(m.block_rows == block_rows(PIECE, m.row_bytes) for m in spans)
+
+
+def test_block_rows_fill_a_piece_on_a_grid_the_gemm_runs_fast_on() -> None:
+    assert block_rows(4 << 20, 2048 * 2) == 1024                # q/k/v/o/gate/up rows of a 2048-wide bf16 model
+    assert block_rows(4 << 20, 5632 * 2) == 352                 # down_proj: 372 fit, 352 (11 x 32) is the block
+    assert block_rows(4 << 10, 64 * 4) == 16 and block_rows(4 << 10, 48 * 4) == 21   # under 64 rows: all that fit
+    assert block_rows(4 << 10, 16 * 4) == 64 and block_rows(4 << 10, 15 * 4) == 64
 
 
 @pytest.mark.parametrize("slots", [2, 3, PIECE_SLOTS])

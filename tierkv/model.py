@@ -182,8 +182,14 @@ def _heads(cfg: ModelConfig, w: dict[str, torch.Tensor], q: torch.Tensor, k: tor
 def mlp(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """SwiGLU feed-forward. x (B, T, H) -> (B, T, H)."""
     gate, up = _linears(x, w, "mlp.gate_up_proj", [w["mlp.down_proj.weight"].shape[1]] * 2)
-    act = silu_mul_rows(gate, up)                                            # one C++ pass on the CPU
-    return _linear(act if act is not None else F.silu(gate) * up, w, "mlp.down_proj")
+    return _linear(silu_mul(gate, up), w, "mlp.down_proj")
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``F.silu(gate) * up`` (..., I) as one new tensor beside gate and up (the planner counts
+    three): one C++ pass on the CPU, else SiLU into a new tensor multiplied in place (the same bits)."""
+    act = silu_mul_rows(gate, up)
+    return act if act is not None else F.silu(gate).mul_(up)
 
 
 def pre_attention(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, cos: torch.Tensor,

@@ -66,7 +66,7 @@ def first_bad_stage(cfg: ModelConfig, weights: WeightSource, ids: list[int], dty
     bad: list[int] = []
 
     def layer(j: int, w: dict[str, torch.Tensor] | PieceLayer, x: torch.Tensor) -> torch.Tensor:
-        out = piece_decoder_layers(cfg, w, [x], [step], [kv], j)[0] if isinstance(w, PieceLayer) else \
+        out = piece_decoder_layers(cfg, w, x, [x.shape[1]], [step], [kv], j) if isinstance(w, PieceLayer) else \
             decoder_layer(cfg, w, x, step, kv, j)
         if not bad and not hidden_usable(out):
             bad.append(j)

@@ -34,7 +34,7 @@ from tierkv.pipeline.kv.sizing import element_bytes, keeps_sketch, kv_bytes_per_
 from tierkv.plan_sim import simulate_step_s, spread_layers, step_bound
 from tierkv.probe import ComputeEstimate, LinkSpeeds, probe_links
 from tierkv.quantspec import CHANNEL, WeightQuant, kv_chunk_bytes, tensor_quants
-from tierkv.model import ATTENTION_SCRATCH_BYTES, attention_pair_bytes
+from tierkv.model import ATTENTION_SCRATCH_BYTES, FUSED_TAIL_DTYPES, attention_pair_bytes
 
 MAX_PREFETCH_DEPTH = 4
 PIECES = -1                            # the option key of streaming disk layers in pieces (``pipeline.pieces``)
@@ -42,7 +42,12 @@ STREAM_UNIT_VAR = "TIERKV_STREAM_UNIT"  # "auto" (the faster by simulation), "la
 DEFAULT_CONTEXT_TOKENS = 4096
 DEFAULT_PREFILL_TOKENS = 2048          # the largest prefill piece the planner picks
 MIN_PREFILL_TOKENS = 16                # the smallest (below it every piece re-reads the streamed layers for little work)
-ACTIVATION_FRACTION = 0.125            # of the device budget: what one auto-sized prefill piece's activations may take
+# of the device budget: what one auto-sized prefill piece's activations may take. Where layers stream, a
+# larger piece saves prefill passes and a resident layer saves a read on every pass; the batch planner
+# weighs larger pieces against the layers they displace, so the planner's own piece is the modest one
+# (1/8 gave the 0.85B bench at 1 GiB 512-token pieces in place of a ninth resident layer: 6.8 against 7.3
+# predicted tok/s at batch 4)
+ACTIVATION_FRACTION = 1 / 12
 MIN_ATTENTION_SCRATCH_BYTES = 256 << 10
 
 
@@ -174,7 +179,7 @@ def reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, conte
     (the piece and attention scratch of ``prefill_sizes`` for this device budget)."""
     piece, scratch = prefill_sizes(config, dtype, policy, context_tokens, batch, device_mem_bytes)
     return kv_reserve_bytes(config, dtype, policy, context_tokens, batch) + activation_bytes(
-        config, dtype, piece, scratch, context_tokens, batch, step_rows(policy))
+        config, dtype, piece, scratch, context_tokens, batch, step_rows(policy), plan_device(policy).type)
 
 
 def kv_reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int) -> int:
@@ -204,7 +209,7 @@ def prefill_sizes(config: ModelConfig, dtype: torch.dtype, policy: Policy, conte
         allowance = int(device_mem_bytes * ACTIVATION_FRACTION)
         while piece > MIN_PREFILL_TOKENS and activation_bytes(
                 config, dtype, piece, _scratch_for(config, dtype, piece, batch), context_tokens, batch,
-                step_rows(policy)) > allowance:
+                step_rows(policy), plan_device(policy).type) > allowance:
             piece //= 2
     return piece, _scratch_for(config, dtype, piece, batch)
 
@@ -219,28 +224,41 @@ def _bytes_per_piece_token(config: ModelConfig, dtype: torch.dtype) -> int:
     item = torch.empty((), dtype=dtype).element_size()
     h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
     # compute dtype: residual, normed input, attention and MLP outputs (4 h); q and its RoPE temporaries
-    # (3 q); k, v, rotated k (3 kv); gate, up, silu(gate), their product (4 i)
+    # (3 q); k, v, rotated k (3 kv); gate, up and their product (3 i: ``model.silu_mul`` makes one tensor)
     # fp32: RMS norm's upcasts (2 h); the attention state: scaled q, accumulator, result (3 q); fp32 K/V of the piece (2 kv)
-    per_token = item * (4 * h + 3 * q + 3 * kv + 4 * i) + 4 * (2 * h + 3 * q + 2 * kv)
+    per_token = item * (4 * h + 3 * q + 3 * kv + 3 * i) + 4 * (2 * h + 3 * q + 2 * kv)
     # the tiered cache's chunk-size probe at the first piece (pipeline.chunking.attention_entropy): fp32
     # keys repeated per query head, five score-sized tensors and the positions of 32 sampled queries
     return per_token + q * 4 + 32 * (config.num_heads * 20 + 10)
 
 
 def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int, scratch_bytes: int,
-                     context_tokens: int, batch: int, decode_rows: int = 0) -> int:
+                     context_tokens: int, batch: int, decode_rows: int = 0, device_type: str | None = None) -> int:
     """Working memory of one step: a prefill piece of ``piece_tokens`` per sequence of ``batch`` and
     ``decode_rows`` other sequences' one-token rows packed beside it (the engine's steps), attending
     to up to ``context_tokens`` keys, counted from what the model math and the KV caches allocate.
     Attention runs one sequence at a time, so its scratch is counted once, plus once more for the K/V
     the tiered cache's exact attention gathers (up to one scratch: ``streamed.gathered_fits``) and
-    holds beside that block."""
+    holds beside that block. Where a piece's attention over its keys is the CPU flash kernel
+    (``fused_tail_attention`` for ``device_type``; None counts as not) no score block exists: the
+    gathered K/V, or the grouped fold's buffers and scores (one scratch as well), are counted alone."""
     per_token = _bytes_per_piece_token(config, dtype)
-    # one attention block: the scratch cap, or a single query row over every key when that is larger
-    block = max(scratch_bytes, attention_pair_bytes(batch, config.num_heads) * max(context_tokens, piece_tokens))
-    attention = block + scratch_bytes
+    if device_type is not None and fused_tail_attention(config, dtype, device_type):
+        attention = scratch_bytes
+    else:   # one attention block: the scratch cap, or a single query row over every key when that is larger
+        block = max(scratch_bytes, attention_pair_bytes(batch, config.num_heads) * max(context_tokens, piece_tokens))
+        attention = block + scratch_bytes
     logits = 2 * (batch + decode_rows) * config.vocab_size * 4             # each row's last position, fp32 and a copy
     return (piece_tokens * batch + decode_rows) * per_token + attention + logits
+
+
+def fused_tail_attention(config: ModelConfig, dtype: torch.dtype, device_type: str) -> bool:
+    """Whether every prefill piece's attention over resident or gathered K/V runs the CPU flash kernel
+    (``model.causal_tail_attention``: no score tensor): the CPU, a dtype it computes in, and no layer
+    whose sliding window is shorter than the model's context (a window that cuts the keys takes the
+    masked blocks of ``model.dense_attention``)."""
+    return device_type == "cpu" and dtype in FUSED_TAIL_DTYPES and all(
+        w is None or w >= config.context_limit_tokens for w in config.sliding_window_tokens)
 
 
 def step_rows(policy: Policy) -> int:
@@ -494,7 +512,8 @@ def _device_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, con
             note = _codes_off_note(config, policy, context, batch, dev_mem, codes, layout)
             policy, codes = plain, 0      # the cache runs without them (its stats say so too)
     piece, scratch = prefill_sizes(config, dtype, policy, context, batch, dev_mem)
-    activations = activation_bytes(config, dtype, piece, scratch, context, batch, step_rows(policy))
+    activations = activation_bytes(config, dtype, piece, scratch, context, batch, step_rows(policy),
+                                   plan_device(policy).type)
     reserve = reserve_bytes(config, dtype, policy, context, batch, dev_mem)
     if dev_mem < reserve + fixed:   # name a minimum whose own (larger) reserve it holds
         reserve = _shown_size_at_least(_minimum_reserve(config, dtype, policy, context, batch, fixed, reserve)
@@ -521,7 +540,7 @@ def _grow_piece(config: ModelConfig, dtype: torch.dtype, policy: Policy, context
     that the placement left unused -> (piece, attention scratch, activation bytes)."""
     while piece < DEFAULT_PREFILL_TOKENS:
         bigger = activation_bytes(config, dtype, 2 * piece, _scratch_for(config, dtype, 2 * piece, batch),
-                                  context_tokens, batch, step_rows(policy))
+                                  context_tokens, batch, step_rows(policy), plan_device(policy).type)
         if bigger - activations > spare_bytes:
             break
         spare_bytes -= bigger - activations

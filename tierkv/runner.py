@@ -146,9 +146,8 @@ class Runner:
         halves = self.halves
 
         def layer(j: int, w: dict[str, torch.Tensor] | PieceLayer, x: torch.Tensor) -> torch.Tensor:
-            if isinstance(w, PieceLayer):         # streamed in pieces: every group uses a block before the next
-                xs = x.split(cuts, dim=1) if len(parts) > 1 else [x]
-                return torch.cat(piece_decoder_layers(self.cfg, w, xs, steps, kvs, j), dim=1)
+            if isinstance(w, PieceLayer):         # streamed in pieces: all groups' rows use each block at once
+                return piece_decoder_layers(self.cfg, w, x, cuts, steps, kvs, j)
             if len(parts) == 1:
                 return decoder_layer(self.cfg, w, x, steps[0], kvs[0], j, halves)
             return torch.cat([decoder_layer(self.cfg, w, xg, st, kv, j, halves)  # one group at a time

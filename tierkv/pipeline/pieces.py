@@ -14,7 +14,8 @@ independent, so a layer can be computed from row blocks of its matrices as they 
   pieces a block needs, releasing the ones behind it); its small tensors (norms, biases) are read
   once at construction and stay.
 
-Row blocks sit on a fixed grid per matrix (``MatrixSpan.block_rows`` rows, at most one piece of bytes),
+Row blocks sit on a fixed grid per matrix (``MatrixSpan.block_rows`` rows, at most one piece of bytes,
+a multiple of 32 rows where a piece holds 64 or more: the GEMM runs faster on such blocks),
 so the products see a few fixed shapes (each compiled CPU kernel is built once) and the same blocks on
 every pass. A block spans at most two pieces; one that runs past the ring's end continues into a
 scratch slot after it, into which its tail is copied from the ring's start.
@@ -34,14 +35,17 @@ from tierkv.io.mover import DEVICE, DISK, MoveRecord, Mover
 from tierkv.io.store import Extent, StoreError, WeightStore, layer_extent_name, piece_name
 from tierkv.io.tiers import MemoryTier
 
-__all__ = ["MATRIX_ORDER", "PIECE_SLOTS", "LayerPieces", "MatrixSpan", "PieceLayer", "PieceRing", "piece_layout",
-           "piece_ring_bytes", "small_tensor_bytes"]
+__all__ = ["BLOCK_ROW_MULTIPLE", "MATRIX_ORDER", "PIECE_SLOTS", "LayerPieces", "MatrixSpan", "PieceLayer", "PieceRing",
+           "block_rows", "piece_layout", "piece_ring_bytes", "small_tensor_bytes"]
 
 # the layer's matrices in the order its math uses them; a layer streams in pieces only if stored so
 MATRIX_ORDER = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 PIECE_DTYPES = ("bfloat16", "float16", "float32")
 PIECE_SLOTS = 8               # ring slots of 4 MiB: measured best on the 0.85B bench (4: 3.7, 8: 4.2-4.4, 16: 3.3-3.6 tok/s)
+# block rows are a multiple of this where a piece holds at least two multiples: oneDNN's bf16 GEMM (AMX, 2
+# threads, 384-512 rows of x) ran 1.2-1.3 TFLOP/s on 372-row blocks of a (2048, 5632) down_proj, 1.6-1.7 on 352
+BLOCK_ROW_MULTIPLE = 32
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class MatrixSpan:
     cols: int
     dtype: torch.dtype
     row_bytes: int
-    block_rows: int             # rows per block: as many as fit one piece
+    block_rows: int             # rows per block: as many as fit one piece (``block_rows``)
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ def piece_layout(extent: Extent, layer: int, piece_bytes: int) -> LayerPieces | 
         if key not in MATRIX_ORDER or row_bytes > piece_bytes:
             return None
         matrices[key] = MatrixSpan(key, entry.offset, rows, cols, getattr(torch, entry.dtype), row_bytes,
-                                   piece_bytes // row_bytes)
+                                   block_rows(piece_bytes, row_bytes))
     offsets = [matrices[k].offset for k in MATRIX_ORDER if k in matrices]
     if set(matrices) != set(MATRIX_ORDER) or offsets != sorted(offsets):
         return None
@@ -98,6 +102,13 @@ def piece_layout(extent: Extent, layer: int, piece_bytes: int) -> LayerPieces | 
     end = down.offset + down.rows * down.row_bytes
     return LayerPieces(layer, extent.name, offsets[0] // piece_bytes, (end - 1) // piece_bytes, piece_bytes,
                        matrices, tuple(small))
+
+
+def block_rows(piece_bytes: int, row_bytes: int) -> int:
+    """Rows per block of a matrix with ``row_bytes`` rows: as many as one piece holds, rounded down to a
+    multiple of ``BLOCK_ROW_MULTIPLE`` where the piece holds at least two multiples."""
+    rows = piece_bytes // row_bytes
+    return rows // BLOCK_ROW_MULTIPLE * BLOCK_ROW_MULTIPLE if rows >= 2 * BLOCK_ROW_MULTIPLE else rows
 
 
 def small_tensor_bytes(extent: Extent, keys: Sequence[str]) -> int:
