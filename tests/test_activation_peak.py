@@ -88,3 +88,45 @@ def test_each_prefill_step_allocates_within_the_reserved_activations(
         kv_step = PIECE * kv_bytes_per_token(engine.config, engine.dtype)
     assert [t for t, _ in peaks] == [PIECE, PIECE, len(prompt) - 2 * PIECE] and caches == {cache}
     assert all(0 < peak <= plan.activation_bytes + kv_step for _, peak in peaks), (plan.activation_bytes, peaks)
+
+
+def test_a_layer_streamed_in_pieces_holds_every_micro_batch_within_the_reserve(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streamed in pieces, every micro-batch's rows go through each block together, so the plan reserves
+    all of them (not one micro-batch's, as for whole layers); two prompts prefill side by side in two
+    groups and each step's allocations stay within that reserve."""
+    from tierkv.config import Budget, ModelConfig, Policy
+    from tierkv.engine import Engine
+    from tierkv.pipeline.pieces import PIECE_SLOTS, piece_ring_bytes
+    from tierkv.plan import STREAM_UNIT_VAR, activation_bytes, minimum_device_bytes, step_rows
+
+    path = save_hf_model(build_hf_model("llama", num_hidden_layers=6, hidden_size=512, intermediate_size=1536,
+                                        num_attention_heads=8, num_key_value_heads=4, std=0.05), tmp_path / "model")
+    cfg = ModelConfig.from_dir(path)
+    policy = Policy(device="cpu", kv_device_tokens=512, max_sequences=2, micro_batches=2, prefill_chunk_tokens=128)
+    budget = Budget(device_mem_bytes=minimum_device_bytes(cfg, policy, 512) + piece_ring_bytes(4 << 20) + (8 << 20),
+                    host_mem_bytes=0, offload_dir=tmp_path / "off")
+    monkeypatch.setenv(STREAM_UNIT_VAR, "piece")
+    prompts = [[(5 * i + j) % 200 + 3 for i in range(200)] for j in range(2)]
+    with Engine(path, policy, budget=budget) as engine:
+        plan = engine.plan
+        assert plan is not None and plan.disk_layers and plan.stream_pieces == PIECE_SLOTS
+        one_group = activation_bytes(cfg, engine.dtype, 128, plan.attention_scratch_bytes, 512, 1, step_rows(policy),
+                                     "cpu")
+        assert plan.activation_bytes >= 2 * one_group - plan.attention_scratch_bytes
+        peaks: list[int] = []
+        forward = Runner.forward
+
+        def spy(self: Runner, feeds: Any, head_rows: int, groups: Any = None) -> Any:
+            trace = tmp_path / f"step{len(peaks)}.json"
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                out = forward(self, feeds, head_rows, groups)
+            prof.export_chrome_trace(str(trace))
+            peaks.append(_peak_growth(trace) - sum(len(f.ids) for f in feeds) * kv_bytes_per_token(cfg, engine.dtype))
+            return out
+
+        monkeypatch.setattr(Runner, "forward", spy)
+        outs = engine.generate(prompts, max_new_tokens=2)
+        monkeypatch.undo()
+        assert max(o.stats.batch_size for o in outs) == 2
+    assert peaks and max(peaks) <= plan.activation_bytes, (plan.activation_bytes, one_group, peaks)

@@ -396,13 +396,15 @@ def step_limits(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, plan: Plan
     (``plan.activation_bytes(..., decode_rows=)``). The step's token budget is the piece plus as many
     rows as that reserve holds (an injected weight source without a plan gets the full count).
     With ``policy.micro_batches`` > 1 that budget is one micro-batch's (``plan.step_rows``): a step
-    runs up to that many of them per layer pass, and sequences admitted together share the KV room.
+    runs up to that many of them per layer pass, and sequences admitted together share the KV room
+    (where layers stream in pieces every group's rows are held at once: the reserve counts them all).
     """
     context = policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, cfg.max_position_embeddings)
     rows, device_type = step_rows(policy), plan_device(policy).type
+    groups = policy.micro_batches if plan is not None and plan.stream_pieces else 1   # held at once in pieces
 
     def cost(extra: int) -> int:
-        return activation_bytes(cfg, dtype, piece, scratch, context, 1, extra, device_type)
+        return activation_bytes(cfg, dtype, piece, scratch, context, 1, extra, device_type, groups)
 
     reserve = max(plan.activation_bytes if plan is not None else 0, cost(rows))
     extra = _largest(0, rows, lambda e: cost(e) <= reserve)

@@ -233,10 +233,13 @@ def _bytes_per_piece_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int, scratch_bytes: int,
-                     context_tokens: int, batch: int, decode_rows: int = 0, device_type: str | None = None) -> int:
+                     context_tokens: int, batch: int, decode_rows: int = 0, device_type: str | None = None,
+                     groups: int = 1) -> int:
     """Working memory of one step: a prefill piece of ``piece_tokens`` per sequence of ``batch`` and
     ``decode_rows`` other sequences' one-token rows packed beside it (the engine's steps), attending
     to up to ``context_tokens`` keys, counted from what the model math and the KV caches allocate.
+    ``groups``: micro-batches of that size whose rows are held at once (a layer streamed in pieces
+    takes every group's rows through each block together; a whole layer runs them one at a time).
     Attention runs one sequence at a time, so its scratch is counted once, plus once more for the K/V
     the tiered cache's exact attention gathers (up to one scratch: ``streamed.gathered_fits``) and
     holds beside that block. Where a piece's attention over its keys is the CPU flash kernel
@@ -248,8 +251,8 @@ def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int,
     else:   # one attention block: the scratch cap, or a single query row over every key when that is larger
         block = max(scratch_bytes, attention_pair_bytes(batch, config.num_heads) * max(context_tokens, piece_tokens))
         attention = block + scratch_bytes
-    logits = 2 * (batch + decode_rows) * config.vocab_size * 4             # each row's last position, fp32 and a copy
-    return (piece_tokens * batch + decode_rows) * per_token + attention + logits
+    logits = 2 * groups * (batch + decode_rows) * config.vocab_size * 4    # each row's last position, fp32 and a copy
+    return groups * (piece_tokens * batch + decode_rows) * per_token + attention + logits
 
 
 def fused_tail_attention(config: ModelConfig, dtype: torch.dtype, device_type: str) -> bool:
@@ -259,6 +262,14 @@ def fused_tail_attention(config: ModelConfig, dtype: torch.dtype, device_type: s
     masked blocks of ``model.dense_attention``)."""
     return device_type == "cpu" and dtype in FUSED_TAIL_DTYPES and all(
         w is None or w >= config.context_limit_tokens for w in config.sliding_window_tokens)
+
+
+def pieces_groups_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, piece: int, scratch: int,
+                        context: int, batch: int) -> int:
+    """A step's activations when layers stream in pieces: every micro-batch's rows at once (``activation_bytes``
+    with ``groups=policy.micro_batches``)."""
+    return activation_bytes(config, dtype, piece, scratch, context, batch, step_rows(policy), plan_device(policy).type,
+                            max(1, policy.micro_batches))
 
 
 def step_rows(policy: Policy) -> int:
@@ -358,8 +369,9 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     options = {d: _split(n, layer_bytes, device_avail, host_mem, d, cuda, placed)
                for d in range(MAX_PREFETCH_DEPTH + 1)}
     piece_ring = pieces_ring_bytes(config, dtype, policy, device.type, layout)
+    held_groups = pieces_groups_bytes(config, dtype, policy, piece, scratch, context, batch) - activations
     if piece_ring:
-        options[PIECES] = _split(n, layer_bytes, device_avail, host_mem, 0, cuda, placed, piece_ring)
+        options[PIECES] = _split(n, layer_bytes, device_avail - held_groups, host_mem, 0, cuda, placed, piece_ring)
         if options[PIECES] is not None and stream_unit() == "piece":
             options = {d: o for d, o in options.items() if d == PIECES or (o is not None and o[0] == n)}
     options = {d: o for d, o in options.items() if o is not None}
@@ -375,11 +387,14 @@ def make_plan(config: ModelConfig, budget: Budget = Budget(), policy: Policy = P
     best = _best_option(options, n, layer_bytes, links, cuda)
     depth, (n_dev, n_host, ring, staging), step_s = best
     pieces = PIECE_SLOTS if depth == PIECES else 0
+    if pieces:                                    # every micro-batch's rows are held through each block
+        reserve, activations = reserve + held_groups, activations + held_groups
     depth = max(depth, 0)
     kinds = spread_layers(n, n_dev, n_host)
     if policy.prefill_chunk_tokens is None:       # device room no further layer fits: a larger piece, fewer passes
         spare = dev_mem - reserve - held_globals - kinds.count("device") * placed - ring
-        piece, scratch, grown = _grow_piece(config, dtype, policy, context, batch, piece, activations, spare)
+        piece, scratch, grown = _grow_piece(config, dtype, policy, context, batch, piece, activations, spare,
+                                            policy.micro_batches if pieces else 1)
         reserve, activations = reserve + grown - activations, grown
     return Plan(
         device=str(device), dtype=str(dtype).removeprefix("torch."), num_layers=n, layer_bytes=layer_bytes,
@@ -535,12 +550,13 @@ def _codes_off_note(config: ModelConfig, policy: Policy, context: int, batch: in
 
 
 def _grow_piece(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int,
-                piece: int, activations: int, spare_bytes: int) -> tuple[int, int, int]:
+                piece: int, activations: int, spare_bytes: int, groups: int = 1) -> tuple[int, int, int]:
     """Double an auto-sized prefill piece while its extra activations fit ``spare_bytes`` of device room
-    that the placement left unused -> (piece, attention scratch, activation bytes)."""
+    that the placement left unused -> (piece, attention scratch, activation bytes). ``groups``: micro-batches
+    whose activations are held at once (``activation_bytes``)."""
     while piece < DEFAULT_PREFILL_TOKENS:
         bigger = activation_bytes(config, dtype, 2 * piece, _scratch_for(config, dtype, 2 * piece, batch),
-                                  context_tokens, batch, step_rows(policy), plan_device(policy).type)
+                                  context_tokens, batch, step_rows(policy), plan_device(policy).type, groups)
         if bigger - activations > spare_bytes:
             break
         spare_bytes -= bigger - activations
