@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from conftest import build_hf_model, save_hf_model
 from torch.profiler import ProfilerActivity, profile
 
@@ -112,7 +111,7 @@ def test_a_layer_streamed_in_pieces_holds_every_micro_batch_within_the_reserve(
         plan = engine.plan
         assert plan is not None and plan.disk_layers and plan.stream_pieces == PIECE_SLOTS
         one_group = activation_bytes(cfg, engine.dtype, 128, plan.attention_scratch_bytes, 512, 1, step_rows(policy),
-                                     "cpu")
+                                     policy)
         assert plan.activation_bytes >= 2 * one_group - plan.attention_scratch_bytes
         peaks: list[int] = []
         forward = Runner.forward

@@ -405,10 +405,10 @@ def test_every_step_stays_within_the_activation_reserve(engine, monkeypatch) -> 
     limits, _ = step_limits(eng.config, eng.dtype, eng.policy, eng.plan, piece, eng.attention_scratch_bytes)
     context = min(4096, eng.config.max_position_embeddings)
     cost = activation_bytes(eng.config, eng.dtype, limits.token_budget, eng.attention_scratch_bytes, context, 1,
-                            device_type="cpu")
+                            policy=eng.policy)
     assert limits.token_budget == piece or cost + 8 * eng.config.vocab_size * (limits.max_running - 1) <= \
         max(eng.plan.activation_bytes, activation_bytes(eng.config, eng.dtype, piece, eng.attention_scratch_bytes,
-                                                        context, 1, device_type="cpu"))
+                                                        context, 1, policy=eng.policy))
     steps: list[list[int]] = []
     forward = Runner.forward
 

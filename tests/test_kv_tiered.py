@@ -646,9 +646,9 @@ def test_a_batch_of_long_prompts_prefills_in_pieces_within_the_activation_reserv
     context = min(4096, cfg.max_position_embeddings)
     assert limits.token_budget == 512 or activation_bytes(cfg, torch.float32, limits.token_budget,
                                                           plan.attention_scratch_bytes, context, 1,
-                                                          device_type="cpu") <= \
+                                                          policy=policy) <= \
         max(plan.activation_bytes, activation_bytes(cfg, torch.float32, 512, plan.attention_scratch_bytes, context, 1,
-                                                    device_type="cpu"))
+                                                    policy=policy))
 
 
 def test_write_behind_snapshots_stay_within_their_cap_when_the_disk_is_slow(tmp_path: Path, torch_kernels: None,

@@ -51,7 +51,7 @@ from tierkv.errors import ArgumentError
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.store import Extent
 from tierkv.kvroom import sequence_minimum_bytes
-from tierkv.plan import DEFAULT_PREFILL_TOKENS, Plan, make_plan, plan_device, probe_links, simulate_step_s, step_bound
+from tierkv.plan import DEFAULT_PREFILL_TOKENS, MIN_PREFILL_TOKENS, Plan, make_plan, plan_device, probe_links, simulate_step_s, step_bound
 from tierkv.calibrate import engine_figures, row_key, token_key
 from tierkv.probe import LinkCache, LinkSpeeds, machine_busy
 from tierkv.scheduler import Limits, Scheduler
@@ -294,17 +294,21 @@ def _placed(inputs: BatchInputs, job: _Job, batch: int, micro: int, kv_tokens: i
 
 
 def _pieces(inputs: BatchInputs, job: _Job, batch: int, micro: int, planned: int) -> list[int]:
-    """Prefill pieces larger than the planner's own (``planned``) worth planning for this job: the
-    longest prompt of a wave (every prompt in one piece), the wave's prompt tokens over the
-    micro-batches (the whole wave in one pass), and the powers of two between, up to
-    ``DEFAULT_PREFILL_TOKENS``; none when the policy fixes the piece (the user's or a loaded engine's)."""
+    """Prefill pieces beside the planner's own (``planned``) worth planning for this job: the longest
+    prompt of a wave (every prompt in one piece), the wave's prompt tokens over the micro-batches (the
+    whole wave in one pass), the powers of two between them and the planner's piece, up to
+    ``DEFAULT_PREFILL_TOKENS``, and half the planner's piece (less activation room may leave room for one
+    more resident layer; one step down only: smaller pieces cost more passes than a layer saves); none
+    when the policy fixes the piece (the user's or a loaded engine's)."""
     if inputs.policy.prefill_chunk_tokens is not None:
         return []
     wave = job.prompts[:batch]                  # the longest prompts: the first wave's
     targets = {wave[0], -(-sum(wave) // micro)}
     top = min(DEFAULT_PREFILL_TOKENS, max(targets))
     powers = {planned << k for k in range(1, DEFAULT_PREFILL_TOKENS.bit_length()) if planned << k < top}
-    return sorted(p for p in targets | powers if planned < p <= DEFAULT_PREFILL_TOKENS)
+    larger = {p for p in targets | powers if planned < p <= DEFAULT_PREFILL_TOKENS}
+    smaller = {p for p in targets | {planned // 2} if MIN_PREFILL_TOKENS <= p < planned}
+    return sorted(larger | smaller)
 
 
 def _kv_problem(inputs: BatchInputs, job: _Job, batch: int, plan: Plan) -> str | None:

@@ -38,7 +38,7 @@ from tierkv.calibrate import remember as remember_links
 from tierkv.compiled import CompileStats, CompiledHalves, inductor_cache_dir
 from tierkv.cuda_graphs import GraphStats, graph_halves
 from tierkv.model import EAGER_HALVES, LayerHalves
-from tierkv.plan import DEFAULT_CONTEXT_TOKENS, Plan, activation_bytes, plan_device, prefill_sizes, step_rows
+from tierkv.plan import DEFAULT_CONTEXT_TOKENS, Plan, activation_bytes, prefill_sizes, step_rows
 from tierkv.prompt_cache import PromptCache
 from tierkv.runner import Runner
 from tierkv.sampling import SamplingParams
@@ -400,11 +400,11 @@ def step_limits(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, plan: Plan
     (where layers stream in pieces every group's rows are held at once: the reserve counts them all).
     """
     context = policy.kv_device_tokens or min(DEFAULT_CONTEXT_TOKENS, cfg.max_position_embeddings)
-    rows, device_type = step_rows(policy), plan_device(policy).type
+    rows = step_rows(policy)
     groups = policy.micro_batches if plan is not None and plan.stream_pieces else 1   # held at once in pieces
 
     def cost(extra: int) -> int:
-        return activation_bytes(cfg, dtype, piece, scratch, context, 1, extra, device_type, groups)
+        return activation_bytes(cfg, dtype, piece, scratch, context, 1, extra, policy, groups)
 
     reserve = max(plan.activation_bytes if plan is not None else 0, cost(rows))
     extra = _largest(0, rows, lambda e: cost(e) <= reserve)

@@ -30,7 +30,8 @@ from tierkv.io.store import CRC_BLOCK_BYTES, Extent, layout_prepared_bytes, plan
 from tierkv.kernels._select import env_choice
 from tierkv.pipeline.chunking import ChunkRule
 from tierkv.pipeline.pieces import PIECE_SLOTS, piece_layout, piece_ring_bytes, small_tensor_bytes
-from tierkv.pipeline.kv.sizing import element_bytes, keeps_sketch, kv_bytes_per_token, kv_device_minimum_bytes
+from tierkv.pipeline.kv.sizing import MIN_CONTEXT_CHUNKS, element_bytes, keeps_sketch, kv_bytes_per_token, \
+    kv_device_minimum_bytes
 from tierkv.plan_sim import simulate_step_s, spread_layers, step_bound
 from tierkv.probe import ComputeEstimate, LinkSpeeds, probe_links
 from tierkv.quantspec import CHANNEL, WeightQuant, kv_chunk_bytes, tensor_quants
@@ -179,7 +180,7 @@ def reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, conte
     (the piece and attention scratch of ``prefill_sizes`` for this device budget)."""
     piece, scratch = prefill_sizes(config, dtype, policy, context_tokens, batch, device_mem_bytes)
     return kv_reserve_bytes(config, dtype, policy, context_tokens, batch) + activation_bytes(
-        config, dtype, piece, scratch, context_tokens, batch, step_rows(policy), plan_device(policy).type)
+        config, dtype, piece, scratch, context_tokens, batch, step_rows(policy), policy)
 
 
 def kv_reserve_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, context_tokens: int, batch: int) -> int:
@@ -209,7 +210,7 @@ def prefill_sizes(config: ModelConfig, dtype: torch.dtype, policy: Policy, conte
         allowance = int(device_mem_bytes * ACTIVATION_FRACTION)
         while piece > MIN_PREFILL_TOKENS and activation_bytes(
                 config, dtype, piece, _scratch_for(config, dtype, piece, batch), context_tokens, batch,
-                step_rows(policy), plan_device(policy).type) > allowance:
+                step_rows(policy), policy) > allowance:
             piece //= 2
     return piece, _scratch_for(config, dtype, piece, batch)
 
@@ -219,21 +220,39 @@ def _scratch_for(config: ModelConfig, dtype: torch.dtype, piece_tokens: int, bat
     return max(MIN_ATTENTION_SCRATCH_BYTES, min(ATTENTION_SCRATCH_BYTES, half))
 
 
-def _bytes_per_piece_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Activation bytes per token of a prefill piece, outside attention's score blocks."""
+def _bytes_per_piece_token(config: ModelConfig, dtype: torch.dtype, lean: bool = False) -> int:
+    """Activation bytes per token of a prefill piece, outside attention's score blocks. ``lean``: attention
+    is the CPU flash kernel over resident or gathered K/V only (``_lean_attention``), which keeps no fp32
+    state of its own."""
     item = torch.empty((), dtype=dtype).element_size()
     h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
     # compute dtype: residual, normed input, attention and MLP outputs (4 h); q and its RoPE temporaries
     # (3 q); k, v, rotated k (3 kv); gate, up and their product (3 i: ``model.silu_mul`` makes one tensor)
-    # fp32: RMS norm's upcasts (2 h); the attention state: scaled q, accumulator, result (3 q); fp32 K/V of the piece (2 kv)
-    per_token = item * (4 * h + 3 * q + 3 * kv + 3 * i) + 4 * (2 * h + 3 * q + 2 * kv)
+    # fp32: RMS norm's upcasts (2 h); the grouped fold's attention state: scaled q, accumulator, result
+    # (3 q), and the piece's K/V (2 kv)
+    fp32 = 2 * h if lean else 2 * h + 3 * q + 2 * kv
+    per_token = item * (4 * h + 3 * q + 3 * kv + 3 * i) + 4 * fp32
     # the tiered cache's chunk-size probe at the first piece (pipeline.chunking.attention_entropy): fp32
     # keys repeated per query head, five score-sized tensors and the positions of 32 sampled queries
     return per_token + q * 4 + 32 * (config.num_heads * 20 + 10)
 
 
+def _lean_attention(config: ModelConfig, dtype: torch.dtype, policy: Policy, scratch_bytes: int, batch: int,
+                    piece_tokens: int) -> bool:
+    """Whether a piece's attention never takes the tiered cache's grouped fold (fp32 state, fp32 K/V): the
+    CPU flash kernel serves (``fused_tail_attention``) and the K/V of the model's whole context, padded to a
+    chunk (at most a sixteenth of it when chunks adapt, else ``policy.chunk_tokens``), plus a piece fits the
+    scratch, so exact attention always gathers (``pipeline.kv.streamed.gathered_fits``)."""
+    if not fused_tail_attention(config, dtype, plan_device(policy).type):
+        return False
+    context = config.context_limit_tokens
+    pad = policy.chunk_tokens or max(1, context // MIN_CONTEXT_CHUNKS)
+    gathered = 2 * batch * config.num_kv_heads * (context + pad + piece_tokens) * config.head_dim * element_bytes(dtype)
+    return gathered <= scratch_bytes
+
+
 def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int, scratch_bytes: int,
-                     context_tokens: int, batch: int, decode_rows: int = 0, device_type: str | None = None,
+                     context_tokens: int, batch: int, decode_rows: int = 0, policy: Policy | None = None,
                      groups: int = 1) -> int:
     """Working memory of one step: a prefill piece of ``piece_tokens`` per sequence of ``batch`` and
     ``decode_rows`` other sequences' one-token rows packed beside it (the engine's steps), attending
@@ -242,11 +261,14 @@ def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int,
     takes every group's rows through each block together; a whole layer runs them one at a time).
     Attention runs one sequence at a time, so its scratch is counted once, plus once more for the K/V
     the tiered cache's exact attention gathers (up to one scratch: ``streamed.gathered_fits``) and
-    holds beside that block. Where a piece's attention over its keys is the CPU flash kernel
-    (``fused_tail_attention`` for ``device_type``; None counts as not) no score block exists: the
-    gathered K/V, or the grouped fold's buffers and scores (one scratch as well), are counted alone."""
-    per_token = _bytes_per_piece_token(config, dtype)
-    if device_type is not None and fused_tail_attention(config, dtype, device_type):
+    holds beside that block. Where a piece's attention is the CPU flash kernel (``fused_tail_attention``
+    for ``policy``'s device; None counts as not) no score block exists: the gathered K/V, or the
+    grouped fold's buffers and scores (one scratch as well), are counted alone, and where the fold
+    never runs (``_lean_attention``) neither is its fp32 state."""
+    fused = policy is not None and fused_tail_attention(config, dtype, plan_device(policy).type)
+    lean = fused and policy is not None and _lean_attention(config, dtype, policy, scratch_bytes, batch, piece_tokens)
+    per_token = _bytes_per_piece_token(config, dtype, lean)
+    if fused:
         attention = scratch_bytes
     else:   # one attention block: the scratch cap, or a single query row over every key when that is larger
         block = max(scratch_bytes, attention_pair_bytes(batch, config.num_heads) * max(context_tokens, piece_tokens))
@@ -268,7 +290,7 @@ def pieces_groups_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy,
                         context: int, batch: int) -> int:
     """A step's activations when layers stream in pieces: every micro-batch's rows at once (``activation_bytes``
     with ``groups=policy.micro_batches``)."""
-    return activation_bytes(config, dtype, piece, scratch, context, batch, step_rows(policy), plan_device(policy).type,
+    return activation_bytes(config, dtype, piece, scratch, context, batch, step_rows(policy), policy,
                             max(1, policy.micro_batches))
 
 
@@ -527,8 +549,7 @@ def _device_reserve(config: ModelConfig, dtype: torch.dtype, policy: Policy, con
             note = _codes_off_note(config, policy, context, batch, dev_mem, codes, layout)
             policy, codes = plain, 0      # the cache runs without them (its stats say so too)
     piece, scratch = prefill_sizes(config, dtype, policy, context, batch, dev_mem)
-    activations = activation_bytes(config, dtype, piece, scratch, context, batch, step_rows(policy),
-                                   plan_device(policy).type)
+    activations = activation_bytes(config, dtype, piece, scratch, context, batch, step_rows(policy), policy)
     reserve = reserve_bytes(config, dtype, policy, context, batch, dev_mem)
     if dev_mem < reserve + fixed:   # name a minimum whose own (larger) reserve it holds
         reserve = _shown_size_at_least(_minimum_reserve(config, dtype, policy, context, batch, fixed, reserve)
@@ -556,7 +577,7 @@ def _grow_piece(config: ModelConfig, dtype: torch.dtype, policy: Policy, context
     whose activations are held at once (``activation_bytes``)."""
     while piece < DEFAULT_PREFILL_TOKENS:
         bigger = activation_bytes(config, dtype, 2 * piece, _scratch_for(config, dtype, 2 * piece, batch),
-                                  context_tokens, batch, step_rows(policy), plan_device(policy).type, groups)
+                                  context_tokens, batch, step_rows(policy), policy, groups)
         if bigger - activations > spare_bytes:
             break
         spare_bytes -= bigger - activations
