@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import namedtuple
+from dataclasses import replace
 
 import pytest
 import torch
@@ -172,6 +173,29 @@ def test_activations_count_the_mlp_attention_and_logits_of_a_piece():
     # one query row over the whole context is counted when it exceeds the scratch
     long = plan_mod.activation_bytes(CONFIG, dtype, 1, 1 << 10, 1 << 20, 1)
     assert long >= (1 << 20) * (12 * CONFIG.num_heads + 16)
+
+
+def test_activations_on_the_cpu_flash_path_count_one_scratch_and_no_fp32_fold():
+    """The CPU flash kernel holds no score block, and where the model's whole context gathers within the
+    scratch the grouped fold (fp32 state) never runs; a GPU, or a window that cuts the keys, counts both."""
+    dtype, piece, scratch = torch.bfloat16, 256, 16 << 20
+    cpu, gpu = Policy(device="cpu"), Policy(device="cuda")
+    full = plan_mod.activation_bytes(CONFIG, dtype, piece, scratch, 1024, 1, 0, gpu)
+    assert full == plan_mod.activation_bytes(CONFIG, dtype, piece, scratch, 1024, 1)       # no policy: the full count
+    lean = plan_mod.activation_bytes(CONFIG, dtype, piece, scratch, 1024, 1, 0, cpu)
+    assert full - lean == scratch + piece * 4 * (3 * CONFIG.q_size + 2 * CONFIG.kv_size)
+    # a scratch too small to gather the whole context: the fold's fp32 state is counted again
+    small = 1 << 20
+    assert plan_mod.activation_bytes(CONFIG, dtype, piece, small, 1024, 1, 0, cpu) == \
+        plan_mod.activation_bytes(CONFIG, dtype, piece, small, 1024, 1, 0, gpu) - max(
+            small, plan_mod.attention_pair_bytes(1, CONFIG.num_heads) * 1024)
+    windowed = replace(CONFIG, sliding_window_tokens=(512,) * CONFIG.num_layers)
+    assert plan_mod.activation_bytes(windowed, dtype, piece, scratch, 1024, 1, 0, cpu) == \
+        plan_mod.activation_bytes(windowed, dtype, piece, scratch, 1024, 1, 0, gpu)
+    # layers streamed in pieces hold every micro-batch's rows: two groups count the rows twice
+    two = plan_mod.activation_bytes(CONFIG, dtype, piece, scratch, 1024, 1, 3, cpu, groups=2)
+    one = plan_mod.activation_bytes(CONFIG, dtype, piece, scratch, 1024, 1, 3, cpu)
+    assert two - one == one - scratch
 
 
 def test_an_explicit_prefill_piece_is_honoured_and_counted():
