@@ -11,6 +11,7 @@ import torch
 
 from tierkv import budgets as budgets_mod, plan as plan_mod
 from tierkv.config import Budget, ModelConfig, Policy, parse_size
+from tierkv.model import attention_pair_bytes
 from tierkv.plan import LinkSpeeds, PlanError, make_plan, probe_links, simulate_step_s, spread_layers
 
 # a 1B-class shape: 16 layers of ~86 MiB in bf16, embedding and head ~125 MiB each
@@ -188,7 +189,7 @@ def test_activations_on_the_cpu_flash_path_count_one_scratch_and_no_fp32_fold():
     small = 1 << 20
     assert plan_mod.activation_bytes(CONFIG, dtype, piece, small, 1024, 1, 0, cpu) == \
         plan_mod.activation_bytes(CONFIG, dtype, piece, small, 1024, 1, 0, gpu) - max(
-            small, plan_mod.attention_pair_bytes(1, CONFIG.num_heads) * 1024)
+            small, attention_pair_bytes(1, CONFIG.num_heads) * 1024)
     windowed = replace(CONFIG, sliding_window_tokens=(512,) * CONFIG.num_layers)
     assert plan_mod.activation_bytes(windowed, dtype, piece, scratch, 1024, 1, 0, cpu) == \
         plan_mod.activation_bytes(windowed, dtype, piece, scratch, 1024, 1, 0, gpu)
