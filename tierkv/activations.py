@@ -19,18 +19,20 @@ from tierkv.model import ATTENTION_SCRATCH_BYTES, FUSED_TAIL_DTYPES, attention_p
 from tierkv.pipeline.kv.sizing import MIN_CONTEXT_CHUNKS, element_bytes, keeps_sketch, kv_bytes_per_token, \
     kv_device_minimum_bytes
 
-__all__ = ["ACTIVATION_FRACTION", "DEFAULT_PREFILL_TOKENS", "MIN_ATTENTION_SCRATCH_BYTES", "MIN_PREFILL_TOKENS",
-           "activation_bytes", "fused_tail_attention", "kv_reserve_bytes", "pieces_groups_bytes", "plan_device",
-           "prefill_sizes", "reserve_bytes", "scratch_for", "step_rows"]
+__all__ = ["ACTIVATION_FRACTION", "CPU_ACTIVATION_FRACTION", "DEFAULT_PREFILL_TOKENS", "MIN_ATTENTION_SCRATCH_BYTES",
+           "MIN_PREFILL_TOKENS", "activation_bytes", "activation_fraction", "fused_tail_attention", "kv_reserve_bytes",
+           "pieces_groups_bytes", "plan_device", "prefill_sizes", "reserve_bytes", "scratch_for", "step_rows"]
 
 DEFAULT_PREFILL_TOKENS = 2048          # the largest prefill piece the planner picks
 MIN_PREFILL_TOKENS = 16                # the smallest (below it every piece re-reads the streamed layers for little work)
-# of the device budget: what one auto-sized prefill piece's activations may take. Where layers stream, a
-# larger piece saves prefill passes and a resident layer saves a read on every pass; the batch planner
-# weighs larger pieces against the layers they displace, so the planner's own piece is the modest one
-# (1/8 gave the 0.85B bench at 1 GiB 512-token pieces in place of a ninth resident layer: 6.8 against 7.3
-# predicted tok/s at batch 4)
-ACTIVATION_FRACTION = 1 / 12
+# of the device budget: what one auto-sized prefill piece's activations may take (``activation_fraction``).
+# Where layers stream, a larger piece saves prefill passes and a resident layer saves a read on every pass;
+# the batch planner weighs larger pieces against the layers they displace, so the planner's own piece is
+# the modest one. On the CPU, where the count is leaner (``fused_tail_attention``), an eighth gave the 0.85B
+# bench at 1 GiB 512-token pieces in place of a ninth resident layer (6.8 against 7.3 predicted tok/s at
+# batch 4): a twelfth there. A GPU keeps the eighth (unmeasured since: no GPU lent).
+ACTIVATION_FRACTION = 1 / 8
+CPU_ACTIVATION_FRACTION = 1 / 12
 MIN_ATTENTION_SCRATCH_BYTES = 256 << 10
 
 
@@ -69,18 +71,23 @@ def prefill_sizes(config: ModelConfig, dtype: torch.dtype, policy: Policy, conte
 
     The piece is ``policy.prefill_chunk_tokens`` when given, else the largest power of two from
     ``DEFAULT_PREFILL_TOKENS`` down to ``MIN_PREFILL_TOKENS`` whose activations fit
-    ``ACTIVATION_FRACTION`` of the budget (no budget: the default). The scratch, the cap on one
+    ``activation_fraction`` of the budget (no budget: the default). The scratch, the cap on one
     block of attention's temporaries, follows the piece: half of the piece's other activations,
     between ``MIN_ATTENTION_SCRATCH_BYTES`` and ``model.ATTENTION_SCRATCH_BYTES``.
     """
     piece = policy.prefill_chunk_tokens or DEFAULT_PREFILL_TOKENS
     if policy.prefill_chunk_tokens is None and device_mem_bytes is not None:
-        allowance = int(device_mem_bytes * ACTIVATION_FRACTION)
+        allowance = int(device_mem_bytes * activation_fraction(policy))
         while piece > MIN_PREFILL_TOKENS and activation_bytes(
                 config, dtype, piece, scratch_for(config, dtype, piece, batch), context_tokens, batch,
                 step_rows(policy), policy) > allowance:
             piece //= 2
     return piece, scratch_for(config, dtype, piece, batch)
+
+
+def activation_fraction(policy: Policy) -> float:
+    """The share of the device budget the auto prefill piece's activations may take on ``policy``'s device."""
+    return CPU_ACTIVATION_FRACTION if plan_device(policy).type == "cpu" else ACTIVATION_FRACTION
 
 
 def scratch_for(config: ModelConfig, dtype: torch.dtype, piece_tokens: int, batch: int) -> int:

@@ -10,7 +10,8 @@ product per group would). Only attention runs group by group, through each group
 each product's output rows split across blocks (a row's dot product is the same whichever block holds
 it).
 
-Shapes: h (1, N, H), the groups' rows packed (T_g rows of group g); Hq/Hkv heads, D head_dim; a matrix (N, K), a block (r1 - r0, K).
+Shapes: h (1, N, H), the groups' rows packed (T_g rows of group g); Hq/Hkv heads, D head_dim; a matrix
+(N, K), a block (r1 - r0, K).
 """
 
 from __future__ import annotations
