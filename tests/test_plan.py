@@ -199,6 +199,20 @@ def test_activations_on_the_cpu_flash_path_count_one_scratch_and_no_fp32_fold():
     assert two - one == one - scratch
 
 
+@pytest.mark.parametrize("device, fraction", [("cpu", 1 / 12), ("cuda", 1 / 8)])
+def test_the_auto_piece_is_the_largest_whose_activations_fit_the_devices_share(device, fraction):
+    policy, budget = Policy(device=device), 1 << 30
+    assert plan_mod.activation_fraction(policy) == fraction
+    piece, scratch = plan_mod.prefill_sizes(CONFIG, torch.bfloat16, policy, 1024, 1, budget)
+
+    def cost(p: int) -> int:
+        return plan_mod.activation_bytes(CONFIG, torch.bfloat16, p, plan_mod.scratch_for(CONFIG, torch.bfloat16, p, 1),
+                                         1024, 1, plan_mod.step_rows(policy), policy)
+
+    assert cost(piece) <= budget * fraction < cost(2 * piece)
+    assert scratch == plan_mod.scratch_for(CONFIG, torch.bfloat16, piece, 1)
+
+
 def test_an_explicit_prefill_piece_is_honoured_and_counted():
     budget = Budget.parse(device_mem="450MiB", host_mem="0", offload_dir="/tmp/tierkv-plan-test")
     auto = make_plan(CONFIG, budget, Policy(device="cpu"), CPU_LINKS, context_tokens=1024)

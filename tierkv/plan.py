@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from tierkv.activations import ACTIVATION_FRACTION, DEFAULT_PREFILL_TOKENS, MIN_ATTENTION_SCRATCH_BYTES, \
-    MIN_PREFILL_TOKENS, activation_bytes, fused_tail_attention, kv_reserve_bytes, pieces_groups_bytes, plan_device, \
-    prefill_sizes, reserve_bytes, scratch_for, step_rows
+from tierkv.activations import ACTIVATION_FRACTION, CPU_ACTIVATION_FRACTION, DEFAULT_PREFILL_TOKENS, \
+    MIN_ATTENTION_SCRATCH_BYTES, MIN_PREFILL_TOKENS, activation_bytes, activation_fraction, fused_tail_attention, \
+    kv_reserve_bytes, pieces_groups_bytes, plan_device, prefill_sizes, reserve_bytes, scratch_for, step_rows
 from tierkv.budgets import PlanError, default_offload_dir, detect_budgets
 from tierkv.config import Budget, ModelConfig, Policy, format_size, parse_size
 from tierkv.io.checkpoint import resolve_dtype
@@ -498,8 +498,9 @@ def _check_minimum(dev_mem: int, reserve: int, globals_bytes: int, layer_bytes: 
             f"--device-mem to at least {shown}, or {fewer}use a smaller dtype")
 
 
-__all__ = ["ACTIVATION_FRACTION", "DEFAULT_PREFILL_TOKENS", "LinkSpeeds", "MIN_ATTENTION_SCRATCH_BYTES",
-           "MIN_PREFILL_TOKENS", "Plan", "PlanError", "activation_bytes", "compute_estimate", "default_offload_dir",
+__all__ = ["ACTIVATION_FRACTION", "CPU_ACTIVATION_FRACTION", "DEFAULT_PREFILL_TOKENS", "LinkSpeeds",
+           "MIN_ATTENTION_SCRATCH_BYTES", "MIN_PREFILL_TOKENS", "Plan", "PlanError", "activation_bytes",
+           "activation_fraction", "compute_estimate", "default_offload_dir",
            "detect_budgets", "fused_tail_attention", "kv_reserve_bytes", "kv_stored_bytes_per_token", "layer_sizes",
            "make_plan", "minimum_device_bytes", "pieces_groups_bytes", "plan_device", "prefill_sizes", "probe_links",
-           "reserve_bytes", "simulate_step_s", "spread_layers", "step_bound", "step_rows"]
+           "reserve_bytes", "scratch_for", "simulate_step_s", "spread_layers", "step_bound", "step_rows"]
