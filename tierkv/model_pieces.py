@@ -58,6 +58,7 @@ def piece_decoder_layers(cfg: ModelConfig, w: PieceLayer, h: torch.Tensor, cuts:
                         cfg.sliding_window_tokens[layer])
         attn[:, lo:hi] = out.transpose(1, 2).reshape(1, t, cfg.q_size)
         lo = hi
+    del q, k, v, qg, kg, vg, out                                                  # not held through the MLP
     h = h + piece_linear(w, "self_attn.o_proj.weight", attn, s.get("self_attn.o_proj.bias"))
     x = rms_norm(h, s["post_attention_layernorm.weight"], eps)
     gate = piece_linear(w, "mlp.gate_proj.weight", x, s.get("mlp.gate_proj.bias"))
