@@ -16,8 +16,8 @@ import torch
 from tierkv.config import ModelConfig, Policy
 from tierkv.errors import ArgumentError
 from tierkv.model import ATTENTION_SCRATCH_BYTES, FUSED_TAIL_DTYPES, attention_pair_bytes
-from tierkv.pipeline.kv.sizing import MIN_CONTEXT_CHUNKS, element_bytes, keeps_sketch, kv_bytes_per_token, \
-    kv_device_minimum_bytes
+from tierkv.pipeline.kv.sizing import MIN_CONTEXT_CHUNKS, element_bytes, gathered_kv_bytes, keeps_sketch, \
+    kv_bytes_per_token, kv_device_minimum_bytes
 
 __all__ = ["ACTIVATION_FRACTION", "CPU_ACTIVATION_FRACTION", "DEFAULT_PREFILL_TOKENS", "MIN_ATTENTION_SCRATCH_BYTES",
            "MIN_PREFILL_TOKENS", "activation_bytes", "activation_fraction", "fused_tail_attention", "kv_reserve_bytes",
@@ -99,7 +99,7 @@ def _bytes_per_piece_token(config: ModelConfig, dtype: torch.dtype, lean: bool =
     """Activation bytes per token of a prefill piece, outside attention's score blocks. ``lean``: attention
     is the CPU flash kernel over resident or gathered K/V only (``_lean_attention``), which keeps no fp32
     state of its own."""
-    item = torch.empty((), dtype=dtype).element_size()
+    item = element_bytes(dtype)
     h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
     # compute dtype: residual, normed input, attention and MLP outputs (4 h); q and its RoPE temporaries
     # (3 q); k, v, rotated k (3 kv); gate, up and their product (3 i: ``model.silu_mul`` makes one tensor)
@@ -114,16 +114,14 @@ def _bytes_per_piece_token(config: ModelConfig, dtype: torch.dtype, lean: bool =
 
 def _lean_attention(config: ModelConfig, dtype: torch.dtype, policy: Policy, scratch_bytes: int, batch: int,
                     piece_tokens: int) -> bool:
-    """Whether a piece's attention never takes the tiered cache's grouped fold (fp32 state, fp32 K/V): the
-    CPU flash kernel serves (``fused_tail_attention``) and the K/V of the model's whole context, padded to a
-    chunk (at most a sixteenth of it when chunks adapt, else ``policy.chunk_tokens``), plus a piece fits the
-    scratch, so exact attention always gathers (``pipeline.kv.streamed.gathered_fits``)."""
-    if not fused_tail_attention(config, dtype, plan_device(policy).type):
-        return False
+    """Where the CPU flash kernel serves (``fused_tail_attention``): whether a piece's attention never takes
+    the tiered cache's grouped fold (fp32 state, fp32 K/V), because the K/V of the model's whole context,
+    padded to a chunk (at most a sixteenth of it when chunks adapt, else ``policy.chunk_tokens``), plus a
+    piece fits the scratch, so exact attention always gathers (``pipeline.kv.streamed.gathered_fits``)."""
     context = config.context_limit_tokens
     pad = policy.chunk_tokens or max(1, context // MIN_CONTEXT_CHUNKS)
-    gathered = 2 * batch * config.num_kv_heads * (context + pad + piece_tokens) * config.head_dim * element_bytes(dtype)
-    return gathered <= scratch_bytes
+    return gathered_kv_bytes(batch, config.num_kv_heads, context + pad + piece_tokens, config.head_dim,
+                             dtype) <= scratch_bytes
 
 
 def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int, scratch_bytes: int,
@@ -141,7 +139,7 @@ def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int,
     grouped fold's buffers and scores (one scratch as well), are counted alone, and where the fold
     never runs (``_lean_attention``) neither is its fp32 state."""
     fused = policy is not None and fused_tail_attention(config, dtype, plan_device(policy).type)
-    lean = fused and policy is not None and _lean_attention(config, dtype, policy, scratch_bytes, batch, piece_tokens)
+    lean = policy is not None and fused and _lean_attention(config, dtype, policy, scratch_bytes, batch, piece_tokens)
     per_token = _bytes_per_piece_token(config, dtype, lean)
     if fused:
         attention = scratch_bytes

@@ -51,7 +51,8 @@ from tierkv.errors import ArgumentError
 from tierkv.io.checkpoint import resolve_dtype
 from tierkv.io.store import Extent
 from tierkv.kvroom import sequence_minimum_bytes
-from tierkv.plan import DEFAULT_PREFILL_TOKENS, MIN_PREFILL_TOKENS, Plan, make_plan, plan_device, probe_links, simulate_step_s, step_bound
+from tierkv.plan import DEFAULT_PREFILL_TOKENS, MIN_PREFILL_TOKENS, Plan, make_plan, plan_device, probe_links, \
+    simulate_step_s, step_bound
 from tierkv.calibrate import engine_figures, row_key, token_key
 from tierkv.probe import LinkCache, LinkSpeeds, machine_busy
 from tierkv.scheduler import Limits, Scheduler

@@ -22,6 +22,7 @@ from tierkv.quantspec import kv_chunk_bytes
 
 __all__ = ["MIN_BUDGET_CHUNKS", "MIN_CONTEXT_CHUNKS", "SCRATCH_SLOTS_PER_SEQ", "budget_holds_chunks",
            "chunk_cap_tokens", "chunk_size_candidates", "chunk_tokens_for", "cold_chunk_bytes", "dense_fits", "element_bytes",
+           "gathered_kv_bytes",
            "keeps_ellipsoids", "keeps_sketch", "kv_budget_tokens", "kv_bytes_per_token", "kv_device_minimum_bytes", "kv_device_want_bytes",
            "kv_host_want_bytes", "layer_device_bytes", "layer_index_bytes", "layer_minimum_bytes", "max_kv_batch",
            "min_chunk_slots", "slot_bytes", "sparse_possible"]
@@ -34,6 +35,12 @@ MIN_CONTEXT_CHUNKS = 16          # an adaptive layer's capacity holds at least t
 
 def element_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def gathered_kv_bytes(batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
+    """The K and V of ``tokens`` keys of one layer (all ``batch`` sequences) gathered into one contiguous
+    pair: what exact attention's gathered regime holds in the attention scratch (``streamed.gathered_fits``)."""
+    return 2 * batch * kv_heads * tokens * head_dim * element_bytes(dtype)
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:

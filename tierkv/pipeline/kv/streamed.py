@@ -31,7 +31,7 @@ from tierkv.model import ATTENTION_SCRATCH_BYTES, attention_block_rows, attentio
     visibility_mask
 from tierkv.pipeline.kv.layer import LayerKV, Wave
 from tierkv.pipeline.kv.moves import load, load_into, poll_fetches
-from tierkv.pipeline.kv.sizing import element_bytes
+from tierkv.pipeline.kv.sizing import element_bytes, gathered_kv_bytes
 from tierkv.pipeline.kv.state import CacheState
 from tierkv.pipeline.kv.table import ChunkKey, Tier
 from tierkv.pipeline.kv.workers import STREAM_THREADS, KVMove, complete, settle
@@ -105,7 +105,7 @@ def gathered_fits(st: CacheState, kv: LayerKV, chunks: int, new_tokens: int) -> 
     """Whether ``chunks`` whole chunks plus ``new_tokens`` of one layer's K/V (all sequences) fit
     the attention scratch: then exact attention gathers them and runs the dense path's attention."""
     tokens = chunks * kv.geo.chunk_tokens + new_tokens
-    return 2 * st.batch * st.kv_heads * tokens * st.head_dim * element_bytes(st.dtype) <= st.scratch_bytes
+    return gathered_kv_bytes(st.batch, st.kv_heads, tokens, st.head_dim, st.dtype) <= st.scratch_bytes
 
 
 def group_chunks(st: CacheState, kv: LayerKV, q: torch.Tensor) -> int:
