@@ -35,6 +35,9 @@ MIN_PREFILL_TOKENS = 16                # the smallest (below it every piece re-r
 ACTIVATION_FRACTION = 1 / 8
 CPU_ACTIVATION_FRACTION = 1 / 12
 MIN_ATTENTION_SCRATCH_BYTES = 256 << 10
+# hidden-size rows per row of a product the CPU GEMM allocates beside its output (oneDNN's workspace in the
+# down projection: 0.67 MiB at 256 rows, 2.13 MiB at 512 on the 0.85B shape in bf16, where two rows are 2 and 4)
+GEMM_WORKSPACE_ROWS = 2
 
 
 def plan_device(policy: Policy) -> torch.device:
@@ -162,7 +165,8 @@ def _flash_step_bytes(config: ModelConfig, dtype: torch.dtype, rows: int, piece_
 
     * the MLP (``model.post_attention``, ``model_pieces``): the residual after attention, the normed input,
       gate, up and their product (``model.silu_mul``: one tensor), the attention output, the down product
-      and the layer's output, and one row block's product where a layer streams in pieces;
+      and the layer's output, the GEMM's workspace (``GEMM_WORKSPACE_ROWS``), and one row block's product
+      where a layer streams in pieces;
     * attention: the normed input, q/k/v and their rotated copies, the attention output (and, in pieces,
       every group's q/k/v with one group's rotated heads), the grouped fold's fp32 state where exact
       attention may not gather (not ``lean``: the whole context's K/V does not fit the scratch,
@@ -176,7 +180,7 @@ def _flash_step_bytes(config: ModelConfig, dtype: torch.dtype, rows: int, piece_
     held_rows = working * item * h + working * (2 * config.head_dim * 4 + 8)
     others = (whole_layer_groups - 1) * rows * item * h
     block_product = item * min(h, CRC_BLOCK_BYTES // (item * i)) if i else 0
-    mlp = item * (4 * h + q + 3 * i) + block_product
+    mlp = item * (4 * h + q + 3 * i + GEMM_WORKSPACE_ROWS * h) + block_product
     fold = 0 if lean else 4 * (3 * q + 2 * kv)
     attention = item * (h + 4 * q + 3 * kv) + fold
     probe = piece_rows * (q * 4 + 32 * (config.num_heads * 20 + 10))

@@ -251,7 +251,9 @@ def decoder_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor,
     # (B, Hq, T, D) and (B, Hkv, T, D) views
     out = kv.attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), step.positions,
                     cfg.sliding_window_tokens[layer])
-    return halves.post(cfg, w, h, out.transpose(1, 2).reshape(b, t, cfg.q_size), layer)   # attn (B, T, Hq*D)
+    attn = out.transpose(1, 2).reshape(b, t, cfg.q_size)                         # (B, T, Hq*D)
+    del q, k, v, out                  # the projections are not held through the MLP (the planner does not count them)
+    return halves.post(cfg, w, h, attn, layer)
 
 
 def fused_decode_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor, step: StepInputs, kv: KVCache,
