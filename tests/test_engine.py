@@ -404,10 +404,9 @@ def test_every_step_stays_within_the_activation_reserve(engine, monkeypatch) -> 
     eng = tierkv.load(engine.model_dir, dtype="float32", device="cpu", prefill_chunk_tokens=piece)
     limits, _ = step_limits(eng.config, eng.dtype, eng.policy, eng.plan, piece, eng.attention_scratch_bytes)
     context = min(4096, eng.config.max_position_embeddings)
-    # the piece and the other sequences' one-token rows beside it (each with its logits row)
-    cost = activation_bytes(eng.config, eng.dtype, piece, eng.attention_scratch_bytes, context, 1,
-                            limits.token_budget - piece, eng.policy)
-    assert limits.token_budget == piece or cost <= \
+    cost = activation_bytes(eng.config, eng.dtype, limits.token_budget, eng.attention_scratch_bytes, context, 1,
+                            policy=eng.policy)
+    assert limits.token_budget == piece or cost + 8 * eng.config.vocab_size * (limits.max_running - 1) <= \
         max(eng.plan.activation_bytes, activation_bytes(eng.config, eng.dtype, piece, eng.attention_scratch_bytes,
                                                         context, 1, policy=eng.policy))
     steps: list[list[int]] = []

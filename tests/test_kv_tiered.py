@@ -644,8 +644,9 @@ def test_a_batch_of_long_prompts_prefills_in_pieces_within_the_activation_reserv
     assert sorted(n for rows in steps for n in rows if n > 1) == [176] * 4 + [512] * 8   # whole pieces only
     assert all(sum(rows) <= limits.token_budget for rows in steps)
     context = min(4096, cfg.max_position_embeddings)
-    assert limits.token_budget == 512 or activation_bytes(cfg, torch.float32, 512, plan.attention_scratch_bytes,
-                                                          context, 1, limits.token_budget - 512, policy) <= \
+    assert limits.token_budget == 512 or activation_bytes(cfg, torch.float32, limits.token_budget,
+                                                          plan.attention_scratch_bytes, context, 1,
+                                                          policy=policy) <= \
         max(plan.activation_bytes, activation_bytes(cfg, torch.float32, 512, plan.attention_scratch_bytes, context, 1,
                                                     policy=policy))
 

@@ -15,7 +15,6 @@ import torch
 
 from tierkv.config import ModelConfig, Policy
 from tierkv.errors import ArgumentError
-from tierkv.io.store import CRC_BLOCK_BYTES
 from tierkv.model import ATTENTION_SCRATCH_BYTES, FUSED_TAIL_DTYPES, attention_pair_bytes
 from tierkv.pipeline.kv.sizing import MIN_CONTEXT_CHUNKS, element_bytes, gathered_kv_bytes, keeps_sketch, \
     kv_bytes_per_token, kv_device_minimum_bytes
@@ -35,9 +34,6 @@ MIN_PREFILL_TOKENS = 16                # the smallest (below it every piece re-r
 ACTIVATION_FRACTION = 1 / 8
 CPU_ACTIVATION_FRACTION = 1 / 12
 MIN_ATTENTION_SCRATCH_BYTES = 256 << 10
-# hidden-size rows per row of a product the CPU GEMM allocates beside its output (oneDNN's workspace in the
-# down projection: 0.67 MiB at 256 rows, 2.13 MiB at 512 on the 0.85B shape in bf16, where two rows are 2 and 4)
-GEMM_WORKSPACE_ROWS = 2
 
 
 def plan_device(policy: Policy) -> torch.device:
@@ -99,28 +95,33 @@ def scratch_for(config: ModelConfig, dtype: torch.dtype, piece_tokens: int, batc
     return max(MIN_ATTENTION_SCRATCH_BYTES, min(ATTENTION_SCRATCH_BYTES, half))
 
 
-def _bytes_per_piece_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Activation bytes per token of a prefill piece, outside attention's score blocks, every tensor counted as
-    if held at once (``activation_bytes`` off the CPU flash path)."""
+def _bytes_per_piece_token(config: ModelConfig, dtype: torch.dtype, lean: bool = False) -> int:
+    """Activation bytes per token of a prefill piece, outside attention's score blocks. ``lean``: attention
+    is the CPU flash kernel over resident or gathered K/V only (``_lean_attention``), which keeps no fp32
+    state of its own."""
     item = element_bytes(dtype)
     h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
     # compute dtype: residual, normed input, attention and MLP outputs (4 h); q and its RoPE temporaries
     # (3 q); k, v, rotated k (3 kv); gate, up and their product (3 i: ``model.silu_mul`` makes one tensor)
     # fp32: RMS norm's upcasts (2 h); the grouped fold's attention state: scaled q, accumulator, result
     # (3 q), and the piece's K/V (2 kv)
-    per_token = item * (4 * h + 3 * q + 3 * kv + 3 * i) + 4 * (2 * h + 3 * q + 2 * kv)
+    fp32 = 2 * h if lean else 2 * h + 3 * q + 2 * kv
+    per_token = item * (4 * h + 3 * q + 3 * kv + 3 * i) + 4 * fp32
     # the tiered cache's chunk-size probe at the first piece (pipeline.chunking.attention_entropy): fp32
     # keys repeated per query head, five score-sized tensors and the positions of 32 sampled queries
     return per_token + q * 4 + 32 * (config.num_heads * 20 + 10)
 
 
-def _whole_context_gather_bytes(config: ModelConfig, dtype: torch.dtype, policy: Policy, batch: int,
-                                piece_tokens: int) -> int:
-    """The K/V the tiered cache's exact attention gathers for a piece at the model's whole context, padded to a
-    chunk (at most a sixteenth of it when chunks adapt, else ``policy.chunk_tokens``)."""
+def _lean_attention(config: ModelConfig, dtype: torch.dtype, policy: Policy, scratch_bytes: int, batch: int,
+                    piece_tokens: int) -> bool:
+    """Where the CPU flash kernel serves (``fused_tail_attention``): whether a piece's attention never takes
+    the tiered cache's grouped fold (fp32 state, fp32 K/V), because the K/V of the model's whole context,
+    padded to a chunk (at most a sixteenth of it when chunks adapt, else ``policy.chunk_tokens``), plus a
+    piece fits the scratch, so exact attention always gathers (``pipeline.kv.streamed.gathered_fits``)."""
     context = config.context_limit_tokens
     pad = policy.chunk_tokens or max(1, context // MIN_CONTEXT_CHUNKS)
-    return gathered_kv_bytes(batch, config.num_kv_heads, context + pad + piece_tokens, config.head_dim, dtype)
+    return gathered_kv_bytes(batch, config.num_kv_heads, context + pad + piece_tokens, config.head_dim,
+                             dtype) <= scratch_bytes
 
 
 def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int, scratch_bytes: int,
@@ -131,62 +132,22 @@ def activation_bytes(config: ModelConfig, dtype: torch.dtype, piece_tokens: int,
     to up to ``context_tokens`` keys, counted from what the model math and the KV caches allocate.
     ``groups``: micro-batches of that size whose rows are held at once (a layer streamed in pieces
     takes every group's rows through each block together; a whole layer runs them one at a time).
-
-    Where a piece's attention is the CPU flash kernel (``fused_tail_attention`` for ``policy``'s device)
-    the count is the largest of the step's phases (``_flash_step_bytes``), as measured there. Elsewhere
-    (a GPU, a window that cuts the keys, no policy) every tensor is counted as if held at once: attention
-    runs one sequence at a time, so its scratch is counted once, plus once more for the K/V the tiered
-    cache's exact attention gathers (up to one scratch: ``streamed.gathered_fits``) and holds beside that
-    block."""
+    Attention runs one sequence at a time, so its scratch is counted once, plus once more for the K/V
+    the tiered cache's exact attention gathers (up to one scratch: ``streamed.gathered_fits``) and
+    holds beside that block. Where a piece's attention is the CPU flash kernel (``fused_tail_attention``
+    for ``policy``'s device; None counts as not) no score block exists: the gathered K/V, or the
+    grouped fold's buffers and scores (one scratch as well), are counted alone, and where the fold
+    never runs (``_lean_attention``) neither is its fp32 state."""
     fused = policy is not None and fused_tail_attention(config, dtype, plan_device(policy).type)
-    rows = piece_tokens * batch + decode_rows
-    logits = 2 * groups * (batch + decode_rows) * config.vocab_size * 4    # each row's last position, fp32 and a copy
+    lean = policy is not None and fused and _lean_attention(config, dtype, policy, scratch_bytes, batch, piece_tokens)
+    per_token = _bytes_per_piece_token(config, dtype, lean)
     if fused:
-        assert policy is not None
-        gathered = _whole_context_gather_bytes(config, dtype, policy, batch, piece_tokens)
-        whole_layer_groups = policy.micro_batches if groups == 1 and policy.micro_batches > 1 else 1
-        return _flash_step_bytes(config, dtype, rows, piece_tokens * batch, groups, whole_layer_groups,
-                                 min(scratch_bytes, gathered), gathered <= scratch_bytes, logits)
-    per_token = _bytes_per_piece_token(config, dtype)
-    # one attention block: the scratch cap, or a single query row over every key when that is larger
-    block = max(scratch_bytes, attention_pair_bytes(batch, config.num_heads) * max(context_tokens, piece_tokens))
-    return groups * rows * per_token + block + scratch_bytes + logits
-
-
-def _flash_step_bytes(config: ModelConfig, dtype: torch.dtype, rows: int, piece_rows: int, groups: int,
-                      whole_layer_groups: int, gather_bytes: int, lean: bool, logits: int) -> int:
-    """A step's peak on the CPU flash path, phase by phase (per row of the ``groups`` groups of ``rows`` that
-    run together, ``piece_rows`` of each a prefill piece; ``whole_layer_groups`` groups of them take a whole
-    layer one after another; ``gather_bytes``: the most K/V exact attention gathers).
-
-    Held through the layers: each row's layer input (``runner.hidden``; the embedding's output is not kept),
-    the RoPE tables and positions, and, where whole layers take the groups one at a time, the other groups'
-    inputs and outputs (two rows each, three while the outputs are concatenated). Then the largest of:
-
-    * the MLP (``model.post_attention``, ``model_pieces``): the residual after attention, the normed input,
-      gate, up and their product (``model.silu_mul``: one tensor), the attention output, the down product
-      and the layer's output, the GEMM's workspace (``GEMM_WORKSPACE_ROWS``), and one row block's product
-      where a layer streams in pieces;
-    * attention: the normed input, q/k/v and their rotated copies, the attention output (and, in pieces,
-      every group's q/k/v with one group's rotated heads), the grouped fold's fp32 state where exact
-      attention may not gather (not ``lean``: the whole context's K/V does not fit the scratch,
-      ``pipeline.kv.streamed.gathered_fits``), the tiered cache's chunk-size probe over one piece at a
-      first piece (``pipeline.chunking.attention_entropy``), and the gathered K/V (``gather_bytes``);
-    * an RMS norm where its C++ pass is missing (``torch.rms_norm``): fp32 upcasts beside the residuals;
-    * the LM head's logits."""
-    item = element_bytes(dtype)
-    h, i, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
-    working = groups * rows
-    held_rows = working * item * h + working * (2 * config.head_dim * 4 + 8)
-    others = (whole_layer_groups - 1) * rows * item * h
-    block_product = item * min(h, CRC_BLOCK_BYTES // (item * i)) if i else 0
-    mlp = item * (4 * h + q + 3 * i + GEMM_WORKSPACE_ROWS * h) + block_product
-    fold = 0 if lean else 4 * (3 * q + 2 * kv)
-    attention = item * (h + 4 * q + 3 * kv) + fold
-    probe = piece_rows * (q * 4 + 32 * (config.num_heads * 20 + 10))
-    norm = item * (3 * h + q) + 4 * 2 * h
-    layer = max(working * mlp, working * norm, working * attention + probe + gather_bytes) + 2 * others
-    return held_rows + max(layer, 3 * others + 2 * working * item * h, logits)
+        attention = scratch_bytes
+    else:   # one attention block: the scratch cap, or a single query row over every key when that is larger
+        block = max(scratch_bytes, attention_pair_bytes(batch, config.num_heads) * max(context_tokens, piece_tokens))
+        attention = block + scratch_bytes
+    logits = 2 * groups * (batch + decode_rows) * config.vocab_size * 4    # each row's last position, fp32 and a copy
+    return groups * (piece_tokens * batch + decode_rows) * per_token + attention + logits
 
 
 def fused_tail_attention(config: ModelConfig, dtype: torch.dtype, device_type: str) -> bool:

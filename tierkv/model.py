@@ -252,7 +252,7 @@ def decoder_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], h: torch.Tensor,
     out = kv.attend(layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), step.positions,
                     cfg.sliding_window_tokens[layer])
     attn = out.transpose(1, 2).reshape(b, t, cfg.q_size)                         # (B, T, Hq*D)
-    del q, k, v, out                  # the projections are not held through the MLP (the planner does not count them)
+    del q, k, v, out                                # the projections are not held through the MLP
     return halves.post(cfg, w, h, attn, layer)
 
 

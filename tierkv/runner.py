@@ -151,8 +151,7 @@ class Runner:
             return torch.cat([decoder_layer(self.cfg, w, xg, st, kv, j, halves)  # one group at a time
                               for xg, st, kv in zip(x.split(cuts, dim=1), steps, kvs)], dim=1)
 
-        # (1, N, H) rows embedded into the call: no name here keeps them through the layers (the planner
-        # counts one layer input per row: ``activations._flash_step_bytes``)
+        # (1, N, H) rows embedded into the call: no name here keeps them alive through the layers
         h = run_layers(self.weights, embed(self.weights.globals(), torch.tensor([ids], device=self.device),
                                            self.dtype), layer)
         for kv, n in zip(kvs, cuts):
