@@ -34,7 +34,8 @@ MIN_CONTEXT_CHUNKS = 16          # an adaptive layer's capacity holds at least t
 
 
 def element_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    """Bytes per element of ``dtype`` (read from the dtype: no tensor is made on the attention path)."""
+    return dtype.itemsize
 
 
 def gathered_kv_bytes(batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
