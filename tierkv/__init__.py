@@ -1,7 +1,11 @@
 """tierkv: memory-tiered LLM inference. Public API: ``load()``, ``Engine``, ``Budget``, and the errors a
 user can fix (all subclasses of ``TierkvError``, itself a ``ValueError``)."""
 
-from tierkv.version import __version__
+from tierkv.cpu_memory import bound_onednn_cache
+
+bound_onednn_cache()        # before any CPU matrix product: oneDNN reads it once (tierkv.cpu_memory)
+
+from tierkv.version import __version__  # noqa: E402
 from tierkv.config import Budget, ConfigError, ModelConfig, Policy
 from tierkv.engine import Engine, GenerationResult, GenerationStats, Piece, Stream, load
 from tierkv.errors import ArgumentError, TierkvError

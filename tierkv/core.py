@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from tierkv.cpu_memory import release_freed
 from tierkv.errors import TierkvError
 from tierkv.generation import GenerationResult, GenerationStats, Piece, SequenceOutput
 from tierkv.kvroom import KVRoom
@@ -240,6 +241,9 @@ class EngineCore:
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            if prefill:
+                release_freed()     # the activations' freed memory, kept by malloc, goes back (tierkv.cpu_memory)
         for s, r in zip(seqs, rows):
             self.scheduler.fed(r)
             self._fed(s, r, len(rows))
