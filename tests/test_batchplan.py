@@ -65,6 +65,7 @@ def test_the_batch_with_the_best_predicted_throughput_is_chosen(cfg: ModelConfig
     assert one.batch == 1 and choice.predicted_tok_s > 1.5 * one.predicted_tok_s
     assert next(o for o in choice.options if o.batch == choice.batch).read_bytes_per_token < one.read_bytes_per_token
     assert choice.load_kwargs() == {"max_sequences": choice.batch, "micro_batches": choice.micro_batches,
+                                    "prefill_order": "longest",
                                     "kv_device_tokens": sum(sorted([100, 150, 200, 250] * 4)[-choice.batch:])
                                     + 8 * choice.batch}         # the device holds the whole batch's KV
     assert not choice.kv_split
@@ -129,17 +130,19 @@ def test_the_prefill_piece_grows_to_the_prompt_when_a_short_job_gains_by_it(cfg:
     assert short.predicted_tok_s > kept.predicted_tok_s
     assert "piece" in short.summary() and "sized to these prompts" in short.summary()
     # 500 new tokens: a layer the larger piece's activations would displace costs every decode pass
+    # (two passes of 150 tokens: the least activation room that takes the prompt in two)
     long = choose_batch(inputs, [300], 500, asked=1)
-    assert "prefill_chunk_tokens" not in long.load_kwargs() and long.plan.prefill_chunk_tokens < 300
+    assert long.plan.prefill_chunk_tokens == 150 and long.options[0].passes == 2 + 500
     assert len(long.plan.disk_layers) < len(short.plan.disk_layers)
     # a piece the policy fixes (the user's, or a loaded engine's) is never resized
     fixed = choose_batch(_inputs(cfg, tmp_path, _streaming_budget(cfg)), [300], 4, asked=1)
     assert "prefill_chunk_tokens" not in fixed.load_kwargs() and fixed.plan.prefill_chunk_tokens == 256
 
 
-def test_half_the_planners_piece_is_planned_when_its_activations_free_a_layer(tmp_path: Path) -> None:
-    """The ~0.85B shape at 1 GiB: the planner's own 512-token piece for two prompts in two micro-batches
-    leaves 8 layers resident; half of it, 256 tokens, leaves 9, and a short job reads less per pass."""
+def test_a_piece_sized_to_pack_the_prompts_is_planned_when_its_activations_free_a_layer(tmp_path: Path) -> None:
+    """The ~0.85B shape at 1 GiB, prompts of 64 and 512 tokens: the planner's own 512-token piece leaves
+    8 layers resident and takes two passes; 288 tokens leave 9 and still take two in one micro-batch
+    (512 = 288 + 224, and the 64-token prompt packs beside the 224)."""
     big = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
                                  "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 16,
                                  "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 4096,
@@ -151,9 +154,14 @@ def test_half_the_planners_piece_is_planned_when_its_activations_free_a_layer(tm
     choice = choose_batch(inputs, [64, 512], 16, asked=2)
     own = make_plan(big, budget, replace(policy, max_sequences=2, micro_batches=choice.micro_batches,
                                          kv_device_tokens=choice.kv_device_tokens), links, config_only=True)
-    assert choice.plan.prefill_chunk_tokens == own.prefill_chunk_tokens // 2 == 256
+    assert own.prefill_chunk_tokens == 512 and choice.micro_batches == 1
+    assert choice.plan.prefill_chunk_tokens == 288 and choice.options[0].passes == 2 + 16
     assert len(choice.plan.disk_layers) < len(own.disk_layers)
-    assert choice.load_kwargs()["prefill_chunk_tokens"] == 256
+    assert choice.load_kwargs()["prefill_chunk_tokens"] == 288
+    # half the planner's piece takes three passes in one micro-batch (two micro-batches make it two)
+    half = choose_batch(replace(inputs, policy=replace(policy, prefill_chunk_tokens=256)), [64, 512], 16, asked=2)
+    assert half.plan.disk_layers == choice.plan.disk_layers and half.micro_batches == 2
+    assert half.predicted_tok_s <= choice.predicted_tok_s
 
 
 def test_predicted_prefill_passes_are_the_engines(tiny_model_dir: Callable[..., Path], tmp_path: Path) -> None:
@@ -161,16 +169,23 @@ def test_predicted_prefill_passes_are_the_engines(tiny_model_dir: Callable[..., 
     lengths = (7, 70, 23, 41, 5, 30, 64)     # no piece of a single token: every prefill step has tokens > rows
     prompts = [random_prompt(n, seed=400 + i) for i, n in enumerate(lengths)]
     for micro, piece in ((1, 16), (3, 16), (2, 48)):
-        with tierkv.load(model, device="cpu", dtype="float32", kv="exact", offload_dir=tmp_path, chunk_tokens=8,
-                         prefill_chunk_tokens=piece, max_sequences=len(prompts), micro_batches=micro) as engine:
-            assert engine.runner.log is not None
-            limits = engine._core.scheduler.limits
-            engine.generate(prompts, max_new_tokens=2, ignore_eos=True)
-            ran = sum(1 for s in engine.runner.log.steps if s.tokens > s.rows)
-        assert ran == prefill_passes_of([len(p) for p in prompts], limits.piece_tokens, limits.token_budget, micro)
+        ran = {}
+        for order in ("longest", "arrival"):     # the planner models the order its load_kwargs ask for
+            with tierkv.load(model, device="cpu", dtype="float32", kv="exact", offload_dir=tmp_path, chunk_tokens=8,
+                             prefill_chunk_tokens=piece, max_sequences=len(prompts), micro_batches=micro,
+                             prefill_order=order) as engine:
+                assert engine.runner.log is not None
+                limits = engine._core.scheduler.limits
+                engine.generate(prompts, max_new_tokens=2, ignore_eos=True)
+                ran[order] = sum(1 for s in engine.runner.log.steps if s.tokens > s.rows)
+        assert ran["longest"] == prefill_passes_of([len(p) for p in prompts], limits.piece_tokens,
+                                                   limits.token_budget, micro)
+        # one micro-batch in arrival order packs worse (micro-batches always pack the largest first)
+        assert ran["arrival"] > ran["longest"] if (micro, piece) == (1, 16) else ran["arrival"] == ran["longest"]
     assert prefill_passes_of([288], 256, 256, 1) == 2 and prefill_passes_of([288], 288, 288, 1) == 1
     assert prefill_passes_of([512, 362, 213, 64], 512, 513, 2) == 2     # 213 fits beside neither 512 nor 362 + 64
     assert prefill_passes_of([512, 362, 213, 64], 576, 577, 2) == 1
+    assert prefill_passes_of([512, 64], 288, 289, 1) == 2 and prefill_passes_of([512, 64], 256, 257, 1) == 3
 
 
 LENGTHS = (7, 70, 23, 41, 5, 33)
@@ -199,6 +214,12 @@ def test_micro_batches_and_a_shared_room_give_each_sequence_its_solo_tokens(
         assert engine.kv_stats()["running_sequences"] == 0
     assert got == want
     assert max(groups_seen) == 3
+    # one group, the largest pieces first (a batch job's order): the same tokens
+    with tierkv.load(model, **base, max_sequences=6, prefill_order="longest") as engine:
+        assert engine._core.scheduler.limits.longest_first
+        assert [r.token_ids for r in engine.generate(prompts, max_new_tokens=NEW, ignore_eos=True)] == want
+    with pytest.raises(tierkv.errors.ArgumentError, match="prefill_order='shortest'.*'arrival'.*'longest'"):
+        tierkv.load(model, **base, prefill_order="shortest")
 
 
 def test_plan_batch_shows_the_choice_and_refuses_a_batch_that_does_not_fit(cfg: ModelConfig, tmp_path: Path,

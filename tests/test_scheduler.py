@@ -240,6 +240,37 @@ def test_throughput_mode_packs_the_largest_pieces_first_and_fills_its_groups() -
     assert [r.seq_id for r in single.schedule().rows] == [0, 1, 2], "one group (serving): arrival order"
 
 
+def _prefill_steps(s: Scheduler, lengths: list[int]) -> list[list[tuple[int, int]]]:
+    """(seq_id, tokens) of each step's prefill rows until every prompt has sampled its first token."""
+    for i, n in enumerate(lengths):
+        s.add(i, n, n + 4)
+    steps, waiting = [], set(range(len(lengths)))
+    while waiting:
+        plan = s.schedule()
+        steps.append([(r.seq_id, r.num_tokens) for r in plan.rows if r.seq_id in waiting])
+        waiting -= {r.seq_id for r in plan.rows if r.samples}
+        run(s, plan)
+    return steps
+
+
+def test_a_batch_job_packs_the_longest_prompts_pieces_first_in_one_group() -> None:
+    # a 64-token prompt arrived before a 512-token one, pieces of 288, a budget of the piece + one row:
+    # by arrival the short prompt runs alone, then the long one takes two more passes; longest first,
+    # the short prompt fills the room beside the long one's last piece: two passes
+    arrival = _prefill_steps(Scheduler(Limits(289, 288, 2, None, None), Sizer()), [64, 512])
+    assert arrival == [[(0, 64)], [(1, 288)], [(1, 224)]]
+    longest = _prefill_steps(Scheduler(Limits(289, 288, 2, None, None, longest_first=True), Sizer()), [64, 512])
+    assert longest == [[(1, 288)], [(0, 64), (1, 224)]]
+    # each prompt's pieces are its solo ones whatever the order: the same boundaries, one piece per step
+    for lengths in ([64, 213, 362, 512], [5, 300, 7, 290, 1, 288]):
+        steps = _prefill_steps(Scheduler(Limits(291, 288, 8, None, None, longest_first=True), Sizer()), lengths)
+        assert all(sum(n for _, n in step) <= 291 and len({i for i, _ in step}) == len(step) for step in steps)
+        for i, n in enumerate(lengths):
+            assert [t for step in steps for j, t in step if j == i] == [min(288, n - k) for k in range(0, n, 288)]
+    assert len(_prefill_steps(Scheduler(Limits(291, 288, 4, None, None, longest_first=True), Sizer()),
+                              [64, 213, 362, 512])) == 4 < len(_prefill_steps(make(291, 288, 4), [64, 213, 362, 512]))
+
+
 def test_one_group_is_the_default_and_a_step_never_exceeds_it() -> None:
     s = make(token_budget=20, piece=16)
     for i in range(4):

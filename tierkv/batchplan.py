@@ -63,6 +63,7 @@ MAX_AUTO_BATCH = 256          # "auto" tries batch sizes up to this (and never m
 ROW_PROBE_ROWS = 129          # one-token rows of the row-cost probe (beside the batch-1 timing)
 ROW_PROBE_ROUNDS = 8
 NEAR_BEST = 0.02              # a larger batch must predict more than this much more throughput to be chosen
+PASS_TARGETS = 4              # prefill pieces are also sized to pack a wave of prompts into 2 .. this many passes
 
 
 @dataclass(frozen=True)
@@ -116,10 +117,10 @@ class BatchChoice:
 
     piece_asked: int | None = None          # the prefill piece chosen for these prompts; None: the planner's own
 
-    def load_kwargs(self) -> dict[str, int]:
+    def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``tierkv.load`` (beside the same budgets) that run this choice."""
         kwargs = {"max_sequences": self.batch, "micro_batches": self.micro_batches,
-                  "kv_device_tokens": self.kv_device_tokens}
+                  "kv_device_tokens": self.kv_device_tokens, "prefill_order": "longest"}
         return kwargs if self.piece_asked is None else dict(kwargs, prefill_chunk_tokens=self.piece_asked)
 
     def summary(self) -> str:
@@ -296,15 +297,17 @@ def _placed(inputs: BatchInputs, job: _Job, batch: int, micro: int, kv_tokens: i
 
 def _pieces(inputs: BatchInputs, job: _Job, batch: int, micro: int, planned: int) -> list[int]:
     """Prefill pieces beside the planner's own (``planned``) worth planning for this job: the longest
-    prompt of a wave (every prompt in one piece), the wave's prompt tokens over the micro-batches (the
-    whole wave in one pass), the powers of two between them and the planner's piece, up to
-    ``DEFAULT_PREFILL_TOKENS``, and half the planner's piece (less activation room may leave room for one
-    more resident layer; one step down only: smaller pieces cost more passes than a layer saves); none
-    when the policy fixes the piece (the user's or a loaded engine's)."""
+    prompt of a wave (every prompt in one piece), the wave's prompt tokens over the micro-batches in
+    one pass and in ``2 .. PASS_TARGETS`` passes (the smallest pieces that may pack the wave into that
+    many: 288 packs prompts of 512 and 64 into two passes where 256 takes three), the powers of two
+    between them and the planner's piece, up to ``DEFAULT_PREFILL_TOKENS``, and half the planner's piece
+    (less activation room may leave room for one more resident layer; one step down only: smaller
+    pieces cost more passes than a layer saves); none when the policy fixes the piece (the user's or
+    a loaded engine's). The throughput model counts the passes each really packs into."""
     if inputs.policy.prefill_chunk_tokens is not None:
         return []
     wave = job.prompts[:batch]                  # the longest prompts: the first wave's
-    targets = {wave[0], -(-sum(wave) // micro)}
+    targets = {wave[0]} | {-(-sum(wave) // (micro * p)) for p in range(1, PASS_TARGETS + 1)}
     top = min(DEFAULT_PREFILL_TOKENS, max(targets))
     powers = {planned << k for k in range(1, DEFAULT_PREFILL_TOKENS.bit_length()) if planned << k < top}
     larger = {p for p in targets | powers if planned < p <= DEFAULT_PREFILL_TOKENS}
@@ -371,9 +374,9 @@ def prefill_passes_of(prompts: list[int], piece_tokens: int, group_tokens: int, 
     """Layer passes until every one of ``prompts`` (admitted together) has sampled its first token, as
     the engine's own scheduler packs them (``tierkv.scheduler.Scheduler``: a prompt feeds one piece of
     up to ``piece_tokens`` a pass, into ``micro_batches`` groups of ``group_tokens``, beside the
-    decode rows of the prompts already done)."""
+    decode rows of the prompts already done; the largest pieces first, as ``load_kwargs`` asks)."""
     scheduler = Scheduler(Limits(group_tokens, piece_tokens, len(prompts), None, None, micro_batches,
-                                 share_room=micro_batches > 1), _NoRoom())
+                                 share_room=micro_batches > 1, longest_first=True), _NoRoom())
     for i, n in enumerate(prompts):
         scheduler.add(i, n, n + 1)
     prefilling, passes = set(range(len(prompts))), 0

@@ -37,6 +37,7 @@ class _BatchLoadFlags(LoadFlags):
 
     max_sequences: int = DEFAULT_BATCH
     micro_batches: int = 1
+    prefill_order: str = "longest"
 
 
 @expand_flags
@@ -99,8 +100,8 @@ def batch_command(
         raise typer.Exit(130)
 
 
-def _with_choice(options: LoadFlags, load_kwargs: dict[str, int]) -> _BatchLoadFlags:
-    """The load flags with the batch choice's (max_sequences, micro_batches, kv_device_tokens)."""
+def _with_choice(options: LoadFlags, load_kwargs: dict[str, Any]) -> _BatchLoadFlags:
+    """The load flags with the batch choice's (max_sequences, micro_batches, kv_device_tokens, prefill_order)."""
     return _BatchLoadFlags(**{**{f.name: getattr(options, f.name) for f in fields(options)}, **load_kwargs})
 
 

@@ -47,6 +47,7 @@ _SIZE_UNITS = {
 
 
 MAX_SIZE_BYTES = 1 << 60               # 1 EiB: above any machine's memory; larger sizes are typos
+PREFILL_ORDERS = ("arrival", "longest")   # Policy.prefill_order: the scheduler's order for waiting prompt pieces
 
 
 def parse_size(text: str | int | float) -> int:
@@ -409,6 +410,8 @@ class Policy:
     max_sequences: int = 16             # sequences decoding together at most (more wait for a place)
     micro_batches: int = 1              # throughput mode: a step's rows run in this many groups per layer pass
                                         # (the layer's weights stay loaded); activations are kept for one group
+    prefill_order: str = "arrival"      # which waiting prompts' pieces fill a step first: "arrival" (a server's
+                                        # first come, first served) or "longest" (a batch job: fuller passes)
     weight_quant: WeightQuant | None = None  # group-wise int8/int4 layer weights; None = 16-bit (the compute dtype)
     kv_quant: str = "none"              # KV chunks on the host and disk tiers: "none" (exact), "int8" or "int4"
                                         # (KIVI-style codes; device chunks, abstracts and key codes stay exact)
@@ -419,6 +422,9 @@ class Policy:
         object.__setattr__(self, "kv_quant", check_kv_scheme(self.kv_quant))
         if self.kv not in ("exact", "sparse", "auto"):
             raise ArgumentError(f"kv={self.kv!r}: use 'exact', 'sparse' or 'auto'")
+        if self.prefill_order not in PREFILL_ORDERS:
+            raise ArgumentError(f"prefill_order={self.prefill_order!r}: use 'arrival' (first come, first served) "
+                                "or 'longest' (a batch job's prompts, longest first)")
         if isinstance(self.kv_budget, bool) or not isinstance(self.kv_budget, (int, float)) \
                 or not math.isfinite(self.kv_budget) or self.kv_budget <= 0:
             raise ArgumentError(f"kv_budget={self.kv_budget!r} must be > 0 (a fraction like 0.05 or a token count)")

@@ -413,7 +413,7 @@ def step_limits(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, plan: Plan
     room = plan.kv_device_bytes if plan is not None else None
     host = plan.kv_host_bytes if plan is not None else None
     return Limits(piece + extra, piece, policy.max_sequences, room, host, policy.micro_batches,
-                  share_room=policy.micro_batches > 1), head_rows
+                  share_room=policy.micro_batches > 1, longest_first=policy.prefill_order == "longest"), head_rows
 
 
 def _largest(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
@@ -432,8 +432,8 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
          progress: ProgressFn | None = None, prefill_progress: ProgressFn | None = None,
          verify: bool = False, max_sequences: int = 16, quant: str | None = None, group_size: int | str | None = None,
          quant_head: bool = False, kv_quant: str = "none", prompt_cache_tokens: int | None = None,
-         sessions_dir: str | Path | None = None, micro_batches: int = 1, compile: bool = False,
-         cuda_graph: bool = False) -> Engine:
+         sessions_dir: str | Path | None = None, micro_batches: int = 1, prefill_order: str = "arrival",
+         compile: bool = False, cuda_graph: bool = False) -> Engine:
     """Open a Hugging Face model directory (or ``"demo"``, or a store made by ``tierkv convert``,
     which brings its config, tokenizer and weight scheme, or a GGUF model: a .gguf file, a directory
     holding one, or a part of a split set) for generation. A GGUF model is converted on first use
@@ -484,6 +484,10 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
     ``tierkv.batchplan.choose_batch(...).load_kwargs()``): each step's rows run in up to this many
     groups per layer pass while the layer's weights stay loaded, activations are reserved for one
     group, and sequences admitted together share the KV room (their cold KV spills to host and disk).
+    prefill_order: which waiting prompts' pieces a step takes first: "arrival" (default: first come,
+    first served, as a server wants) or "longest" (a batch job: the largest pieces first, so short
+    prompts fill the room beside long ones and the passes over the streamed layers are fuller;
+    ``choose_batch(...).load_kwargs()`` asks for it). Each prompt's pieces are the same either way.
 
     kv_quant: "int8" or "int4" holds the KV chunks on the host and disk tiers as KIVI-style codes
     (keys per channel within a chunk, values per token, 16-bit params): about 0.52x / 0.27x of the
@@ -520,7 +524,8 @@ def load(model: str | Path, *, device_mem: str | int | None = None, host_mem: st
                     prefill_chunk_tokens=prefill_chunk_tokens, kv=kv, kv_budget=kv_budget,
                     kv_exact_max_tokens=kv_exact_max_tokens, chunk_tokens=chunk_tokens,
                     kv_device_tokens=kv_device_tokens, kv_sketch=kv_sketch, max_sequences=max_sequences,
-                    kv_quant=kv_quant, micro_batches=micro_batches, compile=compile, cuda_graph=cuda_graph)
+                    kv_quant=kv_quant, micro_batches=micro_batches, prefill_order=prefill_order, compile=compile,
+                    cuda_graph=cuda_graph)
     if is_gguf_source(model_path(model)):
         # quant=None keeps the file's quantized weights as they are (16-bit ones stay 16-bit); "int4"/"int8"
         # quantizes its 16-bit and other-type weights too; "none" dequantizes everything to 16-bit

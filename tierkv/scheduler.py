@@ -25,13 +25,17 @@ Model:
   a session on the host moves on to disk when the host room is needed. A resumed session whose KV
   was moved is restored when it is admitted again. Only a sequence that could not fit even with
   nothing else holding room is refused.
+- Batch jobs (``Limits.longest_first``, and always with micro-batches): prefill pieces are packed
+  largest first, ties to the longest prompt, instead of by arrival (first-fit decreasing packs a
+  step nearly full, where arrival order left 40% of the groups empty on ragged prompts and ran a
+  short prompt alone in a pass the long pieces beside it could not share; and the longest prompts,
+  whose decoding ends the job, start first). A server keeps arrival order: a short request's first
+  token never waits behind a longer one that came later.
 - Throughput mode (``Limits.micro_batches`` > 1, FlexGen's block schedule): a step holds up to that
   many groups of rows, each within ``token_budget`` (the activations the plan keeps room for are one
   group's); the runner runs the groups one after another per layer while the layer's weights stay
   loaded. Rows are packed first-fit into the groups (``Row.group``): decode rows, then prefill pieces
-  largest first, ties to the longest prompt (first-fit decreasing packs a step's groups nearly full,
-  where arrival order left 40% of them empty on ragged prompts; and the longest prompts, whose
-  decoding ends the job, start first). With ``share_room``, sequences
+  largest first. With ``share_room``, sequences
   admitted together split the free device and host room evenly (never below a sequence's minimum,
   never above what it wants), so a batch larger than the room holds at full size runs at once, each
   cache spilling its cold KV, instead of the first few taking the whole room.
@@ -73,6 +77,7 @@ class Limits:
     host_room_bytes: int | None
     micro_batches: int = 1       # groups of rows per step, each within token_budget
     share_room: bool = False     # sequences admitted together split the free room evenly
+    longest_first: bool = False  # prefill pieces largest first (always with micro-batches), else by arrival
 
     def __post_init__(self) -> None:
         assert 1 <= self.piece_tokens <= self.token_budget, (self.piece_tokens, self.token_budget)
@@ -273,7 +278,7 @@ class Scheduler:
         running = sorted((s for s in self._seqs.values() if s.status is SeqStatus.RUNNING), key=lambda s: s.arrival)
         decode = [s for s in running if s.pending_tokens == 1 and s.computed_tokens > 0]
         pieces = [s for s in running if s not in decode and s.pending_tokens > 0]
-        if self.limits.micro_batches > 1:        # throughput mode: largest pieces first, longest prompts first
+        if self.limits.micro_batches > 1 or self.limits.longest_first:   # largest pieces, longest prompts first
             pieces.sort(key=lambda s: (-min(self.limits.piece_tokens, s.pending_tokens), -s.pending_tokens))
         free, rows = [self.limits.token_budget] * self.limits.micro_batches, []
         order = (pieces, decode) if self._c.pieces_first else (decode, pieces)
