@@ -33,6 +33,10 @@ batch size it can run", on the ~0.85B random bf16 Llama (``bench_common``: 1.6 G
   passes (count, seconds, of which waiting for the disk) and decode passes (mean seconds, waiting,
   computing), and the planner's prediction again from the engine after the run, fitted to its steps
   (``choose_batch(engine)``) beside the probe's one from before it;
+* ``--repeat N``: each batch runs tierkv and accelerate N times, alternating, and the table shows each
+  side's median run (every run's job tok/s and the CPU steal during it, the share of the machine a
+  virtual machine's neighbours took, are in the JSON): on a shared VM one run's ratio can move by
+  30% with a busy minute;
 * both sides run under the environment's ``OMP_WAIT_POLICY`` (libgomp's default unless set; reported):
   ``OMP_WAIT_POLICY=PASSIVE`` (opt in from the environment) keeps a shared machine's other work from
   stalling 2-thread ops at spinning barriers, but costs torch 1.2-1.5x on a quiet machine.
@@ -40,7 +44,7 @@ batch size it can run", on the ~0.85B random bf16 Llama (``bench_common``: 1.6 G
     python scripts/bench_batch.py [--batches 1,2,4,8,16,32,64] [--new-tokens 16] [--cap 1600MiB]
         [--device-mem 1024MiB|auto] [--host-mem 0] [--peer-max-memory 1024MiB,1152MiB] [--threads 2]
         [--skip-peer | --skip-tierkv] [--peer-timeout 300]
-        [--time-limit 900] [--model-root DIR] [--offload-dir DIR]
+        [--time-limit 900] [--repeat 1] [--model-root DIR] [--offload-dir DIR]
 """
 
 from __future__ import annotations
@@ -212,6 +216,17 @@ def peer_best(base: dict[str, Any], batch: int, max_memories: list[int], cap: st
     return dict(best, sweep=sweep) if len(max_memories) > 1 else best
 
 
+def median_run(runs: list[dict[str, Any]], ok: str) -> dict[str, Any]:
+    """The run of median job tok/s (the lower middle of an even count) among ``runs`` of one contender,
+    with every run's job tok/s and CPU steal beside it; the first failure if any run failed."""
+    failed = [r for r in runs if not r.get(ok) or "job_tok_s" not in r]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r["job_tok_s"])
+    return dict(ordered[(len(ordered) - 1) // 2], job_tok_s_runs=[round(r["job_tok_s"], 3) for r in runs],
+                cpu_steal_pct_runs=[r.get("cpu_steal_pct") for r in runs])
+
+
 WORKERS = {"prepare": worker_prepare, "tierkv": worker_tierkv, "peer": worker_peer}
 
 
@@ -270,17 +285,25 @@ def table_rows(tk: dict[int, dict[str, Any]], peer: dict[int, dict[str, Any]]) -
                       "micro, prefill piece | bound measured/predicted | accelerate job tok/s | tierkv/accelerate")]
     for b, r in sorted(tk.items()):
         p = peer.get(b, {})
-        acc = (f"{p['job_tok_s']:.3f}" + (f" (max_memory {p['max_memory'] / 2**20:.0f} MiB)" if "sweep" in p else "")
-               if p.get("runs") else (p.get("error", "not run")[:60]))
+        acc = (f"{p['job_tok_s']:.3f}" + _runs(p) + (f" (max_memory {p['max_memory'] / 2**20:.0f} MiB)" if "sweep" in p
+                                                      else "") if p.get("runs") else (p.get("error", "not run")[:60]))
         if not r.get("fits") or "decode_tok_s" not in r:
             rows.append((str(b), (r.get("why") or r.get("error", ""))[:160] + f" | accelerate {acc}"))
             continue
         ceiling = f"{r['ceiling_decode_tok_s']:.2f}" if r.get("ceiling_decode_tok_s") else "-"
-        rows.append((str(b), f"{r['job_tok_s']:.2f} ({r['predicted_tok_s']:.2f}) | {r['decode_tok_s']:.2f} "
+        rows.append((str(b), f"{r['job_tok_s']:.2f}{_runs(r)} ({r['predicted_tok_s']:.2f}) | {r['decode_tok_s']:.2f} "
                              f"({ceiling}) | {r['read_bytes_per_token'] / 2**20:.1f} | {r['disk_layers']}, "
                              f"{r['micro_batches']}, {r['prefill_piece']} | {r['measured_bound']}/{r['predicted_bound']} | {acc} | "
                              + (f"{r['vs_accelerate']:.1f}x" if "vs_accelerate" in r else "-")))
     return rows
+
+
+def _runs(r: dict[str, Any]) -> str:
+    """" [a/b/c, steal x/y/z%]": every run's job tok/s and CPU steal when a batch ran more than once."""
+    runs, steal = r.get("job_tok_s_runs", []), r.get("cpu_steal_pct_runs", [])
+    if len(runs) < 2:
+        return ""
+    return f" [{'/'.join(f'{v:.2f}' for v in runs)}, steal {'/'.join(str(v) for v in steal)}%]"
 
 
 def parse_args() -> argparse.Namespace:
@@ -300,6 +323,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--skip-tierkv", action="store_true", help="only the peer (e.g. a second invocation)")
     ap.add_argument("--peer-timeout", type=float, default=300)
     ap.add_argument("--time-limit", type=float, default=900, help="seconds; later runs are skipped past it")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each contender this many times per batch, alternating, and report the median run")
     ap.add_argument("--model-root", type=Path, default=Path(tempfile.gettempdir()) / "tierkv-bench")
     ap.add_argument("--offload-dir", type=Path, default=None)
     ap.add_argument("--worker", default=None)
@@ -340,13 +365,22 @@ def main() -> None:
         if time.perf_counter() - t0 > args.time_limit:
             tk[b] = {"fits": False, "why": f"skipped: past --time-limit {args.time_limit:.0f} s"}
             continue
-        tk[b] = {"fits": False, "why": "not run (--skip-tierkv)"} if args.skip_tierkv else \
-            run_worker_script(__file__, "tierkv", dict(base, batch=b), cap, 600)
-        print(f"  tierkv batch {b}: {json.dumps({k: v for k, v in tk[b].items() if k != 'why'})[:300]}", flush=True)
-        if not peer_failed and time.perf_counter() - t0 < args.time_limit:
-            peer[b] = peer_best(base, b, peer_mems, cap, args.peer_timeout)
-            peer_failed = not peer[b].get("runs")
-            print(f"  accelerate batch {b}: {json.dumps(peer[b])[:300]}", flush=True)
+        tk_runs: list[dict[str, Any]] = []
+        peer_runs: list[dict[str, Any]] = []
+        for _ in range(args.repeat):          # alternating, so that a noisy minute does not fall on one side only
+            tk_runs.append({"fits": False, "why": "not run (--skip-tierkv)"} if args.skip_tierkv else
+                           run_worker_script(__file__, "tierkv", dict(base, batch=b), cap, 600))
+            print(f"  tierkv batch {b}: {json.dumps({k: v for k, v in tk_runs[-1].items() if k != 'why'})[:300]}",
+                  flush=True)
+            if not peer_failed and time.perf_counter() - t0 < args.time_limit:
+                peer_runs.append(peer_best(base, b, peer_mems, cap, args.peer_timeout))
+                peer_failed = not peer_runs[-1].get("runs")
+                print(f"  accelerate batch {b}: {json.dumps(peer_runs[-1])[:300]}", flush=True)
+            if not tk_runs[-1].get("fits") or peer_failed and peer_runs:
+                break
+        tk[b] = median_run(tk_runs, "fits")
+        if peer_runs:
+            peer[b] = median_run(peer_runs, "runs")
     s = summarize(args, prep, tk, peer)
     detected = f" (detected: {prep['device_mem_used'] / 2**20:.0f} MiB)" if auto else ""
     load_end = os.getloadavg()

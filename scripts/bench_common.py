@@ -204,12 +204,13 @@ def run_worker_script(script: str | Path, kind: str, opts: dict[str, Any], cap: 
     cmd = [sys.executable, str(Path(script).resolve()), "--worker", kind, "--opts", json.dumps(opts)]
     if cap is not None:
         cmd = [str(MEMCAP), cap, "--", *cmd]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_times()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s", "wall_s": timeout_s}
-    out: dict[str, Any] = {"wall_s": round(time.perf_counter() - t0, 1), "rc": proc.returncode}
+    out: dict[str, Any] = {"wall_s": round(time.perf_counter() - t0, 1), "rc": proc.returncode,
+                           "cpu_steal_pct": steal_pct(cpu0, cpu_times())}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if lines:
         out.update(json.loads(lines[-1]))
@@ -220,6 +221,24 @@ def run_worker_script(script: str | Path, kind: str, opts: dict[str, Any], cap: 
         tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith('{"memcap_')][-3:]
         out.setdefault("error", f"exit {proc.returncode}: " + " | ".join(tail)[-400:])
     return out
+
+
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (``/proc/stat``'s "cpu" line, in ticks), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_pct(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The share of CPU time between two ``cpu_times`` that the hypervisor gave to other guests (a
+    virtual machine's noisy neighbours: a run with a few percent of it is slower for reasons not its own)."""
+    if before is None or after is None or len(before) < 8:
+        return None
+    total = sum(after[:8]) - sum(before[:8])          # user .. steal (guest time is counted inside user)
+    return round(100 * (after[7] - before[7]) / total, 1) if total > 0 else None
 
 
 def memcap_usable() -> bool:

@@ -199,10 +199,10 @@ def int4_kernel_cpu() -> bool:
 @functools.lru_cache(maxsize=1)
 def vector_width() -> int:
     """fp32 lanes of inductor's vector ISA here (16 with AVX-512, 8 with AVX2), 0 without one."""
-    with inductor_imports():        # without Triton where it cannot launch
-        from torch._inductor.cpu_vec_isa import pick_vec_isa
+    with inductor_imports():        # without Triton where it cannot launch: the probe itself imports more of
+        from torch._inductor.cpu_vec_isa import pick_vec_isa    # inductor (its code cache, whose autotune cache
 
-    isa = pick_vec_isa()
+        isa = pick_vec_isa()                                     # imports triton), not only the import above
     return isa.nelements(torch.float32) if isa else 0
 
 
