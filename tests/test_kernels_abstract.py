@@ -152,6 +152,10 @@ def test_cpu_only_torch_leaves_triton_unimported():
         "assert lo.shape == (1, 1, 2, 4)\n"
         "try:\n    k.chunk_abstract(torch.randn(1, 1, 9, 4), torch.tensor([0]), backend='triton')\n"
         "except RuntimeError as e:\n    assert 'TRITON_INTERPRET=1' in str(e), e\nelse:\n    raise SystemExit('no error')\n"
+        # the CPU probes every machine reaches (AMX or not: the vector width probe imports inductor's code cache)
+        "from tierkv.kernels import cpu_mgemv, cpu_qgemv\n"
+        "cpu_qgemv.vector_width(), cpu_qgemv.bf16_dot_cpu(), cpu_mgemv.cpu_class()\n"
+        "assert 'triton' not in sys.modules, 'a CPU probe imported triton'\n"
         "print('ok')\n"
     )
     run = _fresh_python(code, drop=NO_TRITON_ASKED)

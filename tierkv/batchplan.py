@@ -144,7 +144,7 @@ class BatchChoice:
                  + (" (sized to these prompts)" if self.piece_asked is not None else ""))
         lines += [f"chosen: batch {self.batch}{block}{piece}: predicted {self.predicted_tok_s:.2f} tok/s over "
                   f"{self.prompts} prompts x {self.new_tokens} new tokens, bound by {self.bound}; {over}",
-                  "load with: " + ", ".join(f"{k}={v}" for k, v in self.load_kwargs().items())]
+                  "load with: " + ", ".join(f"{k}={v!r}" for k, v in self.load_kwargs().items())]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -374,7 +374,8 @@ def prefill_passes_of(prompts: list[int], piece_tokens: int, group_tokens: int, 
     """Layer passes until every one of ``prompts`` (admitted together) has sampled its first token, as
     the engine's own scheduler packs them (``tierkv.scheduler.Scheduler``: a prompt feeds one piece of
     up to ``piece_tokens`` a pass, into ``micro_batches`` groups of ``group_tokens``, beside the
-    decode rows of the prompts already done; the largest pieces first, as ``load_kwargs`` asks)."""
+    decode rows of the prompts already done; the largest pieces first, as ``load_kwargs`` asks: an
+    engine loaded in arrival order may take more passes than this counts)."""
     scheduler = Scheduler(Limits(group_tokens, piece_tokens, len(prompts), None, None, micro_batches,
                                  share_room=micro_batches > 1, longest_first=True), _NoRoom())
     for i, n in enumerate(prompts):

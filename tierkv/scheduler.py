@@ -30,7 +30,8 @@ Model:
   step nearly full, where arrival order left 40% of the groups empty on ragged prompts and ran a
   short prompt alone in a pass the long pieces beside it could not share; and the longest prompts,
   whose decoding ends the job, start first). A server keeps arrival order: a short request's first
-  token never waits behind a longer one that came later.
+  token never waits behind a longer one that came later (longest first, an admitted short prompt may
+  wait while longer pieces keep arriving; a batch job's prompts are finite, so the wait is too).
 - Throughput mode (``Limits.micro_batches`` > 1, FlexGen's block schedule): a step holds up to that
   many groups of rows, each within ``token_budget`` (the activations the plan keeps room for are one
   group's); the runner runs the groups one after another per layer while the layer's weights stay
